@@ -1,0 +1,25 @@
+# Two set-up commands on a fresh machine: `make demo` and `make test`.
+# Each creates .venv when missing. torch is pinned first so the CPU build on this
+# machine satisfies the `torch>=2.4` requirement and no CUDA build is pulled.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+.PHONY: install test demo bench
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+demo: $(VENV)/.installed
+	$(PY) -m hf_gradmimic demo --output-dir demo_output
+
+bench: $(VENV)/.installed
+	$(PY) scripts/bench_overhead.py

@@ -1,0 +1,54 @@
+"""hf-gradmimic: Grad-Mimic data selection as a drop-in `transformers.Trainer`.
+
+Grad-Mimic (Huang, Bilkhu, Sala, Movellan, "Evaluating Sample Utility for Data Selection by
+Mimicking Model Weights", arXiv 2501.06708) weights every sample in a batch by how well its
+negative gradient points from the current weights toward a reference model's weights.
+
+Public names are imported lazily so that `import hf_gradmimic` stays cheap (no torch import
+for the CLI's `--help`, for instance).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "MimicConfig": "hf_gradmimic.config",
+    "MimicTrainer": "hf_gradmimic.trainer",
+    "load_scores": "hf_gradmimic.scores",
+    "load_reference_tensors": "hf_gradmimic.reference",
+    "build_filter": "hf_gradmimic.filter",
+    "MimicFilter": "hf_gradmimic.filter",
+    "estimate_quality": "hf_gradmimic.filter",
+    "report": "hf_gradmimic.report",
+    "push_scored_dataset": "hf_gradmimic.hub",
+    "load_filter_metric": "hf_gradmimic.metrics",
+    "build_reference": "hf_gradmimic.recipes",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import MimicConfig
+    from .filter import MimicFilter, build_filter, estimate_quality
+    from .hub import push_scored_dataset
+    from .metrics import load_filter_metric
+    from .recipes import build_reference
+    from .reference import load_reference_tensors
+    from .report import report
+    from .scores import load_scores
+    from .trainer import MimicTrainer
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'hf_gradmimic' has no attribute {name!r}")
+    return getattr(importlib.import_module(module_name), name)
+
+
+def __dir__() -> list[str]:
+    return __all__
