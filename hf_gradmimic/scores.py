@@ -1,0 +1,241 @@
+"""The score log: per-sample records of every optimizer step, as Parquet shards.
+
+`MimicTrainer` appends one record per (optimizer step, sample) to
+``<output_dir>/mimic_scores/``. Each rank writes its own shards, named
+``rank{rank:05d}-steps{first:09d}-{last:09d}.parquet`` after the steps they hold, so that
+resuming from ``checkpoint-N`` can drop exactly the records of steps after ``N``.
+
+Columns (`SCORE_SCHEMA`):
+
+- ``global_step``: the optimizer step the record belongs to (1-based, as in the Trainer's logs);
+- ``epoch``: the fractional epoch at that step;
+- ``sample_id``: the row index of ``train_dataset``, or the value of ``mimic_id_column``;
+- ``mimic_score``: m_i = <-g_i, v> / ||v|| (NaN when the score was not finite);
+- ``weight``: the normalised weight w_i the sample got in the update (sums to 1 over the batch
+  the softmax ran over);
+- ``loss``: the sample's own loss;
+- ``batch_size``: the size b of that softmax batch, so that ``b * weight == 1`` means uniform;
+- ``rank``: the process that computed the record;
+- ``repeated``: True for samples a distributed sampler repeated to even out the last batches;
+  `load_scores` drops them by default so that no sample counts twice.
+
+Writes are atomic (temporary file, then `os.replace`) and run on a background thread so that
+the step's critical path only hands over arrays.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCORES_DIRNAME = "mimic_scores"
+_SHARD_PATTERN = re.compile(r"^rank(?P<rank>\d+)-steps(?P<first>\d+)-(?P<last>\d+)\.parquet$")
+
+SCORE_COLUMNS: tuple[str, ...] = (
+    "global_step",
+    "epoch",
+    "sample_id",
+    "mimic_score",
+    "weight",
+    "loss",
+    "batch_size",
+    "rank",
+    "repeated",
+)
+
+_FIXED_TYPES = {
+    "global_step": pa.int64(),
+    "epoch": pa.float64(),
+    "mimic_score": pa.float32(),
+    "weight": pa.float32(),
+    "loss": pa.float32(),
+    "batch_size": pa.int32(),
+    "rank": pa.int32(),
+    "repeated": pa.bool_(),
+}
+
+
+def scores_dir(path: str | os.PathLike) -> Path:
+    """The ``mimic_scores/`` folder for ``path``, which is an ``output_dir`` or that folder itself."""
+    path = Path(path)
+    if path.name == SCORES_DIRNAME or (path.is_dir() and any(_SHARD_PATTERN.match(p.name) for p in path.iterdir())):
+        return path
+    return path / SCORES_DIRNAME
+
+
+def score_shard_paths(path: str | os.PathLike) -> list[Path]:
+    """All score shards under ``path`` (an ``output_dir`` or its ``mimic_scores/``), in step order."""
+    folder = scores_dir(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"No score log at {folder}: expected the `{SCORES_DIRNAME}/` folder that MimicTrainer writes "
+            "into its output_dir (is `mimic_record_scores` off, or has training not run yet?)."
+        )
+    shards = []
+    for entry in folder.iterdir():
+        match = _SHARD_PATTERN.match(entry.name)
+        if match:
+            shards.append((int(match["first"]), int(match["rank"]), entry))
+    return [entry for _, _, entry in sorted(shards)]
+
+
+def read_score_table(path: str | os.PathLike, *, drop_repeated: bool = True, columns: Sequence[str] | None = None) -> pa.Table:
+    """Read the score log under ``path`` as one Arrow table (ranks merged, repeats dropped)."""
+    shards = score_shard_paths(path)
+    if not shards:
+        raise ValueError(f"The score log at {scores_dir(path)} is empty: no shard has been written.")
+    read_columns = None if columns is None else list(dict.fromkeys([*columns, *(["repeated"] if drop_repeated else [])]))
+    table = pa.concat_tables([pq.read_table(shard, columns=read_columns) for shard in shards], promote_options="default")
+    if drop_repeated:
+        table = table.filter(pa.compute.invert(table["repeated"]))
+        if columns is not None and "repeated" not in columns:
+            table = table.drop(["repeated"])
+    return table
+
+
+def load_scores(path: str | os.PathLike, *, drop_repeated: bool = True) -> "datasets.Dataset":  # noqa: F821
+    """Load the score log that `MimicTrainer` wrote as a `datasets.Dataset`.
+
+    Args:
+        path: an ``output_dir`` or its ``mimic_scores/`` folder.
+        drop_repeated: drop the records of samples that a distributed sampler repeated to even
+            out the last batches (they were trained on, but counting them would count a sample twice).
+
+    Returns:
+        One row per (optimizer step, sample) with the columns in `SCORE_COLUMNS`.
+    """
+    import datasets
+
+    return datasets.Dataset(read_score_table(path, drop_repeated=drop_repeated))
+
+
+def _atomic_write_table(table: pa.Table, destination: Path) -> None:
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp_name)
+        os.replace(tmp_name, destination)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+class ScoreWriter:
+    """Buffers one rank's records in memory and writes them as Parquet shards.
+
+    Memory stays bounded: the buffer is written out once it holds ``max_buffered_rows`` rows.
+    `flush(wait=True)` is called before each checkpoint so that the shards on disk hold exactly
+    the steps the checkpoint has taken.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, rank: int = 0, max_buffered_rows: int = 262_144) -> None:
+        self.folder = Path(output_dir) / SCORES_DIRNAME
+        self.rank = rank
+        self.max_buffered_rows = max_buffered_rows
+        self._chunks: list[dict[str, np.ndarray]] = []
+        self._buffered_rows = 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mimic-score-writer")
+        self._pending: list[Future] = []
+        self._lock = threading.Lock()
+
+    def add_step(
+        self,
+        *,
+        global_step: int,
+        epoch: float,
+        sample_ids: np.ndarray,
+        mimic_scores: np.ndarray,
+        weights: np.ndarray,
+        losses: np.ndarray,
+        batch_size: int,
+        repeated: np.ndarray | None = None,
+    ) -> None:
+        """Append the records of one optimizer step (arrays of this rank's samples)."""
+        count = len(sample_ids)
+        self._chunks.append(
+            {
+                "global_step": np.full(count, global_step, dtype=np.int64),
+                "epoch": np.full(count, epoch, dtype=np.float64),
+                "sample_id": np.asarray(sample_ids),
+                "mimic_score": np.asarray(mimic_scores, dtype=np.float32),
+                "weight": np.asarray(weights, dtype=np.float32),
+                "loss": np.asarray(losses, dtype=np.float32),
+                "batch_size": np.full(count, batch_size, dtype=np.int32),
+                "rank": np.full(count, self.rank, dtype=np.int32),
+                "repeated": np.zeros(count, dtype=bool) if repeated is None else np.asarray(repeated, dtype=bool),
+            }
+        )
+        self._buffered_rows += count
+        if self._buffered_rows >= self.max_buffered_rows:
+            self.flush(wait=False)
+
+    def flush(self, wait: bool = True) -> None:
+        """Write the buffered records as one shard (in the background unless ``wait``)."""
+        if self._chunks:
+            chunks, self._chunks, self._buffered_rows = self._chunks, [], 0
+            self._pending.append(self._executor.submit(self._write, chunks))
+        if wait:
+            pending, self._pending = self._pending, []
+            for future in pending:
+                future.result()  # re-raises a failed write here, not silently
+
+    def _write(self, chunks: list[dict[str, np.ndarray]]) -> None:
+        columns = {name: np.concatenate([chunk[name] for chunk in chunks]) for name in SCORE_COLUMNS}
+        arrays = {
+            name: pa.array(values, type=_FIXED_TYPES.get(name)) for name, values in columns.items()
+        }
+        table = pa.table(arrays)
+        first, last = int(columns["global_step"].min()), int(columns["global_step"].max())
+        name = f"rank{self.rank:05d}-steps{first:09d}-{last:09d}.parquet"
+        with self._lock:
+            destination = self.folder / name
+            if destination.exists():
+                # Two flushes inside one step (a full buffer, then a checkpoint): keep both.
+                existing = pq.read_table(destination)
+                table = pa.concat_tables([existing, table], promote_options="default")
+            _atomic_write_table(table, destination)
+
+    def truncate_after(self, global_step: int) -> int:
+        """Drop this rank's records of steps after ``global_step``; returns how many rows went.
+
+        Called when training starts: from scratch (``global_step == 0``) it clears an old log in
+        the same ``output_dir``; when resuming from ``checkpoint-N`` it removes what a crashed run
+        wrote after step N, so that the resumed run neither loses nor duplicates a step.
+        """
+        self.flush(wait=True)
+        if not self.folder.is_dir():
+            return 0
+        removed = 0
+        for entry in list(self.folder.iterdir()):
+            match = _SHARD_PATTERN.match(entry.name)
+            if match is None or int(match["rank"]) != self.rank or int(match["last"]) <= global_step:
+                continue
+            table = pq.read_table(entry)
+            if int(match["first"]) > global_step:
+                removed += table.num_rows
+                entry.unlink()
+                continue
+            keep = pa.compute.less_equal(table["global_step"], pa.scalar(global_step, pa.int64()))
+            kept = table.filter(keep)
+            removed += table.num_rows - kept.num_rows
+            last_kept = int(pa.compute.max(kept["global_step"]).as_py())
+            _atomic_write_table(kept, entry.with_name(f"rank{self.rank:05d}-steps{int(match['first']):09d}-{last_kept:09d}.parquet"))
+            entry.unlink()
+        return removed
+
+    def close(self) -> None:
+        self.flush(wait=True)
+        self._executor.shutdown(wait=True)
+
+    def __getstate__(self) -> dict[str, Any]:  # pragma: no cover - trainers are not pickled in practice
+        raise TypeError("ScoreWriter holds a thread pool and cannot be pickled")
