@@ -157,7 +157,7 @@ class ScoreWriter:
         mimic_scores: np.ndarray,
         weights: np.ndarray,
         losses: np.ndarray,
-        batch_size: int,
+        batch_size: int | np.ndarray,
         repeated: np.ndarray | None = None,
     ) -> None:
         """Append the records of one optimizer step (arrays of this rank's samples)."""
@@ -170,7 +170,7 @@ class ScoreWriter:
                 "mimic_score": np.asarray(mimic_scores, dtype=np.float32),
                 "weight": np.asarray(weights, dtype=np.float32),
                 "loss": np.asarray(losses, dtype=np.float32),
-                "batch_size": np.full(count, batch_size, dtype=np.int32),
+                "batch_size": np.broadcast_to(np.asarray(batch_size, dtype=np.int32), (count,)).copy(),
                 "rank": np.full(count, self.rank, dtype=np.int32),
                 "repeated": np.zeros(count, dtype=bool) if repeated is None else np.asarray(repeated, dtype=bool),
             }

@@ -1,0 +1,192 @@
+"""Reference tensors for the mimic layers, and resolution of the mimic layers on the student.
+
+Only the tensors of the mimic layers are read, never the whole reference model: from a
+safetensors checkpoint (one file, or sharded with ``model.safetensors.index.json``) the index says
+which shards hold them, only those shards are fetched, and `safetensors.safe_open` reads only
+those tensors. Sources: a Hub repo id (with revision), a local directory saved with
+``save_pretrained``, a ``.safetensors`` file, an ``nn.Module``, or a ``{name: tensor}`` dict.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Mapping, Union
+
+import torch
+from torch import nn
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+ReferenceSource = Union[str, os.PathLike, nn.Module, Mapping[str, torch.Tensor]]
+
+
+class ReferenceError(ValueError):
+    """The reference does not provide what the mimic layers need."""
+
+
+def resolve_mimic_layers(model: nn.Module, layer_names: list[str]) -> dict[str, nn.Linear]:
+    """Find each named module on the (unwrapped) student; each must be an ``nn.Linear``."""
+    modules = dict(model.named_modules())
+    resolved: dict[str, nn.Linear] = {}
+    for name in layer_names:
+        module = modules.get(name)
+        if module is None:
+            linear_names = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+            close = difflib.get_close_matches(name, linear_names, n=5, cutoff=0.4) or linear_names[-5:]
+            raise ReferenceError(
+                f"Mimic layer {name!r} not found in {type(model).__name__}. Close `nn.Linear` names: {close}."
+            )
+        if not isinstance(module, nn.Linear):
+            raise ReferenceError(
+                f"Mimic layer {name!r} is a {type(module).__name__}; Grad-Mimic's ghost scores need an `nn.Linear`."
+            )
+        resolved[name] = module
+    return resolved
+
+
+def reference_tensor_names(layer_map: Mapping[str, str], layers: Mapping[str, nn.Linear]) -> dict[str, str]:
+    """``{student_param_name: reference_tensor_name}`` for the weight (and bias) of each mimic layer."""
+    names = {}
+    for student, reference in layer_map.items():
+        names[f"{student}.weight"] = f"{reference}.weight"
+        if layers[student].bias is not None:
+            names[f"{student}.bias"] = f"{reference}.bias"
+    return names
+
+
+def _match_key(wanted: str, available: list[str]) -> str | None:
+    """Exact name, else the unique key that ends with ``.wanted`` (a checkpoint saved with a wrapper prefix)."""
+    if wanted in available:
+        return wanted
+    suffix_matches = [key for key in available if key.endswith("." + wanted)]
+    if len(suffix_matches) == 1:
+        return suffix_matches[0]
+    # The student may carry a prefix the reference lacks (e.g. `model.` of a wrapper).
+    parts = wanted.split(".")
+    for start in range(1, len(parts) - 1):
+        if ".".join(parts[start:]) in available:
+            return ".".join(parts[start:])
+    return None
+
+
+def _missing_error(wanted: str, available: list[str], where: str) -> ReferenceError:
+    close = difflib.get_close_matches(wanted, available, n=5, cutoff=0.3)
+    return ReferenceError(
+        f"Reference tensor {wanted!r} is missing from {where} ({len(available)} tensors). Close names: {close}. "
+        "Name the reference layer with `mimic_layers=['student=reference']` if the head was renamed."
+    )
+
+
+def _match_all(wanted: list[str], available: list[str], where: str) -> dict[str, str]:
+    """``{wanted_name: checkpoint_key}``, or an error naming the first tensor that is missing."""
+    matched = {}
+    for name in wanted:
+        key = _match_key(name, available)
+        if key is None:
+            raise _missing_error(name, available, where)
+        matched[name] = key
+    return matched
+
+
+def _select(available: Mapping[str, torch.Tensor], wanted: list[str], where: str) -> dict[str, torch.Tensor]:
+    matched = _match_all(wanted, list(available), where)
+    return {name: available[key].detach().to(dtype=torch.float32, copy=True) for name, key in matched.items()}
+
+
+def _read_safetensors(files_to_names: Mapping[Path, list[str]]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    tensors = {}
+    for path, names in files_to_names.items():
+        with safe_open(str(path), framework="pt") as handle:
+            for name in names:
+                tensors[name] = handle.get_tensor(name).to(torch.float32)
+    return tensors
+
+
+def _from_single_file(path: Path, wanted: list[str]) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        keys = list(handle.keys())
+    matched = _match_all(wanted, keys, str(path))
+    by_key = _read_safetensors({path: list(matched.values())})
+    return {name: by_key[key] for name, key in matched.items()}
+
+
+def _from_directory(directory: Path, wanted: list[str]) -> dict[str, torch.Tensor]:
+    index_path = directory / SAFE_WEIGHTS_INDEX_NAME
+    if index_path.is_file():
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        matched = _match_all(wanted, list(weight_map), str(index_path))
+        files: dict[Path, list[str]] = {}
+        for key in matched.values():
+            files.setdefault(directory / weight_map[key], []).append(key)
+        by_key = _read_safetensors(files)
+        return {name: by_key[key] for name, key in matched.items()}
+    single = directory / SAFE_WEIGHTS_NAME
+    if single.is_file():
+        return _from_single_file(single, wanted)
+    candidates = sorted(p.name for p in directory.glob("*.safetensors"))
+    if len(candidates) == 1:
+        return _from_single_file(directory / candidates[0], wanted)
+    raise ReferenceError(
+        f"No safetensors weights in {directory}: expected {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} "
+        f"(found {sorted(p.name for p in directory.iterdir())[:10]}). Save the reference with `save_pretrained`."
+    )
+
+
+def _from_hub(repo_id: str, wanted: list[str], revision: str | None, token: str | bool | None) -> dict[str, torch.Tensor]:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        index_file = Path(hf_hub_download(repo_id, SAFE_WEIGHTS_INDEX_NAME, revision=revision, token=token))
+    except EntryNotFoundError:
+        index_file = None
+    if index_file is None:
+        single = Path(hf_hub_download(repo_id, SAFE_WEIGHTS_NAME, revision=revision, token=token))
+        return _from_single_file(single, wanted)
+    weight_map = json.loads(index_file.read_text())["weight_map"]
+    matched = _match_all(wanted, list(weight_map), f"{repo_id}/{SAFE_WEIGHTS_INDEX_NAME}")
+    files: dict[Path, list[str]] = {}
+    for key in matched.values():
+        # Only the shards that hold a mimic-layer tensor are downloaded.
+        shard = Path(hf_hub_download(repo_id, weight_map[key], revision=revision, token=token))
+        files.setdefault(shard, []).append(key)
+    by_key = _read_safetensors(files)
+    return {name: by_key[key] for name, key in matched.items()}
+
+
+def load_reference_tensors(
+    source: ReferenceSource,
+    tensor_names: list[str],
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """Read only ``tensor_names`` from a reference, as float32 CPU tensors keyed by those names.
+
+    A name that is not in the checkpoint as is may match a unique key ending with ``.name`` (a
+    checkpoint saved from a wrapper with a prefix), or the name less a leading prefix.
+    """
+    if isinstance(source, nn.Module):
+        available = dict(source.named_parameters())
+        available.update(dict(source.named_buffers()))
+        return _select(available, tensor_names, f"reference model {type(source).__name__}")
+    if isinstance(source, Mapping):
+        return _select(source, tensor_names, "the reference tensor dict")
+    path = Path(source)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ReferenceError(f"Reference file {path} is not a .safetensors file.")
+        return _from_single_file(path, tensor_names)
+    if path.is_dir():
+        return _from_directory(path, tensor_names)
+    if str(source).startswith((".", "/")) or os.sep in str(source).rstrip("/").split("/", 1)[-1]:
+        raise ReferenceError(f"Reference path {source} does not exist.")
+    return _from_hub(str(source), tensor_names, revision, token)

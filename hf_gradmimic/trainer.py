@@ -1,0 +1,589 @@
+"""`MimicTrainer`: Grad-Mimic Stage 1 as a drop-in subclass of `transformers.Trainer`.
+
+Grad-Mimic (Huang, Bilkhu, Sala, Movellan, "Evaluating Sample Utility for Data Selection by
+Mimicking Model Weights", arXiv 2501.06708, Algorithm 1). At step t, with v_t = θ_ref − θ_t over
+the mimic layers' weights and biases and g_i = ∇ℓ_i restricted to them:
+
+    m_i = ⟨−g_i, v_t⟩ / ‖v_t‖₂          (mimic score)
+    w_i = softmax_i(m_i / τ)            (plus sign: the paper's exp(−m_i/τ) is a typo)
+    update direction = Σ_i w_i ∇ℓ_i     (backward of Σ_i w_i ℓ_i with w detached)
+
+``⟨g_i, v⟩`` comes from the layer's input and output gradient (`hf_gradmimic.ghost`), never from
+per-sample gradients: one forward with hooks, one ``autograd.grad`` of Σℓ_i to the mimic layers'
+outputs (retaining the graph), one extra matmul per layer, then the single backward.
+
+Normalisation over the optimizer step (``mimic_normalize="step"``) is exact under gradient
+accumulation and data parallelism: scores are gathered across ranks (a few floats per sample) and
+micro-batches are combined as an online softmax. Micro-batch k has softmax logits s = m/τ; with a
+running max M and running sum S = Σ exp(s_j − M) over everything seen in the step, it contributes
+Σ_i exp(s_i − M_k)/S_k · ∇ℓ_i and the gradients already accumulated are rescaled by
+S_{k−1}·exp(M_{k−1} − M_k)/S_k. After the last micro-batch the accumulated gradient is exactly
+Σ_i softmax(s)_i ∇ℓ_i over the whole step, whatever the split.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer, TrainerCallback
+from transformers.utils import logging
+
+from .config import MimicConfig
+from .ghost import linear_inner_product
+from .losses import PerSampleLossFn, per_sample_loss
+from .reference import ReferenceSource, load_reference_tensors, reference_tensor_names, resolve_mimic_layers
+from .scores import ScoreWriter
+
+logger = logging.get_logger(__name__)
+
+ROW_INDEX_KEY = "mimic_row_index"
+"""Batch key carrying each sample's row index in ``train_dataset``; popped before the model sees the batch."""
+
+
+class _RowIndexedDataset(torch.utils.data.Dataset):
+    """Adds the row index to each example of a map-style dataset of dicts."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.dataset[index]
+        if not isinstance(example, dict):
+            raise TypeError(
+                f"MimicTrainer needs dataset examples that are dicts, got {type(example).__name__} at row {index}."
+            )
+        return {**example, ROW_INDEX_KEY: index}
+
+
+def with_row_index(dataset: Any) -> Any:
+    """The training set with a ``mimic_row_index`` column, so sample ids survive batching."""
+    import datasets
+
+    if dataset is None:
+        return None
+    if isinstance(dataset, datasets.Dataset):
+        if ROW_INDEX_KEY in dataset.column_names:
+            return dataset
+        return dataset.add_column(ROW_INDEX_KEY, np.arange(len(dataset), dtype=np.int64))
+    if isinstance(dataset, (datasets.IterableDataset, torch.utils.data.IterableDataset)):
+        raise TypeError(
+            "MimicTrainer records scores by row index and needs a map-style train_dataset; an iterable dataset "
+            f"({type(dataset).__name__}) has none. Add a `{ROW_INDEX_KEY}` integer column to it."
+        )
+    return _RowIndexedDataset(dataset)
+
+
+@dataclass
+class _StepState:
+    """What the online softmax and the score log keep over the micro-batches of one optimizer step."""
+
+    global_step: int
+    running_max: torch.Tensor
+    running_sum: torch.Tensor
+    micro_batches: int = 0
+    all_logits: list[torch.Tensor] = field(default_factory=list)  # every rank's, "step" normalisation only
+    rows: list[torch.Tensor] = field(default_factory=list)
+    scores: list[torch.Tensor] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+    losses: list[torch.Tensor] = field(default_factory=list)
+    weights: list[torch.Tensor] = field(default_factory=list)  # "micro" normalisation only
+    fallbacks: list[torch.Tensor] = field(default_factory=list)
+
+
+class _LinearCapture:
+    """Forward hooks that keep each mimic layer's input and output for one forward pass.
+
+    Hooks are registered only around the training forward, so recomputation under gradient
+    checkpointing (which runs during backward) is not captured twice.
+    """
+
+    def __init__(self, layers: dict[str, nn.Linear]) -> None:
+        self.layers = layers
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> "_LinearCapture":
+        for name, layer in self.layers.items():
+            self._handles.append(layer.register_forward_hook(self._hook(name)))
+        return self
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if name in self.outputs:
+                raise RuntimeError(
+                    f"Mimic layer {name!r} ran more than once in one forward pass (a shared or tied module); "
+                    "its per-sample gradient is then not Σ_t δ a, so pick another layer."
+                )
+            self.inputs[name] = args[0].detach()
+            self.outputs[name] = output
+
+        return hook
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class _ScoreLogCallback(TrainerCallback):
+    """Ties the score log to the Trainer's step and checkpoint events."""
+
+    def __init__(self, trainer: "MimicTrainer") -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._start_score_log(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._finish_step(state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.trainer._score_writer is not None:
+            self.trainer._score_writer.flush(wait=True)
+
+
+class MimicTrainer(Trainer):
+    """A `Trainer` that reweights every sample of a batch by its Grad-Mimic score.
+
+    Use it exactly like `Trainer`, with a `MimicConfig` and a reference::
+
+        trainer = MimicTrainer(model=model, args=MimicConfig(output_dir="out", mimic_reference="org/ref"),
+                               train_dataset=train, eval_dataset=test)
+        trainer.train()
+        scores = hf_gradmimic.load_scores("out")
+
+    Args:
+        reference: overrides ``args.mimic_reference`` with an in-memory source: a model
+            (`PreTrainedModel` or any `nn.Module`), a ``{name: tensor}`` dict, a path or a repo id.
+        per_sample_loss_fn: ``(outputs, inputs) -> Tensor[B]``, for tasks the built-in losses do not
+            cover. ``inputs`` still holds the labels.
+        Every other argument is `Trainer`'s.
+    """
+
+    _tag_names = ["grad-mimic", "data-filtering", "hf-gradmimic"]
+    # compute_loss returns a loss already normalised over the whole optimizer step.
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: MimicConfig | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        model_init: Callable | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple = (None, None),
+        preprocess_logits_for_metrics: Callable | None = None,
+        *,
+        reference: ReferenceSource | None = None,
+        per_sample_loss_fn: PerSampleLossFn | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if args is None:
+            args = MimicConfig(output_dir="mimic_trainer_output")
+        elif not isinstance(args, MimicConfig):
+            raise TypeError(f"MimicTrainer needs `args` to be a MimicConfig, got {type(args).__name__}.")
+        if model is None:
+            raise ValueError("MimicTrainer needs a `model` (model_init is not supported: the mimic layers are resolved at construction).")
+        self._sample_ids = None
+        if train_dataset is not None and args.mimic_id_column is not None:
+            self._sample_ids = self._read_id_column(train_dataset, args.mimic_id_column)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=with_row_index(train_dataset),
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            model_init=model_init,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            **kwargs,
+        )
+        self.per_sample_loss_fn = per_sample_loss_fn
+        layer_map = args.mimic_layer_map
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        self.mimic_layers = resolve_mimic_layers(unwrapped, list(layer_map))
+        self._param_to_reference = reference_tensor_names(layer_map, self.mimic_layers)
+        source = reference if reference is not None else args.mimic_reference
+        if source is None:
+            raise ValueError(
+                "MimicTrainer needs a reference: set `mimic_reference` (Hub repo id, directory or .safetensors "
+                "file) in MimicConfig, or pass `reference=` (a model or a {name: tensor} dict)."
+            )
+        self.reference_name = str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+        reference_by_name = load_reference_tensors(
+            source, list(self._param_to_reference.values()), revision=args.mimic_reference_revision, token=args.hub_token
+        )
+        self.reference_tensors = {
+            param: reference_by_name[ref_name] for param, ref_name in self._param_to_reference.items()
+        }
+        self._check_reference_shapes()
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._step_state: Optional[_StepState] = None
+        self._direction_cache: Optional[tuple[int, dict[str, torch.Tensor], torch.Tensor]] = None
+        self._pending_records: Optional[dict[str, Any]] = None
+        self._score_writer: Optional[ScoreWriter] = None
+        self._alignment_checked = False
+        self._current_rows: Optional[torch.Tensor] = None
+        self.fallback_count = 0
+        self.add_callback(_ScoreLogCallback(self))
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    @staticmethod
+    def _read_id_column(dataset: Any, column: str) -> np.ndarray:
+        names = getattr(dataset, "column_names", None)
+        if names is not None and column not in names:
+            raise ValueError(f"`mimic_id_column={column!r}` is not a column of train_dataset; columns: {names}.")
+        try:
+            return np.asarray(dataset[column])
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"Cannot read `mimic_id_column={column!r}` from train_dataset: {error}") from error
+
+    def _mimic_parameters(self) -> dict[str, nn.Parameter]:
+        """``{"layer.weight": parameter, ...}`` of the mimic layers, in a fixed order."""
+        params = {}
+        for name, layer in self.mimic_layers.items():
+            params[f"{name}.weight"] = layer.weight
+            if layer.bias is not None:
+                params[f"{name}.bias"] = layer.bias
+        return params
+
+    def _check_reference_shapes(self) -> None:
+        for name, param in self._mimic_parameters().items():
+            reference = self.reference_tensors[name]
+            if tuple(reference.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"Reference tensor {self._param_to_reference[name]!r} has shape {tuple(reference.shape)} but the "
+                    f"student's {name!r} has shape {tuple(param.shape)}: the reference must have the same mimic-layer "
+                    "architecture (same number of labels, same hidden size)."
+                )
+            if not param.requires_grad:
+                raise ValueError(
+                    f"Mimic layer parameter {name!r} does not require grad; the mimic layers must be trainable."
+                )
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # As trl does: keep our bookkeeping columns through `remove_unused_columns`.
+        if self._signature_columns is None:
+            super()._set_signature_columns_if_needed()
+            self._signature_columns += [ROW_INDEX_KEY]
+
+    # ------------------------------------------------------------------ the step
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        """Pops the sample rows off the batch, then runs `Trainer.training_step` (one backward)."""
+        rows = inputs.pop(ROW_INDEX_KEY, None)
+        if rows is None:
+            raise KeyError(
+                f"The training batch has no `{ROW_INDEX_KEY}`: a custom data collator dropped it. Keep that key "
+                "(an integer per example) in the collated batch."
+            )
+        self._current_rows = torch.as_tensor(rows).cpu()
+        try:
+            return super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._current_rows = None
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """In training: the Grad-Mimic loss whose gradient is Σ_i w_i ∇ℓ_i. Elsewhere: `Trainer`'s loss."""
+        inputs.pop(ROW_INDEX_KEY, None)
+        if getattr(self, "_current_rows", None) is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+        state = self._begin_micro_batch()
+        labels = inputs.get("labels")
+        model_inputs = inputs if self.per_sample_loss_fn is not None else {k: v for k, v in inputs.items() if k != "labels"}
+        with _LinearCapture(self.mimic_layers) as capture:
+            outputs = model(**model_inputs)
+        losses = self._per_sample_losses(outputs, inputs, labels)
+        if self.args.mimic_alignment_check and not self._alignment_checked:
+            self._alignment_checked = True
+            self._check_alignment(model_inputs, inputs, labels, losses)
+
+        output_grads = self._output_grads(losses, capture)
+        mimic_scores = self._mimic_scores(capture, output_grads)
+        loss = self._weighted_loss(state, losses, mimic_scores, capture, output_grads)
+        # Report the plain mean loss (comparable with `Trainer`'s), backpropagate the weighted one.
+        reported = losses.detach().mean() / self.current_gradient_accumulation_steps
+        loss = loss - loss.detach() + reported
+        return (loss, outputs) if return_outputs else loss
+
+    def _per_sample_losses(self, outputs: Any, inputs: dict[str, Any], labels: torch.Tensor | None) -> torch.Tensor:
+        if self.per_sample_loss_fn is not None:
+            losses = self.per_sample_loss_fn(outputs, inputs)
+        else:
+            if labels is None:
+                raise ValueError("The training batch has no `labels`; MimicTrainer needs them for per-sample losses.")
+            smoothing = self.args.label_smoothing_factor
+            losses = per_sample_loss(self.accelerator.unwrap_model(self.model), outputs, labels, smoothing)
+        if losses.dim() != 1:
+            raise ValueError(f"Per-sample losses must have shape [batch], got {tuple(losses.shape)}.")
+        return losses.float()
+
+    def _output_grads(self, losses: torch.Tensor, capture: _LinearCapture) -> dict[str, torch.Tensor]:
+        missing = [name for name in self.mimic_layers if name not in capture.outputs]
+        if missing:
+            raise RuntimeError(f"Mimic layer(s) {missing} did not run in the forward pass.")
+        outputs = [capture.outputs[name] for name in self.mimic_layers]
+        if not all(out.requires_grad for out in outputs):
+            raise RuntimeError("The mimic layers' outputs do not require grad: are the mimic layers frozen?")
+        grads = torch.autograd.grad(losses.sum(), outputs, retain_graph=True, allow_unused=True)
+        return {
+            name: (torch.zeros_like(out) if grad is None else grad)
+            for name, out, grad in zip(self.mimic_layers, outputs, grads)
+        }
+
+    def _direction(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """v = θ_ref − θ_t over the mimic parameters, and ‖v‖; computed once per optimizer step."""
+        step = self.state.global_step
+        if self._direction_cache is None or self._direction_cache[0] != step:
+            direction = {}
+            for name, param in self._mimic_parameters().items():
+                reference = self.reference_tensors[name]
+                if reference.device != param.device:
+                    reference = self.reference_tensors[name] = reference.to(param.device)
+                direction[name] = reference - param.detach().float()
+            norm = torch.sqrt(sum(v.square().sum() for v in direction.values()))
+            self._direction_cache = (step, direction, norm)
+        return self._direction_cache[1], self._direction_cache[2]
+
+    def _mimic_scores(self, capture: _LinearCapture, output_grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """m_i = −Σ_layers ⟨g_i, v⟩ / ‖v‖ (NaN when ‖v‖ = 0)."""
+        direction, norm = self._direction()
+        inner = None
+        for name, layer in self.mimic_layers.items():
+            term = linear_inner_product(
+                capture.inputs[name],
+                output_grads[name],
+                direction[f"{name}.weight"],
+                direction.get(f"{name}.bias") if layer.bias is not None else None,
+            )
+            inner = term if inner is None else inner + term
+        return -inner / norm
+
+    # ------------------------------------------------------------------ weights
+
+    def _begin_micro_batch(self) -> _StepState:
+        step = self.state.global_step
+        if self._step_state is None or self._step_state.global_step != step:
+            device = self.args.device
+            self._step_state = _StepState(
+                global_step=step,
+                running_max=torch.tensor(-math.inf, device=device),
+                running_sum=torch.tensor(0.0, device=device),
+            )
+        return self._step_state
+
+    def _softmax_logits(self, mimic_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """s = m/τ with a non-finite batch replaced by s = 0 (uniform for that batch); and the fallback flag."""
+        fallback = ~torch.isfinite(mimic_scores).all()
+        if self.state.global_step < self.args.mimic_warmup_steps:
+            return torch.zeros_like(mimic_scores), fallback
+        logits = torch.where(fallback, torch.zeros_like(mimic_scores), mimic_scores / self.args.mimic_temperature)
+        return logits, fallback
+
+    def _gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax logits of the whole micro-batch across ranks (padding as −inf, which adds nothing)."""
+        if self.accelerator.num_processes == 1:
+            return logits
+        padded = self.accelerator.pad_across_processes(logits, dim=0, pad_index=-math.inf)
+        return self.accelerator.gather(padded)
+
+    def _trainable_grads(self, scope: str) -> list[torch.Tensor]:
+        params = self._mimic_parameters().values() if scope == "layer" else self.model.parameters()
+        return [p.grad for p in params if p.grad is not None]
+
+    def _weighted_loss(
+        self,
+        state: _StepState,
+        losses: torch.Tensor,
+        mimic_scores: torch.Tensor,
+        capture: _LinearCapture,
+        output_grads: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """The loss to backpropagate for this micro-batch (see the module docstring)."""
+        args = self.args
+        logits, fallback = self._softmax_logits(mimic_scores.detach())
+        batch = losses.shape[0]
+        if args.mimic_normalize == "micro":
+            coefficients = torch.softmax(logits, dim=0) / self.current_gradient_accumulation_steps
+            state.weights.append(torch.softmax(logits, dim=0))
+        else:
+            all_logits = self._gather_logits(logits)
+            new_max = torch.maximum(state.running_max, all_logits.max())
+            carried = state.running_sum * torch.exp(state.running_max - new_max)
+            new_sum = carried + torch.exp(all_logits - new_max).sum()
+            if state.micro_batches > 0:
+                # Gradients accumulated so far were normalised by the old sum: bring them to the new one.
+                grads = self._trainable_grads(args.mimic_reweight_scope)
+                if grads:
+                    torch._foreach_mul_(grads, carried / new_sum)
+            state.running_max, state.running_sum = new_max, new_sum
+            # DDP and FSDP average gradients over ranks; the softmax already spans all ranks.
+            coefficients = torch.exp(logits - new_max) / new_sum * self.accelerator.num_processes
+            state.all_logits.append(all_logits)
+        state.micro_batches += 1
+        state.rows.append(self._current_rows)
+        state.scores.append(mimic_scores.detach())
+        state.logits.append(logits)
+        state.losses.append(losses.detach())
+        state.fallbacks.append(fallback)
+
+        if args.mimic_reweight_scope == "all":
+            return (coefficients.detach() * losses).sum()
+        # "layer": plain mean gradient everywhere, and on the mimic layers a correction term whose
+        # gradient is Σ_i (c_i − 1/b) g_i, so those layers get exactly Σ_i c_i g_i.
+        plain = losses.mean() / self.current_gradient_accumulation_steps
+        uniform = 1.0 / (batch * self.current_gradient_accumulation_steps)
+        correction = 0.0
+        for name, layer in self.mimic_layers.items():
+            relinear = F.linear(capture.inputs[name].to(layer.weight.dtype), layer.weight, layer.bias)
+            delta = output_grads[name].float() * (coefficients - uniform).detach().view(-1, *([1] * (relinear.dim() - 1)))
+            correction = correction + (delta.to(relinear.dtype) * relinear).sum()
+        return plain + correction
+
+    # ------------------------------------------------------------------ end of step: records and metrics
+
+    def _finish_step(self, state_after: Any) -> None:
+        """Called at ``on_step_end``: final weights of the step, its records and its metrics."""
+        state = self._step_state
+        if state is None or state.global_step != state_after.global_step - 1 or not state.rows:
+            return
+        self._step_state = None
+        mimic_scores = torch.cat(state.scores).float().cpu().numpy()
+        losses = torch.cat(state.losses).float().cpu().numpy()
+        rows = torch.cat(state.rows).numpy()
+        if self.args.mimic_normalize == "micro":
+            weights = torch.cat(state.weights).float().cpu().numpy()
+            batch_sizes = np.concatenate([np.full(len(r), len(r)) for r in state.rows])
+            ess_fraction = float(np.mean([1.0 / w.square().sum().item() / len(w) for w in state.weights]))
+        else:
+            weights = torch.exp(torch.cat(state.logits) - state.running_max).div(state.running_sum).float().cpu().numpy()
+            all_logits = torch.cat(state.all_logits)
+            all_logits = all_logits[torch.isfinite(all_logits)]  # drop the −inf padding of uneven ranks
+            all_weights = torch.exp(all_logits - state.running_max) / state.running_sum
+            batch_sizes = np.full(len(rows), all_logits.numel())
+            ess_fraction = float(1.0 / all_weights.square().sum() / all_logits.numel())
+        fallback_batches = int(torch.stack(state.fallbacks).sum().item())
+        self.fallback_count += fallback_batches
+        if fallback_batches:
+            warnings.warn(
+                f"Step {state_after.global_step}: {fallback_batches} micro-batch(es) had a non-finite mimic score "
+                "(‖θ_ref − θ‖ = 0, or a non-finite loss); they used uniform weights.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if self._score_writer is not None:
+            sample_ids = rows if self._sample_ids is None else self._sample_ids[rows]
+            self._score_writer.add_step(
+                global_step=state_after.global_step,
+                epoch=float(state_after.epoch or 0.0),
+                sample_ids=sample_ids,
+                mimic_scores=mimic_scores,
+                weights=weights,
+                losses=losses,
+                batch_size=batch_sizes,
+            )
+        finite = mimic_scores[np.isfinite(mimic_scores)]
+        norm = self._direction_cache[2] if self._direction_cache else float("nan")
+        self._metrics["mimic/score_mean"].append(float(finite.mean()) if finite.size else float("nan"))
+        self._metrics["mimic/score_std"].append(float(finite.std()) if finite.size else float("nan"))
+        self._metrics["mimic/frac_positive"].append(float((finite > 0).mean()) if finite.size else float("nan"))
+        self._metrics["mimic/ess_fraction"].append(ess_fraction)
+        self._metrics["mimic/direction_norm"].append(float(norm))
+        self._metrics["mimic/weighted_loss"].append(float((weights * losses).sum() / max(weights.sum(), 1e-30)))
+        self._metrics["mimic/fallback_count"].append(float(self.fallback_count))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # As trl's trainers: metrics gathered per step, averaged over the logging interval.
+        if self.model is not None and self.model.training and self._metrics:
+            for key, values in self._metrics.items():
+                logs[key] = float(np.nanmean(values)) if key != "mimic/fallback_count" else values[-1]
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ alignment diagnostic
+
+    def _check_alignment(self, model_inputs: dict[str, Any], inputs: dict[str, Any], labels: Any, losses: torch.Tensor) -> None:
+        """Loss of the student with its mimic layers swapped for the reference, next to its own (first step)."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        # Mimic layers were resolved on the unwrapped model, so "layer.weight" is its parameter name.
+        swapped = {
+            name: self.reference_tensors[name].to(param.device, param.dtype)
+            for name, param in self._mimic_parameters().items()
+        }
+        was_training = unwrapped.training
+        unwrapped.eval()
+        try:
+            with torch.no_grad():
+                own = self._per_sample_losses(unwrapped(**model_inputs), inputs, labels)
+                outputs = torch.func.functional_call(unwrapped, swapped, args=(), kwargs=model_inputs, strict=False)
+                with_reference = self._per_sample_losses(outputs, inputs, labels)
+        finally:
+            unwrapped.train(was_training)
+        own_loss, reference_loss = float(own.mean()), float(with_reference.mean())
+        self._metrics["mimic/alignment_student_loss"].append(own_loss)
+        self._metrics["mimic/alignment_reference_loss"].append(reference_loss)
+        # Compare medians: with noisy labels a good reference is confidently "wrong" on the flipped
+        # samples, which dominates the mean but not the median.
+        own_median, reference_median = float(own.median()), float(with_reference.median())
+        if not reference_median < own_median:
+            warnings.warn(
+                f"Alignment check: with its mimic layers swapped for the reference, the student's median per-sample "
+                f"loss is {reference_median:.4f}, no better than its own {own_median:.4f} (means {reference_loss:.4f} "
+                f"vs {own_loss:.4f}). The reference probably does not share the student's coordinate system (another "
+                "checkpoint, or a backbone that has drifted), and its mimic scores can invert the ranking. Use a head "
+                "trained on this checkpoint's frozen features (hf_gradmimic.build_reference).",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------------ score log and checkpoints
+
+    def _start_score_log(self, global_step: int) -> None:
+        if not self.args.mimic_record_scores:
+            return
+        if self._score_writer is None:
+            self._score_writer = ScoreWriter(self.args.output_dir, rank=self.accelerator.process_index)
+        removed = self._score_writer.truncate_after(global_step)
+        if removed:
+            logger.warning(
+                f"Removed {removed} score records after step {global_step} from {self._score_writer.folder} "
+                "(a previous run in this output_dir, or steps after the checkpoint being resumed)."
+            )
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        # The shards on disk must hold exactly the steps this checkpoint has taken.
+        if self._score_writer is not None:
+            self._score_writer.flush(wait=True)
+        super()._save_checkpoint(model, trial)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs.pop(ROW_INDEX_KEY, None)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)

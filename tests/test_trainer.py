@@ -1,0 +1,309 @@
+"""MimicTrainer against independent oracles: torch.func per-sample gradients and plain Trainer."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
+from hf_gradmimic.reference import ReferenceError
+from tiny_models import TinyMLP, TinySeq, mlp_dataset, oracle_mimic_scores, per_sample_grads, seq_dataset
+
+COMMON = dict(
+    learning_rate=0.1,
+    optim="sgd",
+    lr_scheduler_type="constant",
+    max_grad_norm=0.0,
+    weight_decay=0.0,
+    report_to=[],
+    save_strategy="no",
+    logging_steps=1,
+    disable_tqdm=True,
+    use_cpu=True,
+    seed=0,
+)
+
+
+def mimic_config(tmp_path, **overrides) -> MimicConfig:
+    defaults = {**COMMON, "per_device_train_batch_size": 16, "max_steps": 1, "mimic_alignment_check": False}
+    return MimicConfig(output_dir=str(tmp_path), **{**defaults, **overrides})
+
+
+def perturbed_reference(model, names, scale=0.5, seed=1) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    return {n: params[n].detach() + scale * torch.randn(params[n].shape, generator=generator) for n in names}
+
+
+def recorded_scores(output_dir, step=1) -> dict[int, tuple[float, float]]:
+    table = load_scores(output_dir).to_pandas()
+    table = table[table.global_step == step]
+    return {int(r.sample_id): (float(r.mimic_score), float(r.weight)) for r in table.itertuples()}
+
+
+def layer_params(layers, bias=True):
+    return [f"{layer}.{kind}" for layer in layers for kind in (("weight", "bias") if bias else ("weight",))]
+
+
+CASES = {
+    "2d-head-bias": (lambda: TinyMLP(), mlp_dataset, ["head"], True),
+    "2d-head-nobias": (lambda: TinyMLP(bias=False), mlp_dataset, ["head"], False),
+    "2d-inner-layer": (lambda: TinyMLP(), mlp_dataset, ["hidden"], True),
+    "2d-two-layers": (lambda: TinyMLP(), mlp_dataset, ["hidden", "head"], True),
+    "3d-padded-inner": (lambda: TinySeq(), seq_dataset, ["proj"], True),
+    "3d-padded-two-layers": (lambda: TinySeq(), seq_dataset, ["proj", "head"], True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_scores_match_per_sample_gradient_oracle(tmp_path, case):
+    make_model, make_data, layers, bias = CASES[case]
+    model, data = make_model(), make_data(n=16)
+    reference = perturbed_reference(model, layer_params(layers, bias))
+    expected = oracle_mimic_scores(copy.deepcopy(model), data, reference)
+
+    trainer = MimicTrainer(
+        model=model, args=mimic_config(tmp_path, mimic_layers=layers), train_dataset=data, reference=reference
+    )
+    trainer.train()
+    got = recorded_scores(tmp_path)
+    assert sorted(got) == list(range(16))
+    scores = np.array([got[i][0] for i in range(16)])
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-6)
+    weights = np.array([got[i][1] for i in range(16)])
+    logits = expected / 0.5
+    np.testing.assert_allclose(weights, np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("scope", ["all", "layer"])
+def test_update_is_softmax_weighted_gradient(tmp_path, scope):
+    """One SGD step (lr 1): Δθ = −Σ_i w_i g_i on reweighted parameters, −mean g_i on the others."""
+    model, data = TinyMLP(), mlp_dataset(n=16)
+    reference = perturbed_reference(model, layer_params(["head"]))
+    before = copy.deepcopy(model)
+    names = [n for n, _ in model.named_parameters()]
+    grads = per_sample_grads(before, data, names)
+    scores = oracle_mimic_scores(before, data, reference)
+    weights = torch.softmax(torch.tensor(scores / 0.5), 0).float()
+
+    args = mimic_config(tmp_path, mimic_layers=["head"], learning_rate=1.0, mimic_reweight_scope=scope)
+    MimicTrainer(model=model, args=args, train_dataset=data, reference=reference).train()
+    after = dict(model.named_parameters())
+    for name, param in before.named_parameters():
+        reweighted = scope == "all" or name.startswith("head.")
+        step = torch.einsum("b,b...->...", weights, grads[name]) if reweighted else grads[name].mean(0)
+        torch.testing.assert_close(after[name].detach(), param.detach() - step, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("scope", ["all", "layer"])
+def test_infinite_temperature_equals_plain_trainer(tmp_path, scope):
+    data = mlp_dataset(n=64)
+    plain_model, mimic_model = TinyMLP(), TinyMLP()
+    reference = perturbed_reference(mimic_model, layer_params(["head"]))
+    shared = {**COMMON, "per_device_train_batch_size": 16, "max_steps": 5, "gradient_accumulation_steps": 2}
+    Trainer(model=plain_model, args=TrainingArguments(output_dir=str(tmp_path / "plain"), **shared), train_dataset=data).train()
+    args = MimicConfig(
+        output_dir=str(tmp_path / "mimic"), mimic_layers=["head"], mimic_temperature=1e6, mimic_reweight_scope=scope, **shared
+    )
+    MimicTrainer(model=mimic_model, args=args, train_dataset=data, reference=reference).train()
+    for (name, p_plain), (_, p_mimic) in zip(plain_model.named_parameters(), mimic_model.named_parameters()):
+        torch.testing.assert_close(p_mimic, p_plain, atol=1e-5, rtol=0, msg=name)
+
+
+def test_sign_favours_samples_whose_negative_gradient_points_to_the_reference(tmp_path):
+    """The paper prints softmax(−m/τ); the method needs +m/τ. Pin it."""
+    model, data = TinyMLP(), mlp_dataset(n=16)
+    grads = per_sample_grads(copy.deepcopy(model), data, ["head.weight", "head.bias"])
+    params = dict(model.named_parameters())
+    # The reference sits one descent step along sample 3's negative gradient.
+    reference = {n: params[n].detach() - 2.0 * grads[n][3] for n in ("head.weight", "head.bias")}
+    MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["head"]), train_dataset=data, reference=reference).train()
+    got = recorded_scores(tmp_path)
+    scores = np.array([got[i][0] for i in range(16)])
+    weights = np.array([got[i][1] for i in range(16)])
+    assert scores[3] > 0
+    assert weights[3] > 1 / 16
+    # Weights increase with the score: the best-aligned sample gets the most weight.
+    assert np.argmax(weights) == np.argmax(scores)
+    assert np.all(np.diff(weights[np.argsort(scores)]) >= 0)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    data = mlp_dataset(n=64)
+    results = {}
+    for name, batch, accumulation in [("1x32", 32, 1), ("2x16", 16, 2), ("4x8", 8, 4)]:
+        model = TinyMLP()
+        reference = perturbed_reference(model, layer_params(["head"]))
+        args = mimic_config(
+            tmp_path / name, mimic_layers=["head"], per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation, max_steps=5,
+        )
+        MimicTrainer(model=model, args=args, train_dataset=data, reference=reference).train()
+        table = load_scores(tmp_path / name).to_pandas().sort_values(["global_step", "sample_id"])
+        results[name] = (dict(model.named_parameters()), table)
+    base_params, base_table = results["1x32"]
+    for name in ("2x16", "4x8"):
+        params, table = results[name]
+        for key in base_params:
+            torch.testing.assert_close(params[key], base_params[key], atol=1e-5, rtol=0)
+        np.testing.assert_array_equal(table.sample_id.values, base_table.sample_id.values)
+        np.testing.assert_allclose(table.weight.values, base_table.weight.values, rtol=1e-4)
+        np.testing.assert_allclose(table.mimic_score.values, base_table.mimic_score.values, rtol=1e-4, atol=1e-6)
+        assert (table.batch_size == 32).all()
+
+
+def test_micro_normalisation_softmax_per_micro_batch(tmp_path):
+    model, data = TinyMLP(), mlp_dataset(n=32)
+    reference = perturbed_reference(model, layer_params(["head"]))
+    args = mimic_config(tmp_path, mimic_layers=["head"], per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                        mimic_normalize="micro")
+    MimicTrainer(model=model, args=args, train_dataset=data, reference=reference).train()
+    table = load_scores(tmp_path).to_pandas()
+    assert len(table) == 16 and (table.batch_size == 8).all()
+    # Two micro-batches of 8, each summing to one.
+    sums = sorted(np.round(table.weight.values.reshape(2, 8).sum(1), 5))
+    assert sums == [1.0, 1.0]
+
+
+class IdRecordingModel(TinyMLP):
+    seen_keys: set = set()
+
+    def forward(self, x, labels=None, **kwargs):
+        IdRecordingModel.seen_keys.update(kwargs)
+        return super().forward(x, labels)
+
+
+def test_sample_ids_never_reach_the_model(tmp_path):
+    data = mlp_dataset(n=16).add_column("uid", [f"s{i}" for i in range(16)])
+    model = IdRecordingModel()
+    reference = perturbed_reference(model, layer_params(["head"]))
+    args = mimic_config(tmp_path, mimic_layers=["head"], mimic_id_column="uid", eval_strategy="no")
+    trainer = MimicTrainer(model=model, args=args, train_dataset=data, eval_dataset=mlp_dataset(n=8), reference=reference)
+    trainer.train()
+    trainer.evaluate()
+    trainer.predict(mlp_dataset(n=8))
+    # The Trainer itself passes `num_items_in_batch` to models that take **kwargs; our keys must never arrive.
+    assert not IdRecordingModel.seen_keys & {"mimic_row_index", "uid"}, IdRecordingModel.seen_keys
+    ids = set(load_scores(tmp_path)["sample_id"])
+    assert ids == {f"s{i}" for i in range(16)}
+
+
+def test_zero_direction_falls_back_to_uniform_weights(tmp_path):
+    model, data = TinyMLP(), mlp_dataset(n=16)
+    same = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("head.")}
+    trainer = MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["head"]), train_dataset=data, reference=same)
+    with pytest.warns(RuntimeWarning, match="non-finite mimic score"):
+        trainer.train()
+    table = load_scores(tmp_path).to_pandas()
+    np.testing.assert_allclose(table.weight.values, 1 / 16, rtol=1e-6)
+    assert trainer.fallback_count == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_construction_errors_name_the_problem(tmp_path):
+    model, data = TinyMLP(), mlp_dataset(n=8)
+    ref = perturbed_reference(model, layer_params(["head"]))
+    with pytest.raises(ValueError, match="mimic_temperature"):
+        mimic_config(tmp_path, mimic_temperature=0.0)
+    with pytest.raises(ValueError, match="mimic_layers"):
+        mimic_config(tmp_path, mimic_layers=[])
+    with pytest.raises(ReferenceError, match=r"'haed' not found.*'head'"):
+        MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["haed"]), train_dataset=data, reference=ref)
+    with pytest.raises(ReferenceError, match="'embed' is a Embedding.*nn.Linear"):
+        MimicTrainer(model=TinySeq(), args=mimic_config(tmp_path, mimic_layers=["embed"]), train_dataset=seq_dataset(), reference=ref)
+    bad_shape = {"head.weight": torch.zeros(5, 16), "head.bias": torch.zeros(5)}
+    with pytest.raises(ValueError, match=r"shape \(5, 16\).*'head.weight'.*\(4, 16\)"):
+        MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["head"]), train_dataset=data, reference=bad_shape)
+    with pytest.raises(ReferenceError, match="'head.bias' is missing"):
+        MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["head"]), train_dataset=data,
+                     reference={"head.weight": torch.zeros(4, 16)})
+    with pytest.raises(ValueError, match="needs a reference"):
+        MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["head"]), train_dataset=data)
+
+
+def test_renamed_reference_layer(tmp_path):
+    model, data = TinyMLP(), mlp_dataset(n=16)
+    reference = perturbed_reference(model, layer_params(["head"]))
+    renamed = {k.replace("head.", "score."): v for k, v in reference.items()}
+    expected = oracle_mimic_scores(copy.deepcopy(model), data, reference)
+    args = mimic_config(tmp_path, mimic_layers={"head": "score"})
+    MimicTrainer(model=model, args=args, train_dataset=data, reference=renamed).train()
+    got = recorded_scores(tmp_path)
+    np.testing.assert_allclose([got[i][0] for i in range(16)], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_resume_neither_loses_nor_duplicates_records(tmp_path):
+    data = mlp_dataset(n=64)
+
+    def run(output_dir, resume=None):
+        model = TinyMLP()
+        reference = perturbed_reference(model, layer_params(["head"]))
+        args = mimic_config(output_dir, mimic_layers=["head"], max_steps=8, save_strategy="steps", save_steps=3)
+        trainer = MimicTrainer(model=model, args=args, train_dataset=data, reference=reference)
+        trainer.train(resume_from_checkpoint=resume)
+        return model, load_scores(output_dir).to_pandas()
+
+    full_model, full = run(tmp_path / "a")
+    # A crash after step 8, resumed from checkpoint-3: steps 4..8 are redone.
+    resumed_model, resumed = run(tmp_path / "a", resume=str(tmp_path / "a" / "checkpoint-3"))
+    assert not resumed.duplicated(["global_step", "sample_id"]).any()
+    assert len(resumed) == 8 * 16
+    key = ["global_step", "sample_id"]
+    np.testing.assert_allclose(
+        resumed.sort_values(key).mimic_score.values, full.sort_values(key).mimic_score.values, rtol=1e-5
+    )
+    for (name, p), (_, q) in zip(full_model.named_parameters(), resumed_model.named_parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.timeout(300)
+def test_digits_with_label_noise_beats_plain_trainer(tmp_path):
+    """Real data: 50% symmetric noise, frozen shared backbone, reference head trained on clean labels."""
+    from hf_gradmimic.digits import accuracy, digits_model, load_noisy_digits
+
+    data = load_noisy_digits(noise_rate=0.5, seed=0)
+    train = data["train"]
+    shared = {**COMMON, "optim": "adamw_torch", "learning_rate": 5e-2, "lr_scheduler_type": "linear",
+              "per_device_train_batch_size": 32, "num_train_epochs": 8, "logging_steps": 50}
+    clean = train.remove_columns(["label"]).rename_column("clean_label", "label")
+    reference = digits_model()
+    Trainer(model=reference, args=TrainingArguments(output_dir=str(tmp_path / "ref"), **shared), train_dataset=clean).train()
+    plain = digits_model()
+    Trainer(model=plain, args=TrainingArguments(output_dir=str(tmp_path / "plain"), **shared), train_dataset=train).train()
+    student = digits_model()
+    args = MimicConfig(output_dir=str(tmp_path / "mimic"), mimic_layers=["classifier"], **shared)
+    MimicTrainer(model=student, args=args, train_dataset=train, reference=reference).train()
+
+    plain_accuracy, mimic_accuracy = accuracy(plain, data["test"]), accuracy(student, data["test"])
+    assert mimic_accuracy > plain_accuracy + 0.02, (mimic_accuracy, plain_accuracy)
+    scores = load_scores(tmp_path / "mimic").to_pandas()
+    is_clean = np.asarray(train["is_clean"])[scores.sample_id.values]
+    assert scores.mimic_score[is_clean].mean() > scores.mimic_score[~is_clean].mean()
+    assert scores.weight[is_clean].mean() > scores.weight[~is_clean].mean()
+
+
+def test_alignment_check_warns_for_a_reference_from_another_backbone(tmp_path):
+    from hf_gradmimic.digits import digits_model, load_noisy_digits
+
+    train = load_noisy_digits(noise_rate=0.4, seed=0)["train"].select(range(256))
+    clean = train.remove_columns(["label"]).rename_column("clean_label", "label")
+    shared = {**COMMON, "optim": "adamw_torch", "learning_rate": 5e-2, "per_device_train_batch_size": 64, "num_train_epochs": 4}
+
+    def trained_head(backbone_seed):
+        model = digits_model(backbone_seed=backbone_seed)
+        Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / f"ref{backbone_seed}"), **shared),
+                train_dataset=clean).train()
+        return model
+
+    args = mimic_config(tmp_path / "m", mimic_layers=["classifier"], per_device_train_batch_size=64, mimic_alignment_check=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        MimicTrainer(model=digits_model(), args=args, train_dataset=train, reference=trained_head(0)).train()
+    assert not [w for w in caught if "Alignment check" in str(w.message)]
+    with pytest.warns(UserWarning, match="Alignment check"):
+        MimicTrainer(model=digits_model(), args=args, train_dataset=train, reference=trained_head(7)).train()

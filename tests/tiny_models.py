@@ -1,0 +1,93 @@
+"""Tiny models and a per-sample-gradient oracle (torch.func) for the trainer tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+
+class TinyMLP(nn.Module):
+    """2-D inputs: ``head(tanh(hidden(x)))``."""
+
+    def __init__(self, in_dim: int = 8, hidden: int = 16, classes: int = 4, bias: bool = True, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.hidden = nn.Linear(in_dim, hidden, bias=bias)
+        self.head = nn.Linear(hidden, classes, bias=bias)
+
+    def forward(self, x, labels=None):
+        logits = self.head(torch.tanh(self.hidden(x)))
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class TinySeq(nn.Module):
+    """3-D inputs with padding: token embeddings → ``proj`` per token → masked mean pool → ``head``."""
+
+    def __init__(self, vocab: int = 20, dim: int = 8, hidden: int = 12, classes: int = 3, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Embedding(vocab, dim)
+        self.proj = nn.Linear(dim, hidden)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        hidden = torch.tanh(self.proj(self.embed(input_ids)))
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
+        logits = self.head(pooled)
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def mlp_dataset(n: int = 32, in_dim: int = 8, classes: int = 4, seed: int = 0):
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    return datasets.Dataset.from_dict(
+        {"x": rng.normal(size=(n, in_dim)).astype(np.float32), "labels": rng.integers(0, classes, size=n)}
+    ).with_format("torch")
+
+
+def seq_dataset(n: int = 16, length: int = 7, vocab: int = 20, classes: int = 3, seed: int = 0):
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab, size=(n, length))
+    lengths = rng.integers(2, length + 1, size=n)
+    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int64)
+    ids = ids * mask  # pad id 0 past each sample's length
+    return datasets.Dataset.from_dict(
+        {"input_ids": ids, "attention_mask": mask, "labels": rng.integers(0, classes, size=n)}
+    ).with_format("torch")
+
+
+def per_sample_grads(model: nn.Module, dataset, param_names: list[str]) -> dict[str, torch.Tensor]:
+    """Per-sample gradients of the cross entropy for ``param_names``, by vmap of grad (the oracle)."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    columns = [c for c in dataset.column_names if c != "labels"]
+    batch = {c: torch.as_tensor(np.asarray(dataset[c])) for c in columns}
+    labels = torch.as_tensor(np.asarray(dataset["labels"]))
+
+    def loss_of(chosen, example, label):
+        merged = {**params, **chosen}
+        inputs = {c: example[c].unsqueeze(0) for c in columns}
+        logits = torch.func.functional_call(model, merged, args=(), kwargs=inputs).logits
+        return F.cross_entropy(logits, label.unsqueeze(0))
+
+    chosen = {name: params[name] for name in param_names}
+    return torch.func.vmap(torch.func.grad(loss_of), in_dims=(None, 0, 0))(chosen, batch, labels)
+
+
+def oracle_mimic_scores(model: nn.Module, dataset, reference: dict[str, torch.Tensor]) -> np.ndarray:
+    """m_i = ⟨−g_i, θ_ref − θ⟩ / ‖θ_ref − θ‖ from materialised per-sample gradients."""
+    names = list(reference)
+    grads = per_sample_grads(model, dataset, names)
+    params = dict(model.named_parameters())
+    direction = {n: reference[n] - params[n].detach() for n in names}
+    norm = torch.sqrt(sum(v.square().sum() for v in direction.values()))
+    inner = sum((grads[n] * direction[n]).flatten(1).sum(1) for n in names)
+    return (-inner / norm).double().numpy()
