@@ -20,6 +20,7 @@ from torch import nn
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+REFERENCE_WEIGHTS_NAME = "reference.safetensors"  # what `build_reference` writes
 
 ReferenceSource = Union[str, os.PathLike, nn.Module, Mapping[str, torch.Tensor]]
 
@@ -128,9 +129,9 @@ def _from_directory(directory: Path, wanted: list[str]) -> dict[str, torch.Tenso
             files.setdefault(directory / weight_map[key], []).append(key)
         by_key = _read_safetensors(files)
         return {name: by_key[key] for name, key in matched.items()}
-    single = directory / SAFE_WEIGHTS_NAME
-    if single.is_file():
-        return _from_single_file(single, wanted)
+    for name in (SAFE_WEIGHTS_NAME, REFERENCE_WEIGHTS_NAME):
+        if (directory / name).is_file():
+            return _from_single_file(directory / name, wanted)
     candidates = sorted(p.name for p in directory.glob("*.safetensors"))
     if len(candidates) == 1:
         return _from_single_file(directory / candidates[0], wanted)
@@ -149,7 +150,10 @@ def _from_hub(repo_id: str, wanted: list[str], revision: str | None, token: str 
     except EntryNotFoundError:
         index_file = None
     if index_file is None:
-        single = Path(hf_hub_download(repo_id, SAFE_WEIGHTS_NAME, revision=revision, token=token))
+        try:
+            single = Path(hf_hub_download(repo_id, SAFE_WEIGHTS_NAME, revision=revision, token=token))
+        except EntryNotFoundError:
+            single = Path(hf_hub_download(repo_id, REFERENCE_WEIGHTS_NAME, revision=revision, token=token))
         return _from_single_file(single, wanted)
     weight_map = json.loads(index_file.read_text())["weight_map"]
     matched = _match_all(wanted, list(weight_map), f"{repo_id}/{SAFE_WEIGHTS_INDEX_NAME}")
@@ -190,3 +194,30 @@ def load_reference_tensors(
     if str(source).startswith((".", "/")) or os.sep in str(source).rstrip("/").split("/", 1)[-1]:
         raise ReferenceError(f"Reference path {source} does not exist.")
     return _from_hub(str(source), tensor_names, revision, token)
+
+
+def read_reference_metadata(
+    source: ReferenceSource, *, revision: str | None = None, token: str | bool | None = None
+) -> dict[str, str]:
+    """The safetensors header metadata of a reference file (``base_model``, ``layers``… as written by
+    `hf_gradmimic.build_reference`); empty for in-memory references and checkpoints without any."""
+    from safetensors import safe_open
+
+    if isinstance(source, (nn.Module, Mapping)):
+        return {}
+    path = Path(source)
+    if path.is_dir():
+        candidates = [path / name for name in (REFERENCE_WEIGHTS_NAME, SAFE_WEIGHTS_NAME) if (path / name).is_file()]
+        if not candidates:
+            return {}
+        path = candidates[0]
+    elif not path.is_file():
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            path = Path(hf_hub_download(str(source), REFERENCE_WEIGHTS_NAME, revision=revision, token=token))
+        except EntryNotFoundError:
+            return {}
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
