@@ -1,0 +1,673 @@
+"""Sharing Grad-Mimic results on the Hugging Face Hub: scored datasets and model cards.
+
+`push_scored_dataset` adds a filter's per-sample results to a dataset as columns, saves that
+scored dataset locally first (so a failed push loses nothing), pushes it as the ``default``
+config and the kept rows as a ``filtered`` config, then pushes a dataset card rendered from
+``model_cards/dataset_card.md`` whose YAML merges what `datasets` wrote (``configs``,
+``dataset_info``), so that ``load_dataset(repo_id, "filtered")`` keeps working.
+
+`render_model_card` renders ``model_cards/model_card.md`` for a `MimicTrainer` with its
+Grad-Mimic settings, in the style of trl's trainers (``create_model_card`` writes it into
+``args.output_dir`` as ``README.md``, which ``Trainer.push_to_hub`` uploads).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+if TYPE_CHECKING:  # pragma: no cover
+    import datasets
+    from huggingface_hub import CommitInfo, DatasetCard, ModelCard
+
+    from .config import MimicConfig
+    from .filter import MimicFilter
+    from .trainer import MimicTrainer
+
+__all__ = [
+    "DATASET_TAGS",
+    "MIMIC_COLUMNS",
+    "MODEL_TAGS",
+    "HubAuthenticationError",
+    "ScoredPushError",
+    "ScoredPushResult",
+    "push_scored_dataset",
+    "render_dataset_card",
+    "render_model_card",
+]
+
+DATASET_TAGS: tuple[str, ...] = ("grad-mimic", "data-filtering")
+MODEL_TAGS: tuple[str, ...] = ("grad-mimic", "data-filtering", "hf-gradmimic")
+FILTERED_CONFIG = "filtered"
+DATASET_CARD_TEMPLATE = "dataset_card.md"
+MODEL_CARD_TEMPLATE = "model_card.md"
+
+# Column added to the rows -> (column of MimicFilter.table it comes from, pyarrow type).
+MIMIC_COLUMNS: dict[str, tuple[str, pa.DataType]] = {
+    "mimic_score": ("mean_mimic_score", pa.float32()),
+    "mimic_weight": ("mean_weight", pa.float32()),
+    "mimic_keep_prob": ("keep_prob", pa.float32()),
+    "mimic_keep": ("keep", pa.bool_()),
+    "mimic_votes": ("votes", pa.list_(pa.int8())),
+}
+
+
+class ScoredPushError(RuntimeError):
+    """Pushing a scored dataset failed; the scored dataset is safe at ``local_path``."""
+
+    def __init__(self, message: str, local_path: Path, stage: str) -> None:
+        super().__init__(message)
+        self.local_path = local_path
+        self.stage = stage
+
+
+class HubAuthenticationError(ScoredPushError):
+    """The Hub refused the token (HTTP 401 or 403) while pushing a scored dataset."""
+
+
+@dataclass
+class ScoredPushResult:
+    """What `push_scored_dataset` did.
+
+    Attributes:
+        local_path: the scored dataset saved with ``save_to_disk`` (reload with ``datasets.load_from_disk``).
+        repo_id: the dataset repo, with its namespace.
+        commit_shas / commit_urls: per step (``"default"``, ``"filtered"``, ``"card"``), the commit it
+            made; a step whose content was already on the Hub gives the head it found (the client makes
+            no empty commit).
+        card: the `DatasetCard` pushed.
+        num_rows / num_kept: rows of the ``default`` / ``filtered`` config.
+    """
+
+    local_path: Path
+    repo_id: str
+    commit_shas: dict[str, str] = field(default_factory=dict)
+    commit_urls: dict[str, str] = field(default_factory=dict)
+    card: DatasetCard | None = None
+    num_rows: int = 0
+    num_kept: int = 0
+
+    @property
+    def commit_sha(self) -> str:
+        """The head of the pushed revision after the last step."""
+        return list(self.commit_shas.values())[-1]
+
+    @property
+    def commit_url(self) -> str:
+        return list(self.commit_urls.values())[-1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Joining the filter's records with the rows
+# ----------------------------------------------------------------------------------------------
+
+
+def _filter_rows(dataset: datasets.Dataset, mimic_filter: MimicFilter, id_column: str | None) -> np.ndarray:
+    """For every row of ``dataset``, the row of ``mimic_filter.table`` holding its sample's record.
+
+    Raises ValueError when a row has no record, or the filter holds samples that are not rows of
+    the dataset (then the ``filtered`` config would not be ``mimic_filter.apply(dataset)``).
+    """
+    ids = mimic_filter.table.column("sample_id").combine_chunks()
+    n_rows = len(dataset)
+    if id_column is None:
+        if not pa.types.is_integer(ids.type):
+            raise ValueError(f"The filter's sample ids are {ids.type}, not row indices: pass id_column= to match them.")
+        ids = ids.cast(pa.int64())
+        dataset_ids: pa.Array = pa.array(np.arange(n_rows, dtype=np.int64))
+        described = "row index"
+    else:
+        if id_column not in dataset.column_names:
+            raise KeyError(f"The dataset has no id column {id_column!r}; columns: {dataset.column_names}.")
+        dataset_ids = dataset.with_format("arrow")[id_column]
+        if isinstance(dataset_ids, pa.ChunkedArray):
+            dataset_ids = dataset_ids.combine_chunks()
+        if dataset_ids.null_count:
+            raise ValueError(f"Column {id_column!r} of the dataset holds {dataset_ids.null_count} null id(s).")
+        try:
+            dataset_ids = dataset_ids.cast(ids.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
+            raise ValueError(
+                f"Column {id_column!r} ({dataset_ids.type}) cannot be matched with the filter's sample_id ({ids.type})."
+            ) from error
+        if pc.count_distinct(dataset_ids).as_py() != n_rows:
+            raise ValueError(f"Column {id_column!r} of the dataset holds duplicate ids.")
+        described = id_column
+    rows = pc.index_in(dataset_ids, value_set=ids)
+    if rows.null_count:
+        missing = dataset_ids.filter(pc.is_null(rows))
+        raise ValueError(
+            f"{len(missing)} of the dataset's {n_rows} rows have no record in the filter (e.g. {described} "
+            f"{missing[:5].to_pylist()}): the filter only knows the samples the trainer scored. Push the dataset "
+            "the scores were recorded on" + (", or set id_column= to the trainer's mimic_id_column." if id_column is None else ".")
+        )
+    if len(ids) != n_rows:  # every row matched a distinct id, so the filter holds more samples
+        extra = ids.filter(pc.invert(pc.is_in(ids, value_set=dataset_ids)))
+        raise ValueError(
+            f"{len(extra)} sample id(s) of the filter are not rows of the dataset (e.g. {extra[:5].to_pylist()}); "
+            "was the score log written for another dataset" + (", or should id_column= be set?" if id_column is None else "?")
+        )
+    return rows.to_numpy()
+
+
+def _add_mimic_columns(dataset: datasets.Dataset, mimic_filter: MimicFilter, id_column: str | None) -> datasets.Dataset:
+    """``dataset`` with the `MIMIC_COLUMNS` appended (its own columns and format are kept)."""
+    import datasets
+
+    clashing = [name for name in MIMIC_COLUMNS if name in dataset.column_names]
+    if clashing:
+        raise ValueError(
+            f"The dataset already has the column(s) {clashing}; drop them (dataset.remove_columns({clashing})) "
+            "before scoring it again."
+        )
+    take = pa.array(_filter_rows(dataset, mimic_filter, id_column))
+    scored = dataset
+    for name, (source, arrow_type) in MIMIC_COLUMNS.items():
+        values = mimic_filter.table.column(source).take(take).combine_chunks().cast(arrow_type)
+        feature = datasets.Features.from_arrow_schema(pa.schema([(name, arrow_type)]))[name]
+        scored = scored.add_column(name, values, feature=feature)
+    return scored
+
+
+def _save_atomically(dataset: datasets.Dataset, destination: Path) -> Path:
+    """``save_to_disk`` into a temporary sibling folder, then rename it into place.
+
+    A crash mid-save leaves at most a hidden temporary folder, never a half-written copy at
+    ``destination``; an older copy there is replaced only once the new one is complete.
+    """
+    destination = destination.absolute()
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex[:8]
+    tmp = destination.parent / f".{destination.name}.tmp-{token}"
+    try:
+        dataset.save_to_disk(str(tmp))
+        if destination.exists():
+            old = destination.parent / f".{destination.name}.old-{token}"
+            os.replace(destination, old)
+            os.replace(tmp, destination)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, destination)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return destination
+
+
+# ----------------------------------------------------------------------------------------------
+# Card contents
+# ----------------------------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return "n/a" if value != value else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _layers_text(layer_map: Mapping[str, str]) -> str:
+    return ", ".join(f"`{s}`" if s == r else f"`{s}` → reference `{r}`" for s, r in layer_map.items()) or "n/a"
+
+
+def _training_settings(training_config: Any, reference: str | None) -> dict[str, Any]:
+    """Stage-1 settings for the cards, from a MimicConfig, a dict of its fields or a MimicTrainer."""
+    from .config import parse_layer_map
+
+    trainer_reference = None
+    if training_config is not None and not isinstance(training_config, Mapping) and hasattr(training_config, "reference_name"):
+        trainer_reference = training_config.reference_name  # a MimicTrainer: its config is .args
+        training_config = training_config.args
+    if training_config is None:
+        raw: Mapping[str, Any] = {}
+    elif isinstance(training_config, Mapping):
+        raw = training_config
+    else:
+        raw = {name: getattr(training_config, name) for name in dir(training_config) if name.startswith("mimic_")}
+    layer_map = parse_layer_map(raw.get("mimic_layers")) if raw.get("mimic_layers") is not None else {}
+    reference = reference or raw.get("mimic_reference") or (
+        f"in-memory reference ({trainer_reference})" if trainer_reference else None
+    )
+    return {
+        "reference": reference or "not recorded",
+        "reference_revision": raw.get("mimic_reference_revision"),
+        "layer_names": list(layer_map),
+        "layers": _layers_text(layer_map) if layer_map else "not recorded",
+        "temperature": f"{raw['mimic_temperature']:g}" if raw.get("mimic_temperature") is not None else "not recorded",
+        "normalize": raw.get("mimic_normalize") or "not recorded",
+        "reweight_scope": raw.get("mimic_reweight_scope") or "not recorded",
+        "warmup_steps": raw.get("mimic_warmup_steps", "not recorded"),
+    }
+
+
+def _filter_settings(mimic_filter: MimicFilter) -> dict[str, Any]:
+    """Stage-2 settings and results for the dataset card, from the filter's summary."""
+    from .filter import estimate_quality
+
+    summary = mimic_filter.summary
+    settings = summary.get("settings", {})
+    quality = estimate_quality(mimic_filter)
+    windows = []
+    for position, window in enumerate(summary.get("windows", [])):
+        first, last = window.get("first_step"), window.get("last_step")
+        windows.append(
+            {
+                "name": window.get("name", str(position)),
+                "steps": f"{first}–{last}" if first is not None else "n/a",
+                "n_samples": window.get("n_samples", "n/a"),
+                "threshold": _fmt(window.get("threshold")),
+                "kept_fraction": _fmt(window.get("kept_fraction")),
+                "accuracy": _fmt(window.get("estimated_accuracy")),
+                "degenerate": bool(window.get("degenerate", False)),
+            }
+        )
+    method = settings.get("method", "n/a")
+    if method == "threshold":
+        method = f"threshold (b·w > {_fmt(settings.get('threshold'), 3)})"
+    elif method == "topk":
+        method = f"topk ({_fmt(settings.get('topk'), 1)} % per window)"
+    return {
+        "method": method,
+        "aggregate": settings.get("aggregate", "n/a"),
+        "aggregate_used": summary.get("aggregate_used", settings.get("aggregate", "n/a")),
+        "windows": settings.get("windows", "n/a"),
+        "n_windows": summary.get("n_windows", len(windows)),
+        "window_rows": windows,
+        "has_accuracies": any(w["accuracy"] != "n/a" for w in windows),
+        "retained_fraction": _fmt(quality["retained_fraction"]),
+        "mean_mimic_score": _fmt(quality["mean_mimic_score"]),
+        "n_records": summary.get("n_records", "n/a"),
+    }
+
+
+def render_dataset_card(
+    card_data: Any,
+    *,
+    repo_id: str,
+    split: str,
+    mimic_filter: MimicFilter,
+    num_rows: int,
+    num_kept: int,
+    has_filtered: bool,
+    reference: str | None = None,
+    training_config: Any = None,
+    source_name: str | None = None,
+) -> DatasetCard:
+    """Render ``model_cards/dataset_card.md`` for a scored dataset.
+
+    Args:
+        card_data: the `DatasetCardData` to put in the YAML header (already merged with what the
+            repo's README holds, see `push_scored_dataset`).
+        repo_id / split: where the data is, for the loading snippet.
+        mimic_filter: the Stage-2 filter whose settings and results are described.
+        num_rows / num_kept: rows of the ``default`` / ``filtered`` configs.
+        has_filtered: whether the repo has a ``filtered`` config.
+        reference / training_config: the Stage-1 settings (see `push_scored_dataset`).
+        source_name: the name of the dataset the rows come from, if known.
+    """
+    from huggingface_hub import DatasetCard
+
+    from . import __version__
+    from .templates import template_path
+
+    return DatasetCard.from_template(
+        card_data=card_data,
+        template_path=str(template_path(DATASET_CARD_TEMPLATE)),
+        repo_id=repo_id,
+        split=split,
+        num_rows=num_rows,
+        num_kept=num_kept,
+        has_filtered=has_filtered,
+        filtered_config=FILTERED_CONFIG,
+        source_name=source_name,
+        package_version=__version__,
+        training=_training_settings(training_config, reference),
+        selection=_filter_settings(mimic_filter),
+    )
+
+
+def _merged_card_data(existing_readme: str | None, repo_id: str) -> Any:
+    """The YAML of the repo's README (``configs``, ``dataset_info``...) with our tags added.
+
+    Everything `datasets` wrote is kept as parsed: ``configs`` is what makes
+    ``load_dataset(repo_id, "filtered")`` find the filtered files.
+    """
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    data = DatasetCard(existing_readme).data if existing_readme else DatasetCardData()
+    tags = list(data.get("tags") or [])
+    data.tags = tags + [tag for tag in DATASET_TAGS if tag not in tags]
+    if not getattr(data, "pretty_name", None):
+        data.pretty_name = f"{repo_id.split('/')[-1]} (Grad-Mimic scores)"
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# Pushing
+# ----------------------------------------------------------------------------------------------
+
+
+def _http_status(error: BaseException) -> int | None:
+    """The HTTP status of the first Hub HTTP error in ``error``'s chain (the clients wrap and re-raise)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, HfHubHTTPError) and getattr(current, "response", None) is not None:
+            return current.response.status_code
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _push_failed(error: Exception, stage: str, repo_id: str, local_path: Path) -> ScoredPushError:
+    """A clear error for a failed push step, naming the local copy (chained to the client's error)."""
+    status = _http_status(error)
+    reload = f"datasets.load_from_disk({str(local_path)!r})"
+    if status in (401, 403):
+        problem = "refused the token (HTTP 401: invalid or expired)" if status == 401 else (
+            "refused the push (HTTP 403: the token has no write access to this repo)"
+        )
+        return HubAuthenticationError(
+            f"The Hub {problem} while pushing {stage} of {repo_id!r}. Pass a valid write token with "
+            f"token=..., set HF_TOKEN, or run `hf auth login`. Nothing is lost: the scored dataset is saved at "
+            f"{local_path} ({reload}). Hub answer: {error}",
+            local_path,
+            stage,
+        )
+    return ScoredPushError(
+        f"Pushing {stage} of {repo_id!r} to the Hub failed ({type(error).__name__}: {error}). Nothing is lost: "
+        f"the scored dataset is saved at {local_path}; reload it with {reload} and push again, or call "
+        "push_scored_dataset again.",
+        local_path,
+        stage,
+    )
+
+
+def _read_readme(repo_id: str, revision: str, token: str | None) -> str | None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        path = hf_hub_download(repo_id, "README.md", repo_type="dataset", revision=revision, token=token)
+    except EntryNotFoundError:
+        return None
+    return Path(path).read_text(encoding="utf-8")
+
+
+def push_scored_dataset(
+    dataset: datasets.Dataset,
+    mimic_filter: MimicFilter,
+    repo_id: str,
+    *,
+    split: str = "train",
+    private: bool = False,
+    push_filtered: bool = True,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    id_column: str | None = None,
+    local_dir: str | os.PathLike | None = None,
+    reference: str | None = None,
+    training_config: MimicConfig | Mapping[str, Any] | MimicTrainer | None = None,
+) -> ScoredPushResult:
+    """Add a filter's per-sample results to ``dataset`` and push it, with a card, to a Hub dataset repo.
+
+    The rows get five columns, joined by sample id (the row index, or ``id_column``): ``mimic_score``
+    (float32, the sample's mean mimic score), ``mimic_weight`` (float32, its mean ``b·w``; 1 means a
+    uniform weight), ``mimic_keep_prob`` (float32), ``mimic_keep`` (bool) and ``mimic_votes`` (list of
+    int8, one per window: 1 keep, 0 discard, -1 abstain). The original columns are left as they are.
+
+    Steps, in this order:
+
+    1. the scored dataset is saved with ``save_to_disk`` to ``local_dir`` (atomically), so a failed
+       push loses nothing;
+    2. it is pushed as the ``default`` config (``split``);
+    3. with ``push_filtered``, the kept rows are pushed as the ``filtered`` config;
+    4. the dataset card is pushed: ``model_cards/dataset_card.md`` rendered with the Stage-1 and
+       Stage-2 settings, its YAML being the README's YAML that `datasets` wrote (``configs``,
+       ``dataset_info``) plus the tags ``grad-mimic`` and ``data-filtering``.
+
+    Pushing again to the same repo adds commits on top (configs are replaced, the card re-rendered);
+    content identical to what is on the Hub makes no empty commit. With ``push_filtered=False`` a
+    ``filtered`` config from an earlier push stays in the repo (a warning says so).
+
+    Args:
+        dataset: the `datasets.Dataset` the scores were recorded on (the trainer's ``train_dataset``).
+        mimic_filter: a `MimicFilter` from `hf_gradmimic.build_filter`.
+        repo_id: the dataset repo (``name`` alone uses the token's namespace); created if missing.
+        split: the split name in both configs.
+        private: make the repo private if it is created.
+        push_filtered: also push the ``filtered`` config.
+        token: a Hub token with write access (default: the logged-in one / ``HF_TOKEN``).
+        revision: the branch to push to (created from ``main`` if missing).
+        commit_message: the base of the commit messages (each step appends what it pushes).
+        id_column: the column holding the ids the trainer recorded (``MimicConfig.mimic_id_column``);
+            None when they are row indices.
+        local_dir: where the local copy goes (default ``./scored_<repo name>``); an older copy there
+            is replaced.
+        reference: the reference model's id, for the card (default: ``training_config.mimic_reference``).
+        training_config: the trainer's `MimicConfig` (or a dict of its ``mimic_*`` fields, or the
+            `MimicTrainer`), for the card's Stage-1 settings.
+
+    Returns:
+        A `ScoredPushResult`.
+
+    Raises:
+        ValueError: a row has no record in the filter (the message says how many), the filter has
+            samples that are not rows, the dataset already has ``mimic_*`` columns, or (with
+            ``push_filtered``) the filter keeps no row. Raised before anything is saved or pushed.
+        HubAuthenticationError: the Hub refused the token; the message names the local copy.
+        ScoredPushError: any other failed push step; the message names the local copy.
+    """
+    import datasets
+    from huggingface_hub import HfApi
+
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(
+            f"push_scored_dataset takes one split as a datasets.Dataset, got {type(dataset).__name__}; "
+            "pass e.g. dataset_dict['train'] with split='train'."
+        )
+    if not repo_id or not str(repo_id).strip("/"):
+        raise ValueError("repo_id is empty: give the dataset repo as 'namespace/name' or 'name'.")
+    scored = _add_mimic_columns(dataset, mimic_filter, id_column)
+    keep = np.asarray(scored.with_format("arrow")["mimic_keep"].to_numpy(zero_copy_only=False), dtype=bool)
+
+    if push_filtered and not keep.any():
+        # datasets pushes a zero-row config that load_dataset then refuses ("corresponds to no data").
+        raise ValueError(
+            f"The filter keeps none of the {len(keep)} rows, so there is no 'filtered' config to push; pass "
+            "push_filtered=False to push the scored rows alone, or rebuild the filter with other settings."
+        )
+    repo_name = str(repo_id).rstrip("/").split("/")[-1]
+    local_path = _save_atomically(scored, Path(local_dir) if local_dir is not None else Path(f"scored_{repo_name}"))
+
+    base_message = commit_message or "Grad-Mimic scored dataset"
+    result = ScoredPushResult(local_path=local_path, repo_id=repo_id, num_rows=len(scored), num_kept=int(keep.sum()))
+
+    def record(stage: str, info: CommitInfo) -> None:
+        result.commit_shas[stage] = info.oid
+        result.commit_urls[stage] = info.commit_url
+
+    stage = "the 'default' config"
+    try:
+        if "/" not in repo_id:
+            # A bare name goes to the token's namespace. Resolved here rather than left to
+            # `datasets`, whose lookup of a bare name fails once the repo exists (its repo_info
+            # call does not resolve namespaces and create_repo answers 409).
+            stage = "the 'default' config (looking up the token's namespace)"
+            repo_id = f"{HfApi(token=token).whoami()['name']}/{repo_id}"
+            result.repo_id = repo_id
+            stage = "the 'default' config"
+        info = scored.push_to_hub(
+            repo_id, config_name="default", split=split, private=private, token=token, revision=revision,
+            commit_message=f"{base_message} (default config: all rows with their scores)",
+        )
+        record("default", info)
+        if push_filtered:
+            stage = f"the {FILTERED_CONFIG!r} config"
+            # `select` keeps the original order, so `filtered` equals mimic_filter.apply(dataset).
+            info = scored.select(np.flatnonzero(keep)).push_to_hub(
+                repo_id, config_name=FILTERED_CONFIG, split=split, token=token, revision=revision,
+                commit_message=f"{base_message} ({FILTERED_CONFIG} config: the {int(keep.sum())} kept rows)",
+            )
+            record(FILTERED_CONFIG, info)
+        stage = "the dataset card"
+        data_head = result.commit_sha
+        readme = _read_readme(repo_id, data_head, token)
+        if not push_filtered and _has_config(readme, FILTERED_CONFIG):
+            warnings.warn(
+                f"{repo_id} keeps a {FILTERED_CONFIG!r} config from an earlier push, which this filter did not "
+                "decide (push_filtered=False); the card describes only the default config.",
+                stacklevel=2,
+            )
+        card = render_dataset_card(
+            _merged_card_data(readme, repo_id),
+            repo_id=repo_id,
+            split=split,
+            mimic_filter=mimic_filter,
+            num_rows=result.num_rows,
+            num_kept=result.num_kept,
+            has_filtered=push_filtered,
+            reference=reference,
+            training_config=training_config,
+            source_name=dataset.info.dataset_name,
+        )
+        # parent_commit: the card merges the YAML of exactly this head; a concurrent commit that
+        # changed it makes the Hub refuse (412) instead of silently dropping its configs.
+        info = card.push_to_hub(
+            repo_id, token=token, repo_type="dataset", revision=revision, parent_commit=data_head,
+            commit_message=f"{base_message} (dataset card)",
+        )
+        record("card", info)
+    except Exception as error:
+        raise _push_failed(error, stage, repo_id, local_path) from error
+    result.card = card
+    return result
+
+
+def _has_config(readme: str | None, config_name: str) -> bool:
+    from huggingface_hub import DatasetCard
+
+    if not readme:
+        return False
+    configs = getattr(DatasetCard(readme).data, "configs", None) or []
+    return any(isinstance(c, Mapping) and c.get("config_name") == config_name for c in configs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model card
+# ----------------------------------------------------------------------------------------------
+
+
+def _base_model(model: Any) -> str | None:
+    """The Hub id the model was loaded from (None for a local folder or a model built from a config)."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    if name is None or os.path.isdir(name):
+        return None
+    return str(name)
+
+
+def _framework_versions() -> dict[str, str]:
+    import importlib.metadata
+
+    from . import __version__
+
+    versions = {"hf-gradmimic": __version__}
+    for name, label in (("transformers", "Transformers"), ("torch", "PyTorch"), ("datasets", "Datasets"),
+                        ("huggingface_hub", "huggingface_hub")):
+        try:
+            versions[label] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _import_module_of(cls: type) -> str:
+    """Where the quick-start snippet imports the model class from: ``transformers`` when it exports it."""
+    import transformers
+
+    try:
+        exported = getattr(transformers, cls.__name__, None)
+    except Exception:  # transformers' lazy module may fail importing an unrelated optional backend
+        exported = None
+    return "transformers" if exported is cls else cls.__module__
+
+
+def render_model_card(
+    trainer: MimicTrainer,
+    model_name: str | None = None,
+    dataset_name: str | None = None,
+    tags: str | list[str] | None = None,
+) -> ModelCard:
+    """Render ``model_cards/model_card.md`` for a `MimicTrainer` (trl-style).
+
+    The card names the base model and the Grad-Mimic settings (reference and its revision, mimic
+    layers, τ, normalisation, reweighting scope, warm-up), the training run and how to build the
+    Stage-2 filter from the score log. `MimicTrainer.create_model_card` saves it as
+    ``<output_dir>/README.md``, which ``Trainer.push_to_hub`` uploads.
+
+    Args:
+        trainer: the trainer (trained or not).
+        model_name: the model's name (default: the Hub repo name, else the output folder's name).
+        dataset_name: the training dataset's Hub id, for the metadata.
+        tags: more tags, added to ``grad-mimic``, ``data-filtering``, ``hf-gradmimic`` and the model's own.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .templates import template_path
+
+    args = trainer.args
+    model = trainer.model
+    hub_model_id = getattr(trainer, "hub_model_id", None) or args.hub_model_id
+    if model_name is None:
+        model_name = hub_model_id.split("/")[-1] if hub_model_id else Path(args.output_dir).absolute().name
+    all_tags = list(MODEL_TAGS)
+    extra = [tags] if isinstance(tags, str) else list(tags or [])
+    for tag in [*getattr(trainer, "_tag_names", []), *(getattr(model, "model_tags", None) or []), *extra]:
+        if tag not in all_tags:
+            all_tags.append(tag)
+    base_model = _base_model(model)
+    card_data = ModelCardData(
+        base_model=base_model,
+        datasets=[dataset_name] if dataset_name else None,
+        library_name="transformers",
+        model_name=model_name,
+        tags=all_tags,
+    )
+    state = trainer.state
+    model_class = type(trainer.accelerator.unwrap_model(model))
+    return ModelCard.from_template(
+        card_data=card_data,
+        template_path=str(template_path(MODEL_CARD_TEMPLATE)),
+        base_model=base_model,
+        model_class=model_class.__name__,
+        model_module=_import_module_of(model_class),
+        hub_model_id=hub_model_id or model_name,
+        dataset_name=dataset_name,
+        training=_training_settings(trainer, None),
+        alignment_check=bool(getattr(args, "mimic_alignment_check", False)),
+        record_scores=bool(getattr(args, "mimic_record_scores", False)),
+        run={
+            "global_step": state.global_step,
+            "epochs": _fmt(float(state.epoch), 2) if state.epoch else "0",
+            "learning_rate": args.learning_rate,
+            "batch_size": args.per_device_train_batch_size,
+            "accumulation": args.gradient_accumulation_steps,
+            "optimizer": str(getattr(args.optim, "value", args.optim)),
+            "seed": args.seed,
+        },
+        framework_versions=_framework_versions(),
+    )
