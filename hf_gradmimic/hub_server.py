@@ -494,8 +494,10 @@ class HubServer:
         try:
             self.store.create(repo_type, repo_id, private)
         except HubError as err:
-            err.headers["X-Repo-Url"] = url
-            raise
+            if err.status != 409:
+                raise
+            # Like the Hub: the 409 names the existing repo, which `create_repo(exist_ok=True)` returns.
+            return Response(409, {"error": err.message, "url": url}, {"X-Repo-Url": url})
         return Response(json_body={"url": url, "name": repo_id, "id": repo_id})
 
     def delete_repo(self, req: Request) -> Response:

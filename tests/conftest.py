@@ -105,7 +105,11 @@ def _point_imported_clients_at(url: str, home: Path, monkeypatch: pytest.MonkeyP
     # transformers reads huggingface_hub.constants at call time; its only import-time copy is
     # HF_MODULES_CACHE (remote code), which these tests do not use.
     if "transformers.utils.hub" in sys.modules:
-        monkeypatch.setattr(sys.modules["transformers.utils.hub"], "HF_MODULES_CACHE", str(home / "modules"))
+        transformers_hub = sys.modules["transformers.utils.hub"]
+        monkeypatch.setattr(transformers_hub, "HF_MODULES_CACHE", str(home / "modules"))
+        # transformers keeps one HfApi built with the endpoint current at the time: rebuild it.
+        if hasattr(transformers_hub, "_hf_api"):
+            monkeypatch.setattr(transformers_hub, "_hf_api", None)
     os.makedirs(home, exist_ok=True)
 
 

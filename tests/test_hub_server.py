@@ -181,3 +181,17 @@ def test_injected_commit_failure(hub_server: HubServer) -> None:
     # The fault is used up: the same upload now goes through.
     api.upload_file(path_or_fileobj=b"one", path_in_repo="one.txt", repo_id=repo_id)
     assert Path(hf_hub_download(repo_id, "one.txt")).read_bytes() == b"one"
+
+
+@pytest.mark.timeout(60)
+def test_create_repo_exist_ok_returns_the_existing_repo(hub_server):
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    first = api.create_repo("again", repo_type="dataset")
+    second = api.create_repo("again", repo_type="dataset", exist_ok=True)
+    assert second.repo_id == first.repo_id
+    from huggingface_hub.errors import HfHubHTTPError
+
+    with pytest.raises(HfHubHTTPError, match="409|already"):
+        api.create_repo("again", repo_type="dataset")
