@@ -19,31 +19,43 @@ running max M and running sum S = Σ exp(s_j − M) over everything seen in the 
 Σ_i exp(s_i − M_k)/S_k · ∇ℓ_i and the gradients already accumulated are rescaled by
 S_{k−1}·exp(M_{k−1} − M_k)/S_k. After the last micro-batch the accumulated gradient is exactly
 Σ_i softmax(s)_i ∇ℓ_i over the whole step, whatever the split.
+
+Each micro-batch's logits travel with its sample rows, so every rank also knows which samples the
+others drew: a sample already seen in the epoch is one that accelerate's ``even_batches`` repeated
+to fill the last batches, and its records are flagged ``repeated``. Supported and tested parallel
+set-ups (DDP, FSDP2, bf16, activation checkpointing, resume) and refused ones: docs/distributed.md.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .config import MimicConfig
 from .ghost import linear_inner_product
 from .losses import PerSampleLossFn, per_sample_loss
 from .reference import ReferenceSource, load_reference_tensors, reference_tensor_names, resolve_mimic_layers
-from .scores import ScoreWriter
+from .scores import ScoreWriter, read_score_table
 
 logger = logging.get_logger(__name__)
+
+_CHECKPOINT_NAME = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 
 ROW_INDEX_KEY = "mimic_row_index"
 """Batch key carrying each sample's row index in ``train_dataset``; popped before the model sees the batch."""
@@ -85,6 +97,85 @@ def with_row_index(dataset: Any) -> Any:
     return _RowIndexedDataset(dataset)
 
 
+def _full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of a parameter that FSDP2 keeps as a sharded DTensor outside forward (an all-gather)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor gradient (FSDP2), which in-place ops can scale; a plain tensor as is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def check_supported_setup(accelerator: Any, args: MimicConfig, model: nn.Module) -> None:
+    """Refuse the set-ups under which the scores or the update would be silently wrong (see docs/distributed.md)."""
+    if args.torch_compile or hasattr(model, "_orig_mod"):
+        raise ValueError(
+            "MimicTrainer does not support torch.compile (`torch_compile=True` or a compiled model): a compiled graph "
+            "hands the mimic layers' forward hooks tensors that the loss does not depend on through autograd "
+            "(AOTAutograd backends such as inductor and aot_eager), so the output gradients, and the scores, would "
+            "be silently wrong. Train the uncompiled model."
+        )
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        if stage == 3:
+            raise ValueError(
+                "MimicTrainer does not support DeepSpeed ZeRO stage 3: it partitions every parameter across ranks and "
+                "gathers a layer's weights only inside that layer's forward, so outside it the mimic layers' weights "
+                "are empty and θ_ref − θ cannot be formed. Use ZeRO stage 1 or 2, FSDP2 or DDP."
+            )
+        if args.mimic_normalize == "step" and args.gradient_accumulation_steps > 1:
+            raise ValueError(
+                "With DeepSpeed, MimicTrainer cannot combine `mimic_normalize='step'` with gradient accumulation: "
+                "DeepSpeed keeps the accumulated gradients in its own buffers, which the step-wide softmax must "
+                "rescale after every micro-batch. Use `mimic_normalize='micro'` or `gradient_accumulation_steps=1`."
+            )
+    if kind == DistributedType.FSDP:
+        if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+            raise ValueError(
+                "MimicTrainer needs FSDP2 (`fsdp_config={'fsdp_version': 2}`): FSDP1 flattens parameters, and "
+                "outside forward the mimic layers' weights are views into a sharded flat parameter."
+            )
+        if args.mimic_reweight_scope == "layer":
+            raise ValueError(
+                "`mimic_reweight_scope='layer'` is not supported under FSDP: its correction term re-applies the mimic "
+                "layers outside forward, where FSDP2 keeps their weights sharded. Use `mimic_reweight_scope='all'`."
+            )
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> Optional[str]:
+    """The newest ``checkpoint-N`` under ``output_dir`` that was completely written, or None.
+
+    transformers (5.23) writes a checkpoint in place, not into a temporary folder, and the main
+    process writes ``trainer_state.json`` last: a run killed while saving leaves a folder without it,
+    which `Trainer`'s own ``resume_from_checkpoint=True`` would pick and then fail to load.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    steps = [
+        int(match[1])
+        for name in os.listdir(output_dir)
+        if (match := _CHECKPOINT_NAME.fullmatch(name))
+        and os.path.isfile(os.path.join(output_dir, name, TRAINER_STATE_NAME))
+    ]
+    return os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{max(steps)}") if steps else None
+
+
+def _uses_reentrant_checkpointing(model: nn.Module) -> bool:
+    """Whether transformers' activation checkpointing is on with the reentrant variant.
+
+    transformers stores ``functools.partial(checkpoint, **kwargs)`` on each module it checkpoints.
+    Without an explicit ``use_reentrant`` torch (≤ 2.13) defaults to the reentrant variant.
+    """
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            function = getattr(module, "_gradient_checkpointing_func", None)
+            if function is not None and getattr(function, "keywords", {}).get("use_reentrant") is not False:
+                return True
+    return False
+
+
 @dataclass
 class _StepState:
     """What the online softmax and the score log keep over the micro-batches of one optimizer step."""
@@ -94,6 +185,7 @@ class _StepState:
     running_sum: torch.Tensor
     micro_batches: int = 0
     all_logits: list[torch.Tensor] = field(default_factory=list)  # every rank's, "step" normalisation only
+    all_rows: list[torch.Tensor] = field(default_factory=list)  # every rank's rows, −inf padded, per micro-batch
     rows: list[torch.Tensor] = field(default_factory=list)
     scores: list[torch.Tensor] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
@@ -139,16 +231,22 @@ class _LinearCapture:
 
 
 class _ScoreLogCallback(TrainerCallback):
-    """Ties the score log to the Trainer's step and checkpoint events."""
+    """Ties the set-up checks, the score log and the repeat tracking to the Trainer's events."""
 
     def __init__(self, trainer: "MimicTrainer") -> None:
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._start_score_log(state.global_step)
+        # Here, not in __init__: `Trainer.train` turns activation checkpointing on just before.
+        self.trainer._check_activation_checkpointing()
+        self.trainer._start_score_log(state)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._finish_step(state)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # A sample counts as repeated when already seen in the same epoch.
+        self.trainer._seen_rows = None
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.trainer._score_writer is not None:
@@ -218,6 +316,7 @@ class MimicTrainer(Trainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
             **kwargs,
         )
+        check_supported_setup(self.accelerator, args, model)
         self.per_sample_loss_fn = per_sample_loss_fn
         layer_map = args.mimic_layer_map
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -244,7 +343,10 @@ class MimicTrainer(Trainer):
         self._score_writer: Optional[ScoreWriter] = None
         self._alignment_checked = False
         self._current_rows: Optional[torch.Tensor] = None
+        self._seen_rows: Optional[np.ndarray] = None  # rows seen so far in this epoch, on any rank
         self.fallback_count = 0
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            self._adapt_to_fsdp()
         self.add_callback(_ScoreLogCallback(self))
 
     # ------------------------------------------------------------------ set-up helpers
@@ -282,11 +384,44 @@ class MimicTrainer(Trainer):
                     f"Mimic layer parameter {name!r} does not require grad; the mimic layers must be trainable."
                 )
 
+    def _adapt_to_fsdp(self) -> None:
+        if self.args.mimic_normalize == "step":
+            # Under FSDP2's no_sync the accumulated gradients wait in private unsharded buffers, out of reach of
+            # the online softmax's rescale; reduce-scattering after every micro-batch keeps them in `param.grad`.
+            self.accelerator.gradient_state.plugin_kwargs["sync_each_batch"] = True
+        if self.args.mimic_alignment_check:
+            # The check swaps the mimic layers' weights for the reference's, which FSDP2's own swapping of
+            # sharded and unsharded parameters around forward would undo.
+            logger.warning("MimicTrainer skips the alignment check (`mimic_alignment_check`) under FSDP.")
+            self._alignment_checked = True
+
+    def _check_activation_checkpointing(self) -> None:
+        if _uses_reentrant_checkpointing(self.accelerator.unwrap_model(self.model)):
+            raise ValueError(
+                "MimicTrainer needs non-reentrant activation checkpointing: the reentrant variant runs checkpointed "
+                "layers without autograd in forward, so a mimic layer inside them has no output gradient. Pass "
+                "`activation_checkpointing_kwargs={'use_reentrant': False}` (formerly `gradient_checkpointing_kwargs`) "
+                "in the training arguments, or leave those kwargs unset: transformers then uses use_reentrant=False."
+            )
+
     def _set_signature_columns_if_needed(self) -> None:
         # As trl does: keep our bookkeeping columns through `remove_unused_columns`.
         if self._signature_columns is None:
             super()._set_signature_columns_if_needed()
             self._signature_columns += [ROW_INDEX_KEY]
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`; ``resume_from_checkpoint=True`` picks the newest *completely written* checkpoint."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint (with {TRAINER_STATE_NAME}) in {self.args.output_dir}.")
+        elif resume_from_checkpoint and not os.path.isfile(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME)):
+            raise ValueError(
+                f"{resume_from_checkpoint} has no {TRAINER_STATE_NAME}: it was not completely written (a run killed "
+                "while saving it?). Resume from an earlier checkpoint, or pass `resume_from_checkpoint=True`."
+            )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ------------------------------------------------------------------ the step
 
@@ -352,7 +487,10 @@ class MimicTrainer(Trainer):
             raise RuntimeError(f"Mimic layer(s) {missing} did not run in the forward pass.")
         outputs = [capture.outputs[name] for name in self.mimic_layers]
         if not all(out.requires_grad for out in outputs):
-            raise RuntimeError("The mimic layers' outputs do not require grad: are the mimic layers frozen?")
+            raise RuntimeError(
+                "The mimic layers' outputs do not require grad: are the mimic layers frozen, or run under "
+                "torch.no_grad or reentrant activation checkpointing?"
+            )
         grads = torch.autograd.grad(losses.sum(), outputs, retain_graph=True, allow_unused=True)
         return {
             name: (torch.zeros_like(out) if grad is None else grad)
@@ -365,10 +503,12 @@ class MimicTrainer(Trainer):
         if self._direction_cache is None or self._direction_cache[0] != step:
             direction = {}
             for name, param in self._mimic_parameters().items():
+                # Called on every rank at the same point of the step, as the all-gather of FSDP2 needs.
+                param = _full_tensor(param.detach())
                 reference = self.reference_tensors[name]
                 if reference.device != param.device:
                     reference = self.reference_tensors[name] = reference.to(param.device)
-                direction[name] = reference - param.detach().float()
+                direction[name] = reference - param.float()
             norm = torch.sqrt(sum(v.square().sum() for v in direction.values()))
             self._direction_cache = (step, direction, norm)
         return self._direction_cache[1], self._direction_cache[2]
@@ -408,16 +548,20 @@ class MimicTrainer(Trainer):
         logits = torch.where(fallback, torch.zeros_like(mimic_scores), mimic_scores / self.args.mimic_temperature)
         return logits, fallback
 
-    def _gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Softmax logits of the whole micro-batch across ranks (padding as −inf, which adds nothing)."""
+    def _gather_across_ranks(self, logits: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax logits and sample rows of the whole micro-batch, rank after rank, each rank padded to the
+        longest with −inf (a logit of −inf adds nothing to the softmax; a row of −inf marks padding)."""
         if self.accelerator.num_processes == 1:
-            return logits
-        padded = self.accelerator.pad_across_processes(logits, dim=0, pad_index=-math.inf)
-        return self.accelerator.gather(padded)
+            return logits, rows.double()
+        # One collective for both; float64 holds row indices exactly up to 2**53.
+        packed = torch.stack([logits.double(), rows.to(logits.device, torch.float64)], dim=1)
+        packed = self.accelerator.pad_across_processes(packed, dim=0, pad_index=-math.inf)
+        gathered = self.accelerator.gather(packed)
+        return gathered[:, 0].to(logits.dtype), gathered[:, 1]
 
     def _trainable_grads(self, scope: str) -> list[torch.Tensor]:
         params = self._mimic_parameters().values() if scope == "layer" else self.model.parameters()
-        return [p.grad for p in params if p.grad is not None]
+        return [_local_tensor(p.grad) for p in params if p.grad is not None]
 
     def _weighted_loss(
         self,
@@ -431,11 +575,12 @@ class MimicTrainer(Trainer):
         args = self.args
         logits, fallback = self._softmax_logits(mimic_scores.detach())
         batch = losses.shape[0]
+        all_logits, all_rows = self._gather_across_ranks(logits, self._current_rows)
+        state.all_rows.append(all_rows)
         if args.mimic_normalize == "micro":
             coefficients = torch.softmax(logits, dim=0) / self.current_gradient_accumulation_steps
             state.weights.append(torch.softmax(logits, dim=0))
         else:
-            all_logits = self._gather_logits(logits)
             new_max = torch.maximum(state.running_max, all_logits.max())
             carried = state.running_sum * torch.exp(state.running_max - new_max)
             new_sum = carried + torch.exp(all_logits - new_max).sum()
@@ -509,6 +654,7 @@ class MimicTrainer(Trainer):
                 weights=weights,
                 losses=losses,
                 batch_size=batch_sizes,
+                repeated=self._repeated_flags(state),
             )
         finite = mimic_scores[np.isfinite(mimic_scores)]
         norm = self._direction_cache[2] if self._direction_cache else float("nan")
@@ -519,6 +665,59 @@ class MimicTrainer(Trainer):
         self._metrics["mimic/direction_norm"].append(float(norm))
         self._metrics["mimic/weighted_loss"].append(float((weights * losses).sum() / max(weights.sum(), 1e-30)))
         self._metrics["mimic/fallback_count"].append(float(self.fallback_count))
+
+    def _repeated_flags(self, state: _StepState) -> np.ndarray:
+        """Flags this rank's samples of the step that count as repeats: already seen in this epoch on any rank,
+        or earlier in this step (an earlier micro-batch, or a lower rank). With accelerate's `even_batches`,
+        the last batches of an epoch are topped up with the epoch's first samples; these are the repeats."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        gathered = [rows.cpu().numpy() for rows in state.all_rows]
+        every_row = np.concatenate(gathered)  # micro-batch after micro-batch, rank after rank: first seen first
+        real = np.isfinite(every_row)
+        rows = every_row[real].astype(np.int64)
+        repeated = np.ones(len(rows), dtype=bool)
+        repeated[np.unique(rows, return_index=True)[1]] = False
+        repeated |= self._mark_seen(rows)
+        flags = np.zeros(len(every_row), dtype=bool)
+        flags[real] = repeated
+        # This rank's samples are its slice of each micro-batch's gather (one iteration per micro-batch).
+        mine, offset = [], 0
+        for micro_rows, own in zip(gathered, state.rows):
+            start = offset + rank * (len(micro_rows) // world)
+            mine.append(flags[start : start + len(own)])
+            offset += len(micro_rows)
+        return np.concatenate(mine)
+
+    def _mark_seen(self, rows: np.ndarray) -> np.ndarray:
+        """Marks ``rows`` as seen in this epoch; returns which of them already were."""
+        size = max(len(self.train_dataset), int(rows.max(initial=-1)) + 1)
+        if self._seen_rows is None or len(self._seen_rows) < size:
+            seen = np.zeros(size, dtype=bool)
+            if self._seen_rows is not None:
+                seen[: len(self._seen_rows)] = self._seen_rows
+            self._seen_rows = seen
+        already = self._seen_rows[rows]
+        self._seen_rows[rows] = True
+        return already
+
+    def _restore_seen_rows(self, state: Any) -> None:
+        """On resume mid-epoch, mark the samples that the score log holds for the epoch being resumed.
+
+        A record's ``epoch`` is e + k/steps_in_epoch at the k-th step of epoch e, in (e, e + 1]; the epoch
+        being resumed is ⌊state.epoch⌋, unless the checkpoint ends an epoch (state.epoch integral)."""
+        if float(state.epoch or 0.0).is_integer():
+            return
+        columns = ["global_step", "epoch", "sample_id"]
+        try:
+            table = read_score_table(self._score_writer.folder, drop_repeated=False, columns=columns)
+        except (FileNotFoundError, ValueError):  # no score log: nothing recorded, nothing to flag
+            return
+        keep = pc.and_(
+            pc.greater(table["epoch"], math.floor(state.epoch)), pc.less_equal(table["global_step"], state.global_step)
+        )
+        ids = table.filter(keep)["sample_id"].to_numpy(zero_copy_only=False)
+        rows = ids.astype(np.int64) if self._sample_ids is None else np.flatnonzero(np.isin(self._sample_ids, ids))
+        self._mark_seen(rows)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # As trl's trainers: metrics gathered per step, averaged over the logging interval.
@@ -566,9 +765,11 @@ class MimicTrainer(Trainer):
 
     # ------------------------------------------------------------------ score log and checkpoints
 
-    def _start_score_log(self, global_step: int) -> None:
+    def _start_score_log(self, state: Any) -> None:
+        self._seen_rows = None
         if not self.args.mimic_record_scores:
             return
+        global_step = state.global_step
         if self._score_writer is None:
             self._score_writer = ScoreWriter(self.args.output_dir, rank=self.accelerator.process_index)
         removed = self._score_writer.truncate_after(global_step)
@@ -577,6 +778,9 @@ class MimicTrainer(Trainer):
                 f"Removed {removed} score records after step {global_step} from {self._score_writer.folder} "
                 "(a previous run in this output_dir, or steps after the checkpoint being resumed)."
             )
+        if global_step:
+            self.accelerator.wait_for_everyone()  # every rank's shards are truncated before any rank reads them
+            self._restore_seen_rows(state)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         # The shards on disk must hold exactly the steps this checkpoint has taken.
