@@ -1,0 +1,373 @@
+"""MimicTrainer under real multi-process training (gloo on CPU), mixed precision, activation
+checkpointing, crash and resume, each against an independent single-process run.
+
+The multi-process runs launch tests/dist_scripts/mimic_worker.py with `accelerate launch` or
+torchrun on a free port of 127.0.0.1; one launch runs several configurations in a row.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from accelerate.utils import DistributedType
+
+from dist_scripts.mimic_worker import build, run
+from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
+from hf_gradmimic.trainer import check_supported_setup, last_complete_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "dist_scripts" / "mimic_worker.py"
+ACCELERATE_CONFIG = ROOT / "examples" / "accelerate_2proc.yaml"
+LAUNCH_TIMEOUT = 150
+
+MLP_LAYERS = ["hidden", "head"]
+BERT_LAYERS = ["bert.encoder.layer.1.intermediate.dense", "classifier"]
+FSDP2 = {"fsdp": True, "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]}}
+# 44 samples, 2 ranks × 8: three steps per epoch, the last one topped up with 4 repeats.
+UNEVEN = {"mimic_layers": MLP_LAYERS, "n": 44, "args": {"per_device_train_batch_size": 8, "max_steps": 9,
+                                                         "save_strategy": "steps", "save_steps": 2}}
+
+
+# ---------------------------------------------------------------- launching
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launcher_command(launcher: str, port: int) -> list[str]:
+    if launcher == "accelerate":
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIG),
+                "--main_process_port", str(port)]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(port)]
+
+
+def start(specs: list[dict], folder: Path, launcher: str = "torchrun") -> tuple[subprocess.Popen, Path]:
+    """Start two worker processes on ``specs``; their output goes to ``folder/launch.log``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "runs.json").write_text(json.dumps(specs))
+    log = folder / "launch.log"
+    inherited = ("ACCELERATE_", "MASTER_", "TORCHELASTIC_", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(inherited)}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [*launcher_command(launcher, free_port()), str(WORKER), str(folder / "runs.json")],
+            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=folder, start_new_session=True,
+        )
+    return process, log
+
+
+def kill(process: subprocess.Popen) -> None:
+    """SIGKILL the launcher and its workers (their own process group)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
+
+
+def launch(specs: list[dict], folder: Path, launcher: str = "torchrun") -> None:
+    process, log = start(specs, folder, launcher)
+    try:
+        code = process.wait(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        code = "timeout"
+    finally:
+        if process.poll() is None:
+            kill(process)
+    if code != 0:
+        raise AssertionError(f"2-process run failed ({code}); end of {log}:\n{log.read_text()[-6000:]}")
+
+
+def spec(output_dir: Path, **fields) -> dict:
+    return {"output_dir": str(output_dir), **fields}
+
+
+def bert_spec(output_dir: Path, **args) -> dict:
+    """The tiny BERT, mimicking an inner layer and the classifier; 4 steps of 32 unless ``args`` say otherwise."""
+    return spec(output_dir, model="bert", mimic_layers=BERT_LAYERS,
+                args={"per_device_train_batch_size": 32, "max_steps": 4, **args})
+
+
+def records(output_dir: Path, drop_repeated: bool = True):
+    return load_scores(output_dir, drop_repeated=drop_repeated).to_pandas().sort_values(["global_step", "sample_id"])
+
+
+def assert_same_run(got_dir: Path, expected_dir: Path, atol: float = 1e-5) -> None:
+    """Same samples in every step, same scores and weights, same final parameters."""
+    got, expected = records(got_dir), records(expected_dir)
+    key = ["global_step", "sample_id"]
+    np.testing.assert_array_equal(got[key].values, expected[key].values)
+    np.testing.assert_allclose(got.mimic_score.values, expected.mimic_score.values, rtol=0, atol=atol)
+    np.testing.assert_allclose(got.weight.values, expected.weight.values, rtol=1e-4, atol=1e-7)
+    params, expected_params = torch.load(got_dir / "params.pt"), torch.load(expected_dir / "params.pt")
+    assert params.keys() == expected_params.keys()
+    for name in params:
+        torch.testing.assert_close(params[name], expected_params[name], atol=atol, rtol=0, msg=name)
+
+
+def assert_two_ranks(output_dir: Path, per_rank: int) -> None:
+    table = records(output_dir, drop_repeated=False)
+    assert sorted(table["rank"].unique()) == [0, 1]
+    assert (table.groupby(["global_step", "rank"]).size() == per_rank).all()
+
+
+# ---------------------------------------------------------------- DDP
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> Path:
+    """One `accelerate launch` with the example config: the 2-process runs the DDP tests compare."""
+    folder = tmp_path_factory.mktemp("ddp")
+    launch(
+        [
+            spec(folder / "2x16", mimic_layers=MLP_LAYERS, args={"per_device_train_batch_size": 16, "max_steps": 5}),
+            spec(folder / "2x2x8", mimic_layers=MLP_LAYERS,
+                 args={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "max_steps": 5}),
+            spec(folder / "uneven", **UNEVEN),
+        ],
+        folder,
+        launcher="accelerate",
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def single_process_mlp(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("single")
+    run(spec(folder / "1x32", mimic_layers=MLP_LAYERS, args={"per_device_train_batch_size": 32, "max_steps": 5}))
+    return folder
+
+
+@pytest.mark.timeout(300)
+def test_two_processes_match_one_process_batch(ddp_runs, single_process_mlp, tmp_path):
+    """2 ranks × 16 and 2 ranks × 2 accumulation × 8 (DDP, no_sync, online-softmax rescale) against one
+    process with a batch of 32 and with 2 × 16 accumulation: the seeded sampler gives rank r the
+    r-th 16 of each 32, so every step covers the same samples."""
+    run(spec(tmp_path / "1x2x16", mimic_layers=MLP_LAYERS,
+             args={"per_device_train_batch_size": 16, "gradient_accumulation_steps": 2, "max_steps": 5}))
+    assert_two_ranks(ddp_runs / "2x16", per_rank=16)
+    assert_two_ranks(ddp_runs / "2x2x8", per_rank=16)
+    for name in ("2x16", "2x2x8"):
+        assert_same_run(ddp_runs / name, single_process_mlp / "1x32")
+        assert json.loads((ddp_runs / name / "run_info.json").read_text())["num_processes"] == 2
+    assert_same_run(tmp_path / "1x2x16", single_process_mlp / "1x32")
+    assert (records(ddp_runs / "2x2x8").batch_size == 32).all()
+
+
+@pytest.mark.timeout(300)
+def test_samples_repeated_to_even_out_batches_are_flagged_once(ddp_runs):
+    """44 samples on 2 ranks × 8: accelerate tops the last batch of each epoch up with the epoch's
+    first 4 samples. Each sample counts once per epoch; the 4 extras are flagged and dropped."""
+    table = records(ddp_runs / "uneven", drop_repeated=False)
+    table["epoch_index"] = np.ceil(table.epoch).astype(int)  # a record's epoch is in (e, e + 1]
+    assert len(table) == 9 * 16
+    for epoch, rows in table.groupby("epoch_index"):
+        kept, repeated = rows[~rows.repeated], rows[rows.repeated]
+        assert sorted(kept.sample_id) == list(range(44)), epoch
+        assert len(repeated) == 4, epoch
+        # Every flagged record repeats a sample trained earlier in the same epoch (earlier step, or lower rank).
+        first = kept.set_index("sample_id").loc[repeated.sample_id]
+        earlier = (first.global_step.values < repeated.global_step.values) | (
+            (first.global_step.values == repeated.global_step.values) & (first["rank"].values < repeated["rank"].values)
+        )
+        assert earlier.all(), epoch
+    assert not table.duplicated(["global_step", "sample_id"]).any()
+    assert len(load_scores(ddp_runs / "uneven")) == 3 * 44
+
+
+# ---------------------------------------------------------------- crash and resume
+
+
+@pytest.mark.timeout(300)
+def test_resume_after_sigkill_matches_uninterrupted_run(ddp_runs, tmp_path):
+    """SIGKILL both ranks while checkpoint-6 is half written (its score shards already flushed), then
+    `resume_from_checkpoint=True`: it resumes from checkpoint-4, mid-epoch, drops the records of steps
+    5-6, still flags the epoch's repeats, and ends exactly as the uninterrupted run."""
+    output_dir = tmp_path / "run"
+    process, log = start([spec(output_dir, stall_checkpoint_at=6, **UNEVEN)], tmp_path / "killed")
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while not (output_dir / "checkpoint-6").is_dir():
+            assert process.poll() is None, f"the run ended before the kill:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, "checkpoint-6 never appeared"
+            time.sleep(0.05)
+        time.sleep(0.5)  # the model and optimizer files of checkpoint-6 get written, then the save stalls
+    finally:
+        kill(process)
+    assert not (output_dir / "checkpoint-6" / "trainer_state.json").exists()
+    shards = load_scores(output_dir, drop_repeated=False).to_pandas()
+    assert shards.global_step.max() == 6  # records past the last complete checkpoint, to be dropped
+    assert last_complete_checkpoint(output_dir) == str(output_dir / "checkpoint-4")
+
+    launch([spec(output_dir, resume=True, **UNEVEN)], tmp_path / "resumed")
+    resumed, uninterrupted = records(output_dir, drop_repeated=False), records(ddp_runs / "uneven", drop_repeated=False)
+    assert not resumed.duplicated(["global_step", "sample_id"]).any()
+    key = ["global_step", "sample_id", "rank", "repeated"]
+    np.testing.assert_array_equal(resumed[key].values, uninterrupted[key].values)
+    np.testing.assert_allclose(resumed.mimic_score.values, uninterrupted.mimic_score.values, rtol=0, atol=1e-6)
+    expected = torch.load(ddp_runs / "uneven" / "params.pt")
+    for name, value in torch.load(output_dir / "params.pt").items():
+        torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_resume_refuses_a_half_written_checkpoint(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-4").mkdir()
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    model, data, reference = build({"mimic_layers": ["head"], "n": 16})
+    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=["head"], use_cpu=True, report_to=[], max_steps=1)
+    trainer = MimicTrainer(model=model, args=args, train_dataset=data, reference=reference)
+    with pytest.raises(ValueError, match="not completely written"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+
+
+# ---------------------------------------------------------------- FSDP2
+
+
+@pytest.mark.timeout(300)
+def test_fsdp2_matches_one_process(tmp_path):
+    """FSDP2 (fully_shard per BertLayer, gloo) on 2 ranks × 16 and 2 × 4 accumulation × 4, against
+    one process with a batch of 32. accelerate 1.15 drops the FSDP plugin on CPU, so the worker sets
+    the state accelerate sets on GPUs (see `forced_fsdp`); the run info proves the weights were sharded."""
+    launch(
+        [
+            {**bert_spec(tmp_path / "2x16", per_device_train_batch_size=16, **FSDP2), "force_fsdp": True},
+            {**bert_spec(tmp_path / "2x4x4", per_device_train_batch_size=4, gradient_accumulation_steps=4, **FSDP2),
+             "force_fsdp": True},
+        ],
+        tmp_path,
+    )
+    run(bert_spec(tmp_path / "1x32"))
+    for name in ("2x16", "2x4x4"):
+        info = json.loads((tmp_path / name / "run_info.json").read_text())
+        assert info == {"distributed_type": str(DistributedType.FSDP), "num_processes": 2,
+                        "mimic_weight_type": "DTensor"}
+        assert_two_ranks(tmp_path / name, per_rank=16)
+        assert_same_run(tmp_path / name, tmp_path / "1x32")
+
+
+def deepspeed(stage: int) -> SimpleNamespace:
+    return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                           state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+
+
+def fsdp(version: int) -> SimpleNamespace:
+    return SimpleNamespace(distributed_type=DistributedType.FSDP,
+                           state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)))
+
+
+@pytest.mark.parametrize(
+    "accelerator, refused, message, accepted",
+    [
+        (deepspeed(3), {}, "ZeRO stage 3.*empty", None),
+        (deepspeed(2), {"gradient_accumulation_steps": 2}, "DeepSpeed keeps the accumulated",
+         {"mimic_normalize": "micro", "gradient_accumulation_steps": 2}),
+        (fsdp(1), {}, "needs FSDP2", None),
+        (fsdp(2), {"mimic_reweight_scope": "layer"}, "not supported under FSDP", {"gradient_accumulation_steps": 4}),
+        (SimpleNamespace(distributed_type=DistributedType.MULTI_CPU), {"torch_compile": True}, "torch.compile", {}),
+    ],
+)
+def test_unsupported_setups_are_refused(tmp_path, accelerator, refused, message, accepted):
+    """DeepSpeed cannot run here: the checks are tested on the accelerator attributes they read."""
+    model, _, _ = build({"mimic_layers": ["head"]})
+
+    def config(**fields):
+        return MimicConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], **fields)
+
+    with pytest.raises(ValueError, match=message):
+        check_supported_setup(accelerator, config(**refused), model)
+    if accepted is not None:
+        check_supported_setup(accelerator, config(**accepted), model)
+
+
+def test_torch_compile_is_refused_by_the_trainer(tmp_path):
+    model, data, reference = build({"mimic_layers": ["head"]})
+    args = MimicConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], torch_compile=True,
+                       torch_compile_backend="aot_eager")
+    with pytest.raises(ValueError, match="torch.compile"):
+        MimicTrainer(model=model, args=args, train_dataset=data, reference=reference)
+    args = MimicConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match="torch.compile"):
+        MimicTrainer(model=torch.compile(model), args=args, train_dataset=data, reference=reference)
+
+
+# ---------------------------------------------------------------- precision and checkpointing
+
+
+@pytest.mark.timeout(300)
+def test_bf16_scores_are_fp32_and_close_to_an_fp32_run(tmp_path):
+    dtypes = {"fp32": set(), "bf16": set()}
+
+    def spy_on_scores(name):
+        def install(trainer):
+            mimic_scores = trainer._mimic_scores
+
+            def spy(capture, output_grads):
+                scores = mimic_scores(capture, output_grads)
+                dtypes[name].add((next(iter(output_grads.values())).dtype, scores.dtype))
+                return scores
+
+            trainer._mimic_scores = spy
+
+        return install
+
+    run(bert_spec(tmp_path / "fp32"), before_train=spy_on_scores("fp32"))
+    run(bert_spec(tmp_path / "bf16", bf16=True), before_train=spy_on_scores("bf16"))
+    assert dtypes == {"fp32": {(torch.float32, torch.float32)},
+                      "bf16": {(torch.bfloat16, torch.float32)}}  # autocast ran the layers in bf16; scores in fp32
+    fp32, bf16 = records(tmp_path / "fp32"), records(tmp_path / "bf16")
+    np.testing.assert_array_equal(bf16[["global_step", "sample_id"]].values, fp32[["global_step", "sample_id"]].values)
+    assert not np.array_equal(bf16.mimic_score.values, fp32.mimic_score.values)
+    # rtol 1e-2, plus 1e-2 of the score scale as atol: scores near zero have no meaningful relative error.
+    scale = np.abs(fp32.mimic_score.values).max()
+    np.testing.assert_allclose(bf16.mimic_score.values, fp32.mimic_score.values, rtol=1e-2, atol=1e-2 * scale)
+    for step in range(1, 5):
+        a = fp32[fp32.global_step == step].mimic_score.values
+        b = bf16[bf16.global_step == step].mimic_score.values
+        assert np.mean((a > np.median(a)) == (b > np.median(b))) >= 0.95, step
+
+
+def train_counting_calls(output_dir: Path, **args) -> int:
+    """Trains the tiny BERT (3 steps of 16); returns how many times the inner mimic layer ran."""
+    calls = []
+
+    def count_calls(trainer):
+        trainer.model.get_submodule(BERT_LAYERS[0]).register_forward_hook(lambda *_: calls.append(1))
+
+    run(bert_spec(output_dir, per_device_train_batch_size=16, max_steps=3, **args), before_train=count_calls)
+    return len(calls)
+
+
+@pytest.mark.timeout(300)
+def test_non_reentrant_gradient_checkpointing_gives_the_same_scores(tmp_path):
+    plain_calls = train_counting_calls(tmp_path / "plain")
+    checkpointed_calls = train_counting_calls(
+        tmp_path / "checkpointed", activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False}
+    )
+    # The layer re-ran during backward (recomputation); those calls were not captured as a second forward.
+    assert plain_calls == 3 and checkpointed_calls > plain_calls
+    assert_same_run(tmp_path / "checkpointed", tmp_path / "plain", atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [{"use_reentrant": True}, {"preserve_rng_state": True}])
+def test_reentrant_gradient_checkpointing_is_refused(tmp_path, kwargs):
+    """Explicitly reentrant, or kwargs without `use_reentrant` (torch 2.13 then defaults to reentrant)."""
+    with pytest.raises(ValueError, match=r"non-reentrant activation checkpointing.*use_reentrant': False"):
+        run(bert_spec(tmp_path, activation_checkpointing=True, activation_checkpointing_kwargs=kwargs))
