@@ -23,7 +23,7 @@ _EXPORTS = {
     "build_filter": "hf_gradmimic.filter",
     "MimicFilter": "hf_gradmimic.filter",
     "estimate_quality": "hf_gradmimic.filter",
-    "report": "hf_gradmimic.report",
+    "report": "hf_gradmimic.reporting",
     "push_scored_dataset": "hf_gradmimic.hub",
     "load_filter_metric": "hf_gradmimic.metrics",
     "build_reference": "hf_gradmimic.recipes",
@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .metrics import load_filter_metric
     from .recipes import build_reference
     from .reference import load_reference_tensors
-    from .report import report
+    from .reporting import report
     from .scores import load_scores
     from .trainer import MimicTrainer
 

@@ -170,7 +170,7 @@ def run_report(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .filter import MimicFilter
-    from .report import report
+    from .reporting import report
 
     mimic_filter = MimicFilter.load(args.filter)
     clean = None

@@ -161,8 +161,8 @@ def _push_and_reload(dataset, mimic_filter, mimic_args, out: Path, log) -> dict[
     filtered = datasets.load_dataset(repo_id, "filtered", split="train")
     card = DatasetCard.load(repo_id)
     log(f"loaded back with datasets.load_dataset: {full.num_rows} rows (default config), {filtered.num_rows} rows ('filtered')")
-    log("dataset card, first lines:")
-    for line in str(card).strip().splitlines()[:14]:
+    log("dataset card (below its YAML metadata), first lines:")
+    for line in card.text.strip().splitlines()[:14]:
         log("    " + line)
     return {"hub_rows": full.num_rows, "hub_filtered_rows": filtered.num_rows, "local_copy": str(result.local_path)}
 

@@ -240,20 +240,3 @@ def report(
         raise
     paths["report_json"] = json_path
     return paths
-
-
-class _CallableModule(type(json)):
-    """``hf_gradmimic.report`` is both this module and the `report` function.
-
-    Importing the submodule ``hf_gradmimic.report`` binds the *module* as the package attribute
-    ``report``, shadowing the lazily exported function of the same name; making the module callable
-    keeps ``hf_gradmimic.report(mimic_filter, output_dir)`` working either way.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Path]:
-        return report(*args, **kwargs)
-
-
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule
