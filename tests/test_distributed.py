@@ -140,6 +140,9 @@ def ddp_runs(tmp_path_factory) -> Path:
             spec(folder / "2x2x8", mimic_layers=MLP_LAYERS,
                  args={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "max_steps": 5}),
             spec(folder / "uneven", **UNEVEN),
+            spec(folder / "2x2x8-layer", mimic_layers=MLP_LAYERS, args={
+                "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "max_steps": 5,
+                "mimic_reweight_scope": "layer"}),
         ],
         folder,
         launcher="accelerate",
@@ -168,6 +171,15 @@ def test_two_processes_match_one_process_batch(ddp_runs, single_process_mlp, tmp
         assert json.loads((ddp_runs / name / "run_info.json").read_text())["num_processes"] == 2
     assert_same_run(tmp_path / "1x2x16", single_process_mlp / "1x32")
     assert (records(ddp_runs / "2x2x8").batch_size == 32).all()
+
+
+def test_layer_scope_two_processes_match_one_process(ddp_runs, tmp_path):
+    """`mimic_reweight_scope="layer"`: the mimic layers get the step-wide softmax weights, the rest the
+    plain mean gradient, which DDP's average over ranks turns into the mean over all 32 samples."""
+    run(spec(tmp_path / "1x32", mimic_layers=MLP_LAYERS,
+             args={"per_device_train_batch_size": 32, "max_steps": 5, "mimic_reweight_scope": "layer"}))
+    assert_two_ranks(ddp_runs / "2x2x8-layer", per_rank=16)
+    assert_same_run(ddp_runs / "2x2x8-layer", tmp_path / "1x32")
 
 
 @pytest.mark.timeout(300)
