@@ -7,9 +7,9 @@ torchrun on a free port of 127.0.0.1; one launch runs several configurations in 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from accelerate.utils import DistributedType
@@ -73,12 +74,18 @@ def start(specs: list[dict], folder: Path, launcher: str = "torchrun") -> tuple[
 
 
 def kill(process: subprocess.Popen) -> None:
-    """SIGKILL the launcher and its workers (their own process group)."""
+    """SIGKILL the launcher and all its descendants. torchrun starts each worker in a session of its
+    own, outside the launcher's process group: collect the tree before any of it dies."""
     try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        launcher = psutil.Process(process.pid)
+        tree = [launcher, *launcher.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for member in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
     process.wait(timeout=30)
+    psutil.wait_procs(tree, timeout=30)
 
 
 def launch(specs: list[dict], folder: Path, launcher: str = "torchrun") -> None:
