@@ -9,6 +9,9 @@ from transformers import TrainingArguments
 
 NORMALIZE_CHOICES = ("step", "micro")
 REWEIGHT_SCOPE_CHOICES = ("all", "layer")
+SCORE_TERMS_CHOICES = ("full", "reference")
+SCORER_CHOICES = ("mimic", "grand", "agra", "rho_loss", "bayesian")
+MODE_CHOICES = ("reweight", "select")
 
 
 def parse_layer_map(mimic_layers: list[str] | dict[str, str] | str | None) -> dict[str, str]:
@@ -116,19 +119,83 @@ class MimicConfig(TrainingArguments):
             "and warn when the reference is no better: a sign that it does not share the student's coordinates."
         },
     )
+    mimic_score_terms: str = field(
+        default="full",
+        metadata={
+            "help": "For a head, m_i splits into the reference's margin on the student's features, −⟨g_i, θ_ref⟩/‖v‖, "
+            "plus the student's own, ⟨g_i, θ_t⟩/‖v‖. `full`: both (v = θ_ref − θ_t, the paper). `reference`: only the "
+            "reference-margin term, which keeps favouring clean samples when the self term (hard samples, i.e. "
+            "mislabeled ones) dominates.",
+            "choices": list(SCORE_TERMS_CHOICES),
+        },
+    )
+    mimic_monitor_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Every this many optimizer steps, log the two terms of the score and the loss of the reference "
+            "head on the student's current features (`mimic/monitor_*`), and warn when the self term dominates. "
+            "0: at every logging step (`logging_steps`)."
+        },
+    )
+    mimic_clean_column: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Column of `train_dataset` with ground-truth clean flags (1 clean, 0 noisy), for simulations and "
+            "audits. At each evaluation the filter built from the scores so far is scored against it "
+            "(`eval_mimic_filter_*`). The column never reaches the model."
+        },
+    )
+    mimic_filter_method: str = field(
+        default="gmm", metadata={"help": "Identification used by the running filter metric (see `build_filter`)."}
+    )
+    mimic_scorer: str = field(
+        default="mimic",
+        metadata={
+            "help": "Sample-utility score: `mimic` (Grad-Mimic), `grand` (gradient norm, Paul et al. 2021), `agra` "
+            "(gradient cosine with a comparison batch, Sedova et al. 2023), `rho_loss` (reducible loss, Mindermann "
+            "et al. 2022), `bayesian` (Deng et al. 2023).",
+            "choices": list(SCORER_CHOICES),
+        },
+    )
+    mimic_mode: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "`reweight`: weights softmax(score/τ) over the batch. `select`: keep the top `mimic_select_ratio` "
+            "of each (candidate) batch for the backward, as RHO-LOSS and Bayesian selection do. Default: the "
+            "scorer's own (reweight for mimic and agra, select for grand, rho_loss and bayesian).",
+            "choices": list(MODE_CHOICES),
+        },
+    )
+    mimic_select_ratio: float = field(
+        default=0.1, metadata={"help": "Fraction of each candidate batch kept in `select` mode (the papers use 10%)."}
+    )
+    mimic_irreducible_loss_column: Optional[str] = field(
+        default=None,
+        metadata={"help": "For `rho_loss`: a precomputed irreducible-loss column; otherwise the reference model runs."},
+    )
+    mimic_zero_shot_column: Optional[str] = field(
+        default=None, metadata={"help": "For `bayesian`: a column of zero-shot logits per sample (paid once)."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.mimic_temperature > 0:
             raise ValueError(f"`mimic_temperature` must be > 0 (the softmax temperature τ); got {self.mimic_temperature}.")
-        if self.mimic_normalize not in NORMALIZE_CHOICES:
-            raise ValueError(f"`mimic_normalize` must be one of {NORMALIZE_CHOICES}; got {self.mimic_normalize!r}.")
-        if self.mimic_reweight_scope not in REWEIGHT_SCOPE_CHOICES:
-            raise ValueError(
-                f"`mimic_reweight_scope` must be one of {REWEIGHT_SCOPE_CHOICES}; got {self.mimic_reweight_scope!r}."
-            )
         if self.mimic_warmup_steps < 0:
             raise ValueError(f"`mimic_warmup_steps` must be >= 0; got {self.mimic_warmup_steps}.")
+        for name, value, choices in (
+            ("mimic_normalize", self.mimic_normalize, NORMALIZE_CHOICES),
+            ("mimic_reweight_scope", self.mimic_reweight_scope, REWEIGHT_SCOPE_CHOICES),
+            ("mimic_score_terms", self.mimic_score_terms, SCORE_TERMS_CHOICES),
+            ("mimic_scorer", self.mimic_scorer, SCORER_CHOICES),
+            ("mimic_mode", self.mimic_mode, MODE_CHOICES + (None,)),
+        ):
+            if value not in choices:
+                raise ValueError(f"`{name}` must be one of {tuple(c for c in choices if c)}; got {value!r}.")
+        if not 0 < self.mimic_select_ratio <= 1:
+            raise ValueError(f"`mimic_select_ratio` must be in (0, 1]; got {self.mimic_select_ratio}.")
+        if self.mimic_monitor_steps < 0:
+            raise ValueError(f"`mimic_monitor_steps` must be >= 0; got {self.mimic_monitor_steps}.")
         if not parse_layer_map(self.mimic_layers):
             raise ValueError("`mimic_layers` is empty: name at least one `nn.Linear` module of the student, e.g. ['classifier'].")
 

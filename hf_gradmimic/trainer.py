@@ -50,12 +50,21 @@ from transformers.utils import logging
 from .config import MimicConfig
 from .ghost import linear_inner_product
 from .losses import PerSampleLossFn, per_sample_loss
-from .reference import ReferenceSource, load_reference_tensors, reference_tensor_names, resolve_mimic_layers
+from .reference import (
+    ReferenceSource,
+    load_reference_tensors,
+    read_reference_metadata,
+    reference_tensor_names,
+    resolve_mimic_layers,
+)
 from .scores import ScoreWriter, read_score_table
 
 logger = logging.get_logger(__name__)
 
 _CHECKPOINT_NAME = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
+
+SELF_TERM_PATIENCE = 3
+"""Monitored steps in a row with the self term dominating before the monitor warns."""
 
 ROW_INDEX_KEY = "mimic_row_index"
 """Batch key carrying each sample's row index in ``train_dataset``; popped before the model sees the batch."""
@@ -302,6 +311,11 @@ class MimicTrainer(Trainer):
         self._sample_ids = None
         if train_dataset is not None and args.mimic_id_column is not None:
             self._sample_ids = self._read_id_column(train_dataset, args.mimic_id_column)
+        self._clean_flags = None
+        if train_dataset is not None and args.mimic_clean_column is not None:
+            self._clean_flags = self._read_id_column(train_dataset, args.mimic_clean_column).astype(bool)
+            if hasattr(train_dataset, "remove_columns"):  # the ground truth must never reach the model
+                train_dataset = train_dataset.remove_columns([args.mimic_clean_column])
         super().__init__(
             model=model,
             args=args,
@@ -336,12 +350,14 @@ class MimicTrainer(Trainer):
             param: reference_by_name[ref_name] for param, ref_name in self._param_to_reference.items()
         }
         self._check_reference_shapes()
+        self._check_reference_base(source)
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._step_state: Optional[_StepState] = None
         self._direction_cache: Optional[tuple[int, dict[str, torch.Tensor], torch.Tensor]] = None
-        self._pending_records: Optional[dict[str, Any]] = None
         self._score_writer: Optional[ScoreWriter] = None
         self._alignment_checked = False
+        self._self_dominated_streak = 0
+        self._warned_self_term = False
         self._current_rows: Optional[torch.Tensor] = None
         self._seen_rows: Optional[np.ndarray] = None  # rows seen so far in this epoch, on any rank
         self.fallback_count = 0
@@ -355,11 +371,11 @@ class MimicTrainer(Trainer):
     def _read_id_column(dataset: Any, column: str) -> np.ndarray:
         names = getattr(dataset, "column_names", None)
         if names is not None and column not in names:
-            raise ValueError(f"`mimic_id_column={column!r}` is not a column of train_dataset; columns: {names}.")
+            raise ValueError(f"Column {column!r} (MimicConfig) is not a column of train_dataset; columns: {names}.")
         try:
             return np.asarray(dataset[column])
         except (KeyError, TypeError) as error:
-            raise ValueError(f"Cannot read `mimic_id_column={column!r}` from train_dataset: {error}") from error
+            raise ValueError(f"Cannot read column {column!r} (MimicConfig) from train_dataset: {error}") from error
 
     def _mimic_parameters(self) -> dict[str, nn.Parameter]:
         """``{"layer.weight": parameter, ...}`` of the mimic layers, in a fixed order."""
@@ -427,7 +443,7 @@ class MimicTrainer(Trainer):
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """Pops the sample rows off the batch, then runs `Trainer.training_step` (one backward)."""
-        rows = inputs.pop(ROW_INDEX_KEY, None)
+        rows = self._pop_bookkeeping(inputs)
         if rows is None:
             raise KeyError(
                 f"The training batch has no `{ROW_INDEX_KEY}`: a custom data collator dropped it. Keep that key "
@@ -447,7 +463,7 @@ class MimicTrainer(Trainer):
         num_items_in_batch: Any = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """In training: the Grad-Mimic loss whose gradient is Σ_i w_i ∇ℓ_i. Elsewhere: `Trainer`'s loss."""
-        inputs.pop(ROW_INDEX_KEY, None)
+        self._pop_bookkeeping(inputs)
         if getattr(self, "_current_rows", None) is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
@@ -463,6 +479,8 @@ class MimicTrainer(Trainer):
 
         output_grads = self._output_grads(losses, capture)
         mimic_scores = self._mimic_scores(capture, output_grads)
+        if state.micro_batches == 0 and self._monitor_due():
+            self._monitor(capture, output_grads, model_inputs, inputs, labels)
         loss = self._weighted_loss(state, losses, mimic_scores, capture, output_grads)
         # Report the plain mean loss (comparable with `Trainer`'s), backpropagate the weighted one.
         reported = losses.detach().mean() / self.current_gradient_accumulation_steps
@@ -492,10 +510,10 @@ class MimicTrainer(Trainer):
                 "torch.no_grad or reentrant activation checkpointing?"
             )
         grads = torch.autograd.grad(losses.sum(), outputs, retain_graph=True, allow_unused=True)
-        return {
-            name: (torch.zeros_like(out) if grad is None else grad)
-            for name, out, grad in zip(self.mimic_layers, outputs, grads)
-        }
+        unused = [name for name, grad in zip(self.mimic_layers, grads) if grad is None]
+        if unused:
+            raise RuntimeError(f"The loss does not depend on the output of mimic layer(s) {unused}; pick layers the loss uses.")
+        return dict(zip(self.mimic_layers, grads))
 
     def _direction(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """v = θ_ref − θ_t over the mimic parameters, and ‖v‖; computed once per optimizer step."""
@@ -513,19 +531,43 @@ class MimicTrainer(Trainer):
             self._direction_cache = (step, direction, norm)
         return self._direction_cache[1], self._direction_cache[2]
 
-    def _mimic_scores(self, capture: _LinearCapture, output_grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        """m_i = −Σ_layers ⟨g_i, v⟩ / ‖v‖ (NaN when ‖v‖ = 0)."""
-        direction, norm = self._direction()
+    def _ghost_inner(
+        self, capture: _LinearCapture, output_grads: dict[str, torch.Tensor], direction: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Σ_layers ⟨g_i, direction⟩ per sample, by the ghost inner product (no per-sample gradients)."""
         inner = None
         for name, layer in self.mimic_layers.items():
             term = linear_inner_product(
                 capture.inputs[name],
                 output_grads[name],
                 direction[f"{name}.weight"],
-                direction.get(f"{name}.bias") if layer.bias is not None else None,
+                direction[f"{name}.bias"] if layer.bias is not None else None,
             )
             inner = term if inner is None else inner + term
-        return -inner / norm
+        return inner
+
+    def _mimic_scores(self, capture: _LinearCapture, output_grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """m_i = −⟨g_i, v⟩ / ‖v‖ over the mimic layers (NaN when ‖v‖ = 0).
+
+        With ``mimic_score_terms="reference"``, only the reference-margin term −⟨g_i, θ_ref⟩ / ‖v‖.
+        """
+        direction, norm = self._direction()
+        if self.args.mimic_score_terms == "reference":
+            direction = self._reference_on_device()
+        return -self._ghost_inner(capture, output_grads, direction) / norm
+
+    def _reference_on_device(self) -> dict[str, torch.Tensor]:
+        self._direction()  # moves the reference tensors next to the parameters
+        return self.reference_tensors
+
+    def _score_terms(self, capture: _LinearCapture, output_grads: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two terms of m_i, computed separately: −⟨g_i, θ_ref⟩/‖v‖ (the reference's margin on the student's
+        features, for a head) and ⟨g_i, θ_t⟩/‖v‖ (the student's own margin); they sum to the full score."""
+        _, norm = self._direction()
+        current = {name: _full_tensor(param.detach()).float() for name, param in self._mimic_parameters().items()}
+        reference_term = -self._ghost_inner(capture, output_grads, self._reference_on_device()) / norm
+        self_term = self._ghost_inner(capture, output_grads, current) / norm
+        return reference_term, self_term
 
     # ------------------------------------------------------------------ weights
 
@@ -729,8 +771,9 @@ class MimicTrainer(Trainer):
 
     # ------------------------------------------------------------------ alignment diagnostic
 
-    def _check_alignment(self, model_inputs: dict[str, Any], inputs: dict[str, Any], labels: Any, losses: torch.Tensor) -> None:
-        """Loss of the student with its mimic layers swapped for the reference, next to its own (first step)."""
+    def _swapped_losses(self, model_inputs: dict[str, Any], inputs: dict[str, Any], labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample losses of the student, and of the student with its mimic layers swapped for the reference
+        (so the reference reads the student's current features), both in eval mode and without gradients."""
         unwrapped = self.accelerator.unwrap_model(self.model)
         # Mimic layers were resolved on the unwrapped model, so "layer.weight" is its parameter name.
         swapped = {
@@ -746,6 +789,11 @@ class MimicTrainer(Trainer):
                 with_reference = self._per_sample_losses(outputs, inputs, labels)
         finally:
             unwrapped.train(was_training)
+        return own, with_reference
+
+    def _check_alignment(self, model_inputs: dict[str, Any], inputs: dict[str, Any], labels: Any, losses: torch.Tensor) -> None:
+        """Loss of the student with its mimic layers swapped for the reference, next to its own (first step)."""
+        own, with_reference = self._swapped_losses(model_inputs, inputs, labels)
         own_loss, reference_loss = float(own.mean()), float(with_reference.mean())
         self._metrics["mimic/alignment_student_loss"].append(own_loss)
         self._metrics["mimic/alignment_reference_loss"].append(reference_loss)
@@ -759,6 +807,70 @@ class MimicTrainer(Trainer):
                 f"vs {own_loss:.4f}). The reference probably does not share the student's coordinate system (another "
                 "checkpoint, or a backbone that has drifted), and its mimic scores can invert the ranking. Use a head "
                 "trained on this checkpoint's frozen features (hf_gradmimic.build_reference).",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def _check_reference_base(self, source: Any) -> None:
+        """Warn when the reference was built from another checkpoint than the student's (recipes' metadata)."""
+        if not isinstance(source, (str, os.PathLike)):
+            return
+        metadata = read_reference_metadata(source, revision=self.args.mimic_reference_revision, token=self.args.hub_token)
+        config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        student = str(getattr(config, "_name_or_path", "") or "")
+        student_revision = str(getattr(config, "_commit_hash", "") or "")
+        base, base_revision = metadata.get("base_model", ""), metadata.get("base_revision", "")
+        mismatch = bool(base and student and base != student) or bool(
+            base_revision and student_revision and base_revision != student_revision
+        )
+        if mismatch:
+            warnings.warn(
+                f"The reference {self.reference_name} was built from checkpoint {base!r}"
+                f"{f' @ {base_revision}' if base_revision else ''}, but the student starts from {student!r}"
+                f"{f' @ {student_revision}' if student_revision else ''}. Mimic scores only mean something when both "
+                "share coordinates: build the reference from the student's own checkpoint (hf_gradmimic.build_reference).",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _monitor_due(self) -> bool:
+        interval = self.args.mimic_monitor_steps
+        if not interval:
+            steps = self.args.logging_steps
+            interval = int(steps) if self.args.logging_strategy == "steps" and steps >= 1 else 50
+        return self.state.global_step % interval == 0
+
+    def _monitor(self, capture: _LinearCapture, output_grads: dict[str, torch.Tensor], model_inputs: dict[str, Any],
+                 inputs: dict[str, Any], labels: Any) -> None:
+        """The running alignment monitor (first micro-batch of a monitored step).
+
+        Logs the two terms of the score and the loss of the reference's mimic layers applied to the student's
+        current features. When the self term drives the ranking (its spread over the batch exceeds the reference
+        term's) for several monitored steps in a row, warns once.
+        """
+        reference_term, self_term = self._score_terms(capture, output_grads)
+        own, with_reference = self._swapped_losses(model_inputs, inputs, labels)
+        finite = torch.isfinite(reference_term) & torch.isfinite(self_term)
+        reference_term, self_term = reference_term[finite], self_term[finite]
+        for key, value in (
+            ("reference_term", reference_term.mean()),
+            ("self_term", self_term.mean()),
+            ("reference_term_std", reference_term.std()),
+            ("self_term_std", self_term.std()),
+            ("reference_loss", with_reference.mean()),
+            ("student_loss", own.mean()),
+        ):
+            self._metrics[f"mimic/monitor_{key}"].append(float(value))
+        dominated = bool(self_term.numel() > 1 and self_term.std() > reference_term.std())
+        self._self_dominated_streak = self._self_dominated_streak + 1 if dominated else 0
+        if self._self_dominated_streak >= SELF_TERM_PATIENCE and not self._warned_self_term:
+            self._warned_self_term = True
+            warnings.warn(
+                f"For {self._self_dominated_streak} monitored steps in a row the student's own margin (self term) has "
+                "driven the mimic scores more than the reference's margin. The scores then favour hard samples, which "
+                "are often the mislabeled ones: the reference no longer reads the student's features (its loss on "
+                "them is logged as mimic/monitor_reference_loss). Use a reference probed on the student's checkpoint "
+                "(hf_gradmimic.build_reference), freeze the backbone, or set mimic_score_terms='reference'.",
                 UserWarning,
                 stacklevel=2,
             )
@@ -788,6 +900,63 @@ class MimicTrainer(Trainer):
             self._score_writer.flush(wait=True)
         super()._save_checkpoint(model, trial)
 
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """`Trainer.evaluate`, plus, with ``mimic_clean_column``, the running filter scored against the clean flags."""
+        metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        filter_metrics = self._running_filter_metrics(metric_key_prefix)
+        if filter_metrics:
+            self.log(filter_metrics)
+            metrics.update(filter_metrics)
+        return metrics
+
+    def _running_filter_metrics(self, prefix: str) -> dict[str, float]:
+        """Detection quality of the filter built from the scores recorded so far (`build_filter` + the metric module)."""
+        if self._clean_flags is None or self._score_writer is None:
+            return {}
+        self._score_writer.flush(wait=True)
+        self.accelerator.wait_for_everyone()
+        if not self.is_world_process_zero():
+            return {}
+        from .filter import build_filter
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # few windows early on: the LabelModel falls back to majority
+                mimic_filter = build_filter(self._score_writer.folder.parent, method=self.args.mimic_filter_method, seed=self.args.seed)
+        except (FileNotFoundError, ValueError):  # nothing recorded yet
+            return {}
+        ids = mimic_filter.sample_ids
+        if self._sample_ids is None:
+            clean = self._clean_flags[ids.astype(np.int64)]
+        else:
+            position = {sample_id: row for row, sample_id in enumerate(self._sample_ids.tolist())}
+            clean = self._clean_flags[[position[sample_id] for sample_id in ids.tolist()]]
+        audit = mimic_filter.evaluate(clean)
+        return {f"{prefix}_mimic_filter_{key}": float(value) for key, value in audit.items()}
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write the Grad-Mimic model card (template ``model_cards/model_card.md``) to ``<output_dir>/README.md``."""
+        if not self.is_world_process_zero():
+            return
+        from .hub import render_model_card
+
+        card = render_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags)
+        path = os.path.join(self.args.output_dir, "README.md")
+        card.save(path + ".tmp")
+        os.replace(path + ".tmp", path)  # a crash never leaves a half-written card
+
+    def _pop_bookkeeping(self, inputs: dict[str, Any]) -> Any:
+        """Removes our columns (row index, clean flags) from a batch before the model sees it; returns the rows."""
+        if self.args.mimic_clean_column:
+            inputs.pop(self.args.mimic_clean_column, None)
+        return inputs.pop(ROW_INDEX_KEY, None)
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs.pop(ROW_INDEX_KEY, None)
+        self._pop_bookkeeping(inputs)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)

@@ -368,7 +368,9 @@ def train_counting_calls(output_dir: Path, **args) -> int:
     calls = []
 
     def count_calls(trainer):
-        trainer.model.get_submodule(BERT_LAYERS[0]).register_forward_hook(lambda *_: calls.append(1))
+        # Only forwards that build a graph: the alignment monitor's no-grad forwards are not training calls.
+        hook = lambda *_: calls.append(1) if torch.is_grad_enabled() else None  # noqa: E731
+        trainer.model.get_submodule(BERT_LAYERS[0]).register_forward_hook(hook)
 
     run(bert_spec(output_dir, per_device_train_batch_size=16, max_steps=3, **args), before_train=count_calls)
     return len(calls)

@@ -66,3 +66,79 @@ def test_probe_reference_drives_mimic_trainer_from_its_folder(tmp_path, digits):
     scores = load_scores(tmp_path / "run").to_pandas()
     is_clean = np.asarray(data["train"]["is_clean"])[scores.sample_id.values]
     assert scores.mimic_score[is_clean].mean() > scores.mimic_score[~is_clean].mean()
+
+
+def test_mismatch_warning_names_both_checkpoints(tmp_path, digits):
+    _, clean = digits
+    from hf_gradmimic.digits import DigitsClassifier
+
+    for name, seed in (("student_ckpt", 0), ("other_ckpt", 3)):
+        digits_model(backbone_seed=seed).save_pretrained(tmp_path / name)
+    other = DigitsClassifier.from_pretrained(tmp_path / "other_ckpt")
+    build_reference(other, clean, layers=["classifier"], output_dir=tmp_path / "ref_other", epochs=2)
+    student_path = str(tmp_path / "student_ckpt")
+    build_reference(DigitsClassifier.from_pretrained(student_path), clean, layers=["classifier"], output_dir=tmp_path / "ref_own", epochs=2)
+
+    def construct(reference_dir):
+        args = MimicConfig(output_dir=str(tmp_path / "run"), mimic_reference=str(reference_dir), mimic_layers=["classifier"],
+                           report_to=[], use_cpu=True)
+        return MimicTrainer(model=DigitsClassifier.from_pretrained(student_path).freeze_backbone(), args=args, train_dataset=clean)
+
+    with pytest.warns(UserWarning, match=r"built from checkpoint '.*other_ckpt'.*student starts from '.*student_ckpt'"):
+        construct(tmp_path / "ref_other")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        construct(tmp_path / "ref_own")
+
+
+def _monitored_run(tmp_path, clean_train, reference, **overrides):
+    settings = dict(mimic_layers=["classifier"], per_device_train_batch_size=64, max_steps=4, logging_steps=1,
+                    learning_rate=5e-2, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                    mimic_alignment_check=False)
+    args = MimicConfig(output_dir=str(tmp_path), **{**settings, **overrides})
+    trainer = MimicTrainer(model=digits_model(), args=args, train_dataset=clean_train, reference=reference)
+    trainer.train()
+    return [entry for entry in trainer.state.log_history if "mimic/monitor_self_term" in entry]
+
+
+def test_monitor_terms_sum_to_the_recorded_score(tmp_path, digits):
+    data, _ = digits
+    reference = build_reference(digits_model(), data["train"].remove_columns(["is_clean"]), layers=["classifier"],
+                                output_dir=tmp_path / "ref", epochs=5).tensors
+    logged = _monitored_run(tmp_path / "run", data["train"], reference)
+    assert len(logged) == 4
+    scores = load_scores(tmp_path / "run").to_pandas()
+    for entry in logged:
+        step_mean = scores[scores.global_step == entry["step"]].mimic_score.mean()
+        assert entry["mimic/monitor_reference_term"] + entry["mimic/monitor_self_term"] == pytest.approx(step_mean, rel=1e-4, abs=1e-6)
+        assert entry["mimic/monitor_reference_loss"] > 0
+
+
+def test_reference_only_terms_match_the_oracle(tmp_path):
+    """mimic_score_terms='reference': m_i = −⟨g_i, θ_ref⟩ / ‖θ_ref − θ‖, against torch.func per-sample gradients."""
+    import copy
+
+    from tiny_models import TinyMLP, mlp_dataset, per_sample_grads
+
+    model, data = TinyMLP(), mlp_dataset(n=16)
+    params = dict(model.named_parameters())
+    reference = {n: params[n].detach() + torch.randn(params[n].shape) for n in ("head.weight", "head.bias")}
+    grads = per_sample_grads(copy.deepcopy(model), data, list(reference))
+    norm = torch.sqrt(sum((reference[n] - params[n].detach()).square().sum() for n in reference))
+    expected = -sum((grads[n] * reference[n]).flatten(1).sum(1) for n in reference) / norm
+    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=["head"], mimic_score_terms="reference", max_steps=1,
+                       per_device_train_batch_size=16, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    MimicTrainer(model=model, args=args, train_dataset=data, reference=reference).train()
+    table = load_scores(tmp_path).to_pandas().sort_values("sample_id")
+    np.testing.assert_allclose(table.mimic_score.values, expected.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_monitor_warns_when_the_self_term_dominates(tmp_path, digits):
+    data, _ = digits
+    # A reference far from anything the student's features support: its margin varies little, the
+    # student's own margin drives the ranking.
+    reference = {"classifier.weight": torch.zeros(10, 256), "classifier.bias": torch.zeros(10)}
+    with pytest.warns(UserWarning, match="self term"):
+        _monitored_run(tmp_path, data["train"], reference, learning_rate=0.5)
