@@ -49,7 +49,8 @@ from transformers.utils import logging
 
 from .config import MimicConfig
 from .ghost import linear_inner_product
-from .losses import PerSampleLossFn, per_sample_loss
+from .losses import PerSampleLossFn, logits_of, per_sample_loss
+from .scorers import SampleScorer, ScoreContext, check_mode, comparison_gradient, get_scorer, num_selected
 from .reference import (
     ReferenceSource,
     load_reference_tensors,
@@ -185,6 +186,18 @@ def _uses_reentrant_checkpointing(model: nn.Module) -> bool:
     return False
 
 
+def _finite_or_zero(running_max: torch.Tensor) -> torch.Tensor:
+    """The softmax shift: the running max, or 0 while no finite logit has been seen (−inf − (−inf) is NaN)."""
+    return torch.where(torch.isfinite(running_max), running_max, torch.zeros_like(running_max))
+
+
+def _softmax_or_zero(logits: torch.Tensor) -> torch.Tensor:
+    """softmax, or all zeros when every logit is −inf (AGRA excluded the whole batch: nothing to learn from)."""
+    if not torch.isfinite(logits).any():
+        return torch.zeros_like(logits)
+    return torch.softmax(logits, dim=0)
+
+
 @dataclass
 class _StepState:
     """What the online softmax and the score log keep over the micro-batches of one optimizer step."""
@@ -277,6 +290,10 @@ class MimicTrainer(Trainer):
             (`PreTrainedModel` or any `nn.Module`), a ``{name: tensor}`` dict, a path or a repo id.
         per_sample_loss_fn: ``(outputs, inputs) -> Tensor[B]``, for tasks the built-in losses do not
             cover. ``inputs`` still holds the labels.
+        scorer: a `hf_gradmimic.scorers.SampleScorer` instance, instead of the one ``mimic_scorer`` names.
+            For ``rho_loss``, ``reference=`` is the irreducible-loss model.
+        zero_shot: for the ``bayesian`` scorer, ``model_inputs -> log-probabilities [B, C]`` (see
+            `hf_gradmimic.zero_shot`), unless ``mimic_zero_shot_column`` holds precomputed logits.
         Every other argument is `Trainer`'s.
     """
 
@@ -300,6 +317,8 @@ class MimicTrainer(Trainer):
         *,
         reference: ReferenceSource | None = None,
         per_sample_loss_fn: PerSampleLossFn | None = None,
+        scorer: SampleScorer | None = None,
+        zero_shot: Callable[[dict[str, Any]], torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> None:
         if args is None:
@@ -335,22 +354,19 @@ class MimicTrainer(Trainer):
         layer_map = args.mimic_layer_map
         unwrapped = self.accelerator.unwrap_model(self.model)
         self.mimic_layers = resolve_mimic_layers(unwrapped, list(layer_map))
-        self._param_to_reference = reference_tensor_names(layer_map, self.mimic_layers)
-        source = reference if reference is not None else args.mimic_reference
-        if source is None:
-            raise ValueError(
-                "MimicTrainer needs a reference: set `mimic_reference` (Hub repo id, directory or .safetensors "
-                "file) in MimicConfig, or pass `reference=` (a model or a {name: tensor} dict)."
-            )
-        self.reference_name = str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
-        reference_by_name = load_reference_tensors(
-            source, list(self._param_to_reference.values()), revision=args.mimic_reference_revision, token=args.hub_token
-        )
-        self.reference_tensors = {
-            param: reference_by_name[ref_name] for param, ref_name in self._param_to_reference.items()
-        }
-        self._check_reference_shapes()
-        self._check_reference_base(source)
+        self.scorer = scorer if scorer is not None else self._default_scorer(reference, zero_shot)
+        self.mode = args.mimic_mode or self.scorer.default_mode
+        check_mode(self.scorer, self.mode)
+        if self.mode == "select" and args.mimic_reweight_scope == "layer":
+            raise ValueError("`mimic_reweight_scope='layer'` reweights a full batch; `select` mode trains on the selected samples only.")
+        self.zero_shot = zero_shot
+        self._extra_columns = [c for c in (args.mimic_irreducible_loss_column, args.mimic_zero_shot_column) if c]
+        self._comparison_collator = None
+        self._last_context: Optional[ScoreContext] = None
+        self._current_extras: Optional[dict[str, Any]] = None
+        self.reference_name, self.reference_tensors = None, {}
+        if self.scorer.name == "mimic":
+            self._load_reference(reference if reference is not None else args.mimic_reference, layer_map)
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._step_state: Optional[_StepState] = None
         self._direction_cache: Optional[tuple[int, dict[str, torch.Tensor], torch.Tensor]] = None
@@ -366,6 +382,45 @@ class MimicTrainer(Trainer):
         self.add_callback(_ScoreLogCallback(self))
 
     # ------------------------------------------------------------------ set-up helpers
+
+    def _load_reference(self, source: Any, layer_map: dict[str, str]) -> None:
+        """Reads only the mimic layers' tensors of the reference, and checks them against the student."""
+        if source is None:
+            raise ValueError(
+                "MimicTrainer needs a reference: set `mimic_reference` (Hub repo id, directory or .safetensors "
+                "file) in MimicConfig, or pass `reference=` (a model or a {name: tensor} dict)."
+            )
+        self._param_to_reference = reference_tensor_names(layer_map, self.mimic_layers)
+        self.reference_name = str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+        reference_by_name = load_reference_tensors(
+            source, list(self._param_to_reference.values()), revision=self.args.mimic_reference_revision,
+            token=self.args.hub_token,
+        )
+        self.reference_tensors = {
+            param: reference_by_name[ref_name] for param, ref_name in self._param_to_reference.items()
+        }
+        self._check_reference_shapes()
+        self._check_reference_base(source)
+
+    def _default_scorer(self, reference: Any, zero_shot: Any) -> SampleScorer:
+        """The scorer named by ``mimic_scorer``, with what it needs from the config and the trainer's arguments."""
+        args, name = self.args, self.args.mimic_scorer
+        if name == "rho_loss":
+            if args.mimic_irreducible_loss_column is None and not isinstance(reference, nn.Module):
+                raise ValueError(
+                    "mimic_scorer='rho_loss' needs the irreducible loss: pass the irreducible-loss model as "
+                    "`reference=` (a model trained on holdout data), or set `mimic_irreducible_loss_column`."
+                )
+            return get_scorer(name, reference=reference if isinstance(reference, nn.Module) else None,
+                              label_smoothing=args.label_smoothing_factor)
+        if name == "bayesian":
+            if args.mimic_zero_shot_column is None and zero_shot is None:
+                raise ValueError(
+                    "mimic_scorer='bayesian' needs zero-shot predictions: set `mimic_zero_shot_column` (logits per "
+                    "sample) or pass `zero_shot=` (e.g. hf_gradmimic.zero_shot.SentenceZeroShot)."
+                )
+            return get_scorer(name, num_effective_data=len(self.train_dataset), seed=args.seed)
+        return get_scorer(name)
 
     @staticmethod
     def _read_id_column(dataset: Any, column: str) -> np.ndarray:
@@ -424,7 +479,7 @@ class MimicTrainer(Trainer):
         # As trl does: keep our bookkeeping columns through `remove_unused_columns`.
         if self._signature_columns is None:
             super()._set_signature_columns_if_needed()
-            self._signature_columns += [ROW_INDEX_KEY]
+            self._signature_columns += [ROW_INDEX_KEY, *self._extra_columns]
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """`Trainer.train`; ``resume_from_checkpoint=True`` picks the newest *completely written* checkpoint."""
@@ -443,17 +498,18 @@ class MimicTrainer(Trainer):
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """Pops the sample rows off the batch, then runs `Trainer.training_step` (one backward)."""
-        rows = self._pop_bookkeeping(inputs)
+        rows, extras = self._pop_bookkeeping(inputs)
         if rows is None:
             raise KeyError(
                 f"The training batch has no `{ROW_INDEX_KEY}`: a custom data collator dropped it. Keep that key "
                 "(an integer per example) in the collated batch."
             )
         self._current_rows = torch.as_tensor(rows).cpu()
+        self._current_extras = extras
         try:
             return super().training_step(model, inputs, num_items_in_batch)
         finally:
-            self._current_rows = None
+            self._current_rows = self._current_extras = None
 
     def compute_loss(
         self,
@@ -470,22 +526,114 @@ class MimicTrainer(Trainer):
         state = self._begin_micro_batch()
         labels = inputs.get("labels")
         model_inputs = inputs if self.per_sample_loss_fn is not None else {k: v for k, v in inputs.items() if k != "labels"}
+        if self.mode == "select":
+            return self._select_step(model, state, inputs, model_inputs, labels, return_outputs)
         with _LinearCapture(self.mimic_layers) as capture:
             outputs = model(**model_inputs)
         losses = self._per_sample_losses(outputs, inputs, labels)
-        if self.args.mimic_alignment_check and not self._alignment_checked:
+        uses_reference = self.scorer.name == "mimic"
+        if uses_reference and self.args.mimic_alignment_check and not self._alignment_checked:
             self._alignment_checked = True
             self._check_alignment(model_inputs, inputs, labels, losses)
 
-        output_grads = self._output_grads(losses, capture)
-        mimic_scores = self._mimic_scores(capture, output_grads)
-        if state.micro_batches == 0 and self._monitor_due():
+        needs_grads = self.scorer.needs_output_grads or self.args.mimic_reweight_scope == "layer"
+        output_grads = self._output_grads(losses, capture) if needs_grads else None
+        scores = self._sample_scores(outputs, losses, labels, capture, output_grads, model_inputs)
+        if uses_reference and state.micro_batches == 0 and self._monitor_due():
             self._monitor(capture, output_grads, model_inputs, inputs, labels)
-        loss = self._weighted_loss(state, losses, mimic_scores, capture, output_grads)
+        logits, fallback = self._softmax_logits(scores.detach())
+        coefficients = self._combine(state, logits)
+        self._record(state, scores, logits, losses, fallback)
+        loss = self._weighted_loss(losses, coefficients, capture, output_grads)
         # Report the plain mean loss (comparable with `Trainer`'s), backpropagate the weighted one.
         reported = losses.detach().mean() / self.current_gradient_accumulation_steps
         loss = loss - loss.detach() + reported
         return (loss, outputs) if return_outputs else loss
+
+    def _select_step(
+        self, model: nn.Module, state: _StepState, inputs: dict[str, Any], model_inputs: dict[str, Any], labels: Any,
+        return_outputs: bool,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """``select`` mode (RHO-LOSS, Bayesian selection): score the candidate batch, then forward and backward only
+        the top ``mimic_select_ratio`` of it. Loss-based scorers score without building a graph; ghost scorers need
+        the gradient at the mimic layers' outputs, so their scoring forward builds one (freed before training)."""
+        needs_grads = self.scorer.needs_output_grads
+        with torch.set_grad_enabled(needs_grads):
+            with _LinearCapture(self.mimic_layers) as capture:
+                outputs = model(**model_inputs)
+            losses = self._per_sample_losses(outputs, inputs, labels)
+            output_grads = self._output_grads(losses, capture, retain_graph=False) if needs_grads else None
+            scores = self._sample_scores(outputs, losses, labels, capture, output_grads, model_inputs).detach()
+        del outputs, capture, output_grads
+        selected = torch.topk(torch.nan_to_num(scores, nan=-math.inf), num_selected(len(scores), self.args.mimic_select_ratio)).indices
+        selected = selected.sort().values
+        logits = torch.full_like(scores, -math.inf)
+        logits[selected] = 0.0
+        coefficients = self._combine(state, logits)
+        self._record(state, scores, logits, losses, ~torch.isfinite(scores).all())
+        self.scorer.observe(self._last_context, (logits == 0).float() / len(selected))
+
+        batch_size = len(scores)
+        chosen = {k: v[selected] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch_size else v
+                  for k, v in inputs.items()}
+        chosen_model_inputs = chosen if self.per_sample_loss_fn is not None else {k: v for k, v in chosen.items() if k != "labels"}
+        chosen_outputs = model(**chosen_model_inputs)
+        chosen_losses = self._per_sample_losses(chosen_outputs, chosen, chosen.get("labels"))
+        loss = (coefficients[selected].detach() * chosen_losses).sum()
+        reported = chosen_losses.detach().mean() / self.current_gradient_accumulation_steps
+        loss = loss - loss.detach() + reported
+        return (loss, chosen_outputs) if return_outputs else loss
+
+    def _sample_scores(
+        self, outputs: Any, losses: torch.Tensor, labels: Any, capture: _LinearCapture,
+        output_grads: dict[str, torch.Tensor] | None, model_inputs: dict[str, Any],
+    ) -> torch.Tensor:
+        """Per-sample utility from the configured scorer (Grad-Mimic's own path for ``mimic``)."""
+        if self.scorer.name == "mimic":
+            return self._mimic_scores(capture, output_grads)
+        extras = self._current_extras or {}
+        column = self.args.mimic_irreducible_loss_column
+        context = ScoreContext(
+            losses=losses.detach(),
+            logits=logits_of(outputs).detach(),
+            labels=labels,
+            layers=self.mimic_layers,
+            activations=capture.inputs,
+            outputs=capture.outputs,
+            output_grads=output_grads,
+            irreducible_losses=extras[column].float() if column in extras else None,
+            features=capture.inputs[next(iter(self.mimic_layers))] if self.scorer.name == "bayesian" else None,
+            zero_shot_log_probs=self._zero_shot_log_probs(model_inputs, extras),
+            comparison_grad=self._comparison_gradient if self.scorer.name == "agra" else None,
+            inputs=model_inputs,
+        )
+        self._last_context = context
+        return self.scorer.score(context).float()
+
+    def _zero_shot_log_probs(self, model_inputs: dict[str, Any], extras: dict[str, Any]) -> torch.Tensor | None:
+        if self.scorer.name != "bayesian":
+            return None
+        column = self.args.mimic_zero_shot_column
+        if column in extras:
+            return torch.log_softmax(extras[column].float(), dim=-1)
+        return self.zero_shot(model_inputs)
+
+    def _comparison_gradient(self) -> dict[str, torch.Tensor]:
+        """AGRA's comparison: the mean gradient (mimic layers) of a batch drawn at random from the training set."""
+        if self._comparison_collator is None:
+            self._comparison_collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
+        generator = torch.Generator().manual_seed(self.args.seed + self.state.global_step)
+        rows = torch.randperm(len(self.train_dataset), generator=generator)[: self.args.per_device_train_batch_size]
+        batch = self._prepare_inputs(self._comparison_collator([self.train_dataset[int(i)] for i in rows]))
+        self._pop_bookkeeping(batch)
+        labels = batch.get("labels")
+        model_inputs = batch if self.per_sample_loss_fn is not None else {k: v for k, v in batch.items() if k != "labels"}
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        with _LinearCapture(self.mimic_layers) as capture:
+            outputs = unwrapped(**model_inputs)
+        losses = self._per_sample_losses(outputs, batch, labels)
+        output_grads = self._output_grads(losses, capture, retain_graph=False)
+        return comparison_gradient(self.mimic_layers, capture.inputs, output_grads)
 
     def _per_sample_losses(self, outputs: Any, inputs: dict[str, Any], labels: torch.Tensor | None) -> torch.Tensor:
         if self.per_sample_loss_fn is not None:
@@ -499,7 +647,7 @@ class MimicTrainer(Trainer):
             raise ValueError(f"Per-sample losses must have shape [batch], got {tuple(losses.shape)}.")
         return losses.float()
 
-    def _output_grads(self, losses: torch.Tensor, capture: _LinearCapture) -> dict[str, torch.Tensor]:
+    def _output_grads(self, losses: torch.Tensor, capture: _LinearCapture, retain_graph: bool = True) -> dict[str, torch.Tensor]:
         missing = [name for name in self.mimic_layers if name not in capture.outputs]
         if missing:
             raise RuntimeError(f"Mimic layer(s) {missing} did not run in the forward pass.")
@@ -509,7 +657,7 @@ class MimicTrainer(Trainer):
                 "The mimic layers' outputs do not require grad: are the mimic layers frozen, or run under "
                 "torch.no_grad or reentrant activation checkpointing?"
             )
-        grads = torch.autograd.grad(losses.sum(), outputs, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(losses.sum(), outputs, retain_graph=retain_graph, allow_unused=True)
         unused = [name for name, grad in zip(self.mimic_layers, grads) if grad is None]
         if unused:
             raise RuntimeError(f"The loss does not depend on the output of mimic layer(s) {unused}; pick layers the loss uses.")
@@ -582,13 +730,20 @@ class MimicTrainer(Trainer):
             )
         return self._step_state
 
-    def _softmax_logits(self, mimic_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """s = m/τ with a non-finite batch replaced by s = 0 (uniform for that batch); and the fallback flag."""
-        fallback = ~torch.isfinite(mimic_scores).all()
+    def _softmax_logits(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax logits of the weights from the scores, and the fallback flag of the batch.
+
+        ``reweight``: s = score/τ (uniform before ``mimic_warmup_steps``); AGRA, a filter: 0 for kept samples and
+        −inf for excluded ones. A batch with a non-finite score gets s = 0 (uniform) and the flag.
+        """
+        fallback = ~torch.isfinite(scores).all()
         if self.state.global_step < self.args.mimic_warmup_steps:
-            return torch.zeros_like(mimic_scores), fallback
-        logits = torch.where(fallback, torch.zeros_like(mimic_scores), mimic_scores / self.args.mimic_temperature)
-        return logits, fallback
+            return torch.zeros_like(scores), fallback
+        if self.scorer.name == "agra":
+            logits = torch.where(scores > self.scorer.threshold, 0.0, -math.inf)
+        else:
+            logits = scores / self.args.mimic_temperature
+        return torch.where(fallback, torch.zeros_like(scores), logits), fallback
 
     def _gather_across_ranks(self, logits: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax logits and sample rows of the whole micro-batch, rank after rank, each rank padded to the
@@ -605,49 +760,55 @@ class MimicTrainer(Trainer):
         params = self._mimic_parameters().values() if scope == "layer" else self.model.parameters()
         return [_local_tensor(p.grad) for p in params if p.grad is not None]
 
-    def _weighted_loss(
-        self,
-        state: _StepState,
-        losses: torch.Tensor,
-        mimic_scores: torch.Tensor,
-        capture: _LinearCapture,
-        output_grads: dict[str, torch.Tensor],
-    ) -> torch.Tensor:
-        """The loss to backpropagate for this micro-batch (see the module docstring)."""
-        args = self.args
-        logits, fallback = self._softmax_logits(mimic_scores.detach())
-        batch = losses.shape[0]
+    def _combine(self, state: _StepState, logits: torch.Tensor) -> torch.Tensor:
+        """Adds a micro-batch's softmax logits to the step; returns each local sample's coefficient c_i, so that
+        backward of Σ_i c_i ℓ_i (averaged over ranks by DDP/FSDP) accumulates Σ_i w_i ∇ℓ_i. A logit of −inf
+        (excluded or unselected sample, or padding) has weight 0."""
         all_logits, all_rows = self._gather_across_ranks(logits, self._current_rows)
         state.all_rows.append(all_rows)
-        if args.mimic_normalize == "micro":
-            coefficients = torch.softmax(logits, dim=0) / self.current_gradient_accumulation_steps
-            state.weights.append(torch.softmax(logits, dim=0))
-        else:
-            new_max = torch.maximum(state.running_max, all_logits.max())
-            carried = state.running_sum * torch.exp(state.running_max - new_max)
-            new_sum = carried + torch.exp(all_logits - new_max).sum()
-            if state.micro_batches > 0:
-                # Gradients accumulated so far were normalised by the old sum: bring them to the new one.
-                grads = self._trainable_grads(args.mimic_reweight_scope)
-                if grads:
-                    torch._foreach_mul_(grads, carried / new_sum)
-            state.running_max, state.running_sum = new_max, new_sum
-            # DDP and FSDP average gradients over ranks; the softmax already spans all ranks.
-            coefficients = torch.exp(logits - new_max) / new_sum * self.accelerator.num_processes
-            state.all_logits.append(all_logits)
         state.micro_batches += 1
+        if self.args.mimic_normalize == "micro":
+            weights = _softmax_or_zero(logits)
+            state.weights.append(weights)
+            return weights / self.current_gradient_accumulation_steps
+        new_max = torch.maximum(state.running_max, all_logits.max())
+        shift = _finite_or_zero(new_max)
+        carried = state.running_sum * torch.exp(state.running_max - shift)
+        new_sum = carried + torch.exp(all_logits - shift).sum()
+        if state.micro_batches > 1:
+            # Gradients accumulated so far were normalised by the old sum: bring them to the new one.
+            grads = self._trainable_grads(self.args.mimic_reweight_scope)
+            if grads:
+                torch._foreach_mul_(grads, torch.where(new_sum > 0, carried / new_sum, torch.ones_like(new_sum)))
+        state.running_max, state.running_sum = new_max, new_sum
+        state.all_logits.append(all_logits)
+        # DDP and FSDP average gradients over ranks; the softmax already spans all ranks.
+        coefficients = torch.exp(logits - shift) / new_sum * self.accelerator.num_processes
+        return torch.where(new_sum > 0, coefficients, torch.zeros_like(coefficients))
+
+    def _record(self, state: _StepState, scores: torch.Tensor, logits: torch.Tensor, losses: torch.Tensor,
+                fallback: torch.Tensor) -> None:
+        """Keeps a micro-batch's per-sample values for the score log (written at the end of the step)."""
         state.rows.append(self._current_rows)
-        state.scores.append(mimic_scores.detach())
+        state.scores.append(scores.detach())
         state.logits.append(logits)
         state.losses.append(losses.detach())
         state.fallbacks.append(fallback)
 
-        if args.mimic_reweight_scope == "all":
+    def _weighted_loss(
+        self,
+        losses: torch.Tensor,
+        coefficients: torch.Tensor,
+        capture: _LinearCapture,
+        output_grads: dict[str, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """The loss to backpropagate for this micro-batch (see the module docstring)."""
+        if self.args.mimic_reweight_scope == "all":
             return (coefficients.detach() * losses).sum()
         # "layer": plain mean gradient everywhere, and on the mimic layers a correction term whose
         # gradient is Σ_i (c_i − 1/b) g_i, so those layers get exactly Σ_i c_i g_i.
         plain = losses.mean() / self.current_gradient_accumulation_steps
-        uniform = 1.0 / (batch * self.current_gradient_accumulation_steps)
+        uniform = 1.0 / (losses.shape[0] * self.current_gradient_accumulation_steps)
         correction = 0.0
         for name, layer in self.mimic_layers.items():
             relinear = F.linear(capture.inputs[name].to(layer.weight.dtype), layer.weight, layer.bias)
@@ -669,14 +830,15 @@ class MimicTrainer(Trainer):
         if self.args.mimic_normalize == "micro":
             weights = torch.cat(state.weights).float().cpu().numpy()
             batch_sizes = np.concatenate([np.full(len(r), len(r)) for r in state.rows])
-            ess_fraction = float(np.mean([1.0 / w.square().sum().item() / len(w) for w in state.weights]))
+            ess_fraction = float(np.mean([1.0 / w.square().sum().item() / len(w) for w in state.weights if w.sum() > 0]))
         else:
-            weights = torch.exp(torch.cat(state.logits) - state.running_max).div(state.running_sum).float().cpu().numpy()
-            all_logits = torch.cat(state.all_logits)
-            all_logits = all_logits[torch.isfinite(all_logits)]  # drop the −inf padding of uneven ranks
-            all_weights = torch.exp(all_logits - state.running_max) / state.running_sum
-            batch_sizes = np.full(len(rows), all_logits.numel())
-            ess_fraction = float(1.0 / all_weights.square().sum() / all_logits.numel())
+            total = torch.clamp(state.running_sum, min=torch.finfo(state.running_sum.dtype).tiny)
+            shift = _finite_or_zero(state.running_max)
+            weights = torch.exp(torch.cat(state.logits) - shift).div(total).float().cpu().numpy()
+            real = torch.isfinite(torch.cat(state.all_rows))  # drop the padding of uneven ranks
+            all_weights = torch.exp(torch.cat(state.all_logits)[real] - shift) / total
+            batch_sizes = np.full(len(rows), int(real.sum()))
+            ess_fraction = float(1.0 / all_weights.square().sum() / real.sum())
         fallback_batches = int(torch.stack(state.fallbacks).sum().item())
         self.fallback_count += fallback_batches
         if fallback_batches:
@@ -951,11 +1113,13 @@ class MimicTrainer(Trainer):
         card.save(path + ".tmp")
         os.replace(path + ".tmp", path)  # a crash never leaves a half-written card
 
-    def _pop_bookkeeping(self, inputs: dict[str, Any]) -> Any:
-        """Removes our columns (row index, clean flags) from a batch before the model sees it; returns the rows."""
+    def _pop_bookkeeping(self, inputs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """Removes our columns (row index, clean flags, the scorer's columns) from a batch before the model sees
+        it; returns the rows and the scorer's columns."""
         if self.args.mimic_clean_column:
             inputs.pop(self.args.mimic_clean_column, None)
-        return inputs.pop(ROW_INDEX_KEY, None)
+        extras = {column: inputs.pop(column) for column in self._extra_columns if column in inputs}
+        return inputs.pop(ROW_INDEX_KEY, None), extras
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         self._pop_bookkeeping(inputs)

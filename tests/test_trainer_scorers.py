@@ -1,0 +1,100 @@
+"""The rival scorers inside MimicTrainer: select and reweight modes against per-sample-gradient oracles."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
+from tiny_models import TinyMLP, mlp_dataset, per_sample_grads
+
+HEAD = ["head.weight", "head.bias"]
+
+
+def config(tmp_path, **overrides) -> MimicConfig:
+    settings = dict(mimic_layers=["head"], per_device_train_batch_size=16, max_steps=1, learning_rate=1.0, optim="sgd",
+                    lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, report_to=[], save_strategy="no",
+                    use_cpu=True, disable_tqdm=True, seed=0)
+    return MimicConfig(output_dir=str(tmp_path), **{**settings, **overrides})
+
+
+def one_step(tmp_path, data, **overrides):
+    model = TinyMLP()
+    before = copy.deepcopy(model)
+    trainer = MimicTrainer(model=model, args=config(tmp_path, **overrides), train_dataset=data)
+    trainer.train()
+    table = load_scores(tmp_path).to_pandas().sort_values("sample_id")
+    return before, model, trainer, table
+
+
+def assert_update(before, after, grads, weights):
+    """After one SGD step with lr 1: θ' = θ − Σ_i w_i g_i for every parameter."""
+    params = dict(after.named_parameters())
+    for name, param in before.named_parameters():
+        expected = param.detach() - torch.einsum("b,b...->...", weights, grads[name])
+        torch.testing.assert_close(params[name].detach(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_grand_select_trains_only_the_selected_samples(tmp_path):
+    data = mlp_dataset(n=16)
+    before, after, _, table = one_step(tmp_path, data, mimic_scorer="grand", mimic_mode="select", mimic_select_ratio=0.25)
+    names = [n for n, _ in before.named_parameters()]
+    grads = per_sample_grads(copy.deepcopy(before), data, names)
+    norms = torch.sqrt(sum(grads[n].flatten(1).square().sum(1) for n in HEAD))
+    np.testing.assert_allclose(table.mimic_score.values, norms.numpy(), rtol=1e-4)
+    chosen = torch.topk(norms, 4).indices
+    weights = torch.zeros(16)
+    weights[chosen] = 0.25
+    np.testing.assert_allclose(table.weight.values, weights.numpy(), atol=1e-7)
+    assert_update(before, after, grads, weights)
+
+
+def test_rho_loss_select_uses_the_irreducible_column(tmp_path):
+    irreducible = np.linspace(0.0, 3.0, 16).astype(np.float32)
+    data = mlp_dataset(n=16).add_column("irreducible", irreducible)
+    before, after, _, table = one_step(tmp_path, data, mimic_scorer="rho_loss", mimic_irreducible_loss_column="irreducible",
+                                       mimic_select_ratio=0.5)
+    np.testing.assert_allclose(table.mimic_score.values, table.loss.values - irreducible, rtol=1e-5, atol=1e-6)
+    kept = table.weight.values > 0
+    assert kept.sum() == 8
+    assert table.mimic_score.values[kept].min() >= table.mimic_score.values[~kept].max()
+
+
+def test_agra_excludes_samples_against_the_comparison_gradient(tmp_path):
+    data = mlp_dataset(n=16)
+    before, after, trainer, table = one_step(tmp_path, data, mimic_scorer="agra")
+    kept = table.weight.values > 0
+    assert 0 < kept.sum() < 16
+    assert (table.mimic_score.values[kept] > 0).all() and (table.mimic_score.values[~kept] <= 0).all()
+    np.testing.assert_allclose(table.weight.values[kept], 1 / kept.sum(), rtol=1e-5)
+    names = [n for n, _ in before.named_parameters()]
+    grads = per_sample_grads(copy.deepcopy(before), data, names)
+    assert_update(before, after, grads, torch.tensor(table.weight.values, dtype=torch.float32))
+
+
+def test_bayesian_select_with_precomputed_zero_shot_logits(tmp_path):
+    rng = np.random.default_rng(0)
+    data = mlp_dataset(n=32).add_column("zero_shot", rng.normal(size=(32, 4)).astype(np.float32).tolist())
+    _, _, trainer, table = one_step(tmp_path, data, mimic_scorer="bayesian", mimic_zero_shot_column="zero_shot",
+                                    per_device_train_batch_size=32, max_steps=2, mimic_select_ratio=0.25)
+    assert np.isfinite(table.mimic_score.values).all()
+    assert (table.groupby("global_step").weight.apply(lambda w: (w > 0).sum()) == 8).all()
+    assert trainer.scorer.state_dict()["feature_factor"] is not None  # the Laplace factors saw the selected points
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(mimic_scorer="agra", mimic_mode="select"), "agra"),
+        (dict(mimic_scorer="bayesian", mimic_mode="reweight", mimic_zero_shot_column="z"), "bayesian"),
+        (dict(mimic_scorer="rho_loss"), "irreducible loss"),
+        (dict(mimic_scorer="bayesian"), "zero-shot"),
+    ],
+)
+def test_combinations_that_make_no_sense_are_refused(tmp_path, overrides, message):
+    data = mlp_dataset(n=8).add_column("z", [[0.0] * 4] * 8)
+    with pytest.raises(ValueError, match=message):
+        MimicTrainer(model=TinyMLP(), args=config(tmp_path, **overrides), train_dataset=data)
