@@ -205,7 +205,9 @@ def run_demo(args: argparse.Namespace) -> int:
         from .hub_server import HubServer
 
         hub = HubServer(Path(args.output_dir) / "hub_storage", tokens={"hf_demo_token": "demo-user"}).start()
+        # The loopback Hub is on this machine: offline mode (for the real Hub) must not block it.
         os.environ.update({"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_demo_token", "HF_HUB_DISABLE_XET": "1",
+                           "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
                            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(Path(args.output_dir).resolve() / "hf_home")})
     try:
         from .demo import DemoSettings, run_demo as run

@@ -27,7 +27,7 @@ class DemoSettings:
     output_dir: str = "demo_output"
     noise_rate: float = 0.4
     seed: int = 0
-    epochs: int = 8
+    epochs: int = 5
     batch_size: int = 32
     learning_rate: float = 5e-2
     probe_epochs: int = 60

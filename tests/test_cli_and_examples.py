@@ -78,3 +78,21 @@ def test_example_runs(tmp_path, script):
     assert result.returncode == 0, result.stderr[-3000:]
     assert expected in result.stdout
     assert (tmp_path / "mimic" / "mimic_scores").is_dir()
+
+
+@pytest.mark.timeout(300)
+def test_demo_pipeline_end_to_end(tmp_path):
+    """`make demo`'s pipeline with fewer epochs: train, filter, report, push to the loopback Hub and load back."""
+    result = run("-m", "hf_gradmimic", "demo", "--quick", "--quiet", "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    # The printed table shows the figures the run produced.
+    assert f"{results['mimic_test_accuracy']:.3f}" in result.stdout
+    assert f"{results['discard_f1']:.3f}" in result.stdout
+    assert results["hub_rows"] == 1257 and 0 < results["hub_filtered_rows"] < 1257
+    assert results["hub_filtered_rows"] == round(results["retained_fraction"] * 1257)
+    for figure in ("window_histograms.png", "keep_probability.png", "method_comparison.png"):
+        assert (tmp_path / "report" / figure).is_file()
+    assert "Grad-Mimic" in result.stdout  # the dataset card's body was printed
