@@ -167,7 +167,7 @@ class MimicConfig(TrainingArguments):
         },
     )
     mimic_select_ratio: float = field(
-        default=0.1, metadata={"help": "Fraction of each candidate batch kept in `select` mode (the papers use 10%)."}
+        default=0.1, metadata={"help": "Fraction of each candidate batch kept in `select` mode (the papers keep 10 percent)."}
     )
     mimic_irreducible_loss_column: Optional[str] = field(
         default=None,

@@ -927,7 +927,8 @@ class MimicTrainer(Trainer):
         # As trl's trainers: metrics gathered per step, averaged over the logging interval.
         if self.model is not None and self.model.training and self._metrics:
             for key, values in self._metrics.items():
-                logs[key] = float(np.nanmean(values)) if key != "mimic/fallback_count" else values[-1]
+                finite = [value for value in values if np.isfinite(value)]
+                logs[key] = values[-1] if key == "mimic/fallback_count" else (float(np.mean(finite)) if finite else float("nan"))
             self._metrics.clear()
         super().log(logs, start_time)
 
@@ -1017,13 +1018,13 @@ class MimicTrainer(Trainer):
         for key, value in (
             ("reference_term", reference_term.mean()),
             ("self_term", self_term.mean()),
-            ("reference_term_std", reference_term.std()),
-            ("self_term_std", self_term.std()),
+            ("reference_term_std", reference_term.std(correction=0)),
+            ("self_term_std", self_term.std(correction=0)),
             ("reference_loss", with_reference.mean()),
             ("student_loss", own.mean()),
         ):
             self._metrics[f"mimic/monitor_{key}"].append(float(value))
-        dominated = bool(self_term.numel() > 1 and self_term.std() > reference_term.std())
+        dominated = bool(self_term.numel() > 1 and self_term.std(correction=0) > reference_term.std(correction=0))
         self._self_dominated_streak = self._self_dominated_streak + 1 if dominated else 0
         if self._self_dominated_streak >= SELF_TERM_PATIENCE and not self._warned_self_term:
             self._warned_self_term = True
