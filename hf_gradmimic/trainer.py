@@ -1014,6 +1014,8 @@ class MimicTrainer(Trainer):
         reference_term, self_term = self._score_terms(capture, output_grads)
         own, with_reference = self._swapped_losses(model_inputs, inputs, labels)
         finite = torch.isfinite(reference_term) & torch.isfinite(self_term)
+        if not finite.any():  # ‖v‖ = 0: no direction, no terms (the step falls back to uniform weights)
+            return
         reference_term, self_term = reference_term[finite], self_term[finite]
         for key, value in (
             ("reference_term", reference_term.mean()),
