@@ -350,6 +350,13 @@ class MimicTrainer(Trainer):
             **kwargs,
         )
         check_supported_setup(self.accelerator, args, model)
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.accelerator.num_processes == 1:
+            # Every process would train alone and write rank 0's score shards over the others'.
+            raise RuntimeError(
+                f"Launched as {launched} processes (WORLD_SIZE), but the Trainer did not set up distributed training "
+                "and runs each as a single process. On CPU, pass `use_cpu=True` (`--use_cpu`)."
+            )
         self.per_sample_loss_fn = per_sample_loss_fn
         layer_map = args.mimic_layer_map
         unwrapped = self.accelerator.unwrap_model(self.model)

