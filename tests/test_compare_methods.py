@@ -1,0 +1,51 @@
+"""`scripts/compare_methods.py --quick`: the method-comparison benchmark end to end, in a subprocess."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_methods.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("compare_methods", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_rows(text: str, label: str) -> list[list[str]]:
+    """The cells of every markdown table row whose first cell is ``label``."""
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")][1:]
+            for line in text.splitlines() if line.startswith(f"| {label} |")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_quick_run_reports_every_method_with_finite_numbers(tmp_path):
+    output = tmp_path / "results.md"
+    output.write_text(f"old generated part\n{load_script().COMMENTS_MARKER}\nhand-written comment\n")
+    subprocess.run([sys.executable, str(SCRIPT), "--quick", "--output", str(output)], check=True, timeout=180,
+                   cwd=tmp_path, capture_output=True, text=True)
+    text = output.read_text()
+    assert "old generated part" not in text and text.rstrip().endswith("hand-written comment")
+    assert "--quick" in text and "torch" in text and "load average" in text
+    methods = load_script().METHODS
+    for name, (label, scorer, _, _) in methods.items():
+        rows = table_rows(text, label)
+        # accuracy in both regimes + the timing row; Grad-Mimic rows also have a discard-F1 row per regime
+        assert len(rows) == (5 if scorer == "mimic" else 3), (label, rows)
+        for cells in rows:
+            numbers = [float(x) for cell in cells for x in re.findall(r"-?\d+(?:\.\d+)?|nan|inf", cell)]
+            assert numbers and all(math.isfinite(x) for x in numbers), (label, cells)
+    accuracies = [float(cell.split("±")[0]) for name, (label, *_ ) in methods.items()
+                  for cells in table_rows(text, label)[:2] for cell in cells]
+    assert all(0 <= value <= 100 for value in accuracies)
