@@ -417,6 +417,23 @@ def _overlap_matrix(patterns: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return (one_hot * counts[:, None]).T @ one_hot / counts.sum()
 
 
+def _fit_label_model(fit_matrix: np.ndarray, class_balance: Any, fit_kwargs: dict[str, Any]) -> Any:
+    """LabelModel fitted on ``fit_matrix``; retried once with a 10x smaller learning rate when its loss goes NaN
+    (seen with many windows, e.g. a select-mode run's ~50 epochs); None when it diverges again."""
+    from snorkel.labeling.model import LabelModel
+
+    for lr in (fit_kwargs["lr"], fit_kwargs["lr"] / 10):
+        model = LabelModel(cardinality=2, verbose=False)
+        try:
+            model.fit(fit_matrix, class_balance=class_balance, **{**fit_kwargs, "lr": lr})
+        except Exception as error:  # snorkel raises a bare Exception("Loss is NaN ...")
+            if "nan" not in str(error).lower():
+                raise
+            continue
+        return model
+    return None
+
+
 def aggregate_votes(
     votes: np.ndarray,
     aggregate: str = "snorkel",
@@ -486,8 +503,6 @@ def aggregate_votes(
     if aggregate == "any":
         return (n_keep > 0).astype(np.float64), info
 
-    from snorkel.labeling.model import LabelModel
-
     patterns, inverse, counts = _encode_patterns(votes)
     exact = n <= fit_rows
     repeats = counts if exact else _proportional_counts(counts, fit_rows)
@@ -505,8 +520,15 @@ def aggregate_votes(
         class_balance = [1.0 - kept, kept]
     elif class_balance is not None:
         class_balance = [float(c) for c in class_balance]
-    model = LabelModel(cardinality=2, verbose=False)
-    model.fit(fit_matrix, class_balance=class_balance, **fit_kwargs)
+    model = _fit_label_model(fit_matrix, class_balance, fit_kwargs)
+    if model is None:
+        _warn(
+            f"Snorkel's LabelModel diverged (NaN loss) on the {m} windows, also with a 10x smaller learning rate; "
+            "falling back to majority vote (aggregate='majority').",
+            collected_warnings,
+        )
+        info["aggregate_used"] = "majority"
+        return majority, info
     pattern_prob = model.predict_proba(patterns.astype(np.int64))[:, 1]
     keep_prob = pattern_prob[inverse]
     overlap_error = (

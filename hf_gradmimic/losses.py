@@ -40,7 +40,9 @@ def token_loss(
     token gets loss 0 and therefore a zero gradient.
     """
     if shift:
-        logits, labels = logits[:, :-1, :], labels[:, 1:]
+        # Shift the labels, not the logits: slicing [B, T, vocab] logits copies them, and its backward
+        # fills a zero tensor of that size (transformers' causal-LM loss does the same).
+        labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     batch_size, length, vocab = logits.shape
     token_losses = F.cross_entropy(
         logits.float().reshape(-1, vocab),

@@ -513,3 +513,17 @@ def test_report_writes_figures_and_json(tmp_path, log):
     # Rebuilding from the scores gives the same numbers as rebuilding from the stored windows.
     again = hf_gradmimic.report(mimic_filter, tmp_path / "again", scores=table, clean=clean)
     assert json.loads(again["report_json"].read_text())["method_metrics"] == payload["method_metrics"]
+
+
+def test_label_model_that_diverges_falls_back_instead_of_raising():
+    """Many windows of near-unanimous keep votes make Snorkel's loss NaN (seen on select-mode logs)."""
+    from hf_gradmimic.filter import aggregate_votes
+
+    rng = np.random.default_rng(0)
+    votes = np.where(rng.random((1000, 50)) < 0.98, 1, 0)
+    collected: list[str] = []
+    keep_prob, info = aggregate_votes(votes, "snorkel", class_balance=[0.4, 0.6], collected_warnings=collected)
+    assert np.isfinite(keep_prob).all() and keep_prob.shape == (1000,)
+    if info["aggregate_used"] == "majority":
+        assert any("diverged" in message for message in collected)
+        np.testing.assert_allclose(keep_prob, votes.mean(axis=1))
