@@ -248,6 +248,9 @@ def _training_settings(training_config: Any, reference: str | None) -> dict[str,
         "normalize": raw.get("mimic_normalize") or "not recorded",
         "reweight_scope": raw.get("mimic_reweight_scope") or "not recorded",
         "warmup_steps": raw.get("mimic_warmup_steps", "not recorded"),
+        "scorer": raw.get("mimic_scorer") or "mimic",
+        "mode": raw.get("mimic_mode") or "the scorer's default",
+        "score_terms": raw.get("mimic_score_terms") or "full",
     }
 
 
