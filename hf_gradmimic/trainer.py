@@ -535,19 +535,24 @@ class MimicTrainer(Trainer):
         model_inputs = inputs if self.per_sample_loss_fn is not None else {k: v for k, v in inputs.items() if k != "labels"}
         if self.mode == "select":
             return self._select_step(model, state, inputs, model_inputs, labels, return_outputs)
+        uses_reference = self.scorer.name == "mimic"
+        check_alignment = uses_reference and self.args.mimic_alignment_check and not self._alignment_checked
+        monitored = uses_reference and state.micro_batches == 0 and self._monitor_due()
+        # The diagnostics' no-grad forwards run before the training forward, while no graph is alive,
+        # so they add nothing to the step's peak memory.
+        swapped = self._swapped_losses(model_inputs, inputs, labels) if check_alignment or monitored else None
+        if check_alignment:
+            self._alignment_checked = True
+            self._check_alignment(*swapped)
         with _LinearCapture(self.mimic_layers) as capture:
             outputs = model(**model_inputs)
         losses = self._per_sample_losses(outputs, inputs, labels)
-        uses_reference = self.scorer.name == "mimic"
-        if uses_reference and self.args.mimic_alignment_check and not self._alignment_checked:
-            self._alignment_checked = True
-            self._check_alignment(model_inputs, inputs, labels, losses)
 
         needs_grads = self.scorer.needs_output_grads or self.args.mimic_reweight_scope == "layer"
         output_grads = self._output_grads(losses, capture) if needs_grads else None
         scores = self._sample_scores(outputs, losses, labels, capture, output_grads, model_inputs)
-        if uses_reference and state.micro_batches == 0 and self._monitor_due():
-            self._monitor(capture, output_grads, model_inputs, inputs, labels)
+        if monitored:
+            self._monitor(capture, output_grads, *swapped)
         logits, fallback = self._softmax_logits(scores.detach())
         coefficients = self._combine(state, logits)
         self._record(state, scores, logits, losses, fallback)
@@ -961,9 +966,8 @@ class MimicTrainer(Trainer):
             unwrapped.train(was_training)
         return own, with_reference
 
-    def _check_alignment(self, model_inputs: dict[str, Any], inputs: dict[str, Any], labels: Any, losses: torch.Tensor) -> None:
+    def _check_alignment(self, own: torch.Tensor, with_reference: torch.Tensor) -> None:
         """Loss of the student with its mimic layers swapped for the reference, next to its own (first step)."""
-        own, with_reference = self._swapped_losses(model_inputs, inputs, labels)
         own_loss, reference_loss = float(own.mean()), float(with_reference.mean())
         self._metrics["mimic/alignment_student_loss"].append(own_loss)
         self._metrics["mimic/alignment_reference_loss"].append(reference_loss)
@@ -1010,16 +1014,15 @@ class MimicTrainer(Trainer):
             interval = int(steps) if self.args.logging_strategy == "steps" and steps >= 1 else 50
         return self.state.global_step % interval == 0
 
-    def _monitor(self, capture: _LinearCapture, output_grads: dict[str, torch.Tensor], model_inputs: dict[str, Any],
-                 inputs: dict[str, Any], labels: Any) -> None:
+    def _monitor(self, capture: _LinearCapture, output_grads: dict[str, torch.Tensor], own: torch.Tensor,
+                 with_reference: torch.Tensor) -> None:
         """The running alignment monitor (first micro-batch of a monitored step).
 
         Logs the two terms of the score and the loss of the reference's mimic layers applied to the student's
-        current features. When the self term drives the ranking (its spread over the batch exceeds the reference
-        term's) for several monitored steps in a row, warns once.
+        current features (``own`` / ``with_reference``: `_swapped_losses`). When the self term drives the ranking
+        (its spread over the batch exceeds the reference term's) for several monitored steps in a row, warns once.
         """
         reference_term, self_term = self._score_terms(capture, output_grads)
-        own, with_reference = self._swapped_losses(model_inputs, inputs, labels)
         finite = torch.isfinite(reference_term) & torch.isfinite(self_term)
         if not finite.any():  # ‖v‖ = 0: no direction, no terms (the step falls back to uniform weights)
             return
