@@ -1241,7 +1241,7 @@ class MimicFilter:
 
     # -- using the filter ------------------------------------------------------------------------
 
-    def _positions(self, dataset: Any, id_column: str | None) -> np.ndarray:
+    def positions(self, dataset: Any, id_column: str | None = None) -> np.ndarray:
         """Row position in ``dataset`` of every sample of the filter (in table order).
 
         Raises ValueError when a scored sample is not in the dataset or a dataset row was never scored.
@@ -1308,7 +1308,7 @@ class MimicFilter:
         Returns:
             The same type as ``dataset``, with the kept rows in their original order.
         """
-        positions = self._positions(dataset, id_column)
+        positions = self.positions(dataset, id_column)
         rows = np.sort(positions[self.keep])
         if type(dataset).__module__.startswith("pandas"):
             return dataset.iloc[rows]
@@ -1341,11 +1341,11 @@ class MimicFilter:
         if isinstance(clean_flags, str):
             if dataset is None:
                 raise ValueError(f"clean_flags={clean_flags!r} names a column: pass dataset= too.")
-            positions = self._positions(dataset, id_column)
+            positions = self.positions(dataset, id_column)
             clean = _column(dataset, clean_flags).to_numpy(zero_copy_only=False)[positions]
         else:
             if dataset is not None:
-                positions = self._positions(dataset, id_column)
+                positions = self.positions(dataset, id_column)
                 clean = np.asarray(clean_flags)
                 if clean.shape[0] != _num_rows(dataset):
                     raise ValueError("clean_flags must have one entry per dataset row when dataset= is given.")

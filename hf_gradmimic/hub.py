@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -115,49 +114,13 @@ class ScoredPushResult:
 def _filter_rows(dataset: datasets.Dataset, mimic_filter: MimicFilter, id_column: str | None) -> np.ndarray:
     """For every row of ``dataset``, the row of ``mimic_filter.table`` holding its sample's record.
 
-    Raises ValueError when a row has no record, or the filter holds samples that are not rows of
-    the dataset (then the ``filtered`` config would not be ``mimic_filter.apply(dataset)``).
+    `MimicFilter.positions` already refuses a dataset row without a record and a record without a row,
+    so the ``filtered`` config is exactly ``mimic_filter.apply(dataset)``; this is its inverse permutation.
     """
-    ids = mimic_filter.table.column("sample_id").combine_chunks()
-    n_rows = len(dataset)
-    if id_column is None:
-        if not pa.types.is_integer(ids.type):
-            raise ValueError(f"The filter's sample ids are {ids.type}, not row indices: pass id_column= to match them.")
-        ids = ids.cast(pa.int64())
-        dataset_ids: pa.Array = pa.array(np.arange(n_rows, dtype=np.int64))
-        described = "row index"
-    else:
-        if id_column not in dataset.column_names:
-            raise KeyError(f"The dataset has no id column {id_column!r}; columns: {dataset.column_names}.")
-        dataset_ids = dataset.with_format("arrow")[id_column]
-        if isinstance(dataset_ids, pa.ChunkedArray):
-            dataset_ids = dataset_ids.combine_chunks()
-        if dataset_ids.null_count:
-            raise ValueError(f"Column {id_column!r} of the dataset holds {dataset_ids.null_count} null id(s).")
-        try:
-            dataset_ids = dataset_ids.cast(ids.type)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
-            raise ValueError(
-                f"Column {id_column!r} ({dataset_ids.type}) cannot be matched with the filter's sample_id ({ids.type})."
-            ) from error
-        if pc.count_distinct(dataset_ids).as_py() != n_rows:
-            raise ValueError(f"Column {id_column!r} of the dataset holds duplicate ids.")
-        described = id_column
-    rows = pc.index_in(dataset_ids, value_set=ids)
-    if rows.null_count:
-        missing = dataset_ids.filter(pc.is_null(rows))
-        raise ValueError(
-            f"{len(missing)} of the dataset's {n_rows} rows have no record in the filter (e.g. {described} "
-            f"{missing[:5].to_pylist()}): the filter only knows the samples the trainer scored. Push the dataset "
-            "the scores were recorded on" + (", or set id_column= to the trainer's mimic_id_column." if id_column is None else ".")
-        )
-    if len(ids) != n_rows:  # every row matched a distinct id, so the filter holds more samples
-        extra = ids.filter(pc.invert(pc.is_in(ids, value_set=dataset_ids)))
-        raise ValueError(
-            f"{len(extra)} sample id(s) of the filter are not rows of the dataset (e.g. {extra[:5].to_pylist()}); "
-            "was the score log written for another dataset" + (", or should id_column= be set?" if id_column is None else "?")
-        )
-    return rows.to_numpy()
+    positions = mimic_filter.positions(dataset, id_column)
+    rows = np.empty(len(positions), dtype=np.int64)
+    rows[positions] = np.arange(len(positions))
+    return rows
 
 
 def _add_mimic_columns(dataset: datasets.Dataset, mimic_filter: MimicFilter, id_column: str | None) -> datasets.Dataset:
