@@ -651,11 +651,11 @@ def verdicts(summary: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]
     for (model_name, candidate), target in TIME_TARGETS.items():
         row = summary.get(model_name, {}).get(candidate)
         if row:
-            checks.append((f"{model_name} {candidate} ({row['layer']}) step time", f"≤ {target:.2f}× plain", f"{row['time_ratio']:.2f}×", row["time_ratio"] <= target))
+            checks.append((f"{model_name} {candidate} ({row['layer']}) step time", f"≤ {target:.2f}× plain", f"{row['time_ratio']:.3f}×", row["time_ratio"] <= target))
     for model_name, rows in summary.items():
         for candidate, row in rows.items():
             if candidate.startswith("mimic"):
-                checks.append((f"{model_name} {candidate} peak RSS growth", f"≤ {MEMORY_TARGET:.2f}× plain", f"{row['mem_ratio']:.2f}× (total RSS {row['total_mem_ratio']:.2f}×)", row["mem_ratio"] <= MEMORY_TARGET))
+                checks.append((f"{model_name} {candidate} peak RSS growth", f"≤ {MEMORY_TARGET:.2f}× plain", f"{row['mem_ratio']:.3f}× (total RSS {row['total_mem_ratio']:.3f}×)", row["mem_ratio"] <= MEMORY_TARGET))
         if "vmap" in rows and "mimic-head" in rows:
             ratio = rows["vmap"]["vs_mimic_head"]
             checks.append((f"{model_name} vmap baseline vs mimic-head", f"≥ {VMAP_TARGET:.0f}× slower", f"{ratio:.1f}×", ratio >= VMAP_TARGET))
