@@ -52,7 +52,8 @@ SCORE_COLUMNS: tuple[str, ...] = (
     "repeated",
 )
 
-_FIXED_TYPES = {
+SCORE_TYPES = {
+    # sample_id takes the type of the ids (int64 row indices, or the mimic_id_column values).
     "global_step": pa.int64(),
     "epoch": pa.float64(),
     "mimic_score": pa.float32(),
@@ -192,7 +193,7 @@ class ScoreWriter:
     def _write(self, chunks: list[dict[str, np.ndarray]]) -> None:
         columns = {name: np.concatenate([chunk[name] for chunk in chunks]) for name in SCORE_COLUMNS}
         arrays = {
-            name: pa.array(values, type=_FIXED_TYPES.get(name)) for name, values in columns.items()
+            name: pa.array(values, type=SCORE_TYPES.get(name)) for name, values in columns.items()
         }
         table = pa.table(arrays)
         first, last = int(columns["global_step"].min()), int(columns["global_step"].max())

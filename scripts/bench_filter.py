@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hf_gradmimic.scores import SCORES_DIRNAME, _FIXED_TYPES  # noqa: E402
+from hf_gradmimic.scores import SCORES_DIRNAME, SCORE_TYPES  # noqa: E402
 
 EPOCHS = 5
 BATCH = 256
@@ -85,7 +85,7 @@ def generate(n: int, folder: Path, seed: int = 0) -> Path:
             sl = slice(start, min(n, start + rows_per_shard))
             table = pa.table(
                 {
-                    name: pa.array(values[sl], type=_FIXED_TYPES.get(name, pa.int64()))
+                    name: pa.array(values[sl], type=SCORE_TYPES.get(name, pa.int64()))
                     for name, values in columns.items()
                 }
             )

@@ -23,19 +23,9 @@ from hf_gradmimic.filter import (
     identify_topk,
     kmeans_1d,
 )
-from hf_gradmimic.scores import ScoreWriter, load_scores
+from hf_gradmimic.scores import SCORE_COLUMNS, SCORE_TYPES, ScoreWriter, load_scores
 
-TYPES = {
-    "global_step": pa.int64(),
-    "epoch": pa.float64(),
-    "sample_id": pa.int64(),
-    "mimic_score": pa.float32(),
-    "weight": pa.float32(),
-    "loss": pa.float32(),
-    "batch_size": pa.int32(),
-    "rank": pa.int32(),
-    "repeated": pa.bool_(),
-}
+TYPES = {name: SCORE_TYPES.get(name, pa.int64()) for name in SCORE_COLUMNS}  # int64 sample ids
 
 
 def make_log(n=2000, epochs=3, batch=32, clean_fraction=0.7, sep=0.65, sd=0.2, seed=0):
