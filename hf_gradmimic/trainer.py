@@ -10,7 +10,11 @@ the mimic layers' weights and biases and g_i = ∇ℓ_i restricted to them:
 
 ``⟨g_i, v⟩`` comes from the layer's input and output gradient (`hf_gradmimic.ghost`), never from
 per-sample gradients: one forward with hooks, one ``autograd.grad`` of Σℓ_i to the mimic layers'
-outputs (retaining the graph), one extra matmul per layer, then the single backward.
+outputs (retaining the graph), one extra matmul per layer, then the single backward. With the
+built-in losses, which read the model only through its logits z, the first ``autograd.grad`` stops
+at z (δ = ∂Σℓ/∂z, the loss's own graph freed), reaches the mimic layers from there, and the
+backward starts at z with c_i δ_i: the loss's graph (a ``[B, T, vocab]`` log-softmax for a
+language model) is differentiated once, as in plain `Trainer`.
 
 Normalisation over the optimizer step (``mimic_normalize="step"``) is exact under gradient
 accumulation and data parallelism: scores are gathered across ranks (a few floats per sample) and
@@ -189,6 +193,32 @@ def _uses_reentrant_checkpointing(model: nn.Module) -> bool:
 def _finite_or_zero(running_max: torch.Tensor) -> torch.Tensor:
     """The softmax shift: the running max, or 0 while no finite logit has been seen (−inf − (−inf) is NaN)."""
     return torch.where(torch.isfinite(running_max), running_max, torch.zeros_like(running_max))
+
+
+class _BackwardFrom(torch.autograd.Function):
+    """A zero scalar whose backward hands ``grad`` to ``output``: ``backward()`` of it starts at ``output``.
+
+    When every parameter reaches the loss only through the logits z, ∂(Σ_i c_i ℓ_i)/∂z_i = c_i δ_i with
+    δ = ∂Σℓ/∂z, which the scores needed anyway. Starting the backward there skips a second pass through the
+    loss's own graph (a log-softmax backward over ``[B, T, vocab]`` for a language model). ``grad`` is scaled
+    in place by the upstream gradient, so the result can be backpropagated once, as `Trainer` does.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, output: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grad)
+        return output.new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(upstream.to(grad.dtype)), None
+
+
+def _scale_per_sample(tensor: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """``tensor[i] * coefficients[i]``, in place when the layout allows (the tensor can be vocabulary-sized)."""
+    scale = coefficients.detach().to(tensor.dtype).view(-1, *([1] * (tensor.dim() - 1)))
+    return tensor.mul_(scale) if tensor.is_contiguous() else tensor * scale
 
 
 def _softmax_or_zero(logits: torch.Tensor) -> torch.Tensor:
@@ -548,15 +578,27 @@ class MimicTrainer(Trainer):
             outputs = model(**model_inputs)
         losses = self._per_sample_losses(outputs, inputs, labels)
 
+        # The built-in losses read the model only through its logits: take δ = ∂Σℓ/∂logits once (freeing the
+        # loss's own graph) and later start the backward at the logits with c_i δ_i (`_BackwardFrom`).
+        from_logits = self.per_sample_loss_fn is None and self.args.mimic_reweight_scope == "all"
         needs_grads = self.scorer.needs_output_grads or self.args.mimic_reweight_scope == "layer"
-        output_grads = self._output_grads(losses, capture) if needs_grads else None
+        if from_logits:
+            prediction = logits_of(outputs)
+            prediction_grad = self._loss_grad_at(prediction, losses)
+            output_grads = self._output_grads(prediction, capture, root_grad=prediction_grad) if needs_grads else None
+        else:
+            output_grads = self._output_grads(losses.sum(), capture) if needs_grads else None
         scores = self._sample_scores(outputs, losses, labels, capture, output_grads, model_inputs)
         if monitored:
             self._monitor(capture, output_grads, *swapped)
         logits, fallback = self._softmax_logits(scores.detach())
         coefficients = self._combine(state, logits)
         self._record(state, scores, logits, losses, fallback)
-        loss = self._weighted_loss(losses, coefficients, capture, output_grads)
+        if from_logits:
+            del output_grads  # the head's entry is prediction_grad, scaled in place next
+            loss = _BackwardFrom.apply(prediction, _scale_per_sample(prediction_grad, coefficients))
+        else:
+            loss = self._weighted_loss(losses, coefficients, capture, output_grads)
         # Report the plain mean loss (comparable with `Trainer`'s), backpropagate the weighted one.
         reported = losses.detach().mean() / self.current_gradient_accumulation_steps
         loss = loss - loss.detach() + reported
@@ -574,7 +616,7 @@ class MimicTrainer(Trainer):
             with _LinearCapture(self.mimic_layers) as capture:
                 outputs = model(**model_inputs)
             losses = self._per_sample_losses(outputs, inputs, labels)
-            output_grads = self._output_grads(losses, capture, retain_graph=False) if needs_grads else None
+            output_grads = self._output_grads(losses.sum(), capture, retain_graph=False) if needs_grads else None
             scores = self._sample_scores(outputs, losses, labels, capture, output_grads, model_inputs).detach()
         del outputs, capture, output_grads
         selected = torch.topk(torch.nan_to_num(scores, nan=-math.inf), num_selected(len(scores), self.args.mimic_select_ratio)).indices
@@ -584,6 +626,7 @@ class MimicTrainer(Trainer):
         coefficients = self._combine(state, logits)
         self._record(state, scores, logits, losses, ~torch.isfinite(scores).all())
         self.scorer.observe(self._last_context, (logits == 0).float() / len(selected))
+        self._last_context = None  # it holds the batch's activations and gradients
 
         batch_size = len(scores)
         chosen = {k: v[selected] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch_size else v
@@ -619,7 +662,8 @@ class MimicTrainer(Trainer):
             comparison_grad=self._comparison_gradient if self.scorer.name == "agra" else None,
             inputs=model_inputs,
         )
-        self._last_context = context
+        if self.mode == "select":
+            self._last_context = context  # for `scorer.observe`, once the selection is made
         return self.scorer.score(context).float()
 
     def _zero_shot_log_probs(self, model_inputs: dict[str, Any], extras: dict[str, Any]) -> torch.Tensor | None:
@@ -644,7 +688,7 @@ class MimicTrainer(Trainer):
         with _LinearCapture(self.mimic_layers) as capture:
             outputs = unwrapped(**model_inputs)
         losses = self._per_sample_losses(outputs, batch, labels)
-        output_grads = self._output_grads(losses, capture, retain_graph=False)
+        output_grads = self._output_grads(losses.sum(), capture, retain_graph=False)
         return comparison_gradient(self.mimic_layers, capture.inputs, output_grads)
 
     def _per_sample_losses(self, outputs: Any, inputs: dict[str, Any], labels: torch.Tensor | None) -> torch.Tensor:
@@ -659,7 +703,24 @@ class MimicTrainer(Trainer):
             raise ValueError(f"Per-sample losses must have shape [batch], got {tuple(losses.shape)}.")
         return losses.float()
 
-    def _output_grads(self, losses: torch.Tensor, capture: _LinearCapture, retain_graph: bool = True) -> dict[str, torch.Tensor]:
+    def _loss_grad_at(self, prediction: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        """δ = ∂(Σ_i ℓ_i)/∂logits; the loss's own part of the graph is freed, the model's is untouched."""
+        if not prediction.requires_grad:
+            raise RuntimeError(
+                "The model's logits do not require grad: is every parameter frozen, or the forward run under "
+                "torch.no_grad?"
+            )
+        return torch.autograd.grad(losses.sum(), prediction)[0]
+
+    def _output_grads(
+        self,
+        root: torch.Tensor,
+        capture: _LinearCapture,
+        retain_graph: bool = True,
+        root_grad: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """∂root/∂z at each mimic layer's output z: ``root`` is Σ_i ℓ_i, or the logits with ``root_grad`` = δ at
+        them (a vector-Jacobian product; a layer whose output *is* the logits gets δ itself, at no cost)."""
         missing = [name for name in self.mimic_layers if name not in capture.outputs]
         if missing:
             raise RuntimeError(f"Mimic layer(s) {missing} did not run in the forward pass.")
@@ -669,11 +730,18 @@ class MimicTrainer(Trainer):
                 "The mimic layers' outputs do not require grad: are the mimic layers frozen, or run under "
                 "torch.no_grad or reentrant activation checkpointing?"
             )
-        grads = torch.autograd.grad(losses.sum(), outputs, retain_graph=retain_graph, allow_unused=True)
-        unused = [name for name, grad in zip(self.mimic_layers, grads) if grad is None]
-        if unused:
-            raise RuntimeError(f"The loss does not depend on the output of mimic layer(s) {unused}; pick layers the loss uses.")
-        return dict(zip(self.mimic_layers, grads))
+        grads = {name: root_grad for name in self.mimic_layers if capture.outputs[name] is root}
+        pending = [name for name in self.mimic_layers if name not in grads]
+        if pending:
+            found = torch.autograd.grad(
+                root, [capture.outputs[name] for name in pending], grad_outputs=root_grad,
+                retain_graph=retain_graph, allow_unused=True,
+            )
+            unused = [name for name, grad in zip(pending, found) if grad is None]
+            if unused:
+                raise RuntimeError(f"The loss does not depend on the output of mimic layer(s) {unused}; pick layers the loss uses.")
+            grads.update(zip(pending, found))
+        return {name: grads[name] for name in self.mimic_layers}
 
     def _direction(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """v = θ_ref − θ_t over the mimic parameters, and ‖v‖; computed once per optimizer step."""

@@ -317,3 +317,64 @@ def test_a_multi_process_launch_that_did_not_set_up_distribution_is_refused(tmp_
     with pytest.raises(RuntimeError, match="WORLD_SIZE.*use_cpu"):
         MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["head"], use_cpu=False), train_dataset=mlp_dataset(n=8),
                      reference=perturbed_reference(model, layer_params(["head"])))
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=40, n_positions=12, tie_word_embeddings=False)
+    return GPT2LMHeadModel(config)
+
+
+def lm_dataset(n=16, length=9, vocab=40, seed=0):
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, size=(n, length))
+    labels = ids.copy()
+    labels[::3, 6:] = -100  # some samples with fewer label tokens
+    return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels}).with_format("torch")
+
+
+SINGLE_BACKWARD_CASES = {
+    "mlp-head": (TinyMLP, mlp_dataset, ["head"]),
+    "mlp-inner": (TinyMLP, mlp_dataset, ["hidden"]),
+    "seq-inner-and-head": (TinySeq, seq_dataset, ["proj", "head"]),
+    "gpt2-lm-head": (tiny_gpt2, lm_dataset, ["lm_head"]),
+    "gpt2-inner": (tiny_gpt2, lm_dataset, ["transformer.h.1.attn.c_attn"]),
+}
+
+
+@pytest.mark.parametrize("case", list(SINGLE_BACKWARD_CASES))
+def test_single_backward_from_the_logits_equals_backward_of_the_weighted_loss(tmp_path, case):
+    """Built-in losses start the backward at the logits with c_i δ_i; a user loss function (the same loss)
+    takes the general path, backward of Σ_i c_i ℓ_i. Both must train identically, under gradient accumulation."""
+    from hf_gradmimic.losses import per_sample_loss
+
+    make_model, make_data, layers = SINGLE_BACKWARD_CASES[case]
+    data = make_data(n=32)
+    trained = {}
+    for path in ("from_logits", "general"):
+        model = make_model()
+        if case == "gpt2-inner":  # GPT-2's blocks use Conv1D; swap one for the equivalent nn.Linear
+            conv = model.transformer.h[1].attn.c_attn
+            linear = torch.nn.Linear(conv.weight.shape[0], conv.weight.shape[1])
+            linear.weight.data.copy_(conv.weight.t())
+            linear.bias.data.copy_(conv.bias)
+            model.transformer.h[1].attn.c_attn = linear
+        names = [n for n, _ in model.named_parameters() if any(n.startswith(f"{layer}.") for layer in layers)]
+        reference = perturbed_reference(model, names, scale=0.1)
+        loss_fn = None if path == "from_logits" else (lambda outputs, inputs, m=model: per_sample_loss(m, outputs, inputs["labels"]))
+        args = mimic_config(
+            tmp_path / path, mimic_layers=layers, per_device_train_batch_size=8, gradient_accumulation_steps=2,
+            max_steps=3, mimic_temperature=0.01,
+        )
+        MimicTrainer(model=model, args=args, train_dataset=data, reference=reference, per_sample_loss_fn=loss_fn).train()
+        trained[path] = (dict(model.named_parameters()), load_scores(tmp_path / path).to_pandas())
+    (fast, fast_table), (general, general_table) = trained["from_logits"], trained["general"]
+    for name in general:
+        torch.testing.assert_close(fast[name], general[name], atol=1e-6, rtol=1e-5, msg=name)
+    np.testing.assert_allclose(fast_table.weight.values, general_table.weight.values, rtol=1e-5)
+    # The weights are far from uniform, so equal training is not an accident of w ≈ 1/b.
+    assert general_table.weight.max() > 2 * general_table.weight.min()
