@@ -71,6 +71,9 @@ _CHECKPOINT_NAME = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 SELF_TERM_PATIENCE = 3
 """Monitored steps in a row with the self term dominating before the monitor warns."""
 
+MONITOR_CHUNK_LOGITS = 1 << 22
+"""At most this many reference logits are alive at once when the monitor scores a head on captured features."""
+
 ROW_INDEX_KEY = "mimic_row_index"
 """Batch key carrying each sample's row index in ``train_dataset``; popped before the model sees the batch."""
 
@@ -195,23 +198,32 @@ def _finite_or_zero(running_max: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(running_max), running_max, torch.zeros_like(running_max))
 
 
+class _PendingGrad:
+    """The gradient at the logits that `_BackwardFrom` hands on, known only after the scores."""
+
+    grad: torch.Tensor | None = None
+
+
 class _BackwardFrom(torch.autograd.Function):
-    """A zero scalar whose backward hands ``grad`` to ``output``: ``backward()`` of it starts at ``output``.
+    """A zero scalar whose backward hands ``pending.grad`` to ``output``: ``backward()`` of it starts at ``output``.
 
     When every parameter reaches the loss only through the logits z, ∂(Σ_i c_i ℓ_i)/∂z_i = c_i δ_i with
     δ = ∂Σℓ/∂z, which the scores needed anyway. Starting the backward there skips a second pass through the
-    loss's own graph (a log-softmax backward over ``[B, T, vocab]`` for a language model). ``grad`` is scaled
-    in place by the upstream gradient, so the result can be backpropagated once, as `Trainer` does.
+    loss's own graph (a log-softmax backward over ``[B, T, vocab]`` for a language model). The node is made
+    right after the forward and the gradient set later, so that nothing has to keep the logits alive in
+    between. The gradient is scaled in place by the upstream one and handed on once, as `Trainer` backpropagates.
     """
 
     @staticmethod
-    def forward(ctx: Any, output: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(grad)
+    def forward(ctx: Any, output: torch.Tensor, pending: _PendingGrad) -> torch.Tensor:
+        ctx.pending = pending
         return output.new_zeros(())
 
     @staticmethod
     def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (grad,) = ctx.saved_tensors
+        grad, ctx.pending.grad = ctx.pending.grad, None
+        if grad is None:
+            raise RuntimeError("MimicTrainer's loss was backpropagated twice, or before its logits' gradient was set.")
         return grad.mul_(upstream.to(grad.dtype)), None
 
 
@@ -400,6 +412,7 @@ class MimicTrainer(Trainer):
         self._extra_columns = [c for c in (args.mimic_irreducible_loss_column, args.mimic_zero_shot_column) if c]
         self._comparison_collator = None
         self._last_context: Optional[ScoreContext] = None
+        self._head_outputs_logits = False  # learnt at each training forward; picks the monitor's cheap path
         self._current_extras: Optional[dict[str, Any]] = None
         self.reference_name, self.reference_tensors = None, {}
         if self.scorer.name == "mimic":
@@ -568,24 +581,39 @@ class MimicTrainer(Trainer):
         uses_reference = self.scorer.name == "mimic"
         check_alignment = uses_reference and self.args.mimic_alignment_check and not self._alignment_checked
         monitored = uses_reference and state.micro_batches == 0 and self._monitor_due()
-        # The diagnostics' no-grad forwards run before the training forward, while no graph is alive,
-        # so they add nothing to the step's peak memory.
-        swapped = self._swapped_losses(model_inputs, inputs, labels) if check_alignment or monitored else None
+        # The diagnostics' no-grad forwards run before the training forward, while no graph is alive, so they
+        # add nothing to the step's peak memory. The monitor of a head needs none (`_reference_head_losses`).
+        forwards_for_monitor = monitored and not self._head_outputs_logits
+        swapped = self._swapped_losses(model_inputs, inputs, labels) if check_alignment or forwards_for_monitor else None
         if check_alignment:
             self._alignment_checked = True
             self._check_alignment(*swapped)
         with _LinearCapture(self.mimic_layers) as capture:
             outputs = model(**model_inputs)
         losses = self._per_sample_losses(outputs, inputs, labels)
+        self._head_outputs_logits = (
+            self.per_sample_loss_fn is None and len(self.mimic_layers) == 1
+            and next(iter(capture.outputs.values()), None) is logits_of(outputs)
+        )
+        if monitored:
+            if self._head_outputs_logits:
+                swapped = (losses.detach(), self._reference_head_losses(capture, labels))
+            elif swapped is None:  # the layer stopped being the logits' head since the last step
+                swapped = self._swapped_losses(model_inputs, inputs, labels)
 
         # The built-in losses read the model only through its logits: take δ = ∂Σℓ/∂logits once (freeing the
         # loss's own graph) and later start the backward at the logits with c_i δ_i (`_BackwardFrom`).
         from_logits = self.per_sample_loss_fn is None and self.args.mimic_reweight_scope == "all"
         needs_grads = self.scorer.needs_output_grads or self.args.mimic_reweight_scope == "layer"
         if from_logits:
-            prediction = logits_of(outputs)
-            prediction_grad = self._loss_grad_at(prediction, losses)
-            output_grads = self._output_grads(prediction, capture, root_grad=prediction_grad) if needs_grads else None
+            pending = _PendingGrad()
+            logits_edge, surrogate = self._cut_at_logits(logits_of(outputs), capture, pending)
+            if self.scorer.name == "mimic" and not return_outputs:
+                # Nothing reads the logits' values any more. Plain `Trainer` has them freed by now too (no
+                # backward node saves them); for a language model they are a [B, T, vocab] tensor.
+                outputs = None
+            prediction_grad = torch.autograd.grad(losses.sum(), logits_edge)[0]
+            output_grads = self._output_grads(logits_edge, capture, root_grad=prediction_grad) if needs_grads else None
         else:
             output_grads = self._output_grads(losses.sum(), capture) if needs_grads else None
         scores = self._sample_scores(outputs, losses, labels, capture, output_grads, model_inputs)
@@ -596,7 +624,8 @@ class MimicTrainer(Trainer):
         self._record(state, scores, logits, losses, fallback)
         if from_logits:
             del output_grads  # the head's entry is prediction_grad, scaled in place next
-            loss = _BackwardFrom.apply(prediction, _scale_per_sample(prediction_grad, coefficients))
+            pending.grad = _scale_per_sample(prediction_grad, coefficients)
+            loss = surrogate
         else:
             loss = self._weighted_loss(losses, coefficients, capture, output_grads)
         # Report the plain mean loss (comparable with `Trainer`'s), backpropagate the weighted one.
@@ -703,35 +732,42 @@ class MimicTrainer(Trainer):
             raise ValueError(f"Per-sample losses must have shape [batch], got {tuple(losses.shape)}.")
         return losses.float()
 
-    def _loss_grad_at(self, prediction: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
-        """δ = ∂(Σ_i ℓ_i)/∂logits; the loss's own part of the graph is freed, the model's is untouched."""
+    @staticmethod
+    def _cut_at_logits(
+        prediction: torch.Tensor, capture: _LinearCapture, pending: _PendingGrad
+    ) -> tuple[torch.autograd.graph.GradientEdge, torch.Tensor]:
+        """The logits' gradient edge (it names them in ``autograd.grad`` without keeping them alive) and the
+        `_BackwardFrom` node; a mimic layer whose output is the logits is recorded by that edge."""
         if not prediction.requires_grad:
             raise RuntimeError(
                 "The model's logits do not require grad: is every parameter frozen, or the forward run under "
                 "torch.no_grad?"
             )
-        return torch.autograd.grad(losses.sum(), prediction)[0]
+        edge = torch.autograd.graph.get_gradient_edge(prediction)
+        for name, output in capture.outputs.items():
+            if output is prediction:
+                capture.outputs[name] = edge
+        return edge, _BackwardFrom.apply(prediction, pending)
 
     def _output_grads(
         self,
-        root: torch.Tensor,
+        root: torch.Tensor | torch.autograd.graph.GradientEdge,
         capture: _LinearCapture,
         retain_graph: bool = True,
         root_grad: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """∂root/∂z at each mimic layer's output z: ``root`` is Σ_i ℓ_i, or the logits with ``root_grad`` = δ at
-        them (a vector-Jacobian product; a layer whose output *is* the logits gets δ itself, at no cost)."""
+        """∂root/∂z at each mimic layer's output z: ``root`` is Σ_i ℓ_i, or the logits' edge with ``root_grad`` = δ
+        at them (a vector-Jacobian product; a layer whose output *is* the logits gets δ itself, at no cost)."""
         missing = [name for name in self.mimic_layers if name not in capture.outputs]
         if missing:
             raise RuntimeError(f"Mimic layer(s) {missing} did not run in the forward pass.")
-        outputs = [capture.outputs[name] for name in self.mimic_layers]
-        if not all(out.requires_grad for out in outputs):
+        grads = {name: root_grad for name in self.mimic_layers if capture.outputs[name] is root}
+        pending = [name for name in self.mimic_layers if name not in grads]
+        if not all(capture.outputs[name].requires_grad for name in pending):
             raise RuntimeError(
                 "The mimic layers' outputs do not require grad: are the mimic layers frozen, or run under "
                 "torch.no_grad or reentrant activation checkpointing?"
             )
-        grads = {name: root_grad for name in self.mimic_layers if capture.outputs[name] is root}
-        pending = [name for name in self.mimic_layers if name not in grads]
         if pending:
             found = torch.autograd.grad(
                 root, [capture.outputs[name] for name in pending], grad_outputs=root_grad,
@@ -942,6 +978,7 @@ class MimicTrainer(Trainer):
             )
         finite = mimic_scores[np.isfinite(mimic_scores)]
         norm = self._direction_cache[2] if self._direction_cache else float("nan")
+        self._direction_cache = None  # v is as large as the mimic layers (vocabulary × hidden for an lm_head)
         self._metrics["mimic/score_mean"].append(float(finite.mean()) if finite.size else float("nan"))
         self._metrics["mimic/score_std"].append(float(finite.std()) if finite.size else float("nan"))
         self._metrics["mimic/frac_positive"].append(float((finite > 0).mean()) if finite.size else float("nan"))
@@ -1034,6 +1071,25 @@ class MimicTrainer(Trainer):
             unwrapped.train(was_training)
         return own, with_reference
 
+    def _reference_head_losses(self, capture: _LinearCapture, labels: Any) -> torch.Tensor:
+        """Per-sample losses of the reference's head on the features the training forward just captured: the
+        monitor's reference loss when the mimic layer is the head that makes the logits, for one matmul instead of
+        `_swapped_losses`' two forwards. A few samples at a time, so that at most `MONITOR_CHUNK_LOGITS` logits
+        are alive (a language model's are vocabulary-sized, and the training graph is alive meanwhile)."""
+        ((name, layer),) = self.mimic_layers.items()
+        reference = self._reference_on_device()
+        features = capture.inputs[name]
+        weight = reference[f"{name}.weight"].to(features.dtype)
+        bias = reference[f"{name}.bias"].to(features.dtype) if layer.bias is not None else None
+        logits_per_sample = features[0].numel() // features.shape[-1] * weight.shape[0]
+        chunk = max(1, MONITOR_CHUNK_LOGITS // logits_per_sample)
+        with torch.no_grad():
+            return torch.cat([
+                self._per_sample_losses({"logits": F.linear(features[start : start + chunk], weight, bias)}, {},
+                                        labels[start : start + chunk])
+                for start in range(0, len(features), chunk)
+            ])
+
     def _check_alignment(self, own: torch.Tensor, with_reference: torch.Tensor) -> None:
         """Loss of the student with its mimic layers swapped for the reference, next to its own (first step)."""
         own_loss, reference_loss = float(own.mean()), float(with_reference.mean())
@@ -1087,7 +1143,9 @@ class MimicTrainer(Trainer):
         """The running alignment monitor (first micro-batch of a monitored step).
 
         Logs the two terms of the score and the loss of the reference's mimic layers applied to the student's
-        current features (``own`` / ``with_reference``: `_swapped_losses`). When the self term drives the ranking
+        current features, next to the student's own (``with_reference`` / ``own``). For a head that makes the
+        logits both come from the training forward (train mode: dropout on); for other layers, from two no-grad
+        eval-mode forwards (`_swapped_losses`). When the self term drives the ranking
         (its spread over the batch exceeds the reference term's) for several monitored steps in a row, warns once.
         """
         reference_term, self_term = self._score_terms(capture, output_grads)

@@ -142,3 +142,42 @@ def test_monitor_warns_when_the_self_term_dominates(tmp_path, digits):
     reference = {"classifier.weight": torch.zeros(10, 256), "classifier.bias": torch.zeros(10)}
     with pytest.warns(UserWarning, match="self term"):
         _monitored_run(tmp_path, data["train"], reference, learning_rate=0.5)
+
+
+@pytest.mark.parametrize("case", ["mlp-head", "gpt2-lm-head-chunked", "mlp-inner"])
+def test_monitor_losses_match_the_swapped_model(tmp_path, monkeypatch, case):
+    """The monitor's reference loss is the student with its mimic layer swapped for the reference, on this
+    batch; its student loss is the student's own. A head reads both off the training forward (in chunks of
+    samples), an inner layer runs two forwards: both must match the swapped model computed here."""
+    import hf_gradmimic.trainer as trainer_module
+    from hf_gradmimic.losses import per_sample_loss
+    from tiny_models import TinyMLP, lm_dataset, mlp_dataset, tiny_gpt2
+
+    make_model, data, layer = {
+        "mlp-head": (TinyMLP, mlp_dataset(n=16), "head"),
+        "gpt2-lm-head-chunked": (lambda: tiny_gpt2(dropout=0.0), lm_dataset(n=16), "lm_head"),
+        "mlp-inner": (TinyMLP, mlp_dataset(n=16), "hidden"),
+    }[case]
+    if case == "gpt2-lm-head-chunked":
+        monkeypatch.setattr(trainer_module, "MONITOR_CHUNK_LOGITS", 2 * 9 * 40 + 1)  # two samples per chunk
+    model = make_model()
+    params = dict(model.named_parameters())
+    generator = torch.Generator().manual_seed(5)
+    names = [n for n in params if n.startswith(f"{layer}.")]
+    reference = {n: params[n].detach() + 0.5 * torch.randn(params[n].shape, generator=generator) for n in names}
+    batch = {k: v for k, v in data[:].items()}
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        own = per_sample_loss(model, model(**batch), labels).mean()
+        swapped = torch.func.functional_call(model, reference, args=(), kwargs=batch, strict=False)
+        expected = per_sample_loss(model, swapped, labels).mean()
+    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=[layer], max_steps=1, per_device_train_batch_size=16,
+                       logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                       mimic_alignment_check=False)
+    trainer = MimicTrainer(model=model, args=args, train_dataset=data, reference=reference)
+    trainer.train()
+    (entry,) = [e for e in trainer.state.log_history if "mimic/monitor_reference_loss" in e]
+    assert entry["mimic/monitor_reference_loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert entry["mimic/monitor_student_loss"] == pytest.approx(float(own), rel=1e-5)
+    assert abs(float(expected) - float(own)) > 1e-3  # the swap changed the loss: the test can tell them apart
+    assert trainer._head_outputs_logits is (layer != "hidden")

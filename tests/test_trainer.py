@@ -12,7 +12,9 @@ from transformers import Trainer, TrainingArguments
 
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
 from hf_gradmimic.reference import ReferenceError
-from tiny_models import TinyMLP, TinySeq, mlp_dataset, oracle_mimic_scores, per_sample_grads, seq_dataset
+from tiny_models import (
+    TinyMLP, TinySeq, lm_dataset, mlp_dataset, oracle_mimic_scores, per_sample_grads, seq_dataset, tiny_gpt2,
+)
 
 COMMON = dict(
     learning_rate=0.1,
@@ -317,24 +319,6 @@ def test_a_multi_process_launch_that_did_not_set_up_distribution_is_refused(tmp_
     with pytest.raises(RuntimeError, match="WORLD_SIZE.*use_cpu"):
         MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["head"], use_cpu=False), train_dataset=mlp_dataset(n=8),
                      reference=perturbed_reference(model, layer_params(["head"])))
-
-
-def tiny_gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=40, n_positions=12, tie_word_embeddings=False)
-    return GPT2LMHeadModel(config)
-
-
-def lm_dataset(n=16, length=9, vocab=40, seed=0):
-    import datasets
-
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, size=(n, length))
-    labels = ids.copy()
-    labels[::3, 6:] = -100  # some samples with fewer label tokens
-    return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels}).with_format("torch")
 
 
 SINGLE_BACKWARD_CASES = {

@@ -65,6 +65,26 @@ def seq_dataset(n: int = 16, length: int = 7, vocab: int = 20, classes: int = 3,
     ).with_format("torch")
 
 
+def tiny_gpt2(dropout: float = 0.1):
+    """A causal LM from a config (random init), with an untied ``lm_head``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=40, n_positions=12, tie_word_embeddings=False,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    return GPT2LMHeadModel(config)
+
+
+def lm_dataset(n=16, length=9, vocab=40, seed=0):
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, size=(n, length))
+    labels = ids.copy()
+    labels[::3, 6:] = -100  # some samples with fewer label tokens
+    return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels}).with_format("torch")
+
+
 def per_sample_grads(model: nn.Module, dataset, param_names: list[str]) -> dict[str, torch.Tensor]:
     """Per-sample gradients of the cross entropy for ``param_names``, by vmap of grad (the oracle)."""
     params = {name: p.detach() for name, p in model.named_parameters()}
