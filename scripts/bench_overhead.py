@@ -46,6 +46,7 @@ A hand-written section after ANALYSIS_MARKER in the output file is kept when the
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import math
@@ -59,6 +60,7 @@ import shlex
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -117,6 +119,8 @@ VMAP_TARGET = 10.0  # vmap step time / mimic-head step time, at least
 RECORD_TARGET = 0.02  # recording cost, fraction of the step time, below
 ANALYSIS_MARKER = "<!-- Hand-written analysis below this line: kept when scripts/bench_overhead.py rewrites the file. -->"
 QUIET_CPU = 0.75 * THREADS  # a round is quiet when every step in it got this many CPU seconds per wall second
+LIVE_MEMORY_STEPS = 4  # timed-loop steps of a --live-memory run (after the warm-up); the peak recurs every step
+LIVE_MEMORY_REPEAT = -2  # the repeat label of those runs: kept out of the step-time ratios, like the profile's (−1)
 MIN_QUIET_ROUNDS = 10  # fewer quiet rounds than this: the targets are judged on all rounds
 
 
@@ -257,6 +261,59 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+class LiveHeapSampler(TrainerCallback):
+    """Peak of the bytes glibc's malloc has handed out and not got back (``mallinfo2``: in use in the main arena
+    plus every mmapped chunk), sampled every ~0.2 ms on a thread from ``on_train_begin`` to ``on_train_end``.
+
+    Peak RSS also counts pages the allocator keeps after a free, so it moves by tens of MiB from run to run
+    with heap fragmentation; this counts what tensors and Python objects hold. Used only in the separate
+    ``--live-memory`` pass: the sampling thread takes GIL time, so those runs are not timed.
+    """
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None)
+        self._mallinfo2 = getattr(libc, "mallinfo2", None)
+        if self._mallinfo2 is not None:
+            self._mallinfo2.restype = _MallInfo2
+        self.baseline = self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def available(self) -> bool:
+        return self._mallinfo2 is not None
+
+    def _live_bytes(self) -> int:
+        info = self._mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._live_bytes())
+            time.sleep(0.0002)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.available:
+            gc.collect()
+            self.baseline = self.peak = self._live_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def growth_mib(self) -> float:
+        return (self.peak - self.baseline) / 2**20 if self.available else float("nan")
+
+
 class Baton:
     """One token passed round-robin between the children of a group, so that exactly one computes a step.
 
@@ -378,8 +435,9 @@ def _annotate(trainer: Trainer) -> None:
 
 
 def _monitor_setting(candidate: str) -> dict[str, int]:
-    """The running alignment monitor (two no-grad forwards) every step for ``mimic-head-monitor``; else every 10**9
-    steps, i.e. only at step 0 (a warm-up step), as the 50-step default also gives in a run this short."""
+    """The running alignment monitor (for a head: one matmul on the captured features) every step for
+    ``mimic-head-monitor``; else every 10**9 steps, i.e. only at step 0 (a warm-up step), as the 50-step
+    default also gives in a run this short."""
     if "mimic_monitor_steps" not in MimicConfig.__dataclass_fields__:
         return {}  # a MimicTrainer without the monitor
     return {"mimic_monitor_steps": 1 if candidate == "mimic-head-monitor" else 10**9}
@@ -447,6 +505,9 @@ def run_candidate(
         _annotate(trainer)
         profiler = PhaseProfiler(warmup)
         trainer.add_callback(profiler)
+    live_heap = LiveHeapSampler() if job.get("live_memory") else None
+    if live_heap is not None:
+        trainer.add_callback(live_heap)
     trainer.add_callback(timer)  # last: its window covers the other callbacks' on_step_end work
     parameters = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
 
@@ -481,6 +542,8 @@ def run_candidate(
     }
     if profiler is not None and profiler.profiler is not None:
         result["profile"] = _profile_summary(profiler.profiler, steps)
+    if live_heap is not None:
+        result["live_growth_mib"] = live_heap.growth_mib
     return result
 
 
@@ -656,6 +719,8 @@ def verdicts(summary: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]
         for candidate, row in rows.items():
             if candidate.startswith("mimic"):
                 checks.append((f"{model_name} {candidate} peak RSS growth", f"≤ {MEMORY_TARGET:.2f}× plain", f"{row['mem_ratio']:.3f}× (total RSS {row['total_mem_ratio']:.3f}×)", row["mem_ratio"] <= MEMORY_TARGET))
+                if "live_ratio" in row:
+                    checks.append((f"{model_name} {candidate} peak live heap growth", f"≤ {MEMORY_TARGET:.2f}× plain", f"{row['live_ratio']:.3f}× ({row['live_growth_mib']:.0f} MiB)", row["live_ratio"] <= MEMORY_TARGET))
         if "vmap" in rows and "mimic-head" in rows:
             ratio = rows["vmap"]["vs_mimic_head"]
             checks.append((f"{model_name} vmap baseline vs mimic-head", f"≥ {VMAP_TARGET:.0f}× slower", f"{ratio:.1f}×", ratio >= VMAP_TARGET))
@@ -731,7 +796,8 @@ def render(summary: dict[str, Any], args: argparse.Namespace, loads: list, sizes
         f"- MimicTrainer: `mimic_record_scores=True` (recording is part of the cost) except in `mimic-head-norec`, "
         f"τ = {TEMPERATURE}, `mimic_alignment_check=False` (it runs once, at step 1, one extra forward pair, and would "
         f"only pollute the warm-up), reference = the student's mimic-layer tensors + N(0, {REFERENCE_NOISE}²) noise as a "
-        "`{name: tensor}` dict. The running alignment monitor (two extra no-grad forwards of the whole model) runs "
+        "`{name: tensor}` dict. The running alignment monitor (for a head mimic layer: the reference head applied to the "
+        "captured features, one matmul and a loss; for other layers two extra no-grad forwards of the whole model) runs "
         "at step 0 only (a warm-up step), except in `mimic-head-monitor`, where it runs at every step "
         "(`mimic_monitor_steps=1`): that candidate's ratio to `mimic-head` is the cost of one monitor call."
     )
@@ -759,6 +825,13 @@ def render(summary: dict[str, Any], args: argparse.Namespace, loads: list, sizes
         "The memory ratio target is judged on this growth; the ratio of total process peak RSS (which includes "
         "~the interpreter, torch and the model) is shown in brackets."
     )
+    if getattr(args, "live_memory", False):
+        add(
+            f"- Live heap: peak RSS also counts pages that malloc keeps after a free, so it moves by tens of MiB with "
+            f"heap fragmentation. One more run per candidate ({args.warmup} warm-up + {LIVE_MEMORY_STEPS} steps, not "
+            "timed) samples glibc's `mallinfo2()` (bytes in use in the main arena + every mmapped chunk) every ~0.2 ms "
+            "on a thread; **peak live heap growth** = its maximum during training − its value at `on_train_begin`."
+        )
     add("")
     add("## Results")
     add("")
@@ -784,6 +857,14 @@ def render(summary: dict[str, Any], args: argparse.Namespace, loads: list, sizes
                 f"{row['time_ratio_of_medians']:.2f}× | {row['peak_growth_mib']:.0f} | "
                 f"{row['mem_ratio']:.2f}× ({row['total_mem_ratio']:.2f}×) | {row['cpu_per_wall']:.2f} |"
             )
+    live = {m: {c: row for c, row in rows.items() if "live_growth_mib" in row} for m, rows in summary.items()}
+    if any(live.values()):
+        add("")
+        add("| model | candidate | peak live heap growth MiB | × plain |")
+        add("| --- | --- | --- | --- |")
+        for model_name, rows in live.items():
+            for candidate, row in rows.items():
+                add(f"| {model_name} | {candidate} | {row['live_growth_mib']:.0f} | {row.get('live_ratio', float('nan')):.2f}× |")
     add("")
     add(
         "How the ratios are formed. In every lockstep round each candidate ran one step, back to back, so a "
@@ -908,12 +989,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", default=None, help="Markdown report (default docs/performance.md; none with --quick)")
     parser.add_argument("--json", default=None, help="also write the raw per-run results as JSON here")
     parser.add_argument("--profile", action="store_true", help="run plain and the MimicTrainer candidates once more under torch.profiler and add a per-phase/op breakdown")
+    parser.add_argument("--live-memory", action=argparse.BooleanOptionalAction, default=None, help="one more untimed run per candidate that samples malloc's live bytes (mallinfo2) for a peak free of allocator noise (default: on, off with --quick)")
     parser.add_argument("--from-json", default=None, help="do not run: re-render the report from a file written by --json")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per child run")
     args = parser.parse_args(argv)
     args.steps = args.steps if args.steps is not None else (3 if args.quick else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
+    args.live_memory = (not args.quick) if args.live_memory is None else args.live_memory
     if args.output is None and not args.quick:
         args.output = str(REPO / "docs" / "performance.md")
     args.models_list = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -964,6 +1047,8 @@ def run_all(args: argparse.Namespace, sizes: dict[str, dict[str, int]], candidat
             if result["unsynchronised_steps"]:
                 line += f"  ({result['unsynchronised_steps']} steps ran without the baton)"
             print(line, flush=True)
+            if "live_growth_mib" in result:
+                print(f"    peak live heap growth {result['live_growth_mib']:.1f} MiB", flush=True)
             if "profile" in result:
                 phases = sorted(result["profile"]["phases"].items(), key=lambda kv: -kv[1])
                 print("    profile: " + ", ".join(f"{k} {v:.1f} ms" for k, v in phases), flush=True)
@@ -989,6 +1074,13 @@ def run_all(args: argparse.Namespace, sizes: dict[str, dict[str, int]], candidat
                 if c != "vmap"
             ]
             run(jobs, -1, f"{model_name} profile")
+        if args.live_memory:
+            jobs = [
+                dict(model_name=model_name, candidate=c, size=sizes[model_name], steps=LIVE_MEMORY_STEPS,
+                     warmup=args.warmup, profile=False, live_memory=True)
+                for c in order
+            ]
+            run(jobs, LIVE_MEMORY_REPEAT, f"{model_name} live heap")
     return results, errors
 
 
@@ -1019,8 +1111,16 @@ def main(argv: list[str] | None = None) -> int:
     timed = [r for r in results if r["repeat"] >= 0]
     summary = summarise(timed, args.models_list, candidates)
     for r in results:
-        if r["repeat"] < 0 and r["candidate"] in summary.get(r["model"], {}):
-            summary[r["model"]][r["candidate"]]["profile"] = r["profile"]
+        row = summary.get(r["model"], {}).get(r["candidate"])
+        if row is not None and "profile" in r:
+            row["profile"] = r["profile"]
+        if row is not None and "live_growth_mib" in r:
+            row["live_growth_mib"] = r["live_growth_mib"]
+    for rows in summary.values():
+        plain_live = rows.get("plain", {}).get("live_growth_mib")
+        for row in rows.values():
+            if plain_live and "live_growth_mib" in row:
+                row["live_ratio"] = row["live_growth_mib"] / plain_live
     print()
     print_table(summary)
     print(f"\n# load average samples (1 min): {[round(load[0], 2) for load in loads]}; elapsed {elapsed:.1f} s")
