@@ -618,7 +618,7 @@ class MimicTrainer(Trainer):
             output_grads = self._output_grads(losses.sum(), capture) if needs_grads else None
         scores = self._sample_scores(outputs, losses, labels, capture, output_grads, model_inputs)
         if monitored:
-            self._monitor(capture, output_grads, *swapped)
+            self._monitor(capture, output_grads, scores.detach(), *swapped)
         logits, fallback = self._softmax_logits(scores.detach())
         coefficients = self._combine(state, logits)
         self._record(state, scores, logits, losses, fallback)
@@ -824,14 +824,19 @@ class MimicTrainer(Trainer):
         self._direction()  # moves the reference tensors next to the parameters
         return self.reference_tensors
 
-    def _score_terms(self, capture: _LinearCapture, output_grads: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two terms of m_i, computed separately: −⟨g_i, θ_ref⟩/‖v‖ (the reference's margin on the student's
-        features, for a head) and ⟨g_i, θ_t⟩/‖v‖ (the student's own margin); they sum to the full score."""
+    def _score_terms(
+        self, capture: _LinearCapture, output_grads: dict[str, torch.Tensor], scores: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two terms of m_i: −⟨g_i, θ_ref⟩/‖v‖ (the reference's margin on the student's features, for a head)
+        and ⟨g_i, θ_t⟩/‖v‖ (the student's own margin); they sum to the full score. ``scores`` is already their sum
+        (with ``mimic_score_terms="reference"``: the reference term), so one more ghost inner product gives both,
+        one extra matmul per mimic layer instead of two."""
         _, norm = self._direction()
-        current = {name: _full_tensor(param.detach()).float() for name, param in self._mimic_parameters().items()}
+        if self.args.mimic_score_terms == "reference":
+            current = {name: _full_tensor(param.detach()).float() for name, param in self._mimic_parameters().items()}
+            return scores, self._ghost_inner(capture, output_grads, current) / norm
         reference_term = -self._ghost_inner(capture, output_grads, self._reference_on_device()) / norm
-        self_term = self._ghost_inner(capture, output_grads, current) / norm
-        return reference_term, self_term
+        return reference_term, scores - reference_term
 
     # ------------------------------------------------------------------ weights
 
@@ -1138,8 +1143,8 @@ class MimicTrainer(Trainer):
             interval = int(steps) if self.args.logging_strategy == "steps" and steps >= 1 else 50
         return self.state.global_step % interval == 0
 
-    def _monitor(self, capture: _LinearCapture, output_grads: dict[str, torch.Tensor], own: torch.Tensor,
-                 with_reference: torch.Tensor) -> None:
+    def _monitor(self, capture: _LinearCapture, output_grads: dict[str, torch.Tensor], scores: torch.Tensor,
+                 own: torch.Tensor, with_reference: torch.Tensor) -> None:
         """The running alignment monitor (first micro-batch of a monitored step).
 
         Logs the two terms of the score and the loss of the reference's mimic layers applied to the student's
@@ -1148,7 +1153,7 @@ class MimicTrainer(Trainer):
         eval-mode forwards (`_swapped_losses`). When the self term drives the ranking
         (its spread over the batch exceeds the reference term's) for several monitored steps in a row, warns once.
         """
-        reference_term, self_term = self._score_terms(capture, output_grads)
+        reference_term, self_term = self._score_terms(capture, output_grads, scores)
         finite = torch.isfinite(reference_term) & torch.isfinite(self_term)
         if not finite.any():  # ‖v‖ = 0: no direction, no terms (the step falls back to uniform weights)
             return

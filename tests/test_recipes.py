@@ -148,10 +148,11 @@ def test_monitor_warns_when_the_self_term_dominates(tmp_path, digits):
 def test_monitor_losses_match_the_swapped_model(tmp_path, monkeypatch, case):
     """The monitor's reference loss is the student with its mimic layer swapped for the reference, on this
     batch; its student loss is the student's own. A head reads both off the training forward (in chunks of
-    samples), an inner layer runs two forwards: both must match the swapped model computed here."""
+    samples), an inner layer runs two forwards: both must match the swapped model computed here. The two score
+    terms must match torch.func per-sample gradients: −⟨g_i, θ_ref⟩/‖v‖ and ⟨g_i, θ⟩/‖v‖, batch means."""
     import hf_gradmimic.trainer as trainer_module
     from hf_gradmimic.losses import per_sample_loss
-    from tiny_models import TinyMLP, lm_dataset, mlp_dataset, tiny_gpt2
+    from tiny_models import TinyMLP, lm_dataset, mlp_dataset, per_sample_grads, tiny_gpt2
 
     make_model, data, layer = {
         "mlp-head": (TinyMLP, mlp_dataset(n=16), "head"),
@@ -171,6 +172,14 @@ def test_monitor_losses_match_the_swapped_model(tmp_path, monkeypatch, case):
         own = per_sample_loss(model, model(**batch), labels).mean()
         swapped = torch.func.functional_call(model, reference, args=(), kwargs=batch, strict=False)
         expected = per_sample_loss(model, swapped, labels).mean()
+    terms = None
+    if case.startswith("mlp"):
+        grads = per_sample_grads(model, data, names)
+        norm = torch.sqrt(sum((reference[n] - params[n].detach()).square().sum() for n in names))
+        terms = {
+            "reference_term": -sum((grads[n] * reference[n]).flatten(1).sum(1) for n in names).mean() / norm,
+            "self_term": sum((grads[n] * params[n].detach()).flatten(1).sum(1) for n in names).mean() / norm,
+        }
     args = MimicConfig(output_dir=str(tmp_path), mimic_layers=[layer], max_steps=1, per_device_train_batch_size=16,
                        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
                        mimic_alignment_check=False)
@@ -181,3 +190,5 @@ def test_monitor_losses_match_the_swapped_model(tmp_path, monkeypatch, case):
     assert entry["mimic/monitor_student_loss"] == pytest.approx(float(own), rel=1e-5)
     assert abs(float(expected) - float(own)) > 1e-3  # the swap changed the loss: the test can tell them apart
     assert trainer._head_outputs_logits is (layer != "hidden")
+    for key, value in (terms or {}).items():
+        assert entry[f"mimic/monitor_{key}"] == pytest.approx(float(value), rel=1e-4, abs=1e-6), key
