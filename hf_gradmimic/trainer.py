@@ -224,13 +224,14 @@ class _BackwardFrom(torch.autograd.Function):
         grad, ctx.pending.grad = ctx.pending.grad, None
         if grad is None:
             raise RuntimeError("MimicTrainer's loss was backpropagated twice, or before its logits' gradient was set.")
-        return grad.mul_(upstream.to(grad.dtype)), None
+        return grad.mul_(upstream), None
 
 
 def _scale_per_sample(tensor: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
-    """``tensor[i] * coefficients[i]``, in place when the layout allows (the tensor can be vocabulary-sized)."""
-    scale = coefficients.detach().to(tensor.dtype).view(-1, *([1] * (tensor.dim() - 1)))
-    return tensor.mul_(scale) if tensor.is_contiguous() else tensor * scale
+    """``tensor[i] * coefficients[i]``, in place when the layout allows (the tensor can be vocabulary-sized).
+    The product is formed in the coefficients' float32 and rounded once to the tensor's dtype (bf16 logits)."""
+    scale = coefficients.detach().view(-1, *([1] * (tensor.dim() - 1)))
+    return tensor.mul_(scale) if tensor.is_contiguous() else (tensor * scale).to(tensor.dtype)
 
 
 def _softmax_or_zero(logits: torch.Tensor) -> torch.Tensor:
