@@ -251,6 +251,8 @@ class _StepState:
     micro_batches: int = 0
     all_logits: list[torch.Tensor] = field(default_factory=list)  # every rank's, "step" normalisation only
     all_rows: list[torch.Tensor] = field(default_factory=list)  # every rank's rows, −inf padded, per micro-batch
+    all_scores: list[torch.Tensor] = field(default_factory=list)  # every rank's, aligned with all_rows
+    all_losses: list[torch.Tensor] = field(default_factory=list)  # every rank's, aligned with all_rows
     rows: list[torch.Tensor] = field(default_factory=list)
     scores: list[torch.Tensor] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
@@ -621,7 +623,7 @@ class MimicTrainer(Trainer):
         if monitored:
             self._monitor(capture, output_grads, scores.detach(), *swapped)
         logits, fallback = self._softmax_logits(scores.detach())
-        coefficients = self._combine(state, logits)
+        coefficients = self._combine(state, logits, scores, losses)
         self._record(state, scores, logits, losses, fallback)
         if from_logits:
             del output_grads  # the head's entry is prediction_grad, scaled in place next
@@ -653,7 +655,7 @@ class MimicTrainer(Trainer):
         selected = selected.sort().values
         logits = torch.full_like(scores, -math.inf)
         logits[selected] = 0.0
-        coefficients = self._combine(state, logits)
+        coefficients = self._combine(state, logits, scores, losses)
         self._record(state, scores, logits, losses, ~torch.isfinite(scores).all())
         self.scorer.observe(self._last_context, (logits == 0).float() / len(selected))
         self._last_context = None  # it holds the batch's activations and gradients
@@ -867,27 +869,34 @@ class MimicTrainer(Trainer):
             logits = scores / self.args.mimic_temperature
         return torch.where(fallback, torch.zeros_like(scores), logits), fallback
 
-    def _gather_across_ranks(self, logits: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Softmax logits and sample rows of the whole micro-batch, rank after rank, each rank padded to the
-        longest with −inf (a logit of −inf adds nothing to the softmax; a row of −inf marks padding)."""
+    def _gather_across_ranks(self, *columns: torch.Tensor) -> list[torch.Tensor]:
+        """Per-sample columns of the whole micro-batch (softmax logits, sample rows, scores, losses), rank after
+        rank, in float64, each rank padded to the longest with −inf (a logit of −inf adds nothing to the
+        softmax; a row of −inf marks padding)."""
+        device = columns[0].device
         if self.accelerator.num_processes == 1:
-            return logits, rows.double()
-        # One collective for both; float64 holds row indices exactly up to 2**53.
-        packed = torch.stack([logits.double(), rows.to(logits.device, torch.float64)], dim=1)
+            return [column.to(device, torch.float64) for column in columns]
+        # One collective for all; float64 holds row indices exactly up to 2**53.
+        packed = torch.stack([column.to(device, torch.float64) for column in columns], dim=1)
         packed = self.accelerator.pad_across_processes(packed, dim=0, pad_index=-math.inf)
-        gathered = self.accelerator.gather(packed)
-        return gathered[:, 0].to(logits.dtype), gathered[:, 1]
+        return list(self.accelerator.gather(packed).unbind(dim=1))
 
     def _trainable_grads(self, scope: str) -> list[torch.Tensor]:
         params = self._mimic_parameters().values() if scope == "layer" else self.model.parameters()
         return [_local_tensor(p.grad) for p in params if p.grad is not None]
 
-    def _combine(self, state: _StepState, logits: torch.Tensor) -> torch.Tensor:
+    def _combine(self, state: _StepState, logits: torch.Tensor, scores: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
         """Adds a micro-batch's softmax logits to the step; returns each local sample's coefficient c_i, so that
         backward of Σ_i c_i ℓ_i (averaged over ranks by DDP/FSDP) accumulates Σ_i w_i ∇ℓ_i. A logit of −inf
-        (excluded or unselected sample, or padding) has weight 0."""
-        all_logits, all_rows = self._gather_across_ranks(logits, self._current_rows)
+        (excluded or unselected sample, or padding) has weight 0. Every rank's scores and losses travel in the
+        same collective, for the step's metrics."""
+        all_logits, all_rows, all_scores, all_losses = self._gather_across_ranks(
+            logits, self._current_rows, scores.detach(), losses.detach()
+        )
+        all_logits = all_logits.to(logits.dtype)
         state.all_rows.append(all_rows)
+        state.all_scores.append(all_scores)
+        state.all_losses.append(all_losses)
         state.micro_batches += 1
         if self.args.mimic_normalize == "micro":
             weights = _softmax_or_zero(logits)
@@ -949,18 +958,21 @@ class MimicTrainer(Trainer):
         mimic_scores = torch.cat(state.scores).float().cpu().numpy()
         losses = torch.cat(state.losses).float().cpu().numpy()
         rows = torch.cat(state.rows).numpy()
+        real = torch.isfinite(torch.cat(state.all_rows))  # drop the padding of uneven ranks
         if self.args.mimic_normalize == "micro":
             weights = torch.cat(state.weights).float().cpu().numpy()
             batch_sizes = np.concatenate([np.full(len(r), len(r)) for r in state.rows])
             ess_fraction = float(np.mean([1.0 / w.square().sum().item() / len(w) for w in state.weights if w.sum() > 0]))
+            weighted_loss = float((weights * losses).sum() / max(weights.sum(), 1e-30))  # this rank's micro-batches
         else:
             total = torch.clamp(state.running_sum, min=torch.finfo(state.running_sum.dtype).tiny)
             shift = _finite_or_zero(state.running_max)
             weights = torch.exp(torch.cat(state.logits) - shift).div(total).float().cpu().numpy()
-            real = torch.isfinite(torch.cat(state.all_rows))  # drop the padding of uneven ranks
             all_weights = torch.exp(torch.cat(state.all_logits)[real] - shift) / total
             batch_sizes = np.full(len(rows), int(real.sum()))
             ess_fraction = float(1.0 / all_weights.square().sum() / real.sum())
+            step_losses = torch.cat(state.all_losses)[real]
+            weighted_loss = float((all_weights * step_losses).sum() / torch.clamp(all_weights.sum(), min=1e-30))
         fallback_batches = int(torch.stack(state.fallbacks).sum().item())
         self.fallback_count += fallback_batches
         if fallback_batches:
@@ -982,7 +994,8 @@ class MimicTrainer(Trainer):
                 batch_size=batch_sizes,
                 repeated=self._repeated_flags(state),
             )
-        finite = mimic_scores[np.isfinite(mimic_scores)]
+        step_scores = torch.cat(state.all_scores)[real].cpu().numpy()  # every rank's samples of the step
+        finite = step_scores[np.isfinite(step_scores)]
         norm = self._direction_cache[2] if self._direction_cache else float("nan")
         self._direction_cache = None  # v is as large as the mimic layers (vocabulary × hidden for an lm_head)
         self._metrics["mimic/score_mean"].append(float(finite.mean()) if finite.size else float("nan"))
@@ -990,7 +1003,7 @@ class MimicTrainer(Trainer):
         self._metrics["mimic/frac_positive"].append(float((finite > 0).mean()) if finite.size else float("nan"))
         self._metrics["mimic/ess_fraction"].append(ess_fraction)
         self._metrics["mimic/direction_norm"].append(float(norm))
-        self._metrics["mimic/weighted_loss"].append(float((weights * losses).sum() / max(weights.sum(), 1e-30)))
+        self._metrics["mimic/weighted_loss"].append(weighted_loss)
         self._metrics["mimic/fallback_count"].append(float(self.fallback_count))
 
     def _repeated_flags(self, state: _StepState) -> np.ndarray:

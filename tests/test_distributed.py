@@ -180,6 +180,35 @@ def test_two_processes_match_one_process_batch(ddp_runs, single_process_mlp, tmp
     assert (records(ddp_runs / "2x2x8").batch_size == 32).all()
 
 
+STEP_METRICS = ("score_mean", "score_std", "frac_positive", "weighted_loss", "ess_fraction")
+
+
+def logged_metrics(output_dir: Path) -> dict[int, dict[str, float]]:
+    entries = json.loads((output_dir / "run_info.json").read_text())["metrics"]
+    return {entry["step"]: {key: entry[f"mimic/{key}"] for key in STEP_METRICS} for entry in entries}
+
+
+def assert_same_metrics(got_dir: Path, expected_dir: Path, atol: float = 1e-7) -> None:
+    """The logged `mimic/*` step metrics agree step by step; the score mean is the mean of all ranks' records."""
+    got, expected = logged_metrics(got_dir), logged_metrics(expected_dir)
+    assert sorted(got) == sorted(expected) and got
+    table = records(got_dir)
+    for step, metrics in got.items():
+        for key in STEP_METRICS:
+            assert metrics[key] == pytest.approx(expected[step][key], rel=1e-4, abs=atol), (got_dir.name, step, key)
+        scores = table[table.global_step == step].mimic_score.to_numpy()
+        assert metrics["score_mean"] == pytest.approx(float(scores.mean()), rel=1e-5, abs=1e-8)
+
+
+def test_logged_metrics_cover_every_rank(ddp_runs, single_process_mlp):
+    """The main process logs `mimic/*` of the whole step, both ranks' samples, as one process with the
+    whole batch logs them."""
+    assert sorted(logged_metrics(single_process_mlp / "1x32")) == [1, 2, 3, 4, 5]
+    for name in ("2x16", "2x2x8"):
+        assert len(records(ddp_runs / name)) == 5 * 32
+        assert_same_metrics(ddp_runs / name, single_process_mlp / "1x32")
+
+
 def test_layer_scope_two_processes_match_one_process(ddp_runs, tmp_path):
     """`mimic_reweight_scope="layer"`: the mimic layers get the step-wide softmax weights, the rest the
     plain mean gradient, which DDP's average over ranks turns into the mean over all 32 samples."""
@@ -276,10 +305,11 @@ def test_fsdp2_matches_one_process(tmp_path):
     run(bert_spec(tmp_path / "1x32"))
     for name in ("2x16", "2x4x4"):
         info = json.loads((tmp_path / name / "run_info.json").read_text())
-        assert info == {"distributed_type": str(DistributedType.FSDP), "num_processes": 2,
-                        "mimic_weight_type": "DTensor"}
+        assert {key: info[key] for key in ("distributed_type", "num_processes", "mimic_weight_type")} == {
+            "distributed_type": str(DistributedType.FSDP), "num_processes": 2, "mimic_weight_type": "DTensor"}
         assert_two_ranks(tmp_path / name, per_rank=16)
         assert_same_run(tmp_path / name, tmp_path / "1x32")
+        assert_same_metrics(tmp_path / name, tmp_path / "1x32", atol=1e-5)
 
 
 def deepspeed(stage: int) -> SimpleNamespace:

@@ -131,6 +131,7 @@ def run(spec: dict[str, Any], before_train: Optional[Callable[[Any], None]] = No
         "distributed_type": str(trainer.accelerator.distributed_type),
         "num_processes": trainer.accelerator.num_processes,
         "mimic_weight_type": type(layer.weight).__name__,  # DTensor when FSDP2 shards it
+        "metrics": [entry for entry in trainer.state.log_history if "mimic/score_mean" in entry],
     }
     # Under FSDP2 the parameters are DTensor shards: full_tensor() all-gathers them, on every rank.
     params = {
