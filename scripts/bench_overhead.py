@@ -215,7 +215,6 @@ class PerSampleGradTrainer(Trainer):
 
         model.train()
         inputs = self._prepare_inputs(inputs)
-        names = [name for name, param in model.named_parameters() if param.requires_grad]
         params = {name: param.detach() for name, param in model.named_parameters() if param.requires_grad}
         buffers = dict(model.named_buffers())
 
