@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import BertConfig, BertForSequenceClassification
 from transformers.trainer_pt_utils import LabelSmoother
 
 from hf_gradmimic.losses import per_sample_loss, token_loss
 from hf_gradmimic.reference import ReferenceError, load_reference_tensors
+from tiny_models import tiny_gpt2
 
 
 def tiny_bert():
@@ -53,9 +54,8 @@ def test_reference_from_file_module_and_prefixed_keys(tmp_path):
 
 
 def test_causal_lm_per_sample_loss_matches_the_models_own_loss_per_row():
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=16)).eval()
-    ids = torch.randint(0, 50, (3, 9))
+    model = tiny_gpt2().eval()
+    ids = torch.randint(0, model.config.vocab_size, (3, 9))
     labels = ids.clone()
     labels[1, 5:] = -100
     outputs = model(input_ids=ids)
