@@ -7,11 +7,14 @@ from typing import Optional
 
 from transformers import TrainingArguments
 
+from .filter import METHODS as FILTER_METHOD_CHOICES
+from .scorers import MODES as MODE_CHOICES
+from .scorers import SCORE_TERMS as SCORE_TERMS_CHOICES
+from .scorers import SCORERS
+
 NORMALIZE_CHOICES = ("step", "micro")
 REWEIGHT_SCOPE_CHOICES = ("all", "layer")
-SCORE_TERMS_CHOICES = ("full", "reference")
-SCORER_CHOICES = ("mimic", "grand", "agra", "rho_loss", "bayesian")
-MODE_CHOICES = ("reweight", "select")
+SCORER_CHOICES = tuple(SCORERS)
 
 
 def parse_layer_map(mimic_layers: list[str] | dict[str, str] | str | None) -> dict[str, str]:
@@ -70,9 +73,11 @@ class MimicConfig(TrainingArguments):
     mimic_layers: Optional[list[str]] = field(
         default_factory=lambda: ["classifier"],
         metadata={
-            "help": "Student modules (each an `nn.Linear`) whose gradients are compared with the reference, e.g. "
-            "`classifier`. For a head renamed in the reference, give `student=reference` (or a dict in Python). "
-            "Several layers give one score over their concatenated parameters."
+            "help": "Student modules whose gradients are compared with the reference, e.g. `classifier`: "
+            "`nn.Linear`, transformers' `Conv1D` or `nn.Embedding` (hf_gradmimic.ghost lists the supported types). "
+            "A tensor another module shares (a tied lm_head) counts every use. For a head renamed in the reference, "
+            "give `student=reference` (or a dict in Python). Several layers give one score over their "
+            "concatenated parameters."
         },
     )
     mimic_temperature: float = field(
@@ -146,7 +151,9 @@ class MimicConfig(TrainingArguments):
         },
     )
     mimic_filter_method: str = field(
-        default="gmm", metadata={"help": "Identification used by the running filter metric (see `build_filter`)."}
+        default="gmm",
+        metadata={"help": "Identification used by the running filter metric (see `build_filter`).",
+                  "choices": list(FILTER_METHOD_CHOICES)},
     )
     mimic_scorer: str = field(
         default="mimic",
@@ -176,6 +183,35 @@ class MimicConfig(TrainingArguments):
     mimic_zero_shot_column: Optional[str] = field(
         default=None, metadata={"help": "For `bayesian`: a column of zero-shot logits per sample (paid once)."}
     )
+    mimic_agra_threshold: float = field(
+        default=0.0,
+        metadata={"help": "For `agra`: a sample is excluded from the update when the cosine of its gradient with the "
+                  "comparison batch's mean gradient is at or below this (the authors use 0)."},
+    )
+    mimic_bayesian_alpha: float = field(
+        default=0.5,
+        metadata={"help": "For `bayesian`: α, the weight of the posterior's expected log-likelihood against the "
+                  "zero-shot log-probability (1 − α), in [0, 1]."},
+    )
+    mimic_bayesian_num_effective_data: Optional[float] = field(
+        default=None,
+        metadata={"help": "For `bayesian`: N, the effective data size scaling the Laplace precision. Default: the "
+                  "training set's size."},
+    )
+    mimic_bayesian_prior_precision: float = field(
+        default=1.0, metadata={"help": "For `bayesian`: λ, the Gaussian prior's precision (> 0)."}
+    )
+    mimic_bayesian_momentum: float = field(
+        default=0.99, metadata={"help": "For `bayesian`: ρ, the moving-average momentum of the Kronecker factors, in [0, 1)."}
+    )
+    mimic_bayesian_num_samples: int = field(
+        default=256, metadata={"help": "For `bayesian`: S, the posterior logit samples per candidate."}
+    )
+    mimic_bayesian_exact_covariance: bool = field(
+        default=False,
+        metadata={"help": "For `bayesian`: sample the posterior's own covariance U⁻¹ instead of the authors' "
+                  "(L_UᵀL_U)⁻¹ (equal only for a diagonal U)."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -189,6 +225,7 @@ class MimicConfig(TrainingArguments):
             ("mimic_score_terms", self.mimic_score_terms, SCORE_TERMS_CHOICES),
             ("mimic_scorer", self.mimic_scorer, SCORER_CHOICES),
             ("mimic_mode", self.mimic_mode, MODE_CHOICES + (None,)),
+            ("mimic_filter_method", self.mimic_filter_method, FILTER_METHOD_CHOICES),
         ):
             if value not in choices:
                 raise ValueError(f"`{name}` must be one of {tuple(c for c in choices if c)}; got {value!r}.")
@@ -197,7 +234,7 @@ class MimicConfig(TrainingArguments):
         if self.mimic_monitor_steps < 0:
             raise ValueError(f"`mimic_monitor_steps` must be >= 0; got {self.mimic_monitor_steps}.")
         if not parse_layer_map(self.mimic_layers):
-            raise ValueError("`mimic_layers` is empty: name at least one `nn.Linear` module of the student, e.g. ['classifier'].")
+            raise ValueError("`mimic_layers` is empty: name at least one module of the student, e.g. ['classifier'].")
 
     @property
     def mimic_layer_map(self) -> dict[str, str]:

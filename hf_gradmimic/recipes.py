@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .losses import logits_of
-from .reference import REFERENCE_WEIGHTS_NAME, resolve_mimic_layers
+from .reference import REFERENCE_WEIGHTS_NAME
+from .training.mimic_layers import resolve_mimic_layers
 
 
 

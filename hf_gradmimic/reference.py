@@ -1,4 +1,4 @@
-"""Reference tensors for the mimic layers, and resolution of the mimic layers on the student.
+"""Reading the reference's mimic-layer tensors: only those tensors, from a file, a folder, the Hub, a model or a dict.
 
 Only the tensors of the mimic layers are read, never the whole reference model: from a
 safetensors checkpoint (one file, or sharded with ``model.safetensors.index.json``) the index says
@@ -27,36 +27,6 @@ ReferenceSource = Union[str, os.PathLike, nn.Module, Mapping[str, torch.Tensor]]
 
 class ReferenceError(ValueError):
     """The reference does not provide what the mimic layers need."""
-
-
-def resolve_mimic_layers(model: nn.Module, layer_names: list[str]) -> dict[str, nn.Linear]:
-    """Find each named module on the (unwrapped) student; each must be an ``nn.Linear``."""
-    modules = dict(model.named_modules())
-    resolved: dict[str, nn.Linear] = {}
-    for name in layer_names:
-        module = modules.get(name)
-        if module is None:
-            linear_names = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-            close = difflib.get_close_matches(name, linear_names, n=5, cutoff=0.4) or linear_names[-5:]
-            raise ReferenceError(
-                f"Mimic layer {name!r} not found in {type(model).__name__}. Close `nn.Linear` names: {close}."
-            )
-        if not isinstance(module, nn.Linear):
-            raise ReferenceError(
-                f"Mimic layer {name!r} is a {type(module).__name__}; Grad-Mimic's ghost scores need an `nn.Linear`."
-            )
-        resolved[name] = module
-    return resolved
-
-
-def reference_tensor_names(layer_map: Mapping[str, str], layers: Mapping[str, nn.Linear]) -> dict[str, str]:
-    """``{student_param_name: reference_tensor_name}`` for the weight (and bias) of each mimic layer."""
-    names = {}
-    for student, reference in layer_map.items():
-        names[f"{student}.weight"] = f"{reference}.weight"
-        if layers[student].bias is not None:
-            names[f"{student}.bias"] = f"{reference}.bias"
-    return names
 
 
 def _match_key(wanted: str, available: list[str]) -> str | None:

@@ -25,7 +25,7 @@ from accelerate.utils import DistributedType
 
 from dist_scripts.mimic_worker import build, run
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
-from hf_gradmimic.trainer import check_supported_setup, last_complete_checkpoint
+from hf_gradmimic.training.checks import check_supported_setup, last_complete_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_scripts" / "mimic_worker.py"
@@ -366,14 +366,14 @@ def test_bf16_scores_are_fp32_and_close_to_an_fp32_run(tmp_path):
 
     def spy_on_scores(name):
         def install(trainer):
-            mimic_scores = trainer._mimic_scores
+            score = trainer.scorer.score
 
-            def spy(capture, output_grads):
-                scores = mimic_scores(capture, output_grads)
-                dtypes[name].add((next(iter(output_grads.values())).dtype, scores.dtype))
+            def spy(ctx):
+                scores = score(ctx)
+                dtypes[name].add((ctx.ghost.uses[0].output_grads.dtype, scores.dtype))
                 return scores
 
-            trainer._mimic_scores = spy
+            trainer.scorer.score = spy
 
         return install
 

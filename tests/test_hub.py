@@ -332,7 +332,7 @@ def test_reference_tensors_from_a_sharded_hub_checkpoint(hub_server: HubServer, 
                        mimic_alignment_check=False, **TRAIN_ARGS)
     trainer = MimicTrainer(model=_tiny_bert_classifier(seed=0).train(), args=args, train_dataset=train)
     for name in names:
-        assert torch.equal(trainer.reference_tensors[name], pinned[name])
+        assert torch.equal(trainer.scorer.reference[name], pinned[name])
     trainer.train()
     scores = load_scores(args.output_dir)
     assert sorted(scores["sample_id"]) == list(range(8))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hf_gradmimic.ghost import GhostBatch
 from hf_gradmimic.scorers import (
     SCORERS,
     AgraScorer,
@@ -120,8 +121,8 @@ def context_for(case: str, batch: int = 9, seed: int = 0):
     x, mask, labels = make_batch(kind, batch, seed)
     losses, logits, acts, grads = captured(model, layers, x, mask, labels)
     ctx = ScoreContext(
-        losses=losses, logits=logits, labels=labels, layers={n: getattr(model, n) for n in layers},
-        activations=acts, output_grads=grads,
+        losses=losses, logits=logits, labels=labels, activations=acts,
+        ghost=GhostBatch.from_layers({n: getattr(model, n) for n in layers}, acts, grads),
     )
     return model, (x, mask, labels), ctx
 
@@ -132,7 +133,7 @@ def context_for(case: str, batch: int = 9, seed: int = 0):
 @pytest.mark.parametrize("case", list(CASES))
 def test_grand_matches_per_sample_gradient_norms(case):
     model, batch, ctx = context_for(case)
-    layers = list(ctx.layers)
+    layers = [use.name for use in ctx.ghost.uses]
     expected = oracle_grads(model, param_names(model, layers), *batch).norm(dim=1)
     scorer = get_scorer("grand")
     assert scorer.needs_output_grads
@@ -142,12 +143,12 @@ def test_grand_matches_per_sample_gradient_norms(case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_agra_cosine_matches_per_sample_gradients(case):
     model, batch, ctx = context_for(case, batch=9, seed=0)
-    layers = list(ctx.layers)
+    layers = [use.name for use in ctx.ghost.uses]
     names = param_names(model, layers)
     # The comparison batch: another draw from the same distribution.
     x_c, mask_c, labels_c = make_batch(CASES[case][0], 13, seed=1)
     _, _, acts_c, grads_c = captured(model, layers, x_c, mask_c, labels_c)
-    comparison = comparison_gradient(ctx.layers, acts_c, grads_c)
+    comparison = comparison_gradient(GhostBatch.from_layers({n: getattr(model, n) for n in layers}, acts_c, grads_c))
     assert sorted(comparison) == sorted(names)
 
     # Its mean gradient is the plain gradient of the comparison batch's mean loss.
@@ -167,7 +168,7 @@ def test_agra_cosine_matches_per_sample_gradients(case):
 
 def test_mimic_scorer_matches_per_sample_gradients():
     model, batch, ctx = context_for("3d-padded-bias")
-    names = param_names(model, list(ctx.layers))
+    names = param_names(model, [use.name for use in ctx.ghost.uses])
     generator = torch.Generator().manual_seed(3)
     params = dict(model.named_parameters())
     ctx.direction = {n: torch.randn(params[n].shape, generator=generator) for n in names}

@@ -11,9 +11,11 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
+from hf_gradmimic.ghost import UnsupportedLayerError
 from hf_gradmimic.reference import ReferenceError
 from tiny_models import (
-    TinyMLP, TinySeq, lm_dataset, mlp_dataset, oracle_mimic_scores, per_sample_grads, seq_dataset, tiny_gpt2,
+    TinyMLP, TinySeq, lm_dataset, mlp_dataset, oracle_mimic_scores, oracle_scores_from_grads, per_sample_grads,
+    per_sample_lm_grads, seq_dataset, tiny_gpt2,
 )
 
 COMMON = dict(
@@ -38,7 +40,7 @@ def mimic_config(tmp_path, **overrides) -> MimicConfig:
 
 def perturbed_reference(model, names, scale=0.5, seed=1) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     return {n: params[n].detach() + scale * torch.randn(params[n].shape, generator=generator) for n in names}
 
 
@@ -59,6 +61,7 @@ CASES = {
     "2d-two-layers": (lambda: TinyMLP(), mlp_dataset, ["hidden", "head"], True),
     "3d-padded-inner": (lambda: TinySeq(), seq_dataset, ["proj"], True),
     "3d-padded-two-layers": (lambda: TinySeq(), seq_dataset, ["proj", "head"], True),
+    "3d-embedding": (lambda: TinySeq(), seq_dataset, ["embed"], False),
 }
 
 
@@ -80,6 +83,30 @@ def test_scores_match_per_sample_gradient_oracle(tmp_path, case):
     weights = np.array([got[i][1] for i in range(16)])
     logits = expected / 0.5
     np.testing.assert_allclose(weights, np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum(), rtol=1e-4)
+
+
+LM_CASES = {
+    "gpt2-conv1d-inner": (lambda: tiny_gpt2(dropout=0.0), ["transformer.h.1.attn.c_attn"]),
+    "gpt2-embedding-untied": (lambda: tiny_gpt2(dropout=0.0), ["transformer.wte"]),
+    "gpt2-tied-lm-head": (lambda: tiny_gpt2(dropout=0.0, tied=True), ["lm_head"]),
+}
+
+
+@pytest.mark.parametrize("case", list(LM_CASES))
+def test_language_model_scores_match_per_sample_gradient_oracle(tmp_path, case):
+    """GPT-2's Conv1D blocks, its token embedding, and a tied lm_head (whose tensor is also the token embedding:
+    its per-sample gradient sums both uses) against vmap-of-grad per-sample gradients of the tensor."""
+    make_model, layers = LM_CASES[case]
+    model, data = make_model(), lm_dataset(n=16)
+    names = [f"{layer}.{local}" for layer in layers for local, _ in model.get_submodule(layer).named_parameters(recurse=False)]
+    reference = perturbed_reference(model, names, scale=0.1)
+    expected = oracle_scores_from_grads(per_sample_lm_grads(copy.deepcopy(model), data, names), model, reference)
+    trainer = MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=layers), train_dataset=data, reference=reference)
+    if case == "gpt2-tied-lm-head":
+        assert trainer.mimic_layers.shared == {"lm_head.weight": ["lm_head", "transformer.wte"]}
+    trainer.train()
+    got = recorded_scores(tmp_path)
+    np.testing.assert_allclose([got[i][0] for i in range(16)], expected, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("scope", ["all", "layer"])
@@ -216,8 +243,10 @@ def test_construction_errors_name_the_problem(tmp_path):
         mimic_config(tmp_path, mimic_layers=[])
     with pytest.raises(ReferenceError, match=r"'haed' not found.*'head'"):
         MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["haed"]), train_dataset=data, reference=ref)
-    with pytest.raises(ReferenceError, match="'embed' is a Embedding.*nn.Linear"):
-        MimicTrainer(model=TinySeq(), args=mimic_config(tmp_path, mimic_layers=["embed"]), train_dataset=seq_dataset(), reference=ref)
+    normed = TinyMLP()
+    normed.norm = torch.nn.LayerNorm(4)  # a module type without a ghost rule
+    with pytest.raises(UnsupportedLayerError, match=r"'norm' is a torch.nn.modules.normalization.LayerNorm.*Supported layer types:.*Linear"):
+        MimicTrainer(model=normed, args=mimic_config(tmp_path, mimic_layers=["norm"]), train_dataset=data, reference=ref)
     bad_shape = {"head.weight": torch.zeros(5, 16), "head.bias": torch.zeros(5)}
     with pytest.raises(ValueError, match=r"shape \(5, 16\).*'head.weight'.*\(4, 16\)"):
         MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["head"]), train_dataset=data, reference=bad_shape)
@@ -326,7 +355,9 @@ SINGLE_BACKWARD_CASES = {
     "mlp-inner": (TinyMLP, mlp_dataset, ["hidden"]),
     "seq-inner-and-head": (TinySeq, seq_dataset, ["proj", "head"]),
     "gpt2-lm-head": (tiny_gpt2, lm_dataset, ["lm_head"]),
-    "gpt2-inner": (tiny_gpt2, lm_dataset, ["transformer.h.1.attn.c_attn"]),
+    "gpt2-inner-conv1d": (tiny_gpt2, lm_dataset, ["transformer.h.1.attn.c_attn"]),
+    "gpt2-tied-lm-head": (lambda: tiny_gpt2(tied=True), lm_dataset, ["lm_head"]),
+    "seq-embedding": (TinySeq, seq_dataset, ["embed"]),
 }
 
 
@@ -341,13 +372,7 @@ def test_single_backward_from_the_logits_equals_backward_of_the_weighted_loss(tm
     trained = {}
     for path in ("from_logits", "general"):
         model = make_model()
-        if case == "gpt2-inner":  # GPT-2's blocks use Conv1D; swap one for the equivalent nn.Linear
-            conv = model.transformer.h[1].attn.c_attn
-            linear = torch.nn.Linear(conv.weight.shape[0], conv.weight.shape[1])
-            linear.weight.data.copy_(conv.weight.t())
-            linear.bias.data.copy_(conv.bias)
-            model.transformer.h[1].attn.c_attn = linear
-        names = [n for n, _ in model.named_parameters() if any(n.startswith(f"{layer}.") for layer in layers)]
+        names = [f"{layer}.{local}" for layer in layers for local, _ in model.get_submodule(layer).named_parameters(recurse=False)]
         reference = perturbed_reference(model, names, scale=0.1)
         loss_fn = None if path == "from_logits" else (lambda outputs, inputs, m=model: per_sample_loss(m, outputs, inputs["labels"]))
         args = mimic_config(

@@ -98,3 +98,39 @@ def test_combinations_that_make_no_sense_are_refused(tmp_path, overrides, messag
     data = mlp_dataset(n=8).add_column("z", [[0.0] * 4] * 8)
     with pytest.raises(ValueError, match=message):
         MimicTrainer(model=TinyMLP(), args=config(tmp_path, **overrides), train_dataset=data)
+
+
+@pytest.mark.timeout(300)
+def test_bayesian_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path):
+    """SIGKILL at the end of step 5 of a 7-step Bayesian-selection run, resumed from checkpoint-4: the Laplace
+    factors and the noise generator come back from the checkpoint, so scores, selections and parameters equal an
+    uninterrupted run's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dist_scripts.killed_run import bayesian_trainer
+
+    worker = Path(__file__).parent / "dist_scripts" / "killed_run.py"
+    killed = subprocess.run([sys.executable, str(worker), str(tmp_path / "resumed"), "5"], capture_output=True, timeout=240)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    assert (tmp_path / "resumed" / "checkpoint-4" / "mimic_scorer.pt").is_file()
+    assert not (tmp_path / "resumed" / "checkpoint-6").exists()
+    resumed = bayesian_trainer(str(tmp_path / "resumed"))
+    resumed.train(resume_from_checkpoint=True)
+    uninterrupted = bayesian_trainer(str(tmp_path / "uninterrupted"))
+    uninterrupted.train()
+
+    key = ["global_step", "sample_id"]
+    got = load_scores(tmp_path / "resumed").to_pandas().sort_values(key)
+    expected = load_scores(tmp_path / "uninterrupted").to_pandas().sort_values(key)
+    assert len(got) == len(expected) == 7 * 16 and not got.duplicated(key).any()
+    np.testing.assert_array_equal(got[key].values, expected[key].values)
+    np.testing.assert_allclose(got.mimic_score.values, expected.mimic_score.values, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got.weight.values > 0, expected.weight.values > 0)
+    for (name, p), (_, q) in zip(uninterrupted.model.named_parameters(), resumed.model.named_parameters()):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=0, msg=name)
+    state, expected_state = resumed.scorer.state_dict(), uninterrupted.scorer.state_dict()
+    assert state["num_updates"] == expected_state["num_updates"] == 7
+    torch.testing.assert_close(state["feature_factor"], expected_state["feature_factor"])
+    assert torch.equal(state["generator_state"], expected_state["generator_state"])

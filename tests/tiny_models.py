@@ -65,12 +65,12 @@ def seq_dataset(n: int = 16, length: int = 7, vocab: int = 20, classes: int = 3,
     ).with_format("torch")
 
 
-def tiny_gpt2(dropout: float = 0.1):
-    """A causal LM from a config (random init), with an untied ``lm_head``."""
+def tiny_gpt2(dropout: float = 0.1, tied: bool = False):
+    """A causal LM from a config (random init), with an untied ``lm_head`` unless ``tied``."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=40, n_positions=12, tie_word_embeddings=False,
+    config = GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=40, n_positions=12, tie_word_embeddings=tied,
                         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     return GPT2LMHeadModel(config)
 
@@ -103,11 +103,35 @@ def per_sample_grads(model: nn.Module, dataset, param_names: list[str]) -> dict[
 
 
 def oracle_mimic_scores(model: nn.Module, dataset, reference: dict[str, torch.Tensor]) -> np.ndarray:
-    """m_i = ⟨−g_i, θ_ref − θ⟩ / ‖θ_ref − θ‖ from materialised per-sample gradients."""
-    names = list(reference)
-    grads = per_sample_grads(model, dataset, names)
-    params = dict(model.named_parameters())
-    direction = {n: reference[n] - params[n].detach() for n in names}
+    """m_i = ⟨−g_i, θ_ref − θ⟩ / ‖θ_ref − θ‖ from materialised per-sample gradients (classification)."""
+    return oracle_scores_from_grads(per_sample_grads(model, dataset, list(reference)), model, reference)
+
+
+def per_sample_lm_grads(model: nn.Module, dataset, param_names: list[str]) -> dict[str, torch.Tensor]:
+    """Per-sample gradients of a causal LM's mean token loss (labels shifted, -100 ignored), by vmap of grad.
+
+    A tied tensor is passed once, under one of its names: ``functional_call`` ties its other uses to it."""
+    params = {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)}
+    ids = torch.as_tensor(np.asarray(dataset["input_ids"]))
+    labels = torch.as_tensor(np.asarray(dataset["labels"]))
+
+    def loss_of(chosen, sample_ids, sample_labels):
+        # Only the chosen tensors are replaced; the others stay the module's own (detached by grad's closure).
+        logits = torch.func.functional_call(model, chosen, args=(), kwargs={"input_ids": sample_ids[None]}).logits
+        return F.cross_entropy(logits[0, :-1], sample_labels[1:], ignore_index=-100)
+
+    was_training = model.training
+    model.eval()  # no dropout: the oracle and the trainer must see the same function
+    try:
+        return torch.func.vmap(torch.func.grad(loss_of), in_dims=(None, 0, 0))({n: params[n] for n in param_names}, ids, labels)
+    finally:
+        model.train(was_training)
+
+
+def oracle_scores_from_grads(grads: dict[str, torch.Tensor], model: nn.Module, reference: dict[str, torch.Tensor]) -> np.ndarray:
+    """m_i = ⟨−g_i, θ_ref − θ⟩ / ‖θ_ref − θ‖ from materialised per-sample gradients ``grads``."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    direction = {n: reference[n] - params[n].detach() for n in reference}
     norm = torch.sqrt(sum(v.square().sum() for v in direction.values()))
-    inner = sum((grads[n] * direction[n]).flatten(1).sum(1) for n in names)
-    return (-inner / norm).double().numpy()
+    inner = sum((grads[n] * direction[n]).flatten(1).sum(1) for n in reference)
+    return (-inner / norm).detach().double().numpy()

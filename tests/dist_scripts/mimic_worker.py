@@ -126,7 +126,7 @@ def run(spec: dict[str, Any], before_train: Optional[Callable[[Any], None]] = No
     if before_train is not None:
         before_train(trainer)
     trainer.train(resume_from_checkpoint=spec.get("resume"))
-    layer = next(iter(trainer.mimic_layers.values()))
+    layer = next(iter(trainer.mimic_layers.layers.values()))
     info = {
         "distributed_type": str(trainer.accelerator.distributed_type),
         "num_processes": trainer.accelerator.num_processes,

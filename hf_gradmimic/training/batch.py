@@ -1,0 +1,88 @@
+"""Sample ids through batching: the row-index column, and the bookkeeping columns taken off a batch before the model sees it.
+
+Every training example carries its row index in ``train_dataset`` as ``mimic_row_index``; the score log
+records it (or the ``mimic_id_column`` value of that row). Our columns (row index, clean flags, the scorer's
+columns) are popped from each batch before the forward, so they never reach the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+ROW_INDEX_KEY = "mimic_row_index"
+"""Batch key carrying each sample's row index in ``train_dataset``; popped before the model sees the batch."""
+
+
+class _RowIndexedDataset(torch.utils.data.Dataset):
+    """Adds the row index to each example of a map-style dataset of dicts."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.dataset[index]
+        if not isinstance(example, dict):
+            raise TypeError(
+                f"MimicTrainer needs dataset examples that are dicts, got {type(example).__name__} at row {index}."
+            )
+        return {**example, ROW_INDEX_KEY: index}
+
+
+def with_row_index(dataset: Any) -> Any:
+    """The training set with a ``mimic_row_index`` column, so sample ids survive batching."""
+    import datasets
+
+    if dataset is None:
+        return None
+    if isinstance(dataset, datasets.Dataset):
+        if ROW_INDEX_KEY in dataset.column_names:
+            return dataset
+        return dataset.add_column(ROW_INDEX_KEY, np.arange(len(dataset), dtype=np.int64))
+    if isinstance(dataset, (datasets.IterableDataset, torch.utils.data.IterableDataset)):
+        raise TypeError(
+            "MimicTrainer records scores by row index and needs a map-style train_dataset; an iterable dataset "
+            f"({type(dataset).__name__}) has none. Add a `{ROW_INDEX_KEY}` integer column to it."
+        )
+    return _RowIndexedDataset(dataset)
+
+
+def read_column(dataset: Any, column: str) -> np.ndarray:
+    """A whole column of ``train_dataset`` (``mimic_id_column``, ``mimic_clean_column``) as a NumPy array."""
+    names = getattr(dataset, "column_names", None)
+    if names is not None and column not in names:
+        raise ValueError(f"Column {column!r} (MimicConfig) is not a column of train_dataset; columns: {names}.")
+    try:
+        return np.asarray(dataset[column])
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"Cannot read column {column!r} (MimicConfig) from train_dataset: {error}") from error
+
+
+class Bookkeeping:
+    """The batch columns that are ours, not the model's: popped from every batch before a forward.
+
+    Args:
+        clean_column: `MimicConfig.mimic_clean_column` (ground truth for audits), or None.
+        scorer_columns: the columns the scorer reads (``SampleScorer.extra_columns``).
+    """
+
+    def __init__(self, clean_column: str | None, scorer_columns: tuple[str, ...]) -> None:
+        self.clean_column = clean_column
+        self.scorer_columns = tuple(scorer_columns)
+
+    @property
+    def kept_columns(self) -> list[str]:
+        """Columns that `remove_unused_columns` must keep: they are not forward arguments of the model."""
+        return [ROW_INDEX_KEY, *self.scorer_columns]
+
+    def pop(self, inputs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        """Removes our columns from ``inputs`` in place; returns the rows and the scorer's columns."""
+        if self.clean_column:
+            inputs.pop(self.clean_column, None)
+        extras = {column: inputs.pop(column) for column in self.scorer_columns if column in inputs}
+        return inputs.pop(ROW_INDEX_KEY, None), extras

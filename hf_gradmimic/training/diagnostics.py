@@ -1,0 +1,210 @@
+"""Reference diagnostics of Grad-Mimic: the base-checkpoint check, the first-step alignment check, the running monitor.
+
+Grad-Mimic's score (Huang et al., arXiv 2501.06708) only means something when the reference shares the
+student's coordinates. For a head, ``m_i ∝ (e_y − p_i)ᵀ (W_ref − W_t) h_i``: the reference's margin on the
+student's features minus the student's own margin. These checks say when that fails:
+
+- at construction, a reference built from another checkpoint than the student's (its recorded metadata);
+- at the first step, the student with its mimic layers swapped for the reference, no better than itself
+  (median per-sample loss);
+- at every monitored step, the two terms of the score and the reference's loss on the student's current
+  features; when the self term drives the ranking for several monitored steps in a row, a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..ghost import GhostBatch
+from ..reference import read_reference_metadata
+from .capture import Capture
+from .metrics_buffer import MetricsBuffer
+
+SELF_TERM_PATIENCE = 3
+"""Monitored steps in a row with the self term dominating before the monitor warns."""
+
+MONITOR_CHUNK_LOGITS = 1 << 22
+"""At most this many reference logits are alive at once when the monitor scores a head on captured features."""
+
+PerSampleLosses = Callable[[Any, dict[str, Any], Any], torch.Tensor]
+
+
+def check_reference_base(source: Any, student_config: Any, *, revision: str | None, token: Any, reference_name: str) -> None:
+    """Warn when the reference was built from another checkpoint than the student's (`build_reference` metadata)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return
+    metadata = read_reference_metadata(source, revision=revision, token=token)
+    student = str(getattr(student_config, "_name_or_path", "") or "")
+    student_revision = str(getattr(student_config, "_commit_hash", "") or "")
+    base, base_revision = metadata.get("base_model", ""), metadata.get("base_revision", "")
+    mismatch = bool(base and student and base != student) or bool(
+        base_revision and student_revision and base_revision != student_revision
+    )
+    if mismatch:
+        warnings.warn(
+            f"The reference {reference_name} was built from checkpoint {base!r}"
+            f"{f' @ {base_revision}' if base_revision else ''}, but the student starts from {student!r}"
+            f"{f' @ {student_revision}' if student_revision else ''}. Mimic scores only mean something when both "
+            "share coordinates: build the reference from the student's own checkpoint (hf_gradmimic.build_reference).",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+class ReferenceDiagnostics:
+    """The alignment check (first step) and the running monitor (every ``interval()`` steps) of one training run.
+
+    Args:
+        scorer: the Grad-Mimic scorer (its reference tensors, and the split of its score into two terms).
+        layers: the student's `MimicLayers`.
+        unwrapped_model: returns the unwrapped student.
+        per_sample_losses: ``(outputs, inputs, labels) -> [B]``, the trainer's per-sample losses.
+        metrics: where the logged values go.
+        check_alignment: run the alignment check at the first step.
+        interval: returns the monitor's interval in optimizer steps.
+    """
+
+    def __init__(self, scorer: Any, layers: Any, unwrapped_model: Callable[[], torch.nn.Module],
+                 per_sample_losses: PerSampleLosses, metrics: MetricsBuffer, check_alignment: bool,
+                 interval: Callable[[], int]) -> None:
+        self.scorer = scorer
+        self.layers = layers
+        self.unwrapped_model = unwrapped_model
+        self.per_sample_losses = per_sample_losses
+        self.metrics = metrics
+        self.alignment_pending = check_alignment
+        self.interval = interval
+        self.head_outputs_logits = False  # learnt at each training forward; picks the monitor's cheap path
+        self.self_dominated_streak = 0
+        self.warned_self_term = False
+        self._monitored = False
+        self._swapped: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ the three moments of a micro-batch
+
+    def before_forward(self, global_step: int, micro_batch: int, model_inputs: dict[str, Any],
+                       inputs: dict[str, Any], labels: Any) -> None:
+        """Runs the no-grad forwards the check and the monitor need, before the training forward: no graph is
+        alive then, so they add nothing to the step's peak memory. The monitor of a head needs none."""
+        self._monitored = micro_batch == 0 and global_step % self.interval() == 0
+        check_alignment, self.alignment_pending = self.alignment_pending, False
+        needs_forwards = check_alignment or (self._monitored and not self.head_outputs_logits)
+        self._swapped = self._swapped_losses(model_inputs, inputs, labels) if needs_forwards else None
+        if check_alignment:
+            self._check_alignment(*self._swapped)
+
+    def after_forward(self, capture: Capture, logits: torch.Tensor | None, losses: torch.Tensor,
+                      inputs: dict[str, Any], labels: Any, model_inputs: dict[str, Any]) -> None:
+        """Learns whether the single mimic layer makes the logits; for the monitor of such a head, the reference's
+        losses on the features the training forward just captured."""
+        self.head_outputs_logits = logits is not None and capture.only_output() is logits
+        if not self._monitored:
+            return
+        if self.head_outputs_logits:
+            self._swapped = (losses.detach(), self._reference_head_losses(capture, labels))
+        elif self._swapped is None:  # the layer stopped being the logits' head since the last step
+            self._swapped = self._swapped_losses(model_inputs, inputs, labels)
+
+    def after_scores(self, ghost: GhostBatch, scores: torch.Tensor, step: int) -> None:
+        """The monitor's terms and warning, on a monitored step."""
+        if self._monitored:
+            self._monitor(ghost, scores.detach(), *self._swapped, step)
+        self._monitored, self._swapped = False, None
+
+    # ------------------------------------------------------------------ losses with the reference's layers
+
+    def _swapped_losses(self, model_inputs: dict[str, Any], inputs: dict[str, Any], labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample losses of the student, and of the student with its mimic layers swapped for the reference
+        (so the reference reads the student's current features), both in eval mode and without gradients."""
+        unwrapped = self.unwrapped_model()
+        reference = self.scorer.reference_on_device()
+        # Mimic tensors are keyed by their parameter name on the unwrapped model; tied uses follow (tie_weights).
+        swapped = {key: reference[key].to(param.dtype) for key, param in self.layers.tensors.items()}
+        was_training = unwrapped.training
+        unwrapped.eval()
+        try:
+            with torch.no_grad():
+                own = self.per_sample_losses(unwrapped(**model_inputs), inputs, labels)
+                outputs = torch.func.functional_call(unwrapped, swapped, args=(), kwargs=model_inputs, strict=False)
+                with_reference = self.per_sample_losses(outputs, inputs, labels)
+        finally:
+            unwrapped.train(was_training)
+        return own, with_reference
+
+    def _reference_head_losses(self, capture: Capture, labels: Any) -> torch.Tensor:
+        """Per-sample losses of the reference's head on the features the training forward just captured: one
+        layer call instead of `_swapped_losses`' two forwards. A few samples at a time, so that at most
+        `MONITOR_CHUNK_LOGITS` logits are alive (a language model's are vocabulary-sized)."""
+        ((name, layer),) = self.layers.layers.items()
+        reference = self.scorer.reference_on_device()
+        features = capture.activations()[name]
+        params = {local: reference[f"{name}.{local}"].to(features.dtype) for local, _ in layer.named_parameters(recurse=False)}
+        with torch.no_grad():
+            one = torch.func.functional_call(layer, params, (features[:1],))
+            chunk = max(1, MONITOR_CHUNK_LOGITS // max(1, one.numel()))
+            return torch.cat([
+                self.per_sample_losses({"logits": torch.func.functional_call(layer, params, (features[start : start + chunk],))},
+                                       {}, labels[start : start + chunk])
+                for start in range(0, len(features), chunk)
+            ])
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_alignment(self, own: torch.Tensor, with_reference: torch.Tensor) -> None:
+        """Loss of the student with its mimic layers swapped for the reference, next to its own (first step)."""
+        own_loss, reference_loss = float(own.mean()), float(with_reference.mean())
+        self.metrics.add("mimic/alignment_student_loss", own_loss)
+        self.metrics.add("mimic/alignment_reference_loss", reference_loss)
+        # Compare medians: with noisy labels a good reference is confidently "wrong" on the flipped
+        # samples, which dominates the mean but not the median.
+        own_median, reference_median = float(own.median()), float(with_reference.median())
+        if not reference_median < own_median:
+            warnings.warn(
+                f"Alignment check: with its mimic layers swapped for the reference, the student's median per-sample "
+                f"loss is {reference_median:.4f}, no better than its own {own_median:.4f} (means {reference_loss:.4f} "
+                f"vs {own_loss:.4f}). The reference probably does not share the student's coordinate system (another "
+                "checkpoint, or a backbone that has drifted), and its mimic scores can invert the ranking. Use a head "
+                "trained on this checkpoint's frozen features (hf_gradmimic.build_reference).",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def _monitor(self, ghost: GhostBatch, scores: torch.Tensor, own: torch.Tensor, with_reference: torch.Tensor,
+                 step: int) -> None:
+        """Logs the two terms of the score and the loss of the reference's mimic layers applied to the student's
+        current features, next to the student's own. For a head that makes the logits both come from the training
+        forward (train mode: dropout on); for other layers, from two no-grad eval-mode forwards. When the self term
+        drives the ranking (its spread over the batch exceeds the reference term's) for several monitored steps in
+        a row, warns once."""
+        reference_term, self_term = self.scorer.score_terms(ghost, scores, step)
+        finite = torch.isfinite(reference_term) & torch.isfinite(self_term)
+        if not finite.any():  # ‖v‖ = 0: no direction, no terms (the step falls back to uniform weights)
+            return
+        reference_term, self_term = reference_term[finite], self_term[finite]
+        for key, value in (
+            ("reference_term", reference_term.mean()),
+            ("self_term", self_term.mean()),
+            ("reference_term_std", reference_term.std(correction=0)),
+            ("self_term_std", self_term.std(correction=0)),
+            ("reference_loss", with_reference.mean()),
+            ("student_loss", own.mean()),
+        ):
+            self.metrics.add(f"mimic/monitor_{key}", float(value))
+        dominated = bool(self_term.numel() > 1 and self_term.std(correction=0) > reference_term.std(correction=0))
+        self.self_dominated_streak = self.self_dominated_streak + 1 if dominated else 0
+        if self.self_dominated_streak >= SELF_TERM_PATIENCE and not self.warned_self_term:
+            self.warned_self_term = True
+            warnings.warn(
+                f"For {self.self_dominated_streak} monitored steps in a row the student's own margin (self term) has "
+                "driven the mimic scores more than the reference's margin. The scores then favour hard samples, which "
+                "are often the mislabeled ones: the reference no longer reads the student's features (its loss on "
+                "them is logged as mimic/monitor_reference_loss). Use a reference probed on the student's checkpoint "
+                "(hf_gradmimic.build_reference), freeze the backbone, or set mimic_score_terms='reference'.",
+                UserWarning,
+                stacklevel=2,
+            )

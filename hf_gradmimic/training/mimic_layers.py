@@ -1,0 +1,143 @@
+"""The student's mimic layers: the named modules, every module that shares their tensors, and those tensors.
+
+Grad-Mimic (Huang et al., arXiv 2501.06708) compares per-sample gradients with ``θ_ref − θ_t`` over the
+*mimic tensors*: the parameters of the named layers, keyed ``"<layer>.<param>"``. A tensor that another
+module also uses (GPT-2's ``lm_head.weight`` tied to ``transformer.wte.weight``) has as its per-sample
+gradient the sum over every use, so that module is hooked too (`hooked`). Every hooked module must have a
+ghost rule (`hf_gradmimic.ghost`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from ..ghost import GHOST_RULES, ghost_rule_for, own_tensor_keys
+from ..reference import ReferenceError, ReferenceSource, load_reference_tensors
+from .capture import Capture
+
+logger = logging.get_logger(__name__)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of a parameter that FSDP2 keeps as a sharded DTensor outside forward (an all-gather)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def resolve_mimic_layers(model: nn.Module, layer_names: list[str]) -> dict[str, nn.Module]:
+    """Find each named module on the (unwrapped) student; each must be of a type with a ghost rule."""
+    modules = dict(model.named_modules())
+    resolved: dict[str, nn.Module] = {}
+    for name in layer_names:
+        module = modules.get(name)
+        if module is None:
+            candidates = [n for n, m in modules.items() if n and any(isinstance(m, cls) for cls in GHOST_RULES)]
+            close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.4) or candidates[-5:]
+            raise ReferenceError(
+                f"Mimic layer {name!r} not found in {type(model).__name__}. Close names of supported layers: {close}."
+            )
+        ghost_rule_for(module, name)
+        resolved[name] = module
+    return resolved
+
+
+class MimicLayers:
+    """The mimic layers of a student, their tensors (``"layer.param"`` → parameter) and every module using them.
+
+    Args:
+        model: the unwrapped student.
+        layer_map: ``{student_module: reference_module}`` (`MimicConfig.mimic_layer_map`).
+    """
+
+    def __init__(self, model: nn.Module, layer_map: Mapping[str, str]) -> None:
+        self.layer_map = dict(layer_map)
+        self.layers = resolve_mimic_layers(model, list(self.layer_map))
+        # Where each tensor lives, not the Parameter itself: FSDP2 replaces a module's parameters when it shards them.
+        self._owners: dict[str, tuple[nn.Module, str]] = {}
+        self.reference_names: dict[str, str] = {}
+        key_of: dict[int, str] = {}
+        for name, module in self.layers.items():
+            for local, param in module.named_parameters(recurse=False):
+                if id(param) in key_of:  # two named layers that share a tensor: it is one mimic tensor
+                    continue
+                key = f"{name}.{local}"
+                key_of[id(param)] = key
+                self._owners[key] = (module, local)
+                self.reference_names[key] = f"{self.layer_map[name]}.{local}"
+        if not self._owners:
+            raise ReferenceError(f"The mimic layers {list(self.layers)} hold no parameters.")
+        frozen = [key for key, param in self.tensors.items() if not param.requires_grad]
+        if frozen:
+            raise ValueError(f"Mimic layer parameter(s) {frozen} do not require grad; the mimic layers must be trainable.")
+        self.hooked = self._modules_using(model, key_of)
+        for name, module, keys in self.hooked:
+            if name not in self.layers:
+                ghost_rule_for(module, name)
+                logger.info(f"Mimic tensor(s) {sorted(keys.values())} are also used by {name!r}: their per-sample "
+                            "gradients sum both uses.")
+
+    def _modules_using(self, model: nn.Module, key_of: dict[int, str]) -> list[tuple[str, nn.Module, dict[str, str]]]:
+        """Every module (the mimic layers first) holding a mimic tensor, with its own names for them."""
+        hooked = [(name, module, {local: key_of[id(p)] for local, p in module.named_parameters(recurse=False)
+                                  if id(p) in key_of}) for name, module in self.layers.items()]
+        seen = {id(module) for module in self.layers.values()}
+        for name, module in model.named_modules():
+            if id(module) in seen:
+                continue
+            keys = {local: key_of[id(p)] for local, p in module.named_parameters(recurse=False) if id(p) in key_of}
+            if keys:
+                hooked.append((name, module, keys))
+                seen.add(id(module))
+        return hooked
+
+    @property
+    def tensors(self) -> dict[str, nn.Parameter]:
+        """``{"layer.param": parameter}``, read from the modules now (a DTensor under FSDP2)."""
+        return {key: getattr(module, local) for key, (module, local) in self._owners.items()}
+
+    @property
+    def shared(self) -> dict[str, list[str]]:
+        """Mimic tensors used by more than one module: ``{key: [module names]}``."""
+        users: dict[str, list[str]] = {}
+        for name, _, keys in self.hooked:
+            for key in keys.values():
+                users.setdefault(key, []).append(name)
+        return {key: names for key, names in users.items() if len(names) > 1}
+
+    def capture(self) -> Capture:
+        """Hooks recording every use of the mimic tensors in one forward (a context manager)."""
+        return Capture(self.hooked, list(self.layers))
+
+    def current_tensors(self) -> dict[str, torch.Tensor]:
+        """``θ_t`` per mimic tensor, whole and detached. Under FSDP2 this all-gathers: call it on every rank."""
+        return {key: full_tensor(param.detach()) for key, param in self.tensors.items()}
+
+    def load_reference(self, source: ReferenceSource, *, revision: str | None = None,
+                       token: str | bool | None = None) -> dict[str, torch.Tensor]:
+        """``θ_ref`` per mimic tensor (float32, CPU), read from ``source``; only those tensors are read."""
+        if source is None:
+            raise ValueError(
+                "MimicTrainer needs a reference: set `mimic_reference` (Hub repo id, directory or .safetensors "
+                "file) in MimicConfig, or pass `reference=` (a model or a {name: tensor} dict)."
+            )
+        by_name = load_reference_tensors(source, list(self.reference_names.values()), revision=revision, token=token)
+        reference = {key: by_name[name] for key, name in self.reference_names.items()}
+        for key, param in self.tensors.items():
+            if tuple(reference[key].shape) != tuple(param.shape):
+                raise ValueError(
+                    f"Reference tensor {self.reference_names[key]!r} has shape {tuple(reference[key].shape)} but the "
+                    f"student's {key!r} has shape {tuple(param.shape)}: the reference must have the same mimic-layer "
+                    "architecture (same number of labels, same hidden size)."
+                )
+        return reference
+
+    @staticmethod
+    def describe_source(source: Any) -> str:
+        """A reference source's name for messages and cards."""
+        return str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__

@@ -1,0 +1,155 @@
+"""The score-log callback: writes each optimizer step's records, flags repeated rows, and truncates on resume.
+
+It owns the rank's `hf_gradmimic.scores.ScoreWriter` and the record of which rows were seen in the current
+epoch. A sample already seen in the epoch (or earlier in the same step) is one that accelerate's
+``even_batches`` repeated to fill the last batches: its records are flagged ``repeated``, so that
+`hf_gradmimic.load_scores` can drop them and no sample counts twice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+from transformers import TrainerCallback
+from transformers.utils import logging
+
+from ..scores import ScoreWriter, read_score_table
+from .step_softmax import StepRecords
+
+logger = logging.get_logger(__name__)
+
+
+class SeenRows:
+    """Which rows of the training set were seen in the current epoch, on any rank."""
+
+    def __init__(self, dataset_size: int) -> None:
+        self.dataset_size = dataset_size
+        self.seen: np.ndarray | None = None
+
+    def reset(self) -> None:
+        self.seen = None
+
+    def mark(self, rows: np.ndarray) -> np.ndarray:
+        """Marks ``rows`` as seen; returns which of them already were."""
+        size = max(self.dataset_size, int(rows.max(initial=-1)) + 1)
+        if self.seen is None or len(self.seen) < size:
+            seen = np.zeros(size, dtype=bool)
+            if self.seen is not None:
+                seen[: len(self.seen)] = self.seen
+            self.seen = seen
+        already = self.seen[rows]
+        self.seen[rows] = True
+        return already
+
+    def repeated_flags(self, records: StepRecords, rank: int, world: int) -> np.ndarray:
+        """This rank's samples of the step that count as repeats: already seen in this epoch on any rank, or
+        earlier in this step (an earlier micro-batch, or a lower rank)."""
+        every_row = np.concatenate(records.all_rows)  # micro-batch after micro-batch, rank after rank
+        real = np.isfinite(every_row)
+        rows = every_row[real].astype(np.int64)
+        repeated = np.ones(len(rows), dtype=bool)
+        repeated[np.unique(rows, return_index=True)[1]] = False
+        repeated |= self.mark(rows)
+        flags = np.zeros(len(every_row), dtype=bool)
+        flags[real] = repeated
+        # This rank's samples are its slice of each micro-batch's gather.
+        mine, offset = [], 0
+        for gathered, own in zip(records.all_rows, records.micro_batch_rows):
+            start = offset + rank * (len(gathered) // world)
+            mine.append(flags[start : start + len(own)])
+            offset += len(gathered)
+        return np.concatenate(mine)
+
+
+class ScoreLog(TrainerCallback):
+    """Writes the score log of one rank and keeps the repeat flags; `write` is called once per optimizer step.
+
+    Args:
+        output_dir: the trainer's output_dir (the log goes to ``<output_dir>/mimic_scores/``).
+        rank / world: this process and the number of processes.
+        dataset_size: rows of the training set.
+        sample_ids: the ``mimic_id_column`` values by row, or None for row indices.
+        record: whether to write records at all (`MimicConfig.mimic_record_scores`).
+        wait_for_everyone: a barrier across ranks.
+    """
+
+    def __init__(self, output_dir: str, rank: int, world: int, dataset_size: int, sample_ids: np.ndarray | None,
+                 record: bool, wait_for_everyone: Callable[[], None]) -> None:
+        self.output_dir = output_dir
+        self.rank, self.world = rank, world
+        self.sample_ids = sample_ids
+        self.record = record
+        self.wait_for_everyone = wait_for_everyone
+        self.seen_rows = SeenRows(dataset_size)
+        self.writer: ScoreWriter | None = None
+
+    @property
+    def folder(self):
+        return None if self.writer is None else self.writer.folder
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.seen_rows.reset()
+        if not self.record:
+            return
+        if self.writer is None:
+            self.writer = ScoreWriter(self.output_dir, rank=self.rank)
+        removed = self.writer.truncate_after(state.global_step)
+        if removed:
+            logger.warning(
+                f"Removed {removed} score records after step {state.global_step} from {self.writer.folder} "
+                "(a previous run in this output_dir, or steps after the checkpoint being resumed)."
+            )
+        if state.global_step:
+            self.wait_for_everyone()  # every rank's shards are truncated before any rank reads them
+            self._restore_seen_rows(state)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.seen_rows.reset()  # a sample counts as repeated when already seen in the same epoch
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.flush()
+
+    def flush(self) -> None:
+        """Write out what is buffered and wait for it (before each checkpoint, so that the shards on disk hold
+        exactly the steps it has taken)."""
+        if self.writer is not None:
+            self.writer.flush(wait=True)
+
+    def write(self, records: StepRecords, global_step: int, epoch: float) -> None:
+        """Append the records of the step that just ended (``global_step`` is the Trainer's, 1-based)."""
+        repeated = self.seen_rows.repeated_flags(records, self.rank, self.world)
+        if self.writer is None:
+            return
+        self.writer.add_step(
+            global_step=global_step,
+            epoch=epoch,
+            sample_ids=records.rows if self.sample_ids is None else self.sample_ids[records.rows],
+            mimic_scores=records.scores,
+            weights=records.weights,
+            losses=records.losses,
+            batch_size=records.batch_sizes,
+            repeated=repeated,
+        )
+
+    def _restore_seen_rows(self, state: Any) -> None:
+        """On resume mid-epoch, mark the samples that the score log holds for the epoch being resumed.
+
+        A record's ``epoch`` is e + k/steps_in_epoch at the k-th step of epoch e, in (e, e + 1]; the epoch
+        being resumed is ⌊state.epoch⌋, unless the checkpoint ends an epoch (state.epoch integral)."""
+        if float(state.epoch or 0.0).is_integer():
+            return
+        columns = ["global_step", "epoch", "sample_id"]
+        try:
+            table = read_score_table(self.writer.folder, drop_repeated=False, columns=columns)
+        except (FileNotFoundError, ValueError):  # no score log: nothing recorded, nothing to flag
+            return
+        keep = pc.and_(
+            pc.greater(table["epoch"], math.floor(state.epoch)), pc.less_equal(table["global_step"], state.global_step)
+        )
+        ids = table.filter(keep)["sample_id"].to_numpy(zero_copy_only=False)
+        rows = ids.astype(np.int64) if self.sample_ids is None else np.flatnonzero(np.isin(self.sample_ids, ids))
+        self.seen_rows.mark(rows)
