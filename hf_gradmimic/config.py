@@ -183,6 +183,11 @@ class MimicConfig(TrainingArguments):
     mimic_zero_shot_column: Optional[str] = field(
         default=None, metadata={"help": "For `bayesian`: a column of zero-shot logits per sample (paid once)."}
     )
+    mimic_max_nonfinite_steps: int = field(
+        default=5,
+        metadata={"help": "A sample with a non-finite loss or score gets weight 0 and no gradient; a step in which no "
+                  "sample is finite is skipped. After this many skipped steps in a row, training stops with an error."},
+    )
     mimic_agra_threshold: float = field(
         default=0.0,
         metadata={"help": "For `agra`: a sample is excluded from the update when the cosine of its gradient with the "
@@ -231,6 +236,8 @@ class MimicConfig(TrainingArguments):
                 raise ValueError(f"`{name}` must be one of {tuple(c for c in choices if c)}; got {value!r}.")
         if not 0 < self.mimic_select_ratio <= 1:
             raise ValueError(f"`mimic_select_ratio` must be in (0, 1]; got {self.mimic_select_ratio}.")
+        if self.mimic_max_nonfinite_steps < 1:
+            raise ValueError(f"`mimic_max_nonfinite_steps` must be >= 1; got {self.mimic_max_nonfinite_steps}.")
         if self.mimic_monitor_steps < 0:
             raise ValueError(f"`mimic_monitor_steps` must be >= 0; got {self.mimic_monitor_steps}.")
         if not parse_layer_map(self.mimic_layers):

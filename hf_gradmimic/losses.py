@@ -88,3 +88,15 @@ def per_sample_loss(model: nn.Module, outputs: Any, labels: torch.Tensor, label_
         f"No built-in per-sample loss for logits of shape {tuple(logits.shape)} with labels of shape "
         f"{tuple(labels.shape)}; pass `per_sample_loss_fn=(outputs, inputs) -> Tensor[B]` to MimicTrainer."
     )
+
+
+def supervised_counts(model: nn.Module, outputs: Any, labels: torch.Tensor) -> torch.Tensor:
+    """How many supervised targets each sample has under `per_sample_loss`'s conventions (``-100`` ignored, causal
+    LMs shifted). A sample with none has loss 0 and no gradient: nothing to score it by."""
+    logits = logits_of(outputs)
+    if logits.dim() == 3 and labels.dim() == 2:
+        targets = labels[:, 1:] if is_causal_lm(model) else labels
+        return (targets != IGNORE_INDEX).sum(dim=1)
+    if labels.is_floating_point():
+        return torch.ones(labels.shape[0], dtype=torch.long, device=labels.device)
+    return (labels.reshape(labels.shape[0], -1) != IGNORE_INDEX).sum(dim=1)

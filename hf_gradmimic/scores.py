@@ -17,7 +17,10 @@ Columns (`SCORE_SCHEMA`):
 - ``batch_size``: the size b of that softmax batch, so that ``b * weight == 1`` means uniform;
 - ``rank``: the process that computed the record;
 - ``repeated``: True for samples a distributed sampler repeated to even out the last batches;
-  `load_scores` drops them by default so that no sample counts twice.
+  `load_scores` drops them by default so that no sample counts twice;
+- ``status``: `STATUS_SCORED` (0), `STATUS_NONFINITE` (1: the sample's loss or score was not finite; it
+  got weight 0 and no gradient, and the filter discards it) or `STATUS_UNLABELED` (2: no supervised
+  label, e.g. a prompt-only language-model sample; weight 0, and it abstains in the filter).
 
 Writes are atomic (temporary file, then `os.replace`) and run on a background thread so that
 the step's critical path only hands over arrays.
@@ -50,7 +53,11 @@ SCORE_COLUMNS: tuple[str, ...] = (
     "batch_size",
     "rank",
     "repeated",
+    "status",
 )
+
+STATUS_SCORED, STATUS_NONFINITE, STATUS_UNLABELED = 0, 1, 2
+"""Values of the ``status`` column: a scored sample; a non-finite loss or score; no supervised label."""
 
 SCORE_TYPES = {
     # sample_id takes the type of the ids (int64 row indices, or the mimic_id_column values).
@@ -62,6 +69,7 @@ SCORE_TYPES = {
     "batch_size": pa.int32(),
     "rank": pa.int32(),
     "repeated": pa.bool_(),
+    "status": pa.int8(),
 }
 
 
@@ -160,6 +168,7 @@ class ScoreWriter:
         losses: np.ndarray,
         batch_size: int | np.ndarray,
         repeated: np.ndarray | None = None,
+        status: np.ndarray | None = None,
     ) -> None:
         """Append the records of one optimizer step (arrays of this rank's samples)."""
         count = len(sample_ids)
@@ -174,6 +183,7 @@ class ScoreWriter:
                 "batch_size": np.broadcast_to(np.asarray(batch_size, dtype=np.int32), (count,)).copy(),
                 "rank": np.full(count, self.rank, dtype=np.int32),
                 "repeated": np.zeros(count, dtype=bool) if repeated is None else np.asarray(repeated, dtype=bool),
+                "status": np.zeros(count, dtype=np.int8) if status is None else np.asarray(status, dtype=np.int8),
             }
         )
         self._buffered_rows += count

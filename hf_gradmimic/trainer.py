@@ -28,9 +28,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .config import MimicConfig
-from .losses import PerSampleLossFn, logits_of, per_sample_loss
+from .losses import PerSampleLossFn, logits_of, per_sample_loss, supervised_counts
 from .reference import ReferenceSource
 from .scorers import SampleScorer, ScoreContext, check_mode, comparison_gradient, scorer_from_config
+from .scores import STATUS_NONFINITE, STATUS_SCORED
 from .training.audit import FilterAudit
 from .training.batch import Bookkeeping, read_column, with_row_index
 from .training.capture import BackwardFromLogits, Capture, PendingGrad, scale_per_sample
@@ -42,6 +43,7 @@ from .training.checks import (
     resolve_resume_checkpoint,
 )
 from .training.diagnostics import ReferenceDiagnostics, check_reference_base
+from .training.guards import NonFiniteStepGuard, row_status, sanitized
 from .training.metrics_buffer import MetricsBuffer
 from .training.mimic_layers import MimicLayers
 from .training.score_log import ScoreLog
@@ -147,8 +149,11 @@ class MimicTrainerMixin:
                                   len(self.train_dataset), sample_ids, args.mimic_record_scores,
                                   accelerator.wait_for_everyone)
         self.mimic_audit = FilterAudit(clean_flags, sample_ids, args.mimic_filter_method, args.seed) if clean_flags is not None else None
+        self.nonfinite_guard = NonFiniteStepGuard(self.step_softmax.finite_samples, self.model.parameters,
+                                                  args.mimic_max_nonfinite_steps)
+        self.nonfinite_samples = self.unlabeled_samples = 0
         for callback in (ActivationCheckpointingCheck(lambda: self.accelerator.unwrap_model(self.model)), self.score_log,
-                         _StepEnd(self._end_mimic_step)):
+                         self.nonfinite_guard, _StepEnd(self._end_mimic_step)):
             self.add_callback(callback)
 
     # ------------------------------------------------------------------ Trainer overrides
@@ -255,6 +260,7 @@ class MimicTrainerMixin:
         with self.mimic_layers.capture() as capture:
             outputs = model(**model_inputs)
         losses = self._per_sample_losses(outputs, inputs, labels)
+        supervised = self._supervised_counts(outputs, labels)
         from_logits = self.per_sample_loss_fn is None and self.args.mimic_reweight_scope == "all"
         logits = logits_of(outputs) if self.per_sample_loss_fn is None else None
         if diagnostics is not None:
@@ -274,20 +280,22 @@ class MimicTrainerMixin:
             ghost = capture.ghost_batch(losses.sum()) if needs_ghost else None
         ctx = self._score_context(capture, ghost, losses, ctx_logits, labels, model_inputs, extras)
         scores = self.scorer.score(ctx).float()
+        status = row_status(losses.detach(), scores, supervised)
         if diagnostics is not None:
             diagnostics.after_scores(ghost, scores, step)
-        softmax_logits, fallback = self._softmax_logits(scores)
-        coefficients = self.step_softmax.add(step, rows, scores, softmax_logits, losses, fallback,
+        softmax_logits, fallback = self._softmax_logits(scores, status)
+        coefficients = self.step_softmax.add(step, rows, scores, softmax_logits, losses, status, fallback,
                                              self.current_gradient_accumulation_steps)
-        if from_logits:
+        nonfinite = status == STATUS_NONFINITE
+        if nonfinite.any():  # those rows must not reach the parameters: train on a forward without them
+            del ctx, ghost
+            loss = self._loss_without(model, inputs, nonfinite, coefficients, status)
+        elif from_logits:
             del ctx, ghost  # the head's δ is prediction_grad, scaled in place next
             pending.grad = scale_per_sample(prediction_grad, coefficients)
         else:
-            loss = self._weighted_loss(losses, coefficients, ghost)
-        # Report the plain mean loss (comparable with `Trainer`'s), backpropagate the weighted one.
-        reported = losses.detach().mean() / self.current_gradient_accumulation_steps
-        loss = loss - loss.detach() + reported
-        return (loss, outputs) if return_outputs else loss
+            loss = self._weighted_loss(losses, coefficients, ghost, status)
+        return self._reported(loss, losses, status, outputs, return_outputs)
 
     def _select_step(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool) -> Any:
         """``select`` mode (RHO-LOSS, Bayesian selection): score the candidate batch, then forward and backward only
@@ -304,13 +312,20 @@ class MimicTrainerMixin:
             logits = logits_of(outputs).detach() if "logits" in self.scorer.requires else None
             ctx = self._score_context(capture, ghost, losses, logits, labels, model_inputs, extras)
             scores = self.scorer.score(ctx).detach().float()
+            status = row_status(losses.detach(), scores, self._supervised_counts(outputs, labels))
         del outputs, capture, ghost, logits
-        softmax_logits = self.scorer.softmax_logits(scores, "select", ratio=self.args.mimic_select_ratio)
+        scored = status == STATUS_SCORED
+        softmax_logits = self.scorer.softmax_logits(torch.where(scored, scores, torch.nan), "select",
+                                                    ratio=self.args.mimic_select_ratio)
+        softmax_logits = torch.where(scored, softmax_logits, -torch.inf)  # never select a sample that was not scored
         selected = torch.isfinite(softmax_logits).nonzero().flatten()
-        coefficients = self.step_softmax.add(self.state.global_step, rows, scores, softmax_logits, losses,
-                                             ~torch.isfinite(scores).all(), self.current_gradient_accumulation_steps)
-        self.scorer.observe(ctx, torch.isfinite(softmax_logits).float() / len(selected))
+        coefficients = self.step_softmax.add(self.state.global_step, rows, scores, softmax_logits, losses, status,
+                                             torch.tensor(False), self.current_gradient_accumulation_steps)
+        self.scorer.observe(ctx, torch.isfinite(softmax_logits).float() / max(len(selected), 1))
         del ctx  # it holds the candidate batch's activations and gradients
+        if len(selected) == 0:  # nothing to train on here; the other processes may still have samples
+            loss = self._loss_without(model, inputs, ~scored, coefficients, status)
+            return self._reported(loss, losses, status, None, return_outputs)
 
         batch_size = len(scores)
         chosen = {k: v[selected] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch_size else v
@@ -318,9 +333,7 @@ class MimicTrainerMixin:
         chosen_outputs = model(**self._model_inputs(chosen))
         chosen_losses = self._per_sample_losses(chosen_outputs, chosen, chosen.get("labels"))
         loss = (coefficients[selected].detach() * chosen_losses).sum()
-        reported = chosen_losses.detach().mean() / self.current_gradient_accumulation_steps
-        loss = loss - loss.detach() + reported
-        return (loss, chosen_outputs) if return_outputs else loss
+        return self._reported(loss, chosen_losses, status[selected], chosen_outputs, return_outputs)
 
     def _model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """What the model's forward gets: the batch without the labels (their loss is ours), unless a user loss
@@ -343,22 +356,29 @@ class MimicTrainerMixin:
             step=self.state.global_step,
         )
 
-    def _softmax_logits(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The scorer's softmax logits (uniform before ``mimic_warmup_steps``), and the fallback flag of the batch:
-        a batch with a non-finite score gets uniform weights."""
-        fallback = ~torch.isfinite(scores).all()
+    def _softmax_logits(self, scores: torch.Tensor, status: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scorer's softmax logits (uniform before ``mimic_warmup_steps``), −inf (weight 0) for a sample that was
+        not scored (`training.guards`), and the fallback flag of the batch: when the scored samples' scores are not
+        finite (‖θ_ref − θ‖ = 0), they get uniform weights."""
+        scored = status == STATUS_SCORED
+        fallback = ~torch.isfinite(scores[scored]).all()
         if self.state.global_step < self.args.mimic_warmup_steps:
-            return torch.zeros_like(scores), fallback
-        logits = self.scorer.softmax_logits(scores, self.mode, self.args.mimic_temperature, self.args.mimic_select_ratio)
-        return torch.where(fallback, torch.zeros_like(scores), logits), fallback
+            logits = torch.zeros_like(scores)
+        else:
+            logits = self.scorer.softmax_logits(scores, self.mode, self.args.mimic_temperature, self.args.mimic_select_ratio)
+            logits = torch.where(fallback, torch.zeros_like(scores), logits)
+        return torch.where(scored, logits, -torch.inf), fallback
 
-    def _weighted_loss(self, losses: torch.Tensor, coefficients: torch.Tensor, ghost: Any) -> torch.Tensor:
+    def _weighted_loss(self, losses: torch.Tensor, coefficients: torch.Tensor, ghost: Any, status: torch.Tensor) -> torch.Tensor:
         """The loss to backpropagate on the general path: Σ_i c_i ℓ_i (scope ``all``), or for scope ``layer`` the
-        plain mean loss plus a correction whose gradient is Σ_i (c_i − 1/b) g_i on the mimic tensors only."""
+        plain mean loss over the scored samples plus a correction whose gradient is Σ_i (c_i − u_i) g_i on the mimic
+        tensors only (u_i the plain mean's weight). As `Trainer` does, the plain mean is taken per micro-batch and
+        divided by the accumulation steps: with samples left out, micro-batches of unequal size weigh the same."""
         if self.args.mimic_reweight_scope == "all":
             return (coefficients.detach() * losses).sum()
-        plain = losses.mean() / self.current_gradient_accumulation_steps
-        uniform = 1.0 / (losses.shape[0] * self.current_gradient_accumulation_steps)
+        scored = status == STATUS_SCORED
+        uniform = scored.float() / (scored.sum().clamp_min(1) * self.current_gradient_accumulation_steps)
+        plain = (uniform * losses).sum()
         correction = 0.0
         for use in ghost.uses:
             # Re-apply the layer to its detached input, with only the mimic tensors live, so the correction
@@ -380,6 +400,46 @@ class MimicTrainerMixin:
         if losses.dim() != 1:
             raise ValueError(f"Per-sample losses must have shape [batch], got {tuple(losses.shape)}.")
         return losses.float()
+
+    def _supervised_counts(self, outputs: Any, labels: Any) -> torch.Tensor | None:
+        """Supervised targets per sample under the built-in losses (None with a user loss function: unknown)."""
+        if self.per_sample_loss_fn is not None or labels is None:
+            return None
+        return supervised_counts(self.accelerator.unwrap_model(self.model), outputs, labels)
+
+    def _loss_without(self, model: nn.Module, inputs: dict[str, Any], excluded: torch.Tensor,
+                      coefficients: torch.Tensor, status: torch.Tensor) -> torch.Tensor:
+        """Σ_i c_i ℓ_i from a second forward of the micro-batch in which the ``excluded`` samples' floating-point inputs
+        are zero and their coefficient 0: their rows are finite, so they contribute exactly nothing to the gradient
+        (in the first forward, 0·NaN would have been NaN). Every process still runs one backward, as DDP needs."""
+        clean = sanitized(inputs, excluded)
+        with self.mimic_layers.capture() as capture:
+            outputs = model(**self._model_inputs(clean))
+        losses = self._per_sample_losses(outputs, clean, clean.get("labels"))
+        if not torch.isfinite(losses).all():
+            raise RuntimeError(
+                f"Sample(s) {self._sample_ids_of(~torch.isfinite(losses))} have a non-finite loss even with their inputs "
+                "zeroed: the model itself produces non-finite values (diverged weights?). Lower the learning rate or "
+                "resume from an earlier checkpoint."
+            )
+        coefficients = torch.where(excluded, torch.zeros_like(coefficients), coefficients)
+        ghost = capture.ghost_batch(losses.sum()) if self.args.mimic_reweight_scope == "layer" else None
+        return self._weighted_loss(losses, coefficients, ghost, status)
+
+    def _reported(self, loss: torch.Tensor, losses: torch.Tensor, status: torch.Tensor, outputs: Any,
+                  return_outputs: bool) -> Any:
+        """The loss to backpropagate, carrying as its value the mean loss of the finite samples (comparable with
+        `Trainer`'s; NaN when none is finite, which `Trainer`'s ``logging_nan_inf_filter`` then skips)."""
+        finite = losses.detach()[status != STATUS_NONFINITE]
+        reported = (finite.mean() if finite.numel() else losses.detach().new_tensor(float("nan")))
+        loss = loss - loss.detach() + reported / self.current_gradient_accumulation_steps
+        return (loss, outputs) if return_outputs else loss
+
+    def _sample_ids_of(self, rows_mask: torch.Tensor) -> list[Any]:
+        """The score-log ids of the masked samples of the current micro-batch (at most ten)."""
+        rows = self._mimic_batch[0][rows_mask.cpu()].numpy()[:10]
+        ids = rows if self.score_log.sample_ids is None else self.score_log.sample_ids[rows]
+        return [value.item() if hasattr(value, "item") else value for value in ids]
 
     def _comparison_gradient(self) -> dict[str, torch.Tensor]:
         """AGRA's comparison: the mean gradient (mimic tensors) of a batch drawn at random from the training set."""
@@ -415,15 +475,30 @@ class MimicTrainerMixin:
         self.fallback_count += records.fallback_batches
         if records.fallback_batches:
             warnings.warn(
-                f"Step {state.global_step}: {records.fallback_batches} micro-batch(es) had a non-finite mimic score "
-                "(‖θ_ref − θ‖ = 0, or a non-finite loss); they used uniform weights.",
+                f"Step {state.global_step}: {records.fallback_batches} micro-batch(es) had a non-finite mimic score for every sample "
+                "(‖θ_ref − θ‖ = 0: no direction); they used uniform weights.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        nonfinite_rows = records.rows[records.status == STATUS_NONFINITE]
+        if nonfinite_rows.size:
+            ids = nonfinite_rows if self.score_log.sample_ids is None else self.score_log.sample_ids[nonfinite_rows]
+            warnings.warn(
+                f"Step {state.global_step}: {nonfinite_rows.size} sample(s) had a non-finite loss or score and were left "
+                f"out of the update (weight 0, no gradient; flagged in the score log, the filter discards them): ids "
+                f"{[value.item() if hasattr(value, 'item') else value for value in ids[:10]]}"
+                f"{' ...' if ids.size > 10 else ''}.",
                 RuntimeWarning,
                 stacklevel=2,
             )
         self.score_log.write(records, state.global_step, float(state.epoch or 0.0))
+        self.nonfinite_samples += int(records.metrics.pop("mimic/nonfinite_samples"))
+        self.unlabeled_samples += int(records.metrics.pop("mimic/unlabeled_samples"))
         self.mimic_metrics.update(records.metrics)
         self.mimic_metrics.update(self.scorer.step_metrics())
-        self.mimic_metrics.add("mimic/fallback_count", self.fallback_count)
+        self.mimic_metrics.update({"mimic/fallback_count": self.fallback_count,
+                                   "mimic/nonfinite_samples": self.nonfinite_samples,
+                                   "mimic/unlabeled_samples": self.unlabeled_samples})
         self.scorer.end_step()
 
 

@@ -6,7 +6,7 @@ from collections import defaultdict
 
 import numpy as np
 
-LAST_VALUE_KEYS = frozenset({"mimic/fallback_count"})
+LAST_VALUE_KEYS = frozenset({"mimic/fallback_count", "mimic/nonfinite_samples", "mimic/unlabeled_samples"})
 """Running counts: the log shows their latest value, not a mean over the logging interval."""
 
 

@@ -133,6 +133,7 @@ class ScoreLog(TrainerCallback):
             losses=records.losses,
             batch_size=records.batch_sizes,
             repeated=repeated,
+            status=records.status,
         )
 
     def _restore_seen_rows(self, state: Any) -> None:

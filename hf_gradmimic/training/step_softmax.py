@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..scorers.base import softmax_or_zero
+from ..scores import STATUS_NONFINITE, STATUS_SCORED, STATUS_UNLABELED
 
 
 def finite_or_zero(running_max: torch.Tensor) -> torch.Tensor:
@@ -37,11 +38,13 @@ class _MicroBatch:
     scores: torch.Tensor
     logits: torch.Tensor
     losses: torch.Tensor
+    status: torch.Tensor
     fallback: torch.Tensor
     all_logits: torch.Tensor
     all_rows: torch.Tensor
     all_scores: torch.Tensor
     all_losses: torch.Tensor
+    all_status: torch.Tensor
     weights: torch.Tensor | None = None  # "micro" normalisation only
 
 
@@ -58,6 +61,7 @@ class StepRecords:
     scores: np.ndarray
     weights: np.ndarray
     losses: np.ndarray
+    status: np.ndarray
     batch_sizes: np.ndarray
     fallback_batches: int
     all_rows: list[np.ndarray]
@@ -96,17 +100,24 @@ class StepSoftmax:
         """How many micro-batches of step ``global_step`` this rank has added so far."""
         return len(self.micro_batches) if self.global_step == global_step else 0
 
+    def finite_samples(self) -> int | None:
+        """Samples of the step being accumulated, over every process, with a finite loss and score (None: no step)."""
+        if not self.micro_batches:
+            return None
+        return int(sum(int((m.all_status == STATUS_SCORED).sum() + (m.all_status == STATUS_UNLABELED).sum())
+                       for m in self.micro_batches))
+
     def add(self, global_step: int, rows: torch.Tensor, scores: torch.Tensor, logits: torch.Tensor,
-            losses: torch.Tensor, fallback: torch.Tensor, accumulation_steps: int) -> torch.Tensor:
+            losses: torch.Tensor, status: torch.Tensor, fallback: torch.Tensor, accumulation_steps: int) -> torch.Tensor:
         """Adds a micro-batch of the step ``global_step``; returns each local sample's coefficient c_i, so that
         backward of Σ_i c_i ℓ_i (averaged over ranks by DDP/FSDP) accumulates Σ_i w_i ∇ℓ_i."""
         self._begin(global_step, logits.device)
-        columns = [logits, rows.to(logits.device), scores.detach(), losses.detach()]
+        columns = [logits, rows.to(logits.device), scores.detach(), losses.detach(), status.to(logits.device)]
         packed = torch.stack([column.to(logits.device, torch.float64) for column in columns], dim=1)
-        # One collective for all four columns; float64 holds row indices exactly up to 2**53.
-        all_logits, all_rows, all_scores, all_losses = self.gather(packed).unbind(dim=1)
-        micro = _MicroBatch(rows, scores.detach(), logits, losses.detach(), fallback, all_logits.to(logits.dtype),
-                            all_rows, all_scores, all_losses)
+        # One collective for all five columns; float64 holds row indices exactly up to 2**53.
+        all_logits, all_rows, all_scores, all_losses, all_status = self.gather(packed).unbind(dim=1)
+        micro = _MicroBatch(rows, scores.detach(), logits, losses.detach(), status, fallback, all_logits.to(logits.dtype),
+                            all_rows, all_scores, all_losses, all_status)
         self.micro_batches.append(micro)
         if self.normalize == "micro":
             micro.weights = softmax_or_zero(logits)
@@ -132,13 +143,15 @@ class StepSoftmax:
         rows = torch.cat([m.rows for m in micro_batches]).numpy()
         losses = torch.cat([m.losses for m in micro_batches]).float().cpu().numpy()
         real = torch.isfinite(torch.cat([m.all_rows for m in micro_batches]))  # drop the padding of uneven ranks
-        step_losses = torch.cat([m.all_losses for m in micro_batches])[real]
+        # A non-finite sample has weight 0; its loss must not turn the weighted mean into NaN (0·NaN).
+        step_losses = torch.nan_to_num(torch.cat([m.all_losses for m in micro_batches])[real], nan=0.0, posinf=0.0, neginf=0.0)
         if self.normalize == "micro":
             weights = torch.cat([m.weights for m in micro_batches]).float().cpu().numpy()
             batch_sizes = np.concatenate([np.full(len(m.rows), len(m.rows)) for m in micro_batches])
             ess_fraction = float(np.mean([1.0 / m.weights.square().sum().item() / len(m.weights)
                                           for m in micro_batches if m.weights.sum() > 0]))
-            weighted_loss = float((weights * losses).sum() / max(weights.sum(), 1e-30))  # this rank's micro-batches
+            finite_losses = np.nan_to_num(losses, nan=0.0, posinf=0.0, neginf=0.0)
+            weighted_loss = float((weights * finite_losses).sum() / max(weights.sum(), 1e-30))  # this rank's micro-batches
         else:
             total = torch.clamp(self.running_sum, min=torch.finfo(self.running_sum.dtype).tiny)
             shift = finite_or_zero(self.running_max)
@@ -148,13 +161,16 @@ class StepSoftmax:
             ess_fraction = float(1.0 / all_weights.square().sum() / real.sum())
             weighted_loss = float((all_weights * step_losses).sum() / torch.clamp(all_weights.sum(), min=1e-30))
         step_scores = torch.cat([m.all_scores for m in micro_batches])[real].cpu().numpy()  # every rank's samples
-        finite = step_scores[np.isfinite(step_scores)]
+        step_status = torch.cat([m.all_status for m in micro_batches])[real].cpu().numpy()
+        finite = step_scores[np.isfinite(step_scores) & (step_status == STATUS_SCORED)]
         metrics = {
             "mimic/score_mean": float(finite.mean()) if finite.size else float("nan"),
             "mimic/score_std": float(finite.std()) if finite.size else float("nan"),
             "mimic/frac_positive": float((finite > 0).mean()) if finite.size else float("nan"),
             "mimic/ess_fraction": ess_fraction,
             "mimic/weighted_loss": weighted_loss,
+            "mimic/nonfinite_samples": float((step_status == STATUS_NONFINITE).sum()),
+            "mimic/unlabeled_samples": float((step_status == STATUS_UNLABELED).sum()),
         }
         return StepRecords(
             global_step=global_step,
@@ -162,6 +178,7 @@ class StepSoftmax:
             scores=torch.cat([m.scores for m in micro_batches]).float().cpu().numpy(),
             weights=weights,
             losses=losses,
+            status=torch.cat([m.status for m in micro_batches]).cpu().numpy().astype(np.int8),
             batch_sizes=batch_sizes,
             fallback_batches=int(torch.stack([m.fallback for m in micro_batches]).sum().item()),
             all_rows=[m.all_rows.cpu().numpy() for m in micro_batches],

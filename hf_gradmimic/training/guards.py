@@ -1,0 +1,96 @@
+"""Sample guards: a sample whose loss or score is not finite, or that has no supervised label, gets weight 0 and never reaches the parameters.
+
+Plain `Trainer` lets one non-finite sample make every parameter NaN. Here such a sample:
+
+- gets a softmax logit of −inf (weight 0) and the ``status`` `STATUS_NONFINITE` in the score log, so the
+  Stage-2 filter discards it;
+- contributes no gradient. Masking its loss is not enough (0·NaN is NaN in the backward, and every
+  layer's weight gradient sums over the rows' activations), so the micro-batch is run again with that
+  sample's floating-point inputs zeroed (`sanitized`) and a zero coefficient: its row is then finite and
+  contributes exactly 0;
+- is counted (``mimic/nonfinite_samples``) and named in a warning.
+
+A step in which no sample of any process is finite is skipped (`NonFiniteStepGuard`): the parameters and
+the optimizer's state do not change; after ``mimic_max_nonfinite_steps`` such steps in a row, training
+stops with an error. A sample without a supervised label (a prompt-only language-model sample) has loss
+0 and no gradient, so its score says nothing: weight 0, `STATUS_UNLABELED`, and it abstains in the filter.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from ..scores import STATUS_NONFINITE, STATUS_SCORED, STATUS_UNLABELED
+
+
+def row_status(losses: torch.Tensor, scores: torch.Tensor, supervised: torch.Tensor | None) -> torch.Tensor:
+    """Each sample's score-log ``status``: non-finite (loss, or score while others are finite), unlabeled, or scored.
+
+    When every sample with a finite loss has a non-finite score, the scores say nothing about the samples
+    (‖θ_ref − θ‖ = 0): those samples stay scored and the batch falls back to uniform weights."""
+    finite_loss = torch.isfinite(losses)
+    per_row_score_problem = ~torch.isfinite(scores) & torch.isfinite(scores[finite_loss]).any()
+    status = torch.full_like(losses, STATUS_SCORED, dtype=torch.int8)
+    if supervised is not None:
+        status[supervised.to(losses.device) == 0] = STATUS_UNLABELED
+    status[~finite_loss | per_row_score_problem] = STATUS_NONFINITE
+    return status
+
+
+def sanitized(inputs: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    """``inputs`` with the floating-point values of ``rows`` (a boolean mask over the batch) set to 0."""
+    batch_size = rows.shape[0]
+    clean = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0 and value.shape[0] == batch_size:
+            mask = rows.to(value.device).view(-1, *([1] * (value.dim() - 1)))
+            value = torch.where(mask, torch.zeros((), dtype=value.dtype, device=value.device), value)
+        clean[key] = value
+    return clean
+
+
+class NonFiniteStepGuard(TrainerCallback):
+    """Skips the optimizer update of a step in which no sample of any process was finite, and stops training after
+    ``max_steps`` such steps in a row.
+
+    Args:
+        finite_samples: the number of finite samples of the current step, over every process.
+        parameters: the trainable parameters (their gradients are dropped for a skipped step).
+        max_steps: how many skipped steps in a row are tolerated.
+    """
+
+    def __init__(self, finite_samples: Callable[[], int | None], parameters: Callable[[], Any], max_steps: int) -> None:
+        self.finite_samples = finite_samples
+        self.parameters = parameters
+        self.max_steps = max_steps
+        self.in_a_row = 0
+        self.skipped = 0
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        finite = self.finite_samples()
+        if finite is None or finite > 0:
+            self.in_a_row = 0
+            return
+        # A gradient of None makes torch's optimizers skip the parameter: no update, no weight decay, no moment change.
+        for param in self.parameters():
+            param.grad = None
+        self.in_a_row += 1
+        self.skipped += 1
+        if self.in_a_row >= self.max_steps:
+            raise RuntimeError(
+                f"Step {state.global_step + 1}: no sample had a finite loss for {self.in_a_row} optimizer steps in a row "
+                f"(mimic_max_nonfinite_steps={self.max_steps}); the model itself produces non-finite values (diverged "
+                "weights, or an input scale it cannot handle). Lower the learning rate, check the data, or resume "
+                "from an earlier checkpoint."
+            )
+        warnings.warn(
+            f"Step {state.global_step + 1}: no sample of the step had a finite loss or score; the update was skipped "
+            f"(parameters and optimizer state unchanged; {self.in_a_row} such step(s) in a row).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
