@@ -39,6 +39,38 @@ def parse_layer_map(mimic_layers: list[str] | dict[str, str] | str | None) -> di
     return layer_map
 
 
+_SCALARS = {"float": float, "int": int, "bool": bool, "str": str}
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def coerce_field(name: str, value: object, annotation: str) -> object:
+    """``value`` as the scalar type ``annotation`` names (``"float"``, ``"Optional[int]"``...): a number or a boolean
+    given as a string (a JSON or YAML config) is converted; anything else of the wrong type is a TypeError naming it."""
+    optional = annotation.startswith("Optional[")
+    kind = _SCALARS.get(annotation[len("Optional["):-1] if optional else annotation)
+    if kind is None or (value is None and optional):
+        return value
+    if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):  # True is an int too
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        try:
+            if kind is bool and text in _TRUE + _FALSE:
+                return text in _TRUE
+            if kind is int:
+                return int(text)
+            if kind is float:
+                return float(text)
+        except ValueError:
+            pass
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise TypeError(f"`{name}` must be {'a ' + kind.__name__ if kind is not int else 'an int'}"
+                    f"{' or None' if optional else ''}; got {value!r} ({type(value).__name__}).")
+
+
 @dataclass
 class MimicConfig(TrainingArguments):
     r"""
@@ -220,6 +252,9 @@ class MimicConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name, spec in self.__dataclass_fields__.items():
+            if name.startswith("mimic_"):
+                setattr(self, name, coerce_field(name, getattr(self, name), str(spec.type)))
         if not self.mimic_temperature > 0:
             raise ValueError(f"`mimic_temperature` must be > 0 (the softmax temperature τ); got {self.mimic_temperature}.")
         if self.mimic_warmup_steps < 0:

@@ -33,7 +33,7 @@ from .reference import ReferenceSource
 from .scorers import SampleScorer, ScoreContext, check_mode, comparison_gradient, scorer_from_config
 from .scores import STATUS_NONFINITE, STATUS_SCORED
 from .training.audit import FilterAudit
-from .training.batch import Bookkeeping, read_column, with_row_index
+from .training.batch import Bookkeeping, check_sample_ids, read_column, with_row_index
 from .training.capture import BackwardFromLogits, Capture, PendingGrad, scale_per_sample
 from .training.checks import (
     ActivationCheckpointingCheck,
@@ -102,7 +102,12 @@ class MimicTrainerMixin:
                 f"{type(self).__name__} needs a `model` (model_init is not supported: the mimic layers are resolved at "
                 "construction)."
             )
-        sample_ids = read_column(train_dataset, config.mimic_id_column) if config.mimic_id_column else None
+        if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
+            raise ValueError(f"{type(self).__name__}: train_dataset is empty (0 rows): there is nothing to train on or score.")
+        sample_ids = None
+        if config.mimic_id_column:
+            sample_ids = check_sample_ids(read_column(train_dataset, config.mimic_id_column), config.mimic_id_column,
+                                          train_dataset)
         clean_flags = read_column(train_dataset, config.mimic_clean_column) if config.mimic_clean_column else None
         if clean_flags is not None and hasattr(train_dataset, "remove_columns"):  # ground truth never reaches the model
             train_dataset = train_dataset.remove_columns([config.mimic_clean_column])
@@ -127,7 +132,7 @@ class MimicTrainerMixin:
         check_mode(self.scorer, self.mode)
         if self.mode == "select" and args.mimic_reweight_scope == "layer":
             raise ValueError("`mimic_reweight_scope='layer'` reweights a full batch; `select` mode trains on the selected samples only.")
-        self.mimic_bookkeeping = Bookkeeping(args.mimic_clean_column, self.scorer.extra_columns)
+        self.mimic_bookkeeping = Bookkeeping(args.mimic_clean_column, self.scorer.extra_columns, args.mimic_id_column)
         self.mimic_metrics = MetricsBuffer()
         self.fallback_count = 0
         self._mimic_batch: tuple[torch.Tensor, dict[str, Any]] | None = None

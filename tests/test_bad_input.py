@@ -129,3 +129,60 @@ def test_rows_without_a_supervised_label_get_weight_zero(tmp_path):
     assert list(table.loc[[2, 5], "weight"]) == [0.0, 0.0]
     np.testing.assert_allclose(table.loc[labelled, "weight"].values, expected, rtol=1e-4)
     assert trainer.unlabeled_samples == 2
+
+
+# ---------------------------------------------------------------- sample ids and columns
+
+
+@pytest.mark.parametrize("ids, error, message", [
+    (["a", "b", "a", "c"] * 4, ValueError, r"'uid'.*duplicated id\(s\), e.g. \['a'"),
+    ([[i, i] for i in range(16)], TypeError, r"'uid'.*non-scalar values \(List"),
+    ([f"s{i}" for i in range(15)] + [None], ValueError, r"'uid'.*1 missing id\(s\).*rows \[15\]"),
+    ([float(i) for i in range(15)] + [float("nan")], ValueError, r"'uid'.*1 missing id\(s\).*rows \[15\]"),
+])
+def test_bad_sample_ids_are_refused_at_construction(tmp_path, ids, error, message):
+    data = mlp_dataset(n=16).add_column("uid", ids)
+    model = TinyMLP()
+    with pytest.raises(error, match=message):
+        MimicTrainer(model=model, args=config(tmp_path, mimic_layers=["head"], mimic_id_column="uid"), train_dataset=data,
+                     reference=head_reference(model))
+
+
+class KwargsRecorder(TinyMLP):
+    seen: set = set()
+
+    def forward(self, x, labels=None, **kwargs):
+        KwargsRecorder.seen.update(kwargs)
+        return super().forward(x, labels)
+
+
+def test_a_numeric_id_column_never_reaches_the_model(tmp_path):
+    data = mlp_dataset(n=16).add_column("uid", list(range(100, 116)))
+    model = KwargsRecorder()
+    args = config(tmp_path, mimic_layers=["head"], mimic_id_column="uid", remove_unused_columns=False)
+    MimicTrainer(model=model, args=args, train_dataset=data, reference=head_reference(model)).train()
+    assert "uid" not in KwargsRecorder.seen
+    assert sorted(load_scores(tmp_path)["sample_id"]) == list(range(100, 116))
+
+
+def test_an_empty_train_dataset_is_refused_in_our_words(tmp_path):
+    model = TinyMLP()
+    with pytest.raises(ValueError, match="train_dataset is empty"):
+        MimicTrainer(model=model, args=config(tmp_path, mimic_layers=["head"]), train_dataset=mlp_dataset(n=16).select([]),
+                     reference=head_reference(model))
+
+
+# ---------------------------------------------------------------- config values
+
+
+def test_config_values_from_a_json_config_are_coerced_or_named(tmp_path):
+    args = config(tmp_path, mimic_temperature="0.5", mimic_warmup_steps="3", mimic_record_scores="false",
+                  mimic_bayesian_num_effective_data="1000")
+    assert (args.mimic_temperature, args.mimic_warmup_steps, args.mimic_record_scores) == (0.5, 3, False)
+    assert args.mimic_bayesian_num_effective_data == 1000.0 and isinstance(args.mimic_temperature, float)
+    with pytest.raises(TypeError, match=r"`mimic_temperature` must be a float; got 'hot' \(str\)"):
+        config(tmp_path, mimic_temperature="hot")
+    with pytest.raises(TypeError, match=r"`mimic_warmup_steps` must be an int; got 2.5 \(float\)"):
+        config(tmp_path, mimic_warmup_steps=2.5)
+    with pytest.raises(TypeError, match=r"`mimic_select_ratio` must be a float; got \[0.1\] \(list\)"):
+        config(tmp_path, mimic_select_ratio=[0.1])

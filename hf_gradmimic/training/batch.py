@@ -63,17 +63,47 @@ def read_column(dataset: Any, column: str) -> np.ndarray:
         raise ValueError(f"Cannot read column {column!r} (MimicConfig) from train_dataset: {error}") from error
 
 
+def check_sample_ids(ids: np.ndarray, column: str, dataset: Any) -> np.ndarray:
+    """The ``mimic_id_column`` values, refused early when they cannot identify samples in the score log: lists or
+    other non-scalar values, missing values (None, NaN), or duplicates (two rows would become one sample)."""
+    feature = (getattr(dataset, "features", None) or {}).get(column)
+    described = str(feature) if feature is not None else f"dtype {ids.dtype}"
+    values = ids.tolist() if ids.ndim == 1 and ids.dtype == object else []
+    if ids.ndim != 1 or any(isinstance(value, (list, tuple, dict, np.ndarray)) for value in values):
+        raise TypeError(
+            f"`mimic_id_column={column!r}` holds non-scalar values ({described}); sample ids must be one integer or "
+            "string per row."
+        )
+    if ids.dtype == object or ids.dtype.kind == "f":
+        missing = np.flatnonzero([value is None or value != value for value in ids.tolist()])
+        if missing.size:
+            raise ValueError(
+                f"`mimic_id_column={column!r}` has {missing.size} missing id(s) (None or NaN) at rows "
+                f"{missing[:5].tolist()}; every row needs an id."
+            )
+    unique, counts = np.unique(ids.astype(str) if ids.dtype == object else ids, return_counts=True)
+    if (counts > 1).any():
+        duplicated = unique[counts > 1]
+        raise ValueError(
+            f"`mimic_id_column={column!r}` has {duplicated.size} duplicated id(s), e.g. {duplicated[:5].tolist()}: two "
+            "different rows would become one sample in the score log and the filter. Give every row its own id."
+        )
+    return ids
+
+
 class Bookkeeping:
     """The batch columns that are ours, not the model's: popped from every batch before a forward.
 
     Args:
         clean_column: `MimicConfig.mimic_clean_column` (ground truth for audits), or None.
         scorer_columns: the columns the scorer reads (``SampleScorer.extra_columns``).
+        id_column: `MimicConfig.mimic_id_column`: read from the dataset once, never a model input.
     """
 
-    def __init__(self, clean_column: str | None, scorer_columns: tuple[str, ...]) -> None:
+    def __init__(self, clean_column: str | None, scorer_columns: tuple[str, ...], id_column: str | None = None) -> None:
         self.clean_column = clean_column
         self.scorer_columns = tuple(scorer_columns)
+        self.id_column = id_column
 
     @property
     def kept_columns(self) -> list[str]:
@@ -82,7 +112,8 @@ class Bookkeeping:
 
     def pop(self, inputs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         """Removes our columns from ``inputs`` in place; returns the rows and the scorer's columns."""
-        if self.clean_column:
-            inputs.pop(self.clean_column, None)
+        for column in (self.clean_column, self.id_column):
+            if column and column not in self.scorer_columns:
+                inputs.pop(column, None)
         extras = {column: inputs.pop(column) for column in self.scorer_columns if column in inputs}
         return inputs.pop(ROW_INDEX_KEY, None), extras
