@@ -12,8 +12,12 @@ from __future__ import annotations
 import difflib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping, Union
+from typing import Any, Mapping, Union
+
+import numpy as np
 
 import torch
 from torch import nn
@@ -63,26 +67,50 @@ def _match_all(wanted: list[str], available: list[str], where: str) -> dict[str,
     return matched
 
 
-def _select(available: Mapping[str, torch.Tensor], wanted: list[str], where: str) -> dict[str, torch.Tensor]:
+def _as_tensor(value: Any, key: str, where: str) -> torch.Tensor:
+    """A tensor (or a NumPy array, converted) of the reference, as a float32 copy."""
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        raise ReferenceError(
+            f"Reference entry {key!r} of {where} is a {type(value).__name__}; expected a torch.Tensor or a NumPy array "
+            "({name: tensor} with the student's parameter names)."
+        )
+    return value.detach().to(dtype=torch.float32, copy=True)
+
+
+def _select(available: Mapping[str, Any], wanted: list[str], where: str) -> dict[str, torch.Tensor]:
     matched = _match_all(wanted, list(available), where)
-    return {name: available[key].detach().to(dtype=torch.float32, copy=True) for name, key in matched.items()}
+    return {name: _as_tensor(available[key], key, where) for name, key in matched.items()}
+
+
+@contextmanager
+def _safetensors_file(path: Path) -> Iterator[Any]:
+    """`safe_open` on ``path``, with an error naming the file when it is not a readable safetensors file."""
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as error:  # safetensors raises its own SafetensorError, without the path
+        raise ReferenceError(
+            f"Reference file {path} is not a readable safetensors file ({type(error).__name__}: {error}); it may be "
+            "truncated or corrupt: save or download it again."
+        ) from error
+    with handle:
+        yield handle
 
 
 def _read_safetensors(files_to_names: Mapping[Path, list[str]]) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
     tensors = {}
     for path, names in files_to_names.items():
-        with safe_open(str(path), framework="pt") as handle:
+        with _safetensors_file(path) as handle:
             for name in names:
                 tensors[name] = handle.get_tensor(name).to(torch.float32)
     return tensors
 
 
 def _from_single_file(path: Path, wanted: list[str]) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
+    with _safetensors_file(path) as handle:
         keys = list(handle.keys())
     matched = _match_all(wanted, keys, str(path))
     by_key = _read_safetensors({path: list(matched.values())})
@@ -148,22 +176,82 @@ def load_reference_tensors(
     A name that is not in the checkpoint as is may match a unique key ending with ``.name`` (a
     checkpoint saved from a wrapper with a prefix), or the name less a leading prefix.
     """
+    tensors = _load(source, tensor_names, revision, token)
+    for name, tensor in tensors.items():
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise ReferenceError(
+                f"Reference tensor {name!r} of {_describe(source)} holds {bad} non-finite value(s) (NaN or inf) out of "
+                f"{tensor.numel()}: every mimic score would be non-finite. Rebuild the reference."
+            )
+    return tensors
+
+
+def _describe(source: ReferenceSource) -> str:
     if isinstance(source, nn.Module):
-        available = dict(source.named_parameters())
-        available.update(dict(source.named_buffers()))
-        return _select(available, tensor_names, f"reference model {type(source).__name__}")
-    if isinstance(source, Mapping):
-        return _select(source, tensor_names, "the reference tensor dict")
-    path = Path(source)
+        return f"reference model {type(source).__name__}"
+    return "the reference tensor dict" if isinstance(source, Mapping) else str(source)
+
+
+def looks_local(source: str) -> bool:
+    """Whether ``source`` is meant as a local path rather than a Hub repo id (``name`` or ``namespace/name``): it
+    starts like a path, has more than two parts, names a weights file, or its first part is a local folder."""
+    text = str(source)
+    parts = text.rstrip("/").split("/")
+    return (
+        text.startswith((".", "/", "~"))
+        or os.sep != "/" and os.sep in text
+        or len(parts) > 2
+        or Path(text).suffix in {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json"}
+        or len(parts) == 2 and Path(parts[0]).is_dir()
+    )
+
+
+def _load(source: ReferenceSource, tensor_names: list[str], revision: str | None, token: str | bool | None) -> dict[str, torch.Tensor]:
+    if isinstance(source, (nn.Module, Mapping)):
+        available = source
+        if isinstance(source, nn.Module):
+            available = {**dict(source.named_parameters()), **dict(source.named_buffers())}
+        return _select(available, tensor_names, _describe(source))
+    if not isinstance(source, (str, os.PathLike)):
+        raise ReferenceError(
+            f"A reference is a Hub repo id, a local folder or .safetensors file, an nn.Module or a {{name: tensor}} "
+            f"dict; got a {type(source).__name__}."
+        )
+    path = Path(source).expanduser()
     if path.is_file():
         if path.suffix != ".safetensors":
             raise ReferenceError(f"Reference file {path} is not a .safetensors file.")
         return _from_single_file(path, tensor_names)
     if path.is_dir():
         return _from_directory(path, tensor_names)
-    if str(source).startswith((".", "/")) or os.sep in str(source).rstrip("/").split("/", 1)[-1]:
-        raise ReferenceError(f"Reference path {source} does not exist.")
-    return _from_hub(str(source), tensor_names, revision, token)
+    if looks_local(str(source)):
+        raise ReferenceError(
+            f"Reference path {source} does not exist (looked for {path.absolute()}); it looks like a local path, so it "
+            "was not looked up on the Hub."
+        )
+    try:
+        return _from_hub(str(source), tensor_names, revision, token)
+    except Exception as error:
+        _explain_hub_failure(error, str(source), path)
+        raise
+
+
+def _explain_hub_failure(error: Exception, repo_id: str, path: Path) -> None:
+    """Adds to a Hub client's error what was tried: the local path first, then the Hub (and whether offline mode is
+    on). The error keeps its type, so callers can still catch the client's own not-found errors."""
+    from huggingface_hub import constants
+
+    offline = bool(constants.HF_HUB_OFFLINE)
+    note = (
+        f"hf-gradmimic looked for the reference {repo_id!r} as a local path ({path.absolute()}: not found) and then as "
+        f"a Hub repo at {constants.ENDPOINT}"
+        + (" with HF_HUB_OFFLINE=1, which allows only files already in the local cache." if offline else ".")
+    )
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    if error.args and isinstance(error.args[0], str):
+        error.args = (f"{error.args[0]}\n{note}", *error.args[1:])
 
 
 def read_reference_metadata(

@@ -9,7 +9,11 @@ epoch. A sample already seen in the epoch (or earlier in the same step) is one t
 from __future__ import annotations
 
 import math
+import os
+import time
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -97,6 +101,10 @@ class ScoreLog(TrainerCallback):
             return
         if self.writer is None:
             self.writer = ScoreWriter(self.output_dir, rank=self.rank)
+        if state.global_step == 0:
+            if self.rank == 0:
+                self._keep_earlier_log(self.writer.folder)
+            self.wait_for_everyone()  # no rank writes before an earlier log is out of the way
         removed = self.writer.truncate_after(state.global_step)
         if removed:
             logger.warning(
@@ -106,6 +114,25 @@ class ScoreLog(TrainerCallback):
         if state.global_step:
             self.wait_for_everyone()  # every rank's shards are truncated before any rank reads them
             self._restore_seen_rows(state)
+
+    @staticmethod
+    def _keep_earlier_log(folder: Path) -> Path | None:
+        """A fresh run in an output_dir that already holds a score log: the earlier log is moved aside, not deleted."""
+        if not folder.is_dir() or not any(folder.iterdir()):
+            return None
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = folder.with_name(f"{folder.name}.previous-{stamp}")
+        suffix = 1
+        while aside.exists():
+            aside, suffix = folder.with_name(f"{folder.name}.previous-{stamp}-{suffix}"), suffix + 1
+        os.replace(folder, aside)
+        warnings.warn(
+            f"{folder} held a score log from an earlier run; this fresh (not resumed) run moved it to {aside} and starts "
+            "a new log. Resume with `resume_from_checkpoint` to continue a log instead.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return aside
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.seen_rows.reset()  # a sample counts as repeated when already seen in the same epoch
