@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
+from collections import deque
 from typing import Any, Callable
 
 import torch
@@ -47,6 +48,7 @@ from .training.guards import NonFiniteStepGuard, row_status, sanitized
 from .training.metrics_buffer import MetricsBuffer
 from .training.mimic_layers import MimicLayers
 from .training.score_log import ScoreLog
+from .training.selection import Candidates, observe_step, select_over_step
 from .training.step_softmax import StepSoftmax, gather_across_ranks
 
 logger = logging.get_logger(__name__)
@@ -136,6 +138,7 @@ class MimicTrainerMixin:
         self.mimic_metrics = MetricsBuffer()
         self.fallback_count = 0
         self._mimic_batch: tuple[torch.Tensor, dict[str, Any]] | None = None
+        self._selections: deque = deque()  # select mode: the step's selection, one entry per micro-batch
         self._comparison_collator = None
         alignment_possible = adapt_to_fsdp(accelerator, args)
         self.reference_name = getattr(self.scorer, "reference_name", None)
@@ -302,43 +305,60 @@ class MimicTrainerMixin:
             loss = self._weighted_loss(losses, coefficients, ghost, status)
         return self._reported(loss, losses, status, outputs, return_outputs)
 
-    def _select_step(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool) -> Any:
-        """``select`` mode (RHO-LOSS, Bayesian selection): score the candidate batch, then forward and backward only
-        the top ``mimic_select_ratio`` of it. Loss-based scorers score without building a graph; ghost scorers need
-        the gradient at the mimic layers' outputs, so their scoring forward builds one (freed before training)."""
-        rows, extras = self._mimic_batch
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        """The base `get_batch_samples` (every micro-batch of the next optimizer step); in ``select`` mode they are
+        also scored and selected together here, before any is trained (`training.selection`)."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.mode == "select" and batch_samples:
+            candidates = [self._score_candidates(batch) for batch in batch_samples]
+            accelerator = self.accelerator
+            self._selections = deque(select_over_step(self.scorer, candidates, self.args.mimic_select_ratio,
+                                                      self.step_softmax.gather, accelerator.process_index,
+                                                      accelerator.num_processes))
+            if self.scorer.observes:
+                observe_step(self.scorer, list(self._selections), self.step_softmax.gather)
+        return batch_samples, num_items_in_batch
+
+    def _score_candidates(self, batch: dict[str, Any]) -> Candidates:
+        """One micro-batch of candidates scored: loss-based scorers without a graph; ghost scorers need the gradient at
+        the mimic layers' outputs, so their scoring forward builds one (freed before training)."""
+        inputs = self._prepare_inputs(dict(batch))
+        rows, extras = self.mimic_bookkeeping.pop(inputs)
         labels, model_inputs = inputs.get("labels"), self._model_inputs(inputs)
         needs_ghost = self.scorer.needs_output_grads
         with torch.set_grad_enabled(needs_ghost):
             with self.mimic_layers.capture() as capture:
-                outputs = model(**model_inputs)
+                outputs = self.model_wrapped(**model_inputs)
             losses = self._per_sample_losses(outputs, inputs, labels)
             ghost = capture.ghost_batch(losses.sum(), retain_graph=False) if needs_ghost else None
             logits = logits_of(outputs).detach() if "logits" in self.scorer.requires else None
-            ctx = self._score_context(capture, ghost, losses, logits, labels, model_inputs, extras)
+            ctx = self._score_context(capture, ghost, losses, logits, labels, model_inputs, extras,
+                                      torch.as_tensor(rows).cpu())
             scores = self.scorer.score(ctx).detach().float()
             status = row_status(losses.detach(), scores, self._supervised_counts(outputs, labels))
-        del outputs, capture, ghost, logits
-        scored = status == STATUS_SCORED
-        softmax_logits = self.scorer.softmax_logits(torch.where(scored, scores, torch.nan), "select",
-                                                    ratio=self.args.mimic_select_ratio)
-        softmax_logits = torch.where(scored, softmax_logits, -torch.inf)  # never select a sample that was not scored
-        selected = torch.isfinite(softmax_logits).nonzero().flatten()
-        coefficients = self.step_softmax.add(self.state.global_step, rows, scores, softmax_logits, losses, status,
-                                             torch.tensor(False), self.current_gradient_accumulation_steps)
-        self.scorer.observe(ctx, torch.isfinite(softmax_logits).float() / max(len(selected), 1))
-        del ctx  # it holds the candidate batch's activations and gradients
-        if len(selected) == 0:  # nothing to train on here; the other processes may still have samples
-            loss = self._loss_without(model, inputs, ~scored, coefficients, status)
-            return self._reported(loss, losses, status, None, return_outputs)
+        return Candidates(torch.as_tensor(rows).cpu(), scores, losses.detach(), status,
+                          ctx if self.scorer.observes else None)
 
-        batch_size = len(scores)
+    def _select_step(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool) -> Any:
+        """``select`` mode (RHO-LOSS, Bayesian selection): forward and backward only the samples selected for this
+        micro-batch when the whole step was scored (`get_batch_samples`)."""
+        selection = self._selections.popleft()
+        candidates = selection.candidates
+        coefficients = self.step_softmax.add(self.state.global_step, candidates.rows, candidates.scores, selection.logits,
+                                             candidates.losses, candidates.status, torch.tensor(False),
+                                             self.current_gradient_accumulation_steps)
+        selected = selection.selected
+        if len(selected) == 0:  # nothing to train on here; the other processes, or micro-batches, have the selection
+            excluded = torch.ones_like(candidates.status, dtype=torch.bool)
+            loss = self._loss_without(model, inputs, excluded, coefficients, candidates.status)
+            return self._reported(loss, candidates.losses, candidates.status, None, return_outputs)
+        batch_size = len(candidates.rows)
         chosen = {k: v[selected] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch_size else v
                   for k, v in inputs.items()}
         chosen_outputs = model(**self._model_inputs(chosen))
         chosen_losses = self._per_sample_losses(chosen_outputs, chosen, chosen.get("labels"))
         loss = (coefficients[selected].detach() * chosen_losses).sum()
-        return self._reported(loss, chosen_losses, status[selected], chosen_outputs, return_outputs)
+        return self._reported(loss, chosen_losses, candidates.status[selected], chosen_outputs, return_outputs)
 
     def _model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """What the model's forward gets: the batch without the labels (their loss is ours), unless a user loss
@@ -346,7 +366,8 @@ class MimicTrainerMixin:
         return inputs if self.per_sample_loss_fn is not None else {k: v for k, v in inputs.items() if k != "labels"}
 
     def _score_context(self, capture: Capture, ghost: Any, losses: torch.Tensor, logits: torch.Tensor | None,
-                       labels: Any, model_inputs: dict[str, Any], extras: dict[str, Any]) -> ScoreContext:
+                       labels: Any, model_inputs: dict[str, Any], extras: dict[str, Any],
+                       rows: torch.Tensor | None = None) -> ScoreContext:
         activations = capture.activations()
         return ScoreContext(
             losses=losses.detach(),
@@ -359,6 +380,7 @@ class MimicTrainerMixin:
             inputs=model_inputs,
             extras=extras,
             step=self.state.global_step,
+            sample_keys=rows if rows is not None else self._mimic_batch[0],
         )
 
     def _softmax_logits(self, scores: torch.Tensor, status: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -150,6 +150,9 @@ def ddp_runs(tmp_path_factory) -> Path:
             spec(folder / "2x2x8-layer", mimic_layers=MLP_LAYERS, args={
                 "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "max_steps": 5,
                 "mimic_reweight_scope": "layer"}),
+            spec(folder / "bayes-2x16", mimic_layers=["head"], args={**BAYESIAN, "per_device_train_batch_size": 16}),
+            spec(folder / "bayes-2x2x8", mimic_layers=["head"],
+                 args={**BAYESIAN, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2}),
         ],
         folder,
         launcher="accelerate",
@@ -207,6 +210,36 @@ def test_logged_metrics_cover_every_rank(ddp_runs, single_process_mlp):
     for name in ("2x16", "2x2x8"):
         assert len(records(ddp_runs / name)) == 5 * 32
         assert_same_metrics(ddp_runs / name, single_process_mlp / "1x32")
+
+
+BAYESIAN = {"mimic_scorer": "bayesian", "mimic_zero_shot_column": "zero_shot", "mimic_select_ratio": 0.25,
+            "mimic_bayesian_num_samples": 32, "max_steps": 5}
+
+
+@pytest.mark.timeout(300)
+def test_bayesian_selection_spans_the_step_and_its_factors_agree_on_every_rank(ddp_runs, tmp_path):
+    """Bayesian selection (select mode) on 2 ranks × 16 and 2 × 2 accumulation × 8 against one process with a batch
+    of 32, and with 2 × 16 accumulation: the candidate batch is the whole step (8 of 32 selected per step, not 2 of 8
+    per micro-batch and rank), the Laplace factors are updated once per step from every rank's selected samples and
+    are identical on both ranks, and scores, selections and parameters equal the single process's."""
+    run(spec(tmp_path / "1x32", mimic_layers=["head"], args={**BAYESIAN, "per_device_train_batch_size": 32}))
+    run(spec(tmp_path / "1x2x16", mimic_layers=["head"],
+             args={**BAYESIAN, "per_device_train_batch_size": 16, "gradient_accumulation_steps": 2}))
+    single = records(tmp_path / "1x32")
+    assert (single.groupby("global_step").weight.apply(lambda w: int((w > 0).sum())) == 8).all()
+    expected_state = torch.load(tmp_path / "1x32" / "scorer_rank0.pt")
+    assert expected_state["num_updates"] == 5  # once per step
+    for folder in (ddp_runs / "bayes-2x16", ddp_runs / "bayes-2x2x8", tmp_path / "1x2x16"):
+        assert_same_run(folder, tmp_path / "1x32")
+        got = records(folder)
+        np.testing.assert_array_equal(got.weight.values > 0, single.weight.values > 0)
+        states = [torch.load(path) for path in sorted(folder.glob("scorer_rank*.pt"))]
+        for state in states:  # float32 features from batches of another size: rounding, not a different update
+            assert state["num_updates"] == 5
+            torch.testing.assert_close(state["feature_factor"], expected_state["feature_factor"], rtol=1e-6, atol=1e-9)
+            torch.testing.assert_close(state["grad_factor"], expected_state["grad_factor"], rtol=1e-6, atol=1e-9)
+        for key in ("feature_factor", "grad_factor"):  # and exactly the same on every rank
+            assert all(torch.equal(state[key], states[0][key]) for state in states), key
 
 
 def test_layer_scope_two_processes_match_one_process(ddp_runs, tmp_path):

@@ -56,6 +56,8 @@ class ScoreContext:
         inputs: the model inputs of the batch, for scorers that run another model on it.
         extras: the batch columns the scorer asked for (``extra_columns``), popped before the forward.
         step: the optimizer step, for scorers that cache something per step.
+        sample_keys: each sample's row in the training set, for scorers whose randomness must not depend on
+            where the sample is scored (process, micro-batch).
     """
 
     losses: torch.Tensor
@@ -73,6 +75,7 @@ class ScoreContext:
     inputs: Mapping[str, Any] | None = None
     extras: Mapping[str, torch.Tensor] = field(default_factory=dict)
     step: int = 0
+    sample_keys: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -172,7 +175,9 @@ class SampleScorer:
     - ``requires``: the `ScoreContext` fields `score` reads;
     - ``supports_modes`` / ``default_mode``; ``refused_modes`` says why a mode is refused;
     - ``monitors_reference``: it scores against reference weights of the mimic layers, so the trainer
-      runs the reference diagnostics (alignment check, running monitor) for it.
+      runs the reference diagnostics (alignment check, running monitor) for it;
+    - ``observes``: `observe` updates a state from the trained samples, so the trainer hands it every
+      process's trained samples of the step (the state stays identical on every process).
 
     Instances list the batch columns they read in ``extra_columns`` (the trainer pops them before the
     forward and hands them over as ``ctx.extras``). `observe` is called with the final weights after each
@@ -187,6 +192,7 @@ class SampleScorer:
     default_mode: ClassVar[str] = "reweight"
     refused_modes: ClassVar[dict[str, str]] = {}
     monitors_reference: ClassVar[bool] = False
+    observes: ClassVar[bool] = False
     extra_columns: tuple[str, ...] = ()
     filter_threshold: float | None = None
 

@@ -159,6 +159,7 @@ class BayesianScorer(SampleScorer):
 
     name = "bayesian"
     needs_output_grads = False
+    observes = True
     requires = ("logits", "labels", "features")
     supports_modes = frozenset({"select"})
     default_mode = "select"
@@ -270,8 +271,7 @@ class BayesianScorer(SampleScorer):
         if self.feature_factor is None:
             return logits.double()[:, None, :]
         if noise is None:
-            shape = (logits.shape[0], self.num_samples, logits.shape[-1])
-            noise = torch.randn(shape, generator=self.generator, dtype=torch.float64)
+            noise = self._noise(ctx, logits.shape[0], logits.shape[-1])
         return laplace_logit_samples(
             logits,
             self._features(ctx),
@@ -282,6 +282,19 @@ class BayesianScorer(SampleScorer):
             noise,
             self.exact_covariance,
         )
+
+    def _noise(self, ctx: ScoreContext, batch_size: int, classes: int) -> torch.Tensor:
+        """``ε`` ``[B, S, C]``. With ``ctx.sample_keys`` (the trainer's sample rows) each sample's draws depend only on
+        (seed, step, key): a sample gets the same ε whatever process or micro-batch scores it, so several processes
+        select exactly what one would, and a resumed run what an uninterrupted one would. Otherwise the draws come
+        from the scorer's own generator."""
+        if ctx.sample_keys is None:
+            return torch.randn((batch_size, self.num_samples, classes), generator=self.generator, dtype=torch.float64)
+        draws = []
+        for key in ctx.sample_keys.tolist():
+            generator = torch.Generator().manual_seed(hash((self.seed, ctx.step, int(key))) & 0x7FFF_FFFF_FFFF_FFFF)
+            draws.append(torch.randn((self.num_samples, classes), generator=generator, dtype=torch.float64))
+        return torch.stack(draws)
 
     def score(self, ctx: ScoreContext, noise: torch.Tensor | None = None) -> torch.Tensor:
         samples = self.logit_samples(ctx, noise)

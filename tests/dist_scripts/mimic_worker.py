@@ -56,6 +56,11 @@ def build(spec: dict[str, Any]):
     """The model, dataset and reference of a run spec (deterministic: same on every rank and run)."""
     n = spec.get("n", 64)
     model, data = (tiny_bert(), bert_dataset(n=n)) if spec.get("model") == "bert" else (TinyMLP(), mlp_dataset(n=n))
+    if spec.get("args", {}).get("mimic_zero_shot_column"):  # Bayesian selection: zero-shot logits per sample
+        import numpy as np
+
+        logits = np.random.default_rng(7).normal(size=(n, 4)).astype(np.float32)
+        data = data.add_column(spec["args"]["mimic_zero_shot_column"], logits.tolist())
     generator = torch.Generator().manual_seed(1)
     params = dict(model.named_parameters())
     names = [f"{layer}.{part}" for layer in spec["mimic_layers"] for part in ("weight", "bias")]
@@ -138,6 +143,8 @@ def run(spec: dict[str, Any], before_train: Optional[Callable[[Any], None]] = No
         name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().float()
         for name, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()
     }
+    # Every rank's scorer state: a stateful scorer (Bayesian) must hold the same on every rank.
+    torch.save(trainer.scorer.state_dict(), Path(spec["output_dir"]) / f"scorer_rank{trainer.accelerator.process_index}.pt")
     if trainer.accelerator.is_main_process:
         torch.save(params, Path(spec["output_dir"]) / "params.pt")
         (Path(spec["output_dir"]) / "run_info.json").write_text(json.dumps(info))
