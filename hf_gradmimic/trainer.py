@@ -44,7 +44,7 @@ from .training.checks import (
     resolve_resume_checkpoint,
 )
 from .training.diagnostics import ReferenceDiagnostics, check_reference_base
-from .training.guards import NonFiniteStepGuard, row_status, sanitized
+from .training.guards import NonFiniteStepGuard, row_status
 from .training.metrics_buffer import MetricsBuffer
 from .training.mimic_layers import MimicLayers
 from .training.score_log import ScoreLog
@@ -65,6 +65,12 @@ class _StepEnd(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.end_step(state)
+
+
+def _rows_of(inputs: dict[str, Any], positions: torch.Tensor, batch_size: int) -> dict[str, Any]:
+    """The batch restricted to the samples at ``positions`` (every tensor whose first dimension is the batch)."""
+    return {key: value[positions.to(value.device)] if isinstance(value, torch.Tensor) and value.dim() > 0
+            and value.shape[0] == batch_size else value for key, value in inputs.items()}
 
 
 class MimicTrainerMixin:
@@ -352,9 +358,7 @@ class MimicTrainerMixin:
             excluded = torch.ones_like(candidates.status, dtype=torch.bool)
             loss = self._loss_without(model, inputs, excluded, coefficients, candidates.status)
             return self._reported(loss, candidates.losses, candidates.status, None, return_outputs)
-        batch_size = len(candidates.rows)
-        chosen = {k: v[selected] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch_size else v
-                  for k, v in inputs.items()}
+        chosen = _rows_of(inputs, selected, len(candidates.rows))
         chosen_outputs = model(**self._model_inputs(chosen))
         chosen_losses = self._per_sample_losses(chosen_outputs, chosen, chosen.get("labels"))
         loss = (coefficients[selected].detach() * chosen_losses).sum()
@@ -436,22 +440,25 @@ class MimicTrainerMixin:
 
     def _loss_without(self, model: nn.Module, inputs: dict[str, Any], excluded: torch.Tensor,
                       coefficients: torch.Tensor, status: torch.Tensor) -> torch.Tensor:
-        """Σ_i c_i ℓ_i from a second forward of the micro-batch in which the ``excluded`` samples' floating-point inputs
-        are zero and their coefficient 0: their rows are finite, so they contribute exactly nothing to the gradient
-        (in the first forward, 0·NaN would have been NaN). Every process still runs one backward, as DDP needs."""
-        clean = sanitized(inputs, excluded)
+        """Σ_i c_i ℓ_i from a second forward of the micro-batch without the ``excluded`` samples: in the first forward
+        their rows were not finite, and 0·NaN is NaN in every layer's weight gradient, so they must not be in the graph
+        that is backpropagated. With nothing left, a zero loss that still reaches every trainable parameter (DDP
+        reduces each parameter's gradient once per backward, on every process)."""
+        kept = (~excluded).nonzero().flatten()
+        if len(kept) == 0:
+            return sum((param * 0.0).sum() for param in model.parameters() if param.requires_grad)
+        subset = _rows_of(inputs, kept, len(excluded))
         with self.mimic_layers.capture() as capture:
-            outputs = model(**self._model_inputs(clean))
-        losses = self._per_sample_losses(outputs, clean, clean.get("labels"))
-        if not torch.isfinite(losses).all():
+            outputs = model(**self._model_inputs(subset))
+        losses = self._per_sample_losses(outputs, subset, subset.get("labels"))
+        if not torch.isfinite(losses).all():  # per-sample independence broken: these rows were finite a moment ago
             raise RuntimeError(
-                f"Sample(s) {self._sample_ids_of(~torch.isfinite(losses))} have a non-finite loss even with their inputs "
-                "zeroed: the model itself produces non-finite values (diverged weights?). Lower the learning rate or "
-                "resume from an earlier checkpoint."
+                f"Sample(s) {self._sample_ids_of(kept[~torch.isfinite(losses)])} had a finite loss in the batch and a "
+                "non-finite one without the non-finite samples: the model couples samples (batch norm in training "
+                "mode?), which MimicTrainer does not support."
             )
-        coefficients = torch.where(excluded, torch.zeros_like(coefficients), coefficients)
         ghost = capture.ghost_batch(losses.sum()) if self.args.mimic_reweight_scope == "layer" else None
-        return self._weighted_loss(losses, coefficients, ghost, status)
+        return self._weighted_loss(losses, coefficients[kept], ghost, status[kept])
 
     def _reported(self, loss: torch.Tensor, losses: torch.Tensor, status: torch.Tensor, outputs: Any,
                   return_outputs: bool) -> Any:
@@ -462,9 +469,9 @@ class MimicTrainerMixin:
         loss = loss - loss.detach() + reported / self.current_gradient_accumulation_steps
         return (loss, outputs) if return_outputs else loss
 
-    def _sample_ids_of(self, rows_mask: torch.Tensor) -> list[Any]:
-        """The score-log ids of the masked samples of the current micro-batch (at most ten)."""
-        rows = self._mimic_batch[0][rows_mask.cpu()].numpy()[:10]
+    def _sample_ids_of(self, positions: torch.Tensor) -> list[Any]:
+        """The score-log ids of samples of the current micro-batch, by position (at most ten)."""
+        rows = self._mimic_batch[0][positions.cpu()].numpy()[:10]
         ids = rows if self.score_log.sample_ids is None else self.score_log.sample_ids[rows]
         return [value.item() if hasattr(value, "item") else value for value in ids]
 

@@ -79,6 +79,45 @@ def test_a_nan_sample_gets_weight_zero_and_no_gradient(tmp_path, scope, accumula
     assert np.isfinite(logged[-1]["loss"])  # the finite samples' mean, not 0 and not NaN
 
 
+class OverflowOnToken(torch.nn.Module):
+    """A sequence classifier whose activations overflow to inf for any sample containing token 7: a non-finite sample
+    caused by its integer inputs, which no zeroing of floating-point inputs could repair."""
+
+    def __init__(self):
+        super().__init__()
+        from tiny_models import TinySeq
+
+        self.inner = TinySeq()
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        hidden = torch.tanh(self.inner.proj(self.inner.embed(input_ids)))
+        hidden = hidden + torch.where((input_ids == 7).any(1), torch.inf, 0.0)[:, None, None]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        return SequenceClassifierOutput(logits=self.inner.head((hidden * mask).sum(1) / mask.sum(1)))
+
+
+def test_a_sample_made_non_finite_by_its_token_ids_never_reaches_the_parameters(tmp_path):
+    from tiny_models import seq_dataset
+
+    data = seq_dataset(n=16)
+    bad = [i for i in range(16) if 7 in data[i]["input_ids"].tolist()]
+    assert 0 < len(bad) < 16
+    model = OverflowOnToken()
+    generator = torch.Generator().manual_seed(1)
+    reference = {n: p.detach() + 0.5 * torch.randn(p.shape, generator=generator)
+                 for n, p in model.named_parameters() if n.startswith("inner.head.")}
+    trainer = MimicTrainer(model=model, args=config(tmp_path, mimic_layers=["inner.head"]), train_dataset=data,
+                           reference=reference)
+    with pytest.warns(RuntimeWarning, match="non-finite loss or score"):
+        trainer.train()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    table = load_scores(tmp_path).to_pandas().set_index("sample_id")
+    assert sorted(table.index[table.status == STATUS_NONFINITE]) == bad
+    assert (table.loc[bad, "weight"] == 0).all()
+
+
 def test_a_step_without_any_finite_sample_is_skipped_and_too_many_stop_training(tmp_path):
     """Every sample NaN: no parameter and no optimizer state changes (AdamW with weight decay would move the
     weights even with zero gradients); after mimic_max_nonfinite_steps such steps in a row, a clear error."""

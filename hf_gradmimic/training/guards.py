@@ -5,9 +5,8 @@ Plain `Trainer` lets one non-finite sample make every parameter NaN. Here such a
 - gets a softmax logit of −inf (weight 0) and the ``status`` `STATUS_NONFINITE` in the score log, so the
   Stage-2 filter discards it;
 - contributes no gradient. Masking its loss is not enough (0·NaN is NaN in the backward, and every
-  layer's weight gradient sums over the rows' activations), so the micro-batch is run again with that
-  sample's floating-point inputs zeroed (`sanitized`) and a zero coefficient: its row is then finite and
-  contributes exactly 0;
+  layer's weight gradient sums over the rows' activations), so the micro-batch is run again without it
+  and that forward is the one backpropagated;
 - is counted (``mimic/nonfinite_samples``) and named in a warning.
 
 A step in which no sample of any process is finite is skipped (`NonFiniteStepGuard`): the parameters and
@@ -40,18 +39,6 @@ def row_status(losses: torch.Tensor, scores: torch.Tensor, supervised: torch.Ten
         status[supervised.to(losses.device) == 0] = STATUS_UNLABELED
     status[~finite_loss | per_row_score_problem] = STATUS_NONFINITE
     return status
-
-
-def sanitized(inputs: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
-    """``inputs`` with the floating-point values of ``rows`` (a boolean mask over the batch) set to 0."""
-    batch_size = rows.shape[0]
-    clean = {}
-    for key, value in inputs.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dim() > 0 and value.shape[0] == batch_size:
-            mask = rows.to(value.device).view(-1, *([1] * (value.dim() - 1)))
-            value = torch.where(mask, torch.zeros((), dtype=value.dtype, device=value.device), value)
-        clean[key] = value
-    return clean
 
 
 class NonFiniteStepGuard(TrainerCallback):
