@@ -8,13 +8,21 @@ same synthetic data, batch, optimizer (the Trainer's default AdamW) and seed:
 - ``mimic-head``         `MimicTrainer` with the head as mimic layer (``classifier`` / ``lm_head``);
 - ``mimic-head-norec``   the same with ``mimic_record_scores=False`` (the score-recording cost);
 - ``mimic-head-monitor`` the same with the running alignment monitor at every step (its cost per call);
-- ``mimic-inner``        `MimicTrainer` on ``bert.encoder.layer.3.intermediate.dense`` (BERT only:
-                         GPT-2's block projections are ``Conv1D``, not ``nn.Linear``);
+- ``mimic-inner``        `MimicTrainer` on the last block's MLP up-projection (BERT's
+                         ``intermediate.dense``, an ``nn.Linear``; GPT-2's ``mlp.c_fc``, a ``Conv1D``);
+- ``mimic-head-tied``    GPT-2 only: the head with ``tie_word_embeddings=True``, so the mimic tensor is also
+                         the token embedding and its score sums both uses (a gradient back to the embedding);
+- ``mimic-head-nonfinite`` the head, with one sample in 32 made non-finite inside the model (an overflow
+                         on its token ids): the cost of leaving such samples out (a second forward);
 - ``vmap``               a per-sample-gradient baseline written the way the authors' code works:
                          ``torch.func.vmap(grad(...))`` over every trainable parameter, m_i from
                          those per-sample gradients, the same softmax(m/τ) weights, and the weighted
                          gradient Σ_i w_i g_i contracted from them (a `Trainer` subclass overriding
-                         ``training_step``).
+                         ``training_step``);
+- ``vmap-layer``         the like-for-like per-sample-gradient baseline: ``torch.func.vmap(grad(...))``
+                         with respect to the mimic layer's tensors only, m_i and the weights from them,
+                         then one normal weighted backward of Σ_i w_i ℓ_i (what MimicTrainer computes,
+                         with materialised per-sample gradients instead of ghost inner products).
 
 Isolation and noise (the machine is shared). The parent imports torch/transformers once, without
 computing anything, and forks one child per candidate of a model. The children build their
@@ -99,21 +107,27 @@ MODELS: dict[str, dict[str, Any]] = {
         "full": dict(hidden=256, layers=4, heads=4, intermediate=1024, seq=128, batch=8, vocab=30522),
         "quick": dict(hidden=32, layers=2, heads=2, intermediate=128, seq=16, batch=4, vocab=512),
         "head": "lm_head",
-        "inner": None,  # GPT-2 blocks use Conv1D, which the ghost maths (nn.Linear only) does not cover
+        "inner": "transformer.h.{last}.mlp.c_fc",  # a transformers Conv1D
     },
 }
 
-CANDIDATES = ("plain", "mimic-head", "mimic-head-norec", "mimic-head-monitor", "mimic-inner", "vmap")
+CANDIDATES = ("plain", "mimic-head", "mimic-head-norec", "mimic-head-monitor", "mimic-inner", "mimic-head-tied",
+              "mimic-head-nonfinite", "vmap", "vmap-layer")
+ONLY_FOR = {"mimic-head-tied": ("gpt2",)}  # candidates that exist for some models only
 DESCRIPTIONS = {
     "plain": "transformers.Trainer",
     "mimic-head": "MimicTrainer, head layer",
     "mimic-head-norec": "MimicTrainer, head layer, mimic_record_scores=False",
     "mimic-head-monitor": "MimicTrainer, head layer, alignment monitor at every step (mimic_monitor_steps=1)",
-    "mimic-inner": "MimicTrainer, inner layer (BERT's last MLP up-projection)",
-    "vmap": "per-sample grads (torch.func.vmap), authors' way",
+    "mimic-inner": "MimicTrainer, inner layer (the last block's MLP up-projection)",
+    "mimic-head-tied": "MimicTrainer, head layer tied to the token embedding (both uses scored)",
+    "mimic-head-nonfinite": "MimicTrainer, head layer, 1 sample in 32 non-finite (left out: a second forward)",
+    "vmap": "per-sample grads of all parameters (torch.func.vmap), authors' way",
+    "vmap-layer": "per-sample grads of the mimic layer only (torch.func.vmap) + one weighted backward, like-for-like",
 }
 # Step-time targets (ratio to plain Trainer); memory target applies to every MimicTrainer run.
-TIME_TARGETS = {("bert", "mimic-head"): 1.10, ("bert", "mimic-inner"): 1.30, ("gpt2", "mimic-head"): 1.30}
+TIME_TARGETS = {("bert", "mimic-head"): 1.10, ("bert", "mimic-inner"): 1.30, ("gpt2", "mimic-head"): 1.30,
+                ("gpt2", "mimic-inner"): 1.30}
 MEMORY_TARGET = 1.10
 VMAP_TARGET = 10.0  # vmap step time / mimic-head step time, at least
 RECORD_TARGET = 0.02  # recording cost, fraction of the step time, below
@@ -127,7 +141,7 @@ MIN_QUIET_ROUNDS = 10  # fewer quiet rounds than this: the targets are judged on
 # ---------------------------------------------------------------------------------------------- model, data
 
 
-def build_model(model_name: str, size: dict[str, int]) -> torch.nn.Module:
+def build_model(model_name: str, size: dict[str, int], tied: bool = False) -> torch.nn.Module:
     torch.manual_seed(SEED)
     if model_name == "bert":
         from transformers import BertConfig, BertForSequenceClassification
@@ -153,9 +167,9 @@ def build_model(model_name: str, size: dict[str, int]) -> torch.nn.Module:
         n_positions=size["seq"],
         bos_token_id=0,
         eos_token_id=0,
-        # Untied, so that lm_head.weight is a parameter of its own: with the tie, the ghost score
-        # covers only the lm_head use of the shared matrix (see docs/performance.md).
-        tie_word_embeddings=False,
+        # Untied unless asked: the tied case is a candidate of its own (mimic-head-tied), whose score must
+        # also reach the embedding use of the shared matrix.
+        tie_word_embeddings=tied,
     )
     return GPT2LMHeadModel(config)
 
@@ -174,7 +188,8 @@ def build_dataset(model_name: str, size: dict[str, int], rows: int):
 
 def layer_name(model_name: str, candidate: str, size: dict[str, int]) -> str | None:
     spec = MODELS[model_name]
-    if candidate in ("mimic-head", "mimic-head-norec", "mimic-head-monitor", "vmap"):
+    if candidate in ("mimic-head", "mimic-head-norec", "mimic-head-monitor", "mimic-head-tied", "mimic-head-nonfinite",
+                     "vmap", "vmap-layer"):
         return spec["head"]
     if candidate == "mimic-inner":
         return spec["inner"].format(last=size["layers"] - 1) if spec["inner"] else None
@@ -242,6 +257,52 @@ class PerSampleGradTrainer(Trainer):
         del per_sample_grads
         self.last_scores = scores.detach()
         return losses.detach().mean()
+
+
+class LayerPerSampleGradTrainer(Trainer):
+    """The like-for-like per-sample-gradient baseline: what MimicTrainer computes, with materialised per-sample gradients.
+
+    ``vmap(grad(ℓ_i))`` with respect to the mimic layer's tensors only gives ``g_i`` on those tensors; ``m_i =
+    ⟨−g_i, v⟩/‖v‖``; ``w = softmax(m/τ)``; then one normal forward and backward of ``Σ_i w_i ℓ_i``.
+    """
+
+    def __init__(self, *args: Any, reference: dict[str, torch.Tensor], temperature: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reference = reference
+        self.temperature = temperature
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        from torch.func import functional_call, grad, vmap
+
+        named = dict(model.named_parameters())
+        chosen = {name: named[name].detach() for name in self.reference}
+
+        def sample_loss(chosen, sample):
+            batch = {key: value.unsqueeze(0) for key, value in sample.items()}
+            labels = batch.pop("labels")
+            return per_sample_loss(model, functional_call(model, chosen, args=(), kwargs=batch), labels)[0]
+
+        per_sample_grads = vmap(grad(sample_loss), in_dims=(None, 0), randomness="different")(chosen, inputs)
+        direction = {name: self.reference[name] - chosen[name].float() for name in chosen}
+        norm = torch.sqrt(sum(v.square().sum() for v in direction.values()))
+        scores = -sum(per_sample_grads[name].flatten(1).float() @ direction[name].flatten() for name in chosen) / norm
+        del per_sample_grads
+        weights = torch.softmax(scores / self.temperature, dim=0).detach()
+        outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
+        loss = (weights * per_sample_loss(model, outputs, inputs["labels"])).sum()
+        return (loss, outputs) if return_outputs else loss
+
+
+def overflow_on_token(model: torch.nn.Module, token_period: int = 32) -> None:
+    """Makes every sample whose first token id is a multiple of ``token_period`` non-finite inside the model (its token
+    embeddings overflow to inf), as a numerical blow-up on some content would: about one sample in 32."""
+    embeddings = model.get_input_embeddings()
+
+    def hook(module, args, output):
+        bad = (args[0][:, 0] % token_period == 0)[:, None, None]
+        return torch.where(bad, torch.full_like(output, float("inf")), output)
+
+    embeddings.register_forward_hook(hook)
 
 
 # ---------------------------------------------------------------------------------------------- measurement in a child
@@ -448,7 +509,7 @@ def _monitor_setting(candidate: str) -> dict[str, int]:
 
 
 def build_trainer(model_name: str, candidate: str, size: dict[str, int], total_steps: int) -> Trainer:
-    model = build_model(model_name, size)
+    model = build_model(model_name, size, tied=candidate == "mimic-head-tied")
     dataset = build_dataset(model_name, size, rows=size["batch"] * total_steps)
     layer = layer_name(model_name, candidate, size)
     output_dir = tempfile.mkdtemp(prefix=f"bench_overhead_{model_name}_{candidate}_")
@@ -467,8 +528,8 @@ def build_trainer(model_name: str, candidate: str, size: dict[str, int], total_s
     )
     if candidate == "plain":
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=dataset)
-    elif candidate == "vmap":
-        trainer = PerSampleGradTrainer(
+    elif candidate in ("vmap", "vmap-layer"):
+        trainer = (PerSampleGradTrainer if candidate == "vmap" else LayerPerSampleGradTrainer)(
             model=model,
             args=TrainingArguments(**common),
             train_dataset=dataset,
@@ -484,6 +545,8 @@ def build_trainer(model_name: str, candidate: str, size: dict[str, int], total_s
             mimic_alignment_check=False,
             **_monitor_setting(candidate),
         )
+        if candidate == "mimic-head-nonfinite":
+            overflow_on_token(model)
         trainer = MimicTrainer(model=model, args=args, train_dataset=dataset, reference=perturbed_reference(model, layer))
     from transformers.trainer_callback import PrinterCallback
 
@@ -808,7 +871,18 @@ def render(summary: dict[str, Any], args: argparse.Namespace, loads: list, sizes
     add(
         "- `vmap`: per-sample gradients of **all** trainable parameters with `torch.func.vmap(grad_and_value(ℓ_i))` "
         "(dropout `randomness=\"different\"`), m_i on the head's tensors, the same softmax(m/τ), and Σ_i w_i g_i "
-        "contracted from the per-sample gradients, in a `Trainer` subclass overriding `training_step`."
+        "contracted from the per-sample gradients, in a `Trainer` subclass overriding `training_step`. This is how "
+        "the authors' code works, and it computes more than MimicTrainer does (per-sample gradients of every "
+        "parameter); `vmap-layer` is the like-for-like baseline: per-sample gradients of the mimic layer's tensors "
+        "only (`torch.func.vmap(grad(ℓ_i))` with respect to them), m_i and the weights from them, then one normal "
+        "weighted forward and backward of Σ_i w_i ℓ_i."
+    )
+    add(
+        "- `mimic-head-tied` (GPT-2): `tie_word_embeddings=True`, so the head's weight is also the token embedding and "
+        "its per-sample gradient sums both uses: the score needs the gradient at the embedding's output too, a "
+        "vector-Jacobian product back through the whole network. `mimic-head-nonfinite`: a hook on the token "
+        "embeddings makes every sample whose first token id is a multiple of 32 overflow to inf (about one in 32); "
+        "MimicTrainer leaves those samples out by running the micro-batch's forward again without them."
     )
     add(
         f"- Timing: {args.warmup} warm-up + {args.steps} timed optimizer steps per run; step time = from `on_step_begin` "
@@ -1075,7 +1149,7 @@ def run_all(args: argparse.Namespace, sizes: dict[str, dict[str, int]], candidat
             jobs = [
                 dict(model_name=model_name, candidate=c, size=sizes[model_name], steps=args.steps, warmup=args.warmup, profile=True)
                 for c in order
-                if c != "vmap"
+                if not c.startswith("vmap")
             ]
             run(jobs, -1, f"{model_name} profile")
         if args.live_memory:
@@ -1102,7 +1176,7 @@ def main(argv: list[str] | None = None) -> int:
     size_key = "quick" if args.quick else "full"
     sizes = {m: MODELS[m][size_key] for m in args.models_list}
     candidates = {
-        m: [c for c in args.candidates_list if not (c == "mimic-inner" and MODELS[m]["inner"] is None)] for m in args.models_list
+        m: [c for c in args.candidates_list if m in ONLY_FOR.get(c, (m,))] for m in args.models_list
     }
     print(f"# bench_overhead: {args.command}")
     print(f"# {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}, load {os.getloadavg()}", flush=True)
