@@ -22,7 +22,7 @@ Columns (`SCORE_SCHEMA`):
   got weight 0 and no gradient, and the filter discards it) or `STATUS_UNLABELED` (2: no supervised
   label, e.g. a prompt-only language-model sample; weight 0, and it abstains in the filter).
 
-Writes are atomic (temporary file, then `os.replace`) and run on a background thread so that
+Writes are atomic (`hf_gradmimic.fileio.atomic_write`) and run on a background thread so that
 the step's critical path only hands over arrays.
 """
 
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -39,6 +38,8 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from .fileio import atomic_write
 
 SCORES_DIRNAME = "mimic_scores"
 _SHARD_PATTERN = re.compile(r"^rank(?P<rank>\d+)-steps(?P<first>\d+)-(?P<last>\d+)\.parquet$")
@@ -127,18 +128,6 @@ def load_scores(path: str | os.PathLike, *, drop_repeated: bool = True) -> "data
     return datasets.Dataset(read_score_table(path, drop_repeated=drop_repeated))
 
 
-def _atomic_write_table(table: pa.Table, destination: Path) -> None:
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp_name)
-        os.replace(tmp_name, destination)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
 class ScoreWriter:
     """Buffers one rank's records in memory and writes them as Parquet shards.
 
@@ -214,7 +203,7 @@ class ScoreWriter:
                 # Two flushes inside one step (a full buffer, then a checkpoint): keep both.
                 existing = pq.read_table(destination)
                 table = pa.concat_tables([existing, table], promote_options="default")
-            _atomic_write_table(table, destination)
+            atomic_write(destination, lambda tmp: pq.write_table(table, tmp))
 
     def truncate_after(self, global_step: int) -> int:
         """Drop this rank's records of steps after ``global_step``; returns how many rows went.
@@ -240,7 +229,8 @@ class ScoreWriter:
             kept = table.filter(keep)
             removed += table.num_rows - kept.num_rows
             last_kept = int(pa.compute.max(kept["global_step"]).as_py())
-            _atomic_write_table(kept, entry.with_name(f"rank{self.rank:05d}-steps{int(match['first']):09d}-{last_kept:09d}.parquet"))
+            rewritten = entry.with_name(f"rank{self.rank:05d}-steps{int(match['first']):09d}-{last_kept:09d}.parquet")
+            atomic_write(rewritten, lambda tmp: pq.write_table(kept, tmp))
             entry.unlink()
         return removed
 
