@@ -1,0 +1,104 @@
+"""Stage 2 of Grad-Mimic: an automated ensemble filter built from the score log.
+
+Grad-Mimic (Huang et al., "Evaluating Sample Utility for Data Selection by Mimicking Model
+Weights", arXiv 2501.06708) re-weights every batch during training (Stage 1) and then, after
+training, turns the recorded weights into a data filter (Stage 2, Section 4.2):
+
+1. **Windows as labeling functions.** The training run is cut into windows of optimizer steps
+   (by default one per epoch). In window ``j`` a sample ``i`` gets the value
+
+       v_ij = mean over its records in window j of  b * w_i
+
+   where ``w_i`` is the softmax weight the sample received and ``b`` the size of the batch the
+   softmax ran over, so ``v_ij = 1`` means "uniform weight, no opinion", ``v_ij > 1`` "up-weighted"
+   (its negative gradient points toward the reference model) and ``v_ij < 1`` "down-weighted".
+   A sample that has no record in window ``j`` abstains there.
+
+2. **Identification per window.** Each window votes keep (1) / discard (0) for the samples it saw:
+
+   - ``threshold``: keep when ``v_ij > t``; the paper's rule is ``t = 1``, i.e. ``w_i > 1/b``;
+   - ``kmeans``: the exact optimal 1-D 2-means split of the window's values (sort + prefix sums,
+     O(n log n)); keep the cluster with the higher centre;
+   - ``gmm``: a two-component 1-D Gaussian mixture fitted by EM (initialised from the k-means split,
+     so it is deterministic); keep the values above the point, between the two means, where the
+     weighted component densities cross;
+   - ``topk``: keep the top ``k`` percent of the window's values.
+
+3. **Aggregation.** The ``n x m`` vote matrix (``-1`` abstain, ``0`` discard, ``1`` keep) is combined
+   into a keep probability per sample, by default with Snorkel's `LabelModel` (weak supervision:
+   it estimates each window's accuracy from the agreements between windows, without labels), or
+   by majority vote, ``all`` or ``any``. A sample is kept when ``P(keep) >= 0.5``.
+
+Section 5.1 of the paper also uses two dataset-level quality estimators, which
+`estimate_quality` returns: the retained fraction ``|kept| / n`` and the mean mimic score
+``(1/n) sum_i m_i`` (``m_i`` being sample ``i``'s mean mimic score over its records).
+
+Everything is vectorised (numpy ``bincount`` / sort + prefix sums over the records of the
+score log, read shard by shard); there are no Python loops over samples or records.
+
+Modules, in the order the data flows: `inputs` (the one place that converts paths, pandas, Arrow
+and `datasets` inputs), `windows` (records -> per-window means), `identification` (with `clustering`),
+`aggregation`, `decide` (votes -> table and summary), `result` (`MimicFilter`, with `matching` and
+`matrices`) and `build` (`build_filter`, `estimate_quality`).
+"""
+
+from __future__ import annotations
+
+from .aggregation import (
+    ABSTAIN,
+    AGGREGATES,
+    DISCARD,
+    KEEP,
+    LABEL_MODEL_EPOCHS,
+    LABEL_MODEL_FIT_ROWS,
+    LABEL_MODEL_LR,
+    aggregate_votes,
+)
+from .build import build_filter, estimate_quality
+from .clustering import GaussianMixture1D, fit_gmm_1d, kmeans_1d
+from .identification import (
+    METHODS,
+    Identification,
+    identify,
+    identify_gmm,
+    identify_kmeans,
+    identify_threshold,
+    identify_topk,
+)
+from .inputs import ScoresLike
+from .result import SUMMARY_FILENAME, TABLE_FILENAME, MimicFilter
+from .warning import FilterWarning
+from .windows import MAX_MATRIX_CELLS, WindowedScores, WindowsLike, collect_windows
+
+# The public names of every submodule: users import them from `hf_gradmimic.filter`, not from where they live.
+__all__ = [
+    "ABSTAIN",
+    "AGGREGATES",
+    "DISCARD",
+    "KEEP",
+    "LABEL_MODEL_EPOCHS",
+    "LABEL_MODEL_FIT_ROWS",
+    "LABEL_MODEL_LR",
+    "MAX_MATRIX_CELLS",
+    "METHODS",
+    "SUMMARY_FILENAME",
+    "TABLE_FILENAME",
+    "FilterWarning",
+    "GaussianMixture1D",
+    "Identification",
+    "MimicFilter",
+    "ScoresLike",
+    "WindowedScores",
+    "WindowsLike",
+    "aggregate_votes",
+    "build_filter",
+    "collect_windows",
+    "estimate_quality",
+    "fit_gmm_1d",
+    "identify",
+    "identify_gmm",
+    "identify_kmeans",
+    "identify_threshold",
+    "identify_topk",
+    "kmeans_1d",
+]

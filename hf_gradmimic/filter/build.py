@@ -1,0 +1,88 @@
+"""The Stage-2 entry points: `build_filter` (score log -> `MimicFilter`) and `estimate_quality`
+(the two dataset-quality estimators of Huang et al., arXiv 2501.06708, Section 5.1)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from .decide import check_settings, decide
+from .inputs import ScoresLike
+from .result import MimicFilter
+from .warning import FilterWarning
+from .windows import WindowsLike, check_windows, collect_windows
+
+__all__ = ["build_filter", "estimate_quality"]
+
+
+def build_filter(
+    scores: ScoresLike,
+    method: str = "gmm",
+    aggregate: str = "snorkel",
+    windows: WindowsLike = "epoch",
+    *,
+    threshold: float | None = None,
+    topk: float = 50,
+    seed: int = 0,
+) -> MimicFilter:
+    """Build Grad-Mimic's Stage-2 ensemble filter from a score log.
+
+    Args:
+        scores: the score log: an ``output_dir`` (or its ``mimic_scores/`` folder), the
+            `datasets.Dataset` that `load_scores` returns, a `pyarrow.Table` or a `pandas.DataFrame`
+            with the score-log columns. Records flagged ``repeated`` are dropped.
+        method: per-window identification, one of ``"threshold"``, ``"kmeans"``, ``"gmm"``, ``"topk"``.
+        aggregate: vote aggregation, one of ``"snorkel"``, ``"majority"``, ``"all"``, ``"any"``.
+        windows: the labeling functions: ``"epoch"`` (one per epoch), ``"step"`` (one per optimizer
+            step) or an int ``N`` (``N`` equal windows of consecutive global steps). Epoch windows
+            use ``ceil(epoch) - 1`` (with a tolerance for float rounding), because a record's
+            ``epoch`` is the fractional epoch *after* its step: the last step of the first epoch
+            has ``epoch == 1.0`` and belongs to window ``epoch_0``, which ``floor`` would get wrong.
+        threshold: for ``method="threshold"``: keep when ``b * w > threshold`` (default 1.0, i.e. ``w > 1/b``).
+        topk: for ``method="topk"``: the percentage of each window's samples to keep (default 50).
+        seed: the LabelModel's seed.
+
+    Returns:
+        A `MimicFilter`: ``table`` has one row per sample (sorted by ``sample_id``) with its mean
+        mimic score, mean ``b * w``, per-window votes / values / scores, ``keep_prob`` and ``keep``;
+        ``summary`` has the retained fraction, per-window thresholds and estimated accuracies,
+        degenerate windows and the settings used.
+
+    Example:
+        >>> mimic_filter = build_filter("outputs/run1", method="gmm", aggregate="snorkel")
+        >>> clean_train = mimic_filter.apply(train_dataset)
+    """
+    check_settings(method, aggregate, threshold, topk)
+    check_windows(windows)
+    if threshold is not None and method != "threshold":
+        warnings.warn(
+            f"threshold={threshold} is only used by method='threshold' (method={method!r}).", FilterWarning, stacklevel=2
+        )
+    windowed = collect_windows(scores, windows)
+    table, summary = decide(
+        windowed, method=method, aggregate=aggregate, windows=windows, threshold=threshold, topk=topk, seed=seed
+    )
+    return MimicFilter(table, summary)
+
+
+def estimate_quality(scores_or_filter: ScoresLike | MimicFilter, **build_kwargs: Any) -> dict[str, float]:
+    """The two dataset-quality estimators of the paper (Section 5.1).
+
+    - ``retained_fraction``: ``|{i : keep_i}| / n``, the share of samples the ensemble filter keeps;
+    - ``mean_mimic_score``: ``(1/n) sum_i m_i``, the mean over samples of each sample's mean mimic
+      score over its records (samples whose scores are all NaN are left out).
+
+    Args:
+        scores_or_filter: a `MimicFilter`, or anything `build_filter` accepts (the filter is then
+            built with ``build_kwargs``).
+    """
+    mimic_filter = (
+        scores_or_filter if isinstance(scores_or_filter, MimicFilter) else build_filter(scores_or_filter, **build_kwargs)
+    )
+    summary = mimic_filter.summary
+    mean_score = summary["mean_mimic_score"]
+    return {
+        "retained_fraction": float(summary["retained_fraction"]),
+        "mean_mimic_score": float("nan") if mean_score is None else float(mean_score),
+        "n_samples": int(summary["n_samples"]),
+    }

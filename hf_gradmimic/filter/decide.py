@@ -1,0 +1,137 @@
+"""The decide step: per-window values -> votes -> ``P(keep)`` -> the filter's per-sample table and summary.
+
+Identification runs window by window (each vectorised over its samples), aggregation over the
+whole vote matrix; a sample is kept when ``P(keep) >= 0.5`` (Huang et al., arXiv 2501.06708,
+Section 4.2).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ..fileio import json_safe
+from .aggregation import ABSTAIN, AGGREGATES, aggregate_votes
+from .identification import METHODS, identify
+from .matrices import list_column
+from .warning import warn
+from .windows import WindowedScores, WindowsLike
+
+__all__ = ["check_settings", "decide"]
+
+
+def check_settings(method: str, aggregate: str, threshold: float | None, topk: float) -> None:
+    """Refuse an unknown method or aggregate, a non-finite threshold or a topk outside (0, 100]."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown identification method {method!r}; expected one of {METHODS}.")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"Unknown aggregate {aggregate!r}; expected one of {AGGREGATES}.")
+    if threshold is not None and not math.isfinite(float(threshold)):
+        raise ValueError(f"threshold must be a finite number, got {threshold!r}.")
+    if not (isinstance(topk, (int, float, np.integer, np.floating)) and 0 < float(topk) <= 100):
+        raise ValueError(f"topk is a percentage in (0, 100], got {topk!r}.")
+
+
+def decide(
+    windowed: WindowedScores,
+    *,
+    method: str,
+    aggregate: str,
+    windows: WindowsLike,
+    threshold: float | None,
+    topk: float,
+    seed: int,
+) -> tuple[pa.Table, dict[str, Any]]:
+    """Identification per window + aggregation, from the per-window values.
+
+    Returns ``(table, summary)``, the two halves of a `MimicFilter` (see its docstring).
+    """
+    warn_list = list(windowed.warnings)
+    votes, window_info = _vote_per_window(windowed, method, threshold=threshold, topk=topk)
+    degenerate = [w["name"] for w in window_info if w["degenerate"]]
+    if degenerate:
+        warn(
+            f"{len(degenerate)} window(s) hold fewer than two distinct b*w values ({degenerate[:5]}"
+            f"{'...' if len(degenerate) > 5 else ''}): no sample can be ranked there, so every sample in them "
+            "is kept (vote 1).",
+            warn_list,
+        )
+    keep_prob, info = aggregate_votes(votes, aggregate, seed=seed, collected_warnings=warn_list)
+    accuracies = info["estimated_accuracies"]
+    for j, w in enumerate(window_info):
+        w["estimated_accuracy"] = None if accuracies is None else accuracies[j]
+    keep = keep_prob >= 0.5
+    table = _filter_table(windowed, votes, keep_prob, keep)
+    finite_scores = windowed.mean_score[~np.isnan(windowed.mean_score)]
+    summary = {
+        "n_samples": int(votes.shape[0]),
+        "n_records": int(windowed.total_records),
+        "n_windows": int(votes.shape[1]),
+        "retained_fraction": float(keep.mean()),
+        "mean_mimic_score": float(finite_scores.mean()) if finite_scores.size else float("nan"),
+        "n_nan_scores": int(windowed.n_nan_scores),
+        "window_names": list(windowed.window_names),
+        "thresholds": [w["threshold"] for w in window_info],
+        "estimated_accuracies": accuracies,
+        "degenerate_windows": degenerate,
+        "windows": window_info,
+        "aggregate_used": info["aggregate_used"],
+        "label_model": info.get("label_model"),
+        "settings": {
+            "method": method,
+            "aggregate": aggregate,
+            "windows": windows if isinstance(windows, str) else int(windows),
+            "threshold": (1.0 if threshold is None else float(threshold)) if method == "threshold" else threshold,
+            "topk": float(topk),
+            "seed": int(seed),
+        },
+        "warnings": warn_list,
+    }
+    return table, json_safe(summary)
+
+
+def _vote_per_window(
+    windowed: WindowedScores, method: str, *, threshold: float | None, topk: float
+) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """The ``n x m`` int8 vote matrix (-1 where a sample abstains) and one summary entry per window."""
+    values = windowed.values
+    n, m = values.shape
+    votes = np.full((n, m), ABSTAIN, dtype=np.int8)
+    window_info = []
+    for j in range(m):  # loop over windows, each one vectorised over its samples
+        column = values[:, j]
+        present = ~np.isnan(column)
+        decision = identify(column[present], method, threshold=threshold, topk=topk)
+        votes[present, j] = decision.keep
+        window_info.append(
+            {
+                "name": windowed.window_names[j],
+                "first_step": windowed.window_steps[j][0],
+                "last_step": windowed.window_steps[j][1],
+                "n_samples": int(present.sum()),
+                "threshold": decision.boundary,
+                "kept_fraction": float(decision.keep.mean()) if decision.keep.size else float("nan"),
+                "degenerate": decision.degenerate,
+            }
+        )
+    return votes, window_info
+
+
+def _filter_table(windowed: WindowedScores, votes: np.ndarray, keep_prob: np.ndarray, keep: np.ndarray) -> pa.Table:
+    """The per-sample table of a `MimicFilter`, one row per sample in ``windowed`` order."""
+    return pa.table(
+        {
+            "sample_id": windowed.sample_ids,
+            "mean_mimic_score": pa.array(windowed.mean_score, type=pa.float64()),
+            "mean_weight": pa.array(windowed.mean_weight, type=pa.float64()),
+            "n_records": pa.array(windowed.n_records, type=pa.int32()),
+            "votes": list_column(votes, pa.int8()),
+            "window_values": list_column(windowed.values, pa.float32()),
+            "window_scores": list_column(windowed.scores, pa.float32()),
+            "keep_prob": pa.array(np.asarray(keep_prob, dtype=np.float64)),
+            "keep": pa.array(keep),
+        }
+    )

@@ -1,0 +1,139 @@
+"""The one place that turns the filter's inputs into Arrow: score logs and the datasets a filter is applied to.
+
+A score log is a path (an ``output_dir`` or its ``mimic_scores/`` folder, read shard by shard), a
+`pyarrow.Table`, a `pandas.DataFrame` or a `datasets.Dataset`; a dataset to filter or audit is one
+of the last three. Everything else in the filter sees them through `ScoreSource` and `Rows`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..scores import score_shard_paths, scores_dir
+
+__all__ = ["Rows", "ScoreSource", "ScoresLike", "as_rows", "score_source"]
+
+ScoresLike = Union[str, os.PathLike, pa.Table, "datasets.Dataset", "pandas.DataFrame"]  # noqa: F821
+
+# In-memory score logs are reduced in slices of this many records, like shards on disk.
+_CHUNK_ROWS = 4_000_000
+
+RowsKind = Literal["pyarrow.Table", "pandas.DataFrame", "datasets.Dataset"]
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A table-like input seen through Arrow: a `pyarrow.Table`, a `pandas.DataFrame` or a `datasets.Dataset`."""
+
+    data: Any
+    kind: RowsKind
+
+    @property
+    def num_rows(self) -> int:
+        return self.data.num_rows if self.kind == "pyarrow.Table" else len(self.data)
+
+    @property
+    def column_names(self) -> list[str]:
+        if self.kind == "pandas.DataFrame":
+            return [str(name) for name in self.data.columns]
+        return list(self.data.column_names)
+
+    def column(self, name: str) -> pa.Array:
+        """One column as a single Arrow array (a `datasets.Dataset` honours its indices mapping)."""
+        if name not in self.column_names:
+            raise KeyError(f"The dataset has no column {name!r}; columns: {self.column_names}.")
+        if self.kind == "pandas.DataFrame":
+            return pa.array(self.data[name].to_numpy())
+        column = self.data.column(name) if self.kind == "pyarrow.Table" else self.data.with_format("arrow")[name]
+        return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+    def table(self) -> pa.Table:
+        """All the rows as one `pyarrow.Table` (the index of a DataFrame is not kept)."""
+        if self.kind == "pyarrow.Table":
+            return self.data
+        if self.kind == "pandas.DataFrame":
+            return pa.Table.from_pandas(self.data, preserve_index=False)
+        # The arrow format honours an indices mapping (after .select/.shuffle/.filter).
+        return self.data.with_format("arrow")[:]
+
+    def take(self, rows: np.ndarray) -> Any:
+        """The rows at positions ``rows``, in that order, as the input's own type."""
+        if self.kind == "pandas.DataFrame":
+            return self.data.iloc[rows]
+        if self.kind == "pyarrow.Table":
+            return self.data.take(pa.array(rows))
+        return self.data.select(rows)
+
+
+def as_rows(data: Any) -> Rows:
+    """Wrap a `pyarrow.Table`, `pandas.DataFrame` or `datasets.Dataset`; a TypeError names anything else."""
+    if isinstance(data, pa.Table):
+        return Rows(data, "pyarrow.Table")
+    module = type(data).__module__
+    if module.startswith("pandas") and hasattr(data, "iloc"):
+        return Rows(data, "pandas.DataFrame")
+    if isinstance(data, dict) and module.startswith("datasets"):
+        raise TypeError(
+            f"got a {type(data).__name__} of the splits {list(data)}; pass one split, "
+            f"e.g. data[{next(iter(data), 'train')!r}]."
+        )
+    # Duck-typed: any object with the datasets.Dataset API the filter uses works.
+    if all(hasattr(data, attribute) for attribute in ("__len__", "column_names", "select", "with_format")):
+        return Rows(data, "datasets.Dataset")
+    raise TypeError(
+        "expected a datasets.Dataset (e.g. from load_scores), a pyarrow.Table or a pandas.DataFrame, "
+        f"got {type(data).__name__}."
+    )
+
+
+@dataclass
+class ScoreSource:
+    """Where the records come from: Parquet shards read one at a time, or an in-memory table."""
+
+    shards: list[Path] | None = None
+    table: pa.Table | None = None
+    description: str = ""
+
+    def column_names(self) -> list[str]:
+        if self.table is not None:
+            return self.table.column_names
+        return pq.read_schema(self.shards[0]).names
+
+    def num_rows(self) -> int:
+        if self.table is not None:
+            return self.table.num_rows
+        return sum(pq.ParquetFile(shard).metadata.num_rows for shard in self.shards)
+
+    def chunks(self, columns: list[str]) -> Iterator[pa.Table]:
+        if self.table is not None:
+            table = self.table.select(columns)
+            for start in range(0, table.num_rows, _CHUNK_ROWS):
+                yield table.slice(start, _CHUNK_ROWS)
+        else:
+            # One shard at a time keeps memory at one shard's worth of Arrow data on top of the
+            # compact numpy arrays being filled.
+            for shard in self.shards:
+                yield pq.read_table(shard, columns=columns)
+
+
+def score_source(scores: ScoresLike) -> ScoreSource:
+    """The records of a score log: the shards under a path, or the rows of an in-memory table."""
+    if isinstance(scores, (str, os.PathLike)):
+        shards = score_shard_paths(scores)
+        if not shards:
+            raise ValueError(f"The score log at {scores_dir(scores)} is empty: no shard has been written.")
+        return ScoreSource(shards=shards, description=str(scores_dir(scores)))
+    try:
+        rows = as_rows(scores)
+    except TypeError as error:
+        raise TypeError(
+            f"scores must be a path to an output_dir or its mimic_scores/ folder, or a table of records: {error}"
+        ) from None
+    return ScoreSource(table=rows.table(), description=rows.kind)

@@ -1,0 +1,26 @@
+"""The filter table's list columns: dense ``samples x windows`` matrices <-> Arrow list columns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+__all__ = ["list_column", "matrix"]
+
+
+def list_column(matrix: np.ndarray, value_type: pa.DataType) -> pa.Array:
+    """An ``n x m`` matrix as a list column (zero-copy values, one offsets array)."""
+    n, m = matrix.shape
+    flat = pa.array(np.ascontiguousarray(matrix).reshape(-1), type=value_type)
+    if n * m < 2**31:
+        return pa.ListArray.from_arrays(pa.array(np.arange(0, n * m + 1, m, dtype=np.int32)), flat)
+    return pa.LargeListArray.from_arrays(pa.array(np.arange(0, n * m + 1, m, dtype=np.int64)), flat)
+
+
+def matrix(column: pa.ChunkedArray | pa.Array, m: int, dtype: np.dtype | type) -> np.ndarray:
+    """A list column with ``m`` entries per row back as an ``n x m`` numpy matrix of ``dtype``."""
+    flat = pc.list_flatten(column)
+    if isinstance(flat, pa.ChunkedArray):
+        flat = flat.combine_chunks()
+    return flat.to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(-1, m)

@@ -1,0 +1,234 @@
+"""The filter's result: `MimicFilter`, a per-sample table and a summary, and what can be done with it
+(re-decide with other settings, save / load, apply to a dataset, audit against clean flags)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..fileio import atomic_write, write_json
+from .decide import check_settings, decide
+from .inputs import as_rows
+from .matching import row_positions
+from .matrices import matrix
+from .windows import WindowedScores
+
+__all__ = ["SUMMARY_FILENAME", "TABLE_FILENAME", "MimicFilter"]
+
+TABLE_FILENAME = "filter.parquet"
+SUMMARY_FILENAME = "summary.json"
+
+
+@dataclass
+class MimicFilter:
+    """The result of `build_filter`: a per-sample table and a summary.
+
+    Attributes:
+        table: a `pyarrow.Table`, one row per sample sorted by ``sample_id``, with columns
+            ``sample_id``, ``mean_mimic_score`` (NaN scores left out), ``mean_weight`` (mean ``b * w``),
+            ``n_records``, ``votes`` (list<int8>, one entry per window: -1 abstain, 0 discard, 1 keep),
+            ``window_values`` / ``window_scores`` (list<float32>: the sample's mean ``b * w`` / mimic
+            score in each window, NaN where it abstains), ``keep_prob`` and ``keep``.
+        summary: a JSON-able dict (see `build_filter`).
+    """
+
+    table: pa.Table
+    summary: dict[str, Any]
+
+    # -- accessors ---------------------------------------------------------------------------
+
+    @property
+    def sample_ids(self) -> np.ndarray:
+        return self.table.column("sample_id").to_numpy()
+
+    @property
+    def keep(self) -> np.ndarray:
+        return self.table.column("keep").to_numpy()
+
+    @property
+    def keep_prob(self) -> np.ndarray:
+        return self.table.column("keep_prob").to_numpy()
+
+    @property
+    def kept_ids(self) -> np.ndarray:
+        """The ids of the samples the filter keeps."""
+        return self.sample_ids[self.keep]
+
+    @property
+    def n_windows(self) -> int:
+        return int(self.summary["n_windows"])
+
+    def votes(self) -> np.ndarray:
+        """The ``n x m`` vote matrix (int8; -1 abstain, 0 discard, 1 keep)."""
+        return matrix(self.table.column("votes"), self.n_windows, np.int8)
+
+    def window_values(self) -> np.ndarray:
+        """The ``n x m`` matrix of mean ``b * w`` per window (NaN where the sample abstains)."""
+        return matrix(self.table.column("window_values"), self.n_windows, np.float32)
+
+    def window_scores(self) -> np.ndarray:
+        """The ``n x m`` matrix of mean mimic scores per window (NaN where the sample abstains)."""
+        return matrix(self.table.column("window_scores"), self.n_windows, np.float32)
+
+    def __repr__(self) -> str:
+        s = self.summary
+        return (
+            f"MimicFilter(n_samples={s['n_samples']}, n_windows={s['n_windows']}, "
+            f"retained_fraction={s['retained_fraction']:.4f}, method={s['settings']['method']!r}, "
+            f"aggregate={s['aggregate_used']!r})"
+        )
+
+    # -- re-deciding without re-reading the log ---------------------------------------------------
+
+    def rebuild(
+        self,
+        method: str | None = None,
+        aggregate: str | None = None,
+        *,
+        threshold: float | None = None,
+        topk: float | None = None,
+        seed: int | None = None,
+    ) -> "MimicFilter":
+        """A new filter from the same per-window values with other settings (the log is not re-read).
+
+        Gives the same result as `build_filter` on the original scores with those settings,
+        because identification only uses the per-window means stored in ``table``.
+        """
+        settings = self.summary["settings"]
+        method = settings["method"] if method is None else method
+        aggregate = settings["aggregate"] if aggregate is None else aggregate
+        topk = settings["topk"] if topk is None else topk
+        seed = settings["seed"] if seed is None else seed
+        if threshold is None and method == settings["method"]:
+            threshold = settings["threshold"]
+        check_settings(method, aggregate, threshold, topk)
+        table, summary = decide(
+            self._windowed(),
+            method=method,
+            aggregate=aggregate,
+            windows=settings["windows"],
+            threshold=threshold,
+            topk=topk,
+            seed=seed,
+        )
+        return MimicFilter(table, summary)
+
+    def _windowed(self) -> WindowedScores:
+        """The per-window values stored in the table, as `collect_windows` returned them."""
+        return WindowedScores(
+            sample_ids=self.table.column("sample_id").combine_chunks(),
+            values=self.window_values(),
+            scores=self.window_scores(),
+            mean_weight=self.table.column("mean_weight").to_numpy(),
+            mean_score=self.table.column("mean_mimic_score").to_numpy(),
+            n_records=self.table.column("n_records").to_numpy(),
+            window_names=list(self.summary["window_names"]),
+            window_steps=[(w["first_step"], w["last_step"]) for w in self.summary["windows"]],
+            total_records=self.summary["n_records"],
+            n_nan_scores=self.summary["n_nan_scores"],
+        )
+
+    # -- persistence -------------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``filter.parquet`` and ``summary.json`` into ``directory`` (each atomically)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / TABLE_FILENAME, lambda tmp: pq.write_table(self.table, tmp))
+        write_json(directory / SUMMARY_FILENAME, self.summary)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "MimicFilter":
+        """Read a filter written by `save`."""
+        directory = Path(directory)
+        table_path, summary_path = directory / TABLE_FILENAME, directory / SUMMARY_FILENAME
+        for path in (table_path, summary_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"No saved MimicFilter at {directory}: {path.name} is missing.")
+        with open(summary_path, encoding="utf-8") as handle:
+            summary = json.load(handle)
+        return cls(table=pq.read_table(table_path), summary=summary)
+
+    def to_dataset(self) -> "datasets.Dataset":  # noqa: F821
+        """The per-sample table as a `datasets.Dataset`."""
+        import datasets
+
+        return datasets.Dataset(self.table)
+
+    # -- using the filter ------------------------------------------------------------------------
+
+    def positions(self, dataset: Any, id_column: str | None = None) -> np.ndarray:
+        """Row position in ``dataset`` of every sample of the filter (in table order).
+
+        Raises ValueError when a scored sample is not in the dataset or a dataset row was never scored.
+        """
+        return row_positions(self.table.column("sample_id").combine_chunks(), as_rows(dataset), id_column)
+
+    def apply(self, dataset: Any, id_column: str | None = None) -> Any:
+        """Return the rows of ``dataset`` that the filter keeps (the dataset itself is not modified).
+
+        Args:
+            dataset: a `datasets.Dataset`, `pandas.DataFrame` or `pyarrow.Table` holding exactly the
+                scored samples.
+            id_column: the column holding the sample ids the trainer recorded (``mimic_id_column``);
+                None when the ids are row indices.
+
+        Returns:
+            The same type as ``dataset``, with the kept rows in their original order.
+        """
+        positions = self.positions(dataset, id_column)
+        return as_rows(dataset).take(np.sort(positions[self.keep]))
+
+    def evaluate(
+        self,
+        clean_flags: Any,
+        id_column: str | None = None,
+        *,
+        dataset: Any = None,
+    ) -> dict[str, float]:
+        """Audit the filter against ground-truth clean flags with `compute_filter_metrics`.
+
+        Args:
+            clean_flags: either an array of clean flags (1 = clean, 0 = noisy) aligned with the
+                filter's samples (``table["sample_id"]`` order, i.e. sorted ids), or the name of a
+                column of ``dataset``.
+            id_column: with a ``dataset``: the column holding the sample ids (None: row indices).
+            dataset: the dataset holding the ``clean_flags`` column.
+
+        Returns:
+            ``discard_precision``, ``discard_recall``, ``discard_f1``, ``retained_fraction``,
+            ``keep_roc_auc`` and ``keep_average_precision``.
+        """
+        from ..metrics import compute_filter_metrics
+
+        clean = self._clean_flags(clean_flags, id_column, dataset)
+        return compute_filter_metrics(self.keep, clean, keep_prob=self.keep_prob)
+
+    def _clean_flags(self, clean_flags: Any, id_column: str | None, dataset: Any) -> np.ndarray:
+        """The clean flag of every sample of the filter, in table order (see `evaluate`)."""
+        if dataset is None:
+            if isinstance(clean_flags, str):
+                raise ValueError(f"clean_flags={clean_flags!r} names a column: pass dataset= too.")
+            clean = np.asarray(clean_flags)
+            if clean.shape != (self.table.num_rows,):
+                raise ValueError(
+                    f"clean_flags has shape {clean.shape}, expected ({self.table.num_rows},): one flag per "
+                    "sample of the filter, in table['sample_id'] order (or pass a column name with dataset=)."
+                )
+            return clean
+        rows = as_rows(dataset)
+        positions = self.positions(dataset, id_column)
+        if isinstance(clean_flags, str):
+            return rows.column(clean_flags).to_numpy(zero_copy_only=False)[positions]
+        clean = np.asarray(clean_flags)
+        if clean.shape[0] != rows.num_rows:
+            raise ValueError("clean_flags must have one entry per dataset row when dataset= is given.")
+        return clean[positions]
