@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fileio import atomic_write
 from .losses import logits_of
 from .reference import REFERENCE_WEIGHTS_NAME
 from .training.mimic_layers import resolve_mimic_layers
@@ -101,10 +102,7 @@ def layer_inputs(
         model.train(was_training)
     features = torch.cat(captured)
     if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(".tmp")
-        save_file({"features": features.contiguous()}, str(tmp))
-        os.replace(tmp, cache_path)
+        atomic_write(cache_path, lambda tmp: save_file({"features": features.contiguous()}, tmp))
     return features
 
 
@@ -262,11 +260,7 @@ def build_reference(
     if bias is not None:
         tensors[f"{layer_name}.bias"] = bias.contiguous()
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / REFERENCE_WEIGHTS_NAME
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    path = atomic_write(output_dir / REFERENCE_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     _write_card(output_dir, metadata)
     if push_to_hub:
         if not repo_id:
@@ -292,9 +286,7 @@ def _write_card(output_dir: Path, metadata: dict[str, str]) -> None:
         package_version=__version__,
         **{**metadata, "layers": ", ".join(json.loads(metadata["layers"])), "layers_list": metadata["layers"]},
     )
-    tmp = output_dir / "README.md.tmp"
-    card.save(str(tmp))
-    os.replace(tmp, output_dir / "README.md")
+    atomic_write(output_dir / "README.md", card.save)
 
 
 def _card_data(metadata: dict[str, str]):

@@ -16,15 +16,14 @@ and ``report.json`` with the filter's summary, the two quality estimators of Sec
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .fileio import atomic_write, write_json
 from .filter import METHODS, MimicFilter, build_filter, estimate_quality
 
 __all__ = ["report"]
@@ -45,16 +44,7 @@ def _new_figure(width: float, height: float):
 
 
 def _save_figure(figure, destination: Path) -> Path:
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp.png", dir=destination.parent)
-    os.close(fd)
-    try:
-        figure.savefig(tmp, format="png")
-        os.replace(tmp, destination)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return destination
+    return atomic_write(destination, lambda tmp: figure.savefig(tmp, format="png"))
 
 
 def _finite(values: np.ndarray) -> np.ndarray:
@@ -191,24 +181,7 @@ def report(
                 f"clean has shape {clean.shape}, expected ({mimic_filter.table.num_rows},): one flag per sample, "
                 "in mimic_filter.table['sample_id'] order."
             )
-        ids = mimic_filter.sample_ids
-        per_method: dict[str, dict[str, float]] = {}
-        for method in METHODS:
-            if scores is not None:
-                rebuilt = build_filter(
-                    scores,
-                    method=method,
-                    aggregate=settings["aggregate"],
-                    windows=settings["windows"],
-                    threshold=settings["threshold"] if method == "threshold" else None,
-                    topk=settings["topk"],
-                    seed=settings["seed"],
-                )
-                if not np.array_equal(rebuilt.sample_ids, ids):
-                    raise ValueError("scores= does not hold the same samples as mimic_filter; pass the log it was built from.")
-            else:
-                rebuilt = mimic_filter.rebuild(method=method)
-            per_method[method] = compute_filter_metrics(rebuilt.keep, clean, keep_prob=rebuilt.keep_prob)
+        per_method = _metrics_per_method(mimic_filter, clean, scores)
         payload["filter_metrics"] = compute_filter_metrics(mimic_filter.keep, clean, keep_prob=mimic_filter.keep_prob)
         payload["method_metrics"] = per_method
         paths["method_comparison"] = plot_method_comparison(
@@ -216,27 +189,30 @@ def report(
             output_dir / "method_comparison.png",
             title=f"Discard detection per method (aggregate={summary['aggregate_used']}, windows={settings['windows']})",
         )
-
-    def clean_json(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: clean_json(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [clean_json(v) for v in value]
-        if isinstance(value, (float, np.floating)):
-            return None if not math.isfinite(float(value)) else float(value)
-        if isinstance(value, np.integer):
-            return int(value)
-        return value
-
-    json_path = output_dir / "report.json"
-    fd, tmp = tempfile.mkstemp(prefix=".report.json.", suffix=".tmp", dir=output_dir)
-    os.close(fd)
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(clean_json(payload), handle, indent=2, allow_nan=False)
-        os.replace(tmp, json_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    paths["report_json"] = json_path
+    paths["report_json"] = write_json(output_dir / "report.json", payload)
     return paths
+
+
+def _metrics_per_method(mimic_filter: MimicFilter, clean: np.ndarray, scores: Any) -> dict[str, dict[str, float]]:
+    """Discard-detection metrics of every identification method, with the filter's other settings."""
+    from .metrics import compute_filter_metrics
+
+    settings = mimic_filter.summary["settings"]
+    per_method: dict[str, dict[str, float]] = {}
+    for method in METHODS:
+        if scores is not None:
+            rebuilt = build_filter(
+                scores,
+                method=method,
+                aggregate=settings["aggregate"],
+                windows=settings["windows"],
+                threshold=settings["threshold"] if method == "threshold" else None,
+                topk=settings["topk"],
+                seed=settings["seed"],
+            )
+            if not np.array_equal(rebuilt.sample_ids, mimic_filter.sample_ids):
+                raise ValueError("scores= does not hold the same samples as mimic_filter; pass the log it was built from.")
+        else:
+            rebuilt = mimic_filter.rebuild(method=method)
+        per_method[method] = compute_filter_metrics(rebuilt.keep, clean, keep_prob=rebuilt.keep_prob)
+    return per_method

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from hf_gradmimic.fileio import atomic_write  # noqa: E402
 from hf_gradmimic.scores import SCORES_DIRNAME, SCORE_TYPES  # noqa: E402
 
 EPOCHS = 5
@@ -206,11 +207,7 @@ matrix the proportional 1M-row fit gave keep probabilities within 2e-5 of the ex
 GMM's EM runs on 4096 equal-count groups of each window's sorted values (exact EM below 4096
 values; see `fit_gmm_1d`).
 """
-        doc_path = Path(args.doc)
-        doc_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = doc_path.with_suffix(".md.tmp")
-        tmp.write_text(doc, encoding="utf-8")
-        os.replace(tmp, doc_path)
+        doc_path = atomic_write(args.doc, lambda tmp: Path(tmp).write_text(doc, encoding="utf-8"))
         print(f"wrote {doc_path}")
 
 
