@@ -1,21 +1,14 @@
-"""Sharing Grad-Mimic results on the Hugging Face Hub: scored datasets and model cards.
+"""Sharing Grad-Mimic results on the Hugging Face Hub: scored datasets, saved locally and pushed.
 
 `push_scored_dataset` adds a filter's per-sample results to a dataset as columns, saves that
 scored dataset locally first (so a failed push loses nothing), pushes it as the ``default``
-config and the kept rows as a ``filtered`` config, then pushes a dataset card rendered from
-``model_cards/dataset_card.md`` whose YAML merges what `datasets` wrote (``configs``,
+config and the kept rows as a ``filtered`` config, then pushes a dataset card
+(`hf_gradmimic.cards.render_dataset_card`) whose YAML merges what `datasets` wrote (``configs``,
 ``dataset_info``), so that ``load_dataset(repo_id, "filtered")`` keeps working.
-
-`render_model_card` renders ``model_cards/model_card.md`` for a `MimicTrainer` with its
-Grad-Mimic settings, in the style of trl's trainers (``create_model_card`` writes it into
-``args.output_dir`` as ``README.md``, which ``Trainer.push_to_hub`` uploads).
 """
-
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,31 +18,30 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from .cards import dataset_card_data, render_dataset_card
+from .fileio import atomic_write_dir
+
+# Re-exported for trainer.py's create_model_card, which imports it from here; drop once the
+# trainer imports it from hf_gradmimic.cards.
+from .cards import render_model_card  # noqa: F401,E402
+
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
-    from huggingface_hub import CommitInfo, DatasetCard, ModelCard
+    from huggingface_hub import CommitInfo, DatasetCard
+    from transformers import Trainer
 
     from .config import MimicConfig
     from .filter import MimicFilter
-    from .trainer import MimicTrainer
 
 __all__ = [
-    "DATASET_TAGS",
     "MIMIC_COLUMNS",
-    "MODEL_TAGS",
     "HubAuthenticationError",
     "ScoredPushError",
     "ScoredPushResult",
     "push_scored_dataset",
-    "render_dataset_card",
-    "render_model_card",
 ]
 
-DATASET_TAGS: tuple[str, ...] = ("grad-mimic", "data-filtering")
-MODEL_TAGS: tuple[str, ...] = ("grad-mimic", "data-filtering", "hf-gradmimic")
 FILTERED_CONFIG = "filtered"
-DATASET_CARD_TEMPLATE = "dataset_card.md"
-MODEL_CARD_TEMPLATE = "model_card.md"
 
 # Column added to the rows -> (column of MimicFilter.table it comes from, pyarrow type).
 MIMIC_COLUMNS: dict[str, tuple[str, pa.DataType]] = {
@@ -142,183 +134,6 @@ def _add_mimic_columns(dataset: datasets.Dataset, mimic_filter: MimicFilter, id_
     return scored
 
 
-def _save_atomically(dataset: datasets.Dataset, destination: Path) -> Path:
-    """``save_to_disk`` into a temporary sibling folder, then rename it into place.
-
-    A crash mid-save leaves at most a hidden temporary folder, never a half-written copy at
-    ``destination``; an older copy there is replaced only once the new one is complete.
-    """
-    destination = destination.absolute()
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    tmp = destination.parent / f".{destination.name}.tmp-{token}"
-    try:
-        dataset.save_to_disk(str(tmp))
-        if destination.exists():
-            old = destination.parent / f".{destination.name}.old-{token}"
-            os.replace(destination, old)
-            os.replace(tmp, destination)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, destination)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return destination
-
-
-# ----------------------------------------------------------------------------------------------
-# Card contents
-# ----------------------------------------------------------------------------------------------
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return "n/a" if value != value else f"{value:.{digits}f}"
-    return str(value)
-
-
-def _layers_text(layer_map: Mapping[str, str]) -> str:
-    return ", ".join(f"`{s}`" if s == r else f"`{s}` → reference `{r}`" for s, r in layer_map.items()) or "n/a"
-
-
-def _training_settings(training_config: Any, reference: str | None) -> dict[str, Any]:
-    """Stage-1 settings for the cards, from a MimicConfig, a dict of its fields or a MimicTrainer."""
-    from .config import parse_layer_map
-
-    trainer_reference = None
-    if training_config is not None and not isinstance(training_config, Mapping) and hasattr(training_config, "reference_name"):
-        trainer_reference = training_config.reference_name  # a MimicTrainer: its config is .args
-        training_config = training_config.args
-    if training_config is None:
-        raw: Mapping[str, Any] = {}
-    elif isinstance(training_config, Mapping):
-        raw = training_config
-    else:
-        raw = {name: getattr(training_config, name) for name in dir(training_config) if name.startswith("mimic_")}
-    layer_map = parse_layer_map(raw.get("mimic_layers")) if raw.get("mimic_layers") is not None else {}
-    reference = reference or raw.get("mimic_reference") or (
-        f"in-memory reference ({trainer_reference})" if trainer_reference else None
-    )
-    return {
-        "reference": reference or "not recorded",
-        "reference_revision": raw.get("mimic_reference_revision"),
-        "layer_names": list(layer_map),
-        "layers": _layers_text(layer_map) if layer_map else "not recorded",
-        "temperature": f"{raw['mimic_temperature']:g}" if raw.get("mimic_temperature") is not None else "not recorded",
-        "normalize": raw.get("mimic_normalize") or "not recorded",
-        "reweight_scope": raw.get("mimic_reweight_scope") or "not recorded",
-        "warmup_steps": raw.get("mimic_warmup_steps", "not recorded"),
-        "scorer": raw.get("mimic_scorer") or "mimic",
-        "mode": raw.get("mimic_mode") or "the scorer's default",
-        "score_terms": raw.get("mimic_score_terms") or "full",
-    }
-
-
-def _filter_settings(mimic_filter: MimicFilter) -> dict[str, Any]:
-    """Stage-2 settings and results for the dataset card, from the filter's summary."""
-    from .filter import estimate_quality
-
-    summary = mimic_filter.summary
-    settings = summary.get("settings", {})
-    quality = estimate_quality(mimic_filter)
-    windows = []
-    for position, window in enumerate(summary.get("windows", [])):
-        first, last = window.get("first_step"), window.get("last_step")
-        windows.append(
-            {
-                "name": window.get("name", str(position)),
-                "steps": f"{first}–{last}" if first is not None else "n/a",
-                "n_samples": window.get("n_samples", "n/a"),
-                "threshold": _fmt(window.get("threshold")),
-                "kept_fraction": _fmt(window.get("kept_fraction")),
-                "accuracy": _fmt(window.get("estimated_accuracy")),
-                "degenerate": bool(window.get("degenerate", False)),
-            }
-        )
-    method = settings.get("method", "n/a")
-    if method == "threshold":
-        method = f"threshold (b·w > {_fmt(settings.get('threshold'), 3)})"
-    elif method == "topk":
-        method = f"topk ({_fmt(settings.get('topk'), 1)} % per window)"
-    return {
-        "method": method,
-        "aggregate": settings.get("aggregate", "n/a"),
-        "aggregate_used": summary.get("aggregate_used", settings.get("aggregate", "n/a")),
-        "windows": settings.get("windows", "n/a"),
-        "n_windows": summary.get("n_windows", len(windows)),
-        "window_rows": windows,
-        "has_accuracies": any(w["accuracy"] != "n/a" for w in windows),
-        "retained_fraction": _fmt(quality["retained_fraction"]),
-        "mean_mimic_score": _fmt(quality["mean_mimic_score"]),
-        "n_records": summary.get("n_records", "n/a"),
-    }
-
-
-def render_dataset_card(
-    card_data: Any,
-    *,
-    repo_id: str,
-    split: str,
-    mimic_filter: MimicFilter,
-    num_rows: int,
-    num_kept: int,
-    has_filtered: bool,
-    reference: str | None = None,
-    training_config: Any = None,
-    source_name: str | None = None,
-) -> DatasetCard:
-    """Render ``model_cards/dataset_card.md`` for a scored dataset.
-
-    Args:
-        card_data: the `DatasetCardData` to put in the YAML header (already merged with what the
-            repo's README holds, see `push_scored_dataset`).
-        repo_id / split: where the data is, for the loading snippet.
-        mimic_filter: the Stage-2 filter whose settings and results are described.
-        num_rows / num_kept: rows of the ``default`` / ``filtered`` configs.
-        has_filtered: whether the repo has a ``filtered`` config.
-        reference / training_config: the Stage-1 settings (see `push_scored_dataset`).
-        source_name: the name of the dataset the rows come from, if known.
-    """
-    from huggingface_hub import DatasetCard
-
-    from . import __version__
-    from .templates import template_path
-
-    return DatasetCard.from_template(
-        card_data=card_data,
-        template_path=str(template_path(DATASET_CARD_TEMPLATE)),
-        repo_id=repo_id,
-        split=split,
-        num_rows=num_rows,
-        num_kept=num_kept,
-        has_filtered=has_filtered,
-        filtered_config=FILTERED_CONFIG,
-        source_name=source_name,
-        package_version=__version__,
-        training=_training_settings(training_config, reference),
-        selection=_filter_settings(mimic_filter),
-    )
-
-
-def _merged_card_data(existing_readme: str | None, repo_id: str) -> Any:
-    """The YAML of the repo's README (``configs``, ``dataset_info``...) with our tags added.
-
-    Everything `datasets` wrote is kept as parsed: ``configs`` is what makes
-    ``load_dataset(repo_id, "filtered")`` find the filtered files.
-    """
-    from huggingface_hub import DatasetCard, DatasetCardData
-
-    data = DatasetCard(existing_readme).data if existing_readme else DatasetCardData()
-    tags = list(data.get("tags") or [])
-    data.tags = tags + [tag for tag in DATASET_TAGS if tag not in tags]
-    if not getattr(data, "pretty_name", None):
-        data.pretty_name = f"{repo_id.split('/')[-1]} (Grad-Mimic scores)"
-    return data
-
-
 # ----------------------------------------------------------------------------------------------
 # Pushing
 # ----------------------------------------------------------------------------------------------
@@ -387,7 +202,7 @@ def push_scored_dataset(
     id_column: str | None = None,
     local_dir: str | os.PathLike | None = None,
     reference: str | None = None,
-    training_config: MimicConfig | Mapping[str, Any] | MimicTrainer | None = None,
+    training_config: MimicConfig | Mapping[str, Any] | Trainer | None = None,
 ) -> ScoredPushResult:
     """Add a filter's per-sample results to ``dataset`` and push it, with a card, to a Hub dataset repo.
 
@@ -402,7 +217,7 @@ def push_scored_dataset(
        push loses nothing;
     2. it is pushed as the ``default`` config (``split``);
     3. with ``push_filtered``, the kept rows are pushed as the ``filtered`` config;
-    4. the dataset card is pushed: ``model_cards/dataset_card.md`` rendered with the Stage-1 and
+    4. the dataset card is pushed: ``templates/dataset_card.md`` rendered with the Stage-1 and
        Stage-2 settings, its YAML being the README's YAML that `datasets` wrote (``configs``,
        ``dataset_info``) plus the tags ``grad-mimic`` and ``data-filtering``.
 
@@ -458,7 +273,7 @@ def push_scored_dataset(
             "push_filtered=False to push the scored rows alone, or rebuild the filter with other settings."
         )
     repo_name = str(repo_id).rstrip("/").split("/")[-1]
-    local_path = _save_atomically(scored, Path(local_dir) if local_dir is not None else Path(f"scored_{repo_name}"))
+    local_path = atomic_write_dir(local_dir if local_dir is not None else f"scored_{repo_name}", scored.save_to_disk)
 
     base_message = commit_message or "Grad-Mimic scored dataset"
     result = ScoredPushResult(local_path=local_path, repo_id=repo_id, num_rows=len(scored), num_kept=int(keep.sum()))
@@ -500,7 +315,7 @@ def push_scored_dataset(
                 stacklevel=2,
             )
         card = render_dataset_card(
-            _merged_card_data(readme, repo_id),
+            dataset_card_data(readme, repo_id),
             repo_id=repo_id,
             split=split,
             mimic_filter=mimic_filter,
@@ -510,6 +325,7 @@ def push_scored_dataset(
             reference=reference,
             training_config=training_config,
             source_name=dataset.info.dataset_name,
+            filtered_config=FILTERED_CONFIG,
         )
         # parent_commit: the card merges the YAML of exactly this head; a concurrent commit that
         # changed it makes the Hub refuse (412) instead of silently dropping its configs.
@@ -531,109 +347,3 @@ def _has_config(readme: str | None, config_name: str) -> bool:
         return False
     configs = getattr(DatasetCard(readme).data, "configs", None) or []
     return any(isinstance(c, Mapping) and c.get("config_name") == config_name for c in configs)
-
-
-# ----------------------------------------------------------------------------------------------
-# Model card
-# ----------------------------------------------------------------------------------------------
-
-
-def _base_model(model: Any) -> str | None:
-    """The Hub id the model was loaded from (None for a local folder or a model built from a config)."""
-    name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    if name is None or os.path.isdir(name):
-        return None
-    return str(name)
-
-
-def _framework_versions() -> dict[str, str]:
-    import importlib.metadata
-
-    from . import __version__
-
-    versions = {"hf-gradmimic": __version__}
-    for name, label in (("transformers", "Transformers"), ("torch", "PyTorch"), ("datasets", "Datasets"),
-                        ("huggingface_hub", "huggingface_hub")):
-        try:
-            versions[label] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
-def _import_module_of(cls: type) -> str:
-    """Where the quick-start snippet imports the model class from: ``transformers`` when it exports it."""
-    import transformers
-
-    try:
-        exported = getattr(transformers, cls.__name__, None)
-    except Exception:  # transformers' lazy module may fail importing an unrelated optional backend
-        exported = None
-    return "transformers" if exported is cls else cls.__module__
-
-
-def render_model_card(
-    trainer: MimicTrainer,
-    model_name: str | None = None,
-    dataset_name: str | None = None,
-    tags: str | list[str] | None = None,
-) -> ModelCard:
-    """Render ``model_cards/model_card.md`` for a `MimicTrainer` (trl-style).
-
-    The card names the base model and the Grad-Mimic settings (reference and its revision, mimic
-    layers, τ, normalisation, reweighting scope, warm-up), the training run and how to build the
-    Stage-2 filter from the score log. `MimicTrainer.create_model_card` saves it as
-    ``<output_dir>/README.md``, which ``Trainer.push_to_hub`` uploads.
-
-    Args:
-        trainer: the trainer (trained or not).
-        model_name: the model's name (default: the Hub repo name, else the output folder's name).
-        dataset_name: the training dataset's Hub id, for the metadata.
-        tags: more tags, added to ``grad-mimic``, ``data-filtering``, ``hf-gradmimic`` and the model's own.
-    """
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from .templates import template_path
-
-    args = trainer.args
-    model = trainer.model
-    hub_model_id = getattr(trainer, "hub_model_id", None) or args.hub_model_id
-    if model_name is None:
-        model_name = hub_model_id.split("/")[-1] if hub_model_id else Path(args.output_dir).absolute().name
-    all_tags = list(MODEL_TAGS)
-    extra = [tags] if isinstance(tags, str) else list(tags or [])
-    for tag in [*getattr(trainer, "_tag_names", []), *(getattr(model, "model_tags", None) or []), *extra]:
-        if tag not in all_tags:
-            all_tags.append(tag)
-    base_model = _base_model(model)
-    card_data = ModelCardData(
-        base_model=base_model,
-        datasets=[dataset_name] if dataset_name else None,
-        library_name="transformers",
-        model_name=model_name,
-        tags=all_tags,
-    )
-    state = trainer.state
-    model_class = type(trainer.accelerator.unwrap_model(model))
-    return ModelCard.from_template(
-        card_data=card_data,
-        template_path=str(template_path(MODEL_CARD_TEMPLATE)),
-        base_model=base_model,
-        model_class=model_class.__name__,
-        model_module=_import_module_of(model_class),
-        hub_model_id=hub_model_id or model_name,
-        dataset_name=dataset_name,
-        training=_training_settings(trainer, None),
-        alignment_check=bool(getattr(args, "mimic_alignment_check", False)),
-        record_scores=bool(getattr(args, "mimic_record_scores", False)),
-        run={
-            "global_step": state.global_step,
-            "epochs": _fmt(float(state.epoch), 2) if state.epoch else "0",
-            "learning_rate": args.learning_rate,
-            "batch_size": args.per_device_train_batch_size,
-            "accumulation": args.gradient_accumulation_steps,
-            "optimizer": str(getattr(args.optim, "value", args.optim)),
-            "seed": args.seed,
-        },
-        framework_versions=_framework_versions(),
-    )

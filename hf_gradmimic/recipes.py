@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cards import render_reference_card
 from .fileio import atomic_write
 from .losses import logits_of
 from .reference import REFERENCE_WEIGHTS_NAME
@@ -261,7 +262,7 @@ def build_reference(
         tensors[f"{layer_name}.bias"] = bias.contiguous()
 
     path = atomic_write(output_dir / REFERENCE_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    _write_card(output_dir, metadata)
+    atomic_write(output_dir / "README.md", render_reference_card(metadata).save)
     if push_to_hub:
         if not repo_id:
             raise ValueError("`push_to_hub=True` needs a `repo_id`.")
@@ -272,25 +273,3 @@ def build_reference(
         api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), ignore_patterns=["feature_cache/*", "*.tmp"],
                           commit_message=f"Grad-Mimic reference for {metadata['base_model']}")
     return ReferenceResult(path=path, tensors=tensors, metadata=metadata, history=history)
-
-
-def _write_card(output_dir: Path, metadata: dict[str, str]) -> None:
-    from huggingface_hub import ModelCard
-
-    from . import __version__
-    from .templates import template_path
-
-    card = ModelCard.from_template(
-        card_data=_card_data(metadata),
-        template_path=str(template_path("reference_card.md")),
-        package_version=__version__,
-        **{**metadata, "layers": ", ".join(json.loads(metadata["layers"])), "layers_list": metadata["layers"]},
-    )
-    atomic_write(output_dir / "README.md", card.save)
-
-
-def _card_data(metadata: dict[str, str]):
-    from huggingface_hub import ModelCardData
-
-    base = metadata["base_model"]
-    return ModelCardData(base_model=base if "/" in base else None, tags=["grad-mimic", "hf-gradmimic", "mimic-reference"])

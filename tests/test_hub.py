@@ -20,12 +20,12 @@ from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, Revi
 
 import hf_gradmimic
 from hf_gradmimic import MimicConfig, MimicFilter, MimicTrainer, build_filter, estimate_quality, load_scores
+from hf_gradmimic.cards import render_model_card
 from hf_gradmimic.hub import (
     MIMIC_COLUMNS,
     HubAuthenticationError,
     ScoredPushError,
     push_scored_dataset,
-    render_model_card,
 )
 from hf_gradmimic.hub_server import DEFAULT_USER, HubServer
 from hf_gradmimic.reference import load_reference_tensors
@@ -224,6 +224,23 @@ def test_id_column_join_default_local_dir_and_missing_ids(hub_server: HubServer,
     with pytest.raises(ValueError, match="keeps none of the 40 rows"):
         push_scored_dataset(dataset, keeps_nothing, "never", id_column="uid")
     assert not (tmp_path / "scored_never").exists()
+
+
+def test_card_templates_ship_as_package_data() -> None:
+    """The templates live inside the package and pyproject's package-data puts them in the wheel."""
+    import fnmatch
+    import tomllib
+
+    from hf_gradmimic import cards
+
+    package_dir = Path(hf_gradmimic.__file__).parent
+    templates = sorted(p.relative_to(package_dir).as_posix() for p in cards.TEMPLATES_DIR.glob("*.md"))
+    assert templates == ["templates/dataset_card.md", "templates/model_card.md", "templates/reference_card.md"]
+    pyproject = tomllib.loads((package_dir.parent / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["hf_gradmimic"]
+    assert all(any(fnmatch.fnmatch(t, pattern) for pattern in patterns) for t in templates)
+    with pytest.raises(FileNotFoundError, match="model_card.md"):
+        cards.template_path("no_such_card.md")
 
 
 @pytest.mark.timeout(120)
