@@ -13,13 +13,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .fileio import write_json
 
 
 @dataclass
@@ -135,9 +136,10 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> dict[str, Any]:
     else:
         from .hub import save_scored_dataset
 
-        save_scored_dataset(noisy, mimic_filter, out / "scored_dataset")
-        log(f"[6/6] scored dataset saved to {out / 'scored_dataset'} (push skipped)")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+        local_copy = save_scored_dataset(noisy, mimic_filter, out / "scored_dataset")
+        results["local_copy"] = str(local_copy)
+        log(f"[6/6] scored dataset saved to {local_copy} (push skipped; reload it with datasets.load_from_disk)")
+    write_json(out / "results.json", results)
     return results
 
 

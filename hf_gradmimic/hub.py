@@ -1,11 +1,13 @@
 """Sharing Grad-Mimic results on the Hugging Face Hub: scored datasets, saved locally and pushed.
 
-`push_scored_dataset` adds a filter's per-sample results to a dataset as columns, saves that
-scored dataset locally first (so a failed push loses nothing), pushes it as the ``default``
-config and the kept rows as a ``filtered`` config, then pushes a dataset card
-(`hf_gradmimic.cards.render_dataset_card`) whose YAML merges what `datasets` wrote (``configs``,
-``dataset_info``), so that ``load_dataset(repo_id, "filtered")`` keeps working.
+`save_scored_dataset` adds a filter's per-sample results to a dataset as ``mimic_*`` columns and
+saves it with ``save_to_disk`` (atomically). `push_scored_dataset` does that first (so a failed
+push loses nothing), pushes the scored rows as the ``default`` config and the kept rows as a
+``filtered`` config, then pushes a dataset card (`hf_gradmimic.cards.render_dataset_card`) whose
+YAML merges what `datasets` wrote (``configs``, ``dataset_info``), so that
+``load_dataset(repo_id, "filtered")`` keeps working.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,6 +41,7 @@ __all__ = [
     "ScoredPushError",
     "ScoredPushResult",
     "push_scored_dataset",
+    "save_scored_dataset",
 ]
 
 FILTERED_CONFIG = "filtered"
@@ -134,6 +137,50 @@ def _add_mimic_columns(dataset: datasets.Dataset, mimic_filter: MimicFilter, id_
     return scored
 
 
+def _require_split(dataset: Any, caller: str) -> None:
+    import datasets
+
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(
+            f"{caller} takes one split as a datasets.Dataset, got {type(dataset).__name__}; "
+            "pass e.g. dataset_dict['train'] with split='train'."
+        )
+
+
+def save_scored_dataset(
+    dataset: datasets.Dataset,
+    mimic_filter: MimicFilter,
+    local_dir: str | os.PathLike,
+    *,
+    id_column: str | None = None,
+) -> Path:
+    """Add a filter's per-sample results to ``dataset`` and save it with ``save_to_disk`` at ``local_dir``.
+
+    The local half of `push_scored_dataset`: the rows get the five `MIMIC_COLUMNS`, joined by sample
+    id (the row index, or ``id_column``), and the folder is written atomically (a temporary sibling
+    renamed into place), so an older copy there is replaced only once the new one is complete.
+    Reload it with ``datasets.load_from_disk(local_dir)``.
+
+    Args:
+        dataset: the `datasets.Dataset` the scores were recorded on (the trainer's ``train_dataset``).
+        mimic_filter: a `MimicFilter` from `hf_gradmimic.build_filter`.
+        local_dir: the folder to write.
+        id_column: the column holding the ids the trainer recorded (``MimicConfig.mimic_id_column``);
+            None when they are row indices.
+
+    Returns:
+        The absolute path of the saved folder.
+
+    Raises:
+        TypeError: ``dataset`` is not a `datasets.Dataset` (e.g. a whole ``DatasetDict``).
+        ValueError: a row has no record in the filter, the filter has samples that are not rows, or
+            the dataset already has ``mimic_*`` columns. Raised before anything is written.
+    """
+    _require_split(dataset, "save_scored_dataset")
+    scored = _add_mimic_columns(dataset, mimic_filter, id_column)
+    return atomic_write_dir(local_dir, scored.save_to_disk)
+
+
 # ----------------------------------------------------------------------------------------------
 # Pushing
 # ----------------------------------------------------------------------------------------------
@@ -213,8 +260,8 @@ def push_scored_dataset(
 
     Steps, in this order:
 
-    1. the scored dataset is saved with ``save_to_disk`` to ``local_dir`` (atomically), so a failed
-       push loses nothing;
+    1. the scored dataset is saved to ``local_dir`` by `save_scored_dataset`, so a failed push loses
+       nothing, and what is pushed is what was saved;
     2. it is pushed as the ``default`` config (``split``);
     3. with ``push_filtered``, the kept rows are pushed as the ``filtered`` config;
     4. the dataset card is pushed: ``templates/dataset_card.md`` rendered with the Stage-1 and
@@ -256,24 +303,21 @@ def push_scored_dataset(
     import datasets
     from huggingface_hub import HfApi
 
-    if not isinstance(dataset, datasets.Dataset):
-        raise TypeError(
-            f"push_scored_dataset takes one split as a datasets.Dataset, got {type(dataset).__name__}; "
-            "pass e.g. dataset_dict['train'] with split='train'."
-        )
+    _require_split(dataset, "push_scored_dataset")
     if not repo_id or not str(repo_id).strip("/"):
         raise ValueError("repo_id is empty: give the dataset repo as 'namespace/name' or 'name'.")
-    scored = _add_mimic_columns(dataset, mimic_filter, id_column)
-    keep = np.asarray(scored.with_format("arrow")["mimic_keep"].to_numpy(zero_copy_only=False), dtype=bool)
-
-    if push_filtered and not keep.any():
+    if push_filtered and not mimic_filter.keep.any():
         # datasets pushes a zero-row config that load_dataset then refuses ("corresponds to no data").
         raise ValueError(
-            f"The filter keeps none of the {len(keep)} rows, so there is no 'filtered' config to push; pass "
+            f"The filter keeps none of the {len(dataset)} rows, so there is no 'filtered' config to push; pass "
             "push_filtered=False to push the scored rows alone, or rebuild the filter with other settings."
         )
     repo_name = str(repo_id).rstrip("/").split("/")[-1]
-    local_path = atomic_write_dir(local_dir if local_dir is not None else f"scored_{repo_name}", scored.save_to_disk)
+    local_path = save_scored_dataset(
+        dataset, mimic_filter, local_dir if local_dir is not None else f"scored_{repo_name}", id_column=id_column
+    )
+    scored = datasets.load_from_disk(str(local_path))
+    keep = np.asarray(scored.with_format("arrow")["mimic_keep"].to_numpy(zero_copy_only=False), dtype=bool)
 
     base_message = commit_message or "Grad-Mimic scored dataset"
     result = ScoredPushResult(local_path=local_path, repo_id=repo_id, num_rows=len(scored), num_kept=int(keep.sum()))

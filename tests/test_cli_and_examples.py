@@ -80,22 +80,54 @@ def test_example_runs(tmp_path, script):
     assert (tmp_path / "mimic" / "mimic_scores").is_dir()
 
 
+DIGITS_TRAIN_ROWS = 1257  # load_noisy_digits' training split
+
+
+def check_demo_outputs(output_dir: Path, stdout: str) -> dict:
+    """What both demo paths write: the reference, the filter, the report and the scored local copy."""
+    import json
+
+    import datasets
+
+    from hf_gradmimic import MimicFilter
+    from hf_gradmimic.hub import MIMIC_COLUMNS
+
+    results = json.loads((output_dir / "results.json").read_text())
+    # The printed table shows the figures the run produced.
+    assert f"{results['mimic_test_accuracy']:.3f}" in stdout
+    assert f"{results['discard_f1']:.3f}" in stdout
+    for name in ("reference/reference.safetensors", "reference/README.md", "filter/filter.parquet",
+                 "filter/summary.json", "report/report.json", "report/window_histograms.png",
+                 "report/keep_probability.png", "report/method_comparison.png"):
+        assert (output_dir / name).is_file(), name
+    mimic_filter = MimicFilter.load(output_dir / "filter")
+    assert mimic_filter.summary["n_samples"] == DIGITS_TRAIN_ROWS
+    scored = datasets.load_from_disk(results["local_copy"])
+    assert Path(results["local_copy"]) == (output_dir / "scored_dataset").absolute()
+    assert scored.num_rows == DIGITS_TRAIN_ROWS and set(MIMIC_COLUMNS) <= set(scored.column_names)
+    assert sum(scored["mimic_keep"]) == round(results["retained_fraction"] * DIGITS_TRAIN_ROWS)
+    return results
+
+
 @pytest.mark.timeout(300)
 def test_demo_pipeline_end_to_end(tmp_path):
     """`make demo`'s pipeline with fewer epochs: train, filter, report, push to the loopback Hub and load back."""
     result = run("-m", "hf_gradmimic", "demo", "--quick", "--quiet", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
-    import json
-
-    results = json.loads((tmp_path / "results.json").read_text())
-    # The printed table shows the figures the run produced.
-    assert f"{results['mimic_test_accuracy']:.3f}" in result.stdout
-    assert f"{results['discard_f1']:.3f}" in result.stdout
-    assert results["hub_rows"] == 1257 and 0 < results["hub_filtered_rows"] < 1257
-    assert results["hub_filtered_rows"] == round(results["retained_fraction"] * 1257)
-    for figure in ("window_histograms.png", "keep_probability.png", "method_comparison.png"):
-        assert (tmp_path / "report" / figure).is_file()
+    results = check_demo_outputs(tmp_path, result.stdout)
+    assert results["hub_rows"] == DIGITS_TRAIN_ROWS and 0 < results["hub_filtered_rows"] < DIGITS_TRAIN_ROWS
+    assert results["hub_filtered_rows"] == round(results["retained_fraction"] * DIGITS_TRAIN_ROWS)
     assert "Grad-Mimic" in result.stdout  # the dataset card's body was printed
+
+
+@pytest.mark.timeout(300)
+def test_demo_without_push_saves_the_scored_dataset(tmp_path):
+    """`gradmimic demo --no-push`: the same pipeline, the scored dataset saved locally, no Hub started."""
+    result = run("-m", "hf_gradmimic", "demo", "--quick", "--quiet", "--no-push", "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = check_demo_outputs(tmp_path, result.stdout)
+    assert "hub_rows" not in results and not (tmp_path / "hub_storage").exists()
+    assert "push skipped" in result.stdout and "loopback Hub" not in result.stdout
 
 
 @pytest.mark.timeout(300)

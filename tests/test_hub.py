@@ -226,6 +226,34 @@ def test_id_column_join_default_local_dir_and_missing_ids(hub_server: HubServer,
     assert not (tmp_path / "scored_never").exists()
 
 
+def test_save_scored_dataset_writes_the_local_copy_alone(tmp_path: Path) -> None:
+    """The local half of push_scored_dataset: the mimic_* columns joined by id, saved atomically, no Hub."""
+    import datasets
+    from datasets import load_from_disk
+
+    from hf_gradmimic.hub import save_scored_dataset
+
+    dataset, mimic_filter = synthetic_run([f"id-{i:03d}" for i in range(40)])
+    shuffled = dataset.shuffle(seed=3)
+    path = save_scored_dataset(shuffled, mimic_filter, tmp_path / "scored", id_column="uid")
+    assert path == (tmp_path / "scored").absolute()
+    saved = load_from_disk(str(path))
+    assert saved.column_names == dataset.column_names + list(MIMIC_COLUMNS) and saved["uid"] == shuffled["uid"]
+    expected = dict(zip(mimic_filter.table["sample_id"].to_pylist(), mimic_filter.keep.tolist()))
+    assert saved["mimic_keep"] == [expected[uid] for uid in saved["uid"]]
+    # Saving again replaces the copy; no temporary sibling is left next to it.
+    save_scored_dataset(dataset, mimic_filter, tmp_path / "scored", id_column="uid")
+    assert load_from_disk(str(path))["uid"] == dataset["uid"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scored"]
+    with pytest.raises(TypeError, match="one split as a datasets.Dataset, got DatasetDict"):
+        save_scored_dataset(datasets.DatasetDict({"train": dataset}), mimic_filter, tmp_path / "never")
+    with pytest.raises(ValueError, match=r"2 row\(s\) of the dataset have no score"):
+        extra = datasets.Dataset.from_dict({"uid": ["new-1", "new-2"], "text": ["a", "b"], "label": [0, 1]})
+        save_scored_dataset(datasets.concatenate_datasets([dataset, extra]), mimic_filter, tmp_path / "never",
+                            id_column="uid")
+    assert not (tmp_path / "never").exists()
+
+
 def test_card_templates_ship_as_package_data() -> None:
     """The templates live inside the package and pyproject's package-data puts them in the wheel."""
     import fnmatch
