@@ -19,7 +19,7 @@ def digit_images(noise_rate: float, seed: int, size: int = 32):
     import torch
     import torch.nn.functional as F
 
-    from hf_gradmimic.digits import load_noisy_digits
+    from hf_gradmimic.testing.digits import load_noisy_digits
 
     data = load_noisy_digits(noise_rate=noise_rate, seed=seed)
 

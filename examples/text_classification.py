@@ -27,7 +27,7 @@ def templated_topics(num_samples: int, noise_rate: float, seed: int):
     """A small topic dataset from templates (stands in for real data offline), with symmetric label noise."""
     import datasets
 
-    from hf_gradmimic.digits import flip_labels
+    from hf_gradmimic.testing.digits import flip_labels
 
     rng = random.Random(seed)
     names = list(TOPICS)

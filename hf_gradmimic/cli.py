@@ -202,7 +202,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if not args.no_push:
         # Start the loopback Hub and point the clients at it before they are imported: they read
         # HF_ENDPOINT once, at import time.
-        from .hub_server import HubServer
+        from .testing.hub_server import HubServer
 
         hub = HubServer(Path(args.output_dir) / "hub_storage", tokens={"hf_demo_token": "demo-user"}).start()
         # The loopback Hub is on this machine: offline mode (for the real Hub) must not block it.
@@ -223,7 +223,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_hub(args: argparse.Namespace) -> int:
-    from .hub_server import main as hub_main
+    from .testing.hub_server import main as hub_main
 
     return hub_main(args.rest) or 0
 

@@ -66,7 +66,7 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> dict[str, Any]:
     from transformers import Trainer, TrainingArguments
 
     from . import MimicConfig, MimicTrainer, build_filter, build_reference, report
-    from .digits import digits_model, load_noisy_digits
+    from .testing.digits import digits_model, load_noisy_digits
     from .filter import estimate_quality
     from .metrics import accuracy_compute_metrics
 

@@ -104,7 +104,7 @@ class Reference:
 
     def __init__(self, train, test, seed: int, output_dir: Path, epochs: int) -> None:
         from hf_gradmimic import build_reference
-        from hf_gradmimic.digits import accuracy, digits_model
+        from hf_gradmimic.testing.digits import accuracy, digits_model
 
         clean = train.remove_columns(["label", "is_clean"]).rename_column("clean_label", "label")
         result = build_reference(digits_model(seed=seed), clean, layers=["classifier"], output_dir=output_dir,
@@ -116,7 +116,7 @@ class Reference:
 
 
 def load_variant(variant: str, seed: int, references: dict, settings: Settings, work: Path) -> dict[str, Any]:
-    from hf_gradmimic.digits import load_noisy_digits
+    from hf_gradmimic.testing.digits import load_noisy_digits
 
     _, noise, imbalance = VARIANTS[variant]
     data = load_noisy_digits(noise_rate=noise, seed=seed, imbalance=imbalance)
@@ -190,7 +190,7 @@ def run_one(method: str, regime: str, seed: int, data: dict[str, Any], settings:
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     from hf_gradmimic import MimicConfig, MimicTrainer
-    from hf_gradmimic.digits import accuracy, digits_model
+    from hf_gradmimic.testing.digits import accuracy, digits_model
 
     _, scorer, mode, terms = METHODS[method]
     lr = settings.lr_probe if regime == "probe" else settings.lr_finetune

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from hf_gradmimic.hub_server import DEFAULT_TOKEN, HubServer
+from hf_gradmimic.testing.hub_server import DEFAULT_TOKEN, HubServer
 
 
 @pytest.fixture
 def hub_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    """A loopback Hub (``hf_gradmimic.hub_server``) that the real clients talk to for one test.
+    """A loopback Hub (``hf_gradmimic.testing.hub_server``) that the real clients talk to for one test.
 
     Sets HF_ENDPOINT, a valid HF_TOKEN, a temporary HF_HOME, HF_HUB_DISABLE_XET=1 (otherwise
     uploads go through Xet, which the server does not emulate) and HF_HUB_DISABLE_TELEMETRY=1,

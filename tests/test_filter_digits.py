@@ -9,7 +9,7 @@ import pytest
 from transformers import Trainer, TrainingArguments
 
 from hf_gradmimic import MimicConfig, MimicTrainer, build_filter
-from hf_gradmimic.digits import digits_model, load_noisy_digits
+from hf_gradmimic.testing.digits import digits_model, load_noisy_digits
 
 COMMON = dict(per_device_train_batch_size=32, learning_rate=5e-2, report_to=[], save_strategy="no", use_cpu=True,
               disable_tqdm=True, seed=0, logging_steps=1000)

@@ -27,7 +27,7 @@ from hf_gradmimic.hub import (
     ScoredPushError,
     push_scored_dataset,
 )
-from hf_gradmimic.hub_server import DEFAULT_USER, HubServer
+from hf_gradmimic.testing.hub_server import DEFAULT_USER, HubServer
 from hf_gradmimic.reference import load_reference_tensors
 
 TRAIN_ARGS = dict(
@@ -53,7 +53,7 @@ def _plain(dataset):
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     """A real Stage 1 + Stage 2 run: MimicTrainer on 40 %-noisy digits (3 epochs), then build_filter."""
-    from hf_gradmimic.digits import digits_model, load_noisy_digits
+    from hf_gradmimic.testing.digits import digits_model, load_noisy_digits
     from hf_gradmimic.recipes import build_reference
 
     root = tmp_path_factory.mktemp("digits")
@@ -410,7 +410,7 @@ def test_render_model_card(digits_run) -> None:
     assert card.data.datasets == ["test-user/noisy-digits"] and card.data.library_name == "transformers"
     assert card.data.base_model is None  # built from a config, not loaded from the Hub
     _check_mimic_settings(card.text, trainer.args)
-    assert "from hf_gradmimic.digits import DigitsClassifier" in card.text
+    assert "from hf_gradmimic.testing.digits import DigitsClassifier" in card.text
     assert "DigitsClassifier.from_pretrained(\"digits-mimic\")" in card.text
     assert "build_filter(" in card.text
 
@@ -420,7 +420,7 @@ def test_trainer_push_to_hub_shows_the_mimic_settings(hub_server: HubServer, dig
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from transformers import Trainer
 
-    from hf_gradmimic.digits import DigitsClassifier
+    from hf_gradmimic.testing.digits import DigitsClassifier
 
     # transformers keeps one HfApi per process, built with the endpoint of its time: a fresh one
     # for this test's server (configuration, like the fixture's; no client method is replaced).

@@ -1,4 +1,4 @@
-"""Contract tests of the loopback Hub (hf_gradmimic.hub_server) through the real clients.
+"""Contract tests of the loopback Hub (hf_gradmimic.testing.hub_server) through the real clients.
 
 Every call below goes through unmodified huggingface_hub / datasets / transformers code and real
 HTTP to the server started by the ``hub_server`` fixture (tests/conftest.py).
@@ -20,7 +20,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from hf_gradmimic.hub_server import DEFAULT_USER, HubServer
+from hf_gradmimic.testing.hub_server import DEFAULT_USER, HubServer
 
 
 def _tiny_bert(seed: int = 0):

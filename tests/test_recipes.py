@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from hf_gradmimic import MimicConfig, MimicTrainer, build_reference, load_scores
-from hf_gradmimic.digits import digits_model, load_noisy_digits
+from hf_gradmimic.testing.digits import digits_model, load_noisy_digits
 from hf_gradmimic.recipes import layer_inputs
 from hf_gradmimic.reference import read_reference_metadata
 
@@ -70,7 +70,7 @@ def test_probe_reference_drives_mimic_trainer_from_its_folder(tmp_path, digits):
 
 def test_mismatch_warning_names_both_checkpoints(tmp_path, digits):
     _, clean = digits
-    from hf_gradmimic.digits import DigitsClassifier
+    from hf_gradmimic.testing.digits import DigitsClassifier
 
     for name, seed in (("student_ckpt", 0), ("other_ckpt", 3)):
         digits_model(backbone_seed=seed).save_pretrained(tmp_path / name)

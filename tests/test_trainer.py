@@ -295,7 +295,7 @@ def test_resume_neither_loses_nor_duplicates_records(tmp_path):
 @pytest.mark.timeout(300)
 def test_digits_with_label_noise_beats_plain_trainer(tmp_path):
     """Real data: 50% symmetric noise, frozen shared backbone, reference head trained on clean labels."""
-    from hf_gradmimic.digits import accuracy, digits_model, load_noisy_digits
+    from hf_gradmimic.testing.digits import accuracy, digits_model, load_noisy_digits
 
     data = load_noisy_digits(noise_rate=0.5, seed=0)
     train = data["train"]
@@ -319,7 +319,7 @@ def test_digits_with_label_noise_beats_plain_trainer(tmp_path):
 
 
 def test_alignment_check_warns_for_a_reference_from_another_backbone(tmp_path):
-    from hf_gradmimic.digits import digits_model, load_noisy_digits
+    from hf_gradmimic.testing.digits import digits_model, load_noisy_digits
 
     train = load_noisy_digits(noise_rate=0.4, seed=0)["train"].select(range(256))
     clean = train.remove_columns(["label"]).rename_column("clean_label", "label")

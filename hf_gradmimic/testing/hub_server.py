@@ -6,7 +6,7 @@ protocol, Xet storage is not emulated). It serves on 127.0.0.1 only and keeps it
 directory: content-addressed blobs in ``objects/`` and repos, branches and commits in
 ``state.json``, so a server restarted on the same directory keeps its repos.
 
-    with HubServer() as hub:          # or: python -m hf_gradmimic.hub_server --port 8080
+    with HubServer() as hub:          # or: python -m hf_gradmimic.testing.hub_server --port 8080
         os.environ["HF_ENDPOINT"] = hub.url
 
 Endpoints (``{type}`` is ``models`` or ``datasets``, ``{repo}`` is ``namespace/name``,
@@ -72,6 +72,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from ..fileio import atomic_write, write_json
 
 DEFAULT_TOKEN = "hf_test_token"
 DEFAULT_USER = "test-user"
@@ -164,9 +166,7 @@ class HubStore:
                 self.repos[key] = Repo(**raw, commits=commits)
 
     def save(self) -> None:
-        tmp = self.root / "state.json.tmp"
-        tmp.write_text(json.dumps({key: asdict(repo) for key, repo in self.repos.items()}))
-        os.replace(tmp, self.root / "state.json")
+        write_json(self.root / "state.json", {key: asdict(repo) for key, repo in self.repos.items()}, indent=None)
 
     # Blobs -------------------------------------------------------------------------------------
 
@@ -174,10 +174,8 @@ class HubStore:
         sha256 = hashlib.sha256(content).hexdigest()
         target = self.objects / sha256
         if not target.exists():
-            # Write then rename so that a concurrent reader never sees a partial blob.
-            tmp = self.objects / f".{sha256}.{uuid.uuid4().hex}"
-            tmp.write_bytes(content)
-            os.replace(tmp, target)
+            # Atomic, so that a concurrent reader never sees a partial blob.
+            atomic_write(target, lambda tmp: Path(tmp).write_bytes(content))
         return sha256
 
     def object_path(self, sha256: str) -> Path:
