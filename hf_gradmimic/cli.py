@@ -222,10 +222,10 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_hub(args: argparse.Namespace) -> int:
+def run_hub(argv: Sequence[str]) -> int:
     from .testing.hub_server import main as hub_main
 
-    return hub_main(args.rest) or 0
+    return hub_main(list(argv), prog=f"{PROG} hub") or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,13 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-push", action="store_true", help="Skip the loopback Hub round trip.")
     demo.add_argument("--quiet", action="store_true", help="No progress bars.")
 
-    hub = commands.add_parser("hub", help="Serve the loopback Hub-protocol server (for offline tests and demos).", add_help=False)
-    hub.add_argument("rest", nargs=argparse.REMAINDER)
+    # `hub` passes its arguments to the server's own parser (see main): listed here for --help only.
+    commands.add_parser("hub", help="Serve the loopback Hub-protocol server (for offline tests and demos).", add_help=False)
     return parser
 
 
 COMMANDS = {"make-reference": run_make_reference, "filter": run_filter, "report": run_report, "push": run_push,
-            "demo": run_demo, "hub": run_hub}
+            "demo": run_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -298,6 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv and argv[0] == "train":
             return run_train(argv[1:])
+        if argv and argv[0] == "hub":
+            # The server's own parser reads the options: an argparse.REMAINDER after a subcommand
+            # does not take leading "--x" options, so `gradmimic hub --port 8080` was refused.
+            return run_hub(argv[1:])
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except UserError as error:

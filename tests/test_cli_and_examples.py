@@ -80,6 +80,33 @@ def test_example_runs(tmp_path, script):
     assert (tmp_path / "mimic" / "mimic_scores").is_dir()
 
 
+@pytest.mark.timeout(120)
+def test_hub_command_serves_until_terminated(tmp_path):
+    """`gradmimic hub` passes its options to the server (also `python -m hf_gradmimic.testing.hub_server`)."""
+    import json
+    import signal
+    import urllib.request
+
+    for module in (["-m", "hf_gradmimic", "hub"], ["-m", "hf_gradmimic.testing.hub_server"]):
+        shown = run(*module, "--help")
+        assert shown.returncode == 0 and "--data-dir" in shown.stdout, shown.stderr[-2000:]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "hf_gradmimic", "hub", "--port", "0", "--quiet", "--token",
+                                "hf_test", "--user", "tester", "--data-dir", str(tmp_path / "hub")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        first = process.stdout.readline()
+        assert "listening on http://127.0.0.1:" in first, (first, process.stderr.read() if process.poll() else "")
+        url = first.split("listening on ", 1)[1].split()[0]
+        request = urllib.request.Request(f"{url}/api/whoami-v2", headers={"Authorization": "Bearer hf_test"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert json.loads(response.read())["name"] == "tester"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0 and "Stopping." in output
+
+
 DIGITS_TRAIN_ROWS = 1257  # load_noisy_digits' training split
 
 

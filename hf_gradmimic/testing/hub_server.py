@@ -807,8 +807,9 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Serve a loopback Hugging Face Hub test double on 127.0.0.1.")
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    """Serve until interrupted (Ctrl-C or SIGTERM); ``prog`` names the command in ``--help``."""
+    parser = argparse.ArgumentParser(prog=prog, description="Serve a loopback Hugging Face Hub test double on 127.0.0.1.")
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
     parser.add_argument("--data-dir", help="storage directory, kept across restarts (default: a temporary one)")
     parser.add_argument("--token", default=DEFAULT_TOKEN, help=f"the accepted token (default: {DEFAULT_TOKEN})")
