@@ -250,10 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--push-to-hub", action="store_true", help="Also upload the folder to the Hub.")
     ref.add_argument("--repo-id", default=None, help="Hub repo for --push-to-hub.")
 
+    # The library's own lists (numpy and pyarrow, no torch), so the choices cannot drift from it.
+    from .filter import AGGREGATES, METHODS
+
     flt = commands.add_parser("filter", help="Stage 2: build the ensemble filter from a score log.")
     flt.add_argument("scores", help="An output_dir of MimicTrainer, or its mimic_scores/ folder.")
-    flt.add_argument("--method", default="gmm", choices=["threshold", "kmeans", "gmm", "topk"], help="Identification per window.")
-    flt.add_argument("--aggregate", default="snorkel", choices=["snorkel", "majority", "all", "any"], help="Vote aggregation.")
+    flt.add_argument("--method", default="gmm", choices=METHODS, help="Identification per window.")
+    flt.add_argument("--aggregate", default="snorkel", choices=AGGREGATES, help="Vote aggregation.")
     flt.add_argument("--windows", default="epoch", help="'epoch', 'step' or a number of equal windows.")
     flt.add_argument("--threshold", type=float, default=None, help="For --method threshold: keep when b·w > this (default 1).")
     flt.add_argument("--topk", type=float, default=50, help="For --method topk: percent kept per window.")

@@ -52,6 +52,18 @@ def test_user_errors_are_one_line(args, message):
     assert len(lines) == 1 and lines[0].startswith("gradmimic: error:") and message in lines[0], result.stderr[-2000:]
 
 
+def test_filter_choices_are_the_library_lists():
+    """`gradmimic filter --method/--aggregate` offer hf_gradmimic.filter's own METHODS / AGGREGATES."""
+    import argparse
+
+    from hf_gradmimic.cli import build_parser
+    from hf_gradmimic.filter import AGGREGATES, METHODS
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    options = {action.dest: action for action in commands.choices["filter"]._actions}
+    assert options["method"].choices is METHODS and options["aggregate"].choices is AGGREGATES
+
+
 @pytest.mark.timeout(240)
 def test_train_reports_a_missing_column_in_one_line(tmp_path):
     data = tmp_path / "data.csv"
