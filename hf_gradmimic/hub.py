@@ -351,25 +351,10 @@ def push_scored_dataset(
             record(FILTERED_CONFIG, info)
         stage = "the dataset card"
         data_head = result.commit_sha
-        readme = _read_readme(repo_id, data_head, token)
-        if not push_filtered and _has_config(readme, FILTERED_CONFIG):
-            warnings.warn(
-                f"{repo_id} keeps a {FILTERED_CONFIG!r} config from an earlier push, which this filter did not "
-                "decide (push_filtered=False); the card describes only the default config.",
-                stacklevel=2,
-            )
-        card = render_dataset_card(
-            dataset_card_data(readme, repo_id),
-            repo_id=repo_id,
-            split=split,
-            mimic_filter=mimic_filter,
-            num_rows=result.num_rows,
-            num_kept=result.num_kept,
-            has_filtered=push_filtered,
-            reference=reference,
-            training_config=training_config,
-            source_name=dataset.info.dataset_name,
-            filtered_config=FILTERED_CONFIG,
+        card = _card_over(
+            repo_id, data_head, token, has_filtered=push_filtered, split=split, mimic_filter=mimic_filter,
+            num_rows=result.num_rows, num_kept=result.num_kept, reference=reference,
+            training_config=training_config, source_name=dataset.info.dataset_name,
         )
         # parent_commit: the card merges the YAML of exactly this head; a concurrent commit that
         # changed it makes the Hub refuse (412) instead of silently dropping its configs.
@@ -382,6 +367,21 @@ def push_scored_dataset(
         raise _push_failed(error, stage, repo_id, local_path) from error
     result.card = card
     return result
+
+
+def _card_over(repo_id: str, data_head: str, token: str | None, *, has_filtered: bool, **settings: Any) -> DatasetCard:
+    """The dataset card for the repo at ``data_head``, its YAML merged with the README `datasets` wrote there."""
+    readme = _read_readme(repo_id, data_head, token)
+    if not has_filtered and _has_config(readme, FILTERED_CONFIG):
+        warnings.warn(
+            f"{repo_id} keeps a {FILTERED_CONFIG!r} config from an earlier push, which this filter did not "
+            "decide (push_filtered=False); the card describes only the default config.",
+            stacklevel=3,  # push_scored_dataset's caller
+        )
+    return render_dataset_card(
+        dataset_card_data(readme, repo_id), repo_id=repo_id, has_filtered=has_filtered,
+        filtered_config=FILTERED_CONFIG, **settings,
+    )
 
 
 def _has_config(readme: str | None, config_name: str) -> bool:
