@@ -53,6 +53,7 @@ def make_log(n=2000, epochs=3, batch=32, clean_fraction=0.7, sep=0.65, sd=0.2, s
         columns["batch_size"].append(batch_size)
         columns["rank"].append(np.zeros(n))
         columns["repeated"].append(np.zeros(n, dtype=bool))
+        columns["status"].append(np.zeros(n, dtype=np.int8))  # STATUS_SCORED: every sample had a finite score
     table = pa.table({name: pa.array(np.concatenate(v), type=TYPES[name]) for name, v in columns.items()})
     return table, clean
 
