@@ -23,10 +23,6 @@ import pyarrow as pa
 from .cards import dataset_card_data, render_dataset_card
 from .fileio import atomic_write_dir
 
-# Re-exported for trainer.py's create_model_card, which imports it from here; drop once the
-# trainer imports it from hf_gradmimic.cards.
-from .cards import render_model_card  # noqa: F401,E402
-
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
     from huggingface_hub import CommitInfo, DatasetCard

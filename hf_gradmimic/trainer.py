@@ -28,7 +28,9 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from .cards import render_model_card
 from .config import MimicConfig
+from .fileio import atomic_write
 from .losses import PerSampleLossFn, logits_of, per_sample_loss, supervised_counts
 from .reference import ReferenceSource
 from .scorers import SampleScorer, ScoreContext, check_mode, comparison_gradient, scorer_from_config
@@ -195,10 +197,7 @@ class MimicTrainerMixin:
         state = self.scorer.state_dict()
         if state and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            os.makedirs(folder, exist_ok=True)
-            tmp = os.path.join(folder, f".{SCORER_STATE_NAME}.tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, os.path.join(folder, SCORER_STATE_NAME))
+            atomic_write(os.path.join(folder, SCORER_STATE_NAME), lambda tmp: torch.save(state, tmp))
         super()._save_checkpoint(model, trial)
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
@@ -254,12 +253,8 @@ class MimicTrainerMixin:
         """Write the Grad-Mimic model card (template ``model_card.md``) to ``<output_dir>/README.md``."""
         if not self.is_world_process_zero():
             return
-        from .hub import render_model_card
-
         card = render_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags)
-        path = os.path.join(self.args.output_dir, "README.md")
-        card.save(path + ".tmp")
-        os.replace(path + ".tmp", path)  # a crash never leaves a half-written card
+        atomic_write(os.path.join(self.args.output_dir, "README.md"), card.save)  # never a half-written card
 
     # ------------------------------------------------------------------ the step
 
