@@ -29,6 +29,7 @@ __all__ = [
     "dataset_card_data",
     "render_dataset_card",
     "render_model_card",
+    "merge_card_text",
     "render_reference_card",
     "template_path",
 ]
@@ -68,10 +69,32 @@ def _layers_text(layer_map: Mapping[str, str]) -> str:
     return ", ".join(f"`{s}`" if s == r else f"`{s}` → reference `{r}`" for s, r in layer_map.items()) or "n/a"
 
 
-def _training_settings(training_config: Any, reference: str | None) -> dict[str, Any]:
-    """Stage-1 settings for the cards, from a MimicConfig, a dict of its fields or a MimicTrainer."""
+def _provenance_settings(provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of `_training_settings` as the score log's provenance recorded them (`scores.read_provenance`)."""
+    scorer = provenance.get("scorer") or {}
+    reference = scorer.get("reference") or {}
+    return {
+        "mimic_reference": reference.get("source"),
+        "mimic_reference_revision": reference.get("revision"),
+        "mimic_layers": provenance.get("mimic_layers"),
+        "mimic_temperature": provenance.get("temperature"),
+        "mimic_normalize": provenance.get("normalize"),
+        "mimic_reweight_scope": provenance.get("reweight_scope"),
+        "mimic_warmup_steps": provenance.get("warmup_steps"),
+        "mimic_scorer": scorer.get("name"),
+        "mimic_mode": scorer.get("mode"),
+        "mimic_score_terms": scorer.get("score_terms"),
+    }
+
+
+def _training_settings(training_config: Any, reference: str | None,
+                       provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Stage-1 settings for the cards, from a MimicConfig, a dict of its fields or a MimicTrainer; with none given,
+    from the score log's ``provenance``."""
     from .config import parse_layer_map
 
+    if training_config is None and provenance:
+        training_config = _provenance_settings(provenance)
     trainer_reference = None
     if training_config is not None and not isinstance(training_config, Mapping) and hasattr(training_config, "reference_name"):
         trainer_reference = training_config.reference_name  # a MimicTrainer: its config is .args
@@ -86,9 +109,13 @@ def _training_settings(training_config: Any, reference: str | None) -> dict[str,
     reference = reference or raw.get("mimic_reference") or (
         f"in-memory reference ({trainer_reference})" if trainer_reference else None
     )
+    recorded = provenance or {}
     return {
         "reference": reference or "not recorded",
         "reference_revision": raw.get("mimic_reference_revision"),
+        "reference_sha256": ((recorded.get("scorer") or {}).get("reference") or {}).get("tensors_sha256"),
+        "student": (recorded.get("student") or {}).get("base_model"),
+        "library_version": recorded.get("hf_gradmimic_version"),
         "layer_names": list(layer_map),
         "layers": _layers_text(layer_map) if layer_map else "not recorded",
         "temperature": f"{raw['mimic_temperature']:g}" if raw.get("mimic_temperature") is not None else "not recorded",
@@ -162,6 +189,27 @@ def dataset_card_data(existing_readme: str | None, repo_id: str) -> DatasetCardD
     return data
 
 
+CARD_SECTION_START = "<!-- hf-gradmimic: start of the generated section; edit outside it -->"
+CARD_SECTION_END = "<!-- hf-gradmimic: end of the generated section -->"
+
+
+def merge_card_text(existing: str | None, generated: str) -> str:
+    """The card body: ``generated`` between the section markers, merged with the body already on the Hub.
+
+    A body holding our markers gets the section between them replaced; a body with prose of its own (a README
+    written by hand) keeps it, and the section goes after it; an empty body becomes the section alone. Nothing
+    written by hand is lost.
+    """
+    section = f"{CARD_SECTION_START}\n{generated.strip()}\n{CARD_SECTION_END}\n"
+    body = existing or ""
+    start, end = body.find(CARD_SECTION_START), body.find(CARD_SECTION_END)
+    if start != -1 and end > start:
+        return body[:start] + section + body[end + len(CARD_SECTION_END):].lstrip("\n")
+    if not body.strip():
+        return "\n" + section
+    return body.rstrip() + "\n\n" + section
+
+
 def render_dataset_card(
     card_data: DatasetCardData,
     *,
@@ -204,7 +252,7 @@ def render_dataset_card(
         filtered_config=filtered_config,
         source_name=source_name,
         package_version=__version__,
-        training=_training_settings(training_config, reference),
+        training=_training_settings(training_config, reference, mimic_filter.summary.get("provenance")),
         selection=_filter_settings(mimic_filter),
     )
 

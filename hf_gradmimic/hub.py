@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from .cards import dataset_card_data, render_dataset_card
+from .cards import dataset_card_data, merge_card_text, render_dataset_card
 from .fileio import atomic_write_dir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -367,6 +367,8 @@ def push_scored_dataset(
 
 def _card_over(repo_id: str, data_head: str, token: str | None, *, has_filtered: bool, **settings: Any) -> DatasetCard:
     """The dataset card for the repo at ``data_head``, its YAML merged with the README `datasets` wrote there."""
+    from huggingface_hub import DatasetCard
+
     readme = _read_readme(repo_id, data_head, token)
     if not has_filtered and _has_config(readme, FILTERED_CONFIG):
         warnings.warn(
@@ -374,10 +376,13 @@ def _card_over(repo_id: str, data_head: str, token: str | None, *, has_filtered:
             "decide (push_filtered=False); the card describes only the default config.",
             stacklevel=3,  # push_scored_dataset's caller
         )
-    return render_dataset_card(
+    card = render_dataset_card(
         dataset_card_data(readme, repo_id), repo_id=repo_id, has_filtered=has_filtered,
         filtered_config=FILTERED_CONFIG, **settings,
     )
+    # The README's own prose (a card written by hand) stays; our section is added or updated in place.
+    card.text = merge_card_text(DatasetCard(readme).text if readme else None, card.text)
+    return card
 
 
 def _has_config(readme: str | None, config_name: str) -> bool:

@@ -28,6 +28,7 @@ the step's critical path only hands over arrays.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -39,9 +40,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .fileio import atomic_write
+from .fileio import atomic_write, write_json
 
 SCORES_DIRNAME = "mimic_scores"
+PROVENANCE_NAME = "provenance.json"
+"""Next to the shards: what produced the log (reference, mimic layers, τ, scorer and mode, the student's base
+checkpoint, the library version) and what its ``sample_id`` values index (`write_provenance`)."""
 _SHARD_PATTERN = re.compile(r"^rank(?P<rank>\d+)-steps(?P<first>\d+)-(?P<last>\d+)\.parquet$")
 
 SCORE_COLUMNS: tuple[str, ...] = (
@@ -240,3 +244,19 @@ class ScoreWriter:
 
     def __getstate__(self) -> dict[str, Any]:  # pragma: no cover - trainers are not pickled in practice
         raise TypeError("ScoreWriter holds a thread pool and cannot be pickled")
+
+
+def write_provenance(path: str | os.PathLike, provenance: dict[str, Any]) -> Path:
+    """Write ``provenance.json`` into the score log folder under ``path`` (atomically)."""
+    return write_json(scores_dir(path) / PROVENANCE_NAME, provenance)
+
+
+def read_provenance(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The provenance the trainer wrote next to the score log under ``path``, or None (an older log, or none)."""
+    file = scores_dir(path) / PROVENANCE_NAME
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"The score log's provenance file {file} is not valid JSON ({error}).") from error

@@ -49,7 +49,7 @@ from .training.diagnostics import ReferenceDiagnostics, check_reference_base
 from .training.guards import NonFiniteStepGuard, row_status
 from .training.metrics_buffer import MetricsBuffer
 from .training.mimic_layers import MimicLayers
-from .training.score_log import ScoreLog
+from .training.score_log import ScoreLog, run_provenance
 from .training.selection import Candidates, observe_step, select_over_step
 from .training.step_softmax import StepSoftmax, gather_across_ranks
 
@@ -121,12 +121,13 @@ class MimicTrainerMixin:
         clean_flags = read_column(train_dataset, config.mimic_clean_column) if config.mimic_clean_column else None
         if clean_flags is not None and hasattr(train_dataset, "remove_columns"):  # ground truth never reaches the model
             train_dataset = train_dataset.remove_columns([config.mimic_clean_column])
+        given_train_dataset = train_dataset
         bound.arguments["train_dataset"] = with_row_index(train_dataset)
         super().__init__(*bound.args, **bound.kwargs)
-        self._setup_mimic(reference, per_sample_loss_fn, scorer, zero_shot, sample_ids, clean_flags)
+        self._setup_mimic(reference, per_sample_loss_fn, scorer, zero_shot, sample_ids, clean_flags, given_train_dataset)
 
     def _setup_mimic(self, reference: Any, per_sample_loss_fn: Any, scorer: SampleScorer | None, zero_shot: Any,
-                     sample_ids: Any, clean_flags: Any) -> None:
+                     sample_ids: Any, clean_flags: Any, given_train_dataset: Any) -> None:
         """Builds the owners of each job (`hf_gradmimic.training`) after `Trainer.__init__` made the accelerator."""
         args, accelerator = self.args, self.accelerator
         check_supported_setup(accelerator, args, self.model)
@@ -163,7 +164,8 @@ class MimicTrainerMixin:
                                         self._accumulated_grads)
         self.score_log = ScoreLog(args.output_dir, accelerator.process_index, accelerator.num_processes,
                                   len(self.train_dataset), sample_ids, args.mimic_record_scores,
-                                  accelerator.wait_for_everyone)
+                                  accelerator.wait_for_everyone,
+                                  run_provenance(args, self.scorer, self.mode, unwrapped, given_train_dataset))
         self.mimic_audit = FilterAudit(clean_flags, sample_ids, args.mimic_filter_method, args.seed) if clean_flags is not None else None
         self.nonfinite_guard = NonFiniteStepGuard(self.step_softmax.finite_samples, self.model.parameters,
                                                   args.mimic_max_nonfinite_steps)

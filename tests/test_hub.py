@@ -440,3 +440,27 @@ def test_trainer_push_to_hub_shows_the_mimic_settings(hub_server: HubServer, dig
     card = ModelCard.load(repo_id)
     assert "grad-mimic" in card.data.tags
     _check_mimic_settings(card.text, trainer.args)
+
+
+@pytest.mark.timeout(120)
+def test_a_readme_written_by_hand_keeps_its_prose(hub_server: HubServer, tmp_path: Path) -> None:
+    """A dataset repo whose README was written by hand: the push keeps that prose and adds our section; a second
+    push updates our section in place, and the owner's later edit outside it stays."""
+    ids = [f"id-{i:03d}" for i in range(40)]
+    dataset, mimic_filter = synthetic_run(ids)
+    repo_id = f"{DEFAULT_USER}/hand-written"
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="dataset")
+    prose = "# Hand-written card\n\nThese samples were collected by hand; cite our paper.\n"
+    api.upload_file(path_or_fileobj=prose.encode(), path_in_repo="README.md", repo_id=repo_id, repo_type="dataset")
+    push_scored_dataset(dataset, mimic_filter, repo_id, id_column="uid", local_dir=tmp_path / "a")
+    text = DatasetCard.load(repo_id, repo_type="dataset").text
+    assert "These samples were collected by hand; cite our paper." in text
+    assert "| identification method |" in text  # our section is there too
+    edited = DatasetCard.load(repo_id, repo_type="dataset")
+    edited.text += "\nAdded by the owner after the first push.\n"
+    edited.push_to_hub(repo_id, repo_type="dataset")
+    push_scored_dataset(dataset, mimic_filter.rebuild(method="threshold"), repo_id, id_column="uid", local_dir=tmp_path / "b")
+    text = DatasetCard.load(repo_id, repo_type="dataset").text
+    assert "cite our paper" in text and "Added by the owner after the first push." in text
+    assert text.count("| identification method |") == 1 and "threshold (b·w > 1.000)" in text

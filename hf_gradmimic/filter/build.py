@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
+from ..scores import read_provenance
 from .decide import check_settings, decide
 from .inputs import ScoresLike
 from .result import MimicFilter
@@ -46,7 +48,8 @@ def build_filter(
         A `MimicFilter`: ``table`` has one row per sample (sorted by ``sample_id``) with its mean
         mimic score, mean ``b * w``, per-window votes / values / scores, ``keep_prob`` and ``keep``;
         ``summary`` has the retained fraction, per-window thresholds and estimated accuracies,
-        degenerate windows and the settings used.
+        degenerate windows, the settings used, and the score log's ``provenance`` (the reference, the
+        scorer and its settings, the student, what the sample ids index; None for an in-memory log).
 
     Example:
         >>> mimic_filter = build_filter("outputs/run1", method="gmm", aggregate="snorkel")
@@ -62,6 +65,8 @@ def build_filter(
     table, summary = decide(
         windowed, method=method, aggregate=aggregate, windows=windows, threshold=threshold, topk=topk, seed=seed
     )
+    # What produced the log (and what its sample ids index) travels with the filter, to its cards and checks.
+    summary["provenance"] = read_provenance(scores) if isinstance(scores, (str, os.PathLike)) else None
     return MimicFilter(table, summary)
 
 

@@ -6,13 +6,65 @@ from the dataset and a dataset row without a score are both errors, each named w
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .inputs import Rows
+from .inputs import Rows, as_rows
 
-__all__ = ["row_positions"]
+__all__ = ["check_row_index_dataset", "row_positions", "row_signature"]
+
+
+SIGNATURE_ROWS = 64
+"""How many evenly spaced rows `row_signature` hashes."""
+
+
+def row_signature(data: Any) -> dict[str, str] | None:
+    """Per-column hashes of ``SIGNATURE_ROWS`` evenly spaced rows of a table-like dataset: which rows stand where.
+
+    Unlike a `datasets` fingerprint it ignores the output format (``with_format``) and which columns are present,
+    and it changes when rows are reordered, filtered or replaced. None for inputs that are not tables.
+    """
+    try:
+        rows = as_rows(data)
+    except TypeError:
+        return None
+    n = rows.num_rows
+    positions = np.unique(np.linspace(0, max(n - 1, 0), min(SIGNATURE_ROWS, n)).astype(np.int64))
+    sample = as_rows(rows.take(positions)).table()
+    return {name: hashlib.sha256(repr(sample.column(name).to_pylist()).encode()).hexdigest()[:16]
+            for name in sample.column_names}
+
+
+def check_row_index_dataset(recorded: Mapping[str, Any] | None, dataset: Any) -> None:
+    """Refuse a dataset that is not the training set whose row indices the score log holds.
+
+    ``recorded`` is the score log's ``provenance["sample_ids"]``: the id column, or the training set's length and
+    `row_signature`. A shuffled, filtered, re-selected or other dataset would silently get the wrong rows kept.
+    """
+    if not recorded:
+        return
+    if recorded.get("column"):
+        raise ValueError(
+            f"The score log's sample ids are the values of the column {recorded['column']!r} "
+            f"(mimic_id_column), not row indices: pass id_column={recorded['column']!r}."
+        )
+    expected = recorded.get("train_signature") or {}
+    got = row_signature(dataset) or {}
+    shared = [name for name in expected if name in got]
+    changed = [name for name in shared if expected[name] != got[name]]
+    if changed or (expected and got and not shared):
+        raise ValueError(
+            f"The score log's sample ids are row indices of the training set ({recorded.get('train_rows')} rows), but "
+            f"this dataset's rows differ from it (column(s) {changed or sorted(got)} at sampled rows): a shuffled, "
+            "filtered, re-selected or different dataset would get the wrong rows kept. Pass the dataset the trainer "
+            "was given (any format, any columns), train with mimic_id_column to match by id, or pass "
+            "check_dataset=False if you know its rows are the same and in the same order."
+        )
 
 
 def row_positions(ids: pa.Array, rows: Rows, id_column: str | None) -> np.ndarray:

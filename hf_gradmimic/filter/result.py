@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from ..fileio import atomic_write, write_json
 from .decide import check_settings, decide
 from .inputs import as_rows
-from .matching import row_positions
+from .matching import check_row_index_dataset, row_positions
 from .matrices import matrix
 from .windows import WindowedScores
 
@@ -118,6 +118,7 @@ class MimicFilter:
             topk=topk,
             seed=seed,
         )
+        summary["provenance"] = self.summary.get("provenance")  # the same log, the same run
         return MimicFilter(table, summary)
 
     def _windowed(self) -> WindowedScores:
@@ -165,14 +166,18 @@ class MimicFilter:
 
     # -- using the filter ------------------------------------------------------------------------
 
-    def positions(self, dataset: Any, id_column: str | None = None) -> np.ndarray:
+    def positions(self, dataset: Any, id_column: str | None = None, *, check_dataset: bool = True) -> np.ndarray:
         """Row position in ``dataset`` of every sample of the filter (in table order).
 
-        Raises ValueError when a scored sample is not in the dataset or a dataset row was never scored.
+        Raises ValueError when a scored sample is not in the dataset or a dataset row was never scored, and, when
+        the sample ids are row indices of the training set, when ``dataset`` is not that training set as the score
+        log recorded it (`check_row_index_dataset`; ``check_dataset=False`` skips that check).
         """
+        if id_column is None and check_dataset:
+            check_row_index_dataset((self.summary.get("provenance") or {}).get("sample_ids"), dataset)
         return row_positions(self.table.column("sample_id").combine_chunks(), as_rows(dataset), id_column)
 
-    def apply(self, dataset: Any, id_column: str | None = None) -> Any:
+    def apply(self, dataset: Any, id_column: str | None = None, *, check_dataset: bool = True) -> Any:
         """Return the rows of ``dataset`` that the filter keeps (the dataset itself is not modified).
 
         Args:
@@ -180,11 +185,14 @@ class MimicFilter:
                 scored samples.
             id_column: the column holding the sample ids the trainer recorded (``mimic_id_column``);
                 None when the ids are row indices.
+            check_dataset: with row-index ids, refuse a `datasets.Dataset` whose fingerprint differs from the
+                training set's that the score log recorded (a shuffled, filtered or other dataset would get the
+                wrong rows kept). Pass False only for a copy you know has the same rows in the same order.
 
         Returns:
             The same type as ``dataset``, with the kept rows in their original order.
         """
-        positions = self.positions(dataset, id_column)
+        positions = self.positions(dataset, id_column, check_dataset=check_dataset)
         return as_rows(dataset).take(np.sort(positions[self.keep]))
 
     def evaluate(

@@ -225,6 +225,11 @@ class SampleScorer:
     def observe(self, ctx: ScoreContext, weights: torch.Tensor) -> None:
         """Called after the batch is weighted; stateless scorers ignore it."""
 
+    def describe(self) -> dict[str, Any]:
+        """What identifies this scorer's scores beyond its name and options (e.g. Grad-Mimic's reference), for the
+        score log's provenance and the cards."""
+        return {}
+
     def step_metrics(self) -> dict[str, float]:
         """Values to log for the optimizer step that just ended (``mimic/...``), read before `end_step`."""
         return {}

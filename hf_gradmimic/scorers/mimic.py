@@ -12,6 +12,7 @@ plus the student's own, ``⟨g_i, θ_t⟩/‖v‖`` (`MimicScorer.score_terms`).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -21,6 +22,17 @@ from ..ghost import GhostBatch
 from .base import SampleScorer, ScoreContext
 
 SCORE_TERMS: tuple[str, ...] = ("full", "reference")
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """A content hash of ``{name: tensor}`` (names and float32 values, in name order): which reference was used."""
+    if not tensors:
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def mimic_scores(ghost: GhostBatch, direction: Mapping[str, torch.Tensor], direction_norm: torch.Tensor | float) -> torch.Tensor:
@@ -54,13 +66,15 @@ class MimicScorer(SampleScorer):
 
     def __init__(self, reference: Mapping[str, torch.Tensor] | None = None,
                  current_tensors: Callable[[], Mapping[str, torch.Tensor]] | None = None, score_terms: str = "full",
-                 reference_name: str | None = None) -> None:
+                 reference_name: str | None = None, reference_revision: str | None = None) -> None:
         if score_terms not in SCORE_TERMS:
             raise ValueError(f"`score_terms` must be one of {SCORE_TERMS}; got {score_terms!r}.")
         self.reference = dict(reference or {})
         self.current_tensors = current_tensors
         self.score_terms_mode = score_terms
         self.reference_name = reference_name
+        self.reference_revision = reference_revision
+        self.reference_sha256 = tensors_sha256(self.reference)
         self._direction: tuple[int, dict[str, torch.Tensor], torch.Tensor] | None = None
         self._last_norm = float("nan")
         self._moved = False
@@ -69,7 +83,8 @@ class MimicScorer(SampleScorer):
     def from_config(cls, args: Any, *, reference: Any = None, layers: Any = None, **runtime: Any) -> "MimicScorer":
         source = reference if reference is not None else args.mimic_reference
         tensors = layers.load_reference(source, revision=args.mimic_reference_revision, token=args.hub_token)
-        return cls(tensors, layers.current_tensors, args.mimic_score_terms, layers.describe_source(source))
+        return cls(tensors, layers.current_tensors, args.mimic_score_terms, layers.describe_source(source),
+                   args.mimic_reference_revision)
 
     def reference_on_device(self) -> dict[str, torch.Tensor]:
         """``θ_ref``, moved next to the student's parameters at the first call (every rank makes it at the same
@@ -113,6 +128,12 @@ class MimicScorer(SampleScorer):
             return scores, ghost.inner_product(current) / norm
         reference_term = mimic_scores(ghost, self.reference_on_device(), norm)
         return reference_term, scores - reference_term
+
+    def describe(self) -> dict[str, Any]:
+        """The reference: its source, the revision asked for, and a hash of the tensors actually used."""
+        return {"reference": {"source": self.reference_name, "revision": self.reference_revision,
+                              "tensors_sha256": self.reference_sha256},
+                "score_terms": self.score_terms_mode}
 
     def step_metrics(self) -> dict[str, float]:
         return {"mimic/direction_norm": self._last_norm}

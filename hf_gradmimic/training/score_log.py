@@ -21,7 +21,8 @@ import pyarrow.compute as pc
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from ..scores import ScoreWriter, read_score_table
+from ..filter.matching import row_signature
+from ..scores import ScoreWriter, read_score_table, write_provenance
 from .step_softmax import StepRecords
 
 logger = logging.get_logger(__name__)
@@ -69,6 +70,36 @@ class SeenRows:
         return np.concatenate(mine)
 
 
+def run_provenance(args: Any, scorer: Any, mode: str, model: Any, train_dataset: Any) -> dict[str, Any]:
+    """What the score log records about its run: the scorer and its settings (for Grad-Mimic, the reference, by
+    source, revision and a hash of the tensors used), the mimic layers, the student's base checkpoint, the library
+    version, and what ``sample_id`` indexes: a column, or the rows of the training set (its length and
+    `row_signature`, so that a filter can refuse a reordered dataset)."""
+    from .. import __version__
+
+    config = getattr(model, "config", None)
+    return {
+        "hf_gradmimic_version": __version__,
+        "scorer": {"name": scorer.name, "mode": mode, **scorer.describe()},
+        "mimic_layers": dict(args.mimic_layer_map),
+        "temperature": args.mimic_temperature,
+        "normalize": args.mimic_normalize,
+        "reweight_scope": args.mimic_reweight_scope,
+        "warmup_steps": args.mimic_warmup_steps,
+        "student": {
+            "class": type(model).__name__,
+            "base_model": getattr(config, "_name_or_path", None) or None,
+            "revision": getattr(config, "_commit_hash", None),
+        },
+        "sample_ids": {
+            "column": args.mimic_id_column,
+            "train_rows": len(train_dataset) if hasattr(train_dataset, "__len__") else None,
+            "train_fingerprint": getattr(train_dataset, "_fingerprint", None),
+            "train_signature": None if args.mimic_id_column else row_signature(train_dataset),
+        },
+    }
+
+
 class ScoreLog(TrainerCallback):
     """Writes the score log of one rank and keeps the repeat flags; `write` is called once per optimizer step.
 
@@ -79,10 +110,11 @@ class ScoreLog(TrainerCallback):
         sample_ids: the ``mimic_id_column`` values by row, or None for row indices.
         record: whether to write records at all (`MimicConfig.mimic_record_scores`).
         wait_for_everyone: a barrier across ranks.
+        provenance: written next to the shards when training starts (`run_provenance`).
     """
 
     def __init__(self, output_dir: str, rank: int, world: int, dataset_size: int, sample_ids: np.ndarray | None,
-                 record: bool, wait_for_everyone: Callable[[], None]) -> None:
+                 record: bool, wait_for_everyone: Callable[[], None], provenance: dict[str, Any] | None = None) -> None:
         self.output_dir = output_dir
         self.rank, self.world = rank, world
         self.sample_ids = sample_ids
@@ -90,6 +122,7 @@ class ScoreLog(TrainerCallback):
         self.wait_for_everyone = wait_for_everyone
         self.seen_rows = SeenRows(dataset_size)
         self.writer: ScoreWriter | None = None
+        self.provenance = provenance
 
     @property
     def folder(self):
@@ -101,9 +134,11 @@ class ScoreLog(TrainerCallback):
             return
         if self.writer is None:
             self.writer = ScoreWriter(self.output_dir, rank=self.rank)
+        if state.global_step == 0 and self.rank == 0:
+            self._keep_earlier_log(self.writer.folder)
+        if self.rank == 0 and self.provenance is not None:
+            write_provenance(self.writer.folder, self.provenance)
         if state.global_step == 0:
-            if self.rank == 0:
-                self._keep_earlier_log(self.writer.folder)
             self.wait_for_everyone()  # no rank writes before an earlier log is out of the way
         removed = self.writer.truncate_after(state.global_step)
         if removed:
