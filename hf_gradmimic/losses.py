@@ -56,8 +56,12 @@ def token_loss(
 
 
 def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` predicts the next token (its labels are shifted), looking through a PEFT wrapper: a
+    ``PeftModel`` made without ``task_type="CAUSAL_LM"`` is named neither like a causal LM nor like anything else."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     name = type(model).__name__
     return name in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) or name.endswith(("ForCausalLM", "LMHeadModel"))
 

@@ -75,6 +75,16 @@ def tiny_gpt2(dropout: float = 0.1, tied: bool = False):
     return GPT2LMHeadModel(config)
 
 
+def tiny_llama(seed: int = 0):
+    """A Llama causal LM from a config (random init): RMSNorm, rotary attention, gated MLP, untied head."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=16, tie_word_embeddings=False)
+    return LlamaForCausalLM(config)
+
+
 def lm_dataset(n=16, length=9, vocab=40, seed=0):
     import datasets
 

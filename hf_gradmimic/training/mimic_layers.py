@@ -19,6 +19,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..ghost import GHOST_RULES, ghost_rule_for, own_tensor_keys
+from ..lora import expand_lora_layers
 from ..reference import ReferenceError, ReferenceSource, load_reference_tensors
 from .capture import Capture
 
@@ -52,11 +53,12 @@ class MimicLayers:
 
     Args:
         model: the unwrapped student.
-        layer_map: ``{student_module: reference_module}`` (`MimicConfig.mimic_layer_map`).
+        layer_map: ``{student_module: reference_module}`` (`MimicConfig.mimic_layer_map`); ``"lora"`` and LoRA
+            wrappers stand for their A and B matrices (`hf_gradmimic.lora.expand_lora_layers`).
     """
 
     def __init__(self, model: nn.Module, layer_map: Mapping[str, str]) -> None:
-        self.layer_map = dict(layer_map)
+        self.layer_map = expand_lora_layers(model, layer_map)
         self.layers = resolve_mimic_layers(model, list(self.layer_map))
         # Where each tensor lives, not the Parameter itself: FSDP2 replaces a module's parameters when it shards them.
         self._owners: dict[str, tuple[nn.Module, str]] = {}
