@@ -23,6 +23,7 @@ from collections import deque
 from typing import Any, Callable
 
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -52,6 +53,7 @@ from .training.mimic_layers import MimicLayers
 from .training.score_log import ScoreLog, run_provenance
 from .training.selection import Candidates, observe_step, select_over_step
 from .training.step_softmax import StepSoftmax, gather_across_ranks
+from .training.use_backward import only_mimic_tensors_train, uses_weighted_loss
 
 logger = logging.get_logger(__name__)
 
@@ -150,6 +152,8 @@ class MimicTrainerMixin:
         self._selections: deque = deque()  # select mode: the step's selection, one entry per micro-batch
         self._comparison_collator = None
         alignment_possible = adapt_to_fsdp(accelerator, args)
+        # FSDP2 and DeepSpeed keep the parameters sharded outside forward, where the recorded uses are re-applied.
+        self._uses_backward_possible = accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         self.reference_name = getattr(self.scorer, "reference_name", None)
         self.mimic_diagnostics = None
         if self.scorer.monitors_reference:
@@ -278,7 +282,15 @@ class MimicTrainerMixin:
             diagnostics.after_forward(capture, logits, losses, inputs, labels, model_inputs)
         needs_ghost = self.scorer.needs_output_grads or self.args.mimic_reweight_scope == "layer"
         ctx_logits = logits.detach() if logits is not None and "logits" in self.scorer.requires else None
-        if from_logits:
+        # When the mimic tensors are all that trains (LoRA), their update Σ_i c_i g_i comes from the recorded uses:
+        # the backward through the model that gives δ is the only one.
+        from_uses = needs_ghost and self._uses_backward_possible and only_mimic_tensors_train(
+            self.accelerator.unwrap_model(self.model), self.mimic_layers.tensors.values())
+        if from_uses:
+            ghost = capture.ghost_batch(losses.sum(), retain_graph=False)
+            if not return_outputs:
+                outputs = logits = None
+        elif from_logits:
             # δ = ∂Σℓ/∂logits once (freeing the loss's own graph); later the backward starts at the logits.
             pending = PendingGrad()
             edge = capture.cut_at(logits)
@@ -301,6 +313,8 @@ class MimicTrainerMixin:
         if nonfinite.any():  # those rows must not reach the parameters: train on a forward without them
             del ctx, ghost
             loss = self._loss_without(model, inputs, nonfinite, coefficients, status)
+        elif from_uses:
+            loss = uses_weighted_loss(ghost, coefficients)
         elif from_logits:
             del ctx, ghost  # the head's δ is prediction_grad, scaled in place next
             pending.grad = scale_per_sample(prediction_grad, coefficients)
@@ -407,16 +421,7 @@ class MimicTrainerMixin:
         scored = status == STATUS_SCORED
         uniform = scored.float() / (scored.sum().clamp_min(1) * self.current_gradient_accumulation_steps)
         plain = (uniform * losses).sum()
-        correction = 0.0
-        for use in ghost.uses:
-            # Re-apply the layer to its detached input, with only the mimic tensors live, so the correction
-            # reaches them and nothing upstream.
-            params = {local: param if local in use.tensor_keys else param.detach()
-                      for local, param in use.module.named_parameters(recurse=False)}
-            output = torch.func.functional_call(use.module, params, (use.activations,))
-            scale = (coefficients - uniform).detach().view(-1, *([1] * (output.dim() - 1)))
-            correction = correction + ((use.output_grads.float() * scale).to(output.dtype) * output).sum()
-        return plain + correction
+        return plain + uses_weighted_loss(ghost, coefficients - uniform)
 
     def _per_sample_losses(self, outputs: Any, inputs: dict[str, Any], labels: torch.Tensor | None) -> torch.Tensor:
         if self.per_sample_loss_fn is not None:

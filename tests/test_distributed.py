@@ -153,6 +153,8 @@ def ddp_runs(tmp_path_factory) -> Path:
             spec(folder / "bayes-2x16", mimic_layers=["head"], args={**BAYESIAN, "per_device_train_batch_size": 16}),
             spec(folder / "bayes-2x2x8", mimic_layers=["head"],
                  args={**BAYESIAN, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2}),
+            spec(folder / "2x2x8-frozen", mimic_layers=["head"], frozen=["hidden"],
+                 args={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "max_steps": 5}),
         ],
         folder,
         launcher="accelerate",
@@ -249,6 +251,15 @@ def test_layer_scope_two_processes_match_one_process(ddp_runs, tmp_path):
              args={"per_device_train_batch_size": 32, "max_steps": 5, "mimic_reweight_scope": "layer"}))
     assert_two_ranks(ddp_runs / "2x2x8-layer", per_rank=16)
     assert_same_run(ddp_runs / "2x2x8-layer", tmp_path / "1x32")
+
+
+def test_update_from_the_recorded_uses_two_processes_match_one_process(ddp_runs, tmp_path):
+    """Only the head trains (as with LoRA, only the mimic tensors): its update comes from the recorded uses, one
+    backward through the model (`hf_gradmimic.training.use_backward`); DDP reduces those gradients like any other."""
+    run(spec(tmp_path / "1x32", mimic_layers=["head"], frozen=["hidden"],
+             args={"per_device_train_batch_size": 32, "max_steps": 5}))
+    assert_two_ranks(ddp_runs / "2x2x8-frozen", per_rank=16)
+    assert_same_run(ddp_runs / "2x2x8-frozen", tmp_path / "1x32")
 
 
 @pytest.mark.timeout(300)

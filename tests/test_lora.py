@@ -12,6 +12,7 @@ from torch import nn
 
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
 from hf_gradmimic.lora import LoraLayerError
+from hf_gradmimic.training.use_backward import only_mimic_tensors_train
 from tiny_models import lm_dataset, oracle_scores_from_grads, per_sample_lm_grads, tiny_llama
 
 peft = pytest.importorskip("peft")
@@ -110,6 +111,8 @@ def train_one_accumulated_step(tmp_path, model: nn.Module, data):
     args = MimicConfig(output_dir=str(tmp_path), mimic_layers=["lora"], per_device_train_batch_size=8,
                        gradient_accumulation_steps=2, **TRAIN)
     trainer = MimicTrainer(model=model, args=args, train_dataset=data, reference=reference)
+    # Every trainable tensor is a LoRA matrix: the update comes from the recorded uses (`uses_weighted_loss`).
+    assert only_mimic_tensors_train(model, trainer.mimic_layers.tensors.values())
     recorder = DropoutRecorder(model, data)
     trainer.train()
     recorder.remove()
@@ -184,6 +187,20 @@ def test_a_subset_by_module_path(tmp_path):
     assert list(trainer.mimic_layers.tensors) == names
     trainer.train()
     np.testing.assert_allclose(recorded(tmp_path), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_update_is_the_weighted_per_sample_gradient_with_one_backward(tmp_path):
+    """When the LoRA matrices are all that trains, the update comes from the recorded uses (no second backward
+    through the model): it must equal −lr · Σ_i w_i g_i, with w = softmax(m/τ), from the oracle's gradients."""
+    model = lora_student(dropout=0.2, random_b=True)
+    initial, reference, grads = train_one_accumulated_step(tmp_path, model, lm_dataset(n=16))
+    names = list(reference)
+    scores = torch.as_tensor(oracle_scores_from_grads(grads, initial, reference))
+    weights = torch.softmax(scores / 0.5, dim=0).float()
+    before, after = dict(initial.named_parameters()), dict(model.named_parameters())
+    for name in names:
+        step = torch.einsum("b,b...->...", weights, grads[name])
+        torch.testing.assert_close(after[name].detach(), before[name].detach() - 0.1 * step, atol=1e-6, rtol=1e-4)
 
 
 def test_lora_names_that_cannot_be_scored_are_refused(tmp_path):

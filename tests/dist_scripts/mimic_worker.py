@@ -61,6 +61,8 @@ def build(spec: dict[str, Any]):
 
         logits = np.random.default_rng(7).normal(size=(n, 4)).astype(np.float32)
         data = data.add_column(spec["args"]["mimic_zero_shot_column"], logits.tolist())
+    for name in spec.get("frozen", ()):
+        model.get_submodule(name).requires_grad_(False)
     generator = torch.Generator().manual_seed(1)
     params = dict(model.named_parameters())
     names = [f"{layer}.{part}" for layer in spec["mimic_layers"] for part in ("weight", "bias")]
@@ -115,7 +117,7 @@ def stall_checkpoint(trainer, step: int) -> None:
 
 def run(spec: dict[str, Any], before_train: Optional[Callable[[Any], None]] = None) -> Any:
     """Trains one spec and returns the trainer. Keys: ``output_dir``, ``mimic_layers``; optional
-    ``model`` ("mlp", default, or "bert"), ``n`` (dataset size), ``args`` (`MimicConfig` fields over
+    ``model`` ("mlp", default, or "bert"), ``frozen`` (modules left untrained), ``n`` (dataset size), ``args`` (`MimicConfig` fields over
     `COMMON`), ``force_fsdp``, ``stall_checkpoint_at`` (a step) and ``resume`` (as `train` takes it).
     ``before_train(trainer)`` lets an in-process caller instrument the trainer."""
     from hf_gradmimic import MimicConfig, MimicTrainer
