@@ -93,7 +93,8 @@ class MimicConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Where the reference weights come from: a Hub repo id, a local directory saved with "
-            "`save_pretrained`, or a `.safetensors` file. Only the mimic layers' tensors are read. "
+            "`save_pretrained`, a PEFT adapter (folder or repo with adapter_config.json and "
+            "adapter_model.safetensors), or a `.safetensors` file. Only the mimic layers' tensors are read. "
             "`MimicTrainer(reference=...)` also takes a model or a `{name: tensor}` dict. The reference must share "
             "the student's coordinates: the same pretrained checkpoint, or a head trained on the same frozen "
             "backbone (see `hf_gradmimic.build_reference`)."
@@ -107,6 +108,7 @@ class MimicConfig(TrainingArguments):
         metadata={
             "help": "Student modules whose gradients are compared with the reference, e.g. `classifier`: "
             "`nn.Linear`, transformers' `Conv1D` or `nn.Embedding` (hf_gradmimic.ghost lists the supported types). "
+            "`lora`: every LoRA A and B matrix of a PEFT model's active adapter (a LoRA layer's path: its own two). "
             "A tensor another module shares (a tied lm_head) counts every use. For a head renamed in the reference, "
             "give `student=reference` (or a dict in Python). Several layers give one score over their "
             "concatenated parameters."

@@ -4,7 +4,8 @@ Only the tensors of the mimic layers are read, never the whole reference model: 
 safetensors checkpoint (one file, or sharded with ``model.safetensors.index.json``) the index says
 which shards hold them, only those shards are fetched, and `safetensors.safe_open` reads only
 those tensors. Sources: a Hub repo id (with revision), a local directory saved with
-``save_pretrained``, a ``.safetensors`` file, an ``nn.Module``, or a ``{name: tensor}`` dict.
+``save_pretrained``, a PEFT adapter (folder or repo: `hf_gradmimic.adapter_reference`), a
+``.safetensors`` file, an ``nn.Module``, or a ``{name: tensor}`` dict.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import numpy as np
 
 import torch
 from torch import nn
+
+from .adapter_reference import adapter_metadata, hub_adapter, local_adapter, without_adapter_name
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -45,6 +48,9 @@ def _match_key(wanted: str, available: list[str]) -> str | None:
     for start in range(1, len(parts) - 1):
         if ".".join(parts[start:]) in available:
             return ".".join(parts[start:])
+    # A PEFT adapter is saved without its name: `lora_A.weight` for the student's `lora_A.default.weight`.
+    if without_adapter_name(wanted) != wanted:
+        return _match_key(without_adapter_name(wanted), available)
     return None
 
 
@@ -118,6 +124,9 @@ def _from_single_file(path: Path, wanted: list[str]) -> dict[str, torch.Tensor]:
 
 
 def _from_directory(directory: Path, wanted: list[str]) -> dict[str, torch.Tensor]:
+    adapter = local_adapter(directory)
+    if adapter is not None:
+        return _from_single_file(adapter[1], wanted)
     index_path = directory / SAFE_WEIGHTS_INDEX_NAME
     if index_path.is_file():
         weight_map = json.loads(index_path.read_text())["weight_map"]
@@ -143,6 +152,9 @@ def _from_hub(repo_id: str, wanted: list[str], revision: str | None, token: str 
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
+    adapter = hub_adapter(repo_id, revision, token)  # a PEFT adapter: its two files, nothing else
+    if adapter is not None:
+        return _from_single_file(adapter[1], wanted)
     try:
         index_file = Path(hf_hub_download(repo_id, SAFE_WEIGHTS_INDEX_NAME, revision=revision, token=token))
     except EntryNotFoundError:
@@ -258,12 +270,18 @@ def read_reference_metadata(
     source: ReferenceSource, *, revision: str | None = None, token: str | bool | None = None
 ) -> dict[str, str]:
     """The safetensors header metadata of a reference file (``base_model``, ``layers``… as written by
-    `hf_gradmimic.build_reference`); empty for in-memory references and checkpoints without any."""
+    `hf_gradmimic.build_reference`); for a PEFT adapter, ``base_model`` comes from its config's
+    ``base_model_name_or_path``. Empty for in-memory references and checkpoints without any."""
     from safetensors import safe_open
 
     if isinstance(source, (nn.Module, Mapping)):
         return {}
     path = Path(source)
+    adapter = local_adapter(path) if path.is_dir() else None
+    if adapter is None and not path.exists() and not looks_local(str(source)):
+        adapter = hub_adapter(str(source), revision, token)
+    if adapter is not None:
+        return adapter_metadata(*adapter)
     if path.is_dir():
         candidates = [path / name for name in (REFERENCE_WEIGHTS_NAME, SAFE_WEIGHTS_NAME) if (path / name).is_file()]
         if not candidates:

@@ -13,7 +13,10 @@ from torch import nn
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
 from hf_gradmimic.lora import LoraLayerError
 from hf_gradmimic.training.use_backward import only_mimic_tensors_train
-from tiny_models import lm_dataset, oracle_scores_from_grads, per_sample_lm_grads, tiny_llama
+from test_trainer import perturbed_reference
+from tiny_models import (
+    lm_dataset, lora_names, lora_student, oracle_scores_from_grads, per_sample_lm_grads, tiny_llama,
+)
 
 peft = pytest.importorskip("peft")
 
@@ -21,25 +24,6 @@ TRAIN = dict(learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", max_g
              report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=True, seed=0,
              mimic_alignment_check=False, max_steps=1)
 PREFIX = "base_model.model.model.layers"
-
-
-def lora_student(dropout: float = 0.0, random_b: bool = False, task_type: str | None = "CAUSAL_LM"):
-    """A tiny Llama with LoRA on q_proj and v_proj. PEFT starts B at zero (``random_b=False``): then A's
-    per-sample gradients, Bᵀδaᵀ, are zero too, so a test with B = 0 alone would not see A's terms."""
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=dropout,
-                             init_lora_weights=not random_b, **({"task_type": task_type} if task_type else {}))
-    torch.manual_seed(1)
-    return peft.get_peft_model(tiny_llama(), config)
-
-
-def perturbed(model: nn.Module, names: list[str], scale: float = 0.1) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(2)
-    params = dict(model.named_parameters())
-    return {n: params[n].detach() + scale * torch.randn(params[n].shape, generator=generator) for n in names}
-
-
-def lora_names(model: nn.Module) -> list[str]:
-    return [name for name, param in model.named_parameters() if param.requires_grad]
 
 
 class DropoutRecorder:
@@ -106,7 +90,7 @@ def train_one_accumulated_step(tmp_path, model: nn.Module, data):
     """One optimizer step of 2 × 8 samples with ``mimic_layers=["lora"]`` against a perturbed reference; returns the
     model before the step, the reference, and the oracle's per-sample gradients under the trainer's dropout masks."""
     names = lora_names(model)
-    reference = perturbed(model, names)
+    reference = perturbed_reference(model, names, scale=0.1)
     initial = copy.deepcopy(model)
     args = MimicConfig(output_dir=str(tmp_path), mimic_layers=["lora"], per_device_train_batch_size=8,
                        gradient_accumulation_steps=2, **TRAIN)
@@ -129,7 +113,7 @@ def recorded(output_dir, step: int = 1) -> np.ndarray:
 def test_lora_keyword_names_every_a_and_b_matrix_of_the_active_adapter(tmp_path):
     model = lora_student()
     trainer = MimicTrainer(model=model, args=MimicConfig(output_dir=str(tmp_path), mimic_layers=["lora"], **TRAIN),
-                           train_dataset=lm_dataset(n=4), reference=perturbed(model, lora_names(model)))
+                           train_dataset=lm_dataset(n=4), reference=perturbed_reference(model, lora_names(model), scale=0.1))
     expected = {f"{PREFIX}.{layer}.self_attn.{proj}.{matrix}.default.weight"
                 for layer in (0, 1) for proj in ("q_proj", "v_proj") for matrix in ("lora_A", "lora_B")}
     assert set(trainer.mimic_layers.tensors) == expected == set(lora_names(model))
@@ -165,7 +149,7 @@ def test_peft_model_without_task_type_shifts_the_labels(tmp_path):
     model, data = lora_student(random_b=True, task_type=None), lm_dataset(n=16)
     assert type(model).__name__ == "PeftModel"
     names = lora_names(model)
-    reference = perturbed(model, names)
+    reference = perturbed_reference(model, names, scale=0.1)
     expected = oracle_scores_from_grads(per_sample_lm_grads(copy.deepcopy(model), data, names), model, reference)
     args = MimicConfig(output_dir=str(tmp_path), mimic_layers=["lora"], per_device_train_batch_size=16, **TRAIN)
     MimicTrainer(model=model, args=args, train_dataset=data, reference=reference).train()
@@ -180,7 +164,7 @@ def test_a_subset_by_module_path(tmp_path):
               f"{PREFIX}.1.self_attn.q_proj.lora_B.default"]
     names = [f"{PREFIX}.0.self_attn.q_proj.lora_A.default.weight", f"{PREFIX}.0.self_attn.q_proj.lora_B.default.weight",
              f"{PREFIX}.1.self_attn.v_proj.lora_A.default.weight", f"{PREFIX}.1.self_attn.q_proj.lora_B.default.weight"]
-    reference = perturbed(model, names)
+    reference = perturbed_reference(model, names, scale=0.1)
     expected = oracle_scores_from_grads(per_sample_lm_grads(copy.deepcopy(model), data, names), model, reference)
     args = MimicConfig(output_dir=str(tmp_path), mimic_layers=layers, per_device_train_batch_size=16, **TRAIN)
     trainer = MimicTrainer(model=model, args=args, train_dataset=data, reference=reference)

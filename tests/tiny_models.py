@@ -85,6 +85,23 @@ def tiny_llama(seed: int = 0):
     return LlamaForCausalLM(config)
 
 
+def lora_student(dropout: float = 0.0, random_b: bool = False, task_type: str | None = "CAUSAL_LM"):
+    """`tiny_llama` with LoRA (r=4, alpha=8) on q_proj and v_proj. PEFT starts B at zero (``random_b=False``): then
+    A's per-sample gradients, Bᵀδaᵀ, are zero too, so a test with B = 0 alone would not see A's terms."""
+    import peft
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=dropout,
+                             init_lora_weights=not random_b, **({"task_type": task_type} if task_type else {}))
+    model = tiny_llama()
+    torch.manual_seed(1)
+    return peft.get_peft_model(model, config)
+
+
+def lora_names(model: nn.Module) -> list[str]:
+    """The trainable tensors of a LoRA model: its A and B matrices."""
+    return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
 def lm_dataset(n=16, length=9, vocab=40, seed=0):
     import datasets
 

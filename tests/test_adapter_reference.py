@@ -1,0 +1,109 @@
+"""PEFT adapters as references: a folder or a Hub repo (loopback server, real clients), only its two files read."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import HfApi
+
+from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
+from hf_gradmimic.adapter_reference import AdapterReferenceError, without_adapter_name
+from hf_gradmimic.reference import load_reference_tensors, read_reference_metadata
+from test_lora import TRAIN
+from tiny_models import lm_dataset, lora_names, lora_student, oracle_scores_from_grads, per_sample_lm_grads
+
+peft = pytest.importorskip("peft")
+
+BASE = "org/tiny-llama"
+
+
+def student_and_reference_adapter(folder: Path, base: str = BASE):
+    """The student (fresh LoRA, B = 0) and, saved by PEFT in ``folder``, a reference adapter: the same adapter moved
+    away from the student's values (as if trained), with ``base`` as its base checkpoint."""
+    student = lora_student()
+    student.config._name_or_path = BASE
+    reference = copy.deepcopy(student)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param in reference.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn(param.shape, generator=generator))
+    reference.peft_config["default"].base_model_name_or_path = base
+    reference.save_pretrained(folder)
+    return student, reference
+
+
+def expected_scores(student, reference) -> np.ndarray:
+    names = lora_names(student)
+    wanted = {name: dict(reference.named_parameters())[name].detach() for name in names}
+    return oracle_scores_from_grads(per_sample_lm_grads(copy.deepcopy(student), lm_dataset(n=16), names), student, wanted)
+
+
+def train(student, output_dir: Path, source: str) -> np.ndarray:
+    args = MimicConfig(output_dir=str(output_dir), mimic_layers=["lora"], mimic_reference=source,
+                       per_device_train_batch_size=16, **TRAIN)
+    MimicTrainer(model=student, args=args, train_dataset=lm_dataset(n=16)).train()
+    table = load_scores(output_dir).to_pandas().sort_values("sample_id")
+    return table.mimic_score.to_numpy()
+
+
+def test_peft_saves_keys_without_the_adapter_name(tmp_path):
+    """What the loader relies on, checked on PEFT's own save rather than assumed."""
+    from safetensors import safe_open
+
+    student, _ = student_and_reference_adapter(tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["README.md", "adapter_config.json",
+                                                                          "adapter_model.safetensors"]
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), framework="pt") as handle:
+        saved = set(handle.keys())
+    assert saved == {without_adapter_name(name) for name in lora_names(student)}
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in saved
+
+
+def test_adapter_folder_as_reference(tmp_path):
+    student, reference = student_and_reference_adapter(tmp_path / "adapter")
+    expected = expected_scores(student, reference)
+    tensors = load_reference_tensors(tmp_path / "adapter", lora_names(student))
+    for name, tensor in tensors.items():
+        torch.testing.assert_close(tensor, dict(reference.named_parameters())[name].detach(), rtol=0, atol=0)
+    assert read_reference_metadata(tmp_path / "adapter")["base_model"] == BASE
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # same base checkpoint: no warning
+        got = train(student, tmp_path / "run", str(tmp_path / "adapter"))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_adapter_repo_as_reference_fetches_only_its_two_files(hub_server, tmp_path):
+    student, reference = student_and_reference_adapter(tmp_path / "adapter")
+    expected = expected_scores(student, reference)
+    (tmp_path / "adapter" / "training_args.bin").write_bytes(b"\0" * 1024)  # other files of a real adapter repo
+    (tmp_path / "adapter" / "optimizer.pt").write_bytes(b"\0" * 4096)
+    api = HfApi()
+    repo_id = api.create_repo("tiny-llama-lora-reference").repo_id
+    api.upload_folder(folder_path=tmp_path / "adapter", repo_id=repo_id)
+
+    hub_server.requests.clear()
+    got = train(student, tmp_path / "run", repo_id)
+    fetched = {path.rsplit("/", 1)[-1] for method, path in hub_server.requests if method == "GET" and "/resolve/" in path}
+    assert fetched == {"adapter_config.json", "adapter_model.safetensors"}
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_base_checkpoint_check_reads_the_adapter_config(tmp_path):
+    student, _ = student_and_reference_adapter(tmp_path / "adapter", base="org/another-model")
+    with pytest.warns(UserWarning, match=r"built from checkpoint 'org/another-model'.*starts from 'org/tiny-llama'"):
+        train(student, tmp_path / "run", str(tmp_path / "adapter"))
+
+
+def test_an_adapter_without_safetensors_weights_is_refused(tmp_path):
+    student, _ = student_and_reference_adapter(tmp_path / "adapter")
+    (tmp_path / "adapter" / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterReferenceError, match="adapter_config.json but no adapter_model.safetensors"):
+        load_reference_tensors(tmp_path / "adapter", lora_names(student))
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
