@@ -28,6 +28,11 @@ _EXPORTS = {
     "load_filter_metric": "hf_gradmimic.metrics",
     "build_reference": "hf_gradmimic.recipes",
 }
+# Names that need an optional extra (`pip install 'hf-gradmimic[trl]'`): importing them without it says so.
+_OPTIONAL_EXPORTS = {
+    "MimicSFTConfig": "hf_gradmimic.sft",
+    "MimicSFTTrainer": "hf_gradmimic.sft",
+}
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
@@ -40,15 +45,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from .reference import load_reference_tensors
     from .reporting import report
     from .scores import load_scores
+    from .sft import MimicSFTConfig, MimicSFTTrainer
     from .trainer import MimicTrainer
 
 
 def __getattr__(name: str) -> Any:
-    module_name = _EXPORTS.get(name)
+    module_name = _EXPORTS.get(name) or _OPTIONAL_EXPORTS.get(name)
     if module_name is None:
         raise AttributeError(f"module 'hf_gradmimic' has no attribute {name!r}")
     return getattr(importlib.import_module(module_name), name)
 
 
 def __dir__() -> list[str]:
-    return __all__
+    return __all__ + sorted(_OPTIONAL_EXPORTS)

@@ -1,4 +1,4 @@
-"""`MimicConfig`: `TrainingArguments` plus the Grad-Mimic settings, in the style of trl's configs."""
+"""`MimicConfig`: `TrainingArguments` plus the Grad-Mimic settings (`MimicArguments`), in the style of trl's configs."""
 
 from __future__ import annotations
 
@@ -72,9 +72,18 @@ def coerce_field(name: str, value: object, annotation: str) -> object:
 
 
 @dataclass
-class MimicConfig(TrainingArguments):
+class MimicArguments:
     r"""
-    Configuration for [`MimicTrainer`]: every [`~transformers.TrainingArguments`] field, plus the Grad-Mimic ones.
+    The Grad-Mimic settings (every ``mimic_*`` field), defined once for every trainer configuration that has them.
+
+    A dataclass mixin: put it first among the bases of a `TrainingArguments` subclass, as `MimicConfig` (for
+    `MimicTrainer`) and `hf_gradmimic.sft.MimicSFTConfig` (trl's `SFTConfig`, for `MimicSFTTrainer`) do::
+
+        @dataclass
+        class MyMimicConfig(MimicArguments, MyTrainingArguments):
+            _VALID_DICT_FIELDS = MyTrainingArguments._VALID_DICT_FIELDS + ["mimic_layers"]
+
+    Its ``__post_init__`` runs the base configuration's first, then checks the ``mimic_*`` values.
 
     Grad-Mimic (Huang, Bilkhu, Sala, Movellan, arXiv 2501.06708) weights sample ``i`` of a batch by
 
@@ -86,8 +95,6 @@ class MimicConfig(TrainingArguments):
     softmax: the paper prints ``exp(-m_i/τ)``, a typo; samples whose negative gradient points toward the reference
     get more weight.
     """
-
-    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["mimic_layers"]
 
     mimic_reference: Optional[str] = field(
         default=None,
@@ -253,7 +260,9 @@ class MimicConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:  # the TrainingArguments subclass this mixin completes
+            parent()
         for name, spec in self.__dataclass_fields__.items():
             if name.startswith("mimic_"):
                 setattr(self, name, coerce_field(name, getattr(self, name), str(spec.type)))
@@ -284,3 +293,16 @@ class MimicConfig(TrainingArguments):
     def mimic_layer_map(self) -> dict[str, str]:
         """``{student_module: reference_module}`` parsed from `mimic_layers`."""
         return parse_layer_map(self.mimic_layers)
+
+
+@dataclass
+class MimicConfig(MimicArguments, TrainingArguments):
+    r"""
+    Configuration for [`MimicTrainer`]: every [`~transformers.TrainingArguments`] field, plus the Grad-Mimic ones
+    (`MimicArguments`).
+
+    Grad-Mimic (Huang, Bilkhu, Sala, Movellan, arXiv 2501.06708) weights sample ``i`` of a batch by
+    ``softmax_i(m_i / τ)`` with ``m_i = ⟨−g_i, θ_ref − θ_t⟩ / ‖θ_ref − θ_t‖`` over the mimic layers.
+    """
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["mimic_layers"]

@@ -37,7 +37,7 @@ from .reference import ReferenceSource
 from .scorers import SampleScorer, ScoreContext, check_mode, comparison_gradient, scorer_from_config
 from .scores import STATUS_NONFINITE, STATUS_SCORED
 from .training.audit import FilterAudit
-from .training.batch import Bookkeeping, check_sample_ids, read_column, with_row_index
+from .training.batch import Bookkeeping, KeepColumns, check_sample_ids, read_column, with_row_index
 from .training.capture import BackwardFromLogits, Capture, PendingGrad, scale_per_sample
 from .training.checks import (
     ActivationCheckpointingCheck,
@@ -82,8 +82,18 @@ class MimicTrainerMixin:
 
     ``class MyTrainer(MimicTrainerMixin, SomeTrainer)`` trains like ``SomeTrainer`` with every sample of every
     batch weighted by the configured scorer (`MimicConfig`), writes the score log, and checkpoints the scorer.
-    It overrides ``training_step``, ``compute_loss`` (in training only), ``prediction_step``, ``train``,
-    ``evaluate``, ``log``, ``create_model_card`` and ``_save_checkpoint``, each calling the base class.
+    `MimicTrainer` (over `Trainer`) and `hf_gradmimic.sft.MimicSFTTrainer` (over trl's `SFTTrainer`) are built so.
+    A new subclass provides:
+
+    - a configuration with every `MimicArguments` field: a dataclass ``(MimicArguments, SomeTrainingArguments)``,
+      named in ``mimic_config_class``;
+    - per-sample losses: the built-in ones read the logits (sequence or token classification, causal LM); when its
+      forward returns something else (trl's fused LM head), ``per_sample_loss_fn``.
+
+    In training the base ``compute_loss`` is replaced (the backward must give Σ_i w_i ∇ℓ_i); in evaluation it runs
+    as is. The mixin overrides ``get_train_dataloader`` (the collator is wrapped so that the sample ids survive it),
+    ``training_step``, ``compute_loss``, ``prediction_step``, ``train``, ``evaluate``, ``log``,
+    ``create_model_card`` and ``_save_checkpoint``, each calling the base class.
 
     Keyword arguments, besides the base trainer's:
         reference: overrides ``args.mimic_reference`` with an in-memory source: a model
@@ -97,6 +107,8 @@ class MimicTrainerMixin:
     """
 
     _tag_names = ["grad-mimic", "data-filtering", "hf-gradmimic"]
+    mimic_config_class: type = MimicConfig
+    """The configuration ``args`` must be (it has every `MimicArguments` field), and the default one."""
     # compute_loss returns a loss already normalised over the whole optimizer step.
     loss_is_scaled_for_ga = True
 
@@ -106,9 +118,10 @@ class MimicTrainerMixin:
         bound = inspect.signature(super().__init__).bind(*args, **kwargs)
         config, model, train_dataset = (bound.arguments.get(name) for name in ("args", "model", "train_dataset"))
         if config is None:
-            config = bound.arguments["args"] = MimicConfig(output_dir="mimic_trainer_output")
+            config = bound.arguments["args"] = self.mimic_config_class(output_dir="mimic_trainer_output")
         elif not hasattr(config, "mimic_layer_map"):
-            raise TypeError(f"{type(self).__name__} needs `args` to be a MimicConfig, got {type(config).__name__}.")
+            raise TypeError(f"{type(self).__name__} needs `args` to be a {self.mimic_config_class.__name__}, got "
+                            f"{type(config).__name__}.")
         if model is None:
             raise ValueError(
                 f"{type(self).__name__} needs a `model` (model_init is not supported: the mimic layers are resolved at "
@@ -185,6 +198,16 @@ class MimicTrainerMixin:
         if self._signature_columns is None:
             super()._set_signature_columns_if_needed()
             self._signature_columns += self.mimic_bookkeeping.kept_columns
+
+    def get_train_dataloader(self) -> Any:
+        """The base training dataloader, its collator wrapped so that the sample ids (and the scorer's columns) survive
+        collators that keep only the model's inputs (`training.batch.KeepColumns`)."""
+        collator = self.data_collator
+        self.data_collator = KeepColumns(collator, self.mimic_bookkeeping.kept_columns)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = collator
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
         """`Trainer.train`; ``resume_from_checkpoint=True`` picks the newest *completely written* checkpoint, and

@@ -117,3 +117,27 @@ class Bookkeeping:
                 inputs.pop(column, None)
         extras = {column: inputs.pop(column) for column in self.scorer_columns if column in inputs}
         return inputs.pop(ROW_INDEX_KEY, None), extras
+
+
+class KeepColumns:
+    """A data collator that lets our columns through any other: it takes them off each example, collates the rest
+    with the wrapped collator, and stacks them back into the batch.
+
+    Collators that build a fixed set of keys (trl's ``DataCollatorForLanguageModeling`` returns ``input_ids``,
+    ``labels`` and ``attention_mask`` only) would otherwise drop the sample ids the score log needs.
+
+    Args:
+        collator: the trainer's data collator.
+        columns: our columns (`Bookkeeping.kept_columns`); only those present in every example are kept.
+    """
+
+    def __init__(self, collator: Any, columns: list[str]) -> None:
+        self.collator = collator
+        self.columns = list(columns)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        kept = [column for column in self.columns if all(column in example for example in examples)]
+        batch = self.collator([{k: v for k, v in example.items() if k not in kept} for example in examples])
+        for column in kept:
+            batch[column] = torch.stack([torch.as_tensor(example[column]) for example in examples])
+        return batch

@@ -1,0 +1,198 @@
+"""`MimicSFTConfig` and `MimicSFTTrainer`: TRL's supervised fine-tuning trainer with Grad-Mimic's per-sample weights.
+
+Grad-Mimic (Huang, Bilkhu, Sala, Movellan, arXiv 2501.06708) weights every sample of a batch by
+``softmax_i(m_i/τ)``, ``m_i = ⟨−g_i, θ_ref − θ_t⟩/‖θ_ref − θ_t‖``. For instruction tuning the mimic tensors are
+usually a LoRA adapter's matrices (``mimic_layers=["lora"]``, the default here) and the reference an adapter trained
+on trusted pairs (`hf_gradmimic.build_reference(..., method="lora")`).
+
+The sample's loss ``ℓ_i`` is the mean token loss over its supervised tokens: those whose label is not −100 after
+TRL's dataset preparation, which already applied the completion-only (prompt-completion data) and assistant-only
+(conversational data) masks. Its forward is TRL's fused LM head (per-token log-probabilities without the
+``[batch, length, vocab]`` logits). With τ → ∞ the update is the mean over samples of their mean token loss, where
+`SFTTrainer` averages over all tokens of the batch: long completions weigh more there.
+
+Padding-free batches and packing put several samples in one row; the ghost maths reads a sample per row, so both
+are refused. Requires ``pip install 'hf-gradmimic[trl]'`` (trl and peft).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+try:
+    from trl import SFTConfig, SFTTrainer
+except ImportError as error:  # an optional extra: `import hf_gradmimic` works without it
+    raise ImportError(
+        "MimicSFTConfig and MimicSFTTrainer need TRL (and PEFT for LoRA adapters): pip install 'hf-gradmimic[trl]'."
+    ) from error
+
+from .config import MimicArguments
+from .losses import logits_of, supervised_counts, token_loss
+from .reference import ReferenceSource
+from .scorers import SampleScorer
+from .trainer import MimicTrainerMixin
+
+
+@dataclass
+class MimicSFTConfig(MimicArguments, SFTConfig):
+    r"""
+    Configuration for [`MimicSFTTrainer`]: every trl [`~trl.SFTConfig`] field, plus the Grad-Mimic ones
+    (`hf_gradmimic.config.MimicArguments`, the same definitions as `MimicConfig`'s).
+
+    ``mimic_layers`` defaults to ``["lora"]``: every A and B matrix of the PEFT adapter being trained. ``packing``
+    and ``padding_free`` must stay off (a sample per batch row).
+    """
+
+    _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["mimic_layers"]
+
+    mimic_layers: Optional[list[str]] = field(
+        default_factory=lambda: ["lora"], metadata=dict(MimicArguments.__dataclass_fields__["mimic_layers"].metadata)
+    )
+
+
+def check_sft_setup(args: Any, compute_loss_func: Any) -> None:
+    """Refuse, before any work, the SFT settings under which a batch row is not one sample or the loss is not SFT's."""
+    if args is None:
+        return
+    if not isinstance(args, MimicSFTConfig):
+        raise TypeError(
+            f"MimicSFTTrainer needs `args` to be a MimicSFTConfig (SFTConfig plus the mimic_* fields), got "
+            f"{type(args).__name__}."
+        )
+    for name in ("packing", "padding_free"):
+        if getattr(args, name):
+            raise ValueError(
+                f"MimicSFTTrainer does not support `{name}=True`: it puts several samples in one batch row, while the "
+                "per-sample scores (ghost inner products) read one sample per row. Set `packing=False` and "
+                "`padding_free=False` in MimicSFTConfig."
+            )
+    if args.loss_type not in ("nll", "chunked_nll", "dft"):
+        raise ValueError(f"MimicSFTTrainer knows the per-sample form of loss_type 'nll' and 'dft', not {args.loss_type!r}.")
+    if compute_loss_func is not None:
+        raise ValueError(
+            "MimicSFTTrainer computes one loss per sample; `compute_loss_func` returns the batch's. Pass "
+            "`per_sample_loss_fn=(outputs, inputs) -> Tensor[batch]` instead."
+        )
+
+
+def fused_per_sample_loss(outputs: Any, loss_type: str = "nll") -> torch.Tensor:
+    r"""``ℓ_i`` from TRL's fused LM head: the mean over sample ``i``'s supervised tokens of ``−log p`` (``nll``) or
+    of ``−p̄ log p`` with ``p̄`` detached (``dft``, Dynamic Fine-Tuning), as `SFTTrainer` weighs each token.
+
+    .. math:: \ell_i = \frac{\sum_t m_{i,t}\, c_{i,t}}{\max(1, \sum_t m_{i,t})},\qquad c = -\log p\ (\text{or } -\bar p \log p)
+    """
+    per_token = -outputs.log_probs  # zero where the label is −100
+    if loss_type == "dft":
+        per_token = per_token * outputs.log_probs.exp().detach()
+    return per_token.float().sum(dim=1) / outputs.label_mask.sum(dim=1).clamp(min=1)
+
+
+class MimicSFTTrainer(MimicTrainerMixin, SFTTrainer):
+    """trl's `SFTTrainer` that reweights every sample by its Grad-Mimic score (arXiv 2501.06708).
+
+    Use it exactly like `SFTTrainer`, with a `MimicSFTConfig`, a LoRA ``peft_config`` and a reference adapter::
+
+        args = MimicSFTConfig(output_dir="out", mimic_reference="org/lora-reference")
+        trainer = MimicSFTTrainer(model=model, args=args, train_dataset=pairs, peft_config=LoraConfig(...))
+        trainer.train()
+        mimic_filter = hf_gradmimic.build_filter("out")
+
+    Every argument is `SFTTrainer`'s (``compute_loss_func`` excepted), plus the keyword arguments of
+    `MimicTrainerMixin` (``reference``, ``per_sample_loss_fn``, ``scorer``, ``zero_shot``). The training logs keep
+    SFT's ``entropy``, ``mean_token_accuracy`` and ``num_tokens`` next to the ``mimic/*`` metrics.
+    """
+
+    mimic_config_class = MimicSFTConfig
+    _tag_names = ["trl", "sft", *MimicTrainerMixin._tag_names]
+
+    def __init__(
+        self,
+        model: Any,
+        args: MimicSFTConfig | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        compute_loss_func: Callable | None = None,
+        compute_metrics: Callable | None = None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+        optimizer_cls_and_kwargs: Any = None,
+        preprocess_logits_for_metrics: Callable | None = None,
+        peft_config: Any = None,
+        formatting_func: Callable | None = None,
+        *,
+        reference: ReferenceSource | None = None,
+        per_sample_loss_fn: Callable | None = None,
+        scorer: SampleScorer | None = None,
+        zero_shot: Callable | None = None,
+        **kwargs: Any,
+    ) -> None:
+        check_sft_setup(args, compute_loss_func)
+        self._sft_loss = per_sample_loss_fn is None
+        self._sft_counts: tuple[torch.Tensor, ...] | None = None
+        super().__init__(
+            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            processing_class=processing_class, compute_metrics=compute_metrics, callbacks=callbacks,
+            optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics, peft_config=peft_config,
+            formatting_func=formatting_func, reference=reference, scorer=scorer, zero_shot=zero_shot,
+            per_sample_loss_fn=per_sample_loss_fn or self._sft_per_sample_losses, **kwargs,
+        )
+        if self.aux_loss_enabled:
+            raise ValueError(
+                "MimicSFTTrainer scores samples one by one, but this mixture-of-experts model adds the router's "
+                "load-balancing loss, a term of the whole batch. Set `router_aux_loss_coef=0.0` in MimicSFTConfig."
+            )
+
+    @property
+    def _fused_head(self) -> bool:
+        """Whether the forward returns TRL's fused per-token log-probabilities: as in `SFTTrainer`, unless label
+        smoothing (``nll`` only) needs the whole logits."""
+        return not (self.args.label_smoothing_factor and self.args.loss_type != "dft")
+
+    def _model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        # Every forward of the mixin (training, scoring, diagnostics) asks for the fused head, as SFTTrainer does.
+        return {**super()._model_inputs(inputs), "use_cache": False, "fused_lm_head": self._fused_head}
+
+    def _sft_per_sample_losses(self, outputs: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        """``ℓ_i``: SFT's token loss averaged over the sample's supervised tokens (labels ≠ −100)."""
+        if getattr(outputs, "log_probs", None) is None:  # label smoothing: from the logits, as SFTTrainer does
+            return token_loss(logits_of(outputs), inputs["labels"], self.args.label_smoothing_factor, shift=True)
+        if torch.is_grad_enabled() and outputs.entropy is not None:  # a training forward: SFT's metrics
+            self._sft_counts = (outputs.label_mask.sum(), outputs.entropy.detach().sum(), outputs.is_top1.sum())
+        return fused_per_sample_loss(outputs, self.args.loss_type)
+
+    def _supervised_counts(self, outputs: Any, labels: Any) -> torch.Tensor | None:
+        # Samples without a supervised token get weight 0 (`training.guards`); the fused head's mask says which.
+        if not self._sft_loss or labels is None:
+            return None
+        if getattr(outputs, "label_mask", None) is not None:
+            return outputs.label_mask.sum(dim=1)
+        return supervised_counts(self.accelerator.unwrap_model(self.model), outputs, labels)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """In training, the mixin's reweighted loss, with SFT's token metrics logged; elsewhere `SFTTrainer`'s."""
+        training = self._mimic_batch is not None and model.training
+        self._sft_counts = None
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if training and self._sft_loss and self._fused_head:
+            self._log_sft_metrics(inputs)
+        return result
+
+    def _log_sft_metrics(self, inputs: dict[str, Any]) -> None:
+        """SFTTrainer's training metrics (entropy, token accuracy, tokens seen), which its own compute_loss would log.
+        Called once per micro-batch on every process (the gathers are collectives)."""
+        device = inputs["input_ids"].device
+        counts = self._sft_counts or tuple(torch.zeros((), device=device) for _ in range(3))
+        gather = self.accelerator.gather_for_metrics
+        num_valid, entropy_sum, num_correct = (gather(value.reshape(1)).sum() for value in counts)
+        self._metrics["train"]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
+        self._metrics["train"]["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
+        self._total_train_tokens += gather(inputs["attention_mask"].sum().reshape(1)).sum().item() // self._tp_size
+        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+
