@@ -150,11 +150,11 @@ def ddp_runs(tmp_path_factory) -> Path:
             spec(folder / "2x2x8-layer", mimic_layers=MLP_LAYERS, args={
                 "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "max_steps": 5,
                 "mimic_reweight_scope": "layer"}),
+            spec(folder / "2x2x8-frozen", mimic_layers=["head"], frozen=["hidden"],
+                 args={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "max_steps": 5}),
             spec(folder / "bayes-2x16", mimic_layers=["head"], args={**BAYESIAN, "per_device_train_batch_size": 16}),
             spec(folder / "bayes-2x2x8", mimic_layers=["head"],
                  args={**BAYESIAN, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2}),
-            spec(folder / "2x2x8-frozen", mimic_layers=["head"], frozen=["hidden"],
-                 args={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "max_steps": 5}),
         ],
         folder,
         launcher="accelerate",
