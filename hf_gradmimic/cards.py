@@ -30,6 +30,7 @@ __all__ = [
     "render_dataset_card",
     "render_model_card",
     "merge_card_text",
+    "render_lora_reference_card",
     "render_reference_card",
     "template_path",
 ]
@@ -41,6 +42,7 @@ TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 DATASET_CARD_TEMPLATE = "dataset_card.md"
 MODEL_CARD_TEMPLATE = "model_card.md"
 REFERENCE_CARD_TEMPLATE = "reference_card.md"
+LORA_REFERENCE_CARD_TEMPLATE = "lora_reference_card.md"
 
 
 def template_path(name: str) -> Path:
@@ -384,4 +386,21 @@ def render_reference_card(metadata: Mapping[str, str]) -> ModelCard:
         template_path=str(template_path(REFERENCE_CARD_TEMPLATE)),
         package_version=__version__,
         **{**metadata, "layers": ", ".join(json.loads(metadata["layers"])), "layers_list": metadata["layers"]},
+    )
+
+
+def render_lora_reference_card(metadata: Mapping[str, str]) -> ModelCard:
+    """Render ``templates/lora_reference_card.md`` for a LoRA reference adapter built by
+    ``hf_gradmimic.build_reference(..., method="lora")`` (its metadata: ``base_model``, ``train_rows``, losses...)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from . import __version__
+
+    base = metadata["base_model"]
+    return ModelCard.from_template(
+        card_data=ModelCardData(base_model=base if "/" in base else None, library_name="peft",
+                                tags=[*REFERENCE_TAGS, "lora"]),
+        template_path=str(template_path(LORA_REFERENCE_CARD_TEMPLATE)),
+        package_version=__version__,
+        **metadata,
     )

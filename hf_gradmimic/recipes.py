@@ -31,6 +31,7 @@ from torch import nn
 
 from .cards import render_reference_card
 from .fileio import atomic_write
+from .lora_recipe import train_lora_reference
 from .losses import logits_of
 from .reference import REFERENCE_WEIGHTS_NAME
 from .training.mimic_layers import resolve_mimic_layers
@@ -171,7 +172,7 @@ def build_reference(
     model: nn.Module,
     train_dataset: Any,
     *,
-    layers: Sequence[str] = ("classifier",),
+    layers: Sequence[str] | None = None,
     method: str = "linear_probe",
     output_dir: str | os.PathLike = "mimic_reference",
     eval_dataset: Any = None,
@@ -189,7 +190,8 @@ def build_reference(
     token: str | None = None,
     seed: int = 0,
 ) -> ReferenceResult:
-    """Build a Grad-Mimic reference by linear probing the student's own pretrained features.
+    """Build a Grad-Mimic reference that shares the student's coordinates: a linear probe of its own pretrained
+    features, or (``method="lora"``) its own LoRA adapter trained on trusted data.
 
     Trains only the mimic layer(s) — each must be the head, i.e. its output is the model's logits —
     on the frozen features of ``model`` (the student's pretrained checkpoint, before fine-tuning),
@@ -199,8 +201,12 @@ def build_reference(
     Args:
         model: the student's pretrained checkpoint (loaded as the same class the student uses).
         train_dataset: trusted, labelled data in the model's input format (a `datasets.Dataset`).
-        layers: the mimic layer names, as in `MimicConfig.mimic_layers`.
-        method: ``"linear_probe"`` (the only recipe implemented).
+        layers: the mimic layer names, as in `MimicConfig.mimic_layers` (default ``("classifier",)``; for ``"lora"``,
+            ``("lora",)``: every matrix of the adapter).
+        method: ``"linear_probe"``, or ``"lora"``: ``model`` is the student's PEFT model before fine-tuning, and a copy
+            of its adapter is trained on ``train_dataset`` (``input_ids``, ``labels`` with −100 on prompts) with AdamW
+            for ``epochs``, then saved to ``output_dir`` as an ordinary PEFT adapter (`hf_gradmimic.lora_recipe`),
+            loadable with ``PeftModel.from_pretrained``; the student is left unchanged.
         output_dir: where ``reference.safetensors`` and its ``README.md`` card go.
         eval_dataset: held-out data for the accuracy written to the card (else training accuracy only).
         base_model / base_revision: recorded in the metadata; default ``model.config._name_or_path``.
@@ -212,9 +218,20 @@ def build_reference(
     """
     from safetensors.torch import save_file
 
+    if method == "lora":
+        if layers is not None and list(layers) != ["lora"]:
+            raise ValueError(f"method='lora' trains every matrix of the student's adapter; got layers {list(layers)}: "
+                             "leave `layers` unset or pass ('lora',).")
+        path, tensors, metadata, history = train_lora_reference(
+            model, train_dataset, output_dir=output_dir, eval_dataset=eval_dataset, data_collator=data_collator,
+            epochs=epochs, learning_rate=learning_rate, weight_decay=weight_decay, batch_size=batch_size,
+            base_model=base_model, base_revision=base_revision, data_description=data_description, seed=seed,
+        )
+        _push(output_dir, push_to_hub, repo_id, token, f"Grad-Mimic LoRA reference for {metadata['base_model']}")
+        return ReferenceResult(path=path, tensors=tensors, metadata=metadata, history=history)
     if method != "linear_probe":
-        raise ValueError(f"Unknown reference recipe {method!r}; available: 'linear_probe'.")
-    layers = list(layers)
+        raise ValueError(f"Unknown reference recipe {method!r}; available: 'linear_probe', 'lora'.")
+    layers = list(layers) if layers is not None else ["classifier"]
     if not layers:
         raise ValueError("`layers` is empty: name the mimic layer(s), e.g. ('classifier',).")
     if len(layers) > 1:
@@ -263,13 +280,19 @@ def build_reference(
 
     path = atomic_write(output_dir / REFERENCE_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     atomic_write(output_dir / "README.md", render_reference_card(metadata).save)
-    if push_to_hub:
-        if not repo_id:
-            raise ValueError("`push_to_hub=True` needs a `repo_id`.")
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        api.create_repo(repo_id, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), ignore_patterns=["feature_cache/*", "*.tmp"],
-                          commit_message=f"Grad-Mimic reference for {metadata['base_model']}")
+    _push(output_dir, push_to_hub, repo_id, token, f"Grad-Mimic reference for {metadata['base_model']}")
     return ReferenceResult(path=path, tensors=tensors, metadata=metadata, history=history)
+
+
+def _push(output_dir: str | os.PathLike, push_to_hub: bool, repo_id: str | None, token: str | None, message: str) -> None:
+    """Upload the reference folder (without the feature cache) when asked."""
+    if not push_to_hub:
+        return
+    if not repo_id:
+        raise ValueError("`push_to_hub=True` needs a `repo_id`.")
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, exist_ok=True).repo_id  # a bare name lands in the user's namespace
+    api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), ignore_patterns=["feature_cache/*", "*.tmp"],
+                      commit_message=message)

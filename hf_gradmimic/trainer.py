@@ -33,7 +33,9 @@ from .cards import render_model_card
 from .config import MimicConfig
 from .fileio import atomic_write
 from .losses import PerSampleLossFn, logits_of, per_sample_loss, supervised_counts
-from .reference import ReferenceSource
+from .lora import lora_layers
+from .lora_recipe import check_adapter_init
+from .reference import ReferenceSource, read_reference_metadata
 from .scorers import SampleScorer, ScoreContext, check_mode, comparison_gradient, scorer_from_config
 from .scores import STATUS_NONFINITE, STATUS_SCORED
 from .training.audit import FilterAudit
@@ -173,6 +175,9 @@ class MimicTrainerMixin:
             source = reference if reference is not None else args.mimic_reference
             check_reference_base(source, getattr(unwrapped, "config", None), revision=args.mimic_reference_revision,
                                  token=args.hub_token, reference_name=self.reference_name)
+            if isinstance(source, (str, os.PathLike)) and any(True for _ in lora_layers(unwrapped)):
+                metadata = read_reference_metadata(source, revision=args.mimic_reference_revision, token=args.hub_token)
+                check_adapter_init(metadata, self.mimic_layers.current_tensors(), self.reference_name)
             self.mimic_diagnostics = ReferenceDiagnostics(
                 self.scorer, self.mimic_layers, lambda: self.accelerator.unwrap_model(self.model), self._per_sample_losses,
                 self.mimic_metrics, args.mimic_alignment_check and alignment_possible, self._monitor_interval,

@@ -16,7 +16,7 @@ from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
 from hf_gradmimic.adapter_reference import AdapterReferenceError, without_adapter_name
 from hf_gradmimic.reference import load_reference_tensors, read_reference_metadata
 from test_lora import TRAIN
-from tiny_models import lm_dataset, lora_names, lora_student, oracle_scores_from_grads, per_sample_lm_grads
+from tiny_models import lm_dataset, lora_names, lora_student, oracle_scores_from_grads, per_sample_lm_grads, tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -107,3 +107,48 @@ def test_an_adapter_without_safetensors_weights_is_refused(tmp_path):
     with pytest.raises(AdapterReferenceError, match="adapter_config.json but no adapter_model.safetensors"):
         load_reference_tensors(tmp_path / "adapter", lora_names(student))
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_build_reference_lora_trains_the_students_adapter_and_saves_a_peft_adapter(hub_server, tmp_path):
+    """build_reference(method="lora"): a copy of the student's fresh adapter trained on trusted data, pushed as an
+    ordinary PEFT adapter that `PeftModel.from_pretrained` loads from the (loopback) Hub; the student is unchanged,
+    and a trainer warns only for a student whose adapter started elsewhere."""
+    from hf_gradmimic import build_reference
+
+    student, trusted = lora_student(dropout=0.1), lm_dataset(n=16, seed=3)
+    before = {name: student.get_parameter(name).detach().clone() for name in lora_names(student)}
+    loss_before = per_sample_mean_loss(student, trusted)
+    result = build_reference(student, trusted, method="lora", output_dir=tmp_path / "reference", eval_dataset=trusted,
+                             epochs=5, learning_rate=1e-2, base_model=BASE, push_to_hub=True,
+                             repo_id="tiny-llama-lora-reference")
+    for name, tensor in before.items():
+        assert torch.equal(student.get_parameter(name), tensor), name
+    assert sorted(p.name for p in (tmp_path / "reference").iterdir()) == ["README.md", "adapter_config.json",
+                                                                            "adapter_model.safetensors"]
+    assert result.metadata["method"] == "lora" and float(result.metadata["eval_loss"]) < loss_before
+    assert json.loads((tmp_path / "reference" / "adapter_config.json").read_text())["base_model_name_or_path"] == BASE
+
+    repo_id = f"{HfApi().whoami()['name']}/tiny-llama-lora-reference"
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), repo_id)
+    for name, tensor in result.tensors.items():
+        torch.testing.assert_close(loaded.get_parameter(name), tensor, rtol=0, atol=0)
+        assert not torch.equal(tensor, before[name]) or ".lora_A." in name  # B moved off zero
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        train(student, tmp_path / "same-init", repo_id)
+    other = lora_student(dropout=0.1)
+    with torch.no_grad():
+        for name in lora_names(other):
+            if ".lora_A." in name:
+                other.get_parameter(name).mul_(-1.0)
+    with pytest.warns(UserWarning, match="another initial adapter"):
+        train(other, tmp_path / "other-init", repo_id)
+
+
+def per_sample_mean_loss(model, dataset) -> float:
+    from hf_gradmimic.losses import per_sample_loss
+
+    ids, labels = (torch.as_tensor(np.asarray(dataset[c])) for c in ("input_ids", "labels"))
+    with torch.no_grad():
+        return float(per_sample_loss(model, model(input_ids=ids), labels).mean())

@@ -1,0 +1,186 @@
+"""The LoRA reference recipe: train a copy of the student's own adapter on trusted data, save it as an ordinary PEFT adapter.
+
+With a LoRA adapter's matrices as mimic tensors, Grad-Mimic's direction ``θ_ref − θ_t`` (Huang et al., arXiv
+2501.06708) compares two adapters coordinate by coordinate. A LoRA update ``B A`` does not determine ``A`` and ``B``
+(``(B R⁻¹)(R A)`` is the same update), so two adapters share coordinates only when they start from the same ``A``:
+the reference is trained from the student's adapter as it is before fine-tuning, on the student's frozen base
+model. The student is left as it was. The adapter's initial A matrices are fingerprinted in the weights' metadata
+(``adapter_init``), so that a trainer can tell a reference trained from another initialisation (`check_adapter_init`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from .adapter_reference import ADAPTER_WEIGHTS_NAME, without_adapter_name
+from .fileio import atomic_write
+from .losses import IGNORE_INDEX, per_sample_loss
+from .lora import lora_layers
+
+
+def adapter_init(tensors: Mapping[str, torch.Tensor]) -> str:
+    """A fingerprint of an adapter's A matrices (keys without the adapter name, so both spellings agree)."""
+    digest = hashlib.sha256()
+    for key in sorted((key for key in tensors if ".lora_A." in key), key=without_adapter_name):
+        digest.update(without_adapter_name(key).encode())
+        digest.update(tensors[key].detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def check_adapter_init(metadata: Mapping[str, str], student_tensors: Mapping[str, torch.Tensor], reference_name: str) -> None:
+    """Warn when a LoRA reference was trained from another initial adapter than the student's.
+
+    Only a fresh student adapter (every B zero, PEFT's default start) is compared: once trained, its A has moved."""
+    recorded = metadata.get("adapter_init")
+    fresh = any(".lora_B." in key for key in student_tensors) and all(
+        not tensor.detach().any() for key, tensor in student_tensors.items() if ".lora_B." in key)
+    if not recorded or not fresh or adapter_init(student_tensors) == recorded:
+        return
+    warnings.warn(
+        f"The LoRA reference {reference_name} was trained from another initial adapter than the student's (its A "
+        "matrices differ). Adapters share coordinates only when they start from the same A, so the mimic scores "
+        "compare unrelated matrices. Build the reference from the student itself (build_reference(student, ..., "
+        "method='lora')), or create both adapters with the same seed.",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+def pad_batch(examples: list[dict[str, Any]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pads ``input_ids`` (with ``pad_token_id``) and ``labels`` (with −100, or the ids when there are none)."""
+    length = max(len(example["input_ids"]) for example in examples)
+    ids = torch.full((len(examples), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        ids[row, :n] = torch.as_tensor(example["input_ids"])
+        labels[row, :n] = torch.as_tensor(example.get("labels", example["input_ids"]))
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _mean_loss(model: nn.Module, dataset: Any, collate: Callable, batch_size: int) -> float:
+    """The mean over samples of their mean token loss, in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total = 0.0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(dataset), batch_size):
+                batch = {k: v.to(device) for k, v in collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]).items()}
+                labels = batch.pop("labels")
+                total += float(per_sample_loss(model, model(**batch), labels).sum())
+    finally:
+        model.train(was_training)
+    return total / len(dataset)
+
+
+def train_lora_reference(
+    model: nn.Module,
+    train_dataset: Any,
+    *,
+    output_dir: str | os.PathLike,
+    eval_dataset: Any = None,
+    data_collator: Callable | None = None,
+    epochs: int = 3,
+    learning_rate: float = 1e-3,
+    weight_decay: float = 0.0,
+    batch_size: int = 8,
+    base_model: str | None = None,
+    base_revision: str | None = None,
+    data_description: str | None = None,
+    seed: int = 0,
+) -> tuple[Path, dict[str, torch.Tensor], dict[str, str], list[float]]:
+    """Train the active LoRA adapter of ``model`` (a PEFT model, before fine-tuning) on trusted data, save it to
+    ``output_dir`` as ``adapter_config.json`` + ``adapter_model.safetensors``, and put the student back as it was.
+
+    Args:
+        model: the student: its base model with the fresh adapter it will be fine-tuned with.
+        train_dataset: trusted examples with ``input_ids`` and ``labels`` (−100 where unsupervised, e.g. prompts).
+        data_collator: batches examples; default `pad_batch`.
+        epochs / learning_rate / weight_decay / batch_size / seed: AdamW on the adapter's matrices, mean over samples
+            of each sample's mean token loss (as `MimicSFTTrainer` weighs samples).
+
+    Returns:
+        The weights' path, the trained tensors (student names), the metadata written, and the epoch losses.
+    """
+    from peft import get_peft_model_state_dict
+
+    if not hasattr(model, "peft_config") or not any(True for _ in lora_layers(model)):
+        raise ValueError("method='lora' trains the student's LoRA adapter: pass the PEFT model (peft.get_peft_model).")
+    adapter = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapter[0]
+    trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    initial = {name: param.detach().clone() for name, param in trainable.items()}
+    collate = data_collator or (lambda rows: pad_batch(rows, getattr(model.config, "pad_token_id", None) or 0))
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    history: list[float] = []
+    was_training = model.training
+    try:
+        torch.manual_seed(seed)  # the LoRA dropout masks
+        optimizer = torch.optim.AdamW(list(trainable.values()), lr=learning_rate, weight_decay=weight_decay)
+        model.train()
+        for _ in range(epochs):
+            order, total = torch.randperm(len(train_dataset), generator=generator).tolist(), 0.0
+            for start in range(0, len(order), batch_size):
+                batch = {k: v.to(device) for k, v in collate([train_dataset[i] for i in order[start : start + batch_size]]).items()}
+                labels = batch.pop("labels")
+                losses = per_sample_loss(model, model(**batch), labels)
+                optimizer.zero_grad()
+                losses.mean().backward()
+                optimizer.step()
+                total += float(losses.detach().sum())
+            history.append(total / len(train_dataset))
+        metadata = {
+            "base_model": base_model or str(getattr(model.config, "_name_or_path", "") or ""),
+            "base_revision": base_revision or "",
+            "layers": json.dumps(["lora"]),
+            "method": "lora",
+            "train_rows": str(len(train_dataset)),
+            "train_loss": f"{history[-1]:.4f}" if history else "",
+            "eval_loss": f"{_mean_loss(model, eval_dataset, collate, batch_size):.4f}" if eval_dataset is not None else "",
+            "data": data_description or "",
+            "adapter_init": adapter_init(initial),
+            "format": "pt",
+        }
+        trained = {name: param.detach().clone() for name, param in trainable.items()}
+        # Copies: the state dict shares storage with the parameters, which are put back next.
+        weights = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=adapter).items()}
+    finally:
+        with torch.no_grad():
+            for name, param in trainable.items():
+                param.copy_(initial[name])
+        model.train(was_training)
+    _save_adapter(model, adapter, output_dir, weights, metadata)
+    return Path(output_dir) / ADAPTER_WEIGHTS_NAME, trained, metadata, history
+
+
+def _save_adapter(model: nn.Module, adapter: str, output_dir: str | os.PathLike, weights: dict[str, torch.Tensor],
+                  metadata: dict[str, str]) -> None:
+    """``adapter_config.json`` (naming the base checkpoint) and ``adapter_model.safetensors`` (PEFT's keys, our
+    metadata in its header), as `PeftModel.from_pretrained` reads them, and the card."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    from .cards import render_lora_reference_card
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(model.peft_config[adapter])
+    config.base_model_name_or_path = metadata["base_model"] or None
+    config.revision = metadata["base_revision"] or None
+    config.inference_mode = True
+    config.save_pretrained(str(output_dir))
+    atomic_write(output_dir / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(weights, tmp, metadata=metadata))
+    atomic_write(output_dir / "README.md", render_lora_reference_card(metadata).save)
