@@ -109,11 +109,20 @@ MODELS: dict[str, dict[str, Any]] = {
         "head": "lm_head",
         "inner": "transformer.h.{last}.mlp.c_fc",  # a transformers Conv1D
     },
+    # LLM fine-tuning: a Llama with LoRA (r=16) on q/k/v/o, trl's SFTTrainer against MimicSFTTrainer with
+    # mimic_layers=["lora"] (every LoRA matrix); prompt-completion rows, the loss on the completion half.
+    "llama-lora": {
+        "full": dict(hidden=256, layers=4, heads=4, intermediate=688, seq=128, batch=8, vocab=32000, rank=16),
+        "quick": dict(hidden=32, layers=2, heads=2, intermediate=64, seq=16, batch=4, vocab=512, rank=4),
+        "head": None,
+        "inner": None,
+        "candidates": ("plain", "mimic-lora"),
+    },
 }
 
 CANDIDATES = ("plain", "mimic-head", "mimic-head-norec", "mimic-head-monitor", "mimic-inner", "mimic-head-tied",
-              "mimic-head-nonfinite", "vmap", "vmap-layer")
-ONLY_FOR = {"mimic-head-tied": ("gpt2",)}  # candidates that exist for some models only
+              "mimic-head-nonfinite", "vmap", "vmap-layer", "mimic-lora")
+ONLY_FOR = {"mimic-head-tied": ("gpt2",), "mimic-lora": ("llama-lora",)}  # candidates that exist for some models only
 DESCRIPTIONS = {
     "plain": "transformers.Trainer",
     "mimic-head": "MimicTrainer, head layer",
@@ -124,10 +133,11 @@ DESCRIPTIONS = {
     "mimic-head-nonfinite": "MimicTrainer, head layer, 1 sample in 32 non-finite (left out: a second forward)",
     "vmap": "per-sample grads of all parameters (torch.func.vmap), authors' way",
     "vmap-layer": "per-sample grads of the mimic layer only (torch.func.vmap) + one weighted backward, like-for-like",
+    "mimic-lora": "MimicSFTTrainer, every LoRA matrix (mimic_layers=['lora']); its plain is trl's SFTTrainer",
 }
 # Step-time targets (ratio to plain Trainer); memory target applies to every MimicTrainer run.
 TIME_TARGETS = {("bert", "mimic-head"): 1.10, ("bert", "mimic-inner"): 1.30, ("gpt2", "mimic-head"): 1.30,
-                ("gpt2", "mimic-inner"): 1.30}
+                ("gpt2", "mimic-inner"): 1.30, ("llama-lora", "mimic-lora"): 1.10}
 MEMORY_TARGET = 1.10
 VMAP_TARGET = 10.0  # vmap step time / mimic-head step time, at least
 RECORD_TARGET = 0.02  # recording cost, fraction of the step time, below
@@ -143,6 +153,17 @@ MIN_QUIET_ROUNDS = 10  # fewer quiet rounds than this: the targets are judged on
 
 def build_model(model_name: str, size: dict[str, int], tied: bool = False) -> torch.nn.Module:
     torch.manual_seed(SEED)
+    if model_name == "llama-lora":
+        from peft import LoraConfig, get_peft_model
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(vocab_size=size["vocab"], hidden_size=size["hidden"], num_hidden_layers=size["layers"],
+                             num_attention_heads=size["heads"], num_key_value_heads=size["heads"],
+                             intermediate_size=size["intermediate"], max_position_embeddings=size["seq"],
+                             pad_token_id=0, eos_token_id=1, bos_token_id=None)
+        lora = LoraConfig(r=size["rank"], lora_alpha=2 * size["rank"], lora_dropout=0.05, task_type="CAUSAL_LM",
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        return get_peft_model(LlamaForCausalLM(config), lora)
     if model_name == "bert":
         from transformers import BertConfig, BertForSequenceClassification
 
@@ -179,6 +200,10 @@ def build_dataset(model_name: str, size: dict[str, int], rows: int):
 
     rng = np.random.default_rng(SEED)
     input_ids = rng.integers(1, size["vocab"], size=(rows, size["seq"]), dtype=np.int64)
+    if model_name == "llama-lora":  # prompt-completion rows, as SFT prepares them: the prompt half unsupervised
+        labels = input_ids.copy()
+        labels[:, : size["seq"] // 2] = -100
+        return datasets.Dataset.from_dict({"input_ids": input_ids.tolist(), "labels": labels.tolist()})
     if model_name == "bert":
         labels = rng.integers(0, size["labels"], size=rows, dtype=np.int64)
     else:
@@ -193,7 +218,44 @@ def layer_name(model_name: str, candidate: str, size: dict[str, int]) -> str | N
         return spec["head"]
     if candidate == "mimic-inner":
         return spec["inner"].format(last=size["layers"] - 1) if spec["inner"] else None
+    if candidate == "mimic-lora":
+        return "lora"
     return None
+
+
+def lora_reference(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """θ_ref = θ_0 + noise on every LoRA matrix (the trainable tensors of the PEFT model)."""
+    generator = torch.Generator().manual_seed(SEED + 1)
+    return {name: param.detach().float() + torch.randn(param.shape, generator=generator) * REFERENCE_NOISE
+            for name, param in model.named_parameters() if param.requires_grad}
+
+
+def word_tokenizer(vocab: int):
+    """SFTTrainer needs a tokenizer even for tokenized rows: one word per id (``t<i>``), id 0 padding, id 1 EOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "</s>"] + [f"t{i}" for i in range(2, vocab)]
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>")
+
+
+def build_sft_trainer(candidate: str, model: torch.nn.Module, dataset: Any, size: dict[str, int], common: dict) -> Trainer:
+    """trl's SFTTrainer (``plain``) or MimicSFTTrainer (``mimic-lora``), fp32 and without activation checkpointing
+    (trl's defaults turn both on), the same LoRA model and rows."""
+    from trl import SFTConfig, SFTTrainer
+
+    from hf_gradmimic.sft import MimicSFTConfig, MimicSFTTrainer
+
+    settings = dict(common, bf16=False, gradient_checkpointing=False, max_length=size["seq"], dataset_num_proc=None)
+    tokenizer = word_tokenizer(size["vocab"])
+    if candidate == "plain":
+        return SFTTrainer(model=model, args=SFTConfig(**settings), train_dataset=dataset, processing_class=tokenizer)
+    args = MimicSFTConfig(**settings, mimic_layers=["lora"], mimic_temperature=TEMPERATURE, mimic_alignment_check=False,
+                          **_monitor_setting(candidate))
+    return MimicSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                           reference=lora_reference(model))
 
 
 def perturbed_reference(model: torch.nn.Module, layer: str) -> dict[str, torch.Tensor]:
@@ -526,7 +588,9 @@ def build_trainer(model_name: str, candidate: str, size: dict[str, int], total_s
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    if candidate == "plain":
+    if model_name == "llama-lora":
+        trainer = build_sft_trainer(candidate, model, dataset, size, common)
+    elif candidate == "plain":
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=dataset)
     elif candidate in ("vmap", "vmap-layer"):
         trainer = (PerSampleGradTrainer if candidate == "vmap" else LayerPerSampleGradTrainer)(
@@ -1061,7 +1125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps per run (default 20; quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps per run (default 3; quick 1)")
     parser.add_argument("--repeats", type=int, default=None, help="round-robin repeats per candidate (default 3; quick 1)")
-    parser.add_argument("--models", default="bert,gpt2", help="comma-separated subset of: " + ",".join(MODELS))
+    parser.add_argument("--models", default="bert,gpt2,llama-lora", help="comma-separated subset of: " + ",".join(MODELS))
     parser.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated subset of: " + ",".join(CANDIDATES))
     parser.add_argument("--quick", action="store_true", help="tiny models and few steps: a smoke run in seconds; writes no file unless --output is given")
     parser.add_argument("--output", default=None, help="Markdown report (default docs/performance.md; none with --quick)")
@@ -1176,7 +1240,8 @@ def main(argv: list[str] | None = None) -> int:
     size_key = "quick" if args.quick else "full"
     sizes = {m: MODELS[m][size_key] for m in args.models_list}
     candidates = {
-        m: [c for c in args.candidates_list if m in ONLY_FOR.get(c, (m,))] for m in args.models_list
+        m: [c for c in args.candidates_list if m in ONLY_FOR.get(c, (m,)) and c in MODELS[m].get("candidates", (c,))]
+        for m in args.models_list
     }
     print(f"# bench_overhead: {args.command}")
     print(f"# {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}, load {os.getloadavg()}", flush=True)
