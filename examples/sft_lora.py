@@ -143,14 +143,14 @@ def lora_student(base, seed: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", default="sft_lora_output")
-    parser.add_argument("--train-pairs", type=int, default=640)
-    parser.add_argument("--trusted-pairs", type=int, default=256)
-    parser.add_argument("--eval-pairs", type=int, default=256)
+    parser.add_argument("--train-pairs", type=int, default=384)
+    parser.add_argument("--trusted-pairs", type=int, default=192)
+    parser.add_argument("--eval-pairs", type=int, default=192)
     parser.add_argument("--noise", type=float, default=0.25)
-    parser.add_argument("--epochs", type=float, default=3)
-    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--pretrain-steps", type=int, default=200)
     parser.add_argument("--pretrain-articles", type=int, default=None, help="default: every article not used below")
-    parser.add_argument("--prompt-words", type=int, default=40)
+    parser.add_argument("--prompt-words", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     output = Path(args.output_dir)
@@ -192,7 +192,7 @@ def main() -> None:
     student = lora_student(base, args.seed)
     reference = build_reference(student, tokenized_pairs(tokenizer, trusted_rows), method="lora",
                                 output_dir=output / "reference", eval_dataset=tokenized_pairs(tokenizer, eval_rows),
-                                epochs=4, learning_rate=3e-3, batch_size=16, seed=args.seed,
+                                epochs=3, learning_rate=3e-3, batch_size=16, seed=args.seed,
                                 data_description=f"{n_trusted} clean BBC headline pairs")
     log(f"    reference eval loss {reference.metadata['eval_loss']}")
 
@@ -201,7 +201,7 @@ def main() -> None:
     common = dict(per_device_train_batch_size=16, num_train_epochs=args.epochs, learning_rate=3e-3,
                   lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=10, save_strategy="no",
                   report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False, seed=args.seed,
-                  disable_tqdm=True, max_length=128)
+                  disable_tqdm=True, max_length=96)
     results = {}
     for name in ("plain", "mimic"):
         log(f"[4/5] fine-tuning the same student on the noisy pairs: {'MimicSFTTrainer' if name == 'mimic' else 'SFTTrainer'}")
