@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import copy
-import json
 import subprocess
 import sys
-import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
