@@ -39,7 +39,7 @@ from .reference import ReferenceSource, read_reference_metadata
 from .scorers import SampleScorer, ScoreContext, check_mode, comparison_gradient, scorer_from_config
 from .scores import STATUS_NONFINITE, STATUS_SCORED
 from .training.audit import FilterAudit
-from .training.batch import Bookkeeping, KeepColumns, check_sample_ids, read_column, with_row_index
+from .training.batch import Bookkeeping, KeepColumns, check_sample_ids, read_column, rows_of, with_row_index
 from .training.capture import BackwardFromLogits, Capture, PendingGrad, scale_per_sample
 from .training.checks import (
     ActivationCheckpointingCheck,
@@ -48,7 +48,7 @@ from .training.checks import (
     check_supported_setup,
     resolve_resume_checkpoint,
 )
-from .training.diagnostics import ReferenceDiagnostics, check_reference_base
+from .training.diagnostics import ReferenceDiagnostics, check_reference_base, monitor_interval
 from .training.guards import NonFiniteStepGuard, row_status
 from .training.metrics_buffer import MetricsBuffer
 from .training.mimic_layers import MimicLayers
@@ -71,12 +71,6 @@ class _StepEnd(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.end_step(state)
-
-
-def _rows_of(inputs: dict[str, Any], positions: torch.Tensor, batch_size: int) -> dict[str, Any]:
-    """The batch restricted to the samples at ``positions`` (every tensor whose first dimension is the batch)."""
-    return {key: value[positions.to(value.device)] if isinstance(value, torch.Tensor) and value.dim() > 0
-            and value.shape[0] == batch_size else value for key, value in inputs.items()}
 
 
 class MimicTrainerMixin:
@@ -162,9 +156,9 @@ class MimicTrainerMixin:
             raise ValueError("`mimic_reweight_scope='layer'` reweights a full batch; `select` mode trains on the selected samples only.")
         self.mimic_bookkeeping = Bookkeeping(args.mimic_clean_column, self.scorer.extra_columns, args.mimic_id_column)
         self.mimic_metrics = MetricsBuffer()
-        self.fallback_count = 0
         self._mimic_batch: tuple[torch.Tensor, dict[str, Any]] | None = None
         self._selections: deque = deque()  # select mode: the step's selection, one entry per micro-batch
+        self._spare_sample: dict[str, Any] | None = None  # one finite sample's inputs, for `_nothing_to_train`
         self._comparison_collator = None
         alignment_possible = adapt_to_fsdp(accelerator, args)
         # FSDP2 and DeepSpeed keep the parameters sharded outside forward, where the recorded uses are re-applied.
@@ -180,7 +174,7 @@ class MimicTrainerMixin:
                 check_adapter_init(metadata, self.mimic_layers.current_tensors(), self.reference_name)
             self.mimic_diagnostics = ReferenceDiagnostics(
                 self.scorer, self.mimic_layers, lambda: self.accelerator.unwrap_model(self.model), self._per_sample_losses,
-                self.mimic_metrics, args.mimic_alignment_check and alignment_possible, self._monitor_interval,
+                self.mimic_metrics, args.mimic_alignment_check and alignment_possible, lambda: monitor_interval(self.args),
             )
         self.step_softmax = StepSoftmax(args.mimic_normalize, accelerator.num_processes, gather_across_ranks(accelerator),
                                         self._accumulated_grads)
@@ -191,7 +185,6 @@ class MimicTrainerMixin:
         self.mimic_audit = FilterAudit(clean_flags, sample_ids, args.mimic_filter_method, args.seed) if clean_flags is not None else None
         self.nonfinite_guard = NonFiniteStepGuard(self.step_softmax.finite_samples, self.model.parameters,
                                                   args.mimic_max_nonfinite_steps)
-        self.nonfinite_samples = self.unlabeled_samples = 0
         for callback in (ActivationCheckpointingCheck(lambda: self.accelerator.unwrap_model(self.model)), self.score_log,
                          self.nonfinite_guard, _StepEnd(self._end_mimic_step)):
             self.add_callback(callback)
@@ -338,6 +331,8 @@ class MimicTrainerMixin:
         coefficients = self.step_softmax.add(step, rows, scores, softmax_logits, losses, status, fallback,
                                              self.current_gradient_accumulation_steps)
         nonfinite = status == STATUS_NONFINITE
+        if self.accelerator.num_processes > 1 and not nonfinite.all():  # for `_nothing_to_train`, later
+            self._spare_sample = rows_of(inputs, (~nonfinite).nonzero().flatten()[:1], len(rows))
         if nonfinite.any():  # those rows must not reach the parameters: train on a forward without them
             del ctx, ghost
             loss = self._loss_without(model, inputs, nonfinite, coefficients, status)
@@ -397,7 +392,7 @@ class MimicTrainerMixin:
             excluded = torch.ones_like(candidates.status, dtype=torch.bool)
             loss = self._loss_without(model, inputs, excluded, coefficients, candidates.status)
             return self._reported(loss, candidates.losses, candidates.status, None, return_outputs)
-        chosen = _rows_of(inputs, selected, len(candidates.rows))
+        chosen = rows_of(inputs, selected, len(candidates.rows))
         chosen_outputs = model(**self._model_inputs(chosen))
         chosen_losses = self._per_sample_losses(chosen_outputs, chosen, chosen.get("labels"))
         loss = (coefficients[selected].detach() * chosen_losses).sum()
@@ -476,8 +471,8 @@ class MimicTrainerMixin:
         reduces each parameter's gradient once per backward, on every process)."""
         kept = (~excluded).nonzero().flatten()
         if len(kept) == 0:
-            return sum((param * 0.0).sum() for param in model.parameters() if param.requires_grad)
-        subset = _rows_of(inputs, kept, len(excluded))
+            return self._nothing_to_train(model, inputs, (status != STATUS_NONFINITE).nonzero().flatten())
+        subset = rows_of(inputs, kept, len(excluded))
         with self.mimic_layers.capture() as capture:
             outputs = model(**self._model_inputs(subset))
         losses = self._per_sample_losses(outputs, subset, subset.get("labels"))
@@ -489,6 +484,23 @@ class MimicTrainerMixin:
             )
         ghost = capture.ghost_batch(losses.sum()) if self.args.mimic_reweight_scope == "layer" else None
         return self._weighted_loss(losses, coefficients[kept], ghost, status[kept])
+
+    def _nothing_to_train(self, model: nn.Module, inputs: dict[str, Any], finite: torch.Tensor) -> torch.Tensor:
+        """A zero loss for a micro-batch with no sample to train on. One process: any zero reaching the parameters.
+        Several: it must come from a forward through the wrapped model, or this process's backward would leave it
+        out of the step's gradient reduction while the others wait for it; so one finite sample (of this batch, else
+        the last one seen here) goes forward with weight 0."""
+        if self.accelerator.num_processes == 1:
+            return sum((param * 0.0).sum() for param in model.parameters() if param.requires_grad)
+        if len(finite):
+            self._spare_sample = rows_of(inputs, finite[:1], len(self._mimic_batch[0]))
+        if self._spare_sample is None:
+            raise RuntimeError(
+                "This process has no finite sample yet (its first micro-batch is all non-finite), so it cannot take part "
+                "in the step's gradient reduction with a zero contribution. Check the data at the start of the stream."
+            )
+        spare = self._spare_sample
+        return self._per_sample_losses(model(**self._model_inputs(spare)), spare, spare.get("labels")).sum() * 0.0
 
     def _reported(self, loss: torch.Tensor, losses: torch.Tensor, status: torch.Tensor, outputs: Any,
                   return_outputs: bool) -> Any:
@@ -524,45 +536,14 @@ class MimicTrainerMixin:
         params = self.mimic_layers.tensors.values() if self.args.mimic_reweight_scope == "layer" else self.model.parameters()
         return [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
 
-    def _monitor_interval(self) -> int:
-        interval = self.args.mimic_monitor_steps
-        if not interval:
-            steps = self.args.logging_steps
-            interval = int(steps) if self.args.logging_strategy == "steps" and steps >= 1 else 50
-        return interval
-
     def _end_mimic_step(self, state: Any) -> None:
         """At ``on_step_end``: the step's final weights into the score log, its metrics, and the scorer's step end."""
         records = self.step_softmax.finish(state.global_step - 1)
         if records is None:
             return
-        self.fallback_count += records.fallback_batches
-        if records.fallback_batches:
-            warnings.warn(
-                f"Step {state.global_step}: {records.fallback_batches} micro-batch(es) had a non-finite mimic score for every sample "
-                "(‖θ_ref − θ‖ = 0: no direction); they used uniform weights.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        nonfinite_rows = records.rows[records.status == STATUS_NONFINITE]
-        if nonfinite_rows.size:
-            ids = nonfinite_rows if self.score_log.sample_ids is None else self.score_log.sample_ids[nonfinite_rows]
-            warnings.warn(
-                f"Step {state.global_step}: {nonfinite_rows.size} sample(s) had a non-finite loss or score and were left "
-                f"out of the update (weight 0, no gradient; flagged in the score log, the filter discards them): ids "
-                f"{[value.item() if hasattr(value, 'item') else value for value in ids[:10]]}"
-                f"{' ...' if ids.size > 10 else ''}.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
         self.score_log.write(records, state.global_step, float(state.epoch or 0.0))
-        self.nonfinite_samples += int(records.metrics.pop("mimic/nonfinite_samples"))
-        self.unlabeled_samples += int(records.metrics.pop("mimic/unlabeled_samples"))
-        self.mimic_metrics.update(records.metrics)
-        self.mimic_metrics.update(self.scorer.step_metrics())
-        self.mimic_metrics.update({"mimic/fallback_count": self.fallback_count,
-                                   "mimic/nonfinite_samples": self.nonfinite_samples,
-                                   "mimic/unlabeled_samples": self.unlabeled_samples})
+        self.mimic_metrics.update(self.nonfinite_guard.count(records, self.score_log.sample_ids, state.global_step))
+        self.mimic_metrics.update({**records.metrics, **self.scorer.step_metrics()})
         self.scorer.end_step()
 
 

@@ -73,7 +73,7 @@ def test_a_nan_sample_gets_weight_zero_and_no_gradient(tmp_path, scope, accumula
     assert table.loc[3, "status"] == STATUS_NONFINITE and table.loc[3, "weight"] == 0
     assert (table.drop(index=3).status == STATUS_SCORED).all()
     np.testing.assert_allclose(table.loc[good, "weight"].values, weights.numpy(), rtol=1e-4)
-    assert trainer.nonfinite_samples == 1
+    assert trainer.nonfinite_guard.nonfinite_samples == 1
     logged = [entry for entry in trainer.state.log_history if "mimic/nonfinite_samples" in entry]
     assert logged[-1]["mimic/nonfinite_samples"] == 1
     assert np.isfinite(logged[-1]["loss"])  # the finite samples' mean, not 0 and not NaN
@@ -167,7 +167,7 @@ def test_rows_without_a_supervised_label_get_weight_zero(tmp_path):
     assert list(table.loc[[2, 5], "status"]) == [STATUS_UNLABELED, STATUS_UNLABELED]
     assert list(table.loc[[2, 5], "weight"]) == [0.0, 0.0]
     np.testing.assert_allclose(table.loc[labelled, "weight"].values, expected, rtol=1e-4)
-    assert trainer.unlabeled_samples == 2
+    assert trainer.nonfinite_guard.unlabeled_samples == 2
 
 
 # ---------------------------------------------------------------- sample ids and columns

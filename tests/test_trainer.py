@@ -230,7 +230,7 @@ def test_zero_direction_falls_back_to_uniform_weights(tmp_path):
         trainer.train()
     table = load_scores(tmp_path).to_pandas()
     np.testing.assert_allclose(table.weight.values, 1 / 16, rtol=1e-6)
-    assert trainer.fallback_count == 1
+    assert trainer.nonfinite_guard.fallback_count == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

@@ -141,3 +141,9 @@ class KeepColumns:
         for column in kept:
             batch[column] = torch.stack([torch.as_tensor(example[column]) for example in examples])
         return batch
+
+
+def rows_of(inputs: dict[str, Any], positions: torch.Tensor, batch_size: int) -> dict[str, Any]:
+    """The batch restricted to the samples at ``positions`` (every tensor whose first dimension is the batch)."""
+    return {key: value[positions.to(value.device)] if isinstance(value, torch.Tensor) and value.dim() > 0
+            and value.shape[0] == batch_size else value for key, value in inputs.items()}

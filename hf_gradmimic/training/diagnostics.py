@@ -34,6 +34,15 @@ MONITOR_CHUNK_LOGITS = 1 << 22
 PerSampleLosses = Callable[[Any, dict[str, Any], Any], torch.Tensor]
 
 
+def monitor_interval(args: Any) -> int:
+    """The running monitor's interval in optimizer steps: ``mimic_monitor_steps``, else the logging interval (50
+    when logging is not by steps)."""
+    if args.mimic_monitor_steps:
+        return args.mimic_monitor_steps
+    steps = args.logging_steps
+    return int(steps) if args.logging_strategy == "steps" and steps >= 1 else 50
+
+
 def check_reference_base(source: Any, student_config: Any, *, revision: str | None, token: Any, reference_name: str) -> None:
     """Warn when the reference was built from another checkpoint than the student's (`build_reference` metadata)."""
     if not isinstance(source, (str, os.PathLike)):

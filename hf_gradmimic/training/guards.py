@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import TrainerCallback
 
@@ -42,8 +43,8 @@ def row_status(losses: torch.Tensor, scores: torch.Tensor, supervised: torch.Ten
 
 
 class NonFiniteStepGuard(TrainerCallback):
-    """Skips the optimizer update of a step in which no sample of any process was finite, and stops training after
-    ``max_steps`` such steps in a row.
+    """Skips the optimizer update of a step in which no sample of any process was finite, stops training after
+    ``max_steps`` such steps in a row, and counts and names the samples left out (`count`).
 
     Args:
         finite_samples: the number of finite samples of the current step, over every process.
@@ -57,6 +58,34 @@ class NonFiniteStepGuard(TrainerCallback):
         self.max_steps = max_steps
         self.in_a_row = 0
         self.skipped = 0
+        self.fallback_count = self.nonfinite_samples = self.unlabeled_samples = 0
+
+    def count(self, records: Any, sample_ids: np.ndarray | None, global_step: int) -> dict[str, float]:
+        """Counts a finished step's left-out samples, warns naming them, and returns the running counts to log."""
+        self.fallback_count += records.fallback_batches
+        if records.fallback_batches:
+            warnings.warn(
+                f"Step {global_step}: {records.fallback_batches} micro-batch(es) had a non-finite mimic score for every "
+                "sample (‖θ_ref − θ‖ = 0: no direction); they used uniform weights.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        nonfinite = records.rows[records.status == STATUS_NONFINITE]
+        if nonfinite.size:
+            ids = nonfinite if sample_ids is None else sample_ids[nonfinite]
+            shown = [value.item() if hasattr(value, "item") else value for value in ids[:10]]
+            warnings.warn(
+                f"Step {global_step}: {nonfinite.size} sample(s) had a non-finite loss or score and were left out of the "
+                f"update (weight 0, no gradient; flagged in the score log, the filter discards them): ids "
+                f"{shown}{' ...' if ids.size > 10 else ''}.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        # Every process's samples of the step (the statuses travel in the step softmax's collective).
+        self.nonfinite_samples += records.nonfinite_in_step
+        self.unlabeled_samples += records.unlabeled_in_step
+        return {"mimic/fallback_count": self.fallback_count, "mimic/nonfinite_samples": self.nonfinite_samples,
+                "mimic/unlabeled_samples": self.unlabeled_samples}
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         finite = self.finite_samples()

@@ -66,6 +66,8 @@ class StepRecords:
     fallback_batches: int
     all_rows: list[np.ndarray]
     micro_batch_rows: list[np.ndarray]
+    nonfinite_in_step: int = 0  # every process's samples
+    unlabeled_in_step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -169,8 +171,6 @@ class StepSoftmax:
             "mimic/frac_positive": float((finite > 0).mean()) if finite.size else float("nan"),
             "mimic/ess_fraction": ess_fraction,
             "mimic/weighted_loss": weighted_loss,
-            "mimic/nonfinite_samples": float((step_status == STATUS_NONFINITE).sum()),
-            "mimic/unlabeled_samples": float((step_status == STATUS_UNLABELED).sum()),
         }
         return StepRecords(
             global_step=global_step,
@@ -183,6 +183,8 @@ class StepSoftmax:
             fallback_batches=int(torch.stack([m.fallback for m in micro_batches]).sum().item()),
             all_rows=[m.all_rows.cpu().numpy() for m in micro_batches],
             micro_batch_rows=[m.rows.numpy() for m in micro_batches],
+            nonfinite_in_step=int((step_status == STATUS_NONFINITE).sum()),
+            unlabeled_in_step=int((step_status == STATUS_UNLABELED).sum()),
             metrics=metrics,
         )
 
