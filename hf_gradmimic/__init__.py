@@ -27,6 +27,8 @@ _EXPORTS = {
     "push_scored_dataset": "hf_gradmimic.hub",
     "load_filter_metric": "hf_gradmimic.metrics",
     "build_reference": "hf_gradmimic.recipes",
+    "batch_coupled": "hf_gradmimic.contrastive",
+    "ContrastiveLoss": "hf_gradmimic.contrastive",
 }
 # Names that need an optional extra (`pip install 'hf-gradmimic[trl]'`): importing them without it says so.
 _OPTIONAL_EXPORTS = {
@@ -38,6 +40,7 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import MimicConfig
+    from .contrastive import ContrastiveLoss, batch_coupled
     from .filter import MimicFilter, build_filter, estimate_quality
     from .hub import push_scored_dataset
     from .metrics import load_filter_metric

@@ -31,6 +31,7 @@ from transformers.utils import logging
 
 from .cards import render_model_card
 from .config import MimicConfig
+from .contrastive import contrastive_loss_for, is_batch_coupled
 from .fileio import atomic_write
 from .losses import PerSampleLossFn, logits_of, per_sample_loss, supervised_counts
 from .lora import lora_layers
@@ -48,6 +49,7 @@ from .training.checks import (
     check_supported_setup,
     resolve_resume_checkpoint,
 )
+from .training.coupled import CoupledGhost, check_coupled_setup, check_samples_independent
 from .training.diagnostics import ReferenceDiagnostics, check_reference_base
 from .training.guards import NonFiniteStepGuard, row_status
 from .training.metrics_buffer import MetricsBuffer
@@ -102,7 +104,9 @@ class MimicTrainerMixin:
             (`PreTrainedModel` or any `nn.Module`), a ``{name: tensor}`` dict, a path or a repo id.
             For ``rho_loss`` it is the irreducible-loss model.
         per_sample_loss_fn: ``(outputs, inputs) -> Tensor[B]``, for tasks the built-in losses do not
-            cover. ``inputs`` still holds the labels.
+            cover. ``inputs`` still holds the labels. Mark a loss whose terms depend on the whole batch (in-batch
+            negatives) with `hf_gradmimic.batch_coupled`; image–text dual encoders (CLIP, SigLIP) get theirs by
+            themselves (`hf_gradmimic.contrastive`).
         scorer: a ready `hf_gradmimic.scorers.SampleScorer`, instead of the one ``mimic_scorer`` names.
         zero_shot: for the ``bayesian`` scorer, ``model_inputs -> log-probabilities [B, C]`` (see
             `hf_gradmimic.zero_shot`), unless ``mimic_zero_shot_column`` holds precomputed logits.
@@ -150,13 +154,18 @@ class MimicTrainerMixin:
         check_supported_setup(accelerator, args, self.model)
         check_launch(accelerator)
         unwrapped = accelerator.unwrap_model(self.model)
-        self.per_sample_loss_fn = per_sample_loss_fn
+        # An image–text dual encoder gets its contrastive per-sample loss (hf_gradmimic.contrastive) by itself.
+        self.per_sample_loss_fn = per_sample_loss_fn if per_sample_loss_fn is not None else contrastive_loss_for(unwrapped)
+        self.batch_coupled = is_batch_coupled(self.per_sample_loss_fn)
+        self._independence_unchecked = per_sample_loss_fn is not None and not self.batch_coupled
         self.mimic_layers = MimicLayers(unwrapped, args.mimic_layer_map)
         self.scorer = scorer if scorer is not None else scorer_from_config(
             args, reference=reference, zero_shot=zero_shot, layers=self.mimic_layers,
             num_train_samples=len(self.train_dataset), model=unwrapped,
         )
         self.mode = args.mimic_mode or self.scorer.default_mode
+        if self.batch_coupled:
+            check_coupled_setup(self.scorer, args, accelerator)
         check_mode(self.scorer, self.mode)
         if self.mode == "select" and args.mimic_reweight_scope == "layer":
             raise ValueError("`mimic_reweight_scope='layer'` reweights a full batch; `select` mode trains on the selected samples only.")
@@ -328,7 +337,7 @@ class MimicTrainerMixin:
             prediction_grad = torch.autograd.grad(losses.sum(), edge)[0]
             ghost = capture.ghost_batch(edge, root_grad=prediction_grad) if needs_ghost else None
         else:
-            ghost = capture.ghost_batch(losses.sum()) if needs_ghost else None
+            ghost = self._ghost(capture, losses) if needs_ghost else None
         ctx = self._score_context(capture, ghost, losses, ctx_logits, labels, model_inputs, extras)
         scores = self.scorer.score(ctx).float()
         status = row_status(losses.detach(), scores, supervised)
@@ -375,7 +384,7 @@ class MimicTrainerMixin:
             with self.mimic_layers.capture() as capture:
                 outputs = self.model_wrapped(**model_inputs)
             losses = self._per_sample_losses(outputs, inputs, labels)
-            ghost = capture.ghost_batch(losses.sum(), retain_graph=False) if needs_ghost else None
+            ghost = self._ghost(capture, losses, retain_graph=False) if needs_ghost else None
             logits = logits_of(outputs).detach() if "logits" in self.scorer.requires else None
             ctx = self._score_context(capture, ghost, losses, logits, labels, model_inputs, extras,
                                       torch.as_tensor(rows).cpu())
@@ -402,6 +411,17 @@ class MimicTrainerMixin:
         chosen_losses = self._per_sample_losses(chosen_outputs, chosen, chosen.get("labels"))
         loss = (coefficients[selected].detach() * chosen_losses).sum()
         return self._reported(loss, chosen_losses, candidates.status[selected], chosen_outputs, return_outputs)
+
+    def _ghost(self, capture: Capture, losses: torch.Tensor, retain_graph: bool = True) -> Any:
+        """What the ghost scorers read of the batch's gradients at the mimic layers: the ghost maths for independent
+        samples; directional derivatives under a batch-coupled loss (`training.coupled`), where row i of ∂Σℓ/∂z
+        is not ∂ℓ_i/∂z_i. A user loss not marked coupled is checked once for coupling."""
+        if self.batch_coupled:
+            return CoupledGhost(capture, losses)
+        if self._independence_unchecked:
+            self._independence_unchecked = False
+            check_samples_independent(capture, losses)
+        return capture.ghost_batch(losses.sum(), retain_graph=retain_graph)
 
     def _model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """What the model's forward gets: the batch without the labels (their loss is ours), unless a user loss

@@ -4,6 +4,7 @@
 - `checks`: the set-ups refused, and resuming from complete checkpoints only;
 - `mimic_layers`: the mimic layers, their tensors and every module using them;
 - `capture`: forward hooks and the backward started at the logits;
+- `coupled`: scores under a batch-coupled (contrastive) loss, by directional derivatives;
 - `step_softmax`: the online softmax over an optimizer step, across micro-batches and processes;
 - `score_log`: the score-log callback and the repeated-row flags;
 - `diagnostics`: the base-checkpoint check, the alignment check and the running monitor;
