@@ -55,6 +55,7 @@ from .training.guards import NonFiniteStepGuard, row_status
 from .training.metrics_buffer import MetricsBuffer
 from .training.mimic_layers import MimicLayers
 from .training.score_log import ScoreLog, run_provenance
+from .training.streaming import StreamIds, is_stream, keyed_stream, stream_position
 from .training.selection import Candidates, observe_step, select_over_step
 from .training.step_softmax import StepSoftmax, gather_across_ranks
 from .training.use_backward import only_mimic_tensors_train, uses_weighted_loss
@@ -135,15 +136,22 @@ class MimicTrainerMixin:
             )
         if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
             raise ValueError(f"{type(self).__name__}: train_dataset is empty (0 rows): there is nothing to train on or score.")
+        streaming = is_stream(train_dataset)
+        if streaming and config.mimic_clean_column:
+            raise ValueError(
+                "`mimic_clean_column` is read from train_dataset before training, which a stream (iterable dataset) "
+                "cannot do; audit a map-style dataset, or build the filter after training and compare it yourself."
+            )
         sample_ids = None
-        if config.mimic_id_column:
+        if config.mimic_id_column and not streaming:  # a stream's ids arrive with its examples (training.streaming)
             sample_ids = check_sample_ids(read_column(train_dataset, config.mimic_id_column), config.mimic_id_column,
                                           train_dataset)
         clean_flags = read_column(train_dataset, config.mimic_clean_column) if config.mimic_clean_column else None
         if clean_flags is not None and hasattr(train_dataset, "remove_columns"):  # ground truth never reaches the model
             train_dataset = train_dataset.remove_columns([config.mimic_clean_column])
         given_train_dataset = train_dataset
-        bound.arguments["train_dataset"] = with_row_index(train_dataset)
+        bound.arguments["train_dataset"] = (keyed_stream(train_dataset, config.mimic_id_column) if streaming
+                                            else with_row_index(train_dataset))
         super().__init__(*bound.args, **bound.kwargs)
         self._setup_mimic(reference, per_sample_loss_fn, scorer, zero_shot, sample_ids, clean_flags, given_train_dataset)
 
@@ -154,6 +162,8 @@ class MimicTrainerMixin:
         check_supported_setup(accelerator, args, self.model)
         check_launch(accelerator)
         unwrapped = accelerator.unwrap_model(self.model)
+        streaming = is_stream(self.train_dataset)
+        dataset_size = None if streaming else len(self.train_dataset)
         # An image–text dual encoder gets its contrastive per-sample loss (hf_gradmimic.contrastive) by itself.
         self.per_sample_loss_fn = per_sample_loss_fn if per_sample_loss_fn is not None else contrastive_loss_for(unwrapped)
         self.batch_coupled = is_batch_coupled(self.per_sample_loss_fn)
@@ -161,7 +171,7 @@ class MimicTrainerMixin:
         self.mimic_layers = MimicLayers(unwrapped, args.mimic_layer_map)
         self.scorer = scorer if scorer is not None else scorer_from_config(
             args, reference=reference, zero_shot=zero_shot, layers=self.mimic_layers,
-            num_train_samples=len(self.train_dataset), model=unwrapped,
+            num_train_samples=dataset_size, model=unwrapped,
         )
         self.mode = args.mimic_mode or self.scorer.default_mode
         if self.batch_coupled:
@@ -169,7 +179,9 @@ class MimicTrainerMixin:
         check_mode(self.scorer, self.mode)
         if self.mode == "select" and args.mimic_reweight_scope == "layer":
             raise ValueError("`mimic_reweight_scope='layer'` reweights a full batch; `select` mode trains on the selected samples only.")
-        self.mimic_bookkeeping = Bookkeeping(args.mimic_clean_column, self.scorer.extra_columns, args.mimic_id_column)
+        stream_ids = StreamIds() if streaming else None  # a stream's samples are named by their ids' keys
+        self.mimic_bookkeeping = Bookkeeping(args.mimic_clean_column, self.scorer.extra_columns, args.mimic_id_column,
+                                             stream_ids)
         self.mimic_metrics = MetricsBuffer()
         self.fallback_count = 0
         self._mimic_batch: tuple[torch.Tensor, dict[str, Any]] | None = None
@@ -194,7 +206,7 @@ class MimicTrainerMixin:
         self.step_softmax = StepSoftmax(args.mimic_normalize, accelerator.num_processes, gather_across_ranks(accelerator),
                                         self._accumulated_grads)
         self.score_log = ScoreLog(args.output_dir, accelerator.process_index, accelerator.num_processes,
-                                  len(self.train_dataset), sample_ids, args.mimic_record_scores,
+                                  dataset_size, stream_ids if streaming else sample_ids, args.mimic_record_scores,
                                   accelerator.wait_for_everyone,
                                   run_provenance(args, self.scorer, self.mode, unwrapped, given_train_dataset))
         self.mimic_audit = FilterAudit(clean_flags, sample_ids, args.mimic_filter_method, args.seed) if clean_flags is not None else None
@@ -233,6 +245,16 @@ class MimicTrainerMixin:
                 self.scorer.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def _init_training_state(self, max_steps: int, num_update_steps_per_epoch: int, num_train_epochs: int,
+                             resume_from_checkpoint: Any, trial: Any) -> tuple[int, int]:
+        # A stream resumed after a full pass over it: Trainer would skip batches of the first pass; continue the
+        # pass the checkpoint was in instead (training.streaming.stream_position).
+        position = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
+                                                resume_from_checkpoint, trial)
+        if resume_from_checkpoint is not None and is_stream(self.train_dataset) and not self.args.ignore_data_skip:
+            return stream_position(self.state.epoch or 0.0, max_steps * self.args.gradient_accumulation_steps)
+        return position
+
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         # The shards on disk must hold exactly the steps this checkpoint has taken, and the scorer's state is
         # written before Trainer writes trainer_state.json, the mark of a complete checkpoint.
@@ -247,9 +269,10 @@ class MimicTrainerMixin:
         """Takes the sample rows (and the scorer's columns) off the batch, then runs the base `training_step`."""
         rows, extras = self.mimic_bookkeeping.pop(inputs)
         if rows is None:
+            key = self.mimic_bookkeeping.kept_columns[0]
             raise KeyError(
-                "The training batch has no `mimic_row_index`: a custom data collator dropped it. Keep that key "
-                "(an integer per example) in the collated batch."
+                f"The training batch has no `{key}`: a custom data collator dropped it. Keep that key (one value per "
+                "example) in the collated batch."
             )
         self._mimic_batch = (torch.as_tensor(rows).cpu(), extras)
         try:
@@ -527,6 +550,9 @@ class MimicTrainerMixin:
 
     def _comparison_gradient(self) -> dict[str, torch.Tensor]:
         """AGRA's comparison: the mean gradient (mimic tensors) of a batch drawn at random from the training set."""
+        if is_stream(self.train_dataset):
+            raise ValueError("AGRA's comparison batch is drawn at random from the training set, which a stream "
+                             "(iterable dataset) cannot do; use another scorer, or a map-style dataset.")
         if self._comparison_collator is None:
             self._comparison_collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
         generator = torch.Generator().manual_seed(self.args.seed + self.state.global_step)
