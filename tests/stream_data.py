@@ -23,12 +23,17 @@ def mlp_rows(n: int, ids: str = "int") -> list[dict]:
     return [{"x": data[i]["x"], "labels": data[i]["labels"], "id": make_id(i)} for i in range(n)]
 
 
-def mlp_stream(n: int = 64, ids: str = "int", shards: int = 1):
-    """The MLP data as a `datasets.IterableDataset` (in row order, ``shards`` shards), torch-formatted."""
-    data = mlp_dataset(n=n).with_format(None)
+def as_stream(data, ids: str = "str", shards: int = 1):
+    """A map-style `datasets.Dataset` as a `datasets.IterableDataset` in row order (``shards`` shards, torch-formatted)
+    with an ``id`` column (``ids``: "int" or "str")."""
     make_id = string_id if ids == "str" else int_id
-    data = data.add_column("id", [make_id(i) for i in range(n)])
+    data = data.with_format(None).add_column("id", [make_id(i) for i in range(len(data))])
     return data.to_iterable_dataset(num_shards=shards).with_format("torch")
+
+
+def mlp_stream(n: int = 64, ids: str = "int", shards: int = 1):
+    """The MLP data as a stream (`as_stream`)."""
+    return as_stream(mlp_dataset(n=n), ids, shards)
 
 
 class TorchStream(torch.utils.data.IterableDataset):
