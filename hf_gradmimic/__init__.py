@@ -29,6 +29,8 @@ _EXPORTS = {
     "build_reference": "hf_gradmimic.recipes",
     "batch_coupled": "hf_gradmimic.contrastive",
     "ContrastiveLoss": "hf_gradmimic.contrastive",
+    "clip_scores": "hf_gradmimic.clip_filter",
+    "clip_score_filter": "hf_gradmimic.clip_filter",
 }
 # Names that need an optional extra (`pip install 'hf-gradmimic[trl]'`): importing them without it says so.
 _OPTIONAL_EXPORTS = {
@@ -39,6 +41,7 @@ _OPTIONAL_EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .clip_filter import clip_score_filter, clip_scores
     from .config import MimicConfig
     from .contrastive import ContrastiveLoss, batch_coupled
     from .filter import MimicFilter, build_filter, estimate_quality
