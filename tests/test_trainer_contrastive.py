@@ -166,3 +166,23 @@ def test_a_fused_attention_kernel_after_the_mimic_layer_gets_advice(tmp_path):
                            reference=perturbed_reference(model, layer_tensors(model, layers)))
     with pytest.raises(RuntimeError, match="attn_implementation=\"eager\""):
         trainer.train()
+
+
+def test_a_pair_with_a_nan_image_is_left_out_and_the_others_train(tmp_path):
+    """One NaN image in a CLIP batch: that pair gets weight 0 and the non-finite status, the other pairs keep finite
+    terms (it is no one's negative), and every parameter stays finite."""
+    import datasets
+
+    model = tiny_clip()
+    rows = pair_dataset(N).with_format(None)[:]
+    rows["pixel_values"][5] = (np.full_like(np.asarray(rows["pixel_values"][5]), np.nan)).tolist()
+    data = datasets.Dataset.from_dict(rows).with_format("torch")
+    layers = CLIP_LAYERS["both"]
+    with pytest.warns(RuntimeWarning, match=r"non-finite loss or score.*ids \[5\]"):
+        MimicTrainer(model=model, args=config(tmp_path, mimic_layers=layers), train_dataset=data,
+                     reference=perturbed_reference(model, layer_tensors(model, layers))).train()
+    records = load_scores(tmp_path).to_pandas().set_index("sample_id")
+    assert records.loc[5, "status"] == 1 and records.loc[5, "weight"] == 0
+    others = records.drop(index=5)
+    assert np.isfinite(others.loss).all() and np.isfinite(others.mimic_score).all() and (others.status == 0).all()
+    assert all(torch.isfinite(param).all() for param in model.parameters())
