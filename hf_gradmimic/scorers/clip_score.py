@@ -94,5 +94,9 @@ class ClipScoreScorer(SampleScorer):
             reference.to(device)
         return clip_score_of(reference, inputs)
 
+    def describe(self) -> dict[str, Any]:
+        """The reference model, for the score log's provenance and the cards."""
+        return {"reference": {"source": self.reference_name}}
+
     def __repr__(self) -> str:
         return f"ClipScoreScorer(reference={self.reference_name!r})"
