@@ -4,6 +4,7 @@ collators, dataloader workers and a SIGKILL followed by a resume."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 from pathlib import Path
@@ -80,6 +81,8 @@ def test_the_row_index_advice_works_and_a_stream_without_ids_is_refused(tmp_path
     MimicTrainer(model=model, args=config(tmp_path / "rows", mimic_id_column=None, max_steps=2),
                  train_dataset=stream, reference=reference_for(model)).train()
     assert sorted(records(tmp_path / "rows").sample_id) == list(range(500, 516))
+    provenance = json.loads((tmp_path / "rows" / "mimic_scores" / "provenance.json").read_text())
+    assert provenance["sample_ids"]["column"] == "mimic_row_index"
     with pytest.raises(ValueError, match=r"no row index to record scores by.*`mimic_id_column`.*mimic_row_index"):
         MimicTrainer(model=model, args=config(tmp_path / "none", mimic_id_column=None), train_dataset=mlp_stream(16),
                      reference=reference_for(model))

@@ -24,7 +24,9 @@ from transformers.utils import logging
 
 from ..filter.matching import row_signature
 from ..scores import ScoreWriter, read_score_table, write_provenance
+from .batch import ROW_INDEX_KEY
 from .step_softmax import StepRecords
+from .streaming import is_stream
 
 logger = logging.get_logger(__name__)
 
@@ -121,7 +123,8 @@ def run_provenance(args: Any, scorer: Any, mode: str, model: Any, train_dataset:
             "revision": getattr(config, "_commit_hash", None),
         },
         "sample_ids": {
-            "column": args.mimic_id_column,
+            # A stream without mimic_id_column is recorded by the mimic_row_index its examples carry.
+            "column": args.mimic_id_column or (ROW_INDEX_KEY if is_stream(train_dataset) else None),
             "train_rows": len(train_dataset) if hasattr(train_dataset, "__len__") else None,
             "train_fingerprint": getattr(train_dataset, "_fingerprint", None),
             "train_signature": None if args.mimic_id_column else row_signature(train_dataset),
