@@ -188,8 +188,10 @@ class MimicTrainerMixin:
         self._selections: deque = deque()  # select mode: the step's selection, one entry per micro-batch
         self._comparison_collator = None
         alignment_possible = adapt_to_fsdp(accelerator, args)
-        # FSDP2 and DeepSpeed keep the parameters sharded outside forward, where the recorded uses are re-applied.
-        self._uses_backward_possible = accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        # FSDP2 and DeepSpeed keep the parameters sharded outside forward, where the recorded uses are re-applied; a
+        # batch-coupled loss mixes every sample into each row of δ, which the uses backward weights row by row.
+        self._uses_backward_possible = (accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+                                        and not self.batch_coupled)
         self.reference_name = getattr(self.scorer, "reference_name", None)
         self.mimic_diagnostics = None
         if self.scorer.monitors_reference:
@@ -347,7 +349,7 @@ class MimicTrainerMixin:
         from_uses = needs_ghost and self._uses_backward_possible and only_mimic_tensors_train(
             self.accelerator.unwrap_model(self.model), self.mimic_layers.tensors.values())
         if from_uses:
-            ghost = capture.ghost_batch(losses.sum(), retain_graph=False)
+            ghost = self._ghost(capture, losses, retain_graph=False)
             if not return_outputs:
                 outputs = logits = None
         elif from_logits:

@@ -43,7 +43,7 @@ def oracle(model, dataset, loss_fn, reference: dict[str, torch.Tensor]):
     ``model`` is a copy, left as it was; ``loss_fn`` None means the model's contrastive loss."""
     loss_fn = loss_fn or contrastive_loss_for(model)
     batch = {key: torch.as_tensor(np.asarray(dataset[key])) for key in dataset.column_names if key != "uid"}
-    params = dict(model.named_parameters())
+    params = {name: param for name, param in model.named_parameters() if param.requires_grad}
     losses = loss_fn(model(**batch), batch)
     direction = {name: reference[name] - params[name].detach() for name in reference}
     norm = torch.sqrt(sum(v.square().sum() for v in direction.values()))
@@ -186,3 +186,37 @@ def test_a_pair_with_a_nan_image_is_left_out_and_the_others_train(tmp_path):
     others = records.drop(index=5)
     assert np.isfinite(others.loss).all() and np.isfinite(others.mimic_score).all() and (others.status == 0).all()
     assert all(torch.isfinite(param).all() for param in model.parameters())
+
+
+def test_when_only_the_mimic_layers_train_the_update_is_still_the_coupled_one(tmp_path):
+    """Frozen towers with trainable mimic layers (LiT-style): the one-backward-through-the-uses shortcut weighs each
+    row of δ by its own sample, which a contrastive loss breaks; the update must stay θ − lr Σ_i w_i ∇ℓ_i."""
+    model = tiny_clip()
+    layers = CLIP_LAYERS["both"]
+    names = layer_tensors(model, layers)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in names)
+    data = pair_dataset(N)
+    reference = perturbed_reference(model, names, scale=0.5)
+    start = copy.deepcopy(model)
+    expected_scores, grads = oracle(copy.deepcopy(model), data, None, reference)
+    MimicTrainer(model=model, args=config(tmp_path, mimic_layers=layers), train_dataset=data, reference=reference).train()
+    records = load_scores(tmp_path).to_pandas().sort_values("sample_id")
+    np.testing.assert_allclose(records.mimic_score.values, expected_scores, rtol=1e-4, atol=1e-5)
+    assert_update(start, model, grads, records.weight.values)
+
+
+def test_an_unmarked_coupled_loss_is_refused_also_when_only_the_mimic_layers_train(tmp_path):
+    model = tiny_clip()
+    layers = CLIP_LAYERS["vision"]
+    names = layer_tensors(model, layers)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in names)
+
+    def loss_fn(outputs, inputs):
+        return in_batch_negatives_loss(outputs.text_embeds, outputs.image_embeds)
+
+    trainer = MimicTrainer(model=model, args=config(tmp_path, mimic_layers=layers), train_dataset=pair_dataset(N),
+                           reference=perturbed_reference(model, names), per_sample_loss_fn=loss_fn)
+    with pytest.raises(ValueError, match="couples the samples"):
+        trainer.train()
