@@ -27,6 +27,10 @@ _EXPORTS = {
     "push_scored_dataset": "hf_gradmimic.hub",
     "load_filter_metric": "hf_gradmimic.metrics",
     "build_reference": "hf_gradmimic.recipes",
+    "batch_coupled": "hf_gradmimic.contrastive",
+    "ContrastiveLoss": "hf_gradmimic.contrastive",
+    "clip_scores": "hf_gradmimic.clip_filter",
+    "clip_score_filter": "hf_gradmimic.clip_filter",
 }
 # Names that need an optional extra (`pip install 'hf-gradmimic[trl]'`): importing them without it says so.
 _OPTIONAL_EXPORTS = {
@@ -37,7 +41,9 @@ _OPTIONAL_EXPORTS = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .clip_filter import clip_score_filter, clip_scores
     from .config import MimicConfig
+    from .contrastive import ContrastiveLoss, batch_coupled
     from .filter import MimicFilter, build_filter, estimate_quality
     from .hub import push_scored_dataset
     from .metrics import load_filter_metric

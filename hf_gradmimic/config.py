@@ -201,7 +201,8 @@ class MimicArguments:
         metadata={
             "help": "Sample-utility score: `mimic` (Grad-Mimic), `grand` (gradient norm, Paul et al. 2021), `agra` "
             "(gradient cosine with a comparison batch, Sedova et al. 2023), `rho_loss` (reducible loss, Mindermann "
-            "et al. 2022), `bayesian` (Deng et al. 2023).",
+            "et al. 2022), `bayesian` (Deng et al. 2023), `clip_score` (a reference image–text model's image–caption "
+            "cosine, DataComp's CLIP-score filtering; `mimic_reference` is that model).",
             "choices": list(SCORER_CHOICES),
         },
     )
@@ -210,7 +211,7 @@ class MimicArguments:
         metadata={
             "help": "`reweight`: weights softmax(score/τ) over the batch. `select`: keep the top `mimic_select_ratio` "
             "of each (candidate) batch for the backward, as RHO-LOSS and Bayesian selection do. Default: the "
-            "scorer's own (reweight for mimic and agra, select for grand, rho_loss and bayesian).",
+            "scorer's own (reweight for mimic and agra, select for grand, rho_loss, bayesian and clip_score).",
             "choices": list(MODE_CHOICES),
         },
     )

@@ -31,6 +31,7 @@ from transformers.utils import logging
 
 from .cards import render_model_card
 from .config import MimicConfig
+from .contrastive import contrastive_loss_for, is_batch_coupled
 from .fileio import atomic_write
 from .losses import PerSampleLossFn, logits_of, per_sample_loss, supervised_counts
 from .lora import lora_layers
@@ -48,11 +49,13 @@ from .training.checks import (
     check_supported_setup,
     resolve_resume_checkpoint,
 )
+from .training.coupled import CoupledGhost, check_coupled_setup, check_samples_independent
 from .training.diagnostics import ReferenceDiagnostics, check_reference_base, monitor_interval
 from .training.guards import NonFiniteStepGuard, row_status
 from .training.metrics_buffer import MetricsBuffer
 from .training.mimic_layers import MimicLayers
 from .training.score_log import ScoreLog, run_provenance
+from .training.streaming import StreamIds, is_stream, keyed_stream, stream_position
 from .training.selection import Candidates, observe_step, select_over_step
 from .training.step_softmax import StepSoftmax, gather_across_ranks
 from .training.use_backward import only_mimic_tensors_train, uses_weighted_loss
@@ -96,7 +99,9 @@ class MimicTrainerMixin:
             (`PreTrainedModel` or any `nn.Module`), a ``{name: tensor}`` dict, a path or a repo id.
             For ``rho_loss`` it is the irreducible-loss model.
         per_sample_loss_fn: ``(outputs, inputs) -> Tensor[B]``, for tasks the built-in losses do not
-            cover. ``inputs`` still holds the labels.
+            cover. ``inputs`` still holds the labels. Mark a loss whose terms depend on the whole batch (in-batch
+            negatives) with `hf_gradmimic.batch_coupled`; image–text dual encoders (CLIP, SigLIP) get theirs by
+            themselves (`hf_gradmimic.contrastive`).
         scorer: a ready `hf_gradmimic.scorers.SampleScorer`, instead of the one ``mimic_scorer`` names.
         zero_shot: for the ``bayesian`` scorer, ``model_inputs -> log-probabilities [B, C]`` (see
             `hf_gradmimic.zero_shot`), unless ``mimic_zero_shot_column`` holds precomputed logits.
@@ -125,15 +130,22 @@ class MimicTrainerMixin:
             )
         if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
             raise ValueError(f"{type(self).__name__}: train_dataset is empty (0 rows): there is nothing to train on or score.")
+        streaming = is_stream(train_dataset)
+        if streaming and config.mimic_clean_column:
+            raise ValueError(
+                "`mimic_clean_column` is read from train_dataset before training, which a stream (iterable dataset) "
+                "cannot do; audit a map-style dataset, or build the filter after training and compare it yourself."
+            )
         sample_ids = None
-        if config.mimic_id_column:
+        if config.mimic_id_column and not streaming:  # a stream's ids arrive with its examples (training.streaming)
             sample_ids = check_sample_ids(read_column(train_dataset, config.mimic_id_column), config.mimic_id_column,
                                           train_dataset)
         clean_flags = read_column(train_dataset, config.mimic_clean_column) if config.mimic_clean_column else None
         if clean_flags is not None and hasattr(train_dataset, "remove_columns"):  # ground truth never reaches the model
             train_dataset = train_dataset.remove_columns([config.mimic_clean_column])
         given_train_dataset = train_dataset
-        bound.arguments["train_dataset"] = with_row_index(train_dataset)
+        bound.arguments["train_dataset"] = (keyed_stream(train_dataset, config.mimic_id_column) if streaming
+                                            else with_row_index(train_dataset))
         super().__init__(*bound.args, **bound.kwargs)
         self._setup_mimic(reference, per_sample_loss_fn, scorer, zero_shot, sample_ids, clean_flags, given_train_dataset)
 
@@ -144,25 +156,36 @@ class MimicTrainerMixin:
         check_supported_setup(accelerator, args, self.model)
         check_launch(accelerator)
         unwrapped = accelerator.unwrap_model(self.model)
-        self.per_sample_loss_fn = per_sample_loss_fn
+        streaming = is_stream(self.train_dataset)
+        dataset_size = None if streaming else len(self.train_dataset)
+        # An image–text dual encoder gets its contrastive per-sample loss (hf_gradmimic.contrastive) by itself.
+        self.per_sample_loss_fn = per_sample_loss_fn if per_sample_loss_fn is not None else contrastive_loss_for(unwrapped)
+        self.batch_coupled = is_batch_coupled(self.per_sample_loss_fn)
+        self._independence_unchecked = per_sample_loss_fn is not None and not self.batch_coupled
         self.mimic_layers = MimicLayers(unwrapped, args.mimic_layer_map)
         self.scorer = scorer if scorer is not None else scorer_from_config(
             args, reference=reference, zero_shot=zero_shot, layers=self.mimic_layers,
-            num_train_samples=len(self.train_dataset), model=unwrapped,
+            num_train_samples=dataset_size, model=unwrapped,
         )
         self.mode = args.mimic_mode or self.scorer.default_mode
+        if self.batch_coupled:
+            check_coupled_setup(self.scorer, args, accelerator)
         check_mode(self.scorer, self.mode)
         if self.mode == "select" and args.mimic_reweight_scope == "layer":
             raise ValueError("`mimic_reweight_scope='layer'` reweights a full batch; `select` mode trains on the selected samples only.")
-        self.mimic_bookkeeping = Bookkeeping(args.mimic_clean_column, self.scorer.extra_columns, args.mimic_id_column)
+        stream_ids = StreamIds() if streaming else None  # a stream's samples are named by their ids' keys
+        self.mimic_bookkeeping = Bookkeeping(args.mimic_clean_column, self.scorer.extra_columns, args.mimic_id_column,
+                                             stream_ids)
         self.mimic_metrics = MetricsBuffer()
         self._mimic_batch: tuple[torch.Tensor, dict[str, Any]] | None = None
         self._selections: deque = deque()  # select mode: the step's selection, one entry per micro-batch
         self._spare_sample: dict[str, Any] | None = None  # one finite sample's inputs, for `_nothing_to_train`
         self._comparison_collator = None
         alignment_possible = adapt_to_fsdp(accelerator, args)
-        # FSDP2 and DeepSpeed keep the parameters sharded outside forward, where the recorded uses are re-applied.
-        self._uses_backward_possible = accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        # FSDP2 and DeepSpeed keep the parameters sharded outside forward, where the recorded uses are re-applied; a
+        # batch-coupled loss mixes every sample into each row of δ, which the uses backward weights row by row.
+        self._uses_backward_possible = (accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+                                        and not self.batch_coupled)
         self.reference_name = getattr(self.scorer, "reference_name", None)
         self.mimic_diagnostics = None
         if self.scorer.monitors_reference:
@@ -179,7 +202,7 @@ class MimicTrainerMixin:
         self.step_softmax = StepSoftmax(args.mimic_normalize, accelerator.num_processes, gather_across_ranks(accelerator),
                                         self._accumulated_grads)
         self.score_log = ScoreLog(args.output_dir, accelerator.process_index, accelerator.num_processes,
-                                  len(self.train_dataset), sample_ids, args.mimic_record_scores,
+                                  dataset_size, stream_ids if streaming else sample_ids, args.mimic_record_scores,
                                   accelerator.wait_for_everyone,
                                   run_provenance(args, self.scorer, self.mode, unwrapped, given_train_dataset))
         self.mimic_audit = FilterAudit(clean_flags, sample_ids, args.mimic_filter_method, args.seed) if clean_flags is not None else None
@@ -217,6 +240,16 @@ class MimicTrainerMixin:
                 self.scorer.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
+    def _init_training_state(self, max_steps: int, num_update_steps_per_epoch: int, num_train_epochs: int,
+                             resume_from_checkpoint: Any, trial: Any) -> tuple[int, int]:
+        # A stream resumed after a full pass over it: Trainer would skip batches of the first pass; continue the
+        # pass the checkpoint was in instead (training.streaming.stream_position).
+        position = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
+                                                resume_from_checkpoint, trial)
+        if resume_from_checkpoint is not None and is_stream(self.train_dataset) and not self.args.ignore_data_skip:
+            return stream_position(self.state.epoch or 0.0, max_steps * self.args.gradient_accumulation_steps)
+        return position
+
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         # The shards on disk must hold exactly the steps this checkpoint has taken, and the scorer's state is
         # written before Trainer writes trainer_state.json, the mark of a complete checkpoint.
@@ -231,9 +264,10 @@ class MimicTrainerMixin:
         """Takes the sample rows (and the scorer's columns) off the batch, then runs the base `training_step`."""
         rows, extras = self.mimic_bookkeeping.pop(inputs)
         if rows is None:
+            key = self.mimic_bookkeeping.kept_columns[0]
             raise KeyError(
-                "The training batch has no `mimic_row_index`: a custom data collator dropped it. Keep that key "
-                "(an integer per example) in the collated batch."
+                f"The training batch has no `{key}`: a custom data collator dropped it. Keep that key (one value per "
+                "example) in the collated batch."
             )
         self._mimic_batch = (torch.as_tensor(rows).cpu(), extras)
         try:
@@ -308,7 +342,7 @@ class MimicTrainerMixin:
         from_uses = needs_ghost and self._uses_backward_possible and only_mimic_tensors_train(
             self.accelerator.unwrap_model(self.model), self.mimic_layers.tensors.values())
         if from_uses:
-            ghost = capture.ghost_batch(losses.sum(), retain_graph=False)
+            ghost = self._ghost(capture, losses, retain_graph=False)
             if not return_outputs:
                 outputs = logits = None
         elif from_logits:
@@ -321,7 +355,7 @@ class MimicTrainerMixin:
             prediction_grad = torch.autograd.grad(losses.sum(), edge)[0]
             ghost = capture.ghost_batch(edge, root_grad=prediction_grad) if needs_ghost else None
         else:
-            ghost = capture.ghost_batch(losses.sum()) if needs_ghost else None
+            ghost = self._ghost(capture, losses) if needs_ghost else None
         ctx = self._score_context(capture, ghost, losses, ctx_logits, labels, model_inputs, extras)
         scores = self.scorer.score(ctx).float()
         status = row_status(losses.detach(), scores, supervised)
@@ -370,7 +404,7 @@ class MimicTrainerMixin:
             with self.mimic_layers.capture() as capture:
                 outputs = self.model_wrapped(**model_inputs)
             losses = self._per_sample_losses(outputs, inputs, labels)
-            ghost = capture.ghost_batch(losses.sum(), retain_graph=False) if needs_ghost else None
+            ghost = self._ghost(capture, losses, retain_graph=False) if needs_ghost else None
             logits = logits_of(outputs).detach() if "logits" in self.scorer.requires else None
             ctx = self._score_context(capture, ghost, losses, logits, labels, model_inputs, extras,
                                       torch.as_tensor(rows).cpu())
@@ -397,6 +431,17 @@ class MimicTrainerMixin:
         chosen_losses = self._per_sample_losses(chosen_outputs, chosen, chosen.get("labels"))
         loss = (coefficients[selected].detach() * chosen_losses).sum()
         return self._reported(loss, chosen_losses, candidates.status[selected], chosen_outputs, return_outputs)
+
+    def _ghost(self, capture: Capture, losses: torch.Tensor, retain_graph: bool = True) -> Any:
+        """What the ghost scorers read of the batch's gradients at the mimic layers: the ghost maths for independent
+        samples; directional derivatives under a batch-coupled loss (`training.coupled`), where row i of ∂Σℓ/∂z
+        is not ∂ℓ_i/∂z_i. A user loss not marked coupled is checked once for coupling."""
+        if self.batch_coupled:
+            return CoupledGhost(capture, losses)
+        if self._independence_unchecked:
+            self._independence_unchecked = False
+            check_samples_independent(capture, losses)
+        return capture.ghost_batch(losses.sum(), retain_graph=retain_graph)
 
     def _model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """What the model's forward gets: the batch without the labels (their loss is ours), unless a user loss
@@ -519,6 +564,9 @@ class MimicTrainerMixin:
 
     def _comparison_gradient(self) -> dict[str, torch.Tensor]:
         """AGRA's comparison: the mean gradient (mimic tensors) of a batch drawn at random from the training set."""
+        if is_stream(self.train_dataset):
+            raise ValueError("AGRA's comparison batch is drawn at random from the training set, which a stream "
+                             "(iterable dataset) cannot do; use another scorer, or a map-style dataset.")
         if self._comparison_collator is None:
             self._comparison_collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
         generator = torch.Generator().manual_seed(self.args.seed + self.state.global_step)

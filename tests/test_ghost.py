@@ -96,17 +96,22 @@ def _oracle(model: nn.Module, names: list[str], x: torch.Tensor, labels: torch.T
     return torch.func.vmap(torch.func.grad(loss_of), in_dims=(None, 0, 0))({n: params[n] for n in names}, x, labels)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_ghost_rule_matches_per_sample_gradients(case):
+def _layer_case(case: str):
+    """The case's layer inside `Around`, its parameters' names, per-sample gradients (the oracle), and the layer's
+    captured input and output gradient."""
     make_layer, kind = CASES[case]
     layer = make_layer()
     model = Around(layer, width=6)
     x = _inputs(kind)
     labels = torch.randint(0, 3, (x.shape[0],), generator=torch.Generator().manual_seed(3))
     names = [f"layer.{n}" for n, _ in layer.named_parameters()]
-    oracle = _oracle(model, names, x, labels)
-
     ((_, a, delta),) = _capture(model, {"layer": layer}, x, labels)
+    return layer, names, _oracle(model, names, x, labels), a, delta
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ghost_rule_matches_per_sample_gradients(case):
+    layer, names, oracle, a, delta = _layer_case(case)
     ghost = GhostBatch([LayerUse("layer", layer, a, delta, {n.split(".")[1]: n for n in names})])
     generator = torch.Generator().manual_seed(4)
     direction = {n: torch.randn(oracle[n].shape[1:], generator=generator) for n in names}
@@ -196,3 +201,22 @@ def test_subclass_with_its_own_forward_is_refused_and_a_plain_subclass_accepted(
 def test_embedding_configurations_without_per_sample_gradients_are_refused(kwargs, message):
     with pytest.raises(UnsupportedLayerError, match=f"'wte'.*{message}"):
         ghost_rule_for(nn.Embedding(5, 3, **kwargs), "wte")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_output_along_a_direction_pairs_with_the_output_gradient_into_the_per_sample_inner_product(case):
+    """``output_along`` (the output's change along a direction, for batch-coupled losses): paired with the output
+    gradient of an independent-sample loss it must give ⟨g_i, v⟩ from torch.func per-sample gradients; and for the
+    parameter-linear layers it equals torch.func.jvp of the layer along the direction."""
+    layer, names, oracle, a, delta = _layer_case(case)
+    generator = torch.Generator().manual_seed(4)
+    direction = {n.split(".")[1]: torch.randn(oracle[n].shape[1:], generator=generator) for n in names}
+    dz = ghost_rule_for(layer).output_along(layer, a, direction)
+    assert dz.shape == delta.shape
+    expected = sum((oracle[f"layer.{n}"] * v).flatten(1).sum(1) for n, v in direction.items())
+    torch.testing.assert_close((delta * dz).flatten(1).sum(1), expected, rtol=1e-5, atol=1e-6)
+    params = dict(layer.named_parameters())
+    _, jvp = torch.func.jvp(lambda p: torch.func.functional_call(layer, p, (a,)), (params,), (direction,))
+    if case.startswith("embedding"):  # the padding row's change is left out, as its gradient is
+        jvp = jvp * (a != layer.padding_idx).unsqueeze(-1)
+    torch.testing.assert_close(dz, jvp, rtol=1e-5, atol=1e-6)

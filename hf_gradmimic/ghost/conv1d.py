@@ -5,7 +5,8 @@ transpose of `linear`'s:
 
     g_i = Σ_t a_{i,t} δ_{i,t}ᵀ  ([in, out]),        ⟨g_i, V⟩ = Σ_t a_{i,t}ᵀ V δ_{i,t} + ⟨Σ_t δ_{i,t}, v_b⟩,
 
-and ``‖g_i‖²`` is the same Gram form as for ``nn.Linear``.
+and ``‖g_i‖²`` is the same Gram form as for ``nn.Linear``. Along a direction the output moves by
+``dz = a V + v_b``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .linear import LINEAR_RULE, linear_inner_product, linear_per_sample_gradient, linear_summed_gradient
+from .linear import (
+    LINEAR_RULE,
+    linear_inner_product,
+    linear_output_along,
+    linear_per_sample_gradient,
+    linear_summed_gradient,
+)
 from .registry import GhostRule, register_ghost_rule
 
 
@@ -44,6 +51,12 @@ def _per_sample_gradient(layer: nn.Module, activations: torch.Tensor, output_gra
     return _transposed(linear_per_sample_gradient(activations, output_grads, "weight" in params, "bias" in params))
 
 
+def _output_along(layer: nn.Module, activations: torch.Tensor, direction: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``dz = a V + v_b`` (the weight is stored ``[in, out]``)."""
+    weight = direction.get("weight")
+    return linear_output_along(activations, None if weight is None else weight.t(), direction.get("bias"))
+
+
 CONV1D_RULE = register_ghost_rule(
     Conv1D,
     GhostRule(
@@ -51,5 +64,6 @@ CONV1D_RULE = register_ghost_rule(
         sq_norm=LINEAR_RULE.sq_norm,  # the Gram form does not depend on how the weight is laid out
         summed_gradient=_summed_gradient,
         per_sample_gradient=_per_sample_gradient,
+        output_along=_output_along,
     ),
 )

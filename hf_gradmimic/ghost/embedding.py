@@ -6,7 +6,8 @@ gradient puts ``δ_{i,t}`` on row ``x_{i,t}``:
     g_i = Σ_t e_{x_{i,t}} δ_{i,t}ᵀ,        ⟨g_i, V⟩ = Σ_t V[x_{i,t}] · δ_{i,t},
     ‖g_i‖² = Σ_{t,s} [x_{i,t} = x_{i,s}] δ_{i,t} · δ_{i,s},
 
-where positions whose id is ``padding_idx`` are left out: ``nn.Embedding`` never updates that row.
+where positions whose id is ``padding_idx`` are left out: ``nn.Embedding`` never updates that row. Along a
+direction the output moves by ``dz_{i,t} = V[x_{i,t}]`` (0 at padding positions, for the same reason).
 """
 
 from __future__ import annotations
@@ -67,6 +68,17 @@ def _per_sample_gradient(layer: nn.Module, ids: torch.Tensor, output_grads: torc
     return {"weight": grads.view(batch_size, rows, -1)}
 
 
+def _output_along(layer: nn.Module, ids: torch.Tensor, direction: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``dz_{i,t} = V[x_{i,t}]``, zero where ``x_{i,t}`` is ``padding_idx`` (whose row never gets a gradient)."""
+    weight = direction.get("weight")
+    if weight is None:
+        return torch.zeros(*ids.shape, layer.embedding_dim, device=ids.device)
+    dz = weight.float()[ids.long()]
+    if layer.padding_idx is not None:
+        dz = dz * (ids != layer.padding_idx).unsqueeze(-1)
+    return dz
+
+
 def _check(layer: nn.Module) -> None:
     if layer.scale_grad_by_freq:
         raise UnsupportedLayerError(
@@ -93,5 +105,6 @@ EMBEDDING_RULE = register_ghost_rule(
         summed_gradient=_summed_gradient,
         per_sample_gradient=_per_sample_gradient,
         check=_check,
+        output_along=_output_along,
     ),
 )

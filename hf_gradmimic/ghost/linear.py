@@ -10,7 +10,9 @@ so any inner product with a direction ``V`` (same shape as the weight) is
     ⟨g_i, V⟩ = Σ_t δ_{i,t}ᵀ V a_{i,t} + ⟨Σ_t δ_{i,t}, v_b⟩,
 
 one extra matmul for the whole batch, and never the ``B × out × in`` tensor of per-sample gradients.
-Grad-Mimic (Huang et al., arXiv 2501.06708) needs exactly this with ``V = θ_ref − θ_t``.
+Grad-Mimic (Huang et al., arXiv 2501.06708) needs exactly this with ``V = θ_ref − θ_t``. The layer is
+linear in its parameters, so its output moves along a direction by ``dz_{i,t} = V a_{i,t} + v_b``
+(`linear_output_along`), what a batch-coupled loss's directional derivative starts from.
 """
 
 from __future__ import annotations
@@ -130,6 +132,24 @@ def _per_sample_gradient(layer: nn.Module, activations: torch.Tensor, output_gra
     return linear_per_sample_gradient(activations, output_grads, "weight" in params, "bias" in params)
 
 
+def linear_output_along(activations: torch.Tensor, direction_weight: torch.Tensor | None,
+                        direction_bias: torch.Tensor | None = None) -> torch.Tensor:
+    r"""``dz = a Vᵀ + v_b``: the change of ``z = a Wᵀ + b`` along ``(V, v_b)`` (float32, shaped as the output).
+
+    .. math:: dz_{i,t} = V a_{i,t} + v_b
+
+    A missing part of the direction counts as zero; with neither, the caller has nothing to add.
+    """
+    a = activations.float()
+    out_features = (direction_weight if direction_weight is not None else direction_bias).shape[0]
+    dz = a.new_zeros(*a.shape[:-1], out_features) if direction_weight is None else a @ direction_weight.float().t()
+    return dz if direction_bias is None else dz + direction_bias.float()
+
+
+def _output_along(layer: nn.Module, activations: torch.Tensor, direction: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return linear_output_along(activations, direction.get("weight"), direction.get("bias"))
+
+
 LINEAR_RULE = register_ghost_rule(
     nn.Linear,
     GhostRule(
@@ -137,5 +157,6 @@ LINEAR_RULE = register_ghost_rule(
         sq_norm=_sq_norm,
         summed_gradient=_summed_gradient,
         per_sample_gradient=_per_sample_gradient,
+        output_along=_output_along,
     ),
 )

@@ -9,11 +9,15 @@ parameters named in ``params`` (or in ``direction``):
 - ``sq_norm(layer, a, δ, params) -> [B]``: per-sample ``‖g_i‖²`` (GraNd, AGRA);
 - ``summed_gradient(layer, a, δ, params) -> {name: tensor}``: ``Σ_i g_i`` (AGRA's comparison gradient);
 - ``per_sample_gradient(layer, a, δ, params) -> {name: [B, ...]}``: the per-sample gradients themselves,
-  used only for the squared norm of a tensor that several uses share (their cross terms).
+  used only for the squared norm of a tensor that several uses share (their cross terms);
+- ``output_along(layer, a, direction) -> dz``: the change of the layer's output when its parameters move
+  along ``direction`` (a directional derivative, shaped as the output). For a layer linear in its
+  parameters this is the layer applied with its parameters replaced by the direction. Batch-coupled
+  losses (`hf_gradmimic.training.coupled`) need it: there row ``i`` of ``δ`` is not ``∂ℓ_i/∂z_i``.
 
 Adding a layer type is one new file that calls `register_ghost_rule`. Every function works in float32
-whatever the training precision, and relies on samples not interacting inside the model (no batch norm
-in training mode), so that row ``i`` of ``δ`` is ``∂ℓ_i/∂z_i``.
+whatever the training precision. The first four rely on samples not interacting (no batch norm in training
+mode, no contrastive loss), so that row ``i`` of ``δ`` is ``∂ℓ_i/∂z_i``; ``output_along`` does not.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch import nn
 InnerProduct = Callable[[nn.Module, torch.Tensor, torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
 SqNorm = Callable[[nn.Module, torch.Tensor, torch.Tensor, Collection[str]], torch.Tensor]
 GradientMap = Callable[[nn.Module, torch.Tensor, torch.Tensor, Collection[str]], dict[str, torch.Tensor]]
+OutputAlong = Callable[[nn.Module, torch.Tensor, Mapping[str, torch.Tensor]], torch.Tensor]
 
 
 class UnsupportedLayerError(TypeError):
@@ -47,6 +52,7 @@ class GhostRule:
     summed_gradient: GradientMap
     per_sample_gradient: GradientMap
     check: Callable[[nn.Module], None] = _accept
+    output_along: OutputAlong | None = None
 
 
 GHOST_RULES: dict[type[nn.Module], GhostRule] = {}

@@ -8,6 +8,7 @@ grand        yes                 select, reweight   ghost
 agra         yes                 reweight (filter)  ghost, comparison_grad
 rho_loss     no                  select, reweight   irreducible loss column | reference logits | model
 bayesian     no                  select             logits, labels, features, zero-shot log-probs
+clip_score   no                  select, reweight   inputs (a reference image–text model runs on them)
 ===========  ==================  =================  ===========================================
 
 `SCORERS` maps names to classes and `get_scorer(name, **kwargs)` builds one; `scorer_from_config` builds the
@@ -39,12 +40,13 @@ from .bayesian import (
     laplace_logit_samples,
     moving_average_factor,
 )
+from .clip_score import ClipScoreScorer, clip_score_of
 from .grand import GrandScorer, grand_scores
 from .mimic import SCORE_TERMS, MimicScorer, mimic_scores
 from .rho_loss import RhoLossScorer, reducible_loss, reference_losses
 
 SCORERS: dict[str, type[SampleScorer]] = {
-    cls.name: cls for cls in (MimicScorer, GrandScorer, AgraScorer, RhoLossScorer, BayesianScorer)
+    cls.name: cls for cls in (MimicScorer, GrandScorer, AgraScorer, RhoLossScorer, BayesianScorer, ClipScoreScorer)
 }
 
 
@@ -74,6 +76,7 @@ __all__ = [
     "SCORE_TERMS",
     "AgraScorer",
     "BayesianScorer",
+    "ClipScoreScorer",
     "ComparisonGrad",
     "GrandScorer",
     "MimicScorer",
@@ -84,6 +87,7 @@ __all__ = [
     "bayesian_selection_score",
     "ce_logit_grad",
     "check_mode",
+    "clip_score_of",
     "comparison_gradient",
     "get_scorer",
     "grand_scores",

@@ -177,7 +177,9 @@ class SampleScorer:
     - ``monitors_reference``: it scores against reference weights of the mimic layers, so the trainer
       runs the reference diagnostics (alignment check, running monitor) for it;
     - ``observes``: `observe` updates a state from the trained samples, so the trainer hands it every
-      process's trained samples of the step (the state stays identical on every process).
+      process's trained samples of the step (the state stays identical on every process);
+    - ``supports_batch_coupled``: it can score under a batch-coupled loss (a contrastive one), where
+      ``ctx.ghost`` offers only ``inner_product`` (`hf_gradmimic.training.coupled`).
 
     Instances list the batch columns they read in ``extra_columns`` (the trainer pops them before the
     forward and hands them over as ``ctx.extras``). `observe` is called with the final weights after each
@@ -193,6 +195,7 @@ class SampleScorer:
     refused_modes: ClassVar[dict[str, str]] = {}
     monitors_reference: ClassVar[bool] = False
     observes: ClassVar[bool] = False
+    supports_batch_coupled: ClassVar[bool] = False
     extra_columns: tuple[str, ...] = ()
     filter_threshold: float | None = None
 

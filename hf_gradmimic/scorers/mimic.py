@@ -63,6 +63,7 @@ class MimicScorer(SampleScorer):
     requires = ("ghost",)
     default_mode = "reweight"
     monitors_reference = True
+    supports_batch_coupled = True  # it reads only ⟨g_i, v⟩, a directional derivative
 
     def __init__(self, reference: Mapping[str, torch.Tensor] | None = None,
                  current_tensors: Callable[[], Mapping[str, torch.Tensor]] | None = None, score_terms: str = "full",

@@ -1,8 +1,9 @@
 """Sample ids through batching: the row-index column, and the bookkeeping columns taken off a batch before the model sees it.
 
 Every training example carries its row index in ``train_dataset`` as ``mimic_row_index``; the score log
-records it (or the ``mimic_id_column`` value of that row). Our columns (row index, clean flags, the scorer's
-columns) are popped from each batch before the forward, so they never reach the model.
+records it (or the ``mimic_id_column`` value of that row). A stream has no row index: its examples carry
+their id instead (`hf_gradmimic.training.streaming`). Our columns (row index or stream id, clean flags,
+the scorer's columns) are popped from each batch before the forward, so they never reach the model.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import torch
 
 ROW_INDEX_KEY = "mimic_row_index"
 """Batch key carrying each sample's row index in ``train_dataset``; popped before the model sees the batch."""
+
+STREAM_ID_KEY = "mimic_sample_id"
+"""Batch key carrying each stream example's id (`hf_gradmimic.training.streaming`); popped like the row index."""
 
 
 class _RowIndexedDataset(torch.utils.data.Dataset):
@@ -46,8 +50,8 @@ def with_row_index(dataset: Any) -> Any:
         return dataset.add_column(ROW_INDEX_KEY, np.arange(len(dataset), dtype=np.int64))
     if isinstance(dataset, (datasets.IterableDataset, torch.utils.data.IterableDataset)):
         raise TypeError(
-            "MimicTrainer records scores by row index and needs a map-style train_dataset; an iterable dataset "
-            f"({type(dataset).__name__}) has none. Add a `{ROW_INDEX_KEY}` integer column to it."
+            f"with_row_index takes a map-style dataset; a stream ({type(dataset).__name__}) carries its ids instead "
+            "(hf_gradmimic.training.streaming.keyed_stream)."
         )
     return _RowIndexedDataset(dataset)
 
@@ -98,24 +102,31 @@ class Bookkeeping:
         clean_column: `MimicConfig.mimic_clean_column` (ground truth for audits), or None.
         scorer_columns: the columns the scorer reads (``SampleScorer.extra_columns``).
         id_column: `MimicConfig.mimic_id_column`: read from the dataset once, never a model input.
+        stream_ids: for a stream, what decodes its batches' ids into sample keys
+            (`hf_gradmimic.training.streaming.StreamIds`); the rows returned are then those keys.
     """
 
-    def __init__(self, clean_column: str | None, scorer_columns: tuple[str, ...], id_column: str | None = None) -> None:
+    def __init__(self, clean_column: str | None, scorer_columns: tuple[str, ...], id_column: str | None = None,
+                 stream_ids: Any = None) -> None:
         self.clean_column = clean_column
         self.scorer_columns = tuple(scorer_columns)
         self.id_column = id_column
+        self.stream_ids = stream_ids
 
     @property
     def kept_columns(self) -> list[str]:
         """Columns that `remove_unused_columns` must keep: they are not forward arguments of the model."""
-        return [ROW_INDEX_KEY, *self.scorer_columns]
+        return [STREAM_ID_KEY if self.stream_ids is not None else ROW_INDEX_KEY, *self.scorer_columns]
 
     def pop(self, inputs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        """Removes our columns from ``inputs`` in place; returns the rows and the scorer's columns."""
+        """Removes our columns from ``inputs`` in place; returns the rows (a stream's sample keys) and the scorer's
+        columns."""
         for column in (self.clean_column, self.id_column):
             if column and column not in self.scorer_columns:
                 inputs.pop(column, None)
         extras = {column: inputs.pop(column) for column in self.scorer_columns if column in inputs}
+        if self.stream_ids is not None:
+            return self.stream_ids.pop(inputs), extras
         return inputs.pop(ROW_INDEX_KEY, None), extras
 
 

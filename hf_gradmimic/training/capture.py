@@ -90,27 +90,41 @@ class Capture:
                 call.output = edge
         return edge
 
-    def ghost_batch(self, root: torch.Tensor | GradientEdge, root_grad: torch.Tensor | None = None,
-                    retain_graph: bool = True) -> GhostBatch:
-        """The recorded calls with ``∂root/∂z`` at each output ``z``: ``root`` is Σ_i ℓ_i, or the logits' edge with
-        ``root_grad`` = δ there (a vector-Jacobian product; a call whose output *is* that edge gets δ itself)."""
+    def check_ran(self) -> None:
+        """Every named mimic layer ran in the forward."""
         ran = {call.name for call in self.calls}
         missing = [name for name in self.layer_names if name not in ran]
         if missing:
             raise RuntimeError(f"Mimic layer(s) {missing} did not run in the forward pass.")
-        grads: dict[int, torch.Tensor] = {i: root_grad for i, call in enumerate(self.calls) if call.output is root}
-        pending = [i for i in range(len(self.calls)) if i not in grads]
-        if not all(self.calls[i].output.requires_grad for i in pending):
+
+    @staticmethod
+    def check_requires_grad(calls: list[_Call]) -> None:
+        """The outputs of ``calls`` are part of the autograd graph."""
+        if not all(call.output.requires_grad for call in calls):
             raise RuntimeError(
                 "The mimic layers' outputs do not require grad: are the mimic layers frozen, or run under "
                 "torch.no_grad or reentrant activation checkpointing?"
             )
+
+    @staticmethod
+    def check_used(calls: list[_Call], grads: tuple[torch.Tensor | None, ...]) -> None:
+        """The loss reached every call's output (``grads`` from ``autograd.grad(..., allow_unused=True)``)."""
+        unused = sorted({call.name for call, grad in zip(calls, grads) if grad is None})
+        if unused:
+            raise RuntimeError(f"The loss does not depend on the output of mimic layer(s) {unused}; pick layers the loss uses.")
+
+    def ghost_batch(self, root: torch.Tensor | GradientEdge, root_grad: torch.Tensor | None = None,
+                    retain_graph: bool = True) -> GhostBatch:
+        """The recorded calls with ``∂root/∂z`` at each output ``z``: ``root`` is Σ_i ℓ_i, or the logits' edge with
+        ``root_grad`` = δ there (a vector-Jacobian product; a call whose output *is* that edge gets δ itself)."""
+        self.check_ran()
+        grads: dict[int, torch.Tensor] = {i: root_grad for i, call in enumerate(self.calls) if call.output is root}
+        pending = [i for i in range(len(self.calls)) if i not in grads]
+        self.check_requires_grad([self.calls[i] for i in pending])
         if pending:
             found = torch.autograd.grad(root, [self.calls[i].output for i in pending], grad_outputs=root_grad,
                                         retain_graph=retain_graph, allow_unused=True)
-            unused = sorted({self.calls[i].name for i, grad in zip(pending, found) if grad is None})
-            if unused:
-                raise RuntimeError(f"The loss does not depend on the output of mimic layer(s) {unused}; pick layers the loss uses.")
+            self.check_used([self.calls[i] for i in pending], found)
             grads.update(zip(pending, found))
         return GhostBatch([LayerUse(call.name, call.module, call.activations, grads[i], call.tensor_keys)
                            for i, call in enumerate(self.calls)])

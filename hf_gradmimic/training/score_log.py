@@ -3,7 +3,8 @@
 It owns the rank's `hf_gradmimic.scores.ScoreWriter` and the record of which rows were seen in the current
 epoch. A sample already seen in the epoch (or earlier in the same step) is one that accelerate's
 ``even_batches`` repeated to fill the last batches: its records are flagged ``repeated``, so that
-`hf_gradmimic.load_scores` can drop them and no sample counts twice.
+`hf_gradmimic.load_scores` can drop them and no sample counts twice. A stream has no rows: its samples
+are told apart by their keys (`SeenKeys`, `hf_gradmimic.training.streaming.sample_key`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from transformers.utils import logging
 
 from ..filter.matching import row_signature
 from ..scores import ScoreWriter, read_score_table, write_provenance
+from .batch import ROW_INDEX_KEY
 from .step_softmax import StepRecords
+from .streaming import is_stream
 
 logger = logging.get_logger(__name__)
 
@@ -70,6 +73,34 @@ class SeenRows:
         return np.concatenate(mine)
 
 
+class SeenKeys(SeenRows):
+    """Which samples of a stream were seen in the current epoch, by key (53-bit integers, not row indices).
+
+    Kept as a sorted array plus a small set of recent keys merged in now and then: about 8 bytes per sample of
+    the epoch, and one binary search per sample and step."""
+
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.reset()
+
+    def reset(self) -> None:
+        self.sorted = np.empty(0, dtype=np.int64)
+        self.recent: set[int] = set()
+
+    def mark(self, rows: np.ndarray) -> np.ndarray:
+        keys = np.asarray(rows, dtype=np.int64)
+        already = np.zeros(len(keys), dtype=bool)
+        if len(self.sorted):
+            found = np.minimum(np.searchsorted(self.sorted, keys), len(self.sorted) - 1)
+            already = self.sorted[found] == keys
+        already |= np.fromiter((key in self.recent for key in keys.tolist()), dtype=bool, count=len(keys))
+        self.recent.update(keys.tolist())
+        if len(self.recent) > max(65536, len(self.sorted) // 4):
+            self.sorted = np.union1d(self.sorted, np.fromiter(self.recent, dtype=np.int64))
+            self.recent = set()
+        return already
+
+
 def run_provenance(args: Any, scorer: Any, mode: str, model: Any, train_dataset: Any) -> dict[str, Any]:
     """What the score log records about its run: the scorer and its settings (for Grad-Mimic, the reference, by
     source, revision and a hash of the tensors used), the mimic layers, the student's base checkpoint, the library
@@ -92,7 +123,8 @@ def run_provenance(args: Any, scorer: Any, mode: str, model: Any, train_dataset:
             "revision": getattr(config, "_commit_hash", None),
         },
         "sample_ids": {
-            "column": args.mimic_id_column,
+            # A stream without mimic_id_column is recorded by the mimic_row_index its examples carry.
+            "column": args.mimic_id_column or (ROW_INDEX_KEY if is_stream(train_dataset) else None),
             "train_rows": len(train_dataset) if hasattr(train_dataset, "__len__") else None,
             "train_fingerprint": getattr(train_dataset, "_fingerprint", None),
             "train_signature": None if args.mimic_id_column else row_signature(train_dataset),
@@ -106,21 +138,23 @@ class ScoreLog(TrainerCallback):
     Args:
         output_dir: the trainer's output_dir (the log goes to ``<output_dir>/mimic_scores/``).
         rank / world: this process and the number of processes.
-        dataset_size: rows of the training set.
-        sample_ids: the ``mimic_id_column`` values by row, or None for row indices.
+        dataset_size: rows of the training set; None for a stream, whose samples are named by keys.
+        sample_ids: the ``mimic_id_column`` values by row, or None for row indices; for a stream, the ids by key
+            (`hf_gradmimic.training.streaming.StreamIds`), dropped once a step is written.
         record: whether to write records at all (`MimicConfig.mimic_record_scores`).
         wait_for_everyone: a barrier across ranks.
         provenance: written next to the shards when training starts (`run_provenance`).
     """
 
-    def __init__(self, output_dir: str, rank: int, world: int, dataset_size: int, sample_ids: np.ndarray | None,
+    def __init__(self, output_dir: str, rank: int, world: int, dataset_size: int | None, sample_ids: Any,
                  record: bool, wait_for_everyone: Callable[[], None], provenance: dict[str, Any] | None = None) -> None:
         self.output_dir = output_dir
         self.rank, self.world = rank, world
         self.sample_ids = sample_ids
         self.record = record
         self.wait_for_everyone = wait_for_everyone
-        self.seen_rows = SeenRows(dataset_size)
+        self.streaming = dataset_size is None
+        self.seen_rows = SeenKeys() if self.streaming else SeenRows(dataset_size)
         self.writer: ScoreWriter | None = None
         self.provenance = provenance
 
@@ -184,12 +218,15 @@ class ScoreLog(TrainerCallback):
     def write(self, records: StepRecords, global_step: int, epoch: float) -> None:
         """Append the records of the step that just ended (``global_step`` is the Trainer's, 1-based)."""
         repeated = self.seen_rows.repeated_flags(records, self.rank, self.world)
+        sample_ids = records.rows if self.sample_ids is None else self.sample_ids[records.rows]
+        if self.streaming:
+            self.sample_ids.forget(records.rows)
         if self.writer is None:
             return
         self.writer.add_step(
             global_step=global_step,
             epoch=epoch,
-            sample_ids=records.rows if self.sample_ids is None else self.sample_ids[records.rows],
+            sample_ids=sample_ids,
             mimic_scores=records.scores,
             weights=records.weights,
             losses=records.losses,
@@ -214,5 +251,8 @@ class ScoreLog(TrainerCallback):
             pc.greater(table["epoch"], math.floor(state.epoch)), pc.less_equal(table["global_step"], state.global_step)
         )
         ids = table.filter(keep)["sample_id"].to_numpy(zero_copy_only=False)
-        rows = ids.astype(np.int64) if self.sample_ids is None else np.flatnonzero(np.isin(self.sample_ids, ids))
+        if self.streaming:
+            rows = self.sample_ids.keys_of(ids)
+        else:
+            rows = ids.astype(np.int64) if self.sample_ids is None else np.flatnonzero(np.isin(self.sample_ids, ids))
         self.seen_rows.mark(rows)

@@ -56,6 +56,14 @@ def build(spec: dict[str, Any]):
     """The model, dataset and reference of a run spec (deterministic: same on every rank and run)."""
     n = spec.get("n", 64)
     model, data = (tiny_bert(), bert_dataset(n=n)) if spec.get("model") == "bert" else (TinyMLP(), mlp_dataset(n=n))
+    if spec.get("model") in ("clip", "siglip"):  # image–text pairs, a batch-coupled loss
+        import tiny_dual_encoders
+
+        model, data = getattr(tiny_dual_encoders, f"tiny_{spec['model']}")(), tiny_dual_encoders.pair_dataset(n=n)
+    if spec.get("stream"):  # the same rows as a datasets.IterableDataset of `stream` shards, with string ids
+        from stream_data import as_stream
+
+        data = as_stream(data, shards=spec["stream"])
     if spec.get("args", {}).get("mimic_zero_shot_column"):  # Bayesian selection: zero-shot logits per sample
         import numpy as np
 
@@ -65,7 +73,7 @@ def build(spec: dict[str, Any]):
         model.get_submodule(name).requires_grad_(False)
     generator = torch.Generator().manual_seed(1)
     params = dict(model.named_parameters())
-    names = [f"{layer}.{part}" for layer in spec["mimic_layers"] for part in ("weight", "bias")]
+    names = [f"{layer}.{part}" for layer in spec["mimic_layers"] for part in ("weight", "bias") if f"{layer}.{part}" in params]
     reference = {n: params[n].detach() + 0.5 * torch.randn(params[n].shape, generator=generator) for n in names}
     return model, data, reference
 
