@@ -134,6 +134,10 @@ class MimicFilter:
             window_steps=[(w["first_step"], w["last_step"]) for w in self.summary["windows"]],
             total_records=self.summary["n_records"],
             n_nan_scores=self.summary["n_nan_scores"],
+            n_nonfinite=(
+                self.table.column("n_nonfinite").to_numpy() if "n_nonfinite" in self.table.column_names else None
+            ),
+            n_unlabeled_records=self.summary.get("n_unlabeled_records", 0),
         )
 
     # -- persistence -------------------------------------------------------------------------------
@@ -154,9 +158,21 @@ class MimicFilter:
         for path in (table_path, summary_path):
             if not path.is_file():
                 raise FileNotFoundError(f"No saved MimicFilter at {directory}: {path.name} is missing.")
-        with open(summary_path, encoding="utf-8") as handle:
-            summary = json.load(handle)
-        return cls(table=pq.read_table(table_path), summary=summary)
+        try:
+            with open(summary_path, encoding="utf-8") as handle:
+                summary = json.load(handle)
+        except (ValueError, UnicodeDecodeError) as error:  # json.JSONDecodeError is a ValueError
+            raise ValueError(
+                f"The filter summary {summary_path} is not valid JSON ({error}); it is corrupt or was cut short. "
+                "Rebuild the filter with build_filter, or restore that file."
+            ) from error
+        if not isinstance(summary, dict) or "settings" not in summary or "n_windows" not in summary:
+            raise ValueError(f"The filter summary {summary_path} is not a MimicFilter summary (no 'settings' / 'n_windows').")
+        try:
+            table = pq.read_table(table_path)
+        except (OSError, pa.ArrowException) as error:
+            raise ValueError(f"The filter table {table_path} cannot be read ({error}); it is corrupt or was cut short.") from error
+        return cls(table=table, summary=summary)
 
     def to_dataset(self) -> "datasets.Dataset":  # noqa: F821
         """The per-sample table as a `datasets.Dataset`."""
