@@ -18,6 +18,7 @@ from .decide import check_settings, decide
 from .inputs import as_rows
 from .matching import check_row_index_dataset, row_positions
 from .matrices import matrix
+from .stream import filter_iterable
 from .windows import WindowedScores
 
 __all__ = ["SUMMARY_FILENAME", "TABLE_FILENAME", "MimicFilter"]
@@ -198,16 +199,21 @@ class MimicFilter:
 
         Args:
             dataset: a `datasets.Dataset`, `pandas.DataFrame` or `pyarrow.Table` holding exactly the
-                scored samples.
+                scored samples, or a `datasets.IterableDataset` of them.
             id_column: the column holding the sample ids the trainer recorded (``mimic_id_column``);
                 None when the ids are row indices.
             check_dataset: with row-index ids, refuse a `datasets.Dataset` whose fingerprint differs from the
                 training set's that the score log recorded (a shuffled, filtered or other dataset would get the
                 wrong rows kept). Pass False only for a copy you know has the same rows in the same order.
 
+            A `datasets.IterableDataset` is filtered lazily, batch by batch, without materialising it
+            (`hf_gradmimic.filter.stream.filter_iterable`).
+
         Returns:
             The same type as ``dataset``, with the kept rows in their original order.
         """
+        if type(dataset).__name__ == "IterableDataset" and type(dataset).__module__.startswith("datasets"):
+            return filter_iterable(self, dataset, id_column)
         positions = self.positions(dataset, id_column, check_dataset=check_dataset)
         return as_rows(dataset).take(np.sort(positions[self.keep]))
 
