@@ -9,6 +9,7 @@ from typing import Any
 
 from ..scores import read_provenance
 from .decide import check_settings, decide
+from .distributed import collect_windows_ray
 from .inputs import ScoresLike
 from .outofcore import collect_windows_streaming
 from .result import MimicFilter
@@ -16,7 +17,7 @@ from .shards import BAD_SHARD_POLICIES, BadShardPolicy
 from .warning import FilterWarning
 from .windows import WindowsLike, check_windows, collect_windows
 
-ENGINES: tuple[str, ...] = ("streaming", "memory")
+ENGINES: tuple[str, ...] = ("streaming", "memory", "ray")
 
 __all__ = ["ENGINES", "build_filter", "estimate_quality"]
 
@@ -57,7 +58,8 @@ def build_filter(
         engine: ``"streaming"`` (default) reduces the log in bounded memory, spilling sample-id
             ranges to ``spill_dir`` when it does not fit (`hf_gradmimic.filter.outofcore`);
             ``"memory"`` holds every record (24 bytes each). Both give the same filter, bit for bit.
-            For a cluster, see `hf_gradmimic.filter.distributed`.
+            ``"ray"`` reduces the shards on the current Ray cluster (`hf_gradmimic.filter.distributed`,
+            ``pip install "hf-gradmimic[ray]"``), with the same result.
         spill_dir: where the streaming engine spills (default: the system's temporary folder).
 
     Returns:
@@ -83,6 +85,8 @@ def build_filter(
         windowed = collect_windows_streaming(scores, windows, on_bad_shard=on_bad_shard, spill_dir=spill_dir)
     elif engine == "memory":
         windowed = collect_windows(scores, windows, on_bad_shard=on_bad_shard)
+    elif engine == "ray":
+        windowed = collect_windows_ray(scores, windows, on_bad_shard=on_bad_shard)
     else:
         raise ValueError(f"Unknown engine {engine!r}; expected one of {ENGINES}.")
     table, summary = decide(

@@ -18,11 +18,13 @@ Memory is one partition's working set (``memory_budget``) plus the output (8 byt
 the window values and scores, 28 per sample). When the whole log fits the budget there is one
 partition and nothing is spilled.
 
-Why chunked NumPy and not an embedded engine: DuckDB and Polars (streaming) group-by were
-measured on the same logs by ``scripts/bench_engines.py`` (docs/filter_scaling.md): neither sums
-in a fixed order (so results differ from the in-memory path in the last bits, and can flip a vote
-at a boundary), and each is an extra dependency, while the chunked path needs none; the figures
-are in docs/filter_scaling.md.
+Why chunked NumPy and not an embedded engine (DuckDB or Polars streaming; their group-by alone is
+measured on the same logs by ``scripts/bench_filter.py --engines streaming,duckdb,polars``, figures in
+docs/filter_scaling.md): their parallel aggregation fixes no summation order, so where a (sample,
+window) cell holds several records (``windows`` < epochs, repeated samples) their means can differ from
+the in-memory engine's in the last bits and flip a vote at a boundary, while this path is exact by
+construction; they would be a new 25-55 MB dependency of the default path; and the group-by is not
+where the memory goes (the per-sample output and the decision are, and an engine does not shrink them).
 
 Integer sample ids only (row indices, or integer ``mimic_id_column`` values); other id types go
 to the in-memory engine, because partitioning them by range would need a sort of every id.
@@ -71,7 +73,7 @@ from .windows import (
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "MAX_STREAMING_CELLS", "collect_windows_streaming"]
 
-DEFAULT_MEMORY_BUDGET = 1 << 30
+DEFAULT_MEMORY_BUDGET = 256 << 20
 """Bytes that one partition's reduction may use (records, keys, cell sums and their temporaries)."""
 
 MAX_STREAMING_CELLS = 4_000_000_000
