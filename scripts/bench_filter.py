@@ -105,12 +105,18 @@ def generate(n: int, folder: Path, seed: int = 0) -> Path:
 
 
 CHILD = r"""
-import json, resource, sys, time
+import json, os, resource, sys, time
 import numpy as np
-sys.path.insert(0, {repo!r})
+sys.path[:0] = [{repo!r}, *{paths!r}]
 t0 = time.perf_counter()
 from hf_gradmimic.filter import build_filter
 t_import = time.perf_counter() - t0
+if {engine!r} == "ray":
+    # A local cluster of this machine's cores, on loopback only; its workers inherit PYTHONPATH.
+    os.environ["PYTHONPATH"] = os.pathsep.join([{repo!r}, *{paths!r}, os.environ.get("PYTHONPATH", "")])
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
 t0 = time.perf_counter()
 f = build_filter({path!r}, method={method!r}, aggregate="snorkel", windows=5, engine={engine!r}, spill_dir={spill!r})
 wall = time.perf_counter() - t0
@@ -138,7 +144,7 @@ t0 = time.perf_counter()
 if engine == "duckdb":
     import duckdb
     con = duckdb.connect()
-    con.execute("SET threads=2; SET memory_limit='2GB'; SET preserve_insertion_order=false; SET temp_directory='" + spill + "'")
+    con.execute("SET enable_progress_bar=false; SET threads=2; SET memory_limit='2GB'; SET preserve_insertion_order=false; SET temp_directory='" + spill + "'")
     first, last = con.execute("SELECT min(global_step), max(global_step) FROM read_parquet('" + glob + "')").fetchone()
     span = last - first + 1
     query = (
@@ -172,8 +178,10 @@ def run_child(code: str) -> dict:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-4000:]}")
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    lines = [l[l.index("RESULT ") :] for l in proc.stdout.splitlines() if "RESULT " in l]
+    if not lines:
+        raise RuntimeError(f"benchmark child printed no result:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
 
 
 def importable(module: str, paths: list[str]) -> bool:
@@ -189,8 +197,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000000,50000000,128000000", help="comma-separated sample counts")
     parser.add_argument("--methods", default="gmm", help="comma-separated identification methods")
-    parser.add_argument("--engines", default="streaming", help="streaming, memory, duckdb, polars (comma-separated)")
-    parser.add_argument("--engine-path", default="", help="extra sys.path entries (os.pathsep-separated) for duckdb/polars")
+    parser.add_argument("--engines", default="streaming", help="streaming, memory, ray, duckdb, polars (comma-separated)")
+    parser.add_argument("--engine-path", default="", help="extra sys.path entries (os.pathsep-separated) for ray/duckdb/polars")
+    parser.add_argument("--compare-up-to", type=int, default=10_000_000,
+                        help="run ray, duckdb and polars only on sizes up to this many samples")
     parser.add_argument("--data-dir", default="/tmp/hf_gradmimic_bench", help="where the synthetic logs are cached")
     parser.add_argument("--spill-dir", default=None, help="where the streaming engine spills (default: the data dir)")
     parser.add_argument("--delete-data", action="store_true", help="delete each generated log once measured")
@@ -211,18 +221,19 @@ def main() -> None:
         disk = sum(p.stat().st_size for p in (output_dir / SCORES_DIRNAME).glob("*.parquet"))
         print(f"[data] n={n:,}: {output_dir} ({disk / 2**30:.2f} GiB, ready in {time.perf_counter() - t0:.0f}s)", flush=True)
         reference = output_dir / "values.npy"
-        for engine in [e for e in engines if e in ("streaming", "memory")]:
+        compared = n <= args.compare_up_to
+        for engine in [e for e in engines if e in ("streaming", "memory") or (e == "ray" and compared)]:
             for method in args.methods.split(","):
                 save = str(reference) if engine == "streaming" and not reference.exists() else ""
                 result = run_child(CHILD.format(
-                    repo=str(REPO), path=str(output_dir), method=method, engine=engine, spill=spill,
+                    repo=str(REPO), paths=paths, path=str(output_dir), method=method, engine=engine, spill=spill,
                     clean=str(output_dir / "clean.npy"), save_values=save,
                 ))
                 result.update(n=n, method=method, engine=engine, disk=disk)
                 rows.append(result)
                 print(f"  {engine:9s} {method:9s} wall {result['wall']:7.1f}s  peak RSS {result['peak_rss'] / 2**30:5.2f} GiB  "
                       f"retained {result['retained']:.3f}  discard F1 {result['discard_f1']:.3f}", flush=True)
-        for engine in [e for e in engines if e in ("duckdb", "polars")]:
+        for engine in [e for e in engines if e in ("duckdb", "polars") and compared]:
             if not importable(engine, paths):
                 notes.append(f"{engine} was not importable: not measured.")
             elif not reference.exists():
@@ -268,6 +279,14 @@ def _targets(rows: list[dict]) -> str:
                 f"- {n:,} x {EPOCHS} ({r['method']}): target {goal}; measured {r['peak_rss'] / 2**30:.2f} GiB, "
                 f"{r['wall']:.0f} s: **{'met' if met else 'MISSED'}**."
             )
+    single = {(r["n"], r["method"]): r["wall"] for r in rows if r["engine"] == "streaming"}
+    for r in rows:
+        if r["engine"] == "ray" and (r["n"], r["method"]) in single:
+            ratio = r["wall"] / single[(r["n"], r["method"])]
+            lines.append(
+                f"- ray at {r['n']:,} x {EPOCHS} ({r['method']}): target within 2x of the streaming engine's time; "
+                f"measured {ratio:.2f}x ({r['wall']:.0f} s): **{'met' if ratio <= 2 else 'MISSED'}**."
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -305,7 +324,9 @@ Each row is one fresh subprocess running
 
 - *wall* is the `build_filter` call alone (reading the shards, grouping, identification, the
   LabelModel fit, which includes importing snorkel/torch lazily, about 3 s);
-- *peak RSS* is the child process's `ru_maxrss`, so it includes the interpreter, numpy, pyarrow and torch.
+- *peak RSS* is the child process's `ru_maxrss`, so it includes the interpreter, numpy, pyarrow and torch;
+  for `ray` it is the driver's alone (the Ray workers are the raylet's children), and *wall* excludes
+  starting the local 2-CPU cluster (`ray.init`, on 127.0.0.1).
 
 {_table(rows)}
 Targets (issue 19), checked by this script:
@@ -316,7 +337,7 @@ How it scales: the streaming engine (`hf_gradmimic.filter.outofcore`) reads one 
 appends each record's step, sample id, b*w, score and status (25 bytes) to the spill file of its
 sample-id range; each range is then reduced alone with `numpy.bincount` over `sample * windows + window`,
 by the in-memory engine's own functions, so the result is bit-identical to it. What stays in memory is
-one range's working set (a 1 GiB budget) and the output: the (samples x windows) window values and scores
+one range's working set (a 256 MiB budget) and the output: the (samples x windows) window values and scores
 (8 bytes per cell) and 28 bytes per sample; then the decision (`decide`): identification per window, the
 LabelModel fitted on the distinct vote patterns (at most 3^5 = 243, each repeated in proportion to its
 count up to 1M rows), and the per-sample table.

@@ -205,9 +205,8 @@ class MimicFilter:
             check_dataset: with row-index ids, refuse a `datasets.Dataset` whose fingerprint differs from the
                 training set's that the score log recorded (a shuffled, filtered or other dataset would get the
                 wrong rows kept). Pass False only for a copy you know has the same rows in the same order.
-
-            A `datasets.IterableDataset` is filtered lazily, batch by batch, without materialising it
-            (`hf_gradmimic.filter.stream.filter_iterable`).
+                A `datasets.IterableDataset` is filtered lazily, batch by batch, without materialising it
+                (`hf_gradmimic.filter.stream.filter_iterable`); it cannot be checked this way (no random access).
 
         Returns:
             The same type as ``dataset``, with the kept rows in their original order.
