@@ -38,13 +38,9 @@ from .windows import (
     WindowedScores,
     WindowsLike,
     _b_times_w,
-    _cell_keys,
-    _cell_sums,
     _column_numpy,
     _columns_to_read,
     _Records,
-    _sample_codes,
-    _window_means,
     _without_repeated,
     bincount_cells,
     check_windows,
@@ -52,6 +48,7 @@ from .windows import (
     chunk_steps,
     dense_ids,
     open_source,
+    reduce_partition,
     windowed_scores,
 )
 
@@ -118,7 +115,7 @@ def collect_windows_ray(
     dense = dense_ids(stats["id_min"], stats["id_max"], stats["count"])
     n_codes = stats["id_max"] - stats["id_min"] + 1 if dense else min(stats["count"], stats["id_max"] - stats["id_min"] + 1)
     settings = {
-        "step_map": step_map, "m": m, "dense": dense, "bincount": bincount_cells(n_codes * m, stats["count"]),
+        "step_map": step_map, "dense": dense, "bincount": bincount_cells(n_codes * m, stats["count"]),
         "has_status": "status" in columns,
     }
     records = ray.data.from_items(tasks).map_batches(
@@ -193,7 +190,7 @@ def _shard_records(
 
 
 def _reduce_range(
-    batch: dict[str, np.ndarray], step_map: StepWindows, m: int, dense: bool, bincount: bool, has_status: bool
+    batch: dict[str, np.ndarray], step_map: StepWindows, dense: bool, bincount: bool, has_status: bool
 ) -> dict[str, np.ndarray]:
     """A Ray task: one sample-id range's records, in log order, reduced to per-sample window means."""
     order = np.argsort(batch["position"], kind="stable")
@@ -203,11 +200,7 @@ def _reduce_range(
         int_ids=batch["id"][order].copy(), other_ids=[], step_epochs=[],
         status=status if status is not None and (status != 0).any() else None,
     )
-    record_window = step_map.of_records(records.steps)
-    records.steps = None
-    codes, n_codes, code_ids = _sample_codes(records, dense=dense)
-    key = _cell_keys(codes, record_window, m)
-    part = _window_means(_cell_sums(key, records, n_codes * m, bincount=bincount), code_ids, n_codes, m)
+    part = reduce_partition(records, step_map, dense=dense, bincount=bincount)
     n = len(part.sample_ids)
     counters = np.zeros((n, 3), dtype=np.int64)
     counters[0] = (part.n_nan, part.n_without_score, part.n_unlabeled)  # carried by the range's first row

@@ -53,13 +53,9 @@ from .windows import (
     WindowedScores,
     WindowsLike,
     _b_times_w,
-    _cell_keys,
-    _cell_sums,
     _column_numpy,
     _columns_to_read,
     _Records,
-    _sample_codes,
-    _window_means,
     _without_repeated,
     bincount_cells,
     check_windows,
@@ -68,6 +64,7 @@ from .windows import (
     collect_source,
     dense_ids,
     open_source,
+    reduce_partition,
     windowed_scores,
 )
 
@@ -348,16 +345,7 @@ def _reduce_partitions(spill: _Spill, step_map: StepWindows, warn_list: list[str
     for p in range(spill.n_partitions):
         if spill.counts[p] == 0:
             continue
-        records = _load_partition(spill, p)
-        record_window = step_map.of_records(records.steps)
-        records.steps = None
-        codes, part_codes, code_ids = _sample_codes(records, dense=dense)
-        key = _cell_keys(codes, record_window, m)
-        del codes, record_window
-        sums = _cell_sums(key, records, part_codes * m, bincount=bincount)
-        del key
-        output.add(_window_means(sums, code_ids, part_codes, m))
-        del sums
+        output.add(reduce_partition(_load_partition(spill, p), step_map, dense=dense, bincount=bincount))
     return windowed_scores(output.means(), step_map.names, step_map.ranges, total, warn_list)
 
 

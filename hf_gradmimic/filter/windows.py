@@ -114,6 +114,26 @@ def collect_source(source: ScoreSource, windows: WindowsLike) -> WindowedScores:
     return windowed_scores(means, names, ranges, records.count, warn_list)
 
 
+def reduce_partition(
+    records: _Records, step_map: "StepWindows", *, dense: bool, bincount: bool
+) -> PartMeans:
+    """One sample-id range's records (in log order) -> its per-sample window means (frees ``records``).
+
+    The streaming and Ray engines reduce each range with this, passing the choices the in-memory
+    engine makes for the whole log (``dense`` id coding, ``bincount`` or sort + reduceat), so that
+    every sum is the in-memory engine's.
+    """
+    m = len(step_map.names)
+    record_window = step_map.of_records(records.steps)
+    records.steps = None
+    codes, n_codes, code_ids = _sample_codes(records, dense=dense)
+    key = _cell_keys(codes, record_window, m)
+    del codes, record_window
+    sums = _cell_sums(key, records, n_codes * m, bincount=bincount)
+    del key
+    return _window_means(sums, code_ids, n_codes, m)
+
+
 def open_source(scores: ScoresLike, windows: WindowsLike, on_bad_shard: BadShardPolicy) -> ScoreSource:
     """The score log as a `ScoreSource`, its shards checked for the columns the reduction reads."""
     needed = list(_SCORE_COLUMNS_NEEDED) + (["epoch"] if windows == "epoch" else [])
