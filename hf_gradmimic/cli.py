@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     flt.add_argument("--on-bad-shard", default="error", choices=BAD_SHARD_POLICIES,
                      help="An unreadable shard of the log: stop and name it (error), or leave it out with a warning (skip).")
     flt.add_argument("--engine", default="streaming", choices=ENGINES,
-                     help="streaming: bounded memory, spills to the temporary folder when the log does not fit; memory: all records in RAM.")
+                     help="streaming: bounded memory, spills to the temporary folder when the log does not fit; memory: all "
+                          "records in RAM; ray: on the current Ray cluster (pip install 'hf-gradmimic[ray]'). Same result.")
     flt.add_argument("--output", default="mimic_filter", help="Directory for the filter (Parquet table + JSON summary).")
 
     rep = commands.add_parser("report", help="Figures of a filter (histograms, keep probabilities, detection quality).")

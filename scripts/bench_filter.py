@@ -271,7 +271,7 @@ def _targets(rows: list[dict]) -> str:
     for n, rss, wall in TARGETS:
         measured = [r for r in rows if r["n"] == n and r["engine"] == "streaming"]
         if not measured:
-            lines.append(f"- {n:,} x {EPOCHS}: not measured in this run.")
+            lines.append(f"- {n:,} x {EPOCHS}: not measured in this run.{_projection(rows, n, rss)}")
         for r in measured:
             met = r["peak_rss"] / 2**30 <= rss and (wall is None or r["wall"] <= wall)
             goal = f"<= {rss} GiB" + (f" and <= {wall:.0f} s" if wall else "")
@@ -288,6 +288,20 @@ def _targets(rows: list[dict]) -> str:
                 f"measured {ratio:.2f}x ({r['wall']:.0f} s): **{'met' if ratio <= 2 else 'MISSED'}**."
             )
     return "\n".join(lines) + "\n"
+
+
+def _projection(rows: list[dict], n: int, rss: float) -> str:
+    """A straight-line projection of peak RSS and log size to ``n`` samples from the measured streaming rows."""
+    points = sorted({r["n"]: r for r in rows if r["engine"] == "streaming"}.items())
+    if len(points) < 2:
+        return ""
+    sizes = np.array([p for p, _ in points], dtype=np.float64)
+    peak = np.polyval(np.polyfit(sizes, [r["peak_rss"] / 2**30 for _, r in points], 1), n)
+    disk = np.polyval(np.polyfit(sizes, [r["disk"] / 2**30 for _, r in points], 1), n)
+    return (
+        f" A straight line through the measured sizes projects a peak RSS of {peak:.1f} GiB "
+        f"({'within' if peak <= rss else 'over'} the {rss} GiB target) and a log of {disk:.1f} GiB on disk."
+    )
 
 
 def _engine_table(engine_rows: list[dict]) -> str:

@@ -85,3 +85,13 @@ def test_ray_names_a_bad_shard_and_skips_it_on_request(ray_cluster, tmp_path):
         skipped = build_filter(log_dir, method="threshold", engine="ray", on_bad_shard="skip")
     local = build_filter(log_dir, method="threshold", engine="memory", on_bad_shard="skip")
     np.testing.assert_array_equal(skipped.keep, local.keep)
+    # A corrupt page under an intact footer is found by the Ray task that reads it.
+    bad.unlink()
+    corrupt = sorted((log_dir / SCORES_DIRNAME).iterdir())[2]
+    data = bytearray(corrupt.read_bytes())
+    data[4:40] = b"\xff" * 36
+    corrupt.write_bytes(bytes(data))
+    with pytest.warns(FilterWarning, match=rf"Skipped 1 unreadable score-log shard.*{corrupt.name}"):
+        skipped = build_filter(log_dir, method="threshold", engine="ray", on_bad_shard="skip")
+    local = build_filter(log_dir, method="threshold", engine="memory", on_bad_shard="skip")
+    np.testing.assert_array_equal(skipped.keep, local.keep)

@@ -100,6 +100,21 @@ def test_on_bad_shard_skip_leaves_the_shards_out_and_lists_them(tmp_path, log, e
                      "--on-bad-shard", "skip", "--output", str(tmp_path / "f")]) == 0
 
 
+@pytest.mark.parametrize("engine", ["streaming", "memory"])
+def test_a_corrupt_page_under_an_intact_footer_is_named_or_skipped(tmp_path, log, engine):
+    paths = write_log(log, tmp_path)
+    data = bytearray(paths[2].read_bytes())
+    data[4:40] = b"\xff" * 36  # the first page header: the footer still reads, the data does not
+    paths[2].write_bytes(bytes(data))
+    with pytest.raises(BadShardError, match=r"cannot be read \(OSError: Couldn.t deserialize thrift") as raised:
+        build_filter(tmp_path, method="threshold", engine=engine)
+    assert str(paths[2]) in str(raised.value)
+    with pytest.warns(FilterWarning, match=r"Skipped 1 unreadable score-log shard.*its data cannot be read"):
+        skipped = build_filter(tmp_path, method="threshold", aggregate="majority", engine=engine, on_bad_shard="skip")
+    assert any(str(paths[2]) in m for m in skipped.summary["warnings"])
+    assert skipped.summary["n_records"] == log.num_rows - 300
+
+
 def test_a_shard_without_the_needed_columns_is_named(tmp_path, log):
     paths = write_log(log, tmp_path)
     pq.write_table(pq.read_table(paths[3]).drop(["weight"]), paths[3])

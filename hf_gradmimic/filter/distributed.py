@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from .outofcore import _column_range, _Output
-from .shards import BadShardPolicy, read_shard, without_rows
+from .shards import BadShardError, BadShardPolicy, read_shard, skipped_message, without_rows
 from .warning import warn
 from .windows import (
     PartMeans,
@@ -98,12 +98,18 @@ def collect_windows_ray(
         warn(message)
     columns = _columns_to_read(source, windows)
     tasks = [
-        {"index": i, "path": str(path), "drop": source.plan.drop_rows.get(path, np.zeros(0, np.int64)).tolist()}
+        {"index": i, "path": str(path), "drop": source.plan.drop_rows.get(path, np.zeros(0, np.int64)).tolist(),
+         "on_bad_shard": on_bad_shard}
         for i, path in enumerate(source.shards)
     ]
     shard_info = ray.data.from_items(tasks).map_batches(
         _shard_summary, fn_kwargs={"columns": columns, "windows": windows}, batch_size=1
     ).take_all()
+    unreadable = [source.shards[int(row["index"])] for row in shard_info if row["unreadable"]]
+    if unreadable:
+        message = skipped_message([(path, "its data cannot be read") for path in unreadable])
+        warn_list.append(message)
+        warn(message)
     step_map, stats = _step_map(shard_info, windows, warn_list, source.description)
     lo, hi = _column_range(source, "sample_id")
     lo, hi = int(lo), int(hi)
@@ -129,19 +135,27 @@ def collect_windows_ray(
     return windowed_scores(_gather(parts, m), step_map.names, step_map.ranges, stats["count"], warn_list)
 
 
-def _shard_table(task: dict[str, Any], columns: list[str]) -> pa.Table:
+def _shard_table(task: dict[str, Any], columns: list[str]) -> pa.Table | None:
+    """The shard's records (repeated and duplicated ones dropped); None when it is unreadable and skipped."""
     path = Path(task["path"])
-    return _without_repeated(without_rows(read_shard(path, columns), np.asarray(task["drop"], dtype=np.int64)))
+    try:
+        table = read_shard(path, columns)
+    except BadShardError:
+        # A footer can be intact over a corrupt page: only reading finds it.
+        if task["on_bad_shard"] == "error":
+            raise
+        return None
+    return _without_repeated(without_rows(table, np.asarray(task["drop"], dtype=np.int64)))
 
 
 def _shard_summary(batch: dict[str, np.ndarray], columns: list[str], windows: WindowsLike) -> dict[str, np.ndarray]:
     """A Ray task: one shard's distinct steps (and epochs), record count and id range."""
-    task = {name: batch[name][0] for name in ("index", "path", "drop")}
+    task = {name: batch[name][0] for name in _TASK_FIELDS}
     table = _shard_table(task, columns)
-    if table.num_rows == 0:
+    if table is None or table.num_rows == 0:
         return {"index": np.array([task["index"]]), "count": np.array([0]), "id_min": np.array([0]),
                 "id_max": np.array([0]), "steps": np.array([np.zeros(0, np.int64)], dtype=object),
-                "epochs": np.array([np.zeros(0)], dtype=object)}
+                "epochs": np.array([np.zeros(0)], dtype=object), "unreadable": np.array([table is None])}
     steps, epochs = chunk_steps(table, _column_numpy(table, "global_step"), windows)
     ids = _column_numpy(table, "sample_id")
     return {
@@ -149,6 +163,7 @@ def _shard_summary(batch: dict[str, np.ndarray], columns: list[str], windows: Wi
         "id_min": np.array([int(ids.min())]), "id_max": np.array([int(ids.max())]),
         "steps": np.array([steps], dtype=object),
         "epochs": np.array([np.zeros(0) if epochs is None else epochs], dtype=object),
+        "unreadable": np.array([False]),
     }
 
 
@@ -169,12 +184,19 @@ def _step_map(
     return StepWindows.of(step_epochs, windows, warn_list), stats
 
 
+_TASK_FIELDS = ("index", "path", "drop", "on_bad_shard")
+_RECORD_COLUMNS = (("range", np.int32), ("position", np.int64), ("step", np.int64), ("id", np.int64),
+                   ("bw", np.float32), ("score", np.float32), ("status", np.int8))
+
+
 def _shard_records(
     batch: dict[str, np.ndarray], columns: list[str], windows: WindowsLike, lo: int, width: int
 ) -> dict[str, np.ndarray]:
     """A Ray task: one shard's records as rows (sample-id range, log position, step, id, b*w, score, status)."""
-    task = {name: batch[name][0] for name in ("index", "path", "drop")}
+    task = {name: batch[name][0] for name in _TASK_FIELDS}
     table = _shard_table(task, columns)
+    if table is None:  # skipped (on_bad_shard="skip"); the summary step already warned
+        return {name: np.zeros(0, dtype) for name, dtype in _RECORD_COLUMNS}
     ids = _column_numpy(table, "sample_id").astype(np.int64, copy=False)
     status = chunk_status(table)
     return {

@@ -18,7 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..scores import score_shard_paths, scores_dir
-from .shards import BadShardPolicy, ShardPlan, plan_shards, read_shard, without_rows
+from .shards import BadShardError, BadShardPolicy, ShardPlan, plan_shards, read_shard, skipped_message, without_rows
+from .warning import warn
 
 __all__ = ["Rows", "ScoreSource", "ScoresLike", "as_rows", "fill_null_scores", "score_source"]
 
@@ -109,9 +110,12 @@ class ScoreSource:
     description: str = ""
     plan: ShardPlan | None = None
 
+    on_bad_shard: BadShardPolicy = "error"
+
     @property
     def warnings(self) -> list[str]:
-        return [] if self.plan is None else list(self.plan.warnings)
+        """The plan's warnings: the list itself, so that a shard skipped while reading joins the summary."""
+        return [] if self.plan is None else self.plan.warnings
 
     def column_names(self) -> list[str]:
         if self.table is not None:
@@ -137,7 +141,18 @@ class ScoreSource:
             # One shard at a time keeps memory at one shard's worth of Arrow data on top of the
             # compact numpy arrays being filled.
             for shard in self.shards:
-                yield without_rows(read_shard(shard, columns), self.plan.drop_rows.get(shard))
+                try:
+                    table = read_shard(shard, columns)
+                except BadShardError as error:
+                    # A footer can be intact over a corrupt page: only reading finds it.
+                    if self.on_bad_shard == "error":
+                        raise
+                    self.plan.skipped.append((shard, str(error)))
+                    message = skipped_message([(shard, "its data cannot be read")])
+                    self.plan.warnings.append(message)
+                    warn(message)
+                    continue
+                yield without_rows(table, self.plan.drop_rows.get(shard))
 
 
 def score_source(scores: ScoresLike, *, on_bad_shard: BadShardPolicy = "error", needed: Sequence[str] = ()) -> ScoreSource:
@@ -155,7 +170,7 @@ def score_source(scores: ScoresLike, *, on_bad_shard: BadShardPolicy = "error", 
         plan = plan_shards(shards, needed=needed, on_bad_shard=on_bad_shard)
         if not plan.shards:
             raise ValueError(f"Every shard of the score log at {scores_dir(scores)} is unreadable: {plan.warnings[0]}")
-        return ScoreSource(shards=plan.shards, description=str(scores_dir(scores)), plan=plan)
+        return ScoreSource(shards=plan.shards, description=str(scores_dir(scores)), plan=plan, on_bad_shard=on_bad_shard)
     try:
         rows = as_rows(scores)
     except TypeError as error:

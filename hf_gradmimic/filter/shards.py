@@ -102,19 +102,33 @@ def plan_shards(paths: Sequence[Path], *, needed: Sequence[str] = (), on_bad_sha
     if on_bad_shard not in BAD_SHARD_POLICIES:
         raise ValueError(f"on_bad_shard must be one of {BAD_SHARD_POLICIES}, got {on_bad_shard!r}.")
     plan = ShardPlan(shards=[])
+    rows: dict[Path, int] = {}
     for path in paths:
         try:
-            plan.num_rows += _footer_rows(path, needed)
+            rows[path] = _footer_rows(path, needed)
         except BadShardError as error:
             if on_bad_shard == "error":
                 raise
-            plan.skipped.append((path, str(error).split(" cannot be read (", 1)[-1].split("). Remove", 1)[0]))
+            plan.skipped.append((path, _reason(error)))
             continue
         plan.shards.append(path)
-    if plan.skipped:
-        plan.warnings.append(skipped_message(plan.skipped))
-    _check_step_ranges(plan)
-    return plan
+    while True:
+        plan.num_rows = sum(rows[path] for path in plan.shards)
+        plan.warnings, plan.drop_rows = [skipped_message(plan.skipped)] if plan.skipped else [], {}
+        try:
+            _check_step_ranges(plan)
+            return plan
+        except BadShardError as error:
+            # Comparing overlapping shards reads them: a corrupt page under an intact footer shows here.
+            if on_bad_shard == "error":
+                raise
+            plan.shards.remove(error.path)
+            plan.skipped.append((error.path, _reason(error)))
+
+
+def _reason(error: BadShardError) -> str:
+    """What is wrong with the shard, as `_bad` put it in the message."""
+    return str(error).split(" cannot be read (", 1)[-1].split("). Remove", 1)[0]
 
 
 def skipped_message(skipped: list[tuple[Path, str]]) -> str:
