@@ -351,10 +351,11 @@ How it scales: the streaming engine (`hf_gradmimic.filter.outofcore`) reads one 
 appends each record's step, sample id, b*w, score and status (25 bytes) to the spill file of its
 sample-id range; each range is then reduced alone with `numpy.bincount` over `sample * windows + window`,
 by the in-memory engine's own functions, so the result is bit-identical to it. What stays in memory is
-one range's working set (a 256 MiB budget) and the output: the (samples x windows) window values and scores
-(8 bytes per cell) and 28 bytes per sample; then the decision (`decide`): identification per window, the
-LabelModel fitted on the distinct vote patterns (at most 3^5 = 243, each repeated in proportion to its
-count up to 1M rows), and the per-sample table.
+one range's working set (a 256 MiB budget), the window values (4 bytes per cell), then the decision
+(`decide`): identification per window, the LabelModel fitted on the distinct vote patterns (at most
+3^5 = 243, each repeated in proportion to its count up to 1M rows) with its per-sample temporaries, and
+the per-sample table. The window scores, ids, means and counts go to memory-mapped files in the spill
+folder (page cache, not the process's memory) and the table wraps them without a copy.
 """
     doc_path = atomic_write(args.doc, lambda tmp: Path(tmp).write_text(doc, encoding="utf-8"))
     print(f"wrote {doc_path}")

@@ -14,9 +14,12 @@ and then (samples x windows) sums: 6.8 GiB at 24M samples x 5 epochs. This engin
 Every record of a sample lands in one partition, in log order, and the partition is summed with
 the same method (``bincount`` or sort + ``reduceat``) that the in-memory engine would pick for the
 whole log, so every sum is the same left fold: the result is bit-identical to `collect_windows`.
-Memory is one partition's working set (``memory_budget``) plus the output (8 bytes per cell for
-the window values and scores, 28 per sample). When the whole log fits the budget there is one
-partition and nothing is spilled.
+Memory is one partition's working set (``memory_budget``) plus the output: the window values (4 bytes
+per (sample, window) cell) in memory, and the window scores, ids, means and counts (4 per cell and 28
+per sample) in memory-mapped files of the spill folder, which the decision does not read before its
+peak, so that their pages stay in the page cache (reclaimable) and out of the process's memory. The
+files are unlinked at once and freed with the filter's table that maps them. When the whole log fits
+the budget there is one partition, nothing is spilled, and the output is in memory.
 
 Why chunked NumPy and not an embedded engine (DuckDB or Polars streaming; their group-by alone is
 measured on the same logs by ``scripts/bench_filter.py --engines streaming,duckdb,polars``, figures in
@@ -286,47 +289,70 @@ def _backfill_status(spill: _Spill, handles: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+# The per-sample outputs that the decision (`decide`) does not read before its memory peak (the
+# aggregation): the filter's table wraps them zero-copy, the summary reads mean_score afterwards. With a
+# folder, they are appended to files there and memory-mapped at the end, so their pages sit in the page
+# cache (written back and reclaimable) instead of the process's memory.
+_MAPPED = (
+    ("ids", np.int64), ("scores", np.float32), ("mean_weight", np.float64), ("mean_score", np.float64),
+    ("n_records", np.int32),
+)
+
+
 class _Output:
     """The output arrays, filled partition by partition in sample-id order.
 
-    Allocated for the most samples there can be; pages past the last sample are never touched,
-    so they take no memory.
+    ``values`` (read by identification) and ``n_nonfinite`` stay in memory, allocated for the most samples there can be (pages past the last sample are never
+    touched, so they take no memory). The `_MAPPED` ones go to files in ``folder`` when it is given.
     """
 
-    def __init__(self, capacity: int, m: int) -> None:
-        self.ids = np.empty(capacity, dtype=np.int64)
+    def __init__(self, capacity: int, m: int, folder: Path | None = None) -> None:
+        self.m, self.folder = m, folder
         self.values = np.empty((capacity, m), dtype=np.float32)
-        self.scores = np.empty((capacity, m), dtype=np.float32)
-        self.mean_weight = np.empty(capacity, dtype=np.float64)
-        self.mean_score = np.empty(capacity, dtype=np.float64)
-        self.n_records = np.empty(capacity, dtype=np.int32)
         self.n_nonfinite: np.ndarray | None = None
-        self.filled = 0
+        self.kept: dict[str, list[np.ndarray]] = {name: [] for name, _ in _MAPPED}
+        self.capacity, self.filled = capacity, 0
         self.n_nan = self.n_without_score = self.n_unlabeled = 0
 
     def add(self, part: PartMeans) -> None:
         sl = slice(self.filled, self.filled + len(part.sample_ids))
-        self.ids[sl] = part.sample_ids.to_numpy()
-        self.values[sl], self.scores[sl] = part.values, part.scores
-        self.mean_weight[sl], self.mean_score[sl], self.n_records[sl] = part.mean_weight, part.mean_score, part.n_records
+        self.values[sl] = part.values
+        mapped = {"ids": part.sample_ids.to_numpy(), "scores": part.scores, "mean_weight": part.mean_weight,
+                  "mean_score": part.mean_score, "n_records": part.n_records}
+        for name, dtype in _MAPPED:
+            values = np.ascontiguousarray(mapped[name], dtype=dtype)
+            if self.folder is None:
+                self.kept[name].append(values)
+            else:
+                with open(self.folder / f"output.{name}", "ab") as handle:
+                    handle.write(values.tobytes())
         if part.n_nonfinite is not None:
             if self.n_nonfinite is None:
-                self.n_nonfinite = np.zeros(self.ids.size, dtype=np.int32)
+                self.n_nonfinite = np.zeros(self.capacity, dtype=np.int32)
             self.n_nonfinite[sl] = part.n_nonfinite
         self.filled = sl.stop
         self.n_nan += part.n_nan
         self.n_without_score += part.n_without_score
         self.n_unlabeled += part.n_unlabeled
 
+    def _column(self, name: str, dtype: type) -> np.ndarray:
+        shape = (self.filled, self.m) if name == "scores" else (self.filled,)
+        if self.folder is None:
+            return np.concatenate(self.kept[name]).reshape(shape)
+        # Read-only map of a file in the spill folder: it outlives the folder's removal (POSIX keeps an
+        # unlinked file while it is mapped) and goes with the last array that uses it.
+        return np.memmap(self.folder / f"output.{name}", dtype=dtype, mode="r", shape=shape)
+
     def means(self) -> PartMeans:
         n = self.filled
+        columns = {name: self._column(name, dtype) for name, dtype in _MAPPED}
         return PartMeans(
-            sample_ids=pa.array(self.ids[:n]),
+            sample_ids=pa.array(columns["ids"]),
             values=self.values[:n],
-            scores=self.scores[:n],
-            mean_weight=self.mean_weight[:n],
-            mean_score=self.mean_score[:n],
-            n_records=self.n_records[:n],
+            scores=columns["scores"],
+            mean_weight=columns["mean_weight"],
+            mean_score=columns["mean_score"],
+            n_records=columns["n_records"],
             n_nonfinite=None if self.n_nonfinite is None else self.n_nonfinite[:n],
             n_nan=self.n_nan,
             n_without_score=self.n_without_score,
@@ -341,7 +367,7 @@ def _reduce_partitions(spill: _Spill, step_map: StepWindows, warn_list: list[str
     dense = dense_ids(spill.id_min, spill.id_max, total)
     n_codes = spill.id_max - spill.id_min + 1 if dense else _distinct_ids(spill)
     bincount = bincount_cells(n_codes * m, total)
-    output = _Output(min(n_codes, total), m)
+    output = _Output(min(n_codes, total), m, spill.folder)
     for p in range(spill.n_partitions):
         if spill.counts[p] == 0:
             continue
