@@ -7,6 +7,7 @@ that in CI a missing Ray fails these tests instead of skipping them."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
@@ -20,25 +21,30 @@ from hf_gradmimic.filter.windows import collect_windows
 from hf_gradmimic.scores import SCORES_DIRNAME
 from test_filter_streaming import assert_same_table, assert_same_windows, random_log
 
-if os.environ.get("GRADMIMIC_REQUIRE_RAY") == "1":
-    import ray  # noqa: F401  (must be installed: fail, do not skip)
-else:
-    pytest.importorskip("ray")
+if importlib.util.find_spec("ray") is None:
+    if os.environ.get("GRADMIMIC_REQUIRE_RAY") == "1":
+        raise ImportError('GRADMIMIC_REQUIRE_RAY=1 but Ray is not installed: pip install -e ".[ray]" (make test does)')
+    pytest.skip("Ray is not installed (the 'ray' extra)", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local 2-CPU Ray cluster listening on 127.0.0.1 only, shut down after the module."""
-    import ray
-
     # GCS and raylet bind to the node IP; this keeps them (and the advertised address) on loopback.
+    # Ray reads it when imported, so it is set first (nothing imports Ray before this fixture).
+    previous = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
     # Workers inherit this environment (PYTHONPATH included), so they import the same hf_gradmimic.
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         yield ray
     finally:
         ray.shutdown()
+        if previous is None:
+            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        else:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = previous
 
 
 def write_shards(table, output_dir, rows=700):
