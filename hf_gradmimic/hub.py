@@ -269,7 +269,9 @@ def push_scored_dataset(
     ``filtered`` config from an earlier push stays in the repo (a warning says so).
 
     Args:
-        dataset: the `datasets.Dataset` the scores were recorded on (the trainer's ``train_dataset``).
+        dataset: the `datasets.Dataset` the scores were recorded on (the trainer's ``train_dataset``),
+            or a `datasets.IterableDataset` of it (e.g. ``load_dataset(..., streaming=True)`` over
+            sharded Parquet): it is then streamed, never materialised (`_push_scored_stream`).
         mimic_filter: a `MimicFilter` from `hf_gradmimic.build_filter`.
         repo_id: the dataset repo (``name`` alone uses the token's namespace); created if missing.
         split: the split name in both configs.
@@ -299,6 +301,12 @@ def push_scored_dataset(
     import datasets
     from huggingface_hub import HfApi
 
+    if isinstance(dataset, datasets.IterableDataset):
+        return _push_scored_stream(
+            dataset, mimic_filter, repo_id, split=split, private=private, push_filtered=push_filtered, token=token,
+            revision=revision, commit_message=commit_message, id_column=id_column, local_dir=local_dir,
+            reference=reference, training_config=training_config,
+        )
     _require_split(dataset, "push_scored_dataset")
     if not repo_id or not str(repo_id).strip("/"):
         raise ValueError("repo_id is empty: give the dataset repo as 'namespace/name' or 'name'.")
@@ -392,3 +400,128 @@ def _has_config(readme: str | None, config_name: str) -> bool:
         return False
     configs = getattr(DatasetCard(readme).data, "configs", None) or []
     return any(isinstance(c, Mapping) and c.get("config_name") == config_name for c in configs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pushing a streamed dataset: Parquet shards written and uploaded one at a time
+# ----------------------------------------------------------------------------------------------
+
+STREAM_SHARD_ROWS = 100_000
+
+
+def _push_scored_stream(
+    dataset: datasets.IterableDataset,
+    mimic_filter: MimicFilter,
+    repo_id: str,
+    *,
+    split: str,
+    private: bool,
+    push_filtered: bool,
+    token: str | None,
+    revision: str | None,
+    commit_message: str | None,
+    id_column: str | None,
+    local_dir: str | os.PathLike | None,
+    reference: str | None,
+    training_config: Any,
+) -> ScoredPushResult:
+    """`push_scored_dataset` for a `datasets.IterableDataset`: memory stays at one shard of rows.
+
+    The rows are read in batches of `STREAM_SHARD_ROWS`, get the `MIMIC_COLUMNS`, and are written as
+    Parquet shards ``default/<split>/NNNNN.parquet`` (and the kept rows as ``filtered/<split>/...``) into
+    the local copy; each shard is uploaded (``preupload_lfs_files``) as soon as it is written. One commit
+    then adds every shard, deletes older shards of those configs, and writes the dataset card, whose
+    ``configs`` YAML points `load_dataset` at the shards. A failed upload stops uploading, the local copy
+    is still completed, and the `ScoredPushError` names it.
+    """
+    import pyarrow.parquet as pq
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    from .filter.stream import scored_batches
+
+    api = HfApi(token=token)
+    repo_name = str(repo_id).rstrip("/").split("/")[-1]
+    local_path = Path(local_dir if local_dir is not None else f"scored_{repo_name}").absolute()
+    configs = ["default", FILTERED_CONFIG] if push_filtered else ["default"]
+    result = ScoredPushResult(local_path=local_path, repo_id=repo_id)
+    additions: list[CommitOperationAdd] = []
+    upload_error: list[tuple[str, Exception]] = []
+    stage = "creating the repo"
+    try:
+        if "/" not in repo_id:
+            repo_id = result.repo_id = f"{api.whoami()['name']}/{repo_id}"
+        api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, repo_type="dataset", exist_ok=True)
+    except Exception as error:
+        upload_error.append((stage, error))
+
+    def upload(path: Path, in_repo: str) -> None:
+        operation = CommitOperationAdd(path_in_repo=in_repo, path_or_fileobj=str(path))  # hashes the file
+        additions.append(operation)
+        if upload_error:
+            return
+        try:
+            api.preupload_lfs_files(repo_id, additions=[operation], repo_type="dataset", revision=revision)
+        except Exception as error:
+            upload_error.append((f"the shard {in_repo}", error))
+
+    def write(tmp: str) -> None:
+        for index, table in enumerate(scored_batches(mimic_filter, dataset, MIMIC_COLUMNS, id_column, STREAM_SHARD_ROWS)):
+            keep = table.column("mimic_keep").to_numpy(zero_copy_only=False)
+            parts = {"default": table, FILTERED_CONFIG: table.filter(pa.array(keep))}
+            result.num_rows += table.num_rows
+            result.num_kept += int(keep.sum())
+            for config in configs:
+                in_repo = f"{config}/{split}/{index:05d}.parquet"
+                path = Path(tmp) / in_repo
+                path.parent.mkdir(parents=True, exist_ok=True)
+                pq.write_table(parts[config], path)
+                upload(path, in_repo)
+
+    # An uploaded LFS file is committed by its hash and size alone, so the shards may move from the
+    # temporary folder to local_path (atomic_write_dir) between their upload and the commit.
+    atomic_write_dir(local_path, write)
+    if push_filtered and result.num_kept == 0:
+        raise ValueError(
+            f"The filter keeps none of the {result.num_rows} streamed rows, so there is no 'filtered' config to push; "
+            f"pass push_filtered=False. The scored rows are saved at {local_path}."
+        )
+    if upload_error:
+        stage, error = upload_error[0]
+        raise _push_failed(error, stage, repo_id, local_path) from error
+    stage = "the shards and the dataset card"
+    try:
+        existing = api.list_repo_files(repo_id, repo_type="dataset", revision=revision)
+        written = {operation.path_in_repo for operation in additions}
+        stale = [
+            CommitOperationDelete(path_in_repo=path) for path in existing
+            if any(path.startswith(f"{config}/{split}/") for config in configs) and path not in written
+        ]
+        readme = _stream_configs_yaml(configs, split)
+        card = render_dataset_card(
+            dataset_card_data(readme, repo_id), repo_id=repo_id, has_filtered=push_filtered,
+            filtered_config=FILTERED_CONFIG, split=split, mimic_filter=mimic_filter, num_rows=result.num_rows,
+            num_kept=result.num_kept, reference=reference, training_config=training_config,
+            source_name=getattr(dataset.info, "dataset_name", None),
+        )
+        card_add = CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8"))
+        base_message = commit_message or "Grad-Mimic scored dataset"
+        info = api.create_commit(
+            repo_id, operations=[*additions, *stale, card_add], repo_type="dataset", revision=revision,
+            commit_message=f"{base_message} (streamed: {len(additions)} shard(s) and the dataset card)",
+        )
+    except Exception as error:
+        raise _push_failed(error, stage, repo_id, local_path) from error
+    result.commit_shas["stream"] = info.oid
+    result.commit_urls["stream"] = info.commit_url
+    result.card = card
+    return result
+
+
+def _stream_configs_yaml(configs: list[str], split: str) -> str:
+    """A README holding only the ``configs`` YAML that points `load_dataset` at the streamed shards."""
+    lines = ["---", "configs:"]
+    for config in configs:
+        lines += [f"- config_name: {config}", "  data_files:", f"  - split: {split}", f"    path: {config}/{split}/*.parquet"]
+    return "\n".join(lines + ["---", ""])

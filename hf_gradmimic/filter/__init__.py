@@ -37,7 +37,8 @@ Everything is vectorised (numpy ``bincount`` / sort + prefix sums over the recor
 score log, read shard by shard); there are no Python loops over samples or records.
 
 Modules, in the order the data flows: `inputs` (the one place that converts paths, pandas, Arrow
-and `datasets` inputs), `windows` (records -> per-window means), `identification` (with `clustering`),
+and `datasets` inputs, with `shards` checking a log's files), `windows` (records -> per-window
+means, in memory) and `outofcore` (the same in bounded memory, the default), `identification` (with `clustering`),
 `aggregation`, `decide` (votes -> table and summary), `result` (`MimicFilter`, with `matching` and
 `matrices`) and `build` (`build_filter`, `estimate_quality`).
 """
@@ -54,7 +55,7 @@ from .aggregation import (
     LABEL_MODEL_LR,
     aggregate_votes,
 )
-from .build import build_filter, estimate_quality
+from .build import ENGINES, build_filter, estimate_quality
 from .clustering import GaussianMixture1D, fit_gmm_1d, kmeans_1d
 from .identification import (
     METHODS,
@@ -66,7 +67,9 @@ from .identification import (
     identify_topk,
 )
 from .inputs import ScoresLike
+from .outofcore import collect_windows_streaming
 from .result import SUMMARY_FILENAME, TABLE_FILENAME, MimicFilter
+from .shards import BAD_SHARD_POLICIES, BadShardError
 from .warning import FilterWarning
 from .windows import MAX_MATRIX_CELLS, WindowedScores, WindowsLike, collect_windows
 
@@ -74,7 +77,9 @@ from .windows import MAX_MATRIX_CELLS, WindowedScores, WindowsLike, collect_wind
 __all__ = [
     "ABSTAIN",
     "AGGREGATES",
+    "BAD_SHARD_POLICIES",
     "DISCARD",
+    "ENGINES",
     "KEEP",
     "LABEL_MODEL_EPOCHS",
     "LABEL_MODEL_FIT_ROWS",
@@ -83,6 +88,7 @@ __all__ = [
     "METHODS",
     "SUMMARY_FILENAME",
     "TABLE_FILENAME",
+    "BadShardError",
     "FilterWarning",
     "GaussianMixture1D",
     "Identification",
@@ -93,6 +99,7 @@ __all__ = [
     "aggregate_votes",
     "build_filter",
     "collect_windows",
+    "collect_windows_streaming",
     "estimate_quality",
     "fit_gmm_1d",
     "identify",

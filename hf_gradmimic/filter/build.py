@@ -9,12 +9,17 @@ from typing import Any
 
 from ..scores import read_provenance
 from .decide import check_settings, decide
+from .distributed import collect_windows_ray
 from .inputs import ScoresLike
+from .outofcore import collect_windows_streaming
 from .result import MimicFilter
+from .shards import BAD_SHARD_POLICIES, BadShardPolicy
 from .warning import FilterWarning
 from .windows import WindowsLike, check_windows, collect_windows
 
-__all__ = ["build_filter", "estimate_quality"]
+ENGINES: tuple[str, ...] = ("streaming", "memory", "ray")
+
+__all__ = ["ENGINES", "build_filter", "estimate_quality"]
 
 
 def build_filter(
@@ -26,6 +31,9 @@ def build_filter(
     threshold: float | None = None,
     topk: float = 50,
     seed: int = 0,
+    on_bad_shard: BadShardPolicy = "error",
+    engine: str = "streaming",
+    spill_dir: str | os.PathLike | None = None,
 ) -> MimicFilter:
     """Build Grad-Mimic's Stage-2 ensemble filter from a score log.
 
@@ -43,6 +51,16 @@ def build_filter(
         threshold: for ``method="threshold"``: keep when ``b * w > threshold`` (default 1.0, i.e. ``w > 1/b``).
         topk: for ``method="topk"``: the percentage of each window's samples to keep (default 50).
         seed: the LabelModel's seed.
+        on_bad_shard: what an unreadable shard of a score log on disk does: ``"error"`` (the error
+            names the file) or ``"skip"`` (left out, with a warning listing every skipped file).
+            Gaps in a rank's step ranges are warned about, and records held by two shards of one
+            rank (same step and sample) are counted once, with a warning.
+        engine: ``"streaming"`` (default) reduces the log in bounded memory, spilling sample-id
+            ranges to ``spill_dir`` when it does not fit (`hf_gradmimic.filter.outofcore`);
+            ``"memory"`` holds every record (24 bytes each). Both give the same filter, bit for bit.
+            ``"ray"`` reduces the shards on the current Ray cluster (`hf_gradmimic.filter.distributed`,
+            ``pip install "hf-gradmimic[ray]"``), with the same result.
+        spill_dir: where the streaming engine spills (default: the system's temporary folder).
 
     Returns:
         A `MimicFilter`: ``table`` has one row per sample (sorted by ``sample_id``) with its mean
@@ -61,7 +79,16 @@ def build_filter(
         warnings.warn(
             f"threshold={threshold} is only used by method='threshold' (method={method!r}).", FilterWarning, stacklevel=2
         )
-    windowed = collect_windows(scores, windows)
+    if on_bad_shard not in BAD_SHARD_POLICIES:
+        raise ValueError(f"on_bad_shard must be one of {BAD_SHARD_POLICIES}, got {on_bad_shard!r}.")
+    if engine == "streaming":
+        windowed = collect_windows_streaming(scores, windows, on_bad_shard=on_bad_shard, spill_dir=spill_dir)
+    elif engine == "memory":
+        windowed = collect_windows(scores, windows, on_bad_shard=on_bad_shard)
+    elif engine == "ray":
+        windowed = collect_windows_ray(scores, windows, on_bad_shard=on_bad_shard)
+    else:
+        raise ValueError(f"Unknown engine {engine!r}; expected one of {ENGINES}.")
     table, summary = decide(
         windowed, method=method, aggregate=aggregate, windows=windows, threshold=threshold, topk=topk, seed=seed
     )

@@ -59,15 +59,15 @@ def decide(
             "is kept (vote 1).",
             warn_list,
         )
-    keep_prob, info = aggregate_votes(votes, aggregate, seed=seed, collected_warnings=warn_list)
+    keep_prob, keep, info, status_counts = _aggregate_with_status(windowed, votes, aggregate, seed, warn_list)
     accuracies = info["estimated_accuracies"]
     for j, w in enumerate(window_info):
         w["estimated_accuracy"] = None if accuracies is None else accuracies[j]
-    keep = keep_prob >= 0.5
     table = _filter_table(windowed, votes, keep_prob, keep)
     finite_scores = windowed.mean_score[~np.isnan(windowed.mean_score)]
     summary = {
         "n_samples": int(votes.shape[0]),
+        **status_counts,
         "n_records": int(windowed.total_records),
         "n_windows": int(votes.shape[1]),
         "retained_fraction": float(keep.mean()),
@@ -91,6 +91,54 @@ def decide(
         "warnings": warn_list,
     }
     return table, json_safe(summary)
+
+
+def _aggregate_with_status(
+    windowed: WindowedScores, votes: np.ndarray, aggregate: str, seed: int, warn_list: list[str]
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dict[str, int]]:
+    """``(keep_prob, keep, aggregation info, status counts for the summary)``.
+
+    The score log's ``status`` (`hf_gradmimic.scores`) decides two cases before the votes do:
+
+    - a sample with a non-finite record (status 1) is discarded: ``keep = False``, ``keep_prob = 0``.
+      Its loss or score was NaN or inf once, so its data is suspect (issue: one such row used to
+      poison training);
+    - a sample with no scored record at all (only status-2 records: no supervised label) has no
+      vote in any window, so it is left out of the aggregation and gets the prior: ``keep_prob`` is
+      the share of the voted samples that the filter keeps (the class balance it found), and it is
+      kept when that share is at least 0.5.
+    """
+    n = votes.shape[0]
+    voted = (votes != ABSTAIN).any(axis=1)
+    n_unscored = int(n - voted.sum())
+    if n_unscored == n:
+        raise ValueError("No sample of the score log has a scored record (status 0) in any window; nothing to filter on.")
+    keep_prob = np.empty(n, dtype=np.float64)
+    if n_unscored:
+        keep_prob[voted], info = aggregate_votes(votes[voted], aggregate, seed=seed, collected_warnings=warn_list)
+    else:
+        keep_prob, info = aggregate_votes(votes, aggregate, seed=seed, collected_warnings=warn_list)
+    nonfinite = np.zeros(n, dtype=bool) if windowed.n_nonfinite is None else windowed.n_nonfinite > 0
+    n_nonfinite = int(nonfinite.sum())
+    if n_nonfinite:
+        keep_prob[nonfinite] = 0.0
+        warn(
+            f"{n_nonfinite} sample(s) had a non-finite loss or score (status 1) in the score log; the filter "
+            "discards them.",
+            warn_list,
+        )
+    if n_unscored:
+        prior = float((keep_prob[voted] >= 0.5).mean())
+        keep_prob[~voted & ~nonfinite] = prior
+        warn(
+            f"{n_unscored} sample(s) have no scored record (only unlabeled records, status 2): they abstain in "
+            f"every window and get the prior keep_prob={prior:.3f}, the share of the voted samples kept.",
+            warn_list,
+        )
+    keep = keep_prob >= 0.5
+    counts = {"n_nonfinite_samples": n_nonfinite, "n_unscored_samples": n_unscored,
+              "n_unlabeled_records": int(windowed.n_unlabeled_records)}
+    return keep_prob, keep, info, counts
 
 
 def _vote_per_window(
@@ -133,5 +181,10 @@ def _filter_table(windowed: WindowedScores, votes: np.ndarray, keep_prob: np.nda
             "window_scores": list_column(windowed.scores, pa.float32()),
             "keep_prob": pa.array(np.asarray(keep_prob, dtype=np.float64)),
             "keep": pa.array(keep),
+            **(
+                {}
+                if windowed.n_nonfinite is None
+                else {"n_nonfinite": pa.array(windowed.n_nonfinite, type=pa.int32())}
+            ),
         }
     )

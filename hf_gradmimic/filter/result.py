@@ -18,6 +18,7 @@ from .decide import check_settings, decide
 from .inputs import as_rows
 from .matching import check_row_index_dataset, row_positions
 from .matrices import matrix
+from .stream import filter_iterable
 from .windows import WindowedScores
 
 __all__ = ["SUMMARY_FILENAME", "TABLE_FILENAME", "MimicFilter"]
@@ -134,6 +135,10 @@ class MimicFilter:
             window_steps=[(w["first_step"], w["last_step"]) for w in self.summary["windows"]],
             total_records=self.summary["n_records"],
             n_nan_scores=self.summary["n_nan_scores"],
+            n_nonfinite=(
+                self.table.column("n_nonfinite").to_numpy() if "n_nonfinite" in self.table.column_names else None
+            ),
+            n_unlabeled_records=self.summary.get("n_unlabeled_records", 0),
         )
 
     # -- persistence -------------------------------------------------------------------------------
@@ -154,9 +159,21 @@ class MimicFilter:
         for path in (table_path, summary_path):
             if not path.is_file():
                 raise FileNotFoundError(f"No saved MimicFilter at {directory}: {path.name} is missing.")
-        with open(summary_path, encoding="utf-8") as handle:
-            summary = json.load(handle)
-        return cls(table=pq.read_table(table_path), summary=summary)
+        try:
+            with open(summary_path, encoding="utf-8") as handle:
+                summary = json.load(handle)
+        except (ValueError, UnicodeDecodeError) as error:  # json.JSONDecodeError is a ValueError
+            raise ValueError(
+                f"The filter summary {summary_path} is not valid JSON ({error}); it is corrupt or was cut short. "
+                "Rebuild the filter with build_filter, or restore that file."
+            ) from error
+        if not isinstance(summary, dict) or "settings" not in summary or "n_windows" not in summary:
+            raise ValueError(f"The filter summary {summary_path} is not a MimicFilter summary (no 'settings' / 'n_windows').")
+        try:
+            table = pq.read_table(table_path)
+        except (OSError, pa.ArrowException) as error:
+            raise ValueError(f"The filter table {table_path} cannot be read ({error}); it is corrupt or was cut short.") from error
+        return cls(table=table, summary=summary)
 
     def to_dataset(self) -> "datasets.Dataset":  # noqa: F821
         """The per-sample table as a `datasets.Dataset`."""
@@ -182,16 +199,20 @@ class MimicFilter:
 
         Args:
             dataset: a `datasets.Dataset`, `pandas.DataFrame` or `pyarrow.Table` holding exactly the
-                scored samples.
+                scored samples, or a `datasets.IterableDataset` of them.
             id_column: the column holding the sample ids the trainer recorded (``mimic_id_column``);
                 None when the ids are row indices.
             check_dataset: with row-index ids, refuse a `datasets.Dataset` whose fingerprint differs from the
                 training set's that the score log recorded (a shuffled, filtered or other dataset would get the
                 wrong rows kept). Pass False only for a copy you know has the same rows in the same order.
+                A `datasets.IterableDataset` is filtered lazily, batch by batch, without materialising it
+                (`hf_gradmimic.filter.stream.filter_iterable`); it cannot be checked this way (no random access).
 
         Returns:
             The same type as ``dataset``, with the kept rows in their original order.
         """
+        if type(dataset).__name__ == "IterableDataset" and type(dataset).__module__.startswith("datasets"):
+            return filter_iterable(self, dataset, id_column)
         positions = self.positions(dataset, id_column, check_dataset=check_dataset)
         return as_rows(dataset).take(np.sort(positions[self.keep]))
 

@@ -1,0 +1,210 @@
+"""Checking a score log's shards before they are read: unreadable files, gaps in the step ranges, duplicated records.
+
+`MimicTrainer` writes each rank's records as Parquet shards named after the optimizer steps they
+hold (`hf_gradmimic.scores`). Before Stage 2 (Huang et al., arXiv 2501.06708, Section 4.2) reduces
+them, `plan_shards` looks at every shard once, cheaply (its footer, and the ids of the few steps
+that two shards of one rank share), so that:
+
+- a corrupt, truncated or empty file is named (`BadShardError`), or skipped with a warning listing
+  every skipped file when ``on_bad_shard="skip"``;
+- a gap in a rank's step ranges (a lost shard) is warned about;
+- records held twice (the same rank, step and sample in two shards, e.g. a shard copied in from
+  another run) are warned about and read once: the later copies are dropped row by row. Two shards
+  of one rank may legitimately share a boundary step (the writer flushed mid-step, then again at a
+  checkpoint) with *different* samples; those records are all kept.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = ["BAD_SHARD_POLICIES", "BadShardError", "ShardPlan", "plan_shards", "read_shard"]
+
+BadShardPolicy = Literal["error", "skip"]
+BAD_SHARD_POLICIES: tuple[str, ...] = ("error", "skip")
+
+_NAME = re.compile(r"^rank(?P<rank>\d+)-steps(?P<first>\d+)-(?P<last>\d+)\.parquet$")
+
+
+class BadShardError(ValueError):
+    """A score-log shard cannot be read (corrupt, truncated, empty, or lacking columns); ``path`` names it."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+@dataclass
+class ShardPlan:
+    """What to read: the readable shards in step order, rows to drop from some of them, what was skipped."""
+
+    shards: list[Path]
+    drop_rows: dict[Path, np.ndarray] = field(default_factory=dict)  # row positions of duplicated records
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    num_rows: int = 0
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def _bad(path: Path, error: BaseException | str) -> BadShardError:
+    reason = error if isinstance(error, str) else _describe(error)
+    return BadShardError(
+        f"Score-log shard {path} cannot be read ({reason}). Remove or restore that file, or pass "
+        "on_bad_shard='skip' (CLI: --on-bad-shard skip) to build the filter without it.",
+        path,
+    )
+
+
+def read_shard(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+    """Read one shard; any failure is a `BadShardError` naming the file."""
+    try:
+        return pq.read_table(path, columns=None if columns is None else list(columns))
+    except (OSError, pa.ArrowException, ValueError) as error:
+        raise _bad(path, error) from error
+
+
+def _footer_rows(path: Path, needed: Sequence[str]) -> int:
+    """Rows of a shard, from its footer; a `BadShardError` when it is empty, truncated, not Parquet or lacks columns."""
+    if path.stat().st_size == 0:
+        raise _bad(path, "the file is empty (0 bytes)")
+    try:
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        rows = parquet.metadata.num_rows
+    except (OSError, pa.ArrowException, ValueError) as error:
+        raise _bad(path, error) from error
+    missing = [name for name in needed if name not in names]
+    if missing:
+        raise _bad(path, f"it lacks the column(s) {missing}; found {names}")
+    return rows
+
+
+def plan_shards(paths: Sequence[Path], *, needed: Sequence[str] = (), on_bad_shard: BadShardPolicy = "error") -> ShardPlan:
+    """Check the shards ``paths`` (in step order) and plan how to read them.
+
+    Args:
+        paths: the shards, as `hf_gradmimic.scores.score_shard_paths` lists them.
+        needed: columns every shard must have.
+        on_bad_shard: ``"error"`` raises `BadShardError` at the first unreadable shard; ``"skip"``
+            leaves such shards out and warns once with the list.
+    """
+    if on_bad_shard not in BAD_SHARD_POLICIES:
+        raise ValueError(f"on_bad_shard must be one of {BAD_SHARD_POLICIES}, got {on_bad_shard!r}.")
+    plan = ShardPlan(shards=[])
+    rows: dict[Path, int] = {}
+    for path in paths:
+        try:
+            rows[path] = _footer_rows(path, needed)
+        except BadShardError as error:
+            if on_bad_shard == "error":
+                raise
+            plan.skipped.append((path, _reason(error)))
+            continue
+        plan.shards.append(path)
+    while True:
+        plan.num_rows = sum(rows[path] for path in plan.shards)
+        plan.warnings, plan.drop_rows = [skipped_message(plan.skipped)] if plan.skipped else [], {}
+        try:
+            _check_step_ranges(plan)
+            return plan
+        except BadShardError as error:
+            # Comparing overlapping shards reads them: a corrupt page under an intact footer shows here.
+            if on_bad_shard == "error":
+                raise
+            plan.shards.remove(error.path)
+            plan.skipped.append((error.path, _reason(error)))
+
+
+def _reason(error: BadShardError) -> str:
+    """What is wrong with the shard, as `_bad` put it in the message."""
+    return str(error).split(" cannot be read (", 1)[-1].split("). Remove", 1)[0]
+
+
+def skipped_message(skipped: list[tuple[Path, str]]) -> str:
+    """The warning listing the shards that ``on_bad_shard="skip"`` left out."""
+    listed = "; ".join(f"{path} ({reason})" for path, reason in skipped)
+    return f"Skipped {len(skipped)} unreadable score-log shard(s) (on_bad_shard='skip'), their records are missing: {listed}."
+
+
+def _check_step_ranges(plan: ShardPlan) -> None:
+    """Warn about gaps between a rank's shards; find the records that overlapping shards hold twice."""
+    by_rank: dict[int, list[tuple[int, int, Path]]] = {}
+    for path in plan.shards:
+        match = _NAME.match(path.name)
+        if match:
+            by_rank.setdefault(int(match["rank"]), []).append((int(match["first"]), int(match["last"]), path))
+    for rank, shards in sorted(by_rank.items()):
+        shards.sort()
+        covered_until = None
+        earlier: list[tuple[int, int, Path]] = []
+        for first, last, path in shards:
+            if covered_until is not None and first > covered_until + 1:
+                plan.warnings.append(
+                    f"Gap in the score log of rank {rank}: no shard holds steps {covered_until + 1}..{first - 1} "
+                    f"(between {earlier[-1][2].name} and {path.name}); the records of those steps are missing "
+                    "(a lost or deleted shard?)."
+                )
+            overlapping = [entry for entry in earlier if entry[1] >= first]
+            if overlapping:
+                _drop_duplicates(plan, rank, (first, last, path), overlapping)
+            earlier.append((first, last, path))
+            covered_until = last if covered_until is None else max(covered_until, last)
+
+
+def _step_ids(path: Path, lo: int, hi: int) -> tuple[np.ndarray, pa.Array, np.ndarray]:
+    """``(row positions, sample ids, steps)`` of the records of ``path`` with ``lo <= global_step <= hi``."""
+    table = read_shard(path, ["global_step", "sample_id"])
+    steps = table.column("global_step").to_numpy()
+    rows = np.flatnonzero((steps >= lo) & (steps <= hi))
+    return rows, table.column("sample_id").take(pa.array(rows)).combine_chunks(), steps[rows]
+
+
+def _drop_duplicates(
+    plan: ShardPlan, rank: int, shard: tuple[int, int, Path], overlapping: list[tuple[int, int, Path]]
+) -> None:
+    """Rows of ``shard`` whose (step, sample) an earlier shard of the same rank already holds are dropped."""
+    first, last, path = shard
+    hi = min(last, max(entry[1] for entry in overlapping))
+    rows, ids, steps = _step_ids(path, first, hi)
+    seen_ids, seen_steps = [], []
+    for _, _, earlier_path in overlapping:
+        _, earlier_ids, earlier_steps = _step_ids(earlier_path, first, hi)
+        seen_ids.append(earlier_ids.cast(ids.type) if earlier_ids.type != ids.type else earlier_ids)
+        seen_steps.append(earlier_steps)
+    seen = pa.concat_arrays(seen_ids)
+    # One code per distinct id over both sides, then one int key per (step, id) pair.
+    encoded = pa.concat_arrays([ids, seen]).dictionary_encode()
+    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    n_codes = len(encoded.dictionary)
+    keys = (np.concatenate([steps, *seen_steps]) - first) * n_codes + codes
+    duplicate = np.isin(keys[: len(ids)], keys[len(ids):])
+    if not duplicate.any():
+        return  # a shared boundary step holding other samples: a mid-step flush, nothing duplicated
+    plan.drop_rows[path] = rows[duplicate]
+    names = ", ".join(p.name for _, _, p in overlapping)
+    plan.warnings.append(
+        f"Duplicated records in the score log of rank {rank}: {int(duplicate.sum())} record(s) of steps {first}..{hi} "
+        f"in {path} are already in {names} (the same step and sample_id); each is counted once, the copies in "
+        f"{path.name} are dropped."
+    )
+
+
+def without_rows(table: pa.Table, drop: np.ndarray | None) -> pa.Table:
+    """``table`` without the row positions ``drop`` (order kept)."""
+    if drop is None or drop.size == 0:
+        return table
+    keep = np.ones(table.num_rows, dtype=bool)
+    keep[drop] = False
+    return table.filter(pa.array(keep))
+

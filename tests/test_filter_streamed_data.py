@@ -1,0 +1,115 @@
+"""Applying a filter to a streamed dataset and pushing it (issue 19, item 3): `MimicFilter.apply` on a
+`datasets.IterableDataset` and `push_scored_dataset` over sharded Parquet, against the in-memory path on the
+same rows; the Hub is the loopback server with the real clients."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import hf_gradmimic.hub as hub
+from hf_gradmimic.filter import FilterWarning, build_filter
+from hf_gradmimic.hub import push_scored_dataset
+from test_filter import make_log
+
+
+@pytest.fixture(scope="module")
+def scored():
+    """A filter over 1200 samples and their dataset (text, label, uid), in memory."""
+    import datasets
+
+    table, _ = make_log(n=1200, epochs=3, batch=40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FilterWarning)
+        mimic_filter = build_filter(table, method="threshold")
+    rng = np.random.default_rng(0)
+    data = datasets.Dataset.from_dict({
+        "text": [f"row {i}" for i in range(1200)], "label": rng.integers(0, 3, 1200).tolist(),
+        "uid": [int(i) for i in range(1200)],
+    })
+    return mimic_filter, data
+
+
+def parquet_shards(data, folder: Path, rows: int = 250) -> list[str]:
+    folder.mkdir(parents=True)
+    files = []
+    for start in range(0, len(data), rows):
+        path = folder / f"part-{start // rows:05d}.parquet"
+        pq.write_table(data.select(range(start, min(len(data), start + rows))).with_format("arrow")[:], path)
+        files.append(str(path))
+    return files
+
+
+def streamed(files: list[str]):
+    import datasets
+
+    return datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
+
+
+def test_apply_on_an_iterable_dataset_keeps_the_same_rows_lazily(scored, tmp_path):
+    import datasets
+
+    mimic_filter, data = scored
+    stream = streamed(parquet_shards(data, tmp_path / "shards"))
+    kept = mimic_filter.apply(stream)
+    assert isinstance(kept, datasets.IterableDataset)
+    expected = mimic_filter.apply(data)
+    assert [row["text"] for row in kept] == expected["text"]
+    # By an id column too (here in a shuffled order of the shards: ids, not positions, decide).
+    reordered = streamed(parquet_shards(data.shuffle(seed=1), tmp_path / "shuffled"))
+    kept_by_id = mimic_filter.apply(reordered, id_column="uid")
+    keep_of = dict(zip(mimic_filter.sample_ids.tolist(), mimic_filter.keep.tolist()))
+    expected_ids = [uid for uid in data.shuffle(seed=1)["uid"] if keep_of[uid]]
+    assert [row["uid"] for row in kept_by_id] == expected_ids
+
+
+def test_apply_on_a_stream_names_an_unscored_row(scored, tmp_path):
+    import datasets
+
+    mimic_filter, data = scored
+    extra = datasets.concatenate_datasets([data, datasets.Dataset.from_dict({"text": ["new"], "label": [0], "uid": [99999]})])
+    stream = streamed(parquet_shards(extra, tmp_path / "shards"))
+    with pytest.raises(ValueError, match=r"1 streamed row\(s\) have no score \(e.g. uid= \[99999\]\)"):
+        list(mimic_filter.apply(stream, id_column="uid"))
+    with pytest.raises(ValueError, match=r"have no score \(e.g. rows \[1200\]\)"):
+        list(mimic_filter.apply(streamed(parquet_shards(extra, tmp_path / "by_index"))))
+
+
+def test_push_streams_sharded_parquet_and_uploads_shard_by_shard(hub_server, scored, tmp_path, monkeypatch):
+    import datasets
+    from huggingface_hub import HfApi
+
+    mimic_filter, data = scored
+    stream = streamed(parquet_shards(data, tmp_path / "shards"))
+    monkeypatch.setattr(hub, "STREAM_SHARD_ROWS", 300)  # 4 shards of scored rows
+    uploads: list[int] = []
+    real_preupload = HfApi.preupload_lfs_files
+
+    def counting_preupload(self, *args, **kwargs):  # a spy: the real client call still runs
+        uploads.append(len(list((tmp_path / "local").parent.glob(".local.*.tmp/default/train/*.parquet"))))
+        return real_preupload(self, *args, **kwargs)
+
+    monkeypatch.setattr(HfApi, "preupload_lfs_files", counting_preupload)
+    result = push_scored_dataset(stream, mimic_filter, "user/streamed", local_dir=tmp_path / "local")
+    # Uploaded as written: each shard (default, then filtered) while only the shards before it existed
+    # locally; create_commit's own call comes last.
+    assert uploads[:8] == [1, 1, 2, 2, 3, 3, 4, 4]
+    assert result.num_rows == 1200 and result.num_kept == int(mimic_filter.keep.sum())
+    files = HfApi().list_repo_files("user/streamed", repo_type="dataset")
+    assert sorted(f for f in files if f.startswith("default/")) == [f"default/train/{i:05d}.parquet" for i in range(4)]
+    # The real datasets client reads both configs back; they equal the in-memory push's rows.
+    default = datasets.load_dataset("user/streamed", "default", split="train")
+    filtered = datasets.load_dataset("user/streamed", "filtered", split="train")
+    assert default["text"] == data["text"]
+    np.testing.assert_array_equal(np.asarray(default["mimic_keep"]), mimic_filter.keep)
+    assert filtered["text"] == mimic_filter.apply(data)["text"]
+    readme = Path(HfApi().hf_hub_download("user/streamed", "README.md", repo_type="dataset")).read_text()
+    assert "grad-mimic" in readme and "filtered/train/*.parquet" in readme
+    # The local copy holds the same shards.
+    local = pq.read_table(tmp_path / "local" / "default" / "train")
+    assert local.num_rows == 1200

@@ -1,0 +1,169 @@
+"""The streaming engine (`hf_gradmimic.filter.outofcore`) against the in-memory engine and a pandas groupby.
+
+Random logs, cut into many sample-id partitions by a tiny memory budget, must give the in-memory
+engine's `WindowedScores` bit for bit, and so the same filter for every method and aggregate."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from hf_gradmimic.filter import AGGREGATES, METHODS, FilterWarning, MimicFilter, build_filter
+from hf_gradmimic.filter.decide import decide
+from hf_gradmimic.filter.outofcore import collect_windows_streaming
+from hf_gradmimic.filter.windows import collect_windows
+from hf_gradmimic.scores import SCORES_DIRNAME
+from test_filter import make_log
+
+FIELDS = ("values", "scores", "mean_weight", "mean_score", "n_records", "n_nonfinite")
+
+
+def random_log(seed: int, *, sparse_ids: bool = False, extras: bool = True) -> pa.Table:
+    """A make_log log, reshuffled ids; with ``extras``: repeated rows, NaN scores, status 1/2 records."""
+    rng = np.random.default_rng(seed)
+    table, _ = make_log(n=int(rng.integers(300, 900)), epochs=int(rng.integers(3, 6)), batch=int(rng.integers(8, 40)),
+                        seed=seed)
+    columns = dict(zip(table.column_names, table.columns))
+    ids = table.column("sample_id").to_numpy()
+    if sparse_ids:  # far apart, unordered: the in-memory engine dictionary-encodes them
+        mapping = rng.choice(10**12, size=ids.max() + 1, replace=False)
+        columns["sample_id"] = pa.array(mapping[ids], pa.int64())
+    else:
+        columns["sample_id"] = pa.array(ids + 1000, pa.int64())
+    if extras:
+        n = table.num_rows
+        repeated = rng.random(n) < 0.03
+        status = np.where(rng.random(n) < 0.02, 2, 0).astype(np.int8)
+        status[rng.random(n) < 0.005] = 1
+        score = table.column("mimic_score").to_numpy().copy()
+        score[rng.random(n) < 0.02] = np.nan
+        score[status == 1] = np.nan
+        weight = table.column("weight").to_numpy().copy()
+        weight[status != 0] = 0
+        columns.update(
+            repeated=pa.array(repeated), status=pa.array(status, pa.int8()),
+            mimic_score=pa.array(score, pa.float32()), weight=pa.array(weight, pa.float32()),
+        )
+    return pa.table(columns)
+
+
+def assert_same_table(a: pa.Table, b: pa.Table) -> None:
+    """Equal column by column, NaN equal to NaN (Arrow's ``equals`` treats NaN as unequal)."""
+    assert a.schema == b.schema
+    for name in a.column_names:
+        x, y = a.column(name).combine_chunks(), b.column(name).combine_chunks()
+        if pa.types.is_list(x.type) or pa.types.is_large_list(x.type):
+            x, y = x.flatten(), y.flatten()
+            assert a.column(name).combine_chunks().offsets.equals(b.column(name).combine_chunks().offsets)
+        x, y = x.to_numpy(zero_copy_only=False), y.to_numpy(zero_copy_only=False)
+        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), name
+
+
+def assert_same_windows(a, b) -> None:
+    assert a.sample_ids.equals(b.sample_ids)
+    assert a.window_names == b.window_names and a.window_steps == b.window_steps
+    assert (a.total_records, a.n_nan_scores, a.n_unlabeled_records) == (b.total_records, b.n_nan_scores, b.n_unlabeled_records)
+    for name in FIELDS:
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert x.dtype == y.dtype and x.shape == y.shape, name
+            # Bit for bit: the same float sums in the same order.
+            assert np.array_equal(x, y, equal_nan=True), name
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("windows", ["epoch", 2, 7, "step"])
+@pytest.mark.parametrize("sparse_ids", [False, True])
+def test_streaming_equals_in_memory_bit_for_bit(seed, windows, sparse_ids):
+    table = random_log(seed, sparse_ids=sparse_ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FilterWarning)
+        memory = collect_windows(table, windows)
+        # ~100 records per partition: dozens of partitions, every one spilled to disk.
+        streamed = collect_windows_streaming(table, windows, memory_budget=100 * 64)
+    assert_same_windows(memory, streamed)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("aggregate", AGGREGATES)
+def test_every_method_and_aggregate_gives_the_same_filter(method, aggregate):
+    table = random_log(11)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FilterWarning)
+        memory = collect_windows(table, 4)
+        streamed = collect_windows_streaming(table, 4, memory_budget=300 * 64)
+        settings = dict(method=method, aggregate=aggregate, windows=4, threshold=None, topk=60, seed=0)
+        a, summary_a = decide(memory, **settings)
+        b, summary_b = decide(streamed, **settings)
+    assert_same_table(a, b)
+    assert summary_a == summary_b
+
+
+@pytest.mark.parametrize("windows", [3, "step"])  # "step": the sparse (sort + reduceat) path
+def test_streaming_matches_a_pandas_groupby(windows):
+    """Independent oracle: per (sample, window) means of b*w and score over the scored, non-repeated records."""
+    table = random_log(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FilterWarning)
+        streamed = collect_windows_streaming(table, windows, memory_budget=200 * 64)
+    frame = table.to_pandas()
+    frame = frame[~frame["repeated"]]
+    steps = np.sort(frame["global_step"].unique())
+    if windows == "step":
+        window = np.searchsorted(steps, frame["global_step"])
+        m = steps.size
+    else:
+        window = (frame["global_step"] - steps[0]) * windows // (steps[-1] - steps[0] + 1)
+        m = windows
+    frame = frame.assign(window=window, bw=frame["weight"].astype("float64") * frame["batch_size"])
+    scored = frame[frame["status"] == 0]
+    ids = streamed.sample_ids.to_numpy()
+
+    def matrix(series):
+        return series.unstack().reindex(index=ids, columns=range(m)).to_numpy()
+
+    np.testing.assert_allclose(streamed.values, matrix(scored.groupby(["sample_id", "window"])["bw"].mean()),
+                               rtol=1e-6, equal_nan=True)
+    # pandas' mean skips NaN scores, as the filter does.
+    np.testing.assert_allclose(streamed.scores, matrix(scored.groupby(["sample_id", "window"])["mimic_score"].mean()),
+                               rtol=1e-5, equal_nan=True)
+    np.testing.assert_array_equal(streamed.n_records, frame.groupby("sample_id").size().reindex(ids).to_numpy())
+    nonfinite = frame.assign(nf=frame["status"] == 1).groupby("sample_id")["nf"].sum().reindex(ids).to_numpy()
+    np.testing.assert_array_equal(streamed.n_nonfinite, nonfinite)
+
+
+def test_build_filter_streams_shards_from_disk_by_default(tmp_path, monkeypatch):
+    table = random_log(3, extras=False)
+    folder = tmp_path / SCORES_DIRNAME
+    folder.mkdir()
+    for start in range(0, table.num_rows, 500):
+        part = table.slice(start, 500)
+        steps = part.column("global_step").to_numpy()
+        pq.write_table(part, folder / f"rank00000-steps{steps.min():09d}-{steps.max():09d}.parquet")
+    # A budget far below the log: the default engine must partition and spill (into spill_dir).
+    monkeypatch.setattr("hf_gradmimic.filter.outofcore.DEFAULT_MEMORY_BUDGET", 50_000)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    streamed = build_filter(tmp_path, method="gmm", spill_dir=spill)
+    memory = build_filter(tmp_path, method="gmm", engine="memory")
+    assert_same_table(streamed.table, memory.table)
+    assert list(spill.iterdir()) == []  # the spill folder is removed
+
+
+def test_string_ids_use_the_in_memory_engine():
+    table = random_log(2, extras=False)
+    ids = pa.array([f"id-{i}" for i in table.column("sample_id").to_numpy()])
+    table = table.set_column(table.column_names.index("sample_id"), "sample_id", ids)
+    streamed = collect_windows_streaming(table, "epoch", memory_budget=1000)
+    assert_same_windows(collect_windows(table, "epoch"), streamed)
+
+
+def test_an_unknown_engine_is_named():
+    with pytest.raises(ValueError, match="Unknown engine 'duckdb'"):
+        build_filter(random_log(0, extras=False), engine="duckdb")
