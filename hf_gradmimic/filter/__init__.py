@@ -24,7 +24,11 @@ training, turns the recorded weights into a data filter (Stage 2, Section 4.2):
      weighted component densities cross;
    - ``topk``: keep the top ``k`` percent of the window's values.
 
-3. **Aggregation.** The ``n x m`` vote matrix (``-1`` abstain, ``0`` discard, ``1`` keep) is combined
+3. **Other labeling functions** (`labeling`): per-window small-loss votes from the log's ``loss``
+   column, and one vote per sample from a classifier's predictions (the reference's, a zero-shot
+   model's), appended to the windows' votes; ``build_filter(..., labeling_functions=[...])``.
+
+4. **Aggregation.** The ``n x m`` vote matrix (``-1`` abstain, ``0`` discard, ``1`` keep) is combined
    into a keep probability per sample, by default with Snorkel's `LabelModel` (weak supervision:
    it estimates each window's accuracy from the agreements between windows, without labels), or
    by majority vote, ``all`` or ``any``. A sample is kept when ``P(keep) >= 0.5``.
@@ -38,7 +42,7 @@ score log, read shard by shard); there are no Python loops over samples or recor
 
 Modules, in the order the data flows: `inputs` (the one place that converts paths, pandas, Arrow
 and `datasets` inputs), `windows` (records -> per-window means), `identification` (with `clustering`),
-`aggregation`, `decide` (votes -> table and summary), `result` (`MimicFilter`, with `matching` and
+`labeling`, `aggregation`, `decide` (votes -> table and summary), `result` (`MimicFilter`, with `matching` and
 `matrices`) and `build` (`build_filter`, `estimate_quality`).
 """
 
@@ -66,6 +70,14 @@ from .identification import (
     identify_topk,
 )
 from .inputs import ScoresLike
+from .labeling import (
+    DEFAULT_LABELING_FUNCTIONS,
+    LabelingContext,
+    LabelingFunction,
+    LabelingVotes,
+    LossWindows,
+    PredictorAgreement,
+)
 from .result import SUMMARY_FILENAME, TABLE_FILENAME, MimicFilter
 from .warning import FilterWarning
 from .windows import MAX_MATRIX_CELLS, WindowedScores, WindowsLike, collect_windows
@@ -74,6 +86,7 @@ from .windows import MAX_MATRIX_CELLS, WindowedScores, WindowsLike, collect_wind
 __all__ = [
     "ABSTAIN",
     "AGGREGATES",
+    "DEFAULT_LABELING_FUNCTIONS",
     "DISCARD",
     "KEEP",
     "LABEL_MODEL_EPOCHS",
@@ -86,7 +99,12 @@ __all__ = [
     "FilterWarning",
     "GaussianMixture1D",
     "Identification",
+    "LabelingContext",
+    "LabelingFunction",
+    "LabelingVotes",
+    "LossWindows",
     "MimicFilter",
+    "PredictorAgreement",
     "ScoresLike",
     "WindowedScores",
     "WindowsLike",

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 from ..scores import read_provenance
 from .decide import check_settings, decide
 from .inputs import ScoresLike
+from .labeling import LabelingContext, LabelingFunctionLike, labeling_votes, resolve_labeling_functions
 from .result import MimicFilter
 from .warning import FilterWarning
 from .windows import WindowsLike, check_windows, collect_windows
@@ -26,6 +27,7 @@ def build_filter(
     threshold: float | None = None,
     topk: float = 50,
     seed: int = 0,
+    labeling_functions: Sequence[LabelingFunctionLike] | None = None,
 ) -> MimicFilter:
     """Build Grad-Mimic's Stage-2 ensemble filter from a score log.
 
@@ -43,6 +45,13 @@ def build_filter(
         threshold: for ``method="threshold"``: keep when ``b * w > threshold`` (default 1.0, i.e. ``w > 1/b``).
         topk: for ``method="topk"``: the percentage of each window's samples to keep (default 50).
         seed: the LabelModel's seed.
+        labeling_functions: the sources of votes that the LabelModel weighs (Snorkel, Ratner et al. 2017):
+            ``"mimic"`` (the windows above; required), ``"loss"`` (per-window small-loss votes from the
+            log's ``loss`` column, as DivideMix's loss GMM) and objects such as
+            ``PredictorAgreement(reference_logits, labels)`` (reference disagreement) or a zero-shot
+            model's (`hf_gradmimic.filter.labeling`). Default ``["mimic", "loss"]``
+            (`DEFAULT_LABELING_FUNCTIONS`), which measured best on digits with realistic references
+            (docs/results.md); ``["mimic"]`` is the paper's filter.
 
     Returns:
         A `MimicFilter`: ``table`` has one row per sample (sorted by ``sample_id``) with its mean
@@ -61,9 +70,12 @@ def build_filter(
         warnings.warn(
             f"threshold={threshold} is only used by method='threshold' (method={method!r}).", FilterWarning, stacklevel=2
         )
+    functions = resolve_labeling_functions(labeling_functions)
     windowed = collect_windows(scores, windows)
+    context = LabelingContext(scores, windowed, windows, method, threshold, topk)
     table, summary = decide(
-        windowed, method=method, aggregate=aggregate, windows=windows, threshold=threshold, topk=topk, seed=seed
+        windowed, method=method, aggregate=aggregate, windows=windows, threshold=threshold, topk=topk, seed=seed,
+        extra_votes=labeling_votes(functions, context),
     )
     # What produced the log (and what its sample ids index) travels with the filter, to its cards and checks.
     summary["provenance"] = read_provenance(scores) if isinstance(scores, (str, os.PathLike)) else None

@@ -125,6 +125,8 @@ class ScoreSource:
 
 def score_source(scores: ScoresLike) -> ScoreSource:
     """The records of a score log: the shards under a path, or the rows of an in-memory table."""
+    if isinstance(scores, ScoreSource):  # already resolved (e.g. a view of the log made by a labeling function)
+        return scores
     if isinstance(scores, (str, os.PathLike)):
         shards = score_shard_paths(scores)
         if not shards:
