@@ -150,7 +150,8 @@ def run_filter(args: argparse.Namespace) -> int:
     from .filter import build_filter
 
     mimic_filter = build_filter(args.scores, method=args.method, aggregate=args.aggregate, windows=_windows(args.windows),
-                                threshold=args.threshold, topk=args.topk, seed=args.seed)
+                                threshold=args.threshold, topk=args.topk, seed=args.seed,
+                                labeling_functions=args.labeling_functions)
     path = mimic_filter.save(args.output)
     summary = mimic_filter.summary
     print(f"Filter saved to {path}: keeps {summary['retained_fraction']:.1%} of {summary['n_samples']} samples.")
@@ -251,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--repo-id", default=None, help="Hub repo for --push-to-hub.")
 
     # The library's own lists (numpy and pyarrow, no torch), so the choices cannot drift from it.
-    from .filter import AGGREGATES, METHODS
+    from .filter import AGGREGATES, DEFAULT_LABELING_FUNCTIONS, METHODS
 
     flt = commands.add_parser("filter", help="Stage 2: build the ensemble filter from a score log.")
     flt.add_argument("scores", help="An output_dir of MimicTrainer, or its mimic_scores/ folder.")
@@ -261,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     flt.add_argument("--threshold", type=float, default=None, help="For --method threshold: keep when b·w > this (default 1).")
     flt.add_argument("--topk", type=float, default=50, help="For --method topk: percent kept per window.")
     flt.add_argument("--seed", type=int, default=0, help="LabelModel seed.")
+    flt.add_argument("--labeling-functions", nargs="+", default=list(DEFAULT_LABELING_FUNCTIONS),
+                     choices=["mimic", "loss"],
+                     help="Vote sources the LabelModel weighs: the mimic windows and the per-window small-loss votes "
+                          "(a reference's or zero-shot model's agreement: build_filter(labeling_functions=[...]) in Python).")
     flt.add_argument("--output", default="mimic_filter", help="Directory for the filter (Parquet table + JSON summary).")
 
     rep = commands.add_parser("report", help="Figures of a filter (histograms, keep probabilities, detection quality).")
