@@ -64,7 +64,7 @@ def confident_learning(
     try:
         from cleanlab.filter import find_label_issues
     except ImportError as error:  # a bench / dev dependency, not a runtime one
-        raise ImportError("confident_learning needs cleanlab: `pip install cleanlab` (or `make bench-deps`).") from error
+        raise ImportError("confident_learning needs cleanlab: `pip install cleanlab` (a dev extra: `make install` does it).") from error
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
 

