@@ -407,9 +407,10 @@ def render_realistic(realistic: list[dict], settings: Settings) -> list[str]:
         "",
         "## Realistic references (issue #16)",
         "",
-        f"- {len(realistic)} cells (task × regime × reference × noise × seed), {seconds:.1f} min of compute in all "
-        "(read back from `realistic.jsonl` when resumed). Seeds fix the split, the flips, the trusted draw and the "
-        "initialisation.",
+        f"- {len(realistic)} cells (task × regime × reference × noise × seed); their wall times, measured when each ran "
+        f"(on a shared machine, several cells at once), add up to {seconds:.1f} min. The cells are read back from "
+        "`realistic.jsonl` (`--records-only` reports them without running the missing ones). Seeds fix the split, the "
+        "flips, the trusted draw and the initialisation.",
         f"- Tasks: " + "; ".join(f"**{t}**: {d}" for t, d in (
             ("digits", "scikit-learn's digits (1,797 images, 10 classes), 30% stratified clean test split, symmetric "
              "noise on the training split, the frozen random-ReLU backbone + linear head of `hf_gradmimic.testing.digits`; "
@@ -518,6 +519,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str]:
     parser.add_argument("--references", nargs="+", default=["trusted50", "trusted100", "trusted300", "oracle"],
                         help="realistic suite: trusted50 / trusted100 / trusted300 / oracle")
     parser.add_argument("--noise-levels", type=float, nargs="+", default=[0.2, 0.4, 0.6], help="realistic suite")
+    parser.add_argument("--records-only", action="store_true",
+                        help="realistic suite: report the cells already in <work-dir>/realistic.jsonl, run none")
     parser.add_argument("--no-retrain", action="store_true",
                         help="realistic suite: skip retraining plain Trainer on each detector's kept set")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -541,7 +544,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str]:
     if unknown:
         parser.error(f"unknown reference(s) {unknown}; choose from {list(realistic_refs.REFERENCES)}")
     grid = realistic_refs.Grid(tasks=ns.tasks, references=ns.references, noises=ns.noise_levels, seeds=ns.seeds,
-                               regimes=tuple(ns.regimes), epochs=ns.epochs, retrain=not ns.no_retrain)
+                               regimes=tuple(ns.regimes), epochs=ns.epochs, retrain=not ns.no_retrain,
+                               records_only=ns.records_only)
     settings = Settings(suites=ns.suite, realistic=grid, seeds=ns.seeds, variants=ns.variants, regimes=ns.regimes, methods=ns.methods, epochs=ns.epochs,
                         steps=ns.steps, lr_probe=ns.lr_probe, lr_finetune=ns.lr_finetune,
                         reference_epochs=ns.reference_epochs, temperature=ns.temperature, work_dir=ns.work_dir,

@@ -167,6 +167,13 @@ def _frozen_features(task: Task, model, dataset) -> np.ndarray:
     return layer_inputs(model, dataset, "classifier").numpy()
 
 
+def _on_pool(ids: np.ndarray, values: np.ndarray, fill: Any, n: int) -> np.ndarray:
+    """Per-sample ``values`` of the filter's samples spread over the ``n`` pool rows, ``fill`` elsewhere."""
+    out = np.full(n, fill, dtype=np.asarray(values).dtype)
+    out[ids] = values
+    return out
+
+
 def _detection_metrics(issues: np.ndarray, clean_score: np.ndarray | None, is_clean: np.ndarray) -> dict[str, float]:
     from sklearn.metrics import average_precision_score, precision_recall_fscore_support, roc_auc_score
 
@@ -236,12 +243,14 @@ def run_cell(task: Task, reference: str, noise: float, regime: str, seed: int, w
         for name, functions in (("stage2", None), ("stage2_reference", ["mimic", "loss", *agreement]),
                                 ("paper", ["mimic"])):
             mimic_filter = build_filter(out_dir / "mimic", labeling_functions=functions)
-            assert np.array_equal(mimic_filter.sample_ids, np.arange(len(pool_ds)))
-            detections[name] = (~mimic_filter.keep, mimic_filter.keep_prob)
+            ids = mimic_filter.sample_ids  # every pool row over full epochs; a sample never drawn stays kept
+            detections[name] = (~_on_pool(ids, mimic_filter.keep, True, len(pool_ds)),
+                                _on_pool(ids, mimic_filter.keep_prob, 1.0, len(pool_ds)))
             if name == "paper":
                 table = mimic_filter.table
-                scores = {"mean_bw": table.column("mean_weight").to_numpy(),
-                          "mean_mimic_score": table.column("mean_mimic_score").to_numpy()}
+                scores = {key: _on_pool(ids, values, np.nanmax(values), len(pool_ds)) for key, values in (
+                    ("mean_bw", table.column("mean_weight").to_numpy()),
+                    ("mean_mimic_score", table.column("mean_mimic_score").to_numpy()))}
     cl = confident_learning(_frozen_features(task, task.model(seed, True), pool_ds), given, seed=seed)
     detections["cleanlab"] = (cl.issues, cl.clean_score)
     rd = reference_disagreement(ref_logits, given)
@@ -272,6 +281,7 @@ class Grid:
     regimes: tuple[str, ...] = ("probe", "finetune")
     epochs: float = 5.0
     retrain: bool = True
+    records_only: bool = False  # report the cells already in realistic.jsonl, run none
 
 
 def run_grid(grid: Grid, work: Path, log=print) -> list[dict]:
@@ -297,6 +307,8 @@ def run_grid(grid: Grid, work: Path, log=print) -> list[dict]:
                 for noise in grid.noises:
                     for seed in grid.seeds:
                         key = (task_name, reference, noise, regime, seed)
+                        if key not in done and grid.records_only:
+                            continue
                         if key not in done:
                             row = run_cell(task, reference, noise, regime, seed, work, grid.epochs, grid.retrain)
                             with path.open("a") as handle:
@@ -328,9 +340,6 @@ def _select(records, **where):
 def render(records: list[dict], grid: Grid) -> list[str]:
     """The realistic-reference sections of docs/results.md (markdown lines)."""
     out: list[str] = []
-    noises = [nz for nz in grid.noises if _select(records, noise=nz)]
-    header = "| {} | " + " | ".join(f"{int(round(100 * nz))}% noise" for nz in noises) + " |"
-    rule = "|---|" + "---:|" * len(noises)
     for task_name in grid.tasks:
         task_records = _select(records, task=task_name)
         if not task_records:
@@ -342,6 +351,9 @@ def render(records: list[dict], grid: Grid) -> list[str]:
                 if not cell:
                     continue
                 seeds = sorted({r["seed"] for r in cell})
+                noises = [nz for nz in grid.noises if _select(cell, noise=nz)]
+                header = "| {} | " + " | ".join(f"{int(round(100 * nz))}% noise" for nz in noises) + " |"
+                rule = "|---|" + "---:|" * len(noises)
                 out += ["", f"### {task_name}, {regime}: reference from {REFERENCES[reference][0]} "
                         f"({len(seeds)} seeds)", ""]
                 out += ["Discard precision / recall / F1 (%, mean ± std over seeds; the noisy samples are the positives):", ""]
