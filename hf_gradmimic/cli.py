@@ -151,7 +151,8 @@ def run_filter(args: argparse.Namespace) -> int:
 
     mimic_filter = build_filter(args.scores, method=args.method, aggregate=args.aggregate, windows=_windows(args.windows),
                                 threshold=args.threshold, topk=args.topk, seed=args.seed,
-                                on_bad_shard=args.on_bad_shard, engine=args.engine)
+                                on_bad_shard=args.on_bad_shard, engine=args.engine,
+                                labeling_functions=args.labeling_functions)
     path = mimic_filter.save(args.output)
     summary = mimic_filter.summary
     print(f"Filter saved to {path}: keeps {summary['retained_fraction']:.1%} of {summary['n_samples']} samples.")
@@ -252,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--repo-id", default=None, help="Hub repo for --push-to-hub.")
 
     # The library's own lists (numpy and pyarrow, no torch), so the choices cannot drift from it.
-    from .filter import AGGREGATES, BAD_SHARD_POLICIES, ENGINES, METHODS
+    from .filter import AGGREGATES, BAD_SHARD_POLICIES, DEFAULT_LABELING_FUNCTIONS, ENGINES, METHODS
 
     flt = commands.add_parser("filter", help="Stage 2: build the ensemble filter from a score log.")
     flt.add_argument("scores", help="An output_dir of MimicTrainer, or its mimic_scores/ folder.")
@@ -267,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     flt.add_argument("--engine", default="streaming", choices=ENGINES,
                      help="streaming: bounded memory, spills to the temporary folder when the log does not fit; memory: all "
                           "records in RAM; ray: on the current Ray cluster (pip install 'hf-gradmimic[ray]'). Same result.")
+    flt.add_argument("--labeling-functions", nargs="+", default=list(DEFAULT_LABELING_FUNCTIONS),
+                     choices=["mimic", "loss"],
+                     help="Vote sources the LabelModel weighs: the mimic windows and the per-window small-loss votes "
+                          "(a reference's or zero-shot model's agreement: build_filter(labeling_functions=[...]) in Python).")
     flt.add_argument("--output", default="mimic_filter", help="Directory for the filter (Parquet table + JSON summary).")
 
     rep = commands.add_parser("report", help="Figures of a filter (histograms, keep probabilities, detection quality).")

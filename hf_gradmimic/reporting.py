@@ -199,8 +199,11 @@ def _metrics_per_method(mimic_filter: MimicFilter, clean: np.ndarray, scores: An
 
     settings = mimic_filter.summary["settings"]
     per_method: dict[str, dict[str, float]] = {}
+    # Labeling functions given as objects (e.g. a reference's predictions) cannot be rebuilt from their names.
+    functions = settings.get("labeling_functions", ["mimic"])
+    rebuildable = all(name in ("mimic", "loss") for name in functions)
     for method in METHODS:
-        if scores is not None:
+        if scores is not None and rebuildable:
             rebuilt = build_filter(
                 scores,
                 method=method,
@@ -209,6 +212,7 @@ def _metrics_per_method(mimic_filter: MimicFilter, clean: np.ndarray, scores: An
                 threshold=settings["threshold"] if method == "threshold" else None,
                 topk=settings["topk"],
                 seed=settings["seed"],
+                labeling_functions=functions,
             )
             if not np.array_equal(rebuilt.sample_ids, mimic_filter.sample_ids):
                 raise ValueError("scores= does not hold the same samples as mimic_filter; pass the log it was built from.")

@@ -62,6 +62,11 @@ def test_filter_choices_are_the_library_lists():
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     options = {action.dest: action for action in commands.choices["filter"]._actions}
     assert options["method"].choices is METHODS and options["aggregate"].choices is AGGREGATES
+    # --labeling-functions defaults to the library's default list (issue #16), so the CLI filter equals build_filter's.
+    from hf_gradmimic.filter import DEFAULT_LABELING_FUNCTIONS
+
+    assert options["labeling_functions"].default == list(DEFAULT_LABELING_FUNCTIONS)
+    assert set(options["labeling_functions"].choices) == {"mimic", "loss"}
 
 
 @pytest.mark.timeout(240)

@@ -78,7 +78,9 @@ def test_ray_filter_equals_for_every_method_and_aggregate(ray_cluster, tmp_path)
             for aggregate in AGGREGATES:
                 local = build_filter(log_dir, method=method, aggregate=aggregate, windows=3, engine="streaming")
                 assert_same_table(distributed.rebuild(method=method, aggregate=aggregate).table, local.table)
-    assert distributed.summary["label_model"]["n_patterns"] <= 3**3  # fitted on the vote patterns
+    # Fitted on the distinct vote patterns: each vote column (3 mimic windows, 3 loss windows) is -1, 0 or 1.
+    n_columns = len(distributed.summary["windows"]) + len(distributed.summary["labeling_functions"])
+    assert n_columns == 6 and distributed.summary["label_model"]["n_patterns"] <= 3**n_columns
 
 
 def test_ray_names_a_bad_shard_and_skips_it_on_request(ray_cluster, tmp_path):

@@ -24,7 +24,11 @@ training, turns the recorded weights into a data filter (Stage 2, Section 4.2):
      weighted component densities cross;
    - ``topk``: keep the top ``k`` percent of the window's values.
 
-3. **Aggregation.** The ``n x m`` vote matrix (``-1`` abstain, ``0`` discard, ``1`` keep) is combined
+3. **Other labeling functions** (`labeling`): per-window small-loss votes from the log's ``loss``
+   column, and one vote per sample from a classifier's predictions (the reference's, a zero-shot
+   model's), appended to the windows' votes; ``build_filter(..., labeling_functions=[...])``.
+
+4. **Aggregation.** The ``n x m`` vote matrix (``-1`` abstain, ``0`` discard, ``1`` keep) is combined
    into a keep probability per sample, by default with Snorkel's `LabelModel` (weak supervision:
    it estimates each window's accuracy from the agreements between windows, without labels), or
    by majority vote, ``all`` or ``any``. A sample is kept when ``P(keep) >= 0.5``.
@@ -39,7 +43,7 @@ score log, read shard by shard); there are no Python loops over samples or recor
 Modules, in the order the data flows: `inputs` (the one place that converts paths, pandas, Arrow
 and `datasets` inputs, with `shards` checking a log's files), `windows` (records -> per-window
 means, in memory) and `outofcore` (the same in bounded memory, the default), `identification` (with `clustering`),
-`aggregation`, `decide` (votes -> table and summary), `result` (`MimicFilter`, with `matching` and
+`labeling`, `aggregation`, `decide` (votes -> table and summary), `result` (`MimicFilter`, with `matching` and
 `matrices`) and `build` (`build_filter`, `estimate_quality`).
 """
 
@@ -67,6 +71,14 @@ from .identification import (
     identify_topk,
 )
 from .inputs import ScoresLike
+from .labeling import (
+    DEFAULT_LABELING_FUNCTIONS,
+    LabelingContext,
+    LabelingFunction,
+    LabelingVotes,
+    LossWindows,
+    PredictorAgreement,
+)
 from .outofcore import collect_windows_streaming
 from .result import SUMMARY_FILENAME, TABLE_FILENAME, MimicFilter
 from .shards import BAD_SHARD_POLICIES, BadShardError
@@ -78,6 +90,7 @@ __all__ = [
     "ABSTAIN",
     "AGGREGATES",
     "BAD_SHARD_POLICIES",
+    "DEFAULT_LABELING_FUNCTIONS",
     "DISCARD",
     "ENGINES",
     "KEEP",
@@ -92,7 +105,12 @@ __all__ = [
     "FilterWarning",
     "GaussianMixture1D",
     "Identification",
+    "LabelingContext",
+    "LabelingFunction",
+    "LabelingVotes",
+    "LossWindows",
     "MimicFilter",
+    "PredictorAgreement",
     "ScoresLike",
     "WindowedScores",
     "WindowsLike",

@@ -8,7 +8,7 @@ Section 4.2).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +16,7 @@ import pyarrow as pa
 from ..fileio import json_safe
 from .aggregation import ABSTAIN, AGGREGATES, aggregate_votes
 from .identification import METHODS, identify
+from .labeling import LabelingVotes
 from .matrices import list_column
 from .warning import warn
 from .windows import WindowedScores, WindowsLike
@@ -44,8 +45,12 @@ def decide(
     threshold: float | None,
     topk: float,
     seed: int,
+    extra_votes: Sequence[LabelingVotes] = (),
 ) -> tuple[pa.Table, dict[str, Any]]:
     """Identification per window + aggregation, from the per-window values.
+
+    ``extra_votes`` are the other labeling functions' votes (`hf_gradmimic.filter.labeling`), aggregated
+    beside the mimic windows' and stored in the table's ``lf_votes`` column.
 
     Returns ``(table, summary)``, the two halves of a `MimicFilter` (see its docstring).
     """
@@ -59,11 +64,16 @@ def decide(
             "is kept (vote 1).",
             warn_list,
         )
-    keep_prob, keep, info, status_counts = _aggregate_with_status(windowed, votes, aggregate, seed, warn_list)
-    accuracies = info["estimated_accuracies"]
+    lf_votes = np.hstack([lf.votes for lf in extra_votes]) if extra_votes else None
+    all_votes = votes if lf_votes is None else np.hstack([votes, lf_votes])
+    keep_prob, keep, info, status_counts = _aggregate_with_status(windowed, all_votes, aggregate, seed, warn_list)
+    all_accuracies = info["estimated_accuracies"]
+    accuracies = None if all_accuracies is None else all_accuracies[: votes.shape[1]]
     for j, w in enumerate(window_info):
         w["estimated_accuracy"] = None if accuracies is None else accuracies[j]
     table = _filter_table(windowed, votes, keep_prob, keep)
+    if lf_votes is not None:
+        table = table.append_column("lf_votes", list_column(lf_votes, pa.int8()))
     finite_scores = windowed.mean_score[~np.isnan(windowed.mean_score)]
     summary = {
         "n_samples": int(votes.shape[0]),
@@ -80,6 +90,7 @@ def decide(
         "windows": window_info,
         "aggregate_used": info["aggregate_used"],
         "label_model": info.get("label_model"),
+        "labeling_functions": _labeling_summary(extra_votes, all_accuracies, votes.shape[1]),
         "settings": {
             "method": method,
             "aggregate": aggregate,
@@ -87,6 +98,7 @@ def decide(
             "threshold": (1.0 if threshold is None else float(threshold)) if method == "threshold" else threshold,
             "topk": float(topk),
             "seed": int(seed),
+            "labeling_functions": ["mimic", *(lf.name for lf in extra_votes)],
         },
         "warnings": warn_list,
     }
@@ -139,6 +151,30 @@ def _aggregate_with_status(
     counts = {"n_nonfinite_samples": n_nonfinite, "n_unscored_samples": n_unscored,
               "n_unlabeled_records": int(windowed.n_unlabeled_records)}
     return keep_prob, keep, info, counts
+
+
+def _labeling_summary(
+    extra_votes: Sequence[LabelingVotes], accuracies: list[float] | None, offset: int
+) -> list[dict[str, Any]]:
+    """One entry per vote column of the other labeling functions: its name, boundary, kept fraction and
+    the LabelModel's estimated accuracy (None without Snorkel)."""
+    entries = []
+    column = offset
+    for lf in extra_votes:
+        for j, name in enumerate(lf.columns):
+            voted = lf.votes[:, j][lf.votes[:, j] != ABSTAIN]
+            entries.append(
+                {
+                    "labeling_function": lf.name,
+                    "name": name,
+                    "boundary": lf.boundaries[j],
+                    "n_samples": int(voted.size),
+                    "kept_fraction": float(voted.mean()) if voted.size else float("nan"),
+                    "estimated_accuracy": None if accuracies is None else accuracies[column],
+                }
+            )
+            column += 1
+    return entries
 
 
 def _vote_per_window(

@@ -163,6 +163,8 @@ def score_source(scores: ScoresLike, *, on_bad_shard: BadShardPolicy = "error", 
         on_bad_shard: ``"error"`` (a `BadShardError` names an unreadable shard) or ``"skip"``.
         needed: the columns every shard must have (a shard without them is a bad shard).
     """
+    if isinstance(scores, ScoreSource):  # already resolved (e.g. a view of the log made by a labeling function)
+        return scores
     if isinstance(scores, (str, os.PathLike)):
         shards = score_shard_paths(scores)
         if not shards:

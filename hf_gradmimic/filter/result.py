@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from ..fileio import atomic_write, write_json
 from .decide import check_settings, decide
 from .inputs import as_rows
+from .labeling import LabelingVotes
 from .matching import check_row_index_dataset, row_positions
 from .matrices import matrix
 from .stream import filter_iterable
@@ -100,7 +101,9 @@ class MimicFilter:
         """A new filter from the same per-window values with other settings (the log is not re-read).
 
         Gives the same result as `build_filter` on the original scores with those settings,
-        because identification only uses the per-window means stored in ``table``.
+        because identification only uses the per-window means stored in ``table``. The other labeling
+        functions' votes (``lf_votes``) are reused as they were: a new ``method`` re-splits the mimic
+        windows only.
         """
         settings = self.summary["settings"]
         method = settings["method"] if method is None else method
@@ -118,9 +121,25 @@ class MimicFilter:
             threshold=threshold,
             topk=topk,
             seed=seed,
+            extra_votes=self._labeling_votes(),
         )
         summary["provenance"] = self.summary.get("provenance")  # the same log, the same run
         return MimicFilter(table, summary)
+
+    def _labeling_votes(self) -> list[LabelingVotes]:
+        """The other labeling functions' votes stored in ``lf_votes``, grouped as they were given."""
+        entries = self.summary.get("labeling_functions") or []
+        if not entries or "lf_votes" not in self.table.column_names:
+            return []
+        stacked = matrix(self.table.column("lf_votes"), len(entries), np.int8)
+        groups: dict[str, list[int]] = {}
+        for j, entry in enumerate(entries):
+            groups.setdefault(entry["labeling_function"], []).append(j)
+        return [
+            LabelingVotes(name, [entries[j]["name"] for j in cols], stacked[:, cols],
+                          [float("nan") if entries[j]["boundary"] is None else entries[j]["boundary"] for j in cols])
+            for name, cols in groups.items()
+        ]
 
     def _windowed(self) -> WindowedScores:
         """The per-window values stored in the table, as `collect_windows` returned them."""

@@ -1,0 +1,415 @@
+"""Realistic references for `scripts/compare_methods.py`: Grad-Mimic with a reference built from a few trusted
+samples, against label-noise baselines on the same runs (issue #16).
+
+One *cell* is (task, reference, noise rate, regime, seed). The reference is linear-probed
+(`build_reference`) on
+
+- ``trusted<k>``: ``k`` samples drawn from the training split with their clean labels and **held out of
+  the noisy pool** that every method then trains on;
+- ``oracle``: the clean labels of the whole training split, which is also the pool (an upper bound:
+  a real user does not have it).
+
+Per cell it trains, on the pool: plain `Trainer`, `MimicTrainer` (reweight, the score log) and RHO-LOSS
+(select, its irreducible-loss model = the student with the same weak reference head). Then it runs
+the detectors:
+
+- Stage 2 as shipped (`build_filter` defaults), the paper's filter (``labeling_functions=["mimic"]``, gmm),
+  and Stage 2 with the reference's (and, on text, a zero-shot model's) agreement as labeling functions;
+- confident learning (cleanlab, 5-fold CV logistic regression on the frozen features; Northcutt et al. 2021);
+- reference disagreement (the reference's argmax differs from the label);
+- DivideMix's small-loss GMM (Li et al. 2020) on the plain model's final per-sample loss,
+
+and trains plain `Trainer` again on each detector's kept set (same number of steps). Every number is
+from these runs; records go to ``<work>/realistic.jsonl`` (resumed when present).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+BATCH = 32
+SELECT_RATIO = 0.1
+TRUSTED_SEED_OFFSET = 10_000  # the trusted draw has its own stream, apart from the split and the flips
+
+REFERENCES: dict[str, tuple[str, int | None]] = {
+    "trusted50": ("50 trusted samples", 50),
+    "trusted100": ("100 trusted samples", 100),
+    "trusted300": ("300 trusted samples", 300),
+    "oracle": ("oracle (clean labels of the whole pool; an upper bound)", None),
+}
+# name: (label, has a continuous score)
+DETECTORS: dict[str, str] = {
+    "stage2": "Stage 2, `build_filter` defaults (mimic + loss windows, Snorkel)",
+    "stage2_reference": "Stage 2 + reference agreement (+ zero-shot on text) as labeling functions",
+    "paper": "Stage 2 as in the paper (mimic windows only, gmm, Snorkel)",
+    "cleanlab": "cleanlab `find_label_issues` (5-fold CV logistic regression on frozen features)",
+    "reference_disagreement": "reference disagreement (argmax ≠ label)",
+    "loss_gmm": "small loss, 2-component GMM cut (DivideMix) on the plain model's loss",
+}
+SCORES: dict[str, str] = {  # continuous scores without a detector of their own
+    "mean_bw": "mean b·w over the run (Stage 1's weights)",
+    "mean_mimic_score": "mean mimic score over the run",
+}
+TRAINERS: dict[str, str] = {
+    "reference": "the reference head alone",
+    "plain": "plain Trainer on the noisy pool",
+    "mimic": "MimicTrainer (reweight, τ = 0.5)",
+    "rho_loss": "RHO-LOSS (select, same weak reference)",
+}
+
+
+@dataclass
+class Task:
+    """A dataset and its model: how to load a noisy split, build the student, and read its frozen features."""
+
+    name: str
+    label: str
+    load: Callable[[float, int], Any]
+    model: Callable[[int, bool], Any]
+    input_column: str
+    regimes: tuple[str, ...]
+    lr: dict[str, float]
+    zero_shot: Callable[[Any], np.ndarray] | None = None
+
+
+def digits_task() -> Task:
+    from hf_gradmimic.testing.digits import digits_model, load_noisy_digits
+
+    return Task(
+        name="digits", label="scikit-learn digits, frozen random-ReLU backbone + linear head",
+        load=lambda noise, seed: load_noisy_digits(noise_rate=noise, seed=seed),
+        model=lambda seed, frozen: digits_model(seed=seed, freeze_backbone=frozen),
+        input_column="pixel_values", regimes=("probe", "finetune"), lr={"probe": 2e-2, "finetune": 1e-2},
+    )
+
+
+def bbc_task(cache_dir: Path) -> Task:
+    from hf_gradmimic.testing.bbc_news import BBC_TOPICS, EmbeddingClassifier, EmbeddingConfig, load_noisy_bbc_news
+
+    def model(seed: int, frozen: bool):
+        import torch
+
+        torch.manual_seed(seed)
+        return EmbeddingClassifier(EmbeddingConfig(input_dim=384, num_labels=len(BBC_TOPICS)))
+
+    def zero_shot(train) -> np.ndarray:
+        import torch
+
+        from hf_gradmimic.zero_shot import SentenceZeroShot, cosine_logits
+
+        names = {"sports": "sport", "tech": "technology"}
+        classifier = SentenceZeroShot([names.get(t, t) for t in BBC_TOPICS], templates=("news about {}.",))
+        # The articles' embeddings are the cached features (the same encoder): no second pass over the texts.
+        features = torch.as_tensor(np.asarray(train["features"]), dtype=torch.float32)
+        return cosine_logits(features, classifier.class_embeds, classifier.scale).numpy()
+
+    return Task(
+        name="bbc", label="BBC News (5 topics), all-MiniLM-L6-v2 linear probing (frozen encoder, cached embeddings)",
+        load=lambda noise, seed: load_noisy_bbc_news(noise_rate=noise, seed=seed, cache_dir=cache_dir),
+        model=model, input_column="features", regimes=("probe",), lr={"probe": 2e-2}, zero_shot=zero_shot,
+    )
+
+
+# ---------------------------------------------------------------- one cell
+
+
+def _train(task: Task, regime: str, seed: int, dataset, steps: int, output_dir: Path, *, scorer: str | None = None,
+           reference: Any = None):
+    """Train one student on ``dataset`` for ``steps`` AdamW steps; returns the model."""
+    from transformers import PrinterCallback, Trainer, TrainingArguments
+
+    from hf_gradmimic import MimicConfig, MimicTrainer
+
+    common = dict(
+        output_dir=str(output_dir), max_steps=steps, learning_rate=task.lr[regime], optim="adamw_torch",
+        lr_scheduler_type="linear", per_device_train_batch_size=BATCH, dataloader_drop_last=True, report_to=[],
+        save_strategy="no", logging_steps=10**6, use_cpu=True, disable_tqdm=True, seed=seed,
+    )
+    model = task.model(seed, regime == "probe")
+    if scorer is None:
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=dataset)
+    else:
+        extra: dict[str, Any] = {}
+        if scorer == "rho_loss":
+            common["per_device_train_batch_size"] = int(round(BATCH / SELECT_RATIO))
+            extra.update(mimic_mode="select", mimic_select_ratio=SELECT_RATIO)
+        args = MimicConfig(**common, mimic_layers=["classifier"], mimic_temperature=0.5, mimic_scorer=scorer,
+                           mimic_alignment_check=False, mimic_record_scores=scorer == "mimic", **extra)
+        trainer = MimicTrainer(model=model, args=args, train_dataset=dataset, reference=reference)
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return model
+
+
+def _logits(model, dataset, column: str) -> np.ndarray:
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return model(**{column: torch.as_tensor(np.asarray(dataset[column]))}).logits.numpy()
+
+
+def _accuracy(model, dataset, column: str) -> float:
+    return float((_logits(model, dataset, column).argmax(1) == np.asarray(dataset["label"])).mean())
+
+
+def _frozen_features(task: Task, model, dataset) -> np.ndarray:
+    """The mimic layer's inputs from the frozen pretrained student: what cleanlab's classifier reads."""
+    from hf_gradmimic.recipes import layer_inputs
+
+    return layer_inputs(model, dataset, "classifier").numpy()
+
+
+def _on_pool(ids: np.ndarray, values: np.ndarray, fill: Any, n: int) -> np.ndarray:
+    """Per-sample ``values`` of the filter's samples spread over the ``n`` pool rows, ``fill`` elsewhere."""
+    out = np.full(n, fill, dtype=np.asarray(values).dtype)
+    out[ids] = values
+    return out
+
+
+def _detection_metrics(issues: np.ndarray, clean_score: np.ndarray | None, is_clean: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import average_precision_score, precision_recall_fscore_support, roc_auc_score
+
+    precision, recall, f1, _ = precision_recall_fscore_support(~is_clean, issues, average="binary", zero_division=0)
+    out = {"precision": float(precision), "recall": float(recall), "f1": float(f1),
+           "discarded": float(np.mean(issues))}
+    if clean_score is not None:
+        out["auroc"] = float(roc_auc_score(is_clean, clean_score))
+        out["ap"] = float(average_precision_score(is_clean, clean_score))
+    return out
+
+
+def run_cell(task: Task, reference: str, noise: float, regime: str, seed: int, work: Path, epochs: float,
+             retrain: bool = True) -> dict[str, Any]:
+    """Every trainer and detector of one cell; returns its record."""
+    from hf_gradmimic import build_filter, build_reference
+    from hf_gradmimic.baselines import confident_learning, per_sample_loss, reference_disagreement, small_loss_gmm
+    from hf_gradmimic.filter import PredictorAgreement
+
+    start = time.perf_counter()
+    out_dir = work / f"{task.name}_{reference}_{noise}_{regime}_seed{seed}"
+    data = task.load(noise, seed)
+    train, test = data["train"], data["test"]
+    n = len(train)
+    k = REFERENCES[reference][1]
+    if k is None:
+        trusted, pool = np.arange(n), np.arange(n)
+    else:
+        rng = np.random.default_rng(TRUSTED_SEED_OFFSET + seed)
+        trusted = np.sort(rng.choice(n, size=k, replace=False))
+        pool = np.setdiff1d(np.arange(n), trusted)
+    keep_columns = [task.input_column, "label"]
+    trusted_ds = train.select(trusted).select_columns([task.input_column, "clean_label"]).rename_column("clean_label", "label")
+    pool_full = train.select(pool)
+    is_clean = np.asarray(pool_full["is_clean"]).astype(bool)
+    given = np.asarray(pool_full["label"]).astype(np.int64)
+    pool_ds = pool_full.select_columns(keep_columns)
+    steps = max(1, int(round(epochs * (len(pool_ds) // BATCH))))
+
+    ref = build_reference(task.model(seed, True), trusted_ds, layers=["classifier"], output_dir=out_dir / "reference",
+                          epochs=100, seed=seed)
+    ref_model = task.model(seed, True)
+    ref_model.load_state_dict(ref.tensors, strict=False)
+    ref_logits = _logits(ref_model, pool_ds, task.input_column)
+    record: dict[str, Any] = {
+        "task": task.name, "reference": reference, "noise": noise, "regime": regime, "seed": seed,
+        "n_pool": int(len(pool_ds)), "n_trusted": int(len(trusted)), "steps": steps,
+        "noise_in_pool": float(1 - is_clean.mean()), "accuracy": {"reference": _accuracy(ref_model, test, task.input_column)},
+    }
+    plain = _train(task, regime, seed, pool_ds, steps, out_dir / "plain")
+    record["accuracy"]["plain"] = _accuracy(plain, test, task.input_column)
+    plain_loss = per_sample_loss(_logits(plain, pool_ds, task.input_column), given)
+    mimic = _train(task, regime, seed, pool_ds, steps, out_dir / "mimic", scorer="mimic", reference=ref.tensors)
+    record["accuracy"]["mimic"] = _accuracy(mimic, test, task.input_column)
+    rho = _train(task, regime, seed, pool_ds, steps, out_dir / "rho_loss", scorer="rho_loss", reference=ref_model)
+    record["accuracy"]["rho_loss"] = _accuracy(rho, test, task.input_column)
+
+    agreement = [PredictorAgreement(ref_logits, given, name="reference")]
+    if task.zero_shot is not None:
+        zero_shot_logits = task.zero_shot(pool_full)
+        agreement.append(PredictorAgreement(zero_shot_logits, given, name="zero_shot"))
+        record["zero_shot_accuracy_on_clean_labels"] = float(
+            (zero_shot_logits.argmax(1) == np.asarray(pool_full["clean_label"])).mean())
+    detections: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, functions in (("stage2", None), ("stage2_reference", ["mimic", "loss", *agreement]),
+                                ("paper", ["mimic"])):
+            mimic_filter = build_filter(out_dir / "mimic", labeling_functions=functions)
+            ids = mimic_filter.sample_ids  # every pool row over full epochs; a sample never drawn stays kept
+            detections[name] = (~_on_pool(ids, mimic_filter.keep, True, len(pool_ds)),
+                                _on_pool(ids, mimic_filter.keep_prob, 1.0, len(pool_ds)))
+            if name == "paper":
+                table = mimic_filter.table
+                scores = {key: _on_pool(ids, values, np.nanmax(values), len(pool_ds)) for key, values in (
+                    ("mean_bw", table.column("mean_weight").to_numpy()),
+                    ("mean_mimic_score", table.column("mean_mimic_score").to_numpy()))}
+    cl = confident_learning(_frozen_features(task, task.model(seed, True), pool_ds), given, seed=seed)
+    detections["cleanlab"] = (cl.issues, cl.clean_score)
+    rd = reference_disagreement(ref_logits, given)
+    detections["reference_disagreement"] = (rd.issues, rd.clean_score)
+    lg = small_loss_gmm(plain_loss, seed=seed)
+    detections["loss_gmm"] = (lg.issues, lg.clean_score)
+    record["detectors"] = {name: _detection_metrics(issues, score, is_clean) for name, (issues, score) in detections.items()}
+    record["scores"] = {name: _detection_metrics(np.zeros_like(is_clean), s, is_clean) for name, s in scores.items()}
+    if retrain:
+        record["kept_accuracy"] = {}
+        for name, (issues, _) in detections.items():
+            kept = pool_ds.select(np.flatnonzero(~issues))
+            model = _train(task, regime, seed, kept, steps, out_dir / f"kept_{name}")
+            record["kept_accuracy"][name] = _accuracy(model, test, task.input_column)
+    record["seconds"] = time.perf_counter() - start
+    return record
+
+
+# ---------------------------------------------------------------- the grid
+
+
+@dataclass
+class Grid:
+    tasks: list[str]
+    references: list[str]
+    noises: list[float]
+    seeds: list[int]
+    regimes: tuple[str, ...] = ("probe", "finetune")
+    epochs: float = 5.0
+    retrain: bool = True
+    records_only: bool = False  # report the cells already in realistic.jsonl, run none
+
+
+def run_grid(grid: Grid, work: Path, log=print) -> list[dict]:
+    import datasets
+    import torch
+
+    datasets.disable_caching()
+    datasets.logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "realistic.jsonl"
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            done[row["task"], row["reference"], row["noise"], row["regime"], row["seed"]] = row
+    tasks = {"digits": digits_task, "bbc": lambda: bbc_task(work / "embeddings")}
+    records = []
+    for task_name in grid.tasks:
+        task = tasks[task_name]()
+        for regime in [r for r in task.regimes if r in grid.regimes]:
+            for reference in grid.references:
+                for noise in grid.noises:
+                    for seed in grid.seeds:
+                        key = (task_name, reference, noise, regime, seed)
+                        if key not in done and grid.records_only:
+                            continue
+                        if key not in done:
+                            row = run_cell(task, reference, noise, regime, seed, work, grid.epochs, grid.retrain)
+                            with path.open("a") as handle:
+                                handle.write(json.dumps(row) + "\n")
+                            done[key] = row
+                        row = done[key]
+                        records.append(row)
+                        log(f"[realistic] {task_name} {regime} {reference} noise {noise} seed {seed}: "
+                            f"plain {row['accuracy']['plain']:.3f}, mimic {row['accuracy']['mimic']:.3f}, F1 "
+                            + ", ".join(f"{d} {m['f1']:.3f}" for d, m in row["detectors"].items())
+                            + f" ({row['seconds']:.0f} s)")
+    return records
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _cell(values: list[float], scale: float = 100.0) -> str:
+    if not values:
+        return "–"
+    values = np.asarray(values, dtype=float)
+    return f"{scale * values.mean():.1f} ± {scale * values.std():.1f}"
+
+
+def _select(records, **where):
+    return [r for r in records if all(r[k] == v for k, v in where.items())]
+
+
+def render(records: list[dict], grid: Grid) -> list[str]:
+    """The realistic-reference sections of docs/results.md (markdown lines)."""
+    out: list[str] = []
+    for task_name in grid.tasks:
+        task_records = _select(records, task=task_name)
+        if not task_records:
+            continue
+        regimes = list(dict.fromkeys(r["regime"] for r in task_records))
+        for regime in regimes:
+            for reference in grid.references:
+                cell = _select(task_records, regime=regime, reference=reference)
+                if not cell:
+                    continue
+                seeds = sorted({r["seed"] for r in cell})
+                noises = [nz for nz in grid.noises if _select(cell, noise=nz)]
+                header = "| {} | " + " | ".join(f"{int(round(100 * nz))}% noise" for nz in noises) + " |"
+                rule = "|---|" + "---:|" * len(noises)
+                out += ["", f"### {task_name}, {regime}: reference from {REFERENCES[reference][0]} "
+                        f"({len(seeds)} seeds)", ""]
+                out += ["Discard precision / recall / F1 (%, mean ± std over seeds; the noisy samples are the positives):", ""]
+                out += [header.format("detector"), rule]
+                for detector, label in DETECTORS.items():
+                    cells = []
+                    for nz in noises:
+                        runs = [r["detectors"][detector] for r in _select(cell, noise=nz) if detector in r["detectors"]]
+                        cells.append(" / ".join(_cell([m[key] for m in runs]) for key in ("precision", "recall", "f1")))
+                    out.append(f"| {label} | " + " | ".join(cells) + " |")
+                out += ["", "AUROC / AP (%) of each continuous score for the clean flag (keep_prob for the filters):", ""]
+                out += [header.format("score"), rule]
+                for name, label in [*DETECTORS.items(), *SCORES.items()]:
+                    cells = []
+                    for nz in noises:
+                        runs = [{**r["detectors"], **r["scores"]}[name] for r in _select(cell, noise=nz)]
+                        cells.append(" / ".join(_cell([m[key] for m in runs]) for key in ("auroc", "ap")))
+                    out.append(f"| {label} | " + " | ".join(cells) + " |")
+                out += ["", "Test accuracy (%):", ""]
+                out += [header.format("trainer"), rule]
+                for name, label in TRAINERS.items():
+                    out.append(f"| {label} | " + " | ".join(
+                        _cell([r["accuracy"][name] for r in _select(cell, noise=nz)]) for nz in noises) + " |")
+                if any("kept_accuracy" in r for r in cell):
+                    for detector, label in DETECTORS.items():
+                        out.append(f"| plain Trainer on the set kept by: {label} | " + " | ".join(
+                            _cell([r["kept_accuracy"][detector] for r in _select(cell, noise=nz) if "kept_accuracy" in r])
+                            for nz in noises) + " |")
+    out += ["", "### Targets of issue #16, read off the tables above (realistic references only)", ""]
+    out += targets(records, grid)
+    return out
+
+
+def _mean(records, path: Callable[[dict], float]) -> float:
+    return float(np.mean([path(r) for r in records])) if records else float("nan")
+
+
+def targets(records: list[dict], grid: Grid) -> list[str]:
+    """One line per (task, regime, reference, noise): the default filter's F1 against the best baseline,
+    keep_prob's AUROC, MimicTrainer against plain."""
+    lines = []
+    baselines = ("cleanlab", "reference_disagreement", "loss_gmm")
+    for row_key in sorted({(r["task"], r["regime"], r["reference"], r["noise"]) for r in records}):
+        task_name, regime, reference, noise = row_key
+        if reference == "oracle":
+            continue
+        cell = _select(records, task=task_name, regime=regime, reference=reference, noise=noise)
+        f1 = {d: _mean(cell, lambda r, d=d: r["detectors"][d]["f1"]) for d in ("stage2", "stage2_reference", *baselines)}
+        best = max(baselines, key=f1.get)
+        auroc = _mean(cell, lambda r: r["detectors"]["stage2"]["auroc"])
+        gain = _mean(cell, lambda r: r["accuracy"]["mimic"] - r["accuracy"]["plain"])
+        verdict = "met" if f1["stage2"] >= f1[best] else "missed"
+        lines.append(
+            f"- {task_name} {regime}, {REFERENCES[reference][0]}, {int(round(100 * noise))}% noise: default Stage 2 F1 "
+            f"{100 * f1['stage2']:.1f} vs best baseline {best} {100 * f1[best]:.1f} ({verdict}); with the reference "
+            f"labeling function {100 * f1['stage2_reference']:.1f}; keep_prob AUROC {100 * auroc:.1f}; "
+            f"MimicTrainer − plain {100 * gain:+.1f} points."
+        )
+    return lines

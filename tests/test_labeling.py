@@ -1,0 +1,136 @@
+"""Tests of Stage 2's other labeling functions (`hf_gradmimic.filter.labeling`): the loss windows and a
+classifier's agreement with the label, against pandas / numpy re-derivations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from hf_gradmimic.filter import LossWindows, MimicFilter, PredictorAgreement, build_filter
+from hf_gradmimic.filter.labeling import resolve_labeling_functions
+from hf_gradmimic.scores import SCORE_COLUMNS, SCORE_TYPES
+
+TYPES = {name: SCORE_TYPES.get(name, pa.int64()) for name in SCORE_COLUMNS}
+
+
+def make_log(n=600, epochs=3, batch=30, clean_fraction=0.7, bw_sep=0.1, loss_sep=1.5, seed=0):
+    """A trainer-like score log in which b*w separates clean from noisy samples weakly (``bw_sep``) and the
+    loss strongly (clean ~ |N(0.3, 0.2)|, noisy ~ |N(0.3 + loss_sep, 0.3)|)."""
+    rng = np.random.default_rng(seed)
+    clean = rng.random(n) < clean_fraction
+    steps_per_epoch = n // batch
+    columns = {name: [] for name in TYPES}
+    for epoch in range(epochs):
+        order = rng.permutation(n)
+        step = epoch * steps_per_epoch + np.arange(n) // batch + 1
+        c = clean[order]
+        bw = np.clip(np.where(c, 1 + bw_sep / 2, 1 - bw_sep / 2) + rng.normal(0, 0.2, n), 0.01, None)
+        columns["global_step"].append(step)
+        columns["epoch"].append(step / steps_per_epoch)
+        columns["sample_id"].append(order)
+        columns["mimic_score"].append(rng.normal(0, 1, n))
+        columns["weight"].append(bw / batch)
+        columns["loss"].append(np.abs(np.where(c, rng.normal(0.3, 0.2, n), rng.normal(0.3 + loss_sep, 0.3, n))))
+        columns["batch_size"].append(np.full(n, batch))
+        columns["rank"].append(np.zeros(n))
+        columns["repeated"].append(np.zeros(n, dtype=bool))
+        columns["status"].append(np.zeros(n, dtype=np.int8))
+    table = pa.table({name: pa.array(np.concatenate(v), type=TYPES[name]) for name, v in columns.items()})
+    return table, clean
+
+
+def discard_f1(keep, clean):
+    from sklearn.metrics import f1_score
+
+    return f1_score(~np.asarray(clean), ~np.asarray(keep))
+
+
+def test_loss_votes_equal_a_pandas_rederivation():
+    table, _ = make_log()
+    mimic_filter = build_filter(table, labeling_functions=["mimic", LossWindows(method="topk")], topk=40)
+    frame = table.to_pandas()
+    frame["window"] = np.ceil(frame["epoch"] - 1e-9).astype(int) - 1
+    mean_loss = frame.groupby(["sample_id", "window"])["loss"].mean().unstack().sort_index()
+    lf_votes = np.asarray(mimic_filter.table.column("lf_votes").to_pylist())
+    for j in range(3):
+        values = mean_loss[j].to_numpy()
+        n_keep = int(np.ceil(0.4 * values.size - 1e-9))
+        expected = values <= np.sort(values)[n_keep - 1]  # the 40% smallest mean losses vote keep
+        assert np.array_equal(lf_votes[:, j] == 1, expected)
+    entries = mimic_filter.summary["labeling_functions"]
+    assert [e["name"] for e in entries] == ["loss/epoch_0", "loss/epoch_1", "loss/epoch_2"]
+    assert all(e["estimated_accuracy"] is not None for e in entries)
+    assert mimic_filter.summary["settings"]["labeling_functions"] == ["mimic", "loss"]
+
+
+def test_the_loss_windows_lift_a_weak_mimic_signal():
+    table, clean = make_log()
+    paper = build_filter(table, labeling_functions=["mimic"])
+    default = build_filter(table)
+    assert "lf_votes" not in paper.table.column_names and "lf_votes" in default.table.column_names
+    assert discard_f1(default.keep, clean) > discard_f1(paper.keep, clean) + 0.1
+    assert discard_f1(default.keep, clean) > 0.9
+
+
+def test_non_finite_or_flagged_losses_abstain():
+    table, _ = make_log(n=300)
+    loss = table.column("loss").to_numpy().copy()
+    status = table.column("status").to_numpy().copy()
+    sample, first_epoch = table.column("sample_id").to_numpy(), table.column("global_step").to_numpy() <= 10
+    loss[(sample == 5) & first_epoch] = np.nan  # sample 5: NaN loss in epoch 0
+    status[(sample == 7) & first_epoch] = 1  # sample 7: flagged non-finite in epoch 0
+    table = table.set_column(table.column_names.index("loss"), "loss", pa.array(loss, pa.float32()))
+    table = table.set_column(table.column_names.index("status"), "status", pa.array(status, pa.int8()))
+    lf_votes = np.asarray(build_filter(table).table.column("lf_votes").to_pylist())
+    assert lf_votes[5, 0] == -1 and lf_votes[7, 0] == -1
+    assert (lf_votes[5, 1:] != -1).all() and (lf_votes[[0, 1, 2], 0] != -1).all()
+
+
+def test_predictor_agreement_is_matched_by_sample_id():
+    table, clean = make_log()
+    n = clean.size
+    labels = np.arange(n) % 3
+    predicted = np.where(clean, labels, (labels + 1) % 3)  # an oracle: agrees exactly on the clean samples
+    logits = np.eye(3)[predicted]
+    ids = np.arange(n)[::-1]  # rows given in reverse order, matched by id; the last id missing
+    lf = PredictorAgreement(logits[ids][:-1], labels[ids][:-1], sample_ids=ids[:-1], name="reference")
+    mimic_filter = build_filter(table, labeling_functions=["mimic", lf])
+    column = np.asarray(mimic_filter.table.column("lf_votes").to_pylist())[:, -1]
+    assert column[0] == -1  # id 0 was the missing row
+    assert np.array_equal(column[1:] == 1, clean[1:])
+    assert mimic_filter.summary["labeling_functions"][-1]["labeling_function"] == "reference"
+
+
+def test_rebuild_reuses_the_labeling_votes_and_equals_build(tmp_path):
+    table, clean = make_log()
+    lf = PredictorAgreement(np.where(clean, 0, 1), np.zeros(clean.size), name="zero_shot")
+    built = build_filter(table, labeling_functions=["mimic", "loss", lf])
+    direct = build_filter(table, method="kmeans", labeling_functions=["mimic", "loss", lf])
+    assert built.rebuild(method="kmeans").table.equals(direct.table)
+    built.save(tmp_path)
+    loaded = MimicFilter.load(tmp_path)
+    assert loaded.rebuild(method="kmeans").table.equals(direct.table)
+
+
+@pytest.mark.parametrize(
+    "functions, error",
+    [(["loss"], ValueError), (["mimic", "nope"], ValueError), ("mimic", TypeError), (["mimic", 3], TypeError),
+     (["mimic", "loss", LossWindows()], ValueError)],
+)
+def test_bad_labeling_functions_are_refused(functions, error):
+    with pytest.raises(error):
+        resolve_labeling_functions(functions)
+
+
+def test_a_log_without_loss_names_the_way_out():
+    table, _ = make_log(n=150)
+    with pytest.raises(ValueError, match="labeling_functions=\\['mimic'\\]"):
+        build_filter(table.drop(["loss"]))
+    assert build_filter(table.drop(["loss"]), labeling_functions=["mimic"]).table.num_rows == 150
+
+
+def test_frame_input_gives_the_same_filter_as_arrow():
+    table, _ = make_log(n=150)
+    assert build_filter(pd.DataFrame(table.to_pandas())).table.equals(build_filter(table).table)
