@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import warnings
 from collections import deque
 from typing import Any, Callable
 
@@ -27,20 +26,17 @@ from accelerate.utils import DistributedType
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from transformers.utils import logging
 
 from .cards import render_model_card
 from .config import MimicConfig
 from .contrastive import contrastive_loss_for, is_batch_coupled
 from .fileio import atomic_write
 from .losses import PerSampleLossFn, logits_of, per_sample_loss, supervised_counts
-from .lora import lora_layers
-from .lora_recipe import check_adapter_init
-from .reference import ReferenceSource, read_reference_metadata
+from .reference import ReferenceSource
 from .scorers import SampleScorer, ScoreContext, check_mode, comparison_gradient, scorer_from_config
 from .scores import STATUS_NONFINITE, STATUS_SCORED
 from .training.audit import FilterAudit
-from .training.batch import Bookkeeping, KeepColumns, check_sample_ids, read_column, rows_of, with_row_index
+from .training.batch import Bookkeeping, KeepColumns, rows_of, shown_ids
 from .training.capture import BackwardFromLogits, Capture, PendingGrad, scale_per_sample
 from .training.checks import (
     ActivationCheckpointingCheck,
@@ -49,18 +45,17 @@ from .training.checks import (
     check_supported_setup,
     resolve_resume_checkpoint,
 )
-from .training.coupled import CoupledGhost, check_coupled_setup, check_samples_independent
-from .training.diagnostics import ReferenceDiagnostics, check_reference_base, monitor_interval
+from .training.coupled import GhostReader, check_coupled_setup
+from .training.dataset import TrainingData, prepare_training_data
+from .training.diagnostics import ReferenceDiagnostics, check_reference_setup, monitor_interval
 from .training.guards import NonFiniteStepGuard, row_status
 from .training.metrics_buffer import MetricsBuffer
 from .training.mimic_layers import MimicLayers
 from .training.score_log import ScoreLog, run_provenance
-from .training.streaming import StreamIds, is_stream, keyed_stream, stream_position
+from .training.streaming import StreamIds, is_stream, stream_position
 from .training.selection import Candidates, observe_step, select_over_step
 from .training.step_softmax import StepSoftmax, gather_across_ranks
 from .training.use_backward import only_mimic_tensors_train, uses_weighted_loss
-
-logger = logging.get_logger(__name__)
 
 SCORER_STATE_NAME = "mimic_scorer.pt"
 """The scorer's state (`SampleScorer.state_dict`) inside each checkpoint folder."""
@@ -128,40 +123,24 @@ class MimicTrainerMixin:
                 f"{type(self).__name__} needs a `model` (model_init is not supported: the mimic layers are resolved at "
                 "construction)."
             )
-        if train_dataset is not None and hasattr(train_dataset, "__len__") and len(train_dataset) == 0:
-            raise ValueError(f"{type(self).__name__}: train_dataset is empty (0 rows): there is nothing to train on or score.")
-        streaming = is_stream(train_dataset)
-        if streaming and config.mimic_clean_column:
-            raise ValueError(
-                "`mimic_clean_column` is read from train_dataset before training, which a stream (iterable dataset) "
-                "cannot do; audit a map-style dataset, or build the filter after training and compare it yourself."
-            )
-        sample_ids = None
-        if config.mimic_id_column and not streaming:  # a stream's ids arrive with its examples (training.streaming)
-            sample_ids = check_sample_ids(read_column(train_dataset, config.mimic_id_column), config.mimic_id_column,
-                                          train_dataset)
-        clean_flags = read_column(train_dataset, config.mimic_clean_column) if config.mimic_clean_column else None
-        if clean_flags is not None and hasattr(train_dataset, "remove_columns"):  # ground truth never reaches the model
-            train_dataset = train_dataset.remove_columns([config.mimic_clean_column])
-        given_train_dataset = train_dataset
-        bound.arguments["train_dataset"] = (keyed_stream(train_dataset, config.mimic_id_column) if streaming
-                                            else with_row_index(train_dataset))
+        data = prepare_training_data(train_dataset, config, type(self).__name__)
+        bound.arguments["train_dataset"] = data.dataset
         super().__init__(*bound.args, **bound.kwargs)
-        self._setup_mimic(reference, per_sample_loss_fn, scorer, zero_shot, sample_ids, clean_flags, given_train_dataset)
+        self._setup_mimic(reference, per_sample_loss_fn, scorer, zero_shot, data)
 
     def _setup_mimic(self, reference: Any, per_sample_loss_fn: Any, scorer: SampleScorer | None, zero_shot: Any,
-                     sample_ids: Any, clean_flags: Any, given_train_dataset: Any) -> None:
+                     data: TrainingData) -> None:
         """Builds the owners of each job (`hf_gradmimic.training`) after `Trainer.__init__` made the accelerator."""
         args, accelerator = self.args, self.accelerator
         check_supported_setup(accelerator, args, self.model)
         check_launch(accelerator)
         unwrapped = accelerator.unwrap_model(self.model)
-        streaming = is_stream(self.train_dataset)
+        streaming, sample_ids, clean_flags = data.streaming, data.sample_ids, data.clean_flags
         dataset_size = None if streaming else len(self.train_dataset)
         # An image–text dual encoder gets its contrastive per-sample loss (hf_gradmimic.contrastive) by itself.
         self.per_sample_loss_fn = per_sample_loss_fn if per_sample_loss_fn is not None else contrastive_loss_for(unwrapped)
         self.batch_coupled = is_batch_coupled(self.per_sample_loss_fn)
-        self._independence_unchecked = per_sample_loss_fn is not None and not self.batch_coupled
+        self._ghost = GhostReader(self.batch_coupled, check_user_loss=per_sample_loss_fn is not None)
         self.mimic_layers = MimicLayers(unwrapped, args.mimic_layer_map)
         self.scorer = scorer if scorer is not None else scorer_from_config(
             args, reference=reference, zero_shot=zero_shot, layers=self.mimic_layers,
@@ -189,12 +168,9 @@ class MimicTrainerMixin:
         self.reference_name = getattr(self.scorer, "reference_name", None)
         self.mimic_diagnostics = None
         if self.scorer.monitors_reference:
-            source = reference if reference is not None else args.mimic_reference
-            check_reference_base(source, getattr(unwrapped, "config", None), revision=args.mimic_reference_revision,
-                                 token=args.hub_token, reference_name=self.reference_name)
-            if isinstance(source, (str, os.PathLike)) and any(True for _ in lora_layers(unwrapped)):
-                metadata = read_reference_metadata(source, revision=args.mimic_reference_revision, token=args.hub_token)
-                check_adapter_init(metadata, self.mimic_layers.current_tensors(), self.reference_name)
+            check_reference_setup(reference if reference is not None else args.mimic_reference, unwrapped,
+                                  self.mimic_layers.current_tensors, revision=args.mimic_reference_revision,
+                                  token=args.hub_token, reference_name=self.reference_name)
             self.mimic_diagnostics = ReferenceDiagnostics(
                 self.scorer, self.mimic_layers, lambda: self.accelerator.unwrap_model(self.model), self._per_sample_losses,
                 self.mimic_metrics, args.mimic_alignment_check and alignment_possible, lambda: monitor_interval(self.args),
@@ -204,7 +180,7 @@ class MimicTrainerMixin:
         self.score_log = ScoreLog(args.output_dir, accelerator.process_index, accelerator.num_processes,
                                   dataset_size, stream_ids if streaming else sample_ids, args.mimic_record_scores,
                                   accelerator.wait_for_everyone,
-                                  run_provenance(args, self.scorer, self.mode, unwrapped, given_train_dataset))
+                                  run_provenance(args, self.scorer, self.mode, unwrapped, data.given))
         self.mimic_audit = FilterAudit(clean_flags, sample_ids, args.mimic_filter_method, args.seed) if clean_flags is not None else None
         self.nonfinite_guard = NonFiniteStepGuard(self.step_softmax.finite_samples, self.model.parameters,
                                                   args.mimic_max_nonfinite_steps)
@@ -432,17 +408,6 @@ class MimicTrainerMixin:
         loss = (coefficients[selected].detach() * chosen_losses).sum()
         return self._reported(loss, chosen_losses, candidates.status[selected], chosen_outputs, return_outputs)
 
-    def _ghost(self, capture: Capture, losses: torch.Tensor, retain_graph: bool = True) -> Any:
-        """What the ghost scorers read of the batch's gradients at the mimic layers: the ghost maths for independent
-        samples; directional derivatives under a batch-coupled loss (`training.coupled`), where row i of ∂Σℓ/∂z
-        is not ∂ℓ_i/∂z_i. A user loss not marked coupled is checked once for coupling."""
-        if self.batch_coupled:
-            return CoupledGhost(capture, losses)
-        if self._independence_unchecked:
-            self._independence_unchecked = False
-            check_samples_independent(capture, losses)
-        return capture.ghost_batch(losses.sum(), retain_graph=retain_graph)
-
     def _model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """What the model's forward gets: the batch without the labels (their loss is ours), unless a user loss
         function reads the model's own outputs and needs them."""
@@ -522,8 +487,9 @@ class MimicTrainerMixin:
             outputs = model(**self._model_inputs(subset))
         losses = self._per_sample_losses(outputs, subset, subset.get("labels"))
         if not torch.isfinite(losses).all():  # per-sample independence broken: these rows were finite a moment ago
+            rows = self._mimic_batch[0][kept[~torch.isfinite(losses)].cpu()].numpy()
             raise RuntimeError(
-                f"Sample(s) {self._sample_ids_of(kept[~torch.isfinite(losses)])} had a finite loss in the batch and a "
+                f"Sample(s) {shown_ids(rows, self.score_log.sample_ids)} had a finite loss in the batch and a "
                 "non-finite one without the non-finite samples: the model couples samples (batch norm in training "
                 "mode?), which MimicTrainer does not support."
             )
@@ -555,12 +521,6 @@ class MimicTrainerMixin:
         reported = (finite.mean() if finite.numel() else losses.detach().new_tensor(float("nan")))
         loss = loss - loss.detach() + reported / self.current_gradient_accumulation_steps
         return (loss, outputs) if return_outputs else loss
-
-    def _sample_ids_of(self, positions: torch.Tensor) -> list[Any]:
-        """The score-log ids of samples of the current micro-batch, by position (at most ten)."""
-        rows = self._mimic_batch[0][positions.cpu()].numpy()[:10]
-        ids = rows if self.score_log.sample_ids is None else self.score_log.sample_ids[rows]
-        return [value.item() if hasattr(value, "item") else value for value in ids]
 
     def _comparison_gradient(self) -> dict[str, torch.Tensor]:
         """AGRA's comparison: the mean gradient (mimic tensors) of a batch drawn at random from the training set."""

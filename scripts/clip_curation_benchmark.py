@@ -58,7 +58,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from compare_methods import COMMENTS_MARKER, step_timer, write_report  # noqa: E402
+from compare_methods import step_timer, write_report  # noqa: E402
 from transformers import Trainer, TrainingArguments, default_data_collator  # noqa: E402
 
 from hf_gradmimic import MimicConfig, MimicTrainer, build_filter  # noqa: E402

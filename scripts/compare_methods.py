@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -376,8 +377,6 @@ def span(values) -> str:
 
 
 def render(records: list[dict], realistic: list[dict], settings: Settings, command: str, seconds: float) -> str:
-    import realistic_refs
-
     out = [
         "# Grad-Mimic against uniform training, rival scorers and label-noise baselines",
         "",
@@ -411,7 +410,10 @@ def render_realistic(realistic: list[dict], settings: Settings) -> list[str]:
         f"(on a shared machine, several cells at once), add up to {seconds:.1f} min. The cells are read back from "
         "`realistic.jsonl` (`--records-only` reports them without running the missing ones). Seeds fix the split, the "
         "flips, the trusted draw and the initialisation.",
-        f"- Tasks: " + "; ".join(f"**{t}**: {d}" for t, d in (
+        "- Code that measured the cells: commit(s) " + ", ".join(
+            f"`{c}` ({n} cells)" for c, n in sorted(Counter(r.get("commit", "not recorded") for r in realistic).items()))
+        + ".",
+        "- Tasks: " + "; ".join(f"**{t}**: {d}" for t, d in (
             ("digits", "scikit-learn's digits (1,797 images, 10 classes), 30% stratified clean test split, symmetric "
              "noise on the training split, the frozen random-ReLU backbone + linear head of `hf_gradmimic.testing.digits`; "
              "probing trains the head, fine-tuning the backbone too"),

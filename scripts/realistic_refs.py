@@ -26,6 +26,7 @@ from these runs; records go to ``<work>/realistic.jsonl`` (resumed when present)
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import warnings
 from dataclasses import dataclass
@@ -266,6 +267,7 @@ def run_cell(task: Task, reference: str, noise: float, regime: str, seed: int, w
             model = _train(task, regime, seed, kept, steps, out_dir / f"kept_{name}")
             record["kept_accuracy"][name] = _accuracy(model, test, task.input_column)
     record["seconds"] = time.perf_counter() - start
+    record["commit"] = code_commit()
     return record
 
 
@@ -282,6 +284,19 @@ class Grid:
     epochs: float = 5.0
     retrain: bool = True
     records_only: bool = False  # report the cells already in realistic.jsonl, run none
+
+
+def code_commit() -> str:
+    """The git commit of the code that measured a cell ("+dirty" when the working tree had changes)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def run_grid(grid: Grid, work: Path, log=print) -> list[dict]:

@@ -8,12 +8,11 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hf_gradmimic.filter import AGGREGATES, METHODS, FilterWarning, MimicFilter, build_filter
+from hf_gradmimic.filter import AGGREGATES, METHODS, FilterWarning, build_filter
 from hf_gradmimic.filter.decide import decide
 from hf_gradmimic.filter.outofcore import collect_windows_streaming
 from hf_gradmimic.filter.windows import collect_windows

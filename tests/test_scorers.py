@@ -6,7 +6,6 @@ own embedding functions. Nothing here is computed the way `hf_gradmimic.scorers`
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

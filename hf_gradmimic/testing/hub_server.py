@@ -57,7 +57,6 @@ import base64
 import fnmatch
 import hashlib
 import json
-import os
 import re
 import signal
 import socket

@@ -158,3 +158,11 @@ def rows_of(inputs: dict[str, Any], positions: torch.Tensor, batch_size: int) ->
     """The batch restricted to the samples at ``positions`` (every tensor whose first dimension is the batch)."""
     return {key: value[positions.to(value.device)] if isinstance(value, torch.Tensor) and value.dim() > 0
             and value.shape[0] == batch_size else value for key, value in inputs.items()}
+
+
+def shown_ids(rows: np.ndarray, sample_ids: Any, limit: int = 10) -> list[Any]:
+    """The score-log ids of dataset ``rows`` (the rows themselves without an id column), at most ``limit``, as
+    Python values for a message."""
+    rows = np.asarray(rows)[:limit]
+    ids = rows if sample_ids is None else sample_ids[rows]
+    return [value.item() if hasattr(value, "item") else value for value in ids]

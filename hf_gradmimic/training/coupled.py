@@ -147,3 +147,24 @@ def check_coupled_setup(scorer: Any, args: Any, accelerator: Any) -> None:
             f"Batch-coupled losses are supported on one process and under DDP; {accelerator.distributed_type} is not "
             "tested with their double backward. Use DDP (`accelerate launch` without FSDP/DeepSpeed)."
         )
+
+
+class GhostReader:
+    """What the ghost scorers read of a batch's gradients at the mimic layers, for the loss the trainer uses.
+
+    Independent samples get the ghost maths (`Capture.ghost_batch`); a batch-coupled loss gets directional
+    derivatives (`CoupledGhost`), since row i of ∂Σℓ/∂z is not ∂ℓ_i/∂z_i there. A user loss not marked coupled is
+    checked once, at the first batch, for coupling (`check_samples_independent`).
+    """
+
+    def __init__(self, batch_coupled: bool, check_user_loss: bool) -> None:
+        self.batch_coupled = batch_coupled
+        self._unchecked = check_user_loss and not batch_coupled
+
+    def __call__(self, capture: Capture, losses: torch.Tensor, retain_graph: bool = True) -> Any:
+        if self.batch_coupled:
+            return CoupledGhost(capture, losses)
+        if self._unchecked:
+            self._unchecked = False
+            check_samples_independent(capture, losses)
+        return capture.ghost_batch(losses.sum(), retain_graph=retain_graph)

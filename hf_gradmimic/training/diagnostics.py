@@ -21,6 +21,8 @@ from typing import Any
 import torch
 
 from ..ghost import GhostBatch
+from ..lora import lora_layers
+from ..lora_recipe import check_adapter_init
 from ..reference import read_reference_metadata
 from .capture import Capture
 from .metrics_buffer import MetricsBuffer
@@ -43,6 +45,17 @@ def monitor_interval(args: Any) -> int:
     return int(steps) if args.logging_strategy == "steps" and steps >= 1 else 50
 
 
+def check_reference_setup(source: Any, model: Any, current_tensors: Callable[[], dict[str, torch.Tensor]], *,
+                          revision: str | None, token: Any, reference_name: str) -> None:
+    """At construction: the base-checkpoint check, and for a LoRA student, that its adapter starts from the A
+    matrices the reference's adapter was trained from (`hf_gradmimic.lora_recipe.check_adapter_init`)."""
+    check_reference_base(source, getattr(model, "config", None), revision=revision, token=token,
+                         reference_name=reference_name)
+    if isinstance(source, (str, os.PathLike)) and any(True for _ in lora_layers(model)):
+        metadata = read_reference_metadata(source, revision=revision, token=token)
+        check_adapter_init(metadata, current_tensors(), reference_name)
+
+
 def check_reference_base(source: Any, student_config: Any, *, revision: str | None, token: Any, reference_name: str) -> None:
     """Warn when the reference was built from another checkpoint than the student's (`build_reference` metadata)."""
     if not isinstance(source, (str, os.PathLike)):
@@ -61,7 +74,7 @@ def check_reference_base(source: Any, student_config: Any, *, revision: str | No
             f"{f' @ {student_revision}' if student_revision else ''}. Mimic scores only mean something when both "
             "share coordinates: build the reference from the student's own checkpoint (hf_gradmimic.build_reference).",
             UserWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
 
 

@@ -26,6 +26,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..scores import STATUS_NONFINITE, STATUS_SCORED, STATUS_UNLABELED
+from .batch import shown_ids
 
 
 def row_status(losses: torch.Tensor, scores: torch.Tensor, supervised: torch.Tensor | None) -> torch.Tensor:
@@ -72,12 +73,10 @@ class NonFiniteStepGuard(TrainerCallback):
             )
         nonfinite = records.rows[records.status == STATUS_NONFINITE]
         if nonfinite.size:
-            ids = nonfinite if sample_ids is None else sample_ids[nonfinite]
-            shown = [value.item() if hasattr(value, "item") else value for value in ids[:10]]
             warnings.warn(
                 f"Step {global_step}: {nonfinite.size} sample(s) had a non-finite loss or score and were left out of the "
                 f"update (weight 0, no gradient; flagged in the score log, the filter discards them): ids "
-                f"{shown}{' ...' if ids.size > 10 else ''}.",
+                f"{shown_ids(nonfinite, sample_ids)}{' ...' if nonfinite.size > 10 else ''}.",
                 RuntimeWarning,
                 stacklevel=3,
             )

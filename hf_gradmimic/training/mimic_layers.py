@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..ghost import GHOST_RULES, ghost_rule_for, own_tensor_keys
+from ..ghost import GHOST_RULES, ghost_rule_for
 from ..lora import expand_lora_layers
 from ..reference import ReferenceError, ReferenceSource, load_reference_tensors
 from .capture import Capture
