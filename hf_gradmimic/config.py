@@ -7,6 +7,7 @@ from typing import Optional
 
 from transformers import TrainingArguments
 
+from .filter import DEFAULT_METHOD as DEFAULT_FILTER_METHOD
 from .filter import METHODS as FILTER_METHOD_CHOICES
 from .scorers import MODES as MODE_CHOICES
 from .scorers import SCORE_TERMS as SCORE_TERMS_CHOICES
@@ -192,7 +193,7 @@ class MimicArguments:
         },
     )
     mimic_filter_method: str = field(
-        default="gmm",
+        default=DEFAULT_FILTER_METHOD,
         metadata={"help": "Identification used by the running filter metric (see `build_filter`).",
                   "choices": list(FILTER_METHOD_CHOICES)},
     )

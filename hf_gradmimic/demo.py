@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .fileio import write_json
+from .filter.identification import DEFAULT_METHOD
 
 
 @dataclass
@@ -33,7 +34,7 @@ class DemoSettings:
     learning_rate: float = 5e-2
     probe_epochs: int = 60
     temperature: float = 0.5
-    method: str = "gmm"
+    method: str = DEFAULT_METHOD
     push: bool = True
     progress: bool = True
 

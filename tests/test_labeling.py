@@ -8,7 +8,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from hf_gradmimic.filter import LossWindows, MimicFilter, PredictorAgreement, build_filter
+from hf_gradmimic.filter import FilterWarning, LossWindows, MimicFilter, PredictorAgreement, build_filter
 from hf_gradmimic.filter.labeling import resolve_labeling_functions
 from hf_gradmimic.scores import SCORE_COLUMNS, SCORE_TYPES
 
@@ -116,12 +116,33 @@ def test_rebuild_reuses_the_labeling_votes_and_equals_build(tmp_path):
 
 @pytest.mark.parametrize(
     "functions, error",
-    [(["loss"], ValueError), (["mimic", "nope"], ValueError), ("mimic", TypeError), (["mimic", 3], TypeError),
+    [([], ValueError), (["mimic", "nope"], ValueError), ("mimic", TypeError), (["mimic", 3], TypeError),
      (["mimic", "loss", LossWindows()], ValueError)],
 )
 def test_bad_labeling_functions_are_refused(functions, error):
     with pytest.raises(error):
         resolve_labeling_functions(functions)
+
+
+def test_without_mimic_only_the_other_functions_vote(tmp_path):
+    table, clean = make_log()
+    agreement = PredictorAgreement(np.where(clean, 0, 1), np.zeros(clean.size), name="reference")
+    mimic_filter = build_filter(table, aggregate="majority", labeling_functions=["loss", agreement])
+    lf_votes = np.asarray(mimic_filter.table.column("lf_votes").to_pylist())
+    assert lf_votes.shape == (clean.size, 4)  # 3 loss windows and the reference
+    # Majority over the non-abstaining votes of those four columns, re-derived with numpy.
+    voted = lf_votes != -1
+    share = (lf_votes == 1).sum(1) / voted.sum(1)
+    np.testing.assert_allclose(mimic_filter.keep_prob, share)
+    assert np.array_equal(mimic_filter.keep, share >= 0.5)
+    assert mimic_filter.summary["settings"]["labeling_functions"] == ["loss", "reference"]
+    assert mimic_filter.summary["estimated_accuracies"] is None
+    # The mimic windows' votes are still in the table, and rebuild keeps them out of the vote.
+    with_mimic = build_filter(table, aggregate="majority", labeling_functions=["mimic", "loss", agreement])
+    assert mimic_filter.table.column("votes").equals(with_mimic.table.column("votes"))
+    assert not np.array_equal(mimic_filter.keep_prob, with_mimic.keep_prob)
+    mimic_filter.save(tmp_path)
+    assert MimicFilter.load(tmp_path).rebuild(aggregate="majority").table.equals(mimic_filter.table)
 
 
 def test_a_log_without_loss_names_the_way_out():
@@ -134,3 +155,10 @@ def test_a_log_without_loss_names_the_way_out():
 def test_frame_input_gives_the_same_filter_as_arrow():
     table, _ = make_log(n=150)
     assert build_filter(pd.DataFrame(table.to_pandas())).table.equals(build_filter(table).table)
+
+
+def test_a_filter_that_keeps_nothing_says_so():
+    table, _ = make_log(n=300, bw_sep=0.0, seed=3)  # b*w carries no signal: the top 1% differ in every window
+    with pytest.warns(FilterWarning, match="keeps no sample"):
+        mimic_filter = build_filter(table, method="topk", topk=1, aggregate="all", labeling_functions=["mimic"])
+    assert not mimic_filter.keep.any()

@@ -62,6 +62,7 @@ from .aggregation import (
 from .build import ENGINES, build_filter, estimate_quality
 from .clustering import GaussianMixture1D, fit_gmm_1d, kmeans_1d
 from .identification import (
+    DEFAULT_METHOD,
     METHODS,
     Identification,
     identify,
@@ -91,6 +92,7 @@ __all__ = [
     "AGGREGATES",
     "BAD_SHARD_POLICIES",
     "DEFAULT_LABELING_FUNCTIONS",
+    "DEFAULT_METHOD",
     "DISCARD",
     "ENGINES",
     "KEEP",

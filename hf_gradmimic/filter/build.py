@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 from ..scores import read_provenance
 from .decide import check_settings, decide
+from .identification import DEFAULT_METHOD
 from .distributed import collect_windows_ray
 from .inputs import ScoresLike
 from .outofcore import collect_windows_streaming
@@ -25,7 +26,7 @@ __all__ = ["ENGINES", "build_filter", "estimate_quality"]
 
 def build_filter(
     scores: ScoresLike,
-    method: str = "gmm",
+    method: str = DEFAULT_METHOD,
     aggregate: str = "snorkel",
     windows: WindowsLike = "epoch",
     *,
@@ -43,7 +44,8 @@ def build_filter(
         scores: the score log: an ``output_dir`` (or its ``mimic_scores/`` folder), the
             `datasets.Dataset` that `load_scores` returns, a `pyarrow.Table` or a `pandas.DataFrame`
             with the score-log columns. Records flagged ``repeated`` are dropped.
-        method: per-window identification, one of ``"threshold"``, ``"kmeans"``, ``"gmm"``, ``"topk"``.
+        method: per-window identification, one of ``"threshold"``, ``"kmeans"`` (default, `DEFAULT_METHOD`),
+            ``"gmm"``, ``"topk"``.
         aggregate: vote aggregation, one of ``"snorkel"``, ``"majority"``, ``"all"``, ``"any"``.
         windows: the labeling functions: ``"epoch"`` (one per epoch), ``"step"`` (one per optimizer
             step) or an int ``N`` (``N`` equal windows of consecutive global steps). Epoch windows
@@ -79,7 +81,7 @@ def build_filter(
         scorer and its settings, the student, what the sample ids index; None for an in-memory log).
 
     Example:
-        >>> mimic_filter = build_filter("outputs/run1", method="gmm", aggregate="snorkel")
+        >>> mimic_filter = build_filter("outputs/run1")  # mimic + loss windows, k-means, Snorkel's LabelModel
         >>> clean_train = mimic_filter.apply(train_dataset)
     """
     check_settings(method, aggregate, threshold, topk)
@@ -88,7 +90,7 @@ def build_filter(
         warnings.warn(
             f"threshold={threshold} is only used by method='threshold' (method={method!r}).", FilterWarning, stacklevel=2
         )
-    functions = resolve_labeling_functions(labeling_functions)
+    functions, mimic_votes = resolve_labeling_functions(labeling_functions)
     if on_bad_shard not in BAD_SHARD_POLICIES:
         raise ValueError(f"on_bad_shard must be one of {BAD_SHARD_POLICIES}, got {on_bad_shard!r}.")
     if engine == "streaming":
@@ -103,7 +105,7 @@ def build_filter(
                               on_bad_shard=on_bad_shard, spill_dir=spill_dir)
     table, summary = decide(
         windowed, method=method, aggregate=aggregate, windows=windows, threshold=threshold, topk=topk, seed=seed,
-        extra_votes=labeling_votes(functions, context),
+        extra_votes=labeling_votes(functions, context), mimic_votes=mimic_votes,
     )
     # What produced the log (and what its sample ids index) travels with the filter, to its cards and checks.
     summary["provenance"] = read_provenance(scores) if isinstance(scores, (str, os.PathLike)) else None

@@ -46,11 +46,13 @@ def decide(
     topk: float,
     seed: int,
     extra_votes: Sequence[LabelingVotes] = (),
+    mimic_votes: bool = True,
 ) -> tuple[pa.Table, dict[str, Any]]:
     """Identification per window + aggregation, from the per-window values.
 
     ``extra_votes`` are the other labeling functions' votes (`hf_gradmimic.filter.labeling`), aggregated
-    beside the mimic windows' and stored in the table's ``lf_votes`` column.
+    beside the mimic windows' and stored in the table's ``lf_votes`` column. With ``mimic_votes=False`` only they
+    vote; the mimic windows' votes are still computed and stored (``votes``), for reading and for `rebuild`.
 
     Returns ``(table, summary)``, the two halves of a `MimicFilter` (see its docstring).
     """
@@ -65,12 +67,24 @@ def decide(
             warn_list,
         )
     lf_votes = np.hstack([lf.votes for lf in extra_votes]) if extra_votes else None
-    all_votes = votes if lf_votes is None else np.hstack([votes, lf_votes])
+    if not mimic_votes and lf_votes is None:
+        raise ValueError("The filter needs at least one labeling function: 'mimic', 'loss' or a LabelingFunction.")
+    voting = [v for v in (votes if mimic_votes else None, lf_votes) if v is not None]
+    all_votes = np.hstack(voting)
     keep_prob, keep, info, status_counts = _aggregate_with_status(windowed, all_votes, aggregate, seed, warn_list)
     all_accuracies = info["estimated_accuracies"]
-    accuracies = None if all_accuracies is None else all_accuracies[: votes.shape[1]]
+    offset = votes.shape[1] if mimic_votes else 0
+    accuracies = None if all_accuracies is None or not mimic_votes else all_accuracies[:offset]
     for j, w in enumerate(window_info):
         w["estimated_accuracy"] = None if accuracies is None else accuracies[j]
+    if not keep.any():
+        warn(
+            f"The filter keeps no sample (of {keep.size}): every labeling function votes mostly discard "
+            f"({aggregate!r} over {all_votes.shape[1]} vote column(s)). The split cannot tell two groups apart here "
+            "(a short run, or a skewed per-window distribution); look at the windows' kept fractions in the summary, "
+            "and try method='gmm' or 'threshold', or fewer windows.",
+            warn_list,
+        )
     table = _filter_table(windowed, votes, keep_prob, keep)
     if lf_votes is not None:
         table = table.append_column("lf_votes", list_column(lf_votes, pa.int8()))
@@ -90,7 +104,7 @@ def decide(
         "windows": window_info,
         "aggregate_used": info["aggregate_used"],
         "label_model": info.get("label_model"),
-        "labeling_functions": _labeling_summary(extra_votes, all_accuracies, votes.shape[1]),
+        "labeling_functions": _labeling_summary(extra_votes, all_accuracies, offset),
         "settings": {
             "method": method,
             "aggregate": aggregate,
@@ -98,7 +112,7 @@ def decide(
             "threshold": (1.0 if threshold is None else float(threshold)) if method == "threshold" else threshold,
             "topk": float(topk),
             "seed": int(seed),
-            "labeling_functions": ["mimic", *(lf.name for lf in extra_votes)],
+            "labeling_functions": ["mimic"] * mimic_votes + [lf.name for lf in extra_votes],
         },
         "warnings": warn_list,
     }

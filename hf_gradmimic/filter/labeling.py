@@ -204,17 +204,16 @@ class PredictorAgreement:
         return LabelingVotes(self.name, [self.name], votes)
 
 
-def resolve_labeling_functions(labeling_functions: Sequence[LabelingFunctionLike] | None) -> list[LabelingFunction]:
-    """The labeling functions besides the mimic windows, from names or objects; ``"mimic"`` must be among them."""
+def resolve_labeling_functions(
+    labeling_functions: Sequence[LabelingFunctionLike] | None,
+) -> tuple[list[LabelingFunction], bool]:
+    """``(the labeling functions besides the mimic windows, from names or objects; whether the mimic windows vote)``."""
     if labeling_functions is None:
         labeling_functions = DEFAULT_LABELING_FUNCTIONS
     if isinstance(labeling_functions, (str, bytes)) or not isinstance(labeling_functions, Sequence):
         raise TypeError(f"labeling_functions must be a list, e.g. ['mimic', 'loss'], got {labeling_functions!r}.")
-    if "mimic" not in labeling_functions:
-        raise ValueError(
-            f"labeling_functions={list(labeling_functions)!r} lacks 'mimic': the mimic windows are the filter's core "
-            "(its per-window votes, values and scores); add other sources beside them."
-        )
+    if not labeling_functions:
+        raise ValueError("labeling_functions is empty: name at least one, e.g. ['mimic', 'loss'].")
     resolved: list[LabelingFunction] = []
     for lf in labeling_functions:
         if lf == "mimic":
@@ -230,7 +229,7 @@ def resolve_labeling_functions(labeling_functions: Sequence[LabelingFunctionLike
     names = [lf.name for lf in resolved]
     if len(set(names)) != len(names):
         raise ValueError(f"Two labeling functions share a name: {names}.")
-    return resolved
+    return resolved, "mimic" in labeling_functions
 
 
 def labeling_votes(functions: Sequence[LabelingFunction], context: LabelingContext) -> list[LabelingVotes]:

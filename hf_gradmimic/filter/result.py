@@ -122,6 +122,7 @@ class MimicFilter:
             topk=topk,
             seed=seed,
             extra_votes=self._labeling_votes(),
+            mimic_votes="mimic" in settings.get("labeling_functions", ["mimic"]),
         )
         summary["provenance"] = self.summary.get("provenance")  # the same log, the same run
         return MimicFilter(table, summary)
