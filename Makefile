@@ -23,8 +23,9 @@ $(VENV)/.installed-ray: $(VENV)/.installed
 .PHONY: install test demo demo-sft bench bench-filter compare
 install: $(VENV)/.installed
 
+# Two workers, each taking whole test files (module fixtures such as the Ray cluster start once per file).
 test: $(VENV)/.installed $(VENV)/.installed-ray
-	GRADMIMIC_REQUIRE_RAY=1 $(PY) -m pytest -q -p no:cacheprovider tests
+	GRADMIMIC_REQUIRE_RAY=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
 
 demo: $(VENV)/.installed
 	$(PY) -m hf_gradmimic demo --output-dir demo_output
