@@ -47,9 +47,13 @@ def discard_f1(keep, clean):
     return f1_score(~np.asarray(clean), ~np.asarray(keep))
 
 
-def test_loss_votes_equal_a_pandas_rederivation():
+@pytest.mark.parametrize("given", ["explicit", "the filter's method"])
+def test_loss_votes_equal_a_pandas_rederivation(given):
     table, _ = make_log()
-    mimic_filter = build_filter(table, labeling_functions=["mimic", LossWindows(method="topk")], topk=40)
+    if given == "explicit":
+        mimic_filter = build_filter(table, labeling_functions=["mimic", LossWindows(method="topk")], topk=40)
+    else:  # "loss" splits its windows as the filter splits the mimic ones
+        mimic_filter = build_filter(table, method="topk", topk=40)
     frame = table.to_pandas()
     frame["window"] = np.ceil(frame["epoch"] - 1e-9).astype(int) - 1
     mean_loss = frame.groupby(["sample_id", "window"])["loss"].mean().unstack().sort_index()
@@ -63,6 +67,14 @@ def test_loss_votes_equal_a_pandas_rederivation():
     assert [e["name"] for e in entries] == ["loss/epoch_0", "loss/epoch_1", "loss/epoch_2"]
     assert all(e["estimated_accuracy"] is not None for e in entries)
     assert mimic_filter.summary["settings"]["labeling_functions"] == ["mimic", "loss"]
+
+
+def test_under_a_threshold_filter_the_loss_windows_use_the_gmm():
+    table, _ = make_log(n=300)
+    votes = [np.asarray(build_filter(table, method=method, labeling_functions=functions).table.column("lf_votes")
+                        .to_pylist()) for method, functions in
+             (("threshold", ["mimic", "loss"]), ("kmeans", ["mimic", LossWindows("gmm")]), ("kmeans", ["mimic", "loss"]))]
+    assert np.array_equal(votes[0], votes[1]) and not np.array_equal(votes[0], votes[2])
 
 
 def test_the_loss_windows_lift_a_weak_mimic_signal():

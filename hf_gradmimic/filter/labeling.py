@@ -118,15 +118,16 @@ class LossWindows:
     The small-loss criterion (DivideMix, Li et al. 2020: a 2-component GMM on the per-sample loss;
     co-teaching, Han et al. 2018): networks fit clean labels before they memorise noisy ones. In each
     window a sample's value is its mean ``loss`` over its records there; the window is split by the
-    identification ``method`` on ``-loss`` (default ``gmm``, whatever the mimic windows use: a loss has no
-    natural threshold such as ``b * w = 1``, and `MimicFilter.rebuild` re-splits only the mimic windows).
-    Records whose loss is not finite, or whose ``status`` is not 0 (scored), abstain.
+    identification ``method`` on ``-loss``. By default (``method=None``) that is the filter's own method,
+    except ``threshold``, for which the loss windows use ``gmm``: a loss has no natural threshold such as
+    ``b * w = 1``. `MimicFilter.rebuild` re-splits only the mimic windows. Records whose loss is not finite,
+    or whose ``status`` is not 0 (scored), abstain.
     """
 
     name = "loss"
 
-    def __init__(self, method: str = "gmm") -> None:
-        if method not in METHODS:
+    def __init__(self, method: str | None = None) -> None:
+        if method is not None and method not in METHODS:
             raise ValueError(f"Unknown identification method {method!r}; expected one of {METHODS}.")
         self.method = method
 
@@ -134,7 +135,7 @@ class LossWindows:
         return f"LossWindows(method={self.method!r})"
 
     def votes(self, context: LabelingContext) -> LabelingVotes:
-        method = self.method
+        method = self.method or ("gmm" if context.method == "threshold" else context.method)
         source = score_source(context.scores, on_bad_shard=context.on_bad_shard)
         if "loss" not in source.column_names():
             raise ValueError(
