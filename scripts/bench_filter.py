@@ -3,7 +3,7 @@
 
 Generates synthetic score logs with N samples x 5 epochs (one record per sample per epoch,
 batches of 256, 70 % "clean" samples whose b*w is drawn around 1.3 and 30 % "noisy" ones around
-0.7, sd 0.25), written as Parquet shards in the score-log schema of `hf_gradmimic.scores`, then
+0.7, sd 0.25; loss around 0.5 and 1.5, sd 0.5), written as Parquet shards in the score-log schema of `hf_gradmimic.scores`, then
 times ``build_filter(path, method=..., aggregate="snorkel", windows=5, engine=...)`` in a fresh
 subprocess per (size, engine, method), so that peak RSS values do not mix. The child reports the
 wall time of the `build_filter` call (which includes the lazy import of snorkel/torch) and its
@@ -90,7 +90,8 @@ def generate(n: int, folder: Path, seed: int = 0) -> Path:
                 "sample_id": ids.astype(np.int64),
                 "mimic_score": (np.where(is_clean, 0.4, -0.4) + rng.normal(0.0, 0.3, rows)).astype(np.float32),
                 "weight": (bw / batch_size).astype(np.float32),
-                "loss": rng.random(rows, dtype=np.float32),
+                # The default filter also reads the loss (its "loss" labeling function): lower for clean samples.
+                "loss": np.abs(np.where(is_clean, 0.5, 1.5) + rng.normal(0.0, 0.5, rows)).astype(np.float32),
                 "batch_size": batch_size,
                 "rank": np.zeros(rows, dtype=np.int32),
                 "repeated": np.zeros(rows, dtype=bool),
