@@ -467,7 +467,7 @@ def _push_scored_stream(
             upload_error.append((f"the shard {in_repo}", error))
 
     def write(tmp: str) -> None:
-        for index, table in enumerate(scored_batches(mimic_filter, dataset, MIMIC_COLUMNS, id_column, STREAM_SHARD_ROWS)):
+        for index, table in enumerate(scored_batches(mimic_filter.table, dataset, MIMIC_COLUMNS, id_column, STREAM_SHARD_ROWS)):
             keep = table.column("mimic_keep").to_numpy(zero_copy_only=False)
             parts = {"default": table, FILTERED_CONFIG: table.filter(pa.array(keep))}
             result.num_rows += table.num_rows

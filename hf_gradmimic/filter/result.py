@@ -232,7 +232,7 @@ class MimicFilter:
             The same type as ``dataset``, with the kept rows in their original order.
         """
         if type(dataset).__name__ == "IterableDataset" and type(dataset).__module__.startswith("datasets"):
-            return filter_iterable(self, dataset, id_column)
+            return filter_iterable(self.table, dataset, id_column)
         positions = self.positions(dataset, id_column, check_dataset=check_dataset)
         return as_rows(dataset).take(np.sort(positions[self.keep]))
 

@@ -16,7 +16,6 @@ import pyarrow.compute as pc
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
 
-    from .result import MimicFilter
 
 __all__ = ["KeepLookup", "filter_iterable", "scored_batches"]
 
@@ -24,8 +23,8 @@ __all__ = ["KeepLookup", "filter_iterable", "scored_batches"]
 class KeepLookup:
     """The filter's table row of each streamed row: by running row index, or by the values of ``id_column``."""
 
-    def __init__(self, mimic_filter: "MimicFilter", id_column: str | None) -> None:
-        self.table = mimic_filter.table
+    def __init__(self, filter_table: pa.Table, id_column: str | None) -> None:
+        self.table = filter_table
         self.ids = self.table.column("sample_id").combine_chunks()
         self.id_column = id_column
         if id_column is None:
@@ -66,16 +65,18 @@ class KeepLookup:
 
 
 def filter_iterable(
-    mimic_filter: "MimicFilter", dataset: "datasets.IterableDataset", id_column: str | None = None, batch_size: int = 1000
+    filter_table: pa.Table, dataset: "datasets.IterableDataset", id_column: str | None = None, batch_size: int = 1000
 ) -> "datasets.IterableDataset":
     """The rows of a streamed ``dataset`` that the filter keeps, as a lazy `datasets.IterableDataset`.
+
+    ``filter_table`` is a `MimicFilter`'s per-sample ``table`` (``sample_id``, ``keep`` and the score columns).
 
     Rows are matched batch by batch as they are read; a row that the filter has no score for raises a
     ValueError naming it when it is reached. (A scored sample absent from the stream cannot be noticed
     before the stream ends, so, unlike `MimicFilter.apply` on a `datasets.Dataset`, that is not checked.)
     """
-    lookup = KeepLookup(mimic_filter, id_column)
-    keep = mimic_filter.keep
+    lookup = KeepLookup(filter_table, id_column)
+    keep = filter_table.column("keep").to_numpy()
 
     def keep_rows(batch: dict[str, list], indices: list[int]) -> list[bool]:
         if not indices:
@@ -87,7 +88,7 @@ def filter_iterable(
 
 
 def scored_batches(
-    mimic_filter: "MimicFilter",
+    filter_table: pa.Table,
     dataset: "datasets.IterableDataset",
     columns: Mapping[str, tuple[str, pa.DataType]],
     id_column: str | None = None,
@@ -95,10 +96,11 @@ def scored_batches(
 ) -> Iterator[pa.Table]:
     """The streamed rows in Arrow batches of up to ``batch_rows``, each with the filter's ``columns`` added.
 
-    ``columns`` maps a new column name to (the column of ``mimic_filter.table`` it comes from, its type),
+    ``columns`` maps a new column name to (the column of ``filter_table``, a `MimicFilter`'s ``table``, it comes
+    from, its type),
     e.g. `hf_gradmimic.hub.MIMIC_COLUMNS`.
     """
-    lookup = KeepLookup(mimic_filter, id_column)
+    lookup = KeepLookup(filter_table, id_column)
     start = 0
     for batch in dataset.with_format("arrow").iter(batch_size=batch_rows):
         table = batch if isinstance(batch, pa.Table) else pa.Table.from_pydict(batch)
@@ -107,6 +109,6 @@ def scored_batches(
             raise ValueError(f"The dataset already has the column(s) {clashing}; drop them before scoring it again.")
         take = pa.array(lookup.rows(table, start, table.num_rows))
         for name, (source, arrow_type) in columns.items():
-            table = table.append_column(name, mimic_filter.table.column(source).take(take).combine_chunks().cast(arrow_type))
+            table = table.append_column(name, filter_table.column(source).take(take).combine_chunks().cast(arrow_type))
         start += table.num_rows
         yield table
