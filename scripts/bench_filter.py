@@ -16,7 +16,7 @@ engine choice of `hf_gradmimic.filter.outofcore`: its wall time, peak RSS and ho
 values differ from the streaming engine's.
 
 Usage:
-    python scripts/bench_filter.py                      # 10M, 50M and 128M, gmm, streaming engine
+    python scripts/bench_filter.py                      # 10M, 24M, 50M and 128M, the default method, streaming
     python scripts/bench_filter.py --sizes 1000000 --methods gmm,kmeans,threshold,topk --engines streaming,memory
     python scripts/bench_filter.py --data-dir /tmp/hf_gradmimic_bench --no-doc --delete-data
 
@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hf_gradmimic.fileio import atomic_write  # noqa: E402
+from hf_gradmimic.filter.identification import DEFAULT_METHOD  # noqa: E402
 from hf_gradmimic.scores import SCORES_DIRNAME, SCORE_TYPES  # noqa: E402
 
 EPOCHS = 5
@@ -196,8 +197,8 @@ TARGETS = [(24_000_000, 3.0, 180.0), (128_000_000, 8.0, None)]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="10000000,50000000,128000000", help="comma-separated sample counts")
-    parser.add_argument("--methods", default="gmm", help="comma-separated identification methods")
+    parser.add_argument("--sizes", default="10000000,24000000,50000000,128000000", help="comma-separated sample counts")
+    parser.add_argument("--methods", default=DEFAULT_METHOD, help="comma-separated identification methods")
     parser.add_argument("--engines", default="streaming", help="streaming, memory, ray, duckdb, polars (comma-separated)")
     parser.add_argument("--engine-path", default="", help="extra sys.path entries (os.pathsep-separated) for ray/duckdb/polars")
     parser.add_argument("--compare-up-to", type=int, default=10_000_000,
