@@ -109,7 +109,8 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> dict[str, Any]:
     mimic.train()
     plain_accuracy, mimic_accuracy = _test_accuracy(plain), _test_accuracy(mimic)
 
-    log(f"[4/6] Stage 2: {settings.method} per epoch, Snorkel LabelModel over the {settings.epochs} windows")
+    log(f"[4/6] Stage 2: the mimic and loss windows (one of each per epoch, split by {settings.method}), "
+        "Snorkel LabelModel over their votes")
     mimic_filter = build_filter(out / "mimic", method=settings.method, aggregate="snorkel", windows="epoch", seed=settings.seed)
     mimic_filter.save(out / "filter")
     audit = mimic_filter.evaluate(is_clean[mimic_filter.sample_ids])
