@@ -146,6 +146,7 @@ class LossWindows:
         # The loss goes through the same windowing as b * w, so the windows line up with the mimic ones.
         loss_windows = context.collect(_LossAsWeight(source))
         loss = _align(loss_windows, context.windowed)
+        del loss_windows  # its other per-sample arrays: memory at web scale (docs/filter_scaling.md)
         n, m = loss.shape
         votes = np.full((n, m), ABSTAIN, dtype=np.int8)
         boundaries = []
@@ -274,7 +275,12 @@ class _LossAsWeight(ScoreSource):
 
 
 def _align(other: WindowedScores, windowed: WindowedScores) -> np.ndarray:
-    """``other.values`` re-indexed to ``windowed``'s samples and windows (NaN where missing)."""
+    """``other.values`` re-indexed to ``windowed``'s samples and windows (NaN where missing).
+
+    The same samples and windows in the same order (the usual case: the same log) return ``other.values``
+    itself, not a copy."""
+    if other.window_names == windowed.window_names and other.sample_ids.equals(windowed.sample_ids):
+        return other.values
     out = np.full(windowed.values.shape, np.nan, dtype=np.float32)
     rows = pc.index_in(windowed.sample_ids, value_set=other.sample_ids).to_numpy(zero_copy_only=False)
     rows = np.where(np.isnan(rows.astype(np.float64)), -1, rows).astype(np.int64)
