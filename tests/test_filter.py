@@ -415,10 +415,15 @@ def test_save_load_round_trip(tmp_path, small_filter):
 
 
 def test_rebuild_equals_build(log):
+    from hf_gradmimic.filter import LossWindows
+
     table, _ = log
     rebuilt = build_filter(table, method="gmm").rebuild(method="topk", topk=70)
-    direct = build_filter(table, method="topk", topk=70)
+    # rebuild re-splits the mimic windows only: the loss windows keep the split they were built with.
+    direct = build_filter(table, method="topk", topk=70, labeling_functions=["mimic", LossWindows("gmm")])
     assert rebuilt.table.equals(direct.table)
+    assert build_filter(table, method="topk", topk=70, labeling_functions=["mimic"]).table.equals(
+        build_filter(table, method="gmm", labeling_functions=["mimic"]).rebuild(method="topk", topk=70).table)
 
 
 def test_apply_returns_exactly_the_kept_rows(small_filter):
