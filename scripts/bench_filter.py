@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hf_gradmimic.fileio import atomic_write  # noqa: E402
+from provenance import code_commit  # noqa: E402  (scripts/provenance.py, beside this file)
 from hf_gradmimic.filter.identification import DEFAULT_METHOD  # noqa: E402
 from hf_gradmimic.scores import SCORES_DIRNAME, SCORE_TYPES  # noqa: E402
 
@@ -322,18 +323,6 @@ def _engine_table(engine_rows: list[dict]) -> str:
         "the float32 window values that are not bit-identical to the streaming engine's.\n\n"
         "| samples | engine | wall (s) | peak RSS (GiB) | differing cells |\n|---:|---|---:|---:|---:|\n" + rows
     )
-
-
-def code_commit() -> str:
-    """The git commit measured ("+dirty" when tracked files had changes)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
 
 
 def write_doc(args, rows, engine_rows, notes, load_before, load_after, commit: str) -> None:

@@ -26,7 +26,6 @@ from these runs; records go to ``<work>/realistic.jsonl`` (resumed when present)
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 import warnings
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+from provenance import code_commit  # scripts/provenance.py, beside this file
 
 BATCH = 32
 SELECT_RATIO = 0.1
@@ -294,19 +294,6 @@ class Grid:
     epochs: float = 5.0
     retrain: bool = True
     records_only: bool = False  # report the cells already in realistic.jsonl, run none
-
-
-def code_commit() -> str:
-    """The git commit of the code that measured a cell ("+dirty" when the working tree had changes)."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
 
 
 def run_grid(grid: Grid, work: Path, log=print) -> list[dict]:
