@@ -52,13 +52,14 @@ from .training.guards import NonFiniteStepGuard, row_status
 from .training.metrics_buffer import MetricsBuffer
 from .training.mimic_layers import MimicLayers
 from .training.score_log import ScoreLog, run_provenance
+from .training.scorer_state import STATE_TENSORS_NAME, load_scorer_state, save_scorer_state
 from .training.streaming import StreamIds, is_stream, stream_position
 from .training.selection import Candidates, observe_step, select_over_step
 from .training.step_softmax import StepSoftmax, gather_across_ranks
 from .training.use_backward import only_mimic_tensors_train, uses_weighted_loss
 
-SCORER_STATE_NAME = "mimic_scorer.pt"
-"""The scorer's state (`SampleScorer.state_dict`) inside each checkpoint folder."""
+SCORER_STATE_NAME = STATE_TENSORS_NAME
+"""The scorer's tensors (`SampleScorer.state_dict`) inside each checkpoint folder (`training.scorer_state`)."""
 
 
 class _StepEnd(TrainerCallback):
@@ -211,9 +212,10 @@ class MimicTrainerMixin:
         the scorer's state comes back from it."""
         resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if resume_from_checkpoint:
-            path = os.path.join(resume_from_checkpoint, SCORER_STATE_NAME)
-            if os.path.isfile(path):
-                self.scorer.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+            # A scorer without state reads nothing from the checkpoint; no file is ever unpickled.
+            state = load_scorer_state(resume_from_checkpoint) if self.scorer.state_dict() else None
+            if state is not None:
+                self.scorer.load_state_dict(state)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _init_training_state(self, max_steps: int, num_update_steps_per_epoch: int, num_train_epochs: int,
@@ -233,7 +235,7 @@ class MimicTrainerMixin:
         state = self.scorer.state_dict()
         if state and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            atomic_write(os.path.join(folder, SCORER_STATE_NAME), lambda tmp: torch.save(state, tmp))
+            save_scorer_state(folder, state)
         super()._save_checkpoint(model, trial)
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
