@@ -22,6 +22,11 @@ Columns (`SCORE_SCHEMA`):
   got weight 0 and no gradient, and the filter discards it) or `STATUS_UNLABELED` (2: no supervised
   label, e.g. a prompt-only language-model sample; weight 0, and it abstains in the filter).
 
+Optional columns (`OPTIONAL_SCORE_COLUMNS`), present in a shard when the run recorded them:
+
+- ``reference_loss``: the reference's loss on the sample, read on the student's current features
+  (`hf_gradmimic.training.reference_verdict`; ``MimicConfig.mimic_log_reference_loss``).
+
 Writes are atomic (`hf_gradmimic.fileio.atomic_write`) and run on a background thread so that
 the step's critical path only hands over arrays.
 """
@@ -61,6 +66,8 @@ SCORE_COLUMNS: tuple[str, ...] = (
     "status",
 )
 
+OPTIONAL_SCORE_COLUMNS: tuple[str, ...] = ("reference_loss",)
+
 STATUS_SCORED, STATUS_NONFINITE, STATUS_UNLABELED = 0, 1, 2
 """Values of the ``status`` column: a scored sample; a non-finite loss or score; no supervised label."""
 
@@ -75,6 +82,7 @@ SCORE_TYPES = {
     "rank": pa.int32(),
     "repeated": pa.bool_(),
     "status": pa.int8(),
+    "reference_loss": pa.float32(),
 }
 
 
@@ -162,9 +170,11 @@ class ScoreWriter:
         batch_size: int | np.ndarray,
         repeated: np.ndarray | None = None,
         status: np.ndarray | None = None,
+        reference_losses: np.ndarray | None = None,
     ) -> None:
         """Append the records of one optimizer step (arrays of this rank's samples)."""
         count = len(sample_ids)
+        optional = {} if reference_losses is None else {"reference_loss": np.asarray(reference_losses, dtype=np.float32)}
         self._chunks.append(
             {
                 "global_step": np.full(count, global_step, dtype=np.int64),
@@ -177,6 +187,7 @@ class ScoreWriter:
                 "rank": np.full(count, self.rank, dtype=np.int32),
                 "repeated": np.zeros(count, dtype=bool) if repeated is None else np.asarray(repeated, dtype=bool),
                 "status": np.zeros(count, dtype=np.int8) if status is None else np.asarray(status, dtype=np.int8),
+                **optional,
             }
         )
         self._buffered_rows += count
@@ -195,6 +206,10 @@ class ScoreWriter:
 
     def _write(self, chunks: list[dict[str, np.ndarray]]) -> None:
         columns = {name: np.concatenate([chunk[name] for chunk in chunks]) for name in SCORE_COLUMNS}
+        for name in OPTIONAL_SCORE_COLUMNS:  # a step that did not record it reads NaN there
+            if any(name in chunk for chunk in chunks):
+                columns[name] = np.concatenate([chunk.get(name, np.full(len(chunk["sample_id"]), np.nan, np.float32))
+                                                for chunk in chunks])
         arrays = {
             name: pa.array(values, type=SCORE_TYPES.get(name)) for name, values in columns.items()
         }
