@@ -13,7 +13,7 @@ import numpy as np
 
 from .warning import warn
 
-__all__ = ["ABSTAIN", "AGGREGATES", "DISCARD", "KEEP", "aggregate_votes"]
+__all__ = ["ABSTAIN", "AGGREGATES", "DISCARD", "KEEP", "VOTE_AGGREGATES", "aggregate_votes"]
 
 ABSTAIN, DISCARD, KEEP = -1, 0, 1
 
@@ -31,7 +31,12 @@ _VOTE_RULES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "all": lambda n_keep, n_votes: (n_keep == n_votes).astype(np.float64),
     "any": lambda n_keep, n_votes: (n_keep > 0).astype(np.float64),
 }
-AGGREGATES: tuple[str, ...] = ("snorkel", *_VOTE_RULES)
+VOTE_AGGREGATES: tuple[str, ...] = ("snorkel", *_VOTE_RULES)
+"""The aggregates of votes alone (`aggregate_votes`)."""
+AGGREGATES: tuple[str, ...] = ("mixture", *VOTE_AGGREGATES)
+"""Every aggregate of `build_filter`: ``mixture`` is the two-class latent model of `hf_gradmimic.filter.posterior`
+over continuous signals and votes; with the others a continuous labeling function votes by its own 2-component
+GMM cut."""
 
 
 def aggregate_votes(
@@ -68,8 +73,8 @@ def aggregate_votes(
         ``(keep_prob, info)``: ``info`` holds ``aggregate_used``, ``estimated_accuracies`` (snorkel
         only, else None) and, for snorkel, the fit details.
     """
-    if aggregate not in AGGREGATES:
-        raise ValueError(f"Unknown aggregate {aggregate!r}; expected one of {AGGREGATES}.")
+    if aggregate not in VOTE_AGGREGATES:
+        raise ValueError(f"Unknown vote aggregate {aggregate!r}; expected one of {VOTE_AGGREGATES}.")
     votes = _checked_votes(votes)
     m = votes.shape[1]
     n_votes = (votes != ABSTAIN).sum(axis=1)
@@ -84,6 +89,7 @@ def aggregate_votes(
         aggregate = info["aggregate_used"] = "majority"
     if aggregate in _VOTE_RULES:
         return _VOTE_RULES[aggregate](n_keep, n_votes), info
+
     majority = _VOTE_RULES["majority"](n_keep, n_votes)
     return _label_model_keep_prob(
         votes, majority, info, seed=seed, fit_rows=fit_rows, class_balance=class_balance,

@@ -13,7 +13,7 @@ from .identification import DEFAULT_METHOD
 from .distributed import collect_windows_ray
 from .inputs import ScoresLike
 from .outofcore import collect_windows_streaming
-from .labeling import LabelingContext, LabelingFunctionLike, labeling_votes, resolve_labeling_functions
+from .labeling import LabelingContext, LabelingFunctionLike, labeling_scores, labeling_votes, resolve_labeling_functions
 from .result import MimicFilter
 from .shards import BAD_SHARD_POLICIES, BadShardPolicy
 from .warning import FilterWarning
@@ -107,6 +107,7 @@ def build_filter(
     table, summary = decide(
         windowed, method=method, aggregate=aggregate, windows=windows, threshold=threshold, topk=topk, seed=seed,
         extra_votes=labeling_votes(functions, context), mimic_votes=mimic_votes,
+        extra_scores=labeling_scores(functions, context),
     )
     # What produced the log (and what its sample ids index) travels with the filter, to its cards and checks.
     summary["provenance"] = read_provenance(scores) if isinstance(scores, (str, os.PathLike)) else None
