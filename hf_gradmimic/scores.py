@@ -136,7 +136,7 @@ def load_scores(path: str | os.PathLike, *, drop_repeated: bool = True) -> "data
     Returns:
         One row per (optimizer step, sample) with the columns in `SCORE_COLUMNS`.
 
-    Example:
+    Examples:
         >>> scores = load_scores("outputs/run1")
         >>> scores_provenance(scores)["scorer"]["name"]
         'mimic'
