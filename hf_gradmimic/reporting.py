@@ -37,6 +37,11 @@ __all__ = ["report", "write_html_report"]
 HTML_TEMPLATE = "report.html"
 LOWEST_SAMPLES = 50
 """How many samples, lowest ``P(keep)`` first, the HTML page shows."""
+FIGURE_CAPTIONS = {
+    "window_histograms": "Per window: the samples' mean mimic scores, split by the window's keep / discard vote.",
+    "keep_probability": "The aggregated keep probability P(keep); a sample is kept at P(keep) ≥ 0.5.",
+    "method_comparison": "Discard precision, recall and F1 of every identification method against the clean flags.",
+}
 THUMBNAIL_PIXELS = 128
 TEXT_CHARACTERS = 600
 """Longer text values are cut to this many characters on the page (with an ellipsis)."""
@@ -254,7 +259,7 @@ def write_html_report(
         title=f"Grad-Mimic filter report: {summary['retained_fraction']:.1%} of {summary['n_samples']:,} samples kept",
         summary_rows=_summary_rows(summary, quality),
         warnings=list(summary.get("warnings") or []),
-        figures=[{"name": name, "data": base64.b64encode(Path(path).read_bytes()).decode("ascii")}
+        figures=[{"name": FIGURE_CAPTIONS.get(name, name), "data": base64.b64encode(Path(path).read_bytes()).decode("ascii")}
                  for name, path in (figures or {}).items()],
         window_rows=_window_rows(summary),
         method_rows=[{"method": method, "precision": _number(values["discard_precision"]),

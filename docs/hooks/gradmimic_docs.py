@@ -135,8 +135,13 @@ def _mimic_arguments() -> str:
         if not (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)):
             continue
         keywords = {keyword.arg: keyword.value for keyword in getattr(statement.value, "keywords", [])}
-        default = ast.unparse(keywords["default"]) if "default" in keywords else (
-            f"{ast.unparse(keywords['default_factory'])}()" if "default_factory" in keywords else "required")
+        factory = keywords.get("default_factory")
+        if "default" in keywords:
+            default = ast.unparse(keywords["default"])
+        elif isinstance(factory, ast.Lambda):  # default_factory=lambda: [...]: the value it returns
+            default = ast.unparse(factory.body)
+        else:
+            default = f"{ast.unparse(factory)}()" if factory is not None else "required"
         metadata = keywords.get("metadata")
         entries = dict(zip((_literal(key, constants) for key in metadata.keys), metadata.values)) \
             if isinstance(metadata, ast.Dict) else {}
