@@ -170,3 +170,30 @@ def test_a_shuffled_dataset_is_refused_rather_than_shown_beside_the_wrong_sample
     with pytest.raises(ValueError, match="rows differ"):
         write_html_report(mimic_filter, tmp_path / "page.html", dataset=dataset.shuffle(seed=0))
     assert not (tmp_path / "page.html").exists()
+
+
+def test_rows_are_matched_by_the_id_column_the_log_recorded(run, tmp_path):
+    """A log whose ids are a column's values (mimic_id_column): the page finds each sample's row by that id."""
+    from hf_gradmimic import build_filter, load_scores
+    from hf_gradmimic.reporting import write_html_report
+    from hf_gradmimic.scores import ScoreWriter, write_provenance
+
+    output_dir, _, dataset = run
+    records = load_scores(output_dir).to_pandas()
+    writer = ScoreWriter(tmp_path / "by_id")
+    for step, rows in records.groupby("global_step"):
+        writer.add_step(global_step=int(step), epoch=float(rows.epoch.iloc[0]),
+                        sample_ids=np.array([f"uid-{i}" for i in rows.sample_id]), mimic_scores=rows.mimic_score.to_numpy(),
+                        weights=rows.weight.to_numpy(), losses=rows.loss.to_numpy(), batch_size=int(rows.batch_size.iloc[0]))
+    writer.close()
+    write_provenance(tmp_path / "by_id", {"sample_ids": {"column": "uid"}})
+    mimic_filter = build_filter(tmp_path / "by_id", aggregate="majority")
+    # The dataset in another order, with the id column: rows are found by id, not by position.
+    with_ids = dataset.add_column("uid", [f"uid-{i}" for i in range(len(dataset))]).shuffle(seed=3)
+    page = parse(write_html_report(mimic_filter, tmp_path / "page.html", dataset=with_ids))
+    header, rows = sample_table(page)
+    assert header[6:] == ["image", "text", "label"]  # the id column is the sample id, not repeated
+    for row in rows:
+        index = int(row[1]["text"].removeprefix("uid-"))
+        assert row[7]["text"] == f"sample {index}: {HOSTILE_TEXT}"
+        assert decode_png(row[6]["images"][0]).convert("RGB").getpixel((0, 0)) == sample_colour(index)
