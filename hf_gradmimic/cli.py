@@ -181,7 +181,11 @@ def run_report(args: argparse.Namespace) -> int:
         dataset = dataset[args.split] if hasattr(dataset, "keys") else dataset
         _require_columns(dataset, [args.clean_column])
         clean = np.asarray(dataset[args.clean_column])[mimic_filter.sample_ids]
-    paths = report(mimic_filter, args.output, scores=args.scores, clean=clean)
+    dataset = None
+    if args.dataset:  # the training data, whose lowest-P(keep) rows report.html shows
+        dataset = _load_dataset(args.dataset)
+        dataset = dataset[args.split] if hasattr(dataset, "keys") else dataset
+    paths = report(mimic_filter, args.output, scores=args.scores, clean=clean, dataset=dataset, id_column=args.id_column)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -274,13 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "(a reference's or zero-shot model's agreement: build_filter(labeling_functions=[...]) in Python).")
     flt.add_argument("--output", default="mimic_filter", help="Directory for the filter (Parquet table + JSON summary).")
 
-    rep = commands.add_parser("report", help="Figures of a filter (histograms, keep probabilities, detection quality).")
+    rep = commands.add_parser("report", help="Figures of a filter (histograms, keep probabilities, detection quality) "
+                                                    "and report.html, one page to review it.")
     rep.add_argument("filter", help="A directory saved by `gradmimic filter`.")
     rep.add_argument("--scores", default=None, help="The score log (for per-window histograms).")
     rep.add_argument("--clean-dataset", default=None, help="A dataset with ground-truth clean flags, for P/R/F1.")
     rep.add_argument("--clean-column", default="is_clean", help="Column of clean flags in --clean-dataset.")
-    rep.add_argument("--split", default="train", help="Split of --clean-dataset.")
-    rep.add_argument("--output", default="mimic_report", help="Directory for the figures.")
+    rep.add_argument("--dataset", default=None,
+                     help="The training data (Hub id, save_to_disk directory or file): report.html shows the content "
+                          "of the samples with the lowest keep probability.")
+    rep.add_argument("--id-column", default=None, help="Sample-id column of --dataset (default: the one the log recorded).")
+    rep.add_argument("--split", default="train", help="Split of --clean-dataset and --dataset.")
+    rep.add_argument("--output", default="mimic_report", help="Directory for the figures, report.json and report.html.")
 
     push = commands.add_parser("push", help="Push the dataset with mimic-score and filter columns, and a card, to the Hub.")
     push.add_argument("--dataset", required=True, help="The training dataset (Hub id, save_to_disk directory or file).")

@@ -15,7 +15,13 @@ from .warning import warn
 
 __all__ = ["ABSTAIN", "AGGREGATES", "DISCARD", "KEEP", "VOTE_AGGREGATES", "aggregate_votes"]
 
-ABSTAIN, DISCARD, KEEP = -1, 0, 1
+# One assignment each, so that the API reference (griffe) documents them.
+ABSTAIN = -1
+"""The vote of a labeling function that has no opinion on a sample (e.g. a window that did not see it)."""
+DISCARD = 0
+"""The vote for dropping a sample."""
+KEEP = 1
+"""The vote for keeping a sample."""
 
 # Snorkel's LabelModel only sees the data through the overlap matrix O = L_ind^T L_ind / n and
 # the per-window coverage, which are functions of the vote-pattern counts. Up to this many

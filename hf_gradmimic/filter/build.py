@@ -7,7 +7,7 @@ import os
 import warnings
 from typing import Any, Sequence
 
-from ..scores import read_provenance
+from ..scores import scores_provenance
 from .decide import check_settings, decide
 from .identification import DEFAULT_METHOD
 from .distributed import collect_windows_ray
@@ -79,7 +79,8 @@ def build_filter(
         mimic score, mean ``b * w``, per-window votes / values / scores, ``keep_prob`` and ``keep``;
         ``summary`` has the retained fraction, per-window thresholds and estimated accuracies,
         degenerate windows, the settings used, and the score log's ``provenance`` (the reference, the
-        scorer and its settings, the student, what the sample ids index; None for an in-memory log).
+        scorer and its settings, the student, what the sample ids index): from the log's folder, or from the
+        `datasets.Dataset` that `load_scores` returned; None for other in-memory logs.
 
     Example:
         >>> mimic_filter = build_filter("outputs/run1")  # mimic + loss windows, k-means, Snorkel's LabelModel
@@ -110,7 +111,7 @@ def build_filter(
         extra_scores=labeling_scores(functions, context),
     )
     # What produced the log (and what its sample ids index) travels with the filter, to its cards and checks.
-    summary["provenance"] = read_provenance(scores) if isinstance(scores, (str, os.PathLike)) else None
+    summary["provenance"] = scores_provenance(scores)
     return MimicFilter(table, summary)
 
 
