@@ -257,12 +257,21 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--repo-id", default=None, help="Hub repo for --push-to-hub.")
 
     # The library's own lists (numpy and pyarrow, no torch), so the choices cannot drift from it.
-    from .filter import AGGREGATES, BAD_SHARD_POLICIES, DEFAULT_LABELING_FUNCTIONS, DEFAULT_METHOD, ENGINES, METHODS
+    from .filter import (
+        AGGREGATES,
+        BAD_SHARD_POLICIES,
+        DEFAULT_AGGREGATE,
+        DEFAULT_LABELING_FUNCTIONS,
+        DEFAULT_METHOD,
+        ENGINES,
+        METHODS,
+    )
 
     flt = commands.add_parser("filter", help="Stage 2: build the ensemble filter from a score log.")
     flt.add_argument("scores", help="An output_dir of MimicTrainer, or its mimic_scores/ folder.")
     flt.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS, help="Identification per window.")
-    flt.add_argument("--aggregate", default="snorkel", choices=AGGREGATES, help="Vote aggregation.")
+    flt.add_argument("--aggregate", default=DEFAULT_AGGREGATE, choices=AGGREGATES,
+                     help="How the labeling functions combine: 'mixture' (continuous signals and votes) or a vote rule.")
     flt.add_argument("--windows", default="epoch", help="'epoch', 'step' or a number of equal windows.")
     flt.add_argument("--threshold", type=float, default=None, help="For --method threshold: keep when b·w > this (default 1).")
     flt.add_argument("--topk", type=float, default=50, help="For --method topk: percent kept per window.")

@@ -13,7 +13,7 @@ import numpy as np
 
 from .warning import warn
 
-__all__ = ["ABSTAIN", "AGGREGATES", "DISCARD", "KEEP", "VOTE_AGGREGATES", "aggregate_votes"]
+__all__ = ["ABSTAIN", "AGGREGATES", "DEFAULT_AGGREGATE", "DISCARD", "KEEP", "VOTE_AGGREGATES", "aggregate_votes"]
 
 # One assignment each, so that the API reference (griffe) documents them.
 ABSTAIN = -1
@@ -43,6 +43,8 @@ AGGREGATES: tuple[str, ...] = ("mixture", *VOTE_AGGREGATES)
 """Every aggregate of `build_filter`: ``mixture`` is the two-class latent model of `hf_gradmimic.filter.posterior`
 over continuous signals and votes; with the others a continuous labeling function votes by its own 2-component
 GMM cut."""
+DEFAULT_AGGREGATE = "snorkel"
+"""`build_filter`'s aggregate when none is given."""
 
 
 def aggregate_votes(

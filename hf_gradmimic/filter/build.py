@@ -8,6 +8,7 @@ import warnings
 from typing import Any, Sequence
 
 from ..scores import scores_provenance
+from .aggregation import DEFAULT_AGGREGATE
 from .decide import check_settings, decide
 from .identification import DEFAULT_METHOD
 from .distributed import collect_windows_ray
@@ -27,7 +28,7 @@ __all__ = ["ENGINES", "build_filter", "estimate_quality"]
 def build_filter(
     scores: ScoresLike,
     method: str = DEFAULT_METHOD,
-    aggregate: str = "snorkel",
+    aggregate: str = DEFAULT_AGGREGATE,
     windows: WindowsLike = "epoch",
     *,
     threshold: float | None = None,

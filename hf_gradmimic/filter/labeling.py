@@ -224,8 +224,8 @@ def resolve_labeling_functions(
 ) -> tuple[list[LabelingFunction | ScoringFunction], bool]:
     """``(the labeling functions besides the mimic windows, from names or objects; whether the mimic windows vote)``.
 
-    Names: ``"mimic"`` (the windows' votes), ``"loss"`` (`LossWindows`' per-window votes), ``"mean_loss"`` and
-    ``"reference_loss"`` (continuous, `hf_gradmimic.filter.signals`)."""
+    Names: ``"mimic"`` (the windows' votes), ``"loss"`` (`LossWindows`' per-window votes), ``"mean_loss"``,
+    ``"last_loss"`` and ``"reference_loss"`` (continuous, `hf_gradmimic.filter.signals`)."""
     if labeling_functions is None:
         labeling_functions = DEFAULT_LABELING_FUNCTIONS
     if isinstance(labeling_functions, (str, bytes)) or not isinstance(labeling_functions, Sequence):
@@ -239,7 +239,8 @@ def resolve_labeling_functions(
         if lf == "loss":
             resolved.append(LossWindows())
         elif isinstance(lf, str) and lf in SIGNAL_NAMES:
-            resolved.append(LogLossSignal(SIGNAL_NAMES[lf], name=lf))
+            column, window = SIGNAL_NAMES[lf]
+            resolved.append(LogLossSignal(column, window, name=lf))
         elif isinstance(lf, str):
             raise ValueError(
                 f"Unknown labeling function {lf!r}: use 'mimic', 'loss', {', '.join(map(repr, SIGNAL_NAMES))} or a "

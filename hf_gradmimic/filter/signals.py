@@ -8,6 +8,8 @@ the keep posterior (`hf_gradmimic.filter.posterior`) combines with any votes:
   reweighting (Huang et al., arXiv 2501.06708) the student fits the flipped labels less than a plain model does,
   so its own loss separates them better than a plain model's (the small-loss criterion of co-teaching, Han et al.
   2018, and DivideMix, Li et al. 2020, on a student that does not memorise them);
+- ``"last_loss"`` / `LogLossSignal("loss", window="last")`: the same in the sample's last window only, the student
+  at its best; beside the mean, the pair is a short trajectory (a flipped sample's loss stays high);
 - ``"reference_loss"`` / `LogLossSignal("reference_loss")`: minus the log of the reference's mean loss on the
   student's features (the score log's ``reference_loss``, `hf_gradmimic.training.reference_verdict`): the
   reference's verdict, "reference argmax ≠ label" made continuous.
@@ -34,8 +36,13 @@ __all__ = ["LOSS_FLOOR", "LabelingScores", "LogLossSignal", "SIGNAL_NAMES"]
 LOSS_FLOOR = 1e-4
 """Added to a loss before its log, so that a fitted sample's near-zero loss does not make a far tail of its own."""
 
-SIGNAL_NAMES: dict[str, str] = {"mean_loss": "loss", "reference_loss": "reference_loss"}
-"""The continuous labeling functions named by a string in ``build_filter(labeling_functions=...)``: name -> column."""
+SIGNAL_NAMES: dict[str, tuple[str, str]] = {
+    "mean_loss": ("loss", "mean"),
+    "last_loss": ("loss", "last"),
+    "reference_loss": ("reference_loss", "mean"),
+}
+"""The continuous labeling functions named by a string in ``build_filter(labeling_functions=...)``:
+name -> (score-log column, window summary)."""
 
 
 @dataclass
@@ -56,19 +63,22 @@ class LabelingScores:
 
 
 class LogLossSignal:
-    """Minus the log of a per-sample loss column of the score log, averaged over the run's windows.
+    """Minus the log of a per-sample loss column of the score log, over the run's windows.
 
     Args:
         column: the score-log column: ``"loss"`` (the student's own) or ``"reference_loss"`` (the reference's).
-        name: the labeling function's name (default: ``"mean_loss"`` for the student's loss, else the column's).
+        window: ``"mean"`` (the mean of the sample's window means) or ``"last"`` (its last window with a value).
+        name: the labeling function's name (default: ``"<window>_loss"`` for the student's loss, else the column's).
     """
 
-    def __init__(self, column: str = "loss", name: str | None = None) -> None:
-        self.column = column
-        self.name = name or ("mean_loss" if column == "loss" else column)
+    def __init__(self, column: str = "loss", window: str = "mean", name: str | None = None) -> None:
+        if window not in ("mean", "last"):
+            raise ValueError(f"window must be 'mean' or 'last', got {window!r}.")
+        self.column, self.window = column, window
+        self.name = name or (f"{window}_loss" if column == "loss" else column)
 
     def __repr__(self) -> str:
-        return f"LogLossSignal(column={self.column!r})"
+        return f"LogLossSignal(column={self.column!r}, window={self.window!r})"
 
     def scores(self, context: "LabelingContext") -> LabelingScores:
         windowed = context.windowed
@@ -81,9 +91,14 @@ class LogLossSignal:
                 context.windowed.warnings,
             )
             return LabelingScores(self.name, [self.name], np.full((n, 1), np.nan))
-        with np.errstate(invalid="ignore"), _quiet_empty_means():
-            mean_loss = np.nanmean(per_window, axis=1, dtype=np.float64)
-        values = -np.log(np.maximum(mean_loss, 0.0) + LOSS_FLOOR)
+        if self.window == "last":
+            present = np.isfinite(per_window)
+            last = per_window.shape[1] - 1 - np.argmax(present[:, ::-1], axis=1)
+            loss = np.where(present.any(axis=1), per_window[np.arange(n), last], np.nan).astype(np.float64)
+        else:
+            with np.errstate(invalid="ignore"), _quiet_empty_means():
+                loss = np.nanmean(per_window, axis=1, dtype=np.float64)
+        values = -np.log(np.maximum(loss, 0.0) + LOSS_FLOOR)
         return LabelingScores(self.name, [self.name], values[:, None])
 
 
