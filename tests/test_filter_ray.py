@@ -15,9 +15,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from hf_gradmimic.filter import AGGREGATES, METHODS, FilterWarning, LossWindows, build_filter
-from hf_gradmimic.filter.distributed import collect_windows_ray
-from hf_gradmimic.filter.windows import collect_windows
+from hf_gradmimic.filter import (
+    AGGREGATES,
+    METHODS,
+    FilterWarning,
+    LossWindows,
+    build_filter,
+    collect_windows,
+    collect_windows_ray,
+)
 from hf_gradmimic.scores import SCORES_DIRNAME
 from test_filter_streaming import assert_same_table, assert_same_windows, random_log
 

@@ -1,4 +1,4 @@
-"""The streaming engine (`hf_gradmimic.filter.outofcore`) against the in-memory engine and a pandas groupby.
+"""The streaming engine (`hf_gradmimic.filter.engines.outofcore`) against the in-memory engine and a pandas groupby.
 
 Random logs, cut into many sample-id partitions by a tiny memory budget, must give the in-memory
 engine's `WindowedScores` bit for bit, and so the same filter for every method and aggregate."""
@@ -12,10 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hf_gradmimic.filter import AGGREGATES, METHODS, FilterWarning, build_filter
+from hf_gradmimic.filter import AGGREGATES, METHODS, FilterWarning, build_filter, collect_windows, collect_windows_streaming
 from hf_gradmimic.filter.decide import decide
-from hf_gradmimic.filter.outofcore import collect_windows_streaming
-from hf_gradmimic.filter.windows import collect_windows
 from hf_gradmimic.scores import SCORES_DIRNAME
 from test_filter import make_log
 
@@ -146,7 +144,7 @@ def test_build_filter_streams_shards_from_disk_by_default(tmp_path, monkeypatch)
         steps = part.column("global_step").to_numpy()
         pq.write_table(part, folder / f"rank00000-steps{steps.min():09d}-{steps.max():09d}.parquet")
     # A budget far below the log: the default engine must partition and spill (into spill_dir).
-    monkeypatch.setattr("hf_gradmimic.filter.outofcore.DEFAULT_MEMORY_BUDGET", 50_000)
+    monkeypatch.setattr("hf_gradmimic.filter.engines.outofcore.DEFAULT_MEMORY_BUDGET", 50_000)
     spill = tmp_path / "spill"
     spill.mkdir()
     streamed = build_filter(tmp_path, method="gmm", spill_dir=spill)

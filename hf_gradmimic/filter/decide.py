@@ -18,8 +18,9 @@ from .aggregation import ABSTAIN, AGGREGATES, aggregate_votes
 from .identification import METHODS, identify
 from .labeling import LabelingVotes
 from .matrices import list_column
+from .reduction import WindowedScores
 from .warning import warn
-from .windows import WindowedScores, WindowsLike
+from .windows import WindowsLike
 
 __all__ = ["check_settings", "decide"]
 

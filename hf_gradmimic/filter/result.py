@@ -19,8 +19,8 @@ from .inputs import as_rows
 from .labeling import LabelingVotes
 from .matching import check_row_index_dataset, row_positions
 from .matrices import matrix
+from .reduction import WindowedScores
 from .stream import filter_iterable
-from .windows import WindowedScores
 
 __all__ = ["SUMMARY_FILENAME", "TABLE_FILENAME", "MimicFilter"]
 
