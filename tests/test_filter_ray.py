@@ -24,7 +24,14 @@ from hf_gradmimic.filter import (
     collect_windows_ray,
 )
 from hf_gradmimic.scores import SCORES_DIRNAME
-from test_filter_streaming import assert_same_signals, assert_same_table, assert_same_windows, random_log, write_shards
+from test_filter_streaming import (
+    assert_same_signals,
+    assert_same_table,
+    assert_same_windows,
+    random_log,
+    write_resumed_log,
+    write_shards,
+)
 
 if importlib.util.find_spec("ray") is None:
     if os.environ.get("GRADMIMIC_REQUIRE_RAY") == "1":
@@ -76,6 +83,16 @@ def test_ray_signals_equal_the_single_machine_ones_bit_for_bit(ray_cluster, tmp_
     assert_same_windows(local, distributed)
     assert_same_signals(local, distributed)
     assert [m for m in distributed.warnings if "signal column" in m] == [m for m in local.warnings if "signal column" in m]
+
+
+def test_ray_reads_shards_without_the_newer_columns(ray_cluster, tmp_path):
+    as_one_table = write_resumed_log(random_log(6, signals=True), tmp_path, older_first=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FilterWarning)
+        expected = collect_windows(as_one_table, 3)
+        distributed = collect_windows_ray(tmp_path, 3, n_ranges=3)
+    assert_same_windows(expected, distributed)
+    assert_same_signals(expected, distributed)
 
 
 def test_ray_filter_equals_for_every_method_and_aggregate(ray_cluster, tmp_path):

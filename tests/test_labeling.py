@@ -186,7 +186,7 @@ def test_the_loss_windows_come_from_the_one_read_of_the_log(tmp_path, monkeypatc
     folder = write_shards(table, tmp_path, rows=250) / SCORES_DIRNAME
     reads = []
     read_shard = inputs.read_shard
-    monkeypatch.setattr(inputs, "read_shard", lambda path, columns=None: reads.append(path) or read_shard(path, columns))
+    monkeypatch.setattr(inputs, "read_shard", lambda path, *args: reads.append(path) or read_shard(path, *args))
     mimic_filter = build_filter(tmp_path, engine=engine)
     assert sorted(reads) == sorted(folder.iterdir())
     assert mimic_filter.summary["settings"]["labeling_functions"] == ["mimic", "loss"]

@@ -23,6 +23,7 @@ from .shards import BadShardPolicy
 from .windows import WindowsLike, distinct_steps
 
 __all__ = [
+    "OPTIONAL_COLUMNS",
     "SCORE_COLUMNS",
     "SIGNAL_COLUMNS",
     "RecordChunk",
@@ -43,6 +44,10 @@ SCORE_COLUMNS: tuple[str, ...] = ("global_step", "sample_id", "mimic_score", "we
 SIGNAL_COLUMNS: tuple[str, ...] = ("loss", "reference_loss", "reference_margin")
 """Optional per-record values of the log, reduced to per-(sample, window) means when present (`WindowedScores.signals`)."""
 
+OPTIONAL_COLUMNS: tuple[str, ...] = ("repeated", "status", *SIGNAL_COLUMNS)
+"""Columns read when the log has them; a shard without one (written before it existed) reads as all not
+repeated, all scored, or with its signal values missing."""
+
 
 def _needed(windows: WindowsLike) -> list[str]:
     return list(SCORE_COLUMNS) + (["epoch"] if windows == "epoch" else [])
@@ -60,7 +65,7 @@ def columns_to_read(source: ScoreSource, windows: WindowsLike) -> list[str]:
     missing = [c for c in needed if c not in available]
     if missing:
         raise ValueError(f"The score log ({source.description}) lacks the column(s) {missing}; found {available}.")
-    return needed + [c for c in ("repeated", "status", *SIGNAL_COLUMNS) if c in available]
+    return needed + [c for c in OPTIONAL_COLUMNS if c in available]
 
 
 def signals_of(columns: list[str]) -> tuple[str, ...]:
@@ -89,8 +94,11 @@ class RecordChunk:
         return self.ids.to_numpy().astype(np.int64, copy=False)
 
 
-def record_chunk(chunk: pa.Table, windows: WindowsLike) -> RecordChunk:
-    """A chunk of the log read with `columns_to_read` -> its records as arrays (repeated records dropped)."""
+def record_chunk(chunk: pa.Table, windows: WindowsLike, signals: tuple[str, ...]) -> RecordChunk:
+    """A chunk of the log read with `columns_to_read` -> its records as arrays (repeated records dropped).
+
+    ``signals`` are the log's signal columns (`signals_of`); one that the chunk lacks reads as missing values.
+    """
     chunk = without_repeated(chunk)
     steps = _column_numpy(chunk, "global_step").astype(np.int64, copy=False)
     ids = chunk.column("sample_id")
@@ -104,10 +112,11 @@ def record_chunk(chunk: pa.Table, windows: WindowsLike) -> RecordChunk:
         bw=_b_times_w(chunk, status).astype(np.float32),
         scores=_column_numpy(chunk, "mimic_score").astype(np.float32, copy=False),
         status=status,
-        # A missing value (null) reads as NaN: the record abstains for that signal, as for a non-finite one.
+        # A missing value (null, or no column) reads as NaN: the record abstains for that signal.
         signals={
             name: np.asarray(chunk.column(name).to_numpy(zero_copy_only=False), dtype=np.float32)
-            for name in signals_of(chunk.column_names)
+            if name in chunk.column_names else np.full(steps.size, np.nan, dtype=np.float32)
+            for name in signals
         },
         step_epochs=distinct_steps(steps, epochs) if steps.size else (steps, epochs),
     )
@@ -135,6 +144,7 @@ class Records:
 def read_records(source: ScoreSource, windows: WindowsLike) -> Records:
     """Fill preallocated numpy buffers chunk by chunk (one shard or slice in memory at a time)."""
     columns = columns_to_read(source, windows)
+    signals = signals_of(columns)
     capacity = source.num_rows()
     if capacity == 0:
         raise ValueError(f"The score log ({source.description}) is empty: it holds no record.")
@@ -144,10 +154,10 @@ def read_records(source: ScoreSource, windows: WindowsLike) -> Records:
         bw=np.empty(capacity, dtype=np.float32),
         scores=np.empty(capacity, dtype=np.float32),
         int_ids=None,
-        signals={name: np.empty(capacity, dtype=np.float32) for name in signals_of(columns)},
+        signals={name: np.empty(capacity, dtype=np.float32) for name in signals},
     )
-    for table in source.chunks(columns):
-        chunk = record_chunk(table, windows)
+    for table in source.chunks(columns, OPTIONAL_COLUMNS):
+        chunk = record_chunk(table, windows, signals)
         if chunk.size == 0:
             continue
         sl = slice(records.count, records.count + chunk.size)

@@ -47,7 +47,8 @@ import numpy as np
 import pyarrow as pa
 
 from ..inputs import ScoreSource, ScoresLike
-from ..records import Records, RecordChunk, column_range, columns_to_read, open_source, record_chunk, signals_of
+from ..records import OPTIONAL_COLUMNS, RecordChunk, Records, column_range, columns_to_read, open_source
+from ..records import record_chunk, signals_of
 from ..reduction import WindowedScores, WindowedScoresBuilder, bincount_cells, completed, dense_ids, reduce_records
 from ..shards import BadShardPolicy
 from ..warning import warn
@@ -200,8 +201,8 @@ def _spill(
     spill = _Spill(folder, lo, width, n_partitions, np.zeros(n_partitions, dtype=np.int64), signals_of(columns))
     handles: dict[tuple[int, str], BinaryIO] = {}
     try:
-        for table in source.chunks(columns):
-            chunk = record_chunk(table, windows)
+        for table in source.chunks(columns, OPTIONAL_COLUMNS):
+            chunk = record_chunk(table, windows, spill.signals)
             if chunk.size == 0:
                 continue
             _spill_chunk(spill, chunk, handles)

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..inputs import ScoreSource, ScoresLike
-from ..records import Records, column_range, columns_to_read, open_source, record_chunk, signals_of
+from ..records import OPTIONAL_COLUMNS, Records, column_range, columns_to_read, open_source, record_chunk, signals_of
 from ..reduction import (
     MAX_LISTED_IDS,
     WindowedScores,
@@ -149,7 +149,7 @@ def _shard_table(task: dict[str, Any], columns: list[str]) -> pa.Table | None:
     """The shard's records (duplicated ones dropped); None when it is unreadable and skipped."""
     path = Path(task["path"])
     try:
-        table = read_shard(path, columns)
+        table = read_shard(path, columns, OPTIONAL_COLUMNS)
     except BadShardError:
         # A footer can be intact over a corrupt page: only reading finds it.
         if task["on_bad_shard"] == "error":
@@ -162,7 +162,7 @@ def _shard_summary(batch: dict[str, np.ndarray], columns: list[str], windows: Wi
     """A Ray task: one shard's distinct steps (and epochs), record count and id range."""
     task = {name: batch[name][0] for name in _TASK_FIELDS}
     table = _shard_table(task, columns)
-    chunk = None if table is None else record_chunk(table, windows)
+    chunk = None if table is None else record_chunk(table, windows, signals_of(columns))
     if chunk is None or chunk.size == 0:
         return {"index": np.array([task["index"]]), "count": np.array([0]), "id_min": np.array([0]),
                 "id_max": np.array([0]), "steps": np.array([np.zeros(0, np.int64)], dtype=object),
@@ -211,7 +211,7 @@ def _shard_records(
         return {name: np.zeros(0, dtype) for name, dtype in _RECORD_COLUMNS} | {
             f"signal.{name}": np.zeros(0, np.float32) for name in signals
         }
-    chunk = record_chunk(table, windows)
+    chunk = record_chunk(table, windows, signals)
     ids = chunk.int_ids()
     return {
         "range": ((ids - lo) // width).astype(np.int32),
