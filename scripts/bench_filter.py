@@ -12,7 +12,7 @@ numpy, pyarrow and torch baseline).
 
 With ``--engines`` naming ``duckdb`` or ``polars`` (when importable, e.g. from ``--engine-path``),
 the (sample, window) group-by alone is also run in that engine over the same shards, for the
-engine choice of `hf_gradmimic.filter.outofcore`: its wall time, peak RSS and how many window
+engine choice of `hf_gradmimic.filter.engines.outofcore`: its wall time, peak RSS and how many window
 values differ from the streaming engine's.
 
 Usage:
@@ -353,7 +353,7 @@ Targets (issue 19), checked by this script:
 
 {_targets(rows)}{_engine_table(engine_rows)}
 {notes_text}
-How it scales: the streaming engine (`hf_gradmimic.filter.outofcore`) reads one shard at a time and
+How it scales: the streaming engine (`hf_gradmimic.filter.engines.outofcore`) reads one shard at a time and
 appends each record's step, sample id, b*w, score and status (25 bytes) to the spill file of its
 sample-id range; each range is then reduced alone with `numpy.bincount` over `sample * windows + window`,
 by the in-memory engine's own functions, so the result is bit-identical to it. What stays in memory is

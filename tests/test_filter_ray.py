@@ -12,14 +12,26 @@ import os
 import warnings
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
-from hf_gradmimic.filter import AGGREGATES, METHODS, FilterWarning, LossWindows, build_filter
-from hf_gradmimic.filter.distributed import collect_windows_ray
-from hf_gradmimic.filter.windows import collect_windows
+from hf_gradmimic.filter import (
+    AGGREGATES,
+    METHODS,
+    FilterWarning,
+    LossWindows,
+    build_filter,
+    collect_windows,
+    collect_windows_ray,
+)
 from hf_gradmimic.scores import SCORES_DIRNAME
-from test_filter_streaming import assert_same_table, assert_same_windows, random_log
+from test_filter_streaming import (
+    assert_same_signals,
+    assert_same_table,
+    assert_same_windows,
+    random_log,
+    write_resumed_log,
+    write_shards,
+)
 
 if importlib.util.find_spec("ray") is None:
     if os.environ.get("GRADMIMIC_REQUIRE_RAY") == "1":
@@ -47,16 +59,6 @@ def ray_cluster():
             os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = previous
 
 
-def write_shards(table, output_dir, rows=700):
-    folder = output_dir / SCORES_DIRNAME
-    folder.mkdir(parents=True)
-    for start in range(0, table.num_rows, rows):
-        part = table.slice(start, rows)
-        steps = part.column("global_step").to_numpy()
-        pq.write_table(part, folder / f"rank00000-steps{steps.min():09d}-{steps.max():09d}.parquet")
-    return output_dir
-
-
 def test_ray_reduction_equals_the_single_machine_one(ray_cluster, tmp_path):
     log_dir = write_shards(random_log(7), tmp_path)  # repeated rows, NaN scores, status 1 and 2
     with warnings.catch_warnings():
@@ -67,6 +69,30 @@ def test_ray_reduction_equals_the_single_machine_one(ray_cluster, tmp_path):
     assert_same_windows(local, distributed)
     nodes = ray_cluster.nodes()
     assert len(nodes) == 1 and nodes[0]["NodeManagerAddress"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("windows, sparse_ids", [(2, False), ("epoch", True)])
+def test_ray_signals_equal_the_single_machine_ones_bit_for_bit(ray_cluster, tmp_path, windows, sparse_ids):
+    # Repeated rows, status 1/2 records, NaN / inf / missing values in the loss, reference loss and margin.
+    log_dir = write_shards(random_log(9, sparse_ids=sparse_ids, signals=True), tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FilterWarning)
+        local = collect_windows(log_dir, windows)
+        distributed = collect_windows_ray(log_dir, windows, n_ranges=5)
+    assert set(local.signals) == {"loss", "reference_loss", "reference_margin"} and local.nonfinite_signals
+    assert_same_windows(local, distributed)
+    assert_same_signals(local, distributed)
+    assert [m for m in distributed.warnings if "signal column" in m] == [m for m in local.warnings if "signal column" in m]
+
+
+def test_ray_reads_shards_without_the_newer_columns(ray_cluster, tmp_path):
+    as_one_table = write_resumed_log(random_log(6, signals=True), tmp_path, older_first=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FilterWarning)
+        expected = collect_windows(as_one_table, 3)
+        distributed = collect_windows_ray(tmp_path, 3, n_ranges=3)
+    assert_same_windows(expected, distributed)
+    assert_same_signals(expected, distributed)
 
 
 def test_ray_filter_equals_for_every_method_and_aggregate(ray_cluster, tmp_path):

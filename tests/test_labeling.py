@@ -10,7 +10,7 @@ import pytest
 
 from hf_gradmimic.filter import FilterWarning, LossWindows, MimicFilter, PredictorAgreement, build_filter
 from hf_gradmimic.filter.labeling import resolve_labeling_functions
-from hf_gradmimic.scores import SCORE_COLUMNS, SCORE_TYPES
+from hf_gradmimic.scores import SCORE_COLUMNS, SCORE_TYPES, SCORES_DIRNAME
 
 TYPES = {name: SCORE_TYPES.get(name, pa.int64()) for name in SCORE_COLUMNS}
 
@@ -174,3 +174,19 @@ def test_a_filter_that_keeps_nothing_says_so():
     with pytest.warns(FilterWarning, match="keeps no sample"):
         mimic_filter = build_filter(table, method="topk", topk=1, aggregate="all", labeling_functions=["mimic"])
     assert not mimic_filter.keep.any()
+
+
+@pytest.mark.parametrize("engine", ["memory", "streaming"])
+def test_the_loss_windows_come_from_the_one_read_of_the_log(tmp_path, monkeypatch, engine):
+    """Every shard is read once for the mimic and the loss windows together (the loss rode a second read before)."""
+    from hf_gradmimic.filter import inputs
+    from test_filter_streaming import write_shards
+
+    table, _ = make_log(n=300)
+    folder = write_shards(table, tmp_path, rows=250) / SCORES_DIRNAME
+    reads = []
+    read_shard = inputs.read_shard
+    monkeypatch.setattr(inputs, "read_shard", lambda path, *args: reads.append(path) or read_shard(path, *args))
+    mimic_filter = build_filter(tmp_path, engine=engine)
+    assert sorted(reads) == sorted(folder.iterdir())
+    assert mimic_filter.summary["settings"]["labeling_functions"] == ["mimic", "loss"]

@@ -41,10 +41,12 @@ Everything is vectorised (numpy ``bincount`` / sort + prefix sums over the recor
 score log, read shard by shard); there are no Python loops over samples or records.
 
 Modules, in the order the data flows: `inputs` (the one place that converts paths, pandas, Arrow
-and `datasets` inputs, with `shards` checking a log's files), `windows` (records -> per-window
-means, in memory) and `outofcore` (the same in bounded memory, the default), `identification` (with `clustering`),
-`labeling`, `aggregation`, `decide` (votes -> table and summary), `result` (`MimicFilter`, with `matching` and
-`matrices`) and `build` (`build_filter`, `estimate_quality`).
+and `datasets` inputs, with `shards` checking a log's files), `records` (score-log chunks -> per-record
+arrays), `windows` (optimizer steps -> windows), `reduction` (records -> per-sample window means and
+signals, `WindowedScores`), `engines` (one module per engine behind one registry: `memory`, `outofcore`
+(the default, bounded memory) and `ray`), `identification` (with `clustering`), `labeling` (votes) and `signals` (continuous values),
+`aggregation` (votes -> P(keep)) and `posterior` (signals and votes -> P(keep)), `decide` (-> table and summary), `result` (`MimicFilter`, with `matching`, `matrices` and `stream`),
+`build` (`build_filter`, `estimate_quality`) and `warning` (`FilterWarning`).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ from .aggregation import (
     VOTE_AGGREGATES,
     aggregate_votes,
 )
-from .build import ENGINES, build_filter, estimate_quality
+from .build import build_filter, estimate_quality
 from .clustering import GaussianMixture1D, fit_gmm_1d, kmeans_1d
 from .identification import (
     DEFAULT_METHOD,
@@ -73,6 +75,10 @@ from .identification import (
     identify_threshold,
     identify_topk,
 )
+from .engines import ENGINES, Engine, get_engine
+from .engines.memory import MAX_MATRIX_CELLS, collect_windows
+from .engines.outofcore import collect_windows_streaming
+from .engines.ray import collect_windows_ray
 from .inputs import ScoresLike
 from .labeling import (
     DEFAULT_LABELING_FUNCTIONS,
@@ -83,13 +89,14 @@ from .labeling import (
     PredictorAgreement,
     ScoringFunction,
 )
-from .outofcore import collect_windows_streaming
 from .posterior import MixtureFit, keep_posterior
+from .records import SIGNAL_COLUMNS
+from .reduction import WindowedScores
 from .result import SUMMARY_FILENAME, TABLE_FILENAME, MimicFilter
 from .shards import BAD_SHARD_POLICIES, BadShardError
 from .signals import SIGNAL_NAMES, LabelingScores, LogLossSignal
 from .warning import FilterWarning
-from .windows import MAX_MATRIX_CELLS, WindowedScores, WindowsLike, collect_windows
+from .windows import WindowsLike
 
 # The public names of every submodule: users import them from `hf_gradmimic.filter`, not from where they live.
 __all__ = [
@@ -107,11 +114,13 @@ __all__ = [
     "LABEL_MODEL_LR",
     "MAX_MATRIX_CELLS",
     "METHODS",
+    "SIGNAL_COLUMNS",
     "SIGNAL_NAMES",
     "SUMMARY_FILENAME",
     "TABLE_FILENAME",
     "VOTE_AGGREGATES",
     "BadShardError",
+    "Engine",
     "FilterWarning",
     "GaussianMixture1D",
     "Identification",
@@ -131,9 +140,11 @@ __all__ = [
     "aggregate_votes",
     "build_filter",
     "collect_windows",
+    "collect_windows_ray",
     "collect_windows_streaming",
     "estimate_quality",
     "fit_gmm_1d",
+    "get_engine",
     "identify",
     "identify_gmm",
     "identify_kmeans",

@@ -10,17 +10,14 @@ from typing import Any, Sequence
 from ..scores import scores_provenance
 from .aggregation import DEFAULT_AGGREGATE
 from .decide import check_settings, decide
+from .engines import ENGINES, get_engine
 from .identification import DEFAULT_METHOD
-from .distributed import collect_windows_ray
 from .inputs import ScoresLike
-from .outofcore import collect_windows_streaming
 from .labeling import LabelingContext, LabelingFunctionLike, labeling_scores, labeling_votes, resolve_labeling_functions
 from .result import MimicFilter
 from .shards import BAD_SHARD_POLICIES, BadShardPolicy
 from .warning import FilterWarning
-from .windows import WindowsLike, check_windows, collect_windows
-
-ENGINES: tuple[str, ...] = ("streaming", "memory", "ray")
+from .windows import WindowsLike, check_windows
 
 __all__ = ["ENGINES", "build_filter", "estimate_quality"]
 
@@ -61,9 +58,9 @@ def build_filter(
             Gaps in a rank's step ranges are warned about, and records held by two shards of one
             rank (same step and sample) are counted once, with a warning.
         engine: ``"streaming"`` (default) reduces the log in bounded memory, spilling sample-id
-            ranges to ``spill_dir`` when it does not fit (`hf_gradmimic.filter.outofcore`);
+            ranges to ``spill_dir`` when it does not fit (`hf_gradmimic.filter.engines.outofcore`);
             ``"memory"`` holds every record (24 bytes each). Both give the same filter, bit for bit.
-            ``"ray"`` reduces the shards on the current Ray cluster (`hf_gradmimic.filter.distributed`,
+            ``"ray"`` reduces the shards on the current Ray cluster (`hf_gradmimic.filter.engines.ray`,
             ``pip install "hf-gradmimic[ray]"``), with the same result.
         spill_dir: where the streaming engine spills (default: the system's temporary folder).
         labeling_functions: the sources of votes that the LabelModel weighs (Snorkel, Ratner et al. 2017):
@@ -96,16 +93,8 @@ def build_filter(
     functions, mimic_votes = resolve_labeling_functions(labeling_functions)
     if on_bad_shard not in BAD_SHARD_POLICIES:
         raise ValueError(f"on_bad_shard must be one of {BAD_SHARD_POLICIES}, got {on_bad_shard!r}.")
-    if engine == "streaming":
-        windowed = collect_windows_streaming(scores, windows, on_bad_shard=on_bad_shard, spill_dir=spill_dir)
-    elif engine == "memory":
-        windowed = collect_windows(scores, windows, on_bad_shard=on_bad_shard)
-    elif engine == "ray":
-        windowed = collect_windows_ray(scores, windows, on_bad_shard=on_bad_shard)
-    else:
-        raise ValueError(f"Unknown engine {engine!r}; expected one of {ENGINES}.")
-    context = LabelingContext(scores, windowed, windows, method, threshold, topk, engine=engine,
-                              on_bad_shard=on_bad_shard, spill_dir=spill_dir)
+    windowed = get_engine(engine).collect(scores, windows, on_bad_shard=on_bad_shard, spill_dir=spill_dir)
+    context = LabelingContext(scores, windowed, windows, method, threshold, topk, on_bad_shard=on_bad_shard)
     table, summary = decide(
         windowed, method=method, aggregate=aggregate, windows=windows, threshold=threshold, topk=topk, seed=seed,
         extra_votes=labeling_votes(functions, context), mimic_votes=mimic_votes,

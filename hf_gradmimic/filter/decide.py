@@ -20,9 +20,10 @@ from .identification import METHODS, identify
 from .labeling import LabelingVotes
 from .matrices import list_column
 from .posterior import keep_posterior
+from .reduction import WindowedScores
 from .signals import LabelingScores
 from .warning import warn
-from .windows import WindowedScores, WindowsLike
+from .windows import WindowsLike
 
 __all__ = ["check_settings", "decide"]
 

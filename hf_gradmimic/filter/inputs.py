@@ -118,9 +118,10 @@ class ScoreSource:
         return [] if self.plan is None else self.plan.warnings
 
     def column_names(self) -> list[str]:
+        """The columns of the records; for shards, every column that some shard has."""
         if self.table is not None:
             return self.table.column_names
-        return pq.read_schema(self.shards[0]).names
+        return self.plan.columns if self.plan is not None and self.plan.columns else pq.read_schema(self.shards[0]).names
 
     def schema(self) -> pa.Schema:
         if self.table is not None:
@@ -132,7 +133,9 @@ class ScoreSource:
             return self.table.num_rows
         return self.plan.num_rows
 
-    def chunks(self, columns: list[str]) -> Iterator[pa.Table]:
+    def chunks(self, columns: list[str], optional: Sequence[str] = ()) -> Iterator[pa.Table]:
+        """The records' ``columns``, one shard (or slice of a table) at a time; a shard without some of the
+        ``optional`` columns (written before they existed) yields a table without them."""
         if self.table is not None:
             table = self.table.select(columns)
             for start in range(0, table.num_rows, _CHUNK_ROWS):
@@ -142,7 +145,7 @@ class ScoreSource:
             # compact numpy arrays being filled.
             for shard in self.shards:
                 try:
-                    table = read_shard(shard, columns)
+                    table = read_shard(shard, columns, optional)
                 except BadShardError as error:
                     # A footer can be intact over a corrupt page: only reading finds it.
                     if self.on_bad_shard == "error":

@@ -23,9 +23,8 @@ votes before aggregation.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Protocol, Sequence, Union, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence, Union, runtime_checkable
 
 import numpy as np
 import pyarrow as pa
@@ -33,11 +32,11 @@ import pyarrow.compute as pc
 
 from .aggregation import ABSTAIN
 from .identification import METHODS, identify
-from .inputs import ScoreSource, ScoresLike, score_source
-from .outofcore import collect_windows_streaming
+from .inputs import ScoresLike, score_source
+from .reduction import WindowedScores
 from .shards import BadShardPolicy
 from .signals import SIGNAL_NAMES, LabelingScores, LogLossSignal
-from .windows import WindowedScores, WindowsLike, collect_source
+from .windows import WindowsLike
 
 __all__ = [
     "DEFAULT_LABELING_FUNCTIONS",
@@ -76,7 +75,8 @@ class LabelingVotes:
 
 @dataclass
 class LabelingContext:
-    """What a labeling function may read: the score log, its windows and the filter's settings."""
+    """What a labeling function may read: the score log, its windows (with the per-window means of the log's
+    signal columns, ``windowed.signals``, reduced in the same read) and the filter's settings."""
 
     scores: ScoresLike
     windowed: WindowedScores
@@ -84,18 +84,7 @@ class LabelingContext:
     method: str
     threshold: float | None
     topk: float
-    # How build_filter reads the log, for labeling functions that reduce it again (the loss windows).
-    engine: str = "memory"
     on_bad_shard: BadShardPolicy = "error"
-    spill_dir: str | os.PathLike | None = None
-
-    def collect(self, source: ScoreSource) -> WindowedScores:
-        """Per-window means of ``b * w`` over ``source``, in bounded memory unless the filter's engine is
-        ``"memory"``. A Ray run reduces such a view on the driver with the streaming engine: it is a
-        re-read of the log the cluster already reduced, in the same bounded memory."""
-        if self.engine == "memory":
-            return collect_source(source, self.windows)
-        return collect_windows_streaming(source, self.windows, spill_dir=self.spill_dir)
 
 
 @runtime_checkable
@@ -149,16 +138,14 @@ class LossWindows:
 
     def votes(self, context: LabelingContext) -> LabelingVotes:
         method = self.method or ("gmm" if context.method == "threshold" else context.method)
-        source = score_source(context.scores, on_bad_shard=context.on_bad_shard)
-        if "loss" not in source.column_names():
+        # Reduced with b * w in the same read of the log, so the windows line up with the mimic ones.
+        loss = context.windowed.signals.get("loss")
+        if loss is None:
+            description = score_source(context.scores, on_bad_shard=context.on_bad_shard).description
             raise ValueError(
-                f"The 'loss' labeling function needs a `loss` column in the score log ({source.description}); "
+                f"The 'loss' labeling function needs a `loss` column in the score log ({description}); "
                 "pass labeling_functions=['mimic'] for a log without one."
             )
-        # The loss goes through the same windowing as b * w, so the windows line up with the mimic ones.
-        loss_windows = context.collect(_LossAsWeight(source))
-        loss = _align(loss_windows, context.windowed)
-        del loss_windows  # its other per-sample arrays: memory at web scale (docs/filter_scaling.md)
         n, m = loss.shape
         votes = np.full((n, m), ABSTAIN, dtype=np.int8)
         boundaries = []
@@ -290,49 +277,4 @@ def labeling_scores(functions: Sequence[LabelingFunction | ScoringFunction], con
                 f"{shown}; give NaN for a sample it has nothing to say about."
             )
         out.append(result)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-
-
-class _LossAsWeight(ScoreSource):
-    """The score log seen with ``weight = loss / batch_size``, so that `collect_windows`'s per-window
-    mean of ``b * w`` is the mean loss; records with a non-finite loss or a non-zero status are dropped."""
-
-    def __init__(self, source: ScoreSource) -> None:
-        # The same shards without their warnings: the mimic windows' reduction has already given them.
-        plan = None if source.plan is None else replace(source.plan, skipped=[], warnings=[])
-        super().__init__(shards=source.shards, table=source.table, description=source.description, plan=plan,
-                         on_bad_shard=source.on_bad_shard)
-        self._has_status = "status" in source.column_names()
-
-    def chunks(self, columns: list[str]) -> Iterator[pa.Table]:
-        wanted = [c for c in columns if c != "weight"] + ["loss"] + (["status"] if self._has_status else [])
-        for chunk in super().chunks(list(dict.fromkeys(wanted))):
-            loss = chunk.column("loss").to_numpy(zero_copy_only=False).astype(np.float64)
-            keep = np.isfinite(loss)
-            if self._has_status:
-                keep &= chunk.column("status").to_numpy(zero_copy_only=False) == 0
-            batch = chunk.column("batch_size").to_numpy(zero_copy_only=False).astype(np.float64)
-            weight = pa.array((loss / batch).astype(np.float32))
-            chunk = chunk.append_column("weight", weight).filter(pa.array(keep))
-            yield chunk.select(columns)
-
-
-def _align(other: WindowedScores, windowed: WindowedScores) -> np.ndarray:
-    """``other.values`` re-indexed to ``windowed``'s samples and windows (NaN where missing).
-
-    The same samples and windows in the same order (the usual case: the same log) return ``other.values``
-    itself, not a copy."""
-    if other.window_names == windowed.window_names and other.sample_ids.equals(windowed.sample_ids):
-        return other.values
-    out = np.full(windowed.values.shape, np.nan, dtype=np.float32)
-    rows = pc.index_in(windowed.sample_ids, value_set=other.sample_ids).to_numpy(zero_copy_only=False)
-    rows = np.where(np.isnan(rows.astype(np.float64)), -1, rows).astype(np.int64)
-    column_of = {name: j for j, name in enumerate(other.window_names)}
-    for j, name in enumerate(windowed.window_names):
-        if name in column_of:
-            present = rows >= 0
-            out[present, j] = other.values[rows[present], column_of[name]]
     return out

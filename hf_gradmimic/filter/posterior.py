@@ -78,10 +78,16 @@ def keep_posterior(signals: np.ndarray | None, votes: np.ndarray | None, *, seed
     """Fit the two-class mixture to ``signals`` (``n x d`` floats, NaN missing, higher = keep) and ``votes``
     (``n x k`` int8: -1 abstain, 0 discard, 1 keep) and return ``P(keep)`` per sample.
 
-    Either may be None (or have no column). Every sample needs at least one finite signal or one vote.
+    Either may be None (or have no column). Every sample needs at least one finite signal or one vote. A signal
+    column without any finite value (a source that abstains everywhere) is left out, as are vote columns that
+    only abstain; ``means`` and ``covariances`` describe the signal columns kept, and ``vote_keep_rates`` is NaN
+    for a vote column left out.
     """
     signals = np.zeros((_rows(signals, votes), 0)) if signals is None else np.asarray(signals, dtype=np.float64)
+    signals = signals[:, np.isfinite(signals).any(axis=0)]
     votes = np.zeros((signals.shape[0], 0), dtype=np.int8) if votes is None else np.asarray(votes)
+    voting = (votes != ABSTAIN).any(axis=0)
+    votes = votes[:, voting]
     n = signals.shape[0]
     if votes.shape[0] != n:
         raise ValueError(f"{n} rows of signals but {votes.shape[0]} rows of votes.")
@@ -100,7 +106,9 @@ def keep_posterior(signals: np.ndarray | None, votes: np.ndarray | None, *, seed
     for start in range(0, n, _CHUNK):
         part = slice(start, min(n, start + _CHUNK))
         keep_prob[part] = _responsibilities(params, signals[part], votes[part])[0][:, 0]
-    return MixtureFit(keep_prob, float(params.prior[0]), params.means, params.covariances, params.rates, iterations,
+    rates = np.full((voting.size, 2), np.nan)
+    rates[voting] = params.rates
+    return MixtureFit(keep_prob, float(params.prior[0]), params.means, params.covariances, rates, iterations,
                       converged, log_likelihood)
 
 

@@ -20,8 +20,8 @@ from .labeling import LabelingVotes
 from .signals import LabelingScores
 from .matching import check_row_index_dataset, row_positions
 from .matrices import matrix
+from .reduction import WindowedScores
 from .stream import filter_iterable
-from .windows import WindowedScores
 
 __all__ = ["SUMMARY_FILENAME", "TABLE_FILENAME", "MimicFilter"]
 

@@ -50,6 +50,9 @@ class ShardPlan:
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     num_rows: int = 0
+    # Every column that some readable shard has, in first-seen order: a run resumed across versions of the
+    # writer has shards with and shards without a newer optional column.
+    columns: list[str] = field(default_factory=list)
 
 
 def _describe(error: BaseException) -> str:
@@ -66,16 +69,24 @@ def _bad(path: Path, error: BaseException | str) -> BadShardError:
     )
 
 
-def read_shard(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
-    """Read one shard; any failure is a `BadShardError` naming the file."""
+def read_shard(path: Path, columns: Sequence[str] | None = None, optional: Sequence[str] = ()) -> pa.Table:
+    """Read one shard; any failure is a `BadShardError` naming the file.
+
+    ``optional`` names columns of ``columns`` that a shard may lack (one written before they existed):
+    its table then has none of them.
+    """
     try:
+        if columns is not None and optional:
+            names = pq.read_schema(path).names
+            columns = [c for c in columns if c in names or c not in optional]
         return pq.read_table(path, columns=None if columns is None else list(columns))
     except (OSError, pa.ArrowException, ValueError) as error:
         raise _bad(path, error) from error
 
 
-def _footer_rows(path: Path, needed: Sequence[str]) -> int:
-    """Rows of a shard, from its footer; a `BadShardError` when it is empty, truncated, not Parquet or lacks columns."""
+def _footer(path: Path, needed: Sequence[str]) -> tuple[int, list[str]]:
+    """Rows and column names of a shard, from its footer; a `BadShardError` when it is empty, truncated, not
+    Parquet or lacks columns."""
     if path.stat().st_size == 0:
         raise _bad(path, "the file is empty (0 bytes)")
     try:
@@ -87,7 +98,7 @@ def _footer_rows(path: Path, needed: Sequence[str]) -> int:
     missing = [name for name in needed if name not in names]
     if missing:
         raise _bad(path, f"it lacks the column(s) {missing}; found {names}")
-    return rows
+    return rows, names
 
 
 def plan_shards(paths: Sequence[Path], *, needed: Sequence[str] = (), on_bad_shard: BadShardPolicy = "error") -> ShardPlan:
@@ -103,15 +114,18 @@ def plan_shards(paths: Sequence[Path], *, needed: Sequence[str] = (), on_bad_sha
         raise ValueError(f"on_bad_shard must be one of {BAD_SHARD_POLICIES}, got {on_bad_shard!r}.")
     plan = ShardPlan(shards=[])
     rows: dict[Path, int] = {}
+    columns: dict[str, None] = {}
     for path in paths:
         try:
-            rows[path] = _footer_rows(path, needed)
+            rows[path], names = _footer(path, needed)
+            columns.update(dict.fromkeys(names))
         except BadShardError as error:
             if on_bad_shard == "error":
                 raise
             plan.skipped.append((path, _reason(error)))
             continue
         plan.shards.append(path)
+    plan.columns = list(columns)
     while True:
         plan.num_rows = sum(rows[path] for path in plan.shards)
         plan.warnings, plan.drop_rows = [skipped_message(plan.skipped)] if plan.skipped else [], {}

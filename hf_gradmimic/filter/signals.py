@@ -10,6 +10,7 @@ the keep posterior (`hf_gradmimic.filter.posterior`) combines with any votes:
   2018, and DivideMix, Li et al. 2020, on a student that does not memorise them);
 - ``"last_loss"`` / `LogLossSignal("loss", window="last")`: the same in the sample's last window only, the student
   at its best; beside the mean, the pair is a short trajectory (a flipped sample's loss stays high);
+- ``"window_loss"`` / `LogLossSignal("loss", window="each")`: one column per window, the whole trajectory;
 - ``"reference_loss"`` / `LogLossSignal("reference_loss")`: minus the log of the reference's mean loss on the
   student's features (the score log's ``reference_loss``, `hf_gradmimic.training.reference_verdict`): the
   reference's verdict, "reference argmax ≠ label" made continuous.
@@ -39,6 +40,7 @@ LOSS_FLOOR = 1e-4
 SIGNAL_NAMES: dict[str, tuple[str, str]] = {
     "mean_loss": ("loss", "mean"),
     "last_loss": ("loss", "last"),
+    "window_loss": ("loss", "each"),
     "reference_loss": ("reference_loss", "mean"),
 }
 """The continuous labeling functions named by a string in ``build_filter(labeling_functions=...)``:
@@ -67,13 +69,14 @@ class LogLossSignal:
 
     Args:
         column: the score-log column: ``"loss"`` (the student's own) or ``"reference_loss"`` (the reference's).
-        window: ``"mean"`` (the mean of the sample's window means) or ``"last"`` (its last window with a value).
+        window: ``"mean"`` (the mean of the sample's window means), ``"last"`` (its last window with a value) or
+            ``"each"`` (one column per window).
         name: the labeling function's name (default: ``"<window>_loss"`` for the student's loss, else the column's).
     """
 
     def __init__(self, column: str = "loss", window: str = "mean", name: str | None = None) -> None:
-        if window not in ("mean", "last"):
-            raise ValueError(f"window must be 'mean' or 'last', got {window!r}.")
+        if window not in ("mean", "last", "each"):
+            raise ValueError(f"window must be 'mean', 'last' or 'each', got {window!r}.")
         self.column, self.window = column, window
         self.name = name or (f"{window}_loss" if column == "loss" else column)
 
@@ -91,6 +94,10 @@ class LogLossSignal:
                 context.windowed.warnings,
             )
             return LabelingScores(self.name, [self.name], np.full((n, 1), np.nan))
+        if self.window == "each":
+            values = -np.log(np.maximum(per_window.astype(np.float64), 0.0) + LOSS_FLOOR)
+            names = [f"{self.name}/{window}" for window in windowed.window_names]
+            return LabelingScores(self.name, names, values)
         if self.window == "last":
             present = np.isfinite(per_window)
             last = per_window.shape[1] - 1 - np.argmax(present[:, ::-1], axis=1)

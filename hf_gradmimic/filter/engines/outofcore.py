@@ -1,25 +1,25 @@
-"""The streaming engine: the score log reduced to per-(sample, window) means in bounded memory.
+"""The out-of-core engine (``engine="streaming"``): the score log reduced to per-(sample, window) means in bounded memory.
 
 Stage 2 of Grad-Mimic (Huang et al., arXiv 2501.06708, Section 4.2) needs, per sample ``i`` and
-window ``j``, the mean of ``b * w`` (and of the mimic score) over the sample's records there. The
-in-memory engine (`hf_gradmimic.filter.windows.collect_windows`) holds every record (24 bytes each)
-and then (samples x windows) sums: 6.8 GiB at 24M samples x 5 epochs. This engine streams:
+window ``j``, the mean of ``b * w`` (and of the mimic score, and of each signal column) over the
+sample's records there. The in-memory engine (`hf_gradmimic.filter.engines.memory`) holds every record
+(24 bytes each) and then (samples x windows) sums: 6.8 GiB at 24M samples x 5 epochs. This engine streams:
 
-1. the shards are read one at a time; each record's (step, sample id, ``b * w``, score, status)
-   is appended to the spill file of its *sample-id range* (a partition), keeping log order;
+1. the shards are read one at a time; each record's (step, sample id, ``b * w``, score, status,
+   signals) is appended to the spill files of its *sample-id range* (a partition), keeping log order;
 2. the step -> window map is made from the distinct steps seen;
-3. each partition is reduced alone, by the in-memory engine's own functions (``bincount`` over
-   ``sample * m + window``), and its means are written into the output arrays.
+3. each partition is reduced alone, by the same `reduce_records` as the in-memory engine, and its
+   means are appended to the output (`WindowedScoresBuilder`).
 
 Every record of a sample lands in one partition, in log order, and the partition is summed with
 the same method (``bincount`` or sort + ``reduceat``) that the in-memory engine would pick for the
 whole log, so every sum is the same left fold: the result is bit-identical to `collect_windows`.
 Memory is one partition's working set (``memory_budget``) plus the output: the window values (4 bytes
-per (sample, window) cell) in memory, and the window scores, ids, means and counts (4 per cell and 28
-per sample) in memory-mapped files of the spill folder, which the decision does not read before its
-peak, so that their pages stay in the page cache (reclaimable) and out of the process's memory. The
-files are unlinked at once and freed with the filter's table that maps them. When the whole log fits
-the budget there is one partition, nothing is spilled, and the output is in memory.
+per (sample, window) cell) in memory, and the window scores, signals, ids, means and counts (4 per cell
+and signal, 28 per sample) in memory-mapped files of the spill folder, which the decision does not read
+before its peak, so that their pages stay in the page cache (reclaimable) and out of the process's
+memory. The files are unlinked at once and freed with the filter's table that maps them. When the whole
+log fits the budget there is one partition, nothing is spilled, and the output is in memory.
 
 Why chunked NumPy and not an embedded engine (DuckDB or Polars streaming; their group-by alone is
 measured on the same logs by ``scripts/bench_filter.py --engines streaming,duckdb,polars``, figures in
@@ -36,6 +36,7 @@ to the in-memory engine, because partitioning them by range would need a sort of
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -44,34 +45,18 @@ from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from .inputs import ScoreSource, ScoresLike
-from .shards import BadShardPolicy
-from .warning import warn
-from .windows import (
-    PartMeans,
-    StepWindows,
-    WindowedScores,
-    WindowsLike,
-    _b_times_w,
-    _column_numpy,
-    _columns_to_read,
-    _Records,
-    _without_repeated,
-    bincount_cells,
-    check_windows,
-    chunk_status,
-    chunk_steps,
-    collect_source,
-    dense_ids,
-    open_source,
-    reduce_partition,
-    windowed_scores,
-)
+from ..inputs import ScoreSource, ScoresLike
+from ..records import OPTIONAL_COLUMNS, RecordChunk, Records, column_range, columns_to_read, open_source
+from ..records import record_chunk, signals_of
+from ..reduction import WindowedScores, WindowedScoresBuilder, bincount_cells, completed, dense_ids, reduce_records
+from ..shards import BadShardPolicy
+from ..warning import warn
+from ..windows import StepWindows, WindowsLike, check_windows
+from .base import Engine
+from .memory import reduce_in_memory
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "MAX_STREAMING_CELLS", "collect_windows_streaming"]
+__all__ = ["DEFAULT_MEMORY_BUDGET", "MAX_STREAMING_CELLS", "OutOfCoreEngine", "collect_windows_streaming"]
 
 DEFAULT_MEMORY_BUDGET = 256 << 20
 """Bytes that one partition's reduction may use (records, keys, cell sums and their temporaries)."""
@@ -84,8 +69,11 @@ MAX_STREAMING_CELLS = 4_000_000_000
 _RECORD_BYTES = 64
 # Per (sample, window) cell of a partition: five int64/float64 sums, two float32 means, masks.
 _CELL_BYTES = 64
+# What each signal column adds: 4 bytes per record spilled and loaded; per cell its sum, count and mean.
+_SIGNAL_RECORD_BYTES = 4
+_SIGNAL_CELL_BYTES = 24
 
-# The spilled columns, in this order: the same arrays the in-memory engine fills per record.
+# The spilled columns, in this order: the arrays the in-memory engine fills per record (signals: float32 each).
 _SPILL = (("step", np.int64), ("id", np.int64), ("bw", np.float32), ("score", np.float32), ("status", np.int8))
 
 
@@ -106,21 +94,23 @@ def collect_windows_streaming(
         memory_budget: bytes one partition's reduction may use (default `DEFAULT_MEMORY_BUDGET`);
             the log is cut into as many sample-id ranges as that needs.
         spill_dir: where the partitions' spill files go (a temporary folder inside it, removed at
-            the end); default: the system's temporary folder. Needs about 25 bytes per record.
+            the end); default: the system's temporary folder. Needs about 25 bytes per record (and 4 per
+            signal column).
     """
     check_windows(windows)
     source = scores if isinstance(scores, ScoreSource) else open_source(scores, windows, on_bad_shard)
     if not pa.types.is_integer(source.schema().field("sample_id").type):
-        return collect_source(source, windows)
-    columns = _columns_to_read(source, windows)
+        return reduce_in_memory(source, windows)
+    columns = columns_to_read(source, windows)
     capacity = source.num_rows()
     if capacity == 0:
         raise ValueError(f"The score log ({source.description}) is empty: it holds no record.")
     lo, hi = _id_range(source)
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
-    n_partitions = _partition_count(capacity, hi - lo + 1, _window_estimate(source, windows), budget)
+    n_partitions = _partition_count(capacity, hi - lo + 1, _window_estimate(source, windows),
+                                    len(signals_of(columns)), budget)
     if n_partitions == 1:
-        return collect_source(source, windows)
+        return reduce_in_memory(source, windows)
     warn_list: list[str] = source.warnings
     for message in warn_list:
         warn(message)
@@ -128,9 +118,19 @@ def collect_windows_streaming(
     try:
         spill = _spill(source, columns, windows, lo, hi, n_partitions, folder)
         step_map = StepWindows.of(spill.step_epochs, windows, warn_list)
-        return _reduce_partitions(spill, step_map, warn_list)
+        return completed(_reduce_partitions(spill, step_map), warn_list)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+class OutOfCoreEngine(Engine):
+    """``engine="streaming"`` (the default): `collect_windows_streaming`."""
+
+    name = "streaming"
+
+    def reduce_log(self, scores: ScoresLike | ScoreSource, windows: WindowsLike, on_bad_shard: BadShardPolicy,
+                   spill_dir: str | os.PathLike | None) -> WindowedScores:
+        return collect_windows_streaming(scores, windows, on_bad_shard=on_bad_shard, spill_dir=spill_dir)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,34 +138,8 @@ def collect_windows_streaming(
 # ----------------------------------------------------------------------------------------------
 
 
-def _column_range(source: ScoreSource, name: str) -> tuple[float, float] | None:
-    """``(min, max)`` of a numeric column, from the shards' footer statistics (no data read) when every
-    row group has them, else by reading the column; None when it has no value."""
-    if source.table is not None:
-        result = pc.min_max(source.table.column(name)).as_py()
-        return None if result["min"] is None else (result["min"], result["max"])
-    lows, highs = [], []
-    for shard in source.shards:
-        metadata = pq.ParquetFile(shard).metadata
-        index = metadata.schema.to_arrow_schema().get_field_index(name)
-        for group in range(metadata.num_row_groups):
-            stats = metadata.row_group(group).column(index).statistics
-            if metadata.row_group(group).num_rows == 0:
-                continue
-            if stats is None or not stats.has_min_max:
-                column = pq.read_table(shard, columns=[name]).column(name)
-                result = pc.min_max(column).as_py()
-                lows.append(result["min"])
-                highs.append(result["max"])
-                break
-            lows.append(stats.min)
-            highs.append(stats.max)
-    lows = [v for v in lows if v is not None]
-    return (min(lows), max(v for v in highs if v is not None)) if lows else None
-
-
 def _id_range(source: ScoreSource) -> tuple[int, int]:
-    found = _column_range(source, "sample_id")
+    found = column_range(source, "sample_id")
     if found is None:
         raise ValueError(f"The score log ({source.description}) is empty: it holds no record.")
     return int(found[0]), int(found[1])
@@ -174,15 +148,15 @@ def _id_range(source: ScoreSource) -> tuple[int, int]:
 def _window_estimate(source: ScoreSource, windows: WindowsLike) -> int:
     """An upper estimate of the number of windows, for sizing the partitions."""
     if windows == "epoch":
-        found = _column_range(source, "epoch")
+        found = column_range(source, "epoch")
         return max(1, math.ceil(found[1])) if found and math.isfinite(found[1]) else 1
-    found = _column_range(source, "global_step")
+    found = column_range(source, "global_step")
     span = int(found[1] - found[0] + 1) if found else 1
     # More windows than steps is refused later, with the in-memory engine's message.
     return span if windows == "step" else min(int(windows), span)
 
 
-def _partition_count(records: int, id_span: int, m: int, memory_budget: int) -> int:
+def _partition_count(records: int, id_span: int, m: int, n_signals: int, memory_budget: int) -> int:
     """Partitions so that each one's records and cells fit ``memory_budget``."""
     cells = min(id_span, records) * m
     if cells > MAX_STREAMING_CELLS:
@@ -190,7 +164,9 @@ def _partition_count(records: int, id_span: int, m: int, memory_budget: int) -> 
             f"About {min(id_span, records)} samples x {m} windows is too large for the dense vote matrix "
             f"(limit {MAX_STREAMING_CELLS} cells); use fewer windows, e.g. windows=<int>."
         )
-    need = records * _RECORD_BYTES + cells * _CELL_BYTES
+    need = records * (_RECORD_BYTES + n_signals * _SIGNAL_RECORD_BYTES) + cells * (
+        _CELL_BYTES + n_signals * _SIGNAL_CELL_BYTES
+    )
     return max(1, min(math.ceil(need / max(1, memory_budget)), id_span))
 
 
@@ -206,6 +182,7 @@ class _Spill:
     width: int
     n_partitions: int
     counts: np.ndarray
+    signals: tuple[str, ...] = ()
     has_status: bool = False
     step_epochs: list[tuple[np.ndarray, np.ndarray | None]] = field(default_factory=list)
     total: int = 0
@@ -215,24 +192,20 @@ class _Spill:
     def path(self, partition: int, column: str) -> Path:
         return self.folder / f"part{partition:05d}.{column}"
 
-    def bounds(self, partition: int) -> tuple[int, int]:
-        first = self.lo + partition * self.width
-        return first, first + self.width - 1
-
 
 def _spill(
     source: ScoreSource, columns: list[str], windows: WindowsLike, lo: int, hi: int, n_partitions: int, folder: Path
 ) -> _Spill:
     """Read the log chunk by chunk and append each record to its partition's files (log order kept)."""
     width = -(-(hi - lo + 1) // n_partitions)
-    spill = _Spill(folder, lo, width, n_partitions, np.zeros(n_partitions, dtype=np.int64))
+    spill = _Spill(folder, lo, width, n_partitions, np.zeros(n_partitions, dtype=np.int64), signals_of(columns))
     handles: dict[tuple[int, str], BinaryIO] = {}
     try:
-        for chunk in source.chunks(columns):
-            chunk = _without_repeated(chunk)
-            if chunk.num_rows == 0:
+        for table in source.chunks(columns, OPTIONAL_COLUMNS):
+            chunk = record_chunk(table, windows, spill.signals)
+            if chunk.size == 0:
                 continue
-            _spill_chunk(spill, chunk, windows, handles)
+            _spill_chunk(spill, chunk, handles)
     finally:
         for handle in handles.values():
             handle.close()
@@ -241,26 +214,17 @@ def _spill(
     return spill
 
 
-def _spill_chunk(spill: _Spill, chunk: pa.Table, windows: WindowsLike, handles: dict) -> None:
-    steps = _column_numpy(chunk, "global_step")
-    ids_column = chunk.column("sample_id")
-    if ids_column.null_count:
-        raise ValueError(f"Column 'sample_id' of the score log holds {ids_column.null_count} null value(s).")
-    ids = ids_column.to_numpy().astype(np.int64, copy=False)
-    status = chunk_status(chunk)
-    columns = {
-        "step": steps,
-        "id": ids,
-        "bw": _b_times_w(chunk, status).astype(np.float32),  # float32, as the in-memory engine stores it
-        "score": _column_numpy(chunk, "mimic_score").astype(np.float32, copy=False),
-    }
-    if status is not None:
+def _spill_chunk(spill: _Spill, chunk: RecordChunk, handles: dict) -> None:
+    ids = chunk.int_ids()
+    columns = {"step": chunk.steps, "id": ids, "bw": chunk.bw, "score": chunk.scores}
+    if chunk.status is not None:
         if not spill.has_status:
             _backfill_status(spill, handles)
         spill.has_status = True
     if spill.has_status:
-        columns["status"] = status if status is not None else np.zeros(ids.size, dtype=np.int8)
-    spill.step_epochs.append(chunk_steps(chunk, steps, windows))
+        columns["status"] = chunk.status if chunk.status is not None else np.zeros(ids.size, dtype=np.int8)
+    columns.update({f"signal.{name}": values for name, values in chunk.signals.items()})
+    spill.step_epochs.append(chunk.step_epochs)
     partition = (ids - spill.lo) // spill.width
     counts = np.bincount(partition, minlength=spill.n_partitions)
     order = np.argsort(partition, kind="stable")  # stable: log order inside each partition
@@ -285,110 +249,38 @@ def _backfill_status(spill: _Spill, handles: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Reducing: one partition at a time, by the in-memory engine's functions
+# Reducing: one partition at a time, by the in-memory engine's reduction
 # ----------------------------------------------------------------------------------------------
 
 
-# The per-sample outputs that the decision (`decide`) does not read before its memory peak (the
-# aggregation): the filter's table wraps them zero-copy, the summary reads mean_score afterwards. With a
-# folder, they are appended to files there and memory-mapped at the end, so their pages sit in the page
-# cache (written back and reclaimable) instead of the process's memory.
-_MAPPED = (
-    ("ids", np.int64), ("scores", np.float32), ("mean_weight", np.float64), ("mean_score", np.float64),
-    ("n_records", np.int32),
-)
-
-
-class _Output:
-    """The output arrays, filled partition by partition in sample-id order.
-
-    ``values`` (read by identification) and ``n_nonfinite`` stay in memory, allocated for the most samples there can be (pages past the last sample are never
-    touched, so they take no memory). The `_MAPPED` ones go to files in ``folder`` when it is given.
-    """
-
-    def __init__(self, capacity: int, m: int, folder: Path | None = None) -> None:
-        self.m, self.folder = m, folder
-        self.values = np.empty((capacity, m), dtype=np.float32)
-        self.n_nonfinite: np.ndarray | None = None
-        self.kept: dict[str, list[np.ndarray]] = {name: [] for name, _ in _MAPPED}
-        self.capacity, self.filled = capacity, 0
-        self.n_nan = self.n_without_score = self.n_unlabeled = 0
-
-    def add(self, part: PartMeans) -> None:
-        sl = slice(self.filled, self.filled + len(part.sample_ids))
-        self.values[sl] = part.values
-        mapped = {"ids": part.sample_ids.to_numpy(), "scores": part.scores, "mean_weight": part.mean_weight,
-                  "mean_score": part.mean_score, "n_records": part.n_records}
-        for name, dtype in _MAPPED:
-            values = np.ascontiguousarray(mapped[name], dtype=dtype)
-            if self.folder is None:
-                self.kept[name].append(values)
-            else:
-                with open(self.folder / f"output.{name}", "ab") as handle:
-                    handle.write(values.tobytes())
-        if part.n_nonfinite is not None:
-            if self.n_nonfinite is None:
-                self.n_nonfinite = np.zeros(self.capacity, dtype=np.int32)
-            self.n_nonfinite[sl] = part.n_nonfinite
-        self.filled = sl.stop
-        self.n_nan += part.n_nan
-        self.n_without_score += part.n_without_score
-        self.n_unlabeled += part.n_unlabeled
-
-    def _column(self, name: str, dtype: type) -> np.ndarray:
-        shape = (self.filled, self.m) if name == "scores" else (self.filled,)
-        if self.folder is None:
-            return np.concatenate(self.kept[name]).reshape(shape)
-        # Read-only map of a file in the spill folder: it outlives the folder's removal (POSIX keeps an
-        # unlinked file while it is mapped) and goes with the last array that uses it.
-        return np.memmap(self.folder / f"output.{name}", dtype=dtype, mode="r", shape=shape)
-
-    def means(self) -> PartMeans:
-        n = self.filled
-        columns = {name: self._column(name, dtype) for name, dtype in _MAPPED}
-        return PartMeans(
-            sample_ids=pa.array(columns["ids"]),
-            values=self.values[:n],
-            scores=columns["scores"],
-            mean_weight=columns["mean_weight"],
-            mean_score=columns["mean_score"],
-            n_records=columns["n_records"],
-            n_nonfinite=None if self.n_nonfinite is None else self.n_nonfinite[:n],
-            n_nan=self.n_nan,
-            n_without_score=self.n_without_score,
-            n_unlabeled=self.n_unlabeled,
-        )
-
-
-def _reduce_partitions(spill: _Spill, step_map: StepWindows, warn_list: list[str]) -> WindowedScores:
+def _reduce_partitions(spill: _Spill, step_map: StepWindows) -> WindowedScores:
     m = len(step_map.names)
     total = spill.total
     # The in-memory engine's choices for the whole log, from the ids it would see.
     dense = dense_ids(spill.id_min, spill.id_max, total)
     n_codes = spill.id_max - spill.id_min + 1 if dense else _distinct_ids(spill)
     bincount = bincount_cells(n_codes * m, total)
-    output = _Output(min(n_codes, total), m, spill.folder)
+    output = WindowedScoresBuilder(min(n_codes, total), step_map, spill.signals, spill.folder)
     for p in range(spill.n_partitions):
         if spill.counts[p] == 0:
             continue
-        output.add(reduce_partition(_load_partition(spill, p), step_map, dense=dense, bincount=bincount))
-    return windowed_scores(output.means(), step_map.names, step_map.ranges, total, warn_list)
+        output.add(reduce_records(_load_partition(spill, p), step_map, dense=dense, bincount=bincount))
+    return output.build()
 
 
-def _load_partition(spill: _Spill, p: int) -> _Records:
+def _load_partition(spill: _Spill, p: int) -> Records:
     arrays = {name: np.fromfile(spill.path(p, name), dtype=dtype) for name, dtype in _SPILL if name != "status"}
     status = np.fromfile(spill.path(p, "status"), dtype=np.int8) if spill.has_status else None
     if status is not None and not (status != 0).any():
         status = None
-    return _Records(
+    return Records(
         count=int(spill.counts[p]),
         steps=arrays["step"],
         bw=arrays["bw"],
         scores=arrays["score"],
         int_ids=arrays["id"],
-        other_ids=[],
-        step_epochs=[],
         status=status,
+        signals={name: np.fromfile(spill.path(p, f"signal.{name}"), dtype=np.float32) for name in spill.signals},
     )
 
 
@@ -399,4 +291,3 @@ def _distinct_ids(spill: _Spill) -> int:
         for p in range(spill.n_partitions)
         if spill.counts[p]
     )
-

@@ -1,22 +1,22 @@
-"""Stage 2 on a Ray cluster: the score log's shards read and reduced per (sample, window) by Ray Data.
+"""The Ray engine (``engine="ray"``): the score log's shards read and reduced per (sample, window) by Ray Data.
 
-For logs beyond one machine. The same reduction as the streaming engine (`hf_gradmimic.filter.outofcore`),
+For logs beyond one machine. The same reduction as the out-of-core engine (`hf_gradmimic.filter.engines.outofcore`),
 spread over a cluster with Ray Data (``pip install "hf-gradmimic[ray]"``):
 
 1. one task per shard reads it (the shard checks of `hf_gradmimic.filter.shards` hold: unreadable
    shards named or skipped, duplicated records dropped) and returns its distinct steps and id range;
    the driver makes the step -> window map (Huang et al., arXiv 2501.06708, Section 4.2);
 2. one task per shard turns its records into (sample-id range, log position, step, id, ``b * w``,
-   score, status) rows;
+   score, status, signals) rows;
 3. Ray Data shuffles them by sample-id range (``groupby(...).map_groups``); each range is put back in
-   log order and reduced by the in-memory engine's own functions, as the streaming engine does;
-4. the driver gathers the per-sample window means and decides (`hf_gradmimic.filter.decide`):
-   identification per window and Snorkel's LabelModel, fitted on the vote-pattern counts.
+   log order and reduced by the same `reduce_records` as the other engines;
+4. the driver gathers the per-sample window means, which `build_filter` then decides on
+   (`hf_gradmimic.filter.decide`): identification per window and Snorkel's LabelModel.
 
 The result equals the single-machine one (the same sums in the same order; for sample ids too sparse to
 be coded densely, a (sample, window) cell with 8 or more records may be summed pairwise on one side and
 sequentially on the other, a last-bit difference). The driver holds the per-sample result: 8 bytes per
-(sample, window) cell plus 28 per sample.
+(sample, window) cell (and 4 per cell and signal) plus 28 per sample.
 """
 
 from __future__ import annotations
@@ -29,33 +29,26 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .outofcore import _column_range, _Output
-from .shards import BadShardError, BadShardPolicy, read_shard, skipped_message, without_rows
-from .warning import warn
-from .windows import (
-    PartMeans,
-    StepWindows,
+from ..inputs import ScoreSource, ScoresLike
+from ..records import OPTIONAL_COLUMNS, Records, column_range, columns_to_read, open_source, record_chunk, signals_of
+from ..reduction import (
+    MAX_LISTED_IDS,
     WindowedScores,
-    WindowsLike,
-    _b_times_w,
-    _column_numpy,
-    _columns_to_read,
-    _Records,
-    _without_repeated,
+    WindowedScoresBuilder,
     bincount_cells,
-    check_windows,
-    chunk_status,
-    chunk_steps,
+    completed,
     dense_ids,
-    open_source,
-    reduce_partition,
-    windowed_scores,
+    reduce_records,
 )
+from ..shards import BadShardError, BadShardPolicy, read_shard, skipped_message, without_rows
+from ..warning import warn
+from ..windows import StepWindows, WindowsLike, check_windows
+from .base import Engine
 
-__all__ = ["collect_windows_ray"]
+__all__ = ["RECORDS_PER_RANGE", "RayEngine", "collect_windows_ray"]
 
-# Records per sample-id range that one reduce task takes (its working set is about 64 bytes each).
 RECORDS_PER_RANGE = 8_000_000
+"""Records per sample-id range that one reduce task takes (its working set is about 64 bytes each)."""
 
 
 def _ray():
@@ -71,7 +64,7 @@ def _ray():
 
 
 def collect_windows_ray(
-    scores: str | os.PathLike,
+    scores: str | os.PathLike | ScoreSource,
     windows: WindowsLike = "epoch",
     *,
     on_bad_shard: BadShardPolicy = "error",
@@ -80,7 +73,8 @@ def collect_windows_ray(
     """`collect_windows` on the current Ray cluster: the same `WindowedScores` as on one machine.
 
     Args:
-        scores: an ``output_dir`` or its ``mimic_scores/`` folder, on storage every Ray node can read.
+        scores: an ``output_dir`` or its ``mimic_scores/`` folder, on storage every Ray node can read
+            (or the `ScoreSource` of its shards).
         windows: ``"epoch"``, ``"step"`` or an int, as for `build_filter`.
         on_bad_shard: ``"error"`` or ``"skip"`` (see `hf_gradmimic.filter.shards`).
         n_ranges: how many sample-id ranges the records are shuffled into (default: one per
@@ -88,18 +82,22 @@ def collect_windows_ray(
     """
     ray = _ray()
     check_windows(windows)
-    if not isinstance(scores, (str, os.PathLike)):
+    if isinstance(scores, ScoreSource) and scores.shards is not None:
+        source = scores
+    elif isinstance(scores, (str, os.PathLike)):
+        source = open_source(scores, windows, on_bad_shard)
+    else:
         raise TypeError("engine='ray' reads the score log's shards: pass an output_dir or its mimic_scores/ folder.")
-    source = open_source(scores, windows, on_bad_shard)
     if not pa.types.is_integer(source.schema().field("sample_id").type):
         raise ValueError("engine='ray' needs integer sample ids; use engine='streaming' for other id types.")
     warn_list: list[str] = source.warnings
     for message in warn_list:
         warn(message)
-    columns = _columns_to_read(source, windows)
+    columns = columns_to_read(source, windows)
+    signals = signals_of(columns)
     tasks = [
         {"index": i, "path": str(path), "drop": source.plan.drop_rows.get(path, np.zeros(0, np.int64)).tolist(),
-         "on_bad_shard": on_bad_shard}
+         "on_bad_shard": source.on_bad_shard}
         for i, path in enumerate(source.shards)
     ]
     shard_info = ray.data.from_items(tasks).map_batches(
@@ -111,7 +109,7 @@ def collect_windows_ray(
         warn_list.append(message)
         warn(message)
     step_map, stats = _step_map(shard_info, windows, warn_list, source.description)
-    lo, hi = _column_range(source, "sample_id")
+    lo, hi = column_range(source, "sample_id")
     lo, hi = int(lo), int(hi)
     if n_ranges is None:
         cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -122,44 +120,57 @@ def collect_windows_ray(
     n_codes = stats["id_max"] - stats["id_min"] + 1 if dense else min(stats["count"], stats["id_max"] - stats["id_min"] + 1)
     settings = {
         "step_map": step_map, "dense": dense, "bincount": bincount_cells(n_codes * m, stats["count"]),
-        "has_status": "status" in columns,
+        "has_status": "status" in columns, "signals": signals,
     }
     records = ray.data.from_items(tasks).map_batches(
-        _shard_records, fn_kwargs={"columns": columns, "windows": windows, "lo": lo, "width": width}, batch_size=1
+        _shard_records,
+        fn_kwargs={"columns": columns, "windows": windows, "lo": lo, "width": width, "signals": signals},
+        batch_size=1,
     )
     # One shuffle partition per range (Ray's default of 200 would make mostly empty reduce tasks).
     reduced = records.groupby("range", num_partitions=n_ranges).map_groups(
         _reduce_range, fn_kwargs=settings, batch_format="numpy"
     )
     parts = list(reduced.iter_batches(batch_format="numpy", batch_size=None))
-    return windowed_scores(_gather(parts, m), step_map.names, step_map.ranges, stats["count"], warn_list)
+    return completed(_gather(parts, step_map, signals, stats["count"]), warn_list)
+
+
+class RayEngine(Engine):
+    """``engine="ray"``: `collect_windows_ray` on the current Ray cluster (a local one is started without it)."""
+
+    name = "ray"
+
+    def reduce_log(self, scores: ScoresLike | ScoreSource, windows: WindowsLike, on_bad_shard: BadShardPolicy,
+                   spill_dir: str | os.PathLike | None) -> WindowedScores:
+        return collect_windows_ray(scores, windows, on_bad_shard=on_bad_shard)
 
 
 def _shard_table(task: dict[str, Any], columns: list[str]) -> pa.Table | None:
-    """The shard's records (repeated and duplicated ones dropped); None when it is unreadable and skipped."""
+    """The shard's records (duplicated ones dropped); None when it is unreadable and skipped."""
     path = Path(task["path"])
     try:
-        table = read_shard(path, columns)
+        table = read_shard(path, columns, OPTIONAL_COLUMNS)
     except BadShardError:
         # A footer can be intact over a corrupt page: only reading finds it.
         if task["on_bad_shard"] == "error":
             raise
         return None
-    return _without_repeated(without_rows(table, np.asarray(task["drop"], dtype=np.int64)))
+    return without_rows(table, np.asarray(task["drop"], dtype=np.int64))
 
 
 def _shard_summary(batch: dict[str, np.ndarray], columns: list[str], windows: WindowsLike) -> dict[str, np.ndarray]:
     """A Ray task: one shard's distinct steps (and epochs), record count and id range."""
     task = {name: batch[name][0] for name in _TASK_FIELDS}
     table = _shard_table(task, columns)
-    if table is None or table.num_rows == 0:
+    chunk = None if table is None else record_chunk(table, windows, signals_of(columns))
+    if chunk is None or chunk.size == 0:
         return {"index": np.array([task["index"]]), "count": np.array([0]), "id_min": np.array([0]),
                 "id_max": np.array([0]), "steps": np.array([np.zeros(0, np.int64)], dtype=object),
                 "epochs": np.array([np.zeros(0)], dtype=object), "unreadable": np.array([table is None])}
-    steps, epochs = chunk_steps(table, _column_numpy(table, "global_step"), windows)
-    ids = _column_numpy(table, "sample_id")
+    steps, epochs = chunk.step_epochs
+    ids = chunk.int_ids()
     return {
-        "index": np.array([task["index"]]), "count": np.array([table.num_rows]),
+        "index": np.array([task["index"]]), "count": np.array([chunk.size]),
         "id_min": np.array([int(ids.min())]), "id_max": np.array([int(ids.max())]),
         "steps": np.array([steps], dtype=object),
         "epochs": np.array([np.zeros(0) if epochs is None else epochs], dtype=object),
@@ -190,68 +201,95 @@ _RECORD_COLUMNS = (("range", np.int32), ("position", np.int64), ("step", np.int6
 
 
 def _shard_records(
-    batch: dict[str, np.ndarray], columns: list[str], windows: WindowsLike, lo: int, width: int
+    batch: dict[str, np.ndarray], columns: list[str], windows: WindowsLike, lo: int, width: int,
+    signals: tuple[str, ...],
 ) -> dict[str, np.ndarray]:
-    """A Ray task: one shard's records as rows (sample-id range, log position, step, id, b*w, score, status)."""
+    """A Ray task: one shard's records as rows (sample-id range, log position, step, id, b*w, score, status, signals)."""
     task = {name: batch[name][0] for name in _TASK_FIELDS}
     table = _shard_table(task, columns)
     if table is None:  # skipped (on_bad_shard="skip"); the summary step already warned
-        return {name: np.zeros(0, dtype) for name, dtype in _RECORD_COLUMNS}
-    ids = _column_numpy(table, "sample_id").astype(np.int64, copy=False)
-    status = chunk_status(table)
+        return {name: np.zeros(0, dtype) for name, dtype in _RECORD_COLUMNS} | {
+            f"signal.{name}": np.zeros(0, np.float32) for name in signals
+        }
+    chunk = record_chunk(table, windows, signals)
+    ids = chunk.int_ids()
     return {
         "range": ((ids - lo) // width).astype(np.int32),
         # Shard index and row: the log order, restored before reducing so the sums are made in it.
         "position": (np.int64(task["index"]) << 32) + np.arange(ids.size, dtype=np.int64),
-        "step": _column_numpy(table, "global_step").astype(np.int64, copy=False),
+        "step": chunk.steps,
         "id": ids,
-        "bw": _b_times_w(table, status).astype(np.float32),
-        "score": _column_numpy(table, "mimic_score").astype(np.float32, copy=False),
-        "status": np.zeros(ids.size, np.int8) if status is None else status,
-    }
+        "bw": chunk.bw,
+        "score": chunk.scores,
+        "status": np.zeros(ids.size, np.int8) if chunk.status is None else chunk.status,
+    } | {f"signal.{name}": values for name, values in chunk.signals.items()}
 
 
 def _reduce_range(
-    batch: dict[str, np.ndarray], step_map: StepWindows, dense: bool, bincount: bool, has_status: bool
+    batch: dict[str, np.ndarray], step_map: StepWindows, dense: bool, bincount: bool, has_status: bool,
+    signals: tuple[str, ...],
 ) -> dict[str, np.ndarray]:
     """A Ray task: one sample-id range's records, in log order, reduced to per-sample window means."""
     order = np.argsort(batch["position"], kind="stable")
     status = batch["status"][order] if has_status else None
-    records = _Records(
+    records = Records(
         count=int(order.size), steps=batch["step"][order], bw=batch["bw"][order], scores=batch["score"][order],
-        int_ids=batch["id"][order].copy(), other_ids=[], step_epochs=[],
+        int_ids=batch["id"][order].copy(),
         status=status if status is not None and (status != 0).any() else None,
+        signals={name: batch[f"signal.{name}"][order] for name in signals},
     )
-    part = reduce_partition(records, step_map, dense=dense, bincount=bincount)
-    n = len(part.sample_ids)
-    counters = np.zeros((n, 3), dtype=np.int64)
-    counters[0] = (part.n_nan, part.n_without_score, part.n_unlabeled)  # carried by the range's first row
-    return {
-        "sample_id": part.sample_ids.to_numpy(), "values": part.values, "scores": part.scores,
+    part = reduce_records(records, step_map, dense=dense, bincount=bincount)
+    ids = part.sample_ids.to_numpy()
+    n = ids.size
+    # Per-range counts, carried by the range's first row: NaN scores, samples without a score, unlabeled
+    # records, records (scored, whose signal is not finite) per signal.
+    counters = np.zeros((n, 3 + len(signals)), dtype=np.int64)
+    counters[0, :3] = (part.n_nan_scores, part.n_without_score, part.n_unlabeled_records)
+    out = {
+        "sample_id": ids, "values": part.values, "scores": part.scores,
         "mean_weight": part.mean_weight, "mean_score": part.mean_score, "n_records": part.n_records,
         "n_nonfinite": np.zeros(n, np.int32) if part.n_nonfinite is None else part.n_nonfinite,
-        "has_nonfinite": np.full(n, part.n_nonfinite is not None), "counters": counters,
+        "has_nonfinite": np.full(n, part.n_nonfinite is not None),
     }
+    for k, name in enumerate(signals):
+        out[f"signal.{name}"] = part.signals[name]
+        count, listed = part.nonfinite_signals.get(name, (0, []))
+        counters[0, 3 + k] = count
+        out[f"listed.{name}"] = np.isin(ids, listed)  # the range's first samples with a non-finite value
+    out["counters"] = counters
+    return out
 
 
-def _gather(parts: list[dict[str, np.ndarray]], m: int) -> PartMeans:
-    """The ranges' results in sample-id order, as one `PartMeans`."""
+def _gather(
+    parts: list[dict[str, np.ndarray]], step_map: StepWindows, signals: tuple[str, ...], total_records: int
+) -> WindowedScores:
+    """The ranges' results in sample-id order, as one `WindowedScores` of ``total_records`` records."""
     parts = [p for p in parts if len(p["sample_id"])]
     ids = np.concatenate([p["sample_id"] for p in parts])
     order = np.argsort(ids, kind="stable")
-    output = _Output(ids.size, m)
+    m = len(step_map.names)
+    per_window = {"values", "scores", *(f"signal.{name}" for name in signals)}
 
     def column(name: str) -> np.ndarray:
-        return np.concatenate([np.asarray(p[name]).reshape(len(p["sample_id"]), -1).squeeze(-1)
-                               if name not in ("values", "scores") else np.asarray(p[name]).reshape(-1, m)
+        return np.concatenate([np.asarray(p[name]).reshape(-1, m) if name in per_window
+                               else np.asarray(p[name]).reshape(len(p["sample_id"]), -1).squeeze(-1)
                                for p in parts])[order]
 
     counters = np.concatenate([p["counters"] for p in parts]).sum(axis=0)
     has_nonfinite = bool(np.concatenate([p["has_nonfinite"] for p in parts]).any())
-    output.add(PartMeans(
-        sample_ids=pa.array(ids[order]), values=column("values"), scores=column("scores"),
+    sorted_ids = ids[order]
+    nonfinite_signals = {}
+    for k, name in enumerate(signals):
+        if counters[3 + k]:
+            listed = sorted_ids[column(f"listed.{name}")][:MAX_LISTED_IDS].tolist()
+            nonfinite_signals[name] = (int(counters[3 + k]), listed)
+    output = WindowedScoresBuilder(ids.size, step_map, signals)
+    output.add(WindowedScores(
+        sample_ids=pa.array(sorted_ids), values=column("values"), scores=column("scores"),
         mean_weight=column("mean_weight"), mean_score=column("mean_score"), n_records=column("n_records"),
+        window_names=step_map.names, window_steps=step_map.ranges, total_records=total_records,
+        n_nan_scores=int(counters[0]), n_without_score=int(counters[1]), n_unlabeled_records=int(counters[2]),
         n_nonfinite=column("n_nonfinite") if has_nonfinite else None,
-        n_nan=int(counters[0]), n_without_score=int(counters[1]), n_unlabeled=int(counters[2]),
+        signals={name: column(f"signal.{name}") for name in signals}, nonfinite_signals=nonfinite_signals,
     ))
-    return output.means()
+    return output.build()

@@ -1,0 +1,122 @@
+"""Stage 2's continuous labeling functions (`hf_gradmimic.filter.signals`) through `build_filter`: the signals
+against a pandas re-derivation from the log, the keep posterior on them, and what a log without them gets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from hf_gradmimic.filter import FilterWarning, build_filter, keep_posterior
+from hf_gradmimic.filter.signals import LOSS_FLOOR
+from test_labeling import make_log
+
+SIGNALS = ["mean_loss", "last_loss", "reference_loss"]
+
+
+def with_reference_loss(table, clean_ids, seed=1):
+    """The log plus a reference_loss column: small for clean samples, large for noisy ones, noisy itself."""
+    rng = np.random.default_rng(seed)
+    ids = table.column("sample_id").to_numpy()
+    clean = np.isin(ids, clean_ids)
+    reference_loss = np.abs(np.where(clean, rng.normal(0.2, 0.3, len(ids)), rng.normal(1.5, 0.6, len(ids))))
+    return table.append_column("reference_loss", pa.array(reference_loss.astype(np.float32)))
+
+
+def pandas_signals(table, columns=("loss", "loss", "reference_loss"), windows=("mean", "last", "mean")):
+    frame = table.to_pandas()
+    frame["window"] = np.ceil(frame["epoch"] - 1e-9).astype(int) - 1
+    out = []
+    for column, window in zip(columns, windows):
+        per_window = frame.groupby(["sample_id", "window"])[column].mean().unstack().sort_index()
+        loss = per_window.mean(axis=1) if window == "mean" else per_window.ffill(axis=1).iloc[:, -1]
+        out.append(-np.log(loss.to_numpy() + LOSS_FLOOR))
+    return np.stack(out, axis=1)
+
+
+def logs():
+    table, clean = make_log(n=600, loss_sep=1.0)
+    return with_reference_loss(table, np.flatnonzero(clean)), clean
+
+
+def test_the_mixture_reads_the_signals_as_pandas_computes_them():
+    table, clean = logs()
+    mimic_filter = build_filter(table, labeling_functions=SIGNALS, aggregate="mixture")
+    expected = keep_posterior(pandas_signals(table), None, seed=0).keep_prob
+    np.testing.assert_allclose(mimic_filter.keep_prob, expected, rtol=1e-4, atol=1e-6)
+    stored = np.asarray(mimic_filter.table.column("lf_scores").to_pylist())
+    np.testing.assert_allclose(stored, pandas_signals(table), rtol=1e-5, atol=1e-6)
+    assert (mimic_filter.keep == (expected >= 0.5)).all()
+    assert mimic_filter.summary["mixture"]["converged"]
+    assert np.mean(mimic_filter.keep == clean) > 0.95
+
+
+def test_votes_and_signals_combine_and_rebuild_reuses_both():
+    table, _ = logs()
+    mimic_filter = build_filter(table, labeling_functions=["mimic", "mean_loss"], aggregate="mixture")
+    votes = np.asarray(mimic_filter.table.column("votes").to_pylist(), dtype=np.int8)
+    expected = keep_posterior(pandas_signals(table, ("loss",), ("mean",)), votes, seed=0).keep_prob
+    np.testing.assert_allclose(mimic_filter.keep_prob, expected, rtol=1e-4, atol=1e-6)
+    rebuilt = mimic_filter.rebuild()
+    np.testing.assert_allclose(rebuilt.keep_prob, mimic_filter.keep_prob)
+    # A vote aggregate cuts the continuous column into votes; the table keeps its values.
+    snorkel = mimic_filter.rebuild(aggregate="majority")
+    assert snorkel.summary["aggregate_used"] == "majority"
+    assert "lf_scores" in snorkel.table.column_names
+
+
+def test_a_log_without_the_reference_loss_column_abstains_with_one_warning():
+    table, _ = make_log(n=300)
+    with pytest.warns(FilterWarning, match="no `reference_loss` column") as caught:
+        mimic_filter = build_filter(table, labeling_functions=SIGNALS, aggregate="mixture")
+    assert sum("reference_loss" in str(w.message) for w in caught) == 1
+    expected = keep_posterior(pandas_signals(table, ("loss", "loss"), ("mean", "last")), None, seed=0).keep_prob
+    np.testing.assert_allclose(mimic_filter.keep_prob, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_every_signal_abstaining_is_refused_naming_why():
+    table, _ = make_log(n=300)
+    with pytest.raises(ValueError, match="reference_loss"), pytest.warns(FilterWarning):
+        build_filter(table, labeling_functions=["reference_loss"], aggregate="mixture")
+
+
+def test_a_sample_without_the_signal_abstains_for_it():
+    table, clean = logs()
+    reference_loss = table.column("reference_loss").to_numpy().copy()
+    ids = table.column("sample_id").to_numpy()
+    reference_loss[ids < 50] = np.nan  # these samples never had a reference verdict
+    table = table.set_column(table.column_names.index("reference_loss"), "reference_loss",
+                             pa.array(reference_loss, pa.float32()))
+    with pytest.warns(FilterWarning, match="reference_loss"):
+        mimic_filter = build_filter(table, labeling_functions=SIGNALS, aggregate="mixture")
+    signals = pandas_signals(table)
+    assert np.isnan(signals[:50, 2]).all()
+    expected = keep_posterior(signals, None, seed=0).keep_prob
+    np.testing.assert_allclose(mimic_filter.keep_prob, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_non_finite_signal_value_is_named_with_its_sample_id():
+    table, _ = logs()
+    reference_loss = table.column("reference_loss").to_numpy().copy()
+    ids = table.column("sample_id").to_numpy()
+    reference_loss[np.flatnonzero(ids == 123)[0]] = np.inf
+    table = table.set_column(table.column_names.index("reference_loss"), "reference_loss",
+                             pa.array(reference_loss, pa.float32()))
+    with pytest.warns(FilterWarning, match=r"123"):
+        build_filter(table, labeling_functions=SIGNALS, aggregate="mixture")
+
+
+def test_the_mixture_is_the_same_on_every_engine(tmp_path):
+    """The streaming engine cut into several partitions gives the in-memory engine's filter, bit for bit."""
+    from hf_gradmimic.filter.engines.outofcore import collect_windows_streaming
+    from hf_gradmimic.filter.engines.memory import collect_windows
+
+    table, _ = logs()
+    spilled = collect_windows_streaming(table, memory_budget=20_000, spill_dir=tmp_path)
+    held = collect_windows(table)
+    assert spilled.signals.keys() == held.signals.keys() == {"loss", "reference_loss"}
+    for name in held.signals:
+        np.testing.assert_array_equal(spilled.signals[name], held.signals[name])
+    streamed = build_filter(table, labeling_functions=SIGNALS, aggregate="mixture", spill_dir=tmp_path)
+    in_memory = build_filter(table, labeling_functions=SIGNALS, aggregate="mixture", engine="memory")
+    assert streamed.table.equals(in_memory.table)
