@@ -51,6 +51,7 @@ from .training.diagnostics import ReferenceDiagnostics, check_reference_setup, m
 from .training.guards import NonFiniteStepGuard, row_status
 from .training.metrics_buffer import MetricsBuffer
 from .training.mimic_layers import MimicLayers
+from .training.resume_guard import check_resume, write_run_record
 from .training.score_log import ScoreLog, run_provenance
 from .training.streaming import StreamIds, is_stream, stream_position
 from .training.selection import Candidates, observe_step, select_over_step
@@ -211,6 +212,7 @@ class MimicTrainerMixin:
         the scorer's state comes back from it."""
         resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if resume_from_checkpoint:
+            self.score_log.provenance = check_resume(resume_from_checkpoint, self.score_log.provenance)
             path = os.path.join(resume_from_checkpoint, SCORER_STATE_NAME)
             if os.path.isfile(path):
                 self.scorer.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
@@ -231,8 +233,10 @@ class MimicTrainerMixin:
         # written before Trainer writes trainer_state.json, the mark of a complete checkpoint.
         self.score_log.flush()
         state = self.scorer.state_dict()
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            write_run_record(folder, self.score_log.provenance)  # what a resume from it may not change
         if state and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             atomic_write(os.path.join(folder, SCORER_STATE_NAME), lambda tmp: torch.save(state, tmp))
         super()._save_checkpoint(model, trial)
 

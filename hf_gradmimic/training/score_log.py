@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from ..filter.matching import row_signature
+from ..filter.matching import dataset_signature
 from ..scores import ScoreWriter, read_score_table, write_provenance
 from .batch import ROW_INDEX_KEY
 from .step_softmax import StepRecords
@@ -104,11 +104,13 @@ class SeenKeys(SeenRows):
 def run_provenance(args: Any, scorer: Any, mode: str, model: Any, train_dataset: Any) -> dict[str, Any]:
     """What the score log records about its run: the scorer and its settings (for Grad-Mimic, the reference, by
     source, revision and a hash of the tensors used), the mimic layers, the student's base checkpoint, the library
-    version, and what ``sample_id`` indexes: a column, or the rows of the training set (its length and
-    `row_signature`, so that a filter can refuse a reordered dataset)."""
+    version, and what ``sample_id`` indexes: a column (and its values' type), or the rows of the training set; with
+    the training set's length and `dataset_signature` of every row (so that a filter can refuse a reordered dataset,
+    and a resume another dataset: `hf_gradmimic.training.resume_guard`)."""
     from .. import __version__
 
     config = getattr(model, "config", None)
+    column = args.mimic_id_column or (ROW_INDEX_KEY if is_stream(train_dataset) else None)
     return {
         "hf_gradmimic_version": __version__,
         "scorer": {"name": scorer.name, "mode": mode, **scorer.describe()},
@@ -124,12 +126,27 @@ def run_provenance(args: Any, scorer: Any, mode: str, model: Any, train_dataset:
         },
         "sample_ids": {
             # A stream without mimic_id_column is recorded by the mimic_row_index its examples carry.
-            "column": args.mimic_id_column or (ROW_INDEX_KEY if is_stream(train_dataset) else None),
+            "column": column,
+            "id_type": sample_id_type(train_dataset, column),
             "train_rows": len(train_dataset) if hasattr(train_dataset, "__len__") else None,
             "train_fingerprint": getattr(train_dataset, "_fingerprint", None),
-            "train_signature": None if args.mimic_id_column else row_signature(train_dataset),
+            "train_content": None if is_stream(train_dataset) else dataset_signature(train_dataset),
         },
     }
+
+
+def sample_id_type(train_dataset: Any, column: str | None) -> str | None:
+    """The type of the ``sample_id`` values the log holds: ``int64`` for row indices, else the id column's type (None
+    when unknown before training: a stream's ids arrive with its examples)."""
+    if column is None:
+        return "int64"
+    if is_stream(train_dataset):
+        return None
+    feature = (getattr(train_dataset, "features", None) or {}).get(column)
+    if feature is not None:
+        return str(getattr(feature, "dtype", feature))
+    frame_column = getattr(train_dataset, "get", lambda name: None)(column)  # a pandas frame
+    return None if frame_column is None else str(frame_column.dtype)
 
 
 class ScoreLog(TrainerCallback):
