@@ -9,11 +9,12 @@ import pytest
 
 from hf_gradmimic import MimicConfig, MimicTrainer, build_filter
 from hf_gradmimic.filter import matching
-from hf_gradmimic.filter.matching import dataset_signature
 from tiny_models import TinyMLP, mlp_dataset
 
 
 def test_swapping_two_rows_anywhere_changes_the_signature_and_chunking_does_not(monkeypatch):
+    from hf_gradmimic.filter.matching import dataset_signature
+
     monkeypatch.setattr(matching, "SIGNATURE_CHUNK_ROWS", 64)  # several slices, their boundaries inside chunks
     data = mlp_dataset(n=300).with_format(None)
     signature = dataset_signature(data)

@@ -25,6 +25,7 @@ from transformers.utils import logging
 from ..filter.matching import dataset_signature
 from ..scores import ScoreWriter, read_score_table, write_provenance
 from .batch import ROW_INDEX_KEY
+from .log_lock import LOCK_NAME, ScoreLogLock
 from .step_softmax import StepRecords
 from .streaming import is_stream
 
@@ -173,6 +174,7 @@ class ScoreLog(TrainerCallback):
         self.streaming = dataset_size is None
         self.seen_rows = SeenKeys() if self.streaming else SeenRows(dataset_size)
         self.writer: ScoreWriter | None = None
+        self.lock: ScoreLogLock | None = None
         self.provenance = provenance
 
     @property
@@ -185,8 +187,11 @@ class ScoreLog(TrainerCallback):
             return
         if self.writer is None:
             self.writer = ScoreWriter(self.output_dir, rank=self.rank)
+        if self.rank == 0:  # one run per log: refused before anything of the log is moved or truncated
+            self.lock = ScoreLogLock(self.writer.folder)
+            self.lock.acquire()
         if state.global_step == 0 and self.rank == 0:
-            self._keep_earlier_log(self.writer.folder)
+            self._keep_earlier_log(self.writer.folder, self.lock)
         if self.rank == 0 and self.provenance is not None:
             write_provenance(self.writer.folder, self.provenance)
         if state.global_step == 0:
@@ -202,9 +207,10 @@ class ScoreLog(TrainerCallback):
             self._restore_seen_rows(state)
 
     @staticmethod
-    def _keep_earlier_log(folder: Path) -> Path | None:
-        """A fresh run in an output_dir that already holds a score log: the earlier log is moved aside, not deleted."""
-        if not folder.is_dir() or not any(folder.iterdir()):
+    def _keep_earlier_log(folder: Path, lock: ScoreLogLock) -> Path | None:
+        """A fresh run in an output_dir that already holds a score log: the earlier log is moved aside, not deleted
+        (and this run's lock taken again in the new folder)."""
+        if not folder.is_dir() or not any(entry.name != LOCK_NAME for entry in folder.iterdir()):
             return None
         stamp = time.strftime("%Y%m%d-%H%M%S")
         aside = folder.with_name(f"{folder.name}.previous-{stamp}")
@@ -212,6 +218,8 @@ class ScoreLog(TrainerCallback):
         while aside.exists():
             aside, suffix = folder.with_name(f"{folder.name}.previous-{stamp}-{suffix}"), suffix + 1
         os.replace(folder, aside)
+        (aside / LOCK_NAME).unlink(missing_ok=True)
+        lock.acquire()
         warnings.warn(
             f"{folder} held a score log from an earlier run; this fresh (not resumed) run moved it to {aside} and starts "
             "a new log. Resume with `resume_from_checkpoint` to continue a log instead.",
@@ -225,6 +233,8 @@ class ScoreLog(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.flush()
+        if self.lock is not None:
+            self.lock.release()
 
     def flush(self) -> None:
         """Write out what is buffered and wait for it (before each checkpoint, so that the shards on disk hold
