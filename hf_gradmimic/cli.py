@@ -172,6 +172,7 @@ def run_report(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .filter import MimicFilter
+    from .metrics import clean_flags_array
     from .reporting import report
 
     mimic_filter = MimicFilter.load(args.filter)
@@ -179,8 +180,12 @@ def run_report(args: argparse.Namespace) -> int:
     if args.clean_dataset:
         dataset = _load_dataset(args.clean_dataset)
         dataset = dataset[args.split] if hasattr(dataset, "keys") else dataset
-        _require_columns(dataset, [args.clean_column])
-        clean = np.asarray(dataset[args.clean_column])[mimic_filter.sample_ids]
+        _require_columns(dataset, [args.clean_column, *([args.id_column] if args.id_column else [])])
+        # Matched by id (or by row index, checked against the training set the log recorded); a sample or row
+        # that cannot be matched is an error, never a silent misalignment.
+        positions = mimic_filter.positions(dataset, args.id_column)
+        flags = clean_flags_array(dataset[args.clean_column], f"Column {args.clean_column!r} of --clean-dataset")
+        clean = np.asarray(flags)[positions]
     paths = report(mimic_filter, args.output, scores=args.scores, clean=clean)
     for name, path in paths.items():
         print(f"{name}: {path}")
@@ -280,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--clean-dataset", default=None, help="A dataset with ground-truth clean flags, for P/R/F1.")
     rep.add_argument("--clean-column", default="is_clean", help="Column of clean flags in --clean-dataset.")
     rep.add_argument("--split", default="train", help="Split of --clean-dataset.")
+    rep.add_argument("--id-column", default=None,
+                     help="Sample-id column of --clean-dataset (the trainer's mimic_id_column; default: row index).")
     rep.add_argument("--output", default="mimic_report", help="Directory for the figures.")
 
     push = commands.add_parser("push", help="Push the dataset with mimic-score and filter columns, and a card, to the Hub.")
