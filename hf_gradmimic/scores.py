@@ -28,7 +28,6 @@ the step's critical path only hands over arrays.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
@@ -40,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .fileio import atomic_write, write_json
+from .fileio import atomic_write, read_json_object, write_json
 
 SCORES_DIRNAME = "mimic_scores"
 PROVENANCE_NAME = "provenance.json"
@@ -256,7 +255,5 @@ def read_provenance(path: str | os.PathLike) -> dict[str, Any] | None:
     file = scores_dir(path) / PROVENANCE_NAME
     if not file.is_file():
         return None
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"The score log's provenance file {file} is not valid JSON ({error}).") from error
+    return read_json_object(file, "The score log's provenance file",
+                            "restore it, or delete it (the filter then cannot check the dataset it is applied to).")

@@ -42,6 +42,7 @@ from .training.checks import (
     ActivationCheckpointingCheck,
     adapt_to_fsdp,
     check_launch,
+    check_one_reference,
     check_supported_setup,
     resolve_resume_checkpoint,
 )
@@ -133,6 +134,7 @@ class MimicTrainerMixin:
                      data: TrainingData) -> None:
         """Builds the owners of each job (`hf_gradmimic.training`) after `Trainer.__init__` made the accelerator."""
         args, accelerator = self.args, self.accelerator
+        check_one_reference(args.mimic_reference, reference)
         check_supported_setup(accelerator, args, self.model)
         check_launch(accelerator)
         unwrapped = accelerator.unwrap_model(self.model)

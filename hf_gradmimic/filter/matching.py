@@ -174,9 +174,25 @@ def _positions_by_row_index(ids: pa.Array, n_rows: int) -> np.ndarray:
     return positions
 
 
+def _id_kind(dtype: pa.DataType) -> str:
+    """Integers, text or something else: ids are matched within one kind only (int32 with int64, string with
+    large_string), never across kinds."""
+    if pa.types.is_integer(dtype):
+        return "integer"
+    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype):
+        return "string"
+    return str(dtype)
+
+
 def _positions_by_id_column(ids: pa.Array, dataset_ids: pa.Array, id_column: str) -> np.ndarray:
     if dataset_ids.null_count:
         raise ValueError(f"Column {id_column!r} of the dataset holds null ids.")
+    if _id_kind(dataset_ids.type) != _id_kind(ids.type):
+        raise ValueError(
+            f"Column {id_column!r} holds {dataset_ids.type} ids, the score log's sample_id {ids.type}: matching them "
+            "would convert one into the other, so that e.g. the string '00100' would match the integer 100. Give the "
+            f"dataset's {id_column!r} column the type the trainer saw (the one in the score log)."
+        )
     try:
         dataset_ids = dataset_ids.cast(ids.type)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..fileio import write_json
+from ..fileio import read_json_object, write_json
 from ..scores import PROVENANCE_NAME, SCORES_DIRNAME
 
 __all__ = ["RUN_RECORD_NAME", "check_resume", "log_identity", "write_run_record"]
@@ -53,14 +53,7 @@ def _recorded(checkpoint_folder: Path) -> tuple[dict[str, Any] | None, Path]:
     """The checkpoint's run record; for a checkpoint written before there were any, the score log's provenance."""
     for file in (checkpoint_folder / RUN_RECORD_NAME, checkpoint_folder.parent / SCORES_DIRNAME / PROVENANCE_NAME):
         if file.is_file():
-            try:
-                record = json.loads(file.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise ValueError(f"{file} is not valid JSON ({error}); restore it, or start a fresh run.") from error
-            if not isinstance(record, dict):
-                raise ValueError(f"{file} holds a {type(record).__name__}, not a JSON object; restore it, or start a "
-                                 "fresh run.")
-            return record, file
+            return read_json_object(file, "The run record", "restore it, or start a fresh run."), file
     return None, checkpoint_folder / RUN_RECORD_NAME
 
 
