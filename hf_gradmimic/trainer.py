@@ -186,7 +186,7 @@ class MimicTrainerMixin:
                                   run_provenance(args, self.scorer, self.mode, unwrapped, data.given))
         self.mimic_audit = FilterAudit(clean_flags, sample_ids, args.mimic_filter_method, args.seed) if clean_flags is not None else None
         self.nonfinite_guard = NonFiniteStepGuard(self.step_softmax.finite_samples, self.model.parameters,
-                                                  args.mimic_max_nonfinite_steps)
+                                                  args.mimic_max_nonfinite_steps, self.step_softmax.supervised_samples)
         for callback in (ActivationCheckpointingCheck(lambda: self.accelerator.unwrap_model(self.model)), self.score_log,
                          self.nonfinite_guard, _StepEnd(self._end_mimic_step)):
             self.add_callback(callback)
