@@ -141,18 +141,26 @@ def check_row_index_dataset(recorded: Mapping[str, Any] | None, dataset: Any) ->
         )
 
 
-def row_positions(ids: pa.Array, rows: Rows, id_column: str | None) -> np.ndarray:
+UNSCORED_HINT = (
+    "the trainer never trained on them: a trainer that drops rows (MimicSFTTrainer, as trl's SFTTrainer, drops a row "
+    "too long for max_length or left without a completion), or a run that stopped (max_steps) before a full epoch. "
+    "Pass unscored='keep' to keep such rows, or unscored='drop' to drop them, if that is what you want"
+)
+
+
+def row_positions(ids: pa.Array, rows: Rows, id_column: str | None, *, allow_unscored: bool = False) -> np.ndarray:
     """Row position in ``rows`` of every id in ``ids`` (the filter's unique sample ids, in table order).
 
     With ``id_column=None`` the ids are row indices; otherwise they are looked up in that column.
-    Raises ValueError when a scored sample is not in the dataset or a dataset row was never scored.
+    Raises ValueError when a scored sample is not in the dataset, or (unless ``allow_unscored``) when a dataset row
+    was never scored.
     """
     if id_column is None:
-        return _positions_by_row_index(ids, rows.num_rows)
-    return _positions_by_id_column(ids, rows.column(id_column), id_column)
+        return _positions_by_row_index(ids, rows.num_rows, allow_unscored)
+    return _positions_by_id_column(ids, rows.column(id_column), id_column, allow_unscored)
 
 
-def _positions_by_row_index(ids: pa.Array, n_rows: int) -> np.ndarray:
+def _positions_by_row_index(ids: pa.Array, n_rows: int, allow_unscored: bool = False) -> np.ndarray:
     if not pa.types.is_integer(ids.type):
         raise ValueError(f"The filter's sample ids are {ids.type}, not row indices: pass id_column= to match them.")
     positions = ids.to_numpy()
@@ -163,13 +171,12 @@ def _positions_by_row_index(ids: pa.Array, n_rows: int) -> np.ndarray:
             f"({n_rows} rows), e.g. {positions[outside][:5].tolist()}; was the score log written for "
             "another dataset, or should id_column= be set?"
         )
-    if positions.size != n_rows:  # ids are unique, so only a count mismatch can leave rows unscored
+    if positions.size != n_rows and not allow_unscored:  # ids are unique: only a count mismatch leaves rows unscored
         scored = np.zeros(n_rows, dtype=bool)
         scored[positions] = True
         unscored = np.flatnonzero(~scored)
         raise ValueError(
-            f"{unscored.size} row(s) of the dataset have no score (e.g. rows {unscored[:5].tolist()}); "
-            "the filter can only decide about samples that were trained on."
+            f"{unscored.size} row(s) of the dataset have no score (e.g. rows {unscored[:5].tolist()}): {UNSCORED_HINT}."
         )
     return positions
 
@@ -184,7 +191,8 @@ def _id_kind(dtype: pa.DataType) -> str:
     return str(dtype)
 
 
-def _positions_by_id_column(ids: pa.Array, dataset_ids: pa.Array, id_column: str) -> np.ndarray:
+def _positions_by_id_column(ids: pa.Array, dataset_ids: pa.Array, id_column: str,
+                            allow_unscored: bool = False) -> np.ndarray:
     if dataset_ids.null_count:
         raise ValueError(f"Column {id_column!r} of the dataset holds null ids.")
     if _id_kind(dataset_ids.type) != _id_kind(ids.type):
@@ -208,10 +216,10 @@ def _positions_by_id_column(ids: pa.Array, dataset_ids: pa.Array, id_column: str
             f"{len(missing)} sample id(s) in the scores are not in the dataset's {id_column!r} column, "
             f"e.g. {missing[:5].to_pylist()}."
         )
-    if len(ids) != len(dataset_ids):
+    if len(ids) != len(dataset_ids) and not allow_unscored:
         unscored = dataset_ids.filter(pc.invert(pc.is_in(dataset_ids, value_set=ids)))
         raise ValueError(
-            f"{len(unscored)} row(s) of the dataset have no score (e.g. {id_column}={unscored[:5].to_pylist()}); "
-            "the filter can only decide about samples that were trained on."
+            f"{len(unscored)} row(s) of the dataset have no score (e.g. {id_column}={unscored[:5].to_pylist()}): "
+            f"{UNSCORED_HINT}."
         )
     return positions.to_numpy()
