@@ -135,6 +135,8 @@ def _training_settings(training_config: Any, reference: str | None,
     trainer_reference = None
     if training_config is not None and not isinstance(training_config, Mapping) and hasattr(training_config, "reference_name"):
         trainer_reference = training_config.reference_name  # a MimicTrainer: its config is .args
+        if trainer_reference and not getattr(training_config, "reference_in_memory", True):
+            reference = reference or trainer_reference  # the path or repo id given as `reference=`: the one used
         training_config = training_config.args
     if training_config is None:
         raw: Mapping[str, Any] = {}

@@ -169,6 +169,8 @@ class MimicTrainerMixin:
         self._uses_backward_possible = (accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED)
                                         and not self.batch_coupled)
         self.reference_name = getattr(self.scorer, "reference_name", None)
+        # What the cards name: a path or repo id as is, a model or tensor dict as an in-memory reference.
+        self.reference_in_memory = reference is not None and not isinstance(reference, (str, os.PathLike))
         self.mimic_diagnostics = None
         if self.scorer.monitors_reference:
             check_reference_setup(reference if reference is not None else args.mimic_reference, unwrapped,

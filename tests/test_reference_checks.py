@@ -68,3 +68,18 @@ def test_a_reference_argument_that_differs_from_the_configs_is_refused(tmp_path)
         MimicTrainer(model=model, args=args, train_dataset=mlp_dataset(n=8), reference=head_tensors(model))
     # The same reference twice is no ambiguity.
     MimicTrainer(model=model, args=args, train_dataset=mlp_dataset(n=8), reference=str(tmp_path / "ref.safetensors"))
+
+
+def test_the_model_card_names_the_reference_given_as_an_argument(tmp_path):
+    from hf_gradmimic.cards import render_model_card
+
+    model = TinyMLP()
+    path = str(tmp_path / "ref.safetensors")
+    save_file(head_tensors(model), path)
+    args = MimicConfig(output_dir=str(tmp_path / "out"), mimic_layers=["head"], max_steps=1, report_to=[], use_cpu=True,
+                       mimic_alignment_check=False)
+    trainer = MimicTrainer(model=model, args=args, train_dataset=mlp_dataset(n=8), reference=path)
+    text = render_model_card(trainer).text
+    assert f"| reference model | `{path}` |" in text and "in-memory" not in text
+    in_memory = MimicTrainer(model=model, args=args, train_dataset=mlp_dataset(n=8), reference=head_tensors(model))
+    assert "| reference model | `in-memory reference (dict)` |" in render_model_card(in_memory).text
