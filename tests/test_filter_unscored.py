@@ -33,3 +33,30 @@ def test_unscored_rows_are_explained_and_kept_or_dropped_on_request(tmp_path, id
         assert sorted(int(uid[1:]) for uid in out["uid"]) == sorted(expected)  # uid u<row>
     with pytest.raises(ValueError, match=r"unscored must be one of \('error', 'keep', 'drop'\)"):
         mimic_filter.apply(data, id_column=id_column, unscored="ignore")
+
+
+def test_a_row_that_mimic_sft_trainer_dropped_is_explained_and_kept_on_request(tmp_path):
+    """As reported: trl drops a row whose prompt fills max_length; apply() on the training set then names why."""
+    pytest.importorskip("trl")
+    import datasets
+
+    from hf_gradmimic.sft import MimicSFTConfig, MimicSFTTrainer
+    from test_sft import TRAIN, pairs, student, word_tokenizer
+    from test_trainer import perturbed_reference
+    from tiny_models import lora_names
+
+    tokenizer, model = word_tokenizer(), student()
+    rows = pairs(8)
+    rows.insert(3, {"prompt": " ".join(["w1"] * 20), "completion": " w2"})  # longer than max_length: dropped
+    data = datasets.Dataset.from_list(rows)
+    args = MimicSFTConfig(output_dir=str(tmp_path), max_length=12, per_device_train_batch_size=8, max_steps=1,
+                          mimic_layers=["lora"], **TRAIN)
+    MimicSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                    reference=perturbed_reference(model, lora_names(model), scale=0.1)).train()
+    mimic_filter = build_filter(tmp_path, method="threshold", aggregate="majority")
+    assert 3 not in mimic_filter.sample_ids.tolist()
+    with pytest.raises(ValueError, match=r"1 row\(s\) of the dataset have no score \(e.g. rows \[3\]\).*MimicSFTTrainer"):
+        mimic_filter.apply(data)
+    kept = mimic_filter.apply(data, unscored="keep")
+    expected = sorted([*mimic_filter.sample_ids[mimic_filter.keep].tolist(), 3])
+    assert list(kept["prompt"]) == [rows[i]["prompt"] for i in expected]
