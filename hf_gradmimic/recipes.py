@@ -209,9 +209,12 @@ def build_reference(
             loadable with ``PeftModel.from_pretrained``; the student is left unchanged.
         output_dir: where ``reference.safetensors`` and its ``README.md`` card go.
         eval_dataset: held-out data for the accuracy written to the card (else training accuracy only).
-        base_model / base_revision: recorded in the metadata; default ``model.config._name_or_path``.
+        base_model: the base checkpoint recorded in the metadata; default ``model.config._name_or_path``.
+        base_revision: its revision, recorded in the metadata.
         cache_dir: where the features are cached (default ``output_dir/feature_cache``).
-        push_to_hub / repo_id / token: also upload the folder to the Hub.
+        push_to_hub: also upload the folder to the Hub.
+        repo_id: the Hub repo for ``push_to_hub``.
+        token: the Hub token for ``push_to_hub`` (default: the logged-in one).
 
     Returns:
         A `ReferenceResult` with the saved path, the tensors (student names) and the metadata.
