@@ -80,7 +80,7 @@ def check_resume(checkpoint_folder: str | os.PathLike, provenance: dict[str, Any
     """
     folder = Path(checkpoint_folder)
     recorded, file = _recorded(folder)
-    if recorded is None:
+    if recorded is None or provenance is None:
         return provenance
     was, now = log_identity(recorded), log_identity(provenance)
     changed = [name for name in now if _differs(name, was[name], now[name])]
