@@ -93,3 +93,21 @@ def test_records_held_twice_inside_one_shard_are_counted_once(tmp_path):
     np.testing.assert_array_equal(doubled.sample_ids, clean.sample_ids)
     np.testing.assert_array_equal(doubled.keep, clean.keep)
     assert doubled.summary["n_records"] == clean.summary["n_records"] == len(table)
+
+
+def test_a_lock_whose_pid_now_names_another_process_is_stale(tmp_path):
+    import json
+
+    from hf_gradmimic.training.log_lock import ScoreLogLock
+
+    folder = tmp_path / "mimic_scores"
+    folder.mkdir()
+    live = os.getppid()  # a live process that is not this one, started at another time than the lock says
+    (folder / LOCK_NAME).write_text(json.dumps({"pid": live, "host": socket.gethostname(), "pid_start": "0"}))
+    lock = ScoreLogLock(folder)
+    with pytest.warns(UserWarning, match=rf"held by pid {live} .* no longer runs"):
+        lock.acquire()
+    assert json.loads((folder / LOCK_NAME).read_text())["pid"] == os.getpid()
+    (folder / LOCK_NAME).write_text(json.dumps({"pid": live, "host": socket.gethostname()}))  # no start time: live
+    with pytest.raises(ScoreLogLockedError, match=rf"pid {live} on host"):
+        ScoreLogLock(folder).acquire()

@@ -4,7 +4,8 @@ Two runs in one ``output_dir`` at once would write into the same shards (their n
 log would hold both runs' records under the same (step, sample). The first run's rank 0 takes the lock when training
 starts; a second run is refused, naming the first one's pid and host. A lock whose process no longer runs on this
 host (a crashed or killed run) is stale and is taken over with a warning; a lock held by this very process (an earlier
-`train` call that raised) is taken over silently. The lock is created with its content in one step (a hard link to a
+`train` call that raised) is taken over silently; a pid reused by another process is told apart by its start time.
+The lock is created with its content in one step (a hard link to a
 finished temporary file), so no run ever reads a half-written lock.
 """
 
@@ -32,15 +33,26 @@ class ScoreLogLockedError(RuntimeError):
         self.holder = holder
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this host."""
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started (Linux: field 22 of /proc/<pid>/stat), so that a reused pid is told apart; None
+    where that is not known."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    """Whether process ``pid``, started at ``started`` (if recorded), still runs on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process: alive
-        return True
-    return True
+        pass
+    now = _start_time(pid)
+    return started is None or now is None or now == started  # another start time: the pid was reused
 
 
 class ScoreLogLock:
@@ -49,7 +61,7 @@ class ScoreLogLock:
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
-        self.mine = {"pid": os.getpid(), "host": socket.gethostname()}
+        self.mine = {"pid": os.getpid(), "host": socket.gethostname(), "pid_start": _start_time(os.getpid())}
         self.held = False
 
     def acquire(self) -> None:
@@ -88,7 +100,7 @@ class ScoreLogLock:
         if pid == self.mine["pid"] and host == self.mine["host"]:
             self.path.unlink(missing_ok=True)  # this process's own lock, from a train() that raised
             return
-        if isinstance(pid, int) and host == self.mine["host"] and not _alive(pid):
+        if isinstance(pid, int) and host == self.mine["host"] and not _alive(pid, holder.get("pid_start")):
             warnings.warn(
                 f"The score log's lock {self.path} was held by pid {pid} on {host}, which no longer runs (a crashed or "
                 "killed run): taking it over.",
