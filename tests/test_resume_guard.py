@@ -88,3 +88,21 @@ def test_the_same_settings_and_rows_in_another_format_resume(tmp_path):
     data, ref = first_run(tmp_path)
     resume(tmp_path, data.with_format(None), ref)
     assert sorted(load_scores(tmp_path).to_pandas().global_step.unique()) == [1, 2, 3, 4]
+
+
+def test_a_stream_resumed_with_ids_of_another_type_is_refused_before_writing(tmp_path):
+    """A stream's ids are known only from its first batch: the first write of the resumed run checks them."""
+    from stream_data import mlp_stream
+
+    def stream_run(ids, max_steps):
+        model = TinyMLP()
+        args = MimicConfig(output_dir=str(tmp_path), max_steps=max_steps, mimic_id_column="id",
+                           **{**COMMON, "mimic_layers": ["head"]})
+        return MimicTrainer(model=model, args=args, train_dataset=mlp_stream(64, ids), reference=reference(model))
+
+    stream_run("int", 2).train()
+    before = load_scores(tmp_path).to_pandas()
+    with pytest.raises(ValueError, match=r"holds int64 sample ids, and this run's are string .*could not be read"):
+        stream_run("str", 4).train(resume_from_checkpoint=True)
+    after = load_scores(tmp_path).to_pandas()  # still one readable log, as it was
+    np.testing.assert_array_equal(after.sample_id.values, before.sample_id.values)

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from .inputs import Rows, as_rows
 
-__all__ = ["check_row_index_dataset", "dataset_signature", "row_positions", "row_signature"]
+__all__ = ["check_row_index_dataset", "dataset_signature", "id_kind", "row_positions", "row_signature"]
 
 
 SIGNATURE_ROWS = 64
@@ -181,7 +181,7 @@ def _positions_by_row_index(ids: pa.Array, n_rows: int, allow_unscored: bool = F
     return positions
 
 
-def _id_kind(dtype: pa.DataType) -> str:
+def id_kind(dtype: pa.DataType) -> str:
     """Integers, text or something else: ids are matched within one kind only (int32 with int64, string with
     large_string), never across kinds."""
     if pa.types.is_integer(dtype):
@@ -195,7 +195,7 @@ def _positions_by_id_column(ids: pa.Array, dataset_ids: pa.Array, id_column: str
                             allow_unscored: bool = False) -> np.ndarray:
     if dataset_ids.null_count:
         raise ValueError(f"Column {id_column!r} of the dataset holds null ids.")
-    if _id_kind(dataset_ids.type) != _id_kind(ids.type):
+    if id_kind(dataset_ids.type) != id_kind(ids.type):
         raise ValueError(
             f"Column {id_column!r} holds {dataset_ids.type} ids, the score log's sample_id {ids.type}: matching them "
             "would convert one into the other, so that e.g. the string '00100' would match the integer 100. Give the "

@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from ..filter.matching import dataset_signature
-from ..scores import ScoreWriter, read_score_table, write_provenance
+from ..filter.matching import dataset_signature, id_kind
+from ..scores import ScoreWriter, read_score_table, score_shard_paths, write_provenance
 from .batch import ROW_INDEX_KEY
 from .log_lock import LOCK_NAME, ScoreLogLock
 from .step_softmax import StepRecords
@@ -176,6 +178,7 @@ class ScoreLog(TrainerCallback):
         self.writer: ScoreWriter | None = None
         self.lock: ScoreLogLock | None = None
         self.provenance = provenance
+        self.id_type_checked = False
 
     @property
     def folder(self):
@@ -250,6 +253,8 @@ class ScoreLog(TrainerCallback):
             self.sample_ids.forget(records.rows)
         if self.writer is None:
             return
+        if not self.id_type_checked:
+            self._check_logged_id_type(sample_ids)
         self.writer.add_step(
             global_step=global_step,
             epoch=epoch,
@@ -262,6 +267,26 @@ class ScoreLog(TrainerCallback):
             status=records.status,
             reference_losses=records.reference_losses,
         )
+
+    def _check_logged_id_type(self, sample_ids: Any) -> None:
+        """A resumed log must keep one kind of ``sample_id`` (a stream's ids are known only now): shards of integer and
+        of string ids side by side could not be read together."""
+        self.id_type_checked = True
+        try:
+            shards = score_shard_paths(self.writer.folder)
+        except FileNotFoundError:
+            return
+        ids = np.asarray(sample_ids)
+        if not shards or not len(ids):
+            return
+        logged = pq.read_schema(shards[0]).field("sample_id").type
+        new = pa.array(ids[:1].tolist()).type
+        if id_kind(logged) != id_kind(new):
+            raise ValueError(
+                f"The score log in {self.writer.folder} holds {logged} sample ids, and this run's are {new} (e.g. "
+                f"{ids[:3].tolist()}): the resumed log would mix both and could not be read. Resume with the id column "
+                "of that run, or start a fresh run (without resume_from_checkpoint, or in another output_dir)."
+            )
 
     def _restore_seen_rows(self, state: Any) -> None:
         """On resume mid-epoch, mark the samples that the score log holds for the epoch being resumed.
