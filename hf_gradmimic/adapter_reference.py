@@ -10,9 +10,10 @@ Only those two files are read. PEFT saves the matrices without the adapter's nam
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
+
+from .fileio import read_json_object
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -71,7 +72,7 @@ def adapter_metadata(config: Path, weights: Path) -> dict[str, str]:
 
     with safe_open(str(weights), framework="pt") as handle:
         metadata = dict(handle.metadata() or {})
-    settings = json.loads(config.read_text())
+    settings = read_json_object(config, "The adapter config", "save the adapter again with `save_pretrained`.")
     metadata["base_model"] = str(settings.get("base_model_name_or_path") or "")
     metadata["base_revision"] = str(settings.get("revision") or "")
     return metadata

@@ -9,8 +9,10 @@ Hub upload code, so both can import it.
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +28,8 @@ __all__ = [
     "MODEL_TAGS",
     "REFERENCE_TAGS",
     "TEMPLATES_DIR",
+    "card_code",
+    "card_text",
     "dataset_card_data",
     "render_dataset_card",
     "render_model_card",
@@ -55,6 +59,36 @@ def template_path(name: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
+# User and third-party strings on the cards
+
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]#|!~])")
+
+
+def _one_line(value: Any) -> str:
+    """No line break (a new line could start a heading or a block) and no comment marker (ours delimit the
+    generated section, which `merge_card_text` finds by its markers)."""
+    text = " ".join(str(value).split())
+    return text.replace("<!--", "<!- -").replace("-->", "- ->")
+
+
+def card_text(value: Any) -> str | None:
+    """``value`` as literal text on a card: HTML escaped (no ``<script>``), Markdown punctuation escaped (no fake
+    heading, link or table cell), on one line, without comment markers. None stays None (the templates test it)."""
+    if value is None:
+        return None
+    return _MARKDOWN_SPECIALS.sub(r"\\\1", html.escape(_one_line(value), quote=False))
+
+
+def card_code(value: Any) -> str | None:
+    """``value`` for a code span of a card (between backticks in the templates, where HTML and Markdown are inert):
+    on one line, without comment markers, a backtick (which would close the span) as a quote, and ``|`` escaped for
+    table cells. None stays None."""
+    if value is None:
+        return None
+    return _one_line(value).replace("`", "'").replace("|", "\\|")
+
+
+# ----------------------------------------------------------------------------------------------
 # Settings shown on the cards
 # ----------------------------------------------------------------------------------------------
 
@@ -68,7 +102,8 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def _layers_text(layer_map: Mapping[str, str]) -> str:
-    return ", ".join(f"`{s}`" if s == r else f"`{s}` → reference `{r}`" for s, r in layer_map.items()) or "n/a"
+    return ", ".join(f"`{card_code(s)}`" if s == r else f"`{card_code(s)}` → reference `{card_code(r)}`"
+                     for s, r in layer_map.items()) or "n/a"
 
 
 def _provenance_settings(provenance: Mapping[str, Any]) -> dict[str, Any]:
@@ -100,6 +135,8 @@ def _training_settings(training_config: Any, reference: str | None,
     trainer_reference = None
     if training_config is not None and not isinstance(training_config, Mapping) and hasattr(training_config, "reference_name"):
         trainer_reference = training_config.reference_name  # a MimicTrainer: its config is .args
+        if trainer_reference and not getattr(training_config, "reference_in_memory", True):
+            reference = reference or trainer_reference  # the path or repo id given as `reference=`: the one used
         training_config = training_config.args
     if training_config is None:
         raw: Mapping[str, Any] = {}
@@ -113,10 +150,10 @@ def _training_settings(training_config: Any, reference: str | None,
     )
     recorded = provenance or {}
     return {
-        "reference": reference or "not recorded",
-        "reference_revision": raw.get("mimic_reference_revision"),
-        "reference_sha256": ((recorded.get("scorer") or {}).get("reference") or {}).get("tensors_sha256"),
-        "student": (recorded.get("student") or {}).get("base_model"),
+        "reference": card_code(reference or "not recorded"),
+        "reference_revision": card_code(raw.get("mimic_reference_revision")),
+        "reference_sha256": card_code(((recorded.get("scorer") or {}).get("reference") or {}).get("tensors_sha256")),
+        "student": card_code((recorded.get("student") or {}).get("base_model")),
         "library_version": recorded.get("hf_gradmimic_version"),
         "layer_names": list(layer_map),
         "layers": _layers_text(layer_map) if layer_map else "not recorded",
@@ -124,7 +161,7 @@ def _training_settings(training_config: Any, reference: str | None,
         "normalize": raw.get("mimic_normalize") or "not recorded",
         "reweight_scope": raw.get("mimic_reweight_scope") or "not recorded",
         "warmup_steps": raw.get("mimic_warmup_steps", "not recorded"),
-        "scorer": raw.get("mimic_scorer") or "mimic",
+        "scorer": card_code(raw.get("mimic_scorer") or "mimic"),
         "mode": raw.get("mimic_mode") or "the scorer's default",
         "score_terms": raw.get("mimic_score_terms") or "full",
     }
@@ -142,7 +179,7 @@ def _filter_settings(mimic_filter: MimicFilter) -> dict[str, Any]:
         first, last = window.get("first_step"), window.get("last_step")
         windows.append(
             {
-                "name": window.get("name", str(position)),
+                "name": card_text(window.get("name", str(position))),
                 "steps": f"{first}–{last}" if first is not None else "n/a",
                 "n_samples": window.get("n_samples", "n/a"),
                 "threshold": _fmt(window.get("threshold")),
@@ -202,9 +239,12 @@ def merge_card_text(existing: str | None, generated: str) -> str:
     written by hand) keeps it, and the section goes after it; an empty body becomes the section alone. Nothing
     written by hand is lost.
     """
+    if CARD_SECTION_START in generated or CARD_SECTION_END in generated:  # card_text/card_code keep markers out
+        raise ValueError("The generated card section holds one of its own markers; escape the values put in it.")
     section = f"{CARD_SECTION_START}\n{generated.strip()}\n{CARD_SECTION_END}\n"
     body = existing or ""
-    start, end = body.find(CARD_SECTION_START), body.find(CARD_SECTION_END)
+    start = body.find(CARD_SECTION_START)
+    end = body.find(CARD_SECTION_END, start) if start != -1 else -1
     if start != -1 and end > start:
         return body[:start] + section + body[end + len(CARD_SECTION_END):].lstrip("\n")
     if not body.strip():
@@ -252,7 +292,8 @@ def render_dataset_card(
         num_kept=num_kept,
         has_filtered=has_filtered,
         filtered_config=filtered_config,
-        source_name=source_name,
+        source_name=card_code(source_name),
+        pretty_name=card_text(getattr(card_data, "pretty_name", None)),
         package_version=__version__,
         training=_training_settings(training_config, reference, mimic_filter.summary.get("provenance")),
         selection=_filter_settings(mimic_filter),
@@ -296,6 +337,20 @@ def _import_module_of(cls: type) -> str:
     except Exception:  # transformers' lazy module may fail importing an unrelated optional backend
         exported = None
     return "transformers" if exported is cls else cls.__module__
+
+
+def _hub_url(repo_id: str | None, kind: str = "") -> str | None:
+    """The Hub page of ``repo_id``, percent-encoded (a ``)`` or space cannot end the link early)."""
+    from urllib.parse import quote
+
+    return None if repo_id is None else f"https://huggingface.co/{kind}{quote(str(repo_id), safe='/')}"
+
+
+def _reference_card_values(metadata: Mapping[str, str]) -> dict[str, Any]:
+    """A reference's metadata (written by `build_reference`, or read from a file anyone could have written) as the
+    reference cards show it: code-span values for names, escaped text for the rest."""
+    code = ("base_model", "base_revision", "method", "adapter_init")
+    return {key: card_code(value) if key in code else card_text(value) for key, value in metadata.items()}
 
 
 def render_model_card(
@@ -343,11 +398,14 @@ def render_model_card(
     return ModelCard.from_template(
         card_data=card_data,
         template_path=str(template_path(MODEL_CARD_TEMPLATE)),
-        base_model=base_model,
+        base_model=card_text(base_model),
+        base_model_url=_hub_url(base_model),
         model_class=model_class.__name__,
         model_module=_import_module_of(model_class),
-        hub_model_id=hub_model_id or model_name,
-        dataset_name=dataset_name,
+        hub_model_id=card_code(hub_model_id or model_name),
+        model_name=card_text(model_name),
+        dataset_name=card_text(dataset_name),
+        dataset_url=_hub_url(dataset_name, "datasets/"),
         training=_training_settings(trainer, None),
         alignment_check=bool(getattr(args, "mimic_alignment_check", False)),
         record_scores=bool(getattr(args, "mimic_record_scores", False)),
@@ -385,7 +443,8 @@ def render_reference_card(metadata: Mapping[str, str]) -> ModelCard:
         card_data=ModelCardData(base_model=base if "/" in base else None, tags=list(REFERENCE_TAGS)),
         template_path=str(template_path(REFERENCE_CARD_TEMPLATE)),
         package_version=__version__,
-        **{**metadata, "layers": ", ".join(json.loads(metadata["layers"])), "layers_list": metadata["layers"]},
+        **{**_reference_card_values(metadata), "layers": card_text(", ".join(json.loads(metadata["layers"]))),
+           "layers_list": json.dumps(json.loads(metadata["layers"]))},
     )
 
 
@@ -402,5 +461,5 @@ def render_lora_reference_card(metadata: Mapping[str, str]) -> ModelCard:
                                 tags=[*REFERENCE_TAGS, "lora"]),
         template_path=str(template_path(LORA_REFERENCE_CARD_TEMPLATE)),
         package_version=__version__,
-        **metadata,
+        **_reference_card_values(metadata),
     )

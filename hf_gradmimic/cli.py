@@ -66,6 +66,22 @@ def _require_columns(dataset: Any, columns: Sequence[Optional[str]]) -> None:
         raise UserError(f"Column(s) {missing} not in the dataset; columns: {dataset.column_names}.")
 
 
+def _require_existing_if_local(source: str, option: str) -> None:
+    """A ``source`` that reads as a local path (``/x``, ``./x``, ``a/b/c``) must exist: it is not a Hub repo id, and
+    the Hub client's own message ("Repo id must be in the form ...") would not say so."""
+    from .reference import looks_local
+
+    if looks_local(source) and not Path(source).expanduser().exists():
+        raise UserError(f"{option} {source}: the path does not exist (looked for {Path(source).expanduser().absolute()}).")
+
+
+def _refuse_file_as_output_dir(output: str, option: str) -> None:
+    """Before any work: the output is a folder; an existing file there would only fail at the end."""
+    if Path(output).exists() and not Path(output).is_dir():
+        raise UserError(f"{option} {output} is an existing file, not a folder: the output is a folder. Choose another "
+                        "path, or remove the file.")
+
+
 def run_train(argv: Sequence[str]) -> int:
     from transformers import HfArgumentParser
 
@@ -76,6 +92,7 @@ def run_train(argv: Sequence[str]) -> int:
     data_args, config = parser.parse_args_into_dataclasses(args=list(argv))
     if not data_args.text_column and not data_args.image_column:
         raise UserError("Name the input with --text_column (text classification) or --image_column (images).")
+    _require_existing_if_local(data_args.model, "--model")
     dataset_dict = _load_dataset(data_args.dataset)
     train = _split(dataset_dict, data_args.train_split)
     _require_columns(train, [data_args.text_column, data_args.text_pair_column, data_args.image_column, data_args.label_column])
@@ -149,6 +166,7 @@ def run_make_reference(args: argparse.Namespace) -> int:
 def run_filter(args: argparse.Namespace) -> int:
     from .filter import build_filter
 
+    _refuse_file_as_output_dir(args.output, "--output")
     mimic_filter = build_filter(args.scores, method=args.method, aggregate=args.aggregate, windows=_windows(args.windows),
                                 threshold=args.threshold, topk=args.topk, seed=args.seed,
                                 on_bad_shard=args.on_bad_shard, engine=args.engine,
@@ -172,15 +190,21 @@ def run_report(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .filter import MimicFilter
+    from .metrics import clean_flags_array
     from .reporting import report
 
+    _refuse_file_as_output_dir(args.output, "--output")
     mimic_filter = MimicFilter.load(args.filter)
     clean = None
     if args.clean_dataset:
         dataset = _load_dataset(args.clean_dataset)
         dataset = dataset[args.split] if hasattr(dataset, "keys") else dataset
-        _require_columns(dataset, [args.clean_column])
-        clean = np.asarray(dataset[args.clean_column])[mimic_filter.sample_ids]
+        _require_columns(dataset, [args.clean_column, *([args.id_column] if args.id_column else [])])
+        # Matched by id (or by row index, checked against the training set the log recorded); a sample or row
+        # that cannot be matched is an error, never a silent misalignment.
+        positions = mimic_filter.positions(dataset, args.id_column)
+        flags = clean_flags_array(dataset[args.clean_column], f"Column {args.clean_column!r} of --clean-dataset")
+        clean = np.asarray(flags)[positions]
     dataset = None
     if args.dataset:  # the training data, whose lowest-P(keep) rows report.html shows
         dataset = _load_dataset(args.dataset)
@@ -296,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--dataset", default=None,
                      help="The training data (Hub id, save_to_disk directory or file): report.html shows the content "
                           "of the samples with the lowest keep probability.")
-    rep.add_argument("--id-column", default=None, help="Sample-id column of --dataset (default: the one the log recorded).")
+    rep.add_argument("--id-column", default=None,
+                     help="Sample-id column (the trainer's mimic_id_column) of --clean-dataset (default: row index) and "
+                          "of --dataset (default: the one the log recorded).")
     rep.add_argument("--split", default="train", help="Split of --clean-dataset and --dataset.")
     rep.add_argument("--output", default="mimic_report", help="Directory for the figures, report.json and report.html.")
 

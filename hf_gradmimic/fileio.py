@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["atomic_write", "atomic_write_dir", "json_safe", "write_json"]
+__all__ = ["atomic_write", "atomic_write_dir", "json_safe", "read_json_object", "write_json"]
 
 
 def _sibling(destination: Path, kind: str) -> Path:
@@ -124,3 +124,15 @@ def write_json(destination: str | os.PathLike, value: Any, *, indent: int | None
             json.dump(json_safe(value), handle, indent=indent, allow_nan=False)
 
     return atomic_write(destination, write)
+
+
+def read_json_object(path: str | os.PathLike, what: str, fix: str) -> dict[str, Any]:
+    """The JSON object in ``path``; a ValueError names the file (``what`` it is) and ``fix`` when it is not valid JSON
+    or holds something other than an object."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{what} {path} is not valid JSON ({error}); {fix}") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} {path} holds a JSON {type(value).__name__}, not an object; {fix}")
+    return value

@@ -11,7 +11,6 @@ those tensors. Sources: a Hub repo id (with revision), a local directory saved w
 from __future__ import annotations
 
 import difflib
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from .adapter_reference import adapter_metadata, hub_adapter, local_adapter, without_adapter_name
+from .fileio import read_json_object
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -82,7 +82,25 @@ def _as_tensor(value: Any, key: str, where: str) -> torch.Tensor:
             f"Reference entry {key!r} of {where} is a {type(value).__name__}; expected a torch.Tensor or a NumPy array "
             "({name: tensor} with the student's parameter names)."
         )
+    _check_reference_tensor(value, key, where)
     return value.detach().to(dtype=torch.float32, copy=True)
+
+
+def _check_reference_tensor(tensor: torch.Tensor, key: str, where: str) -> None:
+    """Refuse what cannot be a reference's weights: a tensor without data (meta device) or one that is not floating
+    point (a quantised tensor whose scale lives elsewhere: converted as is, its values are not the weights)."""
+    if tensor.device.type == "meta":
+        raise ReferenceError(
+            f"Reference tensor {key!r} of {where} is on the meta device: it has a shape but no values (a model built "
+            "with `init_empty_weights`, or `device_map` offloading). Load the reference with its weights, e.g. "
+            "`from_pretrained(...)` without `device_map`, or pass its checkpoint's path."
+        )
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        raise ReferenceError(
+            f"Reference tensor {key!r} of {where} is {str(tensor.dtype).replace('torch.', '')}, not floating point: a "
+            "quantised tensor without its scale would be read as the weights themselves. Save a dequantised "
+            "(float32, bfloat16 or float16) reference, e.g. with `model.dequantize()` before `save_pretrained`."
+        )
 
 
 def _select(available: Mapping[str, Any], wanted: list[str], where: str) -> dict[str, torch.Tensor]:
@@ -111,7 +129,9 @@ def _read_safetensors(files_to_names: Mapping[Path, list[str]]) -> dict[str, tor
     for path, names in files_to_names.items():
         with _safetensors_file(path) as handle:
             for name in names:
-                tensors[name] = handle.get_tensor(name).to(torch.float32)
+                tensor = handle.get_tensor(name)
+                _check_reference_tensor(tensor, name, str(path))
+                tensors[name] = tensor.to(torch.float32)
     return tensors
 
 
@@ -123,13 +143,29 @@ def _from_single_file(path: Path, wanted: list[str]) -> dict[str, torch.Tensor]:
     return {name: by_key[key] for name, key in matched.items()}
 
 
+def _weight_map(index: Path, name: str | None = None) -> dict[str, str]:
+    """The ``weight_map`` of a sharded checkpoint's index, checked: a ReferenceError names the file otherwise."""
+    fix = "save the reference again with `save_pretrained`, or download it again."
+    try:
+        content = read_json_object(index, "The checkpoint index", fix)
+    except ValueError as error:
+        raise ReferenceError(str(error).replace(str(index), name or str(index), 1)) from error
+    weight_map = content.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ReferenceError(
+            f"The checkpoint index {name or index} has no `weight_map` ({{tensor name: shard file}}; found the keys "
+            f"{sorted(content)[:10]}): {fix}"
+        )
+    return weight_map
+
+
 def _from_directory(directory: Path, wanted: list[str]) -> dict[str, torch.Tensor]:
     adapter = local_adapter(directory)
     if adapter is not None:
         return _from_single_file(adapter[1], wanted)
     index_path = directory / SAFE_WEIGHTS_INDEX_NAME
     if index_path.is_file():
-        weight_map = json.loads(index_path.read_text())["weight_map"]
+        weight_map = _weight_map(index_path)
         matched = _match_all(wanted, list(weight_map), str(index_path))
         files: dict[Path, list[str]] = {}
         for key in matched.values():
@@ -165,7 +201,7 @@ def _from_hub(repo_id: str, wanted: list[str], revision: str | None, token: str 
         except EntryNotFoundError:
             single = Path(hf_hub_download(repo_id, REFERENCE_WEIGHTS_NAME, revision=revision, token=token))
         return _from_single_file(single, wanted)
-    weight_map = json.loads(index_file.read_text())["weight_map"]
+    weight_map = _weight_map(index_file, f"{repo_id}/{SAFE_WEIGHTS_INDEX_NAME}")
     matched = _match_all(wanted, list(weight_map), f"{repo_id}/{SAFE_WEIGHTS_INDEX_NAME}")
     files: dict[Path, list[str]] = {}
     for key in matched.values():

@@ -46,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .fileio import atomic_write, write_json
+from .fileio import atomic_write, read_json_object, write_json
 
 SCORES_DIRNAME = "mimic_scores"
 PROVENANCE_NAME = "provenance.json"
@@ -174,6 +174,7 @@ class ScoreWriter:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mimic-score-writer")
         self._pending: list[Future] = []
         self._lock = threading.Lock()
+        self.unsaved: list[pa.Table] = []  # records whose shard could not be written anywhere (see `_kept_elsewhere`)
 
     def add_step(
         self,
@@ -239,7 +240,29 @@ class ScoreWriter:
                 # Two flushes inside one step (a full buffer, then a checkpoint): keep both.
                 existing = pq.read_table(destination)
                 table = pa.concat_tables([existing, table], promote_options="default")
-            atomic_write(destination, lambda tmp: pq.write_table(table, tmp))
+            try:
+                atomic_write(destination, lambda tmp: pq.write_table(table, tmp))
+            except OSError as error:
+                raise OSError(error.errno, self._kept_elsewhere(table, destination, error)) from error
+
+    def _kept_elsewhere(self, table: pa.Table, destination: Path, error: OSError) -> str:
+        """The message of a failed shard write (a full disk...), after saving its records where they may still fit:
+        the system's temporary folder, else kept in memory (``unsaved``). Nothing buffered is dropped silently."""
+        import tempfile
+
+        steps = f"steps {pa.compute.min(table['global_step']).as_py()}..{pa.compute.max(table['global_step']).as_py()}"
+        spare = Path(tempfile.gettempdir()) / f"hf_gradmimic-unsaved-{os.getpid()}-{destination.name}"
+        try:
+            atomic_write(spare, lambda tmp: pq.write_table(table, tmp))
+            kept = (f"Its {table.num_rows} records ({steps}) were saved to {spare} instead: free space, then move that "
+                    f"file into {self.folder} under the name {destination.name}")
+        except OSError as spare_error:
+            self.unsaved.append(table)
+            kept = (f"Saving them to {spare} failed as well ({spare_error.strerror or spare_error}): its "
+                    f"{table.num_rows} records ({steps}) are kept in memory, in ScoreWriter.unsaved (e.g. "
+                    "trainer.score_log.writer.unsaved); write them with pyarrow.parquet.write_table before exiting")
+        return (f"Could not write the score-log shard {destination} of the score log in {self.folder} "
+                f"({error.strerror or error}). {kept}.")
 
     def truncate_after(self, global_step: int) -> int:
         """Drop this rank's records of steps after ``global_step``; returns how many rows went.
@@ -288,10 +311,8 @@ def read_provenance(path: str | os.PathLike) -> dict[str, Any] | None:
     file = scores_dir(path) / PROVENANCE_NAME
     if not file.is_file():
         return None
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"The score log's provenance file {file} is not valid JSON ({error}).") from error
+    return read_json_object(file, "The score log's provenance file",
+                            "restore it, or delete it (the filter then cannot check the dataset it is applied to).")
 
 
 def provenance_description(provenance: dict[str, Any]) -> str:

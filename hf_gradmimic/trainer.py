@@ -42,6 +42,7 @@ from .training.checks import (
     ActivationCheckpointingCheck,
     adapt_to_fsdp,
     check_launch,
+    check_one_reference,
     check_supported_setup,
     resolve_resume_checkpoint,
 )
@@ -51,6 +52,7 @@ from .training.diagnostics import ReferenceDiagnostics, check_reference_setup, m
 from .training.guards import NonFiniteStepGuard, row_status
 from .training.metrics_buffer import MetricsBuffer
 from .training.mimic_layers import MimicLayers
+from .training.resume_guard import check_resume, write_run_record
 from .training.score_log import ScoreLog, run_provenance
 from .training.reference_verdict import ReferenceVerdict
 from .training.scorer_state import STATE_TENSORS_NAME, load_scorer_state, save_scorer_state
@@ -134,6 +136,7 @@ class MimicTrainerMixin:
                      data: TrainingData) -> None:
         """Builds the owners of each job (`hf_gradmimic.training`) after `Trainer.__init__` made the accelerator."""
         args, accelerator = self.args, self.accelerator
+        check_one_reference(args.mimic_reference, reference)
         check_supported_setup(accelerator, args, self.model)
         check_launch(accelerator)
         unwrapped = accelerator.unwrap_model(self.model)
@@ -168,6 +171,8 @@ class MimicTrainerMixin:
         self._uses_backward_possible = (accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED)
                                         and not self.batch_coupled)
         self.reference_name = getattr(self.scorer, "reference_name", None)
+        # What the cards name: a path or repo id as is, a model or tensor dict as an in-memory reference.
+        self.reference_in_memory = reference is not None and not isinstance(reference, (str, os.PathLike))
         self.mimic_diagnostics = None
         if self.scorer.monitors_reference:
             check_reference_setup(reference if reference is not None else args.mimic_reference, unwrapped,
@@ -191,7 +196,7 @@ class MimicTrainerMixin:
                                   run_provenance(args, self.scorer, self.mode, unwrapped, data.given))
         self.mimic_audit = FilterAudit(clean_flags, sample_ids, args.mimic_filter_method, args.seed) if clean_flags is not None else None
         self.nonfinite_guard = NonFiniteStepGuard(self.step_softmax.finite_samples, self.model.parameters,
-                                                  args.mimic_max_nonfinite_steps)
+                                                  args.mimic_max_nonfinite_steps, self.step_softmax.supervised_samples)
         for callback in (ActivationCheckpointingCheck(lambda: self.accelerator.unwrap_model(self.model)), self.score_log,
                          self.nonfinite_guard, _StepEnd(self._end_mimic_step)):
             self.add_callback(callback)
@@ -219,6 +224,7 @@ class MimicTrainerMixin:
         the scorer's state comes back from it."""
         resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if resume_from_checkpoint:
+            self.score_log.provenance = check_resume(resume_from_checkpoint, self.score_log.provenance)
             # A scorer without state reads nothing from the checkpoint; no file is ever unpickled.
             state = load_scorer_state(resume_from_checkpoint) if self.scorer.state_dict() else None
             if state is not None:
@@ -240,8 +246,10 @@ class MimicTrainerMixin:
         # written before Trainer writes trainer_state.json, the mark of a complete checkpoint.
         self.score_log.flush()
         state = self.scorer.state_dict()
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            write_run_record(folder, self.score_log.provenance)  # what a resume from it may not change
         if state and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
             save_scorer_state(folder, state)
         super()._save_checkpoint(model, trial)
 

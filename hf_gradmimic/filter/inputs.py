@@ -66,6 +66,19 @@ class Rows:
         # The arrow format honours an indices mapping (after .select/.shuffle/.filter).
         return self.data.with_format("arrow")[:]
 
+    def slice(self, start: int, stop: int) -> pa.Table:
+        """The rows ``start:stop`` as a `pyarrow.Table`, reading only them (a `datasets.Dataset` honours its indices
+        mapping): what lets a pass over every row stay in bounded memory."""
+        if self.kind == "pyarrow.Table":
+            return self.data.slice(start, stop - start)
+        if self.kind == "pandas.DataFrame":
+            return pa.Table.from_pandas(self.data.iloc[start:stop], preserve_index=False)
+        indices, table = getattr(self.data, "_indices", None), getattr(self.data, "data", None)
+        if indices is not None and isinstance(getattr(table, "table", None), pa.Table):
+            # After .shuffle/.select/.filter: one vectorised take (datasets' own slicing gathers row by row).
+            return _gather(table.table, indices.column(0).slice(start, stop - start).to_numpy().astype(np.int64))
+        return self.data.with_format("arrow")[start:stop]
+
     def take(self, rows: np.ndarray) -> Any:
         """The rows at positions ``rows``, in that order, as the input's own type."""
         if self.kind == "pandas.DataFrame":
@@ -73,6 +86,22 @@ class Rows:
         if self.kind == "pyarrow.Table":
             return self.data.take(pa.array(rows))
         return self.data.select(rows)
+
+
+def _gather(table: pa.Table, rows: np.ndarray) -> pa.Table:
+    """``table.take(rows)`` touching only the record batches that hold ``rows``: Arrow's take over a chunked
+    table first concatenates every chunk of a string or list column (the whole dataset in memory)."""
+    bounds = np.cumsum([0, *(batch.num_rows for batch in table.to_batches())])
+    batches = table.to_batches()
+    order = np.argsort(rows, kind="stable")
+    ordered = rows[order]
+    chunk_of = np.searchsorted(bounds, ordered, side="right") - 1
+    pieces = [batches[chunk].take(pa.array(ordered[chunk_of == chunk] - bounds[chunk]))
+              for chunk in np.unique(chunk_of)]
+    gathered = pa.Table.from_batches(pieces, schema=table.schema).combine_chunks()
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return gathered.take(pa.array(inverse))
 
 
 def as_rows(data: Any) -> Rows:

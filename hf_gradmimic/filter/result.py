@@ -29,6 +29,10 @@ TABLE_FILENAME = "filter.parquet"
 SUMMARY_FILENAME = "summary.json"
 
 
+UNSCORED_POLICIES: tuple[str, ...] = ("error", "keep", "drop")
+"""What `MimicFilter.apply` does with dataset rows that have no score."""
+
+
 @dataclass
 class MimicFilter:
     """The result of `build_filter`: a per-sample table and a summary.
@@ -211,18 +215,22 @@ class MimicFilter:
 
     # -- using the filter ------------------------------------------------------------------------
 
-    def positions(self, dataset: Any, id_column: str | None = None, *, check_dataset: bool = True) -> np.ndarray:
+    def positions(self, dataset: Any, id_column: str | None = None, *, check_dataset: bool = True,
+                  allow_unscored: bool = False) -> np.ndarray:
         """Row position in ``dataset`` of every sample of the filter (in table order).
 
-        Raises ValueError when a scored sample is not in the dataset or a dataset row was never scored, and, when
-        the sample ids are row indices of the training set, when ``dataset`` is not that training set as the score
-        log recorded it (`check_row_index_dataset`; ``check_dataset=False`` skips that check).
+        Raises ValueError when a scored sample is not in the dataset or (unless ``allow_unscored``) a dataset row was
+        never scored, and, when the sample ids are row indices of the training set, when ``dataset`` is not that
+        training set as the score log recorded it (`check_row_index_dataset`; ``check_dataset=False`` skips that
+        check).
         """
         if id_column is None and check_dataset:
             check_row_index_dataset((self.summary.get("provenance") or {}).get("sample_ids"), dataset)
-        return row_positions(self.table.column("sample_id").combine_chunks(), as_rows(dataset), id_column)
+        return row_positions(self.table.column("sample_id").combine_chunks(), as_rows(dataset), id_column,
+                             allow_unscored=allow_unscored)
 
-    def apply(self, dataset: Any, id_column: str | None = None, *, check_dataset: bool = True) -> Any:
+    def apply(self, dataset: Any, id_column: str | None = None, *, check_dataset: bool = True,
+              unscored: str = "error") -> Any:
         """Return the rows of ``dataset`` that the filter keeps (the dataset itself is not modified).
 
         Args:
@@ -236,13 +244,24 @@ class MimicFilter:
                 A `datasets.IterableDataset` is filtered lazily, batch by batch, without materialising it
                 (`hf_gradmimic.filter.stream.filter_iterable`); it cannot be checked this way (no random access).
 
+            unscored: what to do with the rows of ``dataset`` that have no score (the trainer never trained on
+                them, e.g. rows trl's SFTTrainer dropped): ``"error"`` (the default: a ValueError says how many and
+                why), ``"keep"`` or ``"drop"``. Map-style datasets only.
+
         Returns:
             The same type as ``dataset``, with the kept rows in their original order.
         """
+        if unscored not in UNSCORED_POLICIES:
+            raise ValueError(f"unscored must be one of {UNSCORED_POLICIES}, got {unscored!r}.")
         if type(dataset).__name__ == "IterableDataset" and type(dataset).__module__.startswith("datasets"):
             return filter_iterable(self.table, dataset, id_column)
-        positions = self.positions(dataset, id_column, check_dataset=check_dataset)
-        return as_rows(dataset).take(np.sort(positions[self.keep]))
+        positions = self.positions(dataset, id_column, check_dataset=check_dataset, allow_unscored=unscored != "error")
+        kept = positions[self.keep]
+        if unscored == "keep":
+            scored = np.zeros(as_rows(dataset).num_rows, dtype=bool)
+            scored[positions] = True
+            kept = np.concatenate([kept, np.flatnonzero(~scored)])
+        return as_rows(dataset).take(np.sort(kept))
 
     def evaluate(
         self,

@@ -9,9 +9,11 @@ that two shards of one rank share), so that:
   every skipped file when ``on_bad_shard="skip"``;
 - a gap in a rank's step ranges (a lost shard) is warned about;
 - records held twice (the same rank, step and sample in two shards, e.g. a shard copied in from
-  another run) are warned about and read once: the later copies are dropped row by row. Two shards
-  of one rank may legitimately share a boundary step (the writer flushed mid-step, then again at a
-  checkpoint) with *different* samples; those records are all kept.
+  another run, or twice in one shard, e.g. two runs that wrote into one file) are warned about and read
+  once: the later copies are dropped row by row. Two shards of one rank may legitimately share a
+  boundary step (the writer flushed mid-step, then again at a checkpoint) with *different* samples;
+  those records are all kept, and so are the records flagged ``repeated`` (a sample a distributed
+  sampler repeated within a step).
 """
 
 from __future__ import annotations
@@ -160,6 +162,8 @@ def _check_step_ranges(plan: ShardPlan) -> None:
             by_rank.setdefault(int(match["rank"]), []).append((int(match["first"]), int(match["last"]), path))
     for rank, shards in sorted(by_rank.items()):
         shards.sort()
+        for _, _, path in shards:
+            _drop_duplicates_within(plan, rank, path)
         covered_until = None
         earlier: list[tuple[int, int, Path]] = []
         for first, last, path in shards:
@@ -205,12 +209,42 @@ def _drop_duplicates(
     duplicate = np.isin(keys[: len(ids)], keys[len(ids):])
     if not duplicate.any():
         return  # a shared boundary step holding other samples: a mid-step flush, nothing duplicated
-    plan.drop_rows[path] = rows[duplicate]
+    _add_drops(plan, path, rows[duplicate])
     names = ", ".join(p.name for _, _, p in overlapping)
     plan.warnings.append(
         f"Duplicated records in the score log of rank {rank}: {int(duplicate.sum())} record(s) of steps {first}..{hi} "
         f"in {path} are already in {names} (the same step and sample_id); each is counted once, the copies in "
         f"{path.name} are dropped."
+    )
+
+
+def _add_drops(plan: ShardPlan, path: Path, rows: np.ndarray) -> None:
+    earlier = plan.drop_rows.get(path)
+    plan.drop_rows[path] = rows if earlier is None else np.union1d(earlier, rows)
+
+
+def _drop_duplicates_within(plan: ShardPlan, rank: int, path: Path) -> None:
+    """Rows of ``path`` whose (step, sample) an earlier row of the same shard holds, both not flagged ``repeated``."""
+    names = pq.read_schema(path).names
+    try:
+        table = read_shard(path, ["global_step", "sample_id", *(["repeated"] if "repeated" in names else [])])
+    except BadShardError:
+        return  # a corrupt page: reading the shard names it (or skips it, with on_bad_shard="skip")
+    rows = np.arange(table.num_rows)
+    if "repeated" in names:
+        rows = rows[~table.column("repeated").to_numpy(zero_copy_only=False).astype(bool)]
+    ids = table.column("sample_id").combine_chunks().take(pa.array(rows)).dictionary_encode()
+    codes = ids.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    keys = table.column("global_step").to_numpy()[rows].astype(np.int64) * max(len(ids.dictionary), 1) + codes
+    first = np.zeros(len(keys), dtype=bool)
+    first[np.unique(keys, return_index=True)[1]] = True
+    if first.all():
+        return
+    _add_drops(plan, path, rows[~first])
+    plan.warnings.append(
+        f"Duplicated records in the score log of rank {rank}: {int((~first).sum())} record(s) in {path} repeat a "
+        "(step, sample_id) the same shard already holds (two runs writing into one output_dir at once?); each is "
+        "counted once, the later copies are dropped."
     )
 
 

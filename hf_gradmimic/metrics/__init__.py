@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "LOCAL_METRICS",
     "accuracy_compute_metrics",
+    "clean_flags_array",
     "compute_filter_metrics",
     "load_accuracy_metric",
     "load_filter_metric",
@@ -155,6 +156,27 @@ _COMPUTE_LOCK = threading.Lock()
 def _compute_local(name: str, **kwargs: Any) -> dict[str, float]:
     with _COMPUTE_LOCK:
         return _in_memory_metric(name).compute(**kwargs)
+
+
+def clean_flags_array(values: Any, name: str) -> np.ndarray:
+    """Clean flags as booleans, refused unless every value is a boolean or 0/1 (e.g. strings like "clean"/"noisy",
+    which would count as neither and give precision 0 and an undefined AUROC); ``name`` is where they come from."""
+    flags = np.asarray(values)
+    if flags.dtype == bool:
+        return flags
+    if flags.dtype.kind in "iuf":
+        wrong = ~np.isin(flags, (0, 1))
+    else:
+        wrong = np.array([not isinstance(value, (bool, np.bool_)) and value not in (0, 1) for value in flags.tolist()],
+                         dtype=bool)
+    if wrong.any():
+        examples = list(dict.fromkeys(flags[wrong].tolist()))[:5]
+        raise ValueError(
+            f"{name} must hold clean flags: True/1 for a correctly labelled sample, False/0 for a noisy one; it holds "
+            f"{int(wrong.sum())} other value(s), e.g. {examples}. Map them first, e.g. "
+            "dataset.map(lambda row: {'is_clean': row['status'] == 'clean'})."
+        )
+    return flags.astype(bool)
 
 
 def compute_filter_metrics(

@@ -13,6 +13,7 @@ plus the student's own, ``⟨g_i, θ_t⟩/‖v‖`` (`MimicScorer.score_terms`).
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,6 +34,10 @@ def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str | None:
         digest.update(name.encode())
         digest.update(tensors[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+_RESCALE_ABOVE = 2.0**60
+"""‖θ_ref − θ‖ from which `MimicScorer` scores with a rescaled direction (float32 inner products would overflow)."""
 
 
 def mimic_scores(ghost: GhostBatch, direction: Mapping[str, torch.Tensor], direction_norm: torch.Tensor | float) -> torch.Tensor:
@@ -76,7 +81,8 @@ class MimicScorer(SampleScorer):
         self.reference_name = reference_name
         self.reference_revision = reference_revision
         self.reference_sha256 = tensors_sha256(self.reference)
-        self._direction: tuple[int, dict[str, torch.Tensor], torch.Tensor] | None = None
+        # (step, v / scale, ‖v‖ / scale, scale): scale 1 unless ‖v‖ is too large for float32 arithmetic
+        self._direction: tuple[int, dict[str, torch.Tensor], torch.Tensor, float] | None = None
         self._last_norm = float("nan")
         self._moved = False
 
@@ -97,16 +103,25 @@ class MimicScorer(SampleScorer):
         return self.reference
 
     def direction(self, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """``v = θ_ref − θ_t`` over the mimic tensors, and ``‖v‖``; formed once per optimizer step."""
+        """``v = θ_ref − θ_t`` over the mimic tensors, and ``‖v‖``, both divided by the same power of two when ``‖v‖``
+        is too large for float32 arithmetic (their ratio, the score's, is unchanged); formed once per optimizer step."""
         if self._direction is None or self._direction[0] != step:
             if self.current_tensors is None:
                 raise ValueError("The 'mimic' scorer needs `ScoreContext.direction` or `current_tensors=`.")
             current = self.current_tensors()
             reference = self.reference_on_device()
             direction = {key: reference[key] - current[key].float() for key in reference}
-            norm = torch.sqrt(sum(v.square().sum() for v in direction.values()))
-            self._direction = (step, direction, norm)
+            # ‖v‖² in float64: in float32 it overflows from |v| ≈ 1e19 (a reference of another scale), which made
+            # every score 0 (or NaN) without a word.
+            norm = torch.sqrt(sum(torch.linalg.vector_norm(v, dtype=torch.float64).square() for v in direction.values()))
             self._last_norm = float(norm)
+            scale = 1.0
+            if self._last_norm >= _RESCALE_ABOVE and math.isfinite(self._last_norm):
+                # ⟨g, v⟩ would overflow float32 too: score with v / 2^k and ‖v‖ / 2^k (exact, the same ratio).
+                scale = 2.0 ** math.floor(math.log2(self._last_norm))
+                for tensor in direction.values():
+                    tensor.div_(scale)
+            self._direction = (step, direction, (norm / scale).float(), scale)
         return self._direction[1], self._direction[2]
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
@@ -115,7 +130,7 @@ class MimicScorer(SampleScorer):
             return mimic_scores(ghost, ctx.direction, ctx.require("direction_norm", self.name))
         direction, norm = self.direction(ctx.step)
         if self.score_terms_mode == "reference":
-            direction = self.reference_on_device()
+            return mimic_scores(ghost, self.reference_on_device(), norm * self._direction[3])
         return mimic_scores(ghost, direction, norm)
 
     def score_terms(self, ghost: GhostBatch, scores: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +138,8 @@ class MimicScorer(SampleScorer):
         head) and ``⟨g_i, θ_t⟩/‖v‖`` (the student's own); they sum to the full score. ``scores`` is already one of
         them (the full score, or with ``score_terms="reference"`` the reference term), so one more ghost inner
         product gives both."""
-        _, norm = self.direction(step)
+        _, scaled_norm = self.direction(step)
+        norm = scaled_norm * self._direction[3]
         if self.score_terms_mode == "reference":
             current = {key: tensor.float() for key, tensor in self.current_tensors().items()}
             return scores, ghost.inner_product(current) / norm

@@ -58,6 +58,21 @@ def check_supported_setup(accelerator: Any, args: Any, model: nn.Module) -> None
             )
 
 
+def check_one_reference(config_reference: Any, reference: Any) -> None:
+    """Refuse a ``reference=`` argument that differs from the config's ``mimic_reference``: which one scores would be
+    a silent choice, and the config (saved with the model, named in the cards) would name another reference."""
+    if reference is None or config_reference is None:
+        return
+    same = isinstance(reference, (str, os.PathLike)) and os.fspath(reference) == os.fspath(config_reference)
+    if not same:
+        given = os.fspath(reference) if isinstance(reference, (str, os.PathLike)) else f"an in-memory {type(reference).__name__}"
+        raise ValueError(
+            f"Two references were given: `reference=` ({given}) and the config's `mimic_reference={config_reference!r}`. "
+            "The scores would come from the argument while the saved config and the cards name the config's. Pass only "
+            "one: drop `reference=`, or set `mimic_reference=None` in the config to score with the argument."
+        )
+
+
 def check_launch(accelerator: Any) -> None:
     """Refuse a multi-process launch that did not set up distribution: every process would train alone and
     write rank 0's score shards over the others'."""

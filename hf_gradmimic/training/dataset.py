@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..metrics import clean_flags_array
 from .batch import check_sample_ids, read_column, with_row_index
 from .streaming import is_stream, keyed_stream
 
@@ -42,7 +43,10 @@ def prepare_training_data(train_dataset: Any, config: Any, trainer_name: str) ->
     if config.mimic_id_column and not streaming:  # a stream's ids arrive with its examples (training.streaming)
         sample_ids = check_sample_ids(read_column(train_dataset, config.mimic_id_column), config.mimic_id_column,
                                       train_dataset)
-    clean_flags = read_column(train_dataset, config.mimic_clean_column) if config.mimic_clean_column else None
+    clean_flags = None
+    if config.mimic_clean_column:
+        clean_flags = clean_flags_array(read_column(train_dataset, config.mimic_clean_column),
+                                        f"`mimic_clean_column={config.mimic_clean_column!r}`")
     if clean_flags is not None and hasattr(train_dataset, "remove_columns"):  # ground truth never reaches the model
         train_dataset = train_dataset.remove_columns([config.mimic_clean_column])
     wrapped = keyed_stream(train_dataset, config.mimic_id_column) if streaming else with_row_index(train_dataset)

@@ -53,13 +53,31 @@ class NonFiniteStepGuard(TrainerCallback):
         max_steps: how many skipped steps in a row are tolerated.
     """
 
-    def __init__(self, finite_samples: Callable[[], int | None], parameters: Callable[[], Any], max_steps: int) -> None:
+    def __init__(self, finite_samples: Callable[[], int | None], parameters: Callable[[], Any], max_steps: int,
+                 supervised_samples: Callable[[], int | None] | None = None) -> None:
         self.finite_samples = finite_samples
+        self.supervised_samples = supervised_samples
+        self.first_step_checked = False
         self.parameters = parameters
         self.max_steps = max_steps
         self.in_a_row = 0
         self.skipped = 0
         self.fallback_count = self.nonfinite_samples = self.unlabeled_samples = 0
+
+    def _check_first_step_is_supervised(self) -> None:
+        """The first optimizer step of a run with no supervised sample on any process (every label -100): refused
+        before its update, rather than training to the end on weight decay alone and leaving an empty filter."""
+        if self.first_step_checked or self.supervised_samples is None:
+            return
+        self.first_step_checked = True
+        supervised, finite = self.supervised_samples(), self.finite_samples()
+        if supervised == 0 and finite:
+            raise ValueError(
+                f"The first optimizer step has {finite} sample(s) and none with a supervised label, on any process: every "
+                "label is -100 (ignored). Training would change the weights by weight decay alone and score nothing. "
+                "Check the labels: a collator or `completion_only_loss` masking every token, a prompt-only dataset, "
+                "or labels cut off by truncation. If only the first batches are unlabeled, shuffle the dataset."
+            )
 
     def count(self, records: Any, sample_ids: np.ndarray | None, global_step: int) -> dict[str, float]:
         """Counts a finished step's left-out samples, warns naming them, and returns the running counts to log."""
@@ -87,6 +105,7 @@ class NonFiniteStepGuard(TrainerCallback):
                 "mimic/unlabeled_samples": self.unlabeled_samples}
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self._check_first_step_is_supervised()
         finite = self.finite_samples()
         if finite is None or finite > 0:
             self.in_a_row = 0

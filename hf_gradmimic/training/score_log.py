@@ -18,13 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from ..filter.matching import row_signature
-from ..scores import ScoreWriter, read_score_table, write_provenance
+from ..filter.matching import dataset_signature, id_kind
+from ..scores import ScoreWriter, read_score_table, score_shard_paths, write_provenance
 from .batch import ROW_INDEX_KEY
+from .log_lock import LOCK_NAME, ScoreLogLock
 from .step_softmax import StepRecords
 from .streaming import is_stream
 
@@ -104,11 +107,13 @@ class SeenKeys(SeenRows):
 def run_provenance(args: Any, scorer: Any, mode: str, model: Any, train_dataset: Any) -> dict[str, Any]:
     """What the score log records about its run: the scorer and its settings (for Grad-Mimic, the reference, by
     source, revision and a hash of the tensors used), the mimic layers, the student's base checkpoint, the library
-    version, and what ``sample_id`` indexes: a column, or the rows of the training set (its length and
-    `row_signature`, so that a filter can refuse a reordered dataset)."""
+    version, and what ``sample_id`` indexes: a column (and its values' type), or the rows of the training set; with
+    the training set's length and `dataset_signature` of every row (so that a filter can refuse a reordered dataset,
+    and a resume another dataset: `hf_gradmimic.training.resume_guard`)."""
     from .. import __version__
 
     config = getattr(model, "config", None)
+    column = args.mimic_id_column or (ROW_INDEX_KEY if is_stream(train_dataset) else None)
     return {
         "hf_gradmimic_version": __version__,
         "scorer": {"name": scorer.name, "mode": mode, **scorer.describe()},
@@ -124,12 +129,27 @@ def run_provenance(args: Any, scorer: Any, mode: str, model: Any, train_dataset:
         },
         "sample_ids": {
             # A stream without mimic_id_column is recorded by the mimic_row_index its examples carry.
-            "column": args.mimic_id_column or (ROW_INDEX_KEY if is_stream(train_dataset) else None),
+            "column": column,
+            "id_type": sample_id_type(train_dataset, column),
             "train_rows": len(train_dataset) if hasattr(train_dataset, "__len__") else None,
             "train_fingerprint": getattr(train_dataset, "_fingerprint", None),
-            "train_signature": None if args.mimic_id_column else row_signature(train_dataset),
+            "train_content": None if is_stream(train_dataset) else dataset_signature(train_dataset),
         },
     }
+
+
+def sample_id_type(train_dataset: Any, column: str | None) -> str | None:
+    """The type of the ``sample_id`` values the log holds: ``int64`` for row indices, else the id column's type (None
+    when unknown before training: a stream's ids arrive with its examples)."""
+    if column is None:
+        return "int64"
+    if is_stream(train_dataset):
+        return None
+    feature = (getattr(train_dataset, "features", None) or {}).get(column)
+    if feature is not None:
+        return str(getattr(feature, "dtype", feature))
+    frame_column = getattr(train_dataset, "get", lambda name: None)(column)  # a pandas frame
+    return None if frame_column is None else str(frame_column.dtype)
 
 
 class ScoreLog(TrainerCallback):
@@ -156,7 +176,9 @@ class ScoreLog(TrainerCallback):
         self.streaming = dataset_size is None
         self.seen_rows = SeenKeys() if self.streaming else SeenRows(dataset_size)
         self.writer: ScoreWriter | None = None
+        self.lock: ScoreLogLock | None = None
         self.provenance = provenance
+        self.id_type_checked = False
 
     @property
     def folder(self):
@@ -168,8 +190,11 @@ class ScoreLog(TrainerCallback):
             return
         if self.writer is None:
             self.writer = ScoreWriter(self.output_dir, rank=self.rank)
+        if self.rank == 0:  # one run per log: refused before anything of the log is moved or truncated
+            self.lock = ScoreLogLock(self.writer.folder)
+            self.lock.acquire()
         if state.global_step == 0 and self.rank == 0:
-            self._keep_earlier_log(self.writer.folder)
+            self._keep_earlier_log(self.writer.folder, self.lock)
         if self.rank == 0 and self.provenance is not None:
             write_provenance(self.writer.folder, self.provenance)
         if state.global_step == 0:
@@ -185,9 +210,10 @@ class ScoreLog(TrainerCallback):
             self._restore_seen_rows(state)
 
     @staticmethod
-    def _keep_earlier_log(folder: Path) -> Path | None:
-        """A fresh run in an output_dir that already holds a score log: the earlier log is moved aside, not deleted."""
-        if not folder.is_dir() or not any(folder.iterdir()):
+    def _keep_earlier_log(folder: Path, lock: ScoreLogLock) -> Path | None:
+        """A fresh run in an output_dir that already holds a score log: the earlier log is moved aside, not deleted
+        (and this run's lock taken again in the new folder)."""
+        if not folder.is_dir() or not any(entry.name != LOCK_NAME for entry in folder.iterdir()):
             return None
         stamp = time.strftime("%Y%m%d-%H%M%S")
         aside = folder.with_name(f"{folder.name}.previous-{stamp}")
@@ -195,6 +221,8 @@ class ScoreLog(TrainerCallback):
         while aside.exists():
             aside, suffix = folder.with_name(f"{folder.name}.previous-{stamp}-{suffix}"), suffix + 1
         os.replace(folder, aside)
+        (aside / LOCK_NAME).unlink(missing_ok=True)
+        lock.acquire()
         warnings.warn(
             f"{folder} held a score log from an earlier run; this fresh (not resumed) run moved it to {aside} and starts "
             "a new log. Resume with `resume_from_checkpoint` to continue a log instead.",
@@ -208,6 +236,8 @@ class ScoreLog(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.flush()
+        if self.lock is not None:
+            self.lock.release()
 
     def flush(self) -> None:
         """Write out what is buffered and wait for it (before each checkpoint, so that the shards on disk hold
@@ -223,6 +253,8 @@ class ScoreLog(TrainerCallback):
             self.sample_ids.forget(records.rows)
         if self.writer is None:
             return
+        if not self.id_type_checked:
+            self._check_logged_id_type(sample_ids)
         self.writer.add_step(
             global_step=global_step,
             epoch=epoch,
@@ -235,6 +267,26 @@ class ScoreLog(TrainerCallback):
             status=records.status,
             reference_losses=records.reference_losses,
         )
+
+    def _check_logged_id_type(self, sample_ids: Any) -> None:
+        """A resumed log must keep one kind of ``sample_id`` (a stream's ids are known only now): shards of integer and
+        of string ids side by side could not be read together."""
+        self.id_type_checked = True
+        try:
+            shards = score_shard_paths(self.writer.folder)
+        except FileNotFoundError:
+            return
+        ids = np.asarray(sample_ids)
+        if not shards or not len(ids):
+            return
+        logged = pq.read_schema(shards[0]).field("sample_id").type
+        new = pa.array(ids[:1].tolist()).type
+        if id_kind(logged) != id_kind(new):
+            raise ValueError(
+                f"The score log in {self.writer.folder} holds {logged} sample ids, and this run's are {new} (e.g. "
+                f"{ids[:3].tolist()}): the resumed log would mix both and could not be read. Resume with the id column "
+                "of that run, or start a fresh run (without resume_from_checkpoint, or in another output_dir)."
+            )
 
     def _restore_seen_rows(self, state: Any) -> None:
         """On resume mid-epoch, mark the samples that the score log holds for the epoch being resumed.

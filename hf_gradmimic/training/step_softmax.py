@@ -111,6 +111,13 @@ class StepSoftmax:
         return int(sum(int((m.all_status == STATUS_SCORED).sum() + (m.all_status == STATUS_UNLABELED).sum())
                        for m in self.micro_batches))
 
+    def supervised_samples(self) -> int | None:
+        """Samples of the step being accumulated, over every process, that were scored: finite, with a supervised
+        label (None: no step)."""
+        if not self.micro_batches:
+            return None
+        return int(sum(int((m.all_status == STATUS_SCORED).sum()) for m in self.micro_batches))
+
     def add(self, global_step: int, rows: torch.Tensor, scores: torch.Tensor, logits: torch.Tensor,
             losses: torch.Tensor, status: torch.Tensor, fallback: torch.Tensor, accumulation_steps: int,
             reference_losses: torch.Tensor | None = None) -> torch.Tensor:

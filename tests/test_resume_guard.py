@@ -1,0 +1,108 @@
+"""The resume guard (`hf_gradmimic.training.resume_guard`): a resume that would change what the score log means is
+refused, naming what changed; a change of τ is allowed, warned about and recorded in the provenance."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
+from tiny_models import TinyMLP, mlp_dataset
+
+COMMON = dict(learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, report_to=[],
+              logging_steps=1, disable_tqdm=True, use_cpu=True, seed=0, mimic_alignment_check=False,
+              per_device_train_batch_size=8, save_strategy="steps", save_steps=2)
+
+
+def reference(model, scale=0.5, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return {n: p.detach() + scale * torch.randn(p.shape, generator=generator) for n, p in model.named_parameters()}
+
+
+def first_run(tmp_path, data=None, **overrides):
+    """Two steps and checkpoint-2 in ``tmp_path``; returns the dataset and the reference it used."""
+    data = mlp_dataset(n=32) if data is None else data
+    model = TinyMLP()
+    ref = reference(model)
+    args = MimicConfig(output_dir=str(tmp_path), max_steps=2, mimic_layers=["head"], **{**COMMON, **overrides})
+    MimicTrainer(model=model, args=args, train_dataset=data, reference=ref).train()
+    return data, ref
+
+
+def resume(tmp_path, data, ref, **overrides):
+    args = MimicConfig(output_dir=str(tmp_path), max_steps=4, **{**COMMON, "mimic_layers": ["head"], **overrides})
+    return MimicTrainer(model=TinyMLP(), args=args, train_dataset=data, reference=ref).train(resume_from_checkpoint=True)
+
+
+def test_each_checkpoint_records_what_the_log_means(tmp_path):
+    first_run(tmp_path)
+    record = json.loads((tmp_path / "checkpoint-2" / "mimic_run.json").read_text())
+    assert record == json.loads((tmp_path / "mimic_scores" / "provenance.json").read_text())
+    assert record["sample_ids"]["id_type"] == "int64" and set(record["sample_ids"]["train_content"]) == {"x", "labels"}
+
+
+@pytest.mark.parametrize("change, match", [
+    ("reference", r"reference \(hash of its tensors\): was \"[0-9a-f]{64}\", now \"[0-9a-f]{64}\""),
+    ("mimic_layers", r"mimic layers: was \{\"head\": \"head\"\}, now \{\"hidden\": \"hidden\"\}"),
+    ("scorer", r"scorer and mode: was .*\"mimic\".*now .*\"grand\""),
+    ("dataset", r"training set content"),
+    ("id_column", r"id column: was \"\(row index\)\", now \"uid\""),
+])
+def test_a_resume_that_changes_what_the_log_means_is_refused_naming_it(tmp_path, change, match):
+    data, ref = first_run(tmp_path)
+    before = load_scores(tmp_path).to_pandas()
+    overrides = {}
+    if change == "reference":
+        ref = reference(TinyMLP(), seed=7)
+    elif change == "mimic_layers":
+        overrides["mimic_layers"] = ["hidden"]
+    elif change == "scorer":
+        overrides["mimic_scorer"] = "grand"
+    elif change == "dataset":  # two rows swapped: same rows, another order (every row is compared)
+        data = data.select([1, 0, *range(2, len(data))])
+    elif change == "id_column":
+        data = data.add_column("uid", [f"s{i:03d}" for i in range(len(data))])
+        overrides["mimic_id_column"] = "uid"
+    with pytest.raises(ValueError, match=r"Resuming from .*checkpoint-2 would continue its score log with a different "
+                                         rf"(.|\n)*{match}(.|\n)*start a fresh run"):
+        resume(tmp_path, data, ref, **overrides)
+    after = load_scores(tmp_path).to_pandas()  # nothing written, nothing lost
+    np.testing.assert_array_equal(after.mimic_score.values, before.mimic_score.values)
+    assert json.loads((tmp_path / "mimic_scores" / "provenance.json").read_text())["mimic_layers"] == {"head": "head"}
+
+
+def test_a_change_of_temperature_is_allowed_warned_about_and_recorded(tmp_path):
+    data, ref = first_run(tmp_path, mimic_temperature=1.0)
+    with pytest.warns(UserWarning, match=r"temperature τ changed from 1.0 to 0.25: the steps after 2"):
+        resume(tmp_path, data, ref, mimic_temperature=0.25)
+    provenance = json.loads((tmp_path / "mimic_scores" / "provenance.json").read_text())
+    assert provenance["temperature"] == 0.25
+    assert provenance["temperature_changes"] == [{"after_step": 2, "from": 1.0, "to": 0.25}]
+    assert sorted(load_scores(tmp_path).to_pandas().global_step.unique()) == [1, 2, 3, 4]
+
+
+def test_the_same_settings_and_rows_in_another_format_resume(tmp_path):
+    data, ref = first_run(tmp_path)
+    resume(tmp_path, data.with_format(None), ref)
+    assert sorted(load_scores(tmp_path).to_pandas().global_step.unique()) == [1, 2, 3, 4]
+
+
+def test_a_stream_resumed_with_ids_of_another_type_is_refused_before_writing(tmp_path):
+    """A stream's ids are known only from its first batch: the first write of the resumed run checks them."""
+    from stream_data import mlp_stream
+
+    def stream_run(ids, max_steps):
+        model = TinyMLP()
+        args = MimicConfig(output_dir=str(tmp_path), max_steps=max_steps, mimic_id_column="id",
+                           **{**COMMON, "mimic_layers": ["head"]})
+        return MimicTrainer(model=model, args=args, train_dataset=mlp_stream(64, ids), reference=reference(model))
+
+    stream_run("int", 2).train()
+    before = load_scores(tmp_path).to_pandas()
+    with pytest.raises(ValueError, match=r"holds int64 sample ids, and this run's are string .*could not be read"):
+        stream_run("str", 4).train(resume_from_checkpoint=True)
+    after = load_scores(tmp_path).to_pandas()  # still one readable log, as it was
+    np.testing.assert_array_equal(after.sample_id.values, before.sample_id.values)
