@@ -3,7 +3,9 @@
 Grad-Mimic needs one loss per sample; a model's own ``outputs.loss`` is already reduced over the
 batch, so it is not used ("don't trust the model's own loss"). Conventions follow `Trainer`:
 labels equal to ``-100`` are ignored, token losses are averaged over each sample's own label
-tokens, causal LMs shift labels by one, and ``label_smoothing_factor`` is honoured (the same
+tokens (how samples of different lengths then weigh: `training.token_weighting`), causal LMs shift
+labels by one, sequence classification follows the model's ``config.problem_type`` (the mean of the
+per-sample losses is the model's own loss), and ``label_smoothing_factor`` is honoured (the same
 formula as transformers' ``LabelSmoother``: ``(1-ε)·nll + ε·mean_c(-log p_c)``).
 """
 
@@ -20,15 +22,68 @@ IGNORE_INDEX = -100
 PerSampleLossFn = Callable[[Any, dict[str, Any]], torch.Tensor]
 
 
-def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """``ℓ_i`` for single-label classification (cross entropy), regression (squared error) or
-    multi-label classification (binary cross entropy averaged over labels)."""
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+
+def problem_type_of(model: nn.Module | None, logits: torch.Tensor, labels: torch.Tensor) -> str:
+    """The sequence-classification problem as transformers' models decide it (``BertForSequenceClassification``,
+    ``ForSequenceClassificationLoss``): ``config.problem_type`` when set, else regression for one label, single-label
+    classification for integer labels, multi-label classification otherwise. Like those models, an unset
+    ``config.problem_type`` is set, so that the saved config says what was trained. A model without a config
+    (a plain ``nn.Module``) is read from the shapes: one logit and float labels is regression, float labels shaped
+    like the logits multi-label, anything else single-label."""
+    if hasattr(model, "get_base_model"):  # PEFT: the base model's config
+        model = model.get_base_model()
+    config = getattr(model, "config", None)
+    num_labels = getattr(config, "num_labels", None)
+    if config is None or num_labels is None:
+        if logits.shape[-1] == 1 and labels.is_floating_point() and labels.dim() == 1:
+            return "regression"
+        if labels.is_floating_point() and labels.shape == logits.shape:
+            return "multi_label_classification"
+        return "single_label_classification"
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    if config.problem_type not in PROBLEM_TYPES:
+        raise ValueError(f"The model's `config.problem_type` is {config.problem_type!r}; expected one of {PROBLEM_TYPES} "
+                         "(or pass `per_sample_loss_fn=(outputs, inputs) -> Tensor[B]`).")
+    return config.problem_type
+
+
+def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
+                                 problem_type: str | None = None) -> torch.Tensor:
+    """``ℓ_i`` per sample of the loss transformers' sequence-classification models average over the batch: squared
+    error (``regression``, averaged over the sample's outputs), cross entropy (``single_label_classification``,
+    integer labels only: float labels are refused as the model's ``CrossEntropyLoss`` refuses them) or binary cross
+    entropy averaged over the labels (``multi_label_classification``, float labels). ``problem_type=None``: read from
+    the shapes (`problem_type_of` without a model)."""
     logits = logits.float()
-    if logits.shape[-1] == 1 and labels.is_floating_point() and labels.dim() == 1:
-        return (logits.squeeze(-1) - labels.float()).square()
-    if labels.is_floating_point() and labels.shape == logits.shape:
-        return F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").mean(dim=-1)
-    return F.cross_entropy(logits, labels.long(), reduction="none", label_smoothing=label_smoothing)
+    problem_type = problem_type or problem_type_of(None, logits, labels)
+    if problem_type == "regression":
+        if logits.shape[-1] == 1:  # the model's MSELoss(logits.squeeze(), labels.squeeze()): integer targets too
+            return (logits.reshape(-1) - labels.reshape(-1).float()).square()
+        return (logits - labels.float()).square().reshape(len(logits), -1).mean(dim=1)
+    if problem_type == "multi_label_classification":
+        if not labels.is_floating_point():
+            raise ValueError(
+                f"multi_label_classification needs float `labels` (one 0/1 target per class, shape {tuple(logits.shape)}) "
+                f"as the model's BCEWithLogitsLoss does; got dtype {labels.dtype}, shape {tuple(labels.shape)}."
+            )
+        return F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").reshape(len(logits), -1).mean(dim=1)
+    if labels.is_floating_point():
+        raise ValueError(
+            f"single_label_classification needs integer `labels` (torch.long class indices) as the model's "
+            f"CrossEntropyLoss does; got dtype {labels.dtype}. For soft or multi-hot targets set "
+            "`config.problem_type='multi_label_classification'`, for a score set num_labels=1 (regression), or pass "
+            "`per_sample_loss_fn`."
+        )
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1).long(), reduction="none",
+                           label_smoothing=label_smoothing)
 
 
 def token_loss(
@@ -87,7 +142,7 @@ def per_sample_loss(model: nn.Module, outputs: Any, labels: torch.Tensor, label_
     if logits.dim() == 3 and labels.dim() == 2:
         return token_loss(logits, labels, label_smoothing, shift=is_causal_lm(model))
     if logits.dim() == 2:
-        return sequence_classification_loss(logits, labels, label_smoothing)
+        return sequence_classification_loss(logits, labels, label_smoothing, problem_type_of(model, logits, labels))
     raise ValueError(
         f"No built-in per-sample loss for logits of shape {tuple(logits.shape)} with labels of shape "
         f"{tuple(labels.shape)}; pass `per_sample_loss_fn=(outputs, inputs) -> Tensor[B]` to MimicTrainer."
