@@ -12,6 +12,7 @@ from .filter import METHODS as FILTER_METHOD_CHOICES
 from .scorers import MODES as MODE_CHOICES
 from .scorers import SCORE_TERMS as SCORE_TERMS_CHOICES
 from .scorers import SCORERS
+from .training.token_weighting import TOKEN_WEIGHTING_CHOICES
 
 NORMALIZE_CHOICES = ("step", "micro")
 REWEIGHT_SCOPE_CHOICES = ("all", "layer")
@@ -147,6 +148,18 @@ class MimicArguments:
             "choices": list(REWEIGHT_SCOPE_CHOICES),
         },
     )
+    mimic_token_weighting: str = field(
+        default="token",
+        metadata={
+            "help": "How a sample's weight w_i spreads over its supervised tokens (causal LM, token classification). "
+            "`token`: every labelled token of sample i weighs w_i, normalised over all tokens of the optimizer step, "
+            "as `Trainer` averages its loss over the step's tokens (num_items_in_batch): uniform weights (τ → ∞) "
+            "train exactly as `Trainer`. `sample`: each sample's mean token loss weighs w_i, so a short completion "
+            "counts as much as a long one. The recorded weights are w_i either way; one target per sample "
+            "(sequence classification) makes both the same, and a `per_sample_loss_fn` is weighted per sample.",
+            "choices": list(TOKEN_WEIGHTING_CHOICES),
+        },
+    )
     mimic_warmup_steps: int = field(
         default=0,
         metadata={"help": "Optimizer steps with uniform weights before reweighting starts (scores are still recorded)."},
@@ -279,6 +292,7 @@ class MimicArguments:
             ("mimic_scorer", self.mimic_scorer, SCORER_CHOICES),
             ("mimic_mode", self.mimic_mode, MODE_CHOICES + (None,)),
             ("mimic_filter_method", self.mimic_filter_method, FILTER_METHOD_CHOICES),
+            ("mimic_token_weighting", self.mimic_token_weighting, TOKEN_WEIGHTING_CHOICES),
         ):
             if value not in choices:
                 raise ValueError(f"`{name}` must be one of {tuple(c for c in choices if c)}; got {value!r}.")

@@ -53,6 +53,7 @@ from .training.metrics_buffer import MetricsBuffer
 from .training.mimic_layers import MimicLayers
 from .training.score_log import ScoreLog, run_provenance
 from .training.streaming import StreamIds, is_stream, stream_position
+from .training.token_weighting import log_token_counts, plain_mean_weights
 from .training.selection import Candidates, observe_step, select_over_step
 from .training.step_softmax import StepSoftmax, gather_across_ranks
 from .training.use_backward import only_mimic_tensors_train, uses_weighted_loss
@@ -157,6 +158,7 @@ class MimicTrainerMixin:
                                              stream_ids)
         self.mimic_metrics = MetricsBuffer()
         self._mimic_batch: tuple[torch.Tensor, dict[str, Any]] | None = None
+        self._num_items_in_batch: Any = None
         self._selections: deque = deque()  # select mode: the step's selection, one entry per micro-batch
         self._spare_sample: dict[str, Any] | None = None  # one finite sample's inputs, for `_nothing_to_train`
         self._comparison_collator = None
@@ -246,10 +248,11 @@ class MimicTrainerMixin:
                 "example) in the collated batch."
             )
         self._mimic_batch = (torch.as_tensor(rows).cpu(), extras)
+        self._num_items_in_batch = num_items_in_batch  # the step's supervised tokens, as Trainer counted them
         try:
             return super().training_step(model, inputs, num_items_in_batch)
         finally:
-            self._mimic_batch = None
+            self._mimic_batch = self._num_items_in_batch = None
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> torch.Tensor | tuple[torch.Tensor, Any]:
@@ -339,7 +342,8 @@ class MimicTrainerMixin:
             diagnostics.after_scores(ghost, scores, step)
         softmax_logits, fallback = self._softmax_logits(scores, status)
         coefficients = self.step_softmax.add(step, rows, scores, softmax_logits, losses, status, fallback,
-                                             self.current_gradient_accumulation_steps)
+                                             self.current_gradient_accumulation_steps,
+                                             log_token_counts(supervised, self.args.mimic_token_weighting))
         nonfinite = status == STATUS_NONFINITE
         if self.accelerator.num_processes > 1 and not nonfinite.all():  # for `_nothing_to_train`, later
             self._spare_sample = rows_of(inputs, (~nonfinite).nonzero().flatten()[:1], len(rows))
@@ -352,7 +356,7 @@ class MimicTrainerMixin:
             del ctx, ghost  # the head's δ is prediction_grad, scaled in place next
             pending.grad = scale_per_sample(prediction_grad, coefficients)
         else:
-            loss = self._weighted_loss(losses, coefficients, ghost, status)
+            loss = self._weighted_loss(losses, coefficients, ghost, status, supervised)
         return self._reported(loss, losses, status, outputs, return_outputs)
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
@@ -444,15 +448,16 @@ class MimicTrainerMixin:
             logits = torch.where(fallback, torch.zeros_like(scores), logits)
         return torch.where(scored, logits, -torch.inf), fallback
 
-    def _weighted_loss(self, losses: torch.Tensor, coefficients: torch.Tensor, ghost: Any, status: torch.Tensor) -> torch.Tensor:
+    def _weighted_loss(self, losses: torch.Tensor, coefficients: torch.Tensor, ghost: Any, status: torch.Tensor,
+                       counts: torch.Tensor | None) -> torch.Tensor:
         """The loss to backpropagate on the general path: Σ_i c_i ℓ_i (scope ``all``), or for scope ``layer`` the
-        plain mean loss over the scored samples plus a correction whose gradient is Σ_i (c_i − u_i) g_i on the mimic
-        tensors only (u_i the plain mean's weight). As `Trainer` does, the plain mean is taken per micro-batch and
-        divided by the accumulation steps: with samples left out, micro-batches of unequal size weigh the same."""
+        plain loss of `Trainer` over the scored samples plus a correction whose gradient is Σ_i (c_i − u_i) g_i on the
+        mimic tensors only (u_i the plain loss's weight, `training.token_weighting.plain_mean_weights`)."""
         if self.args.mimic_reweight_scope == "all":
             return (coefficients.detach() * losses).sum()
-        scored = status == STATUS_SCORED
-        uniform = scored.float() / (scored.sum().clamp_min(1) * self.current_gradient_accumulation_steps)
+        loss_scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        uniform = plain_mean_weights(status, counts, self.args.mimic_token_weighting,
+                                     self.current_gradient_accumulation_steps, self._num_items_in_batch, loss_scale)
         plain = (uniform * losses).sum()
         return plain + uses_weighted_loss(ghost, coefficients - uniform)
 
@@ -494,7 +499,8 @@ class MimicTrainerMixin:
                 "mode?), which MimicTrainer does not support."
             )
         ghost = capture.ghost_batch(losses.sum()) if self.args.mimic_reweight_scope == "layer" else None
-        return self._weighted_loss(losses, coefficients[kept], ghost, status[kept])
+        return self._weighted_loss(losses, coefficients[kept], ghost, status[kept],
+                                   self._supervised_counts(outputs, subset.get("labels")))
 
     def _nothing_to_train(self, model: nn.Module, inputs: dict[str, Any], finite: torch.Tensor) -> torch.Tensor:
         """A zero loss for a micro-batch with no sample to train on. One process: any zero reaching the parameters.
