@@ -239,10 +239,12 @@ class MimicArguments:
     mimic_zero_shot_column: Optional[str] = field(
         default=None, metadata={"help": "For `bayesian`: a column of zero-shot logits per sample (paid once)."}
     )
-    mimic_max_nonfinite_steps: int = field(
-        default=5,
+    mimic_max_nonfinite_steps: Optional[int] = field(
+        default=None,
         metadata={"help": "A sample with a non-finite loss or score gets weight 0 and no gradient; a step in which no "
-                  "sample is finite is skipped. After this many skipped steps in a row, training stops with an error."},
+                  "sample is finite is skipped with a warning (its NaN loss is logged as `Trainer` logs one, under "
+                  "`logging_nan_inf_filter`). None: training goes on, as with `Trainer`; N: it stops with an error "
+                  "after N skipped steps in a row."},
     )
     mimic_agra_threshold: float = field(
         default=0.0,
@@ -298,8 +300,8 @@ class MimicArguments:
                 raise ValueError(f"`{name}` must be one of {tuple(c for c in choices if c)}; got {value!r}.")
         if not 0 < self.mimic_select_ratio <= 1:
             raise ValueError(f"`mimic_select_ratio` must be in (0, 1]; got {self.mimic_select_ratio}.")
-        if self.mimic_max_nonfinite_steps < 1:
-            raise ValueError(f"`mimic_max_nonfinite_steps` must be >= 1; got {self.mimic_max_nonfinite_steps}.")
+        if self.mimic_max_nonfinite_steps is not None and self.mimic_max_nonfinite_steps < 1:
+            raise ValueError(f"`mimic_max_nonfinite_steps` must be >= 1 or None; got {self.mimic_max_nonfinite_steps}.")
         if self.mimic_monitor_steps < 0:
             raise ValueError(f"`mimic_monitor_steps` must be >= 0; got {self.mimic_monitor_steps}.")
         if not parse_layer_map(self.mimic_layers):
