@@ -357,7 +357,7 @@ class MimicTrainerMixin:
             pending.grad = scale_per_sample(prediction_grad, coefficients)
         else:
             loss = self._weighted_loss(losses, coefficients, ghost, status, supervised)
-        return self._reported(loss, losses, status, outputs, return_outputs)
+        return self._reported(loss, losses, status, outputs, return_outputs, supervised)
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
         """The base `get_batch_samples` (every micro-batch of the next optimizer step); in ``select`` mode they are
@@ -455,9 +455,7 @@ class MimicTrainerMixin:
         mimic tensors only (u_i the plain loss's weight, `training.token_weighting.plain_mean_weights`)."""
         if self.args.mimic_reweight_scope == "all":
             return (coefficients.detach() * losses).sum()
-        loss_scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
-        uniform = plain_mean_weights(status, counts, self.args.mimic_token_weighting,
-                                     self.current_gradient_accumulation_steps, self._num_items_in_batch, loss_scale)
+        uniform = self._plain_mean_weights(status == STATUS_SCORED, counts)
         plain = (uniform * losses).sum()
         return plain + uses_weighted_loss(ghost, coefficients - uniform)
 
@@ -520,13 +518,23 @@ class MimicTrainerMixin:
         return self._per_sample_losses(model(**self._model_inputs(spare)), spare, spare.get("labels")).sum() * 0.0
 
     def _reported(self, loss: torch.Tensor, losses: torch.Tensor, status: torch.Tensor, outputs: Any,
-                  return_outputs: bool) -> Any:
-        """The loss to backpropagate, carrying as its value the mean loss of the finite samples (comparable with
-        `Trainer`'s; NaN when none is finite, which `Trainer`'s ``logging_nan_inf_filter`` then skips)."""
-        finite = losses.detach()[status != STATUS_NONFINITE]
-        reported = (finite.mean() if finite.numel() else losses.detach().new_tensor(float("nan")))
-        loss = loss - loss.detach() + reported / self.current_gradient_accumulation_steps
+                  return_outputs: bool, counts: torch.Tensor | None = None) -> Any:
+        """The loss to backpropagate, carrying as its value `Trainer`'s plain loss of the finite samples (over their
+        tokens with token weighting: the same logged loss; NaN when none is finite, which `Trainer`'s
+        ``logging_nan_inf_filter`` then skips)."""
+        finite = status != STATUS_NONFINITE
+        if finite.any():
+            reported = (self._plain_mean_weights(finite, counts) * torch.where(finite, losses.detach(), 0.0)).sum()
+        else:
+            reported = losses.detach().new_tensor(float("nan"))
+        loss = loss - loss.detach() + reported
         return (loss, outputs) if return_outputs else loss
+
+    def _plain_mean_weights(self, included: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+        """Each included sample's weight in `Trainer`'s plain loss (`training.token_weighting.plain_mean_weights`)."""
+        loss_scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        return plain_mean_weights(included, counts, self.args.mimic_token_weighting,
+                                  self.current_gradient_accumulation_steps, self._num_items_in_batch, loss_scale)
 
     def _comparison_gradient(self) -> dict[str, torch.Tensor]:
         """AGRA's comparison: the mean gradient (mimic tensors) of a batch drawn at random from the training set."""

@@ -37,29 +37,42 @@ def uneven_lm_dataset():
     return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels}).with_format("torch")
 
 
+TOKEN_RUN = {**PLAIN, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def plain_trainer_llama(tmp_path_factory):
+    """A Llama trained by plain `Trainer` on `uneven_lm_dataset` (once for both scopes)."""
+    output_dir = str(tmp_path_factory.mktemp("plain"))
+    trainer = Trainer(model=tiny_llama(), args=TrainingArguments(output_dir=output_dir, **TOKEN_RUN),
+                      train_dataset=uneven_lm_dataset())
+    trainer.train()
+    return trainer
+
+
 @pytest.mark.parametrize("scope", ["all", "layer"])
-def test_token_weighting_reproduces_trainer_for_a_causal_lm_under_gradient_accumulation(tmp_path, scope):
+def test_token_weighting_reproduces_trainer_for_a_causal_lm_under_gradient_accumulation(tmp_path, scope,
+                                                                                        plain_trainer_llama):
     """Trainer averages over every labelled token of the step (num_items_in_batch); so does ``token`` weighting.
     (A Llama: for GPT-2, whose ``loss_type`` transformers 5.25 leaves unset, Trainer counts the unshifted labels.)"""
-    data = uneven_lm_dataset()
-    shared = {**PLAIN, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 2}
-    plain_model, mimic_model = tiny_llama(), tiny_llama()
-    Trainer(model=plain_model, args=TrainingArguments(output_dir=str(tmp_path / "plain"), **shared),
-            train_dataset=data).train()
+    mimic_model = tiny_llama()
     args = MimicConfig(output_dir=str(tmp_path / "mimic"), mimic_layers=["lm_head"], mimic_temperature=1e6,
-                       mimic_reweight_scope=scope, mimic_alignment_check=False, **shared)
+                       mimic_reweight_scope=scope, mimic_alignment_check=False, **TOKEN_RUN)
     assert args.mimic_token_weighting == "token"  # the default is the one that reproduces Trainer
-    MimicTrainer(model=mimic_model, args=args, train_dataset=data, reference=lm_reference(mimic_model)).train()
-    assert_same_parameters(plain_model, mimic_model)
+    trainer = MimicTrainer(model=mimic_model, args=args, train_dataset=uneven_lm_dataset(),
+                           reference=lm_reference(mimic_model))
+    trainer.train()
+    assert_same_parameters(plain_trainer_llama.model, mimic_model)
+    logged = [[entry["loss"] for entry in t.state.log_history if "loss" in entry] for t in (plain_trainer_llama, trainer)]
+    np.testing.assert_allclose(logged[1], logged[0], rtol=1e-5)  # the logged loss is Trainer's token mean too
 
 
-@pytest.mark.parametrize("scope", ["all", "layer"])
-def test_sample_weighting_is_the_per_sample_mean(tmp_path, scope):
+def test_sample_weighting_is_the_per_sample_mean(tmp_path):
     """``sample``: the update is the mean over samples of each sample's mean token loss (an oracle by hand)."""
     data = uneven_lm_dataset()
     shared = {**PLAIN, "per_device_train_batch_size": 8, "max_steps": 1}
     model, oracle = tiny_gpt2(dropout=0.0), tiny_gpt2(dropout=0.0)
-    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=["lm_head"], mimic_temperature=1e6, mimic_reweight_scope=scope,
+    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=["lm_head"], mimic_temperature=1e6,
                        mimic_alignment_check=False, mimic_token_weighting="sample", **shared)
     trainer = MimicTrainer(model=model, args=args, train_dataset=data, reference=lm_reference(model))
     batch = next(iter(trainer.get_train_dataloader()))

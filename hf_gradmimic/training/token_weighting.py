@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from ..scores import STATUS_SCORED
 
 TOKEN_WEIGHTING_CHOICES = ("token", "sample")
 
@@ -28,13 +27,13 @@ def log_token_counts(counts: torch.Tensor | None, weighting: str) -> torch.Tenso
     return counts.float().log()
 
 
-def plain_mean_weights(status: torch.Tensor, counts: torch.Tensor | None, weighting: str, accumulation_steps: int,
+def plain_mean_weights(included: torch.Tensor, counts: torch.Tensor | None, weighting: str, accumulation_steps: int,
                        num_items_in_batch: Any = None, loss_scale: int = 1) -> torch.Tensor:
-    """Each sample's weight in `Trainer`'s plain loss, over the scored samples of a micro-batch: ``n_i /
+    """Each sample's weight in `Trainer`'s plain loss, over the ``included`` samples of a micro-batch: ``n_i /
     num_items_in_batch`` (times the processes Trainer multiplies by when it averages tokens across devices) with
     token weighting when Trainer counted the step's tokens; otherwise the micro-batch's mean (over tokens, or over
     samples) divided by the accumulation steps, as Trainer does for a model that takes no loss keyword arguments."""
-    scored = (status == STATUS_SCORED).float()
+    scored = included.float()
     if weighting == "token" and counts is not None:
         tokens = scored * counts.to(scored.device).float()
         if num_items_in_batch is not None:
