@@ -11,6 +11,7 @@ formula as transformers' ``LabelSmoother``: ``(1-ε)·nll + ε·mean_c(-log p_c)
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
@@ -20,6 +21,44 @@ from torch import nn
 IGNORE_INDEX = -100
 
 PerSampleLossFn = Callable[[Any, dict[str, Any]], torch.Tensor]
+
+RETURNS_PER_SAMPLE_LOSSES = "returns_per_sample_losses"
+"""The attribute `returns_per_sample_losses` sets on a ``compute_loss_func``."""
+
+
+def returns_per_sample_losses(compute_loss_func: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Mark a `Trainer` ``compute_loss_func(outputs, labels, num_items_in_batch=None)`` as returning one loss per
+    sample (``reduction="none"``, shape ``[B]``) when ``num_items_in_batch`` is None, so that `MimicTrainer` can weight
+    its terms. `Trainer` itself then averages them in evaluation. Returns the function itself, marked; usable as a
+    decorator."""
+    setattr(compute_loss_func, RETURNS_PER_SAMPLE_LOSSES, True)
+    return compute_loss_func
+
+
+def loss_fn_from_compute_loss_func(compute_loss_func: Callable[..., torch.Tensor] | None,
+                                   per_sample_loss_fn: PerSampleLossFn | None, trainer_name: str) -> PerSampleLossFn | None:
+    """The per-sample loss function a trainer uses: ``per_sample_loss_fn``, or a `Trainer` ``compute_loss_func`` marked
+    with `returns_per_sample_losses` (called with the batch's labels and ``num_items_in_batch=None``; as with `Trainer`,
+    the model's forward then gets no labels). An unmarked one returns a single loss for the batch, which cannot be
+    weighted per sample: refused, naming the two ways out."""
+    if compute_loss_func is None:
+        return per_sample_loss_fn
+    if per_sample_loss_fn is not None:
+        raise ValueError(f"{trainer_name} got both `compute_loss_func` and `per_sample_loss_fn`; pass one of them.")
+    if not getattr(compute_loss_func, RETURNS_PER_SAMPLE_LOSSES, False):
+        raise ValueError(
+            f"{trainer_name} weights each sample's loss, and this `compute_loss_func` is not marked as returning one "
+            "loss per sample: a loss for the whole batch cannot be weighted per sample. Either make it return one loss "
+            "per sample (reduction='none', shape [batch]) when num_items_in_batch is None and mark it with "
+            "`hf_gradmimic.returns_per_sample_losses`, or pass `per_sample_loss_fn=(outputs, inputs) -> Tensor[batch]`."
+        )
+
+    @functools.wraps(compute_loss_func)  # keeps its marks (`batch_coupled` too)
+    def loss_fn(outputs: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        return compute_loss_func(outputs, inputs.get("labels"), num_items_in_batch=None)
+
+    loss_fn.model_gets_labels = False  # as Trainer pops the labels before the forward when compute_loss_func is set
+    return loss_fn
 
 
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
@@ -143,6 +182,8 @@ def per_sample_loss(model: nn.Module, outputs: Any, labels: torch.Tensor, label_
         return token_loss(logits, labels, label_smoothing, shift=is_causal_lm(model))
     if logits.dim() == 2:
         return sequence_classification_loss(logits, labels, label_smoothing, problem_type_of(model, logits, labels))
+    if logits.dim() == 1 and labels.shape == logits.shape:  # one output per sample: a regression's prediction
+        return sequence_classification_loss(logits.unsqueeze(-1), labels, problem_type="regression")
     raise ValueError(
         f"No built-in per-sample loss for logits of shape {tuple(logits.shape)} with labels of shape "
         f"{tuple(labels.shape)}; pass `per_sample_loss_fn=(outputs, inputs) -> Tensor[B]` to MimicTrainer."

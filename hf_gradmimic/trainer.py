@@ -31,7 +31,7 @@ from .cards import render_model_card
 from .config import MimicConfig
 from .contrastive import contrastive_loss_for, is_batch_coupled
 from .fileio import atomic_write
-from .losses import PerSampleLossFn, logits_of, per_sample_loss, supervised_counts
+from .losses import PerSampleLossFn, logits_of, loss_fn_from_compute_loss_func, per_sample_loss, supervised_counts
 from .reference import ReferenceSource
 from .scorers import SampleScorer, ScoreContext, check_mode, comparison_gradient, scorer_from_config
 from .scores import STATUS_NONFINITE, STATUS_SCORED
@@ -49,6 +49,7 @@ from .training.coupled import GhostReader, check_coupled_setup
 from .training.dataset import TrainingData, prepare_training_data
 from .training.diagnostics import ReferenceDiagnostics, check_reference_setup, monitor_interval
 from .training.guards import NonFiniteStepGuard, row_status
+from .training.internal_callbacks import hide_internal_callbacks
 from .training.metrics_buffer import MetricsBuffer
 from .training.mimic_layers import MimicLayers
 from .training.score_log import ScoreLog, run_provenance
@@ -88,16 +89,18 @@ class MimicTrainerMixin:
     In training the base ``compute_loss`` is replaced (the backward must give Σ_i w_i ∇ℓ_i); in evaluation it runs
     as is. The mixin overrides ``get_train_dataloader`` (the collator is wrapped so that the sample ids survive it),
     ``training_step``, ``compute_loss``, ``prediction_step``, ``train``, ``evaluate``, ``log``,
-    ``create_model_card`` and ``_save_checkpoint``, each calling the base class.
+    ``create_model_card``, ``_save_checkpoint`` and ``_hp_search_setup`` (where the Grad-Mimic set-up is rebuilt for a
+    ``model_init`` model), each calling the base class. Its own callbacks run after the user's without being listed.
 
     Keyword arguments, besides the base trainer's:
         reference: overrides ``args.mimic_reference`` with an in-memory source: a model
             (`PreTrainedModel` or any `nn.Module`), a ``{name: tensor}`` dict, a path or a repo id.
             For ``rho_loss`` it is the irreducible-loss model.
         per_sample_loss_fn: ``(outputs, inputs) -> Tensor[B]``, for tasks the built-in losses do not
-            cover. ``inputs`` still holds the labels. Mark a loss whose terms depend on the whole batch (in-batch
-            negatives) with `hf_gradmimic.batch_coupled`; image–text dual encoders (CLIP, SigLIP) get theirs by
-            themselves (`hf_gradmimic.contrastive`).
+            cover. ``inputs`` still holds the labels. `Trainer`'s ``compute_loss_func`` is used in its place when
+            marked with `hf_gradmimic.returns_per_sample_losses` (one loss per sample), and refused otherwise. Mark
+            a loss whose terms depend on the whole batch (in-batch negatives) with `hf_gradmimic.batch_coupled`;
+            image–text dual encoders (CLIP, SigLIP) get theirs by themselves (`hf_gradmimic.contrastive`).
         scorer: a ready `hf_gradmimic.scorers.SampleScorer`, instead of the one ``mimic_scorer`` names.
         zero_shot: for the ``bayesian`` scorer, ``model_inputs -> log-probabilities [B, C]`` (see
             `hf_gradmimic.zero_shot`), unless ``mimic_zero_shot_column`` holds precomputed logits.
@@ -113,26 +116,51 @@ class MimicTrainerMixin:
                  per_sample_loss_fn: PerSampleLossFn | None = None, scorer: SampleScorer | None = None,
                  zero_shot: Callable[[dict[str, Any]], torch.Tensor] | None = None, **kwargs: Any) -> None:
         bound = inspect.signature(super().__init__).bind(*args, **kwargs)
-        config, model, train_dataset = (bound.arguments.get(name) for name in ("args", "model", "train_dataset"))
+        config, train_dataset = (bound.arguments.get(name) for name in ("args", "train_dataset"))
         if config is None:
             config = bound.arguments["args"] = self.mimic_config_class(output_dir="mimic_trainer_output")
         elif not hasattr(config, "mimic_layer_map"):
             raise TypeError(f"{type(self).__name__} needs `args` to be a {self.mimic_config_class.__name__}, got "
                             f"{type(config).__name__}.")
-        if model is None:
-            raise ValueError(
-                f"{type(self).__name__} needs a `model` (model_init is not supported: the mimic layers are resolved at "
-                "construction)."
-            )
-        data = prepare_training_data(train_dataset, config, type(self).__name__)
-        bound.arguments["train_dataset"] = data.dataset
+        per_sample_loss_fn = loss_fn_from_compute_loss_func(bound.arguments.get("compute_loss_func"), per_sample_loss_fn,
+                                                            type(self).__name__)
+        # Without a train_dataset (evaluate or predict only) the Grad-Mimic set-up waits for one (`_hp_search_setup`).
+        data = None if train_dataset is None else prepare_training_data(train_dataset, config, type(self).__name__)
+        if data is not None:
+            bound.arguments["train_dataset"] = data.dataset
         super().__init__(*bound.args, **bound.kwargs)
-        self._setup_mimic(reference, per_sample_loss_fn, scorer, zero_shot, data)
+        self._mimic_inputs = (reference, per_sample_loss_fn, scorer, zero_shot)
+        self._mimic_model: nn.Module | None = None  # the model the set-up was built for
+        self._mimic_data: TrainingData | None = None
+        self._mimic_resuming = False
+        self.mimic_bookkeeping = Bookkeeping(None, (), None, None)  # until then, evaluation pops only the row index
+        self.mimic_metrics, self.mimic_audit, self._mimic_batch, self._num_items_in_batch = MetricsBuffer(), None, None, None
+        if data is not None:
+            self._setup_mimic(*self._mimic_inputs, data)
+
+    def _hp_search_setup(self, trial: Any) -> None:
+        """`Trainer.train` calls this after ``model_init`` made a fresh model, and before the training loop: the
+        Grad-Mimic set-up is (re)built for that model, for a hyperparameter trial's arguments, or for a train_dataset
+        given after construction."""
+        super()._hp_search_setup(trial)
+        if self.train_dataset is None:
+            return  # Trainer's own "training requires a train_dataset" error follows
+        if self._mimic_model is self.model and trial is None:
+            return
+        data = self._mimic_data
+        if data is None or data.dataset is not self.train_dataset:
+            data = prepare_training_data(self.train_dataset, self.args, type(self).__name__)
+            self.train_dataset = data.dataset
+        previous = getattr(self, "scorer", None)
+        self._setup_mimic(*self._mimic_inputs, data)
+        if previous is not None and self._mimic_resuming and previous.state_dict():
+            self.scorer.load_state_dict(previous.state_dict())  # loaded from the checkpoint by `train`
 
     def _setup_mimic(self, reference: Any, per_sample_loss_fn: Any, scorer: SampleScorer | None, zero_shot: Any,
                      data: TrainingData) -> None:
         """Builds the owners of each job (`hf_gradmimic.training`) after `Trainer.__init__` made the accelerator."""
         args, accelerator = self.args, self.accelerator
+        self._mimic_model, self._mimic_data = self.model, data
         check_supported_setup(accelerator, args, self.model)
         check_launch(accelerator)
         unwrapped = accelerator.unwrap_model(self.model)
@@ -184,11 +212,12 @@ class MimicTrainerMixin:
                                   accelerator.wait_for_everyone,
                                   run_provenance(args, self.scorer, self.mode, unwrapped, data.given))
         self.mimic_audit = FilterAudit(clean_flags, sample_ids, args.mimic_filter_method, args.seed) if clean_flags is not None else None
-        self.nonfinite_guard = NonFiniteStepGuard(self.step_softmax.finite_samples, self.model.parameters,
+        self.nonfinite_guard = NonFiniteStepGuard(self.step_softmax.finite_samples, lambda: self.model.parameters(),
                                                   args.mimic_max_nonfinite_steps)
-        for callback in (ActivationCheckpointingCheck(lambda: self.accelerator.unwrap_model(self.model)), self.score_log,
-                         self.nonfinite_guard, _StepEnd(self._end_mimic_step)):
-            self.add_callback(callback)
+        # Run at every event, after the user's callbacks, but not listed among them (`training.internal_callbacks`).
+        self.callback_handler = hide_internal_callbacks(self.callback_handler, [
+            ActivationCheckpointingCheck(lambda: self.accelerator.unwrap_model(self.model)), self.score_log,
+            self.nonfinite_guard, _StepEnd(self._end_mimic_step)])
 
     # ------------------------------------------------------------------ Trainer overrides
 
@@ -212,7 +241,8 @@ class MimicTrainerMixin:
         """`Trainer.train`; ``resume_from_checkpoint=True`` picks the newest *completely written* checkpoint, and
         the scorer's state comes back from it."""
         resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
-        if resume_from_checkpoint:
+        self._mimic_resuming = bool(resume_from_checkpoint)
+        if resume_from_checkpoint and self._mimic_model is not None:
             path = os.path.join(resume_from_checkpoint, SCORER_STATE_NAME)
             if os.path.isfile(path):
                 self.scorer.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
@@ -232,6 +262,7 @@ class MimicTrainerMixin:
         # The shards on disk must hold exactly the steps this checkpoint has taken, and the scorer's state is
         # written before Trainer writes trainer_state.json, the mark of a complete checkpoint.
         self.score_log.flush()
+        self.state.stateful_callbacks[NonFiniteStepGuard.STATE_KEY] = self.nonfinite_guard.state()  # continued on resume
         state = self.scorer.state_dict()
         if state and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
@@ -414,8 +445,10 @@ class MimicTrainerMixin:
 
     def _model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """What the model's forward gets: the batch without the labels (their loss is ours), unless a user loss
-        function reads the model's own outputs and needs them."""
-        return inputs if self.per_sample_loss_fn is not None else {k: v for k, v in inputs.items() if k != "labels"}
+        function reads the model's own outputs and needs them (not a ``compute_loss_func``: Trainer pops them too)."""
+        if self.per_sample_loss_fn is not None and getattr(self.per_sample_loss_fn, "model_gets_labels", True):
+            return inputs
+        return {k: v for k, v in inputs.items() if k != "labels"}
 
     def _score_context(self, capture: Capture, ghost: Any, losses: torch.Tensor, logits: torch.Tensor | None,
                        labels: Any, model_inputs: dict[str, Any], extras: dict[str, Any],
@@ -592,9 +625,11 @@ class MimicTrainer(MimicTrainerMixin, Trainer):
         eval_dataset: Any = None,
         processing_class: Any = None,
         model_init: Callable | None = None,
+        compute_loss_func: Callable | None = None,
         compute_metrics: Callable | None = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple = (None, None),
+        optimizer_cls_and_kwargs: tuple | None = None,
         preprocess_logits_for_metrics: Callable | None = None,
         *,
         reference: ReferenceSource | None = None,
@@ -605,7 +640,8 @@ class MimicTrainer(MimicTrainerMixin, Trainer):
     ) -> None:
         super().__init__(
             model=model, args=args, data_collator=data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset,
-            processing_class=processing_class, model_init=model_init, compute_metrics=compute_metrics,
-            callbacks=callbacks, optimizers=optimizers, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            processing_class=processing_class, model_init=model_init, compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
             reference=reference, per_sample_loss_fn=per_sample_loss_fn, scorer=scorer, zero_shot=zero_shot, **kwargs,
         )

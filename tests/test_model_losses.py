@@ -85,7 +85,8 @@ def train_both(tmp_path, problem_type, num_labels, labels):
             train_dataset=data).train()
     reference = {name: param.detach() + 0.3 for name, param in mimic_model.classifier.named_parameters()}
     reference = {f"classifier.{name}": tensor for name, tensor in reference.items()}
-    config = MimicConfig(output_dir=str(tmp_path / "mimic"), mimic_temperature=1e6, mimic_alignment_check=False, **PLAIN)
+    config = MimicConfig(output_dir=str(tmp_path / "mimic"), mimic_temperature=1e6, mimic_alignment_check=False,
+                         **PLAIN)
     MimicTrainer(model=mimic_model, args=config, train_dataset=data, reference=reference).train()
     return plain_model, mimic_model
 
