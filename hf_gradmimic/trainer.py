@@ -420,9 +420,10 @@ class MimicTrainerMixin:
             ctx = self._score_context(capture, ghost, losses, logits, labels, model_inputs, extras,
                                       torch.as_tensor(rows).cpu())
             scores = self.scorer.score(ctx).detach().float()
-            status = row_status(losses.detach(), scores, self._supervised_counts(outputs, labels))
+            counts = self._supervised_counts(outputs, labels)
+            status = row_status(losses.detach(), scores, counts)
         return Candidates(torch.as_tensor(rows).cpu(), scores, losses.detach(), status,
-                          ctx if self.scorer.observes else None)
+                          ctx if self.scorer.observes else None, counts)
 
     def _select_step(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool) -> Any:
         """``select`` mode (RHO-LOSS, Bayesian selection): forward and backward only the samples selected for this
@@ -431,7 +432,8 @@ class MimicTrainerMixin:
         candidates = selection.candidates
         coefficients = self.step_softmax.add(self.state.global_step, candidates.rows, candidates.scores, selection.logits,
                                              candidates.losses, candidates.status, torch.tensor(False),
-                                             self.current_gradient_accumulation_steps)
+                                             self.current_gradient_accumulation_steps,
+                                             log_token_counts(candidates.counts, self.args.mimic_token_weighting))
         selected = selection.selected
         if len(selected) == 0:  # nothing to train on here; the other processes, or micro-batches, have the selection
             excluded = torch.ones_like(candidates.status, dtype=torch.bool)
@@ -441,7 +443,8 @@ class MimicTrainerMixin:
         chosen_outputs = model(**self._model_inputs(chosen))
         chosen_losses = self._per_sample_losses(chosen_outputs, chosen, chosen.get("labels"))
         loss = (coefficients[selected].detach() * chosen_losses).sum()
-        return self._reported(loss, chosen_losses, candidates.status[selected], chosen_outputs, return_outputs)
+        counts = None if candidates.counts is None else candidates.counts[selected.to(candidates.counts.device)]
+        return self._reported(loss, chosen_losses, candidates.status[selected], chosen_outputs, return_outputs, counts)
 
     def _model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """What the model's forward gets: the batch without the labels (their loss is ours), unless a user loss

@@ -75,6 +75,16 @@ def test_token_weighting_reproduces_trainer_for_a_causal_lm_under_gradient_accum
     np.testing.assert_allclose(logged[1], logged[0], rtol=1e-5)  # the logged loss is Trainer's token mean too
 
 
+def test_select_mode_keeping_every_sample_trains_as_trainer_over_tokens(tmp_path, plain_trainer_llama):
+    """``select`` mode (GraNd) with a ratio of 1 trains every candidate: over their tokens, as Trainer does."""
+    mimic_model = tiny_llama()
+    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=["lm_head"], mimic_scorer="grand", mimic_mode="select",
+                       mimic_select_ratio=1.0, mimic_alignment_check=False, **TOKEN_RUN)
+    trainer = MimicTrainer(model=mimic_model, args=args, train_dataset=uneven_lm_dataset())
+    trainer.train()
+    assert_same_parameters(plain_trainer_llama.model, mimic_model)
+
+
 def test_sample_weighting_is_the_per_sample_mean(tmp_path):
     """``sample``: the update is the mean over samples of each sample's mean token loss (an oracle by hand)."""
     data = uneven_lm_dataset()
