@@ -300,6 +300,10 @@ def test_without_train_dataset_evaluate_and_predict_work_and_train_raises_as_tra
         plain.train()
     with pytest.raises(type(expected.value), match=re.escape(str(expected.value))):
         mimic.train()
+    plain.train_dataset = mimic.train_dataset = regression_dataset()  # given later, as Trainer allows
+    plain.train(), mimic.train()
+    assert_same_parameters(plain.model, mimic.model, atol=ADAPTER_ATOL)
+    assert len(load_scores(mimic.args.output_dir)) == 4 * 8  # the samples were scored and logged
 
 
 def test_model_init_trains_as_trainer_and_hyperparameter_search_is_reachable(tmp_path):
