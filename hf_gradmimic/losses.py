@@ -133,6 +133,8 @@ def token_loss(
     With ``shift`` (causal LM), position ``t`` predicts label ``t + 1``. A sample without any label
     token gets loss 0 and therefore a zero gradient.
     """
+    if labels.is_floating_point():  # transformers' token losses (cross entropy over class ids) refuse them too
+        raise ValueError(f"Token `labels` must be integer class or token ids (torch.long); got dtype {labels.dtype}.")
     if shift:
         # Shift the labels, not the logits: slicing [B, T, vocab] logits copies them, and its backward
         # fills a zero tensor of that size (transformers' causal-LM loss does the same).

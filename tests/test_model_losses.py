@@ -133,3 +133,18 @@ def test_gradient_accumulation_gives_one_big_batchs_update_where_trainer_5_25_do
     for (name, big), (_, ours) in zip(models["big"].named_parameters(), mimic.named_parameters()):
         torch.testing.assert_close(ours, big, atol=1e-6, rtol=0, msg=name)
     assert not torch.allclose(models["accumulated"].classifier.weight, models["big"].classifier.weight, atol=1e-4)
+
+
+def test_float_token_labels_are_refused_as_the_models_token_loss_refuses_them():
+    from transformers import BertForTokenClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20, vocab_size=30,
+                        num_labels=3)
+    model = BertForTokenClassification(config).eval()
+    ids = torch.randint(1, 30, (2, 5))
+    labels = torch.randint(0, 3, (2, 5)).float()
+    with pytest.raises(RuntimeError):
+        model(input_ids=ids, labels=labels)
+    with pytest.raises(ValueError, match=r"Token `labels` must be integer.*torch.long.*float32"):
+        per_sample_loss(model, model(input_ids=ids), labels)
