@@ -36,7 +36,8 @@ def returns_per_sample_losses(compute_loss_func: Callable[..., torch.Tensor]) ->
 
 
 def loss_fn_from_compute_loss_func(compute_loss_func: Callable[..., torch.Tensor] | None,
-                                   per_sample_loss_fn: PerSampleLossFn | None, trainer_name: str) -> PerSampleLossFn | None:
+                                   per_sample_loss_fn: PerSampleLossFn | None,
+                                   trainer_name: str) -> PerSampleLossFn | None:
     """The per-sample loss function a trainer uses: ``per_sample_loss_fn``, or a `Trainer` ``compute_loss_func`` marked
     with `returns_per_sample_losses` (called with the batch's labels and ``num_items_in_batch=None``; as with `Trainer`,
     the model's forward then gets no labels). An unmarked one returns a single loss for the batch, which cannot be
@@ -89,8 +90,8 @@ def problem_type_of(model: nn.Module | None, logits: torch.Tensor, labels: torch
         else:
             config.problem_type = "multi_label_classification"
     if config.problem_type not in PROBLEM_TYPES:
-        raise ValueError(f"The model's `config.problem_type` is {config.problem_type!r}; expected one of {PROBLEM_TYPES} "
-                         "(or pass `per_sample_loss_fn=(outputs, inputs) -> Tensor[B]`).")
+        raise ValueError(f"The model's `config.problem_type` is {config.problem_type!r}; expected one of "
+                         f"{PROBLEM_TYPES} (or pass `per_sample_loss_fn=(outputs, inputs) -> Tensor[B]`).")
     return config.problem_type
 
 
@@ -110,10 +111,12 @@ def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, lab
     if problem_type == "multi_label_classification":
         if not labels.is_floating_point():
             raise ValueError(
-                f"multi_label_classification needs float `labels` (one 0/1 target per class, shape {tuple(logits.shape)}) "
-                f"as the model's BCEWithLogitsLoss does; got dtype {labels.dtype}, shape {tuple(labels.shape)}."
+                f"multi_label_classification needs float `labels` (one 0/1 target per class, shape "
+                f"{tuple(logits.shape)}) as the model's BCEWithLogitsLoss does; got dtype {labels.dtype}, shape "
+                f"{tuple(labels.shape)}."
             )
-        return F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").reshape(len(logits), -1).mean(dim=1)
+        per_label = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none")
+        return per_label.reshape(len(logits), -1).mean(dim=1)
     if labels.is_floating_point():
         raise ValueError(
             f"single_label_classification needs integer `labels` (torch.long class indices) as the model's "

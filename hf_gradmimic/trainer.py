@@ -122,8 +122,8 @@ class MimicTrainerMixin:
         elif not hasattr(config, "mimic_layer_map"):
             raise TypeError(f"{type(self).__name__} needs `args` to be a {self.mimic_config_class.__name__}, got "
                             f"{type(config).__name__}.")
-        per_sample_loss_fn = loss_fn_from_compute_loss_func(bound.arguments.get("compute_loss_func"), per_sample_loss_fn,
-                                                            type(self).__name__)
+        per_sample_loss_fn = loss_fn_from_compute_loss_func(bound.arguments.get("compute_loss_func"),
+                                                            per_sample_loss_fn, type(self).__name__)
         # Without a train_dataset (evaluate or predict only) the Grad-Mimic set-up waits for one (`_hp_search_setup`).
         data = None if train_dataset is None else prepare_training_data(train_dataset, config, type(self).__name__)
         if data is not None:
@@ -134,7 +134,8 @@ class MimicTrainerMixin:
         self._mimic_data: TrainingData | None = None
         self._mimic_resuming = False
         self.mimic_bookkeeping = Bookkeeping(None, (), None, None)  # until then, evaluation pops only the row index
-        self.mimic_metrics, self.mimic_audit, self._mimic_batch, self._num_items_in_batch = MetricsBuffer(), None, None, None
+        self.mimic_metrics, self.mimic_audit = MetricsBuffer(), None
+        self._mimic_batch = self._num_items_in_batch = None
         if data is not None:
             self._setup_mimic(*self._mimic_inputs, data)
 
@@ -262,7 +263,8 @@ class MimicTrainerMixin:
         # The shards on disk must hold exactly the steps this checkpoint has taken, and the scorer's state is
         # written before Trainer writes trainer_state.json, the mark of a complete checkpoint.
         self.score_log.flush()
-        self.state.stateful_callbacks[NonFiniteStepGuard.STATE_KEY] = self.nonfinite_guard.state()  # continued on resume
+        # The guard's running counts go into trainer_state.json, to be continued on resume.
+        self.state.stateful_callbacks[NonFiniteStepGuard.STATE_KEY] = self.nonfinite_guard.state()
         state = self.scorer.state_dict()
         if state and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
@@ -645,6 +647,7 @@ class MimicTrainer(MimicTrainerMixin, Trainer):
             model=model, args=args, data_collator=data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=processing_class, model_init=model_init, compute_loss_func=compute_loss_func,
             compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
-            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
             reference=reference, per_sample_loss_fn=per_sample_loss_fn, scorer=scorer, zero_shot=zero_shot, **kwargs,
         )

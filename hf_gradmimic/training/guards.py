@@ -12,8 +12,9 @@ Plain `Trainer` lets one non-finite sample make every parameter NaN. Here such a
 A step in which no sample of any process is finite is skipped (`NonFiniteStepGuard`): the parameters and
 the optimizer's state do not change, and training goes on as `Trainer`'s does (whose
 ``logging_nan_inf_filter`` keeps the NaN loss out of the logged mean); with ``mimic_max_nonfinite_steps`` set,
-that many such steps in a row stop training with an error. A sample without a supervised label (a prompt-only language-model sample) has loss
-0 and no gradient, so its score says nothing: weight 0, `STATUS_UNLABELED`, and it abstains in the filter.
+that many such steps in a row stop training with an error. A sample without a supervised label (a prompt-only
+language-model sample) has loss 0 and no gradient, so its score says nothing: weight 0, `STATUS_UNLABELED`, and
+it abstains in the filter.
 """
 
 from __future__ import annotations

@@ -32,8 +32,9 @@ class InternalCallbackHandler(CallbackHandler):
 def hide_internal_callbacks(handler: CallbackHandler, internal: list[TrainerCallback]) -> InternalCallbackHandler:
     """``handler`` (with its listed callbacks, model, optimizer...) as an `InternalCallbackHandler` running
     ``internal`` too; a handler that already is one gets its internal callbacks replaced (a rebuilt set-up)."""
-    hidden = handler if isinstance(handler, InternalCallbackHandler) else InternalCallbackHandler.__new__(InternalCallbackHandler)
-    if hidden is not handler:
+    hidden = handler
+    if not isinstance(handler, InternalCallbackHandler):
+        hidden = InternalCallbackHandler.__new__(InternalCallbackHandler)
         hidden.__dict__.update(handler.__dict__)
     hidden.internal = list(internal)
     return hidden
