@@ -28,6 +28,7 @@ _EXPORTS = {
     "load_filter_metric": "hf_gradmimic.metrics",
     "build_reference": "hf_gradmimic.recipes",
     "batch_coupled": "hf_gradmimic.contrastive",
+    "returns_per_sample_losses": "hf_gradmimic.losses",
     "ContrastiveLoss": "hf_gradmimic.contrastive",
     "clip_scores": "hf_gradmimic.clip_filter",
     "clip_score_filter": "hf_gradmimic.clip_filter",
@@ -46,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .contrastive import ContrastiveLoss, batch_coupled
     from .filter import MimicFilter, build_filter, estimate_quality
     from .hub import push_scored_dataset
+    from .losses import returns_per_sample_losses
     from .metrics import load_filter_metric
     from .recipes import build_reference
     from .reference import load_reference_tensors

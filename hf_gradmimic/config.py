@@ -13,6 +13,7 @@ from .scorers import MODES as MODE_CHOICES
 from .scorers import SCORE_TERMS as SCORE_TERMS_CHOICES
 from .scorers import SCORERS
 from .training.reference_verdict import LOG_REFERENCE_LOSS_CHOICES
+from .training.token_weighting import TOKEN_WEIGHTING_CHOICES
 
 NORMALIZE_CHOICES = ("step", "micro")
 REWEIGHT_SCOPE_CHOICES = ("all", "layer")
@@ -148,6 +149,18 @@ class MimicArguments:
             "choices": list(REWEIGHT_SCOPE_CHOICES),
         },
     )
+    mimic_token_weighting: str = field(
+        default="token",
+        metadata={
+            "help": "How a sample's weight w_i spreads over its supervised tokens (causal LM, token classification). "
+            "`token`: every labelled token of sample i weighs w_i, normalised over all tokens of the optimizer step, "
+            "as `Trainer` averages its loss over the step's tokens (num_items_in_batch): uniform weights (τ → ∞) "
+            "train exactly as `Trainer`. `sample`: each sample's mean token loss weighs w_i, so a short completion "
+            "counts as much as a long one. The recorded weights are w_i either way; one target per sample "
+            "(sequence classification) makes both the same, and a `per_sample_loss_fn` is weighted per sample.",
+            "choices": list(TOKEN_WEIGHTING_CHOICES),
+        },
+    )
     mimic_warmup_steps: int = field(
         default=0,
         metadata={"help": "Optimizer steps with uniform weights before reweighting starts (scores are still recorded)."},
@@ -237,10 +250,12 @@ class MimicArguments:
     mimic_zero_shot_column: Optional[str] = field(
         default=None, metadata={"help": "For `bayesian`: a column of zero-shot logits per sample (paid once)."}
     )
-    mimic_max_nonfinite_steps: int = field(
-        default=5,
+    mimic_max_nonfinite_steps: Optional[int] = field(
+        default=None,
         metadata={"help": "A sample with a non-finite loss or score gets weight 0 and no gradient; a step in which no "
-                  "sample is finite is skipped. After this many skipped steps in a row, training stops with an error."},
+                  "sample is finite is skipped with a warning (its NaN loss is logged as `Trainer` logs one, under "
+                  "`logging_nan_inf_filter`). None: training goes on, as with `Trainer`; N: it stops with an error "
+                  "after N skipped steps in a row."},
     )
     mimic_agra_threshold: float = field(
         default=0.0,
@@ -291,13 +306,14 @@ class MimicArguments:
             ("mimic_mode", self.mimic_mode, MODE_CHOICES + (None,)),
             ("mimic_filter_method", self.mimic_filter_method, FILTER_METHOD_CHOICES),
             ("mimic_log_reference_loss", self.mimic_log_reference_loss, LOG_REFERENCE_LOSS_CHOICES),
+            ("mimic_token_weighting", self.mimic_token_weighting, TOKEN_WEIGHTING_CHOICES),
         ):
             if value not in choices:
                 raise ValueError(f"`{name}` must be one of {tuple(c for c in choices if c)}; got {value!r}.")
         if not 0 < self.mimic_select_ratio <= 1:
             raise ValueError(f"`mimic_select_ratio` must be in (0, 1]; got {self.mimic_select_ratio}.")
-        if self.mimic_max_nonfinite_steps < 1:
-            raise ValueError(f"`mimic_max_nonfinite_steps` must be >= 1; got {self.mimic_max_nonfinite_steps}.")
+        if self.mimic_max_nonfinite_steps is not None and self.mimic_max_nonfinite_steps < 1:
+            raise ValueError(f"`mimic_max_nonfinite_steps` must be >= 1 or None; got {self.mimic_max_nonfinite_steps}.")
         if self.mimic_monitor_steps < 0:
             raise ValueError(f"`mimic_monitor_steps` must be >= 0; got {self.mimic_monitor_steps}.")
         if not parse_layer_map(self.mimic_layers):

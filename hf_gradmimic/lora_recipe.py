@@ -109,7 +109,7 @@ def train_lora_reference(
         train_dataset: trusted examples with ``input_ids`` and ``labels`` (−100 where unsupervised, e.g. prompts).
         data_collator: batches examples; default `pad_batch`.
         epochs / learning_rate / weight_decay / batch_size / seed: AdamW on the adapter's matrices, mean over samples
-            of each sample's mean token loss (as `MimicSFTTrainer` weighs samples).
+            of each sample's mean token loss (as `MimicSFTTrainer` weighs them with ``mimic_token_weighting="sample"``).
 
     Returns:
         The weights' path, the trained tensors (student names), the metadata written, and the epoch losses.

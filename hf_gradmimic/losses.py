@@ -3,12 +3,15 @@
 Grad-Mimic needs one loss per sample; a model's own ``outputs.loss`` is already reduced over the
 batch, so it is not used ("don't trust the model's own loss"). Conventions follow `Trainer`:
 labels equal to ``-100`` are ignored, token losses are averaged over each sample's own label
-tokens, causal LMs shift labels by one, and ``label_smoothing_factor`` is honoured (the same
+tokens (how samples of different lengths then weigh: `training.token_weighting`), causal LMs shift
+labels by one, sequence classification follows the model's ``config.problem_type`` (the mean of the
+per-sample losses is the model's own loss), and ``label_smoothing_factor`` is honoured (the same
 formula as transformers' ``LabelSmoother``: ``(1-ε)·nll + ε·mean_c(-log p_c)``).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
@@ -19,16 +22,110 @@ IGNORE_INDEX = -100
 
 PerSampleLossFn = Callable[[Any, dict[str, Any]], torch.Tensor]
 
+RETURNS_PER_SAMPLE_LOSSES = "returns_per_sample_losses"
+"""The attribute `returns_per_sample_losses` sets on a ``compute_loss_func``."""
 
-def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """``ℓ_i`` for single-label classification (cross entropy), regression (squared error) or
-    multi-label classification (binary cross entropy averaged over labels)."""
+
+def returns_per_sample_losses(compute_loss_func: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Mark a `Trainer` ``compute_loss_func(outputs, labels, num_items_in_batch=None)`` as returning one loss per
+    sample (``reduction="none"``, shape ``[B]``) when ``num_items_in_batch`` is None, so that `MimicTrainer` can weight
+    its terms. `Trainer` itself then averages them in evaluation. Returns the function itself, marked; usable as a
+    decorator."""
+    setattr(compute_loss_func, RETURNS_PER_SAMPLE_LOSSES, True)
+    return compute_loss_func
+
+
+def loss_fn_from_compute_loss_func(compute_loss_func: Callable[..., torch.Tensor] | None,
+                                   per_sample_loss_fn: PerSampleLossFn | None,
+                                   trainer_name: str) -> PerSampleLossFn | None:
+    """The per-sample loss function a trainer uses: ``per_sample_loss_fn``, or a `Trainer` ``compute_loss_func`` marked
+    with `returns_per_sample_losses` (called with the batch's labels and ``num_items_in_batch=None``; as with `Trainer`,
+    the model's forward then gets no labels). An unmarked one returns a single loss for the batch, which cannot be
+    weighted per sample: refused, naming the two ways out."""
+    if compute_loss_func is None:
+        return per_sample_loss_fn
+    if per_sample_loss_fn is not None:
+        raise ValueError(f"{trainer_name} got both `compute_loss_func` and `per_sample_loss_fn`; pass one of them.")
+    if not getattr(compute_loss_func, RETURNS_PER_SAMPLE_LOSSES, False):
+        raise ValueError(
+            f"{trainer_name} weights each sample's loss, and this `compute_loss_func` is not marked as returning one "
+            "loss per sample: a loss for the whole batch cannot be weighted per sample. Either make it return one loss "
+            "per sample (reduction='none', shape [batch]) when num_items_in_batch is None and mark it with "
+            "`hf_gradmimic.returns_per_sample_losses`, or pass `per_sample_loss_fn=(outputs, inputs) -> Tensor[batch]`."
+        )
+
+    @functools.wraps(compute_loss_func)  # keeps its marks (`batch_coupled` too)
+    def loss_fn(outputs: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        return compute_loss_func(outputs, inputs.get("labels"), num_items_in_batch=None)
+
+    loss_fn.model_gets_labels = False  # as Trainer pops the labels before the forward when compute_loss_func is set
+    return loss_fn
+
+
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+
+def problem_type_of(model: nn.Module | None, logits: torch.Tensor, labels: torch.Tensor) -> str:
+    """The sequence-classification problem as transformers' models decide it (``BertForSequenceClassification``,
+    ``ForSequenceClassificationLoss``): ``config.problem_type`` when set, else regression for one label, single-label
+    classification for integer labels, multi-label classification otherwise. Like those models, an unset
+    ``config.problem_type`` is set, so that the saved config says what was trained. A model without a config
+    (a plain ``nn.Module``) is read from the shapes: one logit and float labels is regression, float labels shaped
+    like the logits multi-label, anything else single-label."""
+    if hasattr(model, "get_base_model"):  # PEFT: the base model's config
+        model = model.get_base_model()
+    config = getattr(model, "config", None)
+    num_labels = getattr(config, "num_labels", None)
+    if config is None or num_labels is None:
+        if logits.shape[-1] == 1 and labels.is_floating_point() and labels.dim() == 1:
+            return "regression"
+        if labels.is_floating_point() and labels.shape == logits.shape:
+            return "multi_label_classification"
+        return "single_label_classification"
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    if config.problem_type not in PROBLEM_TYPES:
+        raise ValueError(f"The model's `config.problem_type` is {config.problem_type!r}; expected one of "
+                         f"{PROBLEM_TYPES} (or pass `per_sample_loss_fn=(outputs, inputs) -> Tensor[B]`).")
+    return config.problem_type
+
+
+def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
+                                 problem_type: str | None = None) -> torch.Tensor:
+    """``ℓ_i`` per sample of the loss transformers' sequence-classification models average over the batch: squared
+    error (``regression``, averaged over the sample's outputs), cross entropy (``single_label_classification``,
+    integer labels only: float labels are refused as the model's ``CrossEntropyLoss`` refuses them) or binary cross
+    entropy averaged over the labels (``multi_label_classification``, float labels). ``problem_type=None``: read from
+    the shapes (`problem_type_of` without a model)."""
     logits = logits.float()
-    if logits.shape[-1] == 1 and labels.is_floating_point() and labels.dim() == 1:
-        return (logits.squeeze(-1) - labels.float()).square()
-    if labels.is_floating_point() and labels.shape == logits.shape:
-        return F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").mean(dim=-1)
-    return F.cross_entropy(logits, labels.long(), reduction="none", label_smoothing=label_smoothing)
+    problem_type = problem_type or problem_type_of(None, logits, labels)
+    if problem_type == "regression":
+        if logits.shape[-1] == 1:  # the model's MSELoss(logits.squeeze(), labels.squeeze()): integer targets too
+            return (logits.reshape(-1) - labels.reshape(-1).float()).square()
+        return (logits - labels.float()).square().reshape(len(logits), -1).mean(dim=1)
+    if problem_type == "multi_label_classification":
+        if not labels.is_floating_point():
+            raise ValueError(
+                f"multi_label_classification needs float `labels` (one 0/1 target per class, shape "
+                f"{tuple(logits.shape)}) as the model's BCEWithLogitsLoss does; got dtype {labels.dtype}, shape "
+                f"{tuple(labels.shape)}."
+            )
+        per_label = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none")
+        return per_label.reshape(len(logits), -1).mean(dim=1)
+    if labels.is_floating_point():
+        raise ValueError(
+            f"single_label_classification needs integer `labels` (torch.long class indices) as the model's "
+            f"CrossEntropyLoss does; got dtype {labels.dtype}. For soft or multi-hot targets set "
+            "`config.problem_type='multi_label_classification'`, for a score set num_labels=1 (regression), or pass "
+            "`per_sample_loss_fn`."
+        )
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1).long(), reduction="none",
+                           label_smoothing=label_smoothing)
 
 
 def token_loss(
@@ -39,6 +136,8 @@ def token_loss(
     With ``shift`` (causal LM), position ``t`` predicts label ``t + 1``. A sample without any label
     token gets loss 0 and therefore a zero gradient.
     """
+    if labels.is_floating_point():  # transformers' token losses (cross entropy over class ids) refuse them too
+        raise ValueError(f"Token `labels` must be integer class or token ids (torch.long); got dtype {labels.dtype}.")
     if shift:
         # Shift the labels, not the logits: slicing [B, T, vocab] logits copies them, and its backward
         # fills a zero tensor of that size (transformers' causal-LM loss does the same).
@@ -87,7 +186,9 @@ def per_sample_loss(model: nn.Module, outputs: Any, labels: torch.Tensor, label_
     if logits.dim() == 3 and labels.dim() == 2:
         return token_loss(logits, labels, label_smoothing, shift=is_causal_lm(model))
     if logits.dim() == 2:
-        return sequence_classification_loss(logits, labels, label_smoothing)
+        return sequence_classification_loss(logits, labels, label_smoothing, problem_type_of(model, logits, labels))
+    if logits.dim() == 1 and labels.shape == logits.shape:  # one output per sample: a regression's prediction
+        return sequence_classification_loss(logits.unsqueeze(-1), labels, problem_type="regression")
     raise ValueError(
         f"No built-in per-sample loss for logits of shape {tuple(logits.shape)} with labels of shape "
         f"{tuple(labels.shape)}; pass `per_sample_loss_fn=(outputs, inputs) -> Tensor[B]` to MimicTrainer."

@@ -8,8 +8,9 @@ on trusted pairs (`hf_gradmimic.build_reference(..., method="lora")`).
 The sample's loss ``ℓ_i`` is the mean token loss over its supervised tokens: those whose label is not −100 after
 TRL's dataset preparation, which already applied the completion-only (prompt-completion data) and assistant-only
 (conversational data) masks. Its forward is TRL's fused LM head (per-token log-probabilities without the
-``[batch, length, vocab]`` logits). With τ → ∞ the update is the mean over samples of their mean token loss, where
-`SFTTrainer` averages over all tokens of the batch: long completions weigh more there.
+``[batch, length, vocab]`` logits). With τ → ∞ every supervised token of the step weighs the same, as `SFTTrainer`
+averages over them (``mimic_token_weighting="token"``, `hf_gradmimic.training.token_weighting`); with ``"sample"``
+the update is the mean over samples of their mean token loss.
 
 Padding-free batches and packing put several samples in one row; the ghost maths reads a sample per row, so both
 are refused. Requires ``pip install 'hf-gradmimic[trl]'`` (trl and peft).

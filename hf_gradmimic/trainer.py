@@ -31,7 +31,7 @@ from .cards import render_model_card
 from .config import MimicConfig
 from .contrastive import contrastive_loss_for, is_batch_coupled
 from .fileio import atomic_write
-from .losses import PerSampleLossFn, logits_of, per_sample_loss, supervised_counts
+from .losses import PerSampleLossFn, logits_of, loss_fn_from_compute_loss_func, per_sample_loss, supervised_counts
 from .reference import ReferenceSource
 from .scorers import SampleScorer, ScoreContext, check_mode, comparison_gradient, scorer_from_config
 from .scores import STATUS_NONFINITE, STATUS_SCORED
@@ -50,6 +50,7 @@ from .training.coupled import GhostReader, check_coupled_setup
 from .training.dataset import TrainingData, prepare_training_data
 from .training.diagnostics import ReferenceDiagnostics, check_reference_setup, monitor_interval
 from .training.guards import NonFiniteStepGuard, row_status
+from .training.internal_callbacks import hide_internal_callbacks
 from .training.metrics_buffer import MetricsBuffer
 from .training.mimic_layers import MimicLayers
 from .training.resume_guard import check_resume, write_run_record
@@ -57,6 +58,7 @@ from .training.score_log import ScoreLog, run_provenance
 from .training.reference_verdict import ReferenceVerdict
 from .training.scorer_state import STATE_TENSORS_NAME, load_scorer_state, save_scorer_state
 from .training.streaming import StreamIds, is_stream, stream_position
+from .training.token_weighting import log_token_counts, plain_mean_weights
 from .training.selection import Candidates, observe_step, select_over_step
 from .training.step_softmax import StepSoftmax, gather_across_ranks
 from .training.use_backward import only_mimic_tensors_train, uses_weighted_loss
@@ -91,16 +93,18 @@ class MimicTrainerMixin:
     In training the base ``compute_loss`` is replaced (the backward must give Σ_i w_i ∇ℓ_i); in evaluation it runs
     as is. The mixin overrides ``get_train_dataloader`` (the collator is wrapped so that the sample ids survive it),
     ``training_step``, ``compute_loss``, ``prediction_step``, ``train``, ``evaluate``, ``log``,
-    ``create_model_card`` and ``_save_checkpoint``, each calling the base class.
+    ``create_model_card``, ``_save_checkpoint`` and ``_hp_search_setup`` (where the Grad-Mimic set-up is rebuilt for a
+    ``model_init`` model), each calling the base class. Its own callbacks run after the user's without being listed.
 
     Keyword arguments, besides the base trainer's:
         reference: overrides ``args.mimic_reference`` with an in-memory source: a model
             (`PreTrainedModel` or any `nn.Module`), a ``{name: tensor}`` dict, a path or a repo id.
             For ``rho_loss`` it is the irreducible-loss model.
         per_sample_loss_fn: ``(outputs, inputs) -> Tensor[B]``, for tasks the built-in losses do not
-            cover. ``inputs`` still holds the labels. Mark a loss whose terms depend on the whole batch (in-batch
-            negatives) with `hf_gradmimic.batch_coupled`; image–text dual encoders (CLIP, SigLIP) get theirs by
-            themselves (`hf_gradmimic.contrastive`).
+            cover. ``inputs`` still holds the labels. `Trainer`'s ``compute_loss_func`` is used in its place when
+            marked with `hf_gradmimic.returns_per_sample_losses` (one loss per sample), and refused otherwise. Mark
+            a loss whose terms depend on the whole batch (in-batch negatives) with `hf_gradmimic.batch_coupled`;
+            image–text dual encoders (CLIP, SigLIP) get theirs by themselves (`hf_gradmimic.contrastive`).
         scorer: a ready `hf_gradmimic.scorers.SampleScorer`, instead of the one ``mimic_scorer`` names.
         zero_shot: for the ``bayesian`` scorer, ``model_inputs -> log-probabilities [B, C]`` (see
             `hf_gradmimic.zero_shot`), unless ``mimic_zero_shot_column`` holds precomputed logits.
@@ -116,27 +120,53 @@ class MimicTrainerMixin:
                  per_sample_loss_fn: PerSampleLossFn | None = None, scorer: SampleScorer | None = None,
                  zero_shot: Callable[[dict[str, Any]], torch.Tensor] | None = None, **kwargs: Any) -> None:
         bound = inspect.signature(super().__init__).bind(*args, **kwargs)
-        config, model, train_dataset = (bound.arguments.get(name) for name in ("args", "model", "train_dataset"))
+        config, train_dataset = (bound.arguments.get(name) for name in ("args", "train_dataset"))
         if config is None:
             config = bound.arguments["args"] = self.mimic_config_class(output_dir="mimic_trainer_output")
         elif not hasattr(config, "mimic_layer_map"):
             raise TypeError(f"{type(self).__name__} needs `args` to be a {self.mimic_config_class.__name__}, got "
                             f"{type(config).__name__}.")
-        if model is None:
-            raise ValueError(
-                f"{type(self).__name__} needs a `model` (model_init is not supported: the mimic layers are resolved at "
-                "construction)."
-            )
-        data = prepare_training_data(train_dataset, config, type(self).__name__)
-        bound.arguments["train_dataset"] = data.dataset
+        per_sample_loss_fn = loss_fn_from_compute_loss_func(bound.arguments.get("compute_loss_func"),
+                                                            per_sample_loss_fn, type(self).__name__)
+        # Without a train_dataset (evaluate or predict only) the Grad-Mimic set-up waits for one (`_hp_search_setup`).
+        data = None if train_dataset is None else prepare_training_data(train_dataset, config, type(self).__name__)
+        if data is not None:
+            bound.arguments["train_dataset"] = data.dataset
         super().__init__(*bound.args, **bound.kwargs)
-        self._setup_mimic(reference, per_sample_loss_fn, scorer, zero_shot, data)
+        self._mimic_inputs = (reference, per_sample_loss_fn, scorer, zero_shot)
+        self._mimic_model: nn.Module | None = None  # the model the set-up was built for
+        self._mimic_data: TrainingData | None = None
+        self._mimic_resuming = False
+        self.mimic_bookkeeping = Bookkeeping(None, (), None, None)  # until then, evaluation pops only the row index
+        self.mimic_metrics, self.mimic_audit = MetricsBuffer(), None
+        self._mimic_batch = self._num_items_in_batch = None
+        if data is not None:
+            self._setup_mimic(*self._mimic_inputs, data)
+
+    def _hp_search_setup(self, trial: Any) -> None:
+        """`Trainer.train` calls this after ``model_init`` made a fresh model, and before the training loop: the
+        Grad-Mimic set-up is (re)built for that model, for a hyperparameter trial's arguments, or for a train_dataset
+        given after construction."""
+        super()._hp_search_setup(trial)
+        if self.train_dataset is None:
+            return  # Trainer's own "training requires a train_dataset" error follows
+        if self._mimic_model is self.model and trial is None:
+            return
+        data = self._mimic_data
+        if data is None or data.dataset is not self.train_dataset:
+            data = prepare_training_data(self.train_dataset, self.args, type(self).__name__)
+            self.train_dataset = data.dataset
+        previous = getattr(self, "scorer", None)
+        self._setup_mimic(*self._mimic_inputs, data)
+        if previous is not None and self._mimic_resuming and previous.state_dict():
+            self.scorer.load_state_dict(previous.state_dict())  # loaded from the checkpoint by `train`
 
     def _setup_mimic(self, reference: Any, per_sample_loss_fn: Any, scorer: SampleScorer | None, zero_shot: Any,
                      data: TrainingData) -> None:
         """Builds the owners of each job (`hf_gradmimic.training`) after `Trainer.__init__` made the accelerator."""
         args, accelerator = self.args, self.accelerator
         check_one_reference(args.mimic_reference, reference)
+        self._mimic_model, self._mimic_data = self.model, data
         check_supported_setup(accelerator, args, self.model)
         check_launch(accelerator)
         unwrapped = accelerator.unwrap_model(self.model)
@@ -162,6 +192,7 @@ class MimicTrainerMixin:
                                              stream_ids)
         self.mimic_metrics = MetricsBuffer()
         self._mimic_batch: tuple[torch.Tensor, dict[str, Any]] | None = None
+        self._num_items_in_batch: Any = None
         self._selections: deque = deque()  # select mode: the step's selection, one entry per micro-batch
         self._spare_sample: dict[str, Any] | None = None  # one finite sample's inputs, for `_nothing_to_train`
         self._comparison_collator = None
@@ -195,11 +226,12 @@ class MimicTrainerMixin:
                                   accelerator.wait_for_everyone,
                                   run_provenance(args, self.scorer, self.mode, unwrapped, data.given))
         self.mimic_audit = FilterAudit(clean_flags, sample_ids, args.mimic_filter_method, args.seed) if clean_flags is not None else None
-        self.nonfinite_guard = NonFiniteStepGuard(self.step_softmax.finite_samples, self.model.parameters,
+        self.nonfinite_guard = NonFiniteStepGuard(self.step_softmax.finite_samples, lambda: self.model.parameters(),
                                                   args.mimic_max_nonfinite_steps, self.step_softmax.supervised_samples)
-        for callback in (ActivationCheckpointingCheck(lambda: self.accelerator.unwrap_model(self.model)), self.score_log,
-                         self.nonfinite_guard, _StepEnd(self._end_mimic_step)):
-            self.add_callback(callback)
+        # Run at every event, after the user's callbacks, but not listed among them (`training.internal_callbacks`).
+        self.callback_handler = hide_internal_callbacks(self.callback_handler, [
+            ActivationCheckpointingCheck(lambda: self.accelerator.unwrap_model(self.model)), self.score_log,
+            self.nonfinite_guard, _StepEnd(self._end_mimic_step)])
 
     # ------------------------------------------------------------------ Trainer overrides
 
@@ -223,7 +255,8 @@ class MimicTrainerMixin:
         """`Trainer.train`; ``resume_from_checkpoint=True`` picks the newest *completely written* checkpoint, and
         the scorer's state comes back from it."""
         resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
-        if resume_from_checkpoint:
+        self._mimic_resuming = bool(resume_from_checkpoint)
+        if resume_from_checkpoint and self._mimic_model is not None:
             self.score_log.provenance = check_resume(resume_from_checkpoint, self.score_log.provenance)
             # A scorer without state reads nothing from the checkpoint; no file is ever unpickled.
             state = load_scorer_state(resume_from_checkpoint) if self.scorer.state_dict() else None
@@ -245,6 +278,8 @@ class MimicTrainerMixin:
         # The shards on disk must hold exactly the steps this checkpoint has taken, and the scorer's state is
         # written before Trainer writes trainer_state.json, the mark of a complete checkpoint.
         self.score_log.flush()
+        # The guard's running counts go into trainer_state.json, to be continued on resume.
+        self.state.stateful_callbacks[NonFiniteStepGuard.STATE_KEY] = self.nonfinite_guard.state()
         state = self.scorer.state_dict()
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:
@@ -263,10 +298,11 @@ class MimicTrainerMixin:
                 "example) in the collated batch."
             )
         self._mimic_batch = (torch.as_tensor(rows).cpu(), extras)
+        self._num_items_in_batch = num_items_in_batch  # the step's supervised tokens, as Trainer counted them
         try:
             return super().training_step(model, inputs, num_items_in_batch)
         finally:
-            self._mimic_batch = None
+            self._mimic_batch = self._num_items_in_batch = None
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> torch.Tensor | tuple[torch.Tensor, Any]:
@@ -358,7 +394,9 @@ class MimicTrainerMixin:
             diagnostics.after_scores(ghost, scores, step)
         softmax_logits, fallback = self._softmax_logits(scores, status)
         coefficients = self.step_softmax.add(step, rows, scores, softmax_logits, losses, status, fallback,
-                                             self.current_gradient_accumulation_steps, reference_losses)
+                                             self.current_gradient_accumulation_steps,
+                                             log_token_counts(supervised, self.args.mimic_token_weighting),
+                                             reference_losses)
         nonfinite = status == STATUS_NONFINITE
         if self.accelerator.num_processes > 1 and not nonfinite.all():  # for `_nothing_to_train`, later
             self._spare_sample = rows_of(inputs, (~nonfinite).nonzero().flatten()[:1], len(rows))
@@ -371,8 +409,8 @@ class MimicTrainerMixin:
             del ctx, ghost  # the head's δ is prediction_grad, scaled in place next
             pending.grad = scale_per_sample(prediction_grad, coefficients)
         else:
-            loss = self._weighted_loss(losses, coefficients, ghost, status)
-        return self._reported(loss, losses, status, outputs, return_outputs)
+            loss = self._weighted_loss(losses, coefficients, ghost, status, supervised)
+        return self._reported(loss, losses, status, outputs, return_outputs, supervised)
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
         """The base `get_batch_samples` (every micro-batch of the next optimizer step); in ``select`` mode they are
@@ -404,9 +442,10 @@ class MimicTrainerMixin:
             ctx = self._score_context(capture, ghost, losses, logits, labels, model_inputs, extras,
                                       torch.as_tensor(rows).cpu())
             scores = self.scorer.score(ctx).detach().float()
-            status = row_status(losses.detach(), scores, self._supervised_counts(outputs, labels))
+            counts = self._supervised_counts(outputs, labels)
+            status = row_status(losses.detach(), scores, counts)
         return Candidates(torch.as_tensor(rows).cpu(), scores, losses.detach(), status,
-                          ctx if self.scorer.observes else None)
+                          ctx if self.scorer.observes else None, counts)
 
     def _select_step(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool) -> Any:
         """``select`` mode (RHO-LOSS, Bayesian selection): forward and backward only the samples selected for this
@@ -415,7 +454,8 @@ class MimicTrainerMixin:
         candidates = selection.candidates
         coefficients = self.step_softmax.add(self.state.global_step, candidates.rows, candidates.scores, selection.logits,
                                              candidates.losses, candidates.status, torch.tensor(False),
-                                             self.current_gradient_accumulation_steps)
+                                             self.current_gradient_accumulation_steps,
+                                             log_token_counts(candidates.counts, self.args.mimic_token_weighting))
         selected = selection.selected
         if len(selected) == 0:  # nothing to train on here; the other processes, or micro-batches, have the selection
             excluded = torch.ones_like(candidates.status, dtype=torch.bool)
@@ -425,12 +465,15 @@ class MimicTrainerMixin:
         chosen_outputs = model(**self._model_inputs(chosen))
         chosen_losses = self._per_sample_losses(chosen_outputs, chosen, chosen.get("labels"))
         loss = (coefficients[selected].detach() * chosen_losses).sum()
-        return self._reported(loss, chosen_losses, candidates.status[selected], chosen_outputs, return_outputs)
+        counts = None if candidates.counts is None else candidates.counts[selected.to(candidates.counts.device)]
+        return self._reported(loss, chosen_losses, candidates.status[selected], chosen_outputs, return_outputs, counts)
 
     def _model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """What the model's forward gets: the batch without the labels (their loss is ours), unless a user loss
-        function reads the model's own outputs and needs them."""
-        return inputs if self.per_sample_loss_fn is not None else {k: v for k, v in inputs.items() if k != "labels"}
+        function reads the model's own outputs and needs them (not a ``compute_loss_func``: Trainer pops them too)."""
+        if self.per_sample_loss_fn is not None and getattr(self.per_sample_loss_fn, "model_gets_labels", True):
+            return inputs
+        return {k: v for k, v in inputs.items() if k != "labels"}
 
     def _score_context(self, capture: Capture, ghost: Any, losses: torch.Tensor, logits: torch.Tensor | None,
                        labels: Any, model_inputs: dict[str, Any], extras: dict[str, Any],
@@ -463,15 +506,14 @@ class MimicTrainerMixin:
             logits = torch.where(fallback, torch.zeros_like(scores), logits)
         return torch.where(scored, logits, -torch.inf), fallback
 
-    def _weighted_loss(self, losses: torch.Tensor, coefficients: torch.Tensor, ghost: Any, status: torch.Tensor) -> torch.Tensor:
+    def _weighted_loss(self, losses: torch.Tensor, coefficients: torch.Tensor, ghost: Any, status: torch.Tensor,
+                       counts: torch.Tensor | None) -> torch.Tensor:
         """The loss to backpropagate on the general path: Σ_i c_i ℓ_i (scope ``all``), or for scope ``layer`` the
-        plain mean loss over the scored samples plus a correction whose gradient is Σ_i (c_i − u_i) g_i on the mimic
-        tensors only (u_i the plain mean's weight). As `Trainer` does, the plain mean is taken per micro-batch and
-        divided by the accumulation steps: with samples left out, micro-batches of unequal size weigh the same."""
+        plain loss of `Trainer` over the scored samples plus a correction whose gradient is Σ_i (c_i − u_i) g_i on the
+        mimic tensors only (u_i the plain loss's weight, `training.token_weighting.plain_mean_weights`)."""
         if self.args.mimic_reweight_scope == "all":
             return (coefficients.detach() * losses).sum()
-        scored = status == STATUS_SCORED
-        uniform = scored.float() / (scored.sum().clamp_min(1) * self.current_gradient_accumulation_steps)
+        uniform = self._plain_mean_weights(status == STATUS_SCORED, counts)
         plain = (uniform * losses).sum()
         return plain + uses_weighted_loss(ghost, coefficients - uniform)
 
@@ -513,7 +555,8 @@ class MimicTrainerMixin:
                 "mode?), which MimicTrainer does not support."
             )
         ghost = capture.ghost_batch(losses.sum()) if self.args.mimic_reweight_scope == "layer" else None
-        return self._weighted_loss(losses, coefficients[kept], ghost, status[kept])
+        return self._weighted_loss(losses, coefficients[kept], ghost, status[kept],
+                                   self._supervised_counts(outputs, subset.get("labels")))
 
     def _nothing_to_train(self, model: nn.Module, inputs: dict[str, Any], finite: torch.Tensor) -> torch.Tensor:
         """A zero loss for a micro-batch with no sample to train on. One process: any zero reaching the parameters.
@@ -533,13 +576,23 @@ class MimicTrainerMixin:
         return self._per_sample_losses(model(**self._model_inputs(spare)), spare, spare.get("labels")).sum() * 0.0
 
     def _reported(self, loss: torch.Tensor, losses: torch.Tensor, status: torch.Tensor, outputs: Any,
-                  return_outputs: bool) -> Any:
-        """The loss to backpropagate, carrying as its value the mean loss of the finite samples (comparable with
-        `Trainer`'s; NaN when none is finite, which `Trainer`'s ``logging_nan_inf_filter`` then skips)."""
-        finite = losses.detach()[status != STATUS_NONFINITE]
-        reported = (finite.mean() if finite.numel() else losses.detach().new_tensor(float("nan")))
-        loss = loss - loss.detach() + reported / self.current_gradient_accumulation_steps
+                  return_outputs: bool, counts: torch.Tensor | None = None) -> Any:
+        """The loss to backpropagate, carrying as its value `Trainer`'s plain loss of the finite samples (over their
+        tokens with token weighting: the same logged loss; NaN when none is finite, which `Trainer`'s
+        ``logging_nan_inf_filter`` then skips)."""
+        finite = status != STATUS_NONFINITE
+        if finite.any():
+            reported = (self._plain_mean_weights(finite, counts) * torch.where(finite, losses.detach(), 0.0)).sum()
+        else:
+            reported = losses.detach().new_tensor(float("nan"))
+        loss = loss - loss.detach() + reported
         return (loss, outputs) if return_outputs else loss
+
+    def _plain_mean_weights(self, included: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+        """Each included sample's weight in `Trainer`'s plain loss (`training.token_weighting.plain_mean_weights`)."""
+        loss_scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        return plain_mean_weights(included, counts, self.args.mimic_token_weighting,
+                                  self.current_gradient_accumulation_steps, self._num_items_in_batch, loss_scale)
 
     def _comparison_gradient(self) -> dict[str, torch.Tensor]:
         """AGRA's comparison: the mean gradient (mimic tensors) of a batch drawn at random from the training set."""
@@ -597,9 +650,11 @@ class MimicTrainer(MimicTrainerMixin, Trainer):
         eval_dataset: Any = None,
         processing_class: Any = None,
         model_init: Callable | None = None,
+        compute_loss_func: Callable | None = None,
         compute_metrics: Callable | None = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple = (None, None),
+        optimizer_cls_and_kwargs: tuple | None = None,
         preprocess_logits_for_metrics: Callable | None = None,
         *,
         reference: ReferenceSource | None = None,
@@ -610,7 +665,9 @@ class MimicTrainer(MimicTrainerMixin, Trainer):
     ) -> None:
         super().__init__(
             model=model, args=args, data_collator=data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset,
-            processing_class=processing_class, model_init=model_init, compute_metrics=compute_metrics,
-            callbacks=callbacks, optimizers=optimizers, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            processing_class=processing_class, model_init=model_init, compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
             reference=reference, per_sample_loss_fn=per_sample_loss_fn, scorer=scorer, zero_shot=zero_shot, **kwargs,
         )

@@ -175,12 +175,15 @@ def test_a_subset_by_module_path(tmp_path):
 
 def test_update_is_the_weighted_per_sample_gradient_with_one_backward(tmp_path):
     """When the LoRA matrices are all that trains, the update comes from the recorded uses (no second backward
-    through the model): it must equal −lr · Σ_i w_i g_i, with w = softmax(m/τ), from the oracle's gradients."""
+    through the model): it must equal −lr · Σ_i c_i g_i from the oracle's gradients, with c_i = w_i n_i / Σ_j w_j n_j,
+    w = softmax(m/τ) and n_i sample i's supervised tokens (token weighting, the default)."""
     model = lora_student(dropout=0.2, random_b=True)
-    initial, reference, grads = train_one_accumulated_step(tmp_path, model, lm_dataset(n=16))
+    data = lm_dataset(n=16)
+    initial, reference, grads = train_one_accumulated_step(tmp_path, model, data)
     names = list(reference)
     scores = torch.as_tensor(oracle_scores_from_grads(grads, initial, reference))
-    weights = torch.softmax(scores / 0.5, dim=0).float()
+    tokens = (torch.as_tensor(np.asarray(data["labels"]))[:, 1:] != -100).sum(dim=1)
+    weights = torch.softmax(scores / 0.5 + tokens.double().log(), dim=0).float()
     before, after = dict(initial.named_parameters()), dict(model.named_parameters())
     for name in names:
         step = torch.einsum("b,b...->...", weights, grads[name])

@@ -168,11 +168,12 @@ STEPS = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_s
 
 
 def test_infinite_temperature_trains_like_sft_trainer(tmp_path):
-    """τ → ∞ gives every sample the weight 1/b: with completions of equal length, SFT's token mean is the mean of
-    the samples' means, so two steps of MimicSFTTrainer (gradient accumulation included) equal SFTTrainer's."""
+    """τ → ∞ gives every supervised token of the step the same weight (``mimic_token_weighting="token"``), as SFT's
+    token mean does: with completions of 1 to 5 words, two steps of MimicSFTTrainer (gradient accumulation included)
+    equal SFTTrainer's."""
     import datasets
 
-    data = datasets.Dataset.from_list(pairs(16, completion_words=(3, 4)))
+    data = datasets.Dataset.from_list(pairs(16, completion_words=(1, 6)))
     params = {}
     for name, trainer_class, args in (
         ("plain", trl.SFTTrainer, trl.SFTConfig(output_dir=str(tmp_path / "plain"), **SFT, **STEPS)),

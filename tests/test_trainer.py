@@ -377,7 +377,7 @@ def test_single_backward_from_the_logits_equals_backward_of_the_weighted_loss(tm
         loss_fn = None if path == "from_logits" else (lambda outputs, inputs, m=model: per_sample_loss(m, outputs, inputs["labels"]))
         args = mimic_config(
             tmp_path / path, mimic_layers=layers, per_device_train_batch_size=8, gradient_accumulation_steps=2,
-            max_steps=3, mimic_temperature=0.01,
+            max_steps=3, mimic_temperature=0.01, mimic_token_weighting="sample",  # a user loss is weighted per sample
         )
         MimicTrainer(model=model, args=args, train_dataset=data, reference=reference, per_sample_loss_fn=loss_fn).train()
         trained[path] = (dict(model.named_parameters()), load_scores(tmp_path / path).to_pandas())

@@ -111,7 +111,8 @@ class ReferenceDiagnostics:
         """Runs the no-grad forwards the check and the monitor need, before the training forward: no graph is
         alive then, so they add nothing to the step's peak memory. The monitor of a head needs none."""
         self._monitored = micro_batch == 0 and global_step % self.interval() == 0
-        check_alignment, self.alignment_pending = self.alignment_pending, False
+        # Once, at the run's first step: not again after a resume (its step is not 0), nor at a later train() call.
+        check_alignment, self.alignment_pending = self.alignment_pending and global_step == 0, False
         needs_forwards = check_alignment or (self._monitored and not self.head_outputs_logits)
         self._swapped = self._swapped_losses(model_inputs, inputs, labels) if needs_forwards else None
         if check_alignment:

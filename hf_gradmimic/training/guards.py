@@ -10,9 +10,11 @@ Plain `Trainer` lets one non-finite sample make every parameter NaN. Here such a
 - is counted (``mimic/nonfinite_samples``) and named in a warning.
 
 A step in which no sample of any process is finite is skipped (`NonFiniteStepGuard`): the parameters and
-the optimizer's state do not change; after ``mimic_max_nonfinite_steps`` such steps in a row, training
-stops with an error. A sample without a supervised label (a prompt-only language-model sample) has loss
-0 and no gradient, so its score says nothing: weight 0, `STATUS_UNLABELED`, and it abstains in the filter.
+the optimizer's state do not change, and training goes on as `Trainer`'s does (whose
+``logging_nan_inf_filter`` keeps the NaN loss out of the logged mean); with ``mimic_max_nonfinite_steps`` set,
+that many such steps in a row stop training with an error. A sample without a supervised label (a prompt-only
+language-model sample) has loss 0 and no gradient, so its score says nothing: weight 0, `STATUS_UNLABELED`, and
+it abstains in the filter.
 """
 
 from __future__ import annotations
@@ -50,11 +52,15 @@ class NonFiniteStepGuard(TrainerCallback):
     Args:
         finite_samples: the number of finite samples of the current step, over every process.
         parameters: the trainable parameters (their gradients are dropped for a skipped step).
-        max_steps: how many skipped steps in a row are tolerated.
+        max_steps: how many skipped steps in a row are tolerated (None: any number).
     """
 
-    def __init__(self, finite_samples: Callable[[], int | None], parameters: Callable[[], Any], max_steps: int,
-                 supervised_samples: Callable[[], int | None] | None = None) -> None:
+    STATE_KEY = "MimicNonFiniteStepGuard"
+    """Its counts' key in ``TrainerState.stateful_callbacks``: saved with each checkpoint, continued on resume."""
+    COUNTS = ("in_a_row", "skipped", "fallback_count", "nonfinite_samples", "unlabeled_samples")
+
+    def __init__(self, finite_samples: Callable[[], int | None], parameters: Callable[[], Any],
+                 max_steps: int | None, supervised_samples: Callable[[], int | None] | None = None) -> None:
         self.finite_samples = finite_samples
         self.supervised_samples = supervised_samples
         self.first_step_checked = False
@@ -78,6 +84,16 @@ class NonFiniteStepGuard(TrainerCallback):
                 "Check the labels: a collator or `completion_only_loss` masking every token, a prompt-only dataset, "
                 "or labels cut off by truncation. If only the first batches are unlabeled, shuffle the dataset."
             )
+
+    def state(self) -> dict[str, int]:
+        """The running counts, for the checkpoint's ``trainer_state.json``."""
+        return {name: int(getattr(self, name)) for name in self.COUNTS}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run continues the checkpoint's counts (the logged running totals go on); a fresh one starts at 0.
+        saved = (state.stateful_callbacks or {}).get(self.STATE_KEY) or {}
+        for name in self.COUNTS:
+            setattr(self, name, int(saved.get(name, 0)))
 
     def count(self, records: Any, sample_ids: np.ndarray | None, global_step: int) -> dict[str, float]:
         """Counts a finished step's left-out samples, warns naming them, and returns the running counts to log."""
@@ -115,7 +131,7 @@ class NonFiniteStepGuard(TrainerCallback):
             param.grad = None
         self.in_a_row += 1
         self.skipped += 1
-        if self.in_a_row >= self.max_steps:
+        if self.max_steps is not None and self.in_a_row >= self.max_steps:
             raise RuntimeError(
                 f"Step {state.global_step + 1}: no sample had a finite loss for {self.in_a_row} optimizer steps in a row "
                 f"(mimic_max_nonfinite_steps={self.max_steps}); the model itself produces non-finite values (diverged "

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..ghost import GHOST_RULES, ghost_rule_for
+from ..ghost import GHOST_RULES, UnsupportedLayerError, ghost_rule_for, supported_layer_types
 from ..lora import expand_lora_layers
 from ..reference import ReferenceError, ReferenceSource, load_reference_tensors
 from .capture import Capture
@@ -39,6 +39,14 @@ def resolve_mimic_layers(model: nn.Module, layer_names: list[str]) -> dict[str, 
         module = modules.get(name)
         if module is None:
             candidates = [n for n, m in modules.items() if n and any(isinstance(m, cls) for cls in GHOST_RULES)]
+            if not candidates:  # nothing to name instead: the model itself cannot be scored
+                raise UnsupportedLayerError(
+                    f"{type(model).__name__} has no layer of a supported type ({', '.join(supported_layer_types())}), "
+                    f"so it has no mimic layer (`mimic_layers` names {name!r}): Grad-Mimic scores samples by the "
+                    "gradients of such a layer's parameters, and bare nn.Parameter tensors have no ghost rule. Give the "
+                    "model one (e.g. an nn.Linear head) and name it in `mimic_layers`, or register a rule for your "
+                    "layer type (hf_gradmimic.ghost.register_ghost_rule)."
+                )
             close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.4) or candidates[-5:]
             raise ReferenceError(
                 f"Mimic layer {name!r} not found in {type(model).__name__}. Close names of supported layers: {close}."

@@ -30,6 +30,7 @@ class Candidates:
     losses: torch.Tensor
     status: torch.Tensor
     ctx: ScoreContext | None
+    counts: torch.Tensor | None = None  # supervised targets per sample, for token weighting (None: unknown)
 
 
 @dataclass

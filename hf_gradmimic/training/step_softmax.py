@@ -9,6 +9,11 @@ and running sum ``S_k = Σ exp(s_j − M_k)`` over everything seen in the step; 
 ``S_{k−1}·exp(M_{k−1} − M_k)/S_k``. After the last micro-batch the accumulated gradient is
 ``Σ_i softmax(s)_i ∇ℓ_i`` over the step. With ``normalize="micro"`` each micro-batch on each process is its
 own softmax. A logit of ``−inf`` (an excluded or unselected sample, or padding) has weight 0.
+
+With token weighting (``mimic_token_weighting="token"``) the update's softmax runs over ``s_i + log n_i``,
+``n_i`` the sample's supervised tokens: the coefficients are ``w_i n_i / Σ_j w_j n_j`` on the per-sample mean
+losses, i.e. every token of sample ``i`` weighs ``w_i``, normalised over the step's tokens, as `Trainer` averages
+over them. The weights recorded (score log, metrics) stay ``w = softmax(s)``, which the filter reads.
 """
 
 from __future__ import annotations
@@ -120,33 +125,37 @@ class StepSoftmax:
 
     def add(self, global_step: int, rows: torch.Tensor, scores: torch.Tensor, logits: torch.Tensor,
             losses: torch.Tensor, status: torch.Tensor, fallback: torch.Tensor, accumulation_steps: int,
-            reference_losses: torch.Tensor | None = None) -> torch.Tensor:
+            log_counts: torch.Tensor | None = None, reference_losses: torch.Tensor | None = None) -> torch.Tensor:
         """Adds a micro-batch of the step ``global_step``; returns each local sample's coefficient c_i, so that
-        backward of Σ_i c_i ℓ_i (averaged over ranks by DDP/FSDP) accumulates Σ_i w_i ∇ℓ_i. ``reference_losses``
+        backward of Σ_i c_i ℓ_i (averaged over ranks by DDP/FSDP) accumulates Σ_i w_i ∇ℓ_i. ``log_counts``: log of
+        each sample's supervised tokens, for token weighting (None: every sample counts once). ``reference_losses``
         (this rank's samples) only travel to the score log."""
         self._begin(global_step, logits.device)
-        columns = [logits, rows.to(logits.device), scores.detach(), losses.detach(), status.to(logits.device)]
+        offsets = torch.zeros_like(logits) if log_counts is None else log_counts.to(logits.device, logits.dtype)
+        columns = [logits, rows.to(logits.device), scores.detach(), losses.detach(), status.to(logits.device), offsets]
         packed = torch.stack([column.to(logits.device, torch.float64) for column in columns], dim=1)
-        # One collective for all five columns; float64 holds row indices exactly up to 2**53.
-        all_logits, all_rows, all_scores, all_losses, all_status = self.gather(packed).unbind(dim=1)
+        # One collective for all six columns; float64 holds row indices exactly up to 2**53.
+        all_logits, all_rows, all_scores, all_losses, all_status, all_offsets = self.gather(packed).unbind(dim=1)
         micro = _MicroBatch(rows, scores.detach(), logits, losses.detach(), status, fallback, all_logits.to(logits.dtype),
                             all_rows, all_scores, all_losses, all_status)
         micro.reference_losses = None if reference_losses is None else reference_losses.detach()
         self.micro_batches.append(micro)
+        update_logits = logits + offsets  # −inf + anything stays −inf: a left-out sample keeps weight 0
         if self.normalize == "micro":
             micro.weights = softmax_or_zero(logits)
-            return micro.weights / accumulation_steps
-        new_max = torch.maximum(self.running_max, micro.all_logits.max())
+            return softmax_or_zero(update_logits) / accumulation_steps
+        all_update_logits = micro.all_logits + all_offsets.to(logits.dtype)
+        new_max = torch.maximum(self.running_max, all_update_logits.max())
         shift = finite_or_zero(new_max)
         carried = self.running_sum * torch.exp(self.running_max - shift)
-        new_sum = carried + torch.exp(micro.all_logits - shift).sum()
+        new_sum = carried + torch.exp(all_update_logits - shift).sum()
         if len(self.micro_batches) > 1:
             # Gradients accumulated so far were normalised by the old sum: bring them to the new one.
             grads = self.accumulated_grads()
             if grads:
                 torch._foreach_mul_(grads, torch.where(new_sum > 0, carried / new_sum, torch.ones_like(new_sum)))
         self.running_max, self.running_sum = new_max, new_sum
-        coefficients = torch.exp(logits - shift) / new_sum * self.num_processes
+        coefficients = torch.exp(update_logits - shift) / new_sum * self.num_processes
         return torch.where(new_sum > 0, coefficients, torch.zeros_like(coefficients))
 
     def finish(self, global_step: int) -> StepRecords | None:
@@ -167,10 +176,12 @@ class StepSoftmax:
             finite_losses = np.nan_to_num(losses, nan=0.0, posinf=0.0, neginf=0.0)
             weighted_loss = float((weights * finite_losses).sum() / max(weights.sum(), 1e-30))  # this rank's micro-batches
         else:
-            total = torch.clamp(self.running_sum, min=torch.finfo(self.running_sum.dtype).tiny)
-            shift = finite_or_zero(self.running_max)
+            # The recorded weights are softmax(s) over the step, without the token counts of the update's softmax.
+            step_logits = torch.cat([m.all_logits for m in micro_batches])[real]
+            shift = finite_or_zero(step_logits.max())
+            total = torch.clamp(torch.exp(step_logits - shift).sum(), min=torch.finfo(step_logits.dtype).tiny)
             weights = torch.exp(torch.cat([m.logits for m in micro_batches]) - shift).div(total).float().cpu().numpy()
-            all_weights = torch.exp(torch.cat([m.all_logits for m in micro_batches])[real] - shift) / total
+            all_weights = torch.exp(step_logits - shift) / total
             batch_sizes = np.full(len(rows), int(real.sum()))
             ess_fraction = float(1.0 / all_weights.square().sum() / real.sum())
             weighted_loss = float((all_weights * step_losses).sum() / torch.clamp(all_weights.sum(), min=1e-30))

@@ -1,0 +1,379 @@
+"""MimicTrainer as a drop-in `transformers.Trainer`: the same behaviours, run with both trainers, give the same
+results (τ = 1e6, a reference for the model's last Linear layer), or a clear refusal naming the alternative."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import re
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from hf_gradmimic import MimicConfig, MimicTrainer, load_scores, returns_per_sample_losses
+from hf_gradmimic.ghost import UnsupportedLayerError
+from tiny_models import tiny_gpt2, tiny_llama
+
+PLAIN = dict(learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
+             report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=True, seed=0)
+
+
+def lm_reference(model, scale: float = 0.3) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    weight = model.lm_head.weight.detach()
+    return {"lm_head.weight": weight + scale * torch.randn(weight.shape, generator=generator)}
+
+
+def assert_same_parameters(expected, got, atol=1e-6):
+    for (name, p_expected), (_, p_got) in zip(expected.named_parameters(), got.named_parameters()):
+        torch.testing.assert_close(p_got, p_expected, atol=atol, rtol=0, msg=name)
+
+
+def uneven_lm_dataset():
+    """Samples with 2 to 8 labelled tokens: a per-sample mean and Trainer's per-token mean then differ."""
+    import datasets
+
+    ids = np.random.default_rng(0).integers(0, 40, size=(16, 9))
+    labels = ids.copy()
+    for row in range(16):
+        labels[row, 2 + row % 7:] = -100
+    return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels}).with_format("torch")
+
+
+TOKEN_RUN = {**PLAIN, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def plain_trainer_llama(tmp_path_factory):
+    """A Llama trained by plain `Trainer` on `uneven_lm_dataset` (once for both scopes)."""
+    output_dir = str(tmp_path_factory.mktemp("plain"))
+    trainer = Trainer(model=tiny_llama(), args=TrainingArguments(output_dir=output_dir, **TOKEN_RUN),
+                      train_dataset=uneven_lm_dataset())
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("scope", ["all", "layer"])
+def test_token_weighting_reproduces_trainer_for_a_causal_lm_under_gradient_accumulation(tmp_path, scope,
+                                                                                        plain_trainer_llama):
+    """Trainer averages over every labelled token of the step (num_items_in_batch); so does ``token`` weighting.
+    (A Llama: for GPT-2, whose ``loss_type`` transformers 5.25 leaves unset, Trainer counts the unshifted labels.)"""
+    mimic_model = tiny_llama()
+    args = MimicConfig(output_dir=str(tmp_path / "mimic"), mimic_layers=["lm_head"], mimic_temperature=1e6,
+                       mimic_reweight_scope=scope, mimic_alignment_check=False, **TOKEN_RUN)
+    assert args.mimic_token_weighting == "token"  # the default is the one that reproduces Trainer
+    trainer = MimicTrainer(model=mimic_model, args=args, train_dataset=uneven_lm_dataset(),
+                           reference=lm_reference(mimic_model))
+    trainer.train()
+    assert_same_parameters(plain_trainer_llama.model, mimic_model)
+    logged = [[entry["loss"] for entry in run.state.log_history if "loss" in entry]
+              for run in (plain_trainer_llama, trainer)]
+    np.testing.assert_allclose(logged[1], logged[0], rtol=1e-5)  # the logged loss is Trainer's token mean too
+
+
+def test_select_mode_keeping_every_sample_trains_as_trainer_over_tokens(tmp_path, plain_trainer_llama):
+    """``select`` mode (GraNd) with a ratio of 1 trains every candidate: over their tokens, as Trainer does."""
+    mimic_model = tiny_llama()
+    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=["lm_head"], mimic_scorer="grand", mimic_mode="select",
+                       mimic_select_ratio=1.0, mimic_alignment_check=False, **TOKEN_RUN)
+    trainer = MimicTrainer(model=mimic_model, args=args, train_dataset=uneven_lm_dataset())
+    trainer.train()
+    assert_same_parameters(plain_trainer_llama.model, mimic_model)
+
+
+def test_sample_weighting_is_the_per_sample_mean(tmp_path):
+    """``sample``: the update is the mean over samples of each sample's mean token loss (an oracle by hand)."""
+    data = uneven_lm_dataset()
+    shared = {**PLAIN, "per_device_train_batch_size": 8, "max_steps": 1}
+    model, oracle = tiny_gpt2(dropout=0.0), tiny_gpt2(dropout=0.0)
+    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=["lm_head"], mimic_temperature=1e6,
+                       mimic_alignment_check=False, mimic_token_weighting="sample", **shared)
+    trainer = MimicTrainer(model=model, args=args, train_dataset=data, reference=lm_reference(model))
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.train()
+    ids, labels = batch["input_ids"], batch["labels"]
+    logits = oracle(input_ids=ids).logits[:, :-1]
+    targets = labels[:, 1:]
+    token_losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                     reduction="none").view(targets.shape)
+    per_sample = token_losses.sum(1) / (targets != -100).sum(1)
+    per_sample.mean().backward()
+    with torch.no_grad():
+        for param in oracle.parameters():
+            param -= 0.1 * param.grad
+    assert_same_parameters(oracle, model, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the adapter: one behaviour, both trainers
+
+
+class RegressionModel(nn.Module):
+    """transformers' tests/trainer RegressionModel (y = a·x + b, MSE) with its scalars held by an ``nn.Linear`` head,
+    so that the head can be a mimic layer."""
+
+    def __init__(self, a: float = 0.0, b: float = 0.0):
+        super().__init__()
+        self.head = nn.Linear(1, 1)
+        with torch.no_grad():
+            self.head.weight.fill_(a)
+            self.head.bias.fill_(b)
+
+    def forward(self, input_x, labels=None):
+        y = self.head(input_x.unsqueeze(-1)).squeeze(-1)
+        if labels is None:
+            return (y,)
+        return (nn.functional.mse_loss(y, labels), y)
+
+
+class BareRegressionModel(nn.Module):
+    """transformers' tests/trainer RegressionModel as it is: bare scalar parameters, no layer to score by."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(0.0))
+        self.b = nn.Parameter(torch.tensor(0.0))
+
+    def forward(self, input_x, labels=None):
+        y = input_x * self.a + self.b
+        return (y,) if labels is None else (nn.functional.mse_loss(y, labels), y)
+
+
+def regression_dataset(n: int = 64, seed: int = 42, nan_rows: tuple[int, ...] = ()):
+    """transformers' RegressionDataset: y = 2x + 3 + noise."""
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=n).astype(np.float32)
+    y = (2.0 * x + 3.0 + rng.normal(scale=0.1, size=n)).astype(np.float32)
+    x[list(nan_rows)] = np.nan
+    return datasets.Dataset.from_dict({"input_x": x, "labels": y}).with_format("torch")
+
+
+# The regression head's mimic scores are of order 10, so at τ = 1e6 the weights are uniform to about 1e-5 of
+# themselves, and the parameters agree to a few 1e-6 after several steps of learning rate 0.1.
+ADAPTER_ATOL = 2e-5
+
+
+def head_reference(model) -> dict[str, torch.Tensor]:
+    return {"head.weight": model.head.weight.detach() + 2.0, "head.bias": model.head.bias.detach() + 3.0}
+
+
+def both_trainers(tmp_path, model_factory=RegressionModel, name: str = "", **kwargs) -> tuple[Trainer, MimicTrainer]:
+    """A `Trainer` and a `MimicTrainer` (τ = 1e6, a reference for the head) built from the same arguments."""
+    arguments = {**PLAIN, "per_device_train_batch_size": 8, "max_steps": 4, **kwargs.pop("args", {})}
+    trainers = []
+    for kind in ("plain", "mimic"):
+        output_dir = str(tmp_path / f"{kind}{name}")
+        model = model_factory() if "model_init" not in kwargs else None
+        if kind == "plain":
+            trainers.append(Trainer(model=model, args=TrainingArguments(output_dir=output_dir, **arguments), **kwargs))
+        else:
+            config = MimicConfig(output_dir=output_dir, mimic_layers=["head"], mimic_temperature=1e6, **arguments)
+            reference = head_reference(model if model is not None else model_factory())
+            trainers.append(MimicTrainer(model=model, args=config, reference=reference, **kwargs))
+    return trainers[0], trainers[1]
+
+
+def trainer_logs(trainer) -> list[dict[str, float]]:
+    """The log history without MimicTrainer's own ``mimic/*`` keys and without timings."""
+    timing = ("runtime", "per_second", "total_flos")
+    return [{k: v for k, v in entry.items() if not k.startswith("mimic/") and not any(t in k for t in timing)}
+            for entry in trainer.state.log_history]
+
+
+def assert_same_logs(plain, mimic, atol=1e-5):
+    expected, got = trainer_logs(plain), trainer_logs(mimic)
+    assert [sorted(entry) for entry in got] == [sorted(entry) for entry in expected]
+    for want, have in zip(expected, got):
+        for key in want:
+            np.testing.assert_allclose(have[key], want[key], atol=atol, rtol=1e-5, err_msg=key)
+
+
+def test_train_evaluate_predict_match_trainer(tmp_path):
+    data, held_out = regression_dataset(), regression_dataset(n=16, seed=7)
+    plain, mimic = both_trainers(tmp_path, train_dataset=data, eval_dataset=held_out,
+                                 args={"eval_strategy": "steps", "eval_steps": 2, "gradient_accumulation_steps": 2})
+    plain.train(), mimic.train()
+    assert_same_parameters(plain.model, mimic.model, atol=ADAPTER_ATOL)
+    assert_same_logs(plain, mimic)
+    expected, got = plain.predict(held_out), mimic.predict(held_out)
+    np.testing.assert_allclose(got.predictions, expected.predictions, atol=ADAPTER_ATOL)
+    for expected_metrics, got_metrics, prefix in ((expected.metrics, got.metrics, "test"),
+                                                  (plain.evaluate(held_out), mimic.evaluate(held_out), "eval")):
+        untimed = [{k for k in metrics if "runtime" not in k and "per_second" not in k}
+                   for metrics in (expected_metrics, got_metrics)]
+        assert untimed[1] == untimed[0]
+        np.testing.assert_allclose(got_metrics[f"{prefix}_loss"], expected_metrics[f"{prefix}_loss"], rtol=1e-4)
+
+
+def test_checkpoint_resume_matches_trainer(tmp_path):
+    data = regression_dataset()
+    arguments = {"max_steps": 6, "save_strategy": "steps", "save_steps": 3}
+    plain, mimic = both_trainers(tmp_path, train_dataset=data, args=arguments)
+    plain.train(), mimic.train()
+    resumed_plain, resumed_mimic = both_trainers(tmp_path, train_dataset=data, args=arguments)
+    resumed_plain.train(resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-3"))
+    resumed_mimic.train(resume_from_checkpoint=str(tmp_path / "mimic" / "checkpoint-3"))
+    assert_same_parameters(resumed_plain.model, resumed_mimic.model, atol=ADAPTER_ATOL)
+    assert_same_parameters(plain.model, resumed_mimic.model, atol=ADAPTER_ATOL)
+    assert_same_logs(resumed_plain, resumed_mimic)
+
+
+class EventRecorder(TrainerCallback):
+    def __init__(self):
+        self.events: list[str] = []
+
+    def __getattribute__(self, name):
+        if name.startswith("on_"):
+            self.events.append(name)
+        return super().__getattribute__(name)
+
+
+def test_callbacks_list_and_events_match_trainer(tmp_path):
+    data, held_out = regression_dataset(), regression_dataset(n=16, seed=7)
+    plain_recorder, mimic_recorder = EventRecorder(), EventRecorder()
+    arguments = {"eval_strategy": "steps", "eval_steps": 2, "save_strategy": "steps", "save_steps": 2}
+    plain, _ = both_trainers(tmp_path, train_dataset=data, eval_dataset=held_out, callbacks=[plain_recorder],
+                             args=arguments)
+    _, mimic = both_trainers(tmp_path, name="-b", train_dataset=data, eval_dataset=held_out, callbacks=[mimic_recorder],
+                             args=arguments)
+    assert mimic.callback_handler.callback_list == plain.callback_handler.callback_list
+    listed = [[type(cb) for cb in trainer.callback_handler.callbacks] for trainer in (plain, mimic)]
+    assert listed[1] == listed[0]
+    plain.train(), mimic.train()
+    assert mimic_recorder.events == plain_recorder.events
+    assert len(load_scores(mimic.args.output_dir)) == 4 * 8  # the trainer's own callbacks still ran
+
+
+def test_constructor_positional_order_matches_trainer():
+    def positional(cls):
+        return [name for name, p in inspect.signature(cls.__init__).parameters.items()
+                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+    assert positional(MimicTrainer) == positional(Trainer)
+
+
+def test_compute_loss_func_marked_per_sample_trains_as_trainer_and_unmarked_is_refused(tmp_path):
+    data = regression_dataset()
+    calls = []
+
+    @returns_per_sample_losses
+    def absolute_error(outputs, labels, num_items_in_batch=None):
+        """An L1 loss: per sample without num_items_in_batch, else Trainer's sum over the step's items."""
+        calls.append(num_items_in_batch)
+        per_sample = (outputs[0] - labels).abs()
+        return per_sample if num_items_in_batch is None else per_sample.sum() / num_items_in_batch
+
+    plain, mimic = both_trainers(tmp_path, train_dataset=data, compute_loss_func=absolute_error,
+                                 args={"gradient_accumulation_steps": 2, "per_device_train_batch_size": 4})
+    plain.train()
+    calls.clear()
+    mimic.train()
+    assert calls and all(items is None for items in calls)  # used in training, asked for per-sample losses
+    assert_same_parameters(plain.model, mimic.model, atol=ADAPTER_ATOL)
+    assert_same_logs(plain, mimic)
+    _, builtin = both_trainers(tmp_path, name="-builtin", train_dataset=data,
+                               args={"gradient_accumulation_steps": 2, "per_device_train_batch_size": 4})
+    builtin.train()
+    assert not torch.allclose(builtin.model.head.weight, mimic.model.head.weight)  # the L1 loss made a difference
+
+    def mean_absolute_error(outputs, labels, num_items_in_batch=None):
+        return (outputs[0] - labels).abs().mean()
+
+    model = RegressionModel()
+    with pytest.raises(ValueError, match=r"compute_loss_func.*not marked as returning one loss per sample"
+                                         r".*returns_per_sample_losses.*per_sample_loss_fn"):
+        MimicTrainer(model=model, args=MimicConfig(output_dir=str(tmp_path / "x"), mimic_layers=["head"], **PLAIN),
+                     train_dataset=data, reference=head_reference(model), compute_loss_func=mean_absolute_error)
+
+
+def test_without_train_dataset_evaluate_and_predict_work_and_train_raises_as_trainer(tmp_path):
+    held_out = regression_dataset(n=16, seed=7)
+    plain, mimic = both_trainers(tmp_path, eval_dataset=held_out)
+    np.testing.assert_allclose(mimic.evaluate()["eval_loss"], plain.evaluate()["eval_loss"], rtol=1e-6)
+    np.testing.assert_allclose(mimic.predict(held_out).predictions, plain.predict(held_out).predictions)
+    with pytest.raises(ValueError) as expected:
+        plain.train()
+    with pytest.raises(type(expected.value), match=re.escape(str(expected.value))):
+        mimic.train()
+    plain.train_dataset = mimic.train_dataset = regression_dataset()  # given later, as Trainer allows
+    plain.train(), mimic.train()
+    assert_same_parameters(plain.model, mimic.model, atol=ADAPTER_ATOL)
+    assert len(load_scores(mimic.args.output_dir)) == 4 * 8  # the samples were scored and logged
+
+
+def test_model_init_trains_as_trainer_and_hyperparameter_search_is_reachable(tmp_path):
+    data = regression_dataset()
+    plain, mimic = both_trainers(tmp_path, train_dataset=data, model_init=lambda: RegressionModel(a=0.5))
+    plain.train(), mimic.train()
+    assert_same_parameters(plain.model, mimic.model, atol=ADAPTER_ATOL)
+    assert_same_logs(plain, mimic)
+    if importlib.util.find_spec("optuna") is None:  # not installed here: the same refusal as Trainer's, at call time
+        with pytest.raises(RuntimeError) as expected:
+            plain.hyperparameter_search(backend="optuna", n_trials=1)
+        with pytest.raises(RuntimeError, match=re.escape(str(expected.value))):
+            mimic.hyperparameter_search(backend="optuna", n_trials=1)
+    else:
+        def space(trial):
+            return {"learning_rate": trial.suggest_float("learning_rate", 0.01, 0.1)}
+
+        best = mimic.hyperparameter_search(backend="optuna", n_trials=2, direction="minimize", hp_space=space)
+        assert np.isfinite(best.objective)
+
+
+def test_non_finite_steps_go_on_as_with_trainer(tmp_path):
+    """Every sample NaN for six steps: Trainer goes on, its logged loss filtered by logging_nan_inf_filter; so does
+    MimicTrainer (skipping the updates), where it used to stop after five."""
+    data = regression_dataset(n=48, nan_rows=tuple(range(48)))
+    for nan_filter in (True, False):
+        plain, mimic = both_trainers(tmp_path, name=str(nan_filter), train_dataset=data,
+                                     args={"max_steps": 6, "logging_nan_inf_filter": nan_filter})
+        plain.train()
+        with pytest.warns(RuntimeWarning, match="update was skipped"):
+            mimic.train()
+        expected = [entry["loss"] for entry in plain.state.log_history if "loss" in entry]
+        got = [entry["loss"] for entry in mimic.state.log_history if "loss" in entry]
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_resume_continues_the_mimic_logs_and_does_not_repeat_the_alignment_check(tmp_path):
+    data = regression_dataset(nan_rows=(3, 20, 41, 60))  # non-finite samples, so the running counts move
+    arguments = {"max_steps": 8, "save_strategy": "steps", "save_steps": 4, "logging_steps": 2}
+
+    def mimic_trainer(output_dir):
+        model = RegressionModel()
+        config = MimicConfig(output_dir=str(output_dir), mimic_layers=["head"], mimic_temperature=0.5,
+                             **{**PLAIN, "per_device_train_batch_size": 8, **arguments})
+        return MimicTrainer(model=model, args=config, train_dataset=data, reference=head_reference(model))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        full = mimic_trainer(tmp_path / "full")
+        full.train()
+        resumed = mimic_trainer(tmp_path / "full")
+        resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"))
+
+    def mimic_logs(trainer, after):
+        return [{k: v for k, v in entry.items() if k.startswith("mimic/")}
+                for entry in trainer.state.log_history if entry["step"] > after and "loss" in entry]
+
+    assert any("mimic/alignment_student_loss" in entry for entry in full.state.log_history)
+    expected, got = mimic_logs(full, after=4), mimic_logs(resumed, after=4)
+    assert expected and [sorted(e) for e in got] == [sorted(e) for e in expected]  # no alignment keys again
+    assert expected[-1]["mimic/nonfinite_samples"] > 0
+    for want, have in zip(expected, got):
+        for key in want:
+            np.testing.assert_allclose(have[key], want[key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+def test_a_model_without_a_supported_layer_is_refused_naming_that(tmp_path):
+    model = BareRegressionModel()
+    config = MimicConfig(output_dir=str(tmp_path), **PLAIN)
+    with pytest.raises(UnsupportedLayerError, match=r"BareRegressionModel has no layer of a supported type "
+                                                     r"\(.*Linear.*\)"
+                                                     r".*`mimic_layers` names 'classifier'"):
+        MimicTrainer(model=model, args=config, train_dataset=regression_dataset(), reference={})
