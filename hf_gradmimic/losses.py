@@ -205,3 +205,20 @@ def supervised_counts(model: nn.Module, outputs: Any, labels: torch.Tensor) -> t
     if labels.is_floating_point():
         return torch.ones(labels.shape[0], dtype=torch.long, device=labels.device)
     return (labels.reshape(labels.shape[0], -1) != IGNORE_INDEX).sum(dim=1)
+
+
+def classification_margins(logits: torch.Tensor | None, labels: Any) -> torch.Tensor | None:
+    """Each sample's margin, its given label's logit minus the largest other logit (Pleiss, Zhang, Elenberg and
+    Weinberger, "Identifying Mislabeled Data using the Area Under the Margin Ranking", NeurIPS 2020), for
+    single-label classification (``[B, C]`` logits, ``C >= 2``, integer labels); None for any other task. A label
+    outside ``[0, C)`` (``-100``) gets NaN. Detached, float32: it is recorded, never trained on."""
+    if (logits is None or not isinstance(labels, torch.Tensor) or logits.dim() != 2 or logits.shape[1] < 2
+            or labels.dim() != 1 or labels.is_floating_point() or labels.shape[0] != logits.shape[0]):
+        return None
+    with torch.no_grad():
+        logits = logits.detach().float()
+        valid = (labels >= 0) & (labels < logits.shape[1])
+        index = torch.where(valid, labels, torch.zeros_like(labels)).long().to(logits.device)
+        given = logits.gather(1, index[:, None]).squeeze(1)
+        others = logits.scatter(1, index[:, None], float("-inf")).amax(dim=1)
+        return torch.where(valid.to(logits.device), given - others, torch.full_like(given, float("nan")))

@@ -25,7 +25,9 @@ Columns (`SCORE_SCHEMA`):
 Optional columns (`OPTIONAL_SCORE_COLUMNS`), present in a shard when the run recorded them:
 
 - ``reference_loss``: the reference's loss on the sample, read on the student's current features
-  (`hf_gradmimic.training.reference_verdict`; ``MimicConfig.mimic_log_reference_loss``).
+  (`hf_gradmimic.training.reference_verdict`; ``MimicConfig.mimic_log_reference_loss``);
+- ``margin``: the student's margin on the sample at that step, its given label's logit minus the largest other
+  (classification logits only; Pleiss et al., NeurIPS 2020, average it over training: the area under the margin).
 
 Writes are atomic (`hf_gradmimic.fileio.atomic_write`) and run on a background thread so that
 the step's critical path only hands over arrays.
@@ -69,7 +71,7 @@ SCORE_COLUMNS: tuple[str, ...] = (
     "status",
 )
 
-OPTIONAL_SCORE_COLUMNS: tuple[str, ...] = ("reference_loss",)
+OPTIONAL_SCORE_COLUMNS: tuple[str, ...] = ("reference_loss", "margin")
 
 STATUS_SCORED, STATUS_NONFINITE, STATUS_UNLABELED = 0, 1, 2
 """Values of the ``status`` column: a scored sample; a non-finite loss or score; no supervised label."""
@@ -86,6 +88,7 @@ SCORE_TYPES = {
     "repeated": pa.bool_(),
     "status": pa.int8(),
     "reference_loss": pa.float32(),
+    "margin": pa.float32(),
 }
 
 
@@ -188,11 +191,14 @@ class ScoreWriter:
         batch_size: int | np.ndarray,
         repeated: np.ndarray | None = None,
         status: np.ndarray | None = None,
-        reference_losses: np.ndarray | None = None,
+        recorded: dict[str, np.ndarray] | None = None,
     ) -> None:
         """Append the records of one optimizer step (arrays of this rank's samples)."""
         count = len(sample_ids)
-        optional = {} if reference_losses is None else {"reference_loss": np.asarray(reference_losses, dtype=np.float32)}
+        unknown = set(recorded or {}) - set(OPTIONAL_SCORE_COLUMNS)
+        if unknown:
+            raise ValueError(f"Unknown optional score-log column(s) {sorted(unknown)}; expected {OPTIONAL_SCORE_COLUMNS}.")
+        optional = {name: np.asarray(values, dtype=np.float32) for name, values in (recorded or {}).items()}
         self._chunks.append(
             {
                 "global_step": np.full(count, global_step, dtype=np.int64),

@@ -31,7 +31,14 @@ from .cards import render_model_card
 from .config import MimicConfig
 from .contrastive import contrastive_loss_for, is_batch_coupled
 from .fileio import atomic_write
-from .losses import PerSampleLossFn, logits_of, loss_fn_from_compute_loss_func, per_sample_loss, supervised_counts
+from .losses import (
+    PerSampleLossFn,
+    classification_margins,
+    logits_of,
+    loss_fn_from_compute_loss_func,
+    per_sample_loss,
+    supervised_counts,
+)
 from .reference import ReferenceSource
 from .scorers import SampleScorer, ScoreContext, check_mode, comparison_gradient, scorer_from_config
 from .scores import STATUS_NONFINITE, STATUS_SCORED
@@ -364,8 +371,9 @@ class MimicTrainerMixin:
         logits = logits_of(outputs) if self.per_sample_loss_fn is None else None
         if diagnostics is not None:
             diagnostics.after_forward(capture, logits, losses, inputs, labels, model_inputs)
-        reference_losses = (None if self.reference_verdict is None
-                            else self.reference_verdict.losses(capture, logits, labels, model_inputs, inputs))
+        recorded = {"margin": classification_margins(logits, labels) if self.args.mimic_record_scores else None,
+                    "reference_loss": None if self.reference_verdict is None
+                    else self.reference_verdict.losses(capture, logits, labels, model_inputs, inputs)}
         needs_ghost = self.scorer.needs_output_grads or self.args.mimic_reweight_scope == "layer"
         ctx_logits = logits.detach() if logits is not None and "logits" in self.scorer.requires else None
         # When the mimic tensors are all that trains (LoRA), their update Σ_i c_i g_i comes from the recorded uses:
@@ -396,7 +404,7 @@ class MimicTrainerMixin:
         coefficients = self.step_softmax.add(step, rows, scores, softmax_logits, losses, status, fallback,
                                              self.current_gradient_accumulation_steps,
                                              log_token_counts(supervised, self.args.mimic_token_weighting),
-                                             reference_losses)
+                                             recorded)
         nonfinite = status == STATUS_NONFINITE
         if self.accelerator.num_processes > 1 and not nonfinite.all():  # for `_nothing_to_train`, later
             self._spare_sample = rows_of(inputs, (~nonfinite).nonzero().flatten()[:1], len(rows))

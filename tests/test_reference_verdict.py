@@ -68,3 +68,21 @@ def test_a_language_model_head_records_it_only_when_asked(tmp_path):
         assert "reference_loss" not in table.columns
     table = train_one_step(tmp_path / "always", model, data, ["lm_head"], reference, "always")
     assert np.isfinite(table.reference_loss.values).all() and len(table) == 16
+
+
+def test_the_students_margin_is_recorded_from_the_training_forward(tmp_path):
+    """The score log's ``margin``: the given label's logit minus the largest other, of the logits the step trained on
+    (written out here on the model before its update)."""
+    model, data = TinyMLP(), mlp_dataset(n=16)
+    before = copy.deepcopy(model)
+    table = train_one_step(tmp_path, model, data, ["head"], perturbed(model, "head."), "never")
+    batch = data[:]
+    with torch.no_grad():
+        logits = before(batch["x"]).logits.numpy()
+    labels = batch["labels"].numpy()
+    rows = np.arange(len(labels))
+    others = logits.copy()
+    others[rows, labels] = -np.inf
+    expected = logits[rows, labels] - others.max(axis=1)
+    np.testing.assert_allclose(table.margin.values, expected, rtol=1e-5, atol=1e-6)
+    assert "reference_loss" not in table.columns

@@ -29,8 +29,8 @@ def pandas_signals(table, columns=("loss", "loss", "reference_loss"), windows=("
     out = []
     for column, window in zip(columns, windows):
         per_window = frame.groupby(["sample_id", "window"])[column].mean().unstack().sort_index()
-        loss = per_window.mean(axis=1) if window == "mean" else per_window.ffill(axis=1).iloc[:, -1]
-        out.append(-np.log(loss.to_numpy() + LOSS_FLOOR))
+        log_loss = -np.log(per_window + LOSS_FLOOR)
+        out.append((log_loss.mean(axis=1) if window == "mean" else log_loss.ffill(axis=1).iloc[:, -1]).to_numpy())
     return np.stack(out, axis=1)
 
 

@@ -94,7 +94,7 @@ from .records import SIGNAL_COLUMNS
 from .reduction import WindowedScores
 from .result import SUMMARY_FILENAME, TABLE_FILENAME, MimicFilter
 from .shards import BAD_SHARD_POLICIES, BadShardError
-from .signals import SIGNAL_NAMES, LabelingScores, LogLossSignal
+from .signals import SIGNAL_NAMES, LabelingScores, WindowSignal
 from .warning import FilterWarning
 from .windows import WindowsLike
 
@@ -128,13 +128,13 @@ __all__ = [
     "LabelingFunction",
     "LabelingScores",
     "LabelingVotes",
-    "LogLossSignal",
     "LossWindows",
     "MimicFilter",
     "MixtureFit",
     "PredictorAgreement",
     "ScoringFunction",
     "ScoresLike",
+    "WindowSignal",
     "WindowedScores",
     "WindowsLike",
     "aggregate_votes",

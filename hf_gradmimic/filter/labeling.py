@@ -35,7 +35,7 @@ from .identification import METHODS, identify
 from .inputs import ScoresLike, score_source
 from .reduction import WindowedScores
 from .shards import BadShardPolicy
-from .signals import SIGNAL_NAMES, LabelingScores, LogLossSignal
+from .signals import SIGNAL_NAMES, LabelingScores, WindowSignal
 from .windows import WindowsLike
 
 __all__ = [
@@ -211,8 +211,8 @@ def resolve_labeling_functions(
 ) -> tuple[list[LabelingFunction | ScoringFunction], bool]:
     """``(the labeling functions besides the mimic windows, from names or objects; whether the mimic windows vote)``.
 
-    Names: ``"mimic"`` (the windows' votes), ``"loss"`` (`LossWindows`' per-window votes), ``"mean_loss"``,
-    ``"last_loss"`` and ``"reference_loss"`` (continuous, `hf_gradmimic.filter.signals`)."""
+    Names: ``"mimic"`` (the windows' votes), ``"loss"`` (`LossWindows`' per-window votes) and the continuous ones
+    of `hf_gradmimic.filter.signals.SIGNAL_NAMES` (``"mean_loss"``, ``"mean_margin"``, ``"reference_loss"``, ...)."""
     if labeling_functions is None:
         labeling_functions = DEFAULT_LABELING_FUNCTIONS
     if isinstance(labeling_functions, (str, bytes)) or not isinstance(labeling_functions, Sequence):
@@ -226,8 +226,8 @@ def resolve_labeling_functions(
         if lf == "loss":
             resolved.append(LossWindows())
         elif isinstance(lf, str) and lf in SIGNAL_NAMES:
-            column, window = SIGNAL_NAMES[lf]
-            resolved.append(LogLossSignal(column, window, name=lf))
+            column, window, transform = SIGNAL_NAMES[lf]
+            resolved.append(WindowSignal(column, window, transform, name=lf))
         elif isinstance(lf, str):
             raise ValueError(
                 f"Unknown labeling function {lf!r}: use 'mimic', 'loss', {', '.join(map(repr, SIGNAL_NAMES))} or a "

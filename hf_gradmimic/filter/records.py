@@ -41,7 +41,7 @@ __all__ = [
 SCORE_COLUMNS: tuple[str, ...] = ("global_step", "sample_id", "mimic_score", "weight", "batch_size")
 """The columns every reduction reads (``epoch`` too for ``windows="epoch"``)."""
 
-SIGNAL_COLUMNS: tuple[str, ...] = ("loss", "reference_loss", "reference_margin")
+SIGNAL_COLUMNS: tuple[str, ...] = ("loss", "reference_loss", "margin", "reference_margin")
 """Optional per-record values of the log, reduced to per-(sample, window) means when present (`WindowedScores.signals`)."""
 
 OPTIONAL_COLUMNS: tuple[str, ...] = ("repeated", "status", *SIGNAL_COLUMNS)

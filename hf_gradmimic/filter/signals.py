@@ -2,22 +2,25 @@
 
 Per-window binary votes (a cut per window, then a vote model over their patterns) throw away the ranking inside
 each window. These labeling functions give every sample a value instead, oriented so that higher means keep, which
-the keep posterior (`hf_gradmimic.filter.posterior`) combines with any votes:
+the keep posterior (`hf_gradmimic.filter.posterior`) combines with any votes. Each reads one per-record column of
+the log, reduced by the filter's engine to per-(sample, window) means in the same read (`WindowedScores.signals`),
+and summarises a sample's windows:
 
-- ``"mean_loss"`` / `LogLossSignal("loss")`: minus the log of the student's mean loss over the run. Under Grad-Mimic's
-  reweighting (Huang et al., arXiv 2501.06708) the student fits the flipped labels less than a plain model does,
-  so its own loss separates them better than a plain model's (the small-loss criterion of co-teaching, Han et al.
-  2018, and DivideMix, Li et al. 2020, on a student that does not memorise them);
-- ``"last_loss"`` / `LogLossSignal("loss", window="last")`: the same in the sample's last window only, the student
-  at its best; beside the mean, the pair is a short trajectory (a flipped sample's loss stays high);
-- ``"window_loss"`` / `LogLossSignal("loss", window="each")`: one column per window, the whole trajectory;
-- ``"reference_loss"`` / `LogLossSignal("reference_loss")`: minus the log of the reference's mean loss on the
-  student's features (the score log's ``reference_loss``, `hf_gradmimic.training.reference_verdict`): the
-  reference's verdict, "reference argmax ≠ label" made continuous.
+- ``"mean_loss"`` / ``WindowSignal("loss")``: minus the mean over windows of the log of the student's window mean
+  loss. Under Grad-Mimic's reweighting (Huang et al., arXiv 2501.06708) the student fits the flipped labels less
+  than a plain model does, so its own loss separates them better than a plain model's (the small-loss criterion of
+  co-teaching, Han et al. 2018, and DivideMix, Li et al. 2020, on a student that does not memorise them). The mean
+  of logs (a geometric mean) keeps the first windows' large losses from drowning the rest;
+- ``"last_loss"`` / ``WindowSignal("loss", window="last")``: the same in the sample's last window only;
+- ``"window_loss"`` / ``WindowSignal("loss", window="each")``: one column per window, the whole trajectory;
+- ``"mean_margin"`` / ``WindowSignal("margin", transform="identity")``: the student's mean margin over the run (its
+  given label's logit minus the largest other; the area under the margin of Pleiss et al., NeurIPS 2020, of the
+  reweighted student);
+- ``"reference_loss"`` / ``WindowSignal("reference_loss")``: the same summary of the reference's loss on the
+  student's features (`hf_gradmimic.training.reference_verdict`), "reference argmax ≠ label" made continuous.
 
-The log is read once: these read the per-(sample, window) means that the filter's engine already reduced
-(`WindowedScores.signals`). A log without the column (written before it existed, or by a run that did not
-record it) abstains, with one warning; a sample without a finite value abstains.
+A log without the column (written before it existed, or by a run that did not record it) abstains, with one
+warning; a sample without a finite value abstains.
 """
 
 from __future__ import annotations
@@ -32,19 +35,23 @@ from .warning import warn
 if TYPE_CHECKING:  # labeling.py resolves the names below, so it imports this module
     from .labeling import LabelingContext
 
-__all__ = ["LOSS_FLOOR", "LabelingScores", "LogLossSignal", "SIGNAL_NAMES"]
+__all__ = ["LOSS_FLOOR", "SIGNAL_NAMES", "LabelingScores", "WindowSignal"]
 
 LOSS_FLOOR = 1e-4
 """Added to a loss before its log, so that a fitted sample's near-zero loss does not make a far tail of its own."""
 
-SIGNAL_NAMES: dict[str, tuple[str, str]] = {
-    "mean_loss": ("loss", "mean"),
-    "last_loss": ("loss", "last"),
-    "window_loss": ("loss", "each"),
-    "reference_loss": ("reference_loss", "mean"),
+SIGNAL_NAMES: dict[str, tuple[str, str, str]] = {
+    "mean_loss": ("loss", "mean", "neg_log"),
+    "last_loss": ("loss", "last", "neg_log"),
+    "window_loss": ("loss", "each", "neg_log"),
+    "mean_margin": ("margin", "mean", "identity"),
+    "reference_loss": ("reference_loss", "mean", "neg_log"),
 }
 """The continuous labeling functions named by a string in ``build_filter(labeling_functions=...)``:
-name -> (score-log column, window summary)."""
+name -> (score-log column, window summary, transform)."""
+
+_TRANSFORMS = ("neg_log", "identity")
+_WINDOWS = ("mean", "last", "each")
 
 
 @dataclass
@@ -64,24 +71,29 @@ class LabelingScores:
             )
 
 
-class LogLossSignal:
-    """Minus the log of a per-sample loss column of the score log, over the run's windows.
+class WindowSignal:
+    """A per-record column of the score log, per window, summarised into a per-sample value (higher = keep).
 
     Args:
-        column: the score-log column: ``"loss"`` (the student's own) or ``"reference_loss"`` (the reference's).
-        window: ``"mean"`` (the mean of the sample's window means), ``"last"`` (its last window with a value) or
+        column: the score-log column: ``"loss"`` (the student's), ``"reference_loss"``, ``"margin"``, ...
+        window: ``"mean"`` (the mean over the sample's windows), ``"last"`` (its last window with a value) or
             ``"each"`` (one column per window).
-        name: the labeling function's name (default: ``"<window>_loss"`` for the student's loss, else the column's).
+        transform: ``"neg_log"`` (``-log(value + LOSS_FLOOR)`` of each window mean: a loss) or ``"identity"`` (a
+            margin or any score already oriented so that higher means keep).
+        name: the labeling function's name (default: ``"<window>_<column>"``).
     """
 
-    def __init__(self, column: str = "loss", window: str = "mean", name: str | None = None) -> None:
-        if window not in ("mean", "last", "each"):
-            raise ValueError(f"window must be 'mean', 'last' or 'each', got {window!r}.")
-        self.column, self.window = column, window
-        self.name = name or (f"{window}_loss" if column == "loss" else column)
+    def __init__(self, column: str = "loss", window: str = "mean", transform: str = "neg_log",
+                 name: str | None = None) -> None:
+        if window not in _WINDOWS:
+            raise ValueError(f"window must be one of {_WINDOWS}, got {window!r}.")
+        if transform not in _TRANSFORMS:
+            raise ValueError(f"transform must be one of {_TRANSFORMS}, got {transform!r}.")
+        self.column, self.window, self.transform = column, window, transform
+        self.name = name or f"{window}_{column}"
 
     def __repr__(self) -> str:
-        return f"LogLossSignal(column={self.column!r}, window={self.window!r})"
+        return f"WindowSignal(column={self.column!r}, window={self.window!r}, transform={self.transform!r})"
 
     def scores(self, context: "LabelingContext") -> LabelingScores:
         windowed = context.windowed
@@ -94,30 +106,18 @@ class LogLossSignal:
                 context.windowed.warnings,
             )
             return LabelingScores(self.name, [self.name], np.full((n, 1), np.nan))
+        per_window = np.asarray(per_window, dtype=np.float64)
+        if self.transform == "neg_log":
+            per_window = -np.log(np.maximum(per_window, 0.0) + LOSS_FLOOR)
         if self.window == "each":
-            values = -np.log(np.maximum(per_window.astype(np.float64), 0.0) + LOSS_FLOOR)
             names = [f"{self.name}/{window}" for window in windowed.window_names]
-            return LabelingScores(self.name, names, values)
+            return LabelingScores(self.name, names, per_window)
+        present = np.isfinite(per_window)
         if self.window == "last":
-            present = np.isfinite(per_window)
             last = per_window.shape[1] - 1 - np.argmax(present[:, ::-1], axis=1)
-            loss = np.where(present.any(axis=1), per_window[np.arange(n), last], np.nan).astype(np.float64)
+            values = np.where(present.any(axis=1), per_window[np.arange(n), last], np.nan)
         else:
-            with np.errstate(invalid="ignore"), _quiet_empty_means():
-                loss = np.nanmean(per_window, axis=1, dtype=np.float64)
-        values = -np.log(np.maximum(loss, 0.0) + LOSS_FLOOR)
+            counts = present.sum(axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                values = np.where(present, per_window, 0.0).sum(axis=1) / counts  # NaN (abstains) with no window
         return LabelingScores(self.name, [self.name], values[:, None])
-
-
-class _quiet_empty_means:
-    """``np.nanmean`` of a sample absent from every window is NaN (it abstains): no RuntimeWarning for it."""
-
-    def __enter__(self) -> None:
-        import warnings
-
-        self._catcher = warnings.catch_warnings()
-        self._catcher.__enter__()
-        warnings.filterwarnings("ignore", message="Mean of empty slice", category=RuntimeWarning)
-
-    def __exit__(self, *exc: object) -> None:
-        self._catcher.__exit__(*exc)

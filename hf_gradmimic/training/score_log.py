@@ -265,7 +265,7 @@ class ScoreLog(TrainerCallback):
             batch_size=records.batch_sizes,
             repeated=repeated,
             status=records.status,
-            reference_losses=records.reference_losses,
+            recorded=records.recorded,
         )
 
     def _check_logged_id_type(self, sample_ids: Any) -> None:

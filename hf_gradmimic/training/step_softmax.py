@@ -51,7 +51,7 @@ class _MicroBatch:
     all_losses: torch.Tensor
     all_status: torch.Tensor
     weights: torch.Tensor | None = None  # "micro" normalisation only
-    reference_losses: torch.Tensor | None = None  # this rank's, for the score log (`reference_verdict`)
+    recorded: dict[str, torch.Tensor] = field(default_factory=dict)  # this rank's per-sample columns for the log
 
 
 @dataclass
@@ -75,7 +75,9 @@ class StepRecords:
     nonfinite_in_step: int = 0  # every process's samples
     unlabeled_in_step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
-    reference_losses: np.ndarray | None = None  # when every micro-batch of the step recorded them
+    # Optional per-sample columns of the score log (`hf_gradmimic.scores.OPTIONAL_SCORE_COLUMNS`), each present when
+    # every micro-batch of the step recorded it.
+    recorded: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class StepSoftmax:
@@ -125,11 +127,11 @@ class StepSoftmax:
 
     def add(self, global_step: int, rows: torch.Tensor, scores: torch.Tensor, logits: torch.Tensor,
             losses: torch.Tensor, status: torch.Tensor, fallback: torch.Tensor, accumulation_steps: int,
-            log_counts: torch.Tensor | None = None, reference_losses: torch.Tensor | None = None) -> torch.Tensor:
+            log_counts: torch.Tensor | None = None, recorded: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Adds a micro-batch of the step ``global_step``; returns each local sample's coefficient c_i, so that
         backward of Σ_i c_i ℓ_i (averaged over ranks by DDP/FSDP) accumulates Σ_i w_i ∇ℓ_i. ``log_counts``: log of
-        each sample's supervised tokens, for token weighting (None: every sample counts once). ``reference_losses``
-        (this rank's samples) only travel to the score log."""
+        each sample's supervised tokens, for token weighting (None: every sample counts once). ``recorded``: per-sample
+        columns of this rank's samples that only travel to the score log (the reference's loss, the margin)."""
         self._begin(global_step, logits.device)
         offsets = torch.zeros_like(logits) if log_counts is None else log_counts.to(logits.device, logits.dtype)
         columns = [logits, rows.to(logits.device), scores.detach(), losses.detach(), status.to(logits.device), offsets]
@@ -138,7 +140,7 @@ class StepSoftmax:
         all_logits, all_rows, all_scores, all_losses, all_status, all_offsets = self.gather(packed).unbind(dim=1)
         micro = _MicroBatch(rows, scores.detach(), logits, losses.detach(), status, fallback, all_logits.to(logits.dtype),
                             all_rows, all_scores, all_losses, all_status)
-        micro.reference_losses = None if reference_losses is None else reference_losses.detach()
+        micro.recorded = {name: values.detach() for name, values in (recorded or {}).items() if values is not None}
         self.micro_batches.append(micro)
         update_logits = logits + offsets  # −inf + anything stays −inf: a left-out sample keeps weight 0
         if self.normalize == "micro":
@@ -209,8 +211,8 @@ class StepSoftmax:
             nonfinite_in_step=int((step_status == STATUS_NONFINITE).sum()),
             unlabeled_in_step=int((step_status == STATUS_UNLABELED).sum()),
             metrics=metrics,
-            reference_losses=(torch.cat([m.reference_losses for m in micro_batches]).float().cpu().numpy()
-                              if all(m.reference_losses is not None for m in micro_batches) else None),
+            recorded={name: torch.cat([m.recorded[name] for m in micro_batches]).float().cpu().numpy()
+                      for name in micro_batches[0].recorded if all(name in m.recorded for m in micro_batches)},
         )
 
 
