@@ -1,0 +1,85 @@
+"""Stage-2 candidates measured on the realistic suite's saved runs: how the default of `build_filter` is chosen.
+
+Reads the cells that ``scripts/compare_methods.py --suite realistic --work-dir DIR`` recorded (their score logs and
+``cell_inputs.npz``), builds each candidate filter with the library's own `build_filter`, and prints, per candidate,
+its discard F1 and keep_prob AUROC beside the strongest baseline of the same cell (cleanlab with CV or with the
+reference's probabilities, reference argmax ≠ label, the small-loss GMM on the plain model's log-loss, AUM), over
+the tasks given (``--tasks``; the held-out task is left out of the choice). Nothing here is written to docs/.
+
+    python scripts/stage2_search.py --work-dirs /tmp/suite/digits /tmp/suite/other --tasks digits bbc
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+BASELINES = ("cleanlab", "cleanlab_reference", "reference_disagreement", "loss_gmm", "aum")
+CANDIDATES: dict[str, dict] = {
+    "mean+last": {"labeling_functions": ["mean_loss", "last_loss"], "aggregate": "mixture"},
+    "mean": {"labeling_functions": ["mean_loss"], "aggregate": "mixture"},
+    "window": {"labeling_functions": ["window_loss"], "aggregate": "mixture"},
+    "mean+last+ref": {"labeling_functions": ["mean_loss", "last_loss", "reference_loss"], "aggregate": "mixture"},
+    "mean+ref": {"labeling_functions": ["mean_loss", "reference_loss"], "aggregate": "mixture"},
+    "last+ref": {"labeling_functions": ["last_loss", "reference_loss"], "aggregate": "mixture"},
+    "window+ref": {"labeling_functions": ["window_loss", "reference_loss"], "aggregate": "mixture"},
+    "mimic+mean+last": {"labeling_functions": ["mimic", "mean_loss", "last_loss"], "aggregate": "mixture"},
+    "previous default": {"labeling_functions": ["mimic", "loss"], "method": "kmeans", "aggregate": "snorkel"},
+}
+
+
+def metrics(keep: np.ndarray, keep_prob: np.ndarray, is_clean: np.ndarray) -> tuple[float, float]:
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    return 100 * f1_score(~is_clean, ~keep), 100 * roc_auc_score(is_clean, keep_prob)
+
+
+def main() -> None:
+    from hf_gradmimic import build_filter
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work-dirs", nargs="+", required=True)
+    parser.add_argument("--tasks", nargs="+", default=["digits", "bbc"])
+    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES))
+    ns = parser.parse_args()
+    # setting -> candidate -> [(f1, auroc, best baseline f1)] over seeds
+    results: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for work in map(Path, ns.work_dirs):
+        for line in (work / "realistic.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            if record["task"] not in ns.tasks or record["reference"] == "oracle":
+                continue
+            cell = work / f"{record['task']}_{record['reference']}_{record['noise']}_{record['regime']}_seed{record['seed']}"
+            inputs = np.load(cell / "cell_inputs.npz")
+            is_clean = inputs["is_clean"]
+            best = max(record["detectors"][b]["f1"] * 100 for b in BASELINES if b in record["detectors"])
+            setting = (record["task"], record["regime"], record["reference"], record["noise"])
+            for name in ns.candidates:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    mimic_filter = build_filter(cell / "mimic", **CANDIDATES[name])
+                keep = np.ones(len(is_clean), dtype=bool)
+                keep_prob = np.ones(len(is_clean))
+                keep[mimic_filter.sample_ids] = mimic_filter.keep
+                keep_prob[mimic_filter.sample_ids] = mimic_filter.keep_prob
+                results[setting][name].append((*metrics(keep, keep_prob, is_clean), best))
+    print(f"{len(results)} settings (mean over seeds); 'wins' = at or above the best baseline's mean F1")
+    for name in ns.candidates:
+        gaps, aurocs = [], []
+        for setting, by_candidate in results.items():
+            runs = np.asarray(by_candidate[name])
+            gaps.append(runs[:, 0].mean() - runs[:, 2].mean())
+            aurocs.append(runs[:, 1].mean())
+        gaps = np.asarray(gaps)
+        print(f"{name:18s} wins {int((gaps >= 0).sum()):2d}/{len(gaps)}  within 1 point {int((gaps >= -1).sum()):2d}  "
+              f"mean gap {gaps.mean():+.2f}  worst {gaps.min():+.2f}  mean AUROC {np.mean(aurocs):.2f}  "
+              f"min AUROC {np.min(aurocs):.2f}")
+
+
+if __name__ == "__main__":
+    main()
