@@ -21,16 +21,20 @@ import numpy as np
 
 BASELINES = ("cleanlab", "cleanlab_reference", "reference_disagreement", "loss_gmm", "aum")
 CANDIDATES: dict[str, dict] = {
-    "mean+last": {"labeling_functions": ["mean_loss", "last_loss"], "aggregate": "mixture"},
-    "mean": {"labeling_functions": ["mean_loss"], "aggregate": "mixture"},
-    "window": {"labeling_functions": ["window_loss"], "aggregate": "mixture"},
-    "mean+last+ref": {"labeling_functions": ["mean_loss", "last_loss", "reference_loss"], "aggregate": "mixture"},
-    "mean+ref": {"labeling_functions": ["mean_loss", "reference_loss"], "aggregate": "mixture"},
-    "last+ref": {"labeling_functions": ["last_loss", "reference_loss"], "aggregate": "mixture"},
-    "window+ref": {"labeling_functions": ["window_loss", "reference_loss"], "aggregate": "mixture"},
-    "mimic+mean+last": {"labeling_functions": ["mimic", "mean_loss", "last_loss"], "aggregate": "mixture"},
-    "previous default": {"labeling_functions": ["mimic", "loss"], "method": "kmeans", "aggregate": "snorkel"},
+    name: {"labeling_functions": functions, "aggregate": "mixture"}
+    for name, functions in {
+        "mean": ["mean_loss"],
+        "margin": ["mean_margin"],
+        "mean+margin": ["mean_loss", "mean_margin"],
+        "mean+last": ["mean_loss", "last_loss"],
+        "window": ["window_loss"],
+        "mean+ref": ["mean_loss", "reference_loss"],
+        "margin+ref": ["mean_margin", "reference_loss"],
+        "mean+margin+ref": ["mean_loss", "mean_margin", "reference_loss"],
+        "mimic+mean+margin": ["mimic", "mean_loss", "mean_margin"],
+    }.items()
 }
+CANDIDATES["previous default"] = {"labeling_functions": ["mimic", "loss"], "method": "kmeans", "aggregate": "snorkel"}
 
 
 def metrics(keep: np.ndarray, keep_prob: np.ndarray, is_clean: np.ndarray) -> tuple[float, float]:
