@@ -187,6 +187,50 @@ def test_infinite_temperature_trains_like_sft_trainer(tmp_path):
         torch.testing.assert_close(params["mimic"][name], params["plain"][name], atol=1e-6, rtol=1e-5)
 
 
+def test_trl_defaults_bf16_and_activation_checkpointing_train_like_sft_trainer(tmp_path):
+    """The README's settings, without ``bf16=False``: TRL's defaults (bf16 autocast, activation checkpointing) on CPU
+    (``use_cpu=True``). The LoRA update then comes from the recorded layer uses, whose inputs and δ are bf16 while the
+    adapter's weights are float32; at τ → ∞ it must equal SFTTrainer's autograd update under the same autocast."""
+    import datasets
+
+    defaults = {key: value for key, value in SFT.items() if key not in ("bf16", "gradient_checkpointing")}
+    data = datasets.Dataset.from_list(pairs(16, completion_words=(3, 4)))
+    params, initial = {}, None
+    for name, trainer_class, args in (
+        ("plain", trl.SFTTrainer, trl.SFTConfig(output_dir=str(tmp_path / "plain"), **defaults, **STEPS)),
+        ("mimic", MimicSFTTrainer, MimicSFTConfig(output_dir=str(tmp_path / "mimic"), mimic_temperature=1e6,
+                                                  mimic_alignment_check=False, **defaults, **STEPS)),
+    ):
+        assert args.bf16 and args.gradient_checkpointing
+        model = student()
+        initial = {n: model.get_parameter(n).detach().clone() for n in lora_names(model)}
+        extra = {"reference": perturbed_reference(model, lora_names(model), scale=0.1)} if name == "mimic" else {}
+        trainer_class(model=model, args=args, train_dataset=data, processing_class=word_tokenizer(), **extra).train()
+        params[name] = {n: model.get_parameter(n).detach() for n in lora_names(model)}
+    for name in params["plain"]:
+        plain_update = params["plain"][name] - initial[name]
+        assert plain_update.abs().max() > 0
+        # bf16 matmuls: the two updates agree to bf16's precision, not float32's
+        torch.testing.assert_close(params["mimic"][name] - initial[name], plain_update,
+                                   atol=2e-2 * float(plain_update.abs().max()), rtol=0)
+
+
+def test_mimic_sft_config_defaults_build_on_cpu_without_warnings():
+    """`SFTConfig()` on a CPU-only machine refuses TRL's bf16 default and warns that `gradient_checkpointing` is
+    deprecated; `MimicSFTConfig()` builds silently, in float32 there, with activation checkpointing on."""
+    import warnings
+
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        args = MimicSFTConfig(output_dir="x")
+    assert args.activation_checkpointing and args.gradient_checkpointing
+    assert args.bf16 == is_torch_bf16_gpu_available()
+    assert MimicSFTConfig(output_dir="x", use_cpu=True).bf16  # as SFTConfig(use_cpu=True)
+    assert not MimicSFTConfig(output_dir="x", use_cpu=True, gradient_checkpointing=False).activation_checkpointing
+
+
 def test_settings_that_break_one_sample_per_row_are_refused(tmp_path):
     import datasets
 
