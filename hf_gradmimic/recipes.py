@@ -31,7 +31,7 @@ from torch import nn
 
 from .cards import render_reference_card
 from .fileio import atomic_write
-from .lora_recipe import train_lora_reference
+from .lora_recipe import sft_prepared_rows, train_lora_reference
 from .losses import logits_of
 from .reference import REFERENCE_WEIGHTS_NAME
 from .training.mimic_layers import resolve_mimic_layers
@@ -189,6 +189,8 @@ def build_reference(
     repo_id: str | None = None,
     token: str | None = None,
     seed: int = 0,
+    processing_class: Any = None,
+    sft_config: Any = None,
 ) -> ReferenceResult:
     """Build a Grad-Mimic reference that shares the student's coordinates: a linear probe of its own pretrained
     features, or (``method="lora"``) its own LoRA adapter trained on trusted data.
@@ -204,14 +206,18 @@ def build_reference(
         layers: the mimic layer names, as in `MimicConfig.mimic_layers` (default ``("classifier",)``; for ``"lora"``,
             ``("lora",)``: every matrix of the adapter).
         method: ``"linear_probe"``, or ``"lora"``: ``model`` is the student's PEFT model before fine-tuning, and a copy
-            of its adapter is trained on ``train_dataset`` (``input_ids``, ``labels`` with −100 on prompts) with AdamW
-            for ``epochs``, then saved to ``output_dir`` as an ordinary PEFT adapter (`hf_gradmimic.lora_recipe`),
-            loadable with ``PeftModel.from_pretrained``; the student is left unchanged.
+            of its adapter is trained on ``train_dataset`` with AdamW for ``epochs``, then saved to ``output_dir`` as an
+            ordinary PEFT adapter (`hf_gradmimic.lora_recipe`), loadable with ``PeftModel.from_pretrained``; the student
+            is left unchanged. The rows are those `SFTTrainer` takes (prompt-completion, conversational, text), prepared
+            by trl as `SFTTrainer` prepares them, or tokenized rows (``input_ids``, ``labels`` −100 on prompts).
         output_dir: where ``reference.safetensors`` and its ``README.md`` card go.
         eval_dataset: held-out data for the accuracy written to the card (else training accuracy only).
         base_model / base_revision: recorded in the metadata; default ``model.config._name_or_path``.
         cache_dir: where the features are cached (default ``output_dir/feature_cache``).
         push_to_hub / repo_id / token: also upload the folder to the Hub.
+        processing_class / sft_config: for ``"lora"`` with text rows, the tokenizer and the `MimicSFTConfig` (or
+            `SFTConfig`) the student will be trained with: its dataset settings (``max_length``,
+            ``completion_only_loss``, ``assistant_only_loss``, ``dataset_text_field``…) prepare the rows the same way.
 
     Returns:
         A `ReferenceResult` with the saved path, the tensors (student names) and the metadata.
@@ -222,8 +228,13 @@ def build_reference(
         if layers is not None and list(layers) != ["lora"]:
             raise ValueError(f"method='lora' trains every matrix of the student's adapter; got layers {list(layers)}: "
                              "leave `layers` unset or pass ('lora',).")
+        train_dataset, sft_collator = sft_prepared_rows(model, train_dataset, processing_class, sft_config)
+        if eval_dataset is not None:
+            eval_dataset, eval_collator = sft_prepared_rows(model, eval_dataset, processing_class, sft_config)
+            sft_collator = sft_collator or eval_collator
         path, tensors, metadata, history = train_lora_reference(
-            model, train_dataset, output_dir=output_dir, eval_dataset=eval_dataset, data_collator=data_collator,
+            model, train_dataset, output_dir=output_dir, eval_dataset=eval_dataset,
+            data_collator=data_collator or sft_collator,
             epochs=epochs, learning_rate=learning_rate, weight_decay=weight_decay, batch_size=batch_size,
             base_model=base_model, base_revision=base_revision, data_description=data_description, seed=seed,
         )

@@ -231,6 +231,47 @@ def test_mimic_sft_config_defaults_build_on_cpu_without_warnings():
     assert not MimicSFTConfig(output_dir="x", use_cpu=True, gradient_checkpointing=False).activation_checkpointing
 
 
+def reference_adapter(rows, output_dir, **kwargs) -> dict[str, torch.Tensor]:
+    from hf_gradmimic import build_reference
+
+    model = student()
+    before = {name: model.get_parameter(name).detach().clone() for name in lora_names(model)}
+    result = build_reference(model, rows, method="lora", output_dir=output_dir, epochs=2, batch_size=4,
+                             learning_rate=1e-2, **kwargs)
+    assert all(torch.equal(model.get_parameter(name), tensor) for name, tensor in before.items())  # left unchanged
+    return result.tensors
+
+
+def test_build_reference_lora_takes_the_rows_sft_trainer_takes(tmp_path):
+    """build_reference(method="lora") on prompt-completion pairs and on conversations (assistant-only loss, given by
+    the run's MimicSFTConfig) trains the same adapter as on the same rows tokenized and masked by hand (prompt + completion
+    + EOS, the prompt unsupervised); rows SFTTrainer cannot use are refused by name."""
+    rows = pairs(8)
+    examples = [supervised_example(word_tokenizer(), **row) for row in rows]
+    tokenized = [{"input_ids": ids.tolist(), "labels": labels.tolist()} for ids, labels in examples]
+    expected = reference_adapter(tokenized, tmp_path / "by-hand")
+    got = reference_adapter(rows, tmp_path / "pairs", processing_class=word_tokenizer(), eval_dataset=rows[:4])
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6)
+
+    rng = np.random.default_rng(1)
+    turns = [(words(rng, 2, 5), words(rng, 1, 4)) for _ in range(8)]
+    conversations = [{"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+                     for user, answer in turns]
+    examples = [supervised_example(word_tokenizer(), f"user : {user} assistant :", f" {answer}") for user, answer in turns]
+    expected = reference_adapter([{"input_ids": ids.tolist(), "labels": labels.tolist()} for ids, labels in examples],
+                                 tmp_path / "chat-by-hand")
+    got = reference_adapter(conversations, tmp_path / "chat", processing_class=word_tokenizer(),
+                            sft_config=MimicSFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, **TRAIN))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6)
+
+    with pytest.raises(ValueError, match=r"takes the rows SFTTrainer takes.*got columns \['answer', 'question'\]"):
+        reference_adapter([{"question": "w1 w2", "answer": "w3"}], tmp_path / "bad", processing_class=word_tokenizer())
+    with pytest.raises(ValueError, match="pass `processing_class=tokenizer`"):
+        reference_adapter(rows, tmp_path / "no-tokenizer")
+
+
 def test_settings_that_break_one_sample_per_row_are_refused(tmp_path):
     import datasets
 
