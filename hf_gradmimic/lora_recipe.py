@@ -24,6 +24,7 @@ from .adapter_reference import ADAPTER_WEIGHTS_NAME, without_adapter_name
 from .fileio import atomic_write
 from .losses import IGNORE_INDEX, per_sample_loss
 from .lora import lora_layers
+from .reference import checkpoint_name
 
 
 def adapter_init(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -194,7 +195,7 @@ def train_lora_reference(
                 total += float(losses.detach().sum())
             history.append(total / len(train_dataset))
         metadata = {
-            "base_model": base_model or str(getattr(model.config, "_name_or_path", "") or ""),
+            "base_model": checkpoint_name(base_model or str(getattr(model.config, "_name_or_path", "") or "")),
             "base_revision": base_revision or "",
             "layers": json.dumps(["lora"]),
             "method": "lora",

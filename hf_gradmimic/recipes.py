@@ -33,7 +33,7 @@ from .cards import render_reference_card
 from .fileio import atomic_write
 from .lora_recipe import sft_prepared_rows, train_lora_reference
 from .losses import logits_of
-from .reference import REFERENCE_WEIGHTS_NAME
+from .reference import REFERENCE_WEIGHTS_NAME, checkpoint_name
 from .training.mimic_layers import resolve_mimic_layers
 
 
@@ -272,7 +272,7 @@ def build_reference(
     )
     config = getattr(model, "config", None)
     metadata = {
-        "base_model": base_model or str(getattr(config, "_name_or_path", "") or type(model).__name__),
+        "base_model": checkpoint_name(base_model or str(getattr(config, "_name_or_path", "") or type(model).__name__)),
         "base_revision": base_revision or "",
         "layers": json.dumps(layers),
         "method": method,

@@ -51,7 +51,8 @@ def check_row_index_dataset(recorded: Mapping[str, Any] | None, dataset: Any) ->
     if recorded.get("column"):
         raise ValueError(
             f"The score log's sample ids are the values of the column {recorded['column']!r} "
-            f"(mimic_id_column), not row indices: pass id_column={recorded['column']!r}."
+            f"(mimic_id_column), not row indices: pass id_column={recorded['column']!r} (`gradmimic push --id-column "
+            f"{recorded['column']}`)."
         )
     expected = recorded.get("train_signature") or {}
     got = row_signature(dataset) or {}
@@ -63,7 +64,8 @@ def check_row_index_dataset(recorded: Mapping[str, Any] | None, dataset: Any) ->
             f"this dataset's rows differ from it (column(s) {changed or sorted(got)} at sampled rows): a shuffled, "
             "filtered, re-selected or different dataset would get the wrong rows kept. Pass the dataset the trainer "
             "was given (any format, any columns), train with mimic_id_column to match by id, or pass "
-            "check_dataset=False if you know its rows are the same and in the same order."
+            "check_dataset=False (MimicFilter.apply, push_scored_dataset; `gradmimic push --no-check-dataset`) if you "
+            "know its rows are the same and in the same order."
         )
 
 

@@ -23,7 +23,7 @@ import torch
 from ..ghost import GhostBatch
 from ..lora import lora_layers
 from ..lora_recipe import check_adapter_init
-from ..reference import read_reference_metadata
+from ..reference import checkpoint_name, read_reference_metadata
 from .capture import Capture
 from .metrics_buffer import MetricsBuffer
 
@@ -64,7 +64,7 @@ def check_reference_base(source: Any, student_config: Any, *, revision: str | No
     student = str(getattr(student_config, "_name_or_path", "") or "")
     student_revision = str(getattr(student_config, "_commit_hash", "") or "")
     base, base_revision = metadata.get("base_model", ""), metadata.get("base_revision", "")
-    mismatch = bool(base and student and base != student) or bool(
+    mismatch = bool(base and student and checkpoint_name(base) != checkpoint_name(student)) or bool(
         base_revision and student_revision and base_revision != student_revision
     )
     if mismatch:
