@@ -183,8 +183,11 @@ class ReferenceDiagnostics:
         self.metrics.add("mimic/alignment_student_loss", own_loss)
         self.metrics.add("mimic/alignment_reference_loss", reference_loss)
         # Compare medians: with noisy labels a good reference is confidently "wrong" on the flipped
-        # samples, which dominates the mean but not the median.
+        # samples, which dominates the mean but not the median. Both are logged: the means under the names above,
+        # the medians the check compares under `*_median`.
         own_median, reference_median = float(own.median()), float(with_reference.median())
+        self.metrics.add("mimic/alignment_student_loss_median", own_median)
+        self.metrics.add("mimic/alignment_reference_loss_median", reference_median)
         if not reference_median < own_median:
             warnings.warn(
                 f"Alignment check: with its mimic layers swapped for the reference, the student's median per-sample "
