@@ -20,12 +20,23 @@ $(VENV)/.installed-ray: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[ray]"
 	touch $@
 
-.PHONY: install test demo demo-sft bench bench-filter compare
+# The documentation site (mkdocs.yml, docs/) into site/; --strict makes every warning (a broken link, a page
+# missing from the nav, a docstring naming a parameter the function lacks) an error.
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $@
+
+.PHONY: install test demo demo-sft bench bench-filter compare docs
 install: $(VENV)/.installed
 
 # Two workers, each taking whole test files (module fixtures such as the Ray cluster start once per file).
-test: $(VENV)/.installed $(VENV)/.installed-ray
-	GRADMIMIC_REQUIRE_RAY=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
+# tests/test_docs_site.py builds the site (the docs extra) and opens it in Chromium (.ci/run installs it);
+# GRADMIMIC_REQUIRE_DOCS=1 makes it fail, not skip, when either is missing.
+test: $(VENV)/.installed $(VENV)/.installed-ray $(VENV)/.installed-docs
+	GRADMIMIC_REQUIRE_RAY=1 GRADMIMIC_REQUIRE_DOCS=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
+
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 demo: $(VENV)/.installed
 	$(PY) -m hf_gradmimic demo --output-dir demo_output

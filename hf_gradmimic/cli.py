@@ -192,7 +192,11 @@ def run_report(args: argparse.Namespace) -> int:
         dataset = dataset[args.split] if hasattr(dataset, "keys") else dataset
         _require_columns(dataset, [args.clean_column])
         clean = np.asarray(dataset[args.clean_column])[mimic_filter.sample_ids]
-    paths = report(mimic_filter, args.output, scores=args.scores, clean=clean)
+    dataset = None
+    if args.dataset:  # the training data, whose lowest-P(keep) rows report.html shows
+        dataset = _load_dataset(args.dataset)
+        dataset = dataset[args.split] if hasattr(dataset, "keys") else dataset
+    paths = report(mimic_filter, args.output, scores=args.scores, clean=clean, dataset=dataset, id_column=args.id_column)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -265,12 +269,21 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--repo-id", default=None, help="Hub repo for --push-to-hub.")
 
     # The library's own lists (numpy and pyarrow, no torch), so the choices cannot drift from it.
-    from .filter import AGGREGATES, BAD_SHARD_POLICIES, DEFAULT_LABELING_FUNCTIONS, DEFAULT_METHOD, ENGINES, METHODS
+    from .filter import (
+        AGGREGATES,
+        BAD_SHARD_POLICIES,
+        DEFAULT_AGGREGATE,
+        DEFAULT_LABELING_FUNCTIONS,
+        DEFAULT_METHOD,
+        ENGINES,
+        METHODS,
+    )
 
     flt = commands.add_parser("filter", help="Stage 2: build the ensemble filter from a score log.")
     flt.add_argument("scores", help="An output_dir of MimicTrainer, or its mimic_scores/ folder.")
     flt.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS, help="Identification per window.")
-    flt.add_argument("--aggregate", default="snorkel", choices=AGGREGATES, help="Vote aggregation.")
+    flt.add_argument("--aggregate", default=DEFAULT_AGGREGATE, choices=AGGREGATES,
+                     help="How the labeling functions combine: 'mixture' (continuous signals and votes) or a vote rule.")
     flt.add_argument("--windows", default="epoch", help="'epoch', 'step' or a number of equal windows.")
     flt.add_argument("--threshold", type=float, default=None, help="For --method threshold: keep when b·w > this (default 1).")
     flt.add_argument("--topk", type=float, default=50, help="For --method topk: percent kept per window.")
@@ -286,13 +299,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "(a reference's or zero-shot model's agreement: build_filter(labeling_functions=[...]) in Python).")
     flt.add_argument("--output", default="mimic_filter", help="Directory for the filter (Parquet table + JSON summary).")
 
-    rep = commands.add_parser("report", help="Figures of a filter (histograms, keep probabilities, detection quality).")
+    rep = commands.add_parser("report", help="Figures of a filter (histograms, keep probabilities, detection quality) "
+                                                    "and report.html, one page to review it.")
     rep.add_argument("filter", help="A directory saved by `gradmimic filter`.")
     rep.add_argument("--scores", default=None, help="The score log (for per-window histograms).")
     rep.add_argument("--clean-dataset", default=None, help="A dataset with ground-truth clean flags, for P/R/F1.")
     rep.add_argument("--clean-column", default="is_clean", help="Column of clean flags in --clean-dataset.")
-    rep.add_argument("--split", default="train", help="Split of --clean-dataset.")
-    rep.add_argument("--output", default="mimic_report", help="Directory for the figures.")
+    rep.add_argument("--dataset", default=None,
+                     help="The training data (Hub id, save_to_disk directory or file): report.html shows the content "
+                          "of the samples with the lowest keep probability.")
+    rep.add_argument("--id-column", default=None, help="Sample-id column of --dataset (default: the one the log recorded).")
+    rep.add_argument("--split", default="train", help="Split of --clean-dataset and --dataset.")
+    rep.add_argument("--output", default="mimic_report", help="Directory for the figures, report.json and report.html.")
 
     push = commands.add_parser("push", help="Push the dataset with mimic-score and filter columns, and a card, to the Hub.")
     push.add_argument("--dataset", required=True, help="The training dataset (Hub id, save_to_disk directory or file).")

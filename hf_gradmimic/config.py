@@ -12,6 +12,7 @@ from .filter import METHODS as FILTER_METHOD_CHOICES
 from .scorers import MODES as MODE_CHOICES
 from .scorers import SCORE_TERMS as SCORE_TERMS_CHOICES
 from .scorers import SCORERS
+from .training.reference_verdict import LOG_REFERENCE_LOSS_CHOICES
 
 NORMALIZE_CHOICES = ("step", "micro")
 REWEIGHT_SCOPE_CHOICES = ("all", "layer")
@@ -176,6 +177,16 @@ class MimicArguments:
             "choices": list(SCORE_TERMS_CHOICES),
         },
     )
+    mimic_log_reference_loss: str = field(
+        default="auto",
+        metadata={
+            "help": "Record the reference's per-sample loss on the student's current features in the score log "
+            "(`reference_loss`, a Stage-2 signal). 'auto': where it costs one matmul over [batch, classes] logits (a "
+            "classification head that makes the logits); 'always': also for a language model's head (an lm_head-sized "
+            "matmul) and other mimic layers (a no-grad forward with the reference's tensors); 'never'.",
+            "choices": list(LOG_REFERENCE_LOSS_CHOICES),
+        },
+    )
     mimic_monitor_steps: int = field(
         default=0,
         metadata={
@@ -279,6 +290,7 @@ class MimicArguments:
             ("mimic_scorer", self.mimic_scorer, SCORER_CHOICES),
             ("mimic_mode", self.mimic_mode, MODE_CHOICES + (None,)),
             ("mimic_filter_method", self.mimic_filter_method, FILTER_METHOD_CHOICES),
+            ("mimic_log_reference_loss", self.mimic_log_reference_loss, LOG_REFERENCE_LOSS_CHOICES),
         ):
             if value not in choices:
                 raise ValueError(f"`{name}` must be one of {tuple(c for c in choices if c)}; got {value!r}.")

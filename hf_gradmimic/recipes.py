@@ -212,12 +212,17 @@ def build_reference(
             by trl as `SFTTrainer` prepares them, or tokenized rows (``input_ids``, ``labels`` −100 on prompts).
         output_dir: where ``reference.safetensors`` and its ``README.md`` card go.
         eval_dataset: held-out data for the accuracy written to the card (else training accuracy only).
-        base_model / base_revision: recorded in the metadata; default ``model.config._name_or_path``.
+        base_model: the base checkpoint recorded in the metadata; default ``model.config._name_or_path``.
+        base_revision: its revision, recorded in the metadata.
         cache_dir: where the features are cached (default ``output_dir/feature_cache``).
-        push_to_hub / repo_id / token: also upload the folder to the Hub.
-        processing_class / sft_config: for ``"lora"`` with text rows, the tokenizer and the `MimicSFTConfig` (or
-            `SFTConfig`) the student will be trained with: its dataset settings (``max_length``,
-            ``completion_only_loss``, ``assistant_only_loss``, ``dataset_text_field``…) prepare the rows the same way.
+        push_to_hub: also upload the folder to the Hub.
+        repo_id: the Hub repo for ``push_to_hub``.
+        token: the Hub token for ``push_to_hub`` (default: the logged-in one).
+        processing_class: for ``"lora"`` with text rows, the tokenizer given to `MimicSFTTrainer` (default: the one
+            of ``model.config._name_or_path``, as `SFTTrainer` loads it).
+        sft_config: for ``"lora"`` with text rows, the `MimicSFTConfig` (or `SFTConfig`) the student will be trained
+            with: its dataset settings (``max_length``, ``completion_only_loss``, ``assistant_only_loss``,
+            ``dataset_text_field``…) prepare the rows the same way.
 
     Returns:
         A `ReferenceResult` with the saved path, the tensors (student names) and the metadata.

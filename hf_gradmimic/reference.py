@@ -187,6 +187,22 @@ def load_reference_tensors(
 
     A name that is not in the checkpoint as is may match a unique key ending with ``.name`` (a
     checkpoint saved from a wrapper with a prefix), or the name less a leading prefix.
+
+    Args:
+        source: a Hub repo id, a local folder saved with ``save_pretrained`` (or by `build_reference`, which
+            writes ``reference.safetensors``), a PEFT adapter folder or repo, a ``.safetensors`` file, an
+            ``nn.Module``, or a ``{name: tensor}`` dict (numpy arrays are accepted).
+        tensor_names: the parameter names of the mimic layers as the student's ``named_parameters()`` spells
+            them, e.g. ``["classifier.weight", "classifier.bias"]`` for ``mimic_layers=["classifier"]``.
+        revision: the Hub revision of ``source``.
+        token: the Hub token (default: the logged-in one).
+
+    Returns:
+        ``{name: tensor}`` for every name in ``tensor_names``.
+
+    Raises:
+        ReferenceError: a name is not in the reference (the error lists the closest names it holds), or a
+            tensor holds NaN or inf.
     """
     tensors = _load(source, tensor_names, revision, token)
     for name, tensor in tensors.items():

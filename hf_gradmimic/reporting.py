@@ -10,12 +10,18 @@
   recall and F1 of every identification method (threshold, kmeans, gmm, topk) with the filter's
   aggregation and windows, computed by `hf_gradmimic.metrics.compute_filter_metrics`.
 
-and ``report.json`` with the filter's summary, the two quality estimators of Section 5.1
-(retained fraction, mean mimic score) and, with ``clean``, the metrics of every method.
+``report.json`` with the filter's summary, the two quality estimators of Section 5.1
+(retained fraction, mean mimic score) and, with ``clean``, the metrics of every method; and ``report.html``,
+one self-contained page for a reviewer (`write_html_report`, from ``templates/report.html``): the summary,
+the figures inlined, the windows, the provenance, and the samples with the lowest ``P(keep)`` with their
+content (text, or an image thumbnail) when the dataset is given.
 """
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import math
 import os
 from pathlib import Path
@@ -26,7 +32,19 @@ import numpy as np
 from .fileio import atomic_write, write_json
 from .filter import METHODS, MimicFilter, build_filter, estimate_quality
 
-__all__ = ["report"]
+__all__ = ["report", "write_html_report"]
+
+HTML_TEMPLATE = "report.html"
+LOWEST_SAMPLES = 50
+"""How many samples, lowest ``P(keep)`` first, the HTML page shows."""
+FIGURE_CAPTIONS = {
+    "window_histograms": "Per window: the samples' mean mimic scores, split by the window's keep / discard vote.",
+    "keep_probability": "The aggregated keep probability P(keep); a sample is kept at P(keep) ≥ 0.5.",
+    "method_comparison": "Discard precision, recall and F1 of every identification method against the clean flags.",
+}
+THUMBNAIL_PIXELS = 128
+TEXT_CHARACTERS = 600
+"""Longer text values are cut to this many characters on the page (with an ellipsis)."""
 
 # With windows="step" there can be thousands of windows; draw at most this many panels (evenly
 # spaced over training) and say so in the figure title.
@@ -144,8 +162,10 @@ def report(
     *,
     scores: Any = None,
     clean: Any = None,
+    dataset: Any = None,
+    id_column: str | None = None,
 ) -> dict[str, Path]:
-    """Write the filter's figures and ``report.json`` into ``output_dir``.
+    """Write the filter's figures, ``report.json`` and ``report.html`` into ``output_dir``.
 
     Args:
         mimic_filter: the filter from `build_filter`.
@@ -156,9 +176,15 @@ def report(
             (`MimicFilter.rebuild`), which gives the same result without re-reading the log.
         clean: ground-truth clean flags (1 = clean, 0 = noisy), one per sample of the filter in
             ``mimic_filter.table["sample_id"]`` order. Adds the method comparison.
+        dataset: the training dataset (a `datasets.Dataset`, `pandas.DataFrame` or `pyarrow.Table`): the HTML
+            page then shows the content of the samples with the lowest ``P(keep)`` (text, image thumbnails,
+            labels). Its rows are matched to the sample ids as `MimicFilter.apply` matches them.
+        id_column: the column of ``dataset`` holding the sample ids (``mimic_id_column``); by default the one
+            the score log's provenance recorded, else row indices.
 
     Returns:
-        ``{"window_histograms": Path, "keep_probability": Path, ["method_comparison": Path,] "report_json": Path}``.
+        ``{"window_histograms": Path, "keep_probability": Path, ["method_comparison": Path,] "report_json": Path,
+        "report_html": Path}``.
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -190,7 +216,194 @@ def report(
             title=f"Discard detection per method (aggregate={summary['aggregate_used']}, windows={settings['windows']})",
         )
     paths["report_json"] = write_json(output_dir / "report.json", payload)
+    figures = {name: path for name, path in paths.items() if path.suffix == ".png"}
+    paths["report_html"] = write_html_report(mimic_filter, output_dir / "report.html", figures=figures,
+                                             quality=payload["quality"], method_metrics=payload.get("method_metrics"),
+                                             dataset=dataset, id_column=id_column)
     return paths
+
+
+def write_html_report(
+    mimic_filter: MimicFilter,
+    destination: str | os.PathLike,
+    *,
+    figures: dict[str, Path] | None = None,
+    quality: dict[str, float] | None = None,
+    method_metrics: dict[str, dict[str, float]] | None = None,
+    dataset: Any = None,
+    id_column: str | None = None,
+    lowest: int = LOWEST_SAMPLES,
+) -> Path:
+    """Render ``templates/report.html`` into one self-contained page (figures as base64 PNG, no other file).
+
+    Every value is HTML-escaped by jinja2's autoescape, so a sample's text shows as text whatever it holds.
+
+    Args:
+        mimic_filter: the filter to show.
+        destination: the ``.html`` file to write (atomically).
+        figures: ``{name: png path}`` to inline, in that order.
+        quality: the estimators of `estimate_quality` (computed when omitted).
+        method_metrics: discard precision / recall / F1 per identification method, when measured.
+        dataset, id_column: as in `report`: the training data whose rows show beside the lowest samples.
+        lowest: how many samples to list, lowest ``P(keep)`` first.
+    """
+    import jinja2
+
+    summary = mimic_filter.summary
+    quality = quality if quality is not None else estimate_quality(mimic_filter)
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("hf_gradmimic", "templates"), autoescape=True,
+                                     undefined=jinja2.StrictUndefined)
+    order = np.argsort(mimic_filter.keep_prob, kind="stable")[:lowest]
+    content_columns, content = _sample_content(mimic_filter, order, dataset, id_column)
+    page = environment.get_template(HTML_TEMPLATE).render(
+        title=f"Grad-Mimic filter report: {summary['retained_fraction']:.1%} of {summary['n_samples']:,} samples kept",
+        summary_rows=_summary_rows(summary, quality),
+        warnings=list(summary.get("warnings") or []),
+        figures=[{"name": FIGURE_CAPTIONS.get(name, name), "data": base64.b64encode(Path(path).read_bytes()).decode("ascii")}
+                 for name, path in (figures or {}).items()],
+        window_rows=_window_rows(summary),
+        method_rows=[{"method": method, "precision": _number(values["discard_precision"]),
+                      "recall": _number(values["discard_recall"]), "f1": _number(values["discard_f1"])}
+                     for method, values in (method_metrics or {}).items()],
+        provenance=json.dumps(summary.get("provenance"), indent=2, sort_keys=True) if summary.get("provenance") else None,
+        has_dataset=dataset is not None,
+        content_columns=content_columns,
+        samples=_lowest_samples(mimic_filter, order, content),
+    )
+    return atomic_write(Path(destination), lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+
+
+def _number(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{digits}g}"
+    return str(value)
+
+
+def _summary_rows(summary: dict[str, Any], quality: dict[str, float]) -> list[tuple[str, str]]:
+    settings = summary["settings"]
+    return [
+        ("samples", f"{summary['n_samples']:,}"),
+        ("kept", f"{summary['retained_fraction']:.2%}"),
+        ("mean mimic score", _number(quality["mean_mimic_score"])),
+        ("records", f"{summary['n_records']:,}"),
+        ("samples with a non-finite record (discarded)", str(summary.get("n_nonfinite_samples", 0))),
+        ("samples without a scored record (prior)", str(summary.get("n_unscored_samples", 0))),
+        ("method", str(settings["method"])),
+        ("aggregation", f"{settings['aggregate']} (used: {summary['aggregate_used']})"),
+        ("windows", str(settings["windows"])),
+        ("labeling functions", ", ".join(map(str, settings.get("labeling_functions", ["mimic"])))),
+        ("seed", str(settings["seed"])),
+    ]
+
+
+def _mimic_votes(summary: dict[str, Any]) -> bool:
+    """Whether the mimic windows voted (``labeling_functions`` without ``"mimic"`` leaves them out)."""
+    return "mimic" in summary["settings"].get("labeling_functions", ["mimic"])
+
+
+def _window_rows(summary: dict[str, Any]) -> list[dict[str, str]]:
+    rows = []
+    for window in summary["windows"]:
+        note = "degenerate: all kept" if window["degenerate"] else ""
+        if not _mimic_votes(summary):
+            note = "not voting (labeling_functions leave out 'mimic')"
+        rows.append({"name": f"mimic/{window['name']}", "steps": f"{window['first_step']}–{window['last_step']}",
+                     "n_samples": _number(window.get("n_samples")), "cut": _number(window["threshold"]),
+                     "kept_fraction": _number(window.get("kept_fraction")),
+                     "accuracy": _number(window.get("estimated_accuracy")), "note": note})
+    for function in summary.get("labeling_functions") or []:
+        rows.append({"name": str(function["name"]), "steps": "", "n_samples": _number(function.get("n_samples")),
+                     "cut": _number(function.get("boundary")), "kept_fraction": _number(function.get("kept_fraction")),
+                     "accuracy": _number(function.get("estimated_accuracy")), "note": ""})
+    return rows
+
+
+_VOTE_KINDS = {1: ("keep", "K"), 0: ("discard", "D"), -1: ("abstain", "·")}
+
+
+def _lowest_samples(mimic_filter: MimicFilter, order: np.ndarray, content: list[list[dict[str, str]]]) -> list[dict]:
+    """The rows of the page's sample table: ids, probabilities, every labeling function's vote, the content."""
+    table = mimic_filter.table.take(order)
+    summary = mimic_filter.summary
+    mimic = _mimic_votes(summary)
+    names = [f"mimic/{name}" for name in summary["window_names"]] if mimic else []
+    votes = [np.asarray(row if mimic else [], dtype=int) for row in table.column("votes").to_pylist()]
+    if "lf_votes" in table.column_names:
+        names += [str(function["name"]) for function in summary.get("labeling_functions") or []]
+        votes = [np.concatenate([mimic, np.asarray(other, dtype=int)])
+                 for mimic, other in zip(votes, table.column("lf_votes").to_pylist())]
+    samples = []
+    for position, record in enumerate(table.select(["sample_id", "keep_prob", "mean_mimic_score", "mean_weight"]).to_pylist()):
+        samples.append({
+            "sample_id": str(record["sample_id"]),
+            "keep_prob": _number(record["keep_prob"]),
+            "mean_mimic_score": _number(record["mean_mimic_score"]),
+            "mean_weight": _number(record["mean_weight"]),
+            "votes": [{"name": name, "kind": _VOTE_KINDS[int(vote)][0], "symbol": _VOTE_KINDS[int(vote)][1]}
+                      for name, vote in zip(names, votes[position])],
+            "content": content[position] if content else [],
+        })
+    return samples
+
+
+def _sample_content(mimic_filter: MimicFilter, order: np.ndarray, dataset: Any,
+                    id_column: str | None) -> tuple[list[str], list[list[dict[str, str]]]]:
+    """The column names and, per listed sample, its cells: text (cut to `TEXT_CHARACTERS`) or a PNG thumbnail."""
+    if dataset is None:
+        return [], []
+    from .filter.inputs import as_rows
+
+    if id_column is None:
+        id_column = ((mimic_filter.summary.get("provenance") or {}).get("sample_ids") or {}).get("column")
+    rows = as_rows(dataset)
+    positions = mimic_filter.positions(dataset, id_column)[order]
+    picked = rows.take(positions)
+    if rows.kind == "pandas.DataFrame":
+        records = picked.to_dict("records")
+    elif rows.kind == "pyarrow.Table":
+        records = picked.to_pylist()
+    else:  # a datasets.Dataset: indexing decodes its Image columns to PIL images
+        records = [picked[index] for index in range(len(picked))]
+    columns = [name for name in rows.column_names if name != id_column]
+    return columns, [[_cell(name, record[name]) for name in columns] for record in records]
+
+
+def _cell(column: str, value: Any) -> dict[str, str]:
+    thumbnail = _thumbnail(value)
+    if thumbnail is not None:
+        return {"column": column, "image": thumbnail, "text": ""}
+    if isinstance(value, (list, tuple, np.ndarray)) and len(value) > 8:
+        text = f"[{len(value)} values]"
+    else:
+        text = str(value)
+    if len(text) > TEXT_CHARACTERS:
+        text = text[:TEXT_CHARACTERS] + "…"
+    return {"column": column, "image": "", "text": text}
+
+
+def _thumbnail(value: Any) -> str | None:
+    """A base64 PNG thumbnail of a PIL image or of an undecoded ``datasets.Image`` value; None for anything else."""
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - matplotlib requires pillow
+        return None
+    if isinstance(value, dict) and isinstance(value.get("bytes"), (bytes, bytearray)):
+        try:
+            value = Image.open(io.BytesIO(value["bytes"]))
+        except OSError:
+            return None
+    if not isinstance(value, Image.Image):
+        return None
+    image = value.convert("RGB") if value.mode not in ("RGB", "L") else value.copy()
+    image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
+    if max(image.size) < THUMBNAIL_PIXELS // 2:  # tiny images (8x8 digits) scaled up, pixels kept sharp
+        factor = THUMBNAIL_PIXELS // 2 // max(image.size)
+        image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _metrics_per_method(mimic_filter: MimicFilter, clean: np.ndarray, scores: Any) -> dict[str, dict[str, float]]:

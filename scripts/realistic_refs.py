@@ -47,22 +47,42 @@ REFERENCES: dict[str, tuple[str, int | None]] = {
 }
 # name: (label, has a continuous score)
 DETECTORS: dict[str, str] = {
-    "stage2": "Stage 2, `build_filter` defaults (mimic + loss windows, k-means, Snorkel)",
-    "stage2_reference": "Stage 2 + reference agreement (+ zero-shot on text) as labeling functions",
-    "loss_reference": "Stage 2 without the mimic windows: loss windows + reference agreement (+ zero-shot on text)",
+    "stage2": "Stage 2, `build_filter` defaults ({defaults})",
+    "stage2_reference": "Stage 2 defaults + reference agreement (+ zero-shot on text) as labeling functions",
+    "previous_default": "the previous default: mimic + loss windows, k-means, Snorkel",
+    "loss_reference": "loss windows + reference agreement (+ zero-shot on text), k-means, Snorkel",
     "paper": "Stage 2 as in the paper (mimic windows only, gmm, Snorkel)",
     "cleanlab": "cleanlab `find_label_issues` (5-fold CV logistic regression on frozen features)",
     "reference_disagreement": "reference disagreement (argmax ≠ label)",
-    "loss_gmm": "small loss, 2-component GMM cut (DivideMix) on the plain model's loss",
+    "cleanlab_reference": "cleanlab `find_label_issues` on the reference's probabilities",
+    "loss_gmm": "small loss, 2-component GMM cut (DivideMix) on the plain model's log-loss",
+    "aum": "area under the margin (Pleiss et al. 2020) of the plain run, 2-component GMM cut",
 }
 
 
-def stage2_detectors(agreement: list) -> list[tuple[str, list | None, str]]:
-    """``(detector, labeling_functions, method)`` of the Stage-2 filters measured on each cell (None: the default)."""
-    from hf_gradmimic.filter import DEFAULT_METHOD
+def stage2_detectors(agreement: list) -> list[tuple[str, list | None, dict[str, Any]]]:
+    """``(detector, labeling_functions, build_filter settings)`` of the Stage-2 filters measured on each cell (None and
+    ``{}``: the library's defaults)."""
+    from hf_gradmimic.filter import DEFAULT_LABELING_FUNCTIONS
 
-    return [("stage2", None, DEFAULT_METHOD), ("stage2_reference", ["mimic", "loss", *agreement], DEFAULT_METHOD),
-            ("loss_reference", ["loss", *agreement], DEFAULT_METHOD), ("paper", ["mimic"], "gmm")]
+    previous = {"method": "kmeans", "aggregate": "snorkel"}
+    return [("stage2", None, {}), ("stage2_reference", [*DEFAULT_LABELING_FUNCTIONS, *agreement], {}),
+            ("previous_default", ["mimic", "loss"], previous), ("loss_reference", ["loss", *agreement], previous),
+            ("paper", ["mimic"], {"method": "gmm", "aggregate": "snorkel"})]
+
+
+def _detector_labels() -> dict[str, str]:
+    """`DETECTORS` with the library's current Stage-2 defaults named in the default's label."""
+    return {name: label.replace("{defaults}", _defaults_label()) for name, label in DETECTORS.items()}
+
+
+STAGE2_NAMES = ("stage2", "stage2_reference", "previous_default", "loss_reference", "paper")
+
+
+def _defaults_label() -> str:
+    from hf_gradmimic.filter import DEFAULT_AGGREGATE, DEFAULT_LABELING_FUNCTIONS
+
+    return f"{' + '.join(DEFAULT_LABELING_FUNCTIONS)}, aggregate {DEFAULT_AGGREGATE!r}"
 
 
 SCORES: dict[str, str] = {  # continuous scores without a detector of their own
@@ -89,6 +109,7 @@ class Task:
     regimes: tuple[str, ...]
     lr: dict[str, float]
     zero_shot: Callable[[Any], np.ndarray] | None = None
+    noise_below: float = 1.0  # symmetric noise at or above this leaves no signal (two classes: 0.5)
 
 
 def digits_task() -> Task:
@@ -99,6 +120,18 @@ def digits_task() -> Task:
         load=lambda noise, seed: load_noisy_digits(noise_rate=noise, seed=seed),
         model=lambda seed, frozen: digits_model(seed=seed, freeze_backbone=frozen),
         input_column="pixel_values", regimes=("probe", "finetune"), lr={"probe": 2e-2, "finetune": 1e-2},
+    )
+
+
+def breast_cancer_task() -> Task:
+    """The held-out task: chosen before the Stage-2 defaults were tuned, never tuned on (two classes: noise < 50%)."""
+    from hf_gradmimic.testing.breast_cancer import breast_cancer_model, load_noisy_breast_cancer
+
+    return Task(
+        name="breast_cancer", label="scikit-learn breast cancer (2 classes), frozen random-ReLU backbone + linear head",
+        load=lambda noise, seed: load_noisy_breast_cancer(noise_rate=noise, seed=seed),
+        model=lambda seed, frozen: breast_cancer_model(seed=seed, freeze_backbone=frozen),
+        input_column="pixel_values", regimes=("probe",), lr={"probe": 2e-2}, noise_below=0.5,
     )
 
 
@@ -132,8 +165,30 @@ def bbc_task(cache_dir: Path) -> Task:
 # ---------------------------------------------------------------- one cell
 
 
+class _MarginHistory:
+    """Records every sample's margin (Pleiss et al. 2020) on the pool at the end of each epoch of a plain run."""
+
+    def __init__(self, dataset, column: str, labels: np.ndarray) -> None:
+        self.dataset, self.column, self.labels, self.history = dataset, column, labels, []
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        recorder = self
+
+        class OnEpochEnd(TrainerCallback):
+            def on_epoch_end(self, args, state, control, model=None, **kwargs):
+                from hf_gradmimic.baselines import margins
+
+                was_training = model.training
+                recorder.history.append(margins(_logits(model, recorder.dataset, recorder.column), recorder.labels))
+                model.train(was_training)
+
+        return OnEpochEnd()
+
+
 def _train(task: Task, regime: str, seed: int, dataset, steps: int, output_dir: Path, *, scorer: str | None = None,
-           reference: Any = None):
+           reference: Any = None, callbacks: list | None = None):
     """Train one student on ``dataset`` for ``steps`` AdamW steps; returns the model."""
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
@@ -146,7 +201,7 @@ def _train(task: Task, regime: str, seed: int, dataset, steps: int, output_dir: 
     )
     model = task.model(seed, regime == "probe")
     if scorer is None:
-        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=dataset)
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=dataset, callbacks=callbacks)
     else:
         extra: dict[str, Any] = {}
         if scorer == "rho_loss":
@@ -198,15 +253,25 @@ def _detection_metrics(issues: np.ndarray, clean_score: np.ndarray | None, is_cl
     return out
 
 
-def run_cell(task: Task, reference: str, noise: float, regime: str, seed: int, work: Path, epochs: float,
-             retrain: bool = True) -> dict[str, Any]:
-    """Every trainer and detector of one cell; returns its record."""
-    from hf_gradmimic import build_filter, build_reference
-    from hf_gradmimic.baselines import confident_learning, per_sample_loss, reference_disagreement, small_loss_gmm
-    from hf_gradmimic.filter import PredictorAgreement
+@dataclass
+class CellData:
+    """One cell's data: the pool every method trains on (trusted samples held out), its clean flags, the test split."""
 
-    start = time.perf_counter()
-    out_dir = work / f"{task.name}_{reference}_{noise}_{regime}_seed{seed}"
+    train: Any
+    test: Any
+    trusted: np.ndarray
+    pool: np.ndarray
+    pool_ds: Any
+    is_clean: np.ndarray
+    given: np.ndarray
+    steps: int
+
+
+def cell_dir(work: Path, task: Task, reference: str, noise: float, regime: str, seed: int) -> Path:
+    return work / f"{task.name}_{reference}_{noise}_{regime}_seed{seed}"
+
+
+def cell_data(task: Task, reference: str, noise: float, seed: int, epochs: float) -> CellData:
     data = task.load(noise, seed)
     train, test = data["train"], data["test"]
     n = len(train)
@@ -217,14 +282,71 @@ def run_cell(task: Task, reference: str, noise: float, regime: str, seed: int, w
         rng = np.random.default_rng(TRUSTED_SEED_OFFSET + seed)
         trusted = np.sort(rng.choice(n, size=k, replace=False))
         pool = np.setdiff1d(np.arange(n), trusted)
-    keep_columns = [task.input_column, "label"]
-    trusted_ds = train.select(trusted).select_columns([task.input_column, "clean_label"]).rename_column("clean_label", "label")
     pool_full = train.select(pool)
-    is_clean = np.asarray(pool_full["is_clean"]).astype(bool)
-    given = np.asarray(pool_full["label"]).astype(np.int64)
-    pool_ds = pool_full.select_columns(keep_columns)
-    steps = max(1, int(round(epochs * (len(pool_ds) // BATCH))))
+    pool_ds = pool_full.select_columns([task.input_column, "label"])
+    return CellData(train, test, trusted, pool, pool_ds, np.asarray(pool_full["is_clean"]).astype(bool),
+                    np.asarray(pool_full["label"]).astype(np.int64), max(1, int(round(epochs * (len(pool_ds) // BATCH)))))
 
+
+def stage2_detections(out_dir: Path, agreement: list, n_pool: int) -> tuple[dict[str, tuple], dict[str, np.ndarray]]:
+    """The Stage-2 detectors of `stage2_detectors` on the cell's score log, and the continuous scores beside them."""
+    from hf_gradmimic import build_filter
+
+    detections: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    scores: dict[str, np.ndarray] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, functions, settings in stage2_detectors(agreement):
+            mimic_filter = build_filter(out_dir / "mimic", labeling_functions=functions, **settings)
+            ids = mimic_filter.sample_ids  # every pool row over full epochs; a sample never drawn stays kept
+            detections[name] = (~_on_pool(ids, mimic_filter.keep, True, n_pool),
+                                _on_pool(ids, mimic_filter.keep_prob, 1.0, n_pool))
+            if name == "paper":
+                table = mimic_filter.table
+                scores = {key: _on_pool(ids, values, np.nanmax(values), n_pool) for key, values in (
+                    ("mean_bw", table.column("mean_weight").to_numpy()),
+                    ("mean_mimic_score", table.column("mean_mimic_score").to_numpy()))}
+    return detections, scores
+
+
+def _agreement(task: Task, data: CellData, ref_logits: np.ndarray, record: dict | None = None) -> list:
+    from hf_gradmimic.filter import PredictorAgreement
+
+    agreement = [PredictorAgreement(ref_logits, data.given, name="reference")]
+    if task.zero_shot is not None:
+        pool_full = data.train.select(data.pool)
+        zero_shot_logits = task.zero_shot(pool_full)
+        agreement.append(PredictorAgreement(zero_shot_logits, data.given, name="zero_shot"))
+        if record is not None:
+            record["zero_shot_accuracy_on_clean_labels"] = float(
+                (zero_shot_logits.argmax(1) == np.asarray(pool_full["clean_label"])).mean())
+    return agreement
+
+
+def _retrained_accuracy(task: Task, regime: str, seed: int, data: CellData, issues: np.ndarray, out_dir: Path) -> float:
+    model = _train(task, regime, seed, data.pool_ds.select(np.flatnonzero(~issues)), data.steps, out_dir)
+    return _accuracy(model, data.test, task.input_column)
+
+
+def run_cell(task: Task, reference: str, noise: float, regime: str, seed: int, work: Path, epochs: float,
+             retrain: bool = True) -> dict[str, Any]:
+    """Every trainer and detector of one cell; returns its record."""
+    from hf_gradmimic import build_reference
+    from hf_gradmimic.baselines import (
+        area_under_margin,
+        confident_learning,
+        confident_learning_from_probs,
+        per_sample_loss,
+        reference_disagreement,
+        small_loss_gmm,
+    )
+
+    start = time.perf_counter()
+    out_dir = cell_dir(work, task, reference, noise, regime, seed)
+    data = cell_data(task, reference, noise, seed, epochs)
+    pool_ds, given, is_clean, steps, test = data.pool_ds, data.given, data.is_clean, data.steps, data.test
+    trusted_ds = (data.train.select(data.trusted).select_columns([task.input_column, "clean_label"])
+                  .rename_column("clean_label", "label"))
     ref = build_reference(task.model(seed, True), trusted_ds, layers=["classifier"], output_dir=out_dir / "reference",
                           epochs=100, seed=seed)
     ref_model = task.model(seed, True)
@@ -232,52 +354,60 @@ def run_cell(task: Task, reference: str, noise: float, regime: str, seed: int, w
     ref_logits = _logits(ref_model, pool_ds, task.input_column)
     record: dict[str, Any] = {
         "task": task.name, "reference": reference, "noise": noise, "regime": regime, "seed": seed,
-        "n_pool": int(len(pool_ds)), "n_trusted": int(len(trusted)), "steps": steps,
+        "n_pool": int(len(pool_ds)), "n_trusted": int(len(data.trusted)), "steps": steps,
         "noise_in_pool": float(1 - is_clean.mean()), "accuracy": {"reference": _accuracy(ref_model, test, task.input_column)},
     }
-    plain = _train(task, regime, seed, pool_ds, steps, out_dir / "plain")
+    margin_history = _MarginHistory(pool_ds, task.input_column, given)
+    plain = _train(task, regime, seed, pool_ds, steps, out_dir / "plain", callbacks=[margin_history.callback()])
     record["accuracy"]["plain"] = _accuracy(plain, test, task.input_column)
     plain_loss = per_sample_loss(_logits(plain, pool_ds, task.input_column), given)
+    # What the detectors read besides the score log, kept beside it for re-reading the cell (`refilter_cell`).
+    np.savez(out_dir / "cell_inputs.npz", is_clean=is_clean, given=given, reference_logits=ref_logits,
+             plain_loss=plain_loss, margin_history=np.stack(margin_history.history, axis=1))
     mimic = _train(task, regime, seed, pool_ds, steps, out_dir / "mimic", scorer="mimic", reference=ref.tensors)
     record["accuracy"]["mimic"] = _accuracy(mimic, test, task.input_column)
     rho = _train(task, regime, seed, pool_ds, steps, out_dir / "rho_loss", scorer="rho_loss", reference=ref_model)
     record["accuracy"]["rho_loss"] = _accuracy(rho, test, task.input_column)
 
-    agreement = [PredictorAgreement(ref_logits, given, name="reference")]
-    if task.zero_shot is not None:
-        zero_shot_logits = task.zero_shot(pool_full)
-        agreement.append(PredictorAgreement(zero_shot_logits, given, name="zero_shot"))
-        record["zero_shot_accuracy_on_clean_labels"] = float(
-            (zero_shot_logits.argmax(1) == np.asarray(pool_full["clean_label"])).mean())
-    detections: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for name, functions, method in stage2_detectors(agreement):
-            mimic_filter = build_filter(out_dir / "mimic", labeling_functions=functions, method=method)
-            ids = mimic_filter.sample_ids  # every pool row over full epochs; a sample never drawn stays kept
-            detections[name] = (~_on_pool(ids, mimic_filter.keep, True, len(pool_ds)),
-                                _on_pool(ids, mimic_filter.keep_prob, 1.0, len(pool_ds)))
-            if name == "paper":
-                table = mimic_filter.table
-                scores = {key: _on_pool(ids, values, np.nanmax(values), len(pool_ds)) for key, values in (
-                    ("mean_bw", table.column("mean_weight").to_numpy()),
-                    ("mean_mimic_score", table.column("mean_mimic_score").to_numpy()))}
+    detections, scores = stage2_detections(out_dir, _agreement(task, data, ref_logits, record), len(pool_ds))
     cl = confident_learning(_frozen_features(task, task.model(seed, True), pool_ds), given, seed=seed)
     detections["cleanlab"] = (cl.issues, cl.clean_score)
+    probs = np.exp(ref_logits - ref_logits.max(axis=1, keepdims=True))
+    cl_reference = confident_learning_from_probs(probs / probs.sum(axis=1, keepdims=True), given)
+    detections["cleanlab_reference"] = (cl_reference.issues, cl_reference.clean_score)
     rd = reference_disagreement(ref_logits, given)
     detections["reference_disagreement"] = (rd.issues, rd.clean_score)
     lg = small_loss_gmm(plain_loss, seed=seed)
     detections["loss_gmm"] = (lg.issues, lg.clean_score)
+    aum = area_under_margin(np.stack(margin_history.history, axis=1), seed=seed)
+    detections["aum"] = (aum.issues, aum.clean_score)
     record["detectors"] = {name: _detection_metrics(issues, score, is_clean) for name, (issues, score) in detections.items()}
     record["scores"] = {name: _detection_metrics(np.zeros_like(is_clean), s, is_clean) for name, s in scores.items()}
     if retrain:
-        record["kept_accuracy"] = {}
-        for name, (issues, _) in detections.items():
-            kept = pool_ds.select(np.flatnonzero(~issues))
-            model = _train(task, regime, seed, kept, steps, out_dir / f"kept_{name}")
-            record["kept_accuracy"][name] = _accuracy(model, test, task.input_column)
+        record["kept_accuracy"] = {name: _retrained_accuracy(task, regime, seed, data, issues, out_dir / f"kept_{name}")
+                                   for name, (issues, _) in detections.items()}
     record["seconds"] = time.perf_counter() - start
     record["commit"] = code_commit()
+    return record
+
+
+def refilter_cell(task: Task, record: dict[str, Any], work: Path, epochs: float, retrain: bool = True) -> dict[str, Any]:
+    """The cell's Stage-2 detectors again, from its saved score log, at the current code (the baselines and the
+    trainers stay as measured): how a new Stage-2 default is measured on the same runs."""
+    out_dir = cell_dir(work, task, record["reference"], record["noise"], record["regime"], record["seed"])
+    data = cell_data(task, record["reference"], record["noise"], record["seed"], epochs)
+    saved = np.load(out_dir / "cell_inputs.npz")
+    detections, scores = stage2_detections(out_dir, _agreement(task, data, saved["reference_logits"]), len(data.pool_ds))
+    record = json.loads(json.dumps(record))
+    stage2 = {name: _detection_metrics(issues, score, data.is_clean) for name, (issues, score) in detections.items()}
+    baselines = {k: v for k, v in record["detectors"].items() if k not in STAGE2_NAMES}
+    record["detectors"] = {**stage2, **baselines}
+    record["scores"] = {name: _detection_metrics(np.zeros_like(data.is_clean), s, data.is_clean) for name, s in scores.items()}
+    if retrain and "kept_accuracy" in record:
+        kept = {name: _retrained_accuracy(task, record["regime"], record["seed"], data, issues, out_dir / f"kept_{name}")
+                for name, (issues, _) in detections.items()}
+        record["kept_accuracy"] = {**kept, **{k: v for k, v in record["kept_accuracy"].items() if k not in STAGE2_NAMES}}
+    record["stage2_commit"] = code_commit()
     return record
 
 
@@ -294,6 +424,7 @@ class Grid:
     epochs: float = 5.0
     retrain: bool = True
     records_only: bool = False  # report the cells already in realistic.jsonl, run none
+    refilter: bool = False  # recompute the Stage-2 detectors of the recorded cells from their saved logs (`refilter_cell`)
 
 
 def run_grid(grid: Grid, work: Path, log=print) -> list[dict]:
@@ -310,13 +441,13 @@ def run_grid(grid: Grid, work: Path, log=print) -> list[dict]:
         for line in path.read_text().splitlines():
             row = json.loads(line)
             done[row["task"], row["reference"], row["noise"], row["regime"], row["seed"]] = row
-    tasks = {"digits": digits_task, "bbc": lambda: bbc_task(work / "embeddings")}
+    tasks = {"digits": digits_task, "bbc": lambda: bbc_task(work / "embeddings"), "breast_cancer": breast_cancer_task}
     records = []
     for task_name in grid.tasks:
         task = tasks[task_name]()
         for regime in [r for r in task.regimes if r in grid.regimes]:
             for reference in grid.references:
-                for noise in grid.noises:
+                for noise in [nz for nz in grid.noises if nz < task.noise_below]:
                     for seed in grid.seeds:
                         key = (task_name, reference, noise, regime, seed)
                         if key not in done and grid.records_only:
@@ -326,6 +457,9 @@ def run_grid(grid: Grid, work: Path, log=print) -> list[dict]:
                             with path.open("a") as handle:
                                 handle.write(json.dumps(row) + "\n")
                             done[key] = row
+                        elif grid.refilter:
+                            done[key] = refilter_cell(task, done[key], work, grid.epochs, grid.retrain)
+                            _rewrite(path, done.values())
                         row = done[key]
                         records.append(row)
                         log(f"[realistic] {task_name} {regime} {reference} noise {noise} seed {seed}: "
@@ -333,6 +467,13 @@ def run_grid(grid: Grid, work: Path, log=print) -> list[dict]:
                             + ", ".join(f"{d} {m['f1']:.3f}" for d, m in row["detectors"].items())
                             + f" ({row['seconds']:.0f} s)")
     return records
+
+
+def _rewrite(path: Path, rows) -> None:
+    """realistic.jsonl with ``rows`` (atomically: a refilter killed half-way keeps the previous file)."""
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tmp.replace(path)
 
 
 # ---------------------------------------------------------------- the report
@@ -370,7 +511,7 @@ def render(records: list[dict], grid: Grid) -> list[str]:
                         f"({len(seeds)} seeds)", ""]
                 out += ["Discard precision / recall / F1 (%, mean ± std over seeds; the noisy samples are the positives):", ""]
                 out += [header.format("detector"), rule]
-                for detector, label in DETECTORS.items():
+                for detector, label in _detector_labels().items():
                     cells = []
                     for nz in noises:
                         runs = [r["detectors"][detector] for r in _select(cell, noise=nz) if detector in r["detectors"]]
@@ -378,7 +519,7 @@ def render(records: list[dict], grid: Grid) -> list[str]:
                     out.append(f"| {label} | " + " | ".join(cells) + " |")
                 out += ["", "AUROC / AP (%) of each continuous score for the clean flag (keep_prob for the filters):", ""]
                 out += [header.format("score"), rule]
-                for name, label in [*DETECTORS.items(), *SCORES.items()]:
+                for name, label in [*_detector_labels().items(), *SCORES.items()]:
                     cells = []
                     for nz in noises:
                         runs = [{**r["detectors"], **r["scores"]}[name] for r in _select(cell, noise=nz)]
@@ -390,7 +531,7 @@ def render(records: list[dict], grid: Grid) -> list[str]:
                     out.append(f"| {label} | " + " | ".join(
                         _cell([r["accuracy"][name] for r in _select(cell, noise=nz)]) for nz in noises) + " |")
                 if any("kept_accuracy" in r for r in cell):
-                    for detector, label in DETECTORS.items():
+                    for detector, label in _detector_labels().items():
                         out.append(f"| plain Trainer on the set kept by: {label} | " + " | ".join(
                             _cell([r["kept_accuracy"][detector] for r in _select(cell, noise=nz) if "kept_accuracy" in r])
                             for nz in noises) + " |")

@@ -354,6 +354,37 @@ def test_the_score_log_records_its_provenance_and_the_filter_carries_it(tmp_path
     assert mimic_filter.rebuild(method="kmeans").summary["provenance"] == recorded
 
 
+def test_provenance_travels_with_load_scores_to_the_filter_and_its_card(tmp_path):
+    import json
+
+    import datasets
+
+    from hf_gradmimic import build_filter
+    from hf_gradmimic.cards import dataset_card_data, render_dataset_card
+
+    _, _, from_folder = _scored_run(tmp_path)
+    recorded = json.loads((tmp_path / "mimic_scores" / "provenance.json").read_text())
+    scores = load_scores(tmp_path)
+    routes = {"load_scores": scores, "shuffled": scores.shuffle(seed=1), "selected": scores.select(range(len(scores) - 4)),
+              "saved and reloaded": (scores.save_to_disk(str(tmp_path / "saved")), datasets.load_from_disk(str(tmp_path / "saved")))[1]}
+    for route, log in routes.items():
+        built = build_filter(log, method="threshold", aggregate="majority")
+        assert built.summary["provenance"] == recorded == from_folder.summary["provenance"], route
+    # Arrow and pandas carry no dataset info: no provenance rather than a wrong one.
+    assert build_filter(scores.to_pandas(), method="threshold", aggregate="majority").summary["provenance"] is None
+    # Two runs' logs concatenated hold two provenances: none is picked, and the warning says why.
+    other = datasets.Dataset(scores.data.table, info=datasets.DatasetInfo(description=json.dumps(
+        {"hf_gradmimic.provenance": {**recorded, "temperature": 9.0}})))
+    with pytest.warns(UserWarning, match=r"provenance of several runs"):
+        mixed = build_filter(datasets.concatenate_datasets([scores, other]), method="threshold", aggregate="majority")
+    assert mixed.summary["provenance"] is None
+    # The card of a filter built from load_scores names the reference by the hash the trainer recorded.
+    loaded = build_filter(scores, method="threshold", aggregate="majority")
+    card = render_dataset_card(dataset_card_data(None, "me/scored"), repo_id="me/scored", split="train",
+                               mimic_filter=loaded, num_rows=32, num_kept=int(loaded.keep.sum()), has_filtered=True)
+    assert f"sha256 `{recorded['scorer']['reference']['tensors_sha256'][:16]}…`" in card.text
+
+
 def test_apply_refuses_a_reordered_dataset_and_accepts_the_same_rows_in_another_format(tmp_path):
     data, _, mimic_filter = _scored_run(tmp_path)
     kept = mimic_filter.apply(data)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from hf_gradmimic.baselines import confident_learning, per_sample_loss, reference_disagreement, small_loss_gmm
+from hf_gradmimic.baselines import (
+    area_under_margin,
+    confident_learning,
+    confident_learning_from_probs,
+    margins,
+    per_sample_loss,
+    reference_disagreement,
+    small_loss_gmm,
+)
 
 
 def blobs(n=600, classes=3, noise=0.2, seed=0):
@@ -49,7 +57,44 @@ def test_small_loss_gmm_cuts_between_two_modes_without_the_noise_rate():
     for noise in (0.2, 0.5):
         noisy = rng.random(2000) < noise
         losses = np.where(noisy, rng.normal(3.0, 0.5, 2000), np.abs(rng.normal(0.2, 0.15, 2000)))
-        detection = small_loss_gmm(losses)
+        detection = small_loss_gmm(losses, transform="minmax")
         assert (detection.issues == noisy).mean() > 0.98
         assert abs(detection.issues.mean() - noise) < 0.02
         np.testing.assert_array_equal(detection.clean_score, -losses)
+
+
+def test_margins_are_the_given_logit_minus_the_best_other():
+    logits = np.array([[2.0, 1.0, -1.0], [0.0, 3.0, 2.5], [1.0, 0.5, 4.0]])
+    np.testing.assert_allclose(margins(logits, [0, 2, 1]), [2.0 - 1.0, 2.5 - 3.0, 0.5 - 4.0])
+
+
+def test_area_under_margin_averages_over_training_and_flags_the_low_mode():
+    rng = np.random.default_rng(1)
+    flipped = rng.random(800) < 0.3
+    history = np.where(flipped[:, None], rng.normal(-2.0, 0.7, (800, 5)), rng.normal(3.0, 0.7, (800, 5)))
+    detection = area_under_margin(history)
+    np.testing.assert_allclose(detection.clean_score, history.mean(axis=1))
+    assert (detection.issues == flipped).mean() > 0.98
+
+
+def test_cleanlab_on_given_probabilities_is_find_label_issues_itself():
+    from cleanlab.filter import find_label_issues
+
+    features, given, flipped = blobs(seed=2)
+    logits = 3.0 * features[:, :3]
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    detection = confident_learning_from_probs(probs, given)
+    np.testing.assert_array_equal(detection.issues, find_label_issues(given, probs))
+    np.testing.assert_allclose(detection.clean_score, probs[np.arange(len(given)), given])
+
+
+def test_small_loss_gmm_on_the_log_loss_is_sklearns_gmm_there():
+    from sklearn.mixture import GaussianMixture
+
+    rng = np.random.default_rng(3)
+    losses = np.exp(np.where(rng.random(1000) < 0.4, rng.normal(1.0, 0.4, 1000), rng.normal(-3.0, 1.0, 1000)))
+    values = np.log(losses + 1e-6)[:, None]
+    gmm = GaussianMixture(n_components=2, max_iter=10, tol=1e-2, reg_covar=5e-4, random_state=0).fit(values)
+    low = int(np.argmin(gmm.means_.ravel()))
+    np.testing.assert_array_equal(small_loss_gmm(losses).issues, gmm.predict_proba(values)[:, low] <= 0.5)

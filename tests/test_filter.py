@@ -500,7 +500,7 @@ def test_report_writes_figures_and_json(tmp_path, log):
     table, clean = log
     mimic_filter = build_filter(table, method="gmm", topk=70, labeling_functions=["mimic"])  # the log's loss is noise
     paths = hf_gradmimic.report(mimic_filter, tmp_path, clean=clean)
-    assert set(paths) == {"window_histograms", "keep_probability", "method_comparison", "report_json"}
+    assert set(paths) == {"window_histograms", "keep_probability", "method_comparison", "report_json", "report_html"}
     for key in ("window_histograms", "keep_probability", "method_comparison"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     payload = json.loads(paths["report_json"].read_text())

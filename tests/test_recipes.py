@@ -175,7 +175,7 @@ def test_monitor_losses_match_the_swapped_model(tmp_path, monkeypatch, case):
     batch; its student loss is the student's own. A head reads both off the training forward (in chunks of
     samples), an inner layer runs two forwards: both must match the swapped model computed here. The two score
     terms must match torch.func per-sample gradients: −⟨g_i, θ_ref⟩/‖v‖ and ⟨g_i, θ⟩/‖v‖, batch means."""
-    import hf_gradmimic.training.diagnostics as diagnostics_module
+    import hf_gradmimic.training.reference_verdict as verdict_module
     from hf_gradmimic.losses import per_sample_loss
     from tiny_models import TinyMLP, lm_dataset, mlp_dataset, per_sample_grads, tiny_gpt2
 
@@ -185,7 +185,7 @@ def test_monitor_losses_match_the_swapped_model(tmp_path, monkeypatch, case):
         "mlp-inner": (TinyMLP, mlp_dataset(n=16), "hidden"),
     }[case]
     if case == "gpt2-lm-head-chunked":
-        monkeypatch.setattr(diagnostics_module, "MONITOR_CHUNK_LOGITS", 2 * 9 * 40 + 1)  # two samples per chunk
+        monkeypatch.setattr(verdict_module, "MONITOR_CHUNK_LOGITS", 2 * 9 * 40 + 1)  # two samples per chunk
     model = make_model()
     params = dict(model.named_parameters())
     generator = torch.Generator().manual_seed(5)

@@ -114,7 +114,8 @@ def test_bayesian_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path):
     worker = Path(__file__).parent / "dist_scripts" / "killed_run.py"
     killed = subprocess.run([sys.executable, str(worker), str(tmp_path / "resumed"), "5"], capture_output=True, timeout=240)
     assert killed.returncode == -9, killed.stderr.decode()[-2000:]
-    assert (tmp_path / "resumed" / "checkpoint-4" / "mimic_scorer.pt").is_file()
+    assert (tmp_path / "resumed" / "checkpoint-4" / "mimic_scorer.safetensors").is_file()
+    assert (tmp_path / "resumed" / "checkpoint-4" / "mimic_scorer.json").is_file()
     assert not (tmp_path / "resumed" / "checkpoint-6").exists()
     resumed = bayesian_trainer(str(tmp_path / "resumed"))
     resumed.train(resume_from_checkpoint=True)

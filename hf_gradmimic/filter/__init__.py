@@ -52,11 +52,13 @@ from __future__ import annotations
 from .aggregation import (
     ABSTAIN,
     AGGREGATES,
+    DEFAULT_AGGREGATE,
     DISCARD,
     KEEP,
     LABEL_MODEL_EPOCHS,
     LABEL_MODEL_FIT_ROWS,
     LABEL_MODEL_LR,
+    VOTE_AGGREGATES,
     aggregate_votes,
 )
 from .build import ENGINES, build_filter, estimate_quality
@@ -79,10 +81,13 @@ from .labeling import (
     LabelingVotes,
     LossWindows,
     PredictorAgreement,
+    ScoringFunction,
 )
 from .outofcore import collect_windows_streaming
+from .posterior import MixtureFit, keep_posterior
 from .result import SUMMARY_FILENAME, TABLE_FILENAME, MimicFilter
 from .shards import BAD_SHARD_POLICIES, BadShardError
+from .signals import SIGNAL_NAMES, LabelingScores, LogLossSignal
 from .warning import FilterWarning
 from .windows import MAX_MATRIX_CELLS, WindowedScores, WindowsLike, collect_windows
 
@@ -91,6 +96,7 @@ __all__ = [
     "ABSTAIN",
     "AGGREGATES",
     "BAD_SHARD_POLICIES",
+    "DEFAULT_AGGREGATE",
     "DEFAULT_LABELING_FUNCTIONS",
     "DEFAULT_METHOD",
     "DISCARD",
@@ -101,18 +107,24 @@ __all__ = [
     "LABEL_MODEL_LR",
     "MAX_MATRIX_CELLS",
     "METHODS",
+    "SIGNAL_NAMES",
     "SUMMARY_FILENAME",
     "TABLE_FILENAME",
+    "VOTE_AGGREGATES",
     "BadShardError",
     "FilterWarning",
     "GaussianMixture1D",
     "Identification",
     "LabelingContext",
     "LabelingFunction",
+    "LabelingScores",
     "LabelingVotes",
+    "LogLossSignal",
     "LossWindows",
     "MimicFilter",
+    "MixtureFit",
     "PredictorAgreement",
+    "ScoringFunction",
     "ScoresLike",
     "WindowedScores",
     "WindowsLike",
@@ -127,5 +139,6 @@ __all__ = [
     "identify_kmeans",
     "identify_threshold",
     "identify_topk",
+    "keep_posterior",
     "kmeans_1d",
 ]

@@ -13,9 +13,15 @@ import numpy as np
 
 from .warning import warn
 
-__all__ = ["ABSTAIN", "AGGREGATES", "DISCARD", "KEEP", "aggregate_votes"]
+__all__ = ["ABSTAIN", "AGGREGATES", "DEFAULT_AGGREGATE", "DISCARD", "KEEP", "VOTE_AGGREGATES", "aggregate_votes"]
 
-ABSTAIN, DISCARD, KEEP = -1, 0, 1
+# One assignment each, so that the API reference (griffe) documents them.
+ABSTAIN = -1
+"""The vote of a labeling function that has no opinion on a sample (e.g. a window that did not see it)."""
+DISCARD = 0
+"""The vote for dropping a sample."""
+KEEP = 1
+"""The vote for keeping a sample."""
 
 # Snorkel's LabelModel only sees the data through the overlap matrix O = L_ind^T L_ind / n and
 # the per-window coverage, which are functions of the vote-pattern counts. Up to this many
@@ -31,7 +37,14 @@ _VOTE_RULES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
     "all": lambda n_keep, n_votes: (n_keep == n_votes).astype(np.float64),
     "any": lambda n_keep, n_votes: (n_keep > 0).astype(np.float64),
 }
-AGGREGATES: tuple[str, ...] = ("snorkel", *_VOTE_RULES)
+VOTE_AGGREGATES: tuple[str, ...] = ("snorkel", *_VOTE_RULES)
+"""The aggregates of votes alone (`aggregate_votes`)."""
+AGGREGATES: tuple[str, ...] = ("mixture", *VOTE_AGGREGATES)
+"""Every aggregate of `build_filter`: ``mixture`` is the two-class latent model of `hf_gradmimic.filter.posterior`
+over continuous signals and votes; with the others a continuous labeling function votes by its own 2-component
+GMM cut."""
+DEFAULT_AGGREGATE = "snorkel"
+"""`build_filter`'s aggregate when none is given."""
 
 
 def aggregate_votes(
@@ -68,8 +81,8 @@ def aggregate_votes(
         ``(keep_prob, info)``: ``info`` holds ``aggregate_used``, ``estimated_accuracies`` (snorkel
         only, else None) and, for snorkel, the fit details.
     """
-    if aggregate not in AGGREGATES:
-        raise ValueError(f"Unknown aggregate {aggregate!r}; expected one of {AGGREGATES}.")
+    if aggregate not in VOTE_AGGREGATES:
+        raise ValueError(f"Unknown vote aggregate {aggregate!r}; expected one of {VOTE_AGGREGATES}.")
     votes = _checked_votes(votes)
     m = votes.shape[1]
     n_votes = (votes != ABSTAIN).sum(axis=1)
@@ -84,6 +97,7 @@ def aggregate_votes(
         aggregate = info["aggregate_used"] = "majority"
     if aggregate in _VOTE_RULES:
         return _VOTE_RULES[aggregate](n_keep, n_votes), info
+
     majority = _VOTE_RULES["majority"](n_keep, n_votes)
     return _label_model_keep_prob(
         votes, majority, info, seed=seed, fit_rows=fit_rows, class_balance=class_balance,

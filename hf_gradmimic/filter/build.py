@@ -7,13 +7,14 @@ import os
 import warnings
 from typing import Any, Sequence
 
-from ..scores import read_provenance
+from ..scores import scores_provenance
+from .aggregation import DEFAULT_AGGREGATE
 from .decide import check_settings, decide
 from .identification import DEFAULT_METHOD
 from .distributed import collect_windows_ray
 from .inputs import ScoresLike
 from .outofcore import collect_windows_streaming
-from .labeling import LabelingContext, LabelingFunctionLike, labeling_votes, resolve_labeling_functions
+from .labeling import LabelingContext, LabelingFunctionLike, labeling_scores, labeling_votes, resolve_labeling_functions
 from .result import MimicFilter
 from .shards import BAD_SHARD_POLICIES, BadShardPolicy
 from .warning import FilterWarning
@@ -27,7 +28,7 @@ __all__ = ["ENGINES", "build_filter", "estimate_quality"]
 def build_filter(
     scores: ScoresLike,
     method: str = DEFAULT_METHOD,
-    aggregate: str = "snorkel",
+    aggregate: str = DEFAULT_AGGREGATE,
     windows: WindowsLike = "epoch",
     *,
     threshold: float | None = None,
@@ -79,7 +80,8 @@ def build_filter(
         mimic score, mean ``b * w``, per-window votes / values / scores, ``keep_prob`` and ``keep``;
         ``summary`` has the retained fraction, per-window thresholds and estimated accuracies,
         degenerate windows, the settings used, and the score log's ``provenance`` (the reference, the
-        scorer and its settings, the student, what the sample ids index; None for an in-memory log).
+        scorer and its settings, the student, what the sample ids index): from the log's folder, or from the
+        `datasets.Dataset` that `load_scores` returned; None for other in-memory logs.
 
     Example:
         >>> mimic_filter = build_filter("outputs/run1")  # mimic + loss windows, k-means, Snorkel's LabelModel
@@ -107,9 +109,10 @@ def build_filter(
     table, summary = decide(
         windowed, method=method, aggregate=aggregate, windows=windows, threshold=threshold, topk=topk, seed=seed,
         extra_votes=labeling_votes(functions, context), mimic_votes=mimic_votes,
+        extra_scores=labeling_scores(functions, context),
     )
     # What produced the log (and what its sample ids index) travels with the filter, to its cards and checks.
-    summary["provenance"] = read_provenance(scores) if isinstance(scores, (str, os.PathLike)) else None
+    summary["provenance"] = scores_provenance(scores)
     return MimicFilter(table, summary)
 
 

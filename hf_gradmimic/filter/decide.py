@@ -1,8 +1,9 @@
-"""The decide step: per-window values -> votes -> ``P(keep)`` -> the filter's per-sample table and summary.
+"""The decide step: per-window values and signals -> votes -> ``P(keep)`` -> the filter's per-sample table and summary.
 
 Identification runs window by window (each vectorised over its samples), aggregation over the
-whole vote matrix; a sample is kept when ``P(keep) >= 0.5`` (Huang et al., arXiv 2501.06708,
-Section 4.2).
+whole vote matrix, or, with ``aggregate="mixture"``, the keep posterior over the continuous signals
+and the votes together (`hf_gradmimic.filter.posterior`); a sample is kept when ``P(keep) >= 0.5``
+(Huang et al., arXiv 2501.06708, Section 4.2).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from .aggregation import ABSTAIN, AGGREGATES, aggregate_votes
 from .identification import METHODS, identify
 from .labeling import LabelingVotes
 from .matrices import list_column
+from .posterior import keep_posterior
+from .signals import LabelingScores
 from .warning import warn
 from .windows import WindowedScores, WindowsLike
 
@@ -47,12 +50,16 @@ def decide(
     seed: int,
     extra_votes: Sequence[LabelingVotes] = (),
     mimic_votes: bool = True,
+    extra_scores: Sequence[LabelingScores] = (),
 ) -> tuple[pa.Table, dict[str, Any]]:
     """Identification per window + aggregation, from the per-window values.
 
     ``extra_votes`` are the other labeling functions' votes (`hf_gradmimic.filter.labeling`), aggregated
     beside the mimic windows' and stored in the table's ``lf_votes`` column. With ``mimic_votes=False`` only they
     vote; the mimic windows' votes are still computed and stored (``votes``), for reading and for `rebuild`.
+    ``extra_scores`` are the continuous labeling functions' values (`hf_gradmimic.filter.signals`), stored in
+    ``lf_scores``: ``aggregate="mixture"`` reads them as they are; a vote aggregate cuts each column into votes
+    by a 2-component GMM first.
 
     Returns ``(table, summary)``, the two halves of a `MimicFilter` (see its docstring).
     """
@@ -67,11 +74,19 @@ def decide(
             warn_list,
         )
     lf_votes = np.hstack([lf.votes for lf in extra_votes]) if extra_votes else None
-    if not mimic_votes and lf_votes is None:
-        raise ValueError("The filter needs at least one labeling function: 'mimic', 'loss' or a LabelingFunction.")
+    lf_scores = np.hstack([lf.values for lf in extra_scores]) if extra_scores else None
+    if not mimic_votes and lf_votes is None and lf_scores is None:
+        raise ValueError("The filter needs at least one labeling function: 'mimic', 'loss', 'mean_loss' or an object.")
     voting = [v for v in (votes if mimic_votes else None, lf_votes) if v is not None]
-    all_votes = np.hstack(voting)
-    keep_prob, keep, info, status_counts = _aggregate_with_status(windowed, all_votes, aggregate, seed, warn_list)
+    score_votes = None
+    if lf_scores is not None and aggregate != "mixture":
+        score_votes = _votes_from_scores(lf_scores)
+        voting.append(score_votes)
+    all_votes = np.hstack(voting) if voting else np.zeros((votes.shape[0], 0), dtype=np.int8)
+    keep_prob, keep, info, status_counts = _aggregate_with_status(
+        windowed, all_votes, lf_scores if aggregate == "mixture" else None, aggregate, seed, warn_list,
+        [lf.name for lf in extra_votes] + [lf.name for lf in extra_scores] + ["mimic"] * mimic_votes,
+    )
     all_accuracies = info["estimated_accuracies"]
     offset = votes.shape[1] if mimic_votes else 0
     accuracies = None if all_accuracies is None or not mimic_votes else all_accuracies[:offset]
@@ -88,6 +103,8 @@ def decide(
     table = _filter_table(windowed, votes, keep_prob, keep)
     if lf_votes is not None:
         table = table.append_column("lf_votes", list_column(lf_votes, pa.int8()))
+    if lf_scores is not None:
+        table = table.append_column("lf_scores", list_column(lf_scores, pa.float64()))
     finite_scores = windowed.mean_score[~np.isnan(windowed.mean_score)]
     summary = {
         "n_samples": int(votes.shape[0]),
@@ -104,7 +121,9 @@ def decide(
         "windows": window_info,
         "aggregate_used": info["aggregate_used"],
         "label_model": info.get("label_model"),
-        "labeling_functions": _labeling_summary(extra_votes, all_accuracies, offset),
+        "mixture": info.get("mixture"),
+        "labeling_functions": _labeling_summary(extra_votes, all_accuracies, offset)
+        + _scores_summary(extra_scores, lf_scores, all_accuracies, all_votes.shape[1] - (0 if score_votes is None else score_votes.shape[1])),
         "settings": {
             "method": method,
             "aggregate": aggregate,
@@ -112,7 +131,8 @@ def decide(
             "threshold": (1.0 if threshold is None else float(threshold)) if method == "threshold" else threshold,
             "topk": float(topk),
             "seed": int(seed),
-            "labeling_functions": ["mimic"] * mimic_votes + [lf.name for lf in extra_votes],
+            "labeling_functions": ["mimic"] * mimic_votes + [lf.name for lf in extra_votes]
+            + [lf.name for lf in extra_scores],
         },
         "warnings": warn_list,
     }
@@ -120,9 +140,12 @@ def decide(
 
 
 def _aggregate_with_status(
-    windowed: WindowedScores, votes: np.ndarray, aggregate: str, seed: int, warn_list: list[str]
+    windowed: WindowedScores, votes: np.ndarray, scores: np.ndarray | None, aggregate: str, seed: int,
+    warn_list: list[str], sources: list[str],
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dict[str, int]]:
     """``(keep_prob, keep, aggregation info, status counts for the summary)``.
+
+    ``scores`` (``n x k`` continuous values, NaN abstaining) are read by ``aggregate="mixture"`` only.
 
     The score log's ``status`` (`hf_gradmimic.scores`) decides two cases before the votes do:
 
@@ -136,14 +159,18 @@ def _aggregate_with_status(
     """
     n = votes.shape[0]
     voted = (votes != ABSTAIN).any(axis=1)
+    if scores is not None:
+        voted |= np.isfinite(scores).any(axis=1)
     n_unscored = int(n - voted.sum())
     if n_unscored == n:
-        raise ValueError("No sample of the score log has a scored record (status 0) in any window; nothing to filter on.")
+        raise ValueError(
+            f"No sample of the score log has a vote or a finite signal from any labeling function ({sources}): each "
+            "abstains everywhere (no scored record, status 0, in any window, and no value in the signals' columns; "
+            "the filter's warnings say which columns are missing). Nothing to filter on."
+        )
     keep_prob = np.empty(n, dtype=np.float64)
-    if n_unscored:
-        keep_prob[voted], info = aggregate_votes(votes[voted], aggregate, seed=seed, collected_warnings=warn_list)
-    else:
-        keep_prob, info = aggregate_votes(votes, aggregate, seed=seed, collected_warnings=warn_list)
+    keep_prob[voted], info = _keep_prob(votes[voted], None if scores is None else scores[voted], aggregate, seed,
+                                        warn_list)
     nonfinite = np.zeros(n, dtype=bool) if windowed.n_nonfinite is None else windowed.n_nonfinite > 0
     n_nonfinite = int(nonfinite.sum())
     if n_nonfinite:
@@ -165,6 +192,51 @@ def _aggregate_with_status(
     counts = {"n_nonfinite_samples": n_nonfinite, "n_unscored_samples": n_unscored,
               "n_unlabeled_records": int(windowed.n_unlabeled_records)}
     return keep_prob, keep, info, counts
+
+
+def _keep_prob(votes: np.ndarray, scores: np.ndarray | None, aggregate: str, seed: int,
+               warn_list: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
+    """``P(keep)`` of samples that each have some evidence: the mixture posterior, or a vote aggregate."""
+    if aggregate != "mixture":
+        return aggregate_votes(votes, aggregate, seed=seed, collected_warnings=warn_list)
+    fit = keep_posterior(scores, votes, seed=seed)
+    summary = fit.summary()
+    if not fit.converged:
+        warn(f"The keep posterior's EM did not converge in {fit.iterations} iterations; its keep_prob is its last "
+             "estimate.", warn_list)
+    return fit.keep_prob, {"aggregate_used": "mixture", "estimated_accuracies": summary["vote_accuracies"],
+                           "mixture": summary}
+
+
+def _votes_from_scores(scores: np.ndarray) -> np.ndarray:
+    """Each continuous column cut into keep / discard by a 2-component GMM (DivideMix's split); NaN abstains."""
+    votes = np.full(scores.shape, ABSTAIN, dtype=np.int8)
+    for j in range(scores.shape[1]):
+        present = np.isfinite(scores[:, j])
+        if present.any():
+            votes[present, j] = identify(scores[present, j], "gmm", threshold=None, topk=50).keep
+    return votes
+
+
+def _scores_summary(extra_scores: Sequence[LabelingScores], values: np.ndarray | None,
+                    accuracies: list[float] | None, offset: int) -> list[dict[str, Any]]:
+    """One entry per continuous column: its name, how many samples it scored, and its accuracy when it voted."""
+    entries = []
+    column = 0
+    for lf in extra_scores:
+        for name in lf.columns:
+            present = np.isfinite(values[:, column])
+            entries.append({
+                "labeling_function": lf.name,
+                "name": name,
+                "kind": "score",
+                "n_samples": int(present.sum()),
+                "mean": float(values[present, column].mean()) if present.any() else float("nan"),
+                "estimated_accuracy": None if accuracies is None or offset + column >= len(accuracies)
+                else accuracies[offset + column],
+            })
+            column += 1
+    return entries
 
 
 def _labeling_summary(

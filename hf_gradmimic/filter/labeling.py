@@ -36,6 +36,7 @@ from .identification import METHODS, identify
 from .inputs import ScoreSource, ScoresLike, score_source
 from .outofcore import collect_windows_streaming
 from .shards import BadShardPolicy
+from .signals import SIGNAL_NAMES, LabelingScores, LogLossSignal
 from .windows import WindowedScores, WindowsLike, collect_source
 
 __all__ = [
@@ -46,6 +47,8 @@ __all__ = [
     "LabelingVotes",
     "LossWindows",
     "PredictorAgreement",
+    "ScoringFunction",
+    "labeling_scores",
     "labeling_votes",
     "resolve_labeling_functions",
 ]
@@ -104,7 +107,16 @@ class LabelingFunction(Protocol):
     def votes(self, context: LabelingContext) -> LabelingVotes: ...
 
 
-LabelingFunctionLike = Union[str, LabelingFunction]
+@runtime_checkable
+class ScoringFunction(Protocol):
+    """A continuous source: ``name`` and ``scores(context) -> LabelingScores`` (`hf_gradmimic.filter.signals`)."""
+
+    name: str
+
+    def scores(self, context: LabelingContext) -> LabelingScores: ...
+
+
+LabelingFunctionLike = Union[str, LabelingFunction, ScoringFunction]
 
 # Measured with realistic references (scripts/compare_methods.py, docs/results.md): the loss windows
 # beside the mimic windows raised discard F1 over the paper's mimic-only filter in 26 of 27 settings. The
@@ -209,40 +221,74 @@ class PredictorAgreement:
 
 def resolve_labeling_functions(
     labeling_functions: Sequence[LabelingFunctionLike] | None,
-) -> tuple[list[LabelingFunction], bool]:
-    """``(the labeling functions besides the mimic windows, from names or objects; whether the mimic windows vote)``."""
+) -> tuple[list[LabelingFunction | ScoringFunction], bool]:
+    """``(the labeling functions besides the mimic windows, from names or objects; whether the mimic windows vote)``.
+
+    Names: ``"mimic"`` (the windows' votes), ``"loss"`` (`LossWindows`' per-window votes), ``"mean_loss"``,
+    ``"last_loss"`` and ``"reference_loss"`` (continuous, `hf_gradmimic.filter.signals`)."""
     if labeling_functions is None:
         labeling_functions = DEFAULT_LABELING_FUNCTIONS
     if isinstance(labeling_functions, (str, bytes)) or not isinstance(labeling_functions, Sequence):
-        raise TypeError(f"labeling_functions must be a list, e.g. ['mimic', 'loss'], got {labeling_functions!r}.")
+        raise TypeError(f"labeling_functions must be a list, e.g. ['mean_loss', 'reference_loss'], got {labeling_functions!r}.")
     if not labeling_functions:
-        raise ValueError("labeling_functions is empty: name at least one, e.g. ['mimic', 'loss'].")
-    resolved: list[LabelingFunction] = []
+        raise ValueError("labeling_functions is empty: name at least one, e.g. ['mean_loss', 'reference_loss'].")
+    resolved: list[LabelingFunction | ScoringFunction] = []
     for lf in labeling_functions:
         if lf == "mimic":
             continue
         if lf == "loss":
             resolved.append(LossWindows())
+        elif isinstance(lf, str) and lf in SIGNAL_NAMES:
+            column, window = SIGNAL_NAMES[lf]
+            resolved.append(LogLossSignal(column, window, name=lf))
         elif isinstance(lf, str):
-            raise ValueError(f"Unknown labeling function {lf!r}: use 'mimic', 'loss' or a LabelingFunction object.")
-        elif isinstance(lf, LabelingFunction):
+            raise ValueError(
+                f"Unknown labeling function {lf!r}: use 'mimic', 'loss', {', '.join(map(repr, SIGNAL_NAMES))} or a "
+                "LabelingFunction / ScoringFunction object."
+            )
+        elif isinstance(lf, (LabelingFunction, ScoringFunction)):
             resolved.append(lf)
         else:
-            raise TypeError(f"A labeling function needs a `name` and a `votes(context)` method, got {lf!r}.")
+            raise TypeError(
+                f"A labeling function needs a `name` and a `votes(context)` or `scores(context)` method, got {lf!r}."
+            )
     names = [lf.name for lf in resolved]
     if len(set(names)) != len(names):
         raise ValueError(f"Two labeling functions share a name: {names}.")
     return resolved, "mimic" in labeling_functions
 
 
-def labeling_votes(functions: Sequence[LabelingFunction], context: LabelingContext) -> list[LabelingVotes]:
-    """Every labeling function's votes, each checked to have one row per sample of the filter."""
+def labeling_votes(functions: Sequence[LabelingFunction | ScoringFunction], context: LabelingContext) -> list[LabelingVotes]:
+    """Every voting labeling function's votes, each checked to have one row per sample of the filter."""
     out = []
     n = context.windowed.values.shape[0]
     for lf in functions:
+        if not isinstance(lf, LabelingFunction):
+            continue
         result = lf.votes(context)
         if result.votes.shape[0] != n:
             raise ValueError(f"Labeling function {lf.name!r} returned {result.votes.shape[0]} rows for {n} samples.")
+        out.append(result)
+    return out
+
+
+def labeling_scores(functions: Sequence[LabelingFunction | ScoringFunction], context: LabelingContext) -> list[LabelingScores]:
+    """Every continuous labeling function's values, each checked: one row per sample, NaN (abstain) or finite."""
+    out = []
+    ids = context.windowed.sample_ids
+    for lf in functions:
+        if isinstance(lf, LabelingFunction):
+            continue
+        result = lf.scores(context)
+        if result.values.shape[0] != len(ids):
+            raise ValueError(f"Labeling function {lf.name!r} returned {result.values.shape[0]} rows for {len(ids)} samples.")
+        infinite = np.isinf(result.values).any(axis=1)
+        if infinite.any():
+            shown = ids.take(pa.array(np.flatnonzero(infinite)[:5])).to_pylist()
+            raise ValueError(
+                f"Labeling function {lf.name!r} gave {int(infinite.sum())} sample(s) an infinite value, e.g. sample_id "
+                f"{shown}; give NaN for a sample it has nothing to say about."
+            )
         out.append(result)
     return out
 

@@ -17,6 +17,7 @@ from ..fileio import atomic_write, write_json
 from .decide import check_settings, decide
 from .inputs import as_rows
 from .labeling import LabelingVotes
+from .signals import LabelingScores
 from .matching import check_row_index_dataset, row_positions
 from .matrices import matrix
 from .stream import filter_iterable
@@ -123,24 +124,31 @@ class MimicFilter:
             seed=seed,
             extra_votes=self._labeling_votes(),
             mimic_votes="mimic" in settings.get("labeling_functions", ["mimic"]),
+            extra_scores=self._labeling_scores(),
         )
         summary["provenance"] = self.summary.get("provenance")  # the same log, the same run
         return MimicFilter(table, summary)
 
     def _labeling_votes(self) -> list[LabelingVotes]:
         """The other labeling functions' votes stored in ``lf_votes``, grouped as they were given."""
-        entries = self.summary.get("labeling_functions") or []
+        entries = [e for e in self.summary.get("labeling_functions") or [] if e.get("kind") != "score"]
         if not entries or "lf_votes" not in self.table.column_names:
             return []
         stacked = matrix(self.table.column("lf_votes"), len(entries), np.int8)
-        groups: dict[str, list[int]] = {}
-        for j, entry in enumerate(entries):
-            groups.setdefault(entry["labeling_function"], []).append(j)
         return [
             LabelingVotes(name, [entries[j]["name"] for j in cols], stacked[:, cols],
                           [float("nan") if entries[j]["boundary"] is None else entries[j]["boundary"] for j in cols])
-            for name, cols in groups.items()
+            for name, cols in _columns_by_function(entries).items()
         ]
+
+    def _labeling_scores(self) -> list[LabelingScores]:
+        """The continuous labeling functions' values stored in ``lf_scores``, grouped as they were given."""
+        entries = [e for e in self.summary.get("labeling_functions") or [] if e.get("kind") == "score"]
+        if not entries or "lf_scores" not in self.table.column_names:
+            return []
+        stacked = matrix(self.table.column("lf_scores"), len(entries), np.float64)
+        return [LabelingScores(name, [entries[j]["name"] for j in cols], stacked[:, cols])
+                for name, cols in _columns_by_function(entries).items()]
 
     def _windowed(self) -> WindowedScores:
         """The per-window values stored in the table, as `collect_windows` returned them."""
@@ -281,3 +289,11 @@ class MimicFilter:
         if clean.shape[0] != rows.num_rows:
             raise ValueError("clean_flags must have one entry per dataset row when dataset= is given.")
         return clean[positions]
+
+
+def _columns_by_function(entries: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """The summary's labeling-function entries grouped by function: name -> its column indices, in order."""
+    groups: dict[str, list[int]] = {}
+    for j, entry in enumerate(entries):
+        groups.setdefault(entry["labeling_function"], []).append(j)
+    return groups

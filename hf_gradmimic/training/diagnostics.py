@@ -26,14 +26,11 @@ from ..lora_recipe import check_adapter_init
 from ..reference import checkpoint_name, read_reference_metadata
 from .capture import Capture
 from .metrics_buffer import MetricsBuffer
+from .reference_verdict import PerSampleLosses, reference_head_losses, swapped_losses
 
 SELF_TERM_PATIENCE = 3
 """Monitored steps in a row with the self term dominating before the monitor warns."""
 
-MONITOR_CHUNK_LOGITS = 1 << 22
-"""At most this many reference logits are alive at once when the monitor scores a head on captured features."""
-
-PerSampleLosses = Callable[[Any, dict[str, Any], Any], torch.Tensor]
 
 
 def monitor_interval(args: Any) -> int:
@@ -142,38 +139,14 @@ class ReferenceDiagnostics:
 
     def _swapped_losses(self, model_inputs: dict[str, Any], inputs: dict[str, Any], labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample losses of the student, and of the student with its mimic layers swapped for the reference
-        (so the reference reads the student's current features), both in eval mode and without gradients."""
-        unwrapped = self.unwrapped_model()
-        reference = self.scorer.reference_on_device()
-        # Mimic tensors are keyed by their parameter name on the unwrapped model; tied uses follow (tie_weights).
-        swapped = {key: reference[key].to(param.dtype) for key, param in self.layers.tensors.items()}
-        was_training = unwrapped.training
-        unwrapped.eval()
-        try:
-            with torch.no_grad():
-                own = self.per_sample_losses(unwrapped(**model_inputs), inputs, labels)
-                outputs = torch.func.functional_call(unwrapped, swapped, args=(), kwargs=model_inputs, strict=False)
-                with_reference = self.per_sample_losses(outputs, inputs, labels)
-        finally:
-            unwrapped.train(was_training)
-        return own, with_reference
+        (`reference_verdict.swapped_losses`: eval mode, no gradients)."""
+        return swapped_losses(self.unwrapped_model(), self.layers, self.scorer.reference_on_device(), model_inputs,
+                              inputs, labels, self.per_sample_losses)
 
     def _reference_head_losses(self, capture: Capture, labels: Any) -> torch.Tensor:
-        """Per-sample losses of the reference's head on the features the training forward just captured: one
-        layer call instead of `_swapped_losses`' two forwards. A few samples at a time, so that at most
-        `MONITOR_CHUNK_LOGITS` logits are alive (a language model's are vocabulary-sized)."""
-        ((name, layer),) = self.layers.layers.items()
-        reference = self.scorer.reference_on_device()
-        features = capture.activations()[name]
-        params = {local: reference[f"{name}.{local}"].to(features.dtype) for local, _ in layer.named_parameters(recurse=False)}
-        with torch.no_grad():
-            one = torch.func.functional_call(layer, params, (features[:1],))
-            chunk = max(1, MONITOR_CHUNK_LOGITS // max(1, one.numel()))
-            return torch.cat([
-                self.per_sample_losses({"logits": torch.func.functional_call(layer, params, (features[start : start + chunk],))},
-                                       {}, labels[start : start + chunk])
-                for start in range(0, len(features), chunk)
-            ])
+        """The reference head's per-sample losses on the captured features: one layer call instead of two forwards."""
+        return reference_head_losses(self.layers, self.scorer.reference_on_device(), capture, labels,
+                                     self.per_sample_losses)
 
     # ------------------------------------------------------------------ checks
 

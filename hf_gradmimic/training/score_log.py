@@ -233,6 +233,7 @@ class ScoreLog(TrainerCallback):
             batch_size=records.batch_sizes,
             repeated=repeated,
             status=records.status,
+            reference_losses=records.reference_losses,
         )
 
     def _restore_seen_rows(self, state: Any) -> None:

@@ -46,6 +46,7 @@ class _MicroBatch:
     all_losses: torch.Tensor
     all_status: torch.Tensor
     weights: torch.Tensor | None = None  # "micro" normalisation only
+    reference_losses: torch.Tensor | None = None  # this rank's, for the score log (`reference_verdict`)
 
 
 @dataclass
@@ -69,6 +70,7 @@ class StepRecords:
     nonfinite_in_step: int = 0  # every process's samples
     unlabeled_in_step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    reference_losses: np.ndarray | None = None  # when every micro-batch of the step recorded them
 
 
 class StepSoftmax:
@@ -110,9 +112,11 @@ class StepSoftmax:
                        for m in self.micro_batches))
 
     def add(self, global_step: int, rows: torch.Tensor, scores: torch.Tensor, logits: torch.Tensor,
-            losses: torch.Tensor, status: torch.Tensor, fallback: torch.Tensor, accumulation_steps: int) -> torch.Tensor:
+            losses: torch.Tensor, status: torch.Tensor, fallback: torch.Tensor, accumulation_steps: int,
+            reference_losses: torch.Tensor | None = None) -> torch.Tensor:
         """Adds a micro-batch of the step ``global_step``; returns each local sample's coefficient c_i, so that
-        backward of Σ_i c_i ℓ_i (averaged over ranks by DDP/FSDP) accumulates Σ_i w_i ∇ℓ_i."""
+        backward of Σ_i c_i ℓ_i (averaged over ranks by DDP/FSDP) accumulates Σ_i w_i ∇ℓ_i. ``reference_losses``
+        (this rank's samples) only travel to the score log."""
         self._begin(global_step, logits.device)
         columns = [logits, rows.to(logits.device), scores.detach(), losses.detach(), status.to(logits.device)]
         packed = torch.stack([column.to(logits.device, torch.float64) for column in columns], dim=1)
@@ -120,6 +124,7 @@ class StepSoftmax:
         all_logits, all_rows, all_scores, all_losses, all_status = self.gather(packed).unbind(dim=1)
         micro = _MicroBatch(rows, scores.detach(), logits, losses.detach(), status, fallback, all_logits.to(logits.dtype),
                             all_rows, all_scores, all_losses, all_status)
+        micro.reference_losses = None if reference_losses is None else reference_losses.detach()
         self.micro_batches.append(micro)
         if self.normalize == "micro":
             micro.weights = softmax_or_zero(logits)
@@ -186,6 +191,8 @@ class StepSoftmax:
             nonfinite_in_step=int((step_status == STATUS_NONFINITE).sum()),
             unlabeled_in_step=int((step_status == STATUS_UNLABELED).sum()),
             metrics=metrics,
+            reference_losses=(torch.cat([m.reference_losses for m in micro_batches]).float().cpu().numpy()
+                              if all(m.reference_losses is not None for m in micro_batches) else None),
         )
 
 

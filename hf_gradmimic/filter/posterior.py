@@ -1,0 +1,244 @@
+"""The keep posterior of Stage 2: a two-class mixture over continuous signals and votes, fit without labels.
+
+Each sample is clean ("keep") or not, a latent class ``c``. Given it, the sample's continuous signals (oriented
+so that higher means keep: e.g. minus the log of the reweighted student's mean loss, minus the log of the
+reference's loss) follow a Gaussian with a full covariance of their own (the signals are correlated, and a
+naive product would count the same evidence twice), and each vote source (a labeling function's keep/discard
+column: the mimic windows of Huang et al., arXiv 2501.06708, a reference's agreement) votes keep with its own
+probability ``a_jc``, independently of the signals, abstaining at random. It is the latent-class model of Dawid
+and Skene (1979) with Gaussian features beside the votes; with votes only it is the model Snorkel's LabelModel
+(Ratner et al. 2017) approximates, and with one signal it is DivideMix's 2-component GMM on the loss (Li et al.,
+ICLR 2020). EM (Dempster et al. 1977) fits it; ``P(keep | signals, votes)`` is the filter's ``keep_prob``, a
+ranking that ties only where the evidence ties, and a sample is kept when it is at least 0.5.
+
+Missing values are marginalised: a sample's likelihood uses the signals and votes it has. The keep class is the
+component with the higher mean on the first signal (or, without signals, the higher keep-vote rate). At scale
+the parameters are fit on a seeded random subset of `FIT_ROWS` samples and the posterior computed in chunks, so
+memory is the result plus a chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .aggregation import ABSTAIN, KEEP
+
+__all__ = ["FIT_ROWS", "MixtureFit", "keep_posterior"]
+
+FIT_ROWS = 500_000
+"""Samples the mixture's parameters are fit on (a seeded random subset beyond that); the posterior covers all."""
+
+_CHUNK = 1 << 20
+_REG = 1e-6  # covariance ridge, relative to each signal's variance
+_MAX_ITER = 300
+_TOL = 1e-8  # on the mean log-likelihood per sample
+
+
+@dataclass
+class MixtureFit:
+    """The fitted mixture and the posterior it gives.
+
+    ``keep_prob``: ``P(keep)`` per sample. ``keep_fraction``: the prior of the keep class. ``means`` and
+    ``covariances``: per class (keep first) over the signals. ``vote_keep_rates``: ``P(vote = keep | class)`` per
+    vote column (``columns x 2``, keep first); a source's accuracy is ``rate_keep * prior + (1 - rate_discard) *
+    (1 - prior)``. ``iterations``, ``converged`` and ``log_likelihood`` (mean per fitted sample) describe EM.
+    """
+
+    keep_prob: np.ndarray
+    keep_fraction: float
+    means: np.ndarray
+    covariances: np.ndarray
+    vote_keep_rates: np.ndarray
+    iterations: int
+    converged: bool
+    log_likelihood: float
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready parameters for the filter's summary."""
+        prior = self.keep_fraction
+        accuracy = self.vote_keep_rates[:, 0] * prior + (1 - self.vote_keep_rates[:, 1]) * (1 - prior)
+        return {
+            "keep_fraction": prior,
+            "signal_means": self.means.tolist(),
+            "signal_std": np.sqrt(np.diagonal(self.covariances, axis1=1, axis2=2)).tolist(),
+            "vote_keep_rates": self.vote_keep_rates.tolist(),
+            "vote_accuracies": accuracy.tolist(),
+            "iterations": self.iterations,
+            "converged": self.converged,
+            "log_likelihood": self.log_likelihood,
+        }
+
+
+def keep_posterior(signals: np.ndarray | None, votes: np.ndarray | None, *, seed: int = 0,
+                   fit_rows: int = FIT_ROWS) -> MixtureFit:
+    """Fit the two-class mixture to ``signals`` (``n x d`` floats, NaN missing, higher = keep) and ``votes``
+    (``n x k`` int8: -1 abstain, 0 discard, 1 keep) and return ``P(keep)`` per sample.
+
+    Either may be None (or have no column). Every sample needs at least one finite signal or one vote.
+    """
+    signals = np.zeros((_rows(signals, votes), 0)) if signals is None else np.asarray(signals, dtype=np.float64)
+    votes = np.zeros((signals.shape[0], 0), dtype=np.int8) if votes is None else np.asarray(votes)
+    n = signals.shape[0]
+    if votes.shape[0] != n:
+        raise ValueError(f"{n} rows of signals but {votes.shape[0]} rows of votes.")
+    if signals.shape[1] == 0 and votes.shape[1] == 0:
+        raise ValueError("The keep posterior needs at least one signal or one vote column.")
+    evidence = np.isfinite(signals).any(axis=1) | (votes != ABSTAIN).any(axis=1)
+    if not evidence.all():
+        raise ValueError(
+            f"{int((~evidence).sum())} sample(s) have neither a finite signal nor a vote (first rows: "
+            f"{np.flatnonzero(~evidence)[:5].tolist()}); every sample needs some evidence."
+        )
+    rng = np.random.default_rng(seed)
+    fit = np.sort(rng.choice(n, size=fit_rows, replace=False)) if n > fit_rows else slice(None)
+    params, iterations, converged, log_likelihood = _em(signals[fit], votes[fit], seed)
+    keep_prob = np.empty(n, dtype=np.float64)
+    for start in range(0, n, _CHUNK):
+        part = slice(start, min(n, start + _CHUNK))
+        keep_prob[part] = _responsibilities(params, signals[part], votes[part])[0][:, 0]
+    return MixtureFit(keep_prob, float(params.prior[0]), params.means, params.covariances, params.rates, iterations,
+                      converged, log_likelihood)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Params:
+    prior: np.ndarray  # [2]: keep, discard
+    means: np.ndarray  # [2, d]
+    covariances: np.ndarray  # [2, d, d]
+    rates: np.ndarray  # [k, 2]: P(vote = keep | class)
+
+
+def _rows(signals: Any, votes: Any) -> int:
+    if votes is None:
+        raise ValueError("The keep posterior needs signals or votes.")
+    return np.asarray(votes).shape[0]
+
+
+def _em(signals: np.ndarray, votes: np.ndarray, seed: int) -> tuple[_Params, int, bool, float]:
+    responsibility = _initial_responsibilities(signals, votes, seed)
+    previous = -math.inf
+    log_likelihood = -math.inf
+    converged = False
+    iterations = 0
+    for iterations in range(1, _MAX_ITER + 1):
+        params = _m_step(signals, votes, responsibility)
+        responsibility, log_likelihood = _responsibilities(params, signals, votes)
+        if abs(log_likelihood - previous) < _TOL * max(1.0, abs(log_likelihood)):
+            converged = True
+            break
+        previous = log_likelihood
+    params = _oriented(params, signals, votes)
+    return params, iterations, converged, log_likelihood
+
+
+def _initial_responsibilities(signals: np.ndarray, votes: np.ndarray, seed: int) -> np.ndarray:
+    """Start from a 1-D 2-component GMM on the mean standardised signal (DivideMix's split), or on the vote
+    average when there is no signal: EM then refines it with every signal and vote."""
+    from sklearn.mixture import GaussianMixture
+
+    if signals.shape[1]:
+        spread = np.nanstd(signals, axis=0)
+        standard = (signals - np.nanmean(signals, axis=0)) / np.where(spread > 0, spread, 1.0)
+        summary = np.nanmean(np.where(np.isfinite(standard), standard, np.nan), axis=1)
+    else:
+        summary = np.full(votes.shape[0], np.nan)
+    if votes.shape[1]:
+        voted = votes != ABSTAIN
+        vote_mean = np.where(voted.any(axis=1), (votes == KEEP).sum(axis=1) / np.maximum(voted.sum(axis=1), 1), np.nan)
+        summary = np.where(np.isfinite(summary), summary, vote_mean - 0.5)
+    gmm = GaussianMixture(n_components=2, reg_covar=1e-4, random_state=seed).fit(summary[:, None])
+    high = int(np.argmax(gmm.means_.ravel()))
+    keep = gmm.predict_proba(summary[:, None])[:, high]
+    keep = np.clip(keep, 1e-3, 1 - 1e-3)
+    return np.stack([keep, 1 - keep], axis=1)
+
+
+def _m_step(signals: np.ndarray, votes: np.ndarray, responsibility: np.ndarray) -> _Params:
+    """Weighted maximum-likelihood parameters. The Gaussians are fit on the samples with every signal (the
+    covariance needs them jointly); the vote rates on each column's non-abstaining votes (Laplace-smoothed)."""
+    prior = responsibility.mean(axis=0)
+    d = signals.shape[1]
+    complete = np.isfinite(signals).all(axis=1)
+    means = np.zeros((2, d))
+    covariances = np.zeros((2, d, d))
+    if d:
+        x = signals[complete]
+        variance = np.var(x, axis=0) if len(x) > 1 else np.ones(d)
+        ridge = _REG * np.diag(np.where(variance > 0, variance, 1.0)) + 1e-12 * np.eye(d)
+        for c in range(2):
+            w = responsibility[complete, c]
+            total = max(w.sum(), 1e-12)
+            means[c] = w @ x / total
+            centred = x - means[c]
+            covariances[c] = (centred * w[:, None]).T @ centred / total + ridge
+    k = votes.shape[1]
+    rates = np.zeros((k, 2))
+    for j in range(k):
+        voted = votes[:, j] != ABSTAIN
+        kept = votes[voted, j] == KEEP
+        for c in range(2):
+            w = responsibility[voted, c]
+            rates[j, c] = (w @ kept + 1.0) / (w.sum() + 2.0)
+    return _Params(prior, means, covariances, rates)
+
+
+def _responsibilities(params: _Params, signals: np.ndarray, votes: np.ndarray) -> tuple[np.ndarray, float]:
+    """``P(class | evidence)`` per sample (keep first) and the mean log-likelihood."""
+    log_joint = np.log(np.maximum(params.prior, 1e-300))[None, :] + _signal_log_likelihood(params, signals)
+    log_joint = log_joint + _vote_log_likelihood(params, votes)
+    top = log_joint.max(axis=1, keepdims=True)
+    log_norm = top + np.log(np.exp(log_joint - top).sum(axis=1, keepdims=True))
+    return np.exp(log_joint - log_norm), float(log_norm.mean())
+
+
+def _signal_log_likelihood(params: _Params, signals: np.ndarray) -> np.ndarray:
+    """``log p(observed signals | class)``, ``n x 2``; each pattern of missing signals uses its marginal Gaussian."""
+    n, d = signals.shape
+    out = np.zeros((n, 2))
+    if d == 0:
+        return out
+    observed = np.isfinite(signals)
+    patterns, inverse = np.unique(observed, axis=0, return_inverse=True)
+    for p, pattern in enumerate(patterns):
+        if not pattern.any():
+            continue
+        rows = np.flatnonzero(inverse.ravel() == p)
+        x = signals[np.ix_(rows, np.flatnonzero(pattern))]
+        for c in range(2):
+            mean = params.means[c, pattern]
+            cov = params.covariances[c][np.ix_(pattern, pattern)]
+            chol = np.linalg.cholesky(cov)
+            z = np.linalg.solve(chol, (x - mean).T)
+            log_det = 2 * np.log(np.diagonal(chol)).sum()
+            out[rows, c] = -0.5 * (np.square(z).sum(axis=0) + log_det + pattern.sum() * math.log(2 * math.pi))
+    return out
+
+
+def _vote_log_likelihood(params: _Params, votes: np.ndarray) -> np.ndarray:
+    """``log P(votes | class)``, ``n x 2``; abstentions carry no information."""
+    out = np.zeros((votes.shape[0], 2))
+    for j in range(votes.shape[1]):
+        column = votes[:, j]
+        for c in range(2):
+            rate = params.rates[j, c]
+            out[:, c] += np.where(column == KEEP, math.log(rate), np.where(column == ABSTAIN, 0.0, math.log(1 - rate)))
+    return out
+
+
+def _oriented(params: _Params, signals: np.ndarray, votes: np.ndarray) -> _Params:
+    """The keep class first: the higher mean on the first signal that has a value, else the higher keep-vote rate."""
+    if signals.shape[1]:
+        swap = params.means[0, 0] < params.means[1, 0]
+    else:
+        swap = params.rates[:, 0].mean() < params.rates[:, 1].mean()
+    if not swap:
+        return params
+    return _Params(params.prior[::-1].copy(), params.means[::-1].copy(), params.covariances[::-1].copy(),
+                   params.rates[:, ::-1].copy())

@@ -1,0 +1,70 @@
+"""The reference's per-sample loss in the score log (`hf_gradmimic.training.reference_verdict`), against the
+reference model computed here: its head on the student's features, or the student with the reference's tensors."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
+from tiny_models import TinyMLP, lm_dataset, mlp_dataset, tiny_gpt2
+
+
+def train_one_step(tmp_path, model, data, layers, reference, setting):
+    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=layers, per_device_train_batch_size=16, max_steps=1,
+                       learning_rate=0.1, optim="sgd", report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                       seed=0, mimic_alignment_check=False, mimic_log_reference_loss=setting)
+    MimicTrainer(model=model, args=args, train_dataset=data, reference=reference).train()
+    return load_scores(tmp_path).to_pandas().sort_values("sample_id")
+
+
+def perturbed(model, prefix, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    return {name: p.detach() + 0.5 * torch.randn(p.shape, generator=generator)
+            for name, p in model.named_parameters() if name.startswith(prefix)}
+
+
+@pytest.mark.parametrize("setting", ["auto", "always"])
+def test_a_heads_reference_loss_is_the_reference_head_on_the_students_features(tmp_path, setting):
+    model, data = TinyMLP(), mlp_dataset(n=16)
+    before = copy.deepcopy(model)
+    reference = perturbed(model, "head.")
+    table = train_one_step(tmp_path, model, data, ["head"], reference, setting)
+    batch = data[:]
+    with torch.no_grad():
+        features = torch.tanh(before.hidden(batch["x"]))
+        expected = F.cross_entropy(features @ reference["head.weight"].T + reference["head.bias"], batch["labels"],
+                                   reduction="none")
+    np.testing.assert_allclose(table.reference_loss.values, expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(table.reference_loss.values, table.loss.values)  # not the student's own loss
+
+
+def test_an_inner_layers_reference_loss_needs_always_and_swaps_the_tensors(tmp_path):
+    data = mlp_dataset(n=16)
+    model = TinyMLP()
+    before = copy.deepcopy(model)
+    reference = perturbed(model, "hidden.")
+    assert "reference_loss" not in train_one_step(tmp_path / "auto", copy.deepcopy(model), data, ["hidden"], reference,
+                                                  "auto").columns
+    table = train_one_step(tmp_path / "always", model, data, ["hidden"], reference, "always")
+    batch = data[:]
+    with torch.no_grad():
+        swapped = torch.func.functional_call(before, reference, args=(batch["x"],), strict=False)
+        expected = F.cross_entropy(swapped.logits, batch["labels"], reduction="none")
+    np.testing.assert_allclose(table.reference_loss.values, expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_language_model_head_records_it_only_when_asked(tmp_path):
+    """'auto' leaves out an lm_head (an lm_head-sized matmul per step); 'never' records nothing."""
+    data = lm_dataset(n=16)
+    model = tiny_gpt2(dropout=0.0)
+    reference = perturbed(model, "lm_head.")
+    for setting in ("auto", "never"):
+        table = train_one_step(tmp_path / setting, copy.deepcopy(model), data, ["lm_head"], reference, setting)
+        assert "reference_loss" not in table.columns
+    table = train_one_step(tmp_path / "always", model, data, ["lm_head"], reference, "always")
+    assert np.isfinite(table.reference_loss.values).all() and len(table) == 16
