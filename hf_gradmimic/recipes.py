@@ -177,10 +177,10 @@ def build_reference(
     output_dir: str | os.PathLike = "mimic_reference",
     eval_dataset: Any = None,
     data_collator: Any = None,
-    epochs: int = 100,
-    learning_rate: float = 1e-2,
-    weight_decay: float = 1e-4,
-    batch_size: int = 256,
+    epochs: int | None = None,
+    learning_rate: float | None = None,
+    weight_decay: float | None = None,
+    batch_size: int | None = None,
     base_model: str | None = None,
     base_revision: str | None = None,
     data_description: str | None = None,
@@ -212,6 +212,9 @@ def build_reference(
             by trl as `SFTTrainer` prepares them, or tokenized rows (``input_ids``, ``labels`` −100 on prompts).
         output_dir: where ``reference.safetensors`` and its ``README.md`` card go.
         eval_dataset: held-out data for the accuracy written to the card (else training accuracy only).
+        epochs / learning_rate / weight_decay / batch_size: AdamW's settings; left unset, the recipe's own defaults:
+            `linear_probe`'s (100 epochs over the cached features, 1e-2, 1e-4, 256) or, for ``"lora"``,
+            `hf_gradmimic.lora_recipe.train_lora_reference`'s (3 epochs, 1e-3, 0, 8).
         base_model: the base checkpoint recorded in the metadata; default ``model.config._name_or_path``.
         base_revision: its revision, recorded in the metadata.
         cache_dir: where the features are cached (default ``output_dir/feature_cache``).
@@ -229,6 +232,8 @@ def build_reference(
     """
     from safetensors.torch import save_file
 
+    optimizer_settings = {name: value for name, value in (("epochs", epochs), ("learning_rate", learning_rate),
+                          ("weight_decay", weight_decay), ("batch_size", batch_size)) if value is not None}
     if method == "lora":
         if layers is not None and list(layers) != ["lora"]:
             raise ValueError(f"method='lora' trains every matrix of the student's adapter; got layers {list(layers)}: "
@@ -239,8 +244,7 @@ def build_reference(
             sft_collator = sft_collator or eval_collator
         path, tensors, metadata, history = train_lora_reference(
             model, train_dataset, output_dir=output_dir, eval_dataset=eval_dataset,
-            data_collator=data_collator or sft_collator,
-            epochs=epochs, learning_rate=learning_rate, weight_decay=weight_decay, batch_size=batch_size,
+            data_collator=data_collator or sft_collator, **optimizer_settings,
             base_model=base_model, base_revision=base_revision, data_description=data_description, seed=seed,
         )
         _push(output_dir, push_to_hub, repo_id, token, f"Grad-Mimic LoRA reference for {metadata['base_model']}")
@@ -272,8 +276,7 @@ def build_reference(
         )
     train_labels = _labels_of(train_dataset)
     weight, bias, history = linear_probe(
-        train_features, train_labels, layer.weight, layer.bias, epochs=epochs, learning_rate=learning_rate,
-        weight_decay=weight_decay, batch_size=batch_size, seed=seed,
+        train_features, train_labels, layer.weight, layer.bias, seed=seed, **optimizer_settings,
     )
     config = getattr(model, "config", None)
     metadata = {
