@@ -13,7 +13,7 @@ responses are swapped between articles (the noise). The steps, all printed:
 
     python examples/sft_lora.py --output-dir sft_lora_output     # a few minutes on 2 CPU cores
 
-The table it prints (and writes to ``<output-dir>/results.json``) is the one the README quotes.
+The table it prints is also written to ``<output-dir>/results.json`` (the README says what its rows are).
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def main() -> None:
     held_out = datasets.Dataset.from_list([{k: v for k, v in row.items() if k != "clean"} for row in eval_rows])
     common = dict(per_device_train_batch_size=16, num_train_epochs=args.epochs, learning_rate=3e-3,
                   lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=10, save_strategy="no",
-                  report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False, seed=args.seed,
+                  report_to=[], use_cpu=True, bf16=False, activation_checkpointing=False, seed=args.seed,
                   disable_tqdm=True, max_length=96)
     results = {}
     for name in ("plain", "mimic"):

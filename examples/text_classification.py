@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
     trainer.train()
     results = {"eval_accuracy": trainer.evaluate()["eval_accuracy"]}
     if "is_clean" in train.column_names and trainer.state.epoch >= 3:
-        mimic_filter = build_filter(config.output_dir, method="gmm")
+        mimic_filter = build_filter(config.output_dir)  # the defaults: mimic and loss windows, k-means
         results.update(mimic_filter.evaluate(np.asarray(train["is_clean"])[mimic_filter.sample_ids]))
     print(results)
     return results

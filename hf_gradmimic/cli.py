@@ -128,8 +128,11 @@ def run_train(argv: Sequence[str]) -> int:
             return encoded
 
         collator = DefaultDataCollator()
-    train_encoded = train.map(encode, batched=True, remove_columns=train.column_names)
-    eval_encoded = evaluation.map(encode, batched=True, remove_columns=evaluation.column_names) if evaluation is not None else None
+    # The raw columns stay beside the encoded ones (Trainer drops the unused ones from each batch): the score log's
+    # row check then recognises the very file trained on at `push`, and a `--mimic_id_column` reaches the trainer.
+    train_encoded = train.map(encode, batched=True, remove_columns=_raw_columns_to_drop(train, config))
+    eval_encoded = (evaluation.map(encode, batched=True, remove_columns=_raw_columns_to_drop(evaluation, config))
+                    if evaluation is not None else None)
 
     from .trainer import MimicTrainer
 
@@ -139,6 +142,14 @@ def run_train(argv: Sequence[str]) -> int:
     trainer.save_model()
     print(f"Scores written to {Path(config.output_dir) / 'mimic_scores'}; build the filter with `{PROG} filter {config.output_dir}`.")
     return 0
+
+
+def _raw_columns_to_drop(dataset: Any, config: Any) -> list[str]:
+    """None when `Trainer` removes the unused columns itself (``remove_unused_columns``, the default); otherwise every
+    raw column but the sample ids (text or images would reach the collator)."""
+    if config.remove_unused_columns:
+        return []
+    return [name for name in dataset.column_names if name != config.mimic_id_column]
 
 
 def run_make_reference(args: argparse.Namespace) -> int:
@@ -222,7 +233,8 @@ def run_push(args: argparse.Namespace) -> int:
     dataset = _load_dataset(args.dataset)
     dataset = dataset[args.split] if hasattr(dataset, "keys") else dataset
     result = push_scored_dataset(dataset, MimicFilter.load(args.filter), args.repo_id, split=args.split, private=args.private,
-                                 push_filtered=not args.no_filtered, revision=args.revision, id_column=args.id_column)
+                                 push_filtered=not args.no_filtered, revision=args.revision, id_column=args.id_column,
+                                 check_dataset=not args.no_check_dataset)
     print(f"Pushed to {result.repo_id} (local copy: {result.local_path}).")
     return 0
 
@@ -335,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--revision", default=None, help="Branch to push to.")
     push.add_argument("--private", action="store_true", help="Create the repo private.")
     push.add_argument("--no-filtered", action="store_true", help="Do not push the 'filtered' config.")
+    push.add_argument("--no-check-dataset", action="store_true",
+                      help="With row-index ids: skip the check that --dataset has the training set's rows (only for a "
+                           "copy known to hold the same rows in the same order).")
 
     demo = commands.add_parser("demo", help="The offline end-to-end demo (digits, 40%% label noise).")
     demo.add_argument("--output-dir", default="demo_output", help="Where everything is written.")

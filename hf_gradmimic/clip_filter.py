@@ -31,7 +31,7 @@ from torch import nn
 from .fileio import atomic_write
 from .filter.inputs import as_rows
 from .filter.matching import row_positions
-from .scorers.clip_score import clip_score_of
+from .scorers.clip_score import MODEL_INPUTS, clip_score_of
 
 CLIP_SCORES_FILENAME = "clip_scores.parquet"
 """Where `save_clip_scores` puts the scores in an ``output_dir``, next to the ``mimic_scores/`` log."""
@@ -39,11 +39,15 @@ CLIP_SCORES_FILENAME = "clip_scores.parquet"
 
 def _batches(dataset: Any, batch_size: int) -> Iterator[dict[str, Any]]:
     """Dict batches of a `datasets.Dataset` / `datasets.IterableDataset` (``.iter``), or of any dataset of dicts
-    through a torch DataLoader."""
+    through a torch DataLoader. Model inputs read in another format than torch's (lists, NumPy arrays: a stream from
+    `load_dataset(..., streaming=True)`) become tensors, as `Trainer`'s default collator makes them."""
     if hasattr(dataset, "iter") and hasattr(dataset, "column_names"):
-        yield from dataset.iter(batch_size=batch_size)
-        return
-    yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+        batches = dataset.iter(batch_size=batch_size)
+    else:
+        batches = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    for batch in batches:
+        yield {key: torch.as_tensor(np.asarray(value)) if key in MODEL_INPUTS and not isinstance(value, torch.Tensor)
+               else value for key, value in batch.items()}
 
 
 def clip_scores(model: nn.Module, dataset: Any, *, id_column: str | None = None, batch_size: int = 64) -> pa.Table:
@@ -51,7 +55,7 @@ def clip_scores(model: nn.Module, dataset: Any, *, id_column: str | None = None,
 
     Args:
         model: a CLIP, SigLIP or `VisionTextDualEncoderModel` (run in eval mode, without gradients).
-        dataset: a `datasets.Dataset` or `datasets.IterableDataset` (torch format), or a torch dataset of dicts, with
+        dataset: a `datasets.Dataset` or `datasets.IterableDataset` (any format), or a torch dataset of dicts, with
             ``pixel_values`` and ``input_ids`` (and ``attention_mask``) as the model reads them.
         id_column: the column of sample ids, as ``mimic_id_column``; None: row indices (map-style datasets only).
         batch_size: samples per forward.

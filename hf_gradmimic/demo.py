@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,8 +63,42 @@ def _test_accuracy(trainer) -> float:
     return float(trainer.evaluate()["eval_accuracy"])
 
 
+@contextmanager
+def progress_bars(shown: bool) -> Iterator[None]:
+    """With ``shown=False``, no progress bar from transformers, datasets or huggingface_hub (loading weights,
+    ``map``, uploads) until the block ends; then each is as it was."""
+    import datasets
+    import huggingface_hub.utils
+    from transformers.utils import logging as transformers_logging
+
+    switches = [
+        (datasets.is_progress_bar_enabled(), datasets.disable_progress_bars, datasets.enable_progress_bars),
+        (not huggingface_hub.utils.are_progress_bars_disabled(), huggingface_hub.utils.disable_progress_bars,
+         huggingface_hub.utils.enable_progress_bars),
+        (transformers_logging.is_progress_bar_enabled(), transformers_logging.disable_progress_bar,
+         transformers_logging.enable_progress_bar),
+    ]
+    if not shown:
+        for enabled, disable, _ in switches:
+            if enabled:
+                disable()
+    try:
+        yield
+    finally:
+        if not shown:
+            for enabled, _, enable in switches:
+                if enabled:
+                    enable()
+
+
 def run_demo(settings: DemoSettings | None = None, log=print) -> dict[str, Any]:
     """Run the whole pipeline; returns the figures it printed."""
+    settings = settings or DemoSettings()
+    with progress_bars(settings.progress):
+        return _run_demo(settings, log)
+
+
+def _run_demo(settings: DemoSettings, log) -> dict[str, Any]:
     import datasets
     from transformers import Trainer, TrainingArguments
 
@@ -71,7 +107,6 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> dict[str, Any]:
     from .filter import estimate_quality
     from .metrics import accuracy_compute_metrics
 
-    settings = settings or DemoSettings()
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     datasets.disable_caching()

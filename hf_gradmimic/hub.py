@@ -20,8 +20,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from transformers.utils import logging
+
 from .cards import dataset_card_data, merge_card_text, render_dataset_card
 from .fileio import atomic_write_dir
+
+logger = logging.get_logger(__name__)
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -36,6 +40,7 @@ __all__ = [
     "HubAuthenticationError",
     "ScoredPushError",
     "ScoredPushResult",
+    "default_scored_dir",
     "push_scored_dataset",
     "save_scored_dataset",
 ]
@@ -102,19 +107,21 @@ class ScoredPushResult:
 # ----------------------------------------------------------------------------------------------
 
 
-def _filter_rows(dataset: datasets.Dataset, mimic_filter: MimicFilter, id_column: str | None) -> np.ndarray:
+def _filter_rows(dataset: datasets.Dataset, mimic_filter: MimicFilter, id_column: str | None,
+                 check_dataset: bool = True) -> np.ndarray:
     """For every row of ``dataset``, the row of ``mimic_filter.table`` holding its sample's record.
 
     `MimicFilter.positions` already refuses a dataset row without a record and a record without a row,
     so the ``filtered`` config is exactly ``mimic_filter.apply(dataset)``; this is its inverse permutation.
     """
-    positions = mimic_filter.positions(dataset, id_column)
+    positions = mimic_filter.positions(dataset, id_column, check_dataset=check_dataset)
     rows = np.empty(len(positions), dtype=np.int64)
     rows[positions] = np.arange(len(positions))
     return rows
 
 
-def _add_mimic_columns(dataset: datasets.Dataset, mimic_filter: MimicFilter, id_column: str | None) -> datasets.Dataset:
+def _add_mimic_columns(dataset: datasets.Dataset, mimic_filter: MimicFilter, id_column: str | None,
+                       check_dataset: bool = True) -> datasets.Dataset:
     """``dataset`` with the `MIMIC_COLUMNS` appended (its own columns and format are kept)."""
     import datasets
 
@@ -124,7 +131,7 @@ def _add_mimic_columns(dataset: datasets.Dataset, mimic_filter: MimicFilter, id_
             f"The dataset already has the column(s) {clashing}; drop them (dataset.remove_columns({clashing})) "
             "before scoring it again."
         )
-    take = pa.array(_filter_rows(dataset, mimic_filter, id_column))
+    take = pa.array(_filter_rows(dataset, mimic_filter, id_column, check_dataset))
     scored = dataset
     for name, (source, arrow_type) in MIMIC_COLUMNS.items():
         values = mimic_filter.table.column(source).take(take).combine_chunks().cast(arrow_type)
@@ -149,6 +156,7 @@ def save_scored_dataset(
     local_dir: str | os.PathLike,
     *,
     id_column: str | None = None,
+    check_dataset: bool = True,
 ) -> Path:
     """Add a filter's per-sample results to ``dataset`` and save it with ``save_to_disk`` at ``local_dir``.
 
@@ -163,6 +171,8 @@ def save_scored_dataset(
         local_dir: the folder to write.
         id_column: the column holding the ids the trainer recorded (``MimicConfig.mimic_id_column``);
             None when they are row indices.
+        check_dataset: with row-index ids, refuse a dataset whose rows differ from the training set's, as
+            `MimicFilter.apply` does; pass False only for a copy you know has the same rows in the same order.
 
     Returns:
         The absolute path of the saved folder.
@@ -173,7 +183,7 @@ def save_scored_dataset(
             the dataset already has ``mimic_*`` columns. Raised before anything is written.
     """
     _require_split(dataset, "save_scored_dataset")
-    scored = _add_mimic_columns(dataset, mimic_filter, id_column)
+    scored = _add_mimic_columns(dataset, mimic_filter, id_column, check_dataset)
     return atomic_write_dir(local_dir, scored.save_to_disk)
 
 
@@ -231,6 +241,14 @@ def _read_readme(repo_id: str, revision: str, token: str | None) -> str | None:
     return Path(path).read_text(encoding="utf-8")
 
 
+def default_scored_dir(repo_id: str) -> Path:
+    """Where `push_scored_dataset` keeps its local copy when no ``local_dir`` is given: under the Hugging Face cache
+    (``$HF_HOME/hf_gradmimic/scored_datasets/<namespace>--<name>``), not the working directory."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "hf_gradmimic" / "scored_datasets" / str(repo_id).strip("/").replace("/", "--")
+
+
 def push_scored_dataset(
     dataset: datasets.Dataset,
     mimic_filter: MimicFilter,
@@ -246,6 +264,7 @@ def push_scored_dataset(
     local_dir: str | os.PathLike | None = None,
     reference: str | None = None,
     training_config: MimicConfig | Mapping[str, Any] | Trainer | None = None,
+    check_dataset: bool = True,
 ) -> ScoredPushResult:
     """Add a filter's per-sample results to ``dataset`` and push it, with a card, to a Hub dataset repo.
 
@@ -282,11 +301,13 @@ def push_scored_dataset(
         commit_message: the base of the commit messages (each step appends what it pushes).
         id_column: the column holding the ids the trainer recorded (``MimicConfig.mimic_id_column``);
             None when they are row indices.
-        local_dir: where the local copy goes (default ``./scored_<repo name>``); an older copy there
-            is replaced.
+        local_dir: where the local copy goes (default: `default_scored_dir`, a folder of the Hugging Face
+            cache, never the working directory; its path is logged and returned); an older copy there is
+            replaced.
         reference: the reference model's id, for the card (default: ``training_config.mimic_reference``).
         training_config: the trainer's `MimicConfig` (or a dict of its ``mimic_*`` fields, or the
             `MimicTrainer`), for the card's Stage-1 settings.
+        check_dataset: as in `save_scored_dataset` (a stream is not checked: it has no random access).
 
     Returns:
         A `ScoredPushResult`.
@@ -316,10 +337,9 @@ def push_scored_dataset(
             f"The filter keeps none of the {len(dataset)} rows, so there is no 'filtered' config to push; pass "
             "push_filtered=False to push the scored rows alone, or rebuild the filter with other settings."
         )
-    repo_name = str(repo_id).rstrip("/").split("/")[-1]
-    local_path = save_scored_dataset(
-        dataset, mimic_filter, local_dir if local_dir is not None else f"scored_{repo_name}", id_column=id_column
-    )
+    local_path = save_scored_dataset(dataset, mimic_filter, local_dir or default_scored_dir(repo_id),
+                                     id_column=id_column, check_dataset=check_dataset)
+    logger.info("The scored dataset pushed to %s is saved at %s.", repo_id, local_path)
     scored = datasets.load_from_disk(str(local_path))
     keep = np.asarray(scored.with_format("arrow")["mimic_keep"].to_numpy(zero_copy_only=False), dtype=bool)
 
@@ -440,8 +460,8 @@ def _push_scored_stream(
     from .filter.stream import scored_batches
 
     api = HfApi(token=token)
-    repo_name = str(repo_id).rstrip("/").split("/")[-1]
-    local_path = Path(local_dir if local_dir is not None else f"scored_{repo_name}").absolute()
+    local_path = Path(local_dir or default_scored_dir(repo_id)).absolute()
+    logger.info("The scored dataset pushed to %s is written to %s.", repo_id, local_path)
     configs = ["default", FILTERED_CONFIG] if push_filtered else ["default"]
     result = ScoredPushResult(local_path=local_path, repo_id=repo_id)
     additions: list[CommitOperationAdd] = []

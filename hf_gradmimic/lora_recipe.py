@@ -24,6 +24,7 @@ from .adapter_reference import ADAPTER_WEIGHTS_NAME, without_adapter_name
 from .fileio import atomic_write
 from .losses import IGNORE_INDEX, per_sample_loss
 from .lora import lora_layers
+from .reference import checkpoint_name
 
 
 def adapter_init(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -66,6 +67,58 @@ def pad_batch(examples: list[dict[str, Any]], pad_token_id: int = 0) -> dict[str
         labels[row, :n] = torch.as_tensor(example.get("labels", example["input_ids"]))
         mask[row, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+# What `SFTTrainer` prepares from its rows (as in its dataset preparation): the other rows are refused by name.
+SFT_ROW_FORMATS = ("prompt-completion pairs (`prompt`, `completion`), conversations (`messages`, or ShareGPT "
+                   "`conversations`), plain text (the config's `dataset_text_field`, default `text`), or tokenized rows "
+                   "(`input_ids`, with `labels` −100 on unsupervised tokens)")
+# The SFTConfig fields that decide how rows become `input_ids` and `labels`; training settings are not read.
+SFT_PREPARATION_FIELDS = ("dataset_text_field", "max_length", "truncation_mode", "completion_only_loss",
+                          "assistant_only_loss", "chat_template_path", "eos_token", "dataset_num_proc")
+
+
+def sft_prepared_rows(model: nn.Module, dataset: Any, processing_class: Any = None,
+                      sft_config: Any = None) -> tuple[Any, Callable | None]:
+    """``dataset`` as `SFTTrainer` prepares it for ``model``: tokenized, with ``labels`` −100 where the completion-only
+    or assistant-only mask says so, truncated to ``max_length``; and `SFTTrainer`'s collator (None for rows that are
+    already tokenized, which are used as they are).
+
+    The preparation is trl's own: an `SFTTrainer` is built on the rows with ``sft_config``'s dataset settings
+    (`SFT_PREPARATION_FIELDS`; default `SFTConfig`'s) and its prepared ``train_dataset`` is read. Like `SFTTrainer`,
+    it loads the tokenizer of ``model.config._name_or_path`` when ``processing_class`` is None, and sets the tokenizer's
+    pad token when it has none. A list of dicts is read as a `datasets.Dataset`.
+    """
+    import datasets
+
+    if isinstance(dataset, list):
+        dataset = datasets.Dataset.from_list(dataset)
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(f"method='lora' needs the trusted rows as a datasets.Dataset or a list of dicts (it is read "
+                        f"several times, by index); got a {type(dataset).__name__}.")
+    columns = set(dataset.column_names)
+    if "input_ids" in columns:
+        return dataset, None
+    text_field = getattr(sft_config, "dataset_text_field", None) or "text"
+    if not ({"prompt", "completion"} <= columns or columns & {"messages", "conversations", text_field}):
+        raise ValueError(f"build_reference(method='lora') takes the rows SFTTrainer takes: {SFT_ROW_FORMATS}; got "
+                         f"columns {sorted(columns)}.")
+    if processing_class is None and not getattr(getattr(model, "config", None), "_name_or_path", ""):
+        raise ValueError("The trusted rows are text, and the model names no checkpoint to load a tokenizer from: pass "
+                         "`processing_class=tokenizer` (the one given to MimicSFTTrainer).")
+    import tempfile
+
+    from trl import SFTConfig, SFTTrainer
+
+    settings = {name: getattr(sft_config, name) for name in SFT_PREPARATION_FIELDS if hasattr(sft_config, name)}
+    no_checkpointing = ({"activation_checkpointing": False} if "activation_checkpointing" in SFTConfig.__dataclass_fields__
+                        else {"gradient_checkpointing": False})
+    device = next(model.parameters()).device
+    with tempfile.TemporaryDirectory() as scratch:  # the trainer is built for its preparation only, never trained
+        args = SFTConfig(output_dir=scratch, report_to=[], bf16=False, fp16=False, packing=False, padding_free=False,
+                         shuffle_dataset=False, use_cpu=device.type == "cpu", **no_checkpointing, **settings)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processing_class)
+    return trainer.train_dataset.select_columns(["input_ids", "labels"]), trainer.data_collator
 
 
 def _mean_loss(model: nn.Module, dataset: Any, collate: Callable, batch_size: int) -> float:
@@ -142,7 +195,7 @@ def train_lora_reference(
                 total += float(losses.detach().sum())
             history.append(total / len(train_dataset))
         metadata = {
-            "base_model": base_model or str(getattr(model.config, "_name_or_path", "") or ""),
+            "base_model": checkpoint_name(base_model or str(getattr(model.config, "_name_or_path", "") or "")),
             "base_revision": base_revision or "",
             "layers": json.dumps(["lora"]),
             "method": "lora",

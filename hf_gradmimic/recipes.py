@@ -31,9 +31,9 @@ from torch import nn
 
 from .cards import render_reference_card
 from .fileio import atomic_write
-from .lora_recipe import train_lora_reference
+from .lora_recipe import sft_prepared_rows, train_lora_reference
 from .losses import logits_of
-from .reference import REFERENCE_WEIGHTS_NAME
+from .reference import REFERENCE_WEIGHTS_NAME, checkpoint_name
 from .training.mimic_layers import resolve_mimic_layers
 
 
@@ -177,10 +177,10 @@ def build_reference(
     output_dir: str | os.PathLike = "mimic_reference",
     eval_dataset: Any = None,
     data_collator: Any = None,
-    epochs: int = 100,
-    learning_rate: float = 1e-2,
-    weight_decay: float = 1e-4,
-    batch_size: int = 256,
+    epochs: int | None = None,
+    learning_rate: float | None = None,
+    weight_decay: float | None = None,
+    batch_size: int | None = None,
     base_model: str | None = None,
     base_revision: str | None = None,
     data_description: str | None = None,
@@ -189,6 +189,8 @@ def build_reference(
     repo_id: str | None = None,
     token: str | None = None,
     seed: int = 0,
+    processing_class: Any = None,
+    sft_config: Any = None,
 ) -> ReferenceResult:
     """Build a Grad-Mimic reference that shares the student's coordinates: a linear probe of its own pretrained
     features, or (``method="lora"``) its own LoRA adapter trained on trusted data.
@@ -204,30 +206,45 @@ def build_reference(
         layers: the mimic layer names, as in `MimicConfig.mimic_layers` (default ``("classifier",)``; for ``"lora"``,
             ``("lora",)``: every matrix of the adapter).
         method: ``"linear_probe"``, or ``"lora"``: ``model`` is the student's PEFT model before fine-tuning, and a copy
-            of its adapter is trained on ``train_dataset`` (``input_ids``, ``labels`` with −100 on prompts) with AdamW
-            for ``epochs``, then saved to ``output_dir`` as an ordinary PEFT adapter (`hf_gradmimic.lora_recipe`),
-            loadable with ``PeftModel.from_pretrained``; the student is left unchanged.
+            of its adapter is trained on ``train_dataset`` with AdamW for ``epochs``, then saved to ``output_dir`` as an
+            ordinary PEFT adapter (`hf_gradmimic.lora_recipe`), loadable with ``PeftModel.from_pretrained``; the student
+            is left unchanged. The rows are those `SFTTrainer` takes (prompt-completion, conversational, text), prepared
+            by trl as `SFTTrainer` prepares them, or tokenized rows (``input_ids``, ``labels`` −100 on prompts).
         output_dir: where ``reference.safetensors`` and its ``README.md`` card go.
         eval_dataset: held-out data for the accuracy written to the card (else training accuracy only).
+        epochs / learning_rate / weight_decay / batch_size: AdamW's settings; left unset, the recipe's own defaults:
+            `linear_probe`'s (100 epochs over the cached features, 1e-2, 1e-4, 256) or, for ``"lora"``,
+            `hf_gradmimic.lora_recipe.train_lora_reference`'s (3 epochs, 1e-3, 0, 8).
         base_model: the base checkpoint recorded in the metadata; default ``model.config._name_or_path``.
         base_revision: its revision, recorded in the metadata.
         cache_dir: where the features are cached (default ``output_dir/feature_cache``).
         push_to_hub: also upload the folder to the Hub.
         repo_id: the Hub repo for ``push_to_hub``.
         token: the Hub token for ``push_to_hub`` (default: the logged-in one).
+        processing_class: for ``"lora"`` with text rows, the tokenizer given to `MimicSFTTrainer` (default: the one
+            of ``model.config._name_or_path``, as `SFTTrainer` loads it).
+        sft_config: for ``"lora"`` with text rows, the `MimicSFTConfig` (or `SFTConfig`) the student will be trained
+            with: its dataset settings (``max_length``, ``completion_only_loss``, ``assistant_only_loss``,
+            ``dataset_text_field``…) prepare the rows the same way.
 
     Returns:
         A `ReferenceResult` with the saved path, the tensors (student names) and the metadata.
     """
     from safetensors.torch import save_file
 
+    optimizer_settings = {name: value for name, value in (("epochs", epochs), ("learning_rate", learning_rate),
+                          ("weight_decay", weight_decay), ("batch_size", batch_size)) if value is not None}
     if method == "lora":
         if layers is not None and list(layers) != ["lora"]:
             raise ValueError(f"method='lora' trains every matrix of the student's adapter; got layers {list(layers)}: "
                              "leave `layers` unset or pass ('lora',).")
+        train_dataset, sft_collator = sft_prepared_rows(model, train_dataset, processing_class, sft_config)
+        if eval_dataset is not None:
+            eval_dataset, eval_collator = sft_prepared_rows(model, eval_dataset, processing_class, sft_config)
+            sft_collator = sft_collator or eval_collator
         path, tensors, metadata, history = train_lora_reference(
-            model, train_dataset, output_dir=output_dir, eval_dataset=eval_dataset, data_collator=data_collator,
-            epochs=epochs, learning_rate=learning_rate, weight_decay=weight_decay, batch_size=batch_size,
+            model, train_dataset, output_dir=output_dir, eval_dataset=eval_dataset,
+            data_collator=data_collator or sft_collator, **optimizer_settings,
             base_model=base_model, base_revision=base_revision, data_description=data_description, seed=seed,
         )
         _push(output_dir, push_to_hub, repo_id, token, f"Grad-Mimic LoRA reference for {metadata['base_model']}")
@@ -259,12 +276,11 @@ def build_reference(
         )
     train_labels = _labels_of(train_dataset)
     weight, bias, history = linear_probe(
-        train_features, train_labels, layer.weight, layer.bias, epochs=epochs, learning_rate=learning_rate,
-        weight_decay=weight_decay, batch_size=batch_size, seed=seed,
+        train_features, train_labels, layer.weight, layer.bias, seed=seed, **optimizer_settings,
     )
     config = getattr(model, "config", None)
     metadata = {
-        "base_model": base_model or str(getattr(config, "_name_or_path", "") or type(model).__name__),
+        "base_model": checkpoint_name(base_model or str(getattr(config, "_name_or_path", "") or type(model).__name__)),
         "base_revision": base_revision or "",
         "layers": json.dumps(layers),
         "method": method,

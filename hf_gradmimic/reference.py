@@ -271,6 +271,17 @@ def looks_local(source: str) -> bool:
     )
 
 
+def checkpoint_name(name: str) -> str:
+    """A checkpoint's name as the base-checkpoint check compares it: a local folder or file that exists as its absolute,
+    resolved path (``./ckpt``, ``ckpt/`` and ``/work/ckpt`` are one checkpoint); a Hub id (or a path that is not
+    there) as given."""
+    text = str(name or "")
+    if not text:
+        return text
+    path = Path(text).expanduser()
+    return str(path.resolve()) if path.exists() else text
+
+
 def _load(source: ReferenceSource, tensor_names: list[str], revision: str | None, token: str | bool | None) -> dict[str, torch.Tensor]:
     if isinstance(source, (nn.Module, Mapping)):
         available = source

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
+from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
 try:
     from trl import SFTConfig, SFTTrainer
@@ -45,6 +46,13 @@ class MimicSFTConfig(MimicArguments, SFTConfig):
 
     ``mimic_layers`` defaults to ``["lora"]``: every A and B matrix of the PEFT adapter being trained. ``packing``
     and ``padding_free`` must stay off (a sample per batch row).
+
+    Two of TRL's defaults are resolved so that the defaults run everywhere, without warnings:
+
+    - ``bf16`` left unset is TRL's ``True`` (without ``fp16``) wherever transformers accepts it (a bf16 GPU or XPU, or
+      ``use_cpu=True``), and ``False`` on a machine with neither, where `SFTConfig` would refuse to be built.
+    - activation checkpointing stays on by default (TRL's ``gradient_checkpointing=True``), set through
+      ``activation_checkpointing``, transformers' current name, so that no deprecation warning is emitted.
     """
 
     _VALID_DICT_FIELDS = SFTConfig._VALID_DICT_FIELDS + ["mimic_layers"]
@@ -52,6 +60,21 @@ class MimicSFTConfig(MimicArguments, SFTConfig):
     mimic_layers: Optional[list[str]] = field(
         default_factory=lambda: ["lora"], metadata=dict(MimicArguments.__dataclass_fields__["mimic_layers"].metadata)
     )
+    gradient_checkpointing: Optional[bool] = field(
+        default=None,
+        metadata={"help": "Deprecated alias of `activation_checkpointing` (transformers). Left unset, activation "
+                  "checkpointing is on, as TRL's default."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None and not self.fp16:
+            self.bf16 = bool(self.use_cpu or is_torch_bf16_gpu_available() or is_torch_xla_available())
+        if self.gradient_checkpointing is None and getattr(self, "activation_checkpointing", None) is None:
+            if "activation_checkpointing" in self.__dataclass_fields__:
+                self.activation_checkpointing = True
+            else:  # a transformers release from before the rename
+                self.gradient_checkpointing = True
+        super().__post_init__()
 
 
 def check_sft_setup(args: Any, compute_loss_func: Any) -> None:

@@ -1124,12 +1124,10 @@ def render(summary: dict[str, Any], args: argparse.Namespace, loads: list, sizes
     add("## Notes")
     add("")
     add(
-        "- GPT-2 ties `lm_head.weight` to `transformer.wte.weight` by default. MimicTrainer's forward hook sees only "
-        "the `lm_head` *use* of that matrix, so with the tie the ghost score is m_i = ⟨−Σ_t δ_t a_tᵀ, v⟩/‖v‖: the "
-        "inner product of v with the output-projection part of the per-sample gradient only; the embedding-lookup "
-        "part (rows of the input tokens) that the full gradient of the shared matrix also has is left out, and v "
-        "itself is θ_ref − θ over the shared matrix. The benchmark unties the head (`tie_word_embeddings=False`) so "
-        "that the score is the exact Grad-Mimic score of a parameter and the vmap baseline computes the same thing."
+        "- GPT-2 ties `lm_head.weight` to `transformer.wte.weight` by default. MimicTrainer scores a shared tensor "
+        "over every use (the `lm_head` product and the embedding lookup); the tied case is the `mimic-head-tied` "
+        "candidate. The other candidates untie the head (`tie_word_embeddings=False`), so that the vmap baseline "
+        "computes the same per-parameter score."
     )
     add(
         "- The Parquet shards of the score log are written on a background thread and, at these sizes, only at "

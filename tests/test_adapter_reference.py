@@ -152,3 +152,16 @@ def per_sample_mean_loss(model, dataset) -> float:
     ids, labels = (torch.as_tensor(np.asarray(dataset[c])) for c in ("input_ids", "labels"))
     with torch.no_grad():
         return float(per_sample_loss(model, model(input_ids=ids), labels).mean())
+
+
+def test_build_reference_lora_uses_the_lora_recipes_own_defaults(tmp_path):
+    """Left unset, build_reference(method="lora")'s epochs, learning rate, weight decay and batch size are the LoRA
+    recipe's (3 epochs, 1e-3, 0, 8), not the linear probe's (100 epochs over cached features at 1e-2, batch 256)."""
+    from hf_gradmimic import build_reference
+    from hf_gradmimic.lora_recipe import train_lora_reference
+
+    result = build_reference(lora_student(), lm_dataset(n=12, seed=3), method="lora", output_dir=tmp_path / "built")
+    _, expected, _, history = train_lora_reference(lora_student(), lm_dataset(n=12, seed=3), output_dir=tmp_path / "own")
+    assert len(result.history) == len(history) == 3
+    for name, tensor in expected.items():
+        torch.testing.assert_close(result.tensors[name], tensor, rtol=0, atol=0)

@@ -166,6 +166,8 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert results["hub_rows"] == DIGITS_TRAIN_ROWS and 0 < results["hub_filtered_rows"] < DIGITS_TRAIN_ROWS
     assert results["hub_filtered_rows"] == round(results["retained_fraction"] * DIGITS_TRAIN_ROWS)
     assert "Grad-Mimic" in result.stdout  # the dataset card's body was printed
+    # --quiet: no progress bar of Trainer, transformers (weights), datasets (map, uploads) or huggingface_hub
+    assert "it/s]" not in result.stdout + result.stderr and "%|" not in result.stdout + result.stderr
 
 
 @pytest.mark.timeout(300)

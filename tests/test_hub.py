@@ -8,6 +8,7 @@ and fault tests use a small synthetic score log to stay fast.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -194,7 +195,9 @@ def test_id_column_join_default_local_dir_and_missing_ids(hub_server: HubServer,
     result = push_scored_dataset(shuffled, mimic_filter, "by-uid", id_column="uid", split="validation",
                                  reference="org/reference-head", training_config={"mimic_temperature": 0.25,
                                                                                    "mimic_layers": ["head=classifier"]})
-    assert result.local_path == tmp_path / "scored_by-uid"
+    # The local copy goes to the Hugging Face cache, not the working directory.
+    assert result.local_path == Path(os.environ["HF_HOME"]) / "hf_gradmimic" / "scored_datasets" / "by-uid"
+    assert not any(p.name.startswith("scored") for p in tmp_path.iterdir())
     hub = load_dataset(result.repo_id, split="validation")
     assert hub["uid"] == shuffled["uid"]
     expected = dict(zip(mimic_filter.table["sample_id"].to_pylist(), mimic_filter.keep.tolist()))

@@ -93,6 +93,31 @@ def test_mismatch_warning_names_both_checkpoints(tmp_path, digits):
         construct(tmp_path / "ref_own")
 
 
+def test_a_local_checkpoint_is_one_checkpoint_whichever_path_names_it(tmp_path, digits, monkeypatch):
+    """A reference built from ``./student_ckpt`` (relative, as typed in its folder) and a student loaded from the
+    folder's absolute path, or with a trailing slash, are the same checkpoint: no warning. The metadata records the
+    resolved path, so the check holds from another working directory too."""
+    import warnings
+
+    from hf_gradmimic.reference import read_reference_metadata
+    from hf_gradmimic.testing.digits import DigitsClassifier
+
+    _, clean = digits
+    digits_model().save_pretrained(tmp_path / "student_ckpt")
+    monkeypatch.chdir(tmp_path)
+    build_reference(DigitsClassifier.from_pretrained("./student_ckpt"), clean, layers=["classifier"],
+                    output_dir=tmp_path / "ref", epochs=2)
+    assert read_reference_metadata(tmp_path / "ref")["base_model"] == str((tmp_path / "student_ckpt").resolve())
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for student in (str(tmp_path / "student_ckpt"), str(tmp_path / "student_ckpt") + "/", "../student_ckpt"):
+        args = MimicConfig(output_dir=str(tmp_path / "run"), mimic_reference=str(tmp_path / "ref"),
+                           mimic_layers=["classifier"], report_to=[], use_cpu=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            MimicTrainer(model=DigitsClassifier.from_pretrained(student), args=args, train_dataset=clean)
+
+
 def _monitored_run(tmp_path, clean_train, reference, **overrides):
     settings = dict(mimic_layers=["classifier"], per_device_train_batch_size=64, max_steps=4, logging_steps=1,
                     learning_rate=5e-2, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,

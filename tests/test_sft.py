@@ -188,6 +188,91 @@ def test_infinite_temperature_trains_like_sft_trainer(tmp_path):
         torch.testing.assert_close(params["mimic"][name], params["plain"][name], atol=1e-6, rtol=1e-5)
 
 
+def test_trl_defaults_bf16_and_activation_checkpointing_train_like_sft_trainer(tmp_path):
+    """The README's settings, without ``bf16=False``: TRL's defaults (bf16 autocast, activation checkpointing) on CPU
+    (``use_cpu=True``). The LoRA update then comes from the recorded layer uses, whose inputs and δ are bf16 while the
+    adapter's weights are float32; at τ → ∞ it must equal SFTTrainer's autograd update under the same autocast."""
+    import datasets
+
+    defaults = {key: value for key, value in SFT.items() if key not in ("bf16", "gradient_checkpointing")}
+    data = datasets.Dataset.from_list(pairs(16, completion_words=(3, 4)))
+    params, initial = {}, None
+    for name, trainer_class, args in (
+        ("plain", trl.SFTTrainer, trl.SFTConfig(output_dir=str(tmp_path / "plain"), **defaults, **STEPS)),
+        ("mimic", MimicSFTTrainer, MimicSFTConfig(output_dir=str(tmp_path / "mimic"), mimic_temperature=1e6,
+                                                  mimic_alignment_check=False, **defaults, **STEPS)),
+    ):
+        assert args.bf16 and args.gradient_checkpointing
+        model = student()
+        initial = {n: model.get_parameter(n).detach().clone() for n in lora_names(model)}
+        extra = {"reference": perturbed_reference(model, lora_names(model), scale=0.1)} if name == "mimic" else {}
+        trainer_class(model=model, args=args, train_dataset=data, processing_class=word_tokenizer(), **extra).train()
+        params[name] = {n: model.get_parameter(n).detach() for n in lora_names(model)}
+    for name in params["plain"]:
+        plain_update = params["plain"][name] - initial[name]
+        assert plain_update.abs().max() > 0
+        # bf16 matmuls: the two updates agree to bf16's precision, not float32's
+        torch.testing.assert_close(params["mimic"][name] - initial[name], plain_update,
+                                   atol=2e-2 * float(plain_update.abs().max()), rtol=0)
+
+
+def test_mimic_sft_config_defaults_build_on_cpu_without_warnings():
+    """`SFTConfig()` on a CPU-only machine refuses TRL's bf16 default and warns that `gradient_checkpointing` is
+    deprecated; `MimicSFTConfig()` builds silently, in float32 there, with activation checkpointing on."""
+    import warnings
+
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        args = MimicSFTConfig(output_dir="x")
+    assert args.activation_checkpointing and args.gradient_checkpointing
+    assert args.bf16 == is_torch_bf16_gpu_available()
+    assert MimicSFTConfig(output_dir="x", use_cpu=True).bf16  # as SFTConfig(use_cpu=True)
+    assert not MimicSFTConfig(output_dir="x", use_cpu=True, gradient_checkpointing=False).activation_checkpointing
+
+
+def reference_adapter(rows, output_dir, **kwargs) -> dict[str, torch.Tensor]:
+    from hf_gradmimic import build_reference
+
+    model = student()
+    before = {name: model.get_parameter(name).detach().clone() for name in lora_names(model)}
+    result = build_reference(model, rows, method="lora", output_dir=output_dir, epochs=2, batch_size=4,
+                             learning_rate=1e-2, **kwargs)
+    assert all(torch.equal(model.get_parameter(name), tensor) for name, tensor in before.items())  # left unchanged
+    return result.tensors
+
+
+def test_build_reference_lora_takes_the_rows_sft_trainer_takes(tmp_path):
+    """build_reference(method="lora") on prompt-completion pairs and on conversations (assistant-only loss, given by
+    the run's MimicSFTConfig) trains the same adapter as on the same rows tokenized and masked by hand (prompt + completion
+    + EOS, the prompt unsupervised); rows SFTTrainer cannot use are refused by name."""
+    rows = pairs(8)
+    examples = [supervised_example(word_tokenizer(), **row) for row in rows]
+    tokenized = [{"input_ids": ids.tolist(), "labels": labels.tolist()} for ids, labels in examples]
+    expected = reference_adapter(tokenized, tmp_path / "by-hand")
+    got = reference_adapter(rows, tmp_path / "pairs", processing_class=word_tokenizer(), eval_dataset=rows[:4])
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6)
+
+    rng = np.random.default_rng(1)
+    turns = [(words(rng, 2, 5), words(rng, 1, 4)) for _ in range(8)]
+    conversations = [{"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+                     for user, answer in turns]
+    examples = [supervised_example(word_tokenizer(), f"user : {user} assistant :", f" {answer}") for user, answer in turns]
+    expected = reference_adapter([{"input_ids": ids.tolist(), "labels": labels.tolist()} for ids, labels in examples],
+                                 tmp_path / "chat-by-hand")
+    got = reference_adapter(conversations, tmp_path / "chat", processing_class=word_tokenizer(),
+                            sft_config=MimicSFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, **TRAIN))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6)
+
+    with pytest.raises(ValueError, match=r"takes the rows SFTTrainer takes.*got columns \['answer', 'question'\]"):
+        reference_adapter([{"question": "w1 w2", "answer": "w3"}], tmp_path / "bad", processing_class=word_tokenizer())
+    with pytest.raises(ValueError, match="pass `processing_class=tokenizer`"):
+        reference_adapter(rows, tmp_path / "no-tokenizer")
+
+
 def test_settings_that_break_one_sample_per_row_are_refused(tmp_path):
     import datasets
 

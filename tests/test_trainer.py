@@ -340,6 +340,39 @@ def test_alignment_check_warns_for_a_reference_from_another_backbone(tmp_path):
         MimicTrainer(model=digits_model(), args=args, train_dataset=train, reference=trained_head(7)).train()
 
 
+def test_alignment_logs_the_means_and_the_medians_the_check_compares(tmp_path):
+    """At the first step the alignment check logs the mean per-sample loss of the student and of the student with the
+    reference's head (``mimic/alignment_*_loss``) and the medians it compares (``*_median``): one micro-batch of the
+    whole training set (63 samples, an odd count: one middle value), re-derived here with NumPy."""
+    import torch.nn.functional as F
+
+    from hf_gradmimic.testing.digits import digits_model, load_noisy_digits
+
+    train = load_noisy_digits(noise_rate=0.4, seed=0)["train"].select(range(63))
+    model, reference = digits_model(), digits_model(seed=3)
+    with torch.no_grad():
+        reference.classifier.weight.normal_(0.0, 0.5)
+        features = model.features(torch.as_tensor(np.asarray(train[:]["pixel_values"])))
+        labels = torch.as_tensor(np.asarray(train[:]["label"]))
+        own = F.cross_entropy(model.classifier(features), labels, reduction="none").numpy()
+        swapped = F.cross_entropy(reference.classifier(features), labels, reduction="none").numpy()
+    args = mimic_config(tmp_path, mimic_layers=["classifier"], per_device_train_batch_size=63,
+                        mimic_alignment_check=True)
+    trainer = MimicTrainer(model=model, args=args, train_dataset=train,
+                           reference={name: tensor.detach() for name, tensor in reference.classifier.named_parameters(
+                               prefix="classifier")})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    logged = next(entry for entry in trainer.state.log_history if "mimic/alignment_student_loss" in entry)
+    np.testing.assert_allclose(logged["mimic/alignment_student_loss"], own.mean(), rtol=1e-4)
+    np.testing.assert_allclose(logged["mimic/alignment_reference_loss"], swapped.mean(), rtol=1e-4)
+    np.testing.assert_allclose(logged["mimic/alignment_student_loss_median"], np.median(own), rtol=1e-4)
+    np.testing.assert_allclose(logged["mimic/alignment_reference_loss_median"], np.median(swapped), rtol=1e-4)
+    warned = any("Alignment check" in str(w.message) for w in caught)
+    assert warned == (not np.median(swapped) < np.median(own))
+
+
 def test_a_multi_process_launch_that_did_not_set_up_distribution_is_refused(tmp_path, monkeypatch):
     """Two processes each training alone would write rank 0's score shards over each other."""
     monkeypatch.setenv("WORLD_SIZE", "2")

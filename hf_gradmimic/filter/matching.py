@@ -123,7 +123,8 @@ def check_row_index_dataset(recorded: Mapping[str, Any] | None, dataset: Any) ->
     if recorded.get("column"):
         raise ValueError(
             f"The score log's sample ids are the values of the column {recorded['column']!r} "
-            f"(mimic_id_column), not row indices: pass id_column={recorded['column']!r}."
+            f"(mimic_id_column), not row indices: pass id_column={recorded['column']!r} (`gradmimic push --id-column "
+            f"{recorded['column']}`)."
         )
     if recorded.get("train_content") is not None:
         expected, got, where = recorded["train_content"], dataset_signature(dataset) or {}, "in some row"
@@ -137,7 +138,8 @@ def check_row_index_dataset(recorded: Mapping[str, Any] | None, dataset: Any) ->
             f"this dataset's rows differ from it (column(s) {changed or sorted(got)} {where}): a shuffled, "
             "filtered, re-selected or different dataset would get the wrong rows kept. Pass the dataset the trainer "
             "was given (any format, any columns), train with mimic_id_column to match by id, or pass "
-            "check_dataset=False if you know its rows are the same and in the same order."
+            "check_dataset=False (MimicFilter.apply, push_scored_dataset; `gradmimic push --no-check-dataset`) if you "
+            "know its rows are the same and in the same order."
         )
 
 

@@ -23,7 +23,7 @@ import torch
 from ..ghost import GhostBatch
 from ..lora import lora_layers
 from ..lora_recipe import check_adapter_init
-from ..reference import read_reference_metadata
+from ..reference import checkpoint_name, read_reference_metadata
 from .capture import Capture
 from .metrics_buffer import MetricsBuffer
 from .reference_verdict import PerSampleLosses, reference_head_losses, swapped_losses
@@ -61,7 +61,7 @@ def check_reference_base(source: Any, student_config: Any, *, revision: str | No
     student = str(getattr(student_config, "_name_or_path", "") or "")
     student_revision = str(getattr(student_config, "_commit_hash", "") or "")
     base, base_revision = metadata.get("base_model", ""), metadata.get("base_revision", "")
-    mismatch = bool(base and student and base != student) or bool(
+    mismatch = bool(base and student and checkpoint_name(base) != checkpoint_name(student)) or bool(
         base_revision and student_revision and base_revision != student_revision
     )
     if mismatch:
@@ -157,8 +157,11 @@ class ReferenceDiagnostics:
         self.metrics.add("mimic/alignment_student_loss", own_loss)
         self.metrics.add("mimic/alignment_reference_loss", reference_loss)
         # Compare medians: with noisy labels a good reference is confidently "wrong" on the flipped
-        # samples, which dominates the mean but not the median.
+        # samples, which dominates the mean but not the median. Both are logged: the means under the names above,
+        # the medians the check compares under `*_median`.
         own_median, reference_median = float(own.median()), float(with_reference.median())
+        self.metrics.add("mimic/alignment_student_loss_median", own_median)
+        self.metrics.add("mimic/alignment_reference_loss_median", reference_median)
         if not reference_median < own_median:
             warnings.warn(
                 f"Alignment check: with its mimic layers swapped for the reference, the student's median per-sample "

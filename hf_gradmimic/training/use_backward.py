@@ -35,14 +35,25 @@ def uses_weighted_loss(ghost: GhostBatch, scale: torch.Tensor) -> torch.Tensor:
     """
     total = None
     for use in ghost.uses:
+        # The layer ran in the dtype of its output (and so of δ): under mixed precision autocast cast its float32
+        # weights and input to bf16/fp16 there. Cast them the same way, differentiably, so that the weights' gradient
+        # is computed in that dtype and accumulated in theirs, as autograd does through autocast's casts.
+        compute = use.output_grads.dtype
         # Only the mimic tensors stay live: the input is detached, so nothing upstream is reached.
-        params = {local: param if local in use.tensor_keys else param.detach()
+        params = {local: as_compute_dtype(param if local in use.tensor_keys else param.detach(), compute)
                   for local, param in use.module.named_parameters(recurse=False)}
-        output = torch.func.functional_call(use.module, params, (use.activations,))
+        output = torch.func.functional_call(use.module, params, (as_compute_dtype(use.activations, compute),))
         factor = scale.detach().view(-1, *([1] * (output.dim() - 1)))
         term = ((use.output_grads.float() * factor).to(output.dtype) * output).sum()
         total = term if total is None else total + term
     return total
+
+
+def as_compute_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` in ``dtype`` when both are floating point (integer inputs, an embedding's ids, stay as they are)."""
+    if tensor.is_floating_point() and dtype.is_floating_point and tensor.dtype != dtype:
+        return tensor.to(dtype)
+    return tensor
 
 
 def only_mimic_tensors_train(model: nn.Module, mimic_tensors: Iterable[torch.Tensor]) -> bool:
