@@ -43,7 +43,7 @@ AGGREGATES: tuple[str, ...] = ("mixture", *VOTE_AGGREGATES)
 """Every aggregate of `build_filter`: ``mixture`` is the two-class latent model of `hf_gradmimic.filter.posterior`
 over continuous signals and votes; with the others a continuous labeling function votes by its own 2-component
 GMM cut."""
-DEFAULT_AGGREGATE = "snorkel"
+DEFAULT_AGGREGATE = "mixture"
 """`build_filter`'s aggregate when none is given."""
 
 

@@ -44,7 +44,6 @@ def build_filter(
             with the score-log columns. Records flagged ``repeated`` are dropped.
         method: per-window identification, one of ``"threshold"``, ``"kmeans"`` (default, `DEFAULT_METHOD`),
             ``"gmm"``, ``"topk"``.
-        aggregate: vote aggregation, one of ``"snorkel"``, ``"majority"``, ``"all"``, ``"any"``.
         windows: the labeling functions: ``"epoch"`` (one per epoch), ``"step"`` (one per optimizer
             step) or an int ``N`` (``N`` equal windows of consecutive global steps). Epoch windows
             use ``ceil(epoch) - 1`` (with a tolerance for float rounding), because a record's
@@ -63,14 +62,20 @@ def build_filter(
             ``"ray"`` reduces the shards on the current Ray cluster (`hf_gradmimic.filter.engines.ray`,
             ``pip install "hf-gradmimic[ray]"``), with the same result.
         spill_dir: where the streaming engine spills (default: the system's temporary folder).
-        labeling_functions: the sources of votes that the LabelModel weighs (Snorkel, Ratner et al. 2017):
-            ``"mimic"`` (the windows above), ``"loss"`` (per-window small-loss votes from the log's ``loss``
-            column, as DivideMix's loss GMM) and objects such as ``PredictorAgreement(reference_logits, labels)``
-            (reference disagreement) or a zero-shot model's (`hf_gradmimic.filter.labeling`); ``"mimic"`` may be
-            left out. Default ``["mimic", "loss"]`` (`DEFAULT_LABELING_FUNCTIONS`): with k-means it beat the
-            paper's filter (``["mimic"]``, gmm) in 26 of the 27 realistic-reference settings of docs/results.md.
-            With your reference's logits, ``["loss", PredictorAgreement(...)]`` did better still (21 of 27),
-            and matched the strongest simple baseline in 15 of 27, against 5 for the default.
+        labeling_functions: the sources of evidence (Snorkel's labeling functions, Ratner et al. 2017), by name or
+            object. Continuous ones give each sample a value (`hf_gradmimic.filter.signals`): ``"mean_loss"`` (the
+            reweighted student's mean log-loss over the windows), ``"mean_margin"`` (its mean margin: the area
+            under the margin, Pleiss et al. 2020), ``"last_loss"``, ``"window_loss"``, ``"reference_loss"`` (the
+            reference's loss on the student's features, from the log). Voting ones: ``"mimic"`` (the windows'
+            ``b * w`` votes of the paper), ``"loss"`` (per-window small-loss votes) and objects such as
+            ``PredictorAgreement(reference_logits, labels)``. Default `DEFAULT_LABELING_FUNCTIONS`, ``["mean_loss",
+            "mean_margin"]``: chosen on the realistic suite's runs against the best of five baselines per setting
+            (docs/results.md, `scripts/stage2_search.py`); a log without the margin (not a classification task)
+            uses the loss alone, with one warning.
+        aggregate: how the labeling functions combine: ``"mixture"`` (default, `DEFAULT_AGGREGATE`: the keep
+            posterior of `hf_gradmimic.filter.posterior` over the continuous values and the votes), or a vote rule
+            (``"snorkel"``, ``"majority"``, ``"all"``, ``"any"``; a continuous function then votes by a GMM cut).
+            The paper's filter is ``labeling_functions=["mimic"], method="gmm", aggregate="snorkel"``.
 
     Returns:
         A `MimicFilter`: ``table`` has one row per sample (sorted by ``sample_id``) with its mean
@@ -81,7 +86,7 @@ def build_filter(
         `datasets.Dataset` that `load_scores` returned; None for other in-memory logs.
 
     Example:
-        >>> mimic_filter = build_filter("outputs/run1")  # mimic + loss windows, k-means, Snorkel's LabelModel
+        >>> mimic_filter = build_filter("outputs/run1")  # the student's mean log-loss and margin, keep posterior
         >>> clean_train = mimic_filter.apply(train_dataset)
     """
     check_settings(method, aggregate, threshold, topk)

@@ -51,6 +51,10 @@ SIGNAL_NAMES: dict[str, tuple[str, str, str]] = {
 name -> (score-log column, window summary, transform)."""
 
 _TRANSFORMS = ("neg_log", "identity")
+_WHY_MISSING = {
+    "margin": "the margin is recorded for single-label classification logits only",
+    "reference_loss": "see MimicConfig.mimic_log_reference_loss",
+}
 _WINDOWS = ("mean", "last", "each")
 
 
@@ -101,8 +105,9 @@ class WindowSignal:
         per_window = windowed.signals.get(self.column)
         if per_window is None:
             warn(
-                f"The score log has no `{self.column}` column (written before it existed, or by a run that did not "
-                f"record it): the {self.name!r} labeling function abstains.",
+                f"The score log has no `{self.column}` column (a run that does not record it: "
+                f"{_WHY_MISSING.get(self.column, 'see hf_gradmimic.scores')}; or a log written before it existed): the "
+                f"{self.name!r} labeling function abstains.",
                 context.windowed.warnings,
             )
             return LabelingScores(self.name, [self.name], np.full((n, 1), np.nan))
