@@ -1,4 +1,5 @@
-"""Every ```python block of README.md, executed as written, top to bottom in one namespace (as a reader runs them).
+"""Every ```python block of README.md, and of the guides that hold the README's former blocks, executed as written,
+each page top to bottom in one namespace (as a reader runs them).
 
 A snippet's free variables (``model``, ``train``, ``pairs``...) are small fixtures under the snippet's own names, and
 the Hub repos it names (``my-org/...``) are hosted by the loopback Hub (tests/conftest.py `hub_server`), reached by
@@ -16,7 +17,12 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-BLOCKS = re.findall(r"^```python\n(.*?)^```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S | re.M)
+# The README and the documentation pages that took over its other python blocks when it shrank (issue 27).
+PAGES = ("README.md", "docs/guides/quickstart.md", "docs/guides/image-text.md", "docs/guides/llm-sft-lora.md")
+
+
+def python_blocks(page: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", (ROOT / page).read_text(encoding="utf-8"), re.S | re.M)
 
 
 def first_line(block: str) -> str:
@@ -103,52 +109,65 @@ FIXTURES = {
 
 
 @pytest.mark.timeout(240)
-def test_every_python_block_of_the_readme_runs_as_written(hub_server, tmp_path, monkeypatch):
+@pytest.mark.parametrize("page", PAGES)
+def test_every_python_block_runs_as_written(page, hub_server, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the snippets write to "out", "lora-ref"...
-    assert [first_line(block) for block in BLOCKS] == list(FIXTURES), "a README python block without fixtures here"
+    blocks = python_blocks(page)
+    unknown = [first_line(block) for block in blocks if first_line(block) not in FIXTURES]
+    assert not unknown, f"a python block of {page} without fixtures here: {unknown}"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is faster than two that wait on each other
     try:
         namespace: dict = {}
-        for number, block in enumerate(BLOCKS, start=1):
+        for number, block in enumerate(blocks, start=1):
             make = FIXTURES[first_line(block)]
             if make is not None:
                 namespace.update(make(tmp_path / f"fixtures-{number}"))
-            exec(compile(block, f"README.md python block {number}", "exec"), namespace)  # noqa: S102
-            check_block(number, namespace, tmp_path)
+            exec(compile(block, f"{page} python block {number}", "exec"), namespace)  # noqa: S102
+            check_block(first_line(block), namespace, tmp_path)
     finally:
         torch.set_num_threads(threads)
 
 
-def check_block(number: int, namespace: dict, tmp_path: Path) -> None:
-    """What each block promises, read from its results."""
+def check_block(first: str, namespace: dict, tmp_path: Path) -> None:
+    """What each block (named by its first line) promises, read from its results."""
     from hf_gradmimic import MimicFilter, load_scores
 
-    if number == 1:  # a stream trained by id; two filters over the same pairs
+    if first == "from datasets import load_dataset":  # a stream trained by id; two filters over the same pairs
         assert isinstance(namespace["mimic_filter"], MimicFilter)
         uids = set(namespace["mimic_filter"].sample_ids)
         assert uids == {f"pair-{i:03d}" for i in range(16)}
         assert len(namespace["baseline"].table) == 16
-    elif number == 2:  # scores in out/mimic_scores, the kept rows of train
+    elif first.startswith("from hf_gradmimic import MimicConfig"):  # scores in out/mimic_scores, the kept rows
         assert len(load_scores("out")) > 0
         kept = namespace["mimic_filter"].apply(namespace["train"])
         assert len(namespace["clean_train"]) == len(kept) == int(namespace["mimic_filter"].keep.sum())
-    elif number == 3:
+    elif first == "from hf_gradmimic.filter import PredictorAgreement":
         sources = {entry["labeling_function"] for entry in namespace["mimic_filter"].summary["labeling_functions"]}
         assert sources == {"loss", "reference"} and namespace["mimic_filter"].summary["windows"]  # + the mimic windows
-    elif number == 4:  # a PEFT adapter as reference, the SFT run's scores
+    elif first == "from peft import LoraConfig, get_peft_model":  # a PEFT adapter as reference, the SFT run's scores
         assert (tmp_path / "lora-ref" / "adapter_config.json").is_file()
         scores = load_scores("out").to_pandas()
         assert set(scores.sample_id) == set(range(16))
         assert len(namespace["mimic_filter"].sample_ids) == 16
-    elif number == 5:
+    elif first == "from dataclasses import dataclass":
         config = namespace["MyMimicConfig"](output_dir=str(tmp_path / "mixin"), use_cpu=True, mimic_layers=["x"])
         assert config.my_option == 1 and config.mimic_layers == ["x"]
         assert issubclass(namespace["MyMimicTrainer"], namespace["MyTrainer"])
+    else:
+        raise AssertionError(f"no check for the block starting {first!r}")
 
 
-def test_the_blocks_are_found():
-    """The extraction itself: every ```python fence of the README is one block (none swallowed or split)."""
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert len(BLOCKS) == text.count("```python\n") == len(FIXTURES)
-    assert np.all([block.strip() for block in BLOCKS])
+@pytest.mark.parametrize("page", PAGES)
+def test_the_blocks_are_found(page):
+    """The extraction itself: every ```python fence of the page is one block (none swallowed or split)."""
+    text = (ROOT / page).read_text(encoding="utf-8")
+    blocks = python_blocks(page)
+    assert blocks and len(blocks) == text.count("```python\n")
+    assert np.all([block.strip() for block in blocks])
+
+
+def test_every_fixture_serves_a_block():
+    """No fixtures left behind for a block that no page holds any more."""
+    used = {first_line(block) for page in PAGES for block in python_blocks(page)}
+    assert set(FIXTURES) == used
