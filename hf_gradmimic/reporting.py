@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .fileio import atomic_write, write_json
-from .filter import METHODS, MimicFilter, build_filter, estimate_quality
+from .filter import METHODS, SIGNAL_NAMES, MimicFilter, build_filter, estimate_quality
 
 __all__ = ["report", "write_html_report"]
 
@@ -331,7 +331,8 @@ def _lowest_samples(mimic_filter: MimicFilter, order: np.ndarray, content: list[
     names = [f"mimic/{name}" for name in summary["window_names"]] if mimic else []
     votes = [np.asarray(row if mimic else [], dtype=int) for row in table.column("votes").to_pylist()]
     if "lf_votes" in table.column_names:
-        names += [str(function["name"]) for function in summary.get("labeling_functions") or []]
+        names += [str(function["name"]) for function in summary.get("labeling_functions") or []
+                  if function.get("kind") != "score"]
         votes = [np.concatenate([mimic, np.asarray(other, dtype=int)])
                  for mimic, other in zip(votes, table.column("lf_votes").to_pylist())]
     samples = []
@@ -414,7 +415,7 @@ def _metrics_per_method(mimic_filter: MimicFilter, clean: np.ndarray, scores: An
     per_method: dict[str, dict[str, float]] = {}
     # Labeling functions given as objects (e.g. a reference's predictions) cannot be rebuilt from their names.
     functions = settings.get("labeling_functions", ["mimic"])
-    rebuildable = all(name in ("mimic", "loss") for name in functions)
+    rebuildable = all(name in ("mimic", "loss", *SIGNAL_NAMES) for name in functions)
     for method in METHODS:
         if scores is not None and rebuildable:
             rebuilt = build_filter(

@@ -398,7 +398,7 @@ def test_missing_column_and_bad_type(log):
 @pytest.fixture(scope="module")
 def small_filter():
     table, clean = make_log(n=400, epochs=3, seed=3)
-    return build_filter(table, method="gmm"), clean
+    return build_filter(table, method="gmm", labeling_functions=["mimic"], aggregate="snorkel"), clean  # loss: noise
 
 
 def test_save_load_round_trip(tmp_path, small_filter):
@@ -418,9 +418,10 @@ def test_rebuild_equals_build(log):
     from hf_gradmimic.filter import LossWindows
 
     table, _ = log
-    rebuilt = build_filter(table, method="gmm").rebuild(method="topk", topk=70)
+    votes = {"aggregate": "snorkel"}
+    rebuilt = build_filter(table, method="gmm", labeling_functions=["mimic", "loss"], **votes).rebuild(method="topk", topk=70)
     # rebuild re-splits the mimic windows only: the loss windows keep the split they were built with.
-    direct = build_filter(table, method="topk", topk=70, labeling_functions=["mimic", LossWindows("gmm")])
+    direct = build_filter(table, method="topk", topk=70, labeling_functions=["mimic", LossWindows("gmm")], **votes)
     assert rebuilt.table.equals(direct.table)
     assert build_filter(table, method="topk", topk=70, labeling_functions=["mimic"]).table.equals(
         build_filter(table, method="gmm", labeling_functions=["mimic"]).rebuild(method="topk", topk=70).table)
@@ -476,8 +477,9 @@ def test_evaluate_uses_compute_filter_metrics(small_filter):
 
 def test_estimate_quality(log):
     table, clean = log
-    quality = estimate_quality(table, method="threshold")
-    mimic_filter = build_filter(table, method="threshold")
+    paper = {"labeling_functions": ["mimic"], "aggregate": "snorkel"}  # the log's loss is noise: the mimic windows
+    quality = estimate_quality(table, method="threshold", **paper)
+    mimic_filter = build_filter(table, method="threshold", **paper)
     assert quality["retained_fraction"] == pytest.approx(mimic_filter.keep.mean())
     assert quality == estimate_quality(mimic_filter)
     means = table.group_by("sample_id").aggregate([("mimic_score", "mean")]).sort_by("sample_id")

@@ -68,7 +68,8 @@ def digits_run(tmp_path_factory):
     )
     trainer = MimicTrainer(model=digits_model(), args=args, train_dataset=train)
     trainer.train()
-    mimic_filter = build_filter(args.output_dir, method="gmm", aggregate="snorkel", windows="epoch")
+    mimic_filter = build_filter(args.output_dir, method="gmm", aggregate="snorkel", windows="epoch",
+                                labeling_functions=["mimic"])  # the card's settings table: the paper's filter
     return _plain(train), mimic_filter, trainer
 
 

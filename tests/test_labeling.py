@@ -13,6 +13,8 @@ from hf_gradmimic.filter.labeling import resolve_labeling_functions
 from hf_gradmimic.scores import SCORE_COLUMNS, SCORE_TYPES, SCORES_DIRNAME
 
 TYPES = {name: SCORE_TYPES.get(name, pa.int64()) for name in SCORE_COLUMNS}
+# The default before issue 22 (mimic and loss windows' votes, k-means, Snorkel): the vote machinery these tests check.
+PREVIOUS_DEFAULT = {"labeling_functions": ["mimic", "loss"], "method": "kmeans", "aggregate": "snorkel"}
 
 
 def make_log(n=600, epochs=3, batch=30, clean_fraction=0.7, bw_sep=0.1, loss_sep=1.5, seed=0):
@@ -51,9 +53,10 @@ def discard_f1(keep, clean):
 def test_loss_votes_equal_a_pandas_rederivation(given):
     table, _ = make_log()
     if given == "explicit":
-        mimic_filter = build_filter(table, labeling_functions=["mimic", LossWindows(method="topk")], topk=40)
+        mimic_filter = build_filter(table, labeling_functions=["mimic", LossWindows(method="topk")], topk=40,
+                                    aggregate="snorkel")
     else:  # "loss" splits its windows as the filter splits the mimic ones
-        mimic_filter = build_filter(table, method="topk", topk=40)
+        mimic_filter = build_filter(table, **{**PREVIOUS_DEFAULT, "method": "topk"}, topk=40)
     frame = table.to_pandas()
     frame["window"] = np.ceil(frame["epoch"] - 1e-9).astype(int) - 1
     mean_loss = frame.groupby(["sample_id", "window"])["loss"].mean().unstack().sort_index()
@@ -79,8 +82,8 @@ def test_under_a_threshold_filter_the_loss_windows_use_the_gmm():
 
 def test_the_loss_windows_lift_a_weak_mimic_signal():
     table, clean = make_log()
-    paper = build_filter(table, labeling_functions=["mimic"])
-    default = build_filter(table)
+    paper = build_filter(table, labeling_functions=["mimic"], aggregate="snorkel")
+    default = build_filter(table, **PREVIOUS_DEFAULT)
     assert "lf_votes" not in paper.table.column_names and "lf_votes" in default.table.column_names
     assert discard_f1(default.keep, clean) > discard_f1(paper.keep, clean) + 0.1
     assert discard_f1(default.keep, clean) > 0.9
@@ -95,7 +98,7 @@ def test_non_finite_or_flagged_losses_abstain():
     status[(sample == 7) & first_epoch] = 1  # sample 7: flagged non-finite in epoch 0
     table = table.set_column(table.column_names.index("loss"), "loss", pa.array(loss, pa.float32()))
     table = table.set_column(table.column_names.index("status"), "status", pa.array(status, pa.int8()))
-    lf_votes = np.asarray(build_filter(table).table.column("lf_votes").to_pylist())
+    lf_votes = np.asarray(build_filter(table, **PREVIOUS_DEFAULT).table.column("lf_votes").to_pylist())
     assert lf_votes[5, 0] == -1 and lf_votes[7, 0] == -1
     assert (lf_votes[5, 1:] != -1).all() and (lf_votes[[0, 1, 2], 0] != -1).all()
 
@@ -160,7 +163,9 @@ def test_without_mimic_only_the_other_functions_vote(tmp_path):
 def test_a_log_without_loss_names_the_way_out():
     table, _ = make_log(n=150)
     with pytest.raises(ValueError, match="labeling_functions=\\['mimic'\\]"):
-        build_filter(table.drop(["loss"]))
+        build_filter(table.drop(["loss"]), **PREVIOUS_DEFAULT)
+    with pytest.raises(ValueError, match="labeling_functions=\\['mimic'\\]"), pytest.warns(FilterWarning, match="`loss`"):
+        build_filter(table.drop(["loss"]))  # the default's signals all abstain
     assert build_filter(table.drop(["loss"]), labeling_functions=["mimic"]).table.num_rows == 150
 
 
@@ -187,6 +192,6 @@ def test_the_loss_windows_come_from_the_one_read_of_the_log(tmp_path, monkeypatc
     reads = []
     read_shard = inputs.read_shard
     monkeypatch.setattr(inputs, "read_shard", lambda path, *args: reads.append(path) or read_shard(path, *args))
-    mimic_filter = build_filter(tmp_path, engine=engine)
+    mimic_filter = build_filter(tmp_path, engine=engine, labeling_functions=["mimic", "loss", "mean_loss"])
     assert sorted(reads) == sorted(folder.iterdir())
-    assert mimic_filter.summary["settings"]["labeling_functions"] == ["mimic", "loss"]
+    assert mimic_filter.summary["settings"]["labeling_functions"] == ["mimic", "loss", "mean_loss"]

@@ -108,7 +108,9 @@ def test_the_page_lists_the_lowest_keep_probabilities_with_their_escaped_text_an
     # The noisy quarter (every fourth id) holds the 24 lowest.
     assert all(sample_id % 4 == 0 for sample_id in listed[:24])
 
-    n_functions = len(mimic_filter.summary["window_names"]) + len(mimic_filter.summary["labeling_functions"])
+    summary = mimic_filter.summary  # one vote per voting source: the mimic windows when they vote, and vote functions
+    n_functions = (len(summary["window_names"]) * ("mimic" in summary["settings"]["labeling_functions"])
+                   + sum(entry.get("kind") != "score" for entry in summary["labeling_functions"]))
     for row, sample_id in zip(rows, listed):
         assert len(row[5]["text"]) == n_functions and set(row[5]["text"]) <= {"K", "D", "·"}
         (image_src,) = row[6]["images"]

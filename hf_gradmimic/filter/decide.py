@@ -75,9 +75,16 @@ def decide(
             warn_list,
         )
     lf_votes = np.hstack([lf.votes for lf in extra_votes]) if extra_votes else None
+    # A continuous function that abstains everywhere (its column is not in the log: it warned) carries nothing.
+    given = [lf.name for lf in extra_votes] + [lf.name for lf in extra_scores]
+    extra_scores = [lf for lf in extra_scores if np.isfinite(lf.values).any()]
     lf_scores = np.hstack([lf.values for lf in extra_scores]) if extra_scores else None
     if not mimic_votes and lf_votes is None and lf_scores is None:
-        raise ValueError("The filter needs at least one labeling function: 'mimic', 'loss', 'mean_loss' or an object.")
+        raise ValueError(
+            f"Every labeling function abstains on every sample ({given or 'none given'}): the score log holds none of "
+            "their columns (the filter's warnings say which), so there is nothing to filter on. Pass "
+            "labeling_functions=['mimic'] (the windows' votes of b * w, which every log has) or a source the log has."
+        )
     voting = [v for v in (votes if mimic_votes else None, lf_votes) if v is not None]
     score_votes = None
     if lf_scores is not None and aggregate != "mixture":
@@ -105,7 +112,7 @@ def decide(
     if lf_votes is not None:
         table = table.append_column("lf_votes", list_column(lf_votes, pa.int8()))
     if lf_scores is not None:
-        table = table.append_column("lf_scores", list_column(lf_scores, pa.float64()))
+        table = table.append_column("lf_scores", list_column(lf_scores, pa.float64(), nan_as_null=True))
     finite_scores = windowed.mean_score[~np.isnan(windowed.mean_score)]
     summary = {
         "n_samples": int(votes.shape[0]),

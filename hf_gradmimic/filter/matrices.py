@@ -9,10 +9,12 @@ import pyarrow.compute as pc
 __all__ = ["list_column", "matrix"]
 
 
-def list_column(matrix: np.ndarray, value_type: pa.DataType) -> pa.Array:
-    """An ``n x m`` matrix as a list column (zero-copy values, one offsets array)."""
+def list_column(matrix: np.ndarray, value_type: pa.DataType, *, nan_as_null: bool = False) -> pa.Array:
+    """An ``n x m`` matrix as a list column (zero-copy values, one offsets array). With ``nan_as_null``, NaN (an
+    abstention) is stored as null, which Arrow compares equal to null (NaN is unequal to itself); `matrix` reads
+    it back as NaN."""
     n, m = matrix.shape
-    flat = pa.array(np.ascontiguousarray(matrix).reshape(-1), type=value_type)
+    flat = pa.array(np.ascontiguousarray(matrix).reshape(-1), type=value_type, from_pandas=nan_as_null)
     if n * m < 2**31:
         return pa.ListArray.from_arrays(pa.array(np.arange(0, n * m + 1, m, dtype=np.int32)), flat)
     return pa.LargeListArray.from_arrays(pa.array(np.arange(0, n * m + 1, m, dtype=np.int64)), flat)
