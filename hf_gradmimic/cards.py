@@ -128,7 +128,7 @@ def _training_settings(training_config: Any, reference: str | None,
                        provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Stage-1 settings for the cards, from a MimicConfig, a dict of its fields or a MimicTrainer; with none given,
     from the score log's ``provenance``."""
-    from .config import parse_layer_map
+    from .layer_lookup import parse_layer_map
 
     if training_config is None and provenance:
         training_config = _provenance_settings(provenance)

@@ -34,7 +34,7 @@ from .fileio import atomic_write
 from .lora_recipe import train_lora_reference
 from .losses import logits_of
 from .reference import REFERENCE_WEIGHTS_NAME
-from .training.mimic_layers import resolve_mimic_layers
+from .layer_lookup import resolve_mimic_layers
 
 
 

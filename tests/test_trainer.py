@@ -12,6 +12,7 @@ from transformers import Trainer, TrainingArguments
 
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
 from hf_gradmimic.ghost import UnsupportedLayerError
+from hf_gradmimic.layer_lookup import MimicLayerError
 from hf_gradmimic.reference import ReferenceError
 from tiny_models import (
     TinyMLP, TinySeq, lm_dataset, mlp_dataset, oracle_mimic_scores, oracle_scores_from_grads, per_sample_grads,
@@ -241,7 +242,7 @@ def test_construction_errors_name_the_problem(tmp_path):
         mimic_config(tmp_path, mimic_temperature=0.0)
     with pytest.raises(ValueError, match="mimic_layers"):
         mimic_config(tmp_path, mimic_layers=[])
-    with pytest.raises(ReferenceError, match=r"'haed' not found.*'head'"):
+    with pytest.raises(MimicLayerError, match=r"'haed' not found.*'head'"):
         MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["haed"]), train_dataset=data, reference=ref)
     normed = TinyMLP()
     normed.norm = torch.nn.LayerNorm(4)  # a module type without a ghost rule
