@@ -26,7 +26,7 @@ _EXPORTS = {
     "report": "hf_gradmimic.reporting",
     "push_scored_dataset": "hf_gradmimic.hub",
     "load_filter_metric": "hf_gradmimic.metrics",
-    "build_reference": "hf_gradmimic.recipes",
+    "build_reference": "hf_gradmimic.reference",
     "batch_coupled": "hf_gradmimic.contrastive",
     "returns_per_sample_losses": "hf_gradmimic.losses",
     "ContrastiveLoss": "hf_gradmimic.contrastive",
@@ -49,8 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .hub import push_scored_dataset
     from .losses import returns_per_sample_losses
     from .metrics import load_filter_metric
-    from .recipes import build_reference
-    from .reference import load_reference_tensors
+    from .reference import build_reference, load_reference_tensors
     from .reporting import report
     from .scores import load_scores
     from .sft import MimicSFTConfig, MimicSFTTrainer

@@ -69,7 +69,7 @@ def _require_columns(dataset: Any, columns: Sequence[Optional[str]]) -> None:
 def _require_existing_if_local(source: str, option: str) -> None:
     """A ``source`` that reads as a local path (``/x``, ``./x``, ``a/b/c``) must exist: it is not a Hub repo id, and
     the Hub client's own message ("Repo id must be in the form ...") would not say so."""
-    from .reference import looks_local
+    from .reference.loading import looks_local
 
     if looks_local(source) and not Path(source).expanduser().exists():
         raise UserError(f"{option} {source}: the path does not exist (looked for {Path(source).expanduser().absolute()}).")
@@ -144,7 +144,7 @@ def run_train(argv: Sequence[str]) -> int:
 def run_make_reference(args: argparse.Namespace) -> int:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .recipes import build_reference
+    from .reference import build_reference
 
     dataset_dict = _load_dataset(args.dataset)
     train = _split(dataset_dict, args.split)

@@ -32,7 +32,7 @@ except ImportError as error:  # an optional extra: `import hf_gradmimic` works w
 
 from .config import MimicArguments
 from .losses import logits_of, supervised_counts, token_loss
-from .reference import ReferenceSource
+from .reference.loading import ReferenceSource
 from .scorers import SampleScorer
 from .trainer import MimicTrainerMixin
 

@@ -32,7 +32,7 @@ from .config import MimicConfig
 from .contrastive import contrastive_loss_for, is_batch_coupled
 from .fileio import atomic_write
 from .losses import PerSampleLossFn, logits_of, loss_fn_from_compute_loss_func, per_sample_loss, supervised_counts
-from .reference import ReferenceSource
+from .reference.loading import ReferenceSource
 from .scorers import SampleScorer, ScoreContext, check_mode, comparison_gradient, scorer_from_config
 from .scores import STATUS_NONFINITE, STATUS_SCORED
 from .training.audit import FilterAudit

@@ -229,7 +229,7 @@ def _accuracy(model, dataset, column: str) -> float:
 
 def _frozen_features(task: Task, model, dataset) -> np.ndarray:
     """The mimic layer's inputs from the frozen pretrained student: what cleanlab's classifier reads."""
-    from hf_gradmimic.recipes import layer_inputs
+    from hf_gradmimic.reference import layer_inputs
 
     return layer_inputs(model, dataset, "classifier").numpy()
 

@@ -54,7 +54,7 @@ def _plain(dataset):
 def digits_run(tmp_path_factory):
     """A real Stage 1 + Stage 2 run: MimicTrainer on 40 %-noisy digits (3 epochs), then build_filter."""
     from hf_gradmimic.testing.digits import digits_model, load_noisy_digits
-    from hf_gradmimic.recipes import build_reference
+    from hf_gradmimic.reference import build_reference
 
     root = tmp_path_factory.mktemp("digits")
     train = load_noisy_digits(noise_rate=0.4, seed=0)["train"]

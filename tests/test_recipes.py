@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from hf_gradmimic import MimicConfig, MimicTrainer, build_reference, load_scores
 from hf_gradmimic.testing.digits import digits_model, load_noisy_digits
-from hf_gradmimic.recipes import layer_inputs
+from hf_gradmimic.reference import layer_inputs
 from hf_gradmimic.reference import read_reference_metadata
 
 

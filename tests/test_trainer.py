@@ -13,7 +13,7 @@ from transformers import Trainer, TrainingArguments
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
 from hf_gradmimic.ghost import UnsupportedLayerError
 from hf_gradmimic.layer_lookup import MimicLayerError
-from hf_gradmimic.reference import ReferenceError
+from hf_gradmimic.reference import ReferenceLoadError
 from tiny_models import (
     TinyMLP, TinySeq, lm_dataset, mlp_dataset, oracle_mimic_scores, oracle_scores_from_grads, per_sample_grads,
     per_sample_lm_grads, seq_dataset, tiny_gpt2,
@@ -251,7 +251,7 @@ def test_construction_errors_name_the_problem(tmp_path):
     bad_shape = {"head.weight": torch.zeros(5, 16), "head.bias": torch.zeros(5)}
     with pytest.raises(ValueError, match=r"shape \(5, 16\).*'head.weight'.*\(4, 16\)"):
         MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["head"]), train_dataset=data, reference=bad_shape)
-    with pytest.raises(ReferenceError, match="'head.bias' is missing"):
+    with pytest.raises(ReferenceLoadError, match="'head.bias' is missing"):
         MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["head"]), train_dataset=data,
                      reference={"head.weight": torch.zeros(4, 16)})
     with pytest.raises(ValueError, match="needs a reference"):

@@ -20,7 +20,7 @@ from transformers.utils import logging
 from ..ghost import ghost_rule_for
 from ..layer_lookup import MimicLayerError, resolve_mimic_layers
 from ..lora import expand_lora_layers
-from ..reference import ReferenceSource, load_reference_tensors
+from ..reference.loading import ReferenceSource, load_reference_tensors
 from .capture import Capture
 
 logger = logging.get_logger(__name__)

@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cards import render_reference_card
-from .fileio import atomic_write
-from .lora_recipe import train_lora_reference
-from .losses import logits_of
-from .reference import REFERENCE_WEIGHTS_NAME
-from .layer_lookup import resolve_mimic_layers
+from ..cards import render_reference_card
+from ..fileio import atomic_write
+from .lora import train_lora_reference
+from ..losses import logits_of
+from .loading import REFERENCE_WEIGHTS_NAME
+from ..layer_lookup import resolve_mimic_layers
 
 
 
@@ -205,7 +205,7 @@ def build_reference(
             ``("lora",)``: every matrix of the adapter).
         method: ``"linear_probe"``, or ``"lora"``: ``model`` is the student's PEFT model before fine-tuning, and a copy
             of its adapter is trained on ``train_dataset`` (``input_ids``, ``labels`` with −100 on prompts) with AdamW
-            for ``epochs``, then saved to ``output_dir`` as an ordinary PEFT adapter (`hf_gradmimic.lora_recipe`),
+            for ``epochs``, then saved to ``output_dir`` as an ordinary PEFT adapter (`hf_gradmimic.reference.lora`),
             loadable with ``PeftModel.from_pretrained``; the student is left unchanged.
         output_dir: where ``reference.safetensors`` and its ``README.md`` card go.
         eval_dataset: held-out data for the accuracy written to the card (else training accuracy only).

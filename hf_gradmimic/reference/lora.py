@@ -20,10 +20,10 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .adapter_reference import ADAPTER_WEIGHTS_NAME, without_adapter_name
-from .fileio import atomic_write
-from .losses import IGNORE_INDEX, per_sample_loss
-from .lora import lora_layers
+from .adapters import ADAPTER_WEIGHTS_NAME, without_adapter_name
+from ..fileio import atomic_write
+from ..losses import IGNORE_INDEX, per_sample_loss
+from ..lora import lora_layers
 
 
 def adapter_init(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -173,7 +173,7 @@ def _save_adapter(model: nn.Module, adapter: str, output_dir: str | os.PathLike,
 
     from safetensors.torch import save_file
 
-    from .cards import render_lora_reference_card
+    from ..cards import render_lora_reference_card
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
