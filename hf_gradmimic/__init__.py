@@ -27,6 +27,7 @@ _EXPORTS = {
     "push_scored_dataset": "hf_gradmimic.hub",
     "load_filter_metric": "hf_gradmimic.metrics",
     "build_reference": "hf_gradmimic.reference",
+    "ReferenceRecipeConfig": "hf_gradmimic.reference",
     "batch_coupled": "hf_gradmimic.contrastive",
     "returns_per_sample_losses": "hf_gradmimic.losses",
     "ContrastiveLoss": "hf_gradmimic.contrastive",
@@ -49,7 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .hub import push_scored_dataset
     from .losses import returns_per_sample_losses
     from .metrics import load_filter_metric
-    from .reference import build_reference, load_reference_tensors
+    from .reference import ReferenceRecipeConfig, build_reference, load_reference_tensors
     from .reporting import report
     from .scores import load_scores
     from .sft import MimicSFTConfig, MimicSFTTrainer

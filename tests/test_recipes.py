@@ -192,3 +192,25 @@ def test_monitor_losses_match_the_swapped_model(tmp_path, monkeypatch, case):
     assert trainer.mimic_diagnostics.head_outputs_logits is (layer != "hidden")
     for key, value in (terms or {}).items():
         assert entry[f"mimic/monitor_{key}"] == pytest.approx(float(value), rel=1e-4, abs=1e-6), key
+
+
+def test_a_config_object_builds_what_the_keywords_build(tmp_path, digits):
+    """`build_reference(model, data, config=ReferenceRecipeConfig(...))` is the keyword call; a keyword given beside
+    the config wins; a keyword that is no setting is refused by name."""
+    from hf_gradmimic import ReferenceRecipeConfig
+
+    _, clean = digits
+    by_keywords = build_reference(digits_model(), clean, layers=["classifier"], output_dir=tmp_path / "kw", epochs=3,
+                                  learning_rate=5e-3, seed=1)
+    config = ReferenceRecipeConfig(layers=["classifier"], output_dir=tmp_path / "cfg", epochs=3, learning_rate=5e-3,
+                                   seed=1)
+    by_config = build_reference(digits_model(), clean, config=config)
+    assert len(by_config.history) == 3 and by_config.path.parent == tmp_path / "cfg"
+    for name, tensor in by_keywords.tensors.items():
+        torch.testing.assert_close(by_config.tensors[name], tensor, rtol=0, atol=0)
+    overridden = build_reference(digits_model(), clean, config, epochs=1, output_dir=tmp_path / "one")
+    assert len(overridden.history) == 1 and config.epochs == 3  # the caller's config is not changed
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['epoch'\].*'epochs'"):
+        build_reference(digits_model(), clean, epoch=3)
+    with pytest.raises(TypeError, match="`config` is a ReferenceRecipeConfig; got a dict"):
+        build_reference(digits_model(), clean, {"epochs": 3})

@@ -2,11 +2,13 @@
 
 - `loading`: only the mimic-layer tensors, read from a file, a folder, the Hub, a model or a dict;
 - `adapters`: PEFT adapters as references (where their two files are, how their keys are spelled);
-- `probe`: the linear-probe recipe (`build_reference`), a head trained on the student's own frozen features;
+- `recipe`: `build_reference`, which runs the recipe named in a `ReferenceRecipeConfig` (`config`);
+- `probe`: the linear-probe recipe, a head trained on the student's own frozen features;
 - `lora`: the LoRA recipe, a copy of the student's own adapter trained on trusted data.
 """
 
 from .adapters import AdapterReferenceError
+from .config import ReferenceRecipeConfig, ReferenceResult
 from .loading import (
     REFERENCE_WEIGHTS_NAME,
     ReferenceLoadError,
@@ -15,12 +17,14 @@ from .loading import (
     read_reference_metadata,
 )
 from .lora import check_adapter_init, train_lora_reference
-from .probe import ReferenceResult, build_reference, layer_inputs, linear_probe
+from .probe import layer_inputs, linear_probe, train_probe_reference
+from .recipe import build_reference
 
 __all__ = [
     "REFERENCE_WEIGHTS_NAME",
     "AdapterReferenceError",
     "ReferenceLoadError",
+    "ReferenceRecipeConfig",
     "ReferenceResult",
     "ReferenceSource",
     "build_reference",
@@ -30,4 +34,5 @@ __all__ = [
     "load_reference_tensors",
     "read_reference_metadata",
     "train_lora_reference",
+    "train_probe_reference",
 ]
