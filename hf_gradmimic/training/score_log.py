@@ -26,6 +26,7 @@ from transformers.utils import logging
 
 from ..filter.matching import dataset_signature, id_kind
 from ..scores import ScoreWriter, read_score_table, score_shard_paths, write_provenance
+from ..version import __version__
 from .batch import ROW_INDEX_KEY
 from .log_lock import LOCK_NAME, ScoreLogLock
 from .step_softmax import StepRecords
@@ -110,8 +111,6 @@ def run_provenance(args: Any, scorer: Any, mode: str, model: Any, train_dataset:
     version, and what ``sample_id`` indexes: a column (and its values' type), or the rows of the training set; with
     the training set's length and `dataset_signature` of every row (so that a filter can refuse a reordered dataset,
     and a resume another dataset: `hf_gradmimic.training.resume_guard`)."""
-    from .. import __version__
-
     config = getattr(model, "config", None)
     column = args.mimic_id_column or (ROW_INDEX_KEY if is_stream(train_dataset) else None)
     return {
