@@ -336,7 +336,7 @@ def run_cell(task: Task, reference: str, noise: float, regime: str, seed: int, w
         area_under_margin,
         confident_learning,
         confident_learning_from_probs,
-        per_sample_loss,
+        cross_entropy_per_row,
         reference_disagreement,
         small_loss_gmm,
     )
@@ -360,7 +360,7 @@ def run_cell(task: Task, reference: str, noise: float, regime: str, seed: int, w
     margin_history = _MarginHistory(pool_ds, task.input_column, given)
     plain = _train(task, regime, seed, pool_ds, steps, out_dir / "plain", callbacks=[margin_history.callback()])
     record["accuracy"]["plain"] = _accuracy(plain, test, task.input_column)
-    plain_loss = per_sample_loss(_logits(plain, pool_ds, task.input_column), given)
+    plain_loss = cross_entropy_per_row(_logits(plain, pool_ds, task.input_column), given)
     # What the detectors read besides the score log, kept beside it for re-reading the cell (`refilter_cell`).
     np.savez(out_dir / "cell_inputs.npz", is_clean=is_clean, given=given, reference_logits=ref_logits,
              plain_loss=plain_loss, margin_history=np.stack(margin_history.history, axis=1))
