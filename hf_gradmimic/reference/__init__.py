@@ -2,7 +2,8 @@
 
 - `loading`: only the mimic-layer tensors, read from a file, a folder, the Hub, a model or a dict;
 - `adapters`: PEFT adapters as references (where their two files are, how their keys are spelled);
-- `recipe`: `build_reference`, which runs the recipe named in a `ReferenceRecipeConfig` (`config`);
+- `config`: what a recipe is asked (`ReferenceRecipeConfig`) and what it hands back (`ReferenceResult`);
+- `recipe`: `build_reference`, which runs the recipe that the config names and pushes the result when asked;
 - `probe`: the linear-probe recipe, a head trained on the student's own frozen features;
 - `lora`: the LoRA recipe, a copy of the student's own adapter trained on trusted data.
 """
