@@ -57,7 +57,7 @@ from .training.resume_guard import check_resume, write_run_record
 from .training.score_log import ScoreLog, run_provenance
 from .training.reference_verdict import ReferenceVerdict
 from .training.scorer_state import STATE_TENSORS_NAME, load_scorer_state, save_scorer_state
-from .training.streaming import StreamIds, is_stream, stream_position
+from .training.stream_ids import StreamIds, is_stream, stream_position
 from .training.token_weighting import log_token_counts, plain_mean_weights
 from .training.selection import Candidates, observe_step, select_over_step
 from .training.step_softmax import StepSoftmax, gather_across_ranks
@@ -267,7 +267,7 @@ class MimicTrainerMixin:
     def _init_training_state(self, max_steps: int, num_update_steps_per_epoch: int, num_train_epochs: int,
                              resume_from_checkpoint: Any, trial: Any) -> tuple[int, int]:
         # A stream resumed after a full pass over it: Trainer would skip batches of the first pass; continue the
-        # pass the checkpoint was in instead (training.streaming.stream_position).
+        # pass the checkpoint was in instead (training.stream_ids.stream_position).
         position = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
                                                 resume_from_checkpoint, trial)
         if resume_from_checkpoint is not None and is_stream(self.train_dataset) and not self.args.ignore_data_skip:

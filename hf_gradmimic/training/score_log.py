@@ -4,7 +4,7 @@ It owns the rank's `hf_gradmimic.scores.ScoreWriter` and the record of which row
 epoch. A sample already seen in the epoch (or earlier in the same step) is one that accelerate's
 ``even_batches`` repeated to fill the last batches: its records are flagged ``repeated``, so that
 `hf_gradmimic.load_scores` can drop them and no sample counts twice. A stream has no rows: its samples
-are told apart by their keys (`SeenKeys`, `hf_gradmimic.training.streaming.sample_key`).
+are told apart by their keys (`SeenKeys`, `hf_gradmimic.training.stream_ids.sample_key`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ..version import __version__
 from .batch import ROW_INDEX_KEY
 from .log_lock import LOCK_NAME, ScoreLogLock
 from .step_softmax import StepRecords
-from .streaming import is_stream
+from .stream_ids import is_stream
 
 logger = logging.get_logger(__name__)
 
@@ -159,7 +159,7 @@ class ScoreLog(TrainerCallback):
         rank / world: this process and the number of processes.
         dataset_size: rows of the training set; None for a stream, whose samples are named by keys.
         sample_ids: the ``mimic_id_column`` values by row, or None for row indices; for a stream, the ids by key
-            (`hf_gradmimic.training.streaming.StreamIds`), dropped once a step is written.
+            (`hf_gradmimic.training.stream_ids.StreamIds`), dropped once a step is written.
         record: whether to write records at all (`MimicConfig.mimic_record_scores`).
         wait_for_everyone: a barrier across ranks.
         provenance: written next to the shards when training starts (`run_provenance`).
