@@ -18,7 +18,7 @@ from .version import __version__
 _EXPORTS = {
     "MimicConfig": "hf_gradmimic.config",
     "MimicTrainer": "hf_gradmimic.trainer",
-    "load_scores": "hf_gradmimic.scores",
+    "load_scores": "hf_gradmimic.score_log_io",
     "load_reference_tensors": "hf_gradmimic.reference",
     "build_filter": "hf_gradmimic.filter",
     "MimicFilter": "hf_gradmimic.filter",
@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .metrics import load_filter_metric
     from .reference import ReferenceRecipeConfig, build_reference, load_reference_tensors
     from .reporting import report
-    from .scores import load_scores
+    from .score_log_io import load_scores
     from .sft import MimicSFTConfig, MimicSFTTrainer
     from .trainer import MimicTrainer
 

@@ -34,7 +34,7 @@ from .fileio import atomic_write
 from .losses import PerSampleLossFn, logits_of, loss_fn_from_compute_loss_func, per_sample_loss, supervised_counts
 from .reference.loading import ReferenceSource
 from .scorers import SampleScorer, ScoreContext, check_mode, comparison_gradient, scorer_from_config
-from .scores import STATUS_NONFINITE, STATUS_SCORED
+from .score_log_io import STATUS_NONFINITE, STATUS_SCORED
 from .training.audit import FilterAudit
 from .training.batch import Bookkeeping, KeepColumns, rows_of, shown_ids
 from .training.capture import BackwardFromLogits, Capture, PendingGrad, scale_per_sample

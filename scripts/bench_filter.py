@@ -3,7 +3,7 @@
 
 Generates synthetic score logs with N samples x 5 epochs (one record per sample per epoch,
 batches of 256, 70 % "clean" samples whose b*w is drawn around 1.3 and 30 % "noisy" ones around
-0.7, sd 0.25; loss around 0.5 and 1.5, sd 0.5), written as Parquet shards in the score-log schema of `hf_gradmimic.scores`, then
+0.7, sd 0.25; loss around 0.5 and 1.5, sd 0.5), written as Parquet shards in the score-log schema of `hf_gradmimic.score_log_io`, then
 times ``build_filter(path, method=..., aggregate="snorkel", windows=5, engine=...)`` in a fresh
 subprocess per (size, engine, method), so that peak RSS values do not mix. The child reports the
 wall time of the `build_filter` call (which includes the lazy import of snorkel/torch) and its
@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))
 from hf_gradmimic.fileio import atomic_write  # noqa: E402
 from provenance import code_commit  # noqa: E402  (scripts/provenance.py, beside this file)
 from hf_gradmimic.filter.identification import DEFAULT_METHOD  # noqa: E402
-from hf_gradmimic.scores import SCORES_DIRNAME, SCORE_TYPES  # noqa: E402
+from hf_gradmimic.score_log_io import SCORES_DIRNAME, SCORE_TYPES  # noqa: E402
 
 EPOCHS = 5
 BATCH = 256

@@ -31,7 +31,7 @@ def sample_colour(index: int) -> tuple[int, int, int]:
 
 def write_scored_run(output_dir: Path, seed: int = 0) -> Path:
     """Write the score log (3 epochs of 3 steps of 32) and its provenance under ``output_dir``."""
-    from hf_gradmimic.scores import ScoreWriter, write_provenance
+    from hf_gradmimic.score_log_io import ScoreWriter, write_provenance
 
     rng = np.random.default_rng(seed)
     noisy = np.arange(N_SAMPLES) % 4 == 0

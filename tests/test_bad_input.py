@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
-from hf_gradmimic.scores import STATUS_NONFINITE, STATUS_SCORED, STATUS_UNLABELED
+from hf_gradmimic.score_log_io import STATUS_NONFINITE, STATUS_SCORED, STATUS_UNLABELED
 from tiny_models import (
     TinyMLP, lm_dataset, mlp_dataset, oracle_scores_from_grads, per_sample_grads, per_sample_lm_grads, tiny_gpt2,
 )

@@ -23,7 +23,7 @@ from hf_gradmimic.filter import (
     collect_windows,
     collect_windows_ray,
 )
-from hf_gradmimic.scores import SCORES_DIRNAME
+from hf_gradmimic.score_log_io import SCORES_DIRNAME
 from test_filter_streaming import (
     assert_same_signals,
     assert_same_table,

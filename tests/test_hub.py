@@ -72,7 +72,7 @@ def digits_run(tmp_path_factory):
 
 
 def synthetic_run(ids, epochs: int = 3, batch: int = 10, seed: int = 0):
-    """A score log with the trainer's columns (hf_gradmimic.scores): clean samples (even position)
+    """A score log with the trainer's columns (hf_gradmimic.score_log_io): clean samples (even position)
     get higher mimic scores; weights are the softmax over each batch at τ = 0.5."""
     import datasets
 

@@ -10,7 +10,7 @@ import pytest
 
 from hf_gradmimic.filter import FilterWarning, LossWindows, MimicFilter, PredictorAgreement, build_filter
 from hf_gradmimic.filter.labeling import resolve_labeling_functions
-from hf_gradmimic.scores import SCORE_COLUMNS, SCORE_TYPES, SCORES_DIRNAME
+from hf_gradmimic.score_log_io import SCORE_COLUMNS, SCORE_TYPES, SCORES_DIRNAME
 
 TYPES = {name: SCORE_TYPES.get(name, pa.int64()) for name in SCORE_COLUMNS}
 

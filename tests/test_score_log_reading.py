@@ -17,7 +17,7 @@ import pytest
 
 from hf_gradmimic.cli import main as cli_main
 from hf_gradmimic.filter import BadShardError, FilterWarning, MimicFilter, build_filter
-from hf_gradmimic.scores import SCORES_DIRNAME, STATUS_NONFINITE, STATUS_UNLABELED
+from hf_gradmimic.score_log_io import SCORES_DIRNAME, STATUS_NONFINITE, STATUS_UNLABELED
 from test_filter import make_log
 
 

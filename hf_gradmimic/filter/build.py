@@ -7,7 +7,7 @@ import os
 import warnings
 from typing import Any, Sequence
 
-from ..scores import scores_provenance
+from ..score_log_io import scores_provenance
 from .aggregation import DEFAULT_AGGREGATE
 from .decide import check_settings, decide
 from .engines import ENGINES, get_engine

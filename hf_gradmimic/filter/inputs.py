@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..scores import score_shard_paths, scores_dir
+from ..score_log_io import score_shard_paths, scores_dir
 from .shards import BadShardError, BadShardPolicy, ShardPlan, plan_shards, read_shard, skipped_message, without_rows
 from .warning import warn
 

@@ -1,6 +1,6 @@
 """The score-log callback: writes each optimizer step's records, flags repeated rows, and truncates on resume.
 
-It owns the rank's `hf_gradmimic.scores.ScoreWriter` and the record of which rows were seen in the current
+It owns the rank's `hf_gradmimic.score_log_io.ScoreWriter` and the record of which rows were seen in the current
 epoch. A sample already seen in the epoch (or earlier in the same step) is one that accelerate's
 ``even_batches`` repeated to fill the last batches: its records are flagged ``repeated``, so that
 `hf_gradmimic.load_scores` can drop them and no sample counts twice. A stream has no rows: its samples
@@ -25,7 +25,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from ..filter.matching import dataset_signature, id_kind
-from ..scores import ScoreWriter, read_score_table, score_shard_paths, write_provenance
+from ..score_log_io import ScoreWriter, read_score_table, score_shard_paths, write_provenance
 from ..version import __version__
 from .batch import ROW_INDEX_KEY
 from .log_lock import LOCK_NAME, ScoreLogLock

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..scorers import SampleScorer, ScoreContext
-from ..scores import STATUS_SCORED
+from ..score_log_io import STATUS_SCORED
 
 
 @dataclass

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..scorers.base import softmax_or_zero
-from ..scores import STATUS_NONFINITE, STATUS_SCORED, STATUS_UNLABELED
+from ..score_log_io import STATUS_NONFINITE, STATUS_SCORED, STATUS_UNLABELED
 
 
 def finite_or_zero(running_max: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,7 @@
-"""The score log: per-sample records of every optimizer step, as Parquet shards.
+"""The score log on disk: per-sample records of every optimizer step, as Parquet shards, written and read back.
+
+(The callback that fills it during training is `hf_gradmimic.training.score_log`; the scorers that compute the
+scores are `hf_gradmimic.scorers`.)
 
 `MimicTrainer` appends one record per (optimizer step, sample) to
 ``<output_dir>/mimic_scores/``. Each rank writes its own shards, named
