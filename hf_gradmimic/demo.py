@@ -67,9 +67,9 @@ def run_demo(settings: DemoSettings | None = None, log=print) -> dict[str, Any]:
     from transformers import Trainer, TrainingArguments
 
     from . import MimicConfig, MimicTrainer, build_filter, build_reference, report
-    from .testing.digits import digits_model, load_noisy_digits
     from .filter import estimate_quality
     from .metrics import accuracy_compute_metrics
+    from .testing.digits import digits_model, load_noisy_digits
 
     settings = settings or DemoSettings()
     out = Path(settings.output_dir)

@@ -36,14 +36,16 @@ the step's critical path only hands over arrays.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import threading
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -130,7 +132,7 @@ def read_score_table(path: str | os.PathLike, *, drop_repeated: bool = True, col
     return table
 
 
-def load_scores(path: str | os.PathLike, *, drop_repeated: bool = True) -> "datasets.Dataset":  # noqa: F821
+def load_scores(path: str | os.PathLike, *, drop_repeated: bool = True) -> datasets.Dataset:  # noqa: F821
     """Load the score log that `MimicTrainer` wrote as a `datasets.Dataset`.
 
     The run's provenance (``provenance.json``: the reference, the scorer and its settings, the student, what the
@@ -292,7 +294,7 @@ class ScoreWriter:
             removed += table.num_rows - kept.num_rows
             last_kept = int(pa.compute.max(kept["global_step"]).as_py())
             rewritten = entry.with_name(f"rank{self.rank:05d}-steps{int(match['first']):09d}-{last_kept:09d}.parquet")
-            atomic_write(rewritten, lambda tmp: pq.write_table(kept, tmp))
+            atomic_write(rewritten, functools.partial(pq.write_table, kept))
             entry.unlink()
         return removed
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 import inspect
 import os
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
@@ -33,8 +34,8 @@ from .contrastive import contrastive_loss_for, is_batch_coupled
 from .fileio import atomic_write
 from .losses import PerSampleLossFn, logits_of, loss_fn_from_compute_loss_func, per_sample_loss, supervised_counts
 from .reference.loading import ReferenceSource
-from .scorers import SampleScorer, ScoreContext, check_mode, comparison_gradient, scorer_from_config
 from .score_log_io import STATUS_NONFINITE, STATUS_SCORED
+from .scorers import SampleScorer, ScoreContext, check_mode, comparison_gradient, scorer_from_config
 from .training.audit import FilterAudit
 from .training.batch import Bookkeeping, KeepColumns, rows_of, shown_ids
 from .training.capture import BackwardFromLogits, Capture, PendingGrad, scale_per_sample
@@ -53,14 +54,14 @@ from .training.guards import NonFiniteStepGuard, row_status
 from .training.internal_callbacks import hide_internal_callbacks
 from .training.metrics_buffer import MetricsBuffer
 from .training.mimic_layers import MimicLayers
+from .training.reference_verdict import ReferenceVerdict
 from .training.resume_guard import check_resume, write_run_record
 from .training.score_log import ScoreLog, run_provenance
-from .training.reference_verdict import ReferenceVerdict
 from .training.scorer_state import STATE_TENSORS_NAME, load_scorer_state, save_scorer_state
-from .training.stream_ids import StreamIds, is_stream, stream_position
-from .training.token_weighting import log_token_counts, plain_mean_weights
 from .training.selection import Candidates, observe_step, select_over_step
 from .training.step_softmax import StepSoftmax, gather_across_ranks
+from .training.stream_ids import StreamIds, is_stream, stream_position
+from .training.token_weighting import log_token_counts, plain_mean_weights
 from .training.use_backward import only_mimic_tensors_train, uses_weighted_loss
 
 SCORER_STATE_NAME = STATE_TENSORS_NAME

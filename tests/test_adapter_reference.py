@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import HfApi
+from test_lora import TRAIN
 
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
-from hf_gradmimic.reference.adapters import AdapterReferenceError, without_adapter_name
 from hf_gradmimic.reference import load_reference_tensors, read_reference_metadata
-from test_lora import TRAIN
+from hf_gradmimic.reference.adapters import AdapterReferenceError, without_adapter_name
+
 from tiny_models import lm_dataset, lora_names, lora_student, oracle_scores_from_grads, per_sample_lm_grads, tiny_llama
 
 peft = pytest.importorskip("peft")

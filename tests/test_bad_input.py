@@ -11,8 +11,15 @@ import torch
 
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
 from hf_gradmimic.score_log_io import STATUS_NONFINITE, STATUS_SCORED, STATUS_UNLABELED
+
 from tiny_models import (
-    TinyMLP, lm_dataset, mlp_dataset, oracle_scores_from_grads, per_sample_grads, per_sample_lm_grads, tiny_gpt2,
+    TinyMLP,
+    lm_dataset,
+    mlp_dataset,
+    oracle_scores_from_grads,
+    per_sample_grads,
+    per_sample_lm_grads,
+    tiny_gpt2,
 )
 
 COMMON = dict(learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,

@@ -9,6 +9,7 @@ import pytest
 
 from hf_gradmimic import MimicConfig, MimicTrainer, build_filter
 from hf_gradmimic.filter import matching
+
 from tiny_models import TinyMLP, mlp_dataset
 
 

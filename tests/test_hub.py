@@ -27,8 +27,8 @@ from hf_gradmimic.hub import (
     ScoredPushError,
     push_scored_dataset,
 )
-from hf_gradmimic.testing.hub_server import DEFAULT_USER, HubServer
 from hf_gradmimic.reference import load_reference_tensors
+from hf_gradmimic.testing.hub_server import DEFAULT_USER, HubServer
 
 TRAIN_ARGS = dict(
     optim="sgd",
@@ -53,8 +53,8 @@ def _plain(dataset):
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     """A real Stage 1 + Stage 2 run: MimicTrainer on 40 %-noisy digits (3 epochs), then build_filter."""
-    from hf_gradmimic.testing.digits import digits_model, load_noisy_digits
     from hf_gradmimic.reference import build_reference
+    from hf_gradmimic.testing.digits import digits_model, load_noisy_digits
 
     root = tmp_path_factory.mktemp("digits")
     train = load_noisy_digits(noise_rate=0.4, seed=0)["train"]
@@ -257,6 +257,7 @@ def test_save_scored_dataset_writes_the_local_copy_alone(tmp_path: Path) -> None
 def test_card_templates_ship_as_package_data() -> None:
     """The templates live inside the package and pyproject's package-data puts them in the wheel."""
     import fnmatch
+
     import tomllib
 
     from hf_gradmimic import cards

@@ -179,8 +179,9 @@ def test_a_filter_that_keeps_nothing_says_so():
 @pytest.mark.parametrize("engine", ["memory", "streaming"])
 def test_the_loss_windows_come_from_the_one_read_of_the_log(tmp_path, monkeypatch, engine):
     """Every shard is read once for the mimic and the loss windows together (the loss rode a second read before)."""
-    from hf_gradmimic.filter import inputs
     from test_filter_streaming import write_shards
+
+    from hf_gradmimic.filter import inputs
 
     table, _ = make_log(n=300)
     folder = write_shards(table, tmp_path, rows=250) / SCORES_DIRNAME

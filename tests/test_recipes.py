@@ -8,9 +8,8 @@ import torch
 from safetensors import safe_open
 
 from hf_gradmimic import MimicConfig, MimicTrainer, build_reference, load_scores
+from hf_gradmimic.reference import layer_inputs, read_reference_metadata
 from hf_gradmimic.testing.digits import digits_model, load_noisy_digits
-from hf_gradmimic.reference import layer_inputs
-from hf_gradmimic.reference import read_reference_metadata
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +151,7 @@ def test_monitor_losses_match_the_swapped_model(tmp_path, monkeypatch, case):
     terms must match torch.func per-sample gradients: −⟨g_i, θ_ref⟩/‖v‖ and ⟨g_i, θ⟩/‖v‖, batch means."""
     import hf_gradmimic.training.reference_verdict as verdict_module
     from hf_gradmimic.losses import per_sample_loss
+
     from tiny_models import TinyMLP, lm_dataset, mlp_dataset, per_sample_grads, tiny_gpt2
 
     make_model, data, layer = {

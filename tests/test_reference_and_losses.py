@@ -13,6 +13,7 @@ from transformers.trainer_pt_utils import LabelSmoother
 
 from hf_gradmimic.losses import per_sample_loss, token_loss
 from hf_gradmimic.reference import ReferenceLoadError, load_reference_tensors
+
 from tiny_models import tiny_gpt2
 
 

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from hf_gradmimic import MimicConfig, MimicTrainer
-from hf_gradmimic.reference.adapters import adapter_metadata
 from hf_gradmimic.reference import ReferenceLoadError, load_reference_tensors
+from hf_gradmimic.reference.adapters import adapter_metadata
+
 from tiny_models import TinyMLP, mlp_dataset
 
 NAMES = ["head.weight", "head.bias"]

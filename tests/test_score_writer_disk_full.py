@@ -12,6 +12,7 @@ import pytest
 
 import hf_gradmimic.score_log_io as scores_module
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
+
 from tiny_models import TinyMLP, mlp_dataset
 
 

@@ -6,7 +6,6 @@ own embedding functions. Nothing here is computed the way `hf_gradmimic.scorers`
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -25,7 +24,6 @@ from hf_gradmimic.scorers import (
     get_scorer,
     weights_from_scores,
 )
-
 
 # ------------------------------------------------------------------ tiny models and the oracle
 
@@ -103,7 +101,8 @@ def oracle_grads(model: nn.Module, param_names: list[str], x, mask, labels) -> t
 
 
 def param_names(model: nn.Module, layers: list[str]) -> list[str]:
-    return [f"{l}.{kind}" for l in layers for kind in ("weight", "bias") if getattr(getattr(model, l), kind) is not None]
+    return [f"{layer}.{kind}" for layer in layers for kind in ("weight", "bias")
+            if getattr(getattr(model, layer), kind) is not None]
 
 
 CASES = {

@@ -14,9 +14,18 @@ from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
 from hf_gradmimic.ghost import UnsupportedLayerError
 from hf_gradmimic.layer_lookup import MimicLayerError
 from hf_gradmimic.reference import ReferenceLoadError
+
 from tiny_models import (
-    TinyMLP, TinySeq, lm_dataset, mlp_dataset, oracle_mimic_scores, oracle_scores_from_grads, per_sample_grads,
-    per_sample_lm_grads, seq_dataset, tiny_gpt2,
+    TinyMLP,
+    TinySeq,
+    lm_dataset,
+    mlp_dataset,
+    oracle_mimic_scores,
+    oracle_scores_from_grads,
+    per_sample_grads,
+    per_sample_lm_grads,
+    seq_dataset,
+    tiny_gpt2,
 )
 
 COMMON = dict(

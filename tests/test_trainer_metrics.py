@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from hf_gradmimic import MimicConfig, MimicTrainer, build_filter
-from hf_gradmimic.testing.digits import digits_model, load_noisy_digits
 from hf_gradmimic.metrics import accuracy_compute_metrics, compute_filter_metrics
+from hf_gradmimic.testing.digits import digits_model, load_noisy_digits
 
 
 @pytest.mark.timeout(300)

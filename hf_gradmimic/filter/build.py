@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from ..score_log_io import scores_provenance
 from .aggregation import DEFAULT_AGGREGATE

@@ -8,9 +8,10 @@ of the last three. Everything else in the filter sees them through `ScoreSource`
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence, Union
+from typing import Any, Literal, Union
 
 import numpy as np
 import pyarrow as pa

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..score_log_io import STATUS_SCORED, STATUS_UNLABELED
-from .inputs import ScoreSource, ScoresLike, score_source
+from .inputs import ScoresLike, ScoreSource, score_source
 from .shards import BadShardPolicy
 from .windows import WindowsLike, distinct_steps
 

@@ -12,24 +12,23 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any
 
 import numpy as np
-
 import torch
 from torch import nn
 
-from .adapters import adapter_metadata, hub_adapter, local_adapter, without_adapter_name
 from ..fileio import read_json_object
+from .adapters import adapter_metadata, hub_adapter, local_adapter, without_adapter_name
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 REFERENCE_WEIGHTS_NAME = "reference.safetensors"  # what `build_reference` writes
 
-ReferenceSource = Union[str, os.PathLike, nn.Module, Mapping[str, torch.Tensor]]
+ReferenceSource = str | os.PathLike | nn.Module | Mapping[str, torch.Tensor]
 
 
 class ReferenceLoadError(ValueError):

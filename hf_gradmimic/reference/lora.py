@@ -14,16 +14,17 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from .adapters import ADAPTER_WEIGHTS_NAME, without_adapter_name
 from ..fileio import atomic_write
-from ..losses import IGNORE_INDEX, per_sample_loss
 from ..lora import lora_layers
+from ..losses import IGNORE_INDEX, per_sample_loss
+from .adapters import ADAPTER_WEIGHTS_NAME, without_adapter_name
 
 
 def adapter_init(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -8,7 +8,6 @@ that concern the choice, and uploads the folder when asked.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 from torch import nn

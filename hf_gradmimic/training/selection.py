@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..scorers import SampleScorer, ScoreContext
 from ..score_log_io import STATUS_SCORED
+from ..scorers import SampleScorer, ScoreContext
 
 
 @dataclass

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..scorers.base import softmax_or_zero
 from ..score_log_io import STATUS_NONFINITE, STATUS_SCORED, STATUS_UNLABELED
+from ..scorers.base import softmax_or_zero
 
 
 def finite_or_zero(running_max: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from ..inputs import ScoreSource, ScoresLike
+from ..inputs import ScoresLike, ScoreSource
 from ..records import open_source, read_records
 from ..reduction import WindowedScores, completed, reduce_records
 from ..shards import BadShardPolicy
