@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 PROG = "gradmimic"
 
@@ -240,7 +241,8 @@ def run_demo(args: argparse.Namespace) -> int:
                            "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
                            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(Path(args.output_dir).resolve() / "hf_home")})
     try:
-        from .demo import DemoSettings, run_demo as run
+        from .demo import DemoSettings
+        from .demo import run_demo as run
 
         settings = DemoSettings(output_dir=args.output_dir, push=not args.no_push, progress=not args.quiet)
         if args.quick:

@@ -18,8 +18,9 @@ are refused. Requires ``pip install 'hf-gradmimic[trl]'`` (trl and peft).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 

@@ -9,7 +9,8 @@ and the votes together (`hf_gradmimic.filter.posterior`); a sample is kept when 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa

@@ -23,8 +23,9 @@ votes before aggregation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pyarrow as pa
@@ -105,7 +106,7 @@ class ScoringFunction(Protocol):
     def scores(self, context: LabelingContext) -> LabelingScores: ...
 
 
-LabelingFunctionLike = Union[str, LabelingFunction, ScoringFunction]
+LabelingFunctionLike = str | LabelingFunction | ScoringFunction
 
 # Measured with realistic references (scripts/compare_methods.py, docs/results.md): the loss windows
 # beside the mimic windows raised discard F1 over the paper's mimic-only filter in 26 of 27 settings. The

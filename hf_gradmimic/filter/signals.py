@@ -83,7 +83,7 @@ class LogLossSignal:
     def __repr__(self) -> str:
         return f"LogLossSignal(column={self.column!r}, window={self.window!r})"
 
-    def scores(self, context: "LabelingContext") -> LabelingScores:
+    def scores(self, context: LabelingContext) -> LabelingScores:
         windowed = context.windowed
         n = len(windowed.sample_ids)
         per_window = windowed.signals.get(self.column)
