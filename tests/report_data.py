@@ -48,7 +48,7 @@ def write_scored_run(output_dir: Path, seed: int = 0) -> Path:
                             mimic_scores=raw, weights=weights, losses=np.where(noisy[ids], 2.0, 0.2) + rng.random(ids.size) * 0.1,
                             batch_size=BATCH)
     writer.close()
-    from hf_gradmimic.filter.matching import dataset_signature
+    from hf_gradmimic.tables import dataset_signature
 
     # As the trainer records it: the ids are row indices of this dataset, which its signature pins.
     sample_ids = {**PROVENANCE["sample_ids"], "train_content": dataset_signature(image_text_dataset())}

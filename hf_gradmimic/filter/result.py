@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..fileio import atomic_write, write_json
+from ..tables import as_rows
 from .decide import check_settings, decide
-from .inputs import as_rows
 from .labeling import LabelingVotes
 from .matching import check_row_index_dataset, row_positions
 from .matrices import matrix

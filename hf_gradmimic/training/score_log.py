@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from ..filter.matching import dataset_signature, id_kind
 from ..score_log_io import ScoreWriter, read_score_table, score_shard_paths, write_provenance
+from ..tables import dataset_signature, id_kind
 from ..version import __version__
 from .batch import ROW_INDEX_KEY
 from .log_lock import LOCK_NAME, ScoreLogLock
