@@ -321,7 +321,11 @@ def test_digits_with_label_noise_beats_plain_trainer(tmp_path):
     MimicTrainer(model=student, args=args, train_dataset=train, reference=reference).train()
 
     plain_accuracy, mimic_accuracy = accuracy(plain, data["test"]), accuracy(student, data["test"])
-    assert mimic_accuracy > plain_accuracy + 0.02, (mimic_accuracy, plain_accuracy)
+    # The gain must exceed two standard errors of the plain model's accuracy on this test set (binomial, n rows):
+    # smaller gaps are within what another draw of test rows could show. Measured (torch 2.13 CPU, seed 0, 540 test
+    # rows): Grad-Mimic 0.883, plain 0.830, a gain of 0.054 against a margin of 0.032.
+    margin = 2 * np.sqrt(plain_accuracy * (1 - plain_accuracy) / len(data["test"]))
+    assert mimic_accuracy > plain_accuracy + margin, (mimic_accuracy, plain_accuracy, margin)
     scores = load_scores(tmp_path / "mimic").to_pandas()
     is_clean = np.asarray(train["is_clean"])[scores.sample_id.values]
     assert scores.mimic_score[is_clean].mean() > scores.mimic_score[~is_clean].mean()
