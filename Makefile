@@ -26,7 +26,12 @@ $(VENV)/.installed-docs: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[docs]"
 	touch $@
 
-.PHONY: install test demo demo-sft bench bench-filter compare docs
+# ruff, pinned by the lint extra (pyproject.toml [tool.ruff] holds the rules and why some are left out).
+$(VENV)/.installed-lint: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[lint]"
+	touch $@
+
+.PHONY: install test lint demo demo-sft bench bench-filter compare docs
 install: $(VENV)/.installed
 
 # Two workers, each taking whole test files (module fixtures such as the Ray cluster start once per file).
@@ -34,6 +39,11 @@ install: $(VENV)/.installed
 # GRADMIMIC_REQUIRE_DOCS=1 makes it fail, not skip, when either is missing.
 test: $(VENV)/.installed $(VENV)/.installed-ray $(VENV)/.installed-docs
 	GRADMIMIC_REQUIRE_RAY=1 GRADMIMIC_REQUIRE_DOCS=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
+
+# The lint rules and the format check; neither changes a file (`ruff check --fix` and `ruff format` do).
+lint: $(VENV)/.installed-lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 docs: $(VENV)/.installed-docs
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict

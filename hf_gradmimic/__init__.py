@@ -13,12 +13,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _EXPORTS = {
     "MimicConfig": "hf_gradmimic.config",
     "MimicTrainer": "hf_gradmimic.trainer",
-    "load_scores": "hf_gradmimic.scores",
+    "load_scores": "hf_gradmimic.score_log_io",
     "load_reference_tensors": "hf_gradmimic.reference",
     "build_filter": "hf_gradmimic.filter",
     "MimicFilter": "hf_gradmimic.filter",
@@ -26,7 +26,8 @@ _EXPORTS = {
     "report": "hf_gradmimic.reporting",
     "push_scored_dataset": "hf_gradmimic.hub",
     "load_filter_metric": "hf_gradmimic.metrics",
-    "build_reference": "hf_gradmimic.recipes",
+    "build_reference": "hf_gradmimic.reference",
+    "ReferenceRecipeConfig": "hf_gradmimic.reference",
     "batch_coupled": "hf_gradmimic.contrastive",
     "returns_per_sample_losses": "hf_gradmimic.losses",
     "ContrastiveLoss": "hf_gradmimic.contrastive",
@@ -49,10 +50,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .hub import push_scored_dataset
     from .losses import returns_per_sample_losses
     from .metrics import load_filter_metric
-    from .recipes import build_reference
-    from .reference import load_reference_tensors
+    from .reference import ReferenceRecipeConfig, build_reference, load_reference_tensors
     from .reporting import report
-    from .scores import load_scores
+    from .score_log_io import load_scores
     from .sft import MimicSFTConfig, MimicSFTTrainer
     from .trainer import MimicTrainer
 

@@ -38,8 +38,8 @@ __all__ = [
     "area_under_margin",
     "confident_learning",
     "confident_learning_from_probs",
+    "cross_entropy_per_row",
     "margins",
-    "per_sample_loss",
     "reference_disagreement",
     "small_loss_gmm",
 ]
@@ -52,8 +52,9 @@ class Detection(NamedTuple):
     clean_score: np.ndarray
 
 
-def per_sample_loss(logits: Any, labels: Any) -> np.ndarray:
-    """Cross-entropy of each row of ``logits`` (``n x classes``) at its given label (a stable log-softmax)."""
+def cross_entropy_per_row(logits: Any, labels: Any) -> np.ndarray:
+    """Cross-entropy of each row of ``logits`` (``n x classes``) at its given label (a stable log-softmax), on NumPy
+    arrays: not `hf_gradmimic.losses.per_sample_loss`, which reads a model's outputs (any task) as tensors."""
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     shifted = logits - logits.max(axis=1, keepdims=True)
@@ -108,7 +109,7 @@ def reference_disagreement(reference_logits: Any, labels: Any) -> Detection:
     reference's log-probability of the given label."""
     logits = np.asarray(reference_logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
-    return Detection(logits.argmax(axis=1) != labels, -per_sample_loss(logits, labels))
+    return Detection(logits.argmax(axis=1) != labels, -cross_entropy_per_row(logits, labels))
 
 
 def small_loss_gmm(losses: Any, *, seed: int = 0, transform: str = "log") -> Detection:

@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .version import __version__
+
 if TYPE_CHECKING:  # pragma: no cover
     from huggingface_hub import DatasetCard, DatasetCardData, ModelCard
     from transformers import Trainer
@@ -128,7 +130,7 @@ def _training_settings(training_config: Any, reference: str | None,
                        provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Stage-1 settings for the cards, from a MimicConfig, a dict of its fields or a MimicTrainer; with none given,
     from the score log's ``provenance``."""
-    from .config import parse_layer_map
+    from .layer_lookup import parse_layer_map
 
     if training_config is None and provenance:
         training_config = _provenance_settings(provenance)
@@ -281,8 +283,6 @@ def render_dataset_card(
     """
     from huggingface_hub import DatasetCard
 
-    from . import __version__
-
     return DatasetCard.from_template(
         card_data=card_data,
         template_path=str(template_path(DATASET_CARD_TEMPLATE)),
@@ -315,8 +315,6 @@ def _base_model(model: Any) -> str | None:
 
 def _framework_versions() -> dict[str, str]:
     import importlib.metadata
-
-    from . import __version__
 
     versions = {"hf-gradmimic": __version__}
     for name, label in (("transformers", "Transformers"), ("torch", "PyTorch"), ("datasets", "Datasets"),
@@ -436,8 +434,6 @@ def render_reference_card(metadata: Mapping[str, str]) -> ModelCard:
     """
     from huggingface_hub import ModelCard, ModelCardData
 
-    from . import __version__
-
     base = metadata["base_model"]
     return ModelCard.from_template(
         card_data=ModelCardData(base_model=base if "/" in base else None, tags=list(REFERENCE_TAGS)),
@@ -452,8 +448,6 @@ def render_lora_reference_card(metadata: Mapping[str, str]) -> ModelCard:
     """Render ``templates/lora_reference_card.md`` for a LoRA reference adapter built by
     ``hf_gradmimic.build_reference(..., method="lora")`` (its metadata: ``base_model``, ``train_rows``, losses...)."""
     from huggingface_hub import ModelCard, ModelCardData
-
-    from . import __version__
 
     base = metadata["base_model"]
     return ModelCard.from_template(

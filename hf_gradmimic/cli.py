@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 PROG = "gradmimic"
 
@@ -69,7 +70,7 @@ def _require_columns(dataset: Any, columns: Sequence[Optional[str]]) -> None:
 def _require_existing_if_local(source: str, option: str) -> None:
     """A ``source`` that reads as a local path (``/x``, ``./x``, ``a/b/c``) must exist: it is not a Hub repo id, and
     the Hub client's own message ("Repo id must be in the form ...") would not say so."""
-    from .reference import looks_local
+    from .reference.loading import looks_local
 
     if looks_local(source) and not Path(source).expanduser().exists():
         raise UserError(f"{option} {source}: the path does not exist (looked for {Path(source).expanduser().absolute()}).")
@@ -155,7 +156,7 @@ def _raw_columns_to_drop(dataset: Any, config: Any) -> list[str]:
 def run_make_reference(args: argparse.Namespace) -> int:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .recipes import build_reference
+    from .reference import build_reference
 
     dataset_dict = _load_dataset(args.dataset)
     train = _split(dataset_dict, args.split)
@@ -252,7 +253,8 @@ def run_demo(args: argparse.Namespace) -> int:
                            "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
                            "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(Path(args.output_dir).resolve() / "hf_home")})
     try:
-        from .demo import DemoSettings, run_demo as run
+        from .demo import DemoSettings
+        from .demo import run_demo as run
 
         settings = DemoSettings(output_dir=args.output_dir, push=not args.no_push, progress=not args.quiet)
         if args.quick:

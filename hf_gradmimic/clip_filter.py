@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from .fileio import atomic_write
-from .filter.inputs import as_rows
 from .filter.matching import row_positions
 from .scorers.clip_score import MODEL_INPUTS, clip_score_of
+from .tables import as_rows
 
 CLIP_SCORES_FILENAME = "clip_scores.parquet"
 """Where `save_clip_scores` puts the scores in an ``output_dir``, next to the ``mimic_scores/`` log."""

@@ -9,6 +9,7 @@ from transformers import TrainingArguments
 
 from .filter import DEFAULT_METHOD as DEFAULT_FILTER_METHOD
 from .filter import METHODS as FILTER_METHOD_CHOICES
+from .layer_lookup import parse_layer_map
 from .scorers import MODES as MODE_CHOICES
 from .scorers import SCORE_TERMS as SCORE_TERMS_CHOICES
 from .scorers import SCORERS
@@ -18,28 +19,6 @@ from .training.token_weighting import TOKEN_WEIGHTING_CHOICES
 NORMALIZE_CHOICES = ("step", "micro")
 REWEIGHT_SCOPE_CHOICES = ("all", "layer")
 SCORER_CHOICES = tuple(SCORERS)
-
-
-def parse_layer_map(mimic_layers: list[str] | dict[str, str] | str | None) -> dict[str, str]:
-    """Normalise ``mimic_layers`` to an ordered ``{student_module: reference_module}`` map.
-
-    Accepts a list of module names (same name in both models), a dict for renamed heads, or
-    strings of the form ``"student=reference"`` (how the dict travels through the command line).
-    """
-    if mimic_layers is None:
-        return {}
-    if isinstance(mimic_layers, str):
-        mimic_layers = [part for part in mimic_layers.replace(",", " ").split() if part]
-    if isinstance(mimic_layers, dict):
-        return {str(student): str(reference) for student, reference in mimic_layers.items()}
-    layer_map: dict[str, str] = {}
-    for entry in mimic_layers:
-        student, _, reference = str(entry).partition("=")
-        student = student.strip()
-        if not student:
-            raise ValueError(f"`mimic_layers` has an empty module name in {entry!r}; expected 'name' or 'student=reference'.")
-        layer_map[student] = reference.strip() or student
-    return layer_map
 
 
 _SCALARS = {"float": float, "int": int, "bool": bool, "str": str}

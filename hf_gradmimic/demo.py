@@ -103,9 +103,9 @@ def _run_demo(settings: DemoSettings, log) -> dict[str, Any]:
     from transformers import Trainer, TrainingArguments
 
     from . import MimicConfig, MimicTrainer, build_filter, build_reference, report
-    from .testing.digits import digits_model, load_noisy_digits
     from .filter import estimate_quality
     from .metrics import accuracy_compute_metrics
+    from .testing.digits import digits_model, load_noisy_digits
 
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)

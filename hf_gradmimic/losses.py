@@ -12,7 +12,8 @@ formula as transformers' ``LabelSmoother``: ``(1-ε)·nll + ε·mean_c(-log p_c)
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

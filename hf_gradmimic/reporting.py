@@ -354,7 +354,7 @@ def _sample_content(mimic_filter: MimicFilter, order: np.ndarray, dataset: Any,
     """The column names and, per listed sample, its cells: text (cut to `TEXT_CHARACTERS`) or a PNG thumbnail."""
     if dataset is None:
         return [], []
-    from .filter.inputs import as_rows
+    from .tables import as_rows
 
     if id_column is None:
         id_column = ((mimic_filter.summary.get("provenance") or {}).get("sample_ids") or {}).get("column")

@@ -18,8 +18,9 @@ are refused. Requires ``pip install 'hf-gradmimic[trl]'`` (trl and peft).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
@@ -33,7 +34,7 @@ except ImportError as error:  # an optional extra: `import hf_gradmimic` works w
 
 from .config import MimicArguments
 from .losses import logits_of, supervised_counts, token_loss
-from .reference import ReferenceSource
+from .reference.loading import ReferenceSource
 from .scorers import SampleScorer
 from .trainer import MimicTrainerMixin
 

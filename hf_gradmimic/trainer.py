@@ -19,7 +19,8 @@ from __future__ import annotations
 import inspect
 import os
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
@@ -39,9 +40,9 @@ from .losses import (
     per_sample_loss,
     supervised_counts,
 )
-from .reference import ReferenceSource
+from .reference.loading import ReferenceSource
+from .score_log_io import STATUS_NONFINITE, STATUS_SCORED
 from .scorers import SampleScorer, ScoreContext, check_mode, comparison_gradient, scorer_from_config
-from .scores import STATUS_NONFINITE, STATUS_SCORED
 from .training.audit import FilterAudit
 from .training.batch import Bookkeeping, KeepColumns, rows_of, shown_ids
 from .training.capture import BackwardFromLogits, Capture, PendingGrad, scale_per_sample
@@ -60,14 +61,14 @@ from .training.guards import NonFiniteStepGuard, row_status
 from .training.internal_callbacks import hide_internal_callbacks
 from .training.metrics_buffer import MetricsBuffer
 from .training.mimic_layers import MimicLayers
+from .training.reference_verdict import ReferenceVerdict
 from .training.resume_guard import check_resume, write_run_record
 from .training.score_log import ScoreLog, run_provenance
-from .training.reference_verdict import ReferenceVerdict
 from .training.scorer_state import STATE_TENSORS_NAME, load_scorer_state, save_scorer_state
-from .training.streaming import StreamIds, is_stream, stream_position
-from .training.token_weighting import log_token_counts, plain_mean_weights
 from .training.selection import Candidates, observe_step, select_over_step
 from .training.step_softmax import StepSoftmax, gather_across_ranks
+from .training.stream_ids import StreamIds, is_stream, stream_position
+from .training.token_weighting import log_token_counts, plain_mean_weights
 from .training.use_backward import only_mimic_tensors_train, uses_weighted_loss
 
 SCORER_STATE_NAME = STATE_TENSORS_NAME
@@ -274,7 +275,7 @@ class MimicTrainerMixin:
     def _init_training_state(self, max_steps: int, num_update_steps_per_epoch: int, num_train_epochs: int,
                              resume_from_checkpoint: Any, trial: Any) -> tuple[int, int]:
         # A stream resumed after a full pass over it: Trainer would skip batches of the first pass; continue the
-        # pass the checkpoint was in instead (training.streaming.stream_position).
+        # pass the checkpoint was in instead (training.stream_ids.stream_position).
         position = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
                                                 resume_from_checkpoint, trial)
         if resume_from_checkpoint is not None and is_stream(self.train_dataset) and not self.args.ignore_data_skip:

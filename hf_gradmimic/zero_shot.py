@@ -196,7 +196,7 @@ class ClipZeroShot:
         templates: Sequence[str] = ("a photo of a {}.",),
         scale: float = DEFAULT_SCALE,
         pixel_key: str = "pixel_values",
-    ) -> "ClipZeroShot":
+    ) -> ClipZeroShot:
         tokens = tokenizer(_prompts(label_names, templates), padding=True, return_tensors="pt")
         length = tokens["input_ids"].shape[-1]
         ids = tokens["input_ids"].view(len(label_names), len(templates), length)

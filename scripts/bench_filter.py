@@ -3,7 +3,7 @@
 
 Generates synthetic score logs with N samples x 5 epochs (one record per sample per epoch,
 batches of 256, 70 % "clean" samples whose b*w is drawn around 1.3 and 30 % "noisy" ones around
-0.7, sd 0.25; loss around 0.5 and 1.5, sd 0.5), written as Parquet shards in the score-log schema of `hf_gradmimic.scores`, then
+0.7, sd 0.25; loss around 0.5 and 1.5, sd 0.5), written as Parquet shards in the score-log schema of `hf_gradmimic.score_log_io`, then
 times ``build_filter(path, method=..., aggregate="snorkel", windows=5, engine=...)`` in a fresh
 subprocess per (size, engine, method), so that peak RSS values do not mix. The child reports the
 wall time of the `build_filter` call (which includes the lazy import of snorkel/torch) and its
@@ -28,6 +28,7 @@ Writes docs/filter_scaling.md unless --no-doc.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -44,10 +45,11 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hf_gradmimic.fileio import atomic_write  # noqa: E402
 from provenance import code_commit  # noqa: E402  (scripts/provenance.py, beside this file)
+
+from hf_gradmimic.fileio import atomic_write  # noqa: E402
 from hf_gradmimic.filter.identification import DEFAULT_METHOD  # noqa: E402
-from hf_gradmimic.scores import SCORES_DIRNAME, SCORE_TYPES  # noqa: E402
+from hf_gradmimic.score_log_io import SCORE_TYPES, SCORES_DIRNAME  # noqa: E402
 
 EPOCHS = 5
 BATCH = 256
@@ -101,7 +103,7 @@ def generate(n: int, folder: Path, seed: int = 0) -> Path:
             }
             table = pa.table({name: pa.array(v, type=SCORE_TYPES.get(name, pa.int64())) for name, v in columns.items()})
             name = scores / f"rank00000-steps{int(step[0]):09d}-{int(step[-1]):09d}.parquet"
-            atomic_write(name, lambda tmp: pq.write_table(table, tmp))
+            atomic_write(name, functools.partial(pq.write_table, table))
         del order
     marker.touch()
     return output_dir
@@ -181,7 +183,7 @@ def run_child(code: str) -> dict:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-4000:]}")
-    lines = [l[l.index("RESULT ") :] for l in proc.stdout.splitlines() if "RESULT " in l]
+    lines = [line[line.index("RESULT ") :] for line in proc.stdout.splitlines() if "RESULT " in line]
     if not lines:
         raise RuntimeError(f"benchmark child printed no result:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return json.loads(lines[-1][len("RESULT "):])

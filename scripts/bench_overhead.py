@@ -841,7 +841,7 @@ def summarise(results: list[dict[str, Any]], models: list[str], candidates: dict
                     vs_head.append((_paired(this, group["mimic-head"]), _paired(this, group["mimic-head"], quiet)))
             use_quiet = quiet_count >= MIN_QUIET_ROUNDS
 
-            def pick(pairs: list[tuple[list[float], list[float]]]) -> list[float]:
+            def pick(pairs: list[tuple[list[float], list[float]]], use_quiet: bool = use_quiet) -> list[float]:
                 return [x for all_rounds, quiet_only in pairs for x in (quiet_only if use_quiet else all_rounds)]
 
             q25, q50, q75 = _quantiles(time_quiet if use_quiet else time_all)

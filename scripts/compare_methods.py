@@ -100,8 +100,9 @@ class Settings:
 def prototype_zero_shot(train, seed: int) -> np.ndarray:
     """A few-shot stand-in for the Bayesian method's zero-shot classifier (digits have no text for CLIP):
     ``12 · cos(pixels, mean pixels of 5 clean examples of each class)``, one logit row per sample."""
-    from hf_gradmimic.zero_shot import cosine_logits
     import torch
+
+    from hf_gradmimic.zero_shot import cosine_logits
 
     pixels = torch.as_tensor(np.asarray(train["pixel_values"]))
     clean = np.asarray(train["clean_label"])

@@ -28,9 +28,10 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from provenance import code_commit  # scripts/provenance.py, beside this file
@@ -229,7 +230,7 @@ def _accuracy(model, dataset, column: str) -> float:
 
 def _frozen_features(task: Task, model, dataset) -> np.ndarray:
     """The mimic layer's inputs from the frozen pretrained student: what cleanlab's classifier reads."""
-    from hf_gradmimic.recipes import layer_inputs
+    from hf_gradmimic.reference import layer_inputs
 
     return layer_inputs(model, dataset, "classifier").numpy()
 
@@ -336,7 +337,7 @@ def run_cell(task: Task, reference: str, noise: float, regime: str, seed: int, w
         area_under_margin,
         confident_learning,
         confident_learning_from_probs,
-        per_sample_loss,
+        cross_entropy_per_row,
         reference_disagreement,
         small_loss_gmm,
     )
@@ -360,7 +361,7 @@ def run_cell(task: Task, reference: str, noise: float, regime: str, seed: int, w
     margin_history = _MarginHistory(pool_ds, task.input_column, given)
     plain = _train(task, regime, seed, pool_ds, steps, out_dir / "plain", callbacks=[margin_history.callback()])
     record["accuracy"]["plain"] = _accuracy(plain, test, task.input_column)
-    plain_loss = per_sample_loss(_logits(plain, pool_ds, task.input_column), given)
+    plain_loss = cross_entropy_per_row(_logits(plain, pool_ds, task.input_column), given)
     # What the detectors read besides the score log, kept beside it for re-reading the cell (`refilter_cell`).
     np.savez(out_dir / "cell_inputs.npz", is_clean=is_clean, given=given, reference_logits=ref_logits,
              plain_loss=plain_loss, margin_history=np.stack(margin_history.history, axis=1))

@@ -31,7 +31,7 @@ def sample_colour(index: int) -> tuple[int, int, int]:
 
 def write_scored_run(output_dir: Path, seed: int = 0) -> Path:
     """Write the score log (3 epochs of 3 steps of 32) and its provenance under ``output_dir``."""
-    from hf_gradmimic.scores import ScoreWriter, write_provenance
+    from hf_gradmimic.score_log_io import ScoreWriter, write_provenance
 
     rng = np.random.default_rng(seed)
     noisy = np.arange(N_SAMPLES) % 4 == 0
@@ -48,7 +48,7 @@ def write_scored_run(output_dir: Path, seed: int = 0) -> Path:
                             mimic_scores=raw, weights=weights, losses=np.where(noisy[ids], 2.0, 0.2) + rng.random(ids.size) * 0.1,
                             batch_size=BATCH)
     writer.close()
-    from hf_gradmimic.filter.matching import dataset_signature
+    from hf_gradmimic.tables import dataset_signature
 
     # As the trainer records it: the ids are row indices of this dataset, which its signature pins.
     sample_ids = {**PROVENANCE["sample_ids"], "train_content": dataset_signature(image_text_dataset())}

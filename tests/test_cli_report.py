@@ -7,10 +7,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from hf_gradmimic import MimicConfig, MimicTrainer, build_filter
 from hf_gradmimic.cli import main
+
 from tiny_models import TinyMLP, mlp_dataset
 
 

@@ -7,12 +7,13 @@ import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
+from test_trainer import COMMON
 
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
 from hf_gradmimic.clip_filter import clip_score_filter, clip_scores, load_clip_scores, save_clip_scores
 from hf_gradmimic.scorers import clip_score_of
+
 from stream_data import as_stream
-from test_trainer import COMMON
 from tiny_dual_encoders import CLIP_LAYERS, pair_batch, pair_dataset, tiny_clip, tiny_siglip
 
 

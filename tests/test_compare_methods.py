@@ -39,7 +39,7 @@ def test_quick_run_reports_every_method_with_finite_numbers(tmp_path):
     assert "old generated part" not in text and text.rstrip().endswith("hand-written comment")
     assert "--quick" in text and "torch" in text and "load average" in text
     methods = load_script().METHODS
-    for name, (label, scorer, _, _) in methods.items():
+    for label, scorer, _, _ in methods.values():
         rows = table_rows(text, label)
         # accuracy in both regimes + the timing row; Grad-Mimic rows also have a discard-F1 row per regime
         assert len(rows) == (5 if scorer == "mimic" else 3), (label, rows)

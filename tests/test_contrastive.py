@@ -17,6 +17,7 @@ from hf_gradmimic.contrastive import (
     is_batch_coupled,
     siglip_per_sample_loss,
 )
+
 from tiny_dual_encoders import pair_batch, tiny_clip, tiny_dual_encoder, tiny_siglip
 
 MODELS = {"clip": tiny_clip, "siglip": tiny_siglip, "dual-encoder": tiny_dual_encoder}

@@ -1,4 +1,4 @@
-"""The dataset check sees every row (`hf_gradmimic.filter.matching.dataset_signature`): a filter whose ids are row
+"""The dataset check sees every row (`hf_gradmimic.tables.dataset_signature`): a filter whose ids are row
 indices refuses a dataset with any two rows swapped, and accepts the same rows in any format or chunking."""
 
 from __future__ import annotations
@@ -7,15 +7,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from hf_gradmimic import MimicConfig, MimicTrainer, build_filter
-from hf_gradmimic.filter import matching
+from hf_gradmimic import MimicConfig, MimicTrainer, build_filter, tables
+
 from tiny_models import TinyMLP, mlp_dataset
 
 
 def test_swapping_two_rows_anywhere_changes_the_signature_and_chunking_does_not(monkeypatch):
-    from hf_gradmimic.filter.matching import dataset_signature
+    from hf_gradmimic.tables import dataset_signature
 
-    monkeypatch.setattr(matching, "SIGNATURE_CHUNK_ROWS", 64)  # several slices, their boundaries inside chunks
+    monkeypatch.setattr(tables, "SIGNATURE_CHUNK_ROWS", 64)  # several slices, their boundaries inside chunks
     data = mlp_dataset(n=300).with_format(None)
     signature = dataset_signature(data)
     rechunked = pa.Table.from_batches(data.data.table.to_batches(max_chunksize=7))
@@ -34,7 +34,7 @@ def test_apply_refuses_a_dataset_with_two_rows_swapped_that_a_sample_of_rows_wou
                        report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, mimic_alignment_check=False)
     MimicTrainer(model=model, args=args, train_dataset=data, reference=reference).train()
     mimic_filter = build_filter(tmp_path, method="threshold", aggregate="majority")
-    sampled = set(np.unique(np.linspace(0, 199, matching.SIGNATURE_ROWS).astype(int)).tolist())
+    sampled = set(np.unique(np.linspace(0, 199, tables.SIGNATURE_ROWS).astype(int)).tolist())
     i = next(r for r in range(1, 199) if r not in sampled and r + 1 not in sampled)
     order = np.arange(200)
     order[[i, i + 1]] = order[[i + 1, i]]

@@ -22,8 +22,8 @@ import psutil
 import pytest
 import torch
 from accelerate.utils import DistributedType
-
 from dist_scripts.mimic_worker import build, run
+
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
 from hf_gradmimic.training.checks import check_supported_setup, last_complete_checkpoint
 

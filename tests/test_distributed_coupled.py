@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from dist_scripts.mimic_worker import build, run
-from stream_data import mlp_rows, offline_losses
 from test_distributed import assert_same_run, assert_two_ranks, launch, records, spec
+
+from stream_data import mlp_rows, offline_losses
 from tiny_dual_encoders import CLIP_LAYERS
 
 CLIP_TOWERS = CLIP_LAYERS["both"][:2]  # the last MLP layer of each tower

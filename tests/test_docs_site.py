@@ -59,7 +59,7 @@ class Links(HTMLParser):
             self.targets.append(attrs[attribute])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def parse_page(path: Path) -> Links:
     links = Links()
     links.feed(path.read_text(encoding="utf-8"))
@@ -107,9 +107,9 @@ def _has_module(name: str) -> bool:
 
 
 def _write_report(root: Path) -> Path:
-    from report_data import image_text_dataset, write_scored_run
-
     from hf_gradmimic import build_filter, report
+
+    from report_data import image_text_dataset, write_scored_run
 
     run = write_scored_run(root / "run")
     # Majority vote: the page is what is under test here, and it spares the LabelModel's torch import.

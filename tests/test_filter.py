@@ -23,7 +23,7 @@ from hf_gradmimic.filter import (
     identify_topk,
     kmeans_1d,
 )
-from hf_gradmimic.scores import SCORE_COLUMNS, SCORE_TYPES, ScoreWriter, load_scores
+from hf_gradmimic.score_log_io import SCORE_COLUMNS, SCORE_TYPES, ScoreWriter, load_scores
 
 TYPES = {name: SCORE_TYPES.get(name, pa.int64()) for name in SCORE_COLUMNS}  # int64 sample ids
 

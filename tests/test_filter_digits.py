@@ -36,4 +36,7 @@ def test_discard_detection_f1_at_every_noise_level(tmp_path):
                 warnings.simplefilter("ignore")
                 mimic_filter = build_filter(out, method=method, aggregate="snorkel", windows="epoch")
             f1[noise, method] = mimic_filter.evaluate(is_clean[mimic_filter.sample_ids])["discard_f1"]
+    # Where 0.90 comes from: measured (torch 2.13 CPU, seed 0) 0.959 to 0.985 over these six cells, so 0.90 leaves
+    # about 0.06 for numerical drift across versions; and it lies far above the F1 of discarding everything,
+    # 2ρ/(1 + ρ) at noise rate ρ (0.57 to 0.75 here), which any filter worth using must beat.
     assert all(value >= 0.90 for value in f1.values()), f1

@@ -13,6 +13,14 @@ import warnings
 
 import numpy as np
 import pytest
+from test_filter_streaming import (
+    assert_same_signals,
+    assert_same_table,
+    assert_same_windows,
+    random_log,
+    write_resumed_log,
+    write_shards,
+)
 
 from hf_gradmimic.filter import (
     AGGREGATES,
@@ -23,15 +31,7 @@ from hf_gradmimic.filter import (
     collect_windows,
     collect_windows_ray,
 )
-from hf_gradmimic.scores import SCORES_DIRNAME
-from test_filter_streaming import (
-    assert_same_signals,
-    assert_same_table,
-    assert_same_windows,
-    random_log,
-    write_resumed_log,
-    write_shards,
-)
+from hf_gradmimic.score_log_io import SCORES_DIRNAME
 
 if importlib.util.find_spec("ray") is None:
     if os.environ.get("GRADMIMIC_REQUIRE_RAY") == "1":

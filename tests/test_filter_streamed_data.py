@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from test_filter import make_log
 
 import hf_gradmimic.hub as hub
 from hf_gradmimic.filter import FilterWarning, build_filter
 from hf_gradmimic.hub import push_scored_dataset
-from test_filter import make_log
 
 
 @pytest.fixture(scope="module")

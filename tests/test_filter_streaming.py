@@ -11,11 +11,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from hf_gradmimic.filter import AGGREGATES, METHODS, FilterWarning, build_filter, collect_windows, collect_windows_streaming
-from hf_gradmimic.filter.decide import decide
-from hf_gradmimic.scores import SCORES_DIRNAME
 from test_filter import make_log
+
+from hf_gradmimic.filter import (
+    AGGREGATES,
+    METHODS,
+    FilterWarning,
+    build_filter,
+    collect_windows,
+    collect_windows_streaming,
+)
+from hf_gradmimic.filter.decide import decide
+from hf_gradmimic.score_log_io import SCORES_DIRNAME
 
 FIELDS = ("values", "scores", "mean_weight", "mean_score", "n_records", "n_nonfinite")
 

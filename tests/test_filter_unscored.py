@@ -3,10 +3,10 @@ to proceed, and ``unscored="keep"`` / ``"drop"`` keep or drop them."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from hf_gradmimic import MimicConfig, MimicTrainer, build_filter
+
 from tiny_models import TinyMLP, mlp_dataset
 
 
@@ -39,10 +39,11 @@ def test_a_row_that_mimic_sft_trainer_dropped_is_explained_and_kept_on_request(t
     """As reported: trl drops a row whose prompt fills max_length; apply() on the training set then names why."""
     pytest.importorskip("trl")
     import datasets
-
-    from hf_gradmimic.sft import MimicSFTConfig, MimicSFTTrainer
     from test_sft import TRAIN, pairs, student, word_tokenizer
     from test_trainer import perturbed_reference
+
+    from hf_gradmimic.sft import MimicSFTConfig, MimicSFTTrainer
+
     from tiny_models import lora_names
 
     tokenizer, model = word_tokenizer(), student()

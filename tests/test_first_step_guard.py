@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hf_gradmimic import MimicConfig, MimicTrainer
+
 from tiny_models import lm_dataset, tiny_gpt2
 
 

@@ -28,8 +28,8 @@ from hf_gradmimic.hub import (
     ScoredPushError,
     push_scored_dataset,
 )
-from hf_gradmimic.testing.hub_server import DEFAULT_USER, HubServer
 from hf_gradmimic.reference import load_reference_tensors
+from hf_gradmimic.testing.hub_server import DEFAULT_USER, HubServer
 
 TRAIN_ARGS = dict(
     optim="sgd",
@@ -54,8 +54,8 @@ def _plain(dataset):
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
     """A real Stage 1 + Stage 2 run: MimicTrainer on 40 %-noisy digits (3 epochs), then build_filter."""
+    from hf_gradmimic.reference import build_reference
     from hf_gradmimic.testing.digits import digits_model, load_noisy_digits
-    from hf_gradmimic.recipes import build_reference
 
     root = tmp_path_factory.mktemp("digits")
     train = load_noisy_digits(noise_rate=0.4, seed=0)["train"]
@@ -74,7 +74,7 @@ def digits_run(tmp_path_factory):
 
 
 def synthetic_run(ids, epochs: int = 3, batch: int = 10, seed: int = 0):
-    """A score log with the trainer's columns (hf_gradmimic.scores): clean samples (even position)
+    """A score log with the trainer's columns (hf_gradmimic.score_log_io): clean samples (even position)
     get higher mimic scores; weights are the softmax over each batch at τ = 0.5."""
     import datasets
 
@@ -261,6 +261,7 @@ def test_save_scored_dataset_writes_the_local_copy_alone(tmp_path: Path) -> None
 def test_card_templates_ship_as_package_data() -> None:
     """The templates live inside the package and pyproject's package-data puts them in the wheel."""
     import fnmatch
+
     import tomllib
 
     from hf_gradmimic import cards

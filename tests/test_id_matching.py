@@ -1,5 +1,5 @@
 """Matching a filter's ids with a dataset's id column (`hf_gradmimic.filter.matching`) never converts between
-integers and strings, and a provenance file that is not a JSON object is named (`hf_gradmimic.scores`)."""
+integers and strings, and a provenance file that is not a JSON object is named (`hf_gradmimic.score_log_io`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from hf_gradmimic import build_filter
-from hf_gradmimic.scores import read_provenance
+from hf_gradmimic.score_log_io import read_provenance
 
 
 def int_id_filter(ids):

@@ -10,7 +10,7 @@ import pytest
 
 from hf_gradmimic.filter import FilterWarning, LossWindows, MimicFilter, PredictorAgreement, build_filter
 from hf_gradmimic.filter.labeling import resolve_labeling_functions
-from hf_gradmimic.scores import SCORE_COLUMNS, SCORE_TYPES, SCORES_DIRNAME
+from hf_gradmimic.score_log_io import SCORE_COLUMNS, SCORE_TYPES, SCORES_DIRNAME
 
 TYPES = {name: SCORE_TYPES.get(name, pa.int64()) for name in SCORE_COLUMNS}
 # The default before issue 22 (mimic and loss windows' votes, k-means, Snorkel): the vote machinery these tests check.
@@ -184,8 +184,9 @@ def test_a_filter_that_keeps_nothing_says_so():
 @pytest.mark.parametrize("engine", ["memory", "streaming"])
 def test_the_loss_windows_come_from_the_one_read_of_the_log(tmp_path, monkeypatch, engine):
     """Every shard is read once for the mimic and the loss windows together (the loss rode a second read before)."""
-    from hf_gradmimic.filter import inputs
     from test_filter_streaming import write_shards
+
+    from hf_gradmimic.filter import inputs
 
     table, _ = make_log(n=300)
     folder = write_shards(table, tmp_path, rows=250) / SCORES_DIRNAME

@@ -8,14 +8,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_trainer import perturbed_reference
 from torch import nn
 
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
 from hf_gradmimic.lora import LoraLayerError
 from hf_gradmimic.training.use_backward import only_mimic_tensors_train
-from test_trainer import perturbed_reference
+
 from tiny_models import (
-    lm_dataset, lora_names, lora_student, oracle_scores_from_grads, per_sample_lm_grads, tiny_llama,
+    lm_dataset,
+    lora_names,
+    lora_student,
+    oracle_scores_from_grads,
+    per_sample_lm_grads,
+    tiny_llama,
 )
 
 peft = pytest.importorskip("peft")

@@ -16,7 +16,6 @@ from sklearn.metrics import average_precision_score, precision_recall_fscore_sup
 
 import hf_gradmimic.metrics as hm
 
-
 evaluate = pytest.importorskip("evaluate")
 
 FILTER_PATH = Path(hm.__file__).resolve().parent / "gradmimic_filter.py"

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
+
 from tiny_models import TinyMLP, mlp_dataset, per_sample_grads
 
 

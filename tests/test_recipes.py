@@ -8,9 +8,8 @@ import torch
 from safetensors import safe_open
 
 from hf_gradmimic import MimicConfig, MimicTrainer, build_reference, load_scores
+from hf_gradmimic.reference import layer_inputs, read_reference_metadata
 from hf_gradmimic.testing.digits import digits_model, load_noisy_digits
-from hf_gradmimic.recipes import layer_inputs
-from hf_gradmimic.reference import read_reference_metadata
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +176,7 @@ def test_monitor_losses_match_the_swapped_model(tmp_path, monkeypatch, case):
     terms must match torch.func per-sample gradients: −⟨g_i, θ_ref⟩/‖v‖ and ⟨g_i, θ⟩/‖v‖, batch means."""
     import hf_gradmimic.training.reference_verdict as verdict_module
     from hf_gradmimic.losses import per_sample_loss
+
     from tiny_models import TinyMLP, lm_dataset, mlp_dataset, per_sample_grads, tiny_gpt2
 
     make_model, data, layer = {
@@ -217,3 +217,25 @@ def test_monitor_losses_match_the_swapped_model(tmp_path, monkeypatch, case):
     assert trainer.mimic_diagnostics.head_outputs_logits is (layer != "hidden")
     for key, value in (terms or {}).items():
         assert entry[f"mimic/monitor_{key}"] == pytest.approx(float(value), rel=1e-4, abs=1e-6), key
+
+
+def test_a_config_object_builds_what_the_keywords_build(tmp_path, digits):
+    """`build_reference(model, data, config=ReferenceRecipeConfig(...))` is the keyword call; a keyword given beside
+    the config wins; a keyword that is no setting is refused by name."""
+    from hf_gradmimic import ReferenceRecipeConfig
+
+    _, clean = digits
+    by_keywords = build_reference(digits_model(), clean, layers=["classifier"], output_dir=tmp_path / "kw", epochs=3,
+                                  learning_rate=5e-3, seed=1)
+    config = ReferenceRecipeConfig(layers=["classifier"], output_dir=tmp_path / "cfg", epochs=3, learning_rate=5e-3,
+                                   seed=1)
+    by_config = build_reference(digits_model(), clean, config=config)
+    assert len(by_config.history) == 3 and by_config.path.parent == tmp_path / "cfg"
+    for name, tensor in by_keywords.tensors.items():
+        torch.testing.assert_close(by_config.tensors[name], tensor, rtol=0, atol=0)
+    overridden = build_reference(digits_model(), clean, config, epochs=1, output_dir=tmp_path / "one")
+    assert len(overridden.history) == 1 and config.epochs == 3  # the caller's config is not changed
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['epoch'\].*'epochs'"):
+        build_reference(digits_model(), clean, epoch=3)
+    with pytest.raises(TypeError, match="`config` is a ReferenceRecipeConfig; got a dict"):
+        build_reference(digits_model(), clean, {"epochs": 3})

@@ -12,7 +12,8 @@ from transformers import BertConfig, BertForSequenceClassification
 from transformers.trainer_pt_utils import LabelSmoother
 
 from hf_gradmimic.losses import per_sample_loss, token_loss
-from hf_gradmimic.reference import ReferenceError, load_reference_tensors
+from hf_gradmimic.reference import ReferenceLoadError, load_reference_tensors
+
 from tiny_models import tiny_gpt2
 
 
@@ -47,9 +48,9 @@ def test_reference_from_file_module_and_prefixed_keys(tmp_path):
     from_module = load_reference_tensors(model, ["classifier.weight", "classifier.bias"])
     for name in from_file:
         torch.testing.assert_close(from_file[name], from_module[name])
-    with pytest.raises(ReferenceError, match="'classifier.gamma' is missing.*Close names"):
+    with pytest.raises(ReferenceLoadError, match="'classifier.gamma' is missing.*Close names"):
         load_reference_tensors(path, ["classifier.gamma"])
-    with pytest.raises(ReferenceError, match="does not exist"):
+    with pytest.raises(ReferenceLoadError, match="does not exist"):
         load_reference_tensors(str(tmp_path / "nowhere"), ["classifier.weight"])
 
 

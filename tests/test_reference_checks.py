@@ -1,4 +1,4 @@
-"""What cannot be a reference is refused early by name (`hf_gradmimic.reference`): a quantised tensor without its
+"""What cannot be a reference is refused early by name (`hf_gradmimic.reference.loading`): a quantised tensor without its
 scale, a meta-device model, a checkpoint index without ``weight_map``, an index or adapter config that is not JSON;
 and a ``reference=`` argument that differs from the config's ``mimic_reference`` (`training.checks`)."""
 
@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import save_file
 
 from hf_gradmimic import MimicConfig, MimicTrainer
-from hf_gradmimic.adapter_reference import adapter_metadata
-from hf_gradmimic.reference import ReferenceError, load_reference_tensors
+from hf_gradmimic.reference import ReferenceLoadError, load_reference_tensors
+from hf_gradmimic.reference.adapters import adapter_metadata
+
 from tiny_models import TinyMLP, mlp_dataset
 
 NAMES = ["head.weight", "head.bias"]
@@ -26,16 +27,16 @@ def test_an_int8_reference_without_its_scale_is_refused_naming_the_tensor(tmp_pa
     tensors = head_tensors(TinyMLP())
     tensors["head.weight"] = (tensors["head.weight"] * 100).to(torch.int8)
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ReferenceError, match=r"'head.weight' of .*model.safetensors is int8, not floating point.*dequantised"):
+    with pytest.raises(ReferenceLoadError, match=r"'head.weight' of .*model.safetensors is int8, not floating point.*dequantised"):
         load_reference_tensors(tmp_path, NAMES)
-    with pytest.raises(ReferenceError, match=r"'head.weight' of the reference tensor dict is int8"):
+    with pytest.raises(ReferenceLoadError, match=r"'head.weight' of the reference tensor dict is int8"):
         load_reference_tensors(tensors, NAMES)
 
 
 def test_a_meta_device_reference_is_refused_by_name():
     with torch.device("meta"):
         empty = TinyMLP()
-    with pytest.raises(ReferenceError, match=r"'head.weight' of reference model TinyMLP is on the meta device"):
+    with pytest.raises(ReferenceLoadError, match=r"'head.weight' of reference model TinyMLP is on the meta device"):
         load_reference_tensors(empty, NAMES)
 
 
@@ -47,7 +48,7 @@ def test_a_meta_device_reference_is_refused_by_name():
 def test_a_broken_checkpoint_index_is_named(tmp_path, index, message):
     save_file(head_tensors(TinyMLP()), str(tmp_path / "model-00001-of-00001.safetensors"))
     (tmp_path / "model.safetensors.index.json").write_text(index if isinstance(index, str) else json.dumps(index))
-    with pytest.raises(ReferenceError, match=message):
+    with pytest.raises(ReferenceLoadError, match=message):
         load_reference_tensors(tmp_path, NAMES)
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
+
 from tiny_models import TinyMLP, lm_dataset, mlp_dataset, tiny_gpt2
 
 

@@ -178,7 +178,7 @@ def test_rows_are_matched_by_the_id_column_the_log_recorded(run, tmp_path):
     """A log whose ids are a column's values (mimic_id_column): the page finds each sample's row by that id."""
     from hf_gradmimic import build_filter, load_scores
     from hf_gradmimic.reporting import write_html_report
-    from hf_gradmimic.scores import ScoreWriter, write_provenance
+    from hf_gradmimic.score_log_io import ScoreWriter, write_provenance
 
     output_dir, _, dataset = run
     records = load_scores(output_dir).to_pandas()

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
+
 from tiny_models import TinyMLP, mlp_dataset
 
 COMMON = dict(learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, report_to=[],

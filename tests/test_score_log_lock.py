@@ -20,6 +20,7 @@ import pytest
 
 from hf_gradmimic import MimicConfig, MimicTrainer, build_filter, load_scores
 from hf_gradmimic.training.log_lock import LOCK_NAME, ScoreLogLockedError
+
 from tiny_models import TinyMLP, mlp_dataset
 
 TESTS = Path(__file__).parent
@@ -27,7 +28,7 @@ COMMON = dict(learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", weig
               save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0, mimic_alignment_check=False,
               per_device_train_batch_size=8, mimic_layers=["head"])
 
-SLOW_RUN = textwrap.dedent("""
+SLOW_RUN = textwrap.dedent(f"""
     import sys, time
     import torch
     from transformers import TrainerCallback
@@ -39,11 +40,11 @@ SLOW_RUN = textwrap.dedent("""
             time.sleep(0.2)
 
     model = TinyMLP()
-    reference = {n: p.detach() + 0.5 for n, p in model.named_parameters() if n.startswith("head.")}
-    args = MimicConfig(output_dir=sys.argv[1], max_steps=2000, **%r)
+    reference = {{n: p.detach() + 0.5 for n, p in model.named_parameters() if n.startswith("head.")}}
+    args = MimicConfig(output_dir=sys.argv[1], max_steps=2000, **{COMMON!r})
     MimicTrainer(model=model, args=args, train_dataset=mlp_dataset(n=32), reference=reference,
                  callbacks=[Slow()]).train()
-""" % COMMON)
+""")
 
 
 def head_reference(model):

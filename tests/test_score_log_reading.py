@@ -14,11 +14,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_filter import make_log
 
 from hf_gradmimic.cli import main as cli_main
 from hf_gradmimic.filter import BadShardError, FilterWarning, MimicFilter, build_filter
-from hf_gradmimic.scores import SCORES_DIRNAME, STATUS_NONFINITE, STATUS_UNLABELED
-from test_filter import make_log
+from hf_gradmimic.score_log_io import SCORES_DIRNAME, STATUS_NONFINITE, STATUS_UNLABELED
 
 
 def write_log(table: pa.Table, output_dir: Path, rows_per_shard: int = 300) -> list[Path]:

@@ -1,4 +1,4 @@
-"""A full disk at the score log's final write loses no record (`hf_gradmimic.scores.ScoreWriter`): the error names the
+"""A full disk at the score log's final write loses no record (`hf_gradmimic.score_log_io.ScoreWriter`): the error names the
 score log, and the records are kept in a file it names."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import hf_gradmimic.scores as scores_module
+import hf_gradmimic.score_log_io as scores_module
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
+
 from tiny_models import TinyMLP, mlp_dataset
 
 

@@ -11,6 +11,7 @@ import torch
 from hf_gradmimic import MimicConfig, MimicTrainer
 from hf_gradmimic.scorers.bayesian import BayesianScorer
 from hf_gradmimic.training.scorer_state import LEGACY_STATE_NAME, load_scorer_state, save_scorer_state
+
 from tiny_models import TinyMLP, mlp_dataset
 
 

@@ -6,7 +6,6 @@ own embedding functions. Nothing here is computed the way `hf_gradmimic.scorers`
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -25,7 +24,6 @@ from hf_gradmimic.scorers import (
     get_scorer,
     weights_from_scores,
 )
-
 
 # ------------------------------------------------------------------ tiny models and the oracle
 
@@ -103,7 +101,8 @@ def oracle_grads(model: nn.Module, param_names: list[str], x, mask, labels) -> t
 
 
 def param_names(model: nn.Module, layers: list[str]) -> list[str]:
-    return [f"{l}.{kind}" for l in layers for kind in ("weight", "bias") if getattr(getattr(model, l), kind) is not None]
+    return [f"{layer}.{kind}" for layer in layers for kind in ("weight", "bias")
+            if getattr(getattr(model, layer), kind) is not None]
 
 
 CASES = {
@@ -285,13 +284,21 @@ def test_bayesian_score_matches_numpy_rederivation():
     samples_torch = scorer.logit_samples(ctx, noise=torch.tensor(eps))
     np.testing.assert_allclose(samples_torch.numpy(), samples, rtol=1e-10, atol=1e-12)
 
-    # The spec's (and the authors') row noise ε L_U^{-T} has covariance (L_Uᵀ L_U)⁻¹, which is not
-    # the posterior's U⁻¹; exact_covariance=True uses ε L_U^{-1}, whose covariance is U⁻¹.
+    # The covariance of the scorer's own row noise, read off its linear map (ε = the identity rows give
+    # z + s·M, so a row ε ~ N(0, I) becomes s·εM, of covariance s²·MᵀM): the spec's (and the authors')
+    # ε L_U^{-T} has covariance (L_Uᵀ L_U)⁻¹, which is not the posterior's U⁻¹ (for this U, checked);
+    # exact_covariance=True draws with covariance U⁻¹. The oracles are NumPy's inverses of U and L_Uᵀ L_U.
+    identity_rows = torch.eye(C, dtype=torch.float64).expand(B, C, C).clone()
+
+    def noise_covariance() -> np.ndarray:
+        noise_map = (scorer.logit_samples(ctx, noise=identity_rows).numpy()[1] - z[1]) / s[1]
+        return noise_map.T @ noise_map
+
+    assert not np.allclose(np.linalg.inv(L_U.T @ L_U), np.linalg.inv(U), atol=1e-3)  # the two are told apart
+    np.testing.assert_allclose(noise_covariance(), np.linalg.inv(L_U.T @ L_U), rtol=1e-8, atol=1e-10)
     inv_l = np.linalg.inv(L_U)
-    np.testing.assert_allclose(inv_l @ inv_l.T, np.linalg.inv(L_U.T @ L_U), rtol=1e-10, atol=1e-12)
-    assert not np.allclose(inv_l @ inv_l.T, np.linalg.inv(U), atol=1e-3)
-    np.testing.assert_allclose(inv_l.T @ inv_l, np.linalg.inv(U), rtol=1e-10, atol=1e-12)
     scorer.exact_covariance = True
+    np.testing.assert_allclose(noise_covariance(), np.linalg.inv(U), rtol=1e-8, atol=1e-10)
     exact = z[:, None, :] + s[:, None, None] * (eps @ inv_l)
     np.testing.assert_allclose(scorer.logit_samples(ctx, noise=torch.tensor(eps)).numpy(), exact, rtol=1e-10, atol=1e-12)
     scorer.exact_covariance = False

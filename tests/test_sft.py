@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_trainer import perturbed_reference
 
 from hf_gradmimic import MimicConfig, load_scores
-from test_trainer import perturbed_reference
+
 from tiny_models import lora_names, oracle_scores_from_grads, tiny_llama
 
 trl = pytest.importorskip("trl")

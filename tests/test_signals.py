@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+from test_labeling import make_log
 
 from hf_gradmimic.filter import FilterWarning, build_filter, keep_posterior
 from hf_gradmimic.filter.signals import LOSS_FLOOR
-from test_labeling import make_log
 
 SIGNALS = ["mean_loss", "last_loss", "reference_loss"]
 
@@ -108,8 +108,8 @@ def test_a_non_finite_signal_value_is_named_with_its_sample_id():
 
 def test_the_mixture_is_the_same_on_every_engine(tmp_path):
     """The streaming engine cut into several partitions gives the in-memory engine's filter, bit for bit."""
-    from hf_gradmimic.filter.engines.outofcore import collect_windows_streaming
     from hf_gradmimic.filter.engines.memory import collect_windows
+    from hf_gradmimic.filter.engines.outofcore import collect_windows_streaming
 
     table, _ = logs()
     spilled = collect_windows_streaming(table, memory_budget=20_000, spill_dir=tmp_path)

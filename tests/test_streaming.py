@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_trainer import COMMON, perturbed_reference
 
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
+
 from stream_data import TorchStream, mlp_rows, mlp_stream, offline_losses, string_id
-from test_trainer import COMMON, perturbed_reference
 from tiny_models import TinyMLP, mlp_dataset
 
 LAYERS = ["hidden", "head"]

@@ -12,10 +12,20 @@ from transformers import Trainer, TrainingArguments
 
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
 from hf_gradmimic.ghost import UnsupportedLayerError
-from hf_gradmimic.reference import ReferenceError
+from hf_gradmimic.layer_lookup import MimicLayerError
+from hf_gradmimic.reference import ReferenceLoadError
+
 from tiny_models import (
-    TinyMLP, TinySeq, lm_dataset, mlp_dataset, oracle_mimic_scores, oracle_scores_from_grads, per_sample_grads,
-    per_sample_lm_grads, seq_dataset, tiny_gpt2,
+    TinyMLP,
+    TinySeq,
+    lm_dataset,
+    mlp_dataset,
+    oracle_mimic_scores,
+    oracle_scores_from_grads,
+    per_sample_grads,
+    per_sample_lm_grads,
+    seq_dataset,
+    tiny_gpt2,
 )
 
 COMMON = dict(
@@ -241,7 +251,7 @@ def test_construction_errors_name_the_problem(tmp_path):
         mimic_config(tmp_path, mimic_temperature=0.0)
     with pytest.raises(ValueError, match="mimic_layers"):
         mimic_config(tmp_path, mimic_layers=[])
-    with pytest.raises(ReferenceError, match=r"'haed' not found.*'head'"):
+    with pytest.raises(MimicLayerError, match=r"'haed' not found.*'head'"):
         MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["haed"]), train_dataset=data, reference=ref)
     normed = TinyMLP()
     normed.norm = torch.nn.LayerNorm(4)  # a module type without a ghost rule
@@ -250,7 +260,7 @@ def test_construction_errors_name_the_problem(tmp_path):
     bad_shape = {"head.weight": torch.zeros(5, 16), "head.bias": torch.zeros(5)}
     with pytest.raises(ValueError, match=r"shape \(5, 16\).*'head.weight'.*\(4, 16\)"):
         MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["head"]), train_dataset=data, reference=bad_shape)
-    with pytest.raises(ReferenceError, match="'head.bias' is missing"):
+    with pytest.raises(ReferenceLoadError, match="'head.bias' is missing"):
         MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["head"]), train_dataset=data,
                      reference={"head.weight": torch.zeros(4, 16)})
     with pytest.raises(ValueError, match="needs a reference"):
@@ -311,7 +321,11 @@ def test_digits_with_label_noise_beats_plain_trainer(tmp_path):
     MimicTrainer(model=student, args=args, train_dataset=train, reference=reference).train()
 
     plain_accuracy, mimic_accuracy = accuracy(plain, data["test"]), accuracy(student, data["test"])
-    assert mimic_accuracy > plain_accuracy + 0.02, (mimic_accuracy, plain_accuracy)
+    # The gain must exceed two standard errors of the plain model's accuracy on this test set (binomial, n rows):
+    # smaller gaps are within what another draw of test rows could show. Measured (torch 2.13 CPU, seed 0, 540 test
+    # rows): Grad-Mimic 0.883, plain 0.830, a gain of 0.054 against a margin of 0.032.
+    margin = 2 * np.sqrt(plain_accuracy * (1 - plain_accuracy) / len(data["test"]))
+    assert mimic_accuracy > plain_accuracy + margin, (mimic_accuracy, plain_accuracy, margin)
     scores = load_scores(tmp_path / "mimic").to_pandas()
     is_clean = np.asarray(train["is_clean"])[scores.sample_id.values]
     assert scores.mimic_score[is_clean].mean() > scores.mimic_score[~is_clean].mean()

@@ -7,12 +7,18 @@ import copy
 import numpy as np
 import pytest
 import torch
+from test_trainer import COMMON, perturbed_reference
 
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
 from hf_gradmimic.contrastive import batch_coupled, contrastive_loss_for, in_batch_negatives_loss
-from test_trainer import COMMON, perturbed_reference
+
 from tiny_dual_encoders import (
-    CLIP_LAYERS, DUAL_ENCODER_LAYERS, pair_dataset, tiny_clip, tiny_dual_encoder, tiny_siglip,
+    CLIP_LAYERS,
+    DUAL_ENCODER_LAYERS,
+    pair_dataset,
+    tiny_clip,
+    tiny_dual_encoder,
+    tiny_siglip,
 )
 
 N = 12

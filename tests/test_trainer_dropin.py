@@ -16,6 +16,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores, returns_per_sample_losses
 from hf_gradmimic.ghost import UnsupportedLayerError
+
 from tiny_models import tiny_gpt2, tiny_llama
 
 PLAIN = dict(learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
+from huggingface_hub import ModelCard
 
 from hf_gradmimic import MimicConfig, MimicTrainer, build_filter
-from hf_gradmimic.testing.digits import digits_model, load_noisy_digits
 from hf_gradmimic.metrics import accuracy_compute_metrics, compute_filter_metrics
+from hf_gradmimic.testing.digits import digits_model, load_noisy_digits
 
 
 @pytest.mark.timeout(300)
@@ -61,9 +64,17 @@ def test_model_card_shows_the_mimic_settings(tmp_path):
 
     model = TinyMLP()
     reference = {n: p.detach() + 0.1 for n, p in model.named_parameters() if n.startswith("head.")}
-    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=["head"], mimic_temperature=0.25, max_steps=1,
-                       report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=["head"], mimic_temperature=0.25, mimic_normalize="micro",
+                       max_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
     trainer = MimicTrainer(model=model, args=args, train_dataset=mlp_dataset(n=8), reference=reference)
     trainer.create_model_card(model_name="tiny-mimic")
-    card = (tmp_path / "README.md").read_text()
-    assert "0.25" in card and "head" in card and "grad-mimic" in card
+    card = ModelCard.load(tmp_path / "README.md")  # the Hub client's reading: the YAML header and the text
+    assert card.data.model_name == "tiny-mimic"
+    assert card.data.tags[:3] == ["grad-mimic", "data-filtering", "hf-gradmimic"]
+    # Each setting in its own row of the settings table, with the value the config was given (not a substring
+    # that the rest of the card could hold: "head" and "0.25" appear in other places too).
+    rows = dict(re.findall(r"^\| ([^|]+?) \| (.+?) \|$", card.text, flags=re.MULTILINE))
+    assert rows["mimic layers"] == "`head`", rows
+    assert rows["temperature τ"] == "0.25", rows
+    assert rows["softmax normalisation"] == "micro", rows
+    assert rows["reference model"] == "`in-memory reference (dict)`", rows

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
+
 from tiny_models import TinyMLP, mlp_dataset, per_sample_grads
 
 HEAD = ["head.weight", "head.bias"]
@@ -81,7 +82,15 @@ def test_bayesian_select_with_precomputed_zero_shot_logits(tmp_path):
     _, _, trainer, table = one_step(tmp_path, data, mimic_scorer="bayesian", mimic_zero_shot_column="zero_shot",
                                     per_device_train_batch_size=32, max_steps=2, mimic_select_ratio=0.25)
     assert np.isfinite(table.mimic_score.values).all()
-    assert (table.groupby("global_step").weight.apply(lambda w: (w > 0).sum()) == 8).all()
+    assert sorted(table.global_step.unique()) == [1, 2]
+    for step, records in table.groupby("global_step"):
+        assert len(records) == 32, step  # one batch of the whole set per step: every sample is a candidate
+        kept = records.weight.values > 0
+        # Select mode: the top quarter by score, trained with equal weights; the others not at all.
+        assert kept.sum() == 8, step
+        np.testing.assert_allclose(records.weight.values[kept], 1 / 8, rtol=1e-6)
+        ranked = np.sort(records.mimic_score.values)[::-1]
+        assert records.mimic_score.values[kept].min() >= ranked[7] > ranked[8] >= records.mimic_score.values[~kept].max()
     assert trainer.scorer.state_dict()["feature_factor"] is not None  # the Laplace factors saw the selected points
 
 

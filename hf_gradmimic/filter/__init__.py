@@ -65,6 +65,10 @@ from .aggregation import (
 )
 from .build import build_filter, estimate_quality
 from .clustering import GaussianMixture1D, fit_gmm_1d, kmeans_1d
+from .engines import ENGINES, Engine, get_engine
+from .engines.memory import MAX_MATRIX_CELLS, collect_windows
+from .engines.outofcore import collect_windows_streaming
+from .engines.ray import collect_windows_ray
 from .identification import (
     DEFAULT_METHOD,
     METHODS,
@@ -75,10 +79,6 @@ from .identification import (
     identify_threshold,
     identify_topk,
 )
-from .engines import ENGINES, Engine, get_engine
-from .engines.memory import MAX_MATRIX_CELLS, collect_windows
-from .engines.outofcore import collect_windows_streaming
-from .engines.ray import collect_windows_ray
 from .inputs import ScoresLike
 from .labeling import (
     DEFAULT_LABELING_FUNCTIONS,

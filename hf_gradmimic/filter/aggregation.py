@@ -7,7 +7,8 @@ truth; Snorkel's LabelModel estimates each window's accuracy from their agreemen
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 

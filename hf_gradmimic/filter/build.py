@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from ..scores import scores_provenance
+from ..score_log_io import scores_provenance
 from .aggregation import DEFAULT_AGGREGATE
 from .decide import check_settings, decide
 from .engines import ENGINES, get_engine

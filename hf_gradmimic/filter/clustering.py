@@ -179,7 +179,7 @@ def _run_em(
     log_likelihood = -np.inf
     converged = False
     n_iter = 0
-    for n_iter in range(1, max_iter + 1):
+    for n_iter in range(1, max_iter + 1):  # noqa: B007 (read after the loop: the iterations run)
         (pi0, pi1), (mu0, mu1), (var0, var1) = _gmm_m_step(r1, groups, n, reg_var)
         a0 = math.log(pi0) - 0.5 * math.log(2 * math.pi * var0) - 0.5 * (centres - mu0) ** 2 / var0
         a1 = math.log(pi1) - 0.5 * math.log(2 * math.pi * var1) - 0.5 * (centres - mu1) ** 2 / var1

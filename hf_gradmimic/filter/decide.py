@@ -9,7 +9,8 @@ and the votes together (`hf_gradmimic.filter.posterior`); a sample is kept when 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -155,7 +156,7 @@ def _aggregate_with_status(
 
     ``scores`` (``n x k`` continuous values, NaN abstaining) are read by ``aggregate="mixture"`` only.
 
-    The score log's ``status`` (`hf_gradmimic.scores`) decides two cases before the votes do:
+    The score log's ``status`` (`hf_gradmimic.score_log_io`) decides two cases before the votes do:
 
     - a sample with a non-finite record (status 1) is discarded: ``keep = False``, ``keep_prob = 0``.
       Its loss or score was NaN or inf once, so its data is suspect (issue: one such row used to

@@ -7,7 +7,8 @@ it votes keep or discard for every sample it saw, from the samples' mean ``b * w
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 

@@ -2,128 +2,32 @@
 
 A score log is a path (an ``output_dir`` or its ``mimic_scores/`` folder, read shard by shard), a
 `pyarrow.Table`, a `pandas.DataFrame` or a `datasets.Dataset`; a dataset to filter or audit is one
-of the last three. Everything else in the filter sees them through `ScoreSource` and `Rows`.
+of the last three. Everything else in the filter sees them through `ScoreSource` and `hf_gradmimic.tables.Rows`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence, Union
+from typing import Union
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..scores import score_shard_paths, scores_dir
+from ..score_log_io import score_shard_paths, scores_dir
+from ..tables import as_rows
 from .shards import BadShardError, BadShardPolicy, ShardPlan, plan_shards, read_shard, skipped_message, without_rows
 from .warning import warn
 
-__all__ = ["Rows", "ScoreSource", "ScoresLike", "as_rows", "fill_null_scores", "score_source"]
+__all__ = ["ScoreSource", "ScoresLike", "fill_null_scores", "score_source"]
 
 ScoresLike = Union[str, os.PathLike, pa.Table, "datasets.Dataset", "pandas.DataFrame"]  # noqa: F821
 
 # In-memory score logs are reduced in slices of this many records, like shards on disk.
 _CHUNK_ROWS = 4_000_000
-
-RowsKind = Literal["pyarrow.Table", "pandas.DataFrame", "datasets.Dataset"]
-
-
-@dataclass(frozen=True)
-class Rows:
-    """A table-like input seen through Arrow: a `pyarrow.Table`, a `pandas.DataFrame` or a `datasets.Dataset`."""
-
-    data: Any
-    kind: RowsKind
-
-    @property
-    def num_rows(self) -> int:
-        return self.data.num_rows if self.kind == "pyarrow.Table" else len(self.data)
-
-    @property
-    def column_names(self) -> list[str]:
-        if self.kind == "pandas.DataFrame":
-            return [str(name) for name in self.data.columns]
-        return list(self.data.column_names)
-
-    def column(self, name: str) -> pa.Array:
-        """One column as a single Arrow array (a `datasets.Dataset` honours its indices mapping)."""
-        if name not in self.column_names:
-            raise KeyError(f"The dataset has no column {name!r}; columns: {self.column_names}.")
-        if self.kind == "pandas.DataFrame":
-            return pa.array(self.data[name].to_numpy())
-        column = self.data.column(name) if self.kind == "pyarrow.Table" else self.data.with_format("arrow")[name]
-        return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-
-    def table(self) -> pa.Table:
-        """All the rows as one `pyarrow.Table` (the index of a DataFrame is not kept)."""
-        if self.kind == "pyarrow.Table":
-            return self.data
-        if self.kind == "pandas.DataFrame":
-            return pa.Table.from_pandas(self.data, preserve_index=False)
-        # The arrow format honours an indices mapping (after .select/.shuffle/.filter).
-        return self.data.with_format("arrow")[:]
-
-    def slice(self, start: int, stop: int) -> pa.Table:
-        """The rows ``start:stop`` as a `pyarrow.Table`, reading only them (a `datasets.Dataset` honours its indices
-        mapping): what lets a pass over every row stay in bounded memory."""
-        if self.kind == "pyarrow.Table":
-            return self.data.slice(start, stop - start)
-        if self.kind == "pandas.DataFrame":
-            return pa.Table.from_pandas(self.data.iloc[start:stop], preserve_index=False)
-        indices, table = getattr(self.data, "_indices", None), getattr(self.data, "data", None)
-        if indices is not None and isinstance(getattr(table, "table", None), pa.Table):
-            # After .shuffle/.select/.filter: one vectorised take (datasets' own slicing gathers row by row).
-            return _gather(table.table, indices.column(0).slice(start, stop - start).to_numpy().astype(np.int64))
-        return self.data.with_format("arrow")[start:stop]
-
-    def take(self, rows: np.ndarray) -> Any:
-        """The rows at positions ``rows``, in that order, as the input's own type."""
-        if self.kind == "pandas.DataFrame":
-            return self.data.iloc[rows]
-        if self.kind == "pyarrow.Table":
-            return self.data.take(pa.array(rows))
-        return self.data.select(rows)
-
-
-def _gather(table: pa.Table, rows: np.ndarray) -> pa.Table:
-    """``table.take(rows)`` touching only the record batches that hold ``rows``: Arrow's take over a chunked
-    table first concatenates every chunk of a string or list column (the whole dataset in memory)."""
-    bounds = np.cumsum([0, *(batch.num_rows for batch in table.to_batches())])
-    batches = table.to_batches()
-    order = np.argsort(rows, kind="stable")
-    ordered = rows[order]
-    chunk_of = np.searchsorted(bounds, ordered, side="right") - 1
-    pieces = [batches[chunk].take(pa.array(ordered[chunk_of == chunk] - bounds[chunk]))
-              for chunk in np.unique(chunk_of)]
-    gathered = pa.Table.from_batches(pieces, schema=table.schema).combine_chunks()
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order))
-    return gathered.take(pa.array(inverse))
-
-
-def as_rows(data: Any) -> Rows:
-    """Wrap a `pyarrow.Table`, `pandas.DataFrame` or `datasets.Dataset`; a TypeError names anything else."""
-    if isinstance(data, pa.Table):
-        return Rows(data, "pyarrow.Table")
-    module = type(data).__module__
-    if module.startswith("pandas") and hasattr(data, "iloc"):
-        return Rows(data, "pandas.DataFrame")
-    if isinstance(data, dict) and module.startswith("datasets"):
-        raise TypeError(
-            f"got a {type(data).__name__} of the splits {list(data)}; pass one split, "
-            f"e.g. data[{next(iter(data), 'train')!r}]."
-        )
-    # Duck-typed: any object with the datasets.Dataset API the filter uses works.
-    if all(hasattr(data, attribute) for attribute in ("__len__", "column_names", "select", "with_format")):
-        return Rows(data, "datasets.Dataset")
-    raise TypeError(
-        "expected a datasets.Dataset (e.g. from load_scores), a pyarrow.Table or a pandas.DataFrame, "
-        f"got {type(data).__name__}."
-    )
-
 
 @dataclass
 class ScoreSource:

@@ -23,8 +23,9 @@ votes before aggregation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pyarrow as pa
@@ -105,7 +106,7 @@ class ScoringFunction(Protocol):
     def scores(self, context: LabelingContext) -> LabelingScores: ...
 
 
-LabelingFunctionLike = Union[str, LabelingFunction, ScoringFunction]
+LabelingFunctionLike = str | LabelingFunction | ScoringFunction
 
 # Chosen by measurement on the realistic suite's saved runs (scripts/stage2_search.py; digits and BBC, the held-out
 # task left out): the reweighted student's mean log-loss and mean margin, combined by the keep posterior, against the

@@ -6,7 +6,6 @@ from the dataset and a dataset row without a score are both errors, each named w
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,101 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .inputs import Rows, as_rows
+from ..tables import Rows, dataset_signature, id_kind, row_signature
 
-__all__ = ["check_row_index_dataset", "dataset_signature", "id_kind", "row_positions", "row_signature"]
-
-
-SIGNATURE_ROWS = 64
-"""How many evenly spaced rows `row_signature` (the check of logs written before `dataset_signature`) hashes."""
-
-SIGNATURE_CHUNK_ROWS = 65_536
-"""Rows read at a time by `dataset_signature`: its memory is one such slice, whatever the dataset's size. The
-hashes depend on it (each slice is hashed as one array): changing it changes every recorded signature."""
-
-
-def _canonical_type(dtype: pa.DataType) -> pa.DataType:
-    """One type per kind of value, so that the same rows hash alike whichever of Arrow's layouts hold them (a pandas
-    frame's strings or lists may come back with 64-bit offsets, a category column as a dictionary)."""
-    if pa.types.is_dictionary(dtype):
-        return _canonical_type(dtype.value_type)
-    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype):
-        return pa.large_string()
-    if pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype) or pa.types.is_binary_view(dtype):
-        return pa.large_binary()
-    if pa.types.is_list(dtype) or pa.types.is_large_list(dtype) or pa.types.is_fixed_size_list(dtype):
-        return pa.large_list(_canonical_type(dtype.value_type))
-    if pa.types.is_struct(dtype):
-        return pa.struct([pa.field(field.name, _canonical_type(field.type)) for field in dtype])
-    return dtype
-
-
-def _update_with_array(digest: Any, array: pa.Array) -> None:
-    """Hash an array's values and nulls, not its buffers: a slice, a take or a chunk boundary may leave other bytes
-    around them (capacity, offsets not starting at 0), which must not change the hash."""
-    nulls = array.is_null().to_numpy(zero_copy_only=False)
-    digest.update(f"{len(array)}:{int(nulls.sum())}|".encode())
-    if nulls.any():
-        digest.update(np.packbits(nulls).tobytes())
-    if pa.types.is_large_string(array.type) or pa.types.is_large_binary(array.type):
-        offsets = np.frombuffer(array.buffers()[1], dtype=np.int64, count=len(array) + 1, offset=array.offset * 8)
-        digest.update(np.diff(offsets).tobytes())
-        if len(array) and array.buffers()[2] is not None:
-            digest.update(memoryview(array.buffers()[2])[offsets[0]: offsets[-1]])
-    elif pa.types.is_large_list(array.type):
-        digest.update(pc.fill_null(array.value_lengths(), -1).to_numpy(zero_copy_only=False).tobytes())
-        _update_with_array(digest, array.flatten())
-    elif pa.types.is_struct(array.type):
-        for field in array.flatten():
-            _update_with_array(digest, field)
-    elif pa.types.is_primitive(array.type) and not pa.types.is_boolean(array.type):
-        digest.update(array.fill_null(0).to_numpy(zero_copy_only=False).tobytes() if nulls.any()
-                      else array.to_numpy(zero_copy_only=False).tobytes())
-    else:  # booleans and rarer types: through Python values
-        digest.update(repr(array.to_pylist()).encode())
-
-
-def _update_with_column(digest: Any, column: pa.ChunkedArray | pa.Array) -> None:
-    """Hash a column slice in the canonical type of its values (`_canonical_type`)."""
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    canonical = _canonical_type(column.type)
-    _update_with_array(digest, pa.concat_arrays([chunk.cast(canonical) for chunk in chunks]) if chunks
-                       else pa.array([], canonical))
-
-
-def dataset_signature(data: Any) -> dict[str, str] | None:
-    """Per-column SHA-256 of every row of a table-like dataset, in order: which rows stand where.
-
-    Read ``SIGNATURE_CHUNK_ROWS`` rows at a time, so memory stays bounded whatever the size. Unlike a `datasets`
-    fingerprint it ignores the output format (``with_format``) and which columns are present, and it changes when any
-    row is reordered, filtered or replaced. None for inputs that are not tables.
-    """
-    try:
-        rows = as_rows(data)
-    except TypeError:
-        return None
-    digests: dict[str, Any] = {}
-    for start in range(0, rows.num_rows, SIGNATURE_CHUNK_ROWS):
-        chunk = rows.slice(start, min(start + SIGNATURE_CHUNK_ROWS, rows.num_rows))
-        for name in chunk.column_names:
-            _update_with_column(digests.setdefault(str(name), hashlib.sha256()), chunk.column(name))
-    return {name: digest.hexdigest()[:32] for name, digest in digests.items()}
-
-
-def row_signature(data: Any) -> dict[str, str] | None:
-    """Per-column hashes of ``SIGNATURE_ROWS`` evenly spaced rows of a table-like dataset: what score logs written
-    before `dataset_signature` recorded (``train_signature``), kept to check a dataset against them.
-    None for inputs that are not tables.
-    """
-    try:
-        rows = as_rows(data)
-    except TypeError:
-        return None
-    n = rows.num_rows
-    positions = np.unique(np.linspace(0, max(n - 1, 0), min(SIGNATURE_ROWS, n)).astype(np.int64))
-    sample = as_rows(rows.take(positions)).table()
-    return {name: hashlib.sha256(repr(sample.column(name).to_pylist()).encode()).hexdigest()[:16]
-            for name in sample.column_names}
+__all__ = ["check_row_index_dataset", "row_positions"]
 
 
 def check_row_index_dataset(recorded: Mapping[str, Any] | None, dataset: Any) -> None:
@@ -181,16 +88,6 @@ def _positions_by_row_index(ids: pa.Array, n_rows: int, allow_unscored: bool = F
             f"{unscored.size} row(s) of the dataset have no score (e.g. rows {unscored[:5].tolist()}): {UNSCORED_HINT}."
         )
     return positions
-
-
-def id_kind(dtype: pa.DataType) -> str:
-    """Integers, text or something else: ids are matched within one kind only (int32 with int64, string with
-    large_string), never across kinds."""
-    if pa.types.is_integer(dtype):
-        return "integer"
-    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype):
-        return "string"
-    return str(dtype)
 
 
 def _positions_by_id_column(ids: pa.Array, dataset_ids: pa.Array, id_column: str,

@@ -135,7 +135,7 @@ def _em(signals: np.ndarray, votes: np.ndarray, seed: int) -> tuple[_Params, int
     log_likelihood = -math.inf
     converged = False
     iterations = 0
-    for iterations in range(1, _MAX_ITER + 1):
+    for iterations in range(1, _MAX_ITER + 1):  # noqa: B007 (returned: the iterations run)
         params = _m_step(signals, votes, responsibility)
         responsibility, log_likelihood = _responsibilities(params, signals, votes)
         if abs(log_likelihood - previous) < _TOL * max(1.0, abs(log_likelihood)):

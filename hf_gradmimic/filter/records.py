@@ -3,7 +3,7 @@
 Every engine reads the log through `record_chunk` (one shard or slice at a time) so that a record means
 the same on each: its optimizer step, sample id, ``b * w`` (``b`` the size of the batch the softmax ran
 over, ``w`` the sample's weight; Huang et al., arXiv 2501.06708, Section 4.2), mimic score, status
-(`hf_gradmimic.scores`) and the per-record signals (`SIGNAL_COLUMNS`) that the log holds. The in-memory
+(`hf_gradmimic.score_log_io`) and the per-record signals (`SIGNAL_COLUMNS`) that the log holds. The in-memory
 engine keeps them in preallocated buffers (`read_records`, `Records`); the others spill or shuffle
 them by sample-id range first.
 """
@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..scores import STATUS_SCORED, STATUS_UNLABELED
-from .inputs import ScoreSource, ScoresLike, score_source
+from ..score_log_io import STATUS_SCORED, STATUS_UNLABELED
+from .inputs import ScoresLike, ScoreSource, score_source
 from .shards import BadShardPolicy
 from .windows import WindowsLike, distinct_steps
 

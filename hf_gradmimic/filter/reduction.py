@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..scores import STATUS_NONFINITE, STATUS_SCORED, STATUS_UNLABELED
+from ..score_log_io import STATUS_NONFINITE, STATUS_SCORED, STATUS_UNLABELED
 from .records import Records
 from .warning import warn
 from .windows import StepWindows

@@ -14,13 +14,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..fileio import atomic_write, write_json
+from ..tables import as_rows
 from .decide import check_settings, decide
-from .inputs import as_rows
 from .labeling import LabelingVotes
-from .signals import LabelingScores
 from .matching import check_row_index_dataset, row_positions
 from .matrices import matrix
 from .reduction import WindowedScores
+from .signals import LabelingScores
 from .stream import filter_iterable
 
 __all__ = ["SUMMARY_FILENAME", "TABLE_FILENAME", "MimicFilter"]
@@ -102,7 +102,7 @@ class MimicFilter:
         threshold: float | None = None,
         topk: float | None = None,
         seed: int | None = None,
-    ) -> "MimicFilter":
+    ) -> MimicFilter:
         """A new filter from the same per-window values with other settings (the log is not re-read).
 
         Gives the same result as `build_filter` on the original scores with those settings,
@@ -184,7 +184,7 @@ class MimicFilter:
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "MimicFilter":
+    def load(cls, directory: str | os.PathLike) -> MimicFilter:
         """Read a filter written by `save`."""
         directory = Path(directory)
         table_path, summary_path = directory / TABLE_FILENAME, directory / SUMMARY_FILENAME
@@ -207,7 +207,7 @@ class MimicFilter:
             raise ValueError(f"The filter table {table_path} cannot be read ({error}); it is corrupt or was cut short.") from error
         return cls(table=table, summary=summary)
 
-    def to_dataset(self) -> "datasets.Dataset":  # noqa: F821
+    def to_dataset(self) -> datasets.Dataset:  # noqa: F821
         """The per-sample table as a `datasets.Dataset`."""
         import datasets
 

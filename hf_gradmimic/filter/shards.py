@@ -1,7 +1,7 @@
 """Checking a score log's shards before they are read: unreadable files, gaps in the step ranges, duplicated records.
 
 `MimicTrainer` writes each rank's records as Parquet shards named after the optimizer steps they
-hold (`hf_gradmimic.scores`). Before Stage 2 (Huang et al., arXiv 2501.06708, Section 4.2) reduces
+hold (`hf_gradmimic.score_log_io`). Before Stage 2 (Huang et al., arXiv 2501.06708, Section 4.2) reduces
 them, `plan_shards` looks at every shard once, cheaply (its footer, and the ids of the few steps
 that two shards of one rank share), so that:
 
@@ -19,9 +19,10 @@ that two shards of one rank share), so that:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -107,7 +108,7 @@ def plan_shards(paths: Sequence[Path], *, needed: Sequence[str] = (), on_bad_sha
     """Check the shards ``paths`` (in step order) and plan how to read them.
 
     Args:
-        paths: the shards, as `hf_gradmimic.scores.score_shard_paths` lists them.
+        paths: the shards, as `hf_gradmimic.score_log_io.score_shard_paths` lists them.
         needed: columns every shard must have.
         on_bad_shard: ``"error"`` raises `BadShardError` at the first unreadable shard; ``"skip"``
             leaves such shards out and warns once with the list.

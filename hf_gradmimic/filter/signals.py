@@ -99,14 +99,14 @@ class WindowSignal:
     def __repr__(self) -> str:
         return f"WindowSignal(column={self.column!r}, window={self.window!r}, transform={self.transform!r})"
 
-    def scores(self, context: "LabelingContext") -> LabelingScores:
+    def scores(self, context: LabelingContext) -> LabelingScores:
         windowed = context.windowed
         n = len(windowed.sample_ids)
         per_window = windowed.signals.get(self.column)
         if per_window is None:
             warn(
                 f"The score log has no `{self.column}` column (a run that does not record it: "
-                f"{_WHY_MISSING.get(self.column, 'see hf_gradmimic.scores')}; or a log written before it existed): the "
+                f"{_WHY_MISSING.get(self.column, 'see hf_gradmimic.score_log_io')}; or a log written before it existed): the "
                 f"{self.name!r} labeling function abstains.",
                 context.windowed.warnings,
             )

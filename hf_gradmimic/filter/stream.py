@@ -7,7 +7,8 @@ by an id column. Only the filter's own per-sample table is held in memory.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -65,8 +66,8 @@ class KeepLookup:
 
 
 def filter_iterable(
-    filter_table: pa.Table, dataset: "datasets.IterableDataset", id_column: str | None = None, batch_size: int = 1000
-) -> "datasets.IterableDataset":
+    filter_table: pa.Table, dataset: datasets.IterableDataset, id_column: str | None = None, batch_size: int = 1000
+) -> datasets.IterableDataset:
     """The rows of a streamed ``dataset`` that the filter keeps, as a lazy `datasets.IterableDataset`.
 
     ``filter_table`` is a `MimicFilter`'s per-sample ``table`` (``sample_id``, ``keep`` and the score columns).
@@ -89,7 +90,7 @@ def filter_iterable(
 
 def scored_batches(
     filter_table: pa.Table,
-    dataset: "datasets.IterableDataset",
+    dataset: datasets.IterableDataset,
     columns: Mapping[str, tuple[str, pa.DataType]],
     id_column: str | None = None,
     batch_rows: int = 100_000,

@@ -10,7 +10,7 @@ record to make it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from .warning import warn
 
 __all__ = ["StepWindows", "WindowsLike", "check_windows", "distinct_steps"]
 
-WindowsLike = Union[Literal["epoch", "step"], int]
+WindowsLike = Literal["epoch", "step"] | int
 
 
 def check_windows(windows: Any) -> None:
@@ -52,7 +52,7 @@ class StepWindows:
     @classmethod
     def of(
         cls, step_epochs: list[tuple[np.ndarray, np.ndarray | None]], windows: WindowsLike, warn_list: list[str]
-    ) -> "StepWindows":
+    ) -> StepWindows:
         """From the ``(distinct steps, epochs)`` of every chunk (`distinct_steps`)."""
         all_steps = np.concatenate([s for s, _ in step_epochs])
         unique_steps, first = np.unique(all_steps, return_index=True)

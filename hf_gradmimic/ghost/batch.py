@@ -62,7 +62,7 @@ class GhostBatch:
 
     @classmethod
     def from_layers(cls, layers: Mapping[str, nn.Module], activations: Mapping[str, torch.Tensor],
-                    output_grads: Mapping[str, torch.Tensor]) -> "GhostBatch":
+                    output_grads: Mapping[str, torch.Tensor]) -> GhostBatch:
         """One use per named layer, each with the tensors it holds itself (``"name.weight"``, ``"name.bias"``)."""
         return cls([
             LayerUse(name, module, activations[name], output_grads[name], own_tensor_keys(name, module))

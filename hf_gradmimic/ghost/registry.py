@@ -22,9 +22,8 @@ mode, no contrastive loss), so that row ``i`` of ``δ`` is ``∂ℓ_i/∂z_i``; 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

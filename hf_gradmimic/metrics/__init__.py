@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-
 if TYPE_CHECKING:  # pragma: no cover
     import evaluate
 
@@ -142,7 +141,7 @@ def load_metric(name: str, **kwargs: Any) -> evaluate.EvaluationModule:
 
 # One in-memory instance per local metric: `evaluate.load` hashes and imports the script on every call,
 # and `keep_in_memory=True` avoids the Arrow cache files and file locks of the on-disk mode.
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _in_memory_metric(name: str) -> evaluate.EvaluationModule:
     import evaluate
 

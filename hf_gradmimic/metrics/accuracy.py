@@ -21,12 +21,10 @@ the same number (unweighted, `normalize=True`) without any download. It is loade
 library imports).
 """
 
-from typing import Dict
 
 import datasets
 import evaluate
 import numpy as np
-
 
 _DESCRIPTION = """\
 Accuracy is the proportion of correct predictions among the total number of cases processed:
@@ -83,7 +81,7 @@ class Accuracy(evaluate.Metric):
             reference_urls=["https://scikit-learn.org/stable/modules/generated/sklearn.metrics.accuracy_score.html"],
         )
 
-    def _compute(self, predictions, references) -> Dict[str, float]:
+    def _compute(self, predictions, references) -> dict[str, float]:
         predictions = np.asarray(predictions).reshape(-1)
         references = np.asarray(references).reshape(-1)
         if predictions.size == 0:

@@ -46,12 +46,10 @@ into the dynamic-modules cache and imports it from there, so it must stay self-c
 imports, no relative or `hf_gradmimic` imports). It is implemented with numpy only.
 """
 
-from typing import Dict, Optional
 
 import datasets
 import evaluate
 import numpy as np
-
 
 _DESCRIPTION = """\
 Audits a Grad-Mimic data filter against per-sample clean/noisy ground truth. The discard decision
@@ -173,8 +171,8 @@ class GradmimicFilter(evaluate.Metric):
         predictions,
         references,
         threshold: float = 0.5,
-        rank_metrics: Optional[bool] = None,
-    ) -> Dict[str, float]:
+        rank_metrics: bool | None = None,
+    ) -> dict[str, float]:
         score = np.asarray(predictions, dtype=np.float64).reshape(-1)
         ref = np.asarray(references).reshape(-1)
         if score.size == 0:
@@ -196,7 +194,7 @@ class GradmimicFilter(evaluate.Metric):
         # 2TP / (2TP + FP + FN) is the harmonic mean of precision and recall, written so that
         # it needs no special case when one of them is 0.
         f1 = _safe_div(2 * tp, 2 * tp + fp + fn)
-        results: Dict[str, float] = {
+        results: dict[str, float] = {
             "discard_precision": precision,
             "discard_recall": recall,
             "discard_f1": f1,

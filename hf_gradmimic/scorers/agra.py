@@ -62,7 +62,7 @@ class AgraScorer(SampleScorer):
         self.filter_threshold = self.threshold
 
     @classmethod
-    def from_config(cls, args: Any, **runtime: Any) -> "AgraScorer":
+    def from_config(cls, args: Any, **runtime: Any) -> AgraScorer:
         return cls(threshold=args.mimic_agra_threshold)
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:

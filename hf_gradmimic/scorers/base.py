@@ -155,7 +155,7 @@ def check_mode_name(mode: str) -> None:
         raise ValueError(f"Unknown mode {mode!r}; valid modes: {', '.join(MODES)}.")
 
 
-def check_mode(scorer: "SampleScorer", mode: str) -> None:
+def check_mode(scorer: SampleScorer, mode: str) -> None:
     """Raise a ValueError if ``scorer`` cannot run in ``mode``, saying why."""
     check_mode_name(mode)
     if mode not in scorer.supports_modes:
@@ -200,7 +200,7 @@ class SampleScorer:
     filter_threshold: float | None = None
 
     @classmethod
-    def from_config(cls, args: Any, **runtime: Any) -> "SampleScorer":
+    def from_config(cls, args: Any, **runtime: Any) -> SampleScorer:
         """The scorer with its options from a `MimicConfig` (``mimic_<name>_*`` fields) and what only the trainer
         has (``runtime``: ``reference``, ``zero_shot``, ``num_train_samples``, ``layers``, ``token``)."""
         return cls()
@@ -246,7 +246,7 @@ class SampleScorer:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         pass
 
-    def require_ghost(self, ctx: ScoreContext) -> "GhostBatch":
+    def require_ghost(self, ctx: ScoreContext) -> GhostBatch:
         """``ctx.ghost``, or a ValueError naming this scorer."""
         return ctx.require("ghost", self.name)
 

@@ -209,7 +209,7 @@ class BayesianScorer(SampleScorer):
 
     @classmethod
     def from_config(cls, args: Any, *, zero_shot: Any = None, num_train_samples: int | None = None,
-                    **runtime: Any) -> "BayesianScorer":
+                    **runtime: Any) -> BayesianScorer:
         if args.mimic_zero_shot_column is None and zero_shot is None:
             raise ValueError(
                 "mimic_scorer='bayesian' needs zero-shot predictions: set `mimic_zero_shot_column` (logits per "

@@ -82,7 +82,7 @@ class ClipScoreScorer(SampleScorer):
         self.reference_name = reference_name or type(reference).__name__
 
     @classmethod
-    def from_config(cls, args: Any, *, reference: Any = None, **runtime: Any) -> "ClipScoreScorer":
+    def from_config(cls, args: Any, *, reference: Any = None, **runtime: Any) -> ClipScoreScorer:
         source = reference if reference is not None else args.mimic_reference
         return cls(load_dual_encoder(source), None if isinstance(source, nn.Module) else str(source))
 

@@ -87,7 +87,7 @@ class MimicScorer(SampleScorer):
         self._moved = False
 
     @classmethod
-    def from_config(cls, args: Any, *, reference: Any = None, layers: Any = None, **runtime: Any) -> "MimicScorer":
+    def from_config(cls, args: Any, *, reference: Any = None, layers: Any = None, **runtime: Any) -> MimicScorer:
         source = reference if reference is not None else args.mimic_reference
         tensors = layers.load_reference(source, revision=args.mimic_reference_revision, token=args.hub_token)
         return cls(tensors, layers.current_tensors, args.mimic_score_terms, layers.describe_source(source),

@@ -67,7 +67,7 @@ class RhoLossScorer(SampleScorer):
         self.extra_columns = (irreducible_loss_column,) if irreducible_loss_column else ()
 
     @classmethod
-    def from_config(cls, args: Any, *, reference: Any = None, **runtime: Any) -> "RhoLossScorer":
+    def from_config(cls, args: Any, *, reference: Any = None, **runtime: Any) -> RhoLossScorer:
         column = args.mimic_irreducible_loss_column
         model = reference if isinstance(reference, nn.Module) else None
         if column is None and model is None:

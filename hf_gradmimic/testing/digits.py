@@ -59,7 +59,7 @@ class DigitsClassifier(PreTrainedModel):
         loss = None if labels is None else F.cross_entropy(logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
-    def freeze_backbone(self) -> "DigitsClassifier":
+    def freeze_backbone(self) -> DigitsClassifier:
         self.backbone.requires_grad_(False)
         return self
 

@@ -2,7 +2,7 @@
 
 Every training example carries its row index in ``train_dataset`` as ``mimic_row_index``; the score log
 records it (or the ``mimic_id_column`` value of that row). A stream has no row index: its examples carry
-their id instead (`hf_gradmimic.training.streaming`). Our columns (row index or stream id, clean flags,
+their id instead (`hf_gradmimic.training.stream_ids`). Our columns (row index or stream id, clean flags,
 the scorer's columns) are popped from each batch before the forward, so they never reach the model.
 """
 
@@ -17,7 +17,7 @@ ROW_INDEX_KEY = "mimic_row_index"
 """Batch key carrying each sample's row index in ``train_dataset``; popped before the model sees the batch."""
 
 STREAM_ID_KEY = "mimic_sample_id"
-"""Batch key carrying each stream example's id (`hf_gradmimic.training.streaming`); popped like the row index."""
+"""Batch key carrying each stream example's id (`hf_gradmimic.training.stream_ids`); popped like the row index."""
 
 
 class _RowIndexedDataset(torch.utils.data.Dataset):
@@ -51,7 +51,7 @@ def with_row_index(dataset: Any) -> Any:
     if isinstance(dataset, (datasets.IterableDataset, torch.utils.data.IterableDataset)):
         raise TypeError(
             f"with_row_index takes a map-style dataset; a stream ({type(dataset).__name__}) carries its ids instead "
-            "(hf_gradmimic.training.streaming.keyed_stream)."
+            "(hf_gradmimic.training.stream_ids.keyed_stream)."
         )
     return _RowIndexedDataset(dataset)
 
@@ -103,7 +103,7 @@ class Bookkeeping:
         scorer_columns: the columns the scorer reads (``SampleScorer.extra_columns``).
         id_column: `MimicConfig.mimic_id_column`: read from the dataset once, never a model input.
         stream_ids: for a stream, what decodes its batches' ids into sample keys
-            (`hf_gradmimic.training.streaming.StreamIds`); the rows returned are then those keys.
+            (`hf_gradmimic.training.stream_ids.StreamIds`); the rows returned are then those keys.
     """
 
     def __init__(self, clean_column: str | None, scorer_columns: tuple[str, ...], id_column: str | None = None,

@@ -47,7 +47,7 @@ class Capture:
         self.calls: list[_Call] = []
         self._handles: list[Any] = []
 
-    def __enter__(self) -> "Capture":
+    def __enter__(self) -> Capture:
         for name, module, keys in self.hooked:
             self._handles.append(module.register_forward_hook(self._hook(name, keys), with_kwargs=True))
         return self

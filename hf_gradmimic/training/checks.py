@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Optional
+from typing import Any
 
 from accelerate.utils import DistributedType
 from torch import nn
@@ -130,7 +130,7 @@ class ActivationCheckpointingCheck(TrainerCallback):
             )
 
 
-def last_complete_checkpoint(output_dir: str | os.PathLike) -> Optional[str]:
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """The newest ``checkpoint-N`` under ``output_dir`` that was completely written, or None.
 
     transformers (5.23) writes a checkpoint in place, not into a temporary folder, and the main

@@ -3,7 +3,7 @@
 Everything a set-up needs from the user's dataset is read here, before `Trainer.__init__` wraps it:
 the ``mimic_id_column`` (checked: one hashable, unique id per row), the ``mimic_clean_column`` for the
 running audit (then removed, so ground truth never reaches the model), and the wrapping that lets each
-sample be named in the score log (`batch.with_row_index` for a map-style dataset, `streaming.keyed_stream`
+sample be named in the score log (`batch.with_row_index` for a map-style dataset, `stream_ids.keyed_stream`
 for a stream, whose ids arrive with its examples).
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from ..metrics import clean_flags_array
 from .batch import check_sample_ids, read_column, with_row_index
-from .streaming import is_stream, keyed_stream
+from .stream_ids import is_stream, keyed_stream
 
 
 @dataclass
@@ -40,7 +40,7 @@ def prepare_training_data(train_dataset: Any, config: Any, trainer_name: str) ->
             "cannot do; audit a map-style dataset, or build the filter after training and compare it yourself."
         )
     sample_ids = None
-    if config.mimic_id_column and not streaming:  # a stream's ids arrive with its examples (training.streaming)
+    if config.mimic_id_column and not streaming:  # a stream's ids arrive with its examples (training.stream_ids)
         sample_ids = check_sample_ids(read_column(train_dataset, config.mimic_id_column), config.mimic_id_column,
                                       train_dataset)
     clean_flags = None

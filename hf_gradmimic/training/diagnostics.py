@@ -22,8 +22,8 @@ import torch
 
 from ..ghost import GhostBatch
 from ..lora import lora_layers
-from ..lora_recipe import check_adapter_init
-from ..reference import checkpoint_name, read_reference_metadata
+from ..reference.loading import checkpoint_name, read_reference_metadata
+from ..reference.lora import check_adapter_init
 from .capture import Capture
 from .metrics_buffer import MetricsBuffer
 from .reference_verdict import PerSampleLosses, reference_head_losses, swapped_losses
@@ -45,7 +45,7 @@ def monitor_interval(args: Any) -> int:
 def check_reference_setup(source: Any, model: Any, current_tensors: Callable[[], dict[str, torch.Tensor]], *,
                           revision: str | None, token: Any, reference_name: str) -> None:
     """At construction: the base-checkpoint check, and for a LoRA student, that its adapter starts from the A
-    matrices the reference's adapter was trained from (`hf_gradmimic.lora_recipe.check_adapter_init`)."""
+    matrices the reference's adapter was trained from (`hf_gradmimic.reference.lora.check_adapter_init`)."""
     check_reference_base(source, getattr(model, "config", None), revision=revision, token=token,
                          reference_name=reference_name)
     if isinstance(source, (str, os.PathLike)) and any(True for _ in lora_layers(model)):

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from ..scores import STATUS_NONFINITE, STATUS_SCORED, STATUS_UNLABELED
+from ..score_log_io import STATUS_NONFINITE, STATUS_SCORED, STATUS_UNLABELED
 from .batch import shown_ids
 
 

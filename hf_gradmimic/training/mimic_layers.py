@@ -9,7 +9,6 @@ ghost rule (`hf_gradmimic.ghost`).
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -18,9 +17,10 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-from ..ghost import GHOST_RULES, UnsupportedLayerError, ghost_rule_for, supported_layer_types
+from ..ghost import ghost_rule_for
+from ..layer_lookup import MimicLayerError, resolve_mimic_layers
 from ..lora import expand_lora_layers
-from ..reference import ReferenceError, ReferenceSource, load_reference_tensors
+from ..reference.loading import ReferenceSource, load_reference_tensors
 from .capture import Capture
 
 logger = logging.get_logger(__name__)
@@ -29,31 +29,6 @@ logger = logging.get_logger(__name__)
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole of a parameter that FSDP2 keeps as a sharded DTensor outside forward (an all-gather)."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-
-
-def resolve_mimic_layers(model: nn.Module, layer_names: list[str]) -> dict[str, nn.Module]:
-    """Find each named module on the (unwrapped) student; each must be of a type with a ghost rule."""
-    modules = dict(model.named_modules())
-    resolved: dict[str, nn.Module] = {}
-    for name in layer_names:
-        module = modules.get(name)
-        if module is None:
-            candidates = [n for n, m in modules.items() if n and any(isinstance(m, cls) for cls in GHOST_RULES)]
-            if not candidates:  # nothing to name instead: the model itself cannot be scored
-                raise UnsupportedLayerError(
-                    f"{type(model).__name__} has no layer of a supported type ({', '.join(supported_layer_types())}), "
-                    f"so it has no mimic layer (`mimic_layers` names {name!r}): Grad-Mimic scores samples by the "
-                    "gradients of such a layer's parameters, and bare nn.Parameter tensors have no ghost rule. Give the "
-                    "model one (e.g. an nn.Linear head) and name it in `mimic_layers`, or register a rule for your "
-                    "layer type (hf_gradmimic.ghost.register_ghost_rule)."
-                )
-            close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.4) or candidates[-5:]
-            raise ReferenceError(
-                f"Mimic layer {name!r} not found in {type(model).__name__}. Close names of supported layers: {close}."
-            )
-        ghost_rule_for(module, name)
-        resolved[name] = module
-    return resolved
 
 
 class MimicLayers:
@@ -81,7 +56,7 @@ class MimicLayers:
                 self._owners[key] = (module, local)
                 self.reference_names[key] = f"{self.layer_map[name]}.{local}"
         if not self._owners:
-            raise ReferenceError(f"The mimic layers {list(self.layers)} hold no parameters.")
+            raise MimicLayerError(f"The mimic layers {list(self.layers)} hold no parameters.")
         frozen = [key for key, param in self.tensors.items() if not param.requires_grad]
         if frozen:
             raise ValueError(f"Mimic layer parameter(s) {frozen} do not require grad; the mimic layers must be trainable.")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import read_json_object, write_json
-from ..scores import PROVENANCE_NAME, SCORES_DIRNAME
+from ..score_log_io import PROVENANCE_NAME, SCORES_DIRNAME
 
 __all__ = ["RUN_RECORD_NAME", "check_resume", "log_identity", "write_run_record"]
 

@@ -1,10 +1,10 @@
 """The score-log callback: writes each optimizer step's records, flags repeated rows, and truncates on resume.
 
-It owns the rank's `hf_gradmimic.scores.ScoreWriter` and the record of which rows were seen in the current
+It owns the rank's `hf_gradmimic.score_log_io.ScoreWriter` and the record of which rows were seen in the current
 epoch. A sample already seen in the epoch (or earlier in the same step) is one that accelerate's
 ``even_batches`` repeated to fill the last batches: its records are flagged ``repeated``, so that
 `hf_gradmimic.load_scores` can drop them and no sample counts twice. A stream has no rows: its samples
-are told apart by their keys (`SeenKeys`, `hf_gradmimic.training.streaming.sample_key`).
+are told apart by their keys (`SeenKeys`, `hf_gradmimic.training.stream_ids.sample_key`).
 """
 
 from __future__ import annotations
@@ -24,12 +24,13 @@ import pyarrow.parquet as pq
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from ..filter.matching import dataset_signature, id_kind
-from ..scores import ScoreWriter, read_score_table, score_shard_paths, write_provenance
+from ..score_log_io import ScoreWriter, read_score_table, score_shard_paths, write_provenance
+from ..tables import dataset_signature, id_kind
+from ..version import __version__
 from .batch import ROW_INDEX_KEY
 from .log_lock import LOCK_NAME, ScoreLogLock
 from .step_softmax import StepRecords
-from .streaming import is_stream
+from .stream_ids import is_stream
 
 logger = logging.get_logger(__name__)
 
@@ -110,8 +111,6 @@ def run_provenance(args: Any, scorer: Any, mode: str, model: Any, train_dataset:
     version, and what ``sample_id`` indexes: a column (and its values' type), or the rows of the training set; with
     the training set's length and `dataset_signature` of every row (so that a filter can refuse a reordered dataset,
     and a resume another dataset: `hf_gradmimic.training.resume_guard`)."""
-    from .. import __version__
-
     config = getattr(model, "config", None)
     column = args.mimic_id_column or (ROW_INDEX_KEY if is_stream(train_dataset) else None)
     return {
@@ -160,7 +159,7 @@ class ScoreLog(TrainerCallback):
         rank / world: this process and the number of processes.
         dataset_size: rows of the training set; None for a stream, whose samples are named by keys.
         sample_ids: the ``mimic_id_column`` values by row, or None for row indices; for a stream, the ids by key
-            (`hf_gradmimic.training.streaming.StreamIds`), dropped once a step is written.
+            (`hf_gradmimic.training.stream_ids.StreamIds`), dropped once a step is written.
         record: whether to write records at all (`MimicConfig.mimic_record_scores`).
         wait_for_everyone: a barrier across ranks.
         provenance: written next to the shards when training starts (`run_provenance`).

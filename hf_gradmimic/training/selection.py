@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..score_log_io import STATUS_SCORED
 from ..scorers import SampleScorer, ScoreContext
-from ..scores import STATUS_SCORED
 
 
 @dataclass

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..score_log_io import STATUS_NONFINITE, STATUS_SCORED, STATUS_UNLABELED
 from ..scorers.base import softmax_or_zero
-from ..scores import STATUS_NONFINITE, STATUS_SCORED, STATUS_UNLABELED
 
 
 def finite_or_zero(running_max: torch.Tensor) -> torch.Tensor:
@@ -75,7 +75,7 @@ class StepRecords:
     nonfinite_in_step: int = 0  # every process's samples
     unlabeled_in_step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
-    # Optional per-sample columns of the score log (`hf_gradmimic.scores.OPTIONAL_SCORE_COLUMNS`), each present when
+    # Optional per-sample columns of the score log (`hf_gradmimic.score_log_io.OPTIONAL_SCORE_COLUMNS`), each present when
     # every micro-batch of the step recorded it.
     recorded: dict[str, np.ndarray] = field(default_factory=dict)
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-
 TOKEN_WEIGHTING_CHOICES = ("token", "sample")
 
 

@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_gradmimic import MimicConfig, MimicTrainer  # noqa: E402
+
 from tiny_models import TinyMLP, mlp_dataset  # noqa: E402
 
 

@@ -12,10 +12,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hf_gradmimic import MimicConfig, MimicTrainer  # noqa: E402
 from killed_run import KillAt  # noqa: E402
-from stream_data import mlp_stream  # noqa: E402
 from test_trainer import COMMON, perturbed_reference  # noqa: E402
+
+from hf_gradmimic import MimicConfig, MimicTrainer  # noqa: E402
+
+from stream_data import mlp_stream  # noqa: E402
 from tiny_models import TinyMLP  # noqa: E402
 
 

@@ -15,14 +15,16 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny_models and test_trainer
 
 from test_trainer import COMMON as TRAINER_TEST_SETTINGS  # noqa: E402
+
 from tiny_models import TinyMLP, mlp_dataset  # noqa: E402
 
 # The single-process trainer tests' settings (SGD, constant lr, no clipping: runs compare exactly).
@@ -124,7 +126,7 @@ def stall_checkpoint(trainer, step: int) -> None:
     trainer._save_rng_state = stalled
 
 
-def run(spec: dict[str, Any], before_train: Optional[Callable[[Any], None]] = None) -> Any:
+def run(spec: dict[str, Any], before_train: Callable[[Any], None] | None = None) -> Any:
     """Trains one spec and returns the trainer. Keys: ``output_dir``, ``mimic_layers``; optional
     ``model`` ("mlp", default, or "bert"), ``frozen`` (modules left untrained), ``n`` (dataset size), ``args`` (`MimicConfig` fields over
     `COMMON`), ``force_fsdp``, ``stall_checkpoint_at`` (a step) and ``resume`` (as `train` takes it).

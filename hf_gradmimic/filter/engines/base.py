@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 
-from ..inputs import ScoreSource, ScoresLike
+from ..inputs import ScoresLike, ScoreSource
 from ..reduction import WindowedScores
 from ..shards import BadShardPolicy
 from ..windows import WindowsLike

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from ..inputs import ScoreSource, ScoresLike
+from ..inputs import ScoresLike, ScoreSource
 from ..records import open_source, read_records
 from ..reduction import WindowedScores, completed, reduce_records
 from ..shards import BadShardPolicy
@@ -35,7 +35,7 @@ def collect_windows(
     distributed sampler repeated (``repeated == True``) are dropped, as `load_scores` does.
     NaN mimic scores are left out of the score means (their weights still count) with a warning.
 
-    The ``status`` column (`hf_gradmimic.scores`), when present: records of status 1 (non-finite)
+    The ``status`` column (`hf_gradmimic.score_log_io`), when present: records of status 1 (non-finite)
     and 2 (no supervised label) are left out of the means, so a sample abstains in a window where
     it has no scored record; ``n_nonfinite`` counts each sample's status-1 records (the filter
     discards those samples). Logs written before the column existed read as all scored.

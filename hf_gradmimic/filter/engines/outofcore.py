@@ -46,9 +46,17 @@ from typing import BinaryIO
 import numpy as np
 import pyarrow as pa
 
-from ..inputs import ScoreSource, ScoresLike
-from ..records import OPTIONAL_COLUMNS, RecordChunk, Records, column_range, columns_to_read, open_source
-from ..records import record_chunk, signals_of
+from ..inputs import ScoresLike, ScoreSource
+from ..records import (
+    OPTIONAL_COLUMNS,
+    RecordChunk,
+    Records,
+    column_range,
+    columns_to_read,
+    open_source,
+    record_chunk,
+    signals_of,
+)
 from ..reduction import WindowedScores, WindowedScoresBuilder, bincount_cells, completed, dense_ids, reduce_records
 from ..shards import BadShardPolicy
 from ..warning import warn

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..inputs import ScoreSource, ScoresLike
+from ..inputs import ScoresLike, ScoreSource
 from ..records import OPTIONAL_COLUMNS, Records, column_range, columns_to_read, open_source, record_chunk, signals_of
 from ..reduction import (
     MAX_LISTED_IDS,

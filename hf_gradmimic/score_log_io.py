@@ -1,4 +1,7 @@
-"""The score log: per-sample records of every optimizer step, as Parquet shards.
+"""The score log on disk: per-sample records of every optimizer step, as Parquet shards, written and read back.
+
+(The callback that fills it during training is `hf_gradmimic.training.score_log`; the scorers that compute the
+scores are `hf_gradmimic.scorers`.)
 
 `MimicTrainer` appends one record per (optimizer step, sample) to
 ``<output_dir>/mimic_scores/``. Each rank writes its own shards, named
@@ -35,14 +38,16 @@ the step's critical path only hands over arrays.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import threading
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -130,7 +135,7 @@ def read_score_table(path: str | os.PathLike, *, drop_repeated: bool = True, col
     return table
 
 
-def load_scores(path: str | os.PathLike, *, drop_repeated: bool = True) -> "datasets.Dataset":  # noqa: F821
+def load_scores(path: str | os.PathLike, *, drop_repeated: bool = True) -> datasets.Dataset:  # noqa: F821
     """Load the score log that `MimicTrainer` wrote as a `datasets.Dataset`.
 
     The run's provenance (``provenance.json``: the reference, the scorer and its settings, the student, what the
@@ -295,7 +300,7 @@ class ScoreWriter:
             removed += table.num_rows - kept.num_rows
             last_kept = int(pa.compute.max(kept["global_step"]).as_py())
             rewritten = entry.with_name(f"rank{self.rank:05d}-steps{int(match['first']):09d}-{last_kept:09d}.parquet")
-            atomic_write(rewritten, lambda tmp: pq.write_table(kept, tmp))
+            atomic_write(rewritten, functools.partial(pq.write_table, kept))
             entry.unlink()
         return removed
 

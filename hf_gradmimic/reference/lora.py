@@ -14,17 +14,18 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from .adapter_reference import ADAPTER_WEIGHTS_NAME, without_adapter_name
-from .fileio import atomic_write
-from .losses import IGNORE_INDEX, per_sample_loss
-from .lora import lora_layers
-from .reference import checkpoint_name
+from ..fileio import atomic_write
+from ..lora import lora_layers
+from ..losses import IGNORE_INDEX, per_sample_loss
+from .adapters import ADAPTER_WEIGHTS_NAME, without_adapter_name
+from .loading import checkpoint_name
 
 
 def adapter_init(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -226,7 +227,7 @@ def _save_adapter(model: nn.Module, adapter: str, output_dir: str | os.PathLike,
 
     from safetensors.torch import save_file
 
-    from .cards import render_lora_reference_card
+    from ..cards import render_lora_reference_card
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

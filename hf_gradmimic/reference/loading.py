@@ -4,7 +4,7 @@ Only the tensors of the mimic layers are read, never the whole reference model: 
 safetensors checkpoint (one file, or sharded with ``model.safetensors.index.json``) the index says
 which shards hold them, only those shards are fetched, and `safetensors.safe_open` reads only
 those tensors. Sources: a Hub repo id (with revision), a local directory saved with
-``save_pretrained``, a PEFT adapter (folder or repo: `hf_gradmimic.adapter_reference`), a
+``save_pretrained``, a PEFT adapter (folder or repo: `hf_gradmimic.reference.adapters`), a
 ``.safetensors`` file, an ``nn.Module``, or a ``{name: tensor}`` dict.
 """
 
@@ -12,28 +12,27 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any
 
 import numpy as np
-
 import torch
 from torch import nn
 
-from .adapter_reference import adapter_metadata, hub_adapter, local_adapter, without_adapter_name
-from .fileio import read_json_object
+from ..fileio import read_json_object
+from .adapters import adapter_metadata, hub_adapter, local_adapter, without_adapter_name
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 REFERENCE_WEIGHTS_NAME = "reference.safetensors"  # what `build_reference` writes
 
-ReferenceSource = Union[str, os.PathLike, nn.Module, Mapping[str, torch.Tensor]]
+ReferenceSource = str | os.PathLike | nn.Module | Mapping[str, torch.Tensor]
 
 
-class ReferenceError(ValueError):
-    """The reference does not provide what the mimic layers need."""
+class ReferenceLoadError(ValueError):
+    """The reference does not provide what the mimic layers need: a tensor missing, unreadable or unusable."""
 
 
 def _match_key(wanted: str, available: list[str]) -> str | None:
@@ -54,9 +53,9 @@ def _match_key(wanted: str, available: list[str]) -> str | None:
     return None
 
 
-def _missing_error(wanted: str, available: list[str], where: str) -> ReferenceError:
+def _missing_error(wanted: str, available: list[str], where: str) -> ReferenceLoadError:
     close = difflib.get_close_matches(wanted, available, n=5, cutoff=0.3)
-    return ReferenceError(
+    return ReferenceLoadError(
         f"Reference tensor {wanted!r} is missing from {where} ({len(available)} tensors). Close names: {close}. "
         "Name the reference layer with `mimic_layers=['student=reference']` if the head was renamed."
     )
@@ -78,7 +77,7 @@ def _as_tensor(value: Any, key: str, where: str) -> torch.Tensor:
     if isinstance(value, np.ndarray):
         value = torch.from_numpy(value)
     if not isinstance(value, torch.Tensor):
-        raise ReferenceError(
+        raise ReferenceLoadError(
             f"Reference entry {key!r} of {where} is a {type(value).__name__}; expected a torch.Tensor or a NumPy array "
             "({name: tensor} with the student's parameter names)."
         )
@@ -90,13 +89,13 @@ def _check_reference_tensor(tensor: torch.Tensor, key: str, where: str) -> None:
     """Refuse what cannot be a reference's weights: a tensor without data (meta device) or one that is not floating
     point (a quantised tensor whose scale lives elsewhere: converted as is, its values are not the weights)."""
     if tensor.device.type == "meta":
-        raise ReferenceError(
+        raise ReferenceLoadError(
             f"Reference tensor {key!r} of {where} is on the meta device: it has a shape but no values (a model built "
             "with `init_empty_weights`, or `device_map` offloading). Load the reference with its weights, e.g. "
             "`from_pretrained(...)` without `device_map`, or pass its checkpoint's path."
         )
     if not (tensor.is_floating_point() or tensor.is_complex()):
-        raise ReferenceError(
+        raise ReferenceLoadError(
             f"Reference tensor {key!r} of {where} is {str(tensor.dtype).replace('torch.', '')}, not floating point: a "
             "quantised tensor without its scale would be read as the weights themselves. Save a dequantised "
             "(float32, bfloat16 or float16) reference, e.g. with `model.dequantize()` before `save_pretrained`."
@@ -116,7 +115,7 @@ def _safetensors_file(path: Path) -> Iterator[Any]:
     try:
         handle = safe_open(str(path), framework="pt")
     except Exception as error:  # safetensors raises its own SafetensorError, without the path
-        raise ReferenceError(
+        raise ReferenceLoadError(
             f"Reference file {path} is not a readable safetensors file ({type(error).__name__}: {error}); it may be "
             "truncated or corrupt: save or download it again."
         ) from error
@@ -144,15 +143,15 @@ def _from_single_file(path: Path, wanted: list[str]) -> dict[str, torch.Tensor]:
 
 
 def _weight_map(index: Path, name: str | None = None) -> dict[str, str]:
-    """The ``weight_map`` of a sharded checkpoint's index, checked: a ReferenceError names the file otherwise."""
+    """The ``weight_map`` of a sharded checkpoint's index, checked: a ReferenceLoadError names the file otherwise."""
     fix = "save the reference again with `save_pretrained`, or download it again."
     try:
         content = read_json_object(index, "The checkpoint index", fix)
     except ValueError as error:
-        raise ReferenceError(str(error).replace(str(index), name or str(index), 1)) from error
+        raise ReferenceLoadError(str(error).replace(str(index), name or str(index), 1)) from error
     weight_map = content.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-        raise ReferenceError(
+        raise ReferenceLoadError(
             f"The checkpoint index {name or index} has no `weight_map` ({{tensor name: shard file}}; found the keys "
             f"{sorted(content)[:10]}): {fix}"
         )
@@ -178,7 +177,7 @@ def _from_directory(directory: Path, wanted: list[str]) -> dict[str, torch.Tenso
     candidates = sorted(p.name for p in directory.glob("*.safetensors"))
     if len(candidates) == 1:
         return _from_single_file(directory / candidates[0], wanted)
-    raise ReferenceError(
+    raise ReferenceLoadError(
         f"No safetensors weights in {directory}: expected {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} "
         f"(found {sorted(p.name for p in directory.iterdir())[:10]}). Save the reference with `save_pretrained`."
     )
@@ -237,14 +236,14 @@ def load_reference_tensors(
         ``{name: tensor}`` for every name in ``tensor_names``.
 
     Raises:
-        ReferenceError: a name is not in the reference (the error lists the closest names it holds), or a
+        ReferenceLoadError: a name is not in the reference (the error lists the closest names it holds), or a
             tensor holds NaN or inf.
     """
     tensors = _load(source, tensor_names, revision, token)
     for name, tensor in tensors.items():
         bad = int((~torch.isfinite(tensor)).sum())
         if bad:
-            raise ReferenceError(
+            raise ReferenceLoadError(
                 f"Reference tensor {name!r} of {_describe(source)} holds {bad} non-finite value(s) (NaN or inf) out of "
                 f"{tensor.numel()}: every mimic score would be non-finite. Rebuild the reference."
             )
@@ -289,19 +288,19 @@ def _load(source: ReferenceSource, tensor_names: list[str], revision: str | None
             available = {**dict(source.named_parameters()), **dict(source.named_buffers())}
         return _select(available, tensor_names, _describe(source))
     if not isinstance(source, (str, os.PathLike)):
-        raise ReferenceError(
+        raise ReferenceLoadError(
             f"A reference is a Hub repo id, a local folder or .safetensors file, an nn.Module or a {{name: tensor}} "
             f"dict; got a {type(source).__name__}."
         )
     path = Path(source).expanduser()
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise ReferenceError(f"Reference file {path} is not a .safetensors file.")
+            raise ReferenceLoadError(f"Reference file {path} is not a .safetensors file.")
         return _from_single_file(path, tensor_names)
     if path.is_dir():
         return _from_directory(path, tensor_names)
     if looks_local(str(source)):
-        raise ReferenceError(
+        raise ReferenceLoadError(
             f"Reference path {source} does not exist (looked for {path.absolute()}); it looks like a local path, so it "
             "was not looked up on the Hub."
         )

@@ -1,4 +1,4 @@
-"""Reference recipes: build a reference that shares the student's coordinates.
+"""The linear-probe reference recipe: a head trained on the student's own frozen features.
 
 Why (measured, see the README): for a head, Grad-Mimic's score is
 
@@ -9,10 +9,10 @@ linear-probed on the frozen features of the student's own pretrained checkpoint 
 held-out text task); a model fully fine-tuned elsewhere does not (its head reads drifted features;
 F1 0.07, the ranking inverted).
 
-`build_reference` is the linear-probe recipe: it reads only the mimic layer's inputs from the
-frozen student (computed once, cached on disk), trains only that layer on trusted data, and saves
-a small safetensors file holding only those tensors, with metadata and a card naming the base
-checkpoint, the layers, the data and the accuracy reached.
+`train_probe_reference` (what `build_reference` runs by default) reads only the mimic layer's inputs from the
+frozen student (computed once, cached on disk), trains only that layer on trusted data, and saves a small
+safetensors file holding only those tensors, with metadata and a card naming the base checkpoint, the layers,
+the data and the accuracy reached.
 """
 
 from __future__ import annotations
@@ -20,32 +20,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cards import render_reference_card
-from .fileio import atomic_write
-from .lora_recipe import sft_prepared_rows, train_lora_reference
-from .losses import logits_of
-from .reference import REFERENCE_WEIGHTS_NAME, checkpoint_name
-from .training.mimic_layers import resolve_mimic_layers
-
-
-
-@dataclass
-class ReferenceResult:
-    """What `build_reference` produced."""
-
-    path: Path
-    tensors: dict[str, torch.Tensor]
-    metadata: dict[str, str]
-    history: list[float] = field(default_factory=list)
+from ..cards import render_reference_card
+from ..fileio import atomic_write
+from ..layer_lookup import resolve_mimic_layers
+from ..losses import logits_of
+from .config import ReferenceRecipeConfig, ReferenceResult
+from .loading import REFERENCE_WEIGHTS_NAME, checkpoint_name
 
 
 def _labels_of(dataset: Any) -> torch.Tensor:
@@ -168,90 +156,13 @@ def _accuracy(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor
         return float((F.linear(features, weight, bias).argmax(-1) == labels).float().mean())
 
 
-def build_reference(
-    model: nn.Module,
-    train_dataset: Any,
-    *,
-    layers: Sequence[str] | None = None,
-    method: str = "linear_probe",
-    output_dir: str | os.PathLike = "mimic_reference",
-    eval_dataset: Any = None,
-    data_collator: Any = None,
-    epochs: int | None = None,
-    learning_rate: float | None = None,
-    weight_decay: float | None = None,
-    batch_size: int | None = None,
-    base_model: str | None = None,
-    base_revision: str | None = None,
-    data_description: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    push_to_hub: bool = False,
-    repo_id: str | None = None,
-    token: str | None = None,
-    seed: int = 0,
-    processing_class: Any = None,
-    sft_config: Any = None,
-) -> ReferenceResult:
-    """Build a Grad-Mimic reference that shares the student's coordinates: a linear probe of its own pretrained
-    features, or (``method="lora"``) its own LoRA adapter trained on trusted data.
-
-    Trains only the mimic layer(s) — each must be the head, i.e. its output is the model's logits —
-    on the frozen features of ``model`` (the student's pretrained checkpoint, before fine-tuning),
-    using trusted data (a clean subset, a curated split, or the training set filtered by another
-    method). The model itself is not modified.
-
-    Args:
-        model: the student's pretrained checkpoint (loaded as the same class the student uses).
-        train_dataset: trusted, labelled data in the model's input format (a `datasets.Dataset`).
-        layers: the mimic layer names, as in `MimicConfig.mimic_layers` (default ``("classifier",)``; for ``"lora"``,
-            ``("lora",)``: every matrix of the adapter).
-        method: ``"linear_probe"``, or ``"lora"``: ``model`` is the student's PEFT model before fine-tuning, and a copy
-            of its adapter is trained on ``train_dataset`` with AdamW for ``epochs``, then saved to ``output_dir`` as an
-            ordinary PEFT adapter (`hf_gradmimic.lora_recipe`), loadable with ``PeftModel.from_pretrained``; the student
-            is left unchanged. The rows are those `SFTTrainer` takes (prompt-completion, conversational, text), prepared
-            by trl as `SFTTrainer` prepares them, or tokenized rows (``input_ids``, ``labels`` −100 on prompts).
-        output_dir: where ``reference.safetensors`` and its ``README.md`` card go.
-        eval_dataset: held-out data for the accuracy written to the card (else training accuracy only).
-        epochs / learning_rate / weight_decay / batch_size: AdamW's settings; left unset, the recipe's own defaults:
-            `linear_probe`'s (100 epochs over the cached features, 1e-2, 1e-4, 256) or, for ``"lora"``,
-            `hf_gradmimic.lora_recipe.train_lora_reference`'s (3 epochs, 1e-3, 0, 8).
-        base_model: the base checkpoint recorded in the metadata; default ``model.config._name_or_path``.
-        base_revision: its revision, recorded in the metadata.
-        cache_dir: where the features are cached (default ``output_dir/feature_cache``).
-        push_to_hub: also upload the folder to the Hub.
-        repo_id: the Hub repo for ``push_to_hub``.
-        token: the Hub token for ``push_to_hub`` (default: the logged-in one).
-        processing_class: for ``"lora"`` with text rows, the tokenizer given to `MimicSFTTrainer` (default: the one
-            of ``model.config._name_or_path``, as `SFTTrainer` loads it).
-        sft_config: for ``"lora"`` with text rows, the `MimicSFTConfig` (or `SFTConfig`) the student will be trained
-            with: its dataset settings (``max_length``, ``completion_only_loss``, ``assistant_only_loss``,
-            ``dataset_text_field``…) prepare the rows the same way.
-
-    Returns:
-        A `ReferenceResult` with the saved path, the tensors (student names) and the metadata.
-    """
+def train_probe_reference(model: nn.Module, train_dataset: Any, config: ReferenceRecipeConfig) -> ReferenceResult:
+    """The linear-probe recipe: the head (the one mimic layer of ``config.layers``, default ``classifier``) trained on
+    the frozen inputs it receives in ``model``, saved as ``reference.safetensors`` with its card; the model is left
+    unchanged."""
     from safetensors.torch import save_file
 
-    optimizer_settings = {name: value for name, value in (("epochs", epochs), ("learning_rate", learning_rate),
-                          ("weight_decay", weight_decay), ("batch_size", batch_size)) if value is not None}
-    if method == "lora":
-        if layers is not None and list(layers) != ["lora"]:
-            raise ValueError(f"method='lora' trains every matrix of the student's adapter; got layers {list(layers)}: "
-                             "leave `layers` unset or pass ('lora',).")
-        train_dataset, sft_collator = sft_prepared_rows(model, train_dataset, processing_class, sft_config)
-        if eval_dataset is not None:
-            eval_dataset, eval_collator = sft_prepared_rows(model, eval_dataset, processing_class, sft_config)
-            sft_collator = sft_collator or eval_collator
-        path, tensors, metadata, history = train_lora_reference(
-            model, train_dataset, output_dir=output_dir, eval_dataset=eval_dataset,
-            data_collator=data_collator or sft_collator, **optimizer_settings,
-            base_model=base_model, base_revision=base_revision, data_description=data_description, seed=seed,
-        )
-        _push(output_dir, push_to_hub, repo_id, token, f"Grad-Mimic LoRA reference for {metadata['base_model']}")
-        return ReferenceResult(path=path, tensors=tensors, metadata=metadata, history=history)
-    if method != "linear_probe":
-        raise ValueError(f"Unknown reference recipe {method!r}; available: 'linear_probe', 'lora'.")
-    layers = list(layers) if layers is not None else ["classifier"]
+    layers = list(config.layers) if config.layers is not None else ["classifier"]
     if not layers:
         raise ValueError("`layers` is empty: name the mimic layer(s), e.g. ('classifier',).")
     if len(layers) > 1:
@@ -260,14 +171,15 @@ def build_reference(
             "fine-tune the other layers yourself from the same checkpoint."
         )
     layer_name = layers[0]
+    data_collator = config.data_collator
     layer = resolve_mimic_layers(model, layers)[layer_name]
     if not _is_head(model, train_dataset, layer_name, data_collator):
         raise ValueError(
             f"Layer {layer_name!r} is not the model's head (its output is not the logits): a linear probe on its "
             "inputs would not reproduce the model's predictions. Use the classifier / lm_head as mimic layer."
         )
-    output_dir = Path(output_dir)
-    cache_dir = Path(cache_dir) if cache_dir is not None else output_dir / "feature_cache"
+    output_dir = Path(config.output_dir)
+    cache_dir = Path(config.cache_dir) if config.cache_dir is not None else output_dir / "feature_cache"
     train_features = layer_inputs(model, train_dataset, layer_name, data_collator=data_collator, cache_dir=cache_dir)
     if train_features.dim() != 2:
         raise ValueError(
@@ -276,42 +188,30 @@ def build_reference(
         )
     train_labels = _labels_of(train_dataset)
     weight, bias, history = linear_probe(
-        train_features, train_labels, layer.weight, layer.bias, seed=seed, **optimizer_settings,
+        train_features, train_labels, layer.weight, layer.bias, seed=config.seed, **config.optimizer_settings(),
     )
-    config = getattr(model, "config", None)
+    model_config = getattr(model, "config", None)
     metadata = {
-        "base_model": checkpoint_name(base_model or str(getattr(config, "_name_or_path", "") or type(model).__name__)),
-        "base_revision": base_revision or "",
+        "base_model": checkpoint_name(
+            config.base_model or str(getattr(model_config, "_name_or_path", "") or type(model).__name__)),
+        "base_revision": config.base_revision or "",
         "layers": json.dumps(layers),
-        "method": method,
+        "method": config.method,
         "train_rows": str(len(train_dataset)),
         "train_accuracy": f"{_accuracy(train_features, train_labels, weight, bias):.4f}",
         "eval_accuracy": "",
-        "data": data_description or "",
+        "data": config.data_description or "",
         "format": "pt",
     }
-    if eval_dataset is not None:
-        eval_features = layer_inputs(model, eval_dataset, layer_name, data_collator=data_collator, cache_dir=cache_dir)
-        metadata["eval_accuracy"] = f"{_accuracy(eval_features, _labels_of(eval_dataset), weight, bias):.4f}"
+    if config.eval_dataset is not None:
+        eval_features = layer_inputs(model, config.eval_dataset, layer_name, data_collator=data_collator,
+                                     cache_dir=cache_dir)
+        eval_labels = _labels_of(config.eval_dataset)
+        metadata["eval_accuracy"] = f"{_accuracy(eval_features, eval_labels, weight, bias):.4f}"
     tensors = {f"{layer_name}.weight": weight.contiguous()}
     if bias is not None:
         tensors[f"{layer_name}.bias"] = bias.contiguous()
 
     path = atomic_write(output_dir / REFERENCE_WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     atomic_write(output_dir / "README.md", render_reference_card(metadata).save)
-    _push(output_dir, push_to_hub, repo_id, token, f"Grad-Mimic reference for {metadata['base_model']}")
     return ReferenceResult(path=path, tensors=tensors, metadata=metadata, history=history)
-
-
-def _push(output_dir: str | os.PathLike, push_to_hub: bool, repo_id: str | None, token: str | None, message: str) -> None:
-    """Upload the reference folder (without the feature cache) when asked."""
-    if not push_to_hub:
-        return
-    if not repo_id:
-        raise ValueError("`push_to_hub=True` needs a `repo_id`.")
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, exist_ok=True).repo_id  # a bare name lands in the user's namespace
-    api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), ignore_patterns=["feature_cache/*", "*.tmp"],
-                      commit_message=message)

@@ -1,0 +1,52 @@
+"""Bad input, the sample ids (`hf_gradmimic.training.dataset`): duplicated, missing or non-scalar ids are refused at
+construction naming the column and the rows; an id column never reaches the model; an empty training set is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from hf_gradmimic import MimicTrainer, load_scores
+
+from bad_input import config, head_reference
+from tiny_models import (
+    TinyMLP,
+    mlp_dataset,
+)
+
+
+@pytest.mark.parametrize("ids, error, message", [
+    (["a", "b", "a", "c"] * 4, ValueError, r"'uid'.*duplicated id\(s\), e.g. \['a'"),
+    ([[i, i] for i in range(16)], TypeError, r"'uid'.*non-scalar values \(List"),
+    ([f"s{i}" for i in range(15)] + [None], ValueError, r"'uid'.*1 missing id\(s\).*rows \[15\]"),
+    ([float(i) for i in range(15)] + [float("nan")], ValueError, r"'uid'.*1 missing id\(s\).*rows \[15\]"),
+])
+def test_bad_sample_ids_are_refused_at_construction(tmp_path, ids, error, message):
+    data = mlp_dataset(n=16).add_column("uid", ids)
+    model = TinyMLP()
+    with pytest.raises(error, match=message):
+        MimicTrainer(model=model, args=config(tmp_path, mimic_layers=["head"], mimic_id_column="uid"), train_dataset=data,
+                     reference=head_reference(model))
+
+
+class KwargsRecorder(TinyMLP):
+    seen: set = set()
+
+    def forward(self, x, labels=None, **kwargs):
+        KwargsRecorder.seen.update(kwargs)
+        return super().forward(x, labels)
+
+
+def test_a_numeric_id_column_never_reaches_the_model(tmp_path):
+    data = mlp_dataset(n=16).add_column("uid", list(range(100, 116)))
+    model = KwargsRecorder()
+    args = config(tmp_path, mimic_layers=["head"], mimic_id_column="uid", remove_unused_columns=False)
+    MimicTrainer(model=model, args=args, train_dataset=data, reference=head_reference(model)).train()
+    assert "uid" not in KwargsRecorder.seen
+    assert sorted(load_scores(tmp_path)["sample_id"]) == list(range(100, 116))
+
+
+def test_an_empty_train_dataset_is_refused_in_our_words(tmp_path):
+    model = TinyMLP()
+    with pytest.raises(ValueError, match="train_dataset is empty"):
+        MimicTrainer(model=model, args=config(tmp_path, mimic_layers=["head"]), train_dataset=mlp_dataset(n=16).select([]),
+                     reference=head_reference(model))
