@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-
 from transformers.utils import logging
 
 from .cards import dataset_card_data, merge_card_text, render_dataset_card

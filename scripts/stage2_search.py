@@ -75,7 +75,7 @@ def main() -> None:
     print(f"{len(results)} settings (mean over seeds); 'wins' = at or above the best baseline's mean F1")
     for name in ns.candidates:
         gaps, aurocs = [], []
-        for setting, by_candidate in results.items():
+        for by_candidate in results.values():
             runs = np.asarray(by_candidate[name])
             gaps.append(runs[:, 0].mean() - runs[:, 2].mean())
             aurocs.append(runs[:, 1].mean())

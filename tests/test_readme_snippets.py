@@ -75,7 +75,6 @@ def api_fixtures(tmp_path: Path) -> dict:
 def sft_fixtures(tmp_path: Path) -> dict:
     """``base_model`` (a tiny Llama), its ``tokenizer``, ``trusted_pairs`` and ``pairs`` (prompt-completion rows)."""
     import datasets
-
     from test_sft import pairs, tiny_llama, word_tokenizer
 
     return {"base_model": tiny_llama(), "tokenizer": word_tokenizer(), "trusted_pairs": pairs(8, seed=1),

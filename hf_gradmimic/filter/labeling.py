@@ -32,12 +32,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .aggregation import ABSTAIN
+from .context import LabelingContext
 from .identification import METHODS, identify
-from .inputs import ScoresLike, score_source
-from .reduction import WindowedScores
-from .shards import BadShardPolicy
+from .inputs import score_source
 from .signals import SIGNAL_NAMES, LabelingScores, WindowSignal
-from .windows import WindowsLike
 
 __all__ = [
     "DEFAULT_LABELING_FUNCTIONS",
@@ -72,20 +70,6 @@ class LabelingVotes:
             )
         if not self.boundaries:
             self.boundaries = [float("nan")] * len(self.columns)
-
-
-@dataclass
-class LabelingContext:
-    """What a labeling function may read: the score log, its windows (with the per-window means of the log's
-    signal columns, ``windowed.signals``, reduced in the same read) and the filter's settings."""
-
-    scores: ScoresLike
-    windowed: WindowedScores
-    windows: WindowsLike
-    method: str
-    threshold: float | None
-    topk: float
-    on_bad_shard: BadShardPolicy = "error"
 
 
 @runtime_checkable

@@ -26,14 +26,11 @@ warning; a sample without a finite value abstains.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .context import LabelingContext
 from .warning import warn
-
-if TYPE_CHECKING:  # labeling.py resolves the names below, so it imports this module
-    from .labeling import LabelingContext
 
 __all__ = ["LOSS_FLOOR", "SIGNAL_NAMES", "LabelingScores", "WindowSignal"]
 
