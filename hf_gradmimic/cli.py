@@ -28,7 +28,9 @@ class DataArguments:
 
     model: str = field(metadata={"help": "Student model: a Hub id or a local directory (save_pretrained)."})
     dataset: str = field(
-        metadata={"help": "Training data: a Hub dataset id, a directory written by `save_to_disk`, or a csv/json/parquet file."}
+        metadata={
+            "help": "Training data: a Hub dataset id, a directory written by `save_to_disk`, or a csv/json/parquet file."
+        }
     )
     text_column: Optional[str] = field(default=None, metadata={"help": "Text column (text classification)."})
     text_pair_column: Optional[str] = field(default=None, metadata={"help": "Second text column for sentence pairs."})
@@ -73,14 +75,18 @@ def _require_existing_if_local(source: str, option: str) -> None:
     from .reference.loading import looks_local
 
     if looks_local(source) and not Path(source).expanduser().exists():
-        raise UserError(f"{option} {source}: the path does not exist (looked for {Path(source).expanduser().absolute()}).")
+        raise UserError(
+            f"{option} {source}: the path does not exist (looked for {Path(source).expanduser().absolute()})."
+        )
 
 
 def _refuse_file_as_output_dir(output: str, option: str) -> None:
     """Before any work: the output is a folder; an existing file there would only fail at the end."""
     if Path(output).exists() and not Path(output).is_dir():
-        raise UserError(f"{option} {output} is an existing file, not a folder: the output is a folder. Choose another "
-                        "path, or remove the file.")
+        raise UserError(
+            f"{option} {output} is an existing file, not a folder: the output is a folder. Choose another "
+            "path, or remove the file."
+        )
 
 
 def run_train(argv: Sequence[str]) -> int:
@@ -88,22 +94,31 @@ def run_train(argv: Sequence[str]) -> int:
 
     from .config import MimicConfig
 
-    parser = HfArgumentParser((DataArguments, MimicConfig), prog=f"{PROG} train",
-                              description="Fine-tune a model with MimicTrainer (Grad-Mimic reweighting).")
+    parser = HfArgumentParser(
+        (DataArguments, MimicConfig),
+        prog=f"{PROG} train",
+        description="Fine-tune a model with MimicTrainer (Grad-Mimic reweighting).",
+    )
     data_args, config = parser.parse_args_into_dataclasses(args=list(argv))
     if not data_args.text_column and not data_args.image_column:
         raise UserError("Name the input with --text_column (text classification) or --image_column (images).")
     _require_existing_if_local(data_args.model, "--model")
     dataset_dict = _load_dataset(data_args.dataset)
     train = _split(dataset_dict, data_args.train_split)
-    _require_columns(train, [data_args.text_column, data_args.text_pair_column, data_args.image_column, data_args.label_column])
+    _require_columns(
+        train, [data_args.text_column, data_args.text_pair_column, data_args.image_column, data_args.label_column]
+    )
     evaluation = _split(dataset_dict, data_args.eval_split) if data_args.eval_split else None
 
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
     label_feature = train.features[data_args.label_column]
     names = getattr(label_feature, "names", None) or sorted({str(v) for v in train[data_args.label_column]})
-    label_kwargs = {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+    label_kwargs = {
+        "num_labels": len(names),
+        "id2label": dict(enumerate(names)),
+        "label2id": {n: i for i, n in enumerate(names)},
+    }
     if data_args.text_column:
         from transformers import AutoTokenizer, DataCollatorWithPadding
 
@@ -121,7 +136,9 @@ def run_train(argv: Sequence[str]) -> int:
         from transformers import AutoImageProcessor, DefaultDataCollator
 
         processor = AutoImageProcessor.from_pretrained(data_args.model)
-        model = AutoModelForImageClassification.from_pretrained(data_args.model, ignore_mismatched_sizes=True, **label_kwargs)
+        model = AutoModelForImageClassification.from_pretrained(
+            data_args.model, ignore_mismatched_sizes=True, **label_kwargs
+        )
 
         def encode(batch):
             encoded = processor([image.convert("RGB") for image in batch[data_args.image_column]])
@@ -132,16 +149,27 @@ def run_train(argv: Sequence[str]) -> int:
     # The raw columns stay beside the encoded ones (Trainer drops the unused ones from each batch): the score log's
     # row check then recognises the very file trained on at `push`, and a `--mimic_id_column` reaches the trainer.
     train_encoded = train.map(encode, batched=True, remove_columns=_raw_columns_to_drop(train, config))
-    eval_encoded = (evaluation.map(encode, batched=True, remove_columns=_raw_columns_to_drop(evaluation, config))
-                    if evaluation is not None else None)
+    eval_encoded = (
+        evaluation.map(encode, batched=True, remove_columns=_raw_columns_to_drop(evaluation, config))
+        if evaluation is not None
+        else None
+    )
 
     from .trainer import MimicTrainer
 
-    trainer = MimicTrainer(model=model, args=config, train_dataset=train_encoded, eval_dataset=eval_encoded,
-                           data_collator=collator, processing_class=processor)
+    trainer = MimicTrainer(
+        model=model,
+        args=config,
+        train_dataset=train_encoded,
+        eval_dataset=eval_encoded,
+        data_collator=collator,
+        processing_class=processor,
+    )
     trainer.train()
     trainer.save_model()
-    print(f"Scores written to {Path(config.output_dir) / 'mimic_scores'}; build the filter with `{PROG} filter {config.output_dir}`.")
+    print(
+        f"Scores written to {Path(config.output_dir) / 'mimic_scores'}; build the filter with `{PROG} filter {config.output_dir}`."
+    )
     return 0
 
 
@@ -162,15 +190,30 @@ def run_make_reference(args: argparse.Namespace) -> int:
     train = _split(dataset_dict, args.split)
     _require_columns(train, [args.text_column, args.label_column])
     tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, revision=args.revision, num_labels=args.num_labels)
-    encoded = train.map(lambda b: tokenizer(b[args.text_column], truncation=True, max_length=args.max_length), batched=True)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        args.model, revision=args.revision, num_labels=args.num_labels
+    )
+    encoded = train.map(
+        lambda b: tokenizer(b[args.text_column], truncation=True, max_length=args.max_length), batched=True
+    )
     encoded = encoded.rename_column(args.label_column, "labels") if args.label_column != "labels" else encoded
-    encoded = encoded.remove_columns([c for c in encoded.column_names if c not in ("input_ids", "attention_mask", "token_type_ids", "labels")])
+    encoded = encoded.remove_columns(
+        [c for c in encoded.column_names if c not in ("input_ids", "attention_mask", "token_type_ids", "labels")]
+    )
     from transformers import DataCollatorWithPadding
 
-    result = build_reference(model, encoded, layers=args.layers, output_dir=args.output_dir, data_collator=DataCollatorWithPadding(tokenizer),
-                             epochs=args.epochs, base_model=args.model, base_revision=args.revision,
-                             push_to_hub=args.push_to_hub, repo_id=args.repo_id)
+    result = build_reference(
+        model,
+        encoded,
+        layers=args.layers,
+        output_dir=args.output_dir,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        epochs=args.epochs,
+        base_model=args.model,
+        base_revision=args.revision,
+        push_to_hub=args.push_to_hub,
+        repo_id=args.repo_id,
+    )
     print(f"Reference written to {result.path} (training accuracy {result.metadata['train_accuracy']}).")
     return 0
 
@@ -179,10 +222,18 @@ def run_filter(args: argparse.Namespace) -> int:
     from .filter import build_filter
 
     _refuse_file_as_output_dir(args.output, "--output")
-    mimic_filter = build_filter(args.scores, method=args.method, aggregate=args.aggregate, windows=_windows(args.windows),
-                                threshold=args.threshold, topk=args.topk, seed=args.seed,
-                                on_bad_shard=args.on_bad_shard, engine=args.engine,
-                                labeling_functions=args.labeling_functions)
+    mimic_filter = build_filter(
+        args.scores,
+        method=args.method,
+        aggregate=args.aggregate,
+        windows=_windows(args.windows),
+        threshold=args.threshold,
+        topk=args.topk,
+        seed=args.seed,
+        on_bad_shard=args.on_bad_shard,
+        engine=args.engine,
+        labeling_functions=args.labeling_functions,
+    )
     path = mimic_filter.save(args.output)
     summary = mimic_filter.summary
     print(f"Filter saved to {path}: keeps {summary['retained_fraction']:.1%} of {summary['n_samples']} samples.")
@@ -221,7 +272,9 @@ def run_report(args: argparse.Namespace) -> int:
     if args.dataset:  # the training data, whose lowest-P(keep) rows report.html shows
         dataset = _load_dataset(args.dataset)
         dataset = dataset[args.split] if hasattr(dataset, "keys") else dataset
-    paths = report(mimic_filter, args.output, scores=args.scores, clean=clean, dataset=dataset, id_column=args.id_column)
+    paths = report(
+        mimic_filter, args.output, scores=args.scores, clean=clean, dataset=dataset, id_column=args.id_column
+    )
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -233,9 +286,17 @@ def run_push(args: argparse.Namespace) -> int:
 
     dataset = _load_dataset(args.dataset)
     dataset = dataset[args.split] if hasattr(dataset, "keys") else dataset
-    result = push_scored_dataset(dataset, MimicFilter.load(args.filter), args.repo_id, split=args.split, private=args.private,
-                                 push_filtered=not args.no_filtered, revision=args.revision, id_column=args.id_column,
-                                 check_dataset=not args.no_check_dataset)
+    result = push_scored_dataset(
+        dataset,
+        MimicFilter.load(args.filter),
+        args.repo_id,
+        split=args.split,
+        private=args.private,
+        push_filtered=not args.no_filtered,
+        revision=args.revision,
+        id_column=args.id_column,
+        check_dataset=not args.no_check_dataset,
+    )
     print(f"Pushed to {result.repo_id} (local copy: {result.local_path}).")
     return 0
 
@@ -249,9 +310,17 @@ def run_demo(args: argparse.Namespace) -> int:
 
         hub = HubServer(Path(args.output_dir) / "hub_storage", tokens={"hf_demo_token": "demo-user"}).start()
         # The loopback Hub is on this machine: offline mode (for the real Hub) must not block it.
-        os.environ.update({"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_demo_token", "HF_HUB_DISABLE_XET": "1",
-                           "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
-                           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(Path(args.output_dir).resolve() / "hf_home")})
+        os.environ.update(
+            {
+                "HF_ENDPOINT": hub.url,
+                "HF_TOKEN": "hf_demo_token",
+                "HF_HUB_DISABLE_XET": "1",
+                "HF_HUB_OFFLINE": "0",
+                "HF_DATASETS_OFFLINE": "0",
+                "HF_HUB_DISABLE_TELEMETRY": "1",
+                "HF_HOME": str(Path(args.output_dir).resolve() / "hf_home"),
+            }
+        )
     try:
         from .demo import DemoSettings
         from .demo import run_demo as run
@@ -276,10 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Grad-Mimic data selection for Hugging Face Trainer users.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    commands.add_parser("train", help="Fine-tune with MimicTrainer (every MimicConfig option; see `gradmimic train --help`).",
-                        add_help=False)
+    commands.add_parser(
+        "train",
+        help="Fine-tune with MimicTrainer (every MimicConfig option; see `gradmimic train --help`).",
+        add_help=False,
+    )
 
-    ref = commands.add_parser("make-reference", help="Build a reference by linear probing the student's frozen features.")
+    ref = commands.add_parser(
+        "make-reference", help="Build a reference by linear probing the student's frozen features."
+    )
     ref.add_argument("--model", required=True, help="The student's pretrained checkpoint (Hub id or directory).")
     ref.add_argument("--revision", default=None, help="Revision of --model.")
     ref.add_argument("--dataset", required=True, help="Trusted labelled data (Hub id, save_to_disk directory or file).")
@@ -308,39 +382,70 @@ def build_parser() -> argparse.ArgumentParser:
     flt = commands.add_parser("filter", help="Stage 2: build the ensemble filter from a score log.")
     flt.add_argument("scores", help="An output_dir of MimicTrainer, or its mimic_scores/ folder.")
     flt.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS, help="Identification per window.")
-    flt.add_argument("--aggregate", default=DEFAULT_AGGREGATE, choices=AGGREGATES,
-                     help="How the labeling functions combine: 'mixture' (continuous signals and votes) or a vote rule.")
+    flt.add_argument(
+        "--aggregate",
+        default=DEFAULT_AGGREGATE,
+        choices=AGGREGATES,
+        help="How the labeling functions combine: 'mixture' (continuous signals and votes) or a vote rule.",
+    )
     flt.add_argument("--windows", default="epoch", help="'epoch', 'step' or a number of equal windows.")
-    flt.add_argument("--threshold", type=float, default=None, help="For --method threshold: keep when b·w > this (default 1).")
+    flt.add_argument(
+        "--threshold", type=float, default=None, help="For --method threshold: keep when b·w > this (default 1)."
+    )
     flt.add_argument("--topk", type=float, default=50, help="For --method topk: percent kept per window.")
     flt.add_argument("--seed", type=int, default=0, help="LabelModel seed.")
-    flt.add_argument("--on-bad-shard", default="error", choices=BAD_SHARD_POLICIES,
-                     help="An unreadable shard of the log: stop and name it (error), or leave it out with a warning (skip).")
-    flt.add_argument("--engine", default="streaming", choices=ENGINES,
-                     help="streaming: bounded memory, spills to the temporary folder when the log does not fit; memory: all "
-                          "records in RAM; ray: on the current Ray cluster (pip install 'hf-gradmimic[ray]'). Same result.")
-    flt.add_argument("--labeling-functions", nargs="+", default=list(DEFAULT_LABELING_FUNCTIONS),
-                     choices=["mimic", "loss"],
-                     help="Vote sources the LabelModel weighs: the mimic windows and the per-window small-loss votes "
-                          "(a reference's or zero-shot model's agreement: build_filter(labeling_functions=[...]) in Python).")
-    flt.add_argument("--output", default="mimic_filter", help="Directory for the filter (Parquet table + JSON summary).")
+    flt.add_argument(
+        "--on-bad-shard",
+        default="error",
+        choices=BAD_SHARD_POLICIES,
+        help="An unreadable shard of the log: stop and name it (error), or leave it out with a warning (skip).",
+    )
+    flt.add_argument(
+        "--engine",
+        default="streaming",
+        choices=ENGINES,
+        help="streaming: bounded memory, spills to the temporary folder when the log does not fit; memory: all "
+        "records in RAM; ray: on the current Ray cluster (pip install 'hf-gradmimic[ray]'). Same result.",
+    )
+    flt.add_argument(
+        "--labeling-functions",
+        nargs="+",
+        default=list(DEFAULT_LABELING_FUNCTIONS),
+        choices=["mimic", "loss"],
+        help="Vote sources the LabelModel weighs: the mimic windows and the per-window small-loss votes "
+        "(a reference's or zero-shot model's agreement: build_filter(labeling_functions=[...]) in Python).",
+    )
+    flt.add_argument(
+        "--output", default="mimic_filter", help="Directory for the filter (Parquet table + JSON summary)."
+    )
 
-    rep = commands.add_parser("report", help="Figures of a filter (histograms, keep probabilities, detection quality) "
-                                                    "and report.html, one page to review it.")
+    rep = commands.add_parser(
+        "report",
+        help="Figures of a filter (histograms, keep probabilities, detection quality) "
+        "and report.html, one page to review it.",
+    )
     rep.add_argument("filter", help="A directory saved by `gradmimic filter`.")
     rep.add_argument("--scores", default=None, help="The score log (for per-window histograms).")
     rep.add_argument("--clean-dataset", default=None, help="A dataset with ground-truth clean flags, for P/R/F1.")
     rep.add_argument("--clean-column", default="is_clean", help="Column of clean flags in --clean-dataset.")
-    rep.add_argument("--dataset", default=None,
-                     help="The training data (Hub id, save_to_disk directory or file): report.html shows the content "
-                          "of the samples with the lowest keep probability.")
-    rep.add_argument("--id-column", default=None,
-                     help="Sample-id column (the trainer's mimic_id_column) of --clean-dataset (default: row index) and "
-                          "of --dataset (default: the one the log recorded).")
+    rep.add_argument(
+        "--dataset",
+        default=None,
+        help="The training data (Hub id, save_to_disk directory or file): report.html shows the content "
+        "of the samples with the lowest keep probability.",
+    )
+    rep.add_argument(
+        "--id-column",
+        default=None,
+        help="Sample-id column (the trainer's mimic_id_column) of --clean-dataset (default: row index) and "
+        "of --dataset (default: the one the log recorded).",
+    )
     rep.add_argument("--split", default="train", help="Split of --clean-dataset and --dataset.")
     rep.add_argument("--output", default="mimic_report", help="Directory for the figures, report.json and report.html.")
 
-    push = commands.add_parser("push", help="Push the dataset with mimic-score and filter columns, and a card, to the Hub.")
+    push = commands.add_parser(
+        "push", help="Push the dataset with mimic-score and filter columns, and a card, to the Hub."
+    )
     push.add_argument("--dataset", required=True, help="The training dataset (Hub id, save_to_disk directory or file).")
     push.add_argument("--filter", required=True, help="A directory saved by `gradmimic filter`.")
     push.add_argument("--repo-id", required=True, help="Target dataset repo.")
@@ -349,9 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--revision", default=None, help="Branch to push to.")
     push.add_argument("--private", action="store_true", help="Create the repo private.")
     push.add_argument("--no-filtered", action="store_true", help="Do not push the 'filtered' config.")
-    push.add_argument("--no-check-dataset", action="store_true",
-                      help="With row-index ids: skip the check that --dataset has the training set's rows (only for a "
-                           "copy known to hold the same rows in the same order).")
+    push.add_argument(
+        "--no-check-dataset",
+        action="store_true",
+        help="With row-index ids: skip the check that --dataset has the training set's rows (only for a "
+        "copy known to hold the same rows in the same order).",
+    )
 
     demo = commands.add_parser("demo", help="The offline end-to-end demo (digits, 40%% label noise).")
     demo.add_argument("--output-dir", default="demo_output", help="Where everything is written.")
@@ -360,12 +468,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="No progress bars.")
 
     # `hub` passes its arguments to the server's own parser (see main): listed here for --help only.
-    commands.add_parser("hub", help="Serve the loopback Hub-protocol server (for offline tests and demos).", add_help=False)
+    commands.add_parser(
+        "hub", help="Serve the loopback Hub-protocol server (for offline tests and demos).", add_help=False
+    )
     return parser
 
 
-COMMANDS = {"make-reference": run_make_reference, "filter": run_filter, "report": run_report, "push": run_push,
-            "demo": run_demo}
+COMMANDS = {
+    "make-reference": run_make_reference,
+    "filter": run_filter,
+    "report": run_report,
+    "push": run_push,
+    "demo": run_demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -46,8 +46,12 @@ def _batches(dataset: Any, batch_size: int) -> Iterator[dict[str, Any]]:
     else:
         batches = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
     for batch in batches:
-        yield {key: torch.as_tensor(np.asarray(value)) if key in MODEL_INPUTS and not isinstance(value, torch.Tensor)
-               else value for key, value in batch.items()}
+        yield {
+            key: torch.as_tensor(np.asarray(value))
+            if key in MODEL_INPUTS and not isinstance(value, torch.Tensor)
+            else value
+            for key, value in batch.items()
+        }
 
 
 def clip_scores(model: nn.Module, dataset: Any, *, id_column: str | None = None, batch_size: int = 64) -> pa.Table:
@@ -72,13 +76,17 @@ def clip_scores(model: nn.Module, dataset: Any, *, id_column: str | None = None,
             count = len(batch["input_ids"]) if "input_ids" in batch else 0
             if id_column is not None:
                 if id_column not in batch:
-                    raise ValueError(f"The dataset has no column {id_column!r} (`id_column`); its keys: {sorted(batch)}.")
+                    raise ValueError(
+                        f"The dataset has no column {id_column!r} (`id_column`); its keys: {sorted(batch)}."
+                    )
                 values = batch[id_column]
                 ids.extend(values.tolist() if hasattr(values, "tolist") else list(values))
             elif hasattr(dataset, "__len__"):
                 ids.extend(range(len(ids), len(ids) + count))
             else:
-                raise ValueError("A stream has no row indices: pass `id_column`, the column the trainer recorded ids by.")
+                raise ValueError(
+                    "A stream has no row indices: pass `id_column`, the column the trainer recorded ids by."
+                )
             scores.append(clip_score_of(model, batch).cpu().numpy())
     finally:
         model.train(was_training)
@@ -132,8 +140,9 @@ class ClipScoreFilter:
 
     def votes(self) -> pa.Table:
         """The cut as a labeling function: ``sample_id`` and ``vote`` (int8: 1 keep, 0 discard), one row per sample."""
-        return pa.table({"sample_id": self.table.column("sample_id"),
-                         "vote": pa.array(self.keep.astype(np.int8), pa.int8())})
+        return pa.table(
+            {"sample_id": self.table.column("sample_id"), "vote": pa.array(self.keep.astype(np.int8), pa.int8())}
+        )
 
     def apply(self, dataset: Any, id_column: str | None = None) -> Any:
         """The rows of ``dataset`` (a `datasets.Dataset`, pandas or Arrow table of exactly the scored samples) that the
@@ -176,7 +185,13 @@ def clip_score_filter(scores: Any, *, topk: float | None = None, threshold: floa
         cut = float(threshold)
         keep = values > cut
     table = table.select(["sample_id", "clip_score"]).append_column("keep", pa.array(keep))
-    summary = {"method": "topk" if topk is not None else "threshold", "topk": topk, "threshold": threshold,
-               "cut": cut, "retained_fraction": float(keep.mean()), "n_samples": int(len(values)),
-               "mean_clip_score": float(pc.mean(table.column("clip_score")).as_py())}
+    summary = {
+        "method": "topk" if topk is not None else "threshold",
+        "topk": topk,
+        "threshold": threshold,
+        "cut": cut,
+        "retained_fraction": float(keep.mean()),
+        "n_samples": int(len(values)),
+        "mean_clip_score": float(pc.mean(table.column("clip_score")).as_py()),
+    }
     return ClipScoreFilter(table.sort_by("sample_id"), summary)

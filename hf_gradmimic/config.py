@@ -29,7 +29,7 @@ def coerce_field(name: str, value: object, annotation: str) -> object:
     """``value`` as the scalar type ``annotation`` names (``"float"``, ``"Optional[int]"``...): a number or a boolean
     given as a string (a JSON or YAML config) is converted; anything else of the wrong type is a TypeError naming it."""
     optional = annotation.startswith("Optional[")
-    kind = _SCALARS.get(annotation[len("Optional["):-1] if optional else annotation)
+    kind = _SCALARS.get(annotation[len("Optional[") : -1] if optional else annotation)
     if kind is None or (value is None and optional):
         return value
     if isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):  # True is an int too
@@ -49,8 +49,10 @@ def coerce_field(name: str, value: object, annotation: str) -> object:
             pass
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
-    raise TypeError(f"`{name}` must be {'a ' + kind.__name__ if kind is not int else 'an int'}"
-                    f"{' or None' if optional else ''}; got {value!r} ({type(value).__name__}).")
+    raise TypeError(
+        f"`{name}` must be {'a ' + kind.__name__ if kind is not int else 'an int'}"
+        f"{' or None' if optional else ''}; got {value!r} ({type(value).__name__})."
+    )
 
 
 @dataclass
@@ -142,7 +144,9 @@ class MimicArguments:
     )
     mimic_warmup_steps: int = field(
         default=0,
-        metadata={"help": "Optimizer steps with uniform weights before reweighting starts (scores are still recorded)."},
+        metadata={
+            "help": "Optimizer steps with uniform weights before reweighting starts (scores are still recorded)."
+        },
     )
     mimic_id_column: Optional[str] = field(
         default=None,
@@ -197,8 +201,10 @@ class MimicArguments:
     )
     mimic_filter_method: str = field(
         default=DEFAULT_FILTER_METHOD,
-        metadata={"help": "Identification used by the running filter metric (see `build_filter`).",
-                  "choices": list(FILTER_METHOD_CHOICES)},
+        metadata={
+            "help": "Identification used by the running filter metric (see `build_filter`).",
+            "choices": list(FILTER_METHOD_CHOICES),
+        },
     )
     mimic_scorer: str = field(
         default="mimic",
@@ -220,7 +226,8 @@ class MimicArguments:
         },
     )
     mimic_select_ratio: float = field(
-        default=0.1, metadata={"help": "Fraction of each candidate batch kept in `select` mode (the papers keep 10 percent)."}
+        default=0.1,
+        metadata={"help": "Fraction of each candidate batch kept in `select` mode (the papers keep 10 percent)."},
     )
     mimic_irreducible_loss_column: Optional[str] = field(
         default=None,
@@ -231,39 +238,50 @@ class MimicArguments:
     )
     mimic_max_nonfinite_steps: Optional[int] = field(
         default=None,
-        metadata={"help": "A sample with a non-finite loss or score gets weight 0 and no gradient; a step in which no "
-                  "sample is finite is skipped with a warning (its NaN loss is logged as `Trainer` logs one, under "
-                  "`logging_nan_inf_filter`). None: training goes on, as with `Trainer`; N: it stops with an error "
-                  "after N skipped steps in a row."},
+        metadata={
+            "help": "A sample with a non-finite loss or score gets weight 0 and no gradient; a step in which no "
+            "sample is finite is skipped with a warning (its NaN loss is logged as `Trainer` logs one, under "
+            "`logging_nan_inf_filter`). None: training goes on, as with `Trainer`; N: it stops with an error "
+            "after N skipped steps in a row."
+        },
     )
     mimic_agra_threshold: float = field(
         default=0.0,
-        metadata={"help": "For `agra`: a sample is excluded from the update when the cosine of its gradient with the "
-                  "comparison batch's mean gradient is at or below this (the authors use 0)."},
+        metadata={
+            "help": "For `agra`: a sample is excluded from the update when the cosine of its gradient with the "
+            "comparison batch's mean gradient is at or below this (the authors use 0)."
+        },
     )
     mimic_bayesian_alpha: float = field(
         default=0.5,
-        metadata={"help": "For `bayesian`: α, the weight of the posterior's expected log-likelihood against the "
-                  "zero-shot log-probability (1 − α), in [0, 1]."},
+        metadata={
+            "help": "For `bayesian`: α, the weight of the posterior's expected log-likelihood against the "
+            "zero-shot log-probability (1 − α), in [0, 1]."
+        },
     )
     mimic_bayesian_num_effective_data: Optional[float] = field(
         default=None,
-        metadata={"help": "For `bayesian`: N, the effective data size scaling the Laplace precision. Default: the "
-                  "training set's size."},
+        metadata={
+            "help": "For `bayesian`: N, the effective data size scaling the Laplace precision. Default: the "
+            "training set's size."
+        },
     )
     mimic_bayesian_prior_precision: float = field(
         default=1.0, metadata={"help": "For `bayesian`: λ, the Gaussian prior's precision (> 0)."}
     )
     mimic_bayesian_momentum: float = field(
-        default=0.99, metadata={"help": "For `bayesian`: ρ, the moving-average momentum of the Kronecker factors, in [0, 1)."}
+        default=0.99,
+        metadata={"help": "For `bayesian`: ρ, the moving-average momentum of the Kronecker factors, in [0, 1)."},
     )
     mimic_bayesian_num_samples: int = field(
         default=256, metadata={"help": "For `bayesian`: S, the posterior logit samples per candidate."}
     )
     mimic_bayesian_exact_covariance: bool = field(
         default=False,
-        metadata={"help": "For `bayesian`: sample the posterior's own covariance U⁻¹ instead of the authors' "
-                  "(L_UᵀL_U)⁻¹ (equal only for a diagonal U)."},
+        metadata={
+            "help": "For `bayesian`: sample the posterior's own covariance U⁻¹ instead of the authors' "
+            "(L_UᵀL_U)⁻¹ (equal only for a diagonal U)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -274,7 +292,9 @@ class MimicArguments:
             if name.startswith("mimic_"):
                 setattr(self, name, coerce_field(name, getattr(self, name), str(spec.type)))
         if not self.mimic_temperature > 0:
-            raise ValueError(f"`mimic_temperature` must be > 0 (the softmax temperature τ); got {self.mimic_temperature}.")
+            raise ValueError(
+                f"`mimic_temperature` must be > 0 (the softmax temperature τ); got {self.mimic_temperature}."
+            )
         if self.mimic_warmup_steps < 0:
             raise ValueError(f"`mimic_warmup_steps` must be >= 0; got {self.mimic_warmup_steps}.")
         for name, value, choices in (

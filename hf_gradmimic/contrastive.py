@@ -46,6 +46,7 @@ def batch_coupled(loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.T
     try:
         setattr(loss_fn, BATCH_COUPLED, True)
     except AttributeError:  # a built-in or a callable with __slots__: wrap it
+
         def wrapped(outputs: Any, inputs: Any) -> torch.Tensor:
             return loss_fn(outputs, inputs)
 
@@ -124,21 +125,27 @@ def _finite_pairs(image_embeds: torch.Tensor, text_embeds: torch.Tensor, gather:
     whole, and this process's offset. A sample with a non-finite image or text embedding must not make every other
     sample's loss NaN through their softmax: it is left out of the negatives, and its own term is NaN."""
     ok = torch.isfinite(image_embeds).all(dim=-1) & torch.isfinite(text_embeds).all(dim=-1)
-    images, texts = (torch.where(ok.unsqueeze(-1), e.float(), torch.zeros_like(e, dtype=torch.float32))
-                     for e in (image_embeds, text_embeds))
+    images, texts = (
+        torch.where(ok.unsqueeze(-1), e.float(), torch.zeros_like(e, dtype=torch.float32))
+        for e in (image_embeds, text_embeds)
+    )
     flags = ok.float()  # collectives of gloo take no booleans
-    (all_images, all_texts, all_flags), offset = gather_rows(images, texts, flags) if gather else ((images, texts, flags), 0)
+    (all_images, all_texts, all_flags), offset = (
+        gather_rows(images, texts, flags) if gather else ((images, texts, flags), 0)
+    )
     return images, texts, ok, all_images, all_texts, all_flags > 0, offset
 
 
-def _pair_logits(own: torch.Tensor, others: torch.Tensor, scale: torch.Tensor | float,
-                 bias: torch.Tensor | float) -> torch.Tensor:
+def _pair_logits(
+    own: torch.Tensor, others: torch.Tensor, scale: torch.Tensor | float, bias: torch.Tensor | float
+) -> torch.Tensor:
     """``scale · ⟨own_i, others_j⟩ + bias`` ``[b, N]`` in float32."""
     return scale * own @ others.t() + bias
 
 
-def clip_per_sample_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
-                         gather: bool = True) -> torch.Tensor:
+def clip_per_sample_loss(
+    image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, gather: bool = True
+) -> torch.Tensor:
     r"""CLIP's per-sample terms (Radford et al. 2021) for this process's samples ``[b]``, float32.
 
     .. math:: \ell_i = \tfrac12\Big(-\log\frac{e^{s_{ii}}}{\sum_j e^{s_{ij}}} - \log\frac{e^{s_{ii}}}{\sum_j e^{s_{ji}}}\Big),
@@ -153,13 +160,20 @@ def clip_per_sample_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, 
     targets = torch.arange(len(texts), device=texts.device) + offset
     text_logits = _pair_logits(texts, all_images, scale, 0.0).masked_fill(~all_ok, -torch.inf)
     image_logits = _pair_logits(images, all_texts, scale, 0.0).masked_fill(~all_ok, -torch.inf)
-    losses = (F.cross_entropy(text_logits, targets, reduction="none")
-              + F.cross_entropy(image_logits, targets, reduction="none")) / 2
+    losses = (
+        F.cross_entropy(text_logits, targets, reduction="none")
+        + F.cross_entropy(image_logits, targets, reduction="none")
+    ) / 2
     return torch.where(ok, losses, torch.full_like(losses, float("nan")))
 
 
-def siglip_per_sample_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
-                           logit_bias: torch.Tensor, gather: bool = True) -> torch.Tensor:
+def siglip_per_sample_loss(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    gather: bool = True,
+) -> torch.Tensor:
     r"""SigLIP's per-sample terms (Zhai et al. 2023) for this process's samples ``[b]``, float32.
 
     .. math:: \ell_i = \tfrac12\Big(\sum_j p_{ij} + \sum_j p_{ji}\Big),\qquad
@@ -180,8 +194,9 @@ def siglip_per_sample_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor
     return torch.where(ok, losses, torch.full_like(losses, float("nan")))
 
 
-def in_batch_negatives_loss(queries: torch.Tensor, positives: torch.Tensor, scale: float = 20.0,
-                            gather: bool = True) -> torch.Tensor:
+def in_batch_negatives_loss(
+    queries: torch.Tensor, positives: torch.Tensor, scale: float = 20.0, gather: bool = True
+) -> torch.Tensor:
     r"""In-batch negatives (sentence-transformers' MultipleNegativesRankingLoss): query ``i``'s cross entropy over
     every positive of the batch, with cosine similarities times ``scale`` (their default 20), ``[b]`` float32.
 
@@ -216,7 +231,9 @@ class ContrastiveLoss:
             raise ValueError(f"`kind` must be one of {CONTRASTIVE_KINDS}; got {kind!r}.")
         for name in ("logit_scale", *(("logit_bias",) if kind == "siglip" else ())):
             if not isinstance(getattr(model, name, None), torch.Tensor):
-                raise ValueError(f"A {kind} loss needs the model's `{name}` parameter; {type(model).__name__} has none.")
+                raise ValueError(
+                    f"A {kind} loss needs the model's `{name}` parameter; {type(model).__name__} has none."
+                )
         self.model, self.kind, self.gather = model, kind, gather
 
     def __call__(self, outputs: Any, inputs: Any = None) -> torch.Tensor:

@@ -73,10 +73,16 @@ def progress_bars(shown: bool) -> Iterator[None]:
 
     switches = [
         (datasets.is_progress_bar_enabled(), datasets.disable_progress_bars, datasets.enable_progress_bars),
-        (not huggingface_hub.utils.are_progress_bars_disabled(), huggingface_hub.utils.disable_progress_bars,
-         huggingface_hub.utils.enable_progress_bars),
-        (transformers_logging.is_progress_bar_enabled(), transformers_logging.disable_progress_bar,
-         transformers_logging.enable_progress_bar),
+        (
+            not huggingface_hub.utils.are_progress_bars_disabled(),
+            huggingface_hub.utils.disable_progress_bars,
+            huggingface_hub.utils.enable_progress_bars,
+        ),
+        (
+            transformers_logging.is_progress_bar_enabled(),
+            transformers_logging.disable_progress_bar,
+            transformers_logging.enable_progress_bar,
+        ),
     ]
     if not shown:
         for enabled, disable, _ in switches:
@@ -120,33 +126,52 @@ def _run_demo(settings: DemoSettings, log) -> dict[str, Any]:
 
     log("[2/6] reference: a head linear-probed on clean labels over the shared frozen backbone")
     reference = build_reference(
-        digits_model(seed=settings.seed), clean, layers=["classifier"], output_dir=out / "reference",
-        eval_dataset=test, epochs=settings.probe_epochs, data_description="digits training split, clean labels",
-        base_model="hf-gradmimic/digits-random-backbone", seed=settings.seed,
+        digits_model(seed=settings.seed),
+        clean,
+        layers=["classifier"],
+        output_dir=out / "reference",
+        eval_dataset=test,
+        epochs=settings.probe_epochs,
+        data_description="digits training split, clean labels",
+        base_model="hf-gradmimic/digits-random-backbone",
+        seed=settings.seed,
     )
     reference_accuracy = float(reference.metadata["eval_accuracy"])
 
     log("[3/6] plain Trainer and MimicTrainer on the noisy labels")
     plain_model = digits_model(seed=settings.seed)
     plain = Trainer(
-        model=plain_model, args=TrainingArguments(**_training_args(settings, out / "plain")),
-        train_dataset=noisy, eval_dataset=test, compute_metrics=accuracy_compute_metrics,
+        model=plain_model,
+        args=TrainingArguments(**_training_args(settings, out / "plain")),
+        train_dataset=noisy,
+        eval_dataset=test,
+        compute_metrics=accuracy_compute_metrics,
     )
     plain.train()
     mimic_model = digits_model(seed=settings.seed)
     mimic_args = MimicConfig(
-        **_training_args(settings, out / "mimic"), mimic_reference=str(out / "reference"), mimic_layers=["classifier"],
+        **_training_args(settings, out / "mimic"),
+        mimic_reference=str(out / "reference"),
+        mimic_layers=["classifier"],
         mimic_temperature=settings.temperature,
     )
     mimic = MimicTrainer(
-        model=mimic_model, args=mimic_args, train_dataset=noisy, eval_dataset=test, compute_metrics=accuracy_compute_metrics
+        model=mimic_model,
+        args=mimic_args,
+        train_dataset=noisy,
+        eval_dataset=test,
+        compute_metrics=accuracy_compute_metrics,
     )
     mimic.train()
     plain_accuracy, mimic_accuracy = _test_accuracy(plain), _test_accuracy(mimic)
 
-    log(f"[4/6] Stage 2: the mimic and loss windows (one of each per epoch, split by {settings.method}), "
-        "Snorkel LabelModel over their votes")
-    mimic_filter = build_filter(out / "mimic", method=settings.method, aggregate="snorkel", windows="epoch", seed=settings.seed)
+    log(
+        f"[4/6] Stage 2: the mimic and loss windows (one of each per epoch, split by {settings.method}), "
+        "Snorkel LabelModel over their votes"
+    )
+    mimic_filter = build_filter(
+        out / "mimic", method=settings.method, aggregate="snorkel", windows="epoch", seed=settings.seed
+    )
     mimic_filter.save(out / "filter")
     audit = mimic_filter.evaluate(is_clean[mimic_filter.sample_ids])
     quality = estimate_quality(mimic_filter)
@@ -195,11 +220,15 @@ def _push_and_reload(dataset, mimic_filter, mimic_args, out: Path, log) -> dict[
         )
     log(f"[6/6] loopback Hub at {endpoint}: pushing the scored dataset with its card")
     repo_id = "demo-user/digits-noisy-scored"
-    result = push_scored_dataset(dataset, mimic_filter, repo_id, local_dir=out / "scored_dataset", training_config=mimic_args)
+    result = push_scored_dataset(
+        dataset, mimic_filter, repo_id, local_dir=out / "scored_dataset", training_config=mimic_args
+    )
     full = datasets.load_dataset(repo_id, split="train")
     filtered = datasets.load_dataset(repo_id, "filtered", split="train")
     card = DatasetCard.load(repo_id)
-    log(f"loaded back with datasets.load_dataset: {full.num_rows} rows (default config), {filtered.num_rows} rows ('filtered')")
+    log(
+        f"loaded back with datasets.load_dataset: {full.num_rows} rows (default config), {filtered.num_rows} rows ('filtered')"
+    )
     log("dataset card (below its YAML metadata), first lines:")
     for line in card.text.strip().splitlines()[:14]:
         log("    " + line)

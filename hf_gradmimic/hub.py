@@ -106,8 +106,9 @@ class ScoredPushResult:
 # ----------------------------------------------------------------------------------------------
 
 
-def _filter_rows(dataset: datasets.Dataset, mimic_filter: MimicFilter, id_column: str | None,
-                 check_dataset: bool = True) -> np.ndarray:
+def _filter_rows(
+    dataset: datasets.Dataset, mimic_filter: MimicFilter, id_column: str | None, check_dataset: bool = True
+) -> np.ndarray:
     """For every row of ``dataset``, the row of ``mimic_filter.table`` holding its sample's record.
 
     `MimicFilter.positions` already refuses a dataset row without a record and a record without a row,
@@ -119,8 +120,9 @@ def _filter_rows(dataset: datasets.Dataset, mimic_filter: MimicFilter, id_column
     return rows
 
 
-def _add_mimic_columns(dataset: datasets.Dataset, mimic_filter: MimicFilter, id_column: str | None,
-                       check_dataset: bool = True) -> datasets.Dataset:
+def _add_mimic_columns(
+    dataset: datasets.Dataset, mimic_filter: MimicFilter, id_column: str | None, check_dataset: bool = True
+) -> datasets.Dataset:
     """``dataset`` with the `MIMIC_COLUMNS` appended (its own columns and format are kept)."""
     import datasets
 
@@ -210,8 +212,10 @@ def _push_failed(error: Exception, stage: str, repo_id: str, local_path: Path) -
     status = _http_status(error)
     reload = f"datasets.load_from_disk({str(local_path)!r})"
     if status in (401, 403):
-        problem = "refused the token (HTTP 401: invalid or expired)" if status == 401 else (
-            "refused the push (HTTP 403: the token has no write access to this repo)"
+        problem = (
+            "refused the token (HTTP 401: invalid or expired)"
+            if status == 401
+            else ("refused the push (HTTP 403: the token has no write access to this repo)")
         )
         return HubAuthenticationError(
             f"The Hub {problem} while pushing {stage} of {repo_id!r}. Pass a valid write token with "
@@ -323,9 +327,19 @@ def push_scored_dataset(
 
     if isinstance(dataset, datasets.IterableDataset):
         return _push_scored_stream(
-            dataset, mimic_filter, repo_id, split=split, private=private, push_filtered=push_filtered, token=token,
-            revision=revision, commit_message=commit_message, id_column=id_column, local_dir=local_dir,
-            reference=reference, training_config=training_config,
+            dataset,
+            mimic_filter,
+            repo_id,
+            split=split,
+            private=private,
+            push_filtered=push_filtered,
+            token=token,
+            revision=revision,
+            commit_message=commit_message,
+            id_column=id_column,
+            local_dir=local_dir,
+            reference=reference,
+            training_config=training_config,
         )
     _require_split(dataset, "push_scored_dataset")
     if not repo_id or not str(repo_id).strip("/"):
@@ -336,8 +350,13 @@ def push_scored_dataset(
             f"The filter keeps none of the {len(dataset)} rows, so there is no 'filtered' config to push; pass "
             "push_filtered=False to push the scored rows alone, or rebuild the filter with other settings."
         )
-    local_path = save_scored_dataset(dataset, mimic_filter, local_dir or default_scored_dir(repo_id),
-                                     id_column=id_column, check_dataset=check_dataset)
+    local_path = save_scored_dataset(
+        dataset,
+        mimic_filter,
+        local_dir or default_scored_dir(repo_id),
+        id_column=id_column,
+        check_dataset=check_dataset,
+    )
     logger.info("The scored dataset pushed to %s is saved at %s.", repo_id, local_path)
     scored = datasets.load_from_disk(str(local_path))
     keep = np.asarray(scored.with_format("arrow")["mimic_keep"].to_numpy(zero_copy_only=False), dtype=bool)
@@ -360,7 +379,12 @@ def push_scored_dataset(
             result.repo_id = repo_id
             stage = "the 'default' config"
         info = scored.push_to_hub(
-            repo_id, config_name="default", split=split, private=private, token=token, revision=revision,
+            repo_id,
+            config_name="default",
+            split=split,
+            private=private,
+            token=token,
+            revision=revision,
             commit_message=f"{base_message} (default config: all rows with their scores)",
         )
         record("default", info)
@@ -368,21 +392,37 @@ def push_scored_dataset(
             stage = f"the {FILTERED_CONFIG!r} config"
             # `select` keeps the original order, so `filtered` equals mimic_filter.apply(dataset).
             info = scored.select(np.flatnonzero(keep)).push_to_hub(
-                repo_id, config_name=FILTERED_CONFIG, split=split, token=token, revision=revision,
+                repo_id,
+                config_name=FILTERED_CONFIG,
+                split=split,
+                token=token,
+                revision=revision,
                 commit_message=f"{base_message} ({FILTERED_CONFIG} config: the {int(keep.sum())} kept rows)",
             )
             record(FILTERED_CONFIG, info)
         stage = "the dataset card"
         data_head = result.commit_sha
         card = _card_over(
-            repo_id, data_head, token, has_filtered=push_filtered, split=split, mimic_filter=mimic_filter,
-            num_rows=result.num_rows, num_kept=result.num_kept, reference=reference,
-            training_config=training_config, source_name=dataset.info.dataset_name,
+            repo_id,
+            data_head,
+            token,
+            has_filtered=push_filtered,
+            split=split,
+            mimic_filter=mimic_filter,
+            num_rows=result.num_rows,
+            num_kept=result.num_kept,
+            reference=reference,
+            training_config=training_config,
+            source_name=dataset.info.dataset_name,
         )
         # parent_commit: the card merges the YAML of exactly this head; a concurrent commit that
         # changed it makes the Hub refuse (412) instead of silently dropping its configs.
         info = card.push_to_hub(
-            repo_id, token=token, repo_type="dataset", revision=revision, parent_commit=data_head,
+            repo_id,
+            token=token,
+            repo_type="dataset",
+            revision=revision,
+            parent_commit=data_head,
             commit_message=f"{base_message} (dataset card)",
         )
         record("card", info)
@@ -404,8 +444,11 @@ def _card_over(repo_id: str, data_head: str, token: str | None, *, has_filtered:
             stacklevel=3,  # push_scored_dataset's caller
         )
     card = render_dataset_card(
-        dataset_card_data(readme, repo_id), repo_id=repo_id, has_filtered=has_filtered,
-        filtered_config=FILTERED_CONFIG, **settings,
+        dataset_card_data(readme, repo_id),
+        repo_id=repo_id,
+        has_filtered=has_filtered,
+        filtered_config=FILTERED_CONFIG,
+        **settings,
     )
     # The README's own prose (a card written by hand) stays; our section is added or updated in place.
     card.text = merge_card_text(DatasetCard(readme).text if readme else None, card.text)
@@ -486,7 +529,9 @@ def _push_scored_stream(
             upload_error.append((f"the shard {in_repo}", error))
 
     def write(tmp: str) -> None:
-        for index, table in enumerate(scored_batches(mimic_filter.table, dataset, MIMIC_COLUMNS, id_column, STREAM_SHARD_ROWS)):
+        for index, table in enumerate(
+            scored_batches(mimic_filter.table, dataset, MIMIC_COLUMNS, id_column, STREAM_SHARD_ROWS)
+        ):
             keep = table.column("mimic_keep").to_numpy(zero_copy_only=False)
             parts = {"default": table, FILTERED_CONFIG: table.filter(pa.array(keep))}
             result.num_rows += table.num_rows
@@ -514,20 +559,31 @@ def _push_scored_stream(
         existing = api.list_repo_files(repo_id, repo_type="dataset", revision=revision)
         written = {operation.path_in_repo for operation in additions}
         stale = [
-            CommitOperationDelete(path_in_repo=path) for path in existing
+            CommitOperationDelete(path_in_repo=path)
+            for path in existing
             if any(path.startswith(f"{config}/{split}/") for config in configs) and path not in written
         ]
         readme = _stream_configs_yaml(configs, split)
         card = render_dataset_card(
-            dataset_card_data(readme, repo_id), repo_id=repo_id, has_filtered=push_filtered,
-            filtered_config=FILTERED_CONFIG, split=split, mimic_filter=mimic_filter, num_rows=result.num_rows,
-            num_kept=result.num_kept, reference=reference, training_config=training_config,
+            dataset_card_data(readme, repo_id),
+            repo_id=repo_id,
+            has_filtered=push_filtered,
+            filtered_config=FILTERED_CONFIG,
+            split=split,
+            mimic_filter=mimic_filter,
+            num_rows=result.num_rows,
+            num_kept=result.num_kept,
+            reference=reference,
+            training_config=training_config,
             source_name=getattr(dataset.info, "dataset_name", None),
         )
         card_add = CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8"))
         base_message = commit_message or "Grad-Mimic scored dataset"
         info = api.create_commit(
-            repo_id, operations=[*additions, *stale, card_add], repo_type="dataset", revision=revision,
+            repo_id,
+            operations=[*additions, *stale, card_add],
+            repo_type="dataset",
+            revision=revision,
             commit_message=f"{base_message} (streamed: {len(additions)} shard(s) and the dataset card)",
         )
     except Exception as error:
@@ -542,5 +598,10 @@ def _stream_configs_yaml(configs: list[str], split: str) -> str:
     """A README holding only the ``configs`` YAML that points `load_dataset` at the streamed shards."""
     lines = ["---", "configs:"]
     for config in configs:
-        lines += [f"- config_name: {config}", "  data_files:", f"  - split: {split}", f"    path: {config}/{split}/*.parquet"]
+        lines += [
+            f"- config_name: {config}",
+            "  data_files:",
+            f"  - split: {split}",
+            f"    path: {config}/{split}/*.parquet",
+        ]
     return "\n".join(lines + ["---", ""])

@@ -37,7 +37,9 @@ def parse_layer_map(mimic_layers: list[str] | dict[str, str] | str | None) -> di
         student, _, reference = str(entry).partition("=")
         student = student.strip()
         if not student:
-            raise ValueError(f"`mimic_layers` has an empty module name in {entry!r}; expected 'name' or 'student=reference'.")
+            raise ValueError(
+                f"`mimic_layers` has an empty module name in {entry!r}; expected 'name' or 'student=reference'."
+            )
         layer_map[student] = reference.strip() or student
     return layer_map
 

@@ -57,8 +57,11 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def _active_adapter(name: str, layer: nn.Module) -> str:
     """The one adapter of ``layer`` that runs, after the checks that make its A and B exact ghost layers."""
-    active = [adapter for adapter in layer.active_adapters if adapter in layer.lora_A or adapter in
-              getattr(layer, "lora_embedding_A", {})]
+    active = [
+        adapter
+        for adapter in layer.active_adapters
+        if adapter in layer.lora_A or adapter in getattr(layer, "lora_embedding_A", {})
+    ]
     if len(active) != 1:
         raise LoraLayerError(
             f"LoRA layer {name!r} has {len(active)} active adapters ({active}); Grad-Mimic compares one adapter with "

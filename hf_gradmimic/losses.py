@@ -36,9 +36,9 @@ def returns_per_sample_losses(compute_loss_func: Callable[..., torch.Tensor]) ->
     return compute_loss_func
 
 
-def loss_fn_from_compute_loss_func(compute_loss_func: Callable[..., torch.Tensor] | None,
-                                   per_sample_loss_fn: PerSampleLossFn | None,
-                                   trainer_name: str) -> PerSampleLossFn | None:
+def loss_fn_from_compute_loss_func(
+    compute_loss_func: Callable[..., torch.Tensor] | None, per_sample_loss_fn: PerSampleLossFn | None, trainer_name: str
+) -> PerSampleLossFn | None:
     """The per-sample loss function a trainer uses: ``per_sample_loss_fn``, or a `Trainer` ``compute_loss_func`` marked
     with `returns_per_sample_losses` (called with the batch's labels and ``num_items_in_batch=None``; as with `Trainer`,
     the model's forward then gets no labels). An unmarked one returns a single loss for the batch, which cannot be
@@ -91,13 +91,16 @@ def problem_type_of(model: nn.Module | None, logits: torch.Tensor, labels: torch
         else:
             config.problem_type = "multi_label_classification"
     if config.problem_type not in PROBLEM_TYPES:
-        raise ValueError(f"The model's `config.problem_type` is {config.problem_type!r}; expected one of "
-                         f"{PROBLEM_TYPES} (or pass `per_sample_loss_fn=(outputs, inputs) -> Tensor[B]`).")
+        raise ValueError(
+            f"The model's `config.problem_type` is {config.problem_type!r}; expected one of "
+            f"{PROBLEM_TYPES} (or pass `per_sample_loss_fn=(outputs, inputs) -> Tensor[B]`)."
+        )
     return config.problem_type
 
 
-def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
-                                 problem_type: str | None = None) -> torch.Tensor:
+def sequence_classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0, problem_type: str | None = None
+) -> torch.Tensor:
     """``ℓ_i`` per sample of the loss transformers' sequence-classification models average over the batch: squared
     error (``regression``, averaged over the sample's outputs), cross entropy (``single_label_classification``,
     integer labels only: float labels are refused as the model's ``CrossEntropyLoss`` refuses them) or binary cross
@@ -125,8 +128,9 @@ def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, lab
             "`config.problem_type='multi_label_classification'`, for a score set num_labels=1 (regression), or pass "
             "`per_sample_loss_fn`."
         )
-    return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1).long(), reduction="none",
-                           label_smoothing=label_smoothing)
+    return F.cross_entropy(
+        logits.view(-1, logits.shape[-1]), labels.reshape(-1).long(), reduction="none", label_smoothing=label_smoothing
+    )
 
 
 def token_loss(
@@ -213,8 +217,15 @@ def classification_margins(logits: torch.Tensor | None, labels: Any) -> torch.Te
     Weinberger, "Identifying Mislabeled Data using the Area Under the Margin Ranking", NeurIPS 2020), for
     single-label classification (``[B, C]`` logits, ``C >= 2``, integer labels); None for any other task. A label
     outside ``[0, C)`` (``-100``) gets NaN. Detached, float32: it is recorded, never trained on."""
-    if (logits is None or not isinstance(labels, torch.Tensor) or logits.dim() != 2 or logits.shape[1] < 2
-            or labels.dim() != 1 or labels.is_floating_point() or labels.shape[0] != logits.shape[0]):
+    if (
+        logits is None
+        or not isinstance(labels, torch.Tensor)
+        or logits.dim() != 2
+        or logits.shape[1] < 2
+        or labels.dim() != 1
+        or labels.is_floating_point()
+        or labels.shape[0] != logits.shape[0]
+    ):
         return None
     with torch.no_grad():
         logits = logits.detach().float()

@@ -217,9 +217,15 @@ def report(
         )
     paths["report_json"] = write_json(output_dir / "report.json", payload)
     figures = {name: path for name, path in paths.items() if path.suffix == ".png"}
-    paths["report_html"] = write_html_report(mimic_filter, output_dir / "report.html", figures=figures,
-                                             quality=payload["quality"], method_metrics=payload.get("method_metrics"),
-                                             dataset=dataset, id_column=id_column)
+    paths["report_html"] = write_html_report(
+        mimic_filter,
+        output_dir / "report.html",
+        figures=figures,
+        quality=payload["quality"],
+        method_metrics=payload.get("method_metrics"),
+        dataset=dataset,
+        id_column=id_column,
+    )
     return paths
 
 
@@ -251,21 +257,32 @@ def write_html_report(
 
     summary = mimic_filter.summary
     quality = quality if quality is not None else estimate_quality(mimic_filter)
-    environment = jinja2.Environment(loader=jinja2.PackageLoader("hf_gradmimic", "templates"), autoescape=True,
-                                     undefined=jinja2.StrictUndefined)
+    environment = jinja2.Environment(
+        loader=jinja2.PackageLoader("hf_gradmimic", "templates"), autoescape=True, undefined=jinja2.StrictUndefined
+    )
     order = np.argsort(mimic_filter.keep_prob, kind="stable")[:lowest]
     content_columns, content = _sample_content(mimic_filter, order, dataset, id_column)
     page = environment.get_template(HTML_TEMPLATE).render(
         title=f"Grad-Mimic filter report: {summary['retained_fraction']:.1%} of {summary['n_samples']:,} samples kept",
         summary_rows=_summary_rows(summary, quality),
         warnings=list(summary.get("warnings") or []),
-        figures=[{"name": FIGURE_CAPTIONS.get(name, name), "data": base64.b64encode(Path(path).read_bytes()).decode("ascii")}
-                 for name, path in (figures or {}).items()],
+        figures=[
+            {"name": FIGURE_CAPTIONS.get(name, name), "data": base64.b64encode(Path(path).read_bytes()).decode("ascii")}
+            for name, path in (figures or {}).items()
+        ],
         window_rows=_window_rows(summary),
-        method_rows=[{"method": method, "precision": _number(values["discard_precision"]),
-                      "recall": _number(values["discard_recall"]), "f1": _number(values["discard_f1"])}
-                     for method, values in (method_metrics or {}).items()],
-        provenance=json.dumps(summary.get("provenance"), indent=2, sort_keys=True) if summary.get("provenance") else None,
+        method_rows=[
+            {
+                "method": method,
+                "precision": _number(values["discard_precision"]),
+                "recall": _number(values["discard_recall"]),
+                "f1": _number(values["discard_f1"]),
+            }
+            for method, values in (method_metrics or {}).items()
+        ],
+        provenance=json.dumps(summary.get("provenance"), indent=2, sort_keys=True)
+        if summary.get("provenance")
+        else None,
         has_dataset=dataset is not None,
         content_columns=content_columns,
         samples=_lowest_samples(mimic_filter, order, content),
@@ -309,14 +326,29 @@ def _window_rows(summary: dict[str, Any]) -> list[dict[str, str]]:
         note = "degenerate: all kept" if window["degenerate"] else ""
         if not _mimic_votes(summary):
             note = "not voting (labeling_functions leave out 'mimic')"
-        rows.append({"name": f"mimic/{window['name']}", "steps": f"{window['first_step']}–{window['last_step']}",
-                     "n_samples": _number(window.get("n_samples")), "cut": _number(window["threshold"]),
-                     "kept_fraction": _number(window.get("kept_fraction")),
-                     "accuracy": _number(window.get("estimated_accuracy")), "note": note})
+        rows.append(
+            {
+                "name": f"mimic/{window['name']}",
+                "steps": f"{window['first_step']}–{window['last_step']}",
+                "n_samples": _number(window.get("n_samples")),
+                "cut": _number(window["threshold"]),
+                "kept_fraction": _number(window.get("kept_fraction")),
+                "accuracy": _number(window.get("estimated_accuracy")),
+                "note": note,
+            }
+        )
     for function in summary.get("labeling_functions") or []:
-        rows.append({"name": str(function["name"]), "steps": "", "n_samples": _number(function.get("n_samples")),
-                     "cut": _number(function.get("boundary")), "kept_fraction": _number(function.get("kept_fraction")),
-                     "accuracy": _number(function.get("estimated_accuracy")), "note": ""})
+        rows.append(
+            {
+                "name": str(function["name"]),
+                "steps": "",
+                "n_samples": _number(function.get("n_samples")),
+                "cut": _number(function.get("boundary")),
+                "kept_fraction": _number(function.get("kept_fraction")),
+                "accuracy": _number(function.get("estimated_accuracy")),
+                "note": "",
+            }
+        )
     return rows
 
 
@@ -331,26 +363,38 @@ def _lowest_samples(mimic_filter: MimicFilter, order: np.ndarray, content: list[
     names = [f"mimic/{name}" for name in summary["window_names"]] if mimic else []
     votes = [np.asarray(row if mimic else [], dtype=int) for row in table.column("votes").to_pylist()]
     if "lf_votes" in table.column_names:
-        names += [str(function["name"]) for function in summary.get("labeling_functions") or []
-                  if function.get("kind") != "score"]
-        votes = [np.concatenate([mimic, np.asarray(other, dtype=int)])
-                 for mimic, other in zip(votes, table.column("lf_votes").to_pylist())]
+        names += [
+            str(function["name"])
+            for function in summary.get("labeling_functions") or []
+            if function.get("kind") != "score"
+        ]
+        votes = [
+            np.concatenate([mimic, np.asarray(other, dtype=int)])
+            for mimic, other in zip(votes, table.column("lf_votes").to_pylist())
+        ]
     samples = []
-    for position, record in enumerate(table.select(["sample_id", "keep_prob", "mean_mimic_score", "mean_weight"]).to_pylist()):
-        samples.append({
-            "sample_id": str(record["sample_id"]),
-            "keep_prob": _number(record["keep_prob"]),
-            "mean_mimic_score": _number(record["mean_mimic_score"]),
-            "mean_weight": _number(record["mean_weight"]),
-            "votes": [{"name": name, "kind": _VOTE_KINDS[int(vote)][0], "symbol": _VOTE_KINDS[int(vote)][1]}
-                      for name, vote in zip(names, votes[position])],
-            "content": content[position] if content else [],
-        })
+    for position, record in enumerate(
+        table.select(["sample_id", "keep_prob", "mean_mimic_score", "mean_weight"]).to_pylist()
+    ):
+        samples.append(
+            {
+                "sample_id": str(record["sample_id"]),
+                "keep_prob": _number(record["keep_prob"]),
+                "mean_mimic_score": _number(record["mean_mimic_score"]),
+                "mean_weight": _number(record["mean_weight"]),
+                "votes": [
+                    {"name": name, "kind": _VOTE_KINDS[int(vote)][0], "symbol": _VOTE_KINDS[int(vote)][1]}
+                    for name, vote in zip(names, votes[position])
+                ],
+                "content": content[position] if content else [],
+            }
+        )
     return samples
 
 
-def _sample_content(mimic_filter: MimicFilter, order: np.ndarray, dataset: Any,
-                    id_column: str | None) -> tuple[list[str], list[list[dict[str, str]]]]:
+def _sample_content(
+    mimic_filter: MimicFilter, order: np.ndarray, dataset: Any, id_column: str | None
+) -> tuple[list[str], list[list[dict[str, str]]]]:
     """The column names and, per listed sample, its cells: text (cut to `TEXT_CHARACTERS`) or a PNG thumbnail."""
     if dataset is None:
         return [], []
@@ -429,7 +473,9 @@ def _metrics_per_method(mimic_filter: MimicFilter, clean: np.ndarray, scores: An
                 labeling_functions=functions,
             )
             if not np.array_equal(rebuilt.sample_ids, mimic_filter.sample_ids):
-                raise ValueError("scores= does not hold the same samples as mimic_filter; pass the log it was built from.")
+                raise ValueError(
+                    "scores= does not hold the same samples as mimic_filter; pass the log it was built from."
+                )
         else:
             rebuilt = mimic_filter.rebuild(method=method)
         per_method[method] = compute_filter_metrics(rebuilt.keep, clean, keep_prob=rebuilt.keep_prob)

@@ -121,13 +121,19 @@ def score_shard_paths(path: str | os.PathLike) -> list[Path]:
     return [entry for _, _, entry in sorted(shards)]
 
 
-def read_score_table(path: str | os.PathLike, *, drop_repeated: bool = True, columns: Sequence[str] | None = None) -> pa.Table:
+def read_score_table(
+    path: str | os.PathLike, *, drop_repeated: bool = True, columns: Sequence[str] | None = None
+) -> pa.Table:
     """Read the score log under ``path`` as one Arrow table (ranks merged, repeats dropped)."""
     shards = score_shard_paths(path)
     if not shards:
         raise ValueError(f"The score log at {scores_dir(path)} is empty: no shard has been written.")
-    read_columns = None if columns is None else list(dict.fromkeys([*columns, *(["repeated"] if drop_repeated else [])]))
-    table = pa.concat_tables([pq.read_table(shard, columns=read_columns) for shard in shards], promote_options="default")
+    read_columns = (
+        None if columns is None else list(dict.fromkeys([*columns, *(["repeated"] if drop_repeated else [])]))
+    )
+    table = pa.concat_tables(
+        [pq.read_table(shard, columns=read_columns) for shard in shards], promote_options="default"
+    )
     if drop_repeated:
         table = table.filter(pa.compute.invert(table["repeated"]))
         if columns is not None and "repeated" not in columns:
@@ -202,7 +208,9 @@ class ScoreWriter:
         count = len(sample_ids)
         unknown = set(recorded or {}) - set(OPTIONAL_SCORE_COLUMNS)
         if unknown:
-            raise ValueError(f"Unknown optional score-log column(s) {sorted(unknown)}; expected {OPTIONAL_SCORE_COLUMNS}.")
+            raise ValueError(
+                f"Unknown optional score-log column(s) {sorted(unknown)}; expected {OPTIONAL_SCORE_COLUMNS}."
+            )
         optional = {name: np.asarray(values, dtype=np.float32) for name, values in (recorded or {}).items()}
         self._chunks.append(
             {
@@ -237,11 +245,10 @@ class ScoreWriter:
         columns = {name: np.concatenate([chunk[name] for chunk in chunks]) for name in SCORE_COLUMNS}
         for name in OPTIONAL_SCORE_COLUMNS:  # a step that did not record it reads NaN there
             if any(name in chunk for chunk in chunks):
-                columns[name] = np.concatenate([chunk.get(name, np.full(len(chunk["sample_id"]), np.nan, np.float32))
-                                                for chunk in chunks])
-        arrays = {
-            name: pa.array(values, type=SCORE_TYPES.get(name)) for name, values in columns.items()
-        }
+                columns[name] = np.concatenate(
+                    [chunk.get(name, np.full(len(chunk["sample_id"]), np.nan, np.float32)) for chunk in chunks]
+                )
+        arrays = {name: pa.array(values, type=SCORE_TYPES.get(name)) for name, values in columns.items()}
         table = pa.table(arrays)
         first, last = int(columns["global_step"].min()), int(columns["global_step"].max())
         name = f"rank{self.rank:05d}-steps{first:09d}-{last:09d}.parquet"
@@ -265,15 +272,21 @@ class ScoreWriter:
         spare = Path(tempfile.gettempdir()) / f"hf_gradmimic-unsaved-{os.getpid()}-{destination.name}"
         try:
             atomic_write(spare, lambda tmp: pq.write_table(table, tmp))
-            kept = (f"Its {table.num_rows} records ({steps}) were saved to {spare} instead: free space, then move that "
-                    f"file into {self.folder} under the name {destination.name}")
+            kept = (
+                f"Its {table.num_rows} records ({steps}) were saved to {spare} instead: free space, then move that "
+                f"file into {self.folder} under the name {destination.name}"
+            )
         except OSError as spare_error:
             self.unsaved.append(table)
-            kept = (f"Saving them to {spare} failed as well ({spare_error.strerror or spare_error}): its "
-                    f"{table.num_rows} records ({steps}) are kept in memory, in ScoreWriter.unsaved (e.g. "
-                    "trainer.score_log.writer.unsaved); write them with pyarrow.parquet.write_table before exiting")
-        return (f"Could not write the score-log shard {destination} of the score log in {self.folder} "
-                f"({error.strerror or error}). {kept}.")
+            kept = (
+                f"Saving them to {spare} failed as well ({spare_error.strerror or spare_error}): its "
+                f"{table.num_rows} records ({steps}) are kept in memory, in ScoreWriter.unsaved (e.g. "
+                "trainer.score_log.writer.unsaved); write them with pyarrow.parquet.write_table before exiting"
+            )
+        return (
+            f"Could not write the score-log shard {destination} of the score log in {self.folder} "
+            f"({error.strerror or error}). {kept}."
+        )
 
     def truncate_after(self, global_step: int) -> int:
         """Drop this rank's records of steps after ``global_step``; returns how many rows went.
@@ -322,8 +335,11 @@ def read_provenance(path: str | os.PathLike) -> dict[str, Any] | None:
     file = scores_dir(path) / PROVENANCE_NAME
     if not file.is_file():
         return None
-    return read_json_object(file, "The score log's provenance file",
-                            "restore it, or delete it (the filter then cannot check the dataset it is applied to).")
+    return read_json_object(
+        file,
+        "The score log's provenance file",
+        "restore it, or delete it (the filter then cannot check the dataset it is applied to).",
+    )
 
 
 def provenance_description(provenance: dict[str, Any]) -> str:

@@ -63,8 +63,10 @@ class MimicSFTConfig(MimicArguments, SFTConfig):
     )
     gradient_checkpointing: Optional[bool] = field(
         default=None,
-        metadata={"help": "Deprecated alias of `activation_checkpointing` (transformers). Left unset, activation "
-                  "checkpointing is on, as TRL's default."},
+        metadata={
+            "help": "Deprecated alias of `activation_checkpointing` (transformers). Left unset, activation "
+            "checkpointing is on, as TRL's default."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -95,7 +97,9 @@ def check_sft_setup(args: Any, compute_loss_func: Any) -> None:
                 "`padding_free=False` in MimicSFTConfig."
             )
     if args.loss_type not in ("nll", "chunked_nll", "dft"):
-        raise ValueError(f"MimicSFTTrainer knows the per-sample form of loss_type 'nll' and 'dft', not {args.loss_type!r}.")
+        raise ValueError(
+            f"MimicSFTTrainer knows the per-sample form of loss_type 'nll' and 'dft', not {args.loss_type!r}."
+        )
     if compute_loss_func is not None:
         raise ValueError(
             "MimicSFTTrainer computes one loss per sample; `compute_loss_func` returns the batch's. Pass "
@@ -160,12 +164,24 @@ class MimicSFTTrainer(MimicTrainerMixin, SFTTrainer):
         self._sft_loss = per_sample_loss_fn is None
         self._sft_counts: tuple[torch.Tensor, ...] | None = None
         super().__init__(
-            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset,
-            processing_class=processing_class, compute_metrics=compute_metrics, callbacks=callbacks,
-            optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics, peft_config=peft_config,
-            formatting_func=formatting_func, reference=reference, scorer=scorer, zero_shot=zero_shot,
-            per_sample_loss_fn=per_sample_loss_fn or self._sft_per_sample_losses, **kwargs,
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            peft_config=peft_config,
+            formatting_func=formatting_func,
+            reference=reference,
+            scorer=scorer,
+            zero_shot=zero_shot,
+            per_sample_loss_fn=per_sample_loss_fn or self._sft_per_sample_losses,
+            **kwargs,
         )
         if self.aux_loss_enabled:
             raise ValueError(
@@ -199,12 +215,15 @@ class MimicSFTTrainer(MimicTrainerMixin, SFTTrainer):
             return outputs.label_mask.sum(dim=1)
         return supervised_counts(self.accelerator.unwrap_model(self.model), outputs, labels)
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         """In training, the mixin's reweighted loss, with SFT's token metrics logged; elsewhere `SFTTrainer`'s."""
         training = self._mimic_batch is not None and model.training
         self._sft_counts = None
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
         if training and self._sft_loss and self._fused_head:
             self._log_sft_metrics(inputs)
         return result
@@ -220,4 +239,3 @@ class MimicSFTTrainer(MimicTrainerMixin, SFTTrainer):
         self._metrics["train"]["mean_token_accuracy"].append((num_correct / num_valid).item() if num_valid > 0 else 0.0)
         self._total_train_tokens += gather(inputs["attention_mask"].sum().reshape(1)).sum().item() // self._tp_size
         self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
-

@@ -86,8 +86,9 @@ def _gather(table: pa.Table, rows: np.ndarray) -> pa.Table:
     order = np.argsort(rows, kind="stable")
     ordered = rows[order]
     chunk_of = np.searchsorted(bounds, ordered, side="right") - 1
-    pieces = [batches[chunk].take(pa.array(ordered[chunk_of == chunk] - bounds[chunk]))
-              for chunk in np.unique(chunk_of)]
+    pieces = [
+        batches[chunk].take(pa.array(ordered[chunk_of == chunk] - bounds[chunk])) for chunk in np.unique(chunk_of)
+    ]
     gathered = pa.Table.from_batches(pieces, schema=table.schema).combine_chunks()
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
@@ -150,7 +151,7 @@ def _update_with_array(digest: Any, array: pa.Array) -> None:
         offsets = np.frombuffer(array.buffers()[1], dtype=np.int64, count=len(array) + 1, offset=array.offset * 8)
         digest.update(np.diff(offsets).tobytes())
         if len(array) and array.buffers()[2] is not None:
-            digest.update(memoryview(array.buffers()[2])[offsets[0]: offsets[-1]])
+            digest.update(memoryview(array.buffers()[2])[offsets[0] : offsets[-1]])
     elif pa.types.is_large_list(array.type):
         digest.update(pc.fill_null(array.value_lengths(), -1).to_numpy(zero_copy_only=False).tobytes())
         _update_with_array(digest, array.flatten())
@@ -158,8 +159,11 @@ def _update_with_array(digest: Any, array: pa.Array) -> None:
         for field in array.flatten():
             _update_with_array(digest, field)
     elif pa.types.is_primitive(array.type) and not pa.types.is_boolean(array.type):
-        digest.update(array.fill_null(0).to_numpy(zero_copy_only=False).tobytes() if nulls.any()
-                      else array.to_numpy(zero_copy_only=False).tobytes())
+        digest.update(
+            array.fill_null(0).to_numpy(zero_copy_only=False).tobytes()
+            if nulls.any()
+            else array.to_numpy(zero_copy_only=False).tobytes()
+        )
     else:  # booleans and rarer types: through Python values
         digest.update(repr(array.to_pylist()).encode())
 
@@ -168,8 +172,9 @@ def _update_with_column(digest: Any, column: pa.ChunkedArray | pa.Array) -> None
     """Hash a column slice in the canonical type of its values (`_canonical_type`)."""
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     canonical = _canonical_type(column.type)
-    _update_with_array(digest, pa.concat_arrays([chunk.cast(canonical) for chunk in chunks]) if chunks
-                       else pa.array([], canonical))
+    _update_with_array(
+        digest, pa.concat_arrays([chunk.cast(canonical) for chunk in chunks]) if chunks else pa.array([], canonical)
+    )
 
 
 def dataset_signature(data: Any) -> dict[str, str] | None:
@@ -203,8 +208,10 @@ def row_signature(data: Any) -> dict[str, str] | None:
     n = rows.num_rows
     positions = np.unique(np.linspace(0, max(n - 1, 0), min(SIGNATURE_ROWS, n)).astype(np.int64))
     sample = as_rows(rows.take(positions)).table()
-    return {name: hashlib.sha256(repr(sample.column(name).to_pylist()).encode()).hexdigest()[:16]
-            for name in sample.column_names}
+    return {
+        name: hashlib.sha256(repr(sample.column(name).to_pylist()).encode()).hexdigest()[:16]
+        for name in sample.column_names
+    }
 
 
 def id_kind(dtype: pa.DataType) -> str:

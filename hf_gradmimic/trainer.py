@@ -124,18 +124,27 @@ class MimicTrainerMixin:
     # compute_loss returns a loss already normalised over the whole optimizer step.
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args: Any, reference: ReferenceSource | None = None,
-                 per_sample_loss_fn: PerSampleLossFn | None = None, scorer: SampleScorer | None = None,
-                 zero_shot: Callable[[dict[str, Any]], torch.Tensor] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        reference: ReferenceSource | None = None,
+        per_sample_loss_fn: PerSampleLossFn | None = None,
+        scorer: SampleScorer | None = None,
+        zero_shot: Callable[[dict[str, Any]], torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> None:
         bound = inspect.signature(super().__init__).bind(*args, **kwargs)
         config, train_dataset = (bound.arguments.get(name) for name in ("args", "train_dataset"))
         if config is None:
             config = bound.arguments["args"] = self.mimic_config_class(output_dir="mimic_trainer_output")
         elif not hasattr(config, "mimic_layer_map"):
-            raise TypeError(f"{type(self).__name__} needs `args` to be a {self.mimic_config_class.__name__}, got "
-                            f"{type(config).__name__}.")
-        per_sample_loss_fn = loss_fn_from_compute_loss_func(bound.arguments.get("compute_loss_func"),
-                                                            per_sample_loss_fn, type(self).__name__)
+            raise TypeError(
+                f"{type(self).__name__} needs `args` to be a {self.mimic_config_class.__name__}, got "
+                f"{type(config).__name__}."
+            )
+        per_sample_loss_fn = loss_fn_from_compute_loss_func(
+            bound.arguments.get("compute_loss_func"), per_sample_loss_fn, type(self).__name__
+        )
         # Without a train_dataset (evaluate or predict only) the Grad-Mimic set-up waits for one (`_hp_search_setup`).
         data = None if train_dataset is None else prepare_training_data(train_dataset, config, type(self).__name__)
         if data is not None:
@@ -169,8 +178,9 @@ class MimicTrainerMixin:
         if previous is not None and self._mimic_resuming and previous.state_dict():
             self.scorer.load_state_dict(previous.state_dict())  # loaded from the checkpoint by `train`
 
-    def _setup_mimic(self, reference: Any, per_sample_loss_fn: Any, scorer: SampleScorer | None, zero_shot: Any,
-                     data: TrainingData) -> None:
+    def _setup_mimic(
+        self, reference: Any, per_sample_loss_fn: Any, scorer: SampleScorer | None, zero_shot: Any, data: TrainingData
+    ) -> None:
         """Builds the owners of each job (`hf_gradmimic.training`) after `Trainer.__init__` made the accelerator."""
         args, accelerator = self.args, self.accelerator
         check_one_reference(args.mimic_reference, reference)
@@ -181,23 +191,36 @@ class MimicTrainerMixin:
         streaming, sample_ids, clean_flags = data.streaming, data.sample_ids, data.clean_flags
         dataset_size = None if streaming else len(self.train_dataset)
         # An image–text dual encoder gets its contrastive per-sample loss (hf_gradmimic.contrastive) by itself.
-        self.per_sample_loss_fn = per_sample_loss_fn if per_sample_loss_fn is not None else contrastive_loss_for(unwrapped)
+        self.per_sample_loss_fn = (
+            per_sample_loss_fn if per_sample_loss_fn is not None else contrastive_loss_for(unwrapped)
+        )
         self.batch_coupled = is_batch_coupled(self.per_sample_loss_fn)
         self._ghost = GhostReader(self.batch_coupled, check_user_loss=per_sample_loss_fn is not None)
         self.mimic_layers = MimicLayers(unwrapped, args.mimic_layer_map)
-        self.scorer = scorer if scorer is not None else scorer_from_config(
-            args, reference=reference, zero_shot=zero_shot, layers=self.mimic_layers,
-            num_train_samples=dataset_size, model=unwrapped,
+        self.scorer = (
+            scorer
+            if scorer is not None
+            else scorer_from_config(
+                args,
+                reference=reference,
+                zero_shot=zero_shot,
+                layers=self.mimic_layers,
+                num_train_samples=dataset_size,
+                model=unwrapped,
+            )
         )
         self.mode = args.mimic_mode or self.scorer.default_mode
         if self.batch_coupled:
             check_coupled_setup(self.scorer, args, accelerator)
         check_mode(self.scorer, self.mode)
         if self.mode == "select" and args.mimic_reweight_scope == "layer":
-            raise ValueError("`mimic_reweight_scope='layer'` reweights a full batch; `select` mode trains on the selected samples only.")
+            raise ValueError(
+                "`mimic_reweight_scope='layer'` reweights a full batch; `select` mode trains on the selected samples only."
+            )
         stream_ids = StreamIds() if streaming else None  # a stream's samples are named by their ids' keys
-        self.mimic_bookkeeping = Bookkeeping(args.mimic_clean_column, self.scorer.extra_columns, args.mimic_id_column,
-                                             stream_ids)
+        self.mimic_bookkeeping = Bookkeeping(
+            args.mimic_clean_column, self.scorer.extra_columns, args.mimic_id_column, stream_ids
+        )
         self.mimic_metrics = MetricsBuffer()
         self._mimic_batch: tuple[torch.Tensor, dict[str, Any]] | None = None
         self._num_items_in_batch: Any = None
@@ -207,39 +230,79 @@ class MimicTrainerMixin:
         alignment_possible = adapt_to_fsdp(accelerator, args)
         # FSDP2 and DeepSpeed keep the parameters sharded outside forward, where the recorded uses are re-applied; a
         # batch-coupled loss mixes every sample into each row of δ, which the uses backward weights row by row.
-        self._uses_backward_possible = (accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-                                        and not self.batch_coupled)
+        self._uses_backward_possible = (
+            accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+            and not self.batch_coupled
+        )
         self.reference_name = getattr(self.scorer, "reference_name", None)
         # What the cards name: a path or repo id as is, a model or tensor dict as an in-memory reference.
         self.reference_in_memory = reference is not None and not isinstance(reference, (str, os.PathLike))
         self.mimic_diagnostics = None
         if self.scorer.monitors_reference:
-            check_reference_setup(reference if reference is not None else args.mimic_reference, unwrapped,
-                                  self.mimic_layers.current_tensors, revision=args.mimic_reference_revision,
-                                  token=args.hub_token, reference_name=self.reference_name)
+            check_reference_setup(
+                reference if reference is not None else args.mimic_reference,
+                unwrapped,
+                self.mimic_layers.current_tensors,
+                revision=args.mimic_reference_revision,
+                token=args.hub_token,
+                reference_name=self.reference_name,
+            )
             self.mimic_diagnostics = ReferenceDiagnostics(
-                self.scorer, self.mimic_layers, lambda: self.accelerator.unwrap_model(self.model), self._per_sample_losses,
-                self.mimic_metrics, args.mimic_alignment_check and alignment_possible, lambda: monitor_interval(self.args),
+                self.scorer,
+                self.mimic_layers,
+                lambda: self.accelerator.unwrap_model(self.model),
+                self._per_sample_losses,
+                self.mimic_metrics,
+                args.mimic_alignment_check and alignment_possible,
+                lambda: monitor_interval(self.args),
             )
         # The reference's per-sample loss for the score log (a Stage-2 signal): for scorers that have a reference
         # sharing the student's coordinates, i.e. those the diagnostics monitor.
-        self.reference_verdict = ReferenceVerdict(
-            args.mimic_log_reference_loss, self.scorer.reference_on_device, self.mimic_layers,
-            lambda: self.accelerator.unwrap_model(self.model), self._per_sample_losses,
-        ) if self.scorer.monitors_reference and args.mimic_record_scores else None
-        self.step_softmax = StepSoftmax(args.mimic_normalize, accelerator.num_processes, gather_across_ranks(accelerator),
-                                        self._accumulated_grads)
-        self.score_log = ScoreLog(args.output_dir, accelerator.process_index, accelerator.num_processes,
-                                  dataset_size, stream_ids if streaming else sample_ids, args.mimic_record_scores,
-                                  accelerator.wait_for_everyone,
-                                  run_provenance(args, self.scorer, self.mode, unwrapped, data.given))
-        self.mimic_audit = FilterAudit(clean_flags, sample_ids, args.mimic_filter_method, args.seed) if clean_flags is not None else None
-        self.nonfinite_guard = NonFiniteStepGuard(self.step_softmax.finite_samples, lambda: self.model.parameters(),
-                                                  args.mimic_max_nonfinite_steps, self.step_softmax.supervised_samples)
+        self.reference_verdict = (
+            ReferenceVerdict(
+                args.mimic_log_reference_loss,
+                self.scorer.reference_on_device,
+                self.mimic_layers,
+                lambda: self.accelerator.unwrap_model(self.model),
+                self._per_sample_losses,
+            )
+            if self.scorer.monitors_reference and args.mimic_record_scores
+            else None
+        )
+        self.step_softmax = StepSoftmax(
+            args.mimic_normalize, accelerator.num_processes, gather_across_ranks(accelerator), self._accumulated_grads
+        )
+        self.score_log = ScoreLog(
+            args.output_dir,
+            accelerator.process_index,
+            accelerator.num_processes,
+            dataset_size,
+            stream_ids if streaming else sample_ids,
+            args.mimic_record_scores,
+            accelerator.wait_for_everyone,
+            run_provenance(args, self.scorer, self.mode, unwrapped, data.given),
+        )
+        self.mimic_audit = (
+            FilterAudit(clean_flags, sample_ids, args.mimic_filter_method, args.seed)
+            if clean_flags is not None
+            else None
+        )
+        self.nonfinite_guard = NonFiniteStepGuard(
+            self.step_softmax.finite_samples,
+            lambda: self.model.parameters(),
+            args.mimic_max_nonfinite_steps,
+            self.step_softmax.supervised_samples,
+        )
         # Run at every event, after the user's callbacks, but not listed among them (`training.internal_callbacks`).
-        self.callback_handler = hide_internal_callbacks(self.callback_handler, [
-            ActivationCheckpointingCheck(lambda: self.accelerator.unwrap_model(self.model)), self.score_log,
-            self.nonfinite_guard, _StepEnd(self._end_mimic_step)])
+        self.callback_handler = hide_internal_callbacks(
+            self.callback_handler,
+            [
+                ActivationCheckpointingCheck(lambda: self.accelerator.unwrap_model(self.model)),
+                self.score_log,
+                self.nonfinite_guard,
+                _StepEnd(self._end_mimic_step),
+            ],
+        )
 
     # ------------------------------------------------------------------ Trainer overrides
 
@@ -272,12 +335,19 @@ class MimicTrainerMixin:
                 self.scorer.load_state_dict(state)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
-    def _init_training_state(self, max_steps: int, num_update_steps_per_epoch: int, num_train_epochs: int,
-                             resume_from_checkpoint: Any, trial: Any) -> tuple[int, int]:
+    def _init_training_state(
+        self,
+        max_steps: int,
+        num_update_steps_per_epoch: int,
+        num_train_epochs: int,
+        resume_from_checkpoint: Any,
+        trial: Any,
+    ) -> tuple[int, int]:
         # A stream resumed after a full pass over it: Trainer would skip batches of the first pass; continue the
         # pass the checkpoint was in instead (training.stream_ids.stream_position).
-        position = super()._init_training_state(max_steps, num_update_steps_per_epoch, num_train_epochs,
-                                                resume_from_checkpoint, trial)
+        position = super()._init_training_state(
+            max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
+        )
         if resume_from_checkpoint is not None and is_stream(self.train_dataset) and not self.args.ignore_data_skip:
             return stream_position(self.state.epoch or 0.0, max_steps * self.args.gradient_accumulation_steps)
         return position
@@ -312,12 +382,15 @@ class MimicTrainerMixin:
         finally:
             self._mimic_batch = self._num_items_in_batch = None
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> torch.Tensor | tuple[torch.Tensor, Any]:
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """In training: the loss whose gradient is Σ_i w_i ∇ℓ_i. Elsewhere: the base trainer's loss."""
         self.mimic_bookkeeping.pop(inputs)
         if self._mimic_batch is None or not model.training:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         if self.mode == "select":
             return self._select_step(model, inputs, return_outputs)
         return self._reweight_step(model, inputs, return_outputs)
@@ -326,8 +399,9 @@ class MimicTrainerMixin:
         self.mimic_bookkeeping.pop(inputs)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
-    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
-                 metric_key_prefix: str = "eval") -> dict[str, float]:
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
         """The base `evaluate`, plus, with ``mimic_clean_column``, the running filter scored against the clean flags."""
         metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         if self.mimic_audit is not None and self.score_log.folder is not None:
@@ -346,8 +420,13 @@ class MimicTrainerMixin:
             logs.update(self.mimic_metrics.drain())
         super().log(logs, start_time)
 
-    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
-                          tags: str | list[str] | None = None, **kwargs: Any) -> None:
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
         """Write the Grad-Mimic model card (template ``model_card.md``) to ``<output_dir>/README.md``."""
         if not self.is_world_process_zero():
             return
@@ -372,15 +451,21 @@ class MimicTrainerMixin:
         logits = logits_of(outputs) if self.per_sample_loss_fn is None else None
         if diagnostics is not None:
             diagnostics.after_forward(capture, logits, losses, inputs, labels, model_inputs)
-        recorded = {"margin": classification_margins(logits, labels) if self.args.mimic_record_scores else None,
-                    "reference_loss": None if self.reference_verdict is None
-                    else self.reference_verdict.losses(capture, logits, labels, model_inputs, inputs)}
+        recorded = {
+            "margin": classification_margins(logits, labels) if self.args.mimic_record_scores else None,
+            "reference_loss": None
+            if self.reference_verdict is None
+            else self.reference_verdict.losses(capture, logits, labels, model_inputs, inputs),
+        }
         needs_ghost = self.scorer.needs_output_grads or self.args.mimic_reweight_scope == "layer"
         ctx_logits = logits.detach() if logits is not None and "logits" in self.scorer.requires else None
         # When the mimic tensors are all that trains (LoRA), their update Σ_i c_i g_i comes from the recorded uses:
         # the backward through the model that gives δ is the only one.
-        from_uses = needs_ghost and self._uses_backward_possible and only_mimic_tensors_train(
-            self.accelerator.unwrap_model(self.model), self.mimic_layers.tensors.values())
+        from_uses = (
+            needs_ghost
+            and self._uses_backward_possible
+            and only_mimic_tensors_train(self.accelerator.unwrap_model(self.model), self.mimic_layers.tensors.values())
+        )
         if from_uses:
             ghost = self._ghost(capture, losses, retain_graph=False)
             if not return_outputs:
@@ -402,10 +487,18 @@ class MimicTrainerMixin:
         if diagnostics is not None:
             diagnostics.after_scores(ghost, scores, step)
         softmax_logits, fallback = self._softmax_logits(scores, status)
-        coefficients = self.step_softmax.add(step, rows, scores, softmax_logits, losses, status, fallback,
-                                             self.current_gradient_accumulation_steps,
-                                             log_token_counts(supervised, self.args.mimic_token_weighting),
-                                             recorded)
+        coefficients = self.step_softmax.add(
+            step,
+            rows,
+            scores,
+            softmax_logits,
+            losses,
+            status,
+            fallback,
+            self.current_gradient_accumulation_steps,
+            log_token_counts(supervised, self.args.mimic_token_weighting),
+            recorded,
+        )
         nonfinite = status == STATUS_NONFINITE
         if self.accelerator.num_processes > 1 and not nonfinite.all():  # for `_nothing_to_train`, later
             self._spare_sample = rows_of(inputs, (~nonfinite).nonzero().flatten()[:1], len(rows))
@@ -428,9 +521,16 @@ class MimicTrainerMixin:
         if self.mode == "select" and batch_samples:
             candidates = [self._score_candidates(batch) for batch in batch_samples]
             accelerator = self.accelerator
-            self._selections = deque(select_over_step(self.scorer, candidates, self.args.mimic_select_ratio,
-                                                      self.step_softmax.gather, accelerator.process_index,
-                                                      accelerator.num_processes))
+            self._selections = deque(
+                select_over_step(
+                    self.scorer,
+                    candidates,
+                    self.args.mimic_select_ratio,
+                    self.step_softmax.gather,
+                    accelerator.process_index,
+                    accelerator.num_processes,
+                )
+            )
             if self.scorer.observes:
                 observe_step(self.scorer, list(self._selections), self.step_softmax.gather)
         return batch_samples, num_items_in_batch
@@ -448,23 +548,32 @@ class MimicTrainerMixin:
             losses = self._per_sample_losses(outputs, inputs, labels)
             ghost = self._ghost(capture, losses, retain_graph=False) if needs_ghost else None
             logits = logits_of(outputs).detach() if "logits" in self.scorer.requires else None
-            ctx = self._score_context(capture, ghost, losses, logits, labels, model_inputs, extras,
-                                      torch.as_tensor(rows).cpu())
+            ctx = self._score_context(
+                capture, ghost, losses, logits, labels, model_inputs, extras, torch.as_tensor(rows).cpu()
+            )
             scores = self.scorer.score(ctx).detach().float()
             counts = self._supervised_counts(outputs, labels)
             status = row_status(losses.detach(), scores, counts)
-        return Candidates(torch.as_tensor(rows).cpu(), scores, losses.detach(), status,
-                          ctx if self.scorer.observes else None, counts)
+        return Candidates(
+            torch.as_tensor(rows).cpu(), scores, losses.detach(), status, ctx if self.scorer.observes else None, counts
+        )
 
     def _select_step(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool) -> Any:
         """``select`` mode (RHO-LOSS, Bayesian selection): forward and backward only the samples selected for this
         micro-batch when the whole step was scored (`get_batch_samples`)."""
         selection = self._selections.popleft()
         candidates = selection.candidates
-        coefficients = self.step_softmax.add(self.state.global_step, candidates.rows, candidates.scores, selection.logits,
-                                             candidates.losses, candidates.status, torch.tensor(False),
-                                             self.current_gradient_accumulation_steps,
-                                             log_token_counts(candidates.counts, self.args.mimic_token_weighting))
+        coefficients = self.step_softmax.add(
+            self.state.global_step,
+            candidates.rows,
+            candidates.scores,
+            selection.logits,
+            candidates.losses,
+            candidates.status,
+            torch.tensor(False),
+            self.current_gradient_accumulation_steps,
+            log_token_counts(candidates.counts, self.args.mimic_token_weighting),
+        )
         selected = selection.selected
         if len(selected) == 0:  # nothing to train on here; the other processes, or micro-batches, have the selection
             excluded = torch.ones_like(candidates.status, dtype=torch.bool)
@@ -484,9 +593,17 @@ class MimicTrainerMixin:
             return inputs
         return {k: v for k, v in inputs.items() if k != "labels"}
 
-    def _score_context(self, capture: Capture, ghost: Any, losses: torch.Tensor, logits: torch.Tensor | None,
-                       labels: Any, model_inputs: dict[str, Any], extras: dict[str, Any],
-                       rows: torch.Tensor | None = None) -> ScoreContext:
+    def _score_context(
+        self,
+        capture: Capture,
+        ghost: Any,
+        losses: torch.Tensor,
+        logits: torch.Tensor | None,
+        labels: Any,
+        model_inputs: dict[str, Any],
+        extras: dict[str, Any],
+        rows: torch.Tensor | None = None,
+    ) -> ScoreContext:
         activations = capture.activations()
         return ScoreContext(
             losses=losses.detach(),
@@ -511,12 +628,20 @@ class MimicTrainerMixin:
         if self.state.global_step < self.args.mimic_warmup_steps:
             logits = torch.zeros_like(scores)
         else:
-            logits = self.scorer.softmax_logits(scores, self.mode, self.args.mimic_temperature, self.args.mimic_select_ratio)
+            logits = self.scorer.softmax_logits(
+                scores, self.mode, self.args.mimic_temperature, self.args.mimic_select_ratio
+            )
             logits = torch.where(fallback, torch.zeros_like(scores), logits)
         return torch.where(scored, logits, -torch.inf), fallback
 
-    def _weighted_loss(self, losses: torch.Tensor, coefficients: torch.Tensor, ghost: Any, status: torch.Tensor,
-                       counts: torch.Tensor | None) -> torch.Tensor:
+    def _weighted_loss(
+        self,
+        losses: torch.Tensor,
+        coefficients: torch.Tensor,
+        ghost: Any,
+        status: torch.Tensor,
+        counts: torch.Tensor | None,
+    ) -> torch.Tensor:
         """The loss to backpropagate on the general path: Σ_i c_i ℓ_i (scope ``all``), or for scope ``layer`` the
         plain loss of `Trainer` over the scored samples plus a correction whose gradient is Σ_i (c_i − u_i) g_i on the
         mimic tensors only (u_i the plain loss's weight, `training.token_weighting.plain_mean_weights`)."""
@@ -532,7 +657,9 @@ class MimicTrainerMixin:
         else:
             if labels is None:
                 raise ValueError("The training batch has no `labels`; MimicTrainer needs them for per-sample losses.")
-            losses = per_sample_loss(self.accelerator.unwrap_model(self.model), outputs, labels, self.args.label_smoothing_factor)
+            losses = per_sample_loss(
+                self.accelerator.unwrap_model(self.model), outputs, labels, self.args.label_smoothing_factor
+            )
         if losses.dim() != 1:
             raise ValueError(f"Per-sample losses must have shape [batch], got {tuple(losses.shape)}.")
         return losses.float()
@@ -543,8 +670,14 @@ class MimicTrainerMixin:
             return None
         return supervised_counts(self.accelerator.unwrap_model(self.model), outputs, labels)
 
-    def _loss_without(self, model: nn.Module, inputs: dict[str, Any], excluded: torch.Tensor,
-                      coefficients: torch.Tensor, status: torch.Tensor) -> torch.Tensor:
+    def _loss_without(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        excluded: torch.Tensor,
+        coefficients: torch.Tensor,
+        status: torch.Tensor,
+    ) -> torch.Tensor:
         """Σ_i c_i ℓ_i from a second forward of the micro-batch without the ``excluded`` samples: in the first forward
         their rows were not finite, and 0·NaN is NaN in every layer's weight gradient, so they must not be in the graph
         that is backpropagated. With nothing left, a zero loss that still reaches every trainable parameter (DDP
@@ -564,8 +697,9 @@ class MimicTrainerMixin:
                 "mode?), which MimicTrainer does not support."
             )
         ghost = capture.ghost_batch(losses.sum()) if self.args.mimic_reweight_scope == "layer" else None
-        return self._weighted_loss(losses, coefficients[kept], ghost, status[kept],
-                                   self._supervised_counts(outputs, subset.get("labels")))
+        return self._weighted_loss(
+            losses, coefficients[kept], ghost, status[kept], self._supervised_counts(outputs, subset.get("labels"))
+        )
 
     def _nothing_to_train(self, model: nn.Module, inputs: dict[str, Any], finite: torch.Tensor) -> torch.Tensor:
         """A zero loss for a micro-batch with no sample to train on. One process: any zero reaching the parameters.
@@ -584,8 +718,15 @@ class MimicTrainerMixin:
         spare = self._spare_sample
         return self._per_sample_losses(model(**self._model_inputs(spare)), spare, spare.get("labels")).sum() * 0.0
 
-    def _reported(self, loss: torch.Tensor, losses: torch.Tensor, status: torch.Tensor, outputs: Any,
-                  return_outputs: bool, counts: torch.Tensor | None = None) -> Any:
+    def _reported(
+        self,
+        loss: torch.Tensor,
+        losses: torch.Tensor,
+        status: torch.Tensor,
+        outputs: Any,
+        return_outputs: bool,
+        counts: torch.Tensor | None = None,
+    ) -> Any:
         """The loss to backpropagate, carrying as its value `Trainer`'s plain loss of the finite samples (over their
         tokens with token weighting: the same logged loss; NaN when none is finite, which `Trainer`'s
         ``logging_nan_inf_filter`` then skips)."""
@@ -600,16 +741,26 @@ class MimicTrainerMixin:
     def _plain_mean_weights(self, included: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
         """Each included sample's weight in `Trainer`'s plain loss (`training.token_weighting.plain_mean_weights`)."""
         loss_scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
-        return plain_mean_weights(included, counts, self.args.mimic_token_weighting,
-                                  self.current_gradient_accumulation_steps, self._num_items_in_batch, loss_scale)
+        return plain_mean_weights(
+            included,
+            counts,
+            self.args.mimic_token_weighting,
+            self.current_gradient_accumulation_steps,
+            self._num_items_in_batch,
+            loss_scale,
+        )
 
     def _comparison_gradient(self) -> dict[str, torch.Tensor]:
         """AGRA's comparison: the mean gradient (mimic tensors) of a batch drawn at random from the training set."""
         if is_stream(self.train_dataset):
-            raise ValueError("AGRA's comparison batch is drawn at random from the training set, which a stream "
-                             "(iterable dataset) cannot do; use another scorer, or a map-style dataset.")
+            raise ValueError(
+                "AGRA's comparison batch is drawn at random from the training set, which a stream "
+                "(iterable dataset) cannot do; use another scorer, or a map-style dataset."
+            )
         if self._comparison_collator is None:
-            self._comparison_collator = self._get_collator_with_removed_columns(self.data_collator, description="training")
+            self._comparison_collator = self._get_collator_with_removed_columns(
+                self.data_collator, description="training"
+            )
         generator = torch.Generator().manual_seed(self.args.seed + self.state.global_step)
         rows = torch.randperm(len(self.train_dataset), generator=generator)[: self.args.per_device_train_batch_size]
         batch = self._prepare_inputs(self._comparison_collator([self.train_dataset[int(i)] for i in rows]))
@@ -622,7 +773,9 @@ class MimicTrainerMixin:
     def _accumulated_grads(self) -> list[torch.Tensor]:
         """The gradients the step softmax rescales: every trainable parameter's (scope ``all``), or the mimic
         tensors' (scope ``layer``); this rank's shard of a DTensor gradient under FSDP2."""
-        params = self.mimic_layers.tensors.values() if self.args.mimic_reweight_scope == "layer" else self.model.parameters()
+        params = (
+            self.mimic_layers.tensors.values() if self.args.mimic_reweight_scope == "layer" else self.model.parameters()
+        )
         return [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
 
     def _end_mimic_step(self, state: Any) -> None:
@@ -673,10 +826,22 @@ class MimicTrainer(MimicTrainerMixin, Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset, eval_dataset=eval_dataset,
-            processing_class=processing_class, model_init=model_init, compute_loss_func=compute_loss_func,
-            compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers,
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            model_init=model_init,
+            compute_loss_func=compute_loss_func,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-            reference=reference, per_sample_loss_fn=per_sample_loss_fn, scorer=scorer, zero_shot=zero_shot, **kwargs,
+            reference=reference,
+            per_sample_loss_fn=per_sample_loss_fn,
+            scorer=scorer,
+            zero_shot=zero_shot,
+            **kwargs,
         )

@@ -35,7 +35,9 @@ class ZeroShotPredictor(Protocol):
     def __call__(self, batch: Any) -> torch.Tensor: ...
 
 
-def cosine_logits(sample_embeds: torch.Tensor, class_embeds: torch.Tensor, scale: float = DEFAULT_SCALE) -> torch.Tensor:
+def cosine_logits(
+    sample_embeds: torch.Tensor, class_embeds: torch.Tensor, scale: float = DEFAULT_SCALE
+) -> torch.Tensor:
     r"""``scale · cos(x_i, c_k)`` ``[B, C]`` from sample embeddings ``[B, D]`` and class embeddings ``[C, D]``.
 
     .. math:: \mathrm{logit}_{ik} = s\,\frac{x_i^\top c_k}{\lVert x_i\rVert\,\lVert c_k\rVert}
@@ -134,7 +136,9 @@ class SentenceZeroShot:
 
     def _embed(self, texts: Sequence[str]) -> torch.Tensor:
         with torch.no_grad():
-            embeds = self.model.encode(list(texts), batch_size=self.batch_size, convert_to_tensor=True, show_progress_bar=False)
+            embeds = self.model.encode(
+                list(texts), batch_size=self.batch_size, convert_to_tensor=True, show_progress_bar=False
+            )
         return embeds.float().cpu()
 
     def logits(self, texts: Sequence[str]) -> torch.Tensor:

@@ -186,7 +186,7 @@ def run_child(code: str) -> dict:
     lines = [line[line.index("RESULT ") :] for line in proc.stdout.splitlines() if "RESULT " in line]
     if not lines:
         raise RuntimeError(f"benchmark child printed no result:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def importable(module: str, paths: list[str]) -> bool:
@@ -202,10 +202,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000000,24000000,50000000,128000000", help="comma-separated sample counts")
     parser.add_argument("--methods", default=DEFAULT_METHOD, help="comma-separated identification methods")
-    parser.add_argument("--engines", default="streaming", help="streaming, memory, ray, duckdb, polars (comma-separated)")
-    parser.add_argument("--engine-path", default="", help="extra sys.path entries (os.pathsep-separated) for ray/duckdb/polars")
-    parser.add_argument("--compare-up-to", type=int, default=10_000_000,
-                        help="run memory, ray, duckdb and polars only on sizes up to this many samples")
+    parser.add_argument(
+        "--engines", default="streaming", help="streaming, memory, ray, duckdb, polars (comma-separated)"
+    )
+    parser.add_argument(
+        "--engine-path", default="", help="extra sys.path entries (os.pathsep-separated) for ray/duckdb/polars"
+    )
+    parser.add_argument(
+        "--compare-up-to",
+        type=int,
+        default=10_000_000,
+        help="run memory, ray, duckdb and polars only on sizes up to this many samples",
+    )
     parser.add_argument("--data-dir", default="/tmp/hf_gradmimic_bench", help="where the synthetic logs are cached")
     parser.add_argument("--spill-dir", default=None, help="where the streaming engine spills (default: the data dir)")
     parser.add_argument("--delete-data", action="store_true", help="delete each generated log once measured")
@@ -225,21 +233,35 @@ def main() -> None:
         t0 = time.perf_counter()
         output_dir = generate(n, data_dir)
         disk = sum(p.stat().st_size for p in (output_dir / SCORES_DIRNAME).glob("*.parquet"))
-        print(f"[data] n={n:,}: {output_dir} ({disk / 2**30:.2f} GiB, ready in {time.perf_counter() - t0:.0f}s)", flush=True)
+        print(
+            f"[data] n={n:,}: {output_dir} ({disk / 2**30:.2f} GiB, ready in {time.perf_counter() - t0:.0f}s)",
+            flush=True,
+        )
         reference = output_dir / "values.npy"
         compared = n <= args.compare_up_to
         # The memory engine holds every record (about 36 GiB at 128M x 5): only on the compared sizes.
         for engine in [e for e in engines if e == "streaming" or (e in ("memory", "ray") and compared)]:
             for method in args.methods.split(","):
                 save = str(reference) if engine == "streaming" and not reference.exists() else ""
-                result = run_child(CHILD.format(
-                    repo=str(REPO), paths=paths, path=str(output_dir), method=method, engine=engine, spill=spill,
-                    clean=str(output_dir / "clean.npy"), save_values=save,
-                ))
+                result = run_child(
+                    CHILD.format(
+                        repo=str(REPO),
+                        paths=paths,
+                        path=str(output_dir),
+                        method=method,
+                        engine=engine,
+                        spill=spill,
+                        clean=str(output_dir / "clean.npy"),
+                        save_values=save,
+                    )
+                )
                 result.update(n=n, method=method, engine=engine, disk=disk)
                 rows.append(result)
-                print(f"  {engine:9s} {method:9s} wall {result['wall']:7.1f}s  peak RSS {result['peak_rss'] / 2**30:5.2f} GiB  "
-                      f"retained {result['retained']:.3f}  discard F1 {result['discard_f1']:.3f}", flush=True)
+                print(
+                    f"  {engine:9s} {method:9s} wall {result['wall']:7.1f}s  peak RSS {result['peak_rss'] / 2**30:5.2f} GiB  "
+                    f"retained {result['retained']:.3f}  discard F1 {result['discard_f1']:.3f}",
+                    flush=True,
+                )
         for engine in [e for e in engines if e in ("duckdb", "polars") and compared]:
             if not importable(engine, paths):
                 notes.append(f"{engine} was not importable: not measured.")
@@ -247,11 +269,16 @@ def main() -> None:
                 notes.append(f"{engine} needs the streaming engine in the same run (its values are the reference).")
             else:
                 glob = str(output_dir / SCORES_DIRNAME / "*.parquet")
-                result = run_child(ENGINE_CHILD.format(paths=paths, glob=glob, engine=engine, spill=spill, reference=str(reference)))
+                result = run_child(
+                    ENGINE_CHILD.format(paths=paths, glob=glob, engine=engine, spill=spill, reference=str(reference))
+                )
                 result.update(n=n, engine=engine)
                 engine_rows.append(result)
-                print(f"  {engine:9s} group-by  wall {result['wall']:7.1f}s  peak RSS {result['peak_rss'] / 2**30:5.2f} GiB  "
-                      f"differing cells {result['differ']:,} of {result['cells']:,}", flush=True)
+                print(
+                    f"  {engine:9s} group-by  wall {result['wall']:7.1f}s  peak RSS {result['peak_rss'] / 2**30:5.2f} GiB  "
+                    f"differing cells {result['differ']:,} of {result['cells']:,}",
+                    flush=True,
+                )
         reference.unlink(missing_ok=True)
         if args.delete_data:
             shutil.rmtree(output_dir, ignore_errors=True)

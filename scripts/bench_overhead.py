@@ -121,7 +121,9 @@ MODELS: dict[str, dict[str, Any]] = {
     # A batch-coupled (contrastive) loss: scores are directional derivatives by a double backward
     # (hf_gradmimic.training.coupled), the cost measured here.
     "clip": {
-        "full": dict(hidden=256, layers=4, heads=4, intermediate=1024, seq=77, image=64, patch=8, batch=32, vocab=49408),
+        "full": dict(
+            hidden=256, layers=4, heads=4, intermediate=1024, seq=77, image=64, patch=8, batch=32, vocab=49408
+        ),
         "quick": dict(hidden=32, layers=2, heads=2, intermediate=64, seq=8, image=16, patch=8, batch=8, vocab=512),
         "head": "visual_projection",
         "inner": "vision_model.encoder.layers.{last}.mlp.fc1",
@@ -131,8 +133,18 @@ MODELS: dict[str, dict[str, Any]] = {
     },
 }
 
-CANDIDATES = ("plain", "mimic-head", "mimic-head-norec", "mimic-head-monitor", "mimic-inner", "mimic-head-tied",
-              "mimic-head-nonfinite", "vmap", "vmap-layer", "mimic-lora")
+CANDIDATES = (
+    "plain",
+    "mimic-head",
+    "mimic-head-norec",
+    "mimic-head-monitor",
+    "mimic-inner",
+    "mimic-head-tied",
+    "mimic-head-nonfinite",
+    "vmap",
+    "vmap-layer",
+    "mimic-lora",
+)
 ONLY_FOR = {"mimic-head-tied": ("gpt2",), "mimic-lora": ("llama-lora",)}  # candidates that exist for some models only
 DESCRIPTIONS = {
     "plain": "transformers.Trainer",
@@ -147,12 +159,19 @@ DESCRIPTIONS = {
     "mimic-lora": "MimicSFTTrainer, every LoRA matrix (mimic_layers=['lora']); its plain is trl's SFTTrainer",
 }
 # Step-time targets (ratio to plain Trainer); memory target applies to every MimicTrainer run.
-TIME_TARGETS = {("bert", "mimic-head"): 1.10, ("bert", "mimic-inner"): 1.30, ("gpt2", "mimic-head"): 1.30,
-                ("gpt2", "mimic-inner"): 1.30, ("llama-lora", "mimic-lora"): 1.10}
+TIME_TARGETS = {
+    ("bert", "mimic-head"): 1.10,
+    ("bert", "mimic-inner"): 1.30,
+    ("gpt2", "mimic-head"): 1.30,
+    ("gpt2", "mimic-inner"): 1.30,
+    ("llama-lora", "mimic-lora"): 1.10,
+}
 MEMORY_TARGET = 1.10
 VMAP_TARGET = 10.0  # vmap step time / mimic-head step time, at least
 RECORD_TARGET = 0.02  # recording cost, fraction of the step time, below
-ANALYSIS_MARKER = "<!-- Hand-written analysis below this line: kept when scripts/bench_overhead.py rewrites the file. -->"
+ANALYSIS_MARKER = (
+    "<!-- Hand-written analysis below this line: kept when scripts/bench_overhead.py rewrites the file. -->"
+)
 QUIET_CPU = 0.75 * THREADS  # a round is quiet when every step in it got this many CPU seconds per wall second
 LIVE_MEMORY_STEPS = 4  # timed-loop steps of a --live-memory run (after the warm-up); the peak recurs every step
 LIVE_MEMORY_REPEAT = -2  # the repeat label of those runs: kept out of the step-time ratios, like the profile's (−1)
@@ -168,12 +187,25 @@ def build_model(model_name: str, size: dict[str, int], tied: bool = False) -> to
         from peft import LoraConfig, get_peft_model
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = LlamaConfig(vocab_size=size["vocab"], hidden_size=size["hidden"], num_hidden_layers=size["layers"],
-                             num_attention_heads=size["heads"], num_key_value_heads=size["heads"],
-                             intermediate_size=size["intermediate"], max_position_embeddings=size["seq"],
-                             pad_token_id=0, eos_token_id=1, bos_token_id=None)
-        lora = LoraConfig(r=size["rank"], lora_alpha=2 * size["rank"], lora_dropout=0.05, task_type="CAUSAL_LM",
-                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        config = LlamaConfig(
+            vocab_size=size["vocab"],
+            hidden_size=size["hidden"],
+            num_hidden_layers=size["layers"],
+            num_attention_heads=size["heads"],
+            num_key_value_heads=size["heads"],
+            intermediate_size=size["intermediate"],
+            max_position_embeddings=size["seq"],
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=None,
+        )
+        lora = LoraConfig(
+            r=size["rank"],
+            lora_alpha=2 * size["rank"],
+            lora_dropout=0.05,
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        )
         return get_peft_model(LlamaForCausalLM(config), lora)
     if model_name == "bert":
         from transformers import BertConfig, BertForSequenceClassification
@@ -191,11 +223,21 @@ def build_model(model_name: str, size: dict[str, int], tied: bool = False) -> to
     if model_name == "clip":
         from transformers import CLIPConfig, CLIPModel
 
-        tower = dict(hidden_size=size["hidden"], num_hidden_layers=size["layers"], num_attention_heads=size["heads"],
-                     intermediate_size=size["intermediate"])
+        tower = dict(
+            hidden_size=size["hidden"],
+            num_hidden_layers=size["layers"],
+            num_attention_heads=size["heads"],
+            intermediate_size=size["intermediate"],
+        )
         config = CLIPConfig(
-            text_config={**tower, "vocab_size": size["vocab"], "max_position_embeddings": size["seq"],
-                         "eos_token_id": size["vocab"] - 1, "bos_token_id": size["vocab"] - 2, "pad_token_id": 1},
+            text_config={
+                **tower,
+                "vocab_size": size["vocab"],
+                "max_position_embeddings": size["seq"],
+                "eos_token_id": size["vocab"] - 1,
+                "bos_token_id": size["vocab"] - 2,
+                "pad_token_id": 1,
+            },
             vision_config={**tower, "image_size": size["image"], "patch_size": size["patch"]},
             projection_dim=size["hidden"],
         )
@@ -241,8 +283,15 @@ def build_dataset(model_name: str, size: dict[str, int], rows: int):
 
 def layer_name(model_name: str, candidate: str, size: dict[str, int]) -> str | None:
     spec = MODELS[model_name]
-    if candidate in ("mimic-head", "mimic-head-norec", "mimic-head-monitor", "mimic-head-tied", "mimic-head-nonfinite",
-                     "vmap", "vmap-layer"):
+    if candidate in (
+        "mimic-head",
+        "mimic-head-norec",
+        "mimic-head-monitor",
+        "mimic-head-tied",
+        "mimic-head-nonfinite",
+        "vmap",
+        "vmap-layer",
+    ):
         return spec["head"]
     if candidate == "mimic-inner":
         return spec["inner"].format(last=size["layers"] - 1) if spec["inner"] else None
@@ -254,8 +303,11 @@ def layer_name(model_name: str, candidate: str, size: dict[str, int]) -> str | N
 def lora_reference(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """θ_ref = θ_0 + noise on every LoRA matrix (the trainable tensors of the PEFT model)."""
     generator = torch.Generator().manual_seed(SEED + 1)
-    return {name: param.detach().float() + torch.randn(param.shape, generator=generator) * REFERENCE_NOISE
-            for name, param in model.named_parameters() if param.requires_grad}
+    return {
+        name: param.detach().float() + torch.randn(param.shape, generator=generator) * REFERENCE_NOISE
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
 
 
 def word_tokenizer(vocab: int):
@@ -269,7 +321,9 @@ def word_tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", pad_token="<pad>")
 
 
-def build_sft_trainer(candidate: str, model: torch.nn.Module, dataset: Any, size: dict[str, int], common: dict) -> Trainer:
+def build_sft_trainer(
+    candidate: str, model: torch.nn.Module, dataset: Any, size: dict[str, int], common: dict
+) -> Trainer:
     """trl's SFTTrainer (``plain``) or MimicSFTTrainer (``mimic-lora``), fp32 and without activation checkpointing
     (trl's defaults turn both on), the same LoRA model and rows."""
     from trl import SFTConfig, SFTTrainer
@@ -280,10 +334,16 @@ def build_sft_trainer(candidate: str, model: torch.nn.Module, dataset: Any, size
     tokenizer = word_tokenizer(size["vocab"])
     if candidate == "plain":
         return SFTTrainer(model=model, args=SFTConfig(**settings), train_dataset=dataset, processing_class=tokenizer)
-    args = MimicSFTConfig(**settings, mimic_layers=["lora"], mimic_temperature=TEMPERATURE, mimic_alignment_check=False,
-                          **_monitor_setting(candidate))
-    return MimicSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                           reference=lora_reference(model))
+    args = MimicSFTConfig(
+        **settings,
+        mimic_layers=["lora"],
+        mimic_temperature=TEMPERATURE,
+        mimic_alignment_check=False,
+        **_monitor_setting(candidate),
+    )
+    return MimicSFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, reference=lora_reference(model)
+    )
 
 
 def perturbed_reference(model: torch.nn.Module, layer: str) -> dict[str, torch.Tensor]:
@@ -412,8 +472,21 @@ def _reset_peak_rss() -> bool:
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 class LiveHeapSampler(TrainerCallback):
@@ -508,7 +581,9 @@ class LockstepTimer(TrainerCallback):
     candidate).
     """
 
-    def __init__(self, baton: Baton | None, ready: Any, index: int, warmup: int, max_steps: int, wait_timeout: float) -> None:
+    def __init__(
+        self, baton: Baton | None, ready: Any, index: int, warmup: int, max_steps: int, wait_timeout: float
+    ) -> None:
         self.baton, self.ready, self.index = baton, ready, index
         self.warmup, self.max_steps, self.wait_timeout = warmup, max_steps, wait_timeout
         self.holding = False
@@ -621,8 +696,12 @@ def build_trainer(model_name: str, candidate: str, size: dict[str, int], total_s
     elif candidate == "plain" and model_name == "clip":  # CLIPModel returns its loss only when asked
         from transformers import default_data_collator
 
-        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=dataset,
-                          data_collator=lambda features: {**default_data_collator(features), "return_loss": True})
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(**common),
+            train_dataset=dataset,
+            data_collator=lambda features: {**default_data_collator(features), "return_loss": True},
+        )
     elif candidate == "plain":
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=dataset)
     elif candidate in ("vmap", "vmap-layer"):
@@ -644,7 +723,9 @@ def build_trainer(model_name: str, candidate: str, size: dict[str, int], total_s
         )
         if candidate == "mimic-head-nonfinite":
             overflow_on_token(model)
-        trainer = MimicTrainer(model=model, args=args, train_dataset=dataset, reference=perturbed_reference(model, layer))
+        trainer = MimicTrainer(
+            model=model, args=args, train_dataset=dataset, reference=perturbed_reference(model, layer)
+        )
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # no end-of-training log dict on stdout
@@ -878,20 +959,55 @@ def verdicts(summary: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]
     for (model_name, candidate), target in TIME_TARGETS.items():
         row = summary.get(model_name, {}).get(candidate)
         if row:
-            checks.append((f"{model_name} {candidate} ({row['layer']}) step time", f"≤ {target:.2f}× plain", f"{row['time_ratio']:.3f}×", row["time_ratio"] <= target))
+            checks.append(
+                (
+                    f"{model_name} {candidate} ({row['layer']}) step time",
+                    f"≤ {target:.2f}× plain",
+                    f"{row['time_ratio']:.3f}×",
+                    row["time_ratio"] <= target,
+                )
+            )
     for model_name, rows in summary.items():
         for candidate, row in rows.items():
             if candidate.startswith("mimic"):
-                checks.append((f"{model_name} {candidate} peak RSS growth", f"≤ {MEMORY_TARGET:.2f}× plain", f"{row['mem_ratio']:.3f}× (total RSS {row['total_mem_ratio']:.3f}×)", row["mem_ratio"] <= MEMORY_TARGET))
+                checks.append(
+                    (
+                        f"{model_name} {candidate} peak RSS growth",
+                        f"≤ {MEMORY_TARGET:.2f}× plain",
+                        f"{row['mem_ratio']:.3f}× (total RSS {row['total_mem_ratio']:.3f}×)",
+                        row["mem_ratio"] <= MEMORY_TARGET,
+                    )
+                )
                 if "live_ratio" in row:
-                    checks.append((f"{model_name} {candidate} peak live heap growth", f"≤ {MEMORY_TARGET:.2f}× plain", f"{row['live_ratio']:.3f}× ({row['live_growth_mib']:.0f} MiB)", row["live_ratio"] <= MEMORY_TARGET))
+                    checks.append(
+                        (
+                            f"{model_name} {candidate} peak live heap growth",
+                            f"≤ {MEMORY_TARGET:.2f}× plain",
+                            f"{row['live_ratio']:.3f}× ({row['live_growth_mib']:.0f} MiB)",
+                            row["live_ratio"] <= MEMORY_TARGET,
+                        )
+                    )
         if "vmap" in rows and "mimic-head" in rows:
             ratio = rows["vmap"]["vs_mimic_head"]
-            checks.append((f"{model_name} vmap baseline vs mimic-head", f"≥ {VMAP_TARGET:.0f}× slower", f"{ratio:.1f}×", ratio >= VMAP_TARGET))
+            checks.append(
+                (
+                    f"{model_name} vmap baseline vs mimic-head",
+                    f"≥ {VMAP_TARGET:.0f}× slower",
+                    f"{ratio:.1f}×",
+                    ratio >= VMAP_TARGET,
+                )
+            )
         norec = rows.get("mimic-head-norec")
         if norec and "mimic-head" in rows:
             cost = 1.0 / norec["vs_mimic_head"] - 1.0  # paired: mimic-head step over mimic-head-norec step, minus 1
-            checks.append((f"{model_name} score recording (record on − off)", f"< {RECORD_TARGET:.0%} of step", f"{cost:+.1%}", cost < RECORD_TARGET))
+            checks.append(
+                (
+                    f"{model_name} score recording (record on − off)",
+                    f"< {RECORD_TARGET:.0%} of step",
+                    f"{cost:+.1%}",
+                    cost < RECORD_TARGET,
+                )
+            )
     return checks
 
 
@@ -903,8 +1019,12 @@ def source_line() -> str:
 
     package = Path(hf_gradmimic.__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "-C", str(package), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(package), "status", "--porcelain", "--", "."], capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(package), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(package), "status", "--porcelain", "--", "."], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return f"hf_gradmimic {hf_gradmimic.__version__} from {package} (not a git checkout)"
     state = "with uncommitted changes in hf_gradmimic/" if dirty else "clean"
@@ -921,12 +1041,21 @@ def machine_line(loads: list[tuple[float, float, float]]) -> str:
     )
 
 
-def render(summary: dict[str, Any], args: argparse.Namespace, loads: list, sizes: dict[str, dict[str, int]], elapsed: float, errors: list[dict[str, Any]]) -> str:
+def render(
+    summary: dict[str, Any],
+    args: argparse.Namespace,
+    loads: list,
+    sizes: dict[str, dict[str, int]],
+    elapsed: float,
+    errors: list[dict[str, Any]],
+) -> str:
     lines = []
     add = lines.append
     add("# Performance: MimicTrainer overhead against plain `transformers.Trainer`")
     add("")
-    add(f"Generated by `scripts/bench_overhead.py` ({'quick smoke sizes' if args.quick else 'full sizes'}) in {elapsed / 60:.1f} min.")
+    add(
+        f"Generated by `scripts/bench_overhead.py` ({'quick smoke sizes' if args.quick else 'full sizes'}) in {elapsed / 60:.1f} min."
+    )
     add("")
     add(f"Reproduce: `{args.command}`")
     add("")
@@ -979,7 +1108,7 @@ def render(summary: dict[str, Any], args: argparse.Namespace, loads: list, sizes
     )
     add(
         "- `vmap`: per-sample gradients of **all** trainable parameters with `torch.func.vmap(grad_and_value(ℓ_i))` "
-        "(dropout `randomness=\"different\"`), m_i on the head's tensors, the same softmax(m/τ), and Σ_i w_i g_i "
+        '(dropout `randomness="different"`), m_i on the head\'s tensors, the same softmax(m/τ), and Σ_i w_i g_i '
         "contracted from the per-sample gradients, in a `Trainer` subclass overriding `training_step`. This is how "
         "the authors' code works, and it computes more than MimicTrainer does (per-sample gradients of every "
         "parameter); `vmap-layer` is the like-for-like baseline: per-sample gradients of the mimic layer's tensors "
@@ -1051,7 +1180,9 @@ def render(summary: dict[str, Any], args: argparse.Namespace, loads: list, sizes
         add("| --- | --- | --- | --- |")
         for model_name, rows in live.items():
             for candidate, row in rows.items():
-                add(f"| {model_name} | {candidate} | {row['live_growth_mib']:.0f} | {row.get('live_ratio', float('nan')):.2f}× |")
+                add(
+                    f"| {model_name} | {candidate} | {row['live_growth_mib']:.0f} | {row.get('live_ratio', float('nan')):.2f}× |"
+                )
     add("")
     add(
         "How the ratios are formed. In every lockstep round each candidate ran one step, back to back, so a "
@@ -1060,13 +1191,17 @@ def render(summary: dict[str, Any], args: argparse.Namespace, loads: list, sizes
         f"targets are judged, uses only the **quiet rounds**: rounds in which every step got at least {QUIET_CPU:.1f} "
         f"CPU-seconds per wall-second (of {THREADS} threads), i.e. no other process took a core from the benchmark "
         f"during that round; when a model has fewer than {MIN_QUIET_ROUNDS} of them it falls back to all rounds. "
-        "Quiet rounds here: " + ", ".join(f"{m} {quiet[m]} of {total[m]}" for m in quiet) + f" (judged on: {', '.join(sorted(judged))}). "
+        "Quiet rounds here: "
+        + ", ".join(f"{m} {quiet[m]} of {total[m]}" for m in quiet)
+        + f" (judged on: {', '.join(sorted(judged))}). "
         "The step-time column mixes quiet and loaded steps and is only indicative; *ratio of run medians* is, per "
         "repeat, the median step over plain's median step, then the median over repeats."
     )
     add("")
-    add("CPU/wall: process CPU seconds per wall second during the timed steps (median over runs); about "
-        f"{THREADS} when the run had both cores to itself, lower when it was competing for them.")
+    add(
+        "CPU/wall: process CPU seconds per wall second during the timed steps (median over runs); about "
+        f"{THREADS} when the run had both cores to itself, lower when it was competing for them."
+    )
     add("")
     add("## Targets (issue #7)")
     add("")
@@ -1100,7 +1235,10 @@ def render(summary: dict[str, Any], args: argparse.Namespace, loads: list, sizes
             if not profiles:
                 continue
             names = list(profiles)
-            phase_keys = sorted({k for prof in profiles.values() for k in prof["phases"]}, key=lambda k: (not k.startswith("phase"), not k.startswith("Optimizer"), k))
+            phase_keys = sorted(
+                {k for prof in profiles.values() for k in prof["phases"]},
+                key=lambda k: (not k.startswith("phase"), not k.startswith("Optimizer"), k),
+            )
             add(f"**{model_name}** — phases, ms/step")
             add("")
             add("| phase | " + " | ".join(names) + " |")
@@ -1113,7 +1251,10 @@ def render(summary: dict[str, Any], args: argparse.Namespace, loads: list, sizes
                 if candidate == "plain" or "plain" not in profiles:
                     continue
                 ops = profiles[candidate]["ops"]
-                extra = sorted(((name, ms - plain_ops.get(name, 0.0), ms, calls) for name, ms, calls in ops), key=lambda item: -item[1])
+                extra = sorted(
+                    ((name, ms - plain_ops.get(name, 0.0), ms, calls) for name, ms, calls in ops),
+                    key=lambda item: -item[1],
+                )
                 add(f"**{model_name} / {candidate}** — ops with the most extra self time against plain, ms/step")
                 add("")
                 add("| op | extra | total | calls/step |")
@@ -1164,18 +1305,43 @@ def print_table(summary: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps per run (default 20; quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps per run (default 3; quick 1)")
-    parser.add_argument("--repeats", type=int, default=None, help="round-robin repeats per candidate (default 3; quick 1)")
-    parser.add_argument("--models", default="bert,gpt2,llama-lora,clip", help="comma-separated subset of: " + ",".join(MODELS))
-    parser.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated subset of: " + ",".join(CANDIDATES))
-    parser.add_argument("--quick", action="store_true", help="tiny models and few steps: a smoke run in seconds; writes no file unless --output is given")
-    parser.add_argument("--output", default=None, help="Markdown report (default docs/performance.md; none with --quick)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="round-robin repeats per candidate (default 3; quick 1)"
+    )
+    parser.add_argument(
+        "--models", default="bert,gpt2,llama-lora,clip", help="comma-separated subset of: " + ",".join(MODELS)
+    )
+    parser.add_argument(
+        "--candidates", default=",".join(CANDIDATES), help="comma-separated subset of: " + ",".join(CANDIDATES)
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny models and few steps: a smoke run in seconds; writes no file unless --output is given",
+    )
+    parser.add_argument(
+        "--output", default=None, help="Markdown report (default docs/performance.md; none with --quick)"
+    )
     parser.add_argument("--json", default=None, help="also write the raw per-run results as JSON here")
-    parser.add_argument("--profile", action="store_true", help="run plain and the MimicTrainer candidates once more under torch.profiler and add a per-phase/op breakdown")
-    parser.add_argument("--live-memory", action=argparse.BooleanOptionalAction, default=None, help="one more untimed run per candidate that samples malloc's live bytes (mallinfo2) for a peak free of allocator noise (default: on, off with --quick)")
-    parser.add_argument("--from-json", default=None, help="do not run: re-render the report from a file written by --json")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run plain and the MimicTrainer candidates once more under torch.profiler and add a per-phase/op breakdown",
+    )
+    parser.add_argument(
+        "--live-memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one more untimed run per candidate that samples malloc's live bytes (mallinfo2) for a peak free of allocator noise (default: on, off with --quick)",
+    )
+    parser.add_argument(
+        "--from-json", default=None, help="do not run: re-render the report from a file written by --json"
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per child run")
     args = parser.parse_args(argv)
     args.steps = args.steps if args.steps is not None else (3 if args.quick else 20)
@@ -1210,7 +1376,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_all(args: argparse.Namespace, sizes: dict[str, dict[str, int]], candidates: dict[str, list[str]], loads: list) -> tuple[list, list]:
+def run_all(
+    args: argparse.Namespace, sizes: dict[str, dict[str, int]], candidates: dict[str, list[str]], loads: list
+) -> tuple[list, list]:
     """Every (model, repeat) group in lockstep, then the profile groups; returns (results, errors)."""
     results: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
@@ -1220,7 +1388,10 @@ def run_all(args: argparse.Namespace, sizes: dict[str, dict[str, int]], candidat
             loads.append(os.getloadavg())
             if "error" in result:
                 errors.append(result)
-                print(f"[{label} {result['candidate']}] FAILED: {result['error']}\n{result.get('traceback', '')}", flush=True)
+                print(
+                    f"[{label} {result['candidate']}] FAILED: {result['error']}\n{result.get('traceback', '')}",
+                    flush=True,
+                )
                 continue
             result["repeat"] = repeat
             results.append(result)
@@ -1247,22 +1418,43 @@ def run_all(args: argparse.Namespace, sizes: dict[str, dict[str, int]], candidat
             if repeat:
                 random.Random(SEED + repeat).shuffle(rotated)
             jobs = [
-                dict(model_name=model_name, candidate=c, size=sizes[model_name], steps=args.steps, warmup=args.warmup, profile=False)
+                dict(
+                    model_name=model_name,
+                    candidate=c,
+                    size=sizes[model_name],
+                    steps=args.steps,
+                    warmup=args.warmup,
+                    profile=False,
+                )
                 for c in rotated
             ]
             run(jobs, repeat, f"{model_name} r{repeat}")
         if args.profile:
             # Kept out of the ratios (repeat −1): the profiler slows every step down.
             jobs = [
-                dict(model_name=model_name, candidate=c, size=sizes[model_name], steps=args.steps, warmup=args.warmup, profile=True)
+                dict(
+                    model_name=model_name,
+                    candidate=c,
+                    size=sizes[model_name],
+                    steps=args.steps,
+                    warmup=args.warmup,
+                    profile=True,
+                )
                 for c in order
                 if not c.startswith("vmap")
             ]
             run(jobs, -1, f"{model_name} profile")
         if args.live_memory:
             jobs = [
-                dict(model_name=model_name, candidate=c, size=sizes[model_name], steps=LIVE_MEMORY_STEPS,
-                     warmup=args.warmup, profile=False, live_memory=True)
+                dict(
+                    model_name=model_name,
+                    candidate=c,
+                    size=sizes[model_name],
+                    steps=LIVE_MEMORY_STEPS,
+                    warmup=args.warmup,
+                    profile=False,
+                    live_memory=True,
+                )
                 for c in order
             ]
             run(jobs, LIVE_MEMORY_REPEAT, f"{model_name} live heap")
@@ -1287,7 +1479,10 @@ def main(argv: list[str] | None = None) -> int:
         for m in args.models_list
     }
     print(f"# bench_overhead: {args.command}")
-    print(f"# {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}, load {os.getloadavg()}", flush=True)
+    print(
+        f"# {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}, load {os.getloadavg()}",
+        flush=True,
+    )
     if saved is not None:
         results, errors, loads, elapsed = saved["results"], saved["errors"], saved["loads"], saved["elapsed"]
     else:
@@ -1316,7 +1511,7 @@ def main(argv: list[str] | None = None) -> int:
         text = render(summary, args, loads, sizes, elapsed, errors)
         old = path.read_text() if path.exists() else ""
         if ANALYSIS_MARKER in old:  # keep the hand-written analysis that follows the marker
-            text += "\n" + old[old.index(ANALYSIS_MARKER):]
+            text += "\n" + old[old.index(ANALYSIS_MARKER) :]
         path.write_text(text)
         print(f"# wrote {path}")
     if args.json and saved is None:

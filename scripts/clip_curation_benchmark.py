@@ -109,31 +109,64 @@ def clip_collator(features: list[dict[str, Any]]) -> dict[str, Any]:
     return {**default_data_collator([{k: f[k] for k in MODEL_INPUTS} for f in features]), "return_loss": True}
 
 
-def training_arguments(settings: Settings, seed: int, output_dir: str, epochs: int, max_steps: int = -1) -> dict[str, Any]:
-    return dict(output_dir=output_dir, num_train_epochs=epochs, max_steps=max_steps, per_device_train_batch_size=settings.batch,
-                learning_rate=settings.learning_rate, lr_scheduler_type="constant", weight_decay=0.0, seed=seed,
-                report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True)
+def training_arguments(
+    settings: Settings, seed: int, output_dir: str, epochs: int, max_steps: int = -1
+) -> dict[str, Any]:
+    return dict(
+        output_dir=output_dir,
+        num_train_epochs=epochs,
+        max_steps=max_steps,
+        per_device_train_batch_size=settings.batch,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        seed=seed,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
 
 
-def train_plain(model: torch.nn.Module, dataset: Any, settings: Settings, seed: int, output_dir: str,
-                epochs: int, max_steps: int = -1) -> float:
+def train_plain(
+    model: torch.nn.Module,
+    dataset: Any,
+    settings: Settings,
+    seed: int,
+    output_dir: str,
+    epochs: int,
+    max_steps: int = -1,
+) -> float:
     """Trains ``model`` in place with plain `Trainer` on CLIP's loss (``max_steps`` steps, else ``epochs``); returns
     the median ms per step."""
     timer = step_timer()
-    args = TrainingArguments(remove_unused_columns=False,
-                             **training_arguments(settings, seed, output_dir, epochs, max_steps))
+    args = TrainingArguments(
+        remove_unused_columns=False, **training_arguments(settings, seed, output_dir, epochs, max_steps)
+    )
     Trainer(model=model, args=args, train_dataset=dataset, data_collator=clip_collator, callbacks=[timer]).train()
     return timer.median_ms()
 
 
-def train_mimic(model: torch.nn.Module, dataset: Any, reference: torch.nn.Module, settings: Settings, seed: int,
-                output_dir: str, max_steps: int) -> float:
+def train_mimic(
+    model: torch.nn.Module,
+    dataset: Any,
+    reference: torch.nn.Module,
+    settings: Settings,
+    seed: int,
+    output_dir: str,
+    max_steps: int,
+) -> float:
     """Trains ``model`` in place with `MimicTrainer` (the last ``fc1`` of both towers); returns the median ms per step."""
     timer = step_timer()
     layers = [name.format(last=settings.layers - 1) for name in TOWERS_FC1]
-    args = MimicConfig(mimic_layers=layers, mimic_temperature=settings.temperature, mimic_id_column="uid",
-                       mimic_alignment_check=False,
-                       **training_arguments(settings, seed, output_dir, settings.epochs, max_steps))
+    args = MimicConfig(
+        mimic_layers=layers,
+        mimic_temperature=settings.temperature,
+        mimic_id_column="uid",
+        mimic_alignment_check=False,
+        **training_arguments(settings, seed, output_dir, settings.epochs, max_steps),
+    )
     MimicTrainer(model=model, args=args, train_dataset=dataset, reference=reference, callbacks=[timer]).train()
     return timer.median_ms()
 
@@ -157,14 +190,22 @@ def detection(keep: np.ndarray, matched: np.ndarray, score: np.ndarray, digit: n
     recall = true_positives / max(mismatched.sum(), 1)
     f1 = 2 * precision * recall / max(precision + recall, 1e-12)
     per_digit = [keep[(digit == d) & (matched == 1)].mean() for d in np.unique(digit)]
-    return {"precision": precision, "recall": recall, "f1": f1, "retained": float(keep.mean()),
-            "auroc": float(roc_auc_score(matched, score)), "min_digit_kept": float(min(per_digit))}
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "retained": float(keep.mean()),
+        "auroc": float(roc_auc_score(matched, score)),
+        "min_digit_kept": float(min(per_digit)),
+    }
 
 
 def run_seed(seed: int, settings: Settings, work_dir: Path) -> dict[str, Any]:
     """One seed: the reference, the five students, the three detectors."""
     torch.manual_seed(seed)
-    data = captioned_digits(seed=seed, mismatch_fraction=settings.mismatch, trusted=settings.trusted, test=settings.test)
+    data = captioned_digits(
+        seed=seed, mismatch_fraction=settings.mismatch, trusted=settings.trusted, test=settings.test
+    )
     pool = data["pool"]
     columns = pool[:]
     uid_to_matched = dict(zip(columns["uid"], np.asarray(columns["matched"])))
@@ -172,7 +213,11 @@ def run_seed(seed: int, settings: Settings, work_dir: Path) -> dict[str, Any]:
     # Every student gets the same compute: the steps of `epochs` passes over the whole pool (DataComp's rule).
     steps = settings.epochs * math.ceil(len(pool) / settings.batch)
     init = tiny_clip(len(data["tokenizer"]), seed=seed, width=settings.width, layers=settings.layers)
-    record: dict[str, Any] = {"seed": seed, "pool": len(pool), "mismatched": int(len(pool) - sum(uid_to_matched.values()))}
+    record: dict[str, Any] = {
+        "seed": seed,
+        "pool": len(pool),
+        "mismatched": int(len(pool) - sum(uid_to_matched.values())),
+    }
 
     reference = copy.deepcopy(init)
     train_plain(reference, data["trusted"], settings, seed, str(work_dir / "reference"), settings.reference_epochs)
@@ -190,19 +235,26 @@ def run_seed(seed: int, settings: Settings, work_dir: Path) -> dict[str, Any]:
     matched = np.array([uid_to_matched[uid] for uid in mimic_filter.sample_ids])
     digits = np.array([uid_to_digit[uid] for uid in mimic_filter.sample_ids])
     table = mimic_filter.table.to_pandas()
-    detectors = {"mimic_filter": detection(mimic_filter.keep, matched, mimic_filter.keep_prob, digits),
-                 "mimic_score": detection(mimic_filter.keep, matched, table.mean_mimic_score.to_numpy(), digits)}
+    detectors = {
+        "mimic_filter": detection(mimic_filter.keep, matched, mimic_filter.keep_prob, digits),
+        "mimic_score": detection(mimic_filter.keep, matched, table.mean_mimic_score.to_numpy(), digits),
+    }
     scores = clip_scores(reference, pool, id_column="uid")
     _, cut = identify_gmm(scores.column("clip_score").to_numpy())
     clip_filter = clip_score_filter(scores, threshold=cut)
     clip_ids = clip_filter.table.column("sample_id").to_pylist()
-    detectors["clip_score"] = detection(clip_filter.keep, np.array([uid_to_matched[uid] for uid in clip_ids]),
-                                        clip_filter.table.column("clip_score").to_numpy(),
-                                        np.array([uid_to_digit[uid] for uid in clip_ids]))
+    detectors["clip_score"] = detection(
+        clip_filter.keep,
+        np.array([uid_to_matched[uid] for uid in clip_ids]),
+        clip_filter.table.column("clip_score").to_numpy(),
+        np.array([uid_to_digit[uid] for uid in clip_ids]),
+    )
 
-    kept = {"mimic_filtered": mimic_filter.apply(pool, id_column="uid"),
-            "clip_filtered": clip_filter.apply(pool, id_column="uid"),
-            "oracle": pool.filter(lambda flag: flag == 1, input_columns="matched")}
+    kept = {
+        "mimic_filtered": mimic_filter.apply(pool, id_column="uid"),
+        "clip_filtered": clip_filter.apply(pool, id_column="uid"),
+        "oracle": pool.filter(lambda flag: flag == 1, input_columns="matched"),
+    }
     for name, subset in kept.items():
         student = copy.deepcopy(init)
         if len(subset):
@@ -210,8 +262,12 @@ def run_seed(seed: int, settings: Settings, work_dir: Path) -> dict[str, Any]:
         else:  # a filter that keeps nothing leaves its student untrained (reported with 0 pairs trained on)
             print(f"seed {seed}: {name} keeps no pair; its student stays at the initialisation", flush=True)
         accuracy[name] = zero_shot_accuracy(student, data)
-    record.update(accuracy=accuracy, detectors=detectors, step_ms=step_ms,
-                  kept={name: len(subset) for name, subset in kept.items()})
+    record.update(
+        accuracy=accuracy,
+        detectors=detectors,
+        step_ms=step_ms,
+        kept={name: len(subset) for name, subset in kept.items()},
+    )
     return record
 
 
@@ -231,8 +287,10 @@ def observations(records: list[dict[str, Any]]) -> list[str]:
     clip_wins = sum(r["detectors"]["clip_score"]["auroc"] > r["detectors"]["mimic_filter"]["auroc"] for r in records)
     clip_f1_wins = sum(r["detectors"]["clip_score"]["f1"] > r["detectors"]["mimic_filter"]["f1"] for r in records)
     mimic_acc_wins = sum(r["accuracy"]["mimic"] > r["accuracy"]["plain"] for r in records)
-    best = max((name for name in STUDENTS if name != "oracle"),
-               key=lambda name: statistics.mean(r["accuracy"][name] for r in records))
+    best = max(
+        (name for name in STUDENTS if name != "oracle"),
+        key=lambda name: statistics.mean(r["accuracy"][name] for r in records),
+    )
     ratio = statistics.median(r["step_ms"]["mimic"] / r["step_ms"]["plain"] for r in records)
     return [
         f"- Detection: the reference's CLIP score has the higher AUROC in {clip_wins} of {seeds} seed(s) and the "
@@ -261,7 +319,7 @@ def render(records: list[dict[str, Any]], settings: Settings, command: str, elap
         "- **No real captioned image set and no pretrained CLIP install offline**, so this is a stand-in for "
         "Grad-Mimic's DataComp experiment (arXiv 2501.06708), not a reproduction of it. Images: scikit-learn's "
         f"1,797 handwritten digits (real scans, 8×8, upsampled to 16×16). Captions: templated from each image's "
-        f"label in {len(TEMPLATES)} phrasings (" + "; ".join(f"\"{t}\"" for t in TEMPLATES) + "). Splits per seed: "
+        f"label in {len(TEMPLATES)} phrasings (" + "; ".join(f'"{t}"' for t in TEMPLATES) + "). Splits per seed: "
         f"{settings.trusted} trusted pairs, {settings.test} test images, the rest is the pool; in the pool "
         f"{settings.mismatch:.0%} of the captions (drawn at random) are replaced by a caption of another digit.",
         "- **Models**: a `CLIPModel` built from a config (both towers {0} layers of width {1}, 4×4 patches, a "
@@ -269,7 +327,9 @@ def render(records: list[dict[str, Any]], settings: Settings, command: str, elap
         "public checkpoint, has the same architecture *and the same initialisation* as the students (so that it "
         "shares their coordinates, which Grad-Mimic needs) and is trained on the trusted clean pairs for "
         f"{settings.reference_epochs} epochs. Students train from that initialisation; batch "
-        f"{settings.batch}, AdamW, constant learning rate {settings.learning_rate}.".format(settings.layers, settings.width),
+        f"{settings.batch}, AdamW, constant learning rate {settings.learning_rate}.".format(
+            settings.layers, settings.width
+        ),
         f"- **Grad-Mimic**: mimic layers = the last MLP layer `fc1` of both towers, τ = {settings.temperature}, scores "
         "by directional derivatives of each pair's CLIP term (the whole batch in the forward); Stage 2 = "
         f"`build_filter(windows={settings.windows})` with its defaults (mimic and loss windows split by k-means, Snorkel). "
@@ -279,11 +339,11 @@ def render(records: list[dict[str, Any]], settings: Settings, command: str, elap
         "true mismatch rate).",
         f"- Seeds: {', '.join(map(str, settings.seeds))}; mean ± std over seeds. The settings above (mimic layers, τ, "
         "epochs, the reference's epochs) were chosen by looking at seed 0 only, which is why it is not reported. "
-        f"Zero-shot accuracy: the prompt \"{PROMPT}\" for each digit, on the {settings.test} test images.",
+        f'Zero-shot accuracy: the prompt "{PROMPT}" for each digit, on the {settings.test} test images.',
         "",
         "## Mismatched-pair detection",
         "",
-        "A discarded mismatched pair is a true positive. AUROC: of the detector's continuous score for \"matched\". "
+        'A discarded mismatched pair is a true positive. AUROC: of the detector\'s continuous score for "matched". '
         "Least-kept digit: the smallest share of one digit's matched pairs that the cut keeps (a cut that empties a "
         "class costs the student that class's zero-shot accuracy).",
         "",
@@ -292,39 +352,66 @@ def render(records: list[dict[str, Any]], settings: Settings, command: str, elap
     ]
     for name, label in DETECTORS.items():
         rows = [r["detectors"][name] for r in records]
-        out.append(f"| {label} | " + " | ".join(mean_std([row[key] for row in rows], 100) for key in
-                                             ("precision", "recall", "f1", "retained"))
-                   + f" | {mean_std([row['auroc'] for row in rows], 1, 3)} | "
-                   f"{mean_std([row['min_digit_kept'] for row in rows], 100)} |")
+        out.append(
+            f"| {label} | "
+            + " | ".join(mean_std([row[key] for row in rows], 100) for key in ("precision", "recall", "f1", "retained"))
+            + f" | {mean_std([row['auroc'] for row in rows], 1, 3)} | "
+            f"{mean_std([row['min_digit_kept'] for row in rows], 100)} |"
+        )
     truly = statistics.mean(1 - r["mismatched"] / r["pool"] for r in records)
-    out += ["", f"True matched fraction of the pool: {100 * truly:.1f}%.", "",
-            "## Zero-shot accuracy of the students (%)", "",
-            "Every student makes the same number of optimizer steps, the steps of "
-            f"{settings.epochs} passes over the whole pool (as DataComp fixes the compute whatever the filter keeps).", "",
-            "| model | zero-shot accuracy % | pairs trained on |", "| --- | --- | --- |",
-            f"| the reference (trained on {settings.trusted} trusted pairs) | "
-            f"{mean_std([r['accuracy']['reference'] for r in records], 100)} | {settings.trusted} |"]
+    out += [
+        "",
+        f"True matched fraction of the pool: {100 * truly:.1f}%.",
+        "",
+        "## Zero-shot accuracy of the students (%)",
+        "",
+        "Every student makes the same number of optimizer steps, the steps of "
+        f"{settings.epochs} passes over the whole pool (as DataComp fixes the compute whatever the filter keeps).",
+        "",
+        "| model | zero-shot accuracy % | pairs trained on |",
+        "| --- | --- | --- |",
+        f"| the reference (trained on {settings.trusted} trusted pairs) | "
+        f"{mean_std([r['accuracy']['reference'] for r in records], 100)} | {settings.trusted} |",
+    ]
     for name, label in STUDENTS.items():
         sizes = [r["kept"].get(name, r["pool"]) for r in records]
         out.append(f"| {label} | {mean_std([r['accuracy'][name] for r in records], 100)} | {mean_std(sizes, 1, 0)} |")
-    out += ["", "## Time per optimizer step (ms)", "",
-            "Wall time between consecutive optimizer steps (scoring, backward, update, data loading), median within "
-            "each run, then mean ± std over seeds; a shared machine, so only indicative. The controlled measurement "
-            "(lockstep with plain `Trainer`) is the `clip` model of `make bench` (docs/performance.md).", "",
-            "| training | ms per step |", "| --- | --- |"]
+    out += [
+        "",
+        "## Time per optimizer step (ms)",
+        "",
+        "Wall time between consecutive optimizer steps (scoring, backward, update, data loading), median within "
+        "each run, then mean ± std over seeds; a shared machine, so only indicative. The controlled measurement "
+        "(lockstep with plain `Trainer`) is the `clip` model of `make bench` (docs/performance.md).",
+        "",
+        "| training | ms per step |",
+        "| --- | --- |",
+    ]
     for name in ("plain", "mimic"):
         out.append(f"| {STUDENTS[name]} | {mean_std([r['step_ms'][name] for r in records], 1, 1)} |")
-    out += ["", "## Observations (read off the tables by the script)", "", *observations(records), "",
-            "Per-seed records: the script prints them as JSON lines while it runs, and writes them with `--json`.", ""]
+    out += [
+        "",
+        "## Observations (read off the tables by the script)",
+        "",
+        *observations(records),
+        "",
+        "Per-seed records: the script prints them as JSON lines while it runs, and writes them with `--json`.",
+        "",
+    ]
     return "\n".join(out)
 
 
 def source_line() -> str:
     try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "hf_gradmimic"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", "hf_gradmimic"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "hf_gradmimic (not a git checkout)"
     return f"hf_gradmimic at commit {commit}{' with uncommitted changes' if dirty else ''}"
@@ -332,20 +419,36 @@ def source_line() -> str:
 
 def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
-                        help="seed 0 is where the settings were chosen; it is left out of the report by default")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[1, 2, 3],
+        help="seed 0 is where the settings were chosen; it is left out of the report by default",
+    )
     parser.add_argument("--epochs", type=int, default=10, help="student epochs over the pool")
     parser.add_argument("--reference-epochs", type=int, default=40)
     parser.add_argument("--temperature", type=float, default=0.5)
     parser.add_argument("--mismatch", type=float, default=0.3, help="fraction of the pool's captions swapped")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; 1 by default: on a shared 2-core machine more threads wait on each other")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads; 1 by default: on a shared 2-core machine more threads wait on each other",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: seed 0, 2 epochs, a 4-epoch reference")
     parser.add_argument("--output", default=str(REPO / "docs" / "clip_curation.md"))
     parser.add_argument("--json", default=None, help="also write the per-seed records here")
     ns = parser.parse_args(argv)
-    settings = Settings(seeds=ns.seeds, epochs=ns.epochs, reference_epochs=ns.reference_epochs,
-                        temperature=ns.temperature, mismatch=ns.mismatch, threads=ns.threads, quick=ns.quick)
+    settings = Settings(
+        seeds=ns.seeds,
+        epochs=ns.epochs,
+        reference_epochs=ns.reference_epochs,
+        temperature=ns.temperature,
+        mismatch=ns.mismatch,
+        threads=ns.threads,
+        quick=ns.quick,
+    )
     if ns.quick:
         settings.seeds, settings.epochs, settings.reference_epochs, settings.windows = [0], 2, 4, 2
     return settings, ns

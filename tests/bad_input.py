@@ -8,16 +8,32 @@ import torch
 
 from hf_gradmimic import MimicConfig
 
-COMMON = dict(learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
-              report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=True, seed=0,
-              mimic_alignment_check=False)
+COMMON = dict(
+    learning_rate=1.0,
+    optim="sgd",
+    lr_scheduler_type="constant",
+    max_grad_norm=0.0,
+    weight_decay=0.0,
+    report_to=[],
+    save_strategy="no",
+    logging_steps=1,
+    disable_tqdm=True,
+    use_cpu=True,
+    seed=0,
+    mimic_alignment_check=False,
+)
 
 
 def config(tmp_path, **overrides) -> MimicConfig:
-    return MimicConfig(output_dir=str(tmp_path), **{**COMMON, "per_device_train_batch_size": 16, "max_steps": 1, **overrides})
+    return MimicConfig(
+        output_dir=str(tmp_path), **{**COMMON, "per_device_train_batch_size": 16, "max_steps": 1, **overrides}
+    )
 
 
 def head_reference(model, scale=0.5):
     generator = torch.Generator().manual_seed(1)
-    return {n: p.detach() + scale * torch.randn(p.shape, generator=generator)
-            for n, p in model.named_parameters() if n.startswith("head.")}
+    return {
+        n: p.detach() + scale * torch.randn(p.shape, generator=generator)
+        for n, p in model.named_parameters()
+        if n.startswith("head.")
+    }

@@ -17,8 +17,11 @@ EPOCHS = 3
 # Text that would be markup if the page did not escape it.
 HOSTILE_TEXT = '<script>document.title="pwned"</script> <b>bold</b> & "quoted" {{ not_jinja }}'
 PROVENANCE = {
-    "scorer": {"name": "mimic", "mode": "reweight", "reference": {"source": "org/</pre><script>x()</script>",
-                                                                  "revision": None, "tensors_sha256": "ab" * 32}},
+    "scorer": {
+        "name": "mimic",
+        "mode": "reweight",
+        "reference": {"source": "org/</pre><script>x()</script>", "revision": None, "tensors_sha256": "ab" * 32},
+    },
     "sample_ids": {"column": None, "train_rows": N_SAMPLES},
     "temperature": 0.5,
 }
@@ -41,12 +44,18 @@ def write_scored_run(output_dir: Path, seed: int = 0) -> Path:
         order = rng.permutation(N_SAMPLES)
         for start in range(0, N_SAMPLES, BATCH):
             step += 1
-            ids = order[start:start + BATCH]
+            ids = order[start : start + BATCH]
             raw = np.where(noisy[ids], rng.normal(-2.0, 0.5, ids.size), rng.normal(1.0, 0.5, ids.size))
             weights = np.exp(raw) / np.exp(raw).sum()
-            writer.add_step(global_step=step, epoch=epoch + (start + BATCH) / N_SAMPLES, sample_ids=ids,
-                            mimic_scores=raw, weights=weights, losses=np.where(noisy[ids], 2.0, 0.2) + rng.random(ids.size) * 0.1,
-                            batch_size=BATCH)
+            writer.add_step(
+                global_step=step,
+                epoch=epoch + (start + BATCH) / N_SAMPLES,
+                sample_ids=ids,
+                mimic_scores=raw,
+                weights=weights,
+                losses=np.where(noisy[ids], 2.0, 0.2) + rng.random(ids.size) * 0.1,
+                batch_size=BATCH,
+            )
     writer.close()
     from hf_gradmimic.tables import dataset_signature
 
@@ -63,7 +72,9 @@ def image_text_dataset():
 
     images = [Image.new("RGB", (16, 12), sample_colour(index)) for index in range(N_SAMPLES)]
     texts = [f"sample {index}: {HOSTILE_TEXT}" for index in range(N_SAMPLES)]
-    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string"),
-                                  "label": datasets.Value("int64")})
-    return datasets.Dataset.from_dict({"image": images, "text": texts, "label": [index % 3 for index in range(N_SAMPLES)]},
-                                      features=features)
+    features = datasets.Features(
+        {"image": datasets.Image(), "text": datasets.Value("string"), "label": datasets.Value("int64")}
+    )
+    return datasets.Dataset.from_dict(
+        {"image": images, "text": texts, "label": [index % 3 for index in range(N_SAMPLES)]}, features=features
+    )

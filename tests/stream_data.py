@@ -52,5 +52,7 @@ def offline_losses(model, rows: list[dict]) -> dict:
     """Each example's cross entropy under ``model`` as it is, by id."""
     with torch.no_grad():
         logits = model(torch.stack([row["x"] for row in rows])).logits
-        losses = torch.nn.functional.cross_entropy(logits, torch.stack([row["labels"] for row in rows]), reduction="none")
+        losses = torch.nn.functional.cross_entropy(
+            logits, torch.stack([row["labels"] for row in rows]), reduction="none"
+        )
     return {row["id"]: float(loss) for row, loss in zip(rows, losses)}

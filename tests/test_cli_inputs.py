@@ -20,7 +20,20 @@ def test_filter_output_that_is_an_existing_file_fails_before_reading_the_log(tmp
 def test_train_with_a_model_path_that_does_not_exist_says_so(tmp_path, capsys):
     data = tmp_path / "train.csv"
     data.write_text("text,label\na,0\nb,1\n")
-    code = main(["train", "--model", "/nonexistent/model", "--dataset", str(data), "--text_column", "text",
-                 "--output_dir", str(tmp_path / "out"), "--report_to", "none"])
+    code = main(
+        [
+            "train",
+            "--model",
+            "/nonexistent/model",
+            "--dataset",
+            str(data),
+            "--text_column",
+            "text",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--report_to",
+            "none",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--model /nonexistent/model: the path does not exist" in err and "Repo id" not in err

@@ -45,8 +45,14 @@ def table_row(text: str, label_start: str) -> list[str]:
 def test_quick_run_reports_every_detector_and_student_from_its_records(tmp_path):
     output, records = tmp_path / "clip.md", tmp_path / "records.json"
     output.write_text(f"stale generated part\n{MARKER}\nhand-written comment\n")
-    subprocess.run([sys.executable, str(SCRIPT), "--quick", "--output", str(output), "--json", str(records)],
-                   check=True, timeout=380, cwd=tmp_path, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--output", str(output), "--json", str(records)],
+        check=True,
+        timeout=380,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     text = output.read_text()
     assert "stale generated part" not in text and text.rstrip().endswith("hand-written comment")
     (record,) = json.loads(records.read_text())["records"]

@@ -22,7 +22,9 @@ def test_the_score_is_the_cosine_of_the_image_and_caption_embeddings():
     batch = pair_batch(5)
     with torch.no_grad():
         images = model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
-        texts = model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output
+        texts = model.get_text_features(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).pooler_output
     expected = F.cosine_similarity(images, texts, dim=-1)
     torch.testing.assert_close(clip_score_of(model, {**batch, "uid": ["a"] * 5}), expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"needs the images and the captions.*\['pixel_values'\]"):
@@ -34,8 +36,15 @@ def test_the_scorer_filters_each_batch_by_the_references_cosine(tmp_path):
     cosine under the reference, as `clip_scores` computes it over the dataset, and each step keeps the top quarter."""
     reference, student = tiny_clip(seed=1), tiny_clip(seed=0)
     data = pair_dataset(32)
-    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=CLIP_LAYERS["vision"], mimic_scorer="clip_score",
-                       mimic_select_ratio=0.25, per_device_train_batch_size=16, max_steps=2, **COMMON)
+    args = MimicConfig(
+        output_dir=str(tmp_path),
+        mimic_layers=CLIP_LAYERS["vision"],
+        mimic_scorer="clip_score",
+        mimic_select_ratio=0.25,
+        per_device_train_batch_size=16,
+        max_steps=2,
+        **COMMON,
+    )
     trainer = MimicTrainer(model=student, args=args, train_dataset=data, reference=reference)
     assert trainer.mode == "select" and trainer.batch_coupled
     trainer.train()
@@ -53,8 +62,9 @@ def test_scores_of_a_stream_by_id_saved_next_to_the_score_log_and_cut(tmp_path):
     by_row = clip_scores(reference, data, batch_size=6)
     by_id = clip_scores(reference, as_stream(data, shards=2), id_column="id", batch_size=6)
     assert by_row.column("sample_id").to_pylist() == list(range(20))
-    np.testing.assert_allclose(sorted(by_id.column("clip_score").to_numpy()), sorted(by_row.column("clip_score").to_numpy()),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        sorted(by_id.column("clip_score").to_numpy()), sorted(by_row.column("clip_score").to_numpy()), rtol=1e-6
+    )
     save_clip_scores(by_id, tmp_path)
     loaded = load_clip_scores(tmp_path)
     assert loaded.equals(by_id)
@@ -74,11 +84,14 @@ def test_scores_of_a_stream_by_id_saved_next_to_the_score_log_and_cut(tmp_path):
     assert metrics["discard_f1"] == 1.0 and metrics["keep_roc_auc"] == 1.0
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({}, "exactly one of `topk`"),
-    ({"topk": 10, "threshold": 0.1}, "exactly one of `topk`"),
-    ({"topk": 0}, r"percentage in \(0, 100\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "exactly one of `topk`"),
+        ({"topk": 10, "threshold": 0.1}, "exactly one of `topk`"),
+        ({"topk": 0}, r"percentage in \(0, 100\]"),
+    ],
+)
 def test_a_cut_without_one_clear_rule_is_refused(kwargs, message):
     table = pa.table({"sample_id": [0, 1], "clip_score": pa.array([0.1, 0.2], pa.float32())})
     with pytest.raises(ValueError, match=message):

@@ -24,8 +24,11 @@ def load_script():
 
 def table_rows(text: str, label: str) -> list[list[str]]:
     """The cells of every markdown table row whose first cell is ``label``."""
-    return [[cell.strip() for cell in line.strip().strip("|").split("|")][1:]
-            for line in text.splitlines() if line.startswith(f"| {label} |")]
+    return [
+        [cell.strip() for cell in line.strip().strip("|").split("|")][1:]
+        for line in text.splitlines()
+        if line.startswith(f"| {label} |")
+    ]
 
 
 @pytest.mark.slow
@@ -33,8 +36,14 @@ def table_rows(text: str, label: str) -> list[list[str]]:
 def test_quick_run_reports_every_method_with_finite_numbers(tmp_path):
     output = tmp_path / "results.md"
     output.write_text(f"old generated part\n{load_script().COMMENTS_MARKER}\nhand-written comment\n")
-    subprocess.run([sys.executable, str(SCRIPT), "--quick", "--suite", "realistic", "oracle", "--output", str(output)], check=True, timeout=400,
-                   cwd=tmp_path, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--suite", "realistic", "oracle", "--output", str(output)],
+        check=True,
+        timeout=400,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     text = output.read_text()
     assert "old generated part" not in text and text.rstrip().endswith("hand-written comment")
     assert "--quick" in text and "torch" in text and "load average" in text
@@ -46,8 +55,12 @@ def test_quick_run_reports_every_method_with_finite_numbers(tmp_path):
         for cells in rows:
             numbers = [float(x) for cell in cells for x in re.findall(r"-?\d+(?:\.\d+)?|nan|inf", cell)]
             assert numbers and all(math.isfinite(x) for x in numbers), (label, cells)
-    accuracies = [float(cell.split("±")[0]) for name, (label, *_ ) in methods.items()
-                  for cells in table_rows(text, label)[:2] for cell in cells]
+    accuracies = [
+        float(cell.split("±")[0])
+        for name, (label, *_) in methods.items()
+        for cells in table_rows(text, label)[:2]
+        for cell in cells
+    ]
     assert all(0 <= value <= 100 for value in accuracies)
     # The realistic-reference section (issue #16) comes first and covers every detector and trainer.
     assert text.index("## Realistic references") < text.index("## Oracle reference")
@@ -75,8 +88,18 @@ def test_targets_compare_the_default_filter_with_the_best_baseline():
     realistic = load_realistic()
     detectors = {name: {"f1": 0.5, "auroc": 0.9} for name in realistic.DETECTORS}
     detectors["cleanlab"]["f1"], detectors["stage2"]["f1"] = 0.8, 0.7
-    records = [{"task": "digits", "regime": "probe", "reference": "trusted100", "noise": 0.4, "seed": seed,
-                "detectors": detectors, "accuracy": {"mimic": 0.9, "plain": 0.88}} for seed in (0, 1)]
+    records = [
+        {
+            "task": "digits",
+            "regime": "probe",
+            "reference": "trusted100",
+            "noise": 0.4,
+            "seed": seed,
+            "detectors": detectors,
+            "accuracy": {"mimic": 0.9, "plain": 0.88},
+        }
+        for seed in (0, 1)
+    ]
     grid = realistic.Grid(tasks=["digits"], references=["trusted100"], noises=[0.4], seeds=[0, 1])
     (line,) = realistic.targets(records, grid)
     assert "F1 70.0 vs best baseline cleanlab 80.0 (missed)" in line and "+2.0 points" in line

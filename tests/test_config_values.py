@@ -9,8 +9,13 @@ from bad_input import config
 
 
 def test_config_values_from_a_json_config_are_coerced_or_named(tmp_path):
-    args = config(tmp_path, mimic_temperature="0.5", mimic_warmup_steps="3", mimic_record_scores="false",
-                  mimic_bayesian_num_effective_data="1000")
+    args = config(
+        tmp_path,
+        mimic_temperature="0.5",
+        mimic_warmup_steps="3",
+        mimic_record_scores="false",
+        mimic_bayesian_num_effective_data="1000",
+    )
     assert (args.mimic_temperature, args.mimic_warmup_steps, args.mimic_record_scores) == (0.5, 3, False)
     assert args.mimic_bayesian_num_effective_data == 1000.0 and isinstance(args.mimic_temperature, float)
     with pytest.raises(TypeError, match=r"`mimic_temperature` must be a float; got 'hot' \(str\)"):

@@ -46,8 +46,12 @@ def test_clip_term_of_one_sample_by_hand():
     i = 2
     text_row = [3.0 * float(texts[i] @ images[j]) for j in range(5)]
     image_row = [3.0 * float(images[i] @ texts[j]) for j in range(5)]
-    expected = 0.5 * (-text_row[i] + math.log(sum(math.exp(s) for s in text_row))
-                      - image_row[i] + math.log(sum(math.exp(s) for s in image_row)))
+    expected = 0.5 * (
+        -text_row[i]
+        + math.log(sum(math.exp(s) for s in text_row))
+        - image_row[i]
+        + math.log(sum(math.exp(s) for s in image_row))
+    )
     assert losses[i].item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -64,7 +68,9 @@ def test_siglip_term_of_one_sample_by_hand():
 
     i = 1
     expected = 0.5 * (sum(pair(i, j) for j in range(4)) + sum(pair(j, i) for j in range(4)))
-    assert siglip_per_sample_loss(images, texts, scale, bias, gather=False)[i].item() == pytest.approx(expected, rel=1e-5)
+    assert siglip_per_sample_loss(images, texts, scale, bias, gather=False)[i].item() == pytest.approx(
+        expected, rel=1e-5
+    )
 
 
 def test_a_sample_with_a_non_finite_embedding_gets_nan_and_is_nobodys_negative():
@@ -75,8 +81,10 @@ def test_a_sample_with_a_non_finite_embedding_gets_nan_and_is_nobodys_negative()
     broken[3] = float("nan")
     scale, bias = torch.tensor(1.0), torch.tensor(0.0)
     keep = [0, 1, 2, 4]
-    for loss_of in (lambda i, t: clip_per_sample_loss(i, t, scale, gather=False),
-                    lambda i, t: siglip_per_sample_loss(i, t, scale, bias, gather=False)):
+    for loss_of in (
+        lambda i, t: clip_per_sample_loss(i, t, scale, gather=False),
+        lambda i, t: siglip_per_sample_loss(i, t, scale, bias, gather=False),
+    ):
         losses = loss_of(broken, texts)
         assert torch.isnan(losses[3]) and torch.isfinite(losses[keep]).all()
         torch.testing.assert_close(losses[keep], loss_of(images[keep], texts[keep]))

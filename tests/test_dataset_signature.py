@@ -30,8 +30,17 @@ def test_apply_refuses_a_dataset_with_two_rows_swapped_that_a_sample_of_rows_wou
     data = mlp_dataset(n=200)
     model = TinyMLP()
     reference = {n: p.detach() + 0.5 for n, p in model.named_parameters() if n.startswith("head.")}
-    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=["head"], max_steps=25, per_device_train_batch_size=8,
-                       report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, mimic_alignment_check=False)
+    args = MimicConfig(
+        output_dir=str(tmp_path),
+        mimic_layers=["head"],
+        max_steps=25,
+        per_device_train_batch_size=8,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        mimic_alignment_check=False,
+    )
     MimicTrainer(model=model, args=args, train_dataset=data, reference=reference).train()
     mimic_filter = build_filter(tmp_path, method="threshold", aggregate="majority")
     sampled = set(np.unique(np.linspace(0, 199, tables.SIGNATURE_ROWS).astype(int)).tolist())

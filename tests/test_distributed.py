@@ -36,8 +36,11 @@ MLP_LAYERS = ["hidden", "head"]
 BERT_LAYERS = ["bert.encoder.layer.1.intermediate.dense", "classifier"]
 FSDP2 = {"fsdp": True, "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]}}
 # 44 samples, 2 ranks × 8: three steps per epoch, the last one topped up with 4 repeats.
-UNEVEN = {"mimic_layers": MLP_LAYERS, "n": 44, "args": {"per_device_train_batch_size": 8, "max_steps": 9,
-                                                         "save_strategy": "steps", "save_steps": 2}}
+UNEVEN = {
+    "mimic_layers": MLP_LAYERS,
+    "n": 44,
+    "args": {"per_device_train_batch_size": 8, "max_steps": 9, "save_strategy": "steps", "save_steps": 2},
+}
 
 
 # ---------------------------------------------------------------- launching
@@ -51,10 +54,26 @@ def free_port() -> int:
 
 def launcher_command(launcher: str, port: int) -> list[str]:
     if launcher == "accelerate":
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIG),
-                "--main_process_port", str(port)]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(port)]
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(ACCELERATE_CONFIG),
+            "--main_process_port",
+            str(port),
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+    ]
 
 
 def start(specs: list[dict], folder: Path, launcher: str = "torchrun") -> tuple[subprocess.Popen, Path]:
@@ -68,7 +87,11 @@ def start(specs: list[dict], folder: Path, launcher: str = "torchrun") -> tuple[
     with open(log, "w") as out:
         process = subprocess.Popen(
             [*launcher_command(launcher, free_port()), str(WORKER), str(folder / "runs.json")],
-            stdout=out, stderr=subprocess.STDOUT, env=env, cwd=folder, start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=folder,
+            start_new_session=True,
         )
     return process, log
 
@@ -107,8 +130,12 @@ def spec(output_dir: Path, **fields) -> dict:
 
 def bert_spec(output_dir: Path, **args) -> dict:
     """The tiny BERT, mimicking an inner layer and the classifier; 4 steps of 32 unless ``args`` say otherwise."""
-    return spec(output_dir, model="bert", mimic_layers=BERT_LAYERS,
-                args={"per_device_train_batch_size": 32, "max_steps": 4, **args})
+    return spec(
+        output_dir,
+        model="bert",
+        mimic_layers=BERT_LAYERS,
+        args={"per_device_train_batch_size": 32, "max_steps": 4, **args},
+    )
 
 
 def records(output_dir: Path, drop_repeated: bool = True):
@@ -144,17 +171,34 @@ def ddp_runs(tmp_path_factory) -> Path:
     launch(
         [
             spec(folder / "2x16", mimic_layers=MLP_LAYERS, args={"per_device_train_batch_size": 16, "max_steps": 5}),
-            spec(folder / "2x2x8", mimic_layers=MLP_LAYERS,
-                 args={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "max_steps": 5}),
+            spec(
+                folder / "2x2x8",
+                mimic_layers=MLP_LAYERS,
+                args={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "max_steps": 5},
+            ),
             spec(folder / "uneven", **UNEVEN),
-            spec(folder / "2x2x8-layer", mimic_layers=MLP_LAYERS, args={
-                "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "max_steps": 5,
-                "mimic_reweight_scope": "layer"}),
-            spec(folder / "2x2x8-frozen", mimic_layers=["head"], frozen=["hidden"],
-                 args={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "max_steps": 5}),
+            spec(
+                folder / "2x2x8-layer",
+                mimic_layers=MLP_LAYERS,
+                args={
+                    "per_device_train_batch_size": 8,
+                    "gradient_accumulation_steps": 2,
+                    "max_steps": 5,
+                    "mimic_reweight_scope": "layer",
+                },
+            ),
+            spec(
+                folder / "2x2x8-frozen",
+                mimic_layers=["head"],
+                frozen=["hidden"],
+                args={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "max_steps": 5},
+            ),
             spec(folder / "bayes-2x16", mimic_layers=["head"], args={**BAYESIAN, "per_device_train_batch_size": 16}),
-            spec(folder / "bayes-2x2x8", mimic_layers=["head"],
-                 args={**BAYESIAN, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2}),
+            spec(
+                folder / "bayes-2x2x8",
+                mimic_layers=["head"],
+                args={**BAYESIAN, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2},
+            ),
         ],
         folder,
         launcher="accelerate",
@@ -174,8 +218,13 @@ def test_two_processes_match_one_process_batch(ddp_runs, single_process_mlp, tmp
     """2 ranks × 16 and 2 ranks × 2 accumulation × 8 (DDP, no_sync, online-softmax rescale) against one
     process with a batch of 32 and with 2 × 16 accumulation: the seeded sampler gives rank r the
     r-th 16 of each 32, so every step covers the same samples."""
-    run(spec(tmp_path / "1x2x16", mimic_layers=MLP_LAYERS,
-             args={"per_device_train_batch_size": 16, "gradient_accumulation_steps": 2, "max_steps": 5}))
+    run(
+        spec(
+            tmp_path / "1x2x16",
+            mimic_layers=MLP_LAYERS,
+            args={"per_device_train_batch_size": 16, "gradient_accumulation_steps": 2, "max_steps": 5},
+        )
+    )
     assert_two_ranks(ddp_runs / "2x16", per_rank=16)
     assert_two_ranks(ddp_runs / "2x2x8", per_rank=16)
     for name in ("2x16", "2x2x8"):
@@ -214,8 +263,13 @@ def test_logged_metrics_cover_every_rank(ddp_runs, single_process_mlp):
         assert_same_metrics(ddp_runs / name, single_process_mlp / "1x32")
 
 
-BAYESIAN = {"mimic_scorer": "bayesian", "mimic_zero_shot_column": "zero_shot", "mimic_select_ratio": 0.25,
-            "mimic_bayesian_num_samples": 32, "max_steps": 5}
+BAYESIAN = {
+    "mimic_scorer": "bayesian",
+    "mimic_zero_shot_column": "zero_shot",
+    "mimic_select_ratio": 0.25,
+    "mimic_bayesian_num_samples": 32,
+    "max_steps": 5,
+}
 
 
 @pytest.mark.timeout(300)
@@ -225,8 +279,13 @@ def test_bayesian_selection_spans_the_step_and_its_factors_agree_on_every_rank(d
     per micro-batch and rank), the Laplace factors are updated once per step from every rank's selected samples and
     are identical on both ranks, and scores, selections and parameters equal the single process's."""
     run(spec(tmp_path / "1x32", mimic_layers=["head"], args={**BAYESIAN, "per_device_train_batch_size": 32}))
-    run(spec(tmp_path / "1x2x16", mimic_layers=["head"],
-             args={**BAYESIAN, "per_device_train_batch_size": 16, "gradient_accumulation_steps": 2}))
+    run(
+        spec(
+            tmp_path / "1x2x16",
+            mimic_layers=["head"],
+            args={**BAYESIAN, "per_device_train_batch_size": 16, "gradient_accumulation_steps": 2},
+        )
+    )
     single = records(tmp_path / "1x32")
     assert (single.groupby("global_step").weight.apply(lambda w: int((w > 0).sum())) == 8).all()
     expected_state = torch.load(tmp_path / "1x32" / "scorer_rank0.pt")
@@ -247,8 +306,13 @@ def test_bayesian_selection_spans_the_step_and_its_factors_agree_on_every_rank(d
 def test_layer_scope_two_processes_match_one_process(ddp_runs, tmp_path):
     """`mimic_reweight_scope="layer"`: the mimic layers get the step-wide softmax weights, the rest the
     plain mean gradient, which DDP's average over ranks turns into the mean over all 32 samples."""
-    run(spec(tmp_path / "1x32", mimic_layers=MLP_LAYERS,
-             args={"per_device_train_batch_size": 32, "max_steps": 5, "mimic_reweight_scope": "layer"}))
+    run(
+        spec(
+            tmp_path / "1x32",
+            mimic_layers=MLP_LAYERS,
+            args={"per_device_train_batch_size": 32, "max_steps": 5, "mimic_reweight_scope": "layer"},
+        )
+    )
     assert_two_ranks(ddp_runs / "2x2x8-layer", per_rank=16)
     assert_same_run(ddp_runs / "2x2x8-layer", tmp_path / "1x32")
 
@@ -256,8 +320,14 @@ def test_layer_scope_two_processes_match_one_process(ddp_runs, tmp_path):
 def test_update_from_the_recorded_uses_two_processes_match_one_process(ddp_runs, tmp_path):
     """Only the head trains (as with LoRA, only the mimic tensors): its update comes from the recorded uses, one
     backward through the model (`hf_gradmimic.training.use_backward`); DDP reduces those gradients like any other."""
-    run(spec(tmp_path / "1x32", mimic_layers=["head"], frozen=["hidden"],
-             args={"per_device_train_batch_size": 32, "max_steps": 5}))
+    run(
+        spec(
+            tmp_path / "1x32",
+            mimic_layers=["head"],
+            frozen=["hidden"],
+            args={"per_device_train_batch_size": 32, "max_steps": 5},
+        )
+    )
     assert_two_ranks(ddp_runs / "2x2x8-frozen", per_rank=16)
     assert_same_run(ddp_runs / "2x2x8-frozen", tmp_path / "1x32")
 
@@ -341,8 +411,10 @@ def test_fsdp2_matches_one_process(tmp_path):
     launch(
         [
             {**bert_spec(tmp_path / "2x16", per_device_train_batch_size=16, **FSDP2), "force_fsdp": True},
-            {**bert_spec(tmp_path / "2x4x4", per_device_train_batch_size=4, gradient_accumulation_steps=4, **FSDP2),
-             "force_fsdp": True},
+            {
+                **bert_spec(tmp_path / "2x4x4", per_device_train_batch_size=4, gradient_accumulation_steps=4, **FSDP2),
+                "force_fsdp": True,
+            },
         ],
         tmp_path,
     )
@@ -350,28 +422,38 @@ def test_fsdp2_matches_one_process(tmp_path):
     for name in ("2x16", "2x4x4"):
         info = json.loads((tmp_path / name / "run_info.json").read_text())
         assert {key: info[key] for key in ("distributed_type", "num_processes", "mimic_weight_type")} == {
-            "distributed_type": str(DistributedType.FSDP), "num_processes": 2, "mimic_weight_type": "DTensor"}
+            "distributed_type": str(DistributedType.FSDP),
+            "num_processes": 2,
+            "mimic_weight_type": "DTensor",
+        }
         assert_two_ranks(tmp_path / name, per_rank=16)
         assert_same_run(tmp_path / name, tmp_path / "1x32")
         assert_same_metrics(tmp_path / name, tmp_path / "1x32", atol=1e-5)
 
 
 def deepspeed(stage: int) -> SimpleNamespace:
-    return SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
-                           state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+    return SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED,
+        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)),
+    )
 
 
 def fsdp(version: int) -> SimpleNamespace:
-    return SimpleNamespace(distributed_type=DistributedType.FSDP,
-                           state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)))
+    return SimpleNamespace(
+        distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version))
+    )
 
 
 @pytest.mark.parametrize(
     "accelerator, refused, message, accepted",
     [
         (deepspeed(3), {}, "ZeRO stage 3.*empty", None),
-        (deepspeed(2), {"gradient_accumulation_steps": 2}, "DeepSpeed keeps the accumulated",
-         {"mimic_normalize": "micro", "gradient_accumulation_steps": 2}),
+        (
+            deepspeed(2),
+            {"gradient_accumulation_steps": 2},
+            "DeepSpeed keeps the accumulated",
+            {"mimic_normalize": "micro", "gradient_accumulation_steps": 2},
+        ),
         (fsdp(1), {}, "needs FSDP2", None),
         (fsdp(2), {"mimic_reweight_scope": "layer"}, "not supported under FSDP", {"gradient_accumulation_steps": 4}),
         (SimpleNamespace(distributed_type=DistributedType.MULTI_CPU), {"torch_compile": True}, "torch.compile", {}),
@@ -392,8 +474,9 @@ def test_unsupported_setups_are_refused(tmp_path, accelerator, refused, message,
 
 def test_torch_compile_is_refused_by_the_trainer(tmp_path):
     model, data, reference = build({"mimic_layers": ["head"]})
-    args = MimicConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], torch_compile=True,
-                       torch_compile_backend="aot_eager")
+    args = MimicConfig(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], torch_compile=True, torch_compile_backend="aot_eager"
+    )
     with pytest.raises(ValueError, match="torch.compile"):
         MimicTrainer(model=model, args=args, train_dataset=data, reference=reference)
     args = MimicConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[])
@@ -423,8 +506,10 @@ def test_bf16_scores_are_fp32_and_close_to_an_fp32_run(tmp_path):
 
     run(bert_spec(tmp_path / "fp32"), before_train=spy_on_scores("fp32"))
     run(bert_spec(tmp_path / "bf16", bf16=True), before_train=spy_on_scores("bf16"))
-    assert dtypes == {"fp32": {(torch.float32, torch.float32)},
-                      "bf16": {(torch.bfloat16, torch.float32)}}  # autocast ran the layers in bf16; scores in fp32
+    assert dtypes == {
+        "fp32": {(torch.float32, torch.float32)},
+        "bf16": {(torch.bfloat16, torch.float32)},
+    }  # autocast ran the layers in bf16; scores in fp32
     fp32, bf16 = records(tmp_path / "fp32"), records(tmp_path / "bf16")
     np.testing.assert_array_equal(bf16[["global_step", "sample_id"]].values, fp32[["global_step", "sample_id"]].values)
     assert not np.array_equal(bf16.mimic_score.values, fp32.mimic_score.values)
@@ -454,7 +539,9 @@ def train_counting_calls(output_dir: Path, **args) -> int:
 def test_non_reentrant_gradient_checkpointing_gives_the_same_scores(tmp_path):
     plain_calls = train_counting_calls(tmp_path / "plain")
     checkpointed_calls = train_counting_calls(
-        tmp_path / "checkpointed", activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False}
+        tmp_path / "checkpointed",
+        activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": False},
     )
     # The layer re-ran during backward (recomputation); those calls were not captured as a second forward.
     assert plain_calls == 3 and checkpointed_calls > plain_calls

@@ -37,8 +37,15 @@ def two_process_runs(tmp_path_factory) -> Path:
             clip_spec(folder, "clip-2x2x4", per_device_train_batch_size=4, gradient_accumulation_steps=2),
             clip_spec(folder, "siglip-2x8", model="siglip", per_device_train_batch_size=8),
             spec(folder / "stream-dispatched-2x8", **STREAM, args={**STREAM_ARGS, "per_device_train_batch_size": 8}),
-            spec(folder / "stream-sharded-2x8", **STREAM, args={**STREAM_ARGS, "per_device_train_batch_size": 8,
-                                                                "accelerator_config": {"dispatch_batches": False}}),
+            spec(
+                folder / "stream-sharded-2x8",
+                **STREAM,
+                args={
+                    **STREAM_ARGS,
+                    "per_device_train_batch_size": 8,
+                    "accelerator_config": {"dispatch_batches": False},
+                },
+            ),
         ],
         folder,
     )
@@ -46,13 +53,17 @@ def two_process_runs(tmp_path_factory) -> Path:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("name, expected_args", [
-    ("clip-2x8", {"per_device_train_batch_size": 16}),
-    ("clip-2x2x4", {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2}),
-    ("siglip-2x8", {"per_device_train_batch_size": 16}),
-])
+@pytest.mark.parametrize(
+    "name, expected_args",
+    [
+        ("clip-2x8", {"per_device_train_batch_size": 16}),
+        ("clip-2x2x4", {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2}),
+        ("siglip-2x8", {"per_device_train_batch_size": 16}),
+    ],
+)
 def test_contrastive_terms_and_scores_on_two_processes_match_one_process_with_the_whole_batch(
-        two_process_runs, tmp_path, name, expected_args):
+    two_process_runs, tmp_path, name, expected_args
+):
     model = name.split("-")[0]
     run(clip_spec(tmp_path, "single", model=model, **expected_args))
     assert_two_ranks(two_process_runs / name, per_rank=8)

@@ -31,8 +31,16 @@ REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 BUILD_TIMEOUT = 180
 PAGE_TIMEOUT = 45
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _require(available: bool, what: str) -> None:
@@ -77,8 +85,14 @@ def served(tmp_path_factory):
     _require(_has_module("mkdocs") and _has_module("mkdocstrings_handlers.python"), "mkdocs (the `docs` extra)")
     root = tmp_path_factory.mktemp("served")
     environment = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "PYTHONPATH": str(REPO)}
-    build = subprocess.Popen([sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", str(root / "site")],
-                             cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    build = subprocess.Popen(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", str(root / "site")],
+        cwd=REPO,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         report_path = _write_report(root)  # while the site builds
         output, _ = build.communicate(timeout=BUILD_TIMEOUT)
@@ -92,8 +106,12 @@ def served(tmp_path_factory):
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
     try:
-        yield {"root": root, "site": root / "site", "report": report_path,
-               "url": f"http://127.0.0.1:{server.server_address[1]}"}
+        yield {
+            "root": root,
+            "site": root / "site",
+            "report": report_path,
+            "url": f"http://127.0.0.1:{server.server_address[1]}",
+        }
     finally:
         server.shutdown()
         server.server_close()
@@ -122,9 +140,15 @@ def render(url: str, tmp_path: Path) -> str:
     _require(Path(CHROMIUM).is_file(), "chromium (Debian's package)")
     profile = tmp_path / f"chromium-profile-{len(list(tmp_path.glob('chromium-profile-*')))}"
     profile.mkdir()
-    result = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
-                            capture_output=True, text=True, timeout=PAGE_TIMEOUT)
-    assert result.returncode == 0 and "</html>" in result.stdout, f"chromium could not render {url}: {result.stderr[-2000:]}"
+    result = subprocess.run(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=PAGE_TIMEOUT,
+    )
+    assert result.returncode == 0 and "</html>" in result.stdout, (
+        f"chromium could not render {url}: {result.stderr[-2000:]}"
+    )
     return result.stdout
 
 
@@ -141,10 +165,15 @@ def test_the_pages_render_with_their_titles_and_every_public_name(served, tmp_pa
     pages = {
         "index.html": ("hf-gradmimic", ["Set up", "About this site"]),
         "guides/quickstart.html": ("Quick start", ["make demo", "build_filter"]),
-        "reference/api.html": ("Python API", [f'id="hf_gradmimic.{name}"' for name in hf_gradmimic.__all__
-                                             if name != "__version__"] + ['id="mimic-arguments"', "mimic_temperature"]),
-        "reference/filter.html": ("hf_gradmimic.filter", [f'id="hf_gradmimic.filter.{name}"'
-                                                          for name in hf_gradmimic.filter.__all__]),
+        "reference/api.html": (
+            "Python API",
+            [f'id="hf_gradmimic.{name}"' for name in hf_gradmimic.__all__ if name != "__version__"]
+            + ['id="mimic-arguments"', "mimic_temperature"],
+        ),
+        "reference/filter.html": (
+            "hf_gradmimic.filter",
+            [f'id="hf_gradmimic.filter.{name}"' for name in hf_gradmimic.filter.__all__],
+        ),
         "reference/cli.html": ("Command line", ["gradmimic filter", "--on-bad-shard", "gradmimic hub", "--data-dir"]),
     }
     for page, (title, expected) in pages.items():
@@ -181,7 +210,11 @@ def test_no_internal_link_or_anchor_is_broken(served):
                 broken.append((page.relative_to(site), target, "leaves the site"))
             elif not resolved.is_file():
                 broken.append((page.relative_to(site), target, "no such file"))
-            elif parts.fragment and resolved.suffix == ".html" and unquote(parts.fragment) not in parse_page(resolved).ids:
+            elif (
+                parts.fragment
+                and resolved.suffix == ".html"
+                and unquote(parts.fragment) not in parse_page(resolved).ids
+            ):
                 broken.append((page.relative_to(site), target, "no such anchor"))
     assert not broken, "\n".join(map(str, broken))
 

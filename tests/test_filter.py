@@ -112,7 +112,11 @@ def test_simple_aggregates(log, aggregate):
     table, clean = log
     mimic_filter = build_filter(table, method="threshold", aggregate=aggregate, labeling_functions=["mimic"])
     votes = mimic_filter.votes()
-    expected = {"majority": (votes == 1).mean(axis=1) >= 0.5, "all": (votes == 1).all(axis=1), "any": (votes == 1).any(axis=1)}
+    expected = {
+        "majority": (votes == 1).mean(axis=1) >= 0.5,
+        "all": (votes == 1).all(axis=1),
+        "any": (votes == 1).any(axis=1),
+    }
     assert np.array_equal(mimic_filter.keep, expected[aggregate])
     assert mimic_filter.summary["estimated_accuracies"] is None
 
@@ -237,13 +241,18 @@ def test_step_windows_give_one_labeling_function_per_step():
 def test_absent_sample_abstains_and_values_are_averaged():
     rows = [
         # window epoch_0 (steps 1-2): sample 0 seen twice (b*w 1.2 and 1.6 -> mean 1.4), 2 absent
-        (1, 0.5, 0, 0.2, 1.2, 2), (1, 0.5, 1, -0.2, 0.8, 2),
-        (2, 1.0, 0, 0.4, 1.6, 2), (2, 1.0, 3, 0.0, 0.4, 2),
+        (1, 0.5, 0, 0.2, 1.2, 2),
+        (1, 0.5, 1, -0.2, 0.8, 2),
+        (2, 1.0, 0, 0.4, 1.6, 2),
+        (2, 1.0, 3, 0.0, 0.4, 2),
         # window epoch_1 (steps 3-4): samples 0..3
-        (3, 1.5, 0, 0.1, 1.5, 2), (3, 1.5, 1, 0.1, 0.5, 2),
-        (4, 2.0, 2, 0.1, 1.2, 2), (4, 2.0, 3, 0.1, 0.8, 2),
+        (3, 1.5, 0, 0.1, 1.5, 2),
+        (3, 1.5, 1, 0.1, 0.5, 2),
+        (4, 2.0, 2, 0.1, 1.2, 2),
+        (4, 2.0, 3, 0.1, 0.8, 2),
         # window epoch_2 (steps 5-6): sample 3 absent
-        (5, 2.5, 0, 0.1, 1.3, 2), (5, 2.5, 1, 0.1, 0.7, 2),
+        (5, 2.5, 0, 0.1, 1.3, 2),
+        (5, 2.5, 1, 0.1, 0.7, 2),
         (6, 3.0, 2, 0.1, 1.1, 1),
     ]
     mimic_filter = build_filter(records(rows), method="threshold", aggregate="snorkel")
@@ -264,7 +273,9 @@ def test_absent_sample_abstains_and_values_are_averaged():
 def test_two_windows_fall_back_to_majority_with_a_warning(log):
     table, clean = log
     with pytest.warns(FilterWarning, match="at least 3 labeling functions"):
-        mimic_filter = build_filter(table, method="threshold", aggregate="snorkel", windows=2, labeling_functions=["mimic"])
+        mimic_filter = build_filter(
+            table, method="threshold", aggregate="snorkel", windows=2, labeling_functions=["mimic"]
+        )
     assert mimic_filter.summary["aggregate_used"] == "majority"
     assert any("falling back to majority" in w for w in mimic_filter.summary["warnings"])
     votes = mimic_filter.votes()
@@ -281,7 +292,14 @@ def test_label_model_on_patterns_equals_the_full_fit():
     prob, info = aggregate_votes(votes, "snorkel", seed=0)
     majority_kept = np.clip(((votes == 1).sum(1) / (votes != -1).sum(1) >= 0.5).mean(), 0.01, 0.99)
     model = LabelModel(cardinality=2, verbose=False)
-    model.fit(votes.astype(np.int64), class_balance=[1 - majority_kept, majority_kept], n_epochs=500, lr=0.01, seed=0, progress_bar=False)
+    model.fit(
+        votes.astype(np.int64),
+        class_balance=[1 - majority_kept, majority_kept],
+        n_epochs=500,
+        lr=0.01,
+        seed=0,
+        progress_bar=False,
+    )
     np.testing.assert_allclose(prob, model.predict_proba(votes.astype(np.int64))[:, 1], atol=1e-6)
     np.testing.assert_allclose(info["estimated_accuracies"], model.get_weights(), atol=1e-6)
     assert info["label_model"]["exact"] and info["label_model"]["n_patterns"] <= 3**4
@@ -419,12 +437,15 @@ def test_rebuild_equals_build(log):
 
     table, _ = log
     votes = {"aggregate": "snorkel"}
-    rebuilt = build_filter(table, method="gmm", labeling_functions=["mimic", "loss"], **votes).rebuild(method="topk", topk=70)
+    rebuilt = build_filter(table, method="gmm", labeling_functions=["mimic", "loss"], **votes).rebuild(
+        method="topk", topk=70
+    )
     # rebuild re-splits the mimic windows only: the loss windows keep the split they were built with.
     direct = build_filter(table, method="topk", topk=70, labeling_functions=["mimic", LossWindows("gmm")], **votes)
     assert rebuilt.table.equals(direct.table)
     assert build_filter(table, method="topk", topk=70, labeling_functions=["mimic"]).table.equals(
-        build_filter(table, method="gmm", labeling_functions=["mimic"]).rebuild(method="topk", topk=70).table)
+        build_filter(table, method="gmm", labeling_functions=["mimic"]).rebuild(method="topk", topk=70).table
+    )
 
 
 def test_apply_returns_exactly_the_kept_rows(small_filter):

@@ -11,8 +11,16 @@ from transformers import Trainer, TrainingArguments
 from hf_gradmimic import MimicConfig, MimicTrainer, build_filter
 from hf_gradmimic.testing.digits import digits_model, load_noisy_digits
 
-COMMON = dict(per_device_train_batch_size=32, learning_rate=5e-2, report_to=[], save_strategy="no", use_cpu=True,
-              disable_tqdm=True, seed=0, logging_steps=1000)
+COMMON = dict(
+    per_device_train_batch_size=32,
+    learning_rate=5e-2,
+    report_to=[],
+    save_strategy="no",
+    use_cpu=True,
+    disable_tqdm=True,
+    seed=0,
+    logging_steps=1000,
+)
 
 
 @pytest.mark.timeout(400)
@@ -20,15 +28,24 @@ def test_discard_detection_f1_at_every_noise_level(tmp_path):
     # The split depends only on the seed, so one clean-label reference head serves every noise level.
     clean = load_noisy_digits(noise_rate=0.0, seed=0)["train"]
     reference = digits_model()
-    Trainer(model=reference, args=TrainingArguments(output_dir=str(tmp_path / "ref"), num_train_epochs=8, **COMMON),
-            train_dataset=clean.remove_columns(["is_clean", "clean_label"])).train()
+    Trainer(
+        model=reference,
+        args=TrainingArguments(output_dir=str(tmp_path / "ref"), num_train_epochs=8, **COMMON),
+        train_dataset=clean.remove_columns(["is_clean", "clean_label"]),
+    ).train()
     f1 = {}
     for noise in (0.4, 0.5, 0.6):
         train = load_noisy_digits(noise_rate=noise, seed=0)["train"]
         assert np.array_equal(np.asarray(train["clean_label"]), np.asarray(clean["label"]))
         out = tmp_path / f"noise{noise}"
-        args = MimicConfig(output_dir=str(out), mimic_layers=["classifier"], mimic_temperature=0.5, num_train_epochs=4,
-                           mimic_alignment_check=False, **COMMON)
+        args = MimicConfig(
+            output_dir=str(out),
+            mimic_layers=["classifier"],
+            mimic_temperature=0.5,
+            num_train_epochs=4,
+            mimic_alignment_check=False,
+            **COMMON,
+        )
         MimicTrainer(model=digits_model(), args=args, train_dataset=train, reference=reference).train()
         is_clean = np.asarray(train["is_clean"])
         for method in ("threshold", "gmm"):

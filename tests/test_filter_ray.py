@@ -47,6 +47,7 @@ def ray_cluster():
     previous = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
+
     # Workers inherit this environment (PYTHONPATH included), so they import the same hf_gradmimic.
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
@@ -82,7 +83,9 @@ def test_ray_signals_equal_the_single_machine_ones_bit_for_bit(ray_cluster, tmp_
     assert set(local.signals) == {"loss", "reference_loss", "reference_margin"} and local.nonfinite_signals
     assert_same_windows(local, distributed)
     assert_same_signals(local, distributed)
-    assert [m for m in distributed.warnings if "signal column" in m] == [m for m in local.warnings if "signal column" in m]
+    assert [m for m in distributed.warnings if "signal column" in m] == [
+        m for m in local.warnings if "signal column" in m
+    ]
 
 
 def test_ray_reads_shards_without_the_newer_columns(ray_cluster, tmp_path):
@@ -103,8 +106,14 @@ def test_ray_filter_equals_for_every_method_and_aggregate(ray_cluster, tmp_path)
         for method in METHODS:
             for aggregate in AGGREGATES:
                 # rebuild re-splits the mimic windows only; the loss windows keep the gmm split they were built with.
-                local = build_filter(log_dir, method=method, aggregate=aggregate, windows=3, engine="streaming",
-                                     labeling_functions=["mimic", LossWindows("gmm")])
+                local = build_filter(
+                    log_dir,
+                    method=method,
+                    aggregate=aggregate,
+                    windows=3,
+                    engine="streaming",
+                    labeling_functions=["mimic", LossWindows("gmm")],
+                )
                 assert_same_table(distributed.rebuild(method=method, aggregate=aggregate).table, local.table)
     # Fitted on the distinct vote patterns: each vote column (3 mimic windows, 3 loss windows) is -1, 0 or 1.
     n_columns = len(distributed.summary["windows"]) + len(distributed.summary["labeling_functions"])

@@ -27,10 +27,13 @@ def scored():
         warnings.simplefilter("ignore", FilterWarning)
         mimic_filter = build_filter(table, method="threshold")
     rng = np.random.default_rng(0)
-    data = datasets.Dataset.from_dict({
-        "text": [f"row {i}" for i in range(1200)], "label": rng.integers(0, 3, 1200).tolist(),
-        "uid": [int(i) for i in range(1200)],
-    })
+    data = datasets.Dataset.from_dict(
+        {
+            "text": [f"row {i}" for i in range(1200)],
+            "label": rng.integers(0, 3, 1200).tolist(),
+            "uid": [int(i) for i in range(1200)],
+        }
+    )
     return mimic_filter, data
 
 
@@ -71,7 +74,9 @@ def test_apply_on_a_stream_names_an_unscored_row(scored, tmp_path):
     import datasets
 
     mimic_filter, data = scored
-    extra = datasets.concatenate_datasets([data, datasets.Dataset.from_dict({"text": ["new"], "label": [0], "uid": [99999]})])
+    extra = datasets.concatenate_datasets(
+        [data, datasets.Dataset.from_dict({"text": ["new"], "label": [0], "uid": [99999]})]
+    )
     stream = streamed(parquet_shards(extra, tmp_path / "shards"))
     with pytest.raises(ValueError, match=r"1 streamed row\(s\) have no score \(e.g. uid= \[99999\]\)"):
         list(mimic_filter.apply(stream, id_column="uid"))

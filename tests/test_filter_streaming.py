@@ -31,8 +31,9 @@ def random_log(seed: int, *, sparse_ids: bool = False, extras: bool = True, sign
     """A make_log log, reshuffled ids; with ``extras``: repeated rows, NaN scores, status 1/2 records; with
     ``signals``: the reference's loss and margin beside the student's loss, each with NaN, inf and missing values."""
     rng = np.random.default_rng(seed)
-    table, _ = make_log(n=int(rng.integers(300, 900)), epochs=int(rng.integers(3, 6)), batch=int(rng.integers(8, 40)),
-                        seed=seed)
+    table, _ = make_log(
+        n=int(rng.integers(300, 900)), epochs=int(rng.integers(3, 6)), batch=int(rng.integers(8, 40)), seed=seed
+    )
     columns = dict(zip(table.column_names, table.columns))
     ids = table.column("sample_id").to_numpy()
     if sparse_ids:  # far apart, unordered: the in-memory engine dictionary-encodes them
@@ -51,8 +52,10 @@ def random_log(seed: int, *, sparse_ids: bool = False, extras: bool = True, sign
         weight = table.column("weight").to_numpy().copy()
         weight[status != 0] = 0
         columns.update(
-            repeated=pa.array(repeated), status=pa.array(status, pa.int8()),
-            mimic_score=pa.array(score, pa.float32()), weight=pa.array(weight, pa.float32()),
+            repeated=pa.array(repeated),
+            status=pa.array(status, pa.int8()),
+            mimic_score=pa.array(score, pa.float32()),
+            weight=pa.array(weight, pa.float32()),
         )
     if signals:
         columns.update(signal_columns(np.random.default_rng(seed + 10_000), table.num_rows))
@@ -87,7 +90,11 @@ def assert_same_table(a: pa.Table, b: pa.Table) -> None:
 def assert_same_windows(a, b) -> None:
     assert a.sample_ids.equals(b.sample_ids)
     assert a.window_names == b.window_names and a.window_steps == b.window_steps
-    assert (a.total_records, a.n_nan_scores, a.n_unlabeled_records) == (b.total_records, b.n_nan_scores, b.n_unlabeled_records)
+    assert (a.total_records, a.n_nan_scores, a.n_unlabeled_records) == (
+        b.total_records,
+        b.n_nan_scores,
+        b.n_unlabeled_records,
+    )
     for name in FIELDS:
         x, y = getattr(a, name), getattr(b, name)
         assert (x is None) == (y is None), name
@@ -158,11 +165,16 @@ def test_streaming_matches_a_pandas_groupby(windows):
     def matrix(series):
         return series.unstack().reindex(index=ids, columns=range(m)).to_numpy()
 
-    np.testing.assert_allclose(streamed.values, matrix(scored.groupby(["sample_id", "window"])["bw"].mean()),
-                               rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(
+        streamed.values, matrix(scored.groupby(["sample_id", "window"])["bw"].mean()), rtol=1e-6, equal_nan=True
+    )
     # pandas' mean skips NaN scores, as the filter does.
-    np.testing.assert_allclose(streamed.scores, matrix(scored.groupby(["sample_id", "window"])["mimic_score"].mean()),
-                               rtol=1e-5, equal_nan=True)
+    np.testing.assert_allclose(
+        streamed.scores,
+        matrix(scored.groupby(["sample_id", "window"])["mimic_score"].mean()),
+        rtol=1e-5,
+        equal_nan=True,
+    )
     np.testing.assert_array_equal(streamed.n_records, frame.groupby("sample_id").size().reindex(ids).to_numpy())
     nonfinite = frame.assign(nf=frame["status"] == 1).groupby("sample_id")["nf"].sum().reindex(ids).to_numpy()
     np.testing.assert_array_equal(streamed.n_nonfinite, nonfinite)
@@ -274,8 +286,9 @@ def test_a_log_without_signal_columns_has_none():
     assert not any("signal column" in str(w.message) for w in caught)
     # Only the columns the log has: here the reference's margin alone, every value finite.
     margin = pa.array(np.linspace(-1, 1, table.num_rows), pa.float32())
-    only_margin = collect_windows_streaming(table.append_column("reference_margin", margin), "epoch",
-                                            memory_budget=100 * 64)
+    only_margin = collect_windows_streaming(
+        table.append_column("reference_margin", margin), "epoch", memory_budget=100 * 64
+    )
     assert list(only_margin.signals) == ["reference_margin"] and only_margin.nonfinite_signals == {}
 
 
@@ -295,10 +308,14 @@ def write_resumed_log(table: pa.Table, output_dir, older_first: bool, rows: int 
         steps = part.column("global_step").to_numpy()
         pq.write_table(part, folder / f"rank00000-steps{steps.min():09d}-{steps.max():09d}.parquet")
     status = np.where(older, 0, table.column("status").to_numpy()).astype(np.int8)
-    reference_loss = pa.array(table.column("reference_loss").to_numpy(zero_copy_only=False), pa.float32(),
-                              mask=older | table.column("reference_loss").is_null().to_numpy(zero_copy_only=False))
+    reference_loss = pa.array(
+        table.column("reference_loss").to_numpy(zero_copy_only=False),
+        pa.float32(),
+        mask=older | table.column("reference_loss").is_null().to_numpy(zero_copy_only=False),
+    )
     return table.set_column(table.column_names.index("status"), "status", pa.array(status)).set_column(
-        table.column_names.index("reference_loss"), "reference_loss", reference_loss)
+        table.column_names.index("reference_loss"), "reference_loss", reference_loss
+    )
 
 
 @pytest.mark.parametrize("older_first", [True, False])

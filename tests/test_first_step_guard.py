@@ -18,17 +18,30 @@ def test_every_label_ignored_is_refused_before_the_first_update(tmp_path):
     import datasets
 
     data = lm_dataset(n=8)
-    data = datasets.Dataset.from_dict({"input_ids": np.asarray(data["input_ids"]),
-                                       "labels": np.full_like(np.asarray(data["labels"]), -100)}).with_format("torch")
+    data = datasets.Dataset.from_dict(
+        {"input_ids": np.asarray(data["input_ids"]), "labels": np.full_like(np.asarray(data["labels"]), -100)}
+    ).with_format("torch")
     model = tiny_gpt2(dropout=0.0)
     before = copy.deepcopy(model.state_dict())
     reference = {"lm_head.weight": model.lm_head.weight.detach() + 0.1}
-    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=["lm_head"], max_steps=20, per_device_train_batch_size=4,
-                       weight_decay=0.1, report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True,
-                       mimic_alignment_check=False)
+    args = MimicConfig(
+        output_dir=str(tmp_path),
+        mimic_layers=["lm_head"],
+        max_steps=20,
+        per_device_train_batch_size=4,
+        weight_decay=0.1,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        mimic_alignment_check=False,
+    )
     trainer = MimicTrainer(model=model, args=args, train_dataset=data, reference=reference)
-    with pytest.raises(ValueError, match=r"first optimizer step has 4 sample\(s\) and none with a supervised label.*"
-                                         r"every label is -100"):
+    with pytest.raises(
+        ValueError,
+        match=r"first optimizer step has 4 sample\(s\) and none with a supervised label.*"
+        r"every label is -100",
+    ):
         trainer.train()
     assert trainer.state.global_step == 0
     for name, value in model.state_dict().items():  # no update, not even weight decay

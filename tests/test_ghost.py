@@ -125,7 +125,10 @@ def test_ghost_rule_matches_per_sample_gradients(case):
     # Each part on its own: a direction over the weight alone.
     weight_only = {names[0]: direction[names[0]]}
     torch.testing.assert_close(
-        ghost.inner_product(weight_only), (oracle[names[0]] * direction[names[0]]).flatten(1).sum(1), rtol=1e-5, atol=1e-6
+        ghost.inner_product(weight_only),
+        (oracle[names[0]] * direction[names[0]]).flatten(1).sum(1),
+        rtol=1e-5,
+        atol=1e-6,
     )
     if case.startswith("embedding"):  # the padding row never gets a gradient
         assert oracle["layer.weight"][:, 0].abs().max() == 0
@@ -138,8 +141,17 @@ def test_tied_tensor_sums_every_use():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=40, n_positions=12, tie_word_embeddings=True,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = GPT2Config(
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        vocab_size=40,
+        n_positions=12,
+        tie_word_embeddings=True,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     model = GPT2LMHeadModel(config).eval()
     assert model.lm_head.weight is model.transformer.wte.weight
     generator = torch.Generator().manual_seed(5)
@@ -147,8 +159,10 @@ def test_tied_tensor_sums_every_use():
 
     calls = []
     modules = {"lm_head": model.lm_head, "transformer.wte": model.transformer.wte}
-    handles = [m.register_forward_hook(lambda mod, args, out, name=name: calls.append((name, mod, args[0].detach(), out)))
-               for name, m in modules.items()]
+    handles = [
+        m.register_forward_hook(lambda mod, args, out, name=name: calls.append((name, mod, args[0].detach(), out)))
+        for name, m in modules.items()
+    ]
     logits = model(input_ids=ids).logits
     for handle in handles:
         handle.remove()
@@ -177,10 +191,15 @@ def test_tied_tensor_sums_every_use():
 
 
 def test_unsupported_layer_names_the_type_and_the_supported_ones():
-    with pytest.raises(UnsupportedLayerError, match=r"'encoder.conv' is a torch.nn.modules.conv.Conv2d.*torch.nn.modules.linear.Linear"):
+    with pytest.raises(
+        UnsupportedLayerError, match=r"'encoder.conv' is a torch.nn.modules.conv.Conv2d.*torch.nn.modules.linear.Linear"
+    ):
         ghost_rule_for(nn.Conv2d(1, 1, 3), "encoder.conv")
-    assert {"torch.nn.modules.linear.Linear", "torch.nn.modules.sparse.Embedding",
-            "transformers.pytorch_utils.Conv1D"} <= set(supported_layer_types())
+    assert {
+        "torch.nn.modules.linear.Linear",
+        "torch.nn.modules.sparse.Embedding",
+        "transformers.pytorch_utils.Conv1D",
+    } <= set(supported_layer_types())
 
 
 def test_subclass_with_its_own_forward_is_refused_and_a_plain_subclass_accepted():
@@ -193,11 +212,14 @@ def test_subclass_with_its_own_forward_is_refused_and_a_plain_subclass_accepted(
     ghost_rule_for(nn.modules.linear.NonDynamicallyQuantizableLinear(2, 2))  # same forward as nn.Linear
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"scale_grad_by_freq": True}, "scale_grad_by_freq"),
-    ({"max_norm": 1.0}, "max_norm"),
-    ({"sparse": True}, "sparse"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"scale_grad_by_freq": True}, "scale_grad_by_freq"),
+        ({"max_norm": 1.0}, "max_norm"),
+        ({"sparse": True}, "sparse"),
+    ],
+)
 def test_embedding_configurations_without_per_sample_gradients_are_refused(kwargs, message):
     with pytest.raises(UnsupportedLayerError, match=f"'wte'.*{message}"):
         ghost_rule_for(nn.Embedding(5, 3, **kwargs), "wte")

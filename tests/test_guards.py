@@ -33,8 +33,6 @@ def with_nan_rows(data, rows):
     return datasets.Dataset.from_dict({"x": x, "labels": np.asarray(data["labels"])}).with_format("torch")
 
 
-
-
 @pytest.mark.parametrize("scope, accumulation", [("all", 1), ("all", 2), ("layer", 1)])
 def test_a_nan_sample_gets_weight_zero_and_no_gradient(tmp_path, scope, accumulation):
     """One sample with a NaN input: the update equals −Σ w_i g_i over the 15 other samples, w the softmax of their
@@ -51,8 +49,13 @@ def test_a_nan_sample_gets_weight_zero_and_no_gradient(tmp_path, scope, accumula
     scores = oracle_scores_from_grads({n: grads[n] for n in reference}, before, reference)
     weights = torch.softmax(torch.tensor(scores / 0.5), 0).float()
 
-    args = config(tmp_path, mimic_layers=["head"], mimic_reweight_scope=scope,
-                  per_device_train_batch_size=16 // accumulation, gradient_accumulation_steps=accumulation)
+    args = config(
+        tmp_path,
+        mimic_layers=["head"],
+        mimic_reweight_scope=scope,
+        per_device_train_batch_size=16 // accumulation,
+        gradient_accumulation_steps=accumulation,
+    )
     trainer = MimicTrainer(model=model, args=args, train_dataset=data, reference=reference)
     with pytest.warns(RuntimeWarning, match=r"non-finite loss or score.*ids \[3\]"):
         trainer.train()
@@ -100,10 +103,14 @@ def test_a_sample_made_non_finite_by_its_token_ids_never_reaches_the_parameters(
     assert 0 < len(bad) < 16
     model = OverflowOnToken()
     generator = torch.Generator().manual_seed(1)
-    reference = {n: p.detach() + 0.5 * torch.randn(p.shape, generator=generator)
-                 for n, p in model.named_parameters() if n.startswith("inner.head.")}
-    trainer = MimicTrainer(model=model, args=config(tmp_path, mimic_layers=["inner.head"]), train_dataset=data,
-                           reference=reference)
+    reference = {
+        n: p.detach() + 0.5 * torch.randn(p.shape, generator=generator)
+        for n, p in model.named_parameters()
+        if n.startswith("inner.head.")
+    }
+    trainer = MimicTrainer(
+        model=model, args=config(tmp_path, mimic_layers=["inner.head"]), train_dataset=data, reference=reference
+    )
     with pytest.warns(RuntimeWarning, match="non-finite loss or score"):
         trainer.train()
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -118,8 +125,16 @@ def test_a_step_without_any_finite_sample_is_skipped_and_too_many_stop_training(
     data = with_nan_rows(mlp_dataset(n=16), list(range(16)))
     model = TinyMLP()
     before = copy.deepcopy(model)
-    args = config(tmp_path / "a", mimic_layers=["head"], per_device_train_batch_size=8, max_steps=2, optim="adamw_torch",
-                  weight_decay=0.1, learning_rate=0.1, mimic_max_nonfinite_steps=3)
+    args = config(
+        tmp_path / "a",
+        mimic_layers=["head"],
+        per_device_train_batch_size=8,
+        max_steps=2,
+        optim="adamw_torch",
+        weight_decay=0.1,
+        learning_rate=0.1,
+        mimic_max_nonfinite_steps=3,
+    )
     trainer = MimicTrainer(model=model, args=args, train_dataset=data, reference=head_reference(model))
     with pytest.warns(RuntimeWarning, match="update was skipped"):
         trainer.train()
@@ -129,10 +144,13 @@ def test_a_step_without_any_finite_sample_is_skipped_and_too_many_stop_training(
     assert trainer.nonfinite_guard.skipped == 2
     assert (load_scores(tmp_path / "a").to_pandas().status == STATUS_NONFINITE).all()
 
-    args = config(tmp_path / "b", mimic_layers=["head"], per_device_train_batch_size=8, max_steps=4,
-                  mimic_max_nonfinite_steps=2)
+    args = config(
+        tmp_path / "b", mimic_layers=["head"], per_device_train_batch_size=8, max_steps=4, mimic_max_nonfinite_steps=2
+    )
     trainer = MimicTrainer(model=TinyMLP(), args=args, train_dataset=data, reference=head_reference(model))
-    with pytest.raises(RuntimeError, match=r"no sample had a finite loss for 2 optimizer steps in a row.*mimic_max_nonfinite_steps=2"):
+    with pytest.raises(
+        RuntimeError, match=r"no sample had a finite loss for 2 optimizer steps in a row.*mimic_max_nonfinite_steps=2"
+    ):
         trainer.train()
 
 
@@ -146,16 +164,25 @@ def test_rows_without_a_supervised_label_get_weight_zero(tmp_path):
     labels[5, 1:] = -100
     import datasets
 
-    data = datasets.Dataset.from_dict({"input_ids": np.asarray(data["input_ids"]), "labels": labels}).with_format("torch")
+    data = datasets.Dataset.from_dict({"input_ids": np.asarray(data["input_ids"]), "labels": labels}).with_format(
+        "torch"
+    )
     model = tiny_gpt2(dropout=0.0)
     generator = torch.Generator().manual_seed(1)
-    reference = {"lm_head.weight": model.lm_head.weight.detach() + 0.1 * torch.randn(model.lm_head.weight.shape, generator=generator)}
+    reference = {
+        "lm_head.weight": model.lm_head.weight.detach()
+        + 0.1 * torch.randn(model.lm_head.weight.shape, generator=generator)
+    }
     labelled = [i for i in range(8) if i not in (2, 5)]
     grads = per_sample_lm_grads(copy.deepcopy(model), data.select(labelled), ["lm_head.weight"])
     expected = torch.softmax(torch.tensor(oracle_scores_from_grads(grads, model, reference) / 0.5), 0).numpy()
 
-    trainer = MimicTrainer(model=model, args=config(tmp_path, mimic_layers=["lm_head"], per_device_train_batch_size=8),
-                           train_dataset=data, reference=reference)
+    trainer = MimicTrainer(
+        model=model,
+        args=config(tmp_path, mimic_layers=["lm_head"], per_device_train_batch_size=8),
+        train_dataset=data,
+        reference=reference,
+    )
     trainer.train()
     table = load_scores(tmp_path).to_pandas().set_index("sample_id")
     assert list(table.loc[[2, 5], "status"]) == [STATUS_UNLABELED, STATUS_UNLABELED]

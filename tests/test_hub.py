@@ -62,14 +62,21 @@ def digits_run(tmp_path_factory):
     clean = train.select(np.flatnonzero(np.asarray(train.with_format(None)["is_clean"]))[:300])
     build_reference(digits_model(), clean, layers=["classifier"], output_dir=root / "reference", epochs=30)
     args = MimicConfig(
-        output_dir=str(root / "run"), per_device_train_batch_size=128, num_train_epochs=3, learning_rate=0.5,
-        logging_steps=100, mimic_reference=str(root / "reference"), mimic_alignment_check=False,
-        hub_model_id="digits-mimic", **TRAIN_ARGS,
+        output_dir=str(root / "run"),
+        per_device_train_batch_size=128,
+        num_train_epochs=3,
+        learning_rate=0.5,
+        logging_steps=100,
+        mimic_reference=str(root / "reference"),
+        mimic_alignment_check=False,
+        hub_model_id="digits-mimic",
+        **TRAIN_ARGS,
     )
     trainer = MimicTrainer(model=digits_model(), args=args, train_dataset=train)
     trainer.train()
-    mimic_filter = build_filter(args.output_dir, method="gmm", aggregate="snorkel", windows="epoch",
-                                labeling_functions=["mimic"])  # the card's settings table: the paper's filter
+    mimic_filter = build_filter(
+        args.output_dir, method="gmm", aggregate="snorkel", windows="epoch", labeling_functions=["mimic"]
+    )  # the card's settings table: the paper's filter
     return _plain(train), mimic_filter, trainer
 
 
@@ -82,14 +89,26 @@ def synthetic_run(ids, epochs: int = 3, batch: int = 10, seed: int = 0):
     n = len(ids)
     quality = np.where(np.arange(n) % 2 == 0, 1.0, -1.0)
     steps_per_epoch = n // batch
-    columns = {name: [] for name in ("global_step", "epoch", "sample_id", "mimic_score", "weight", "loss",
-                                     "batch_size", "rank", "repeated")}
+    columns = {
+        name: []
+        for name in (
+            "global_step",
+            "epoch",
+            "sample_id",
+            "mimic_score",
+            "weight",
+            "loss",
+            "batch_size",
+            "rank",
+            "repeated",
+        )
+    }
     step = 0
     for _ in range(epochs):
         order = rng.permutation(n)
         for b in range(steps_per_epoch):
             step += 1
-            members = order[b * batch:(b + 1) * batch]
+            members = order[b * batch : (b + 1) * batch]
             scores = quality[members] + rng.normal(scale=0.3, size=batch)
             weights = np.exp(scores / 0.5) / np.exp(scores / 0.5).sum()
             columns["global_step"] += [step] * batch
@@ -102,8 +121,9 @@ def synthetic_run(ids, epochs: int = 3, batch: int = 10, seed: int = 0):
             columns["rank"] += [0] * batch
             columns["repeated"] += [False] * batch
     scores = pa.table(columns)
-    dataset = datasets.Dataset.from_dict({"uid": list(ids), "text": [f"sample {i}" for i in ids],
-                                          "label": (np.arange(n) % 3).tolist()})
+    dataset = datasets.Dataset.from_dict(
+        {"uid": list(ids), "text": [f"sample {i}" for i in ids], "label": (np.arange(n) % 3).tolist()}
+    )
     return dataset, build_filter(scores, method="kmeans", aggregate="majority", windows="epoch")
 
 
@@ -119,8 +139,9 @@ def test_scored_dataset_round_trip_card_and_repush(hub_server: HubServer, digits
     train, mimic_filter, trainer = digits_run
     # `name` alone: the repo lands in the token's namespace.
     out = tmp_path / "out"
-    result = push_scored_dataset(train, mimic_filter, "digits-scored", local_dir=out / "scored",
-                                 training_config=trainer.args)
+    result = push_scored_dataset(
+        train, mimic_filter, "digits-scored", local_dir=out / "scored", training_config=trainer.args
+    )
     repo_id = f"{DEFAULT_USER}/digits-scored"
     assert result.repo_id == repo_id
     assert result.local_path == (out / "scored").absolute()
@@ -159,11 +180,18 @@ def test_scored_dataset_round_trip_card_and_repush(hub_server: HubServer, digits
     accuracies = mimic_filter.summary["estimated_accuracies"]
     assert len(accuracies) == 3
     for needle in (
-        "| temperature τ | 0.5 |", "`classifier`", str(trainer.args.mimic_reference), "| softmax normalisation | step |",
-        "| identification method | gmm |", "| aggregation | snorkel |", "epoch (3 windows",
+        "| temperature τ | 0.5 |",
+        "`classifier`",
+        str(trainer.args.mimic_reference),
+        "| softmax normalisation | step |",
+        "| identification method | gmm |",
+        "| aggregation | snorkel |",
+        "epoch (3 windows",
         f"| retained fraction | {quality['retained_fraction']:.4f} ({result.num_kept} of {len(train)} rows) |",
-        f"{quality['mean_mimic_score']:.4f}", *(f"{a:.4f}" for a in accuracies),
-        f'load_dataset("{repo_id}", "filtered", split="train")', f"hf-gradmimic {hf_gradmimic.__version__}",
+        f"{quality['mean_mimic_score']:.4f}",
+        *(f"{a:.4f}" for a in accuracies),
+        f'load_dataset("{repo_id}", "filtered", split="train")',
+        f"hf-gradmimic {hf_gradmimic.__version__}",
     ):
         assert needle in card.text, needle
     assert result.card is not None and result.card.data.configs == card.data.configs
@@ -185,17 +213,24 @@ def test_scored_dataset_round_trip_card_and_repush(hub_server: HubServer, digits
 
 
 @pytest.mark.timeout(120)
-def test_id_column_join_default_local_dir_and_missing_ids(hub_server: HubServer, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_id_column_join_default_local_dir_and_missing_ids(
+    hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from datasets import load_dataset
 
     ids = [f"id-{i:03d}" for i in range(40)]
     dataset, mimic_filter = synthetic_run(ids)
     shuffled = dataset.shuffle(seed=1)  # rows in another order than the filter's sorted ids
     monkeypatch.chdir(tmp_path)
-    result = push_scored_dataset(shuffled, mimic_filter, "by-uid", id_column="uid", split="validation",
-                                 reference="org/reference-head", training_config={"mimic_temperature": 0.25,
-                                                                                   "mimic_layers": ["head=classifier"]})
+    result = push_scored_dataset(
+        shuffled,
+        mimic_filter,
+        "by-uid",
+        id_column="uid",
+        split="validation",
+        reference="org/reference-head",
+        training_config={"mimic_temperature": 0.25, "mimic_layers": ["head=classifier"]},
+    )
     # The local copy goes to the Hugging Face cache, not the working directory.
     assert result.local_path == Path(os.environ["HF_HOME"]) / "hf_gradmimic" / "scored_datasets" / "by-uid"
     assert not any(p.name.startswith("scored") for p in tmp_path.iterdir())
@@ -212,8 +247,9 @@ def test_id_column_join_default_local_dir_and_missing_ids(hub_server: HubServer,
     # A row the filter has no record for: a clear error naming how many, before anything is saved.
     import datasets
 
-    extra = datasets.concatenate_datasets([dataset, datasets.Dataset.from_dict(
-        {"uid": ["new-1", "new-2"], "text": ["a", "b"], "label": [0, 1]})])
+    extra = datasets.concatenate_datasets(
+        [dataset, datasets.Dataset.from_dict({"uid": ["new-1", "new-2"], "text": ["a", "b"], "label": [0, 1]})]
+    )
     with pytest.raises(ValueError, match=r"2 row\(s\) of the dataset have no score"):
         push_scored_dataset(extra, mimic_filter, "never", id_column="uid")
     with pytest.raises(ValueError, match=r"2 sample id\(s\) in the scores are not in the dataset's 'uid' column"):
@@ -223,8 +259,9 @@ def test_id_column_join_default_local_dir_and_missing_ids(hub_server: HubServer,
     with pytest.raises(ValueError, match=r"already has the column\(s\) \['mimic_score'\]"):
         push_scored_dataset(dataset.add_column("mimic_score", [0.0] * 40), mimic_filter, "never", id_column="uid")
     keep_index = mimic_filter.table.schema.get_field_index("keep")
-    keeps_nothing = MimicFilter(table=mimic_filter.table.set_column(keep_index, "keep", pa.array([False] * 40)),
-                                summary=mimic_filter.summary)
+    keeps_nothing = MimicFilter(
+        table=mimic_filter.table.set_column(keep_index, "keep", pa.array([False] * 40)), summary=mimic_filter.summary
+    )
     with pytest.raises(ValueError, match="keeps none of the 40 rows"):
         push_scored_dataset(dataset, keeps_nothing, "never", id_column="uid")
     assert not (tmp_path / "scored_never").exists()
@@ -253,8 +290,9 @@ def test_save_scored_dataset_writes_the_local_copy_alone(tmp_path: Path) -> None
         save_scored_dataset(datasets.DatasetDict({"train": dataset}), mimic_filter, tmp_path / "never")
     with pytest.raises(ValueError, match=r"2 row\(s\) of the dataset have no score"):
         extra = datasets.Dataset.from_dict({"uid": ["new-1", "new-2"], "text": ["a", "b"], "label": [0, 1]})
-        save_scored_dataset(datasets.concatenate_datasets([dataset, extra]), mimic_filter, tmp_path / "never",
-                            id_column="uid")
+        save_scored_dataset(
+            datasets.concatenate_datasets([dataset, extra]), mimic_filter, tmp_path / "never", id_column="uid"
+        )
     assert not (tmp_path / "never").exists()
 
 
@@ -302,8 +340,9 @@ def test_failed_commit_names_the_local_copy(hub_server: HubServer, tmp_path: Pat
     # reference name the only commit is the card's: a failure there names that step.
     hub_server.fail_next(r"/commit/", status=500)
     with pytest.raises(ScoredPushError, match="dataset card") as excinfo:
-        push_scored_dataset(dataset, mimic_filter, "flaky", id_column="uid", local_dir=local_dir,
-                            reference="org/another-reference")
+        push_scored_dataset(
+            dataset, mimic_filter, "flaky", id_column="uid", local_dir=local_dir, reference="org/another-reference"
+        )
     assert excinfo.value.stage == "the dataset card"
     assert HfApi().dataset_info(result.repo_id).sha == result.commit_sha
 
@@ -313,8 +352,9 @@ def test_failed_commit_names_the_local_copy(hub_server: HubServer, tmp_path: Pat
 def test_wrong_token_gives_an_auth_error(hub_server: HubServer, tmp_path: Path, repo_id: str) -> None:
     dataset, mimic_filter = synthetic_run([f"id-{i:03d}" for i in range(40)])
     with pytest.raises(HubAuthenticationError, match="token") as excinfo:
-        push_scored_dataset(dataset, mimic_filter, repo_id, id_column="uid", token="hf_wrong",
-                            local_dir=tmp_path / "kept")
+        push_scored_dataset(
+            dataset, mimic_filter, repo_id, id_column="uid", token="hf_wrong", local_dir=tmp_path / "kept"
+        )
     assert "401" in str(excinfo.value) and str((tmp_path / "kept").absolute()) in str(excinfo.value)
     assert isinstance(excinfo.value.__cause__, HfHubHTTPError)
     assert (tmp_path / "kept" / "state.json").is_file()
@@ -329,8 +369,9 @@ def _tiny_bert_classifier(seed: int):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                        vocab_size=99, num_labels=3)
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=99, num_labels=3
+    )
     return BertForSequenceClassification(config).eval()
 
 
@@ -375,13 +416,23 @@ def test_reference_tensors_from_a_sharded_hub_checkpoint(hub_server: HubServer, 
 
     # A trainer reads its reference from the Hub by repo id at a pinned commit, and scores.
     rng = np.random.default_rng(0)
-    train = datasets.Dataset.from_dict({
-        "input_ids": rng.integers(1, 99, size=(8, 6)), "attention_mask": np.ones((8, 6), dtype=np.int64),
-        "labels": rng.integers(0, 3, size=8),
-    }).with_format("torch")
-    args = MimicConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, max_steps=1,
-                       learning_rate=0.1, mimic_reference=repo_id, mimic_reference_revision=first.oid,
-                       mimic_alignment_check=False, **TRAIN_ARGS)
+    train = datasets.Dataset.from_dict(
+        {
+            "input_ids": rng.integers(1, 99, size=(8, 6)),
+            "attention_mask": np.ones((8, 6), dtype=np.int64),
+            "labels": rng.integers(0, 3, size=8),
+        }
+    ).with_format("torch")
+    args = MimicConfig(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=8,
+        max_steps=1,
+        learning_rate=0.1,
+        mimic_reference=repo_id,
+        mimic_reference_revision=first.oid,
+        mimic_alignment_check=False,
+        **TRAIN_ARGS,
+    )
     trainer = MimicTrainer(model=_tiny_bert_classifier(seed=0).train(), args=args, train_dataset=train)
     for name in names:
         assert torch.equal(trainer.scorer.reference[name], pinned[name])
@@ -402,9 +453,14 @@ def test_reference_tensors_from_a_sharded_hub_checkpoint(hub_server: HubServer, 
 
 def _check_mimic_settings(text: str, args: MimicConfig) -> None:
     for needle in (
-        f"| reference model | `{args.mimic_reference}` |", "| mimic layers | `classifier` |", "| temperature τ | 0.5 |",
-        "| softmax normalisation | step |", "| reweighting scope | all |", "| warm-up steps | 0 |",
-        "| optimizer steps | 30 |", f"- hf-gradmimic: {hf_gradmimic.__version__}",
+        f"| reference model | `{args.mimic_reference}` |",
+        "| mimic layers | `classifier` |",
+        "| temperature τ | 0.5 |",
+        "| softmax normalisation | step |",
+        "| reweighting scope | all |",
+        "| warm-up steps | 0 |",
+        "| optimizer steps | 30 |",
+        f"- hf-gradmimic: {hf_gradmimic.__version__}",
     ):
         assert needle in text, needle
 
@@ -418,13 +474,14 @@ def test_render_model_card(digits_run) -> None:
     assert card.data.base_model is None  # built from a config, not loaded from the Hub
     _check_mimic_settings(card.text, trainer.args)
     assert "from hf_gradmimic.testing.digits import DigitsClassifier" in card.text
-    assert "DigitsClassifier.from_pretrained(\"digits-mimic\")" in card.text
+    assert 'DigitsClassifier.from_pretrained("digits-mimic")' in card.text
     assert "build_filter(" in card.text
 
 
 @pytest.mark.timeout(120)
-def test_trainer_push_to_hub_shows_the_mimic_settings(hub_server: HubServer, digits_run,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_trainer_push_to_hub_shows_the_mimic_settings(
+    hub_server: HubServer, digits_run, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from transformers import Trainer
 
     from hf_gradmimic.testing.digits import DigitsClassifier
@@ -467,7 +524,9 @@ def test_a_readme_written_by_hand_keeps_its_prose(hub_server: HubServer, tmp_pat
     edited = DatasetCard.load(repo_id, repo_type="dataset")
     edited.text += "\nAdded by the owner after the first push.\n"
     edited.push_to_hub(repo_id, repo_type="dataset")
-    push_scored_dataset(dataset, mimic_filter.rebuild(method="threshold"), repo_id, id_column="uid", local_dir=tmp_path / "b")
+    push_scored_dataset(
+        dataset, mimic_filter.rebuild(method="threshold"), repo_id, id_column="uid", local_dir=tmp_path / "b"
+    )
     text = DatasetCard.load(repo_id, repo_type="dataset").text
     assert "cite our paper" in text and "Added by the owner after the first push." in text
     assert text.count("| identification method |") == 1 and "threshold (b·w > 1.000)" in text

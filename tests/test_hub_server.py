@@ -27,8 +27,7 @@ def _tiny_bert(seed: int = 0):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-                        vocab_size=99)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=99)
     return BertModel(config).eval()
 
 
@@ -115,8 +114,9 @@ def test_dataset_push_and_load(hub_server: HubServer) -> None:
     rows = {"text": ["a", "b", "c", "d"], "label": [0, 1, 0, 1]}
     Dataset.from_dict(rows).push_to_hub(repo_id)
     assert load_dataset(repo_id, split="train").to_dict() == rows
-    parquet = [f for f in HfApi().list_repo_tree(repo_id, repo_type="dataset", recursive=True)
-               if f.path.endswith(".parquet")]
+    parquet = [
+        f for f in HfApi().list_repo_tree(repo_id, repo_type="dataset", recursive=True) if f.path.endswith(".parquet")
+    ]
     assert parquet and all(f.lfs is not None for f in parquet)
 
     Dataset.from_dict(rows).filter(lambda row: row["label"] == 0).push_to_hub(repo_id, config_name="filtered")
@@ -142,8 +142,12 @@ def test_dataset_card_round_trip(hub_server: HubServer) -> None:
 
     # The server validates README metadata like the Hub does: a YAML list is refused.
     with pytest.raises(ValueError, match="Invalid metadata"):
-        api.upload_file(path_or_fileobj=b"---\n- not a mapping\n---\n", path_in_repo="README.md",
-                        repo_id=repo_id, repo_type="dataset")
+        api.upload_file(
+            path_or_fileobj=b"---\n- not a mapping\n---\n",
+            path_in_repo="README.md",
+            repo_id=repo_id,
+            repo_type="dataset",
+        )
 
 
 @pytest.mark.timeout(120)

@@ -14,20 +14,31 @@ from hf_gradmimic.score_log_io import read_provenance
 
 def int_id_filter(ids):
     n = len(ids)
-    table = pa.table({
-        "global_step": np.ones(n, np.int64), "epoch": np.ones(n), "sample_id": np.asarray(ids, np.int64),
-        "mimic_score": np.linspace(-1, 1, n).astype(np.float32), "weight": np.full(n, 1 / n, np.float32),
-        "loss": np.ones(n, np.float32), "batch_size": np.full(n, n, np.int32), "rank": np.zeros(n, np.int32),
-        "repeated": np.zeros(n, bool), "status": np.zeros(n, np.int8),
-    })
+    table = pa.table(
+        {
+            "global_step": np.ones(n, np.int64),
+            "epoch": np.ones(n),
+            "sample_id": np.asarray(ids, np.int64),
+            "mimic_score": np.linspace(-1, 1, n).astype(np.float32),
+            "weight": np.full(n, 1 / n, np.float32),
+            "loss": np.ones(n, np.float32),
+            "batch_size": np.full(n, n, np.int32),
+            "rank": np.zeros(n, np.int32),
+            "repeated": np.zeros(n, bool),
+            "status": np.zeros(n, np.int8),
+        }
+    )
     return build_filter(table, method="threshold", aggregate="majority")
 
 
 def test_int_ids_do_not_match_zero_padded_string_ids():
     mimic_filter = int_id_filter(range(100, 132))
     padded = pd.DataFrame({"uid": [f"{i:05d}" for i in range(100, 132)], "text": ["t"] * 32})
-    with pytest.raises(ValueError, match=r"Column 'uid' holds string ids, the score log's sample_id int64.*'00100' "
-                                         r"would match the integer 100"):
+    with pytest.raises(
+        ValueError,
+        match=r"Column 'uid' holds string ids, the score log's sample_id int64.*'00100' "
+        r"would match the integer 100",
+    ):
         mimic_filter.apply(padded, id_column="uid")
     same_kind = pd.DataFrame({"uid": np.arange(100, 132, dtype=np.int32), "text": ["t"] * 32})  # int32: one kind
     assert len(mimic_filter.apply(same_kind, id_column="uid")) == int(mimic_filter.keep.sum())

@@ -53,8 +53,9 @@ def discard_f1(keep, clean):
 def test_loss_votes_equal_a_pandas_rederivation(given):
     table, _ = make_log()
     if given == "explicit":
-        mimic_filter = build_filter(table, labeling_functions=["mimic", LossWindows(method="topk")], topk=40,
-                                    aggregate="snorkel")
+        mimic_filter = build_filter(
+            table, labeling_functions=["mimic", LossWindows(method="topk")], topk=40, aggregate="snorkel"
+        )
     else:  # "loss" splits its windows as the filter splits the mimic ones
         mimic_filter = build_filter(table, **{**PREVIOUS_DEFAULT, "method": "topk"}, topk=40)
     frame = table.to_pandas()
@@ -74,9 +75,16 @@ def test_loss_votes_equal_a_pandas_rederivation(given):
 
 def test_under_a_threshold_filter_the_loss_windows_use_the_gmm():
     table, _ = make_log(n=300)
-    votes = [np.asarray(build_filter(table, method=method, labeling_functions=functions).table.column("lf_votes")
-                        .to_pylist()) for method, functions in
-             (("threshold", ["mimic", "loss"]), ("kmeans", ["mimic", LossWindows("gmm")]), ("kmeans", ["mimic", "loss"]))]
+    votes = [
+        np.asarray(
+            build_filter(table, method=method, labeling_functions=functions).table.column("lf_votes").to_pylist()
+        )
+        for method, functions in (
+            ("threshold", ["mimic", "loss"]),
+            ("kmeans", ["mimic", LossWindows("gmm")]),
+            ("kmeans", ["mimic", "loss"]),
+        )
+    ]
     assert np.array_equal(votes[0], votes[1]) and not np.array_equal(votes[0], votes[2])
 
 
@@ -131,8 +139,13 @@ def test_rebuild_reuses_the_labeling_votes_and_equals_build(tmp_path):
 
 @pytest.mark.parametrize(
     "functions, error",
-    [([], ValueError), (["mimic", "nope"], ValueError), ("mimic", TypeError), (["mimic", 3], TypeError),
-     (["mimic", "loss", LossWindows()], ValueError)],
+    [
+        ([], ValueError),
+        (["mimic", "nope"], ValueError),
+        ("mimic", TypeError),
+        (["mimic", 3], TypeError),
+        (["mimic", "loss", LossWindows()], ValueError),
+    ],
 )
 def test_bad_labeling_functions_are_refused(functions, error):
     with pytest.raises(error):
@@ -164,7 +177,10 @@ def test_a_log_without_loss_names_the_way_out():
     table, _ = make_log(n=150)
     with pytest.raises(ValueError, match="labeling_functions=\\['mimic'\\]"):
         build_filter(table.drop(["loss"]), **PREVIOUS_DEFAULT)
-    with pytest.raises(ValueError, match="labeling_functions=\\['mimic'\\]"), pytest.warns(FilterWarning, match="`loss`"):
+    with (
+        pytest.raises(ValueError, match="labeling_functions=\\['mimic'\\]"),
+        pytest.warns(FilterWarning, match="`loss`"),
+    ):
         build_filter(table.drop(["loss"]))  # the default's signals all abstain
     assert build_filter(table.drop(["loss"]), labeling_functions=["mimic"]).table.num_rows == 150
 

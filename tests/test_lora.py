@@ -26,9 +26,21 @@ from tiny_models import (
 
 peft = pytest.importorskip("peft")
 
-TRAIN = dict(learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
-             report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=True, seed=0,
-             mimic_alignment_check=False, max_steps=1)
+TRAIN = dict(
+    learning_rate=0.1,
+    optim="sgd",
+    lr_scheduler_type="constant",
+    max_grad_norm=0.0,
+    weight_decay=0.0,
+    report_to=[],
+    save_strategy="no",
+    logging_steps=1,
+    disable_tqdm=True,
+    use_cpu=True,
+    seed=0,
+    mimic_alignment_check=False,
+    max_steps=1,
+)
 PREFIX = "base_model.model.model.layers"
 
 
@@ -98,8 +110,13 @@ def train_one_accumulated_step(tmp_path, model: nn.Module, data):
     names = lora_names(model)
     reference = perturbed_reference(model, names, scale=0.1)
     initial = copy.deepcopy(model)
-    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=["lora"], per_device_train_batch_size=8,
-                       gradient_accumulation_steps=2, **TRAIN)
+    args = MimicConfig(
+        output_dir=str(tmp_path),
+        mimic_layers=["lora"],
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        **TRAIN,
+    )
     trainer = MimicTrainer(model=model, args=args, train_dataset=data, reference=reference)
     # Every trainable tensor is a LoRA matrix: the update comes from the recorded uses (`uses_weighted_loss`).
     assert only_mimic_tensors_train(model, trainer.mimic_layers.tensors.values())
@@ -118,10 +135,18 @@ def recorded(output_dir, step: int = 1) -> np.ndarray:
 
 def test_lora_keyword_names_every_a_and_b_matrix_of_the_active_adapter(tmp_path):
     model = lora_student()
-    trainer = MimicTrainer(model=model, args=MimicConfig(output_dir=str(tmp_path), mimic_layers=["lora"], **TRAIN),
-                           train_dataset=lm_dataset(n=4), reference=perturbed_reference(model, lora_names(model), scale=0.1))
-    expected = {f"{PREFIX}.{layer}.self_attn.{proj}.{matrix}.default.weight"
-                for layer in (0, 1) for proj in ("q_proj", "v_proj") for matrix in ("lora_A", "lora_B")}
+    trainer = MimicTrainer(
+        model=model,
+        args=MimicConfig(output_dir=str(tmp_path), mimic_layers=["lora"], **TRAIN),
+        train_dataset=lm_dataset(n=4),
+        reference=perturbed_reference(model, lora_names(model), scale=0.1),
+    )
+    expected = {
+        f"{PREFIX}.{layer}.self_attn.{proj}.{matrix}.default.weight"
+        for layer in (0, 1)
+        for proj in ("q_proj", "v_proj")
+        for matrix in ("lora_A", "lora_B")
+    }
     assert set(trainer.mimic_layers.tensors) == expected == set(lora_names(model))
 
 
@@ -145,7 +170,9 @@ def test_lora_scores_match_per_sample_autograd_under_dropout_and_accumulation(tm
     got = recorded(tmp_path)
     np.testing.assert_allclose(got, oracle_scores_from_grads(grads, initial, reference), rtol=1e-4, atol=1e-6)
     names = list(reference)
-    without_masks = oracle_scores_from_grads(per_sample_lm_grads(copy.deepcopy(initial), data, names), initial, reference)
+    without_masks = oracle_scores_from_grads(
+        per_sample_lm_grads(copy.deepcopy(initial), data, names), initial, reference
+    )
     assert np.max(np.abs(without_masks - got) / np.abs(got)) > 0.1
 
 
@@ -166,10 +193,17 @@ def test_a_subset_by_module_path(tmp_path):
     """A LoRA wrapper stands for its A and B, a ``lora_A`` ModuleDict for its active adapter's module, and an
     adapter's own module for itself; the score spans exactly those tensors."""
     model, data = lora_student(random_b=True), lm_dataset(n=16)
-    layers = [f"{PREFIX}.0.self_attn.q_proj", f"{PREFIX}.1.self_attn.v_proj.lora_A",
-              f"{PREFIX}.1.self_attn.q_proj.lora_B.default"]
-    names = [f"{PREFIX}.0.self_attn.q_proj.lora_A.default.weight", f"{PREFIX}.0.self_attn.q_proj.lora_B.default.weight",
-             f"{PREFIX}.1.self_attn.v_proj.lora_A.default.weight", f"{PREFIX}.1.self_attn.q_proj.lora_B.default.weight"]
+    layers = [
+        f"{PREFIX}.0.self_attn.q_proj",
+        f"{PREFIX}.1.self_attn.v_proj.lora_A",
+        f"{PREFIX}.1.self_attn.q_proj.lora_B.default",
+    ]
+    names = [
+        f"{PREFIX}.0.self_attn.q_proj.lora_A.default.weight",
+        f"{PREFIX}.0.self_attn.q_proj.lora_B.default.weight",
+        f"{PREFIX}.1.self_attn.v_proj.lora_A.default.weight",
+        f"{PREFIX}.1.self_attn.q_proj.lora_B.default.weight",
+    ]
     reference = perturbed_reference(model, names, scale=0.1)
     expected = oracle_scores_from_grads(per_sample_lm_grads(copy.deepcopy(model), data, names), model, reference)
     args = MimicConfig(output_dir=str(tmp_path), mimic_layers=layers, per_device_train_batch_size=16, **TRAIN)

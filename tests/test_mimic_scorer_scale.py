@@ -18,12 +18,24 @@ from tiny_models import TinyMLP, mlp_dataset, per_sample_grads
 def test_scores_of_a_reference_of_huge_magnitude_are_finite_and_right(tmp_path, magnitude):
     model, data = TinyMLP(), mlp_dataset(n=16)
     generator = torch.Generator().manual_seed(1)
-    reference = {n: p.detach() + magnitude * torch.rand(p.shape, generator=generator)
-                 for n, p in model.named_parameters() if n.startswith("head.")}
+    reference = {
+        n: p.detach() + magnitude * torch.rand(p.shape, generator=generator)
+        for n, p in model.named_parameters()
+        if n.startswith("head.")
+    }
     before = copy.deepcopy(model)
-    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=["head"], max_steps=1, per_device_train_batch_size=16,
-                       learning_rate=0.0, report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True,
-                       mimic_alignment_check=False)
+    args = MimicConfig(
+        output_dir=str(tmp_path),
+        mimic_layers=["head"],
+        max_steps=1,
+        per_device_train_batch_size=16,
+        learning_rate=0.0,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        mimic_alignment_check=False,
+    )
     MimicTrainer(model=model, args=args, train_dataset=data, reference=reference).train()
     logged = load_scores(tmp_path).to_pandas().sort_values("sample_id")
     grads = per_sample_grads(before, data, list(reference))

@@ -12,16 +12,36 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 from hf_gradmimic import MimicConfig, MimicTrainer
 from hf_gradmimic.losses import per_sample_loss
 
-PLAIN = dict(learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
-             report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=True, seed=0,
-             per_device_train_batch_size=4, max_steps=3)
+PLAIN = dict(
+    learning_rate=0.1,
+    optim="sgd",
+    lr_scheduler_type="constant",
+    max_grad_norm=0.0,
+    weight_decay=0.0,
+    report_to=[],
+    save_strategy="no",
+    logging_steps=1,
+    disable_tqdm=True,
+    use_cpu=True,
+    seed=0,
+    per_device_train_batch_size=4,
+    max_steps=3,
+)
 
 
 def tiny_bert(num_labels: int, problem_type: str | None) -> BertForSequenceClassification:
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20, vocab_size=30,
-                        num_labels=num_labels, problem_type=problem_type, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=20,
+        vocab_size=30,
+        num_labels=num_labels,
+        problem_type=problem_type,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return BertForSequenceClassification(config)
 
 
@@ -81,12 +101,14 @@ def sequence_dataset(labels: torch.Tensor) -> datasets.Dataset:
 def train_both(tmp_path, problem_type, num_labels, labels):
     data = sequence_dataset(labels)
     plain_model, mimic_model = tiny_bert(num_labels, problem_type), tiny_bert(num_labels, problem_type)
-    Trainer(model=plain_model, args=TrainingArguments(output_dir=str(tmp_path / "plain"), **PLAIN),
-            train_dataset=data).train()
+    Trainer(
+        model=plain_model, args=TrainingArguments(output_dir=str(tmp_path / "plain"), **PLAIN), train_dataset=data
+    ).train()
     reference = {name: param.detach() + 0.3 for name, param in mimic_model.classifier.named_parameters()}
     reference = {f"classifier.{name}": tensor for name, tensor in reference.items()}
-    config = MimicConfig(output_dir=str(tmp_path / "mimic"), mimic_temperature=1e6, mimic_alignment_check=False,
-                         **PLAIN)
+    config = MimicConfig(
+        output_dir=str(tmp_path / "mimic"), mimic_temperature=1e6, mimic_alignment_check=False, **PLAIN
+    )
     MimicTrainer(model=mimic_model, args=config, train_dataset=data, reference=reference).train()
     return plain_model, mimic_model
 
@@ -103,8 +125,11 @@ def test_each_problem_type_trains_as_plain_trainer_at_infinite_temperature(tmp_p
 def test_float_labels_stop_mimic_trainer_where_they_stop_trainer(tmp_path):
     data = sequence_dataset(torch.tensor([0.9, 0.1, 2.0, 1.0] * 3))
     with pytest.raises(RuntimeError):
-        Trainer(model=tiny_bert(3, "single_label_classification"),
-                args=TrainingArguments(output_dir=str(tmp_path / "plain"), **PLAIN), train_dataset=data).train()
+        Trainer(
+            model=tiny_bert(3, "single_label_classification"),
+            args=TrainingArguments(output_dir=str(tmp_path / "plain"), **PLAIN),
+            train_dataset=data,
+        ).train()
     model = tiny_bert(3, "single_label_classification")
     reference = {f"classifier.{name}": p.detach() + 0.3 for name, p in model.classifier.named_parameters()}
     config = MimicConfig(output_dir=str(tmp_path / "mimic"), mimic_alignment_check=False, **PLAIN)
@@ -123,12 +148,14 @@ def test_gradient_accumulation_gives_one_big_batchs_update_where_trainer_5_25_do
     models = {}
     for name, arguments in (("big", one_batch), ("accumulated", accumulated)):
         models[name] = tiny_bert(3, None)
-        Trainer(model=models[name], args=TrainingArguments(output_dir=str(tmp_path / name), **arguments),
-                train_dataset=data).train()
+        Trainer(
+            model=models[name], args=TrainingArguments(output_dir=str(tmp_path / name), **arguments), train_dataset=data
+        ).train()
     mimic = tiny_bert(3, None)
     reference = {f"classifier.{name}": p.detach() + 0.3 for name, p in mimic.classifier.named_parameters()}
-    config = MimicConfig(output_dir=str(tmp_path / "mimic"), mimic_temperature=1e6, mimic_alignment_check=False,
-                         **accumulated)
+    config = MimicConfig(
+        output_dir=str(tmp_path / "mimic"), mimic_temperature=1e6, mimic_alignment_check=False, **accumulated
+    )
     MimicTrainer(model=mimic, args=config, train_dataset=data, reference=reference).train()
     for (name, big), (_, ours) in zip(models["big"].named_parameters(), mimic.named_parameters()):
         torch.testing.assert_close(ours, big, atol=1e-6, rtol=0, msg=name)
@@ -139,8 +166,9 @@ def test_float_token_labels_are_refused_as_the_models_token_loss_refuses_them():
     from transformers import BertForTokenClassification
 
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20, vocab_size=30,
-                        num_labels=3)
+    config = BertConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20, vocab_size=30, num_labels=3
+    )
     model = BertForTokenClassification(config).eval()
     ids = torch.randint(1, 30, (2, 5))
     labels = torch.randint(0, 3, (2, 5)).float()

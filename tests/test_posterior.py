@@ -16,16 +16,20 @@ def two_groups(n=3000, keep_fraction=0.6, seed=0):
     keep = rng.random(n) < keep_fraction
     cov_keep = np.array([[0.3, 0.15], [0.15, 0.4]])
     cov_discard = np.array([[0.6, -0.1], [-0.1, 0.5]])
-    signals = np.where(keep[:, None], rng.multivariate_normal([1.0, 1.0], cov_keep, n),
-                       rng.multivariate_normal([-1.5, -1.0], cov_discard, n))
+    signals = np.where(
+        keep[:, None],
+        rng.multivariate_normal([1.0, 1.0], cov_keep, n),
+        rng.multivariate_normal([-1.5, -1.0], cov_discard, n),
+    )
     return signals, keep
 
 
 def test_signals_alone_give_scikit_learns_full_covariance_gmm_posterior():
     signals, _ = two_groups()
     fit = keep_posterior(signals, None, seed=0)
-    gmm = GaussianMixture(n_components=2, covariance_type="full", tol=1e-10, max_iter=1000, reg_covar=1e-9,
-                          random_state=0).fit(signals)
+    gmm = GaussianMixture(
+        n_components=2, covariance_type="full", tol=1e-10, max_iter=1000, reg_covar=1e-9, random_state=0
+    ).fit(signals)
     high = int(np.argmax(gmm.means_[:, 0]))
     expected = gmm.predict_proba(signals)[:, high]
     np.testing.assert_allclose(fit.keep_prob, expected, atol=2e-3)
@@ -41,8 +45,10 @@ def test_a_missing_signal_is_marginalised():
     fit = keep_posterior(signals, None, seed=0)
     rows = np.arange(0, len(signals), 7)
     x = signals[rows, 0]
-    density = [np.exp(-0.5 * (x - fit.means[c, 0]) ** 2 / fit.covariances[c, 0, 0]) / np.sqrt(fit.covariances[c, 0, 0])
-               for c in range(2)]
+    density = [
+        np.exp(-0.5 * (x - fit.means[c, 0]) ** 2 / fit.covariances[c, 0, 0]) / np.sqrt(fit.covariances[c, 0, 0])
+        for c in range(2)
+    ]
     prior = np.array([fit.keep_fraction, 1 - fit.keep_fraction])
     expected = prior[0] * density[0] / (prior[0] * density[0] + prior[1] * density[1])
     np.testing.assert_allclose(fit.keep_prob[rows], expected, rtol=1e-9, atol=1e-12)
@@ -76,8 +82,10 @@ def test_signals_and_votes_together_beat_either_alone():
     signals = signals + np.random.default_rng(4).normal(0, 1.0, signals.shape)  # weaker signals
     rng = np.random.default_rng(5)
     votes = (rng.random((4000, 3)) < np.where(keep[:, None], 0.85, 0.2)).astype(np.int8)
-    error = {name: ((keep_posterior(s, v, seed=0).keep_prob >= 0.5) != keep).mean()
-             for name, s, v in (("signals", signals, None), ("votes", None, votes), ("both", signals, votes))}
+    error = {
+        name: ((keep_posterior(s, v, seed=0).keep_prob >= 0.5) != keep).mean()
+        for name, s, v in (("signals", signals, None), ("votes", None, votes), ("both", signals, votes))
+    }
     assert error["both"] < min(error["signals"], error["votes"])
 
 

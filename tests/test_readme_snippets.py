@@ -38,8 +38,11 @@ def clip_fixtures(tmp_path: Path) -> dict:
 
     from tiny_dual_encoders import TEXT, VISION, pair_batch
 
-    config = CLIPConfig(text_config={**TEXT, "num_hidden_layers": 12, "projection_dim": 8},
-                        vision_config={**VISION, "num_hidden_layers": 12, "projection_dim": 8}, projection_dim=8)
+    config = CLIPConfig(
+        text_config={**TEXT, "num_hidden_layers": 12, "projection_dim": 8},
+        vision_config={**VISION, "num_hidden_layers": 12, "projection_dim": 8},
+        projection_dim=8,
+    )
     api = HfApi()
     for name, seed in (("base-clip", 0), ("reference-clip", 1)):
         torch.manual_seed(seed)
@@ -63,8 +66,15 @@ def api_fixtures(tmp_path: Path) -> dict:
     train, test = digits["train"].select(range(160)), digits["test"].select(range(64))
     trusted = digits["train"].select(range(160, 460))
     trusted = trusted.remove_columns("label").rename_column("clean_label", "label")
-    reference = build_reference(digits_model(), trusted, layers=["classifier"], output_dir=tmp_path / "probe",
-                                epochs=20, push_to_hub=True, repo_id="my-org/probe-reference")
+    reference = build_reference(
+        digits_model(),
+        trusted,
+        layers=["classifier"],
+        output_dir=tmp_path / "probe",
+        epochs=20,
+        push_to_hub=True,
+        repo_id="my-org/probe-reference",
+    )
     probe = digits_model()
     probe.classifier.load_state_dict({key.split(".")[-1]: value for key, value in reference.tensors.items()})
     with torch.no_grad():
@@ -77,8 +87,12 @@ def sft_fixtures(tmp_path: Path) -> dict:
     import datasets
     from test_sft import pairs, tiny_llama, word_tokenizer
 
-    return {"base_model": tiny_llama(), "tokenizer": word_tokenizer(), "trusted_pairs": pairs(8, seed=1),
-            "pairs": datasets.Dataset.from_list(pairs(16))}
+    return {
+        "base_model": tiny_llama(),
+        "tokenizer": word_tokenizer(),
+        "trusted_pairs": pairs(8, seed=1),
+        "pairs": datasets.Dataset.from_list(pairs(16)),
+    }
 
 
 def mixin_fixtures(tmp_path: Path) -> dict:

@@ -31,7 +31,9 @@ def test_reads_only_the_layer_inputs_and_changes_no_parameter(tmp_path, digits):
     assert len(list(tmp_path.glob("features-*.safetensors"))) == 1
     torch.testing.assert_close(cached, features)
 
-    result = build_reference(model, clean, layers=["classifier"], output_dir=tmp_path / "ref", eval_dataset=data["test"], epochs=30)
+    result = build_reference(
+        model, clean, layers=["classifier"], output_dir=tmp_path / "ref", eval_dataset=data["test"], epochs=30
+    )
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), name
     assert float(result.metadata["eval_accuracy"]) > 0.9
@@ -39,8 +41,15 @@ def test_reads_only_the_layer_inputs_and_changes_no_parameter(tmp_path, digits):
 
 def test_saved_file_holds_only_the_named_tensors_with_metadata(tmp_path, digits):
     data, clean = digits
-    result = build_reference(digits_model(), clean, layers=["classifier"], output_dir=tmp_path, epochs=5,
-                             base_model="org/digits-mlp", base_revision="abc123")
+    result = build_reference(
+        digits_model(),
+        clean,
+        layers=["classifier"],
+        output_dir=tmp_path,
+        epochs=5,
+        base_model="org/digits-mlp",
+        base_revision="abc123",
+    )
     with safe_open(str(result.path), framework="pt") as handle:
         assert sorted(handle.keys()) == ["classifier.bias", "classifier.weight"]
     metadata = read_reference_metadata(tmp_path)
@@ -58,9 +67,18 @@ def test_refuses_a_layer_that_is_not_the_head(tmp_path, digits):
 def test_probe_reference_drives_mimic_trainer_from_its_folder(tmp_path, digits):
     data, clean = digits
     build_reference(digits_model(), clean, layers=["classifier"], output_dir=tmp_path / "ref", epochs=30)
-    args = MimicConfig(output_dir=str(tmp_path / "run"), mimic_reference=str(tmp_path / "ref"), mimic_layers=["classifier"],
-                       per_device_train_batch_size=64, num_train_epochs=2, learning_rate=5e-2, report_to=[],
-                       save_strategy="no", use_cpu=True, disable_tqdm=True)
+    args = MimicConfig(
+        output_dir=str(tmp_path / "run"),
+        mimic_reference=str(tmp_path / "ref"),
+        mimic_layers=["classifier"],
+        per_device_train_batch_size=64,
+        num_train_epochs=2,
+        learning_rate=5e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     MimicTrainer(model=digits_model(), args=args, train_dataset=data["train"]).train()
     scores = load_scores(tmp_path / "run").to_pandas()
     is_clean = np.asarray(data["train"]["is_clean"])[scores.sample_id.values]
@@ -76,12 +94,25 @@ def test_mismatch_warning_names_both_checkpoints(tmp_path, digits):
     other = DigitsClassifier.from_pretrained(tmp_path / "other_ckpt")
     build_reference(other, clean, layers=["classifier"], output_dir=tmp_path / "ref_other", epochs=2)
     student_path = str(tmp_path / "student_ckpt")
-    build_reference(DigitsClassifier.from_pretrained(student_path), clean, layers=["classifier"], output_dir=tmp_path / "ref_own", epochs=2)
+    build_reference(
+        DigitsClassifier.from_pretrained(student_path),
+        clean,
+        layers=["classifier"],
+        output_dir=tmp_path / "ref_own",
+        epochs=2,
+    )
 
     def construct(reference_dir):
-        args = MimicConfig(output_dir=str(tmp_path / "run"), mimic_reference=str(reference_dir), mimic_layers=["classifier"],
-                           report_to=[], use_cpu=True)
-        return MimicTrainer(model=DigitsClassifier.from_pretrained(student_path).freeze_backbone(), args=args, train_dataset=clean)
+        args = MimicConfig(
+            output_dir=str(tmp_path / "run"),
+            mimic_reference=str(reference_dir),
+            mimic_layers=["classifier"],
+            report_to=[],
+            use_cpu=True,
+        )
+        return MimicTrainer(
+            model=DigitsClassifier.from_pretrained(student_path).freeze_backbone(), args=args, train_dataset=clean
+        )
 
     with pytest.warns(UserWarning, match=r"built from checkpoint '.*other_ckpt'.*student starts from '.*student_ckpt'"):
         construct(tmp_path / "ref_other")
@@ -104,23 +135,42 @@ def test_a_local_checkpoint_is_one_checkpoint_whichever_path_names_it(tmp_path, 
     _, clean = digits
     digits_model().save_pretrained(tmp_path / "student_ckpt")
     monkeypatch.chdir(tmp_path)
-    build_reference(DigitsClassifier.from_pretrained("./student_ckpt"), clean, layers=["classifier"],
-                    output_dir=tmp_path / "ref", epochs=2)
+    build_reference(
+        DigitsClassifier.from_pretrained("./student_ckpt"),
+        clean,
+        layers=["classifier"],
+        output_dir=tmp_path / "ref",
+        epochs=2,
+    )
     assert read_reference_metadata(tmp_path / "ref")["base_model"] == str((tmp_path / "student_ckpt").resolve())
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     for student in (str(tmp_path / "student_ckpt"), str(tmp_path / "student_ckpt") + "/", "../student_ckpt"):
-        args = MimicConfig(output_dir=str(tmp_path / "run"), mimic_reference=str(tmp_path / "ref"),
-                           mimic_layers=["classifier"], report_to=[], use_cpu=True)
+        args = MimicConfig(
+            output_dir=str(tmp_path / "run"),
+            mimic_reference=str(tmp_path / "ref"),
+            mimic_layers=["classifier"],
+            report_to=[],
+            use_cpu=True,
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)
             MimicTrainer(model=DigitsClassifier.from_pretrained(student), args=args, train_dataset=clean)
 
 
 def _monitored_run(tmp_path, clean_train, reference, **overrides):
-    settings = dict(mimic_layers=["classifier"], per_device_train_batch_size=64, max_steps=4, logging_steps=1,
-                    learning_rate=5e-2, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
-                    mimic_alignment_check=False)
+    settings = dict(
+        mimic_layers=["classifier"],
+        per_device_train_batch_size=64,
+        max_steps=4,
+        logging_steps=1,
+        learning_rate=5e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        mimic_alignment_check=False,
+    )
     args = MimicConfig(output_dir=str(tmp_path), **{**settings, **overrides})
     trainer = MimicTrainer(model=digits_model(), args=args, train_dataset=clean_train, reference=reference)
     trainer.train()
@@ -129,14 +179,21 @@ def _monitored_run(tmp_path, clean_train, reference, **overrides):
 
 def test_monitor_terms_sum_to_the_recorded_score(tmp_path, digits):
     data, _ = digits
-    reference = build_reference(digits_model(), data["train"].remove_columns(["is_clean"]), layers=["classifier"],
-                                output_dir=tmp_path / "ref", epochs=5).tensors
+    reference = build_reference(
+        digits_model(),
+        data["train"].remove_columns(["is_clean"]),
+        layers=["classifier"],
+        output_dir=tmp_path / "ref",
+        epochs=5,
+    ).tensors
     logged = _monitored_run(tmp_path / "run", data["train"], reference)
     assert len(logged) == 4
     scores = load_scores(tmp_path / "run").to_pandas()
     for entry in logged:
         step_mean = scores[scores.global_step == entry["step"]].mimic_score.mean()
-        assert entry["mimic/monitor_reference_term"] + entry["mimic/monitor_self_term"] == pytest.approx(step_mean, rel=1e-4, abs=1e-6)
+        assert entry["mimic/monitor_reference_term"] + entry["mimic/monitor_self_term"] == pytest.approx(
+            step_mean, rel=1e-4, abs=1e-6
+        )
         assert entry["mimic/monitor_reference_loss"] > 0
 
 
@@ -152,8 +209,17 @@ def test_reference_only_terms_match_the_oracle(tmp_path):
     grads = per_sample_grads(copy.deepcopy(model), data, list(reference))
     norm = torch.sqrt(sum((reference[n] - params[n].detach()).square().sum() for n in reference))
     expected = -sum((grads[n] * reference[n]).flatten(1).sum(1) for n in reference) / norm
-    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=["head"], mimic_score_terms="reference", max_steps=1,
-                       per_device_train_batch_size=16, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    args = MimicConfig(
+        output_dir=str(tmp_path),
+        mimic_layers=["head"],
+        mimic_score_terms="reference",
+        max_steps=1,
+        per_device_train_batch_size=16,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     MimicTrainer(model=model, args=args, train_dataset=data, reference=reference).train()
     table = load_scores(tmp_path).to_pandas().sort_values("sample_id")
     np.testing.assert_allclose(table.mimic_score.values, expected.numpy(), rtol=1e-4, atol=1e-6)
@@ -205,9 +271,18 @@ def test_monitor_losses_match_the_swapped_model(tmp_path, monkeypatch, case):
             "reference_term": -sum((grads[n] * reference[n]).flatten(1).sum(1) for n in names).mean() / norm,
             "self_term": sum((grads[n] * params[n].detach()).flatten(1).sum(1) for n in names).mean() / norm,
         }
-    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=[layer], max_steps=1, per_device_train_batch_size=16,
-                       logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
-                       mimic_alignment_check=False)
+    args = MimicConfig(
+        output_dir=str(tmp_path),
+        mimic_layers=[layer],
+        max_steps=1,
+        per_device_train_batch_size=16,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        mimic_alignment_check=False,
+    )
     trainer = MimicTrainer(model=model, args=args, train_dataset=data, reference=reference)
     trainer.train()
     (entry,) = [e for e in trainer.state.log_history if "mimic/monitor_reference_loss" in e]
@@ -225,10 +300,12 @@ def test_a_config_object_builds_what_the_keywords_build(tmp_path, digits):
     from hf_gradmimic import ReferenceRecipeConfig
 
     _, clean = digits
-    by_keywords = build_reference(digits_model(), clean, layers=["classifier"], output_dir=tmp_path / "kw", epochs=3,
-                                  learning_rate=5e-3, seed=1)
-    config = ReferenceRecipeConfig(layers=["classifier"], output_dir=tmp_path / "cfg", epochs=3, learning_rate=5e-3,
-                                   seed=1)
+    by_keywords = build_reference(
+        digits_model(), clean, layers=["classifier"], output_dir=tmp_path / "kw", epochs=3, learning_rate=5e-3, seed=1
+    )
+    config = ReferenceRecipeConfig(
+        layers=["classifier"], output_dir=tmp_path / "cfg", epochs=3, learning_rate=5e-3, seed=1
+    )
     by_config = build_reference(digits_model(), clean, config=config)
     assert len(by_config.history) == 3 and by_config.path.parent == tmp_path / "cfg"
     for name, tensor in by_keywords.tensors.items():

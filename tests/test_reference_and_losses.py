@@ -19,7 +19,9 @@ from tiny_models import tiny_gpt2
 
 def tiny_bert():
     torch.manual_seed(0)
-    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=99, num_labels=3)
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=99, num_labels=3
+    )
     return BertForSequenceClassification(config)
 
 
@@ -42,8 +44,13 @@ def test_reference_from_file_module_and_prefixed_keys(tmp_path):
     model = tiny_bert()
     path = tmp_path / "head.safetensors"
     # A checkpoint saved from a wrapper: every key carries a prefix.
-    save_file({"wrapper.classifier.weight": model.classifier.weight.detach().contiguous(),
-               "wrapper.classifier.bias": model.classifier.bias.detach().contiguous()}, str(path))
+    save_file(
+        {
+            "wrapper.classifier.weight": model.classifier.weight.detach().contiguous(),
+            "wrapper.classifier.bias": model.classifier.bias.detach().contiguous(),
+        },
+        str(path),
+    )
     from_file = load_reference_tensors(path, ["classifier.weight", "classifier.bias"])
     from_module = load_reference_tensors(model, ["classifier.weight", "classifier.bias"])
     for name in from_file:

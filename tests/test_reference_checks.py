@@ -27,7 +27,9 @@ def test_an_int8_reference_without_its_scale_is_refused_naming_the_tensor(tmp_pa
     tensors = head_tensors(TinyMLP())
     tensors["head.weight"] = (tensors["head.weight"] * 100).to(torch.int8)
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ReferenceLoadError, match=r"'head.weight' of .*model.safetensors is int8, not floating point.*dequantised"):
+    with pytest.raises(
+        ReferenceLoadError, match=r"'head.weight' of .*model.safetensors is int8, not floating point.*dequantised"
+    ):
         load_reference_tensors(tmp_path, NAMES)
     with pytest.raises(ReferenceLoadError, match=r"'head.weight' of the reference tensor dict is int8"):
         load_reference_tensors(tensors, NAMES)
@@ -40,11 +42,17 @@ def test_a_meta_device_reference_is_refused_by_name():
         load_reference_tensors(empty, NAMES)
 
 
-@pytest.mark.parametrize("index, message", [
-    ({"metadata": {}}, r"checkpoint index .*model.safetensors.index.json has no `weight_map`.*found the keys \['metadata'\]"),
-    ("{not json", r"checkpoint index .*model.safetensors.index.json is not valid JSON"),
-    ([1, 2], r"checkpoint index .*model.safetensors.index.json holds a JSON list, not an object"),
-])
+@pytest.mark.parametrize(
+    "index, message",
+    [
+        (
+            {"metadata": {}},
+            r"checkpoint index .*model.safetensors.index.json has no `weight_map`.*found the keys \['metadata'\]",
+        ),
+        ("{not json", r"checkpoint index .*model.safetensors.index.json is not valid JSON"),
+        ([1, 2], r"checkpoint index .*model.safetensors.index.json holds a JSON list, not an object"),
+    ],
+)
 def test_a_broken_checkpoint_index_is_named(tmp_path, index, message):
     save_file(head_tensors(TinyMLP()), str(tmp_path / "model-00001-of-00001.safetensors"))
     (tmp_path / "model.safetensors.index.json").write_text(index if isinstance(index, str) else json.dumps(index))
@@ -62,10 +70,20 @@ def test_an_adapter_config_that_is_not_json_is_named(tmp_path):
 def test_a_reference_argument_that_differs_from_the_configs_is_refused(tmp_path):
     model = TinyMLP()
     save_file(head_tensors(model), str(tmp_path / "ref.safetensors"))
-    args = MimicConfig(output_dir=str(tmp_path / "out"), mimic_layers=["head"], max_steps=1, report_to=[], use_cpu=True,
-                       mimic_reference=str(tmp_path / "ref.safetensors"), mimic_alignment_check=False)
-    with pytest.raises(ValueError, match=r"Two references were given: `reference=` \(an in-memory dict\) and the "
-                                         r"config's `mimic_reference=.*ref.safetensors'`.*Pass only one"):
+    args = MimicConfig(
+        output_dir=str(tmp_path / "out"),
+        mimic_layers=["head"],
+        max_steps=1,
+        report_to=[],
+        use_cpu=True,
+        mimic_reference=str(tmp_path / "ref.safetensors"),
+        mimic_alignment_check=False,
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"Two references were given: `reference=` \(an in-memory dict\) and the "
+        r"config's `mimic_reference=.*ref.safetensors'`.*Pass only one",
+    ):
         MimicTrainer(model=model, args=args, train_dataset=mlp_dataset(n=8), reference=head_tensors(model))
     # The same reference twice is no ambiguity.
     MimicTrainer(model=model, args=args, train_dataset=mlp_dataset(n=8), reference=str(tmp_path / "ref.safetensors"))
@@ -77,8 +95,14 @@ def test_the_model_card_names_the_reference_given_as_an_argument(tmp_path):
     model = TinyMLP()
     path = str(tmp_path / "ref.safetensors")
     save_file(head_tensors(model), path)
-    args = MimicConfig(output_dir=str(tmp_path / "out"), mimic_layers=["head"], max_steps=1, report_to=[], use_cpu=True,
-                       mimic_alignment_check=False)
+    args = MimicConfig(
+        output_dir=str(tmp_path / "out"),
+        mimic_layers=["head"],
+        max_steps=1,
+        report_to=[],
+        use_cpu=True,
+        mimic_alignment_check=False,
+    )
     trainer = MimicTrainer(model=model, args=args, train_dataset=mlp_dataset(n=8), reference=path)
     text = render_model_card(trainer).text
     assert f"| reference model | `{path}` |" in text and "in-memory" not in text

@@ -25,8 +25,12 @@ def test_a_reference_with_nan_or_inf_is_refused_naming_the_tensor(tmp_path):
     reference = head_reference(model)
     reference["head.bias"][1] = float("inf")
     with pytest.raises(ReferenceLoadError, match=r"'head.bias'.*1 non-finite value"):
-        MimicTrainer(model=model, args=config(tmp_path, mimic_layers=["head"]), train_dataset=mlp_dataset(n=16),
-                     reference=reference)
+        MimicTrainer(
+            model=model,
+            args=config(tmp_path, mimic_layers=["head"]),
+            train_dataset=mlp_dataset(n=16),
+            reference=reference,
+        )
 
 
 def test_a_missing_local_looking_path_fails_at_once_naming_it(tmp_path, monkeypatch):
@@ -38,7 +42,9 @@ def test_a_missing_local_looking_path_fails_at_once_naming_it(tmp_path, monkeypa
     (tmp_path / "refs").mkdir()
     for source in ("some_dir/reference.safetensors", "refs/probe", "./probe", "a/b/c"):
         started = time.monotonic()
-        with pytest.raises(ReferenceLoadError, match=rf"Reference path {source} does not exist \(looked for .*not looked up on the Hub"):
+        with pytest.raises(
+            ReferenceLoadError, match=rf"Reference path {source} does not exist \(looked for .*not looked up on the Hub"
+        ):
             load_reference_tensors(source, ["head.weight"])
         assert time.monotonic() - started < 2.0, source  # no Hub round trips
 
@@ -80,9 +86,17 @@ def test_a_dict_of_numpy_arrays_is_a_reference(tmp_path):
     args = config(tmp_path / "numpy", mimic_layers=["head"])
     as_numpy = {name: tensor.numpy() for name, tensor in reference.items()}
     MimicTrainer(model=copy.deepcopy(model), args=args, train_dataset=mlp_dataset(n=16), reference=as_numpy).train()
-    np.testing.assert_allclose(load_scores(tmp_path / "numpy")["mimic_score"], load_scores(tmp_path / "torch")["mimic_score"])
+    np.testing.assert_allclose(
+        load_scores(tmp_path / "numpy")["mimic_score"], load_scores(tmp_path / "torch")["mimic_score"]
+    )
     from hf_gradmimic.reference import ReferenceLoadError
 
-    with pytest.raises(ReferenceLoadError, match=r"'head.weight' of the reference tensor dict is a list; expected a torch.Tensor"):
-        MimicTrainer(model=model, args=config(tmp_path / "list", mimic_layers=["head"]), train_dataset=mlp_dataset(n=16),
-                     reference={"head.weight": [[0.0]], "head.bias": [0.0]})
+    with pytest.raises(
+        ReferenceLoadError, match=r"'head.weight' of the reference tensor dict is a list; expected a torch.Tensor"
+    ):
+        MimicTrainer(
+            model=model,
+            args=config(tmp_path / "list", mimic_layers=["head"]),
+            train_dataset=mlp_dataset(n=16),
+            reference={"head.weight": [[0.0]], "head.bias": [0.0]},
+        )

@@ -16,17 +16,32 @@ from tiny_models import TinyMLP, lm_dataset, mlp_dataset, tiny_gpt2
 
 
 def train_one_step(tmp_path, model, data, layers, reference, setting):
-    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=layers, per_device_train_batch_size=16, max_steps=1,
-                       learning_rate=0.1, optim="sgd", report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
-                       seed=0, mimic_alignment_check=False, mimic_log_reference_loss=setting)
+    args = MimicConfig(
+        output_dir=str(tmp_path),
+        mimic_layers=layers,
+        per_device_train_batch_size=16,
+        max_steps=1,
+        learning_rate=0.1,
+        optim="sgd",
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        mimic_alignment_check=False,
+        mimic_log_reference_loss=setting,
+    )
     MimicTrainer(model=model, args=args, train_dataset=data, reference=reference).train()
     return load_scores(tmp_path).to_pandas().sort_values("sample_id")
 
 
 def perturbed(model, prefix, seed=3):
     generator = torch.Generator().manual_seed(seed)
-    return {name: p.detach() + 0.5 * torch.randn(p.shape, generator=generator)
-            for name, p in model.named_parameters() if name.startswith(prefix)}
+    return {
+        name: p.detach() + 0.5 * torch.randn(p.shape, generator=generator)
+        for name, p in model.named_parameters()
+        if name.startswith(prefix)
+    }
 
 
 @pytest.mark.parametrize("setting", ["auto", "always"])
@@ -38,8 +53,9 @@ def test_a_heads_reference_loss_is_the_reference_head_on_the_students_features(t
     batch = data[:]
     with torch.no_grad():
         features = torch.tanh(before.hidden(batch["x"]))
-        expected = F.cross_entropy(features @ reference["head.weight"].T + reference["head.bias"], batch["labels"],
-                                   reduction="none")
+        expected = F.cross_entropy(
+            features @ reference["head.weight"].T + reference["head.bias"], batch["labels"], reduction="none"
+        )
     np.testing.assert_allclose(table.reference_loss.values, expected.numpy(), rtol=1e-5, atol=1e-6)
     assert not np.allclose(table.reference_loss.values, table.loss.values)  # not the student's own loss
 
@@ -49,8 +65,10 @@ def test_an_inner_layers_reference_loss_needs_always_and_swaps_the_tensors(tmp_p
     model = TinyMLP()
     before = copy.deepcopy(model)
     reference = perturbed(model, "hidden.")
-    assert "reference_loss" not in train_one_step(tmp_path / "auto", copy.deepcopy(model), data, ["hidden"], reference,
-                                                  "auto").columns
+    assert (
+        "reference_loss"
+        not in train_one_step(tmp_path / "auto", copy.deepcopy(model), data, ["hidden"], reference, "auto").columns
+    )
     table = train_one_step(tmp_path / "always", model, data, ["hidden"], reference, "always")
     batch = data[:]
     with torch.no_grad():

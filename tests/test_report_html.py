@@ -71,7 +71,7 @@ def parse(path) -> PageTables:
 def decode_png(src: str) -> Image.Image:
     prefix = "data:image/png;base64,"
     assert src.startswith(prefix), src[:40]
-    return Image.open(io.BytesIO(base64.b64decode(src[len(prefix):])))
+    return Image.open(io.BytesIO(base64.b64decode(src[len(prefix) :])))
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +109,9 @@ def test_the_page_lists_the_lowest_keep_probabilities_with_their_escaped_text_an
     assert all(sample_id % 4 == 0 for sample_id in listed[:24])
 
     summary = mimic_filter.summary  # one vote per voting source: the mimic windows when they vote, and vote functions
-    n_functions = (len(summary["window_names"]) * ("mimic" in summary["settings"]["labeling_functions"])
-                   + sum(entry.get("kind") != "score" for entry in summary["labeling_functions"]))
+    n_functions = len(summary["window_names"]) * ("mimic" in summary["settings"]["labeling_functions"]) + sum(
+        entry.get("kind") != "score" for entry in summary["labeling_functions"]
+    )
     for row, sample_id in zip(rows, listed):
         assert len(row[5]["text"]) == n_functions and set(row[5]["text"]) <= {"K", "D", "·"}
         (image_src,) = row[6]["images"]
@@ -132,7 +133,9 @@ def test_the_page_inlines_the_figures_and_shows_the_summary_windows_and_provenan
     for name in ("window_histograms", "keep_probability", "method_comparison"):
         assert any(figure.size == Image.open(paths[name]).size for figure in figures), name
     inlined = {base64.b64decode(src.split(",", 1)[1]) for src in page.images}
-    assert {paths[name].read_bytes() for name in ("window_histograms", "keep_probability", "method_comparison")} <= inlined
+    assert {
+        paths[name].read_bytes() for name in ("window_histograms", "keep_probability", "method_comparison")
+    } <= inlined
 
     (provenance,) = page.pre
     recorded = json.loads((output_dir / "mimic_scores" / "provenance.json").read_text())
@@ -147,7 +150,9 @@ def test_the_page_inlines_the_figures_and_shows_the_summary_windows_and_provenan
     methods = [t for t in page.tables if t[0][0]["text"] == "method"][0][1:]
     report_json = json.loads(paths["report_json"].read_text())
     for row in methods:
-        assert float(row[3]["text"]) == pytest.approx(report_json["method_metrics"][row[0]["text"]]["discard_f1"], rel=1e-3)
+        assert float(row[3]["text"]) == pytest.approx(
+            report_json["method_metrics"][row[0]["text"]]["discard_f1"], rel=1e-3
+        )
     # Without a dataset the samples are listed, with no content columns.
     header, rows = sample_table(page)
     assert len(header) == 6 and len(rows) == 50
@@ -159,7 +164,19 @@ def test_gradmimic_report_writes_the_page_with_the_dataset_it_is_given(run, tmp_
     output_dir, mimic_filter, dataset = run
     mimic_filter.save(tmp_path / "filter")
     dataset.save_to_disk(str(tmp_path / "data"))
-    assert main(["report", str(tmp_path / "filter"), "--dataset", str(tmp_path / "data"), "--output", str(tmp_path / "report")]) == 0
+    assert (
+        main(
+            [
+                "report",
+                str(tmp_path / "filter"),
+                "--dataset",
+                str(tmp_path / "data"),
+                "--output",
+                str(tmp_path / "report"),
+            ]
+        )
+        == 0
+    )
     header, rows = sample_table(parse(tmp_path / "report" / "report.html"))
     assert header[6:] == ["image", "text", "label"]
     assert rows[0][7]["text"] == f"sample {rows[0][1]['text']}: {HOSTILE_TEXT}"
@@ -184,9 +201,15 @@ def test_rows_are_matched_by_the_id_column_the_log_recorded(run, tmp_path):
     records = load_scores(output_dir).to_pandas()
     writer = ScoreWriter(tmp_path / "by_id")
     for step, rows in records.groupby("global_step"):
-        writer.add_step(global_step=int(step), epoch=float(rows.epoch.iloc[0]),
-                        sample_ids=np.array([f"uid-{i}" for i in rows.sample_id]), mimic_scores=rows.mimic_score.to_numpy(),
-                        weights=rows.weight.to_numpy(), losses=rows.loss.to_numpy(), batch_size=int(rows.batch_size.iloc[0]))
+        writer.add_step(
+            global_step=int(step),
+            epoch=float(rows.epoch.iloc[0]),
+            sample_ids=np.array([f"uid-{i}" for i in rows.sample_id]),
+            mimic_scores=rows.mimic_score.to_numpy(),
+            weights=rows.weight.to_numpy(),
+            losses=rows.loss.to_numpy(),
+            batch_size=int(rows.batch_size.iloc[0]),
+        )
     writer.close()
     write_provenance(tmp_path / "by_id", {"sample_ids": {"column": "uid"}})
     mimic_filter = build_filter(tmp_path / "by_id", aggregate="majority")

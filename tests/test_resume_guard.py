@@ -13,9 +13,21 @@ from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
 
 from tiny_models import TinyMLP, mlp_dataset
 
-COMMON = dict(learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, report_to=[],
-              logging_steps=1, disable_tqdm=True, use_cpu=True, seed=0, mimic_alignment_check=False,
-              per_device_train_batch_size=8, save_strategy="steps", save_steps=2)
+COMMON = dict(
+    learning_rate=0.1,
+    optim="sgd",
+    lr_scheduler_type="constant",
+    weight_decay=0.0,
+    report_to=[],
+    logging_steps=1,
+    disable_tqdm=True,
+    use_cpu=True,
+    seed=0,
+    mimic_alignment_check=False,
+    per_device_train_batch_size=8,
+    save_strategy="steps",
+    save_steps=2,
+)
 
 
 def reference(model, scale=0.5, seed=1):
@@ -35,7 +47,9 @@ def first_run(tmp_path, data=None, **overrides):
 
 def resume(tmp_path, data, ref, **overrides):
     args = MimicConfig(output_dir=str(tmp_path), max_steps=4, **{**COMMON, "mimic_layers": ["head"], **overrides})
-    return MimicTrainer(model=TinyMLP(), args=args, train_dataset=data, reference=ref).train(resume_from_checkpoint=True)
+    return MimicTrainer(model=TinyMLP(), args=args, train_dataset=data, reference=ref).train(
+        resume_from_checkpoint=True
+    )
 
 
 def test_each_checkpoint_records_what_the_log_means(tmp_path):
@@ -45,13 +59,16 @@ def test_each_checkpoint_records_what_the_log_means(tmp_path):
     assert record["sample_ids"]["id_type"] == "int64" and set(record["sample_ids"]["train_content"]) == {"x", "labels"}
 
 
-@pytest.mark.parametrize("change, match", [
-    ("reference", r"reference \(hash of its tensors\): was \"[0-9a-f]{64}\", now \"[0-9a-f]{64}\""),
-    ("mimic_layers", r"mimic layers: was \{\"head\": \"head\"\}, now \{\"hidden\": \"hidden\"\}"),
-    ("scorer", r"scorer and mode: was .*\"mimic\".*now .*\"grand\""),
-    ("dataset", r"training set content"),
-    ("id_column", r"id column: was \"\(row index\)\", now \"uid\""),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ("reference", r"reference \(hash of its tensors\): was \"[0-9a-f]{64}\", now \"[0-9a-f]{64}\""),
+        ("mimic_layers", r"mimic layers: was \{\"head\": \"head\"\}, now \{\"hidden\": \"hidden\"\}"),
+        ("scorer", r"scorer and mode: was .*\"mimic\".*now .*\"grand\""),
+        ("dataset", r"training set content"),
+        ("id_column", r"id column: was \"\(row index\)\", now \"uid\""),
+    ],
+)
 def test_a_resume_that_changes_what_the_log_means_is_refused_naming_it(tmp_path, change, match):
     data, ref = first_run(tmp_path)
     before = load_scores(tmp_path).to_pandas()
@@ -67,8 +84,11 @@ def test_a_resume_that_changes_what_the_log_means_is_refused_naming_it(tmp_path,
     elif change == "id_column":
         data = data.add_column("uid", [f"s{i:03d}" for i in range(len(data))])
         overrides["mimic_id_column"] = "uid"
-    with pytest.raises(ValueError, match=r"Resuming from .*checkpoint-2 would continue its score log with a different "
-                                         rf"(.|\n)*{match}(.|\n)*start a fresh run"):
+    with pytest.raises(
+        ValueError,
+        match=r"Resuming from .*checkpoint-2 would continue its score log with a different "
+        rf"(.|\n)*{match}(.|\n)*start a fresh run",
+    ):
         resume(tmp_path, data, ref, **overrides)
     after = load_scores(tmp_path).to_pandas()  # nothing written, nothing lost
     np.testing.assert_array_equal(after.mimic_score.values, before.mimic_score.values)
@@ -97,8 +117,9 @@ def test_a_stream_resumed_with_ids_of_another_type_is_refused_before_writing(tmp
 
     def stream_run(ids, max_steps):
         model = TinyMLP()
-        args = MimicConfig(output_dir=str(tmp_path), max_steps=max_steps, mimic_id_column="id",
-                           **{**COMMON, "mimic_layers": ["head"]})
+        args = MimicConfig(
+            output_dir=str(tmp_path), max_steps=max_steps, mimic_id_column="id", **{**COMMON, "mimic_layers": ["head"]}
+        )
         return MimicTrainer(model=model, args=args, train_dataset=mlp_stream(64, ids), reference=reference(model))
 
     stream_run("int", 2).train()

@@ -14,18 +14,25 @@ from tiny_models import (
 )
 
 
-@pytest.mark.parametrize("ids, error, message", [
-    (["a", "b", "a", "c"] * 4, ValueError, r"'uid'.*duplicated id\(s\), e.g. \['a'"),
-    ([[i, i] for i in range(16)], TypeError, r"'uid'.*non-scalar values \(List"),
-    ([f"s{i}" for i in range(15)] + [None], ValueError, r"'uid'.*1 missing id\(s\).*rows \[15\]"),
-    ([float(i) for i in range(15)] + [float("nan")], ValueError, r"'uid'.*1 missing id\(s\).*rows \[15\]"),
-])
+@pytest.mark.parametrize(
+    "ids, error, message",
+    [
+        (["a", "b", "a", "c"] * 4, ValueError, r"'uid'.*duplicated id\(s\), e.g. \['a'"),
+        ([[i, i] for i in range(16)], TypeError, r"'uid'.*non-scalar values \(List"),
+        ([f"s{i}" for i in range(15)] + [None], ValueError, r"'uid'.*1 missing id\(s\).*rows \[15\]"),
+        ([float(i) for i in range(15)] + [float("nan")], ValueError, r"'uid'.*1 missing id\(s\).*rows \[15\]"),
+    ],
+)
 def test_bad_sample_ids_are_refused_at_construction(tmp_path, ids, error, message):
     data = mlp_dataset(n=16).add_column("uid", ids)
     model = TinyMLP()
     with pytest.raises(error, match=message):
-        MimicTrainer(model=model, args=config(tmp_path, mimic_layers=["head"], mimic_id_column="uid"), train_dataset=data,
-                     reference=head_reference(model))
+        MimicTrainer(
+            model=model,
+            args=config(tmp_path, mimic_layers=["head"], mimic_id_column="uid"),
+            train_dataset=data,
+            reference=head_reference(model),
+        )
 
 
 class KwargsRecorder(TinyMLP):
@@ -48,5 +55,9 @@ def test_a_numeric_id_column_never_reaches_the_model(tmp_path):
 def test_an_empty_train_dataset_is_refused_in_our_words(tmp_path):
     model = TinyMLP()
     with pytest.raises(ValueError, match="train_dataset is empty"):
-        MimicTrainer(model=model, args=config(tmp_path, mimic_layers=["head"]), train_dataset=mlp_dataset(n=16).select([]),
-                     reference=head_reference(model))
+        MimicTrainer(
+            model=model,
+            args=config(tmp_path, mimic_layers=["head"]),
+            train_dataset=mlp_dataset(n=16).select([]),
+            reference=head_reference(model),
+        )

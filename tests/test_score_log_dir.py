@@ -21,8 +21,9 @@ def test_a_fresh_run_in_a_used_output_dir_moves_the_earlier_log_aside(tmp_path):
     MimicTrainer(model=model, args=args, train_dataset=mlp_dataset(n=16), reference=head_reference(model)).train()
     first = load_scores(tmp_path).to_pandas()
     with pytest.warns(UserWarning, match=r"held a score log from an earlier run.*moved it to .*mimic_scores.previous-"):
-        MimicTrainer(model=TinyMLP(seed=3), args=args, train_dataset=mlp_dataset(n=16, seed=5),
-                     reference=head_reference(model)).train()
+        MimicTrainer(
+            model=TinyMLP(seed=3), args=args, train_dataset=mlp_dataset(n=16, seed=5), reference=head_reference(model)
+        ).train()
     (aside,) = tmp_path.glob("mimic_scores.previous-*")
     kept = load_scores(aside).to_pandas()
     np.testing.assert_array_equal(kept.mimic_score.values, first.mimic_score.values)  # nothing lost

@@ -24,9 +24,20 @@ from hf_gradmimic.training.log_lock import LOCK_NAME, ScoreLogLockedError
 from tiny_models import TinyMLP, mlp_dataset
 
 TESTS = Path(__file__).parent
-COMMON = dict(learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, report_to=[],
-              save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0, mimic_alignment_check=False,
-              per_device_train_batch_size=8, mimic_layers=["head"])
+COMMON = dict(
+    learning_rate=0.1,
+    optim="sgd",
+    lr_scheduler_type="constant",
+    weight_decay=0.0,
+    report_to=[],
+    save_strategy="no",
+    disable_tqdm=True,
+    use_cpu=True,
+    seed=0,
+    mimic_alignment_check=False,
+    per_device_train_batch_size=8,
+    mimic_layers=["head"],
+)
 
 SLOW_RUN = textwrap.dedent(f"""
     import sys, time
@@ -54,21 +65,32 @@ def head_reference(model):
 def run(output_dir, max_steps=4):
     model = TinyMLP()
     args = MimicConfig(output_dir=str(output_dir), max_steps=max_steps, **COMMON)
-    return MimicTrainer(model=model, args=args, train_dataset=mlp_dataset(n=32), reference=head_reference(model)).train()
+    return MimicTrainer(
+        model=model, args=args, train_dataset=mlp_dataset(n=32), reference=head_reference(model)
+    ).train()
 
 
 def test_a_second_run_in_the_same_output_dir_is_refused_and_a_killed_runs_lock_does_not_block(tmp_path):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
-    first = subprocess.Popen([sys.executable, "-c", SLOW_RUN, str(tmp_path)], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent), os.environ.get("PYTHONPATH", "")]),
+    }
+    first = subprocess.Popen(
+        [sys.executable, "-c", SLOW_RUN, str(tmp_path)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         lock = tmp_path / "mimic_scores" / LOCK_NAME
         deadline = time.monotonic() + 90
         while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert lock.exists(), f"the first run never took the lock: {first.stderr.read().decode()[-2000:] if first.poll() is not None else 'timeout'}"
-        with pytest.raises(ScoreLogLockedError, match=rf"Another run \(pid {first.pid} on host {socket.gethostname()}"
-                                                      r".*is writing the score log.*Use another output_dir"):
+        assert lock.exists(), (
+            f"the first run never took the lock: {first.stderr.read().decode()[-2000:] if first.poll() is not None else 'timeout'}"
+        )
+        with pytest.raises(
+            ScoreLogLockedError,
+            match=rf"Another run \(pid {first.pid} on host {socket.gethostname()}"
+            r".*is writing the score log.*Use another output_dir",
+        ):
             run(tmp_path)
         assert first.poll() is None  # the first run goes on, its log neither moved aside nor truncated
         assert not list(tmp_path.glob("mimic_scores.previous-*"))

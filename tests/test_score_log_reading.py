@@ -96,8 +96,23 @@ def test_on_bad_shard_skip_leaves_the_shards_out_and_lists_them(tmp_path, log, e
         expected = build_filter(log.filter(pa.array(keep_rows)), method="threshold", aggregate="majority")
     same_filter(skipped, expected)
     # And the CLI takes the option.
-    assert cli_main(["filter", str(tmp_path), "--method", "threshold", "--aggregate", "majority",
-                     "--on-bad-shard", "skip", "--output", str(tmp_path / "f")]) == 0
+    assert (
+        cli_main(
+            [
+                "filter",
+                str(tmp_path),
+                "--method",
+                "threshold",
+                "--aggregate",
+                "majority",
+                "--on-bad-shard",
+                "skip",
+                "--output",
+                str(tmp_path / "f"),
+            ]
+        )
+        == 0
+    )
 
 
 @pytest.mark.parametrize("engine", ["streaming", "memory"])
@@ -237,7 +252,9 @@ def test_status_decides_nonfinite_and_unlabeled_samples(log, engine):
     summary = result.summary
     assert summary["n_nonfinite_samples"] == 3 and summary["n_unscored_samples"] == 3
     assert summary["n_unlabeled_records"] == 3 * 3 + 1
-    by_id = {name: result.table.column(name).to_numpy(zero_copy_only=False) for name in ("sample_id", "keep", "keep_prob")}
+    by_id = {
+        name: result.table.column(name).to_numpy(zero_copy_only=False) for name in ("sample_id", "keep", "keep_prob")
+    }
     row = {int(s): i for i, s in enumerate(by_id["sample_id"])}
     votes = result.votes()
     # Non-finite: discarded whatever the votes say.

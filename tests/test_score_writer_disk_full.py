@@ -19,9 +19,18 @@ from tiny_models import TinyMLP, mlp_dataset
 def train(output_dir):
     model = TinyMLP()
     reference = {n: p.detach() + 0.5 for n, p in model.named_parameters() if n.startswith("head.")}
-    args = MimicConfig(output_dir=str(output_dir), mimic_layers=["head"], max_steps=3, per_device_train_batch_size=8,
-                       report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0,
-                       mimic_alignment_check=False)
+    args = MimicConfig(
+        output_dir=str(output_dir),
+        mimic_layers=["head"],
+        max_steps=3,
+        per_device_train_batch_size=8,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+        mimic_alignment_check=False,
+    )
     MimicTrainer(model=model, args=args, train_dataset=mlp_dataset(n=32), reference=reference).train()
 
 
@@ -38,9 +47,12 @@ def test_a_full_disk_at_the_final_write_keeps_every_record_in_a_named_file(tmp_p
 
     monkeypatch.setattr(scores_module, "atomic_write", disk_full_in_the_log)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    with pytest.raises(OSError, match=r"Could not write the score-log shard .*rank00000-steps000000001-000000003.parquet "
-                                      r"of the score log in .*mimic_scores \(No space left on device\)\. Its 24 records "
-                                      r"\(steps 1..3\) were saved to (?P<spare>\S+) instead") as raised:
+    with pytest.raises(
+        OSError,
+        match=r"Could not write the score-log shard .*rank00000-steps000000001-000000003.parquet "
+        r"of the score log in .*mimic_scores \(No space left on device\)\. Its 24 records "
+        r"\(steps 1..3\) were saved to (?P<spare>\S+) instead",
+    ) as raised:
         train(tmp_path / "full")
     spare = str(raised.value).split(" were saved to ")[1].split(" instead")[0]
     kept = pq.read_table(spare).to_pandas()

@@ -31,8 +31,19 @@ def plant_payload(folder, marker) -> None:
 
 
 def config(tmp_path, **overrides) -> MimicConfig:
-    settings = dict(mimic_layers=["head"], per_device_train_batch_size=16, max_steps=2, learning_rate=0.1, optim="sgd",
-                    report_to=[], save_strategy="steps", save_steps=1, use_cpu=True, disable_tqdm=True, seed=0)
+    settings = dict(
+        mimic_layers=["head"],
+        per_device_train_batch_size=16,
+        max_steps=2,
+        learning_rate=0.1,
+        optim="sgd",
+        report_to=[],
+        save_strategy="steps",
+        save_steps=1,
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
     return MimicConfig(output_dir=str(tmp_path), **{**settings, **overrides})
 
 
@@ -72,8 +83,9 @@ def test_bayesian_state_round_trips_through_safetensors_and_json(tmp_path):
     torch.testing.assert_close(restored.feature_factor, scorer.feature_factor, rtol=0, atol=0)
     torch.testing.assert_close(restored.grad_factor, scorer.grad_factor, rtol=0, atol=0)
     assert (restored.num_updates, restored.num_data) == (7, 112)
-    np.testing.assert_array_equal(torch.randn(8, generator=restored.generator).numpy(),
-                                  torch.randn(8, generator=scorer.generator).numpy())
+    np.testing.assert_array_equal(
+        torch.randn(8, generator=restored.generator).numpy(), torch.randn(8, generator=scorer.generator).numpy()
+    )
     assert not (tmp_path / LEGACY_STATE_NAME).exists()
 
 

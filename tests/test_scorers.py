@@ -74,6 +74,7 @@ def captured(model: nn.Module, layer_names: list[str], x, mask, labels):
     """Per-sample losses, layer inputs and ∂(Σℓ)/∂(layer outputs), as MimicTrainer captures them."""
     inputs, outputs, handles = {}, {}, []
     for name in layer_names:
+
         def hook(module, args, output, name=name):
             inputs[name] = args[0].detach()
             outputs[name] = output
@@ -101,8 +102,12 @@ def oracle_grads(model: nn.Module, param_names: list[str], x, mask, labels) -> t
 
 
 def param_names(model: nn.Module, layers: list[str]) -> list[str]:
-    return [f"{layer}.{kind}" for layer in layers for kind in ("weight", "bias")
-            if getattr(getattr(model, layer), kind) is not None]
+    return [
+        f"{layer}.{kind}"
+        for layer in layers
+        for kind in ("weight", "bias")
+        if getattr(getattr(model, layer), kind) is not None
+    ]
 
 
 CASES = {
@@ -119,7 +124,10 @@ def context_for(case: str, batch: int = 9, seed: int = 0):
     x, mask, labels = make_batch(kind, batch, seed)
     losses, logits, acts, grads = captured(model, layers, x, mask, labels)
     ctx = ScoreContext(
-        losses=losses, logits=logits, labels=labels, activations=acts,
+        losses=losses,
+        logits=logits,
+        labels=labels,
+        activations=acts,
         ghost=GhostBatch.from_layers({n: getattr(model, n) for n in layers}, acts, grads),
     )
     return model, (x, mask, labels), ctx
@@ -248,7 +256,9 @@ def test_bayesian_score_matches_numpy_rederivation():
         return p - np.eye(C)[y]
 
     g1, g2 = np_grad(z1, y1), np_grad(z2, y2)
-    torch.testing.assert_close(ce_logit_grad(torch.tensor(z1), torch.tensor(y1)).double(), torch.tensor(g1), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        ce_logit_grad(torch.tensor(z1), torch.tensor(y1)).double(), torch.tensor(g1), rtol=1e-6, atol=1e-7
+    )
     scorer.update(torch.tensor(phi1), torch.tensor(g1))
     np.testing.assert_allclose(scorer.feature_factor.numpy(), phi1.T @ phi1 / 5, rtol=1e-12)
     np.testing.assert_allclose(scorer.grad_factor.numpy(), g1.T @ g1 / 5, rtol=1e-12)
@@ -275,7 +285,10 @@ def test_bayesian_score_matches_numpy_rederivation():
     expected = alpha * logp.mean(1) + (1 - alpha) * zs_logp[np.arange(B), y] - np.log(np.exp(logp).mean(1))
 
     ctx = ScoreContext(
-        losses=torch.zeros(B), logits=torch.tensor(z), labels=torch.tensor(y), features=torch.tensor(phi),
+        losses=torch.zeros(B),
+        logits=torch.tensor(z),
+        labels=torch.tensor(y),
+        features=torch.tensor(phi),
         zero_shot_log_probs=torch.tensor(zs_logp),
     )
     scores = scorer.score(ctx, noise=torch.tensor(eps))
@@ -300,7 +313,9 @@ def test_bayesian_score_matches_numpy_rederivation():
     scorer.exact_covariance = True
     np.testing.assert_allclose(noise_covariance(), np.linalg.inv(U), rtol=1e-8, atol=1e-10)
     exact = z[:, None, :] + s[:, None, None] * (eps @ inv_l)
-    np.testing.assert_allclose(scorer.logit_samples(ctx, noise=torch.tensor(eps)).numpy(), exact, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        scorer.logit_samples(ctx, noise=torch.tensor(eps)).numpy(), exact, rtol=1e-10, atol=1e-12
+    )
     scorer.exact_covariance = False
 
     # The generator makes the drawn ε reproducible, and a state_dict round trip keeps it.
@@ -359,7 +374,9 @@ def test_select_weights_exactly_top_k():
 def test_reweight_is_softmax_and_errors():
     scores = torch.tensor([1.0, -2.0, 0.5])
     torch.testing.assert_close(weights_from_scores(scores, "reweight", temperature=0.5), torch.softmax(scores / 0.5, 0))
-    torch.testing.assert_close(weights_from_scores(torch.tensor([1.0, float("nan")]), "reweight"), torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(
+        weights_from_scores(torch.tensor([1.0, float("nan")]), "reweight"), torch.tensor([0.5, 0.5])
+    )
     with pytest.raises(ValueError, match="valid modes"):
         weights_from_scores(scores, "prune")
     with pytest.raises(ValueError, match="ratio"):
@@ -416,10 +433,22 @@ def tiny_clip():
 
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config=dict(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=12),
-        vision_config=dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32,
-                           num_hidden_layers=1, num_attention_heads=2),
+        text_config=dict(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=12,
+        ),
+        vision_config=dict(
+            image_size=16,
+            patch_size=8,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        ),
         projection_dim=8,
     )
     return CLIPModel(config).eval()
@@ -450,7 +479,9 @@ def test_clip_zero_shot_matches_manual_computation():
     logits = predictor.logits(pixels)
     assert logits.shape == (B, C)
     torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(predictor({"pixel_values": pixels}), torch.log_softmax(expected_logits, -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        predictor({"pixel_values": pixels}), torch.log_softmax(expected_logits, -1), rtol=1e-5, atol=1e-5
+    )
     # One prompt per class: [C, L].
     single = ClipZeroShot(model, ids[:, 0], scale=5.0)
     with torch.no_grad():

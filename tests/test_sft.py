@@ -21,15 +21,29 @@ peft = pytest.importorskip("peft")
 from hf_gradmimic.sft import MimicSFTConfig, MimicSFTTrainer  # noqa: E402
 
 WORDS = ["<pad>", "</s>", "[UNK]", "user", "assistant", ":"] + [f"w{i}" for i in range(34)]
-SFT = dict(learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
-           report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=True, seed=0, bf16=False,
-           gradient_checkpointing=False)
+SFT = dict(
+    learning_rate=0.1,
+    optim="sgd",
+    lr_scheduler_type="constant",
+    max_grad_norm=0.0,
+    weight_decay=0.0,
+    report_to=[],
+    save_strategy="no",
+    logging_steps=1,
+    disable_tqdm=True,
+    use_cpu=True,
+    seed=0,
+    bf16=False,
+    gradient_checkpointing=False,
+)
 TRAIN = {**SFT, "mimic_alignment_check": False}
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
 # A chat template whose assistant turns are marked for `return_assistant_tokens_mask` (assistant_only_loss).
-CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'assistant' %}{{ 'assistant : ' }}"
-                 "{% generation %}{{ message['content'] + ' ' + eos_token }}{% endgeneration %}"
-                 "{% else %}{{ message['role'] + ' : ' + message['content'] + ' ' }}{% endif %}{% endfor %}")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ 'assistant : ' }}"
+    "{% generation %}{{ message['content'] + ' ' + eos_token }}{% endgeneration %}"
+    "{% else %}{{ message['role'] + ' : ' + message['content'] + ' ' }}{% endif %}{% endfor %}"
+)
 
 
 def word_tokenizer():
@@ -102,11 +116,22 @@ def test_completion_only_scores_match_per_sample_autograd(tmp_path, checkpointin
     grads = per_sample_grads(model, [supervised_example(tokenizer, **rows[i]) for i in kept], names)
     expected = dict(zip(kept, oracle_scores_from_grads(grads, model, reference)))
 
-    args = MimicSFTConfig(output_dir=str(tmp_path), max_length=12, per_device_train_batch_size=8,
-                          gradient_accumulation_steps=2, max_steps=1, mimic_layers=["lora"],
-                          **{**TRAIN, "gradient_checkpointing": checkpointing})
-    trainer = MimicSFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
-                              processing_class=tokenizer, reference=reference)
+    args = MimicSFTConfig(
+        output_dir=str(tmp_path),
+        max_length=12,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+        mimic_layers=["lora"],
+        **{**TRAIN, "gradient_checkpointing": checkpointing},
+    )
+    trainer = MimicSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        reference=reference,
+    )
     assert len(trainer.train_dataset) == 16
     trainer.train()
     got = recorded_scores(tmp_path)
@@ -124,14 +149,19 @@ def test_assistant_only_scores_match_per_sample_autograd(tmp_path):
     tokenizer, model = word_tokenizer(), student()
     rng = np.random.default_rng(1)
     turns = [(words(rng, 2, 5), words(rng, 1, 4)) for _ in range(8)]
-    data = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": user},
-                                                     {"role": "assistant", "content": answer}]} for user, answer in turns])
+    data = datasets.Dataset.from_list(
+        [
+            {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+            for user, answer in turns
+        ]
+    )
     examples = [supervised_example(tokenizer, f"user : {user} assistant :", f" {answer}") for user, answer in turns]
     names = lora_names(model)
     reference = perturbed_reference(model, names, scale=0.1)
     expected = oracle_scores_from_grads(per_sample_grads(model, examples, names), model, reference)
-    args = MimicSFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, per_device_train_batch_size=8,
-                          max_steps=1, **TRAIN)
+    args = MimicSFTConfig(
+        output_dir=str(tmp_path), assistant_only_loss=True, per_device_train_batch_size=8, max_steps=1, **TRAIN
+    )
     MimicSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, reference=reference).train()
     got = recorded_scores(tmp_path)
     np.testing.assert_allclose([got[i] for i in range(8)], expected, rtol=1e-4, atol=1e-6)
@@ -151,10 +181,20 @@ def test_peft_config_and_an_adapter_reference_on_disk(tmp_path):
         for name in lora_names(reference_model):
             reference_model.get_parameter(name).add_(0.1)
     reference_model.save_pretrained(tmp_path / "reference")
-    args = MimicSFTConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, max_steps=1,
-                          mimic_reference=str(tmp_path / "reference"), **TRAIN)
-    trainer = MimicSFTTrainer(model=tiny_llama(), args=args, train_dataset=datasets.Dataset.from_list(rows),
-                              processing_class=tokenizer, peft_config=config)
+    args = MimicSFTConfig(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=8,
+        max_steps=1,
+        mimic_reference=str(tmp_path / "reference"),
+        **TRAIN,
+    )
+    trainer = MimicSFTTrainer(
+        model=tiny_llama(),
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=config,
+    )
     names = lora_names(trainer.model)
     assert set(trainer.mimic_layers.tensors) == set(names)
     reference = {name: reference_model.get_parameter(name).detach() for name in names}
@@ -178,8 +218,11 @@ def test_infinite_temperature_trains_like_sft_trainer(tmp_path):
     params = {}
     for name, trainer_class, args in (
         ("plain", trl.SFTTrainer, trl.SFTConfig(output_dir=str(tmp_path / "plain"), **SFT, **STEPS)),
-        ("mimic", MimicSFTTrainer, MimicSFTConfig(output_dir=str(tmp_path / "mimic"), mimic_temperature=1e6, **TRAIN,
-                                                  **STEPS)),
+        (
+            "mimic",
+            MimicSFTTrainer,
+            MimicSFTConfig(output_dir=str(tmp_path / "mimic"), mimic_temperature=1e6, **TRAIN, **STEPS),
+        ),
     ):
         model = student()
         extra = {"reference": perturbed_reference(model, lora_names(model), scale=0.1)} if name == "mimic" else {}
@@ -200,8 +243,17 @@ def test_trl_defaults_bf16_and_activation_checkpointing_train_like_sft_trainer(t
     params, initial = {}, None
     for name, trainer_class, args in (
         ("plain", trl.SFTTrainer, trl.SFTConfig(output_dir=str(tmp_path / "plain"), **defaults, **STEPS)),
-        ("mimic", MimicSFTTrainer, MimicSFTConfig(output_dir=str(tmp_path / "mimic"), mimic_temperature=1e6,
-                                                  mimic_alignment_check=False, **defaults, **STEPS)),
+        (
+            "mimic",
+            MimicSFTTrainer,
+            MimicSFTConfig(
+                output_dir=str(tmp_path / "mimic"),
+                mimic_temperature=1e6,
+                mimic_alignment_check=False,
+                **defaults,
+                **STEPS,
+            ),
+        ),
     ):
         assert args.bf16 and args.gradient_checkpointing
         model = student()
@@ -213,8 +265,9 @@ def test_trl_defaults_bf16_and_activation_checkpointing_train_like_sft_trainer(t
         plain_update = params["plain"][name] - initial[name]
         assert plain_update.abs().max() > 0
         # bf16 matmuls: the two updates agree to bf16's precision, not float32's
-        torch.testing.assert_close(params["mimic"][name] - initial[name], plain_update,
-                                   atol=2e-2 * float(plain_update.abs().max()), rtol=0)
+        torch.testing.assert_close(
+            params["mimic"][name] - initial[name], plain_update, atol=2e-2 * float(plain_update.abs().max()), rtol=0
+        )
 
 
 def test_mimic_sft_config_defaults_build_on_cpu_without_warnings():
@@ -238,8 +291,9 @@ def reference_adapter(rows, output_dir, **kwargs) -> dict[str, torch.Tensor]:
 
     model = student()
     before = {name: model.get_parameter(name).detach().clone() for name in lora_names(model)}
-    result = build_reference(model, rows, method="lora", output_dir=output_dir, epochs=2, batch_size=4,
-                             learning_rate=1e-2, **kwargs)
+    result = build_reference(
+        model, rows, method="lora", output_dir=output_dir, epochs=2, batch_size=4, learning_rate=1e-2, **kwargs
+    )
     assert all(torch.equal(model.get_parameter(name), tensor) for name, tensor in before.items())  # left unchanged
     return result.tensors
 
@@ -258,13 +312,22 @@ def test_build_reference_lora_takes_the_rows_sft_trainer_takes(tmp_path):
 
     rng = np.random.default_rng(1)
     turns = [(words(rng, 2, 5), words(rng, 1, 4)) for _ in range(8)]
-    conversations = [{"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
-                     for user, answer in turns]
-    examples = [supervised_example(word_tokenizer(), f"user : {user} assistant :", f" {answer}") for user, answer in turns]
-    expected = reference_adapter([{"input_ids": ids.tolist(), "labels": labels.tolist()} for ids, labels in examples],
-                                 tmp_path / "chat-by-hand")
-    got = reference_adapter(conversations, tmp_path / "chat", processing_class=word_tokenizer(),
-                            sft_config=MimicSFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, **TRAIN))
+    conversations = [
+        {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+        for user, answer in turns
+    ]
+    examples = [
+        supervised_example(word_tokenizer(), f"user : {user} assistant :", f" {answer}") for user, answer in turns
+    ]
+    expected = reference_adapter(
+        [{"input_ids": ids.tolist(), "labels": labels.tolist()} for ids, labels in examples], tmp_path / "chat-by-hand"
+    )
+    got = reference_adapter(
+        conversations,
+        tmp_path / "chat",
+        processing_class=word_tokenizer(),
+        sft_config=MimicSFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, **TRAIN),
+    )
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-6)
 
@@ -281,14 +344,27 @@ def test_settings_that_break_one_sample_per_row_are_refused(tmp_path):
     common = dict(output_dir=str(tmp_path), **TRAIN)
     for setting in ({"packing": True}, {"padding_free": True}):
         with pytest.raises(ValueError, match=f"does not support `{next(iter(setting))}=True`"):
-            MimicSFTTrainer(model=student(), args=MimicSFTConfig(**common, **setting), train_dataset=data,
-                            processing_class=word_tokenizer())
+            MimicSFTTrainer(
+                model=student(),
+                args=MimicSFTConfig(**common, **setting),
+                train_dataset=data,
+                processing_class=word_tokenizer(),
+            )
     with pytest.raises(TypeError, match="needs `args` to be a MimicSFTConfig"):
-        MimicSFTTrainer(model=student(), args=MimicConfig(output_dir=str(tmp_path)), train_dataset=data,
-                        processing_class=word_tokenizer())
+        MimicSFTTrainer(
+            model=student(),
+            args=MimicConfig(output_dir=str(tmp_path)),
+            train_dataset=data,
+            processing_class=word_tokenizer(),
+        )
     with pytest.raises(ValueError, match="per_sample_loss_fn"):
-        MimicSFTTrainer(model=student(), args=MimicSFTConfig(**common), train_dataset=data,
-                        processing_class=word_tokenizer(), compute_loss_func=lambda *a, **k: 0)
+        MimicSFTTrainer(
+            model=student(),
+            args=MimicSFTConfig(**common),
+            train_dataset=data,
+            processing_class=word_tokenizer(),
+            compute_loss_func=lambda *a, **k: 0,
+        )
 
 
 def test_mimic_sft_config_shares_every_mimic_field_with_mimic_config():

@@ -85,8 +85,9 @@ def test_a_sample_without_the_signal_abstains_for_it():
     reference_loss = table.column("reference_loss").to_numpy().copy()
     ids = table.column("sample_id").to_numpy()
     reference_loss[ids < 50] = np.nan  # these samples never had a reference verdict
-    table = table.set_column(table.column_names.index("reference_loss"), "reference_loss",
-                             pa.array(reference_loss, pa.float32()))
+    table = table.set_column(
+        table.column_names.index("reference_loss"), "reference_loss", pa.array(reference_loss, pa.float32())
+    )
     with pytest.warns(FilterWarning, match="reference_loss"):
         mimic_filter = build_filter(table, labeling_functions=SIGNALS, aggregate="mixture")
     signals = pandas_signals(table)
@@ -100,8 +101,9 @@ def test_a_non_finite_signal_value_is_named_with_its_sample_id():
     reference_loss = table.column("reference_loss").to_numpy().copy()
     ids = table.column("sample_id").to_numpy()
     reference_loss[np.flatnonzero(ids == 123)[0]] = np.inf
-    table = table.set_column(table.column_names.index("reference_loss"), "reference_loss",
-                             pa.array(reference_loss, pa.float32()))
+    table = table.set_column(
+        table.column_names.index("reference_loss"), "reference_loss", pa.array(reference_loss, pa.float32())
+    )
     with pytest.warns(FilterWarning, match=r"123"):
         build_filter(table, labeling_functions=SIGNALS, aggregate="mixture")
 

@@ -23,8 +23,14 @@ LAYERS = ["hidden", "head"]
 
 
 def config(tmp_path, **overrides) -> MimicConfig:
-    settings = {**COMMON, "per_device_train_batch_size": 8, "max_steps": 6, "mimic_alignment_check": False,
-                "mimic_id_column": "id", **overrides}
+    settings = {
+        **COMMON,
+        "per_device_train_batch_size": 8,
+        "max_steps": 6,
+        "mimic_alignment_check": False,
+        "mimic_id_column": "id",
+        **overrides,
+    }
     return MimicConfig(output_dir=str(tmp_path), mimic_layers=LAYERS, **settings)
 
 
@@ -44,10 +50,15 @@ def test_a_stream_trains_as_the_same_rows_in_order_and_records_them_by_id(tmp_pa
     reference = reference_for(model)
     expected_model = copy.deepcopy(model)
     rows = mlp_dataset(n=64).add_column("id", [r["id"] for r in mlp_rows(64, ids)])
-    MimicTrainer(model=expected_model, args=config(tmp_path / "map", train_sampling_strategy="sequential"),
-                 train_dataset=rows, reference=reference).train()
-    MimicTrainer(model=model, args=config(tmp_path / "stream"), train_dataset=mlp_stream(64, ids),
-                 reference=reference).train()
+    MimicTrainer(
+        model=expected_model,
+        args=config(tmp_path / "map", train_sampling_strategy="sequential"),
+        train_dataset=rows,
+        reference=reference,
+    ).train()
+    MimicTrainer(
+        model=model, args=config(tmp_path / "stream"), train_dataset=mlp_stream(64, ids), reference=reference
+    ).train()
     got, expected = records(tmp_path / "stream"), records(tmp_path / "map")
     assert len(got) == 6 * 8 and got.sample_id.is_unique  # 48 of the 64 samples, once each
     assert got.sample_id.tolist() == expected.sample_id.tolist()
@@ -59,8 +70,11 @@ def test_a_stream_trains_as_the_same_rows_in_order_and_records_them_by_id(tmp_pa
         torch.testing.assert_close(param, dict(expected_model.named_parameters())[name], msg=name)
 
 
-@pytest.mark.parametrize("make_stream", [lambda: TorchStream(32, "str"), lambda: mlp_stream(32, "str", shards=2)],
-                         ids=["torch-iterable", "datasets-iterable-2-shards"])
+@pytest.mark.parametrize(
+    "make_stream",
+    [lambda: TorchStream(32, "str"), lambda: mlp_stream(32, "str", shards=2)],
+    ids=["torch-iterable", "datasets-iterable-2-shards"],
+)
 def test_two_dataloader_workers_keep_every_id_with_its_sample(tmp_path, make_stream):
     """Two workers each reading half of the stream: every sample once per pass, each record's loss at the first step
     is the loss of the example with that id."""
@@ -79,20 +93,36 @@ def test_the_row_index_advice_works_and_a_stream_without_ids_is_refused(tmp_path
     rows = [{"x": row["x"], "labels": row["labels"], "mimic_row_index": 500 + k} for k, row in enumerate(mlp_rows(16))]
     stream = TorchStream(16)
     stream.rows = rows
-    MimicTrainer(model=model, args=config(tmp_path / "rows", mimic_id_column=None, max_steps=2),
-                 train_dataset=stream, reference=reference_for(model)).train()
+    MimicTrainer(
+        model=model,
+        args=config(tmp_path / "rows", mimic_id_column=None, max_steps=2),
+        train_dataset=stream,
+        reference=reference_for(model),
+    ).train()
     assert sorted(records(tmp_path / "rows").sample_id) == list(range(500, 516))
     provenance = json.loads((tmp_path / "rows" / "mimic_scores" / "provenance.json").read_text())
     assert provenance["sample_ids"]["column"] == "mimic_row_index"
     with pytest.raises(ValueError, match=r"no row index to record scores by.*`mimic_id_column`.*mimic_row_index"):
-        MimicTrainer(model=model, args=config(tmp_path / "none", mimic_id_column=None), train_dataset=mlp_stream(16),
-                     reference=reference_for(model))
+        MimicTrainer(
+            model=model,
+            args=config(tmp_path / "none", mimic_id_column=None),
+            train_dataset=mlp_stream(16),
+            reference=reference_for(model),
+        )
     with pytest.raises(ValueError, match=r"no column 'uid' \(`mimic_id_column`\)"):
-        MimicTrainer(model=model, args=config(tmp_path / "uid", mimic_id_column="uid"), train_dataset=TorchStream(16),
-                     reference=reference_for(model)).train()
+        MimicTrainer(
+            model=model,
+            args=config(tmp_path / "uid", mimic_id_column="uid"),
+            train_dataset=TorchStream(16),
+            reference=reference_for(model),
+        ).train()
     with pytest.raises(ValueError, match="`mimic_clean_column` is read from train_dataset before training"):
-        MimicTrainer(model=model, args=config(tmp_path / "clean", mimic_clean_column="clean"),
-                     train_dataset=mlp_stream(16), reference=reference_for(model))
+        MimicTrainer(
+            model=model,
+            args=config(tmp_path / "clean", mimic_clean_column="clean"),
+            train_dataset=mlp_stream(16),
+            reference=reference_for(model),
+        )
 
 
 def test_a_string_id_too_long_to_travel_is_named(tmp_path):
@@ -117,9 +147,17 @@ def test_a_stream_killed_and_resumed_records_every_step_once_with_the_same_sampl
     sys.path.insert(0, str(KILLED_STREAM.parent))
     from killed_stream import stream_trainer
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(KILLED_STREAM.parents[2]), os.environ.get("PYTHONPATH", "")])}
-    killed = subprocess.run([sys.executable, str(KILLED_STREAM), str(tmp_path / "run"), str(n), "5"], env=env,
-                            capture_output=True, text=True, timeout=240)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(KILLED_STREAM.parents[2]), os.environ.get("PYTHONPATH", "")]),
+    }
+    killed = subprocess.run(
+        [sys.executable, str(KILLED_STREAM), str(tmp_path / "run"), str(n), "5"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     resumed = stream_trainer(str(tmp_path / "run"), n)
     resumed.train(resume_from_checkpoint=True)
@@ -139,7 +177,9 @@ def test_an_id_seen_again_in_the_same_pass_is_flagged_repeated_by_id_not_row(tmp
     model = TinyMLP()
     stream = TorchStream(16)
     stream.rows[11]["id"] = stream.rows[2]["id"]
-    MimicTrainer(model=model, args=config(tmp_path, max_steps=4), train_dataset=stream, reference=reference_for(model)).train()
+    MimicTrainer(
+        model=model, args=config(tmp_path, max_steps=4), train_dataset=stream, reference=reference_for(model)
+    ).train()
     table = load_scores(tmp_path, drop_repeated=False).to_pandas()
     repeated = table[table.repeated]
     assert len(table) == 32 and len(repeated) == 2

@@ -108,10 +108,16 @@ def test_language_model_scores_match_per_sample_gradient_oracle(tmp_path, case):
     its per-sample gradient sums both uses) against vmap-of-grad per-sample gradients of the tensor."""
     make_model, layers = LM_CASES[case]
     model, data = make_model(), lm_dataset(n=16)
-    names = [f"{layer}.{local}" for layer in layers for local, _ in model.get_submodule(layer).named_parameters(recurse=False)]
+    names = [
+        f"{layer}.{local}"
+        for layer in layers
+        for local, _ in model.get_submodule(layer).named_parameters(recurse=False)
+    ]
     reference = perturbed_reference(model, names, scale=0.1)
     expected = oracle_scores_from_grads(per_sample_lm_grads(copy.deepcopy(model), data, names), model, reference)
-    trainer = MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=layers), train_dataset=data, reference=reference)
+    trainer = MimicTrainer(
+        model=model, args=mimic_config(tmp_path, mimic_layers=layers), train_dataset=data, reference=reference
+    )
     if case == "gpt2-tied-lm-head":
         assert trainer.mimic_layers.shared == {"lm_head.weight": ["lm_head", "transformer.wte"]}
     trainer.train()
@@ -145,9 +151,15 @@ def test_infinite_temperature_equals_plain_trainer(tmp_path, scope):
     plain_model, mimic_model = TinyMLP(), TinyMLP()
     reference = perturbed_reference(mimic_model, layer_params(["head"]))
     shared = {**COMMON, "per_device_train_batch_size": 16, "max_steps": 5, "gradient_accumulation_steps": 2}
-    Trainer(model=plain_model, args=TrainingArguments(output_dir=str(tmp_path / "plain"), **shared), train_dataset=data).train()
+    Trainer(
+        model=plain_model, args=TrainingArguments(output_dir=str(tmp_path / "plain"), **shared), train_dataset=data
+    ).train()
     args = MimicConfig(
-        output_dir=str(tmp_path / "mimic"), mimic_layers=["head"], mimic_temperature=1e6, mimic_reweight_scope=scope, **shared
+        output_dir=str(tmp_path / "mimic"),
+        mimic_layers=["head"],
+        mimic_temperature=1e6,
+        mimic_reweight_scope=scope,
+        **shared,
     )
     MimicTrainer(model=mimic_model, args=args, train_dataset=data, reference=reference).train()
     for (name, p_plain), (_, p_mimic) in zip(plain_model.named_parameters(), mimic_model.named_parameters()):
@@ -161,7 +173,9 @@ def test_sign_favours_samples_whose_negative_gradient_points_to_the_reference(tm
     params = dict(model.named_parameters())
     # The reference sits one descent step along sample 3's negative gradient.
     reference = {n: params[n].detach() - 2.0 * grads[n][3] for n in ("head.weight", "head.bias")}
-    MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["head"]), train_dataset=data, reference=reference).train()
+    MimicTrainer(
+        model=model, args=mimic_config(tmp_path, mimic_layers=["head"]), train_dataset=data, reference=reference
+    ).train()
     got = recorded_scores(tmp_path)
     scores = np.array([got[i][0] for i in range(16)])
     weights = np.array([got[i][1] for i in range(16)])
@@ -179,8 +193,11 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
         model = TinyMLP()
         reference = perturbed_reference(model, layer_params(["head"]))
         args = mimic_config(
-            tmp_path / name, mimic_layers=["head"], per_device_train_batch_size=batch,
-            gradient_accumulation_steps=accumulation, max_steps=5,
+            tmp_path / name,
+            mimic_layers=["head"],
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            max_steps=5,
         )
         MimicTrainer(model=model, args=args, train_dataset=data, reference=reference).train()
         table = load_scores(tmp_path / name).to_pandas().sort_values(["global_step", "sample_id"])
@@ -199,8 +216,13 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 def test_micro_normalisation_softmax_per_micro_batch(tmp_path):
     model, data = TinyMLP(), mlp_dataset(n=32)
     reference = perturbed_reference(model, layer_params(["head"]))
-    args = mimic_config(tmp_path, mimic_layers=["head"], per_device_train_batch_size=8, gradient_accumulation_steps=2,
-                        mimic_normalize="micro")
+    args = mimic_config(
+        tmp_path,
+        mimic_layers=["head"],
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        mimic_normalize="micro",
+    )
     MimicTrainer(model=model, args=args, train_dataset=data, reference=reference).train()
     table = load_scores(tmp_path).to_pandas()
     assert len(table) == 16 and (table.batch_size == 8).all()
@@ -222,7 +244,9 @@ def test_sample_ids_never_reach_the_model(tmp_path):
     model = IdRecordingModel()
     reference = perturbed_reference(model, layer_params(["head"]))
     args = mimic_config(tmp_path, mimic_layers=["head"], mimic_id_column="uid", eval_strategy="no")
-    trainer = MimicTrainer(model=model, args=args, train_dataset=data, eval_dataset=mlp_dataset(n=8), reference=reference)
+    trainer = MimicTrainer(
+        model=model, args=args, train_dataset=data, eval_dataset=mlp_dataset(n=8), reference=reference
+    )
     trainer.train()
     trainer.evaluate()
     trainer.predict(mlp_dataset(n=8))
@@ -235,7 +259,9 @@ def test_sample_ids_never_reach_the_model(tmp_path):
 def test_zero_direction_falls_back_to_uniform_weights(tmp_path):
     model, data = TinyMLP(), mlp_dataset(n=16)
     same = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("head.")}
-    trainer = MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["head"]), train_dataset=data, reference=same)
+    trainer = MimicTrainer(
+        model=model, args=mimic_config(tmp_path, mimic_layers=["head"]), train_dataset=data, reference=same
+    )
     with pytest.warns(RuntimeWarning, match="non-finite mimic score"):
         trainer.train()
     table = load_scores(tmp_path).to_pandas()
@@ -255,14 +281,25 @@ def test_construction_errors_name_the_problem(tmp_path):
         MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["haed"]), train_dataset=data, reference=ref)
     normed = TinyMLP()
     normed.norm = torch.nn.LayerNorm(4)  # a module type without a ghost rule
-    with pytest.raises(UnsupportedLayerError, match=r"'norm' is a torch.nn.modules.normalization.LayerNorm.*Supported layer types:.*Linear"):
-        MimicTrainer(model=normed, args=mimic_config(tmp_path, mimic_layers=["norm"]), train_dataset=data, reference=ref)
+    with pytest.raises(
+        UnsupportedLayerError,
+        match=r"'norm' is a torch.nn.modules.normalization.LayerNorm.*Supported layer types:.*Linear",
+    ):
+        MimicTrainer(
+            model=normed, args=mimic_config(tmp_path, mimic_layers=["norm"]), train_dataset=data, reference=ref
+        )
     bad_shape = {"head.weight": torch.zeros(5, 16), "head.bias": torch.zeros(5)}
     with pytest.raises(ValueError, match=r"shape \(5, 16\).*'head.weight'.*\(4, 16\)"):
-        MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["head"]), train_dataset=data, reference=bad_shape)
+        MimicTrainer(
+            model=model, args=mimic_config(tmp_path, mimic_layers=["head"]), train_dataset=data, reference=bad_shape
+        )
     with pytest.raises(ReferenceLoadError, match="'head.bias' is missing"):
-        MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["head"]), train_dataset=data,
-                     reference={"head.weight": torch.zeros(4, 16)})
+        MimicTrainer(
+            model=model,
+            args=mimic_config(tmp_path, mimic_layers=["head"]),
+            train_dataset=data,
+            reference={"head.weight": torch.zeros(4, 16)},
+        )
     with pytest.raises(ValueError, match="needs a reference"):
         MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["head"]), train_dataset=data)
 
@@ -309,13 +346,24 @@ def test_digits_with_label_noise_beats_plain_trainer(tmp_path):
 
     data = load_noisy_digits(noise_rate=0.5, seed=0)
     train = data["train"]
-    shared = {**COMMON, "optim": "adamw_torch", "learning_rate": 5e-2, "lr_scheduler_type": "linear",
-              "per_device_train_batch_size": 32, "num_train_epochs": 8, "logging_steps": 50}
+    shared = {
+        **COMMON,
+        "optim": "adamw_torch",
+        "learning_rate": 5e-2,
+        "lr_scheduler_type": "linear",
+        "per_device_train_batch_size": 32,
+        "num_train_epochs": 8,
+        "logging_steps": 50,
+    }
     clean = train.remove_columns(["label"]).rename_column("clean_label", "label")
     reference = digits_model()
-    Trainer(model=reference, args=TrainingArguments(output_dir=str(tmp_path / "ref"), **shared), train_dataset=clean).train()
+    Trainer(
+        model=reference, args=TrainingArguments(output_dir=str(tmp_path / "ref"), **shared), train_dataset=clean
+    ).train()
     plain = digits_model()
-    Trainer(model=plain, args=TrainingArguments(output_dir=str(tmp_path / "plain"), **shared), train_dataset=train).train()
+    Trainer(
+        model=plain, args=TrainingArguments(output_dir=str(tmp_path / "plain"), **shared), train_dataset=train
+    ).train()
     student = digits_model()
     args = MimicConfig(output_dir=str(tmp_path / "mimic"), mimic_layers=["classifier"], **shared)
     MimicTrainer(model=student, args=args, train_dataset=train, reference=reference).train()
@@ -337,15 +385,26 @@ def test_alignment_check_warns_for_a_reference_from_another_backbone(tmp_path):
 
     train = load_noisy_digits(noise_rate=0.4, seed=0)["train"].select(range(256))
     clean = train.remove_columns(["label"]).rename_column("clean_label", "label")
-    shared = {**COMMON, "optim": "adamw_torch", "learning_rate": 5e-2, "per_device_train_batch_size": 64, "num_train_epochs": 4}
+    shared = {
+        **COMMON,
+        "optim": "adamw_torch",
+        "learning_rate": 5e-2,
+        "per_device_train_batch_size": 64,
+        "num_train_epochs": 4,
+    }
 
     def trained_head(backbone_seed):
         model = digits_model(backbone_seed=backbone_seed)
-        Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / f"ref{backbone_seed}"), **shared),
-                train_dataset=clean).train()
+        Trainer(
+            model=model,
+            args=TrainingArguments(output_dir=str(tmp_path / f"ref{backbone_seed}"), **shared),
+            train_dataset=clean,
+        ).train()
         return model
 
-    args = mimic_config(tmp_path / "m", mimic_layers=["classifier"], per_device_train_batch_size=64, mimic_alignment_check=True)
+    args = mimic_config(
+        tmp_path / "m", mimic_layers=["classifier"], per_device_train_batch_size=64, mimic_alignment_check=True
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         MimicTrainer(model=digits_model(), args=args, train_dataset=train, reference=trained_head(0)).train()
@@ -370,11 +429,17 @@ def test_alignment_logs_the_means_and_the_medians_the_check_compares(tmp_path):
         labels = torch.as_tensor(np.asarray(train[:]["label"]))
         own = F.cross_entropy(model.classifier(features), labels, reduction="none").numpy()
         swapped = F.cross_entropy(reference.classifier(features), labels, reduction="none").numpy()
-    args = mimic_config(tmp_path, mimic_layers=["classifier"], per_device_train_batch_size=63,
-                        mimic_alignment_check=True)
-    trainer = MimicTrainer(model=model, args=args, train_dataset=train,
-                           reference={name: tensor.detach() for name, tensor in reference.classifier.named_parameters(
-                               prefix="classifier")})
+    args = mimic_config(
+        tmp_path, mimic_layers=["classifier"], per_device_train_batch_size=63, mimic_alignment_check=True
+    )
+    trainer = MimicTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        reference={
+            name: tensor.detach() for name, tensor in reference.classifier.named_parameters(prefix="classifier")
+        },
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()
@@ -393,8 +458,12 @@ def test_a_multi_process_launch_that_did_not_set_up_distribution_is_refused(tmp_
     model = TinyMLP()
     # Without use_cpu on a machine without GPU, transformers sets up no process group.
     with pytest.raises(RuntimeError, match="WORLD_SIZE.*use_cpu"):
-        MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["head"], use_cpu=False), train_dataset=mlp_dataset(n=8),
-                     reference=perturbed_reference(model, layer_params(["head"])))
+        MimicTrainer(
+            model=model,
+            args=mimic_config(tmp_path, mimic_layers=["head"], use_cpu=False),
+            train_dataset=mlp_dataset(n=8),
+            reference=perturbed_reference(model, layer_params(["head"])),
+        )
 
 
 SINGLE_BACKWARD_CASES = {
@@ -419,14 +488,29 @@ def test_single_backward_from_the_logits_equals_backward_of_the_weighted_loss(tm
     trained = {}
     for path in ("from_logits", "general"):
         model = make_model()
-        names = [f"{layer}.{local}" for layer in layers for local, _ in model.get_submodule(layer).named_parameters(recurse=False)]
+        names = [
+            f"{layer}.{local}"
+            for layer in layers
+            for local, _ in model.get_submodule(layer).named_parameters(recurse=False)
+        ]
         reference = perturbed_reference(model, names, scale=0.1)
-        loss_fn = None if path == "from_logits" else (lambda outputs, inputs, m=model: per_sample_loss(m, outputs, inputs["labels"]))
-        args = mimic_config(
-            tmp_path / path, mimic_layers=layers, per_device_train_batch_size=8, gradient_accumulation_steps=2,
-            max_steps=3, mimic_temperature=0.01, mimic_token_weighting="sample",  # a user loss is weighted per sample
+        loss_fn = (
+            None
+            if path == "from_logits"
+            else (lambda outputs, inputs, m=model: per_sample_loss(m, outputs, inputs["labels"]))
         )
-        MimicTrainer(model=model, args=args, train_dataset=data, reference=reference, per_sample_loss_fn=loss_fn).train()
+        args = mimic_config(
+            tmp_path / path,
+            mimic_layers=layers,
+            per_device_train_batch_size=8,
+            gradient_accumulation_steps=2,
+            max_steps=3,
+            mimic_temperature=0.01,
+            mimic_token_weighting="sample",  # a user loss is weighted per sample
+        )
+        MimicTrainer(
+            model=model, args=args, train_dataset=data, reference=reference, per_sample_loss_fn=loss_fn
+        ).train()
         trained[path] = (dict(model.named_parameters()), load_scores(tmp_path / path).to_pandas())
     (fast, fast_table), (general, general_table) = trained["from_logits"], trained["general"]
     for name in general:

@@ -34,8 +34,14 @@ CASES = {
 
 
 def config(tmp_path, **overrides) -> MimicConfig:
-    settings = {**COMMON, "per_device_train_batch_size": N, "max_steps": 1, "mimic_alignment_check": False,
-                "remove_unused_columns": False, **overrides}
+    settings = {
+        **COMMON,
+        "per_device_train_batch_size": N,
+        "max_steps": 1,
+        "mimic_alignment_check": False,
+        "remove_unused_columns": False,
+        **overrides,
+    }
     return MimicConfig(output_dir=str(tmp_path), **settings)
 
 
@@ -72,7 +78,9 @@ def test_scores_and_update_match_one_autograd_pass_per_sample(tmp_path, case):
     start = copy.deepcopy(model)
     expected_scores, grads = oracle(copy.deepcopy(model), data, None, reference)
 
-    trainer = MimicTrainer(model=model, args=config(tmp_path, mimic_layers=layers), train_dataset=data, reference=reference)
+    trainer = MimicTrainer(
+        model=model, args=config(tmp_path, mimic_layers=layers), train_dataset=data, reference=reference
+    )
     assert trainer.batch_coupled
     trainer.train()
     records = load_scores(tmp_path).to_pandas().sort_values("sample_id")
@@ -99,8 +107,13 @@ def test_gradient_accumulation_scores_each_micro_batch_as_its_own_contrastive_ba
     reference = perturbed_reference(model, layer_tensors(model, layers), scale=0.5)
     start = copy.deepcopy(model)
     halves = [oracle(copy.deepcopy(model), data.select(range(k, k + 6)), None, reference) for k in (0, 6)]
-    args = config(tmp_path, mimic_layers=layers, per_device_train_batch_size=6, gradient_accumulation_steps=2,
-                  train_sampling_strategy="sequential")
+    args = config(
+        tmp_path,
+        mimic_layers=layers,
+        per_device_train_batch_size=6,
+        gradient_accumulation_steps=2,
+        train_sampling_strategy="sequential",
+    )
     MimicTrainer(model=model, args=args, train_dataset=data, reference=reference).train()
     records = load_scores(tmp_path).to_pandas().sort_values("sample_id")
     np.testing.assert_allclose(records.mimic_score.values, np.concatenate([h[0] for h in halves]), rtol=1e-4, atol=1e-5)
@@ -114,8 +127,9 @@ def test_bf16_scores_follow_the_float32_ones(tmp_path):
     layers = CLIP_LAYERS["both"]
     reference = perturbed_reference(model, layer_tensors(model, layers), scale=0.5)
     expected, _ = oracle(copy.deepcopy(model), data, None, reference)
-    MimicTrainer(model=model, args=config(tmp_path, mimic_layers=layers, bf16=True), train_dataset=data,
-                 reference=reference).train()
+    MimicTrainer(
+        model=model, args=config(tmp_path, mimic_layers=layers, bf16=True), train_dataset=data, reference=reference
+    ).train()
     scores = load_scores(tmp_path).to_pandas().sort_values("sample_id").mimic_score.values
     assert np.corrcoef(scores, expected)[0, 1] > 0.99
     np.testing.assert_allclose(scores, expected, rtol=0.1, atol=0.1 * np.abs(expected).max())
@@ -133,8 +147,13 @@ def test_a_user_in_batch_negatives_loss_is_scored_as_coupled(tmp_path):
     names = layer_tensors(model, CLIP_LAYERS["vision"])  # the images are the negatives: the coupled side
     reference = perturbed_reference(model, names)
     expected, _ = oracle(copy.deepcopy(model), data, loss_fn, reference)
-    trainer = MimicTrainer(model=model, args=config(tmp_path, mimic_layers=CLIP_LAYERS["vision"]), train_dataset=data,
-                           reference=reference, per_sample_loss_fn=loss_fn)
+    trainer = MimicTrainer(
+        model=model,
+        args=config(tmp_path, mimic_layers=CLIP_LAYERS["vision"]),
+        train_dataset=data,
+        reference=reference,
+        per_sample_loss_fn=loss_fn,
+    )
     trainer.train()
     records = load_scores(tmp_path).to_pandas().sort_values("sample_id")
     np.testing.assert_allclose(records.mimic_score.values, expected, rtol=1e-4, atol=1e-5)
@@ -148,29 +167,47 @@ def test_an_unmarked_coupled_loss_is_refused_at_the_first_step(tmp_path):
         return in_batch_negatives_loss(outputs.text_embeds, outputs.image_embeds)
 
     layers = CLIP_LAYERS["vision"]
-    trainer = MimicTrainer(model=model, args=config(tmp_path, mimic_layers=layers), train_dataset=pair_dataset(N),
-                           reference=perturbed_reference(model, layer_tensors(model, layers)), per_sample_loss_fn=loss_fn)
-    with pytest.raises(ValueError, match=r"couples the samples.*'vision_model.encoder.layers.1.mlp.fc1'.*batch_coupled"):
+    trainer = MimicTrainer(
+        model=model,
+        args=config(tmp_path, mimic_layers=layers),
+        train_dataset=pair_dataset(N),
+        reference=perturbed_reference(model, layer_tensors(model, layers)),
+        per_sample_loss_fn=loss_fn,
+    )
+    with pytest.raises(
+        ValueError, match=r"couples the samples.*'vision_model.encoder.layers.1.mlp.fc1'.*batch_coupled"
+    ):
         trainer.train()
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"mimic_scorer": "grand"}, "'grand' scorer cannot score a batch-coupled"),
-    ({"mimic_reweight_scope": "layer"}, "mimic_reweight_scope='layer'"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"mimic_scorer": "grand"}, "'grand' scorer cannot score a batch-coupled"),
+        ({"mimic_reweight_scope": "layer"}, "mimic_reweight_scope='layer'"),
+    ],
+)
 def test_what_a_coupled_loss_cannot_do_is_refused_at_construction(tmp_path, overrides, message):
     model = tiny_clip()
     with pytest.raises(ValueError, match=message):
-        MimicTrainer(model=model, args=config(tmp_path, mimic_layers=CLIP_LAYERS["vision"], **overrides),
-                     train_dataset=pair_dataset(N), reference=perturbed_reference(model, layer_tensors(model, CLIP_LAYERS["vision"])))
+        MimicTrainer(
+            model=model,
+            args=config(tmp_path, mimic_layers=CLIP_LAYERS["vision"], **overrides),
+            train_dataset=pair_dataset(N),
+            reference=perturbed_reference(model, layer_tensors(model, CLIP_LAYERS["vision"])),
+        )
 
 
 def test_a_fused_attention_kernel_after_the_mimic_layer_gets_advice(tmp_path):
     model = tiny_clip(attn="sdpa")
     layers = ["vision_model.encoder.layers.0.mlp.fc1"]  # attention of layer 1 runs after it
-    trainer = MimicTrainer(model=model, args=config(tmp_path, mimic_layers=layers), train_dataset=pair_dataset(N),
-                           reference=perturbed_reference(model, layer_tensors(model, layers)))
-    with pytest.raises(RuntimeError, match="attn_implementation=\"eager\""):
+    trainer = MimicTrainer(
+        model=model,
+        args=config(tmp_path, mimic_layers=layers),
+        train_dataset=pair_dataset(N),
+        reference=perturbed_reference(model, layer_tensors(model, layers)),
+    )
+    with pytest.raises(RuntimeError, match='attn_implementation="eager"'):
         trainer.train()
 
 
@@ -185,8 +222,12 @@ def test_a_pair_with_a_nan_image_is_left_out_and_the_others_train(tmp_path):
     data = datasets.Dataset.from_dict(rows).with_format("torch")
     layers = CLIP_LAYERS["both"]
     with pytest.warns(RuntimeWarning, match=r"non-finite loss or score.*ids \[5\]"):
-        MimicTrainer(model=model, args=config(tmp_path, mimic_layers=layers), train_dataset=data,
-                     reference=perturbed_reference(model, layer_tensors(model, layers))).train()
+        MimicTrainer(
+            model=model,
+            args=config(tmp_path, mimic_layers=layers),
+            train_dataset=data,
+            reference=perturbed_reference(model, layer_tensors(model, layers)),
+        ).train()
     records = load_scores(tmp_path).to_pandas().set_index("sample_id")
     assert records.loc[5, "status"] == 1 and records.loc[5, "weight"] == 0
     others = records.drop(index=5)
@@ -206,7 +247,9 @@ def test_when_only_the_mimic_layers_train_the_update_is_still_the_coupled_one(tm
     reference = perturbed_reference(model, names, scale=0.5)
     start = copy.deepcopy(model)
     expected_scores, grads = oracle(copy.deepcopy(model), data, None, reference)
-    MimicTrainer(model=model, args=config(tmp_path, mimic_layers=layers), train_dataset=data, reference=reference).train()
+    MimicTrainer(
+        model=model, args=config(tmp_path, mimic_layers=layers), train_dataset=data, reference=reference
+    ).train()
     records = load_scores(tmp_path).to_pandas().sort_values("sample_id")
     np.testing.assert_allclose(records.mimic_score.values, expected_scores, rtol=1e-4, atol=1e-5)
     assert_update(start, model, grads, records.weight.values)
@@ -222,7 +265,12 @@ def test_an_unmarked_coupled_loss_is_refused_also_when_only_the_mimic_layers_tra
     def loss_fn(outputs, inputs):
         return in_batch_negatives_loss(outputs.text_embeds, outputs.image_embeds)
 
-    trainer = MimicTrainer(model=model, args=config(tmp_path, mimic_layers=layers), train_dataset=pair_dataset(N),
-                           reference=perturbed_reference(model, names), per_sample_loss_fn=loss_fn)
+    trainer = MimicTrainer(
+        model=model,
+        args=config(tmp_path, mimic_layers=layers),
+        train_dataset=pair_dataset(N),
+        reference=perturbed_reference(model, names),
+        per_sample_loss_fn=loss_fn,
+    )
     with pytest.raises(ValueError, match="couples the samples"):
         trainer.train()

@@ -19,8 +19,19 @@ from hf_gradmimic.ghost import UnsupportedLayerError
 
 from tiny_models import tiny_gpt2, tiny_llama
 
-PLAIN = dict(learning_rate=0.1, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,
-             report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=True, seed=0)
+PLAIN = dict(
+    learning_rate=0.1,
+    optim="sgd",
+    lr_scheduler_type="constant",
+    max_grad_norm=0.0,
+    weight_decay=0.0,
+    report_to=[],
+    save_strategy="no",
+    logging_steps=1,
+    disable_tqdm=True,
+    use_cpu=True,
+    seed=0,
+)
 
 
 def lm_reference(model, scale: float = 0.3) -> dict[str, torch.Tensor]:
@@ -41,7 +52,7 @@ def uneven_lm_dataset():
     ids = np.random.default_rng(0).integers(0, 40, size=(16, 9))
     labels = ids.copy()
     for row in range(16):
-        labels[row, 2 + row % 7:] = -100
+        labels[row, 2 + row % 7 :] = -100
     return datasets.Dataset.from_dict({"input_ids": ids, "labels": labels}).with_format("torch")
 
 
@@ -52,35 +63,54 @@ TOKEN_RUN = {**PLAIN, "per_device_train_batch_size": 4, "gradient_accumulation_s
 def plain_trainer_llama(tmp_path_factory):
     """A Llama trained by plain `Trainer` on `uneven_lm_dataset` (once for both scopes)."""
     output_dir = str(tmp_path_factory.mktemp("plain"))
-    trainer = Trainer(model=tiny_llama(), args=TrainingArguments(output_dir=output_dir, **TOKEN_RUN),
-                      train_dataset=uneven_lm_dataset())
+    trainer = Trainer(
+        model=tiny_llama(),
+        args=TrainingArguments(output_dir=output_dir, **TOKEN_RUN),
+        train_dataset=uneven_lm_dataset(),
+    )
     trainer.train()
     return trainer
 
 
 @pytest.mark.parametrize("scope", ["all", "layer"])
-def test_token_weighting_reproduces_trainer_for_a_causal_lm_under_gradient_accumulation(tmp_path, scope,
-                                                                                        plain_trainer_llama):
+def test_token_weighting_reproduces_trainer_for_a_causal_lm_under_gradient_accumulation(
+    tmp_path, scope, plain_trainer_llama
+):
     """Trainer averages over every labelled token of the step (num_items_in_batch); so does ``token`` weighting.
     (A Llama: for GPT-2, whose ``loss_type`` transformers 5.25 leaves unset, Trainer counts the unshifted labels.)"""
     mimic_model = tiny_llama()
-    args = MimicConfig(output_dir=str(tmp_path / "mimic"), mimic_layers=["lm_head"], mimic_temperature=1e6,
-                       mimic_reweight_scope=scope, mimic_alignment_check=False, **TOKEN_RUN)
+    args = MimicConfig(
+        output_dir=str(tmp_path / "mimic"),
+        mimic_layers=["lm_head"],
+        mimic_temperature=1e6,
+        mimic_reweight_scope=scope,
+        mimic_alignment_check=False,
+        **TOKEN_RUN,
+    )
     assert args.mimic_token_weighting == "token"  # the default is the one that reproduces Trainer
-    trainer = MimicTrainer(model=mimic_model, args=args, train_dataset=uneven_lm_dataset(),
-                           reference=lm_reference(mimic_model))
+    trainer = MimicTrainer(
+        model=mimic_model, args=args, train_dataset=uneven_lm_dataset(), reference=lm_reference(mimic_model)
+    )
     trainer.train()
     assert_same_parameters(plain_trainer_llama.model, mimic_model)
-    logged = [[entry["loss"] for entry in run.state.log_history if "loss" in entry]
-              for run in (plain_trainer_llama, trainer)]
+    logged = [
+        [entry["loss"] for entry in run.state.log_history if "loss" in entry] for run in (plain_trainer_llama, trainer)
+    ]
     np.testing.assert_allclose(logged[1], logged[0], rtol=1e-5)  # the logged loss is Trainer's token mean too
 
 
 def test_select_mode_keeping_every_sample_trains_as_trainer_over_tokens(tmp_path, plain_trainer_llama):
     """``select`` mode (GraNd) with a ratio of 1 trains every candidate: over their tokens, as Trainer does."""
     mimic_model = tiny_llama()
-    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=["lm_head"], mimic_scorer="grand", mimic_mode="select",
-                       mimic_select_ratio=1.0, mimic_alignment_check=False, **TOKEN_RUN)
+    args = MimicConfig(
+        output_dir=str(tmp_path),
+        mimic_layers=["lm_head"],
+        mimic_scorer="grand",
+        mimic_mode="select",
+        mimic_select_ratio=1.0,
+        mimic_alignment_check=False,
+        **TOKEN_RUN,
+    )
     trainer = MimicTrainer(model=mimic_model, args=args, train_dataset=uneven_lm_dataset())
     trainer.train()
     assert_same_parameters(plain_trainer_llama.model, mimic_model)
@@ -91,16 +121,23 @@ def test_sample_weighting_is_the_per_sample_mean(tmp_path):
     data = uneven_lm_dataset()
     shared = {**PLAIN, "per_device_train_batch_size": 8, "max_steps": 1}
     model, oracle = tiny_gpt2(dropout=0.0), tiny_gpt2(dropout=0.0)
-    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=["lm_head"], mimic_temperature=1e6,
-                       mimic_alignment_check=False, mimic_token_weighting="sample", **shared)
+    args = MimicConfig(
+        output_dir=str(tmp_path),
+        mimic_layers=["lm_head"],
+        mimic_temperature=1e6,
+        mimic_alignment_check=False,
+        mimic_token_weighting="sample",
+        **shared,
+    )
     trainer = MimicTrainer(model=model, args=args, train_dataset=data, reference=lm_reference(model))
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.train()
     ids, labels = batch["input_ids"], batch["labels"]
     logits = oracle(input_ids=ids).logits[:, :-1]
     targets = labels[:, 1:]
-    token_losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                     reduction="none").view(targets.shape)
+    token_losses = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+    ).view(targets.shape)
     per_sample = token_losses.sum(1) / (targets != -100).sum(1)
     per_sample.mean().backward()
     with torch.no_grad():
@@ -182,8 +219,10 @@ def both_trainers(tmp_path, model_factory=RegressionModel, name: str = "", **kwa
 def trainer_logs(trainer) -> list[dict[str, float]]:
     """The log history without MimicTrainer's own ``mimic/*`` keys and without timings."""
     timing = ("runtime", "per_second", "total_flos")
-    return [{k: v for k, v in entry.items() if not k.startswith("mimic/") and not any(t in k for t in timing)}
-            for entry in trainer.state.log_history]
+    return [
+        {k: v for k, v in entry.items() if not k.startswith("mimic/") and not any(t in k for t in timing)}
+        for entry in trainer.state.log_history
+    ]
 
 
 def assert_same_logs(plain, mimic, atol=1e-5):
@@ -196,17 +235,25 @@ def assert_same_logs(plain, mimic, atol=1e-5):
 
 def test_train_evaluate_predict_match_trainer(tmp_path):
     data, held_out = regression_dataset(), regression_dataset(n=16, seed=7)
-    plain, mimic = both_trainers(tmp_path, train_dataset=data, eval_dataset=held_out,
-                                 args={"eval_strategy": "steps", "eval_steps": 2, "gradient_accumulation_steps": 2})
+    plain, mimic = both_trainers(
+        tmp_path,
+        train_dataset=data,
+        eval_dataset=held_out,
+        args={"eval_strategy": "steps", "eval_steps": 2, "gradient_accumulation_steps": 2},
+    )
     plain.train(), mimic.train()
     assert_same_parameters(plain.model, mimic.model, atol=ADAPTER_ATOL)
     assert_same_logs(plain, mimic)
     expected, got = plain.predict(held_out), mimic.predict(held_out)
     np.testing.assert_allclose(got.predictions, expected.predictions, atol=ADAPTER_ATOL)
-    for expected_metrics, got_metrics, prefix in ((expected.metrics, got.metrics, "test"),
-                                                  (plain.evaluate(held_out), mimic.evaluate(held_out), "eval")):
-        untimed = [{k for k in metrics if "runtime" not in k and "per_second" not in k}
-                   for metrics in (expected_metrics, got_metrics)]
+    for expected_metrics, got_metrics, prefix in (
+        (expected.metrics, got.metrics, "test"),
+        (plain.evaluate(held_out), mimic.evaluate(held_out), "eval"),
+    ):
+        untimed = [
+            {k for k in metrics if "runtime" not in k and "per_second" not in k}
+            for metrics in (expected_metrics, got_metrics)
+        ]
         assert untimed[1] == untimed[0]
         np.testing.assert_allclose(got_metrics[f"{prefix}_loss"], expected_metrics[f"{prefix}_loss"], rtol=1e-4)
 
@@ -238,10 +285,12 @@ def test_callbacks_list_and_events_match_trainer(tmp_path):
     data, held_out = regression_dataset(), regression_dataset(n=16, seed=7)
     plain_recorder, mimic_recorder = EventRecorder(), EventRecorder()
     arguments = {"eval_strategy": "steps", "eval_steps": 2, "save_strategy": "steps", "save_steps": 2}
-    plain, _ = both_trainers(tmp_path, train_dataset=data, eval_dataset=held_out, callbacks=[plain_recorder],
-                             args=arguments)
-    _, mimic = both_trainers(tmp_path, name="-b", train_dataset=data, eval_dataset=held_out, callbacks=[mimic_recorder],
-                             args=arguments)
+    plain, _ = both_trainers(
+        tmp_path, train_dataset=data, eval_dataset=held_out, callbacks=[plain_recorder], args=arguments
+    )
+    _, mimic = both_trainers(
+        tmp_path, name="-b", train_dataset=data, eval_dataset=held_out, callbacks=[mimic_recorder], args=arguments
+    )
     assert mimic.callback_handler.callback_list == plain.callback_handler.callback_list
     listed = [[type(cb) for cb in trainer.callback_handler.callbacks] for trainer in (plain, mimic)]
     assert listed[1] == listed[0]
@@ -252,8 +301,11 @@ def test_callbacks_list_and_events_match_trainer(tmp_path):
 
 def test_constructor_positional_order_matches_trainer():
     def positional(cls):
-        return [name for name, p in inspect.signature(cls.__init__).parameters.items()
-                if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        return [
+            name
+            for name, p in inspect.signature(cls.__init__).parameters.items()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
 
     assert positional(MimicTrainer) == positional(Trainer)
 
@@ -269,16 +321,24 @@ def test_compute_loss_func_marked_per_sample_trains_as_trainer_and_unmarked_is_r
         per_sample = (outputs[0] - labels).abs()
         return per_sample if num_items_in_batch is None else per_sample.sum() / num_items_in_batch
 
-    plain, mimic = both_trainers(tmp_path, train_dataset=data, compute_loss_func=absolute_error,
-                                 args={"gradient_accumulation_steps": 2, "per_device_train_batch_size": 4})
+    plain, mimic = both_trainers(
+        tmp_path,
+        train_dataset=data,
+        compute_loss_func=absolute_error,
+        args={"gradient_accumulation_steps": 2, "per_device_train_batch_size": 4},
+    )
     plain.train()
     calls.clear()
     mimic.train()
     assert calls and all(items is None for items in calls)  # used in training, asked for per-sample losses
     assert_same_parameters(plain.model, mimic.model, atol=ADAPTER_ATOL)
     assert_same_logs(plain, mimic)
-    _, builtin = both_trainers(tmp_path, name="-builtin", train_dataset=data,
-                               args={"gradient_accumulation_steps": 2, "per_device_train_batch_size": 4})
+    _, builtin = both_trainers(
+        tmp_path,
+        name="-builtin",
+        train_dataset=data,
+        args={"gradient_accumulation_steps": 2, "per_device_train_batch_size": 4},
+    )
     builtin.train()
     assert not torch.allclose(builtin.model.head.weight, mimic.model.head.weight)  # the L1 loss made a difference
 
@@ -286,10 +346,18 @@ def test_compute_loss_func_marked_per_sample_trains_as_trainer_and_unmarked_is_r
         return (outputs[0] - labels).abs().mean()
 
     model = RegressionModel()
-    with pytest.raises(ValueError, match=r"compute_loss_func.*not marked as returning one loss per sample"
-                                         r".*returns_per_sample_losses.*per_sample_loss_fn"):
-        MimicTrainer(model=model, args=MimicConfig(output_dir=str(tmp_path / "x"), mimic_layers=["head"], **PLAIN),
-                     train_dataset=data, reference=head_reference(model), compute_loss_func=mean_absolute_error)
+    with pytest.raises(
+        ValueError,
+        match=r"compute_loss_func.*not marked as returning one loss per sample"
+        r".*returns_per_sample_losses.*per_sample_loss_fn",
+    ):
+        MimicTrainer(
+            model=model,
+            args=MimicConfig(output_dir=str(tmp_path / "x"), mimic_layers=["head"], **PLAIN),
+            train_dataset=data,
+            reference=head_reference(model),
+            compute_loss_func=mean_absolute_error,
+        )
 
 
 def test_without_train_dataset_evaluate_and_predict_work_and_train_raises_as_trainer(tmp_path):
@@ -319,6 +387,7 @@ def test_model_init_trains_as_trainer_and_hyperparameter_search_is_reachable(tmp
         with pytest.raises(RuntimeError, match=re.escape(str(expected.value))):
             mimic.hyperparameter_search(backend="optuna", n_trials=1)
     else:
+
         def space(trial):
             return {"learning_rate": trial.suggest_float("learning_rate", 0.01, 0.1)}
 
@@ -331,8 +400,12 @@ def test_non_finite_steps_go_on_as_with_trainer(tmp_path):
     MimicTrainer (skipping the updates), where it used to stop after five."""
     data = regression_dataset(n=48, nan_rows=tuple(range(48)))
     for nan_filter in (True, False):
-        plain, mimic = both_trainers(tmp_path, name=str(nan_filter), train_dataset=data,
-                                     args={"max_steps": 6, "logging_nan_inf_filter": nan_filter})
+        plain, mimic = both_trainers(
+            tmp_path,
+            name=str(nan_filter),
+            train_dataset=data,
+            args={"max_steps": 6, "logging_nan_inf_filter": nan_filter},
+        )
         plain.train()
         with pytest.warns(RuntimeWarning, match="update was skipped"):
             mimic.train()
@@ -347,8 +420,12 @@ def test_resume_continues_the_mimic_logs_and_does_not_repeat_the_alignment_check
 
     def mimic_trainer(output_dir):
         model = RegressionModel()
-        config = MimicConfig(output_dir=str(output_dir), mimic_layers=["head"], mimic_temperature=0.5,
-                             **{**PLAIN, "per_device_train_batch_size": 8, **arguments})
+        config = MimicConfig(
+            output_dir=str(output_dir),
+            mimic_layers=["head"],
+            mimic_temperature=0.5,
+            **{**PLAIN, "per_device_train_batch_size": 8, **arguments},
+        )
         return MimicTrainer(model=model, args=config, train_dataset=data, reference=head_reference(model))
 
     with warnings.catch_warnings():
@@ -359,8 +436,11 @@ def test_resume_continues_the_mimic_logs_and_does_not_repeat_the_alignment_check
         resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-4"))
 
     def mimic_logs(trainer, after):
-        return [{k: v for k, v in entry.items() if k.startswith("mimic/")}
-                for entry in trainer.state.log_history if entry["step"] > after and "loss" in entry]
+        return [
+            {k: v for k, v in entry.items() if k.startswith("mimic/")}
+            for entry in trainer.state.log_history
+            if entry["step"] > after and "loss" in entry
+        ]
 
     assert any("mimic/alignment_student_loss" in entry for entry in full.state.log_history)
     expected, got = mimic_logs(full, after=4), mimic_logs(resumed, after=4)
@@ -374,7 +454,10 @@ def test_resume_continues_the_mimic_logs_and_does_not_repeat_the_alignment_check
 def test_a_model_without_a_supported_layer_is_refused_naming_that(tmp_path):
     model = BareRegressionModel()
     config = MimicConfig(output_dir=str(tmp_path), **PLAIN)
-    with pytest.raises(UnsupportedLayerError, match=r"BareRegressionModel has no layer of a supported type "
-                                                     r"\(.*Linear.*\)"
-                                                     r".*`mimic_layers` names 'classifier'"):
+    with pytest.raises(
+        UnsupportedLayerError,
+        match=r"BareRegressionModel has no layer of a supported type "
+        r"\(.*Linear.*\)"
+        r".*`mimic_layers` names 'classifier'",
+    ):
         MimicTrainer(model=model, args=config, train_dataset=regression_dataset(), reference={})

@@ -19,12 +19,30 @@ def test_running_filter_metric_at_each_evaluation(tmp_path):
     train = data["train"].remove_columns(["clean_label"])
     reference = digits_model()
     reference.classifier.weight.data.normal_()  # any reference: this test checks the bookkeeping, not quality
-    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=["classifier"], mimic_clean_column="is_clean",
-                       mimic_filter_method="threshold", num_train_epochs=3, per_device_train_batch_size=64,
-                       eval_strategy="epoch", logging_strategy="epoch", report_to=[], save_strategy="no",
-                       use_cpu=True, disable_tqdm=True, remove_unused_columns=False, mimic_alignment_check=False)
-    trainer = MimicTrainer(model=digits_model(), args=args, train_dataset=train, eval_dataset=data["test"],
-                           compute_metrics=accuracy_compute_metrics, reference=dict(reference.named_parameters()))
+    args = MimicConfig(
+        output_dir=str(tmp_path),
+        mimic_layers=["classifier"],
+        mimic_clean_column="is_clean",
+        mimic_filter_method="threshold",
+        num_train_epochs=3,
+        per_device_train_batch_size=64,
+        eval_strategy="epoch",
+        logging_strategy="epoch",
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        mimic_alignment_check=False,
+    )
+    trainer = MimicTrainer(
+        model=digits_model(),
+        args=args,
+        train_dataset=train,
+        eval_dataset=data["test"],
+        compute_metrics=accuracy_compute_metrics,
+        reference=dict(reference.named_parameters()),
+    )
     trainer.train()
     curve = [entry for entry in trainer.state.log_history if "eval_mimic_filter_discard_f1" in entry]
     assert [entry["epoch"] for entry in curve] == [1.0, 2.0, 3.0]
@@ -34,7 +52,9 @@ def test_running_filter_metric_at_each_evaluation(tmp_path):
     expected = compute_filter_metrics(final.keep, clean, final.keep_prob)
     assert curve[-1]["eval_mimic_filter_discard_f1"] == pytest.approx(expected["discard_f1"])
     assert curve[-1]["eval_mimic_filter_retained_fraction"] == pytest.approx(expected["retained_fraction"])
-    assert "eval_accuracy" in trainer.state.log_history[-2] or any("eval_accuracy" in e for e in trainer.state.log_history)
+    assert "eval_accuracy" in trainer.state.log_history[-2] or any(
+        "eval_accuracy" in e for e in trainer.state.log_history
+    )
 
 
 def test_clean_column_never_reaches_the_model(tmp_path):
@@ -49,11 +69,23 @@ def test_clean_column_never_reaches_the_model(tmp_path):
 
     data = mlp_dataset(n=16).add_column("clean", [1] * 16)
     model = Recording()
-    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=["head"], mimic_clean_column="clean", max_steps=2,
-                       per_device_train_batch_size=8, remove_unused_columns=False, report_to=[], save_strategy="no",
-                       use_cpu=True, disable_tqdm=True, mimic_alignment_check=False)
+    args = MimicConfig(
+        output_dir=str(tmp_path),
+        mimic_layers=["head"],
+        mimic_clean_column="clean",
+        max_steps=2,
+        per_device_train_batch_size=8,
+        remove_unused_columns=False,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        mimic_alignment_check=False,
+    )
     reference = {n: p.detach() + 0.1 for n, p in model.named_parameters() if n.startswith("head.")}
-    trainer = MimicTrainer(model=model, args=args, train_dataset=data, eval_dataset=mlp_dataset(n=8), reference=reference)
+    trainer = MimicTrainer(
+        model=model, args=args, train_dataset=data, eval_dataset=mlp_dataset(n=8), reference=reference
+    )
     trainer.train()
     trainer.evaluate()
     assert not seen & {"clean", "mimic_row_index"}, seen
@@ -64,8 +96,17 @@ def test_model_card_shows_the_mimic_settings(tmp_path):
 
     model = TinyMLP()
     reference = {n: p.detach() + 0.1 for n, p in model.named_parameters() if n.startswith("head.")}
-    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=["head"], mimic_temperature=0.25, mimic_normalize="micro",
-                       max_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    args = MimicConfig(
+        output_dir=str(tmp_path),
+        mimic_layers=["head"],
+        mimic_temperature=0.25,
+        mimic_normalize="micro",
+        max_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     trainer = MimicTrainer(model=model, args=args, train_dataset=mlp_dataset(n=8), reference=reference)
     trainer.create_model_card(model_name="tiny-mimic")
     card = ModelCard.load(tmp_path / "README.md")  # the Hub client's reading: the YAML header and the text

@@ -16,9 +16,21 @@ HEAD = ["head.weight", "head.bias"]
 
 
 def config(tmp_path, **overrides) -> MimicConfig:
-    settings = dict(mimic_layers=["head"], per_device_train_batch_size=16, max_steps=1, learning_rate=1.0, optim="sgd",
-                    lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, report_to=[], save_strategy="no",
-                    use_cpu=True, disable_tqdm=True, seed=0)
+    settings = dict(
+        mimic_layers=["head"],
+        per_device_train_batch_size=16,
+        max_steps=1,
+        learning_rate=1.0,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
     return MimicConfig(output_dir=str(tmp_path), **{**settings, **overrides})
 
 
@@ -41,7 +53,9 @@ def assert_update(before, after, grads, weights):
 
 def test_grand_select_trains_only_the_selected_samples(tmp_path):
     data = mlp_dataset(n=16)
-    before, after, _, table = one_step(tmp_path, data, mimic_scorer="grand", mimic_mode="select", mimic_select_ratio=0.25)
+    before, after, _, table = one_step(
+        tmp_path, data, mimic_scorer="grand", mimic_mode="select", mimic_select_ratio=0.25
+    )
     names = [n for n, _ in before.named_parameters()]
     grads = per_sample_grads(copy.deepcopy(before), data, names)
     norms = torch.sqrt(sum(grads[n].flatten(1).square().sum(1) for n in HEAD))
@@ -56,8 +70,9 @@ def test_grand_select_trains_only_the_selected_samples(tmp_path):
 def test_rho_loss_select_uses_the_irreducible_column(tmp_path):
     irreducible = np.linspace(0.0, 3.0, 16).astype(np.float32)
     data = mlp_dataset(n=16).add_column("irreducible", irreducible)
-    before, after, _, table = one_step(tmp_path, data, mimic_scorer="rho_loss", mimic_irreducible_loss_column="irreducible",
-                                       mimic_select_ratio=0.5)
+    before, after, _, table = one_step(
+        tmp_path, data, mimic_scorer="rho_loss", mimic_irreducible_loss_column="irreducible", mimic_select_ratio=0.5
+    )
     np.testing.assert_allclose(table.mimic_score.values, table.loss.values - irreducible, rtol=1e-5, atol=1e-6)
     kept = table.weight.values > 0
     assert kept.sum() == 8
@@ -79,8 +94,15 @@ def test_agra_excludes_samples_against_the_comparison_gradient(tmp_path):
 def test_bayesian_select_with_precomputed_zero_shot_logits(tmp_path):
     rng = np.random.default_rng(0)
     data = mlp_dataset(n=32).add_column("zero_shot", rng.normal(size=(32, 4)).astype(np.float32).tolist())
-    _, _, trainer, table = one_step(tmp_path, data, mimic_scorer="bayesian", mimic_zero_shot_column="zero_shot",
-                                    per_device_train_batch_size=32, max_steps=2, mimic_select_ratio=0.25)
+    _, _, trainer, table = one_step(
+        tmp_path,
+        data,
+        mimic_scorer="bayesian",
+        mimic_zero_shot_column="zero_shot",
+        per_device_train_batch_size=32,
+        max_steps=2,
+        mimic_select_ratio=0.25,
+    )
     assert np.isfinite(table.mimic_score.values).all()
     assert sorted(table.global_step.unique()) == [1, 2]
     for step, records in table.groupby("global_step"):
@@ -90,7 +112,9 @@ def test_bayesian_select_with_precomputed_zero_shot_logits(tmp_path):
         assert kept.sum() == 8, step
         np.testing.assert_allclose(records.weight.values[kept], 1 / 8, rtol=1e-6)
         ranked = np.sort(records.mimic_score.values)[::-1]
-        assert records.mimic_score.values[kept].min() >= ranked[7] > ranked[8] >= records.mimic_score.values[~kept].max()
+        assert (
+            records.mimic_score.values[kept].min() >= ranked[7] > ranked[8] >= records.mimic_score.values[~kept].max()
+        )
     assert trainer.scorer.state_dict()["feature_factor"] is not None  # the Laplace factors saw the selected points
 
 
@@ -121,7 +145,9 @@ def test_bayesian_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path):
     from dist_scripts.killed_run import bayesian_trainer
 
     worker = Path(__file__).parent / "dist_scripts" / "killed_run.py"
-    killed = subprocess.run([sys.executable, str(worker), str(tmp_path / "resumed"), "5"], capture_output=True, timeout=240)
+    killed = subprocess.run(
+        [sys.executable, str(worker), str(tmp_path / "resumed"), "5"], capture_output=True, timeout=240
+    )
     assert killed.returncode == -9, killed.stderr.decode()[-2000:]
     assert (tmp_path / "resumed" / "checkpoint-4" / "mimic_scorer.safetensors").is_file()
     assert (tmp_path / "resumed" / "checkpoint-4" / "mimic_scorer.json").is_file()

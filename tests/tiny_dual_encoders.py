@@ -7,10 +7,28 @@ import torch
 
 VOCAB, LENGTH, IMAGE = 40, 7, 8
 EOS = 2
-TEXT = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-            max_position_embeddings=12, hidden_act="gelu", bos_token_id=1, eos_token_id=EOS, pad_token_id=0)
-VISION = dict(image_size=IMAGE, patch_size=4, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-              num_attention_heads=2, num_channels=3, hidden_act="gelu")
+TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=12,
+    hidden_act="gelu",
+    bos_token_id=1,
+    eos_token_id=EOS,
+    pad_token_id=0,
+)
+VISION = dict(
+    image_size=IMAGE,
+    patch_size=4,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_channels=3,
+    hidden_act="gelu",
+)
 
 # The last MLP layer of each tower (the paper's choice), and a projection.
 CLIP_LAYERS = {
@@ -24,8 +42,9 @@ def tiny_clip(seed: int = 0, attn: str = "sdpa"):
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
-    config = CLIPConfig(text_config={**TEXT, "projection_dim": 8}, vision_config={**VISION, "projection_dim": 8},
-                        projection_dim=8)
+    config = CLIPConfig(
+        text_config={**TEXT, "projection_dim": 8}, vision_config={**VISION, "projection_dim": 8}, projection_dim=8
+    )
     config._attn_implementation = attn
     return CLIPModel(config)
 
@@ -43,8 +62,16 @@ def tiny_dual_encoder(seed: int = 0):
     from transformers import BertConfig, CLIPVisionConfig, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
 
     torch.manual_seed(seed)
-    text = BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-                      max_position_embeddings=12, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    text = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=12,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     config = VisionTextDualEncoderConfig.from_vision_text_configs(CLIPVisionConfig(**VISION), text, projection_dim=8)
     return VisionTextDualEncoderModel(config)
 
@@ -60,7 +87,11 @@ def pair_batch(n: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
     mask = (torch.arange(LENGTH)[None, :] < lengths[:, None]).long()
     ids = ids * mask
     ids[torch.arange(n), lengths - 1] = EOS
-    return {"pixel_values": torch.randn(n, 3, IMAGE, IMAGE, generator=generator), "input_ids": ids, "attention_mask": mask}
+    return {
+        "pixel_values": torch.randn(n, 3, IMAGE, IMAGE, generator=generator),
+        "input_ids": ids,
+        "attention_mask": mask,
+    }
 
 
 def pair_dataset(n: int = 32, seed: int = 0, ids: bool = False):

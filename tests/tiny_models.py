@@ -70,8 +70,17 @@ def tiny_gpt2(dropout: float = 0.1, tied: bool = False):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=40, n_positions=12, tie_word_embeddings=tied,
-                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+    config = GPT2Config(
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        vocab_size=40,
+        n_positions=12,
+        tie_word_embeddings=tied,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -80,8 +89,16 @@ def tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=2, max_position_embeddings=16, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -90,8 +107,14 @@ def lora_student(dropout: float = 0.0, random_b: bool = False, task_type: str | 
     A's per-sample gradients, Bᵀδaᵀ, are zero too, so a test with B = 0 alone would not see A's terms."""
     import peft
 
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=dropout,
-                             init_lora_weights=not random_b, **({"task_type": task_type} if task_type else {}))
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        lora_dropout=dropout,
+        init_lora_weights=not random_b,
+        **({"task_type": task_type} if task_type else {}),
+    )
     model = tiny_llama()
     torch.manual_seed(1)
     return peft.get_peft_model(model, config)
@@ -150,12 +173,16 @@ def per_sample_lm_grads(model: nn.Module, dataset, param_names: list[str]) -> di
     was_training = model.training
     model.eval()  # no dropout: the oracle and the trainer must see the same function
     try:
-        return torch.func.vmap(torch.func.grad(loss_of), in_dims=(None, 0, 0))({n: params[n] for n in param_names}, ids, labels)
+        return torch.func.vmap(torch.func.grad(loss_of), in_dims=(None, 0, 0))(
+            {n: params[n] for n in param_names}, ids, labels
+        )
     finally:
         model.train(was_training)
 
 
-def oracle_scores_from_grads(grads: dict[str, torch.Tensor], model: nn.Module, reference: dict[str, torch.Tensor]) -> np.ndarray:
+def oracle_scores_from_grads(
+    grads: dict[str, torch.Tensor], model: nn.Module, reference: dict[str, torch.Tensor]
+) -> np.ndarray:
     """m_i = ⟨−g_i, θ_ref − θ⟩ / ‖θ_ref − θ‖ from materialised per-sample gradients ``grads``."""
     params = dict(model.named_parameters(remove_duplicate=False))
     direction = {n: reference[n] - params[n].detach() for n in reference}

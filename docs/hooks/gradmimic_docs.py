@@ -48,10 +48,14 @@ def _fence(text: str) -> str:
 
 def _source_page(path: str) -> str:
     text = (REPO / path).read_text(encoding="utf-8")
-    language = {".py": "python", ".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".sh": "bash"}.get(Path(path).suffix, "text")
+    language = {".py": "python", ".yaml": "yaml", ".yml": "yaml", ".toml": "toml", ".sh": "bash"}.get(
+        Path(path).suffix, "text"
+    )
     fence = _fence(text)
-    return (f"# `{path}`\n\nThe repository file `{path}`, as of this build of the site.\n\n"
-            f"{fence}{language}\n{text.rstrip()}\n{fence}\n")
+    return (
+        f"# `{path}`\n\nThe repository file `{path}`, as of this build of the site.\n\n"
+        f"{fence}{language}\n{text.rstrip()}\n{fence}\n"
+    )
 
 
 def on_files(files, config):
@@ -93,10 +97,12 @@ def _cli_reference() -> str:
     sections = [f"## `gradmimic`\n\n```text\n{_help(parser)}\n```\n"]
     for name, subparser in commands.choices.items():
         if name == "train":
-            body = ("`gradmimic train` takes every `MimicConfig` / `TrainingArguments` option (`gradmimic train --help` "
-                    "lists them all; the `mimic_*` ones are in the [Python API](api.md#mimic-arguments)), plus "
-                    "`--model`, `--dataset` and the column options, and runs under "
-                    "`accelerate launch -m hf_gradmimic train ...`.")
+            body = (
+                "`gradmimic train` takes every `MimicConfig` / `TrainingArguments` option (`gradmimic train --help` "
+                "lists them all; the `mimic_*` ones are in the [Python API](api.md#mimic-arguments)), plus "
+                "`--model`, `--dataset` and the column options, and runs under "
+                "`accelerate launch -m hf_gradmimic train ...`."
+            )
         elif name == "hub":
             printed = io.StringIO()
             with contextlib.redirect_stdout(printed), contextlib.suppress(SystemExit):
@@ -110,7 +116,12 @@ def _cli_reference() -> str:
 
 def _literal(node: ast.AST, constants: dict[str, object]) -> object:
     """A literal, a module-level constant, or ``list(CONSTANT)``; None for anything else."""
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("list", "tuple") and node.args:
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in ("list", "tuple")
+        and node.args
+    ):
         return _literal(node.args[0], constants)
     if isinstance(node, ast.Name):
         return constants.get(node.id)
@@ -143,14 +154,19 @@ def _mimic_arguments() -> str:
         else:
             default = f"{ast.unparse(factory)}()" if factory is not None else "required"
         metadata = keywords.get("metadata")
-        entries = dict(zip((_literal(key, constants) for key in metadata.keys), metadata.values)) \
-            if isinstance(metadata, ast.Dict) else {}
+        entries = (
+            dict(zip((_literal(key, constants) for key in metadata.keys), metadata.values))
+            if isinstance(metadata, ast.Dict)
+            else {}
+        )
         help_text = " ".join(str(_literal(entries["help"], constants) if "help" in entries else "").split())
         choices = _literal(entries["choices"], constants) if "choices" in entries else None
         if choices:
             help_text += " Choices: " + ", ".join(f"`{choice}`" for choice in choices) + "."
-        rows.append(f"| `{statement.target.id}` | `{ast.unparse(statement.annotation)}` | `{default}` | "
-                    f"{help_text.replace('|', chr(92) + '|')} |")
+        rows.append(
+            f"| `{statement.target.id}` | `{ast.unparse(statement.annotation)}` | `{default}` | "
+            f"{help_text.replace('|', chr(92) + '|')} |"
+        )
     return "\n".join(rows)
 
 

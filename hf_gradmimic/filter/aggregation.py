@@ -101,7 +101,12 @@ def aggregate_votes(
 
     majority = _VOTE_RULES["majority"](n_keep, n_votes)
     return _label_model_keep_prob(
-        votes, majority, info, seed=seed, fit_rows=fit_rows, class_balance=class_balance,
+        votes,
+        majority,
+        info,
+        seed=seed,
+        fit_rows=fit_rows,
+        class_balance=class_balance,
         collected_warnings=collected_warnings,
     )
 

@@ -94,7 +94,9 @@ def build_filter(
     check_windows(windows)
     if threshold is not None and method != "threshold":
         warnings.warn(
-            f"threshold={threshold} is only used by method='threshold' (method={method!r}).", FilterWarning, stacklevel=2
+            f"threshold={threshold} is only used by method='threshold' (method={method!r}).",
+            FilterWarning,
+            stacklevel=2,
         )
     functions, mimic_votes = resolve_labeling_functions(labeling_functions)
     if on_bad_shard not in BAD_SHARD_POLICIES:
@@ -102,8 +104,15 @@ def build_filter(
     windowed = get_engine(engine).collect(scores, windows, on_bad_shard=on_bad_shard, spill_dir=spill_dir)
     context = LabelingContext(scores, windowed, windows, method, threshold, topk, on_bad_shard=on_bad_shard)
     table, summary = decide(
-        windowed, method=method, aggregate=aggregate, windows=windows, threshold=threshold, topk=topk, seed=seed,
-        extra_votes=labeling_votes(functions, context), mimic_votes=mimic_votes,
+        windowed,
+        method=method,
+        aggregate=aggregate,
+        windows=windows,
+        threshold=threshold,
+        topk=topk,
+        seed=seed,
+        extra_votes=labeling_votes(functions, context),
+        mimic_votes=mimic_votes,
         extra_scores=labeling_scores(functions, context),
     )
     # What produced the log (and what its sample ids index) travels with the filter, to its cards and checks.
@@ -123,7 +132,9 @@ def estimate_quality(scores_or_filter: ScoresLike | MimicFilter, **build_kwargs:
             built with ``build_kwargs``).
     """
     mimic_filter = (
-        scores_or_filter if isinstance(scores_or_filter, MimicFilter) else build_filter(scores_or_filter, **build_kwargs)
+        scores_or_filter
+        if isinstance(scores_or_filter, MimicFilter)
+        else build_filter(scores_or_filter, **build_kwargs)
     )
     summary = mimic_filter.summary
     mean_score = summary["mean_mimic_score"]

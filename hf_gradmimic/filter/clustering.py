@@ -49,7 +49,6 @@ def kmeans_1d(values: np.ndarray) -> tuple[float, float, float]:
     return float(x[split]), float(x[:split].mean()), float(x[split:].mean())
 
 
-
 class GaussianMixture1D(NamedTuple):
     """A fitted two-component 1-D Gaussian mixture; component 0 has the lower mean."""
 

@@ -93,7 +93,12 @@ def decide(
         voting.append(score_votes)
     all_votes = np.hstack(voting) if voting else np.zeros((votes.shape[0], 0), dtype=np.int8)
     keep_prob, keep, info, status_counts = _aggregate_with_status(
-        windowed, all_votes, lf_scores if aggregate == "mixture" else None, aggregate, seed, warn_list,
+        windowed,
+        all_votes,
+        lf_scores if aggregate == "mixture" else None,
+        aggregate,
+        seed,
+        warn_list,
         [lf.name for lf in extra_votes] + [lf.name for lf in extra_scores] + ["mimic"] * mimic_votes,
     )
     all_accuracies = info["estimated_accuracies"]
@@ -132,7 +137,12 @@ def decide(
         "label_model": info.get("label_model"),
         "mixture": info.get("mixture"),
         "labeling_functions": _labeling_summary(extra_votes, all_accuracies, offset)
-        + _scores_summary(extra_scores, lf_scores, all_accuracies, all_votes.shape[1] - (0 if score_votes is None else score_votes.shape[1])),
+        + _scores_summary(
+            extra_scores,
+            lf_scores,
+            all_accuracies,
+            all_votes.shape[1] - (0 if score_votes is None else score_votes.shape[1]),
+        ),
         "settings": {
             "method": method,
             "aggregate": aggregate,
@@ -140,7 +150,8 @@ def decide(
             "threshold": (1.0 if threshold is None else float(threshold)) if method == "threshold" else threshold,
             "topk": float(topk),
             "seed": int(seed),
-            "labeling_functions": ["mimic"] * mimic_votes + [lf.name for lf in extra_votes]
+            "labeling_functions": ["mimic"] * mimic_votes
+            + [lf.name for lf in extra_votes]
             + [lf.name for lf in extra_scores],
         },
         "warnings": warn_list,
@@ -149,8 +160,13 @@ def decide(
 
 
 def _aggregate_with_status(
-    windowed: WindowedScores, votes: np.ndarray, scores: np.ndarray | None, aggregate: str, seed: int,
-    warn_list: list[str], sources: list[str],
+    windowed: WindowedScores,
+    votes: np.ndarray,
+    scores: np.ndarray | None,
+    aggregate: str,
+    seed: int,
+    warn_list: list[str],
+    sources: list[str],
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dict[str, int]]:
     """``(keep_prob, keep, aggregation info, status counts for the summary)``.
 
@@ -178,8 +194,9 @@ def _aggregate_with_status(
             "the filter's warnings say which columns are missing). Nothing to filter on."
         )
     keep_prob = np.empty(n, dtype=np.float64)
-    keep_prob[voted], info = _keep_prob(votes[voted], None if scores is None else scores[voted], aggregate, seed,
-                                        warn_list)
+    keep_prob[voted], info = _keep_prob(
+        votes[voted], None if scores is None else scores[voted], aggregate, seed, warn_list
+    )
     nonfinite = np.zeros(n, dtype=bool) if windowed.n_nonfinite is None else windowed.n_nonfinite > 0
     n_nonfinite = int(nonfinite.sum())
     if n_nonfinite:
@@ -198,23 +215,33 @@ def _aggregate_with_status(
             warn_list,
         )
     keep = keep_prob >= 0.5
-    counts = {"n_nonfinite_samples": n_nonfinite, "n_unscored_samples": n_unscored,
-              "n_unlabeled_records": int(windowed.n_unlabeled_records)}
+    counts = {
+        "n_nonfinite_samples": n_nonfinite,
+        "n_unscored_samples": n_unscored,
+        "n_unlabeled_records": int(windowed.n_unlabeled_records),
+    }
     return keep_prob, keep, info, counts
 
 
-def _keep_prob(votes: np.ndarray, scores: np.ndarray | None, aggregate: str, seed: int,
-               warn_list: list[str]) -> tuple[np.ndarray, dict[str, Any]]:
+def _keep_prob(
+    votes: np.ndarray, scores: np.ndarray | None, aggregate: str, seed: int, warn_list: list[str]
+) -> tuple[np.ndarray, dict[str, Any]]:
     """``P(keep)`` of samples that each have some evidence: the mixture posterior, or a vote aggregate."""
     if aggregate != "mixture":
         return aggregate_votes(votes, aggregate, seed=seed, collected_warnings=warn_list)
     fit = keep_posterior(scores, votes, seed=seed)
     summary = fit.summary()
     if not fit.converged:
-        warn(f"The keep posterior's EM did not converge in {fit.iterations} iterations; its keep_prob is its last "
-             "estimate.", warn_list)
-    return fit.keep_prob, {"aggregate_used": "mixture", "estimated_accuracies": summary["vote_accuracies"],
-                           "mixture": summary}
+        warn(
+            f"The keep posterior's EM did not converge in {fit.iterations} iterations; its keep_prob is its last "
+            "estimate.",
+            warn_list,
+        )
+    return fit.keep_prob, {
+        "aggregate_used": "mixture",
+        "estimated_accuracies": summary["vote_accuracies"],
+        "mixture": summary,
+    }
 
 
 def _votes_from_scores(scores: np.ndarray) -> np.ndarray:
@@ -227,23 +254,27 @@ def _votes_from_scores(scores: np.ndarray) -> np.ndarray:
     return votes
 
 
-def _scores_summary(extra_scores: Sequence[LabelingScores], values: np.ndarray | None,
-                    accuracies: list[float] | None, offset: int) -> list[dict[str, Any]]:
+def _scores_summary(
+    extra_scores: Sequence[LabelingScores], values: np.ndarray | None, accuracies: list[float] | None, offset: int
+) -> list[dict[str, Any]]:
     """One entry per continuous column: its name, how many samples it scored, and its accuracy when it voted."""
     entries = []
     column = 0
     for lf in extra_scores:
         for name in lf.columns:
             present = np.isfinite(values[:, column])
-            entries.append({
-                "labeling_function": lf.name,
-                "name": name,
-                "kind": "score",
-                "n_samples": int(present.sum()),
-                "mean": float(values[present, column].mean()) if present.any() else float("nan"),
-                "estimated_accuracy": None if accuracies is None or offset + column >= len(accuracies)
-                else accuracies[offset + column],
-            })
+            entries.append(
+                {
+                    "labeling_function": lf.name,
+                    "name": name,
+                    "kind": "score",
+                    "n_samples": int(present.sum()),
+                    "mean": float(values[present, column].mean()) if present.any() else float("nan"),
+                    "estimated_accuracy": None
+                    if accuracies is None or offset + column >= len(accuracies)
+                    else accuracies[offset + column],
+                }
+            )
             column += 1
     return entries
 
@@ -313,9 +344,7 @@ def _filter_table(windowed: WindowedScores, votes: np.ndarray, keep_prob: np.nda
             "keep_prob": pa.array(np.asarray(keep_prob, dtype=np.float64)),
             "keep": pa.array(keep),
             **(
-                {}
-                if windowed.n_nonfinite is None
-                else {"n_nonfinite": pa.array(windowed.n_nonfinite, type=pa.int32())}
+                {} if windowed.n_nonfinite is None else {"n_nonfinite": pa.array(windowed.n_nonfinite, type=pa.int32())}
             ),
         }
     )

@@ -29,6 +29,7 @@ ScoresLike = Union[str, os.PathLike, pa.Table, "datasets.Dataset", "pandas.DataF
 # In-memory score logs are reduced in slices of this many records, like shards on disk.
 _CHUNK_ROWS = 4_000_000
 
+
 @dataclass
 class ScoreSource:
     """Where the records come from: Parquet shards read one at a time, or an in-memory table.
@@ -54,7 +55,9 @@ class ScoreSource:
         """The columns of the records; for shards, every column that some shard has."""
         if self.table is not None:
             return self.table.column_names
-        return self.plan.columns if self.plan is not None and self.plan.columns else pq.read_schema(self.shards[0]).names
+        return (
+            self.plan.columns if self.plan is not None and self.plan.columns else pq.read_schema(self.shards[0]).names
+        )
 
     def schema(self) -> pa.Schema:
         if self.table is not None:
@@ -91,7 +94,9 @@ class ScoreSource:
                 yield without_rows(table, self.plan.drop_rows.get(shard))
 
 
-def score_source(scores: ScoresLike, *, on_bad_shard: BadShardPolicy = "error", needed: Sequence[str] = ()) -> ScoreSource:
+def score_source(
+    scores: ScoresLike, *, on_bad_shard: BadShardPolicy = "error", needed: Sequence[str] = ()
+) -> ScoreSource:
     """The records of a score log: the checked shards under a path, or the rows of an in-memory table.
 
     Args:
@@ -108,7 +113,9 @@ def score_source(scores: ScoresLike, *, on_bad_shard: BadShardPolicy = "error", 
         plan = plan_shards(shards, needed=needed, on_bad_shard=on_bad_shard)
         if not plan.shards:
             raise ValueError(f"Every shard of the score log at {scores_dir(scores)} is unreadable: {plan.warnings[0]}")
-        return ScoreSource(shards=plan.shards, description=str(scores_dir(scores)), plan=plan, on_bad_shard=on_bad_shard)
+        return ScoreSource(
+            shards=plan.shards, description=str(scores_dir(scores)), plan=plan, on_bad_shard=on_bad_shard
+        )
     try:
         rows = as_rows(scores)
     except TypeError as error:

@@ -137,8 +137,9 @@ class LossWindows:
         boundaries = []
         for j in range(m):  # loop over windows, each vectorised over its samples
             present = ~np.isnan(loss[:, j])
-            decision = identify(-loss[present, j], method, threshold=None if method != "threshold" else 0.0,
-                                topk=context.topk)
+            decision = identify(
+                -loss[present, j], method, threshold=None if method != "threshold" else 0.0, topk=context.topk
+            )
             votes[present, j] = decision.keep
             boundaries.append(-decision.boundary)  # kept when loss < boundary
         names = [f"loss/{name}" for name in context.windowed.window_names]
@@ -182,7 +183,9 @@ class PredictorAgreement:
         if self.sample_ids is None:
             rows = pc.cast(ids, pa.int64()).to_numpy() if pa.types.is_integer(ids.type) else None
             if rows is None:
-                raise ValueError(f"PredictorAgreement {self.name!r}: the sample ids are not row indices; pass sample_ids=.")
+                raise ValueError(
+                    f"PredictorAgreement {self.name!r}: the sample ids are not row indices; pass sample_ids=."
+                )
         else:
             rows = pc.index_in(ids, value_set=self.sample_ids).to_numpy(zero_copy_only=False)
             rows = np.where(np.isnan(rows.astype(np.float64)), -1, rows).astype(np.int64)
@@ -202,7 +205,9 @@ def resolve_labeling_functions(
     if labeling_functions is None:
         labeling_functions = DEFAULT_LABELING_FUNCTIONS
     if isinstance(labeling_functions, (str, bytes)) or not isinstance(labeling_functions, Sequence):
-        raise TypeError(f"labeling_functions must be a list, e.g. ['mean_loss', 'reference_loss'], got {labeling_functions!r}.")
+        raise TypeError(
+            f"labeling_functions must be a list, e.g. ['mean_loss', 'reference_loss'], got {labeling_functions!r}."
+        )
     if not labeling_functions:
         raise ValueError("labeling_functions is empty: name at least one, e.g. ['mean_loss', 'reference_loss'].")
     resolved: list[LabelingFunction | ScoringFunction] = []
@@ -231,7 +236,9 @@ def resolve_labeling_functions(
     return resolved, "mimic" in labeling_functions
 
 
-def labeling_votes(functions: Sequence[LabelingFunction | ScoringFunction], context: LabelingContext) -> list[LabelingVotes]:
+def labeling_votes(
+    functions: Sequence[LabelingFunction | ScoringFunction], context: LabelingContext
+) -> list[LabelingVotes]:
     """Every voting labeling function's votes, each checked to have one row per sample of the filter."""
     out = []
     n = context.windowed.values.shape[0]
@@ -245,7 +252,9 @@ def labeling_votes(functions: Sequence[LabelingFunction | ScoringFunction], cont
     return out
 
 
-def labeling_scores(functions: Sequence[LabelingFunction | ScoringFunction], context: LabelingContext) -> list[LabelingScores]:
+def labeling_scores(
+    functions: Sequence[LabelingFunction | ScoringFunction], context: LabelingContext
+) -> list[LabelingScores]:
     """Every continuous labeling function's values, each checked: one row per sample, NaN (abstain) or finite."""
     out = []
     ids = context.windowed.sample_ids
@@ -254,7 +263,9 @@ def labeling_scores(functions: Sequence[LabelingFunction | ScoringFunction], con
             continue
         result = lf.scores(context)
         if result.values.shape[0] != len(ids):
-            raise ValueError(f"Labeling function {lf.name!r} returned {result.values.shape[0]} rows for {len(ids)} samples.")
+            raise ValueError(
+                f"Labeling function {lf.name!r} returned {result.values.shape[0]} rows for {len(ids)} samples."
+            )
         infinite = np.isinf(result.values).any(axis=1)
         if infinite.any():
             shown = ids.take(pa.array(np.flatnonzero(infinite)[:5])).to_pylist()

@@ -90,8 +90,9 @@ def _positions_by_row_index(ids: pa.Array, n_rows: int, allow_unscored: bool = F
     return positions
 
 
-def _positions_by_id_column(ids: pa.Array, dataset_ids: pa.Array, id_column: str,
-                            allow_unscored: bool = False) -> np.ndarray:
+def _positions_by_id_column(
+    ids: pa.Array, dataset_ids: pa.Array, id_column: str, allow_unscored: bool = False
+) -> np.ndarray:
     if dataset_ids.null_count:
         raise ValueError(f"Column {id_column!r} of the dataset holds null ids.")
     if id_kind(dataset_ids.type) != id_kind(ids.type):

@@ -73,8 +73,9 @@ class MixtureFit:
         }
 
 
-def keep_posterior(signals: np.ndarray | None, votes: np.ndarray | None, *, seed: int = 0,
-                   fit_rows: int = FIT_ROWS) -> MixtureFit:
+def keep_posterior(
+    signals: np.ndarray | None, votes: np.ndarray | None, *, seed: int = 0, fit_rows: int = FIT_ROWS
+) -> MixtureFit:
     """Fit the two-class mixture to ``signals`` (``n x d`` floats, NaN missing, higher = keep) and ``votes``
     (``n x k`` int8: -1 abstain, 0 discard, 1 keep) and return ``P(keep)`` per sample.
 
@@ -108,8 +109,16 @@ def keep_posterior(signals: np.ndarray | None, votes: np.ndarray | None, *, seed
         keep_prob[part] = _responsibilities(params, signals[part], votes[part])[0][:, 0]
     rates = np.full((voting.size, 2), np.nan)
     rates[voting] = params.rates
-    return MixtureFit(keep_prob, float(params.prior[0]), params.means, params.covariances, rates, iterations,
-                      converged, log_likelihood)
+    return MixtureFit(
+        keep_prob,
+        float(params.prior[0]),
+        params.means,
+        params.covariances,
+        rates,
+        iterations,
+        converged,
+        log_likelihood,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,5 +257,9 @@ def _oriented(params: _Params, signals: np.ndarray, votes: np.ndarray) -> _Param
         swap = params.rates[:, 0].mean() < params.rates[:, 1].mean()
     if not swap:
         return params
-    return _Params(params.prior[::-1].copy(), params.means[::-1].copy(), params.covariances[::-1].copy(),
-                   params.rates[:, ::-1].copy())
+    return _Params(
+        params.prior[::-1].copy(),
+        params.means[::-1].copy(),
+        params.covariances[::-1].copy(),
+        params.rates[:, ::-1].copy(),
+    )

@@ -115,7 +115,8 @@ def record_chunk(chunk: pa.Table, windows: WindowsLike, signals: tuple[str, ...]
         # A missing value (null, or no column) reads as NaN: the record abstains for that signal.
         signals={
             name: np.asarray(chunk.column(name).to_numpy(zero_copy_only=False), dtype=np.float32)
-            if name in chunk.column_names else np.full(steps.size, np.nan, dtype=np.float32)
+            if name in chunk.column_names
+            else np.full(steps.size, np.nan, dtype=np.float32)
             for name in signals
         },
         step_epochs=distinct_steps(steps, epochs) if steps.size else (steps, epochs),

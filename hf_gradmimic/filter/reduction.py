@@ -252,8 +252,18 @@ def _bincount_sums(key: np.ndarray, records: Records, cells: int, m: int) -> _Ce
     else:
         count_score = count
     sum_score = np.bincount(key, weights=score, minlength=cells)
-    return _CellSums(count, count_score, sum_bw, sum_score, n_nan, count_valid, count_nonfinite, n_unlabeled,
-                     signal_sums, signal_nonfinite)
+    return _CellSums(
+        count,
+        count_score,
+        sum_bw,
+        sum_score,
+        n_nan,
+        count_valid,
+        count_nonfinite,
+        n_unlabeled,
+        signal_sums,
+        signal_nonfinite,
+    )
 
 
 def _sorted_sums(key: np.ndarray, records: Records, cells: int, m: int) -> _CellSums:
@@ -297,8 +307,18 @@ def _sorted_sums(key: np.ndarray, records: Records, cells: int, m: int) -> _Cell
     count_nonfinite = np.zeros(cells, dtype=np.int64)
     count_nonfinite[cell] = np.add.reduceat((status_sorted == STATUS_NONFINITE).astype(np.int64), starts)
     n_unlabeled = int((status_sorted == STATUS_UNLABELED).sum())
-    return _CellSums(count, count_score, sum_bw, sum_score, n_nan, count_valid, count_nonfinite, n_unlabeled,
-                     signal_sums, signal_nonfinite)
+    return _CellSums(
+        count,
+        count_score,
+        sum_bw,
+        sum_score,
+        n_nan,
+        count_valid,
+        count_nonfinite,
+        n_unlabeled,
+        signal_sums,
+        signal_nonfinite,
+    )
 
 
 class _Runs(NamedTuple):
@@ -347,7 +367,11 @@ def _signal_sums(
 
 
 def _window_means(
-    sums: _CellSums, code_ids: _CodeIds, n_codes: int, step_map: StepWindows, total_records: int,
+    sums: _CellSums,
+    code_ids: _CodeIds,
+    n_codes: int,
+    step_map: StepWindows,
+    total_records: int,
     nonfinite_signals: dict[str, tuple[int, list]],
 ) -> WindowedScores:
     """Per-sample, per-window means of ``total_records`` records from the cell sums (samples with no record are dropped).
@@ -359,13 +383,19 @@ def _window_means(
     count, count_valid, count_score, sum_bw, sum_score = (
         a.reshape(n_codes, m) for a in (sums.count, sums.count_valid, sums.count_score, sums.sum_bw, sums.sum_score)
     )
-    signal_sums = {name: (total.reshape(n_codes, m), n.reshape(n_codes, m)) for name, (total, n) in sums.signal_sums.items()}
+    signal_sums = {
+        name: (total.reshape(n_codes, m), n.reshape(n_codes, m)) for name, (total, n) in sums.signal_sums.items()
+    }
     nonfinite = None if sums.count_nonfinite is None else sums.count_nonfinite.reshape(n_codes, m)
     n_records = count.sum(axis=1)
     present = n_records > 0
     if not present.all():  # dense codes leave gaps where an id in [min, max] never occurs
         count_valid, count_score, sum_bw, sum_score, n_records = (
-            count_valid[present], count_score[present], sum_bw[present], sum_score[present], n_records[present]
+            count_valid[present],
+            count_score[present],
+            sum_bw[present],
+            sum_score[present],
+            n_records[present],
         )
         nonfinite = None if nonfinite is None else nonfinite[present]
         signal_sums = {name: (total[present], n[present]) for name, (total, n) in signal_sums.items()}
@@ -414,14 +444,20 @@ class WindowedScoresBuilder:
     reclaimable) instead of the process's memory. The filter's table wraps them zero-copy.
     """
 
-    def __init__(self, capacity: int, step_map: StepWindows, signals: tuple[str, ...] = (),
-                 folder: Path | None = None) -> None:
+    def __init__(
+        self, capacity: int, step_map: StepWindows, signals: tuple[str, ...] = (), folder: Path | None = None
+    ) -> None:
         self.step_map, self.m, self.folder = step_map, len(step_map.names), folder
         self.values = np.empty((capacity, self.m), dtype=np.float32)
         self.n_nonfinite: np.ndarray | None = None
         # (name, dtype, per window) of each output that may be mapped.
-        self.mapped = [("ids", np.int64, False), ("scores", np.float32, True), ("mean_weight", np.float64, False),
-                       ("mean_score", np.float64, False), ("n_records", np.int32, False)]
+        self.mapped = [
+            ("ids", np.int64, False),
+            ("scores", np.float32, True),
+            ("mean_weight", np.float64, False),
+            ("mean_score", np.float64, False),
+            ("n_records", np.int32, False),
+        ]
         self.mapped += [(f"signal.{name}", np.float32, True) for name in signals]
         self.kept: dict[str, list[np.ndarray]] = {name: [] for name, _, _ in self.mapped}
         self.capacity, self.filled, self.total_records = capacity, 0, 0
@@ -432,8 +468,13 @@ class WindowedScoresBuilder:
         """Append one group's means (its sample ids above every id added before)."""
         sl = slice(self.filled, self.filled + len(part.sample_ids))
         self.values[sl] = part.values
-        arrays = {"ids": part.sample_ids.to_numpy(), "scores": part.scores, "mean_weight": part.mean_weight,
-                  "mean_score": part.mean_score, "n_records": part.n_records}
+        arrays = {
+            "ids": part.sample_ids.to_numpy(),
+            "scores": part.scores,
+            "mean_weight": part.mean_weight,
+            "mean_score": part.mean_score,
+            "n_records": part.n_records,
+        }
         arrays.update({f"signal.{name}": values for name, values in part.signals.items()})
         for name, dtype, _ in self.mapped:
             values = np.ascontiguousarray(arrays[name], dtype=dtype)
@@ -480,8 +521,9 @@ class WindowedScoresBuilder:
             n_nan_scores=self.n_nan,
             n_nonfinite=None if self.n_nonfinite is None else self.n_nonfinite[:n],
             n_unlabeled_records=self.n_unlabeled,
-            signals={name.removeprefix("signal."): columns[name] for name, _, _ in self.mapped
-                     if name.startswith("signal.")},
+            signals={
+                name.removeprefix("signal."): columns[name] for name, _, _ in self.mapped if name.startswith("signal.")
+            },
             n_without_score=self.n_without_score,
             nonfinite_signals=dict(self.nonfinite_signals),
         )

@@ -140,8 +140,12 @@ class MimicFilter:
             return []
         stacked = matrix(self.table.column("lf_votes"), len(entries), np.int8)
         return [
-            LabelingVotes(name, [entries[j]["name"] for j in cols], stacked[:, cols],
-                          [float("nan") if entries[j]["boundary"] is None else entries[j]["boundary"] for j in cols])
+            LabelingVotes(
+                name,
+                [entries[j]["name"] for j in cols],
+                stacked[:, cols],
+                [float("nan") if entries[j]["boundary"] is None else entries[j]["boundary"] for j in cols],
+            )
             for name, cols in _columns_by_function(entries).items()
         ]
 
@@ -151,8 +155,10 @@ class MimicFilter:
         if not entries or "lf_scores" not in self.table.column_names:
             return []
         stacked = matrix(self.table.column("lf_scores"), len(entries), np.float64)
-        return [LabelingScores(name, [entries[j]["name"] for j in cols], stacked[:, cols])
-                for name, cols in _columns_by_function(entries).items()]
+        return [
+            LabelingScores(name, [entries[j]["name"] for j in cols], stacked[:, cols])
+            for name, cols in _columns_by_function(entries).items()
+        ]
 
     def _windowed(self) -> WindowedScores:
         """The per-window values stored in the table, as `collect_windows` returned them."""
@@ -200,11 +206,15 @@ class MimicFilter:
                 "Rebuild the filter with build_filter, or restore that file."
             ) from error
         if not isinstance(summary, dict) or "settings" not in summary or "n_windows" not in summary:
-            raise ValueError(f"The filter summary {summary_path} is not a MimicFilter summary (no 'settings' / 'n_windows').")
+            raise ValueError(
+                f"The filter summary {summary_path} is not a MimicFilter summary (no 'settings' / 'n_windows')."
+            )
         try:
             table = pq.read_table(table_path)
         except (OSError, pa.ArrowException) as error:
-            raise ValueError(f"The filter table {table_path} cannot be read ({error}); it is corrupt or was cut short.") from error
+            raise ValueError(
+                f"The filter table {table_path} cannot be read ({error}); it is corrupt or was cut short."
+            ) from error
         return cls(table=table, summary=summary)
 
     def to_dataset(self) -> datasets.Dataset:  # noqa: F821
@@ -215,8 +225,9 @@ class MimicFilter:
 
     # -- using the filter ------------------------------------------------------------------------
 
-    def positions(self, dataset: Any, id_column: str | None = None, *, check_dataset: bool = True,
-                  allow_unscored: bool = False) -> np.ndarray:
+    def positions(
+        self, dataset: Any, id_column: str | None = None, *, check_dataset: bool = True, allow_unscored: bool = False
+    ) -> np.ndarray:
         """Row position in ``dataset`` of every sample of the filter (in table order).
 
         Raises ValueError when a scored sample is not in the dataset or (unless ``allow_unscored``) a dataset row was
@@ -226,11 +237,13 @@ class MimicFilter:
         """
         if id_column is None and check_dataset:
             check_row_index_dataset((self.summary.get("provenance") or {}).get("sample_ids"), dataset)
-        return row_positions(self.table.column("sample_id").combine_chunks(), as_rows(dataset), id_column,
-                             allow_unscored=allow_unscored)
+        return row_positions(
+            self.table.column("sample_id").combine_chunks(), as_rows(dataset), id_column, allow_unscored=allow_unscored
+        )
 
-    def apply(self, dataset: Any, id_column: str | None = None, *, check_dataset: bool = True,
-              unscored: str = "error") -> Any:
+    def apply(
+        self, dataset: Any, id_column: str | None = None, *, check_dataset: bool = True, unscored: str = "error"
+    ) -> Any:
         """Return the rows of ``dataset`` that the filter keeps (the dataset itself is not modified).
 
         Args:

@@ -104,7 +104,9 @@ def _footer(path: Path, needed: Sequence[str]) -> tuple[int, list[str]]:
     return rows, names
 
 
-def plan_shards(paths: Sequence[Path], *, needed: Sequence[str] = (), on_bad_shard: BadShardPolicy = "error") -> ShardPlan:
+def plan_shards(
+    paths: Sequence[Path], *, needed: Sequence[str] = (), on_bad_shard: BadShardPolicy = "error"
+) -> ShardPlan:
     """Check the shards ``paths`` (in step order) and plan how to read them.
 
     Args:
@@ -207,7 +209,7 @@ def _drop_duplicates(
     codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     n_codes = len(encoded.dictionary)
     keys = (np.concatenate([steps, *seen_steps]) - first) * n_codes + codes
-    duplicate = np.isin(keys[: len(ids)], keys[len(ids):])
+    duplicate = np.isin(keys[: len(ids)], keys[len(ids) :])
     if not duplicate.any():
         return  # a shared boundary step holding other samples: a mid-step flush, nothing duplicated
     _add_drops(plan, path, rows[duplicate])
@@ -256,4 +258,3 @@ def without_rows(table: pa.Table, drop: np.ndarray | None) -> pa.Table:
     keep = np.ones(table.num_rows, dtype=bool)
     keep[drop] = False
     return table.filter(pa.array(keep))
-

@@ -84,8 +84,9 @@ class WindowSignal:
         name: the labeling function's name (default: ``"<window>_<column>"``).
     """
 
-    def __init__(self, column: str = "loss", window: str = "mean", transform: str = "neg_log",
-                 name: str | None = None) -> None:
+    def __init__(
+        self, column: str = "loss", window: str = "mean", transform: str = "neg_log", name: str | None = None
+    ) -> None:
         if window not in _WINDOWS:
             raise ValueError(f"window must be one of {_WINDOWS}, got {window!r}.")
         if transform not in _TRANSFORMS:

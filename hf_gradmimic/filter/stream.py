@@ -30,7 +30,9 @@ class KeepLookup:
         self.id_column = id_column
         if id_column is None:
             if not pa.types.is_integer(self.ids.type):
-                raise ValueError(f"The filter's sample ids are {self.ids.type}, not row indices: pass id_column= to match them.")
+                raise ValueError(
+                    f"The filter's sample ids are {self.ids.type}, not row indices: pass id_column= to match them."
+                )
             ids = self.ids.to_numpy()
             # Row index -> table row (ids are sorted and unique); -1 where a row index was never scored.
             self.by_index = np.full(int(ids.max()) + 1 if ids.size else 0, -1, dtype=np.int64)
@@ -40,7 +42,9 @@ class KeepLookup:
         """Table rows of the ``n`` streamed rows starting at row index ``start``; a ValueError names unscored rows."""
         if self.id_column is None:
             index = np.arange(start, start + n)
-            rows = np.where(index < self.by_index.size, self.by_index[np.minimum(index, max(self.by_index.size - 1, 0))], -1)
+            rows = np.where(
+                index < self.by_index.size, self.by_index[np.minimum(index, max(self.by_index.size - 1, 0))], -1
+            )
             missing = index[rows < 0]
             what = "rows"
         else:

@@ -72,6 +72,7 @@ class StepWindows:
             return lookup[steps]
         return step_window[np.searchsorted(unique_steps, steps)].astype(np.int32)
 
+
 def _window_of_steps(
     steps: np.ndarray, epochs: np.ndarray | None, windows: WindowsLike, warn_list: list[str]
 ) -> tuple[np.ndarray, list[str], list[tuple[int, int]]]:
@@ -122,7 +123,9 @@ def _equal_step_windows(steps: np.ndarray, windows: int, warn_list: list[str]) -
     first, last = int(steps[0]), int(steps[-1])
     span = last - first + 1
     if windows > span:
-        raise ValueError(f"windows={windows} is more than the {span} optimizer steps ({first}..{last}) in the score log.")
+        raise ValueError(
+            f"windows={windows} is more than the {span} optimizer steps ({first}..{last}) in the score log."
+        )
     raw = (steps - first) * windows // span
     labels, index = np.unique(raw, return_inverse=True)
     if labels.size < windows:

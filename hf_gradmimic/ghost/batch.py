@@ -61,13 +61,19 @@ class GhostBatch:
         self.shared_keys = {key for key, count in uses_per_key.items() if count > 1}
 
     @classmethod
-    def from_layers(cls, layers: Mapping[str, nn.Module], activations: Mapping[str, torch.Tensor],
-                    output_grads: Mapping[str, torch.Tensor]) -> GhostBatch:
+    def from_layers(
+        cls,
+        layers: Mapping[str, nn.Module],
+        activations: Mapping[str, torch.Tensor],
+        output_grads: Mapping[str, torch.Tensor],
+    ) -> GhostBatch:
         """One use per named layer, each with the tensors it holds itself (``"name.weight"``, ``"name.bias"``)."""
-        return cls([
-            LayerUse(name, module, activations[name], output_grads[name], own_tensor_keys(name, module))
-            for name, module in layers.items()
-        ])
+        return cls(
+            [
+                LayerUse(name, module, activations[name], output_grads[name], own_tensor_keys(name, module))
+                for name, module in layers.items()
+            ]
+        )
 
     @property
     def batch_size(self) -> int:
@@ -111,7 +117,9 @@ class GhostBatch:
         """``Σ_i g_i`` per mimic tensor (the batch's summed-loss gradient), summed over uses."""
         summed: dict[str, torch.Tensor] = {}
         for use, rule in zip(self.uses, self.rules):
-            for own, grad in rule.summed_gradient(use.module, use.activations, use.output_grads, list(use.tensor_keys)).items():
+            for own, grad in rule.summed_gradient(
+                use.module, use.activations, use.output_grads, list(use.tensor_keys)
+            ).items():
                 key = use.tensor_keys[own]
                 summed[key] = grad if key not in summed else summed[key] + grad
         return summed

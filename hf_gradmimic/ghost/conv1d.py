@@ -27,10 +27,13 @@ from .linear import (
 from .registry import GhostRule, register_ghost_rule
 
 
-def _inner_product(layer: nn.Module, activations: torch.Tensor, output_grads: torch.Tensor,
-                   direction: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def _inner_product(
+    layer: nn.Module, activations: torch.Tensor, output_grads: torch.Tensor, direction: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
     weight = direction.get("weight")
-    return linear_inner_product(activations, output_grads, None if weight is None else weight.t(), direction.get("bias"))
+    return linear_inner_product(
+        activations, output_grads, None if weight is None else weight.t(), direction.get("bias")
+    )
 
 
 def _transposed(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -40,14 +43,16 @@ def _transposed(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return grads
 
 
-def _summed_gradient(layer: nn.Module, activations: torch.Tensor, output_grads: torch.Tensor,
-                     params: Collection[str]) -> dict[str, torch.Tensor]:
+def _summed_gradient(
+    layer: nn.Module, activations: torch.Tensor, output_grads: torch.Tensor, params: Collection[str]
+) -> dict[str, torch.Tensor]:
     """``Σ_i g_i = aᵀ δ`` over every sample and position."""
     return _transposed(linear_summed_gradient(activations, output_grads, "weight" in params, "bias" in params))
 
 
-def _per_sample_gradient(layer: nn.Module, activations: torch.Tensor, output_grads: torch.Tensor,
-                         params: Collection[str]) -> dict[str, torch.Tensor]:
+def _per_sample_gradient(
+    layer: nn.Module, activations: torch.Tensor, output_grads: torch.Tensor, params: Collection[str]
+) -> dict[str, torch.Tensor]:
     return _transposed(linear_per_sample_gradient(activations, output_grads, "weight" in params, "bias" in params))
 
 

@@ -29,8 +29,9 @@ def _ids_and_grads(layer: nn.Embedding, ids: torch.Tensor, output_grads: torch.T
     return ids, delta * valid.unsqueeze(-1), valid
 
 
-def _inner_product(layer: nn.Module, ids: torch.Tensor, output_grads: torch.Tensor,
-                   direction: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def _inner_product(
+    layer: nn.Module, ids: torch.Tensor, output_grads: torch.Tensor, direction: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
     ids, delta, _ = _ids_and_grads(layer, ids, output_grads)
     if "weight" not in direction:
         return delta.new_zeros(ids.shape[0])
@@ -45,8 +46,9 @@ def _sq_norm(layer: nn.Module, ids: torch.Tensor, output_grads: torch.Tensor, pa
     return (torch.bmm(delta, delta.transpose(1, 2)) * same_row).sum(dim=(1, 2))
 
 
-def _summed_gradient(layer: nn.Module, ids: torch.Tensor, output_grads: torch.Tensor,
-                     params: Collection[str]) -> dict[str, torch.Tensor]:
+def _summed_gradient(
+    layer: nn.Module, ids: torch.Tensor, output_grads: torch.Tensor, params: Collection[str]
+) -> dict[str, torch.Tensor]:
     """``Σ_i g_i``: the output gradients added onto their rows (what a normal backward accumulates)."""
     if "weight" not in params:
         return {}
@@ -55,8 +57,9 @@ def _summed_gradient(layer: nn.Module, ids: torch.Tensor, output_grads: torch.Te
     return {"weight": summed.index_add_(0, ids.reshape(-1), delta.reshape(-1, delta.shape[-1]))}
 
 
-def _per_sample_gradient(layer: nn.Module, ids: torch.Tensor, output_grads: torch.Tensor,
-                         params: Collection[str]) -> dict[str, torch.Tensor]:
+def _per_sample_gradient(
+    layer: nn.Module, ids: torch.Tensor, output_grads: torch.Tensor, params: Collection[str]
+) -> dict[str, torch.Tensor]:
     """``[B, num_embeddings, d]``: as large as B copies of the table, so only for tables shared by several uses."""
     if "weight" not in params:
         return {}

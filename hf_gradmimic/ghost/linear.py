@@ -62,8 +62,9 @@ def linear_inner_product(
     return inner
 
 
-def linear_sq_norm(activations: torch.Tensor, output_grads: torch.Tensor, with_weight: bool = True,
-                   with_bias: bool = True) -> torch.Tensor:
+def linear_sq_norm(
+    activations: torch.Tensor, output_grads: torch.Tensor, with_weight: bool = True, with_bias: bool = True
+) -> torch.Tensor:
     r"""Per-sample squared gradient norm ``‖g_i‖²`` (GraNd, Paul et al. 2021).
 
     .. math::
@@ -87,8 +88,9 @@ def linear_sq_norm(activations: torch.Tensor, output_grads: torch.Tensor, with_w
     return sq_norm
 
 
-def linear_per_sample_gradient(activations: torch.Tensor, output_grads: torch.Tensor, with_weight: bool = True,
-                               with_bias: bool = True) -> dict[str, torch.Tensor]:
+def linear_per_sample_gradient(
+    activations: torch.Tensor, output_grads: torch.Tensor, with_weight: bool = True, with_bias: bool = True
+) -> dict[str, torch.Tensor]:
     r"""``g_i = Σ_t δ_{i,t} a_{i,t}ᵀ`` ``[B, out, in]`` and ``g^b_i = Σ_t δ_{i,t}`` ``[B, out]``."""
     batch_size = activations.shape[0]
     delta = per_sample_positions(output_grads, batch_size)
@@ -100,17 +102,21 @@ def linear_per_sample_gradient(activations: torch.Tensor, output_grads: torch.Te
     return grads
 
 
-def _inner_product(layer: nn.Module, activations: torch.Tensor, output_grads: torch.Tensor,
-                   direction: Mapping[str, torch.Tensor]) -> torch.Tensor:
+def _inner_product(
+    layer: nn.Module, activations: torch.Tensor, output_grads: torch.Tensor, direction: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
     return linear_inner_product(activations, output_grads, direction.get("weight"), direction.get("bias"))
 
 
-def _sq_norm(layer: nn.Module, activations: torch.Tensor, output_grads: torch.Tensor, params: Collection[str]) -> torch.Tensor:
+def _sq_norm(
+    layer: nn.Module, activations: torch.Tensor, output_grads: torch.Tensor, params: Collection[str]
+) -> torch.Tensor:
     return linear_sq_norm(activations, output_grads, "weight" in params, "bias" in params)
 
 
-def linear_summed_gradient(activations: torch.Tensor, output_grads: torch.Tensor, with_weight: bool = True,
-                           with_bias: bool = True) -> dict[str, torch.Tensor]:
+def linear_summed_gradient(
+    activations: torch.Tensor, output_grads: torch.Tensor, with_weight: bool = True, with_bias: bool = True
+) -> dict[str, torch.Tensor]:
     """``Σ_i g_i``: one ``δᵀ a`` ``[out, in]`` over every sample and position (what a normal backward accumulates)."""
     a = activations.reshape(-1, activations.shape[-1]).float()
     delta = output_grads.reshape(-1, output_grads.shape[-1]).float()
@@ -122,18 +128,21 @@ def linear_summed_gradient(activations: torch.Tensor, output_grads: torch.Tensor
     return summed
 
 
-def _summed_gradient(layer: nn.Module, activations: torch.Tensor, output_grads: torch.Tensor,
-                     params: Collection[str]) -> dict[str, torch.Tensor]:
+def _summed_gradient(
+    layer: nn.Module, activations: torch.Tensor, output_grads: torch.Tensor, params: Collection[str]
+) -> dict[str, torch.Tensor]:
     return linear_summed_gradient(activations, output_grads, "weight" in params, "bias" in params)
 
 
-def _per_sample_gradient(layer: nn.Module, activations: torch.Tensor, output_grads: torch.Tensor,
-                         params: Collection[str]) -> dict[str, torch.Tensor]:
+def _per_sample_gradient(
+    layer: nn.Module, activations: torch.Tensor, output_grads: torch.Tensor, params: Collection[str]
+) -> dict[str, torch.Tensor]:
     return linear_per_sample_gradient(activations, output_grads, "weight" in params, "bias" in params)
 
 
-def linear_output_along(activations: torch.Tensor, direction_weight: torch.Tensor | None,
-                        direction_bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear_output_along(
+    activations: torch.Tensor, direction_weight: torch.Tensor | None, direction_bias: torch.Tensor | None = None
+) -> torch.Tensor:
     r"""``dz = a Vᵀ + v_b``: the change of ``z = a Wᵀ + b`` along ``(V, v_b)`` (float32, shaped as the output).
 
     .. math:: dz_{i,t} = V a_{i,t} + v_b

@@ -166,8 +166,9 @@ def clean_flags_array(values: Any, name: str) -> np.ndarray:
     if flags.dtype.kind in "iuf":
         wrong = ~np.isin(flags, (0, 1))
     else:
-        wrong = np.array([not isinstance(value, (bool, np.bool_)) and value not in (0, 1) for value in flags.tolist()],
-                         dtype=bool)
+        wrong = np.array(
+            [not isinstance(value, (bool, np.bool_)) and value not in (0, 1) for value in flags.tolist()], dtype=bool
+        )
     if wrong.any():
         examples = list(dict.fromkeys(flags[wrong].tolist()))[:5]
         raise ValueError(

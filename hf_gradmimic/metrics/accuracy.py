@@ -21,7 +21,6 @@ the same number (unweighted, `normalize=True`) without any download. It is loade
 library imports).
 """
 
-
 import datasets
 import evaluate
 import numpy as np

@@ -46,7 +46,6 @@ into the dynamic-modules cache and imports it from there, so it must stay self-c
 imports, no relative or `hf_gradmimic` imports). It is implemented with numpy only.
 """
 
-
 import datasets
 import evaluate
 import numpy as np

@@ -69,8 +69,11 @@ class ReferenceRecipeConfig:
 
     def optimizer_settings(self) -> dict[str, Any]:
         """The optimizer settings given (not None): the recipe's own defaults fill the others."""
-        return {name: getattr(self, name) for name in ("epochs", "learning_rate", "weight_decay", "batch_size")
-                if getattr(self, name) is not None}
+        return {
+            name: getattr(self, name)
+            for name in ("epochs", "learning_rate", "weight_decay", "batch_size")
+            if getattr(self, name) is not None
+        }
 
 
 @dataclass

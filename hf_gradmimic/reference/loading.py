@@ -183,7 +183,9 @@ def _from_directory(directory: Path, wanted: list[str]) -> dict[str, torch.Tenso
     )
 
 
-def _from_hub(repo_id: str, wanted: list[str], revision: str | None, token: str | bool | None) -> dict[str, torch.Tensor]:
+def _from_hub(
+    repo_id: str, wanted: list[str], revision: str | None, token: str | bool | None
+) -> dict[str, torch.Tensor]:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
@@ -263,10 +265,12 @@ def looks_local(source: str) -> bool:
     parts = text.rstrip("/").split("/")
     return (
         text.startswith((".", "/", "~"))
-        or os.sep != "/" and os.sep in text
+        or os.sep != "/"
+        and os.sep in text
         or len(parts) > 2
         or Path(text).suffix in {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json"}
-        or len(parts) == 2 and Path(parts[0]).is_dir()
+        or len(parts) == 2
+        and Path(parts[0]).is_dir()
     )
 
 
@@ -281,7 +285,9 @@ def checkpoint_name(name: str) -> str:
     return str(path.resolve()) if path.exists() else text
 
 
-def _load(source: ReferenceSource, tensor_names: list[str], revision: str | None, token: str | bool | None) -> dict[str, torch.Tensor]:
+def _load(
+    source: ReferenceSource, tensor_names: list[str], revision: str | None, token: str | bool | None
+) -> dict[str, torch.Tensor]:
     if isinstance(source, (nn.Module, Mapping)):
         available = source
         if isinstance(source, nn.Module):

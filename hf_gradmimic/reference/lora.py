@@ -37,13 +37,16 @@ def adapter_init(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_adapter_init(metadata: Mapping[str, str], student_tensors: Mapping[str, torch.Tensor], reference_name: str) -> None:
+def check_adapter_init(
+    metadata: Mapping[str, str], student_tensors: Mapping[str, torch.Tensor], reference_name: str
+) -> None:
     """Warn when a LoRA reference was trained from another initial adapter than the student's.
 
     Only a fresh student adapter (every B zero, PEFT's default start) is compared: once trained, its A has moved."""
     recorded = metadata.get("adapter_init")
     fresh = any(".lora_B." in key for key in student_tensors) and all(
-        not tensor.detach().any() for key, tensor in student_tensors.items() if ".lora_B." in key)
+        not tensor.detach().any() for key, tensor in student_tensors.items() if ".lora_B." in key
+    )
     if not recorded or not fresh or adapter_init(student_tensors) == recorded:
         return
     warnings.warn(
@@ -71,16 +74,27 @@ def pad_batch(examples: list[dict[str, Any]], pad_token_id: int = 0) -> dict[str
 
 
 # What `SFTTrainer` prepares from its rows (as in its dataset preparation): the other rows are refused by name.
-SFT_ROW_FORMATS = ("prompt-completion pairs (`prompt`, `completion`), conversations (`messages`, or ShareGPT "
-                   "`conversations`), plain text (the config's `dataset_text_field`, default `text`), or tokenized rows "
-                   "(`input_ids`, with `labels` −100 on unsupervised tokens)")
+SFT_ROW_FORMATS = (
+    "prompt-completion pairs (`prompt`, `completion`), conversations (`messages`, or ShareGPT "
+    "`conversations`), plain text (the config's `dataset_text_field`, default `text`), or tokenized rows "
+    "(`input_ids`, with `labels` −100 on unsupervised tokens)"
+)
 # The SFTConfig fields that decide how rows become `input_ids` and `labels`; training settings are not read.
-SFT_PREPARATION_FIELDS = ("dataset_text_field", "max_length", "truncation_mode", "completion_only_loss",
-                          "assistant_only_loss", "chat_template_path", "eos_token", "dataset_num_proc")
+SFT_PREPARATION_FIELDS = (
+    "dataset_text_field",
+    "max_length",
+    "truncation_mode",
+    "completion_only_loss",
+    "assistant_only_loss",
+    "chat_template_path",
+    "eos_token",
+    "dataset_num_proc",
+)
 
 
-def sft_prepared_rows(model: nn.Module, dataset: Any, processing_class: Any = None,
-                      sft_config: Any = None) -> tuple[Any, Callable | None]:
+def sft_prepared_rows(
+    model: nn.Module, dataset: Any, processing_class: Any = None, sft_config: Any = None
+) -> tuple[Any, Callable | None]:
     """``dataset`` as `SFTTrainer` prepares it for ``model``: tokenized, with ``labels`` −100 where the completion-only
     or assistant-only mask says so, truncated to ``max_length``; and `SFTTrainer`'s collator (None for rows that are
     already tokenized, which are used as they are).
@@ -95,29 +109,48 @@ def sft_prepared_rows(model: nn.Module, dataset: Any, processing_class: Any = No
     if isinstance(dataset, list):
         dataset = datasets.Dataset.from_list(dataset)
     if not isinstance(dataset, datasets.Dataset):
-        raise TypeError(f"method='lora' needs the trusted rows as a datasets.Dataset or a list of dicts (it is read "
-                        f"several times, by index); got a {type(dataset).__name__}.")
+        raise TypeError(
+            f"method='lora' needs the trusted rows as a datasets.Dataset or a list of dicts (it is read "
+            f"several times, by index); got a {type(dataset).__name__}."
+        )
     columns = set(dataset.column_names)
     if "input_ids" in columns:
         return dataset, None
     text_field = getattr(sft_config, "dataset_text_field", None) or "text"
     if not ({"prompt", "completion"} <= columns or columns & {"messages", "conversations", text_field}):
-        raise ValueError(f"build_reference(method='lora') takes the rows SFTTrainer takes: {SFT_ROW_FORMATS}; got "
-                         f"columns {sorted(columns)}.")
+        raise ValueError(
+            f"build_reference(method='lora') takes the rows SFTTrainer takes: {SFT_ROW_FORMATS}; got "
+            f"columns {sorted(columns)}."
+        )
     if processing_class is None and not getattr(getattr(model, "config", None), "_name_or_path", ""):
-        raise ValueError("The trusted rows are text, and the model names no checkpoint to load a tokenizer from: pass "
-                         "`processing_class=tokenizer` (the one given to MimicSFTTrainer).")
+        raise ValueError(
+            "The trusted rows are text, and the model names no checkpoint to load a tokenizer from: pass "
+            "`processing_class=tokenizer` (the one given to MimicSFTTrainer)."
+        )
     import tempfile
 
     from trl import SFTConfig, SFTTrainer
 
     settings = {name: getattr(sft_config, name) for name in SFT_PREPARATION_FIELDS if hasattr(sft_config, name)}
-    no_checkpointing = ({"activation_checkpointing": False} if "activation_checkpointing" in SFTConfig.__dataclass_fields__
-                        else {"gradient_checkpointing": False})
+    no_checkpointing = (
+        {"activation_checkpointing": False}
+        if "activation_checkpointing" in SFTConfig.__dataclass_fields__
+        else {"gradient_checkpointing": False}
+    )
     device = next(model.parameters()).device
     with tempfile.TemporaryDirectory() as scratch:  # the trainer is built for its preparation only, never trained
-        args = SFTConfig(output_dir=scratch, report_to=[], bf16=False, fp16=False, packing=False, padding_free=False,
-                         shuffle_dataset=False, use_cpu=device.type == "cpu", **no_checkpointing, **settings)
+        args = SFTConfig(
+            output_dir=scratch,
+            report_to=[],
+            bf16=False,
+            fp16=False,
+            packing=False,
+            padding_free=False,
+            shuffle_dataset=False,
+            use_cpu=device.type == "cpu",
+            **no_checkpointing,
+            **settings,
+        )
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processing_class)
     return trainer.train_dataset.select_columns(["input_ids", "labels"]), trainer.data_collator
 
@@ -131,7 +164,12 @@ def _mean_loss(model: nn.Module, dataset: Any, collate: Callable, batch_size: in
     try:
         with torch.no_grad():
             for start in range(0, len(dataset), batch_size):
-                batch = {k: v.to(device) for k, v in collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]).items()}
+                batch = {
+                    k: v.to(device)
+                    for k, v in collate(
+                        [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+                    ).items()
+                }
                 labels = batch.pop("labels")
                 total += float(per_sample_loss(model, model(**batch), labels).sum())
     finally:
@@ -187,7 +225,10 @@ def train_lora_reference(
         for _ in range(epochs):
             order, total = torch.randperm(len(train_dataset), generator=generator).tolist(), 0.0
             for start in range(0, len(order), batch_size):
-                batch = {k: v.to(device) for k, v in collate([train_dataset[i] for i in order[start : start + batch_size]]).items()}
+                batch = {
+                    k: v.to(device)
+                    for k, v in collate([train_dataset[i] for i in order[start : start + batch_size]]).items()
+                }
                 labels = batch.pop("labels")
                 losses = per_sample_loss(model, model(**batch), labels)
                 optimizer.zero_grad()
@@ -202,7 +243,9 @@ def train_lora_reference(
             "method": "lora",
             "train_rows": str(len(train_dataset)),
             "train_loss": f"{history[-1]:.4f}" if history else "",
-            "eval_loss": f"{_mean_loss(model, eval_dataset, collate, batch_size):.4f}" if eval_dataset is not None else "",
+            "eval_loss": f"{_mean_loss(model, eval_dataset, collate, batch_size):.4f}"
+            if eval_dataset is not None
+            else "",
             "data": data_description or "",
             "adapter_init": adapter_init(initial),
             "format": "pt",
@@ -219,8 +262,13 @@ def train_lora_reference(
     return Path(output_dir) / ADAPTER_WEIGHTS_NAME, trained, metadata, history
 
 
-def _save_adapter(model: nn.Module, adapter: str, output_dir: str | os.PathLike, weights: dict[str, torch.Tensor],
-                  metadata: dict[str, str]) -> None:
+def _save_adapter(
+    model: nn.Module,
+    adapter: str,
+    output_dir: str | os.PathLike,
+    weights: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+) -> None:
     """``adapter_config.json`` (naming the base checkpoint) and ``adapter_model.safetensors`` (PEFT's keys, our
     metadata in its header), as `PeftModel.from_pretrained` reads them, and the card."""
     import copy

@@ -44,8 +44,11 @@ def _labels_of(dataset: Any) -> torch.Tensor:
 
 
 def _fingerprint(model: nn.Module, dataset: Any, layer: str) -> str:
-    parts = [getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__), layer,
-             getattr(dataset, "_fingerprint", str(len(dataset)))]
+    parts = [
+        getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__),
+        layer,
+        getattr(dataset, "_fingerprint", str(len(dataset))),
+    ]
     parts += [f"{p.sum().item():.6e}" for p in list(model.parameters())[:4]]  # same weights, same features
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
 
@@ -105,13 +108,17 @@ def _is_head(model: nn.Module, dataset: Any, layer_name: str, data_collator: Any
     handle = layer.register_forward_hook(lambda module, args, output: seen.append(output))
     label_columns = {"label", "labels", "label_ids"}
     row = dataset[0]
-    batch = (data_collator or default_data_collator)([{c: row[c] for c in dataset.column_names if c not in label_columns}])
+    batch = (data_collator or default_data_collator)(
+        [{c: row[c] for c in dataset.column_names if c not in label_columns}]
+    )
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            logits = logits_of(model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}))
+            logits = logits_of(
+                model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+            )
     finally:
         handle.remove()
         model.train(was_training)
@@ -188,12 +195,18 @@ def train_probe_reference(model: nn.Module, train_dataset: Any, config: Referenc
         )
     train_labels = _labels_of(train_dataset)
     weight, bias, history = linear_probe(
-        train_features, train_labels, layer.weight, layer.bias, seed=config.seed, **config.optimizer_settings(),
+        train_features,
+        train_labels,
+        layer.weight,
+        layer.bias,
+        seed=config.seed,
+        **config.optimizer_settings(),
     )
     model_config = getattr(model, "config", None)
     metadata = {
         "base_model": checkpoint_name(
-            config.base_model or str(getattr(model_config, "_name_or_path", "") or type(model).__name__)),
+            config.base_model or str(getattr(model_config, "_name_or_path", "") or type(model).__name__)
+        ),
         "base_revision": config.base_revision or "",
         "layers": json.dumps(layers),
         "method": config.method,
@@ -204,8 +217,9 @@ def train_probe_reference(model: nn.Module, train_dataset: Any, config: Referenc
         "format": "pt",
     }
     if config.eval_dataset is not None:
-        eval_features = layer_inputs(model, config.eval_dataset, layer_name, data_collator=data_collator,
-                                     cache_dir=cache_dir)
+        eval_features = layer_inputs(
+            model, config.eval_dataset, layer_name, data_collator=data_collator, cache_dir=cache_dir
+        )
         eval_labels = _labels_of(config.eval_dataset)
         metadata["eval_accuracy"] = f"{_accuracy(eval_features, eval_labels, weight, bias):.4f}"
     tensors = {f"{layer_name}.weight": weight.contiguous()}

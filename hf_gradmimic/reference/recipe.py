@@ -43,19 +43,30 @@ def build_reference(
     config = _settled(config, settings)
     if config.method == "lora":
         if config.layers is not None and list(config.layers) != ["lora"]:
-            raise ValueError(f"method='lora' trains every matrix of the student's adapter; got layers "
-                             f"{list(config.layers)}: leave `layers` unset or pass ('lora',).")
-        train_dataset, sft_collator = sft_prepared_rows(model, train_dataset, config.processing_class, config.sft_config)
+            raise ValueError(
+                f"method='lora' trains every matrix of the student's adapter; got layers "
+                f"{list(config.layers)}: leave `layers` unset or pass ('lora',)."
+            )
+        train_dataset, sft_collator = sft_prepared_rows(
+            model, train_dataset, config.processing_class, config.sft_config
+        )
         eval_dataset = config.eval_dataset
         if eval_dataset is not None:
-            eval_dataset, eval_collator = sft_prepared_rows(model, eval_dataset, config.processing_class,
-                                                            config.sft_config)
+            eval_dataset, eval_collator = sft_prepared_rows(
+                model, eval_dataset, config.processing_class, config.sft_config
+            )
             sft_collator = sft_collator or eval_collator
         path, tensors, metadata, history = train_lora_reference(
-            model, train_dataset, output_dir=config.output_dir, eval_dataset=eval_dataset,
-            data_collator=config.data_collator or sft_collator, **config.optimizer_settings(),
-            base_model=config.base_model, base_revision=config.base_revision,
-            data_description=config.data_description, seed=config.seed,
+            model,
+            train_dataset,
+            output_dir=config.output_dir,
+            eval_dataset=eval_dataset,
+            data_collator=config.data_collator or sft_collator,
+            **config.optimizer_settings(),
+            base_model=config.base_model,
+            base_revision=config.base_revision,
+            data_description=config.data_description,
+            seed=config.seed,
         )
         result = ReferenceResult(path=path, tensors=tensors, metadata=metadata, history=history)
         _push(config, f"Grad-Mimic LoRA reference for {metadata['base_model']}")
@@ -75,8 +86,10 @@ def _settled(config: ReferenceRecipeConfig | None, settings: dict[str, Any]) -> 
     known = {field.name for field in dataclasses.fields(ReferenceRecipeConfig)}
     unknown = sorted(set(settings) - known)
     if unknown:
-        raise TypeError(f"build_reference() got unexpected keyword argument(s) {unknown}; the settings are "
-                        f"ReferenceRecipeConfig's fields: {sorted(known)}.")
+        raise TypeError(
+            f"build_reference() got unexpected keyword argument(s) {unknown}; the settings are "
+            f"ReferenceRecipeConfig's fields: {sorted(known)}."
+        )
     return dataclasses.replace(config or ReferenceRecipeConfig(), **settings)
 
 
@@ -90,5 +103,9 @@ def _push(config: ReferenceRecipeConfig, message: str) -> None:
 
     api = HfApi(token=config.token)
     repo_id = api.create_repo(config.repo_id, exist_ok=True).repo_id  # a bare name lands in the user's namespace
-    api.upload_folder(repo_id=repo_id, folder_path=str(config.output_dir),
-                      ignore_patterns=["feature_cache/*", "*.tmp"], commit_message=message)
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(config.output_dir),
+        ignore_patterns=["feature_cache/*", "*.tmp"],
+        commit_message=message,
+    )

@@ -208,7 +208,9 @@ class SampleScorer:
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         raise NotImplementedError
 
-    def softmax_logits(self, scores: torch.Tensor, mode: str, temperature: float = 1.0, ratio: float = 0.1) -> torch.Tensor:
+    def softmax_logits(
+        self, scores: torch.Tensor, mode: str, temperature: float = 1.0, ratio: float = 0.1
+    ) -> torch.Tensor:
         """The step softmax's logits for these scores: ``scores / τ`` (reweight), 0/−inf at ``filter_threshold``
         (reweight, for a filter such as AGRA) or 0/−inf for the top ``ratio`` (select)."""
         if mode == "select":

@@ -27,9 +27,7 @@ def ce_logit_grad(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=-1) - F.one_hot(labels.long(), logits.shape[-1]).to(logits.dtype)
 
 
-def moving_average_factor(
-    factor: torch.Tensor | None, rows: torch.Tensor, momentum: float
-) -> torch.Tensor:
+def moving_average_factor(factor: torch.Tensor | None, rows: torch.Tensor, momentum: float) -> torch.Tensor:
     r"""One moving-average step of a Kronecker factor from a batch of rows ``r`` ``[b, k]``:
 
     .. math:: F \leftarrow \rho F + (1-\rho)\,\frac{r^\top r}{b},\qquad
@@ -46,7 +44,7 @@ def _safe_cholesky(matrix: torch.Tensor) -> torch.Tensor:
     """Cholesky factor, with growing diagonal jitter if the matrix is only semi-definite."""
     eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
     base = float(matrix.diagonal().abs().mean().clamp_min(1.0))
-    for jitter in [0.0] + [base * 10.0 ** power for power in range(-8, 2)]:
+    for jitter in [0.0] + [base * 10.0**power for power in range(-8, 2)]:
         factor, info = torch.linalg.cholesky_ex(matrix + jitter * eye)
         if int(info) == 0:
             return factor
@@ -208,8 +206,9 @@ class BayesianScorer(SampleScorer):
         self.num_data = 0
 
     @classmethod
-    def from_config(cls, args: Any, *, zero_shot: Any = None, num_train_samples: int | None = None,
-                    **runtime: Any) -> BayesianScorer:
+    def from_config(
+        cls, args: Any, *, zero_shot: Any = None, num_train_samples: int | None = None, **runtime: Any
+    ) -> BayesianScorer:
         if args.mimic_zero_shot_column is None and zero_shot is None:
             raise ValueError(
                 "mimic_scorer='bayesian' needs zero-shot predictions: set `mimic_zero_shot_column` (logits per "

@@ -30,12 +30,16 @@ def clip_score_of(model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
     """``cos(image_i, caption_i)`` ``[B]`` float32 under ``model`` (a CLIP, SigLIP or `VisionTextDualEncoderModel`),
     without gradients, from its inputs (``pixel_values``, ``input_ids``, ``attention_mask``...)."""
     device = next(model.parameters()).device
-    batch = {key: value.to(device) for key, value in inputs.items()
-             if key in MODEL_INPUTS and isinstance(value, torch.Tensor)}
+    batch = {
+        key: value.to(device)
+        for key, value in inputs.items()
+        if key in MODEL_INPUTS and isinstance(value, torch.Tensor)
+    }
     missing = [key for key in ("pixel_values", "input_ids") if key not in batch]
     if missing:
-        raise ValueError(f"A CLIP score needs the images and the captions; the batch has no {missing} "
-                         f"(keys: {sorted(inputs)}).")
+        raise ValueError(
+            f"A CLIP score needs the images and the captions; the batch has no {missing} (keys: {sorted(inputs)})."
+        )
     with torch.no_grad():
         outputs = model(**batch)
         images = torch.nn.functional.normalize(outputs.image_embeds.float(), dim=-1)

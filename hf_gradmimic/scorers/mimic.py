@@ -40,7 +40,9 @@ _RESCALE_ABOVE = 2.0**60
 """‖θ_ref − θ‖ from which `MimicScorer` scores with a rescaled direction (float32 inner products would overflow)."""
 
 
-def mimic_scores(ghost: GhostBatch, direction: Mapping[str, torch.Tensor], direction_norm: torch.Tensor | float) -> torch.Tensor:
+def mimic_scores(
+    ghost: GhostBatch, direction: Mapping[str, torch.Tensor], direction_norm: torch.Tensor | float
+) -> torch.Tensor:
     r"""``m_i = ⟨−g_i, v⟩ / ‖v‖₂`` (Huang et al., arXiv 2501.06708, Alg. 1), NaN for every sample when ``‖v‖ = 0``.
 
     .. math:: m_i = -\frac{1}{\lVert v\rVert}\sum_{\text{uses}}\Big(\sum_t \delta_{i,t}^\top V a_{i,t}
@@ -70,9 +72,14 @@ class MimicScorer(SampleScorer):
     monitors_reference = True
     supports_batch_coupled = True  # it reads only ⟨g_i, v⟩, a directional derivative
 
-    def __init__(self, reference: Mapping[str, torch.Tensor] | None = None,
-                 current_tensors: Callable[[], Mapping[str, torch.Tensor]] | None = None, score_terms: str = "full",
-                 reference_name: str | None = None, reference_revision: str | None = None) -> None:
+    def __init__(
+        self,
+        reference: Mapping[str, torch.Tensor] | None = None,
+        current_tensors: Callable[[], Mapping[str, torch.Tensor]] | None = None,
+        score_terms: str = "full",
+        reference_name: str | None = None,
+        reference_revision: str | None = None,
+    ) -> None:
         if score_terms not in SCORE_TERMS:
             raise ValueError(f"`score_terms` must be one of {SCORE_TERMS}; got {score_terms!r}.")
         self.reference = dict(reference or {})
@@ -90,8 +97,13 @@ class MimicScorer(SampleScorer):
     def from_config(cls, args: Any, *, reference: Any = None, layers: Any = None, **runtime: Any) -> MimicScorer:
         source = reference if reference is not None else args.mimic_reference
         tensors = layers.load_reference(source, revision=args.mimic_reference_revision, token=args.hub_token)
-        return cls(tensors, layers.current_tensors, args.mimic_score_terms, layers.describe_source(source),
-                   args.mimic_reference_revision)
+        return cls(
+            tensors,
+            layers.current_tensors,
+            args.mimic_score_terms,
+            layers.describe_source(source),
+            args.mimic_reference_revision,
+        )
 
     def reference_on_device(self) -> dict[str, torch.Tensor]:
         """``θ_ref``, moved next to the student's parameters at the first call (every rank makes it at the same
@@ -113,7 +125,9 @@ class MimicScorer(SampleScorer):
             direction = {key: reference[key] - current[key].float() for key in reference}
             # ‖v‖² in float64: in float32 it overflows from |v| ≈ 1e19 (a reference of another scale), which made
             # every score 0 (or NaN) without a word.
-            norm = torch.sqrt(sum(torch.linalg.vector_norm(v, dtype=torch.float64).square() for v in direction.values()))
+            norm = torch.sqrt(
+                sum(torch.linalg.vector_norm(v, dtype=torch.float64).square() for v in direction.values())
+            )
             self._last_norm = float(norm)
             scale = 1.0
             if self._last_norm >= _RESCALE_ABOVE and math.isfinite(self._last_norm):
@@ -148,9 +162,14 @@ class MimicScorer(SampleScorer):
 
     def describe(self) -> dict[str, Any]:
         """The reference: its source, the revision asked for, and a hash of the tensors actually used."""
-        return {"reference": {"source": self.reference_name, "revision": self.reference_revision,
-                              "tensors_sha256": self.reference_sha256},
-                "score_terms": self.score_terms_mode}
+        return {
+            "reference": {
+                "source": self.reference_name,
+                "revision": self.reference_revision,
+                "tensors_sha256": self.reference_sha256,
+            },
+            "score_terms": self.score_terms_mode,
+        }
 
     def step_metrics(self) -> dict[str, float]:
         return {"mimic/direction_norm": self._last_norm}

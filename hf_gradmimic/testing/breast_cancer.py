@@ -33,8 +33,14 @@ def load_noisy_breast_cancer(noise_rate: float = 0.2, seed: int = 0, test_size: 
     mean, std = x_train.mean(axis=0), x_train.std(axis=0)
     x_train, x_test = ((x - mean) / std for x in (x_train, x_test))
     noisy = flip_labels(y_train, noise_rate, 2, seed)
-    train = datasets.Dataset.from_dict({"pixel_values": x_train.astype(np.float32), "label": noisy,
-                                        "clean_label": y_train, "is_clean": noisy == y_train})
+    train = datasets.Dataset.from_dict(
+        {
+            "pixel_values": x_train.astype(np.float32),
+            "label": noisy,
+            "clean_label": y_train,
+            "is_clean": noisy == y_train,
+        }
+    )
     test = datasets.Dataset.from_dict({"pixel_values": x_test.astype(np.float32), "label": y_test})
     return datasets.DatasetDict({"train": train.with_format("torch"), "test": test.with_format("torch")})
 

@@ -47,8 +47,9 @@ def caption_tokenizer():
     backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", special_tokens=[(EOS, SPECIAL_IDS[EOS])])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=PAD, eos_token=EOS, unk_token=UNK,
-                                   model_max_length=MAX_LENGTH)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=PAD, eos_token=EOS, unk_token=UNK, model_max_length=MAX_LENGTH
+    )
 
 
 def tiny_clip(vocab_size: int, image_size: int = 16, seed: int = 0, width: int = 64, layers: int = 2):
@@ -57,8 +58,14 @@ def tiny_clip(vocab_size: int, image_size: int = 16, seed: int = 0, width: int =
 
     common = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=4)
     config = CLIPConfig(
-        text_config={**common, "vocab_size": vocab_size, "max_position_embeddings": MAX_LENGTH,
-                     "eos_token_id": SPECIAL_IDS[EOS], "pad_token_id": SPECIAL_IDS[PAD], "bos_token_id": 2},
+        text_config={
+            **common,
+            "vocab_size": vocab_size,
+            "max_position_embeddings": MAX_LENGTH,
+            "eos_token_id": SPECIAL_IDS[EOS],
+            "pad_token_id": SPECIAL_IDS[PAD],
+            "bos_token_id": 2,
+        },
         vision_config={**common, "image_size": image_size, "patch_size": 4, "num_channels": 3},
         projection_dim=width,
     )
@@ -73,13 +80,16 @@ def digit_images(image_size: int = 16) -> tuple[torch.Tensor, np.ndarray]:
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    images = torch.nn.functional.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    images = torch.nn.functional.interpolate(
+        images, size=(image_size, image_size), mode="bilinear", align_corners=False
+    )
     images = (images - images.mean()) / images.std()
     return images.expand(-1, 3, -1, -1).contiguous(), digits.target.astype(np.int64)
 
 
-def captioned_digits(seed: int = 0, mismatch_fraction: float = 0.3, image_size: int = 16, trusted: int = 300,
-                     test: int = 400) -> dict:
+def captioned_digits(
+    seed: int = 0, mismatch_fraction: float = 0.3, image_size: int = 16, trusted: int = 300, test: int = 400
+) -> dict:
     """The digits split into ``trusted`` clean pairs (for a reference), ``test`` images (for zero-shot accuracy) and the
     rest as the pool, in which ``mismatch_fraction`` of the captions describe another digit.
 
@@ -105,11 +115,20 @@ def captioned_digits(seed: int = 0, mismatch_fraction: float = 0.3, image_size: 
             caption_labels[swapped] = (image_labels[swapped] + rng.integers(1, 10, swapped.sum())) % 10
         texts = [caption(int(c), int(t)) for c, t in zip(caption_labels, rng.integers(0, len(TEMPLATES), len(rows)))]
         tokens = tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True)
-        columns = {"pixel_values": images[rows].numpy(), "input_ids": tokens["input_ids"],
-                   "attention_mask": tokens["attention_mask"], "label": image_labels, "caption": texts}
+        columns = {
+            "pixel_values": images[rows].numpy(),
+            "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"],
+            "label": image_labels,
+            "caption": texts,
+        }
         if name == "pool":
-            columns.update(uid=[f"digit-{int(r):04d}" for r in rows], caption_label=caption_labels,
-                           matched=(caption_labels == image_labels).astype(np.int64))
+            columns.update(
+                uid=[f"digit-{int(r):04d}" for r in rows],
+                caption_label=caption_labels,
+                matched=(caption_labels == image_labels).astype(np.int64),
+            )
         splits[name] = datasets.Dataset.from_dict(columns).with_format(
-            "torch", columns=["pixel_values", "input_ids", "attention_mask", "label"], output_all_columns=True)
+            "torch", columns=["pixel_values", "input_ids", "attention_mask", "label"], output_all_columns=True
+        )
     return {**splits, "tokenizer": tokenizer}

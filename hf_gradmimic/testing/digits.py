@@ -20,7 +20,9 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 class DigitsConfig(PretrainedConfig):
     model_type = "gradmimic-digits"
 
-    def __init__(self, input_dim: int = 64, hidden_dim: int = 256, num_labels: int = 10, backbone_seed: int = 0, **kwargs):
+    def __init__(
+        self, input_dim: int = 64, hidden_dim: int = 256, num_labels: int = 10, backbone_seed: int = 0, **kwargs
+    ):
         self.input_dim = input_dim
         self.hidden_dim = hidden_dim
         self.backbone_seed = backbone_seed
@@ -54,7 +56,9 @@ class DigitsClassifier(PreTrainedModel):
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return F.relu(self.backbone(pixel_values))
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> SequenceClassifierOutput:
+    def forward(
+        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs
+    ) -> SequenceClassifierOutput:
         logits = self.classifier(self.features(pixel_values))
         loss = None if labels is None else F.cross_entropy(logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
@@ -109,7 +113,9 @@ def load_noisy_digits(noise_rate: float = 0.4, seed: int = 0, test_size: float =
     return datasets.DatasetDict({"train": train.with_format("torch"), "test": test.with_format("torch")})
 
 
-def digits_model(hidden_dim: int = 256, backbone_seed: int = 0, freeze_backbone: bool = True, seed: int = 0) -> DigitsClassifier:
+def digits_model(
+    hidden_dim: int = 256, backbone_seed: int = 0, freeze_backbone: bool = True, seed: int = 0
+) -> DigitsClassifier:
     torch.manual_seed(seed)
     model = DigitsClassifier(DigitsConfig(hidden_dim=hidden_dim, backbone_seed=backbone_seed))
     return model.freeze_backbone() if freeze_backbone else model

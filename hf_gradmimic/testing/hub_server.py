@@ -199,8 +199,17 @@ class HubStore:
             repo = Repo(type=repo_type, id=repo_id, private=private, created_at=_now())
             self.repos[f"{repo_type}/{repo_id}"] = repo
             # Like the real Hub: an initial commit holding .gitattributes, so `main` exists at once.
-            self.commit(repo, "main", "initial commit", [{"key": "file", "value": {
-                "path": ".gitattributes", "content": DEFAULT_GITATTRIBUTES, "encoding": "utf-8"}}])
+            self.commit(
+                repo,
+                "main",
+                "initial commit",
+                [
+                    {
+                        "key": "file",
+                        "value": {"path": ".gitattributes", "content": DEFAULT_GITATTRIBUTES, "encoding": "utf-8"},
+                    }
+                ],
+            )
             return repo
 
     def delete(self, repo_type: str, repo_id: str) -> None:
@@ -209,8 +218,9 @@ class HubStore:
             del self.repos[f"{repo_type}/{repo_id}"]
             self.save()
 
-    def commit(self, repo: Repo, branch: str, title: str, operations: list[dict[str, Any]],
-               parent_commit: str | None = None) -> Commit:
+    def commit(
+        self, repo: Repo, branch: str, title: str, operations: list[dict[str, Any]], parent_commit: str | None = None
+    ) -> Commit:
         with self.lock:
             if branch not in repo.branches and repo.commits:
                 raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
@@ -232,16 +242,29 @@ class HubStore:
         if key == "file":
             raw = value.get("content", "")
             content = base64.b64decode(raw) if value.get("encoding") == "base64" else raw.encode()
-            files[path] = {"sha256": self.put_object(content), "size": len(content), "lfs": False,
-                           "oid": _git_blob_oid(content), "commit": commit_oid}
+            files[path] = {
+                "sha256": self.put_object(content),
+                "size": len(content),
+                "lfs": False,
+                "oid": _git_blob_oid(content),
+                "commit": commit_oid,
+            }
         elif key == "lfsFile":
             sha256 = str(value.get("oid", ""))
             if not re.fullmatch(r"[0-9a-f]{64}", sha256) or not self.has_object(sha256):
-                raise HubError(400, f"Your push was rejected because an LFS pointer pointed to a file that "
-                                    f"does not exist: {path} ({sha256})")
+                raise HubError(
+                    400,
+                    f"Your push was rejected because an LFS pointer pointed to a file that "
+                    f"does not exist: {path} ({sha256})",
+                )
             size = self.object_path(sha256).stat().st_size
-            files[path] = {"sha256": sha256, "size": size, "lfs": True,
-                           "oid": _git_blob_oid(_lfs_pointer(sha256, size)), "commit": commit_oid}
+            files[path] = {
+                "sha256": sha256,
+                "size": size,
+                "lfs": True,
+                "oid": _git_blob_oid(_lfs_pointer(sha256, size)),
+                "commit": commit_oid,
+            }
         elif key == "deletedFile":
             if files.pop(path, None) is None:
                 raise HubError(404, f"A file with this name doesn't exist: {path}", "EntryNotFound")
@@ -392,8 +415,14 @@ class _Fault:
 class HubServer:
     """The loopback Hub: ``start()``/``stop()`` or a context manager; ``url`` once started."""
 
-    def __init__(self, storage_dir: str | Path | None = None, *, port: int = 0,
-                 tokens: dict[str, str] | None = None, verbose: bool = False):
+    def __init__(
+        self,
+        storage_dir: str | Path | None = None,
+        *,
+        port: int = 0,
+        tokens: dict[str, str] | None = None,
+        verbose: bool = False,
+    ):
         self._tmp = tempfile.TemporaryDirectory(prefix="hub-server-") if storage_dir is None else None
         self.storage_dir = Path(self._tmp.name if self._tmp else storage_dir)  # type: ignore[arg-type]
         self.store = HubStore(self.storage_dir)
@@ -416,8 +445,7 @@ class HubServer:
     def start(self) -> HubServer:
         self._httpd = _HTTPServer(("127.0.0.1", self.port), _Handler)
         self._httpd.hub = self
-        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="hub-server",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), name="hub-server", daemon=True)
         self._thread.start()
         return self
 
@@ -438,8 +466,15 @@ class HubServer:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def fail_next(self, path_regex: str, status: int = 500, *, method: str | None = None, times: int = 1,
-                  message: str = "Injected failure") -> None:
+    def fail_next(
+        self,
+        path_regex: str,
+        status: int = 500,
+        *,
+        method: str | None = None,
+        times: int = 1,
+        message: str = "Injected failure",
+    ) -> None:
         """Answer ``status`` to the next ``times`` requests whose path matches ``path_regex`` (re.search)."""
         with self._faults_lock:
             self._faults.append(_Fault(re.compile(path_regex), status, method, times, message))
@@ -470,11 +505,19 @@ class HubServer:
         return repo
 
     def whoami(self, req: Request) -> Response:
-        return Response(json_body={
-            "type": "user", "id": hashlib.sha1(str(req.user).encode()).hexdigest()[:24], "name": req.user,
-            "fullname": req.user, "email": None, "emailVerified": False, "isPro": False, "orgs": [],
-            "auth": {"type": "access_token", "accessToken": {"displayName": "test token", "role": "write"}},
-        })
+        return Response(
+            json_body={
+                "type": "user",
+                "id": hashlib.sha1(str(req.user).encode()).hexdigest()[:24],
+                "name": req.user,
+                "fullname": req.user,
+                "email": None,
+                "emailVerified": False,
+                "isPro": False,
+                "orgs": [],
+                "auth": {"type": "access_token", "accessToken": {"displayName": "test token", "role": "write"}},
+            }
+        )
 
     def _repo_from_body(self, req: Request) -> tuple[str, str, dict[str, Any]]:
         payload = req.json()
@@ -518,8 +561,10 @@ class HubServer:
     def refs(self, req: Request) -> Response:
         repo = self._readable_repo(req)
         with self.store.lock:
-            branches = [{"name": name, "ref": f"refs/heads/{name}", "targetCommit": oid}
-                        for name, oid in sorted(repo.branches.items())]
+            branches = [
+                {"name": name, "ref": f"refs/heads/{name}", "targetCommit": oid}
+                for name, oid in sorted(repo.branches.items())
+            ]
         body: dict[str, Any] = {"branches": branches, "converts": [], "tags": []}
         if req.flag("include_prs"):
             body["pullRequests"] = []
@@ -532,12 +577,16 @@ class HubServer:
             commit = repo.resolve(req.arg("rev"))
             folders = _folders(commit)
             if root and root not in folders:
-                raise HubError(404, f"Path {root} does not exist or is not a folder", "EntryNotFound",
-                               {"X-Repo-Commit": commit.oid})
+                raise HubError(
+                    404,
+                    f"Path {root} does not exist or is not a folder",
+                    "EntryNotFound",
+                    {"X-Repo-Commit": commit.oid},
+                )
             prefix = f"{root}/" if root else ""
 
             def listed(path: str) -> bool:
-                return path.startswith(prefix) and (recursive or "/" not in path[len(prefix):])
+                return path.startswith(prefix) and (recursive or "/" not in path[len(prefix) :])
 
             entries = [_folder_info(p, commit) for p in sorted(folders) if listed(p)]
             entries += [_file_info(p, e, repo, expand) for p, e in sorted(commit.files.items()) if listed(p)]
@@ -565,8 +614,9 @@ class HubServer:
         with self.store.lock:
             commit = repo.resolve(req.arg("rev"))
             attributes = commit.files.get(".gitattributes")
-            gitattributes = (self.store.object_path(attributes["sha256"]).read_text()
-                             if attributes else DEFAULT_GITATTRIBUTES)
+            gitattributes = (
+                self.store.object_path(attributes["sha256"]).read_text() if attributes else DEFAULT_GITATTRIBUTES
+            )
             answers = []
             for item in files:
                 path, sample = item["path"], base64.b64decode(item.get("sample", ""))
@@ -589,11 +639,22 @@ class HubServer:
         if not lines or lines[0].get("key") != "header":
             raise HubError(400, "The first NDJSON line of a commit must be its header")
         header = lines[0].get("value") or {}
-        commit = self.store.commit(repo, req.arg("rev").removeprefix("refs/heads/"), header.get("summary", ""),
-                                   lines[1:], parent_commit=header.get("parentCommit"))
+        commit = self.store.commit(
+            repo,
+            req.arg("rev").removeprefix("refs/heads/"),
+            header.get("summary", ""),
+            lines[1:],
+            parent_commit=header.get("parentCommit"),
+        )
         prefix = "" if repo.type == "model" else f"{repo.type}s/"
-        return Response(json_body={"success": True, "commitOid": commit.oid, "pullRequestUrl": None,
-                                   "commitUrl": f"{self.url}/{prefix}{repo.id}/commit/{commit.oid}"})
+        return Response(
+            json_body={
+                "success": True,
+                "commitOid": commit.oid,
+                "pullRequestUrl": None,
+                "commitUrl": f"{self.url}/{prefix}{repo.id}/commit/{commit.oid}",
+            }
+        )
 
     def create_branch(self, req: Request) -> Response:
         repo = self._readable_repo(req)
@@ -616,8 +677,10 @@ class HubServer:
             if not self.store.has_object(obj["oid"]):
                 answer["actions"] = {"upload": {"href": f"{self.url}/lfs-objects/{obj['oid']}", "header": {}}}
             objects.append(answer)
-        return Response(json_body={"transfer": "basic", "objects": objects},
-                        headers={"Content-Type": "application/vnd.git-lfs+json"})
+        return Response(
+            json_body={"transfer": "basic", "objects": objects},
+            headers={"Content-Type": "application/vnd.git-lfs+json"},
+        )
 
     def lfs_upload(self, req: Request) -> Response:
         oid = req.arg("oid")
@@ -636,8 +699,13 @@ class HubServer:
         if entry is None:
             raise HubError(404, f"Entry not found: {path}", "EntryNotFound", headers)
         size = entry["size"]
-        headers.update({"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream",
-                        "ETag": f'"{entry["sha256"] if entry["lfs"] else entry["oid"]}"'})
+        headers.update(
+            {
+                "Accept-Ranges": "bytes",
+                "Content-Type": "application/octet-stream",
+                "ETag": f'"{entry["sha256"] if entry["lfs"] else entry["oid"]}"',
+            }
+        )
         if entry["lfs"]:
             headers.update({"X-Linked-Etag": f'"{entry["sha256"]}"', "X-Linked-Size": str(size)})
         start, length, status = _parse_range(req.headers.get("Range"), size)
@@ -751,8 +819,10 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             response = self._handle(hub, split.path, parse_qs(split.query), body)
         except HubError as err:
-            headers = {"X-Error-Message": re.sub(r"[\r\n]+", " ", err.message).encode("latin-1", "replace")
-                       .decode("latin-1"), **err.headers}
+            headers = {
+                "X-Error-Message": re.sub(r"[\r\n]+", " ", err.message).encode("latin-1", "replace").decode("latin-1"),
+                **err.headers,
+            }
             if err.code:
                 headers["X-Error-Code"] = err.code
             response = Response(err.status, {"error": err.message}, headers)
@@ -809,7 +879,9 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM); ``prog`` names the command in ``--help``."""
-    parser = argparse.ArgumentParser(prog=prog, description="Serve a loopback Hugging Face Hub test double on 127.0.0.1.")
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Serve a loopback Hugging Face Hub test double on 127.0.0.1."
+    )
     parser.add_argument("--port", type=int, default=0, help="port to listen on (default: a free one)")
     parser.add_argument("--data-dir", help="storage directory, kept across restarts (default: a temporary one)")
     parser.add_argument("--token", default=DEFAULT_TOKEN, help=f"the accepted token (default: {DEFAULT_TOKEN})")

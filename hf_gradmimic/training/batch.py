@@ -106,8 +106,13 @@ class Bookkeeping:
             (`hf_gradmimic.training.stream_ids.StreamIds`); the rows returned are then those keys.
     """
 
-    def __init__(self, clean_column: str | None, scorer_columns: tuple[str, ...], id_column: str | None = None,
-                 stream_ids: Any = None) -> None:
+    def __init__(
+        self,
+        clean_column: str | None,
+        scorer_columns: tuple[str, ...],
+        id_column: str | None = None,
+        stream_ids: Any = None,
+    ) -> None:
         self.clean_column = clean_column
         self.scorer_columns = tuple(scorer_columns)
         self.id_column = id_column
@@ -156,8 +161,12 @@ class KeepColumns:
 
 def rows_of(inputs: dict[str, Any], positions: torch.Tensor, batch_size: int) -> dict[str, Any]:
     """The batch restricted to the samples at ``positions`` (every tensor whose first dimension is the batch)."""
-    return {key: value[positions.to(value.device)] if isinstance(value, torch.Tensor) and value.dim() > 0
-            and value.shape[0] == batch_size else value for key, value in inputs.items()}
+    return {
+        key: value[positions.to(value.device)]
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size
+        else value
+        for key, value in inputs.items()
+    }
 
 
 def shown_ids(rows: np.ndarray, sample_ids: Any, limit: int = 10) -> list[Any]:

@@ -111,10 +111,13 @@ class Capture:
         """The loss reached every call's output (``grads`` from ``autograd.grad(..., allow_unused=True)``)."""
         unused = sorted({call.name for call, grad in zip(calls, grads) if grad is None})
         if unused:
-            raise RuntimeError(f"The loss does not depend on the output of mimic layer(s) {unused}; pick layers the loss uses.")
+            raise RuntimeError(
+                f"The loss does not depend on the output of mimic layer(s) {unused}; pick layers the loss uses."
+            )
 
-    def ghost_batch(self, root: torch.Tensor | GradientEdge, root_grad: torch.Tensor | None = None,
-                    retain_graph: bool = True) -> GhostBatch:
+    def ghost_batch(
+        self, root: torch.Tensor | GradientEdge, root_grad: torch.Tensor | None = None, retain_graph: bool = True
+    ) -> GhostBatch:
         """The recorded calls with ``∂root/∂z`` at each output ``z``: ``root`` is Σ_i ℓ_i, or the logits' edge with
         ``root_grad`` = δ there (a vector-Jacobian product; a call whose output *is* that edge gets δ itself)."""
         self.check_ran()
@@ -122,12 +125,21 @@ class Capture:
         pending = [i for i in range(len(self.calls)) if i not in grads]
         self.check_requires_grad([self.calls[i] for i in pending])
         if pending:
-            found = torch.autograd.grad(root, [self.calls[i].output for i in pending], grad_outputs=root_grad,
-                                        retain_graph=retain_graph, allow_unused=True)
+            found = torch.autograd.grad(
+                root,
+                [self.calls[i].output for i in pending],
+                grad_outputs=root_grad,
+                retain_graph=retain_graph,
+                allow_unused=True,
+            )
             self.check_used([self.calls[i] for i in pending], found)
             grads.update(zip(pending, found))
-        return GhostBatch([LayerUse(call.name, call.module, call.activations, grads[i], call.tensor_keys)
-                           for i, call in enumerate(self.calls)])
+        return GhostBatch(
+            [
+                LayerUse(call.name, call.module, call.activations, grads[i], call.tensor_keys)
+                for i, call in enumerate(self.calls)
+            ]
+        )
 
 
 class PendingGrad:

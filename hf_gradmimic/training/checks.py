@@ -65,7 +65,11 @@ def check_one_reference(config_reference: Any, reference: Any) -> None:
         return
     same = isinstance(reference, (str, os.PathLike)) and os.fspath(reference) == os.fspath(config_reference)
     if not same:
-        given = os.fspath(reference) if isinstance(reference, (str, os.PathLike)) else f"an in-memory {type(reference).__name__}"
+        given = (
+            os.fspath(reference)
+            if isinstance(reference, (str, os.PathLike))
+            else f"an in-memory {type(reference).__name__}"
+        )
         raise ValueError(
             f"Two references were given: `reference=` ({given}) and the config's `mimic_reference={config_reference!r}`. "
             "The scores would come from the argument while the saved config and the cards name the config's. Pass only "

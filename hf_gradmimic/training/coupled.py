@@ -30,7 +30,7 @@ from .capture import Capture
 SECOND_ORDER_HINT = (
     "Scores under a batch-coupled loss differentiate the backward from the mimic layers to the loss once more, and "
     "an operation between them has no second derivative in PyTorch ({error}). Fused attention kernels are the usual "
-    "cause: load the model with `attn_implementation=\"eager\"`, or pick mimic layers after the towers' last "
+    'cause: load the model with `attn_implementation="eager"`, or pick mimic layers after the towers\' last '
     "attention (the last MLP layer, `...layers[-1].mlp.fc1`, as Grad-Mimic's DataComp runs do)."
 )
 
@@ -52,8 +52,12 @@ class CoupledGhost:
         capture.check_requires_grad(self.calls)
         self.weighting = torch.ones_like(losses, requires_grad=True)
         try:
-            grads = torch.autograd.grad((losses * self.weighting).sum(), [call.output for call in self.calls],
-                                        create_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(
+                (losses * self.weighting).sum(),
+                [call.output for call in self.calls],
+                create_graph=True,
+                allow_unused=True,
+            )
         except (RuntimeError, NotImplementedError) as error:
             raise _explained(error) from error
         capture.check_used(self.calls, grads)
@@ -95,7 +99,9 @@ class CoupledGhost:
         )
 
     def summed_gradient(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError("Summed per-sample gradients are not available under a batch-coupled loss; use 'mimic'.")
+        raise NotImplementedError(
+            "Summed per-sample gradients are not available under a batch-coupled loss; use 'mimic'."
+        )
 
 
 def _explained(error: BaseException) -> BaseException:

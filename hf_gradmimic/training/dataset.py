@@ -41,12 +41,14 @@ def prepare_training_data(train_dataset: Any, config: Any, trainer_name: str) ->
         )
     sample_ids = None
     if config.mimic_id_column and not streaming:  # a stream's ids arrive with its examples (training.stream_ids)
-        sample_ids = check_sample_ids(read_column(train_dataset, config.mimic_id_column), config.mimic_id_column,
-                                      train_dataset)
+        sample_ids = check_sample_ids(
+            read_column(train_dataset, config.mimic_id_column), config.mimic_id_column, train_dataset
+        )
     clean_flags = None
     if config.mimic_clean_column:
-        clean_flags = clean_flags_array(read_column(train_dataset, config.mimic_clean_column),
-                                        f"`mimic_clean_column={config.mimic_clean_column!r}`")
+        clean_flags = clean_flags_array(
+            read_column(train_dataset, config.mimic_clean_column), f"`mimic_clean_column={config.mimic_clean_column!r}`"
+        )
     if clean_flags is not None and hasattr(train_dataset, "remove_columns"):  # ground truth never reaches the model
         train_dataset = train_dataset.remove_columns([config.mimic_clean_column])
     wrapped = keyed_stream(train_dataset, config.mimic_id_column) if streaming else with_row_index(train_dataset)

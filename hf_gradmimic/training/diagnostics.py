@@ -32,7 +32,6 @@ SELF_TERM_PATIENCE = 3
 """Monitored steps in a row with the self term dominating before the monitor warns."""
 
 
-
 def monitor_interval(args: Any) -> int:
     """The running monitor's interval in optimizer steps: ``mimic_monitor_steps``, else the logging interval (50
     when logging is not by steps)."""
@@ -42,18 +41,28 @@ def monitor_interval(args: Any) -> int:
     return int(steps) if args.logging_strategy == "steps" and steps >= 1 else 50
 
 
-def check_reference_setup(source: Any, model: Any, current_tensors: Callable[[], dict[str, torch.Tensor]], *,
-                          revision: str | None, token: Any, reference_name: str) -> None:
+def check_reference_setup(
+    source: Any,
+    model: Any,
+    current_tensors: Callable[[], dict[str, torch.Tensor]],
+    *,
+    revision: str | None,
+    token: Any,
+    reference_name: str,
+) -> None:
     """At construction: the base-checkpoint check, and for a LoRA student, that its adapter starts from the A
     matrices the reference's adapter was trained from (`hf_gradmimic.reference.lora.check_adapter_init`)."""
-    check_reference_base(source, getattr(model, "config", None), revision=revision, token=token,
-                         reference_name=reference_name)
+    check_reference_base(
+        source, getattr(model, "config", None), revision=revision, token=token, reference_name=reference_name
+    )
     if isinstance(source, (str, os.PathLike)) and any(True for _ in lora_layers(model)):
         metadata = read_reference_metadata(source, revision=revision, token=token)
         check_adapter_init(metadata, current_tensors(), reference_name)
 
 
-def check_reference_base(source: Any, student_config: Any, *, revision: str | None, token: Any, reference_name: str) -> None:
+def check_reference_base(
+    source: Any, student_config: Any, *, revision: str | None, token: Any, reference_name: str
+) -> None:
     """Warn when the reference was built from another checkpoint than the student's (`build_reference` metadata)."""
     if not isinstance(source, (str, os.PathLike)):
         return
@@ -88,9 +97,16 @@ class ReferenceDiagnostics:
         interval: returns the monitor's interval in optimizer steps.
     """
 
-    def __init__(self, scorer: Any, layers: Any, unwrapped_model: Callable[[], torch.nn.Module],
-                 per_sample_losses: PerSampleLosses, metrics: MetricsBuffer, check_alignment: bool,
-                 interval: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        scorer: Any,
+        layers: Any,
+        unwrapped_model: Callable[[], torch.nn.Module],
+        per_sample_losses: PerSampleLosses,
+        metrics: MetricsBuffer,
+        check_alignment: bool,
+        interval: Callable[[], int],
+    ) -> None:
         self.scorer = scorer
         self.layers = layers
         self.unwrapped_model = unwrapped_model
@@ -106,8 +122,9 @@ class ReferenceDiagnostics:
 
     # ------------------------------------------------------------------ the three moments of a micro-batch
 
-    def before_forward(self, global_step: int, micro_batch: int, model_inputs: dict[str, Any],
-                       inputs: dict[str, Any], labels: Any) -> None:
+    def before_forward(
+        self, global_step: int, micro_batch: int, model_inputs: dict[str, Any], inputs: dict[str, Any], labels: Any
+    ) -> None:
         """Runs the no-grad forwards the check and the monitor need, before the training forward: no graph is
         alive then, so they add nothing to the step's peak memory. The monitor of a head needs none."""
         self._monitored = micro_batch == 0 and global_step % self.interval() == 0
@@ -118,8 +135,15 @@ class ReferenceDiagnostics:
         if check_alignment:
             self._check_alignment(*self._swapped)
 
-    def after_forward(self, capture: Capture, logits: torch.Tensor | None, losses: torch.Tensor,
-                      inputs: dict[str, Any], labels: Any, model_inputs: dict[str, Any]) -> None:
+    def after_forward(
+        self,
+        capture: Capture,
+        logits: torch.Tensor | None,
+        losses: torch.Tensor,
+        inputs: dict[str, Any],
+        labels: Any,
+        model_inputs: dict[str, Any],
+    ) -> None:
         """Learns whether the single mimic layer makes the logits; for the monitor of such a head, the reference's
         losses on the features the training forward just captured."""
         self.head_outputs_logits = logits is not None and capture.only_output() is logits
@@ -138,16 +162,26 @@ class ReferenceDiagnostics:
 
     # ------------------------------------------------------------------ losses with the reference's layers
 
-    def _swapped_losses(self, model_inputs: dict[str, Any], inputs: dict[str, Any], labels: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _swapped_losses(
+        self, model_inputs: dict[str, Any], inputs: dict[str, Any], labels: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample losses of the student, and of the student with its mimic layers swapped for the reference
         (`reference_verdict.swapped_losses`: eval mode, no gradients)."""
-        return swapped_losses(self.unwrapped_model(), self.layers, self.scorer.reference_on_device(), model_inputs,
-                              inputs, labels, self.per_sample_losses)
+        return swapped_losses(
+            self.unwrapped_model(),
+            self.layers,
+            self.scorer.reference_on_device(),
+            model_inputs,
+            inputs,
+            labels,
+            self.per_sample_losses,
+        )
 
     def _reference_head_losses(self, capture: Capture, labels: Any) -> torch.Tensor:
         """The reference head's per-sample losses on the captured features: one layer call instead of two forwards."""
-        return reference_head_losses(self.layers, self.scorer.reference_on_device(), capture, labels,
-                                     self.per_sample_losses)
+        return reference_head_losses(
+            self.layers, self.scorer.reference_on_device(), capture, labels, self.per_sample_losses
+        )
 
     # ------------------------------------------------------------------ checks
 
@@ -173,8 +207,9 @@ class ReferenceDiagnostics:
                 stacklevel=2,
             )
 
-    def _monitor(self, ghost: GhostBatch, scores: torch.Tensor, own: torch.Tensor, with_reference: torch.Tensor,
-                 step: int) -> None:
+    def _monitor(
+        self, ghost: GhostBatch, scores: torch.Tensor, own: torch.Tensor, with_reference: torch.Tensor, step: int
+    ) -> None:
         """Logs the two terms of the score and the loss of the reference's mimic layers applied to the student's
         current features, next to the student's own. For a head that makes the logits both come from the training
         forward (train mode: dropout on); for other layers, from two no-grad eval-mode forwards. When the self term

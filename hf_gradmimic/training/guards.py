@@ -59,8 +59,13 @@ class NonFiniteStepGuard(TrainerCallback):
     """Its counts' key in ``TrainerState.stateful_callbacks``: saved with each checkpoint, continued on resume."""
     COUNTS = ("in_a_row", "skipped", "fallback_count", "nonfinite_samples", "unlabeled_samples")
 
-    def __init__(self, finite_samples: Callable[[], int | None], parameters: Callable[[], Any],
-                 max_steps: int | None, supervised_samples: Callable[[], int | None] | None = None) -> None:
+    def __init__(
+        self,
+        finite_samples: Callable[[], int | None],
+        parameters: Callable[[], Any],
+        max_steps: int | None,
+        supervised_samples: Callable[[], int | None] | None = None,
+    ) -> None:
         self.finite_samples = finite_samples
         self.supervised_samples = supervised_samples
         self.first_step_checked = False
@@ -117,8 +122,11 @@ class NonFiniteStepGuard(TrainerCallback):
         # Every process's samples of the step (the statuses travel in the step softmax's collective).
         self.nonfinite_samples += records.nonfinite_in_step
         self.unlabeled_samples += records.unlabeled_in_step
-        return {"mimic/fallback_count": self.fallback_count, "mimic/nonfinite_samples": self.nonfinite_samples,
-                "mimic/unlabeled_samples": self.unlabeled_samples}
+        return {
+            "mimic/fallback_count": self.fallback_count,
+            "mimic/nonfinite_samples": self.nonfinite_samples,
+            "mimic/unlabeled_samples": self.unlabeled_samples,
+        }
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self._check_first_step_is_supervised()

@@ -59,18 +59,28 @@ class MimicLayers:
             raise MimicLayerError(f"The mimic layers {list(self.layers)} hold no parameters.")
         frozen = [key for key, param in self.tensors.items() if not param.requires_grad]
         if frozen:
-            raise ValueError(f"Mimic layer parameter(s) {frozen} do not require grad; the mimic layers must be trainable.")
+            raise ValueError(
+                f"Mimic layer parameter(s) {frozen} do not require grad; the mimic layers must be trainable."
+            )
         self.hooked = self._modules_using(model, key_of)
         for name, module, keys in self.hooked:
             if name not in self.layers:
                 ghost_rule_for(module, name)
-                logger.info(f"Mimic tensor(s) {sorted(keys.values())} are also used by {name!r}: their per-sample "
-                            "gradients sum both uses.")
+                logger.info(
+                    f"Mimic tensor(s) {sorted(keys.values())} are also used by {name!r}: their per-sample "
+                    "gradients sum both uses."
+                )
 
     def _modules_using(self, model: nn.Module, key_of: dict[int, str]) -> list[tuple[str, nn.Module, dict[str, str]]]:
         """Every module (the mimic layers first) holding a mimic tensor, with its own names for them."""
-        hooked = [(name, module, {local: key_of[id(p)] for local, p in module.named_parameters(recurse=False)
-                                  if id(p) in key_of}) for name, module in self.layers.items()]
+        hooked = [
+            (
+                name,
+                module,
+                {local: key_of[id(p)] for local, p in module.named_parameters(recurse=False) if id(p) in key_of},
+            )
+            for name, module in self.layers.items()
+        ]
         seen = {id(module) for module in self.layers.values()}
         for name, module in model.named_modules():
             if id(module) in seen:
@@ -103,8 +113,9 @@ class MimicLayers:
         """``θ_t`` per mimic tensor, whole and detached. Under FSDP2 this all-gathers: call it on every rank."""
         return {key: full_tensor(param.detach()) for key, param in self.tensors.items()}
 
-    def load_reference(self, source: ReferenceSource, *, revision: str | None = None,
-                       token: str | bool | None = None) -> dict[str, torch.Tensor]:
+    def load_reference(
+        self, source: ReferenceSource, *, revision: str | None = None, token: str | bool | None = None
+    ) -> dict[str, torch.Tensor]:
         """``θ_ref`` per mimic tensor (float32, CPU), read from ``source``; only those tensors are read."""
         if source is None:
             raise ValueError(

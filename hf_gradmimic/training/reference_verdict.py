@@ -35,27 +35,43 @@ MONITOR_CHUNK_LOGITS = 1 << 22
 PerSampleLosses = Callable[[Any, dict[str, Any], Any], torch.Tensor]
 
 
-def reference_head_losses(layers: Any, reference: dict[str, torch.Tensor], capture: Capture, labels: Any,
-                          per_sample_losses: PerSampleLosses) -> torch.Tensor:
+def reference_head_losses(
+    layers: Any, reference: dict[str, torch.Tensor], capture: Capture, labels: Any, per_sample_losses: PerSampleLosses
+) -> torch.Tensor:
     """Per-sample losses of the reference's head on the features the training forward just captured, without
     gradients. A few samples at a time, so that at most `MONITOR_CHUNK_LOGITS` logits are alive (a language
     model's are vocabulary-sized)."""
     ((name, layer),) = layers.layers.items()
     features = capture.activations()[name]
-    params = {local: reference[f"{name}.{local}"].to(features.dtype) for local, _ in layer.named_parameters(recurse=False)}
+    params = {
+        local: reference[f"{name}.{local}"].to(features.dtype) for local, _ in layer.named_parameters(recurse=False)
+    }
     with torch.no_grad():
         one = torch.func.functional_call(layer, params, (features[:1],))
         chunk = max(1, MONITOR_CHUNK_LOGITS // max(1, one.numel()))
-        return torch.cat([
-            per_sample_losses({"logits": torch.func.functional_call(layer, params, (features[start : start + chunk],))},
-                              {}, labels[start : start + chunk])
-            for start in range(0, len(features), chunk)
-        ])
+        return torch.cat(
+            [
+                per_sample_losses(
+                    {"logits": torch.func.functional_call(layer, params, (features[start : start + chunk],))},
+                    {},
+                    labels[start : start + chunk],
+                )
+                for start in range(0, len(features), chunk)
+            ]
+        )
 
 
-def swapped_losses(model: torch.nn.Module, layers: Any, reference: dict[str, torch.Tensor],
-                   model_inputs: dict[str, Any], inputs: dict[str, Any], labels: Any,
-                   per_sample_losses: PerSampleLosses, *, with_own: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+def swapped_losses(
+    model: torch.nn.Module,
+    layers: Any,
+    reference: dict[str, torch.Tensor],
+    model_inputs: dict[str, Any],
+    inputs: dict[str, Any],
+    labels: Any,
+    per_sample_losses: PerSampleLosses,
+    *,
+    with_own: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Per-sample losses of the student (unless ``with_own`` is False: None), and of the student with its mimic
     tensors swapped for the reference's (so the reference reads the student's current features), both in eval
     mode and without gradients."""
@@ -84,18 +100,32 @@ class ReferenceVerdict:
         per_sample_losses: ``(outputs, inputs, labels) -> [B]``, the trainer's per-sample losses.
     """
 
-    def __init__(self, setting: str, reference: Callable[[], dict[str, torch.Tensor]], layers: Any,
-                 unwrapped_model: Callable[[], torch.nn.Module], per_sample_losses: PerSampleLosses) -> None:
+    def __init__(
+        self,
+        setting: str,
+        reference: Callable[[], dict[str, torch.Tensor]],
+        layers: Any,
+        unwrapped_model: Callable[[], torch.nn.Module],
+        per_sample_losses: PerSampleLosses,
+    ) -> None:
         if setting not in LOG_REFERENCE_LOSS_CHOICES:
-            raise ValueError(f"`mimic_log_reference_loss` must be one of {LOG_REFERENCE_LOSS_CHOICES}; got {setting!r}.")
+            raise ValueError(
+                f"`mimic_log_reference_loss` must be one of {LOG_REFERENCE_LOSS_CHOICES}; got {setting!r}."
+            )
         self.setting = setting
         self.reference = reference
         self.layers = layers
         self.unwrapped_model = unwrapped_model
         self.per_sample_losses = per_sample_losses
 
-    def losses(self, capture: Capture, logits: torch.Tensor | None, labels: Any, model_inputs: dict[str, Any],
-               inputs: dict[str, Any]) -> torch.Tensor | None:
+    def losses(
+        self,
+        capture: Capture,
+        logits: torch.Tensor | None,
+        labels: Any,
+        model_inputs: dict[str, Any],
+        inputs: dict[str, Any],
+    ) -> torch.Tensor | None:
         """The reference's per-sample losses (float32, detached), or None where the setting leaves them out.
 
         Call right after the training forward, while the captured features are alive."""
@@ -105,7 +135,15 @@ class ReferenceVerdict:
         if head and (self.setting == "always" or logits.dim() == 2):
             return reference_head_losses(self.layers, self.reference(), capture, labels, self.per_sample_losses).float()
         if self.setting == "always":
-            _, with_reference = swapped_losses(self.unwrapped_model(), self.layers, self.reference(), model_inputs,
-                                               inputs, labels, self.per_sample_losses, with_own=False)
+            _, with_reference = swapped_losses(
+                self.unwrapped_model(),
+                self.layers,
+                self.reference(),
+                model_inputs,
+                inputs,
+                labels,
+                self.per_sample_losses,
+                with_own=False,
+            )
             return with_reference.float()
         return None

@@ -165,8 +165,17 @@ class ScoreLog(TrainerCallback):
         provenance: written next to the shards when training starts (`run_provenance`).
     """
 
-    def __init__(self, output_dir: str, rank: int, world: int, dataset_size: int | None, sample_ids: Any,
-                 record: bool, wait_for_everyone: Callable[[], None], provenance: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        rank: int,
+        world: int,
+        dataset_size: int | None,
+        sample_ids: Any,
+        record: bool,
+        wait_for_everyone: Callable[[], None],
+        provenance: dict[str, Any] | None = None,
+    ) -> None:
         self.output_dir = output_dir
         self.rank, self.world = rank, world
         self.sample_ids = sample_ids

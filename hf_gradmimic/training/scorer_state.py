@@ -106,4 +106,3 @@ def _is_json_data(value: Any) -> bool:
     if isinstance(value, dict):
         return all(isinstance(key, str) and _is_json_data(item) for key, item in value.items())
     return False
-

@@ -45,8 +45,14 @@ class Selection:
         return torch.isfinite(self.logits).nonzero().flatten()
 
 
-def select_over_step(scorer: SampleScorer, candidates: list[Candidates], ratio: float,
-                     gather: Callable[[torch.Tensor], torch.Tensor], rank: int, num_processes: int) -> list[Selection]:
+def select_over_step(
+    scorer: SampleScorer,
+    candidates: list[Candidates],
+    ratio: float,
+    gather: Callable[[torch.Tensor], torch.Tensor],
+    rank: int,
+    num_processes: int,
+) -> list[Selection]:
     """The scorer's selection (`SampleScorer.softmax_logits` in select mode: the top ``max(1, ⌊ratio · n⌋)``) over the
     ``n`` candidates of the whole step, every micro-batch of every process, in (micro-batch, process, position)
     order: the order of one process with the whole batch. A sample that was not scored (non-finite, unlabeled)
@@ -69,7 +75,9 @@ def select_over_step(scorer: SampleScorer, candidates: list[Candidates], ratio: 
     return selections
 
 
-def observe_step(scorer: SampleScorer, selections: list[Selection], gather_rows: Callable[[torch.Tensor], torch.Tensor]) -> None:
+def observe_step(
+    scorer: SampleScorer, selections: list[Selection], gather_rows: Callable[[torch.Tensor], torch.Tensor]
+) -> None:
     """Hands a stateful scorer every process's selected samples of the step, as one batch with equal weights."""
     fields = {"logits": [], "labels": [], "features": []}
     for selection in selections:
@@ -83,12 +91,15 @@ def observe_step(scorer: SampleScorer, selections: list[Selection], gather_rows:
     total = len(every["labels"])
     if total == 0:
         return
-    ctx = ScoreContext(losses=torch.zeros(total), logits=every["logits"], labels=every["labels"].long(),
-                       features=every["features"])
+    ctx = ScoreContext(
+        losses=torch.zeros(total), logits=every["logits"], labels=every["labels"].long(), features=every["features"]
+    )
     scorer.observe(ctx, torch.full((total,), 1.0 / total))
 
 
-def _gather_padded(value: torch.Tensor, gather_rows: Callable[[torch.Tensor], torch.Tensor], count: torch.Tensor) -> torch.Tensor:
+def _gather_padded(
+    value: torch.Tensor, gather_rows: Callable[[torch.Tensor], torch.Tensor], count: torch.Tensor
+) -> torch.Tensor:
     """Every process's rows of ``value`` (rank after rank), without the padding the gather added."""
     flat = value.reshape(len(value), -1).to(torch.float64)
     gathered = gather_rows(flat)

@@ -90,8 +90,13 @@ class StepSoftmax:
         accumulated_grads: the gradients accumulated so far in the step, which a new micro-batch rescales.
     """
 
-    def __init__(self, normalize: str, num_processes: int, gather: Callable[[torch.Tensor], torch.Tensor],
-                 accumulated_grads: Callable[[], list[torch.Tensor]]) -> None:
+    def __init__(
+        self,
+        normalize: str,
+        num_processes: int,
+        gather: Callable[[torch.Tensor], torch.Tensor],
+        accumulated_grads: Callable[[], list[torch.Tensor]],
+    ) -> None:
         self.normalize = normalize
         self.num_processes = num_processes
         self.gather = gather
@@ -115,8 +120,12 @@ class StepSoftmax:
         """Samples of the step being accumulated, over every process, with a finite loss and score (None: no step)."""
         if not self.micro_batches:
             return None
-        return int(sum(int((m.all_status == STATUS_SCORED).sum() + (m.all_status == STATUS_UNLABELED).sum())
-                       for m in self.micro_batches))
+        return int(
+            sum(
+                int((m.all_status == STATUS_SCORED).sum() + (m.all_status == STATUS_UNLABELED).sum())
+                for m in self.micro_batches
+            )
+        )
 
     def supervised_samples(self) -> int | None:
         """Samples of the step being accumulated, over every process, that were scored: finite, with a supervised
@@ -125,9 +134,19 @@ class StepSoftmax:
             return None
         return int(sum(int((m.all_status == STATUS_SCORED).sum()) for m in self.micro_batches))
 
-    def add(self, global_step: int, rows: torch.Tensor, scores: torch.Tensor, logits: torch.Tensor,
-            losses: torch.Tensor, status: torch.Tensor, fallback: torch.Tensor, accumulation_steps: int,
-            log_counts: torch.Tensor | None = None, recorded: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def add(
+        self,
+        global_step: int,
+        rows: torch.Tensor,
+        scores: torch.Tensor,
+        logits: torch.Tensor,
+        losses: torch.Tensor,
+        status: torch.Tensor,
+        fallback: torch.Tensor,
+        accumulation_steps: int,
+        log_counts: torch.Tensor | None = None,
+        recorded: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Adds a micro-batch of the step ``global_step``; returns each local sample's coefficient c_i, so that
         backward of Σ_i c_i ℓ_i (averaged over ranks by DDP/FSDP) accumulates Σ_i w_i ∇ℓ_i. ``log_counts``: log of
         each sample's supervised tokens, for token weighting (None: every sample counts once). ``recorded``: per-sample
@@ -138,8 +157,19 @@ class StepSoftmax:
         packed = torch.stack([column.to(logits.device, torch.float64) for column in columns], dim=1)
         # One collective for all six columns; float64 holds row indices exactly up to 2**53.
         all_logits, all_rows, all_scores, all_losses, all_status, all_offsets = self.gather(packed).unbind(dim=1)
-        micro = _MicroBatch(rows, scores.detach(), logits, losses.detach(), status, fallback, all_logits.to(logits.dtype),
-                            all_rows, all_scores, all_losses, all_status)
+        micro = _MicroBatch(
+            rows,
+            scores.detach(),
+            logits,
+            losses.detach(),
+            status,
+            fallback,
+            all_logits.to(logits.dtype),
+            all_rows,
+            all_scores,
+            all_losses,
+            all_status,
+        )
         micro.recorded = {name: values.detach() for name, values in (recorded or {}).items() if values is not None}
         self.micro_batches.append(micro)
         update_logits = logits + offsets  # −inf + anything stays −inf: a left-out sample keeps weight 0
@@ -169,14 +199,25 @@ class StepSoftmax:
         losses = torch.cat([m.losses for m in micro_batches]).float().cpu().numpy()
         real = torch.isfinite(torch.cat([m.all_rows for m in micro_batches]))  # drop the padding of uneven ranks
         # A non-finite sample has weight 0; its loss must not turn the weighted mean into NaN (0·NaN).
-        step_losses = torch.nan_to_num(torch.cat([m.all_losses for m in micro_batches])[real], nan=0.0, posinf=0.0, neginf=0.0)
+        step_losses = torch.nan_to_num(
+            torch.cat([m.all_losses for m in micro_batches])[real], nan=0.0, posinf=0.0, neginf=0.0
+        )
         if self.normalize == "micro":
             weights = torch.cat([m.weights for m in micro_batches]).float().cpu().numpy()
             batch_sizes = np.concatenate([np.full(len(m.rows), len(m.rows)) for m in micro_batches])
-            ess_fraction = float(np.mean([1.0 / m.weights.square().sum().item() / len(m.weights)
-                                          for m in micro_batches if m.weights.sum() > 0]))
+            ess_fraction = float(
+                np.mean(
+                    [
+                        1.0 / m.weights.square().sum().item() / len(m.weights)
+                        for m in micro_batches
+                        if m.weights.sum() > 0
+                    ]
+                )
+            )
             finite_losses = np.nan_to_num(losses, nan=0.0, posinf=0.0, neginf=0.0)
-            weighted_loss = float((weights * finite_losses).sum() / max(weights.sum(), 1e-30))  # this rank's micro-batches
+            weighted_loss = float(
+                (weights * finite_losses).sum() / max(weights.sum(), 1e-30)
+            )  # this rank's micro-batches
         else:
             # The recorded weights are softmax(s) over the step, without the token counts of the update's softmax.
             step_logits = torch.cat([m.all_logits for m in micro_batches])[real]
@@ -211,8 +252,11 @@ class StepSoftmax:
             nonfinite_in_step=int((step_status == STATUS_NONFINITE).sum()),
             unlabeled_in_step=int((step_status == STATUS_UNLABELED).sum()),
             metrics=metrics,
-            recorded={name: torch.cat([m.recorded[name] for m in micro_batches]).float().cpu().numpy()
-                      for name in micro_batches[0].recorded if all(name in m.recorded for m in micro_batches)},
+            recorded={
+                name: torch.cat([m.recorded[name] for m in micro_batches]).float().cpu().numpy()
+                for name in micro_batches[0].recorded
+                if all(name in m.recorded for m in micro_batches)
+            },
         )
 
 

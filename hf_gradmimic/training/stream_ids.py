@@ -169,7 +169,9 @@ class StreamIds:
     @staticmethod
     def keys_of(ids: np.ndarray) -> np.ndarray:
         """The keys of recorded ids (to restore the repeat flags on resume)."""
-        return np.asarray([sample_key(value.item() if hasattr(value, "item") else value) for value in ids], dtype=np.int64)
+        return np.asarray(
+            [sample_key(value.item() if hasattr(value, "item") else value) for value in ids], dtype=np.int64
+        )
 
 
 def stream_position(epoch: float, batches_per_pass: int) -> tuple[int, int]:

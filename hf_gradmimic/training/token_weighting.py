@@ -26,8 +26,14 @@ def log_token_counts(counts: torch.Tensor | None, weighting: str) -> torch.Tenso
     return counts.float().log()
 
 
-def plain_mean_weights(included: torch.Tensor, counts: torch.Tensor | None, weighting: str, accumulation_steps: int,
-                       num_items_in_batch: Any = None, loss_scale: int = 1) -> torch.Tensor:
+def plain_mean_weights(
+    included: torch.Tensor,
+    counts: torch.Tensor | None,
+    weighting: str,
+    accumulation_steps: int,
+    num_items_in_batch: Any = None,
+    loss_scale: int = 1,
+) -> torch.Tensor:
     """Each sample's weight in `Trainer`'s plain loss, over the ``included`` samples of a micro-batch: ``n_i /
     num_items_in_batch`` (times the processes Trainer multiplies by when it averages tokens across devices) with
     token weighting when Trainer counted the step's tokens; otherwise the micro-batch's mean (over tokens, or over

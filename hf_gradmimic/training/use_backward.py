@@ -40,8 +40,10 @@ def uses_weighted_loss(ghost: GhostBatch, scale: torch.Tensor) -> torch.Tensor:
         # is computed in that dtype and accumulated in theirs, as autograd does through autocast's casts.
         compute = use.output_grads.dtype
         # Only the mimic tensors stay live: the input is detached, so nothing upstream is reached.
-        params = {local: as_compute_dtype(param if local in use.tensor_keys else param.detach(), compute)
-                  for local, param in use.module.named_parameters(recurse=False)}
+        params = {
+            local: as_compute_dtype(param if local in use.tensor_keys else param.detach(), compute)
+            for local, param in use.module.named_parameters(recurse=False)
+        }
         output = torch.func.functional_call(use.module, params, (as_compute_dtype(use.activations, compute),))
         factor = scale.detach().view(-1, *([1] * (output.dim() - 1)))
         term = ((use.output_grads.float() * factor).to(output.dtype) * output).sum()

@@ -34,10 +34,24 @@ def bayesian_trainer(output_dir: str, kill_at: int | None = None) -> MimicTraine
     rng = np.random.default_rng(0)
     data = mlp_dataset(n=64).add_column("zero_shot", rng.normal(size=(64, 4)).astype(np.float32).tolist())
     args = MimicConfig(
-        output_dir=output_dir, mimic_layers=["head"], mimic_scorer="bayesian", mimic_zero_shot_column="zero_shot",
-        mimic_select_ratio=0.25, mimic_bayesian_num_samples=64, per_device_train_batch_size=16, max_steps=7,
-        save_strategy="steps", save_steps=2, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
-        report_to=[], use_cpu=True, disable_tqdm=True, seed=0, logging_steps=1,
+        output_dir=output_dir,
+        mimic_layers=["head"],
+        mimic_scorer="bayesian",
+        mimic_zero_shot_column="zero_shot",
+        mimic_select_ratio=0.25,
+        mimic_bayesian_num_samples=64,
+        per_device_train_batch_size=16,
+        max_steps=7,
+        save_strategy="steps",
+        save_steps=2,
+        learning_rate=0.5,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        logging_steps=1,
     )
     callbacks = [KillAt(kill_at)] if kill_at else None
     return MimicTrainer(model=TinyMLP(), args=args, train_dataset=data, callbacks=callbacks)

@@ -25,13 +25,19 @@ def stream_trainer(output_dir: str, n: int, kill_at: int = 0) -> MimicTrainer:
     model = TinyMLP()
     reference = perturbed_reference(model, ["hidden.weight", "hidden.bias", "head.weight", "head.bias"])
     args = MimicConfig(
-        output_dir=output_dir, mimic_layers=["hidden", "head"], mimic_id_column="id", mimic_alignment_check=False,
-        per_device_train_batch_size=8, max_steps=7, save_steps=2,
+        output_dir=output_dir,
+        mimic_layers=["hidden", "head"],
+        mimic_id_column="id",
+        mimic_alignment_check=False,
+        per_device_train_batch_size=8,
+        max_steps=7,
+        save_steps=2,
         **{**COMMON, "save_strategy": "steps"},
     )
     callbacks = [KillAt(kill_at)] if kill_at else None
-    return MimicTrainer(model=model, args=args, train_dataset=mlp_stream(n, "str", shards=2), reference=reference,
-                        callbacks=callbacks)
+    return MimicTrainer(
+        model=model, args=args, train_dataset=mlp_stream(n, "str", shards=2), reference=reference, callbacks=callbacks
+    )
 
 
 if __name__ == "__main__":

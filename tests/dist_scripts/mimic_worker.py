@@ -35,8 +35,15 @@ def tiny_bert(seed: int = 0):
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(
-        vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=32,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     torch.manual_seed(seed)
     return BertForSequenceClassification(config)
@@ -76,7 +83,12 @@ def build(spec: dict[str, Any]):
         model.get_submodule(name).requires_grad_(False)
     generator = torch.Generator().manual_seed(1)
     params = dict(model.named_parameters())
-    names = [f"{layer}.{part}" for layer in spec["mimic_layers"] for part in ("weight", "bias") if f"{layer}.{part}" in params]
+    names = [
+        f"{layer}.{part}"
+        for layer in spec["mimic_layers"]
+        for part in ("weight", "bias")
+        if f"{layer}.{part}" in params
+    ]
     reference = {n: params[n].detach() + 0.5 * torch.randn(params[n].shape, generator=generator) for n in names}
     return model, data, reference
 
@@ -157,7 +169,9 @@ def run(spec: dict[str, Any], before_train: Callable[[Any], None] | None = None)
         for name, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters()
     }
     # Every rank's scorer state: a stateful scorer (Bayesian) must hold the same on every rank.
-    torch.save(trainer.scorer.state_dict(), Path(spec["output_dir"]) / f"scorer_rank{trainer.accelerator.process_index}.pt")
+    torch.save(
+        trainer.scorer.state_dict(), Path(spec["output_dir"]) / f"scorer_rank{trainer.accelerator.process_index}.pt"
+    )
     if trainer.accelerator.is_main_process:
         torch.save(params, Path(spec["output_dir"]) / "params.pt")
         (Path(spec["output_dir"]) / "run_info.json").write_text(json.dumps(info))

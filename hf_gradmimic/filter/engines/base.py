@@ -34,7 +34,10 @@ class Engine(ABC):
 
     @abstractmethod
     def reduce_log(
-        self, scores: ScoresLike | ScoreSource, windows: WindowsLike, on_bad_shard: BadShardPolicy,
+        self,
+        scores: ScoresLike | ScoreSource,
+        windows: WindowsLike,
+        on_bad_shard: BadShardPolicy,
         spill_dir: str | os.PathLike | None,
     ) -> WindowedScores:
         """What `collect` runs: the engine's own entry point."""

@@ -64,6 +64,11 @@ class MemoryEngine(Engine):
 
     name = "memory"
 
-    def reduce_log(self, scores: ScoresLike | ScoreSource, windows: WindowsLike, on_bad_shard: BadShardPolicy,
-                   spill_dir: str | os.PathLike | None) -> WindowedScores:
+    def reduce_log(
+        self,
+        scores: ScoresLike | ScoreSource,
+        windows: WindowsLike,
+        on_bad_shard: BadShardPolicy,
+        spill_dir: str | os.PathLike | None,
+    ) -> WindowedScores:
         return collect_windows(scores, windows, on_bad_shard=on_bad_shard)

@@ -115,8 +115,9 @@ def collect_windows_streaming(
         raise ValueError(f"The score log ({source.description}) is empty: it holds no record.")
     lo, hi = _id_range(source)
     budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
-    n_partitions = _partition_count(capacity, hi - lo + 1, _window_estimate(source, windows),
-                                    len(signals_of(columns)), budget)
+    n_partitions = _partition_count(
+        capacity, hi - lo + 1, _window_estimate(source, windows), len(signals_of(columns)), budget
+    )
     if n_partitions == 1:
         return reduce_in_memory(source, windows)
     warn_list: list[str] = source.warnings
@@ -136,8 +137,13 @@ class OutOfCoreEngine(Engine):
 
     name = "streaming"
 
-    def reduce_log(self, scores: ScoresLike | ScoreSource, windows: WindowsLike, on_bad_shard: BadShardPolicy,
-                   spill_dir: str | os.PathLike | None) -> WindowedScores:
+    def reduce_log(
+        self,
+        scores: ScoresLike | ScoreSource,
+        windows: WindowsLike,
+        on_bad_shard: BadShardPolicy,
+        spill_dir: str | os.PathLike | None,
+    ) -> WindowedScores:
         return collect_windows_streaming(scores, windows, on_bad_shard=on_bad_shard, spill_dir=spill_dir)
 
 

@@ -96,13 +96,19 @@ def collect_windows_ray(
     columns = columns_to_read(source, windows)
     signals = signals_of(columns)
     tasks = [
-        {"index": i, "path": str(path), "drop": source.plan.drop_rows.get(path, np.zeros(0, np.int64)).tolist(),
-         "on_bad_shard": source.on_bad_shard}
+        {
+            "index": i,
+            "path": str(path),
+            "drop": source.plan.drop_rows.get(path, np.zeros(0, np.int64)).tolist(),
+            "on_bad_shard": source.on_bad_shard,
+        }
         for i, path in enumerate(source.shards)
     ]
-    shard_info = ray.data.from_items(tasks).map_batches(
-        _shard_summary, fn_kwargs={"columns": columns, "windows": windows}, batch_size=1
-    ).take_all()
+    shard_info = (
+        ray.data.from_items(tasks)
+        .map_batches(_shard_summary, fn_kwargs={"columns": columns, "windows": windows}, batch_size=1)
+        .take_all()
+    )
     unreadable = [source.shards[int(row["index"])] for row in shard_info if row["unreadable"]]
     if unreadable:
         message = skipped_message([(path, "its data cannot be read") for path in unreadable])
@@ -117,10 +123,15 @@ def collect_windows_ray(
     width = -(-(hi - lo + 1) // n_ranges)
     m = len(step_map.names)
     dense = dense_ids(stats["id_min"], stats["id_max"], stats["count"])
-    n_codes = stats["id_max"] - stats["id_min"] + 1 if dense else min(stats["count"], stats["id_max"] - stats["id_min"] + 1)
+    n_codes = (
+        stats["id_max"] - stats["id_min"] + 1 if dense else min(stats["count"], stats["id_max"] - stats["id_min"] + 1)
+    )
     settings = {
-        "step_map": step_map, "dense": dense, "bincount": bincount_cells(n_codes * m, stats["count"]),
-        "has_status": "status" in columns, "signals": signals,
+        "step_map": step_map,
+        "dense": dense,
+        "bincount": bincount_cells(n_codes * m, stats["count"]),
+        "has_status": "status" in columns,
+        "signals": signals,
     }
     records = ray.data.from_items(tasks).map_batches(
         _shard_records,
@@ -140,8 +151,13 @@ class RayEngine(Engine):
 
     name = "ray"
 
-    def reduce_log(self, scores: ScoresLike | ScoreSource, windows: WindowsLike, on_bad_shard: BadShardPolicy,
-                   spill_dir: str | os.PathLike | None) -> WindowedScores:
+    def reduce_log(
+        self,
+        scores: ScoresLike | ScoreSource,
+        windows: WindowsLike,
+        on_bad_shard: BadShardPolicy,
+        spill_dir: str | os.PathLike | None,
+    ) -> WindowedScores:
         return collect_windows_ray(scores, windows, on_bad_shard=on_bad_shard)
 
 
@@ -164,14 +180,22 @@ def _shard_summary(batch: dict[str, np.ndarray], columns: list[str], windows: Wi
     table = _shard_table(task, columns)
     chunk = None if table is None else record_chunk(table, windows, signals_of(columns))
     if chunk is None or chunk.size == 0:
-        return {"index": np.array([task["index"]]), "count": np.array([0]), "id_min": np.array([0]),
-                "id_max": np.array([0]), "steps": np.array([np.zeros(0, np.int64)], dtype=object),
-                "epochs": np.array([np.zeros(0)], dtype=object), "unreadable": np.array([table is None])}
+        return {
+            "index": np.array([task["index"]]),
+            "count": np.array([0]),
+            "id_min": np.array([0]),
+            "id_max": np.array([0]),
+            "steps": np.array([np.zeros(0, np.int64)], dtype=object),
+            "epochs": np.array([np.zeros(0)], dtype=object),
+            "unreadable": np.array([table is None]),
+        }
     steps, epochs = chunk.step_epochs
     ids = chunk.int_ids()
     return {
-        "index": np.array([task["index"]]), "count": np.array([chunk.size]),
-        "id_min": np.array([int(ids.min())]), "id_max": np.array([int(ids.max())]),
+        "index": np.array([task["index"]]),
+        "count": np.array([chunk.size]),
+        "id_min": np.array([int(ids.min())]),
+        "id_max": np.array([int(ids.max())]),
         "steps": np.array([steps], dtype=object),
         "epochs": np.array([np.zeros(0) if epochs is None else epochs], dtype=object),
         "unreadable": np.array([False]),
@@ -185,8 +209,10 @@ def _step_map(
     shard_info = sorted((row for row in shard_info if row["count"] > 0), key=lambda row: row["index"])
     if not shard_info:
         raise ValueError(f"The score log ({description}) is empty once repeated records are dropped.")
-    step_epochs = [(np.asarray(row["steps"], np.int64), np.asarray(row["epochs"]) if windows == "epoch" else None)
-                   for row in shard_info]
+    step_epochs = [
+        (np.asarray(row["steps"], np.int64), np.asarray(row["epochs"]) if windows == "epoch" else None)
+        for row in shard_info
+    ]
     stats = {
         "count": int(sum(row["count"] for row in shard_info)),
         "id_min": int(min(row["id_min"] for row in shard_info)),
@@ -196,12 +222,23 @@ def _step_map(
 
 
 _TASK_FIELDS = ("index", "path", "drop", "on_bad_shard")
-_RECORD_COLUMNS = (("range", np.int32), ("position", np.int64), ("step", np.int64), ("id", np.int64),
-                   ("bw", np.float32), ("score", np.float32), ("status", np.int8))
+_RECORD_COLUMNS = (
+    ("range", np.int32),
+    ("position", np.int64),
+    ("step", np.int64),
+    ("id", np.int64),
+    ("bw", np.float32),
+    ("score", np.float32),
+    ("status", np.int8),
+)
 
 
 def _shard_records(
-    batch: dict[str, np.ndarray], columns: list[str], windows: WindowsLike, lo: int, width: int,
+    batch: dict[str, np.ndarray],
+    columns: list[str],
+    windows: WindowsLike,
+    lo: int,
+    width: int,
     signals: tuple[str, ...],
 ) -> dict[str, np.ndarray]:
     """A Ray task: one shard's records as rows (sample-id range, log position, step, id, b*w, score, status, signals)."""
@@ -226,14 +263,21 @@ def _shard_records(
 
 
 def _reduce_range(
-    batch: dict[str, np.ndarray], step_map: StepWindows, dense: bool, bincount: bool, has_status: bool,
+    batch: dict[str, np.ndarray],
+    step_map: StepWindows,
+    dense: bool,
+    bincount: bool,
+    has_status: bool,
     signals: tuple[str, ...],
 ) -> dict[str, np.ndarray]:
     """A Ray task: one sample-id range's records, in log order, reduced to per-sample window means."""
     order = np.argsort(batch["position"], kind="stable")
     status = batch["status"][order] if has_status else None
     records = Records(
-        count=int(order.size), steps=batch["step"][order], bw=batch["bw"][order], scores=batch["score"][order],
+        count=int(order.size),
+        steps=batch["step"][order],
+        bw=batch["bw"][order],
+        scores=batch["score"][order],
         int_ids=batch["id"][order].copy(),
         status=status if status is not None and (status != 0).any() else None,
         signals={name: batch[f"signal.{name}"][order] for name in signals},
@@ -246,8 +290,12 @@ def _reduce_range(
     counters = np.zeros((n, 3 + len(signals)), dtype=np.int64)
     counters[0, :3] = (part.n_nan_scores, part.n_without_score, part.n_unlabeled_records)
     out = {
-        "sample_id": ids, "values": part.values, "scores": part.scores,
-        "mean_weight": part.mean_weight, "mean_score": part.mean_score, "n_records": part.n_records,
+        "sample_id": ids,
+        "values": part.values,
+        "scores": part.scores,
+        "mean_weight": part.mean_weight,
+        "mean_score": part.mean_score,
+        "n_records": part.n_records,
         "n_nonfinite": np.zeros(n, np.int32) if part.n_nonfinite is None else part.n_nonfinite,
         "has_nonfinite": np.full(n, part.n_nonfinite is not None),
     }
@@ -271,9 +319,14 @@ def _gather(
     per_window = {"values", "scores", *(f"signal.{name}" for name in signals)}
 
     def column(name: str) -> np.ndarray:
-        return np.concatenate([np.asarray(p[name]).reshape(-1, m) if name in per_window
-                               else np.asarray(p[name]).reshape(len(p["sample_id"]), -1).squeeze(-1)
-                               for p in parts])[order]
+        return np.concatenate(
+            [
+                np.asarray(p[name]).reshape(-1, m)
+                if name in per_window
+                else np.asarray(p[name]).reshape(len(p["sample_id"]), -1).squeeze(-1)
+                for p in parts
+            ]
+        )[order]
 
     counters = np.concatenate([p["counters"] for p in parts]).sum(axis=0)
     has_nonfinite = bool(np.concatenate([p["has_nonfinite"] for p in parts]).any())
@@ -284,12 +337,23 @@ def _gather(
             listed = sorted_ids[column(f"listed.{name}")][:MAX_LISTED_IDS].tolist()
             nonfinite_signals[name] = (int(counters[3 + k]), listed)
     output = WindowedScoresBuilder(ids.size, step_map, signals)
-    output.add(WindowedScores(
-        sample_ids=pa.array(sorted_ids), values=column("values"), scores=column("scores"),
-        mean_weight=column("mean_weight"), mean_score=column("mean_score"), n_records=column("n_records"),
-        window_names=step_map.names, window_steps=step_map.ranges, total_records=total_records,
-        n_nan_scores=int(counters[0]), n_without_score=int(counters[1]), n_unlabeled_records=int(counters[2]),
-        n_nonfinite=column("n_nonfinite") if has_nonfinite else None,
-        signals={name: column(f"signal.{name}") for name in signals}, nonfinite_signals=nonfinite_signals,
-    ))
+    output.add(
+        WindowedScores(
+            sample_ids=pa.array(sorted_ids),
+            values=column("values"),
+            scores=column("scores"),
+            mean_weight=column("mean_weight"),
+            mean_score=column("mean_score"),
+            n_records=column("n_records"),
+            window_names=step_map.names,
+            window_steps=step_map.ranges,
+            total_records=total_records,
+            n_nan_scores=int(counters[0]),
+            n_without_score=int(counters[1]),
+            n_unlabeled_records=int(counters[2]),
+            n_nonfinite=column("n_nonfinite") if has_nonfinite else None,
+            signals={name: column(f"signal.{name}") for name in signals},
+            nonfinite_signals=nonfinite_signals,
+        )
+    )
     return output.build()
