@@ -97,7 +97,7 @@ LabelingFunctionLike = str | LabelingFunction | ScoringFunction
 # best of five baselines per setting (docs/results.md). The paper's mimic-window votes lowered F1 in every setting
 # when added; the reference's loss did not help on average. A task without classification margins (a language
 # model, CLIP) uses the loss alone.
-DEFAULT_LABELING_FUNCTIONS: tuple[str, ...] = ("mean_loss", "mean_margin")
+DEFAULT_LABELING_FUNCTIONS: tuple[str, ...] = ("mean_loss", "mean_margin", "reference_loss")
 
 
 class LossWindows:
