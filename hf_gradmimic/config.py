@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -23,6 +25,19 @@ SCORER_CHOICES = tuple(SCORERS)
 
 _SCALARS = {"float": float, "int": int, "bool": bool, "str": str}
 _TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
+def annotation_name(annotation: object) -> str:
+    """A dataclass field's annotation as its source spelling (``"float"``, ``"Optional[int]"``). With ``from __future__
+    import annotations`` it is that string; transformers' ``HfArgumentParser`` replaces it by the resolved type in the
+    dataclass's own fields (``field.type = type_hints[...]``), so a type is spelt back here."""
+    if isinstance(annotation, str):
+        return annotation
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        inner = next(arg for arg in args if arg is not type(None))
+        return f"Optional[{getattr(inner, '__name__', str(inner))}]"
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def coerce_field(name: str, value: object, annotation: str) -> object:
@@ -289,8 +304,9 @@ class MimicArguments:
         if parent is not None:  # the TrainingArguments subclass this mixin completes
             parent()
         for name, spec in self.__dataclass_fields__.items():
-            if name.startswith("mimic_"):
-                setattr(self, name, coerce_field(name, getattr(self, name), str(spec.type)))
+            # A None where None is the default is allowed, whatever HfArgumentParser made of the Optional[...].
+            if name.startswith("mimic_") and not (getattr(self, name) is None and spec.default is None):
+                setattr(self, name, coerce_field(name, getattr(self, name), annotation_name(spec.type)))
         if not self.mimic_temperature > 0:
             raise ValueError(
                 f"`mimic_temperature` must be > 0 (the softmax temperature τ); got {self.mimic_temperature}."

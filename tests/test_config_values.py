@@ -24,3 +24,23 @@ def test_config_values_from_a_json_config_are_coerced_or_named(tmp_path):
         config(tmp_path, mimic_warmup_steps=2.5)
     with pytest.raises(TypeError, match=r"`mimic_select_ratio` must be a float; got \[0.1\] \(list\)"):
         config(tmp_path, mimic_select_ratio=[0.1])
+
+
+def test_string_values_are_coerced_after_an_argument_parser_resolved_the_fields(tmp_path):
+    """transformers' HfArgumentParser replaces the dataclass fields' string annotations by types; a JSON config read
+    afterwards (in the same process: the CLI, then a script) is still coerced."""
+    from transformers import HfArgumentParser
+
+    from hf_gradmimic import MimicConfig
+
+    HfArgumentParser(MimicConfig)
+    assert not isinstance(MimicConfig.__dataclass_fields__["mimic_temperature"].type, str)
+    args = MimicConfig(
+        output_dir=str(tmp_path),
+        mimic_layers=["head"],
+        mimic_temperature="0.25",
+        mimic_max_nonfinite_steps="3",
+        report_to=[],
+        use_cpu=True,
+    )
+    assert args.mimic_temperature == 0.25 and args.mimic_max_nonfinite_steps == 3
