@@ -36,6 +36,10 @@ from typing import Any
 import numpy as np
 from provenance import code_commit  # scripts/provenance.py, beside this file
 
+# The code a process runs is the code it imported when it started: its commit is read once, then, not at each
+# cell's end (a commit made while a long grid runs does not change what the grid measures).
+PROCESS_COMMIT = code_commit()
+
 BATCH = 32
 SELECT_RATIO = 0.1
 TRUSTED_SEED_OFFSET = 10_000  # the trusted draw has its own stream, apart from the split and the flips
@@ -472,7 +476,7 @@ def run_cell(
             for name, (issues, _) in detections.items()
         }
     record["seconds"] = time.perf_counter() - start
-    record["commit"] = code_commit()
+    record["commit"] = PROCESS_COMMIT
     return record
 
 
@@ -503,7 +507,7 @@ def refilter_cell(
             **kept,
             **{k: v for k, v in record["kept_accuracy"].items() if k not in STAGE2_NAMES},
         }
-    record["stage2_commit"] = code_commit()
+    record["stage2_commit"] = PROCESS_COMMIT
     return record
 
 
