@@ -377,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         DEFAULT_METHOD,
         ENGINES,
         METHODS,
+        SIGNAL_NAMES,
     )
 
     flt = commands.add_parser("filter", help="Stage 2: build the ensemble filter from a score log.")
@@ -411,9 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--labeling-functions",
         nargs="+",
         default=list(DEFAULT_LABELING_FUNCTIONS),
-        choices=["mimic", "loss"],
-        help="Vote sources the LabelModel weighs: the mimic windows and the per-window small-loss votes "
-        "(a reference's or zero-shot model's agreement: build_filter(labeling_functions=[...]) in Python).",
+        choices=["mimic", "loss", *SIGNAL_NAMES],
+        help="The sources of evidence: continuous ones from the score log (mean_loss, mean_margin, last_loss, "
+        "window_loss, reference_loss) and votes (mimic: the paper's windows; loss: per-window small-loss votes). "
+        "A reference's or zero-shot model's agreement: build_filter(labeling_functions=[...]) in Python.",
     )
     flt.add_argument(
         "--output", default="mimic_filter", help="Directory for the filter (Parquet table + JSON summary)."

@@ -75,7 +75,9 @@ def test_filter_choices_are_the_library_lists():
     from hf_gradmimic.filter import DEFAULT_LABELING_FUNCTIONS
 
     assert options["labeling_functions"].default == list(DEFAULT_LABELING_FUNCTIONS)
-    assert set(options["labeling_functions"].choices) == {"mimic", "loss"}
+    from hf_gradmimic.filter import SIGNAL_NAMES
+
+    assert set(options["labeling_functions"].choices) == {"mimic", "loss", *SIGNAL_NAMES}
 
 
 @pytest.mark.timeout(240)

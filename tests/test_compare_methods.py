@@ -100,6 +100,7 @@ def test_targets_compare_the_default_filter_with_the_best_baseline():
         }
         for seed in (0, 1)
     ]
+
     def rows_and_lines(records):
         lines = realistic.targets(records)
         return [line for line in lines if line.startswith("| digits |")], "\n".join(lines)

@@ -102,8 +102,9 @@ def test_ray_filter_equals_for_every_method_and_aggregate(ray_cluster, tmp_path)
     log_dir = write_shards(random_log(3, sparse_ids=True), tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FilterWarning)
-        distributed = build_filter(log_dir, method="gmm", aggregate="snorkel", windows=3, engine="ray",
-                                   labeling_functions=["mimic", "loss"])
+        distributed = build_filter(
+            log_dir, method="gmm", aggregate="snorkel", windows=3, engine="ray", labeling_functions=["mimic", "loss"]
+        )
         for method in METHODS:
             for aggregate in AGGREGATES:
                 # rebuild re-splits the mimic windows only; the loss windows keep the gmm split they were built with.
@@ -119,8 +120,10 @@ def test_ray_filter_equals_for_every_method_and_aggregate(ray_cluster, tmp_path)
     # The default (the keep posterior over the signals) on the cluster equals the one on this machine.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FilterWarning)
-        assert_same_table(build_filter(log_dir, windows=3, engine="ray").table,
-                          build_filter(log_dir, windows=3, engine="memory").table)
+        assert_same_table(
+            build_filter(log_dir, windows=3, engine="ray").table,
+            build_filter(log_dir, windows=3, engine="memory").table,
+        )
     # Fitted on the distinct vote patterns: each vote column (3 mimic windows, 3 loss windows) is -1, 0 or 1.
     n_columns = len(distributed.summary["windows"]) + len(distributed.summary["labeling_functions"])
     assert n_columns == 6 and distributed.summary["label_model"]["n_patterns"] <= 3**n_columns
