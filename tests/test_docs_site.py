@@ -86,7 +86,8 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     environment = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "PYTHONPATH": str(REPO)}
     build = subprocess.Popen(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", str(root / "site")],
+        # Not --quiet: it hides the warnings, and --strict then has nothing to abort on.
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(root / "site")],
         cwd=REPO,
         env=environment,
         stdout=subprocess.PIPE,
