@@ -80,7 +80,7 @@ STUDENTS = {
     "oracle": "plain on the matched pairs only (oracle: uses the true flags)",
 }
 DETECTORS = {
-    "mimic_filter": "Grad-Mimic filter (`build_filter` defaults: mimic + loss windows, k-means, Snorkel; AUROC of `keep_prob`)",
+    "mimic_filter": "Grad-Mimic filter (`build_filter` defaults: {defaults}; AUROC of `keep_prob`)",
     "mimic_score": "Grad-Mimic mean score (AUROC of the mean mimic score; cut: the filter's)",
     "clip_score": "CLIP score of the reference (cut: 2-component GMM on the scores)",
 }
@@ -302,6 +302,13 @@ def observations(records: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def _defaults() -> str:
+    """The library's Stage-2 defaults, as the tables name them."""
+    from hf_gradmimic.filter import DEFAULT_AGGREGATE, DEFAULT_LABELING_FUNCTIONS
+
+    return f"{' + '.join(DEFAULT_LABELING_FUNCTIONS)}, aggregate {DEFAULT_AGGREGATE!r}"
+
+
 def render(records: list[dict[str, Any]], settings: Settings, command: str, elapsed: float) -> str:
     load = os.getloadavg()
     out = [
@@ -332,7 +339,8 @@ def render(records: list[dict[str, Any]], settings: Settings, command: str, elap
         ),
         f"- **Grad-Mimic**: mimic layers = the last MLP layer `fc1` of both towers, τ = {settings.temperature}, scores "
         "by directional derivatives of each pair's CLIP term (the whole batch in the forward); Stage 2 = "
-        f"`build_filter(windows={settings.windows})` with its defaults (mimic and loss windows split by k-means, Snorkel). "
+        f"`build_filter(windows={settings.windows})` with its defaults ({_defaults()}; a contrastive log has no margin "
+        "and no reference_loss column, so the student's loss decides). "
         "**CLIP score**: the reference's image–caption cosine over the pool (`hf_gradmimic.clip_filter`), cut where a "
         "2-component Gaussian mixture on the scores crosses (a data-driven rule, as the Grad-Mimic filter's, so neither "
         "uses the "
@@ -350,7 +358,7 @@ def render(records: list[dict[str, Any]], settings: Settings, command: str, elap
         "| detector | discard precision % | discard recall % | discard F1 % | retained % | AUROC | least-kept digit % |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, label in DETECTORS.items():
+    for name, label in ((name, label.replace("{defaults}", _defaults())) for name, label in DETECTORS.items()):
         rows = [r["detectors"][name] for r in records]
         out.append(
             f"| {label} | "
