@@ -64,15 +64,12 @@ from .training.mimic_layers import MimicLayers
 from .training.reference_verdict import ReferenceVerdict
 from .training.resume_guard import check_resume, write_run_record
 from .training.score_log import ScoreLog, run_provenance
-from .training.scorer_state import STATE_TENSORS_NAME, load_scorer_state, save_scorer_state
+from .training.scorer_state import load_scorer_state, save_scorer_state
 from .training.selection import Candidates, observe_step, select_over_step
 from .training.step_softmax import StepSoftmax, gather_across_ranks
 from .training.stream_ids import StreamIds, is_stream, stream_position
 from .training.token_weighting import log_token_counts, plain_mean_weights
 from .training.use_backward import only_mimic_tensors_train, uses_weighted_loss
-
-SCORER_STATE_NAME = STATE_TENSORS_NAME
-"""The scorer's tensors (`SampleScorer.state_dict`) inside each checkpoint folder (`training.scorer_state`)."""
 
 
 class _StepEnd(TrainerCallback):
