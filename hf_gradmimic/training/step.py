@@ -85,13 +85,22 @@ class StepCounts:
 
 
 @dataclass
+class LogitsBackward:
+    """The `Backward.LOGITS` plan's pieces: ``root``, a zero scalar whose backward starts at the logits with
+    ``pending``'s gradient, and δ = ∂Σℓ/∂logits, to be scaled by the coefficients into that gradient."""
+
+    root: torch.Tensor
+    pending: PendingGrad
+    prediction_grad: torch.Tensor
+
+
+@dataclass
 class ScoredBatch:
     """A micro-batch forwarded with the mimic layers captured and scored (`MimicStep.score`).
 
     ``losses`` keep their graph where a backward follows; ``outputs`` is None once nothing reads it (a
-    ``[B, T, vocab]`` tensor for a language model). Under the `Backward.LOGITS` plan, ``root`` is the zero scalar
-    whose backward starts at the logits with ``pending``'s gradient, and ``prediction_grad`` is δ = ∂Σℓ/∂logits,
-    to be scaled by the coefficients."""
+    ``[B, T, vocab]`` tensor for a language model). ``recorded`` holds the per-sample columns that only travel to
+    the score log (the margin, the reference's loss)."""
 
     batch: MicroBatch
     outputs: Any
@@ -102,9 +111,7 @@ class ScoredBatch:
     ctx: ScoreContext | None
     ghost: Any = None
     recorded: dict[str, torch.Tensor | None] = field(default_factory=dict)
-    root: torch.Tensor | None = None
-    pending: PendingGrad | None = None
-    prediction_grad: torch.Tensor | None = None
+    from_logits: LogitsBackward | None = None
 
     @property
     def nonfinite(self) -> torch.Tensor:
@@ -225,36 +232,63 @@ class MimicStep:
             logits = logits_of(outputs) if self.sample_loss.reads_logits else None
             if diagnostics is not None:
                 diagnostics.after_forward(capture, logits, losses, inputs, labels, model_inputs)
-            verdict = self.reference_verdict
-            recorded = {
-                "margin": classification_margins(logits, labels) if self.args.mimic_record_scores else None,
-                "reference_loss": None
-                if verdict is None
-                else verdict.losses(capture, logits, labels, model_inputs, inputs),
-            }
+            recorded = self._recorded(capture, logits, batch, model_inputs)
         scored_logits = logits.detach() if logits is not None and "logits" in self.scorer.requires else None
-        scored = ScoredBatch(batch, outputs, losses, counts, torch.empty(0), torch.empty(0), None, recorded=recorded)
+        from_logits = None
         if plan is None or plan is Backward.USES:
             needed = self.scorer.needs_output_grads if plan is None else True
-            scored.ghost = self.ghost_reader(capture, losses, retain_graph=False) if needed else None
+            ghost = self.ghost_reader(capture, losses, retain_graph=False) if needed else None
         elif plan is Backward.LOGITS:
             # δ = ∂Σℓ/∂logits once (freeing the loss's own graph); the backward starts at the logits later.
-            scored.pending = PendingGrad()
+            pending = PendingGrad()
             edge = capture.cut_at(logits)
-            scored.root = BackwardFromLogits.apply(logits, scored.pending)
-            scored.prediction_grad = torch.autograd.grad(losses.sum(), edge)[0]
-            scored.ghost = capture.ghost_batch(edge, root_grad=scored.prediction_grad) if self.needs_ghost else None
+            root = BackwardFromLogits.apply(logits, pending)
+            if not keep_outputs:
+                outputs = logits = None  # nothing reads them any more: a [B, T, vocab] tensor for a language model
+            prediction_grad = torch.autograd.grad(losses.sum(), edge)[0]
+            ghost = capture.ghost_batch(edge, root_grad=prediction_grad) if self.needs_ghost else None
+            from_logits = LogitsBackward(root, pending, prediction_grad)
         else:
-            scored.ghost = self.ghost_reader(capture, losses) if self.needs_ghost else None
-        if plan in (Backward.USES, Backward.LOGITS) and not keep_outputs:
-            scored.outputs = None  # nothing reads them any more: a [B, T, vocab] tensor for a language model
-        del outputs, logits
+            ghost = self.ghost_reader(capture, losses) if self.needs_ghost else None
+        if plan is Backward.USES and not keep_outputs:
+            outputs = None
+        ctx = self._context(capture, ghost, losses, scored_logits, batch, model_inputs, global_step)
+        scores = self.scorer.score(ctx).detach().float()
+        status = row_status(losses.detach(), scores, counts)
+        if diagnostics is not None:
+            diagnostics.after_scores(ghost, scores, global_step)
+        return ScoredBatch(batch, outputs, losses, counts, scores, status, ctx, ghost, recorded, from_logits)
+
+    def _recorded(
+        self, capture: Capture, logits: torch.Tensor | None, batch: MicroBatch, model_inputs: dict[str, Any]
+    ) -> dict[str, torch.Tensor | None]:
+        """The per-sample columns that only travel to the score log: the margin, and the reference's loss (read
+        while the captured features are alive)."""
+        verdict, labels = self.reference_verdict, batch.labels
+        return {
+            "margin": classification_margins(logits, labels) if self.args.mimic_record_scores else None,
+            "reference_loss": None
+            if verdict is None
+            else verdict.losses(capture, logits, labels, model_inputs, batch.inputs),
+        }
+
+    def _context(
+        self,
+        capture: Capture,
+        ghost: Any,
+        losses: torch.Tensor,
+        logits: torch.Tensor | None,
+        batch: MicroBatch,
+        model_inputs: dict[str, Any],
+        global_step: int,
+    ) -> ScoreContext:
+        """What the scorer reads of the batch (`hf_gradmimic.scorers.ScoreContext`)."""
         activations = capture.activations()
-        scored.ctx = ScoreContext(
+        return ScoreContext(
             losses=losses.detach(),
-            logits=scored_logits,
-            labels=labels,
-            ghost=scored.ghost,
+            logits=logits,
+            labels=batch.labels,
+            ghost=ghost,
             activations=activations,
             features=next(iter(activations.values()), None),  # the first mimic layer's input: a head's features
             comparison_grad=functools.partial(self.comparison_gradient, global_step),
@@ -263,11 +297,6 @@ class MimicStep:
             step=global_step,
             sample_keys=batch.rows,
         )
-        scored.scores = self.scorer.score(scored.ctx).detach().float()
-        scored.status = row_status(losses.detach(), scored.scores, counts)
-        if diagnostics is not None:
-            diagnostics.after_scores(scored.ghost, scored.scores, global_step)
-        return scored
 
     # ------------------------------------------------------------------ the three paths
 
@@ -301,8 +330,9 @@ class MimicStep:
             loss = uses_weighted_loss(scored.ghost, coefficients)
         elif plan is Backward.LOGITS:
             scored.ctx = scored.ghost = None  # the head's δ is prediction_grad, scaled in place next
-            scored.pending.grad = scale_per_sample(scored.prediction_grad, coefficients)
-            loss = scored.root
+            from_logits = scored.from_logits
+            from_logits.pending.grad = scale_per_sample(from_logits.prediction_grad, coefficients)
+            loss = from_logits.root
         else:
             loss = self.weighted_loss(scored.losses, coefficients, scored.ghost, scored.status, scored.counts, at)
         return self.reported(loss, scored.losses, scored.status, at, scored.counts), scored.outputs
