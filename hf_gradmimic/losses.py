@@ -234,3 +234,59 @@ def classification_margins(logits: torch.Tensor | None, labels: Any) -> torch.Te
         given = logits.gather(1, index[:, None]).squeeze(1)
         others = logits.scatter(1, index[:, None], float("-inf")).amax(dim=1)
         return torch.where(valid.to(logits.device), given - others, torch.full_like(given, float("nan")))
+
+
+class SampleLoss:
+    """How a trainer turns a training batch into per-sample losses: what the forward gets, ``ℓ_i``, and each
+    sample's supervised targets. The Grad-Mimic step (`hf_gradmimic.training.step`) and the reference checks read
+    the batch only through it.
+
+    The built-in losses read the logits (`per_sample_loss`; the model's head picks the task); a ``loss_fn``
+    ``(outputs, inputs) -> Tensor[B]`` replaces them. A trainer builds one in
+    `hf_gradmimic.trainer.MimicTrainerMixin.create_sample_loss`; a subclass changes what it needs by overriding
+    the three public methods (`hf_gradmimic.sft.SFTSampleLoss` asks for TRL's fused LM head and reads its mask).
+
+    Args:
+        model: the unwrapped model (its head and ``config.problem_type`` pick the built-in loss).
+        loss_fn: the user's per-sample loss function, or None for the built-in losses.
+        label_smoothing: ``label_smoothing_factor`` of the built-in losses.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: PerSampleLossFn | None = None, label_smoothing: float = 0.0) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.label_smoothing = label_smoothing
+
+    @property
+    def reads_logits(self) -> bool:
+        """Whether the loss reads the model only through its logits (the built-in losses): a backward can then
+        start there (`hf_gradmimic.training.capture.BackwardFromLogits`)."""
+        return self.loss_fn is None
+
+    def model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """What the model's forward gets from a batch: the batch without the labels (their loss is ours), unless a
+        user loss function reads the model's own outputs and needs them (not a ``compute_loss_func``: `Trainer` pops
+        them too). Row ``i`` of the result depends on row ``i`` of ``inputs`` alone."""
+        if self.loss_fn is not None and getattr(self.loss_fn, "model_gets_labels", True):
+            return inputs
+        return {key: value for key, value in inputs.items() if key != "labels"}
+
+    def per_sample_losses(self, outputs: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        """``ℓ_i``, float32 ``[B]``, from the forward's ``outputs`` and the batch (its ``labels`` included)."""
+        if self.loss_fn is not None:
+            losses = self.loss_fn(outputs, inputs)
+        else:
+            labels = inputs.get("labels")
+            if labels is None:
+                raise ValueError("The training batch has no `labels`; MimicTrainer needs them for per-sample losses.")
+            losses = per_sample_loss(self.model, outputs, labels, self.label_smoothing)
+        if losses.dim() != 1:
+            raise ValueError(f"Per-sample losses must have shape [batch], got {tuple(losses.shape)}.")
+        return losses.float()
+
+    def supervised_counts(self, outputs: Any, labels: Any) -> torch.Tensor | None:
+        """Supervised targets per sample under the built-in losses (None with a user loss function: unknown). A
+        sample with none is not scored (`hf_gradmimic.training.guards`)."""
+        if self.loss_fn is not None or labels is None:
+            return None
+        return supervised_counts(self.model, outputs, labels)

@@ -33,7 +33,7 @@ except ImportError as error:  # an optional extra: `import hf_gradmimic` works w
     ) from error
 
 from .config import MimicArguments
-from .losses import logits_of, supervised_counts, token_loss
+from .losses import PerSampleLossFn, SampleLoss, logits_of, supervised_counts, token_loss
 from .reference.loading import ReferenceSource
 from .scorers import SampleScorer
 from .trainer import MimicTrainerMixin
@@ -119,6 +119,50 @@ def fused_per_sample_loss(outputs: Any, loss_type: str = "nll") -> torch.Tensor:
     return per_token.float().sum(dim=1) / outputs.label_mask.sum(dim=1).clamp(min=1)
 
 
+class SFTSampleLoss(SampleLoss):
+    """`SampleLoss` for `MimicSFTTrainer`: every forward asks for TRL's fused LM head, as `SFTTrainer` does, and
+    ``ℓ_i`` is SFT's token loss averaged over the sample's supervised tokens (labels ≠ −100), unless a
+    ``loss_fn`` is given.
+
+    Args:
+        model: the unwrapped model.
+        loss_fn: a user's per-sample loss function, or None for SFT's.
+        label_smoothing: ``label_smoothing_factor``.
+        loss_type: `SFTConfig.loss_type` (``"nll"``, ``"chunked_nll"`` or ``"dft"``).
+    """
+
+    def __init__(
+        self, model: Any, loss_fn: PerSampleLossFn | None, label_smoothing: float = 0.0, loss_type: str = "nll"
+    ) -> None:
+        self.sft_loss = loss_fn is None
+        super().__init__(model, self.sft_per_sample_losses if loss_fn is None else loss_fn, label_smoothing)
+        self.loss_type = loss_type
+        # Label smoothing (``nll`` only) needs the whole logits; else the forward returns the fused head's outputs.
+        self.fused_head = not (label_smoothing and loss_type != "dft")
+        self.token_counts: tuple[torch.Tensor, ...] | None = None  # of the last training forward: SFT's metrics
+
+    def model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        # Every forward (training, scoring, diagnostics) asks for the fused head, as SFTTrainer does.
+        return {**super().model_inputs(inputs), "use_cache": False, "fused_lm_head": self.fused_head}
+
+    def sft_per_sample_losses(self, outputs: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        """``ℓ_i``: SFT's token loss averaged over the sample's supervised tokens (labels ≠ −100). A training forward
+        also keeps the token counts of SFT's metrics (supervised tokens, entropy sum, correct top-1 predictions)."""
+        if getattr(outputs, "log_probs", None) is None:  # label smoothing: from the logits, as SFTTrainer does
+            return token_loss(logits_of(outputs), inputs["labels"], self.label_smoothing, shift=True)
+        if torch.is_grad_enabled() and outputs.entropy is not None:
+            self.token_counts = (outputs.label_mask.sum(), outputs.entropy.detach().sum(), outputs.is_top1.sum())
+        return fused_per_sample_loss(outputs, self.loss_type)
+
+    def supervised_counts(self, outputs: Any, labels: Any) -> torch.Tensor | None:
+        # Samples without a supervised token get weight 0 (`training.guards`); the fused head's mask says which.
+        if not self.sft_loss or labels is None:
+            return None
+        if getattr(outputs, "label_mask", None) is not None:
+            return outputs.label_mask.sum(dim=1)
+        return supervised_counts(self.model, outputs, labels)
+
+
 class MimicSFTTrainer(MimicTrainerMixin, SFTTrainer):
     """trl's `SFTTrainer` that reweights every sample by its Grad-Mimic score (arXiv 2501.06708).
 
@@ -161,8 +205,6 @@ class MimicSFTTrainer(MimicTrainerMixin, SFTTrainer):
         **kwargs: Any,
     ) -> None:
         check_sft_setup(args, compute_loss_func)
-        self._sft_loss = per_sample_loss_fn is None
-        self._sft_counts: tuple[torch.Tensor, ...] | None = None
         super().__init__(
             model=model,
             args=args,
@@ -180,7 +222,7 @@ class MimicSFTTrainer(MimicTrainerMixin, SFTTrainer):
             reference=reference,
             scorer=scorer,
             zero_shot=zero_shot,
-            per_sample_loss_fn=per_sample_loss_fn or self._sft_per_sample_losses,
+            per_sample_loss_fn=per_sample_loss_fn,
             **kwargs,
         )
         if self.aux_loss_enabled:
@@ -189,50 +231,35 @@ class MimicSFTTrainer(MimicTrainerMixin, SFTTrainer):
                 "load-balancing loss, a term of the whole batch. Set `router_aux_loss_coef=0.0` in MimicSFTConfig."
             )
 
-    @property
-    def _fused_head(self) -> bool:
-        """Whether the forward returns TRL's fused per-token log-probabilities: as in `SFTTrainer`, unless label
-        smoothing (``nll`` only) needs the whole logits."""
-        return not (self.args.label_smoothing_factor and self.args.loss_type != "dft")
-
-    def _model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        # Every forward of the mixin (training, scoring, diagnostics) asks for the fused head, as SFTTrainer does.
-        return {**super()._model_inputs(inputs), "use_cache": False, "fused_lm_head": self._fused_head}
-
-    def _sft_per_sample_losses(self, outputs: Any, inputs: dict[str, Any]) -> torch.Tensor:
-        """``ℓ_i``: SFT's token loss averaged over the sample's supervised tokens (labels ≠ −100)."""
-        if getattr(outputs, "log_probs", None) is None:  # label smoothing: from the logits, as SFTTrainer does
-            return token_loss(logits_of(outputs), inputs["labels"], self.args.label_smoothing_factor, shift=True)
-        if torch.is_grad_enabled() and outputs.entropy is not None:  # a training forward: SFT's metrics
-            self._sft_counts = (outputs.label_mask.sum(), outputs.entropy.detach().sum(), outputs.is_top1.sum())
-        return fused_per_sample_loss(outputs, self.args.loss_type)
-
-    def _supervised_counts(self, outputs: Any, labels: Any) -> torch.Tensor | None:
-        # Samples without a supervised token get weight 0 (`training.guards`); the fused head's mask says which.
-        if not self._sft_loss or labels is None:
-            return None
-        if getattr(outputs, "label_mask", None) is not None:
-            return outputs.label_mask.sum(dim=1)
-        return supervised_counts(self.accelerator.unwrap_model(self.model), outputs, labels)
+    def create_sample_loss(self, loss_fn: PerSampleLossFn | None) -> SFTSampleLoss:
+        """SFT's per-sample losses through TRL's fused LM head (`SFTSampleLoss`), or ``loss_fn`` when given."""
+        model = self.accelerator.unwrap_model(self.model)
+        return SFTSampleLoss(model, loss_fn, self.args.label_smoothing_factor, self.args.loss_type)
 
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
         """In training, the mixin's reweighted loss, with SFT's token metrics logged; elsewhere `SFTTrainer`'s."""
-        training = self._mimic_batch is not None and model.training
-        self._sft_counts = None
+        training = self.is_mimic_step(model)
+        if training:
+            self.sample_loss.token_counts = None
         result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
-        if training and self._sft_loss and self._fused_head:
-            self._log_sft_metrics(inputs)
+        if training and self.sample_loss.sft_loss and self.sample_loss.fused_head:
+            self._log_sft_metrics(inputs, self.sample_loss.token_counts)
         return result
 
-    def _log_sft_metrics(self, inputs: dict[str, Any]) -> None:
+    def _log_sft_metrics(self, inputs: dict[str, Any], counts: tuple[torch.Tensor, ...] | None) -> None:
         """SFTTrainer's training metrics (entropy, token accuracy, tokens seen), which its own compute_loss would log.
-        Called once per micro-batch on every process (the gathers are collectives)."""
+        Called once per micro-batch on every process (the gathers are collectives).
+
+        The one place that touches TRL's private state: `SFTTrainer.log` averages ``self._metrics`` into the logs,
+        ``self._total_train_tokens`` is the running token count it also reports in evaluation, and ``self._tp_size``
+        its tensor-parallel divisor. trl 1.16 has no public method to add a metric, so they are written as
+        `SFTTrainer.compute_loss` writes them."""
         device = inputs["input_ids"].device
-        counts = self._sft_counts or tuple(torch.zeros((), device=device) for _ in range(3))
+        counts = counts or tuple(torch.zeros((), device=device) for _ in range(3))
         gather = self.accelerator.gather_for_metrics
         num_valid, entropy_sum, num_correct = (gather(value.reshape(1)).sum() for value in counts)
         self._metrics["train"]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)

@@ -8,10 +8,10 @@ and g_i = ∇ℓ_i restricted to them:
     w_i = softmax_i(m_i / τ)            (plus sign: the paper's exp(−m_i/τ) is a typo)
     update direction = Σ_i w_i ∇ℓ_i     (backward of Σ_i w_i ℓ_i with w detached)
 
-This module holds only the Trainer overrides and the flow between the owners of each job
-(`hf_gradmimic.training`): a forward with the mimic layers captured, one ``autograd.grad`` to their
-outputs (from the logits, for the built-in losses), the scorer's scores, the step-wide softmax's
-coefficients, and one backward.
+This module holds only the Trainer overrides and the set-up of the owners of each job
+(`hf_gradmimic.training`). The step itself (a forward with the mimic layers captured, one ``autograd.grad``
+to their outputs, the scorer's scores, the step-wide softmax's coefficients, and the loss for one backward)
+is `hf_gradmimic.training.step.MimicStep`.
 """
 
 from __future__ import annotations
@@ -32,20 +32,11 @@ from .cards import render_model_card
 from .config import MimicConfig
 from .contrastive import contrastive_loss_for, is_batch_coupled
 from .fileio import atomic_write
-from .losses import (
-    PerSampleLossFn,
-    classification_margins,
-    logits_of,
-    loss_fn_from_compute_loss_func,
-    per_sample_loss,
-    supervised_counts,
-)
+from .losses import PerSampleLossFn, SampleLoss, loss_fn_from_compute_loss_func
 from .reference.loading import ReferenceSource
-from .score_log_io import STATUS_NONFINITE, STATUS_SCORED
-from .scorers import SampleScorer, ScoreContext, check_mode, comparison_gradient, scorer_from_config
+from .scorers import SampleScorer, check_mode, scorer_from_config
 from .training.audit import FilterAudit
-from .training.batch import Bookkeeping, KeepColumns, rows_of, shown_ids
-from .training.capture import BackwardFromLogits, Capture, PendingGrad, scale_per_sample
+from .training.batch import Bookkeeping, KeepColumns
 from .training.checks import (
     ActivationCheckpointingCheck,
     adapt_to_fsdp,
@@ -56,8 +47,8 @@ from .training.checks import (
 )
 from .training.coupled import GhostReader, check_coupled_setup
 from .training.dataset import TrainingData, prepare_training_data
-from .training.diagnostics import ReferenceDiagnostics, check_reference_setup, monitor_interval
-from .training.guards import NonFiniteStepGuard, row_status
+from .training.diagnostics import ReferenceDiagnostics, check_reference_setup
+from .training.guards import NonFiniteStepGuard
 from .training.internal_callbacks import hide_internal_callbacks
 from .training.metrics_buffer import MetricsBuffer
 from .training.mimic_layers import MimicLayers
@@ -65,11 +56,10 @@ from .training.reference_verdict import ReferenceVerdict
 from .training.resume_guard import check_resume, write_run_record
 from .training.score_log import ScoreLog, run_provenance
 from .training.scorer_state import load_scorer_state, save_scorer_state
-from .training.selection import Candidates, observe_step, select_over_step
+from .training.selection import observe_step, select_over_step
+from .training.step import MicroBatch, MimicStep, StepCounts
 from .training.step_softmax import StepSoftmax, gather_across_ranks
 from .training.stream_ids import StreamIds, is_stream, stream_position
-from .training.token_weighting import log_token_counts, plain_mean_weights
-from .training.use_backward import only_mimic_tensors_train, uses_weighted_loss
 
 
 class _StepEnd(TrainerCallback):
@@ -93,7 +83,17 @@ class MimicTrainerMixin:
     - a configuration with every `MimicArguments` field: a dataclass ``(MimicArguments, SomeTrainingArguments)``,
       named in ``mimic_config_class``;
     - per-sample losses: the built-in ones read the logits (sequence or token classification, causal LM); when its
-      forward returns something else (trl's fused LM head), ``per_sample_loss_fn``.
+      forward returns something else (trl's fused LM head), ``per_sample_loss_fn`` or the hook below.
+
+    Public hooks for subclasses (`hf_gradmimic.sft.MimicSFTTrainer` uses both):
+
+    - ``create_sample_loss(loss_fn) -> SampleLoss``: how a batch becomes per-sample losses. Return a
+      `hf_gradmimic.losses.SampleLoss` subclass overriding ``model_inputs(inputs)`` (what every forward gets),
+      ``per_sample_losses(outputs, inputs)`` (``ℓ_i``, float32 ``[B]``) or ``supervised_counts(outputs, labels)``
+      (supervised targets per sample; a sample with none is not scored). The step, the select-mode scoring and the
+      reference checks all read the batch through it.
+    - ``is_mimic_step(model) -> bool``: whether `compute_loss` is training this batch the Grad-Mimic way (an
+      override of `compute_loss` that adds to it asks this first).
 
     In training the base ``compute_loss`` is replaced (the backward must give Σ_i w_i ∇ℓ_i); in evaluation it runs
     as is. The mixin overrides ``get_train_dataloader`` (the collator is wrapped so that the sample ids survive it),
@@ -188,11 +188,9 @@ class MimicTrainerMixin:
         streaming, sample_ids, clean_flags = data.streaming, data.sample_ids, data.clean_flags
         dataset_size = None if streaming else len(self.train_dataset)
         # An image–text dual encoder gets its contrastive per-sample loss (hf_gradmimic.contrastive) by itself.
-        self.per_sample_loss_fn = (
-            per_sample_loss_fn if per_sample_loss_fn is not None else contrastive_loss_for(unwrapped)
-        )
-        self.batch_coupled = is_batch_coupled(self.per_sample_loss_fn)
-        self._ghost = GhostReader(self.batch_coupled, check_user_loss=per_sample_loss_fn is not None)
+        loss_fn = per_sample_loss_fn if per_sample_loss_fn is not None else contrastive_loss_for(unwrapped)
+        self.sample_loss = self.create_sample_loss(loss_fn)
+        self.batch_coupled = is_batch_coupled(self.sample_loss.loss_fn)
         self.mimic_layers = MimicLayers(unwrapped, args.mimic_layer_map)
         self.scorer = (
             scorer
@@ -222,15 +220,8 @@ class MimicTrainerMixin:
         self._mimic_batch: tuple[torch.Tensor, dict[str, Any]] | None = None
         self._num_items_in_batch: Any = None
         self._selections: deque = deque()  # select mode: the step's selection, one entry per micro-batch
-        self._spare_sample: dict[str, Any] | None = None  # one finite sample's inputs, for `_nothing_to_train`
         self._comparison_collator = None
         alignment_possible = adapt_to_fsdp(accelerator, args)
-        # FSDP2 and DeepSpeed keep the parameters sharded outside forward, where the recorded uses are re-applied; a
-        # batch-coupled loss mixes every sample into each row of δ, which the uses backward weights row by row.
-        self._uses_backward_possible = (
-            accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-            and not self.batch_coupled
-        )
         self.reference_name = getattr(self.scorer, "reference_name", None)
         # What the cards name: a path or repo id as is, a model or tensor dict as an in-memory reference.
         self.reference_in_memory = reference is not None and not isinstance(reference, (str, os.PathLike))
@@ -247,11 +238,11 @@ class MimicTrainerMixin:
             self.mimic_diagnostics = ReferenceDiagnostics(
                 self.scorer,
                 self.mimic_layers,
-                lambda: self.accelerator.unwrap_model(self.model),
-                self._per_sample_losses,
+                unwrapped,
+                self.sample_loss,
                 self.mimic_metrics,
                 args.mimic_alignment_check and alignment_possible,
-                lambda: monitor_interval(self.args),
+                args,
             )
         # The reference's per-sample loss for the score log (a Stage-2 signal): for scorers that have a reference
         # sharing the student's coordinates, i.e. those the diagnostics monitor.
@@ -260,8 +251,8 @@ class MimicTrainerMixin:
                 args.mimic_log_reference_loss,
                 self.scorer.reference_on_device,
                 self.mimic_layers,
-                lambda: self.accelerator.unwrap_model(self.model),
-                self._per_sample_losses,
+                unwrapped,
+                self.sample_loss,
             )
             if self.scorer.monitors_reference and args.mimic_record_scores
             else None
@@ -283,6 +274,28 @@ class MimicTrainerMixin:
             FilterAudit(clean_flags, sample_ids, args.mimic_filter_method, args.seed)
             if clean_flags is not None
             else None
+        )
+        # FSDP2 and DeepSpeed keep the parameters sharded outside forward, where the recorded uses are re-applied; a
+        # batch-coupled loss mixes every sample into each row of δ, which the uses backward weights row by row.
+        uses_backward_possible = (
+            accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+            and not self.batch_coupled
+        )
+        self.mimic_step = MimicStep(
+            self.sample_loss,
+            self.mimic_layers,
+            self.scorer,
+            self.mode,
+            args,
+            self.step_softmax,
+            GhostReader(self.batch_coupled, check_user_loss=not self.sample_loss.reads_logits),
+            unwrapped,
+            accelerator.num_processes,
+            uses_backward_possible,
+            self.score_log.sample_ids,
+            self.mimic_diagnostics,
+            self.reference_verdict,
+            self._comparison_batch,
         )
         self.nonfinite_guard = NonFiniteStepGuard(
             self.step_softmax.finite_samples,
@@ -382,15 +395,36 @@ class MimicTrainerMixin:
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """In training: the loss whose gradient is Σ_i w_i ∇ℓ_i. Elsewhere: the base trainer's loss."""
+        """In training: the loss whose gradient is Σ_i w_i ∇ℓ_i (`training.step.MimicStep`). Elsewhere: the base
+        trainer's loss."""
         self.mimic_bookkeeping.pop(inputs)
-        if self._mimic_batch is None or not model.training:
+        if not self.is_mimic_step(model):
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
+        rows, extras = self._mimic_batch
+        batch = MicroBatch(inputs, rows, extras)
+        at = StepCounts(self.state.global_step, self.current_gradient_accumulation_steps, self._num_items_in_batch)
         if self.mode == "select":
-            return self._select_step(model, inputs, return_outputs)
-        return self._reweight_step(model, inputs, return_outputs)
+            loss, outputs = self.mimic_step.train_selected(model, batch, self._selections.popleft(), at)
+        else:
+            loss, outputs = self.mimic_step.reweight(model, batch, at, keep_outputs=return_outputs)
+        return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------ hooks for subclasses
+
+    def create_sample_loss(self, loss_fn: PerSampleLossFn | None) -> SampleLoss:
+        """The per-sample losses of training batches (`hf_gradmimic.losses.SampleLoss`): ``loss_fn`` (the
+        ``per_sample_loss_fn`` given, a marked ``compute_loss_func``, or a dual encoder's contrastive loss), or the
+        built-in losses when None. Override it to return a `SampleLoss` subclass that changes what the forward gets
+        (``model_inputs``), the losses (``per_sample_losses``) or the supervised counts (``supervised_counts``)."""
+        model = self.accelerator.unwrap_model(self.model)
+        return SampleLoss(model, loss_fn, self.args.label_smoothing_factor)
+
+    def is_mimic_step(self, model: nn.Module) -> bool:
+        """Whether `compute_loss` trains this batch the Grad-Mimic way: ``model`` in training, inside
+        `training_step`. Evaluation and prediction get the base trainer's loss."""
+        return self._mimic_batch is not None and model.training
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         self.mimic_bookkeeping.pop(inputs)
@@ -430,93 +464,19 @@ class MimicTrainerMixin:
         card = render_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags)
         atomic_write(os.path.join(self.args.output_dir, "README.md"), card.save)  # never a half-written card
 
-    # ------------------------------------------------------------------ the step
-
-    def _reweight_step(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool) -> Any:
-        """Forward with capture, scores, the step softmax's coefficients c_i, and the loss whose backward gives
-        Σ_i c_i ∇ℓ_i: started at the logits with c_i δ_i for the built-in losses, else Σ_i c_i ℓ_i."""
-        rows, extras = self._mimic_batch
-        labels, model_inputs = inputs.get("labels"), self._model_inputs(inputs)
-        step, diagnostics = self.state.global_step, self.mimic_diagnostics
-        if diagnostics is not None:
-            diagnostics.before_forward(step, self.step_softmax.micro_batches_in(step), model_inputs, inputs, labels)
-        with self.mimic_layers.capture() as capture:
-            outputs = model(**model_inputs)
-        losses = self._per_sample_losses(outputs, inputs, labels)
-        supervised = self._supervised_counts(outputs, labels)
-        from_logits = self.per_sample_loss_fn is None and self.args.mimic_reweight_scope == "all"
-        logits = logits_of(outputs) if self.per_sample_loss_fn is None else None
-        if diagnostics is not None:
-            diagnostics.after_forward(capture, logits, losses, inputs, labels, model_inputs)
-        recorded = {
-            "margin": classification_margins(logits, labels) if self.args.mimic_record_scores else None,
-            "reference_loss": None
-            if self.reference_verdict is None
-            else self.reference_verdict.losses(capture, logits, labels, model_inputs, inputs),
-        }
-        needs_ghost = self.scorer.needs_output_grads or self.args.mimic_reweight_scope == "layer"
-        ctx_logits = logits.detach() if logits is not None and "logits" in self.scorer.requires else None
-        # When the mimic tensors are all that trains (LoRA), their update Σ_i c_i g_i comes from the recorded uses:
-        # the backward through the model that gives δ is the only one.
-        from_uses = (
-            needs_ghost
-            and self._uses_backward_possible
-            and only_mimic_tensors_train(self.accelerator.unwrap_model(self.model), self.mimic_layers.tensors.values())
-        )
-        if from_uses:
-            ghost = self._ghost(capture, losses, retain_graph=False)
-            if not return_outputs:
-                outputs = logits = None
-        elif from_logits:
-            # δ = ∂Σℓ/∂logits once (freeing the loss's own graph); later the backward starts at the logits.
-            pending = PendingGrad()
-            edge = capture.cut_at(logits)
-            loss = BackwardFromLogits.apply(logits, pending)
-            if not return_outputs:
-                outputs = logits = None  # nothing reads them any more: a [B, T, vocab] tensor for a language model
-            prediction_grad = torch.autograd.grad(losses.sum(), edge)[0]
-            ghost = capture.ghost_batch(edge, root_grad=prediction_grad) if needs_ghost else None
-        else:
-            ghost = self._ghost(capture, losses) if needs_ghost else None
-        ctx = self._score_context(capture, ghost, losses, ctx_logits, labels, model_inputs, extras)
-        scores = self.scorer.score(ctx).float()
-        status = row_status(losses.detach(), scores, supervised)
-        if diagnostics is not None:
-            diagnostics.after_scores(ghost, scores, step)
-        softmax_logits, fallback = self._softmax_logits(scores, status)
-        coefficients = self.step_softmax.add(
-            step,
-            rows,
-            scores,
-            softmax_logits,
-            losses,
-            status,
-            fallback,
-            self.current_gradient_accumulation_steps,
-            log_token_counts(supervised, self.args.mimic_token_weighting),
-            recorded,
-        )
-        nonfinite = status == STATUS_NONFINITE
-        if self.accelerator.num_processes > 1 and not nonfinite.all():  # for `_nothing_to_train`, later
-            self._spare_sample = rows_of(inputs, (~nonfinite).nonzero().flatten()[:1], len(rows))
-        if nonfinite.any():  # those rows must not reach the parameters: train on a forward without them
-            del ctx, ghost
-            loss = self._loss_without(model, inputs, nonfinite, coefficients, status)
-        elif from_uses:
-            loss = uses_weighted_loss(ghost, coefficients)
-        elif from_logits:
-            del ctx, ghost  # the head's δ is prediction_grad, scaled in place next
-            pending.grad = scale_per_sample(prediction_grad, coefficients)
-        else:
-            loss = self._weighted_loss(losses, coefficients, ghost, status, supervised)
-        return self._reported(loss, losses, status, outputs, return_outputs, supervised)
+    # ------------------------------------------------------------------ the step (`training.step`)
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
         """The base `get_batch_samples` (every micro-batch of the next optimizer step); in ``select`` mode they are
         also scored and selected together here, before any is trained (`training.selection`)."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.mode == "select" and batch_samples:
-            candidates = [self._score_candidates(batch) for batch in batch_samples]
+            candidates = []
+            for batch in batch_samples:
+                inputs = self._prepare_inputs(dict(batch))
+                rows, extras = self.mimic_bookkeeping.pop(inputs)
+                batch = MicroBatch(inputs, torch.as_tensor(rows).cpu(), extras)
+                candidates.append(self.mimic_step.candidates(self.model_wrapped, batch, self.state.global_step))
             accelerator = self.accelerator
             self._selections = deque(
                 select_over_step(
@@ -532,223 +492,9 @@ class MimicTrainerMixin:
                 observe_step(self.scorer, list(self._selections), self.step_softmax.gather)
         return batch_samples, num_items_in_batch
 
-    def _score_candidates(self, batch: dict[str, Any]) -> Candidates:
-        """One micro-batch of candidates scored: loss-based scorers without a graph; ghost scorers need the gradient at
-        the mimic layers' outputs, so their scoring forward builds one (freed before training)."""
-        inputs = self._prepare_inputs(dict(batch))
-        rows, extras = self.mimic_bookkeeping.pop(inputs)
-        labels, model_inputs = inputs.get("labels"), self._model_inputs(inputs)
-        needs_ghost = self.scorer.needs_output_grads
-        with torch.set_grad_enabled(needs_ghost):
-            with self.mimic_layers.capture() as capture:
-                outputs = self.model_wrapped(**model_inputs)
-            losses = self._per_sample_losses(outputs, inputs, labels)
-            ghost = self._ghost(capture, losses, retain_graph=False) if needs_ghost else None
-            logits = logits_of(outputs).detach() if "logits" in self.scorer.requires else None
-            ctx = self._score_context(
-                capture, ghost, losses, logits, labels, model_inputs, extras, torch.as_tensor(rows).cpu()
-            )
-            scores = self.scorer.score(ctx).detach().float()
-            counts = self._supervised_counts(outputs, labels)
-            status = row_status(losses.detach(), scores, counts)
-        return Candidates(
-            torch.as_tensor(rows).cpu(), scores, losses.detach(), status, ctx if self.scorer.observes else None, counts
-        )
-
-    def _select_step(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool) -> Any:
-        """``select`` mode (RHO-LOSS, Bayesian selection): forward and backward only the samples selected for this
-        micro-batch when the whole step was scored (`get_batch_samples`)."""
-        selection = self._selections.popleft()
-        candidates = selection.candidates
-        coefficients = self.step_softmax.add(
-            self.state.global_step,
-            candidates.rows,
-            candidates.scores,
-            selection.logits,
-            candidates.losses,
-            candidates.status,
-            torch.tensor(False),
-            self.current_gradient_accumulation_steps,
-            log_token_counts(candidates.counts, self.args.mimic_token_weighting),
-        )
-        selected = selection.selected
-        if len(selected) == 0:  # nothing to train on here; the other processes, or micro-batches, have the selection
-            excluded = torch.ones_like(candidates.status, dtype=torch.bool)
-            loss = self._loss_without(model, inputs, excluded, coefficients, candidates.status)
-            return self._reported(loss, candidates.losses, candidates.status, None, return_outputs)
-        chosen = rows_of(inputs, selected, len(candidates.rows))
-        chosen_outputs = model(**self._model_inputs(chosen))
-        chosen_losses = self._per_sample_losses(chosen_outputs, chosen, chosen.get("labels"))
-        loss = (coefficients[selected].detach() * chosen_losses).sum()
-        counts = None if candidates.counts is None else candidates.counts[selected.to(candidates.counts.device)]
-        return self._reported(loss, chosen_losses, candidates.status[selected], chosen_outputs, return_outputs, counts)
-
-    def _model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """What the model's forward gets: the batch without the labels (their loss is ours), unless a user loss
-        function reads the model's own outputs and needs them (not a ``compute_loss_func``: Trainer pops them too)."""
-        if self.per_sample_loss_fn is not None and getattr(self.per_sample_loss_fn, "model_gets_labels", True):
-            return inputs
-        return {k: v for k, v in inputs.items() if k != "labels"}
-
-    def _score_context(
-        self,
-        capture: Capture,
-        ghost: Any,
-        losses: torch.Tensor,
-        logits: torch.Tensor | None,
-        labels: Any,
-        model_inputs: dict[str, Any],
-        extras: dict[str, Any],
-        rows: torch.Tensor | None = None,
-    ) -> ScoreContext:
-        activations = capture.activations()
-        return ScoreContext(
-            losses=losses.detach(),
-            logits=logits,
-            labels=labels,
-            ghost=ghost,
-            activations=activations,
-            features=next(iter(activations.values()), None),  # the first mimic layer's input: a head's features
-            comparison_grad=self._comparison_gradient,
-            inputs=model_inputs,
-            extras=extras,
-            step=self.state.global_step,
-            sample_keys=rows if rows is not None else self._mimic_batch[0],
-        )
-
-    def _softmax_logits(self, scores: torch.Tensor, status: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The scorer's softmax logits (uniform before ``mimic_warmup_steps``), −inf (weight 0) for a sample that was
-        not scored (`training.guards`), and the fallback flag of the batch: when the scored samples' scores are not
-        finite (‖θ_ref − θ‖ = 0), they get uniform weights."""
-        scored = status == STATUS_SCORED
-        fallback = ~torch.isfinite(scores[scored]).all()
-        if self.state.global_step < self.args.mimic_warmup_steps:
-            logits = torch.zeros_like(scores)
-        else:
-            logits = self.scorer.softmax_logits(
-                scores, self.mode, self.args.mimic_temperature, self.args.mimic_select_ratio
-            )
-            logits = torch.where(fallback, torch.zeros_like(scores), logits)
-        return torch.where(scored, logits, -torch.inf), fallback
-
-    def _weighted_loss(
-        self,
-        losses: torch.Tensor,
-        coefficients: torch.Tensor,
-        ghost: Any,
-        status: torch.Tensor,
-        counts: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """The loss to backpropagate on the general path: Σ_i c_i ℓ_i (scope ``all``), or for scope ``layer`` the
-        plain loss of `Trainer` over the scored samples plus a correction whose gradient is Σ_i (c_i − u_i) g_i on the
-        mimic tensors only (u_i the plain loss's weight, `training.token_weighting.plain_mean_weights`)."""
-        if self.args.mimic_reweight_scope == "all":
-            return (coefficients.detach() * losses).sum()
-        uniform = self._plain_mean_weights(status == STATUS_SCORED, counts)
-        plain = (uniform * losses).sum()
-        return plain + uses_weighted_loss(ghost, coefficients - uniform)
-
-    def _per_sample_losses(self, outputs: Any, inputs: dict[str, Any], labels: torch.Tensor | None) -> torch.Tensor:
-        if self.per_sample_loss_fn is not None:
-            losses = self.per_sample_loss_fn(outputs, inputs)
-        else:
-            if labels is None:
-                raise ValueError("The training batch has no `labels`; MimicTrainer needs them for per-sample losses.")
-            losses = per_sample_loss(
-                self.accelerator.unwrap_model(self.model), outputs, labels, self.args.label_smoothing_factor
-            )
-        if losses.dim() != 1:
-            raise ValueError(f"Per-sample losses must have shape [batch], got {tuple(losses.shape)}.")
-        return losses.float()
-
-    def _supervised_counts(self, outputs: Any, labels: Any) -> torch.Tensor | None:
-        """Supervised targets per sample under the built-in losses (None with a user loss function: unknown)."""
-        if self.per_sample_loss_fn is not None or labels is None:
-            return None
-        return supervised_counts(self.accelerator.unwrap_model(self.model), outputs, labels)
-
-    def _loss_without(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        excluded: torch.Tensor,
-        coefficients: torch.Tensor,
-        status: torch.Tensor,
-    ) -> torch.Tensor:
-        """Σ_i c_i ℓ_i from a second forward of the micro-batch without the ``excluded`` samples: in the first forward
-        their rows were not finite, and 0·NaN is NaN in every layer's weight gradient, so they must not be in the graph
-        that is backpropagated. With nothing left, a zero loss that still reaches every trainable parameter (DDP
-        reduces each parameter's gradient once per backward, on every process)."""
-        kept = (~excluded).nonzero().flatten()
-        if len(kept) == 0:
-            return self._nothing_to_train(model, inputs, (status != STATUS_NONFINITE).nonzero().flatten())
-        subset = rows_of(inputs, kept, len(excluded))
-        with self.mimic_layers.capture() as capture:
-            outputs = model(**self._model_inputs(subset))
-        losses = self._per_sample_losses(outputs, subset, subset.get("labels"))
-        if not torch.isfinite(losses).all():  # per-sample independence broken: these rows were finite a moment ago
-            rows = self._mimic_batch[0][kept[~torch.isfinite(losses)].cpu()].numpy()
-            raise RuntimeError(
-                f"Sample(s) {shown_ids(rows, self.score_log.sample_ids)} had a finite loss in the batch and a "
-                "non-finite one without the non-finite samples: the model couples samples (batch norm in training "
-                "mode?), which MimicTrainer does not support."
-            )
-        ghost = capture.ghost_batch(losses.sum()) if self.args.mimic_reweight_scope == "layer" else None
-        return self._weighted_loss(
-            losses, coefficients[kept], ghost, status[kept], self._supervised_counts(outputs, subset.get("labels"))
-        )
-
-    def _nothing_to_train(self, model: nn.Module, inputs: dict[str, Any], finite: torch.Tensor) -> torch.Tensor:
-        """A zero loss for a micro-batch with no sample to train on. One process: any zero reaching the parameters.
-        Several: it must come from a forward through the wrapped model, or this process's backward would leave it
-        out of the step's gradient reduction while the others wait for it; so one finite sample (of this batch, else
-        the last one seen here) goes forward with weight 0."""
-        if self.accelerator.num_processes == 1:
-            return sum((param * 0.0).sum() for param in model.parameters() if param.requires_grad)
-        if len(finite):
-            self._spare_sample = rows_of(inputs, finite[:1], len(self._mimic_batch[0]))
-        if self._spare_sample is None:
-            raise RuntimeError(
-                "This process has no finite sample yet (its first micro-batch is all non-finite), so it cannot take part "
-                "in the step's gradient reduction with a zero contribution. Check the data at the start of the stream."
-            )
-        spare = self._spare_sample
-        return self._per_sample_losses(model(**self._model_inputs(spare)), spare, spare.get("labels")).sum() * 0.0
-
-    def _reported(
-        self,
-        loss: torch.Tensor,
-        losses: torch.Tensor,
-        status: torch.Tensor,
-        outputs: Any,
-        return_outputs: bool,
-        counts: torch.Tensor | None = None,
-    ) -> Any:
-        """The loss to backpropagate, carrying as its value `Trainer`'s plain loss of the finite samples (over their
-        tokens with token weighting: the same logged loss; NaN when none is finite, which `Trainer`'s
-        ``logging_nan_inf_filter`` then skips)."""
-        finite = status != STATUS_NONFINITE
-        if finite.any():
-            reported = (self._plain_mean_weights(finite, counts) * torch.where(finite, losses.detach(), 0.0)).sum()
-        else:
-            reported = losses.detach().new_tensor(float("nan"))
-        loss = loss - loss.detach() + reported
-        return (loss, outputs) if return_outputs else loss
-
-    def _plain_mean_weights(self, included: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
-        """Each included sample's weight in `Trainer`'s plain loss (`training.token_weighting.plain_mean_weights`)."""
-        loss_scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
-        return plain_mean_weights(
-            included,
-            counts,
-            self.args.mimic_token_weighting,
-            self.current_gradient_accumulation_steps,
-            self._num_items_in_batch,
-            loss_scale,
-        )
-
-    def _comparison_gradient(self) -> dict[str, torch.Tensor]:
-        """AGRA's comparison: the mean gradient (mimic tensors) of a batch drawn at random from the training set."""
+    def _comparison_batch(self, global_step: int) -> dict[str, Any]:
+        """AGRA's comparison batch: ``per_device_train_batch_size`` samples drawn at random from the training set,
+        seeded by the step, collated and prepared as a training batch."""
         if is_stream(self.train_dataset):
             raise ValueError(
                 "AGRA's comparison batch is drawn at random from the training set, which a stream "
@@ -758,14 +504,11 @@ class MimicTrainerMixin:
             self._comparison_collator = self._get_collator_with_removed_columns(
                 self.data_collator, description="training"
             )
-        generator = torch.Generator().manual_seed(self.args.seed + self.state.global_step)
+        generator = torch.Generator().manual_seed(self.args.seed + global_step)
         rows = torch.randperm(len(self.train_dataset), generator=generator)[: self.args.per_device_train_batch_size]
         batch = self._prepare_inputs(self._comparison_collator([self.train_dataset[int(i)] for i in rows]))
         self.mimic_bookkeeping.pop(batch)
-        with self.mimic_layers.capture() as capture:
-            outputs = self.accelerator.unwrap_model(self.model)(**self._model_inputs(batch))
-        losses = self._per_sample_losses(outputs, batch, batch.get("labels"))
-        return comparison_gradient(capture.ghost_batch(losses.sum(), retain_graph=False))
+        return batch
 
     def _accumulated_grads(self) -> list[torch.Tensor]:
         """The gradients the step softmax rescales: every trainable parameter's (scope ``all``), or the mimic

@@ -1,5 +1,7 @@
-"""The owners of `MimicTrainer`'s jobs, one module each; `hf_gradmimic.trainer` holds only the flow between them.
+"""The owners of `MimicTrainer`'s jobs, one module each; `hf_gradmimic.trainer` holds only their set-up and the Trainer overrides.
 
+- `step`: one micro-batch forwarded, scored and turned into the loss to backpropagate (reweight, select, non-finite
+  rows), and the step's backward plan;
 - `dataset`: the training set as the trainer sees it (sample ids and clean flags read, a row index or stream ids added);
 - `batch`: sample ids through batching, and our columns taken off each batch;
 - `stream_ids`: a stream's sample ids through batching, workers and processes, and where it resumes;

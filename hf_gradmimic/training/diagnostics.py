@@ -22,11 +22,12 @@ import torch
 
 from ..ghost import GhostBatch
 from ..lora import lora_layers
+from ..losses import SampleLoss
 from ..reference.loading import checkpoint_name, read_reference_metadata
 from ..reference.lora import check_adapter_init
 from .capture import Capture
 from .metrics_buffer import MetricsBuffer
-from .reference_verdict import PerSampleLosses, reference_head_losses, swapped_losses
+from .reference_verdict import reference_head_losses, swapped_losses
 
 SELF_TERM_PATIENCE = 3
 """Monitored steps in a row with the self term dominating before the monitor warns."""
@@ -90,30 +91,30 @@ class ReferenceDiagnostics:
     Args:
         scorer: the Grad-Mimic scorer (its reference tensors, and the split of its score into two terms).
         layers: the student's `MimicLayers`.
-        unwrapped_model: returns the unwrapped student.
-        per_sample_losses: ``(outputs, inputs, labels) -> [B]``, the trainer's per-sample losses.
+        model: the unwrapped student.
+        sample_loss: the trainer's per-sample losses (`hf_gradmimic.losses.SampleLoss`).
         metrics: where the logged values go.
         check_alignment: run the alignment check at the first step.
-        interval: returns the monitor's interval in optimizer steps.
+        args: the training configuration; the monitor's interval is read from it at each step (`monitor_interval`).
     """
 
     def __init__(
         self,
         scorer: Any,
         layers: Any,
-        unwrapped_model: Callable[[], torch.nn.Module],
-        per_sample_losses: PerSampleLosses,
+        model: torch.nn.Module,
+        sample_loss: SampleLoss,
         metrics: MetricsBuffer,
         check_alignment: bool,
-        interval: Callable[[], int],
+        args: Any,
     ) -> None:
         self.scorer = scorer
         self.layers = layers
-        self.unwrapped_model = unwrapped_model
-        self.per_sample_losses = per_sample_losses
+        self.model = model
+        self.sample_loss = sample_loss
         self.metrics = metrics
         self.alignment_pending = check_alignment
-        self.interval = interval
+        self.args = args
         self.head_outputs_logits = False  # learnt at each training forward; picks the monitor's cheap path
         self.self_dominated_streak = 0
         self.warned_self_term = False
@@ -123,15 +124,15 @@ class ReferenceDiagnostics:
     # ------------------------------------------------------------------ the three moments of a micro-batch
 
     def before_forward(
-        self, global_step: int, micro_batch: int, model_inputs: dict[str, Any], inputs: dict[str, Any], labels: Any
+        self, global_step: int, micro_batch: int, model_inputs: dict[str, Any], inputs: dict[str, Any]
     ) -> None:
         """Runs the no-grad forwards the check and the monitor need, before the training forward: no graph is
         alive then, so they add nothing to the step's peak memory. The monitor of a head needs none."""
-        self._monitored = micro_batch == 0 and global_step % self.interval() == 0
+        self._monitored = micro_batch == 0 and global_step % monitor_interval(self.args) == 0
         # Once, at the run's first step: not again after a resume (its step is not 0), nor at a later train() call.
         check_alignment, self.alignment_pending = self.alignment_pending and global_step == 0, False
         needs_forwards = check_alignment or (self._monitored and not self.head_outputs_logits)
-        self._swapped = self._swapped_losses(model_inputs, inputs, labels) if needs_forwards else None
+        self._swapped = self._swapped_losses(model_inputs, inputs) if needs_forwards else None
         if check_alignment:
             self._check_alignment(*self._swapped)
 
@@ -152,7 +153,7 @@ class ReferenceDiagnostics:
         if self.head_outputs_logits:
             self._swapped = (losses.detach(), self._reference_head_losses(capture, labels))
         elif self._swapped is None:  # the layer stopped being the logits' head since the last step
-            self._swapped = self._swapped_losses(model_inputs, inputs, labels)
+            self._swapped = self._swapped_losses(model_inputs, inputs)
 
     def after_scores(self, ghost: GhostBatch, scores: torch.Tensor, step: int) -> None:
         """The monitor's terms and warning, on a monitored step."""
@@ -163,25 +164,17 @@ class ReferenceDiagnostics:
     # ------------------------------------------------------------------ losses with the reference's layers
 
     def _swapped_losses(
-        self, model_inputs: dict[str, Any], inputs: dict[str, Any], labels: Any
+        self, model_inputs: dict[str, Any], inputs: dict[str, Any]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample losses of the student, and of the student with its mimic layers swapped for the reference
         (`reference_verdict.swapped_losses`: eval mode, no gradients)."""
         return swapped_losses(
-            self.unwrapped_model(),
-            self.layers,
-            self.scorer.reference_on_device(),
-            model_inputs,
-            inputs,
-            labels,
-            self.per_sample_losses,
+            self.model, self.layers, self.scorer.reference_on_device(), model_inputs, inputs, self.sample_loss
         )
 
     def _reference_head_losses(self, capture: Capture, labels: Any) -> torch.Tensor:
         """The reference head's per-sample losses on the captured features: one layer call instead of two forwards."""
-        return reference_head_losses(
-            self.layers, self.scorer.reference_on_device(), capture, labels, self.per_sample_losses
-        )
+        return reference_head_losses(self.layers, self.scorer.reference_on_device(), capture, labels, self.sample_loss)
 
     # ------------------------------------------------------------------ checks
 

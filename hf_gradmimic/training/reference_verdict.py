@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..losses import SampleLoss
 from .capture import Capture
 
 __all__ = ["LOG_REFERENCE_LOSS_CHOICES", "ReferenceVerdict", "reference_head_losses", "swapped_losses"]
@@ -32,11 +33,9 @@ LOG_REFERENCE_LOSS_CHOICES = ("auto", "always", "never")
 MONITOR_CHUNK_LOGITS = 1 << 22
 """At most this many reference logits are alive at once when a head is applied to captured features."""
 
-PerSampleLosses = Callable[[Any, dict[str, Any], Any], torch.Tensor]
-
 
 def reference_head_losses(
-    layers: Any, reference: dict[str, torch.Tensor], capture: Capture, labels: Any, per_sample_losses: PerSampleLosses
+    layers: Any, reference: dict[str, torch.Tensor], capture: Capture, labels: Any, sample_loss: SampleLoss
 ) -> torch.Tensor:
     """Per-sample losses of the reference's head on the features the training forward just captured, without
     gradients. A few samples at a time, so that at most `MONITOR_CHUNK_LOGITS` logits are alive (a language
@@ -51,10 +50,9 @@ def reference_head_losses(
         chunk = max(1, MONITOR_CHUNK_LOGITS // max(1, one.numel()))
         return torch.cat(
             [
-                per_sample_losses(
+                sample_loss.per_sample_losses(
                     {"logits": torch.func.functional_call(layer, params, (features[start : start + chunk],))},
-                    {},
-                    labels[start : start + chunk],
+                    {"labels": labels[start : start + chunk]},
                 )
                 for start in range(0, len(features), chunk)
             ]
@@ -67,8 +65,7 @@ def swapped_losses(
     reference: dict[str, torch.Tensor],
     model_inputs: dict[str, Any],
     inputs: dict[str, Any],
-    labels: Any,
-    per_sample_losses: PerSampleLosses,
+    sample_loss: SampleLoss,
     *,
     with_own: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -81,9 +78,9 @@ def swapped_losses(
     model.eval()
     try:
         with torch.no_grad():
-            own = per_sample_losses(model(**model_inputs), inputs, labels) if with_own else None
+            own = sample_loss.per_sample_losses(model(**model_inputs), inputs) if with_own else None
             outputs = torch.func.functional_call(model, swapped, args=(), kwargs=model_inputs, strict=False)
-            with_reference = per_sample_losses(outputs, inputs, labels)
+            with_reference = sample_loss.per_sample_losses(outputs, inputs)
     finally:
         model.train(was_training)
     return own, with_reference
@@ -96,8 +93,8 @@ class ReferenceVerdict:
         setting: ``"auto"``, ``"always"`` or ``"never"`` (`MimicConfig.mimic_log_reference_loss`).
         reference: returns the reference's mimic tensors on the training device (the scorer's).
         layers: the student's `MimicLayers`.
-        unwrapped_model: returns the unwrapped student.
-        per_sample_losses: ``(outputs, inputs, labels) -> [B]``, the trainer's per-sample losses.
+        model: the unwrapped student.
+        sample_loss: the trainer's per-sample losses (`hf_gradmimic.losses.SampleLoss`).
     """
 
     def __init__(
@@ -105,8 +102,8 @@ class ReferenceVerdict:
         setting: str,
         reference: Callable[[], dict[str, torch.Tensor]],
         layers: Any,
-        unwrapped_model: Callable[[], torch.nn.Module],
-        per_sample_losses: PerSampleLosses,
+        model: torch.nn.Module,
+        sample_loss: SampleLoss,
     ) -> None:
         if setting not in LOG_REFERENCE_LOSS_CHOICES:
             raise ValueError(
@@ -115,8 +112,8 @@ class ReferenceVerdict:
         self.setting = setting
         self.reference = reference
         self.layers = layers
-        self.unwrapped_model = unwrapped_model
-        self.per_sample_losses = per_sample_losses
+        self.model = model
+        self.sample_loss = sample_loss
 
     def losses(
         self,
@@ -133,17 +130,10 @@ class ReferenceVerdict:
             return None
         head = logits is not None and capture.only_output() is logits
         if head and (self.setting == "always" or logits.dim() == 2):
-            return reference_head_losses(self.layers, self.reference(), capture, labels, self.per_sample_losses).float()
+            return reference_head_losses(self.layers, self.reference(), capture, labels, self.sample_loss).float()
         if self.setting == "always":
             _, with_reference = swapped_losses(
-                self.unwrapped_model(),
-                self.layers,
-                self.reference(),
-                model_inputs,
-                inputs,
-                labels,
-                self.per_sample_losses,
-                with_own=False,
+                self.model, self.layers, self.reference(), model_inputs, inputs, self.sample_loss, with_own=False
             )
             return with_reference.float()
         return None

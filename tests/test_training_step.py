@@ -1,0 +1,156 @@
+"""The Grad-Mimic step (`hf_gradmimic.training.step.MimicStep`) against per-sample gradients from torch.func.
+
+For a small MLP whose head is the mimic layer, every sample's gradient ``g_i`` is computed here with
+``vmap(grad(ℓ_i))``; the oracle's score is ``m_i = ⟨−g_i, v⟩ / ‖v‖`` with ``v = θ_ref − θ`` over the head
+(Huang et al., arXiv 2501.06708), its weights ``softmax(m / τ)``, and the gradient of the step's loss
+``Σ_i w_i g_i``. Each `Backward` plan must give that gradient; its loss's value must be the plain mean loss.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from hf_gradmimic import MimicConfig
+from hf_gradmimic.losses import SampleLoss
+from hf_gradmimic.score_log_io import STATUS_NONFINITE, STATUS_SCORED
+from hf_gradmimic.scorers.mimic import MimicScorer
+from hf_gradmimic.training.coupled import GhostReader
+from hf_gradmimic.training.mimic_layers import MimicLayers
+from hf_gradmimic.training.step import Backward, MicroBatch, MimicStep, StepCounts
+from hf_gradmimic.training.step_softmax import StepSoftmax
+
+from tiny_models import TinyMLP
+
+TEMPERATURE = 0.7
+BATCH = 6
+
+
+def user_loss(outputs, inputs):
+    return F.cross_entropy(outputs.logits, inputs["labels"], reduction="none")
+
+
+def setup(tmp_path, *, scope="all", frozen_backbone=False, loss_fn=None, mode="reweight"):
+    model = TinyMLP(seed=1)
+    if frozen_backbone:
+        model.hidden.requires_grad_(False)
+    generator = torch.Generator().manual_seed(5)
+    reference = {
+        name: param.detach() + 0.3 * torch.randn(param.shape, generator=generator)
+        for name, param in model.named_parameters()
+        if name.startswith("head.")
+    }
+    args = MimicConfig(
+        output_dir=str(tmp_path),
+        mimic_layers=["head"],
+        mimic_temperature=TEMPERATURE,
+        mimic_reweight_scope=scope,
+        report_to=[],
+        use_cpu=True,
+    )
+    layers = MimicLayers(model, args.mimic_layer_map)
+    scorer = MimicScorer(reference, layers.current_tensors)
+    step = MimicStep(
+        SampleLoss(model, loss_fn),
+        layers,
+        scorer,
+        mode,
+        args,
+        StepSoftmax("step", 1, lambda packed: packed, lambda: []),
+        GhostReader(batch_coupled=False, check_user_loss=loss_fn is not None),
+        model,
+        num_processes=1,
+        uses_backward_possible=True,
+    )
+    generator = torch.Generator().manual_seed(7)
+    inputs = {
+        "x": torch.randn(BATCH, 8, generator=generator),
+        "labels": torch.randint(0, 4, (BATCH,), generator=generator),
+    }
+    return model, reference, step, inputs
+
+
+def oracle(model, reference, inputs, rows):
+    """Per-sample losses and gradients of ``rows`` by torch.func, the mimic scores and their softmax weights."""
+    params = {name: param.detach() for name, param in model.named_parameters()}
+
+    def loss_of(p, x, y):
+        return F.cross_entropy(functional_call(model, p, (x[None],)).logits, y[None])
+
+    x, y = inputs["x"][rows], inputs["labels"][rows]
+    per_sample = vmap(grad(loss_of), in_dims=(None, 0, 0))(params, x, y)
+    losses = vmap(loss_of, in_dims=(None, 0, 0))(params, x, y)
+    direction = {name: reference[name] - params[name] for name in reference}
+    norm = torch.sqrt(sum(v.square().sum() for v in direction.values()))
+    scores = -sum((per_sample[name] * v).flatten(1).sum(1) for name, v in direction.items()) / norm
+    return losses, per_sample, scores, torch.softmax(scores / TEMPERATURE, dim=0)
+
+
+@pytest.mark.parametrize(
+    ("options", "plan"),
+    [
+        ({}, Backward.LOGITS),
+        ({"frozen_backbone": True}, Backward.USES),
+        ({"loss_fn": user_loss}, Backward.LOSS),
+        ({"scope": "layer"}, Backward.LOSS),
+    ],
+    ids=["logits", "uses", "loss", "layer-scope"],
+)
+def test_each_backward_plan_gives_the_weighted_sum_of_per_sample_gradients(tmp_path, options, plan):
+    model, reference, step, inputs = setup(tmp_path, **options)
+    assert step.backward_plan() is plan
+    rows = torch.arange(BATCH)
+    losses, per_sample, scores, weights = oracle(model, reference, inputs, rows)
+
+    scored = step.score(model, MicroBatch(dict(inputs), rows), 0, plan)
+    torch.testing.assert_close(scored.scores, scores, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(scored.losses.detach(), losses, rtol=1e-5, atol=1e-6)
+    assert (scored.status == STATUS_SCORED).all()
+
+    model.zero_grad(set_to_none=True)
+    step.step_softmax = StepSoftmax("step", 1, lambda packed: packed, lambda: [])  # a fresh step
+    loss, _ = step.reweight(model, MicroBatch(dict(inputs), rows), StepCounts(0, 1))
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), losses.mean(), rtol=1e-5, atol=1e-6)  # the plain loss, as Trainer logs
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            assert param.grad is None
+            continue
+        # scope 'layer' keeps the plain mean gradient outside the mimic layer
+        w = (
+            torch.full_like(weights, 1 / BATCH)
+            if options.get("scope") == "layer" and name in ("hidden.weight", "hidden.bias")
+            else weights
+        )
+        expected = (w.view(-1, *[1] * (param.dim())) * per_sample[name]).sum(0)
+        torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_non_finite_sample_gets_weight_zero_and_the_rest_their_softmax(tmp_path):
+    model, reference, step, inputs = setup(tmp_path)
+    inputs["x"][2] = float("nan")
+    rows = torch.arange(BATCH)
+    finite = torch.tensor([i for i in range(BATCH) if i != 2])
+    losses, per_sample, scores, weights = oracle(model, reference, inputs, finite)
+
+    loss, _ = step.reweight(model, MicroBatch(dict(inputs), rows), StepCounts(0, 1))
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), losses.mean(), rtol=1e-5, atol=1e-6)
+    for name, param in model.named_parameters():
+        expected = (weights.view(-1, *[1] * param.dim()) * per_sample[name]).sum(0)
+        torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-6, msg=name)
+    records = step.step_softmax.finish(0)
+    assert records.status[2] == STATUS_NONFINITE and (records.status[finite.numpy()] == STATUS_SCORED).all()
+    torch.testing.assert_close(torch.as_tensor(records.scores[finite.numpy()]), scores, rtol=1e-4, atol=1e-6)
+
+
+def test_select_candidates_are_scored_without_a_graph_left_behind(tmp_path):
+    model, reference, step, inputs = setup(tmp_path, mode="select")
+    rows = torch.arange(BATCH)
+    _, _, scores, _ = oracle(model, reference, inputs, rows)
+    candidates = step.candidates(model, MicroBatch(dict(inputs), rows), 0)
+    torch.testing.assert_close(candidates.scores, scores, rtol=1e-4, atol=1e-6)
+    assert not candidates.losses.requires_grad and not candidates.scores.requires_grad
+    assert all(param.grad is None for param in model.parameters())
