@@ -61,6 +61,7 @@ from .training.guards import NonFiniteStepGuard, row_status
 from .training.internal_callbacks import hide_internal_callbacks
 from .training.metrics_buffer import MetricsBuffer
 from .training.mimic_layers import MimicLayers
+from .training.model_loss_check import check_model_loss_is_builtin
 from .training.reference_verdict import ReferenceVerdict
 from .training.resume_guard import check_resume, write_run_record
 from .training.score_log import ScoreLog, run_provenance
@@ -223,6 +224,7 @@ class MimicTrainerMixin:
         self._num_items_in_batch: Any = None
         self._selections: deque = deque()  # select mode: the step's selection, one entry per micro-batch
         self._spare_sample: dict[str, Any] | None = None  # one finite sample's inputs, for `_nothing_to_train`
+        self._model_loss_checked = False  # `_check_model_loss`, once, at the first training batch
         self._comparison_collator = None
         alignment_possible = adapt_to_fsdp(accelerator, args)
         # FSDP2 and DeepSpeed keep the parameters sharded outside forward, where the recorded uses are re-applied; a
@@ -436,6 +438,7 @@ class MimicTrainerMixin:
         """Forward with capture, scores, the step softmax's coefficients c_i, and the loss whose backward gives
         Σ_i c_i ∇ℓ_i: started at the logits with c_i δ_i for the built-in losses, else Σ_i c_i ℓ_i."""
         rows, extras = self._mimic_batch
+        self._check_model_loss(model, inputs)
         labels, model_inputs = inputs.get("labels"), self._model_inputs(inputs)
         step, diagnostics = self.state.global_step, self.mimic_diagnostics
         if diagnostics is not None:
@@ -537,6 +540,7 @@ class MimicTrainerMixin:
         the mimic layers' outputs, so their scoring forward builds one (freed before training)."""
         inputs = self._prepare_inputs(dict(batch))
         rows, extras = self.mimic_bookkeeping.pop(inputs)
+        self._check_model_loss(self.model_wrapped, inputs)
         labels, model_inputs = inputs.get("labels"), self._model_inputs(inputs)
         needs_ghost = self.scorer.needs_output_grads
         with torch.set_grad_enabled(needs_ghost):
@@ -582,6 +586,16 @@ class MimicTrainerMixin:
         loss = (coefficients[selected].detach() * chosen_losses).sum()
         counts = None if candidates.counts is None else candidates.counts[selected.to(candidates.counts.device)]
         return self._reported(loss, chosen_losses, candidates.status[selected], chosen_outputs, return_outputs, counts)
+
+    def _check_model_loss(self, model: nn.Module, inputs: dict[str, Any]) -> None:
+        """Once, before the first update: the built-in per-sample losses must average to the model's own loss, which
+        `Trainer` would train on (`training.model_loss_check`). Not with a user loss function (it is the loss), nor with
+        label smoothing (then `Trainer` too replaces the model's loss by its own from the logits)."""
+        if self._model_loss_checked:
+            return
+        self._model_loss_checked = True
+        if self.per_sample_loss_fn is None and not self.args.label_smoothing_factor:
+            check_model_loss_is_builtin(model, self.accelerator.unwrap_model(self.model), inputs, type(self).__name__)
 
     def _model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """What the model's forward gets: the batch without the labels (their loss is ours), unless a user loss
