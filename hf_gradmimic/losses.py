@@ -171,10 +171,21 @@ def is_causal_lm(model: nn.Module) -> bool:
 
 
 def logits_of(outputs: Any) -> torch.Tensor:
+    """The predictions in a forward's outputs (made without labels): ``outputs.logits``; for a plain dict without a
+    ``logits`` key, its first entry that is not the loss, as `Trainer.prediction_step` reads it; the first element of
+    a tuple; a tensor itself."""
     if hasattr(outputs, "logits"):
         return outputs.logits
     if isinstance(outputs, dict):
-        return outputs["logits"]
+        if "logits" in outputs:
+            return outputs["logits"]
+        for key, value in outputs.items():
+            if key != "loss" and isinstance(value, torch.Tensor):
+                return value
+        raise TypeError(
+            f"The model's outputs (a dict with keys {sorted(outputs)}) hold no predictions besides the loss; pass "
+            "`per_sample_loss_fn=(outputs, inputs) -> Tensor[B]` to MimicTrainer."
+        )
     if isinstance(outputs, (tuple, list)):
         return outputs[0]
     if isinstance(outputs, torch.Tensor):

@@ -52,6 +52,7 @@ from .training.guards import NonFiniteStepGuard
 from .training.internal_callbacks import hide_internal_callbacks
 from .training.metrics_buffer import MetricsBuffer
 from .training.mimic_layers import MimicLayers
+from .training.model_loss_check import check_model_loss_is_builtin
 from .training.reference_verdict import ReferenceVerdict
 from .training.resume_guard import check_resume, write_run_record
 from .training.score_log import ScoreLog, run_provenance
@@ -220,6 +221,7 @@ class MimicTrainerMixin:
         self._mimic_batch: tuple[torch.Tensor, dict[str, Any]] | None = None
         self._num_items_in_batch: Any = None
         self._selections: deque = deque()  # select mode: the step's selection, one entry per micro-batch
+        self._model_loss_checked = False  # `_check_model_loss`, once, at the first training batch
         self._comparison_collator = None
         alignment_possible = adapt_to_fsdp(accelerator, args)
         self.reference_name = getattr(self.scorer, "reference_name", None)
@@ -402,6 +404,7 @@ class MimicTrainerMixin:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
+        self._check_model_loss(model, inputs)
         rows, extras = self._mimic_batch
         batch = MicroBatch(inputs, rows, extras)
         at = StepCounts(self.state.global_step, self.current_gradient_accumulation_steps, self._num_items_in_batch)
@@ -410,6 +413,16 @@ class MimicTrainerMixin:
         else:
             loss, outputs = self.mimic_step.reweight(model, batch, at, keep_outputs=return_outputs)
         return (loss, outputs) if return_outputs else loss
+
+    def _check_model_loss(self, model: nn.Module, inputs: dict[str, Any]) -> None:
+        """Once, before the first update: the built-in per-sample losses must average to the model's own loss, which
+        `Trainer` would train on (`training.model_loss_check`). Not with a user loss function (it is the loss), nor with
+        label smoothing (then `Trainer` too replaces the model's loss by its own from the logits)."""
+        if self._model_loss_checked:
+            return
+        self._model_loss_checked = True
+        if self.sample_loss.loss_fn is None and not self.args.label_smoothing_factor:
+            check_model_loss_is_builtin(model, self.accelerator.unwrap_model(self.model), inputs, type(self).__name__)
 
     # ------------------------------------------------------------------ hooks for subclasses
 
