@@ -89,9 +89,14 @@ STAGE2_NAMES = ("stage2", "stage2_reference", "previous_default", "loss_referenc
 
 
 def _defaults_label() -> str:
-    from hf_gradmimic.filter import DEFAULT_AGGREGATE, DEFAULT_LABELING_FUNCTIONS
+    import inspect
 
-    return f"{' + '.join(DEFAULT_LABELING_FUNCTIONS)}, aggregate {DEFAULT_AGGREGATE!r}"
+    from hf_gradmimic.filter import DEFAULT_AGGREGATE, DEFAULT_LABELING_FUNCTIONS, build_filter
+
+    gate = inspect.signature(build_filter).parameters["discard_requires_disagreement"].default
+    return f"{' + '.join(DEFAULT_LABELING_FUNCTIONS)}, aggregate {DEFAULT_AGGREGATE!r}" + (
+        ", discarding only where the student disagrees with the label" if gate else ""
+    )
 
 
 SCORES: dict[str, str] = {  # continuous scores without a detector of their own

@@ -6,7 +6,7 @@ its discard F1 and keep_prob AUROC beside the strongest baseline of the same cel
 reference's probabilities, reference argmax ≠ label, the small-loss GMM on the plain model's log-loss, AUM), over
 the tasks given (``--tasks``; the held-out task is left out of the choice). Nothing here is written to docs/.
 
-    python scripts/stage2_search.py --work-dirs /tmp/suite/digits /tmp/suite/other --tasks digits bbc
+    python scripts/stage2_search.py --work-dirs /tmp/suite/db /tmp/suite/bc --tasks digits bbc breast_cancer
 """
 
 from __future__ import annotations
@@ -21,7 +21,11 @@ import numpy as np
 
 BASELINES = ("cleanlab", "cleanlab_reference", "reference_disagreement", "loss_gmm", "aum")
 CANDIDATES: dict[str, dict] = {
-    name: {"labeling_functions": functions, "aggregate": "mixture"}
+    f"{name}{' +gate' if gate else ''}": {
+        "labeling_functions": functions,
+        "aggregate": "mixture",
+        "discard_requires_disagreement": gate,
+    }
     for name, functions in {
         "mean": ["mean_loss"],
         "margin": ["mean_margin"],
@@ -33,6 +37,7 @@ CANDIDATES: dict[str, dict] = {
         "mean+margin+ref": ["mean_loss", "mean_margin", "reference_loss"],
         "mimic+mean+margin": ["mimic", "mean_loss", "mean_margin"],
     }.items()
+    for gate in (False, True)
 }
 CANDIDATES["previous default"] = {"labeling_functions": ["mimic", "loss"], "method": "kmeans", "aggregate": "snorkel"}
 
@@ -48,7 +53,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dirs", nargs="+", required=True)
-    parser.add_argument("--tasks", nargs="+", default=["digits", "bbc"])
+    parser.add_argument("--tasks", nargs="+", default=["digits", "bbc", "breast_cancer"])
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES))
     ns = parser.parse_args()
     # setting -> candidate -> [(f1, auroc, best baseline f1)] over seeds

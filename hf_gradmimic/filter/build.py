@@ -36,6 +36,7 @@ def build_filter(
     engine: str = "streaming",
     spill_dir: str | os.PathLike | None = None,
     labeling_functions: Sequence[LabelingFunctionLike] | None = None,
+    discard_requires_disagreement: bool = True,
 ) -> MimicFilter:
     """Build Grad-Mimic's Stage-2 ensemble filter from a score log.
 
@@ -77,6 +78,10 @@ def build_filter(
             posterior of `hf_gradmimic.filter.posterior` over the continuous values and the votes), or a vote rule
             (``"snorkel"``, ``"majority"``, ``"all"``, ``"any"``; a continuous function then votes by a GMM cut).
             The paper's filter is ``labeling_functions=["mimic"], method="gmm", aggregate="snorkel"``.
+        discard_requires_disagreement: with ``aggregate="mixture"``, discard a sample only when the posterior says so
+            *and* the reweighted student predicts another class than its given label (a negative mean margin):
+            cleanlab's ``filter_by="both"`` (`hf_gradmimic.filter.agreement`). No effect on a log without the
+            margin (not a single-label classification run) or with a vote aggregate.
 
     Returns:
         A `MimicFilter`: ``table`` has one row per sample (sorted by ``sample_id``) with its mean
@@ -114,6 +119,7 @@ def build_filter(
         extra_votes=labeling_votes(functions, context),
         mimic_votes=mimic_votes,
         extra_scores=labeling_scores(functions, context),
+        discard_requires_disagreement=discard_requires_disagreement,
     )
     # What produced the log (and what its sample ids index) travels with the filter, to its cards and checks.
     summary["provenance"] = scores_provenance(scores)

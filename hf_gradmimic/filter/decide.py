@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from ..fileio import json_safe
 from .aggregation import ABSTAIN, AGGREGATES, aggregate_votes
+from .agreement import agreement_gate, mean_over_windows
 from .identification import METHODS, identify
 from .labeling import LabelingVotes
 from .matrices import list_column
@@ -53,6 +54,7 @@ def decide(
     extra_votes: Sequence[LabelingVotes] = (),
     mimic_votes: bool = True,
     extra_scores: Sequence[LabelingScores] = (),
+    discard_requires_disagreement: bool = True,
 ) -> tuple[pa.Table, dict[str, Any]]:
     """Identification per window + aggregation, from the per-window values.
 
@@ -62,6 +64,9 @@ def decide(
     ``extra_scores`` are the continuous labeling functions' values (`hf_gradmimic.filter.signals`), stored in
     ``lf_scores``: ``aggregate="mixture"`` reads them as they are; a vote aggregate cuts each column into votes
     by a 2-component GMM first.
+
+    With ``aggregate="mixture"`` and ``discard_requires_disagreement``, a sample whose student predicts its given
+    label (a mean margin of at least 0, when the log records the margin) is kept (`hf_gradmimic.filter.agreement`).
 
     Returns ``(table, summary)``, the two halves of a `MimicFilter` (see its docstring).
     """
@@ -100,6 +105,7 @@ def decide(
         seed,
         warn_list,
         [lf.name for lf in extra_votes] + [lf.name for lf in extra_scores] + ["mimic"] * mimic_votes,
+        _student_margin(windowed) if aggregate == "mixture" and discard_requires_disagreement else None,
     )
     all_accuracies = info["estimated_accuracies"]
     offset = votes.shape[1] if mimic_votes else 0
@@ -115,6 +121,9 @@ def decide(
             warn_list,
         )
     table = _filter_table(windowed, votes, keep_prob, keep)
+    student_margin = _student_margin(windowed)
+    if student_margin is not None:  # what the agreement gate read, for `MimicFilter.rebuild`
+        table = table.append_column("student_margin", pa.array(student_margin, type=pa.float64(), from_pandas=True))
     if lf_votes is not None:
         table = table.append_column("lf_votes", list_column(lf_votes, pa.int8()))
     if lf_scores is not None:
@@ -136,6 +145,7 @@ def decide(
         "aggregate_used": info["aggregate_used"],
         "label_model": info.get("label_model"),
         "mixture": info.get("mixture"),
+        "agreement_gate": info.get("agreement_gate"),
         "labeling_functions": _labeling_summary(extra_votes, all_accuracies, offset)
         + _scores_summary(
             extra_scores,
@@ -153,6 +163,7 @@ def decide(
             "labeling_functions": ["mimic"] * mimic_votes
             + [lf.name for lf in extra_votes]
             + [lf.name for lf in extra_scores],
+            "discard_requires_disagreement": bool(discard_requires_disagreement),
         },
         "warnings": warn_list,
     }
@@ -167,10 +178,12 @@ def _aggregate_with_status(
     seed: int,
     warn_list: list[str],
     sources: list[str],
+    student_margin: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dict[str, int]]:
     """``(keep_prob, keep, aggregation info, status counts for the summary)``.
 
-    ``scores`` (``n x k`` continuous values, NaN abstaining) are read by ``aggregate="mixture"`` only.
+    ``scores`` (``n x k`` continuous values, NaN abstaining) are read by ``aggregate="mixture"`` only. With a
+    ``student_margin`` per sample, the agreement gate (`hf_gradmimic.filter.agreement`) follows the aggregation.
 
     The score log's ``status`` (`hf_gradmimic.score_log_io`) decides two cases before the votes do:
 
@@ -197,6 +210,11 @@ def _aggregate_with_status(
     keep_prob[voted], info = _keep_prob(
         votes[voted], None if scores is None else scores[voted], aggregate, seed, warn_list
     )
+    info["agreement_gate"] = None
+    if student_margin is not None:
+        gate = agreement_gate(keep_prob[voted], student_margin[voted])
+        keep_prob[voted] = gate.keep_prob
+        info["agreement_gate"] = {"n_gated": gate.n_gated, "n_with_margin": gate.n_with_margin}
     nonfinite = np.zeros(n, dtype=bool) if windowed.n_nonfinite is None else windowed.n_nonfinite > 0
     n_nonfinite = int(nonfinite.sum())
     if n_nonfinite:
@@ -221,6 +239,12 @@ def _aggregate_with_status(
         "n_unlabeled_records": int(windowed.n_unlabeled_records),
     }
     return keep_prob, keep, info, counts
+
+
+def _student_margin(windowed: WindowedScores) -> np.ndarray | None:
+    """The student's mean margin on each sample's given label over its windows; None when the log has no margin."""
+    per_window = windowed.signals.get("margin")
+    return None if per_window is None else mean_over_windows(per_window)
 
 
 def _keep_prob(

@@ -102,6 +102,7 @@ class MimicFilter:
         threshold: float | None = None,
         topk: float | None = None,
         seed: int | None = None,
+        discard_requires_disagreement: bool | None = None,
     ) -> MimicFilter:
         """A new filter from the same per-window values with other settings (the log is not re-read).
 
@@ -129,6 +130,9 @@ class MimicFilter:
             extra_votes=self._labeling_votes(),
             mimic_votes="mimic" in settings.get("labeling_functions", ["mimic"]),
             extra_scores=self._labeling_scores(),
+            discard_requires_disagreement=settings.get("discard_requires_disagreement", False)
+            if discard_requires_disagreement is None
+            else discard_requires_disagreement,
         )
         summary["provenance"] = self.summary.get("provenance")  # the same log, the same run
         return MimicFilter(table, summary)
@@ -177,6 +181,12 @@ class MimicFilter:
                 self.table.column("n_nonfinite").to_numpy() if "n_nonfinite" in self.table.column_names else None
             ),
             n_unlabeled_records=self.summary.get("n_unlabeled_records", 0),
+            # The student's mean margin, as one window: all that the agreement gate reads of the signals.
+            signals=(
+                {"margin": self.table.column("student_margin").to_numpy(zero_copy_only=False)[:, None]}
+                if "student_margin" in self.table.column_names
+                else {}
+            ),
         )
 
     # -- persistence -------------------------------------------------------------------------------

@@ -1,0 +1,53 @@
+"""The agreement gate of Stage 2: a sample the reweighted student predicts as its given label is not discarded.
+
+The keep posterior (`hf_gradmimic.filter.posterior`) ranks well but can place its cut badly where its Gaussians fit
+badly: on small pools and with two classes, the clean samples' log-losses spread far (a well-fitted sample's loss
+goes to zero) and the mixture splits them, discarding clean samples the student classifies correctly. A label is
+only suspect when the model disagrees with it, so a discard needs both: the posterior's ``P(keep) < 0.5`` and a
+negative mean margin of the student on the given label (its predicted class is another one). It is cleanlab's
+``filter_by="both"``, which flags a sample only when it is both among the ``prune_by_noise_rate`` issues and
+``predicted_neq_given`` (Northcutt, Jiang and Chuang, "Confident Learning", JAIR 2021), with the posterior in the first
+role and the student of Grad-Mimic's reweighted run (Huang et al., arXiv 2501.06708) in the second.
+
+A gated sample's ``keep_prob`` becomes ``0.5 + 0.5 * P(keep)``: kept, and still ordered by the posterior among the
+gated samples. A sample without a margin (not a single-label classification log) is not gated.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["AgreementGate", "agreement_gate", "mean_over_windows"]
+
+
+@dataclass
+class AgreementGate:
+    """``keep_prob`` after the gate, and how many samples the gate kept that the posterior alone would discard."""
+
+    keep_prob: np.ndarray
+    n_gated: int
+    n_with_margin: int
+
+
+def mean_over_windows(per_window: np.ndarray) -> np.ndarray:
+    """Each sample's mean over the windows where it has a value (NaN where it has none)."""
+    per_window = np.asarray(per_window, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a sample without any window's value is NaN: no gate
+        return np.nanmean(per_window, axis=1) if per_window.shape[1] else np.full(per_window.shape[0], np.nan)
+
+
+def agreement_gate(keep_prob: np.ndarray, student_margin: np.ndarray) -> AgreementGate:
+    """Keep every sample whose ``student_margin`` (its given label's logit minus the largest other, averaged over
+    the run) is at least 0: ``keep_prob`` of such a sample becomes ``0.5 + 0.5 * keep_prob``; the others' is
+    unchanged. NaN margins are not gated."""
+    keep_prob = np.asarray(keep_prob, dtype=np.float64)
+    student_margin = np.asarray(student_margin, dtype=np.float64)
+    if student_margin.shape != keep_prob.shape:
+        raise ValueError(f"{student_margin.shape} student margins for {keep_prob.shape} keep probabilities.")
+    agrees = student_margin >= 0  # False for NaN
+    gated = np.where(agrees, 0.5 + 0.5 * keep_prob, keep_prob)
+    return AgreementGate(gated, int((agrees & (keep_prob < 0.5)).sum()), int(np.isfinite(student_margin).sum()))

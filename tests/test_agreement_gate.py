@@ -1,0 +1,81 @@
+"""The agreement gate of Stage 2 (`hf_gradmimic.filter.agreement`) through `build_filter`: a sample whose student
+predicts its given label is kept, checked against a pandas re-derivation of the student's mean margin from the log
+and the posterior built without the gate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from test_labeling import make_log
+
+from hf_gradmimic.filter import build_filter
+from hf_gradmimic.filter.agreement import agreement_gate
+
+
+def with_margin(table, clean, seed=2):
+    """The log plus a per-record student margin: mostly positive for clean samples, negative for noisy ones, with
+    a band of clean samples the student gets wrong and noisy ones it fits (so the gate and the posterior disagree)."""
+    rng = np.random.default_rng(seed)
+    ids = table.column("sample_id").to_numpy()
+    clean_row = np.isin(ids, np.flatnonzero(clean))
+    margin = np.where(clean_row, rng.normal(1.0, 1.2, len(ids)), rng.normal(-1.0, 1.2, len(ids)))
+    return table.append_column("margin", pa.array(margin.astype(np.float32)))
+
+
+def pandas_mean_margin(table):
+    frame = table.to_pandas()
+    frame["window"] = np.ceil(frame["epoch"] - 1e-9).astype(int) - 1
+    per_window = frame.groupby(["sample_id", "window"])["margin"].mean().unstack().sort_index()
+    return per_window.mean(axis=1).to_numpy()
+
+
+@pytest.fixture(scope="module")
+def log():
+    table, clean = make_log(n=500, loss_sep=0.6)
+    return with_margin(table, clean), clean
+
+
+def test_the_gate_keeps_exactly_the_samples_the_student_predicts(log):
+    table, _ = log
+    ungated = build_filter(table, discard_requires_disagreement=False)
+    gated = build_filter(table)
+    margin = pandas_mean_margin(table)
+    posterior = ungated.keep_prob
+    # Both sides of the rule are exercised: samples the posterior discards but the student predicts, and the rest.
+    rescued = (posterior < 0.5) & (margin >= 0)
+    assert rescued.sum() > 5 and ((posterior < 0.5) & (margin < 0)).sum() > 5
+    np.testing.assert_array_equal(gated.keep, (posterior >= 0.5) | (margin >= 0))
+    np.testing.assert_allclose(gated.keep_prob, np.where(margin >= 0, 0.5 + 0.5 * posterior, posterior), rtol=1e-6)
+    assert gated.summary["agreement_gate"] == {"n_gated": int(rescued.sum()), "n_with_margin": len(margin)}
+    np.testing.assert_allclose(gated.table.column("student_margin").to_numpy(), margin, rtol=1e-5, atol=1e-6)
+
+
+def test_rebuild_gives_the_gated_filter_and_can_turn_the_gate_off(log):
+    table, _ = log
+    gated = build_filter(table)
+    np.testing.assert_array_equal(gated.rebuild().keep, gated.keep)
+    np.testing.assert_allclose(gated.rebuild().keep_prob, gated.keep_prob)
+    off = gated.rebuild(discard_requires_disagreement=False)
+    np.testing.assert_allclose(off.keep_prob, build_filter(table, discard_requires_disagreement=False).keep_prob)
+
+
+def test_a_log_without_margins_and_vote_aggregates_are_not_gated():
+    table, _ = make_log(n=300)
+    with pytest.warns(Warning):  # the margin signal abstains (not in the log), with its warning
+        mimic_filter = build_filter(table)
+    assert mimic_filter.summary["agreement_gate"] is None
+    assert "student_margin" not in mimic_filter.table.column_names
+    margin_table = with_margin(*make_log(n=300))
+    paper = build_filter(margin_table, labeling_functions=["mimic"], method="gmm", aggregate="majority")
+    assert paper.summary["agreement_gate"] is None
+
+
+def test_the_gate_function_on_its_own():
+    posterior = np.array([0.1, 0.9, 0.2, 0.6, 0.3])
+    margin = np.array([0.5, -1.0, -0.1, np.nan, 0.0])
+    gate = agreement_gate(posterior, margin)
+    np.testing.assert_allclose(gate.keep_prob, [0.55, 0.9, 0.2, 0.6, 0.65])
+    assert (gate.n_gated, gate.n_with_margin) == (2, 4)
+    with pytest.raises(ValueError, match="student margins"):
+        agreement_gate(posterior, margin[:3])
