@@ -424,6 +424,11 @@ class MimicTrainerMixin:
         if self.sample_loss.loss_fn is None and not self.args.label_smoothing_factor:
             check_model_loss_is_builtin(model, self.accelerator.unwrap_model(self.model), inputs, type(self).__name__)
 
+    @property
+    def per_sample_loss_fn(self) -> PerSampleLossFn | None:
+        """The per-sample loss function in use (None: the built-in losses); ``sample_loss.loss_fn``."""
+        return self.sample_loss.loss_fn
+
     # ------------------------------------------------------------------ hooks for subclasses
 
     def create_sample_loss(self, loss_fn: PerSampleLossFn | None) -> SampleLoss:

@@ -376,3 +376,24 @@ def test_a_model_without_a_supported_layer_is_refused_naming_that(tmp_path):
         r".*`mimic_layers` names 'classifier'",
     ):
         MimicTrainer(model=model, args=config, train_dataset=regression_dataset(), reference={})
+
+
+def test_per_sample_loss_fn_attribute_names_the_loss_in_use(tmp_path):
+    """`trainer.per_sample_loss_fn`, read by code written against earlier releases: the user's function or None."""
+    data = regression_dataset()
+
+    def absolute_error(outputs, inputs):
+        return (outputs[0] - inputs["labels"]).abs()
+
+    _, builtin = both_trainers(tmp_path, name="-builtin", train_dataset=data)
+    assert builtin.per_sample_loss_fn is None
+    model = RegressionModel()
+    config = MimicConfig(output_dir=str(tmp_path / "user"), mimic_layers=["head"], **PLAIN)
+    mimic = MimicTrainer(
+        model=model,
+        args=config,
+        train_dataset=data,
+        reference=head_reference(model),
+        per_sample_loss_fn=absolute_error,
+    )
+    assert mimic.per_sample_loss_fn is absolute_error
