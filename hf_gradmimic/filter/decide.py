@@ -22,6 +22,7 @@ from .labeling import LabelingVotes
 from .matrices import list_column
 from .posterior import keep_posterior
 from .reduction import WindowedScores
+from .rowblocks import matrix_column, row_blocks
 from .signals import LabelingScores
 from .warning import warn
 from .windows import WindowsLike
@@ -80,6 +81,10 @@ def decide(
     given = [lf.name for lf in extra_votes] + [lf.name for lf in extra_scores]
     extra_scores = [lf for lf in extra_scores if np.isfinite(lf.values).any()]
     lf_scores = np.hstack([lf.values for lf in extra_scores]) if extra_scores else None
+    column = 0
+    for lf in extra_scores:  # each function's values become a view of its columns: one copy in memory, not two
+        lf.values = lf_scores[:, column : column + lf.values.shape[1]]
+        column += lf.values.shape[1]
     if not mimic_votes and lf_votes is None and lf_scores is None:
         raise ValueError(
             f"Every labeling function abstains on every sample ({given or 'none given'}): the score log holds none of "
@@ -119,14 +124,14 @@ def decide(
         table = table.append_column("lf_votes", list_column(lf_votes, pa.int8()))
     if lf_scores is not None:
         table = table.append_column("lf_scores", list_column(lf_scores, pa.float64(), nan_as_null=True))
-    finite_scores = windowed.mean_score[~np.isnan(windowed.mean_score)]
+    mean_mimic_score = _nan_mean(windowed.mean_score)
     summary = {
         "n_samples": int(votes.shape[0]),
         **status_counts,
         "n_records": int(windowed.total_records),
         "n_windows": int(votes.shape[1]),
         "retained_fraction": float(keep.mean()),
-        "mean_mimic_score": float(finite_scores.mean()) if finite_scores.size else float("nan"),
+        "mean_mimic_score": mean_mimic_score,
         "n_nan_scores": int(windowed.n_nan_scores),
         "window_names": list(windowed.window_names),
         "thresholds": [w["threshold"] for w in window_info],
@@ -193,10 +198,14 @@ def _aggregate_with_status(
             "abstains everywhere (no scored record, status 0, in any window, and no value in the signals' columns; "
             "the filter's warnings say which columns are missing). Nothing to filter on."
         )
-    keep_prob = np.empty(n, dtype=np.float64)
-    keep_prob[voted], info = _keep_prob(
-        votes[voted], None if scores is None else scores[voted], aggregate, seed, warn_list
-    )
+    if n_unscored:
+        keep_prob = np.empty(n, dtype=np.float64)
+        keep_prob[voted], info = _keep_prob(
+            votes[voted], None if scores is None else scores[voted], aggregate, seed, warn_list
+        )
+    else:  # every sample voted: no copy of the votes and signals
+        keep_prob, info = _keep_prob(votes, scores, aggregate, seed, warn_list)
+        keep_prob = np.asarray(keep_prob, dtype=np.float64)
     nonfinite = np.zeros(n, dtype=bool) if windowed.n_nonfinite is None else windowed.n_nonfinite > 0
     n_nonfinite = int(nonfinite.sum())
     if n_nonfinite:
@@ -244,6 +253,16 @@ def _keep_prob(
     }
 
 
+def _nan_mean(values: np.ndarray) -> float:
+    """The mean of the non-NaN entries (NaN when there is none), read block by block (a mapped column stays out of memory)."""
+    total, count = 0.0, 0
+    for _, block in row_blocks(values):
+        present = ~np.isnan(block)
+        total += float(np.add.reduce(block, where=present))
+        count += int(present.sum())
+    return total / count if count else float("nan")
+
+
 def _votes_from_scores(scores: np.ndarray) -> np.ndarray:
     """Each continuous column cut into keep / discard by a 2-component GMM (DivideMix's split); NaN abstains."""
     votes = np.full(scores.shape, ABSTAIN, dtype=np.int8)
@@ -269,7 +288,7 @@ def _scores_summary(
                     "name": name,
                     "kind": "score",
                     "n_samples": int(present.sum()),
-                    "mean": float(values[present, column].mean()) if present.any() else float("nan"),
+                    "mean": float(np.mean(values[:, column], where=present)) if present.any() else float("nan"),
                     "estimated_accuracy": None
                     if accuracies is None or offset + column >= len(accuracies)
                     else accuracies[offset + column],
@@ -312,7 +331,7 @@ def _vote_per_window(
     votes = np.full((n, m), ABSTAIN, dtype=np.int8)
     window_info = []
     for j in range(m):  # loop over windows, each one vectorised over its samples
-        column = values[:, j]
+        column = matrix_column(values, j)  # block by block: a mapped matrix is not read into memory whole
         present = ~np.isnan(column)
         decision = identify(column[present], method, threshold=threshold, topk=topk)
         votes[present, j] = decision.keep

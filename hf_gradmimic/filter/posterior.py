@@ -85,10 +85,13 @@ def keep_posterior(
     for a vote column left out.
     """
     signals = np.zeros((_rows(signals, votes), 0)) if signals is None else np.asarray(signals, dtype=np.float64)
-    signals = signals[:, np.isfinite(signals).any(axis=0)]
+    usable = np.isfinite(signals).any(axis=0)
+    if not usable.all():  # a copy only when a column is left out
+        signals = signals[:, usable]
     votes = np.zeros((signals.shape[0], 0), dtype=np.int8) if votes is None else np.asarray(votes)
     voting = (votes != ABSTAIN).any(axis=0)
-    votes = votes[:, voting]
+    if not voting.all():
+        votes = votes[:, voting]
     n = signals.shape[0]
     if votes.shape[0] != n:
         raise ValueError(f"{n} rows of signals but {votes.shape[0]} rows of votes.")
