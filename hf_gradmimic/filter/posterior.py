@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..progress import progress_bar
 from .aggregation import ABSTAIN, KEEP
 
 __all__ = ["FIT_ROWS", "MixtureFit", "keep_posterior"]
@@ -107,7 +108,7 @@ def keep_posterior(
     fit = np.sort(rng.choice(n, size=fit_rows, replace=False)) if n > fit_rows else slice(None)
     params, iterations, converged, log_likelihood = _em(signals[fit], votes[fit], seed)
     keep_prob = np.empty(n, dtype=np.float64)
-    for start in range(0, n, _CHUNK):
+    for start in progress_bar(range(0, n, _CHUNK), desc="Keep posterior", unit="chunk"):
         part = slice(start, min(n, start + _CHUNK))
         keep_prob[part] = _responsibilities(params, signals[part], votes[part])[0][:, 0]
     rates = np.full((voting.size, 2), np.nan)

@@ -28,6 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..progress import progress_bar
+
 __all__ = ["BAD_SHARD_POLICIES", "BadShardError", "ShardPlan", "plan_shards", "read_shard"]
 
 BadShardPolicy = Literal["error", "skip"]
@@ -165,7 +167,7 @@ def _check_step_ranges(plan: ShardPlan) -> None:
             by_rank.setdefault(int(match["rank"]), []).append((int(match["first"]), int(match["last"]), path))
     for rank, shards in sorted(by_rank.items()):
         shards.sort()
-        for _, _, path in shards:
+        for _, _, path in progress_bar(shards, desc=f"Checking the score log's shards (rank {rank})", unit="shard"):
             _drop_duplicates_within(plan, rank, path)
         covered_until = None
         earlier: list[tuple[int, int, Path]] = []

@@ -46,6 +46,7 @@ from typing import BinaryIO
 import numpy as np
 import pyarrow as pa
 
+from ...progress import progress_bar
 from ..inputs import ScoresLike, ScoreSource
 from ..records import (
     OPTIONAL_COLUMNS,
@@ -275,7 +276,7 @@ def _reduce_partitions(spill: _Spill, step_map: StepWindows) -> WindowedScores:
     n_codes = spill.id_max - spill.id_min + 1 if dense else _distinct_ids(spill)
     bincount = bincount_cells(n_codes * m, total)
     output = WindowedScoresBuilder(min(n_codes, total), step_map, spill.signals, spill.folder)
-    for p in range(spill.n_partitions):
+    for p in progress_bar(range(spill.n_partitions), desc="Reducing sample-id ranges", unit="range"):
         if spill.counts[p] == 0:
             continue
         output.add(reduce_records(_load_partition(spill, p), step_map, dense=dense, bincount=bincount))
