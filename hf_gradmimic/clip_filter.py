@@ -30,6 +30,7 @@ from torch import nn
 
 from .fileio import atomic_write
 from .filter.matching import row_positions
+from .progress import progress_bar
 from .scorers.clip_score import MODEL_INPUTS, clip_score_of
 from .tables import as_rows
 
@@ -71,6 +72,8 @@ def clip_scores(model: nn.Module, dataset: Any, *, id_column: str | None = None,
     model.eval()
     ids: list[Any] = []
     scores: list[np.ndarray] = []
+    total = len(dataset) if hasattr(dataset, "__len__") else None  # a stream's length is not known
+    bar = progress_bar(desc="CLIP scores", total=total, unit=" examples")
     try:
         for batch in _batches(dataset, batch_size):
             count = len(batch["input_ids"]) if "input_ids" in batch else 0
@@ -88,7 +91,9 @@ def clip_scores(model: nn.Module, dataset: Any, *, id_column: str | None = None,
                     "A stream has no row indices: pass `id_column`, the column the trainer recorded ids by."
                 )
             scores.append(clip_score_of(model, batch).cpu().numpy())
+            bar.update(len(scores[-1]))
     finally:
+        bar.close()
         model.train(was_training)
     table = pa.table({"sample_id": pa.array(ids), "clip_score": pa.array(np.concatenate(scores), pa.float32())})
     return table.sort_by("sample_id")

@@ -23,6 +23,7 @@ from transformers.utils import logging
 
 from .cards import dataset_card_data, merge_card_text, render_dataset_card
 from .fileio import atomic_write_dir
+from .progress import progress_bar
 
 logger = logging.get_logger(__name__)
 
@@ -529,19 +530,21 @@ def _push_scored_stream(
             upload_error.append((f"the shard {in_repo}", error))
 
     def write(tmp: str) -> None:
-        for index, table in enumerate(
-            scored_batches(mimic_filter.table, dataset, MIMIC_COLUMNS, id_column, STREAM_SHARD_ROWS)
-        ):
-            keep = table.column("mimic_keep").to_numpy(zero_copy_only=False)
-            parts = {"default": table, FILTERED_CONFIG: table.filter(pa.array(keep))}
-            result.num_rows += table.num_rows
-            result.num_kept += int(keep.sum())
-            for config in configs:
-                in_repo = f"{config}/{split}/{index:05d}.parquet"
-                path = Path(tmp) / in_repo
-                path.parent.mkdir(parents=True, exist_ok=True)
-                pq.write_table(parts[config], path)
-                upload(path, in_repo)
+        batches = scored_batches(mimic_filter.table, dataset, MIMIC_COLUMNS, id_column, STREAM_SHARD_ROWS)
+        # The stream's length is unknown: the bar counts the rows written and uploaded.
+        with progress_bar(desc=f"Pushing the scored stream to {repo_id}", unit=" rows", unit_scale=True) as bar:
+            for index, table in enumerate(batches):
+                keep = table.column("mimic_keep").to_numpy(zero_copy_only=False)
+                parts = {"default": table, FILTERED_CONFIG: table.filter(pa.array(keep))}
+                result.num_rows += table.num_rows
+                result.num_kept += int(keep.sum())
+                for config in configs:
+                    in_repo = f"{config}/{split}/{index:05d}.parquet"
+                    path = Path(tmp) / in_repo
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    pq.write_table(parts[config], path)
+                    upload(path, in_repo)
+                bar.update(table.num_rows)
 
     # An uploaded LFS file is committed by its hash and size alone, so the shards may move from the
     # temporary folder to local_path (atomic_write_dir) between their upload and the commit.

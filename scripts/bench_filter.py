@@ -4,11 +4,12 @@
 Generates synthetic score logs with N samples x 5 epochs (one record per sample per epoch,
 batches of 256, 70 % "clean" samples whose b*w is drawn around 1.3 and 30 % "noisy" ones around
 0.7, sd 0.25; loss around 0.5 and 1.5, sd 0.5), written as Parquet shards in the score-log schema of `hf_gradmimic.score_log_io`, then
-times ``build_filter(path, method=..., aggregate="snorkel", windows=5, engine=...)`` in a fresh
-subprocess per (size, engine, method), so that peak RSS values do not mix. The child reports the
-wall time of the `build_filter` call (which includes the lazy import of snorkel/torch) and its
-process peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which includes the interpreter,
-numpy, pyarrow and torch baseline).
+times ``build_filter(path, windows=5, engine=..., **FILTERS[name])`` in a fresh subprocess per (size, engine,
+filter), so that peak RSS values do not mix: ``default`` is the library's default filter (the keep posterior over
+the student's mean loss and margin), ``paper`` the paper's (the mimic windows' votes, GMM split, Snorkel). The
+child reports the wall time of the `build_filter` call (which includes lazy imports: scikit-learn, snorkel/torch)
+and its process peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which includes the interpreter, numpy,
+pyarrow and those imports, and the pages of memory-mapped files the process has read).
 
 With ``--engines`` naming ``duckdb`` or ``polars`` (when importable, e.g. from ``--engine-path``),
 the (sample, window) group-by alone is also run in that engine over the same shards, for the
@@ -16,8 +17,8 @@ engine choice of `hf_gradmimic.filter.engines.outofcore`: its wall time, peak RS
 values differ from the streaming engine's.
 
 Usage:
-    python scripts/bench_filter.py                      # 10M, 24M, 50M and 128M, the default method, streaming
-    python scripts/bench_filter.py --sizes 1000000 --methods gmm,kmeans,threshold,topk --engines streaming,memory
+    python scripts/bench_filter.py                      # 10M, 24M, 50M and 128M, the default filter, streaming
+    python scripts/bench_filter.py --sizes 1000000 --filters default,paper --engines streaming,memory
     python scripts/bench_filter.py --data-dir /tmp/hf_gradmimic_bench --no-doc --delete-data
 
 The synthetic logs are cached in --data-dir (about 21 bytes per record on disk) and reused unless
@@ -48,13 +49,13 @@ sys.path.insert(0, str(REPO))
 from provenance import code_commit  # noqa: E402  (scripts/provenance.py, beside this file)
 
 from hf_gradmimic.fileio import atomic_write  # noqa: E402
-from hf_gradmimic.filter.identification import DEFAULT_METHOD  # noqa: E402
 from hf_gradmimic.score_log_io import SCORE_TYPES, SCORES_DIRNAME  # noqa: E402
 
 EPOCHS = 5
 BATCH = 256
 SHARD_ROWS = 2_000_000
 CLEAN_FRACTION = 0.7
+LOG_VERSION = 2  # of the synthetic log (2: with the margin column); a cached log of another version is not reused
 
 
 def generate(n: int, folder: Path, seed: int = 0) -> Path:
@@ -62,7 +63,7 @@ def generate(n: int, folder: Path, seed: int = 0) -> Path:
 
     Memory: the per-epoch permutation (8 bytes per sample) plus one shard's columns at a time.
     """
-    output_dir = folder / f"n{n}"
+    output_dir = folder / f"v{LOG_VERSION}-n{n}"
     marker = output_dir / "COMPLETE"
     if marker.exists():
         return output_dir
@@ -96,6 +97,8 @@ def generate(n: int, folder: Path, seed: int = 0) -> Path:
                 "weight": (bw / batch_size).astype(np.float32),
                 # The default filter also reads the loss (its "loss" labeling function): lower for clean samples.
                 "loss": np.abs(np.where(is_clean, 0.5, 1.5) + rng.normal(0.0, 0.5, rows)).astype(np.float32),
+                # And the margin (its "mean_margin" labeling function): higher for clean samples.
+                "margin": (np.where(is_clean, 1.0, -0.5) + rng.normal(0.0, 1.0, rows)).astype(np.float32),
                 "batch_size": batch_size,
                 "rank": np.zeros(rows, dtype=np.int32),
                 "repeated": np.zeros(rows, dtype=bool),
@@ -123,18 +126,21 @@ if {engine!r} == "ray":
     import ray
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
 t0 = time.perf_counter()
-f = build_filter({path!r}, method={method!r}, aggregate="snorkel", windows=5, engine={engine!r}, spill_dir={spill!r})
+f = build_filter({path!r}, windows=5, engine={engine!r}, spill_dir={spill!r}, **{settings!r})
 wall = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 out = dict(wall=wall, import_time=t_import, peak_rss=peak, n_samples=f.summary["n_samples"],
            n_records=f.summary["n_records"], retained=f.summary["retained_fraction"],
-           aggregate_used=f.summary["aggregate_used"], label_model=f.summary["label_model"])
+           aggregate_used=f.summary["aggregate_used"], table_bytes=f.table.nbytes,
+           labeling_functions=f.summary["settings"]["labeling_functions"])
 if {save_values!r}:
     np.save({save_values!r}, f.window_values())
 clean = np.load({clean!r})
 from hf_gradmimic.metrics import compute_filter_metrics
 m = compute_filter_metrics(f.keep, clean[f.sample_ids], keep_prob=f.keep_prob)
 out.update(discard_f1=m["discard_f1"])
+import hashlib
+out.update(digest=hashlib.sha256(np.ascontiguousarray(f.keep).tobytes() + np.ascontiguousarray(f.keep_prob).tobytes()).hexdigest())
 print("RESULT " + json.dumps(out))
 """
 
@@ -194,14 +200,20 @@ def importable(module: str, paths: list[str]) -> bool:
     return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
-# Issue 19's targets on this 2-core machine: (samples, peak RSS GiB, wall s or None).
-TARGETS = [(24_000_000, 3.0, 180.0), (128_000_000, 8.0, None)]
+# Issue 26's targets for the default filter on this 2-core machine: (samples, peak RSS GiB, wall s or None).
+TARGETS = [(24_000_000, 3.0, 180.0), (50_000_000, 4.0, None), (128_000_000, 8.0, None)]
+
+# The filters measured: name -> build_filter settings besides windows=5, the engine and the spill folder.
+FILTERS = {
+    "default": {},
+    "paper": {"labeling_functions": ["mimic"], "method": "gmm", "aggregate": "snorkel"},
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000000,24000000,50000000,128000000", help="comma-separated sample counts")
-    parser.add_argument("--methods", default=DEFAULT_METHOD, help="comma-separated identification methods")
+    parser.add_argument("--filters", default="default,paper", help=f"comma-separated, of {', '.join(FILTERS)}")
     parser.add_argument(
         "--engines", default="streaming", help="streaming, memory, ray, duckdb, polars (comma-separated)"
     )
@@ -212,7 +224,7 @@ def main() -> None:
         "--compare-up-to",
         type=int,
         default=10_000_000,
-        help="run memory, ray, duckdb and polars only on sizes up to this many samples",
+        help="run memory, ray, duckdb, polars and the non-default filters only on sizes up to this many samples",
     )
     parser.add_argument("--data-dir", default="/tmp/hf_gradmimic_bench", help="where the synthetic logs are cached")
     parser.add_argument("--spill-dir", default=None, help="where the streaming engine spills (default: the data dir)")
@@ -241,21 +253,22 @@ def main() -> None:
         compared = n <= args.compare_up_to
         # The memory engine holds every record (about 36 GiB at 128M x 5): only on the compared sizes.
         for engine in [e for e in engines if e == "streaming" or (e in ("memory", "ray") and compared)]:
-            for method in args.methods.split(","):
+            for method in [f for f in args.filters.split(",") if f == "default" or compared]:
                 save = str(reference) if engine == "streaming" and not reference.exists() else ""
+                load = os.getloadavg()[0]
                 result = run_child(
                     CHILD.format(
                         repo=str(REPO),
                         paths=paths,
                         path=str(output_dir),
-                        method=method,
+                        settings=FILTERS[method],
                         engine=engine,
                         spill=spill,
                         clean=str(output_dir / "clean.npy"),
                         save_values=save,
                     )
                 )
-                result.update(n=n, method=method, engine=engine, disk=disk)
+                result.update(n=n, method=method, engine=engine, disk=disk, load=load)
                 rows.append(result)
                 print(
                     f"  {engine:9s} {method:9s} wall {result['wall']:7.1f}s  peak RSS {result['peak_rss'] / 2**30:5.2f} GiB  "
@@ -289,13 +302,15 @@ def main() -> None:
 
 def _table(rows: list[dict]) -> str:
     lines = [
-        "| samples | records | log on disk (GiB) | engine | method | build_filter wall (s) | peak RSS (GiB) | retained | discard F1 |",
-        "|---:|---:|---:|---|---|---:|---:|---:|---:|",
+        "| samples | records | log on disk (GiB) | engine | filter | build_filter wall (s) | load at start | "
+        "peak RSS (GiB) | result table (GiB) | retained | discard F1 |",
+        "|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['n']:,} | {r['n_records']:,} | {r['disk'] / 2**30:.2f} | {r['engine']} | {r['method']} | {r['wall']:.1f} | "
-            f"{r['peak_rss'] / 2**30:.2f} | {r['retained']:.3f} | {r['discard_f1']:.3f} |"
+            f"| {r['n']:,} | {r['n_records']:,} | {r['disk'] / 2**30:.2f} | {r['engine']} | {r['method']} | "
+            f"{r['wall']:.1f} | {r['load']:.1f} | {r['peak_rss'] / 2**30:.2f} | {r['table_bytes'] / 2**30:.2f} | "
+            f"{r['retained']:.3f} | {r['discard_f1']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -303,30 +318,38 @@ def _table(rows: list[dict]) -> str:
 def _targets(rows: list[dict]) -> str:
     lines = []
     for n, rss, wall in TARGETS:
-        measured = [r for r in rows if r["n"] == n and r["engine"] == "streaming"]
+        measured = [r for r in rows if r["n"] == n and r["engine"] == "streaming" and r["method"] == "default"]
         if not measured:
-            lines.append(f"- {n:,} x {EPOCHS}: not measured in this run.{_projection(rows, n, rss)}")
+            lines.append(f"- {n:,} x {EPOCHS}: **not measured** in this run.{_projection(rows, n, rss)}")
         for r in measured:
             met = r["peak_rss"] / 2**30 <= rss and (wall is None or r["wall"] <= wall)
             goal = f"<= {rss} GiB" + (f" and <= {wall:.0f} s" if wall else "")
             lines.append(
-                f"- {n:,} x {EPOCHS} ({r['method']}): target {goal}; measured {r['peak_rss'] / 2**30:.2f} GiB, "
-                f"{r['wall']:.0f} s: **{'met' if met else 'MISSED'}**."
+                f"- {n:,} x {EPOCHS} (default filter): target {goal}; measured {r['peak_rss'] / 2**30:.2f} GiB, "
+                f"{r['wall']:.0f} s (1-minute load {r['load']:.1f} at its start): **{'met' if met else 'MISSED'}**."
             )
-    single = {(r["n"], r["method"]): r["wall"] for r in rows if r["engine"] == "streaming"}
+    by_engine: dict[tuple, dict[str, dict]] = {}
     for r in rows:
-        if r["engine"] == "ray" and (r["n"], r["method"]) in single:
-            ratio = r["wall"] / single[(r["n"], r["method"])]
+        by_engine.setdefault((r["n"], r["method"]), {})[r["engine"]] = r
+    for (n, method), engines in sorted(by_engine.items()):
+        if "streaming" in engines and len(engines) > 1:
+            same = all(r["digest"] == engines["streaming"]["digest"] for r in engines.values())
             lines.append(
-                f"- ray at {r['n']:,} x {EPOCHS} ({r['method']}): target within 2x of the streaming engine's time; "
-                f"measured {ratio:.2f}x ({r['wall']:.0f} s): **{'met' if ratio <= 2 else 'MISSED'}**."
+                f"- {n:,} x {EPOCHS} ({method}): keep and keep_prob identical on {', '.join(engines)}: "
+                f"**{'yes' if same else 'NO'}** (SHA-256 of both columns' bytes)."
+            )
+        if "ray" in engines and "streaming" in engines:
+            ratio = engines["ray"]["wall"] / engines["streaming"]["wall"]
+            lines.append(
+                f"- ray at {n:,} x {EPOCHS} ({method}): within 2x of the streaming engine's time (issue 19); "
+                f"measured {ratio:.2f}x ({engines['ray']['wall']:.0f} s): **{'met' if ratio <= 2 else 'MISSED'}**."
             )
     return "\n".join(lines) + "\n"
 
 
 def _projection(rows: list[dict], n: int, rss: float) -> str:
     """A straight-line projection of peak RSS and log size to ``n`` samples from the measured streaming rows."""
-    points = sorted({r["n"]: r for r in rows if r["engine"] == "streaming"}.items())
+    points = sorted({r["n"]: r for r in rows if r["engine"] == "streaming" and r["method"] == "default"}.items())
     if len(points) < 2:
         return ""
     sizes = np.array([p for p, _ in points], dtype=np.float64)
@@ -359,38 +382,48 @@ def write_doc(args, rows, engine_rows, notes, load_before, load_after, commit: s
     notes_text = "".join(f"Note: {note}\n" for note in notes)
     doc = f"""# Scaling of the Stage-2 filter
 
-Generated by `python scripts/bench_filter.py --sizes {args.sizes} --methods {args.methods} --engines {args.engines}`
+Generated by `python scripts/bench_filter.py --sizes {args.sizes} --filters {args.filters} --engines {args.engines}`
 on {os.cpu_count()} CPU cores ({cpu}, Python {platform.python_version()}), shared with other jobs
-(1-minute load average {load_before[0]:.1f} before the run and {load_after[0]:.1f} after it, so
-wall times include waiting for a core). Library: hf_gradmimic at commit {commit}. Do not edit by hand: rerun the script.
+(1-minute load average {load_before[0]:.1f} before the run and {load_after[0]:.1f} after it, and the load at the
+start of each measurement in the table: wall times include waiting for a core). Library: hf_gradmimic at commit
+{commit}. Do not edit by hand: rerun the script.
 
 Synthetic score logs: N samples x {EPOCHS} epochs, one record per sample per epoch (batches of {BATCH}),
-{int(CLEAN_FRACTION * 100)} % "clean" samples with b*w ~ N(1.3, 0.25) and the rest ~ N(0.7, 0.25) (loss: |N(0.5, 0.5)|
-and |N(1.5, 0.5)|, read by the default "loss" labeling function), written as
-Parquet shards of about {SHARD_ROWS:,} rows in the score-log schema (*log on disk* is their total size).
-Each row is one fresh subprocess running
-`build_filter(path, method=<method>, aggregate="snorkel", windows=5, engine=<engine>)`:
+{int(CLEAN_FRACTION * 100)} % "clean" samples with b*w ~ N(1.3, 0.25) and the rest ~ N(0.7, 0.25), loss |N(0.5, 0.5)|
+and |N(1.5, 0.5)|, margin N(1, 1) and N(-0.5, 1), written as Parquet shards of about {SHARD_ROWS:,} rows in the
+score-log schema (*log on disk* is their total size). Each row is one fresh subprocess running
+`build_filter(path, windows=5, engine=<engine>, **settings)`, *filter* naming the settings:
 
-- *wall* is the `build_filter` call alone (reading the shards, grouping, identification, the
-  LabelModel fit, which includes importing snorkel/torch lazily, about 3 s);
-- *peak RSS* is the child process's `ru_maxrss`, so it includes the interpreter, numpy, pyarrow and torch;
-  for `ray` it is the driver's alone (the Ray workers are the raylet's children), and *wall* excludes
-  starting the local 2-CPU cluster (`ray.init`, on 127.0.0.1).
+- `default`: none, the library's default: the keep posterior (`aggregate="mixture"`) over the student's mean
+  log-loss and mean margin (`labeling_functions=["mean_loss", "mean_margin"]`); the mimic windows' k-means votes
+  are computed and stored but do not vote;
+- `paper`: `labeling_functions=["mimic"], method="gmm", aggregate="snorkel"` (Huang et al., Section 4.2), run on
+  the sizes where the engines are compared.
+
+*wall* is the `build_filter` call alone (reading the shards, grouping, identification, the fit, with its lazy
+imports); *peak RSS* is the child process's `ru_maxrss`: the interpreter and libraries, and the pages of the
+memory-mapped files it has read; for `ray` it is the driver's alone (the Ray workers are the raylet's children),
+and *wall* excludes starting the local cluster (`ray.init`, on 127.0.0.1). *result table* is the filter's table
+(`MimicFilter.table.nbytes`), most of it in memory-mapped files with the streaming engine. *discard F1* is against
+the synthetic clean flags.
 
 {_table(rows)}
-Targets (issue 19), checked by this script:
+Targets (issue 26), checked by this script:
 
 {_targets(rows)}{_engine_table(engine_rows)}
 {notes_text}
-How it scales: the streaming engine (`hf_gradmimic.filter.engines.outofcore`) reads one shard at a time and
-appends each record's step, sample id, b*w, score and status (25 bytes) to the spill file of its
-sample-id range; each range is then reduced alone with `numpy.bincount` over `sample * windows + window`,
-by the in-memory engine's own functions, so the result is bit-identical to it. What stays in memory is
-one range's working set (a 256 MiB budget), the window values (4 bytes per cell), then the decision
-(`decide`): identification per window, the LabelModel fitted on the distinct vote patterns (at most
-3^5 = 243, each repeated in proportion to its count up to 1M rows) with its per-sample temporaries, and
-the per-sample table. The window scores, ids, means and counts go to memory-mapped files in the spill
-folder (page cache, not the process's memory) and the table wraps them without a copy.
+How memory is bounded (the streaming engine, `hf_gradmimic.filter.engines.outofcore`): the shards are read once,
+one at a time, and each record's step, sample id, b*w, score, status and signal values (loss, margin) are appended
+to the spill files of its sample-id range; each range is then reduced alone by the in-memory engine's own
+functions, so the result is bit-identical to it. Every per-sample output of the reduction (window values and
+scores, the signals' window means, ids, means, counts) goes to a file of the spill folder that is memory-mapped
+at the end, not into the process's memory. The decision reads what it needs from them in row blocks
+(`hf_gradmimic.filter.rowblocks`), releasing the mapping's pages after each block: one window column at a time
+for its k-means split (scanned in blocks), and the signals' per-window means for the labeling functions, which
+keep one float64 per sample and function. The keep posterior is fit on at most 500,000 sampled rows and applied
+in chunks. The filter's table wraps the mapped outputs without a copy; its list columns of one width share one
+offsets buffer. What grows with the pool in the process's own memory is then the decision's per-sample output:
+the vote matrix (1 byte per window), the labeling functions' values (8 bytes each), keep_prob (8) and keep.
 """
     doc_path = atomic_write(args.doc, lambda tmp: Path(tmp).write_text(doc, encoding="utf-8"))
     print(f"wrote {doc_path}")

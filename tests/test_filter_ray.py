@@ -17,6 +17,7 @@ from test_filter_streaming import (
     assert_same_signals,
     assert_same_table,
     assert_same_windows,
+    default_filter_log,
     random_log,
     write_resumed_log,
     write_shards,
@@ -149,3 +150,16 @@ def test_ray_names_a_bad_shard_and_skips_it_on_request(ray_cluster, tmp_path):
         skipped = build_filter(log_dir, method="threshold", engine="ray", on_bad_shard="skip")
     local = build_filter(log_dir, method="threshold", engine="memory", on_bad_shard="skip")
     np.testing.assert_array_equal(skipped.keep, local.keep)
+
+
+def test_the_default_filter_is_identical_on_every_engine(ray_cluster, tmp_path, monkeypatch):
+    default_filter_log(12, tmp_path)
+    monkeypatch.setattr("hf_gradmimic.filter.engines.outofcore.DEFAULT_MEMORY_BUDGET", 40_000)  # spills
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FilterWarning)
+        built = {engine: build_filter(tmp_path, windows=5, engine=engine) for engine in ("memory", "streaming", "ray")}
+    assert built["memory"].summary["aggregate_used"] == "mixture"
+    for engine in ("streaming", "ray"):
+        np.testing.assert_array_equal(built[engine].keep_prob, built["memory"].keep_prob, err_msg=engine)
+        np.testing.assert_array_equal(built[engine].keep, built["memory"].keep, err_msg=engine)
+        assert_same_table(built[engine].table, built["memory"].table)

@@ -330,3 +330,32 @@ def test_shards_without_the_newer_columns_read_as_missing_signals_and_scored(tmp
             assert_same_windows(expected, windowed)
             assert_same_signals(expected, windowed)
     assert np.isnan(expected.signals["reference_loss"]).sum() > np.isnan(expected.signals["loss"]).sum()
+
+
+def default_filter_log(seed: int, folder) -> pa.Table:
+    """A random log on disk with the columns the default filter reads (the student's loss and margin), NaN, inf
+    and missing values among them, status 1/2 records and repeated rows; returns the table written."""
+    table = random_log(seed, signals=True)
+    margin = signal_columns(np.random.default_rng(seed + 20_000), table.num_rows)["reference_margin"]
+    table = table.append_column("margin", margin)
+    write_shards(table, folder, rows=700)
+    return table
+
+
+def test_the_default_filter_is_identical_when_the_streaming_engine_spills(tmp_path, monkeypatch):
+    default_filter_log(11, tmp_path)
+    # Far below the log: many sample-id ranges, every per-sample output memory-mapped from the spill folder.
+    monkeypatch.setattr("hf_gradmimic.filter.engines.outofcore.DEFAULT_MEMORY_BUDGET", 40_000)
+    monkeypatch.setattr("hf_gradmimic.filter.rowblocks.ROW_BLOCK", 97)  # several row blocks per mapped matrix
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FilterWarning)
+        windowed = collect_windows_streaming(tmp_path, 5, memory_budget=40_000)
+        streamed = build_filter(tmp_path, windows=5, engine="streaming")
+        memory = build_filter(tmp_path, windows=5, engine="memory")
+    assert isinstance(windowed.values, np.memmap) and isinstance(windowed.signals["margin"], np.memmap)
+    assert streamed.summary["settings"]["labeling_functions"] == ["mean_loss", "mean_margin"]
+    assert streamed.summary["aggregate_used"] == "mixture"
+    np.testing.assert_array_equal(streamed.keep_prob, memory.keep_prob)
+    np.testing.assert_array_equal(streamed.keep, memory.keep)
+    assert_same_table(streamed.table, memory.table)
+    assert streamed.summary["mean_mimic_score"] == memory.summary["mean_mimic_score"]

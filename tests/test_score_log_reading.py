@@ -336,3 +336,25 @@ def test_load_names_a_summary_that_is_not_a_filter_summary(tmp_path, log):
     with pytest.raises(ValueError, match="is not a MimicFilter summary") as raised:
         MimicFilter.load(folder)
     assert str(folder / "summary.json") in str(raised.value)
+
+
+@pytest.mark.parametrize("id_kind", ["int", "str"])
+def test_records_repeated_within_one_shard_are_counted_once(tmp_path, log, id_kind):
+    # Two runs appending into one shard: some (step, sample_id) pairs appear twice in it. Integer ids are coded by
+    # subtraction, string ids by a dictionary; both must find the same rows as pandas' duplicated().
+    if id_kind == "str":
+        ids = pa.array([f"s{i:05d}" for i in log.column("sample_id").to_numpy()])
+        log = log.set_column(log.column_names.index("sample_id"), "sample_id", ids)
+    paths = write_log(log, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FilterWarning)
+        intact = build_filter(tmp_path, method="threshold", aggregate="majority", labeling_functions=LOG_SOURCES)
+    shard = pq.read_table(paths[1])
+    doubled = pa.concat_tables([shard, shard.take(pa.array(np.arange(0, shard.num_rows, 7)))])
+    pq.write_table(doubled, paths[1])
+    expected = int(doubled.select(["global_step", "sample_id"]).to_pandas().duplicated().sum())
+    with pytest.warns(FilterWarning, match=rf"{expected} record\(s\) in .* repeat a \(step, sample_id\)"):
+        deduplicated = build_filter(tmp_path, method="threshold", aggregate="majority", labeling_functions=LOG_SOURCES)
+    assert expected == len(range(0, shard.num_rows, 7))
+    same_filter(deduplicated, intact)
+    assert deduplicated.summary["n_records"] == log.num_rows

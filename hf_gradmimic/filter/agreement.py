@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .rowblocks import row_blocks
+
 __all__ = ["AgreementGate", "agreement_gate", "mean_over_windows"]
 
 
@@ -33,11 +35,16 @@ class AgreementGate:
 
 
 def mean_over_windows(per_window: np.ndarray) -> np.ndarray:
-    """Each sample's mean over the windows where it has a value (NaN where it has none)."""
-    per_window = np.asarray(per_window, dtype=np.float64)
+    """Each sample's mean over the windows where it has a value (NaN where it has none), read in row blocks (a
+    memory-mapped matrix stays out of memory: `hf_gradmimic.filter.rowblocks`)."""
+    out = np.full(per_window.shape[0], np.nan)
+    if per_window.shape[1] == 0:
+        return out
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a sample without any window's value is NaN: no gate
-        return np.nanmean(per_window, axis=1) if per_window.shape[1] else np.full(per_window.shape[0], np.nan)
+        for rows, block in row_blocks(per_window):
+            out[rows] = np.nanmean(block.astype(np.float64), axis=1)
+    return out
 
 
 def agreement_gate(keep_prob: np.ndarray, student_margin: np.ndarray) -> AgreementGate:

@@ -11,17 +11,44 @@ import numpy as np
 __all__ = ["GaussianMixture1D", "fit_gmm_1d", "kmeans_1d"]
 
 
+_SPLIT_BLOCK = 1 << 20  # values per block of the split scan: its float64 temporaries stay a few tens of MiB
+
+
 def _kmeans_split_sorted(x: np.ndarray) -> int:
-    """Size of the low cluster of the optimal 2-means split of the sorted float64 array ``x``."""
+    """Size of the low cluster of the optimal 2-means split of the sorted float64 array ``x``.
+
+    Scanned in blocks (two passes: the total, then the split), with the prefix sum carried from block to block so
+    that it is the same left fold as one ``cumsum`` over ``x``: the split is the one a single pass would find, and
+    the temporaries do not grow with ``x``.
+    """
     n = x.size
-    centred = x - x.mean()
-    prefix = np.cumsum(centred)
-    total = prefix[-1]
-    left = prefix[:-1]  # S_k for k = 1 .. n-1
-    k = np.arange(1, n, dtype=np.float64)
-    between = left * left / k + (total - left) ** 2 / (n - k)
-    between[x[1:] == x[:-1]] = -np.inf  # a cut inside a run of ties is not a valid split
-    return int(np.argmax(between)) + 1
+    mean = x.mean()
+
+    def prefix_blocks():
+        carry = 0.0
+        for start in range(0, n, _SPLIT_BLOCK):
+            centred = x[start : start + _SPLIT_BLOCK] - mean
+            centred[0] += carry  # continue the left fold of the blocks before
+            prefix = np.cumsum(centred)
+            carry = prefix[-1]
+            yield start, prefix
+
+    total = 0.0
+    for _, prefix in prefix_blocks():
+        total = prefix[-1]
+    best, best_value = 0, -np.inf
+    for start, prefix in prefix_blocks():
+        stop = min(n - 1, start + prefix.size)  # S_k for k = start + 1 .. stop (k = n is no split)
+        if stop <= start:
+            break
+        left = prefix[: stop - start]
+        k = np.arange(start + 1, stop + 1, dtype=np.float64)
+        between = left * left / k + (total - left) ** 2 / (n - k)
+        between[x[start + 1 : stop + 1] == x[start:stop]] = -np.inf  # a cut inside a run of ties is not a valid split
+        j = int(np.argmax(between))
+        if between[j] > best_value:  # strictly: the first maximum, as one argmax over every k would pick
+            best, best_value = start + j, between[j]
+    return best + 1
 
 
 def kmeans_1d(values: np.ndarray) -> tuple[float, float, float]:
@@ -42,7 +69,8 @@ def kmeans_1d(values: np.ndarray) -> tuple[float, float, float]:
         ``(cut, low_centre, high_centre)``: the high cluster is ``values >= cut``. Raises
         ``ValueError`` when there are fewer than two distinct values.
     """
-    x = np.sort(np.asarray(values, dtype=np.float64).ravel())
+    x = np.array(values, dtype=np.float64).ravel()  # one float64 copy, sorted in place
+    x.sort()
     if x.size < 2 or x[0] == x[-1]:
         raise ValueError("kmeans_1d needs at least two distinct values.")
     split = _kmeans_split_sorted(x)

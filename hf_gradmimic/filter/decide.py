@@ -23,6 +23,7 @@ from .labeling import LabelingVotes
 from .matrices import list_column
 from .posterior import keep_posterior
 from .reduction import WindowedScores
+from .rowblocks import matrix_column, row_blocks
 from .signals import LabelingScores
 from .warning import warn
 from .windows import WindowsLike
@@ -85,6 +86,10 @@ def decide(
     given = [lf.name for lf in extra_votes] + [lf.name for lf in extra_scores]
     extra_scores = [lf for lf in extra_scores if np.isfinite(lf.values).any()]
     lf_scores = np.hstack([lf.values for lf in extra_scores]) if extra_scores else None
+    column = 0
+    for lf in extra_scores:  # each function's values become a view of its columns: one copy in memory, not two
+        lf.values = lf_scores[:, column : column + lf.values.shape[1]]
+        column += lf.values.shape[1]
     if not mimic_votes and lf_votes is None and lf_scores is None:
         raise ValueError(
             f"Every labeling function abstains on every sample ({given or 'none given'}): the score log holds none of "
@@ -97,6 +102,7 @@ def decide(
         score_votes = _votes_from_scores(lf_scores)
         voting.append(score_votes)
     all_votes = np.hstack(voting) if voting else np.zeros((votes.shape[0], 0), dtype=np.int8)
+    student_margin = _student_margin(windowed)  # the agreement gate's input, and a column of the table
     keep_prob, keep, info, status_counts = _aggregate_with_status(
         windowed,
         all_votes,
@@ -105,7 +111,7 @@ def decide(
         seed,
         warn_list,
         [lf.name for lf in extra_votes] + [lf.name for lf in extra_scores] + ["mimic"] * mimic_votes,
-        _student_margin(windowed) if aggregate == "mixture" and discard_requires_disagreement else None,
+        student_margin if aggregate == "mixture" and discard_requires_disagreement else None,
     )
     all_accuracies = info["estimated_accuracies"]
     offset = votes.shape[1] if mimic_votes else 0
@@ -121,21 +127,20 @@ def decide(
             warn_list,
         )
     table = _filter_table(windowed, votes, keep_prob, keep)
-    student_margin = _student_margin(windowed)
     if student_margin is not None:  # what the agreement gate read, for `MimicFilter.rebuild`
         table = table.append_column("student_margin", pa.array(student_margin, type=pa.float64(), from_pandas=True))
     if lf_votes is not None:
         table = table.append_column("lf_votes", list_column(lf_votes, pa.int8()))
     if lf_scores is not None:
         table = table.append_column("lf_scores", list_column(lf_scores, pa.float64(), nan_as_null=True))
-    finite_scores = windowed.mean_score[~np.isnan(windowed.mean_score)]
+    mean_mimic_score = _nan_mean(windowed.mean_score)
     summary = {
         "n_samples": int(votes.shape[0]),
         **status_counts,
         "n_records": int(windowed.total_records),
         "n_windows": int(votes.shape[1]),
         "retained_fraction": float(keep.mean()),
-        "mean_mimic_score": float(finite_scores.mean()) if finite_scores.size else float("nan"),
+        "mean_mimic_score": mean_mimic_score,
         "n_nan_scores": int(windowed.n_nan_scores),
         "window_names": list(windowed.window_names),
         "thresholds": [w["threshold"] for w in window_info],
@@ -206,10 +211,14 @@ def _aggregate_with_status(
             "abstains everywhere (no scored record, status 0, in any window, and no value in the signals' columns; "
             "the filter's warnings say which columns are missing). Nothing to filter on."
         )
-    keep_prob = np.empty(n, dtype=np.float64)
-    keep_prob[voted], info = _keep_prob(
-        votes[voted], None if scores is None else scores[voted], aggregate, seed, warn_list
-    )
+    if n_unscored:
+        keep_prob = np.empty(n, dtype=np.float64)
+        keep_prob[voted], info = _keep_prob(
+            votes[voted], None if scores is None else scores[voted], aggregate, seed, warn_list
+        )
+    else:  # every sample voted: no copy of the votes and signals
+        keep_prob, info = _keep_prob(votes, scores, aggregate, seed, warn_list)
+        keep_prob = np.asarray(keep_prob, dtype=np.float64)
     info["agreement_gate"] = None
     if student_margin is not None:
         gate = agreement_gate(keep_prob[voted], student_margin[voted])
@@ -268,6 +277,16 @@ def _keep_prob(
     }
 
 
+def _nan_mean(values: np.ndarray) -> float:
+    """The mean of the non-NaN entries (NaN when there is none), read block by block (a mapped column stays out of memory)."""
+    total, count = 0.0, 0
+    for _, block in row_blocks(values):
+        present = ~np.isnan(block)
+        total += float(np.add.reduce(block, where=present))
+        count += int(present.sum())
+    return total / count if count else float("nan")
+
+
 def _votes_from_scores(scores: np.ndarray) -> np.ndarray:
     """Each continuous column cut into keep / discard by a 2-component GMM (DivideMix's split); NaN abstains."""
     votes = np.full(scores.shape, ABSTAIN, dtype=np.int8)
@@ -293,7 +312,7 @@ def _scores_summary(
                     "name": name,
                     "kind": "score",
                     "n_samples": int(present.sum()),
-                    "mean": float(values[present, column].mean()) if present.any() else float("nan"),
+                    "mean": float(np.mean(values[:, column], where=present)) if present.any() else float("nan"),
                     "estimated_accuracy": None
                     if accuracies is None or offset + column >= len(accuracies)
                     else accuracies[offset + column],
@@ -336,7 +355,7 @@ def _vote_per_window(
     votes = np.full((n, m), ABSTAIN, dtype=np.int8)
     window_info = []
     for j in range(m):  # loop over windows, each one vectorised over its samples
-        column = values[:, j]
+        column = matrix_column(values, j)  # block by block: a mapped matrix is not read into memory whole
         present = ~np.isnan(column)
         decision = identify(column[present], method, threshold=threshold, topk=topk)
         votes[present, j] = decision.keep

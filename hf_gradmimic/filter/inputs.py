@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..progress import progress_bar
 from ..score_log_io import score_shard_paths, scores_dir
 from ..tables import as_rows
 from .shards import BadShardError, BadShardPolicy, ShardPlan, plan_shards, read_shard, skipped_message, without_rows
@@ -79,7 +80,7 @@ class ScoreSource:
         else:
             # One shard at a time keeps memory at one shard's worth of Arrow data on top of the
             # compact numpy arrays being filled.
-            for shard in self.shards:
+            for shard in progress_bar(self.shards, desc="Reading the score log", unit="shard"):
                 try:
                     table = read_shard(shard, columns, optional)
                 except BadShardError as error:

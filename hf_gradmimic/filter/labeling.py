@@ -35,6 +35,7 @@ from .aggregation import ABSTAIN
 from .context import LabelingContext
 from .identification import METHODS, identify
 from .inputs import score_source
+from .rowblocks import matrix_column
 from .signals import SIGNAL_NAMES, LabelingScores, WindowSignal
 
 __all__ = [
@@ -136,9 +137,10 @@ class LossWindows:
         votes = np.full((n, m), ABSTAIN, dtype=np.int8)
         boundaries = []
         for j in range(m):  # loop over windows, each vectorised over its samples
-            present = ~np.isnan(loss[:, j])
+            column = matrix_column(loss, j)  # block by block: a mapped matrix is not read into memory whole
+            present = ~np.isnan(column)
             decision = identify(
-                -loss[present, j], method, threshold=None if method != "threshold" else 0.0, topk=context.topk
+                -column[present], method, threshold=None if method != "threshold" else 0.0, topk=context.topk
             )
             votes[present, j] = decision.keep
             boundaries.append(-decision.boundary)  # kept when loss < boundary

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -15,9 +17,22 @@ def list_column(matrix: np.ndarray, value_type: pa.DataType, *, nan_as_null: boo
     it back as NaN."""
     n, m = matrix.shape
     flat = pa.array(np.ascontiguousarray(matrix).reshape(-1), type=value_type, from_pandas=nan_as_null)
-    if n * m < 2**31:
-        return pa.ListArray.from_arrays(pa.array(np.arange(0, n * m + 1, m, dtype=np.int32)), flat)
-    return pa.LargeListArray.from_arrays(pa.array(np.arange(0, n * m + 1, m, dtype=np.int64)), flat)
+    large = n * m >= 2**31
+    key = (n, m, large)
+    shared = _SHARED_OFFSETS.get(key)
+    if shared is not None:
+        offsets = shared.offsets
+    else:
+        offsets = pa.array(np.arange(0, n * m + 1, m, dtype=np.int64 if large else np.int32))
+    column = (pa.LargeListArray if large else pa.ListArray).from_arrays(offsets, flat)
+    _SHARED_OFFSETS[key] = column
+    return column
+
+
+# The last list column made of each shape, for as long as it lives: the table's list columns of one width (votes,
+# window values, window scores) share its offsets buffer (Arrow buffers are immutable) instead of 4 bytes per sample
+# each.
+_SHARED_OFFSETS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def matrix(column: pa.ChunkedArray | pa.Array, m: int, dtype: np.dtype | type) -> np.ndarray:

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..progress import progress_bar
 from .aggregation import ABSTAIN, KEEP
 
 __all__ = ["FIT_ROWS", "MixtureFit", "keep_posterior"]
@@ -85,10 +86,13 @@ def keep_posterior(
     for a vote column left out.
     """
     signals = np.zeros((_rows(signals, votes), 0)) if signals is None else np.asarray(signals, dtype=np.float64)
-    signals = signals[:, np.isfinite(signals).any(axis=0)]
+    usable = np.isfinite(signals).any(axis=0)
+    if not usable.all():  # a copy only when a column is left out
+        signals = signals[:, usable]
     votes = np.zeros((signals.shape[0], 0), dtype=np.int8) if votes is None else np.asarray(votes)
     voting = (votes != ABSTAIN).any(axis=0)
-    votes = votes[:, voting]
+    if not voting.all():
+        votes = votes[:, voting]
     n = signals.shape[0]
     if votes.shape[0] != n:
         raise ValueError(f"{n} rows of signals but {votes.shape[0]} rows of votes.")
@@ -104,7 +108,7 @@ def keep_posterior(
     fit = np.sort(rng.choice(n, size=fit_rows, replace=False)) if n > fit_rows else slice(None)
     params, iterations, converged, log_likelihood = _em(signals[fit], votes[fit], seed)
     keep_prob = np.empty(n, dtype=np.float64)
-    for start in range(0, n, _CHUNK):
+    for start in progress_bar(range(0, n, _CHUNK), desc="Keep posterior", unit="chunk"):
         part = slice(start, min(n, start + _CHUNK))
         keep_prob[part] = _responsibilities(params, signals[part], votes[part])[0][:, 0]
     rates = np.full((voting.size, 2), np.nan)

@@ -436,22 +436,23 @@ def _window_means(
 class WindowedScoresBuilder:
     """The `WindowedScores` of the whole log, filled group by group of samples in sample-id order.
 
-    ``values`` (read by identification) and ``n_nonfinite`` stay in memory, allocated for the most
-    samples there can be (``capacity``; pages past the last sample are never touched, so they take no
-    memory). The other per-sample outputs (window scores, signals, ids, means, counts), which the
-    decision does not read before its memory peak (the aggregation), go to files in ``folder`` when it
-    is given and are memory-mapped at the end: their pages sit in the page cache (written back and
-    reclaimable) instead of the process's memory. The filter's table wraps them zero-copy.
+    ``n_nonfinite`` stays in memory, allocated for the most samples there can be (``capacity``; pages
+    past the last sample are never touched, so they take no memory). The other per-sample outputs
+    (window values and scores, signals, ids, means and counts) go to files in ``folder`` when it is
+    given and are memory-mapped at the end: their pages sit in the page cache (written back and
+    reclaimable) instead of the process's memory. The decision reads the ones it needs in row blocks
+    (`hf_gradmimic.filter.rowblocks`), which releases the mapping's pages after each block, and the
+    filter's table wraps them zero-copy, so that none is read into memory whole.
     """
 
     def __init__(
         self, capacity: int, step_map: StepWindows, signals: tuple[str, ...] = (), folder: Path | None = None
     ) -> None:
         self.step_map, self.m, self.folder = step_map, len(step_map.names), folder
-        self.values = np.empty((capacity, self.m), dtype=np.float32)
         self.n_nonfinite: np.ndarray | None = None
         # (name, dtype, per window) of each output that may be mapped.
         self.mapped = [
+            ("values", np.float32, True),
             ("ids", np.int64, False),
             ("scores", np.float32, True),
             ("mean_weight", np.float64, False),
@@ -467,8 +468,8 @@ class WindowedScoresBuilder:
     def add(self, part: WindowedScores) -> None:
         """Append one group's means (its sample ids above every id added before)."""
         sl = slice(self.filled, self.filled + len(part.sample_ids))
-        self.values[sl] = part.values
         arrays = {
+            "values": part.values,
             "ids": part.sample_ids.to_numpy(),
             "scores": part.scores,
             "mean_weight": part.mean_weight,
@@ -510,7 +511,7 @@ class WindowedScoresBuilder:
         columns = {name: self._column(name, dtype, per_window) for name, dtype, per_window in self.mapped}
         return WindowedScores(
             sample_ids=pa.array(columns["ids"]),
-            values=self.values[:n],
+            values=columns["values"],
             scores=columns["scores"],
             mean_weight=columns["mean_weight"],
             mean_score=columns["mean_score"],

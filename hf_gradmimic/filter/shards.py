@@ -28,6 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..progress import progress_bar
+
 __all__ = ["BAD_SHARD_POLICIES", "BadShardError", "ShardPlan", "plan_shards", "read_shard"]
 
 BadShardPolicy = Literal["error", "skip"]
@@ -165,7 +167,7 @@ def _check_step_ranges(plan: ShardPlan) -> None:
             by_rank.setdefault(int(match["rank"]), []).append((int(match["first"]), int(match["last"]), path))
     for rank, shards in sorted(by_rank.items()):
         shards.sort()
-        for _, _, path in shards:
+        for _, _, path in progress_bar(shards, desc=f"Checking the score log's shards (rank {rank})", unit="shard"):
             _drop_duplicates_within(plan, rank, path)
         covered_until = None
         earlier: list[tuple[int, int, Path]] = []
@@ -236,19 +238,34 @@ def _drop_duplicates_within(plan: ShardPlan, rank: int, path: Path) -> None:
     rows = np.arange(table.num_rows)
     if "repeated" in names:
         rows = rows[~table.column("repeated").to_numpy(zero_copy_only=False).astype(bool)]
-    ids = table.column("sample_id").combine_chunks().take(pa.array(rows)).dictionary_encode()
-    codes = ids.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    keys = table.column("global_step").to_numpy()[rows].astype(np.int64) * max(len(ids.dictionary), 1) + codes
+    steps = table.column("global_step").to_numpy()[rows].astype(np.int64)
+    codes, n_codes = _id_codes(table.column("sample_id"), rows, int(steps.max(initial=0)))
+    keys = steps * n_codes + codes
+    ordered = np.sort(keys)  # the common case, no duplicate, costs one in-place sort and no stable argsort
+    if not (ordered[1:] == ordered[:-1]).any():
+        return
+    del ordered
     first = np.zeros(len(keys), dtype=bool)
     first[np.unique(keys, return_index=True)[1]] = True
-    if first.all():
-        return
     _add_drops(plan, path, rows[~first])
     plan.warnings.append(
         f"Duplicated records in the score log of rank {rank}: {int((~first).sum())} record(s) in {path} repeat a "
         "(step, sample_id) the same shard already holds (two runs writing into one output_dir at once?); each is "
         "counted once, the later copies are dropped."
     )
+
+
+def _id_codes(sample_ids: pa.ChunkedArray, rows: np.ndarray, max_step: int) -> tuple[np.ndarray, int]:
+    """``(a code per row of rows, the number of codes)``: integer ids minus their minimum when ``step * codes``
+    cannot overflow (no hashing), else dictionary codes."""
+    if pa.types.is_integer(sample_ids.type) and sample_ids.null_count == 0 and rows.size:
+        ids = sample_ids.to_numpy()[rows].astype(np.int64)
+        lo, hi = int(ids.min()), int(ids.max())
+        if (max_step + 1) * (hi - lo + 1) < 2**62:
+            ids -= lo
+            return ids, hi - lo + 1
+    encoded = sample_ids.combine_chunks().take(pa.array(rows)).dictionary_encode()
+    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64), max(len(encoded.dictionary), 1)
 
 
 def without_rows(table: pa.Table, drop: np.ndarray | None) -> pa.Table:

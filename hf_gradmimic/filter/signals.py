@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .context import LabelingContext
+from .rowblocks import row_blocks
 from .warning import warn
 
 __all__ = ["LOSS_FLOOR", "SIGNAL_NAMES", "LabelingScores", "WindowSignal"]
@@ -109,12 +110,21 @@ class WindowSignal:
                 context.windowed.warnings,
             )
             return LabelingScores(self.name, [self.name], np.full((n, 1), np.nan))
+        # Row block by row block (`row_blocks`): a mapped per-window matrix is never read into memory whole.
+        names = [f"{self.name}/{window}" for window in windowed.window_names] if self.window == "each" else [self.name]
+        values = np.empty((n, len(names)))
+        for rows, block in row_blocks(per_window):
+            values[rows] = self._summary(block)
+        return LabelingScores(self.name, names, values)
+
+    def _summary(self, per_window: np.ndarray) -> np.ndarray:
+        """The values of a block of samples (``rows x windows`` means) -> ``rows x columns``."""
         per_window = np.asarray(per_window, dtype=np.float64)
+        n = per_window.shape[0]
         if self.transform == "neg_log":
             per_window = -np.log(np.maximum(per_window, 0.0) + LOSS_FLOOR)
         if self.window == "each":
-            names = [f"{self.name}/{window}" for window in windowed.window_names]
-            return LabelingScores(self.name, names, per_window)
+            return per_window
         present = np.isfinite(per_window)
         if self.window == "last":
             last = per_window.shape[1] - 1 - np.argmax(present[:, ::-1], axis=1)
@@ -123,4 +133,4 @@ class WindowSignal:
             counts = present.sum(axis=1)
             with np.errstate(invalid="ignore", divide="ignore"):
                 values = np.where(present, per_window, 0.0).sum(axis=1) / counts  # NaN (abstains) with no window
-        return LabelingScores(self.name, [self.name], values[:, None])
+        return values[:, None]

@@ -32,6 +32,7 @@ from ..cards import render_reference_card
 from ..fileio import atomic_write
 from ..layer_lookup import resolve_mimic_layers
 from ..losses import logits_of
+from ..progress import progress_bar
 from .config import ReferenceRecipeConfig, ReferenceResult
 from .loading import REFERENCE_WEIGHTS_NAME, checkpoint_name
 
@@ -85,12 +86,15 @@ def layer_inputs(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    bar = progress_bar(desc=f"Reference features ({layer_name})", total=len(dataset), unit=" examples")
     try:
         for start in range(0, len(dataset), batch_size):
             rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
             batch = collate([{c: row[c] for c in columns} for row in rows])
             model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
+            bar.update(len(rows))
     finally:
+        bar.close()
         handle.remove()
         model.train(was_training)
     features = torch.cat(captured)

@@ -14,11 +14,11 @@ sample's records there. The in-memory engine (`hf_gradmimic.filter.engines.memor
 Every record of a sample lands in one partition, in log order, and the partition is summed with
 the same method (``bincount`` or sort + ``reduceat``) that the in-memory engine would pick for the
 whole log, so every sum is the same left fold: the result is bit-identical to `collect_windows`.
-Memory is one partition's working set (``memory_budget``) plus the output: the window values (4 bytes
-per (sample, window) cell) in memory, and the window scores, signals, ids, means and counts (4 per cell
-and signal, 28 per sample) in memory-mapped files of the spill folder, which the decision does not read
-before its peak, so that their pages stay in the page cache (reclaimable) and out of the process's
-memory. The files are unlinked at once and freed with the filter's table that maps them. When the whole
+Memory is one partition's working set (``memory_budget``); the output (window values and scores, signals:
+4 bytes per cell each; ids, means and counts: 28 per sample) goes to memory-mapped files of the spill
+folder, which the decision reads in row blocks (`hf_gradmimic.filter.rowblocks`), so that their pages stay
+in the page cache (reclaimable) and out of the process's memory. The files are unlinked at once and freed
+with the filter's table that maps them. When the whole
 log fits the budget there is one partition, nothing is spilled, and the output is in memory.
 
 Why chunked NumPy and not an embedded engine (DuckDB or Polars streaming; their group-by alone is
@@ -46,6 +46,7 @@ from typing import BinaryIO
 import numpy as np
 import pyarrow as pa
 
+from ...progress import progress_bar
 from ..inputs import ScoresLike, ScoreSource
 from ..records import (
     OPTIONAL_COLUMNS,
@@ -275,7 +276,7 @@ def _reduce_partitions(spill: _Spill, step_map: StepWindows) -> WindowedScores:
     n_codes = spill.id_max - spill.id_min + 1 if dense else _distinct_ids(spill)
     bincount = bincount_cells(n_codes * m, total)
     output = WindowedScoresBuilder(min(n_codes, total), step_map, spill.signals, spill.folder)
-    for p in range(spill.n_partitions):
+    for p in progress_bar(range(spill.n_partitions), desc="Reducing sample-id ranges", unit="range"):
         if spill.counts[p] == 0:
             continue
         output.add(reduce_records(_load_partition(spill, p), step_map, dense=dense, bincount=bincount))
