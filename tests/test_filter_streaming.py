@@ -359,3 +359,11 @@ def test_the_default_filter_is_identical_when_the_streaming_engine_spills(tmp_pa
     np.testing.assert_array_equal(streamed.keep, memory.keep)
     assert_same_table(streamed.table, memory.table)
     assert streamed.summary["mean_mimic_score"] == memory.summary["mean_mimic_score"]
+
+
+def test_a_missing_spill_dir_is_refused_before_reading_naming_it(tmp_path):
+    table, _ = make_log(n=50)
+    missing = tmp_path / "no-such-folder"
+    with pytest.raises(ValueError, match="no-such-folder.*not an existing directory"):
+        build_filter(table, spill_dir=missing)
+    assert not missing.exists()  # nothing was created in its place

@@ -106,6 +106,10 @@ def build_filter(
     functions, mimic_votes = resolve_labeling_functions(labeling_functions)
     if on_bad_shard not in BAD_SHARD_POLICIES:
         raise ValueError(f"on_bad_shard must be one of {BAD_SHARD_POLICIES}, got {on_bad_shard!r}.")
+    if spill_dir is not None and not os.path.isdir(spill_dir):
+        raise ValueError(
+            f"spill_dir={str(spill_dir)!r} is not an existing directory; create it, or pass None for the system's temporary folder."
+        )
     windowed = get_engine(engine).collect(scores, windows, on_bad_shard=on_bad_shard, spill_dir=spill_dir)
     context = LabelingContext(scores, windowed, windows, method, threshold, topk, on_bad_shard=on_bad_shard)
     table, summary = decide(
