@@ -50,11 +50,14 @@ def mean_over_windows(per_window: np.ndarray) -> np.ndarray:
 def agreement_gate(keep_prob: np.ndarray, student_margin: np.ndarray) -> AgreementGate:
     """Keep every sample whose ``student_margin`` (its given label's logit minus the largest other, averaged over
     the run) is at least 0: ``keep_prob`` of such a sample becomes ``0.5 + 0.5 * keep_prob``; the others' is
-    unchanged. NaN margins are not gated."""
+    unchanged. NaN margins are not gated. A float64 ``keep_prob`` is updated in place (no copy of a pool-sized
+    array: the filter runs on hundreds of millions of samples) and returned in the result."""
     keep_prob = np.asarray(keep_prob, dtype=np.float64)
     student_margin = np.asarray(student_margin, dtype=np.float64)
     if student_margin.shape != keep_prob.shape:
         raise ValueError(f"{student_margin.shape} student margins for {keep_prob.shape} keep probabilities.")
     agrees = student_margin >= 0  # False for NaN
-    gated = np.where(agrees, 0.5 + 0.5 * keep_prob, keep_prob)
-    return AgreementGate(gated, int((agrees & (keep_prob < 0.5)).sum()), int(np.isfinite(student_margin).sum()))
+    n_gated = int(np.count_nonzero(agrees & (keep_prob < 0.5)))
+    np.multiply(keep_prob, 0.5, out=keep_prob, where=agrees)
+    np.add(keep_prob, 0.5, out=keep_prob, where=agrees)
+    return AgreementGate(keep_prob, n_gated, int(np.count_nonzero(np.isfinite(student_margin))))

@@ -128,7 +128,7 @@ def decide(
         )
     table = _filter_table(windowed, votes, keep_prob, keep)
     if student_margin is not None:  # what the agreement gate read, for `MimicFilter.rebuild`
-        table = table.append_column("student_margin", pa.array(student_margin, type=pa.float64(), from_pandas=True))
+        table = table.append_column("student_margin", _float_column(student_margin))
     if lf_votes is not None:
         table = table.append_column("lf_votes", list_column(lf_votes, pa.int8()))
     if lf_scores is not None:
@@ -221,8 +221,11 @@ def _aggregate_with_status(
         keep_prob = np.asarray(keep_prob, dtype=np.float64)
     info["agreement_gate"] = None
     if student_margin is not None:
-        gate = agreement_gate(keep_prob[voted], student_margin[voted])
-        keep_prob[voted] = gate.keep_prob
+        if n_unscored:
+            gate = agreement_gate(keep_prob[voted], student_margin[voted])
+            keep_prob[voted] = gate.keep_prob
+        else:  # every sample voted: in place
+            gate = agreement_gate(keep_prob, student_margin)
         info["agreement_gate"] = {"n_gated": gate.n_gated, "n_with_margin": gate.n_with_margin}
     nonfinite = np.zeros(n, dtype=bool) if windowed.n_nonfinite is None else windowed.n_nonfinite > 0
     n_nonfinite = int(nonfinite.sum())
@@ -248,6 +251,12 @@ def _aggregate_with_status(
         "n_unlabeled_records": int(windowed.n_unlabeled_records),
     }
     return keep_prob, keep, info, counts
+
+
+def _float_column(values: np.ndarray) -> pa.Array:
+    """A float64 column over ``values`` without a copy (NaN stays NaN, not null)."""
+    values = np.ascontiguousarray(values, dtype=np.float64)
+    return pa.Array.from_buffers(pa.float64(), len(values), [None, pa.py_buffer(values)])
 
 
 def _student_margin(windowed: WindowedScores) -> np.ndarray | None:
