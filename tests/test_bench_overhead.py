@@ -1,0 +1,44 @@
+"""Smoke run of scripts/bench_overhead.py --quick: the cases of issue #26 build, train in lockstep and are reported."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_overhead.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_overhead", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_covers_the_new_cases(bench, tmp_path):
+    candidates = ["plain", "mimic-head", "mimic-inner", "mimic-head-verdict", "mimic-select", "vmap-inner"]
+    saved = tmp_path / "run.json"
+    status = bench.main(
+        ["--quick", "--models", "gpt2", "--candidates", ",".join(candidates), "--steps", "2", "--json", str(saved)]
+    )
+    run = json.loads(saved.read_text())
+    assert status == 0, run["errors"]
+    measured = {result["candidate"]: result for result in run["results"]}
+    assert set(measured) == set(candidates)
+    for result in measured.values():
+        assert len(result["step_times"]) == 2 and all(t > 0 for t in result["step_times"])
+    assert measured["vmap-inner"]["layer"] == measured["mimic-inner"]["layer"] == "transformer.h.1.mlp.c_fc"
+    summary = bench.summarise(run["results"], ["gpt2"], {"gpt2": candidates})
+    checks = [what for what, *_ in bench.verdicts(summary)]
+    assert any("reference's verdict" in what for what in checks)
+    assert any("mimic-select" in what and "step time" in what for what in checks)
+
+
+def test_clip_inner_case_names_both_towers(bench):
+    size = bench.MODELS["clip"]["full"]
+    names = bench.layer_names("clip", "mimic-inner", size)
+    assert [name.split(".")[0] for name in names] == ["vision_model", "text_model"]
