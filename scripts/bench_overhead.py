@@ -683,11 +683,17 @@ def _annotate(trainer: Trainer) -> None:
     wrap(trainer.accelerator, "backward", "phase: backward")
     if isinstance(trainer, MimicTrainer):
         from hf_gradmimic.training.capture import Capture
+        from hf_gradmimic.training.step import MimicStep
 
-        wrap(trainer, "_per_sample_losses", "mimic: per-sample losses")
-        if not hasattr(Capture.ghost_batch, "__wrapped_for_bench__"):  # a class attribute: wrap it once per process
-            wrap(Capture, "ghost_batch", "mimic: autograd.grad to layer outputs")
-            Capture.ghost_batch.__wrapped_for_bench__ = True
+        # Class attributes (the step is built at the start of training): wrapped once per process.
+        for owner, attribute, label in (
+            (MimicStep, "forward", "mimic: forward, captured"),
+            (MimicStep, "score", "mimic: forward and scores"),
+            (Capture, "ghost_batch", "mimic: autograd.grad to layer outputs"),
+        ):
+            if not hasattr(getattr(owner, attribute), "__wrapped_for_bench__"):
+                wrap(owner, attribute, label)
+                getattr(owner, attribute).__wrapped_for_bench__ = True
         wrap(trainer.scorer, "score", "mimic: scores (ghost inner products)")
         wrap(trainer.step_softmax, "add", "mimic: step softmax (weights)")
         wrap(trainer.step_softmax, "finish", "mimic: end-of-step weights and metrics")

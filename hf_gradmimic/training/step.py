@@ -31,7 +31,7 @@ from ..losses import SampleLoss, classification_margins, logits_of
 from ..score_log_io import STATUS_NONFINITE, STATUS_SCORED
 from ..scorers import SampleScorer, ScoreContext, comparison_gradient
 from .batch import rows_of, shown_ids
-from .capture import BackwardFromLogits, Capture, PendingGrad, scale_per_sample
+from .capture import BackwardFromLogits, Capture, HeadCut, PendingGrad, scale_per_sample
 from .coupled import GhostReader
 from .diagnostics import ReferenceDiagnostics
 from .guards import row_status
@@ -51,7 +51,8 @@ class Backward(enum.Enum):
     (`use_backward.uses_weighted_loss`); the backward through the model that gave δ is the only one."""
     LOGITS = "logits"
     """A built-in loss, scope ``all``: a backward started at the logits with c_i δ_i (`capture.BackwardFromLogits`),
-    so the loss's own graph is differentiated once."""
+    so the loss's own graph is differentiated once; with a mimic layer below the output head, started at the head's
+    input (`capture.HeadCut`), so the head is differentiated once too."""
     LOSS = "loss"
     """A backward of Σ_i c_i ℓ_i (scope ``all``), or of the plain loss plus a correction on the mimic tensors
     (scope ``layer``)."""
@@ -87,11 +88,25 @@ class StepCounts:
 @dataclass
 class LogitsBackward:
     """The `Backward.LOGITS` plan's pieces: ``root``, a zero scalar whose backward starts at the logits with
-    ``pending``'s gradient, and δ = ∂Σℓ/∂logits, to be scaled by the coefficients into that gradient."""
+    ``pending``'s gradient, and δ = ∂Σℓ/∂logits, to be scaled by the coefficients into that gradient. With a
+    ``head`` cut, the backward starts at the head's input with ``head_input_grad`` = ∂Σℓ/∂h scaled, and the head's
+    own gradient is formed from δ scaled."""
 
     root: torch.Tensor
     pending: PendingGrad
     prediction_grad: torch.Tensor
+    head: HeadCut | None = None
+    head_input_grad: torch.Tensor | None = None
+
+    def set_coefficients(self, coefficients: torch.Tensor) -> None:
+        """Hand the root c_i δ_i (or c_i ∂ℓ_i/∂h_i and the head's Σ_i c_i g_i), scaled in place."""
+        scaled = scale_per_sample(self.prediction_grad, coefficients)
+        if self.head is None:
+            self.pending.grad = scaled
+            return
+        head = self.head
+        self.pending.grad = scale_per_sample(self.head_input_grad, coefficients)
+        self.pending.param_grads = lambda: head.weighted_grads(scaled)
 
 
 @dataclass
@@ -242,12 +257,21 @@ class MimicStep:
             # δ = ∂Σℓ/∂logits once (freeing the loss's own graph); the backward starts at the logits later.
             pending = PendingGrad()
             edge = capture.cut_at(logits)
-            root = BackwardFromLogits.apply(logits, pending)
+            # A mimic layer below the output head: the weighted backward starts at the head's input (`HeadCut`).
+            head = capture.head_cut(logits) if self.needs_ghost and self.uses_backward_possible else None
+            if head is None:
+                root = BackwardFromLogits.apply(logits, pending)
+            else:
+                root = BackwardFromLogits.apply(head.input, pending, *head.params.values())
             if not keep_outputs:
                 outputs = logits = None  # nothing reads them any more: a [B, T, vocab] tensor for a language model
             prediction_grad = torch.autograd.grad(losses.sum(), edge)[0]
-            ghost = capture.ghost_batch(edge, root_grad=prediction_grad) if self.needs_ghost else None
-            from_logits = LogitsBackward(root, pending, prediction_grad)
+            head_input_grad = None
+            if head is not None:
+                ghost, head_input_grad = capture.ghost_and_cut(edge, prediction_grad, head)
+            else:
+                ghost = capture.ghost_batch(edge, root_grad=prediction_grad) if self.needs_ghost else None
+            from_logits = LogitsBackward(root, pending, prediction_grad, head, head_input_grad)
         else:
             ghost = self.ghost_reader(capture, losses) if self.needs_ghost else None
         if plan is Backward.USES and not keep_outputs:
@@ -330,9 +354,8 @@ class MimicStep:
             loss = uses_weighted_loss(scored.ghost, coefficients)
         elif plan is Backward.LOGITS:
             scored.ctx = scored.ghost = None  # the head's δ is prediction_grad, scaled in place next
-            from_logits = scored.from_logits
-            from_logits.pending.grad = scale_per_sample(from_logits.prediction_grad, coefficients)
-            loss = from_logits.root
+            scored.from_logits.set_coefficients(coefficients)
+            loss = scored.from_logits.root
         else:
             loss = self.weighted_loss(scored.losses, coefficients, scored.ghost, scored.status, scored.counts, at)
         return self.reported(loss, scored.losses, scored.status, at, scored.counts), scored.outputs
