@@ -1397,7 +1397,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--from-json", default=None, help="do not run: re-render the report from a file written by --json"
     )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per child run")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a size of every model, e.g. --set batch=4 --set seq=64 (a smaller run on a busy machine)",
+    )
     args = parser.parse_args(argv)
+    args.size_overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if not value.isdigit():
+            parser.error(f"--set takes KEY=INTEGER (a size such as batch=4); got {item!r}")
+        args.size_overrides[key] = int(value)
     args.steps = args.steps if args.steps is not None else (3 if args.quick else 20)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
@@ -1524,10 +1537,11 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("command", "steps", "warmup", "repeats", "quick", "models_list", "candidates_list"):
             setattr(args, key, saved["args"][key])
         args.source = saved["args"].get("source", "unknown")
+        args.size_overrides = saved["args"].get("size_overrides", {})
     else:
         args.source = source_line()
     size_key = "quick" if args.quick else "full"
-    sizes = {m: MODELS[m][size_key] for m in args.models_list}
+    sizes = {m: {**MODELS[m][size_key], **getattr(args, "size_overrides", {})} for m in args.models_list}
     candidates = {
         m: [c for c in args.candidates_list if m in ONLY_FOR.get(c, (m,)) and c in MODELS[m].get("candidates", (c,))]
         for m in args.models_list
