@@ -32,7 +32,7 @@ def user_loss(outputs, inputs):
     return F.cross_entropy(outputs.logits, inputs["labels"], reduction="none")
 
 
-def setup(tmp_path, *, scope="all", frozen_backbone=False, loss_fn=None, mode="reweight"):
+def setup(tmp_path, *, scope="all", frozen_backbone=False, loss_fn=None, mode="reweight", two_pass=False):
     model = TinyMLP(seed=1)
     if frozen_backbone:
         model.hidden.requires_grad_(False)
@@ -64,6 +64,8 @@ def setup(tmp_path, *, scope="all", frozen_backbone=False, loss_fn=None, mode="r
         num_processes=1,
         uses_backward_possible=True,
     )
+    if two_pass:
+        step.full_update.usable = False  # as after a failed first-batch check
     generator = torch.Generator().manual_seed(7)
     inputs = {
         "x": torch.randn(BATCH, 8, generator=generator),
@@ -91,12 +93,13 @@ def oracle(model, reference, inputs, rows):
 @pytest.mark.parametrize(
     ("options", "plan"),
     [
-        ({}, Backward.LOGITS),
+        ({}, Backward.SPLIT),
+        ({"two_pass": True}, Backward.LOGITS),
         ({"frozen_backbone": True}, Backward.USES),
         ({"loss_fn": user_loss}, Backward.LOSS),
         ({"scope": "layer"}, Backward.LOSS),
     ],
-    ids=["logits", "uses", "loss", "layer-scope"],
+    ids=["split", "logits", "uses", "loss", "layer-scope"],
 )
 def test_each_backward_plan_gives_the_weighted_sum_of_per_sample_gradients(tmp_path, options, plan):
     model, reference, step, inputs = setup(tmp_path, **options)
@@ -164,12 +167,14 @@ HEAD_CUT_CASES = {
 }
 
 
+@pytest.mark.parametrize("plan", [Backward.LOGITS, Backward.SPLIT])
 @pytest.mark.parametrize("case", list(HEAD_CUT_CASES))
-def test_backward_from_the_head_input_gives_every_parameter_its_weighted_gradient(tmp_path, case):
-    """`Backward.LOGITS` with a mimic layer below GPT-2's ``lm_head`` starts the weighted backward at the head's input
-    (`capture.HeadCut`) and forms the head's gradient from δ. Against torch.func per-sample gradients of EVERY
-    parameter (a tied ``lm_head`` is also the token embedding), over two micro-batches of one step (the step-wide
-    softmax rescales the first one's gradients): each must be Σ_i w_i g_i."""
+def test_one_pass_plans_give_every_parameter_its_weighted_gradient(tmp_path, case, plan):
+    """With a mimic layer below GPT-2's ``lm_head``: `Backward.LOGITS` starts the weighted backward at the head's
+    input (`capture.HeadCut`) and forms the head's gradient from δ; `Backward.SPLIT` forms every tensor's gradient
+    from its module's recorded input and δ after one backward (`full_update`). Against torch.func per-sample
+    gradients of EVERY parameter (a tied ``lm_head`` is also the token embedding), over two micro-batches of one step
+    (the step-wide softmax rescales the first one's gradients): each must be Σ_i w_i g_i."""
     from tiny_models import lm_dataset, tiny_gpt2
 
     tied, layer_names = HEAD_CUT_CASES[case]
@@ -201,7 +206,11 @@ def test_backward_from_the_head_input_gives_every_parameter_its_weighted_gradien
         num_processes=1,
         uses_backward_possible=True,
     )
-    assert step.backward_plan() is Backward.LOGITS
+    assert step.full_update.owners is not None  # Conv1D, LayerNorm, Embedding: every GPT-2 tensor is covered
+    assert step.backward_plan() is Backward.SPLIT
+    if plan is Backward.LOGITS:
+        step.full_update.usable = False
+        assert step.backward_plan() is Backward.LOGITS
     data = lm_dataset(n=8)
     ids, labels = data[:]["input_ids"], data[:]["labels"]
 
@@ -225,8 +234,11 @@ def test_backward_from_the_head_input_gives_every_parameter_its_weighted_gradien
 
     # The step: two micro-batches of four; the first scored batch takes the head cut.
     halves = [torch.arange(0, 4), torch.arange(4, 8)]
-    probe = step.score(model, MicroBatch({"input_ids": ids[:4], "labels": labels[:4]}, halves[0]), 0, Backward.LOGITS)
-    assert probe.from_logits.head is not None and probe.from_logits.head.module is model.lm_head
+    probe = step.score(model, MicroBatch({"input_ids": ids[:4], "labels": labels[:4]}, halves[0]), 0, plan)
+    if plan is Backward.LOGITS:
+        assert probe.from_logits.head is not None and probe.from_logits.head.module is model.lm_head
+    else:
+        assert probe.from_logits.update is not None and step.full_update.verified
     torch.testing.assert_close(probe.scores, scores[:4], rtol=1e-4, atol=1e-6)
     del probe
     for rows in halves:

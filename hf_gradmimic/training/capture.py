@@ -81,11 +81,17 @@ class Capture:
     """
 
     def __init__(
-        self, hooked: list[tuple[str, nn.Module, dict[str, str]]], layer_names: list[str], head: nn.Module | None = None
+        self,
+        hooked: list[tuple[str, nn.Module, dict[str, str]]],
+        layer_names: list[str],
+        head: nn.Module | None = None,
+        update_modules: list[nn.Module] | None = None,
     ) -> None:
         self.hooked = hooked
         self.layer_names = layer_names
         self.head = head
+        self.update_modules = update_modules or []
+        self.update_calls: list[list[Any]] = []  # [module, input, output], for `hf_gradmimic.training.full_update`
         self.calls: list[_Call] = []
         self._head_calls: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._handles: list[Any] = []
@@ -95,7 +101,47 @@ class Capture:
             self._handles.append(module.register_forward_hook(self._hook(name, keys), with_kwargs=True))
         if self.head is not None:
             self._handles.append(self.head.register_forward_hook(self._head_hook, with_kwargs=True))
+        for module in self.update_modules:
+            self._handles.append(module.register_forward_hook(self._update_hook, with_kwargs=True))
         return self
+
+    def _update_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+        layer_input = args[0] if args else next(iter(kwargs.values()))
+        self.update_calls.append([module, layer_input.detach(), output])
+
+    def ghost_and_update(
+        self, root: GradientEdge, root_grad: torch.Tensor, retain_graph: bool
+    ) -> tuple[GhostBatch, list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]]]:
+        """`ghost_batch` from the logits' edge, and ``(module, input, δ at its output)`` for every recorded call of
+        the update modules (δ None where the call does not reach the loss), from one backward."""
+        self.check_ran()
+        known = {i: root_grad for i, call in enumerate(self.calls) if call.output is root}
+        pending = [i for i in range(len(self.calls)) if i not in known]
+        self.check_requires_grad([self.calls[i] for i in pending])
+        updates = [i for i, call in enumerate(self.update_calls) if call[2] is not root and call[2].requires_grad]
+        found = torch.autograd.grad(
+            root,
+            [self.calls[i].output for i in pending] + [self.update_calls[i][2] for i in updates],
+            grad_outputs=root_grad,
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
+        mimic, update = found[: len(pending)], found[len(pending) :]
+        self.check_used([self.calls[i] for i in pending], mimic)
+        known.update(zip(pending, mimic))
+        update_grads = dict(zip(updates, update))
+        ghost = GhostBatch(
+            [
+                LayerUse(call.name, call.module, call.activations, known[i], call.tensor_keys)
+                for i, call in enumerate(self.calls)
+            ]
+        )
+        calls = [
+            (module, activations, root_grad if output is root else update_grads.get(i))
+            for i, (module, activations, output) in enumerate(self.update_calls)
+        ]
+        self.update_calls = []
+        return ghost, calls
 
     def _head_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
         self._head_calls.append((args[0] if args else next(iter(kwargs.values())), output))
@@ -148,6 +194,9 @@ class Capture:
         for call in self.calls:
             if call.output is logits:
                 call.output = edge
+        for call in self.update_calls:
+            if call[2] is logits:
+                call[2] = edge
         return edge
 
     def check_ran(self) -> None:

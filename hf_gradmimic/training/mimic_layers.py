@@ -106,9 +106,10 @@ class MimicLayers:
                 users.setdefault(key, []).append(name)
         return {key: names for key, names in users.items() if len(names) > 1}
 
-    def capture(self) -> Capture:
-        """Hooks recording every use of the mimic tensors in one forward (a context manager)."""
-        return Capture(self.hooked, list(self.layers), self.head)
+    def capture(self, update_modules: list[nn.Module] | None = None) -> Capture:
+        """Hooks recording every use of the mimic tensors in one forward (a context manager), and every call of
+        ``update_modules`` (`hf_gradmimic.training.full_update`)."""
+        return Capture(self.hooked, list(self.layers), self.head, update_modules)
 
     def current_tensors(self) -> dict[str, torch.Tensor]:
         """``θ_t`` per mimic tensor, whole and detached. Under FSDP2 this all-gathers: call it on every rank."""
