@@ -91,6 +91,7 @@ class Capture:
         self.layer_names = layer_names
         self.head = head
         self.update_modules = update_modules or []
+        self.batch_size: int | None = None  # set before a forward that records the update modules
         self.update_calls: list[list[Any]] = []  # [module, input, output], for `hf_gradmimic.training.full_update`
         self.calls: list[_Call] = []
         self._head_calls: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -105,9 +106,17 @@ class Capture:
             self._handles.append(module.register_forward_hook(self._update_hook, with_kwargs=True))
         return self
 
-    def _update_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+    def _update_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
         layer_input = args[0] if args else next(iter(kwargs.values()))
+        batch = self.batch_size
+        if batch and batch > 1 and output.dim() and output.shape[0] == 1 and layer_input.shape[:1] == (1,):
+            # Shared by the batch (position embeddings of [1, T] ids): its output broadcast to every sample, a view
+            # with the same values, so that δ at it is per sample and can be weighted.
+            output = output.expand(batch, *output.shape[1:])
+            self.update_calls.append([module, layer_input.detach().expand(batch, *layer_input.shape[1:]), output])
+            return output
         self.update_calls.append([module, layer_input.detach(), output])
+        return None
 
     def ghost_and_update(
         self, root: GradientEdge, root_grad: torch.Tensor, retain_graph: bool
@@ -119,6 +128,8 @@ class Capture:
         pending = [i for i in range(len(self.calls)) if i not in known]
         self.check_requires_grad([self.calls[i] for i in pending])
         updates = [i for i, call in enumerate(self.update_calls) if call[2] is not root and call[2].requires_grad]
+        if any(self.update_calls[i][2].shape[:1] != root_grad.shape[:1] for i in updates):
+            raise UnsupportedLayerError("a trainable module's output is not batch-first")
         found = torch.autograd.grad(
             root,
             [self.calls[i].output for i in pending] + [self.update_calls[i][2] for i in updates],

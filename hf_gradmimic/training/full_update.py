@@ -111,7 +111,8 @@ class FullUpdate:
             for local, grad in owner.rule(module, activations, grads, list(owner.params)).items():
                 key = id(owner.params[local])
                 total[key] = grad if key not in total else total[key] + grad
-        return tuple(total[id(p)].to(p.dtype) if id(p) in total else torch.zeros_like(p) for p in self.params)
+        # A tensor no call reached gets None, as from autograd: the optimizer then leaves it alone, as in `Trainer`.
+        return tuple(total[id(p)].to(p.dtype) if id(p) in total else None for p in self.params)
 
     def check(self, calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]], expected: tuple) -> bool:
         """Whether the gradients formed from ``calls`` are autograd's (``expected``, None for an unused tensor): a
@@ -120,6 +121,7 @@ class FullUpdate:
         formed = self.gradients(calls, None)
         for param, mine, theirs in zip(self.params, formed, expected):
             theirs = torch.zeros_like(param) if theirs is None else theirs
+            mine = torch.zeros_like(param) if mine is None else mine
             scale = float(theirs.abs().max()) if theirs.numel() else 0.0
             if not torch.allclose(mine.float(), theirs.float(), rtol=1e-3, atol=1e-4 * scale + 1e-7):
                 self.usable = False
@@ -146,4 +148,4 @@ class GradientsOf(torch.autograd.Function):
         if not ctx.pending:
             raise RuntimeError("MimicTrainer's loss was backpropagated twice, or before its coefficients were set.")
         grads = ctx.pending.pop()()
-        return None, *(grad.mul_(upstream) for grad in grads)
+        return None, *(None if grad is None else grad.mul_(upstream) for grad in grads)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..ghost import UnsupportedLayerError
 from ..losses import SampleLoss, classification_margins, logits_of
 from ..score_log_io import STATUS_NONFINITE, STATUS_SCORED
 from ..scorers import SampleScorer, ScoreContext, comparison_gradient
@@ -231,6 +232,8 @@ class MimicStep:
             return outputs, self.sample_loss.per_sample_losses(outputs, inputs), None
         update_modules = self.full_update.modules if plan is Backward.SPLIT else None
         with self.layers.capture(update_modules) as recorded:
+            if update_modules:
+                recorded.batch_size = len(next(v for v in inputs.values() if isinstance(v, torch.Tensor)))
             outputs = model(**model_inputs)
         return outputs, self.sample_loss.per_sample_losses(outputs, inputs), recorded
 
@@ -283,8 +286,15 @@ class MimicStep:
                 expected = torch.autograd.grad(
                     edge, params, grad_outputs=prediction_grad, retain_graph=True, allow_unused=True
                 )
-            ghost, calls = capture.ghost_and_update(edge, prediction_grad, retain_graph=checking)
-            if checking and not self.full_update.check(calls, expected):
+            try:
+                ghost, calls = capture.ghost_and_update(edge, prediction_grad, retain_graph=checking)
+            except UnsupportedLayerError:
+                if not checking:
+                    raise
+                self.full_update.usable = False
+                ghost = capture.ghost_batch(edge, root_grad=prediction_grad)
+                calls = None
+            if checking and (calls is None or not self.full_update.check(calls, expected)):
                 from_logits = LogitsBackward(root, fallback, prediction_grad)
             else:
                 pending: list = []
