@@ -402,7 +402,11 @@ class MimicStep:
         if self.num_processes > 1 and not nonfinite.all():  # for `nothing_to_train`, later
             self.spare_sample = rows_of(batch.inputs, (~nonfinite).nonzero().flatten()[:1], len(batch))
         if nonfinite.any():  # those rows must not reach the parameters: train on a forward without them
-            scored.ctx = scored.ghost = None
+            # the first forward's graph is not backpropagated: freed before the second forward builds its own
+            scored.ctx = scored.ghost = scored.from_logits = None
+            scored.losses = scored.losses.detach()
+            if not keep_outputs:
+                scored.outputs = None
             loss = self.loss_without(model, batch, nonfinite, coefficients, scored.status, at)
         elif plan is Backward.USES:
             loss = uses_weighted_loss(scored.ghost, coefficients)
