@@ -19,6 +19,7 @@ def bench():
     return module
 
 
+@pytest.mark.timeout(900)  # forks one child per case; minutes when the machine is busy
 def test_quick_run_covers_the_new_cases(bench, tmp_path):
     candidates = ["plain", "mimic-head", "mimic-head-verdict", "mimic-select", "vmap-inner"]
     saved = tmp_path / "run.json"

@@ -64,8 +64,8 @@ def setup(tmp_path, *, scope="all", frozen_backbone=False, loss_fn=None, mode="r
         num_processes=1,
         uses_backward_possible=True,
     )
-    if two_pass:
-        step.full_update.usable = False  # as after a failed first-batch check
+    if not two_pass:
+        step.one_backward = True  # `Backward.SPLIT` for the head too (by default only with an embedding's use)
     generator = torch.Generator().manual_seed(7)
     inputs = {
         "x": torch.randn(BATCH, 8, generator=generator),
@@ -207,9 +207,12 @@ def test_one_pass_plans_give_every_parameter_its_weighted_gradient(tmp_path, cas
         uses_backward_possible=True,
     )
     assert step.full_update.owners is not None  # Conv1D, LayerNorm, Embedding: every GPT-2 tensor is covered
+    # by default one backward only where a mimic tensor is used at the input (the embedding, a tied head)
+    assert step.one_backward is (case in ("tied-lm-head", "embedding"))
+    step.one_backward = True
     assert step.backward_plan() is Backward.SPLIT
     if plan is Backward.LOGITS:
-        step.full_update.usable = False
+        step.full_update.usable = False  # as after a failed first-batch check
         assert step.backward_plan() is Backward.LOGITS
     data = lm_dataset(n=8)
     ids, labels = data[:]["input_ids"], data[:]["labels"]

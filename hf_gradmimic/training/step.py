@@ -203,6 +203,10 @@ class MimicStep:
         self.needs_ghost = scorer.needs_output_grads or args.mimic_reweight_scope == "layer"
         self.spare_sample: dict[str, Any] | None = None  # one finite sample's inputs, for `nothing_to_train`
         self.full_update = FullUpdate(model) if uses_backward_possible else None
+        # `Backward.SPLIT` keeps δ at every module's output until the scores are known (memory, ~ the activations'
+        # size again): worth it where the two-pass plan would differentiate the whole network twice, a mimic tensor
+        # used at the input (a token embedding, a head tied to it). Elsewhere `HeadCut` leaves little to save.
+        self.one_backward = any(isinstance(module, nn.Embedding) for _, module, _ in layers.hooked)
 
     # ------------------------------------------------------------------ the decision and the forward
 
@@ -216,7 +220,7 @@ class MimicStep:
             return Backward.USES
         if self.sample_loss.reads_logits and self.args.mimic_reweight_scope == "all":
             full = self.full_update
-            if self.needs_ghost and full is not None and full.owners is not None and full.usable:
+            if self.one_backward and self.needs_ghost and full is not None and full.owners is not None and full.usable:
                 return Backward.SPLIT
             return Backward.LOGITS
         return Backward.LOSS
