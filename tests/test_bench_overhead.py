@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,9 +26,14 @@ def test_quick_run_covers_the_new_cases(bench, tmp_path):
     candidates = ["plain", "mimic-head", "mimic-head-verdict", "mimic-select", "vmap-inner"]
     saved = tmp_path / "run.json"
     arguments = ["--quick", "--models", "gpt2", "--candidates", ",".join(candidates), "--steps", "2", "--warmup", "0"]
-    status = bench.main([*arguments, "--json", str(saved)])
+    # A fresh interpreter: the script forks its children, which can deadlock when forked from a process whose
+    # torch thread pools already ran (this test session's).
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *arguments, "--json", str(saved)], capture_output=True, text=True
+    )
+    assert saved.exists(), done.stderr[-3000:]
     run = json.loads(saved.read_text())
-    assert status == 0, run["errors"]
+    assert done.returncode == 0, (run["errors"], done.stderr[-3000:])
     measured = {result["candidate"]: result for result in run["results"]}
     assert set(measured) == set(candidates)
     for result in measured.values():
