@@ -32,7 +32,7 @@ def user_loss(outputs, inputs):
     return F.cross_entropy(outputs.logits, inputs["labels"], reduction="none")
 
 
-def setup(tmp_path, *, scope="all", frozen_backbone=False, loss_fn=None, mode="reweight"):
+def setup(tmp_path, *, scope="all", frozen_backbone=False, loss_fn=None, mode="reweight", two_pass=False):
     model = TinyMLP(seed=1)
     if frozen_backbone:
         model.hidden.requires_grad_(False)
@@ -64,6 +64,8 @@ def setup(tmp_path, *, scope="all", frozen_backbone=False, loss_fn=None, mode="r
         num_processes=1,
         uses_backward_possible=True,
     )
+    if not two_pass:
+        step.one_backward = True  # `Backward.SPLIT` for the head too (by default only with an embedding's use)
     generator = torch.Generator().manual_seed(7)
     inputs = {
         "x": torch.randn(BATCH, 8, generator=generator),
@@ -91,12 +93,13 @@ def oracle(model, reference, inputs, rows):
 @pytest.mark.parametrize(
     ("options", "plan"),
     [
-        ({}, Backward.LOGITS),
+        ({}, Backward.SPLIT),
+        ({"two_pass": True}, Backward.LOGITS),
         ({"frozen_backbone": True}, Backward.USES),
         ({"loss_fn": user_loss}, Backward.LOSS),
         ({"scope": "layer"}, Backward.LOSS),
     ],
-    ids=["logits", "uses", "loss", "layer-scope"],
+    ids=["split", "logits", "uses", "loss", "layer-scope"],
 )
 def test_each_backward_plan_gives_the_weighted_sum_of_per_sample_gradients(tmp_path, options, plan):
     model, reference, step, inputs = setup(tmp_path, **options)
@@ -154,3 +157,97 @@ def test_select_candidates_are_scored_without_a_graph_left_behind(tmp_path):
     torch.testing.assert_close(candidates.scores, scores, rtol=1e-4, atol=1e-6)
     assert not candidates.losses.requires_grad and not candidates.scores.requires_grad
     assert all(param.grad is None for param in model.parameters())
+
+
+HEAD_CUT_CASES = {
+    "inner-conv1d": (False, ["transformer.h.1.mlp.c_fc"]),
+    "tied-lm-head": (True, ["lm_head"]),
+    "inner-and-head": (False, ["transformer.h.0.attn.c_attn", "lm_head"]),
+    "embedding": (False, ["transformer.wte"]),
+}
+
+
+@pytest.mark.parametrize("plan", [Backward.LOGITS, Backward.SPLIT])
+@pytest.mark.parametrize("case", list(HEAD_CUT_CASES))
+def test_one_pass_plans_give_every_parameter_its_weighted_gradient(tmp_path, case, plan):
+    """With a mimic layer below GPT-2's ``lm_head``: `Backward.LOGITS` starts the weighted backward at the head's
+    input (`capture.HeadCut`) and forms the head's gradient from δ; `Backward.SPLIT` forms every tensor's gradient
+    from its module's recorded input and δ after one backward (`full_update`). Against torch.func per-sample
+    gradients of EVERY parameter (a tied ``lm_head`` is also the token embedding), over two micro-batches of one step
+    (the step-wide softmax rescales the first one's gradients): each must be Σ_i w_i g_i."""
+    from tiny_models import lm_dataset, tiny_gpt2
+
+    tied, layer_names = HEAD_CUT_CASES[case]
+    model = tiny_gpt2(dropout=0.0, tied=tied)
+    args = MimicConfig(
+        output_dir=str(tmp_path),
+        mimic_layers=layer_names,
+        mimic_token_weighting="sample",
+        report_to=[],
+        use_cpu=True,
+    )
+    layers = MimicLayers(model, args.mimic_layer_map)
+    assert layers.head is model.lm_head
+    generator = torch.Generator().manual_seed(3)
+    reference = {
+        key: tensor.detach() + 0.1 * torch.randn(tensor.shape, generator=generator)
+        for key, tensor in layers.tensors.items()
+    }
+    params = [param for param in model.parameters() if param.requires_grad]
+    step = MimicStep(
+        SampleLoss(model, None),
+        layers,
+        MimicScorer(reference, layers.current_tensors),
+        "reweight",
+        args,
+        StepSoftmax("step", 1, lambda packed: packed, lambda: [p.grad for p in params if p.grad is not None]),
+        GhostReader(batch_coupled=False, check_user_loss=False),
+        model,
+        num_processes=1,
+        uses_backward_possible=True,
+    )
+    assert step.full_update.owners is not None  # Conv1D, LayerNorm, Embedding: every GPT-2 tensor is covered
+    # by default one backward only where a mimic tensor is used at the input (the embedding, a tied head)
+    assert step.one_backward is (case in ("tied-lm-head", "embedding"))
+    step.one_backward = True
+    assert step.backward_plan() is Backward.SPLIT
+    if plan is Backward.LOGITS:
+        step.full_update.usable = False  # as after a failed first-batch check
+        assert step.backward_plan() is Backward.LOGITS
+    data = lm_dataset(n=8)
+    ids, labels = data[:]["input_ids"], data[:]["labels"]
+
+    # The oracle: per-sample gradients of every parameter (a tied tensor once, under its first name).
+    named = dict(model.named_parameters())
+
+    def loss_of(p, sample_ids, sample_labels):
+        logits = functional_call(model, p, (), {"input_ids": sample_ids[None]}).logits
+        return F.cross_entropy(logits[0, :-1], sample_labels[1:], ignore_index=-100)
+
+    model.eval()
+    per_sample = vmap(grad(loss_of), in_dims=(None, 0, 0))({n: p.detach() for n, p in named.items()}, ids, labels)
+    model.train()
+    name_of = {id(param): name for name, param in named.items()}
+    direction = {name_of[id(layers.tensors[key])]: reference[key] - layers.tensors[key].detach() for key in reference}
+    norm = torch.sqrt(sum(v.square().sum() for v in direction.values()))
+    scores = -sum((per_sample[name] * v).flatten(1).sum(1) for name, v in direction.items()) / norm
+    args.mimic_temperature = float(scores.std()) / 2  # weights far from uniform, whatever the scores' scale
+    weights = torch.softmax(scores / args.mimic_temperature, dim=0)
+    assert weights.max() > 4 * weights.min()
+
+    # The step: two micro-batches of four; the first scored batch takes the head cut.
+    halves = [torch.arange(0, 4), torch.arange(4, 8)]
+    probe = step.score(model, MicroBatch({"input_ids": ids[:4], "labels": labels[:4]}, halves[0]), 0, plan)
+    if plan is Backward.LOGITS:
+        assert probe.from_logits.head is not None and probe.from_logits.head.module is model.lm_head
+    else:
+        assert probe.from_logits.update is not None and step.full_update.verified
+    torch.testing.assert_close(probe.scores, scores[:4], rtol=1e-4, atol=1e-6)
+    del probe
+    for rows in halves:
+        batch = MicroBatch({"input_ids": ids[rows], "labels": labels[rows]}, rows)
+        loss, _ = step.reweight(model, batch, StepCounts(0, 2))
+        loss.backward()
+    for name, param in named.items():
+        expected = (weights.view(-1, *[1] * param.dim()) * per_sample[name]).sum(0)
+        torch.testing.assert_close(param.grad, expected, rtol=1e-4, atol=1e-6, msg=name)

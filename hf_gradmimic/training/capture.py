@@ -9,6 +9,13 @@ With the built-in losses, which read the model only through its logits ``z``, th
 ``Σ_i c_i ℓ_i`` equals a backward started at ``z`` with ``c_i δ_i`` (``δ = ∂Σℓ/∂z``, needed for the
 scores anyway): `BackwardFromLogits` does that, so the loss's own graph (a ``[B, T, vocab]`` log-softmax
 for a language model) is differentiated once, as in plain `Trainer`.
+
+When the logits are the output of a head ``z = W h + b`` (`HeadCut`: a language model's ``lm_head``) and a
+mimic layer lies below it, the head's input ``h`` is a cut of the graph: every parameter but the head's own
+reaches the loss through it. The backward that gives δ at the mimic layers then also gives ``∂Σℓ/∂h``, and the
+weighted backward starts at ``h`` with ``c_i ∂ℓ_i/∂h_i`` (samples do not interact), the head's own gradient
+``Σ_i c_i δ_iᵀ h_i`` formed from the recorded ``h`` and δ: the head (vocabulary-sized) is differentiated once
+for both, and only the part between ``h`` and the mimic layers twice.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..ghost import GhostBatch, LayerUse
+from ..ghost import GhostBatch, LayerUse, UnsupportedLayerError, ghost_rule_for
 
 GradientEdge = torch.autograd.graph.GradientEdge
 
@@ -33,24 +40,134 @@ class _Call:
     tensor_keys: dict[str, str]
 
 
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output head (``get_output_embeddings()``: a language model's ``lm_head``) when the ghost maths
+    covers it and it holds no sub-module (a LoRA-wrapped head does), else None."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Module) or next(head.children(), None) is not None:
+        return None
+    try:
+        ghost_rule_for(head)
+    except UnsupportedLayerError:
+        return None
+    return head
+
+
+@dataclass
+class HeadCut:
+    """The output head ``z = f(h; W, b)`` whose output is the logits: its input ``h`` (part of the graph) and its
+    trainable tensors, which a backward started at ``h`` does not reach."""
+
+    module: nn.Module
+    input: torch.Tensor
+    params: dict[str, nn.Parameter]
+
+    def weighted_grads(self, output_grads: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The head's tensors' gradients for ``output_grads`` at its output (``c_i δ_i``), in ``params`` order, each
+        in its parameter's dtype: what the backward through the head would accumulate."""
+        rule = ghost_rule_for(self.module)
+        grads = rule.summed_gradient(self.module, self.input.detach(), output_grads, list(self.params))
+        return tuple(grads[local].to(param.dtype) for local, param in self.params.items())
+
+
 class Capture:
     """Forward hooks recording, for one forward, each call of the hooked modules: its input and its output.
 
     Args:
         hooked: ``(name, module, tensor_keys)`` for every module holding a mimic tensor.
         layer_names: the named mimic layers (each must run in the forward).
+        head: the model's output head (`output_head`), whose calls are recorded apart for `head_cut`, or None.
     """
 
-    def __init__(self, hooked: list[tuple[str, nn.Module, dict[str, str]]], layer_names: list[str]) -> None:
+    def __init__(
+        self,
+        hooked: list[tuple[str, nn.Module, dict[str, str]]],
+        layer_names: list[str],
+        head: nn.Module | None = None,
+        update_modules: list[nn.Module] | None = None,
+    ) -> None:
         self.hooked = hooked
         self.layer_names = layer_names
+        self.head = head
+        self.update_modules = update_modules or []
+        self.batch_size: int | None = None  # set before a forward that records the update modules
+        self.update_calls: list[list[Any]] = []  # [module, input, output], for `hf_gradmimic.training.full_update`
         self.calls: list[_Call] = []
+        self._head_calls: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._handles: list[Any] = []
 
     def __enter__(self) -> Capture:
         for name, module, keys in self.hooked:
             self._handles.append(module.register_forward_hook(self._hook(name, keys), with_kwargs=True))
+        if self.head is not None:
+            self._handles.append(self.head.register_forward_hook(self._head_hook, with_kwargs=True))
+        for module in self.update_modules:
+            self._handles.append(module.register_forward_hook(self._update_hook, with_kwargs=True))
         return self
+
+    def _update_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+        layer_input = args[0] if args else next(iter(kwargs.values()))
+        batch = self.batch_size
+        if batch and batch > 1 and output.dim() and output.shape[0] == 1 and layer_input.shape[:1] == (1,):
+            # Shared by the batch (position embeddings of [1, T] ids): its output broadcast to every sample, a view
+            # with the same values, so that δ at it is per sample and can be weighted.
+            output = output.expand(batch, *output.shape[1:])
+            self.update_calls.append([module, layer_input.detach().expand(batch, *layer_input.shape[1:]), output])
+            return output
+        self.update_calls.append([module, layer_input.detach(), output])
+        return None
+
+    def ghost_and_update(
+        self, root: GradientEdge, root_grad: torch.Tensor, retain_graph: bool
+    ) -> tuple[GhostBatch, list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]]]:
+        """`ghost_batch` from the logits' edge, and ``(module, input, δ at its output)`` for every recorded call of
+        the update modules (δ None where the call does not reach the loss), from one backward."""
+        self.check_ran()
+        known = {i: root_grad for i, call in enumerate(self.calls) if call.output is root}
+        pending = [i for i in range(len(self.calls)) if i not in known]
+        self.check_requires_grad([self.calls[i] for i in pending])
+        updates = [i for i, call in enumerate(self.update_calls) if call[2] is not root and call[2].requires_grad]
+        if any(self.update_calls[i][2].shape[:1] != root_grad.shape[:1] for i in updates):
+            raise UnsupportedLayerError("a trainable module's output is not batch-first")
+        found = torch.autograd.grad(
+            root,
+            [self.calls[i].output for i in pending] + [self.update_calls[i][2] for i in updates],
+            grad_outputs=root_grad,
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
+        mimic, update = found[: len(pending)], found[len(pending) :]
+        self.check_used([self.calls[i] for i in pending], mimic)
+        known.update(zip(pending, mimic))
+        update_grads = dict(zip(updates, update))
+        ghost = GhostBatch(
+            [
+                LayerUse(call.name, call.module, call.activations, known[i], call.tensor_keys)
+                for i, call in enumerate(self.calls)
+            ]
+        )
+        calls = [
+            (module, activations, root_grad if output is root else update_grads.get(i))
+            for i, (module, activations, output) in enumerate(self.update_calls)
+        ]
+        self.update_calls = []
+        return ghost, calls
+
+    def _head_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+        self._head_calls.append((args[0] if args else next(iter(kwargs.values())), output))
+
+    def head_cut(self, logits: torch.Tensor) -> HeadCut | None:
+        """The output head as a cut of the graph when it ran once, its output *is* ``logits``, its input is part of
+        the graph, and a recorded use of the mimic tensors lies below it (else there is nothing to save); None
+        otherwise. Forgets the head's output either way (nothing keeps the logits alive)."""
+        calls, self._head_calls = self._head_calls, []
+        if len(calls) != 1 or calls[0][1] is not logits or not calls[0][0].requires_grad:
+            return None
+        if all(call.output is logits for call in self.calls):
+            return None
+        params = {local: param for local, param in self.head.named_parameters(recurse=False) if param.requires_grad}
+        return HeadCut(self.head, calls[0][0], params)
 
     def _hook(self, name: str, keys: dict[str, str]):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
@@ -88,6 +205,9 @@ class Capture:
         for call in self.calls:
             if call.output is logits:
                 call.output = edge
+        for call in self.update_calls:
+            if call[2] is logits:
+                call[2] = edge
         return edge
 
     def check_ran(self) -> None:
@@ -120,32 +240,57 @@ class Capture:
     ) -> GhostBatch:
         """The recorded calls with ``∂root/∂z`` at each output ``z``: ``root`` is Σ_i ℓ_i, or the logits' edge with
         ``root_grad`` = δ there (a vector-Jacobian product; a call whose output *is* that edge gets δ itself)."""
+        return self._ghost_and(root, root_grad, retain_graph, None)[0]
+
+    def ghost_and_cut(
+        self, root: GradientEdge, root_grad: torch.Tensor, cut: HeadCut
+    ) -> tuple[GhostBatch, torch.Tensor]:
+        """`ghost_batch` from the logits' edge, and ``∂root/∂h`` at the head's input ``h`` from the same backward
+        (the graph kept for the weighted backward that starts at ``h``)."""
+        ghost, cut_grad = self._ghost_and(root, root_grad, True, cut.input)
+        if cut_grad is None:
+            raise RuntimeError("The logits do not depend on the output head's input.")
+        return ghost, cut_grad
+
+    def _ghost_and(
+        self,
+        root: torch.Tensor | GradientEdge,
+        root_grad: torch.Tensor | None,
+        retain_graph: bool,
+        extra: torch.Tensor | None,
+    ) -> tuple[GhostBatch, torch.Tensor | None]:
         self.check_ran()
         grads: dict[int, torch.Tensor] = {i: root_grad for i, call in enumerate(self.calls) if call.output is root}
         pending = [i for i in range(len(self.calls)) if i not in grads]
         self.check_requires_grad([self.calls[i] for i in pending])
-        if pending:
+        extra_grad = None
+        if pending or extra is not None:
             found = torch.autograd.grad(
                 root,
-                [self.calls[i].output for i in pending],
+                [self.calls[i].output for i in pending] + ([] if extra is None else [extra]),
                 grad_outputs=root_grad,
                 retain_graph=retain_graph,
                 allow_unused=True,
             )
+            if extra is not None:
+                *found, extra_grad = found
             self.check_used([self.calls[i] for i in pending], found)
             grads.update(zip(pending, found))
-        return GhostBatch(
+        ghost = GhostBatch(
             [
                 LayerUse(call.name, call.module, call.activations, grads[i], call.tensor_keys)
                 for i, call in enumerate(self.calls)
             ]
         )
+        return ghost, extra_grad
 
 
 class PendingGrad:
-    """The gradient at the logits that `BackwardFromLogits` hands on, known only after the scores."""
+    """The gradient at the logits (or the head's input) that `BackwardFromLogits` hands on, known only after the
+    scores, and, for a `HeadCut`, a function giving the head's tensors' gradients (formed during the backward)."""
 
     grad: torch.Tensor | None = None
+    param_grads: Any = None
 
 
 class BackwardFromLogits(torch.autograd.Function):
@@ -154,20 +299,24 @@ class BackwardFromLogits(torch.autograd.Function):
     When every parameter reaches the loss only through the logits z, ∂(Σ_i c_i ℓ_i)/∂z_i = c_i δ_i with
     δ = ∂Σℓ/∂z, which the scores needed anyway. The node is made right after the forward and the gradient set
     later, so that nothing has to keep the logits alive in between. The gradient is scaled in place by the
-    upstream one and handed on once, as `Trainer` backpropagates.
+    upstream one and handed on once, as `Trainer` backpropagates. With ``params`` (a `HeadCut`'s tensors,
+    ``output`` the head's input), ``pending.param_grads()`` gives their gradients, accumulated as autograd does.
     """
 
     @staticmethod
-    def forward(ctx: Any, output: torch.Tensor, pending: PendingGrad) -> torch.Tensor:
+    def forward(ctx: Any, output: torch.Tensor, pending: PendingGrad, *params: torch.Tensor) -> torch.Tensor:
         ctx.pending = pending
         return output.new_zeros(())
 
     @staticmethod
-    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad, ctx.pending.grad = ctx.pending.grad, None
+    def backward(ctx: Any, upstream: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        pending = ctx.pending
+        grad, pending.grad = pending.grad, None
         if grad is None:
             raise RuntimeError("MimicTrainer's loss was backpropagated twice, or before its logits' gradient was set.")
-        return grad.mul_(upstream), None
+        param_grads, pending.param_grads = pending.param_grads, None
+        extra = () if param_grads is None else tuple(g.mul_(upstream) for g in param_grads())
+        return grad.mul_(upstream), None, *extra
 
 
 def scale_per_sample(tensor: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from ..ghost import ghost_rule_for
 from ..layer_lookup import MimicLayerError, resolve_mimic_layers
 from ..lora import expand_lora_layers
 from ..reference.loading import ReferenceSource, load_reference_tensors
-from .capture import Capture
+from .capture import Capture, output_head
 
 logger = logging.get_logger(__name__)
 
@@ -63,6 +63,7 @@ class MimicLayers:
                 f"Mimic layer parameter(s) {frozen} do not require grad; the mimic layers must be trainable."
             )
         self.hooked = self._modules_using(model, key_of)
+        self.head = output_head(model)  # recorded apart, for `Capture.head_cut`
         for name, module, keys in self.hooked:
             if name not in self.layers:
                 ghost_rule_for(module, name)
@@ -105,9 +106,10 @@ class MimicLayers:
                 users.setdefault(key, []).append(name)
         return {key: names for key, names in users.items() if len(names) > 1}
 
-    def capture(self) -> Capture:
-        """Hooks recording every use of the mimic tensors in one forward (a context manager)."""
-        return Capture(self.hooked, list(self.layers))
+    def capture(self, update_modules: list[nn.Module] | None = None) -> Capture:
+        """Hooks recording every use of the mimic tensors in one forward (a context manager), and every call of
+        ``update_modules`` (`hf_gradmimic.training.full_update`)."""
+        return Capture(self.hooked, list(self.layers), self.head, update_modules)
 
     def current_tensors(self) -> dict[str, torch.Tensor]:
         """``θ_t`` per mimic tensor, whole and detached. Under FSDP2 this all-gathers: call it on every rank."""

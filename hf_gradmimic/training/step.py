@@ -27,13 +27,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..ghost import UnsupportedLayerError
 from ..losses import SampleLoss, classification_margins, logits_of
 from ..score_log_io import STATUS_NONFINITE, STATUS_SCORED
 from ..scorers import SampleScorer, ScoreContext, comparison_gradient
 from .batch import rows_of, shown_ids
-from .capture import BackwardFromLogits, Capture, PendingGrad, scale_per_sample
+from .capture import BackwardFromLogits, Capture, HeadCut, PendingGrad, scale_per_sample
 from .coupled import GhostReader
 from .diagnostics import ReferenceDiagnostics
+from .full_update import FullUpdate, GradientsOf
 from .guards import row_status
 from .mimic_layers import MimicLayers
 from .reference_verdict import ReferenceVerdict
@@ -51,7 +53,13 @@ class Backward(enum.Enum):
     (`use_backward.uses_weighted_loss`); the backward through the model that gave δ is the only one."""
     LOGITS = "logits"
     """A built-in loss, scope ``all``: a backward started at the logits with c_i δ_i (`capture.BackwardFromLogits`),
-    so the loss's own graph is differentiated once."""
+    so the loss's own graph is differentiated once; with a mimic layer below the output head, started at the head's
+    input (`capture.HeadCut`), so the head is differentiated once too."""
+    SPLIT = "split"
+    """A built-in loss, scope ``all``, every trainable tensor in a module whose gradient its input and output gradient
+    give (`full_update`): one backward from the logits to every module's output (input gradients only), then each
+    tensor's Σ_i c_i g_i formed from its module's input and c_i δ_i, so nothing is differentiated twice. Checked
+    against autograd at the first batch; `LOGITS` otherwise."""
     LOSS = "loss"
     """A backward of Σ_i c_i ℓ_i (scope ``all``), or of the plain loss plus a correction on the mimic tensors
     (scope ``layer``)."""
@@ -87,11 +95,30 @@ class StepCounts:
 @dataclass
 class LogitsBackward:
     """The `Backward.LOGITS` plan's pieces: ``root``, a zero scalar whose backward starts at the logits with
-    ``pending``'s gradient, and δ = ∂Σℓ/∂logits, to be scaled by the coefficients into that gradient."""
+    ``pending``'s gradient, and δ = ∂Σℓ/∂logits, to be scaled by the coefficients into that gradient. With a
+    ``head`` cut, the backward starts at the head's input with ``head_input_grad`` = ∂Σℓ/∂h scaled, and the head's
+    own gradient is formed from δ scaled."""
 
     root: torch.Tensor
     pending: PendingGrad
     prediction_grad: torch.Tensor
+    head: HeadCut | None = None
+    head_input_grad: torch.Tensor | None = None
+    update: Any = None  # `Backward.SPLIT`: (FullUpdate, recorded calls, the list GradientsOf pops from)
+
+    def set_coefficients(self, coefficients: torch.Tensor) -> None:
+        """Hand the root c_i δ_i (or c_i ∂ℓ_i/∂h_i and the head's Σ_i c_i g_i; or every tensor's Σ_i c_i g_i)."""
+        if self.update is not None:
+            full_update, calls, pending = self.update
+            pending.append(lambda: full_update.gradients(calls, coefficients))
+            return
+        scaled = scale_per_sample(self.prediction_grad, coefficients)
+        if self.head is None:
+            self.pending.grad = scaled
+            return
+        head = self.head
+        self.pending.grad = scale_per_sample(self.head_input_grad, coefficients)
+        self.pending.param_grads = lambda: head.weighted_grads(scaled)
 
 
 @dataclass
@@ -175,6 +202,11 @@ class MimicStep:
         # scope 'layer' corrects the plain loss through the recorded uses, so it reads the ghost too
         self.needs_ghost = scorer.needs_output_grads or args.mimic_reweight_scope == "layer"
         self.spare_sample: dict[str, Any] | None = None  # one finite sample's inputs, for `nothing_to_train`
+        self.full_update = FullUpdate(model) if uses_backward_possible else None
+        # `Backward.SPLIT` keeps δ at every module's output until the scores are known (memory, ~ the activations'
+        # size again): worth it where the two-pass plan would differentiate the whole network twice, a mimic tensor
+        # used at the input (a token embedding, a head tied to it). Elsewhere `HeadCut` leaves little to save.
+        self.one_backward = any(isinstance(module, nn.Embedding) for _, module, _ in layers.hooked)
 
     # ------------------------------------------------------------------ the decision and the forward
 
@@ -187,19 +219,25 @@ class MimicStep:
         ):
             return Backward.USES
         if self.sample_loss.reads_logits and self.args.mimic_reweight_scope == "all":
+            full = self.full_update
+            if self.one_backward and self.needs_ghost and full is not None and full.owners is not None and full.usable:
+                return Backward.SPLIT
             return Backward.LOGITS
         return Backward.LOSS
 
     def forward(
-        self, model: nn.Module, inputs: dict[str, Any], capture: bool = True
+        self, model: nn.Module, inputs: dict[str, Any], capture: bool = True, plan: Backward | None = None
     ) -> tuple[Any, Any, Capture | None]:
         """``model``'s outputs on ``inputs``, their per-sample losses, and the mimic layers' recorded calls (None
-        without ``capture``)."""
+        without ``capture``; with every trainable module's calls too under `Backward.SPLIT`)."""
         model_inputs = self.sample_loss.model_inputs(inputs)
         if not capture:
             outputs = model(**model_inputs)
             return outputs, self.sample_loss.per_sample_losses(outputs, inputs), None
-        with self.layers.capture() as recorded:
+        update_modules = self.full_update.modules if plan is Backward.SPLIT else None
+        with self.layers.capture(update_modules) as recorded:
+            if update_modules:
+                recorded.batch_size = len(next(v for v in inputs.values() if isinstance(v, torch.Tensor)))
             outputs = model(**model_inputs)
         return outputs, self.sample_loss.per_sample_losses(outputs, inputs), recorded
 
@@ -223,7 +261,7 @@ class MimicStep:
         if diagnostics is not None:
             micro_batch = self.step_softmax.micro_batches_in(global_step)
             diagnostics.before_forward(global_step, micro_batch, model_inputs, inputs)
-        outputs, losses, capture = self.forward(model, inputs)
+        outputs, losses, capture = self.forward(model, inputs, plan=plan)
         counts = self.sample_loss.supervised_counts(outputs, labels)
         recorded: dict[str, torch.Tensor | None] = {}
         if plan is None:  # a candidate: the logits only if the scorer reads them
@@ -235,19 +273,63 @@ class MimicStep:
             recorded = self._recorded(capture, logits, batch, model_inputs)
         scored_logits = logits.detach() if logits is not None and "logits" in self.scorer.requires else None
         from_logits = None
-        if plan is None or plan is Backward.USES:
+        if plan is Backward.SPLIT and all(call.output is logits for call in capture.calls):
+            plan = Backward.LOGITS  # only the head's output is scored: δ at the logits is all the scores need
+            capture.update_calls = []
+        if plan is Backward.SPLIT:
+            edge = capture.cut_at(logits)
+            fallback = PendingGrad()
+            checking = not self.full_update.verified
+            # at the first batch, a way back to `Backward.LOGITS` should the formed update differ from autograd's
+            root = BackwardFromLogits.apply(logits, fallback) if checking else None
+            if not keep_outputs:
+                outputs = logits = None
+            prediction_grad = torch.autograd.grad(losses.sum(), edge)[0]
+            params = self.full_update.params
+            if checking:
+                expected = torch.autograd.grad(
+                    edge, params, grad_outputs=prediction_grad, retain_graph=True, allow_unused=True
+                )
+            try:
+                ghost, calls = capture.ghost_and_update(edge, prediction_grad, retain_graph=checking)
+            except UnsupportedLayerError:
+                if not checking:
+                    raise
+                self.full_update.usable = False
+                ghost = capture.ghost_batch(edge, root_grad=prediction_grad)
+                calls = None
+            if checking and (calls is None or not self.full_update.check(calls, expected)):
+                from_logits = LogitsBackward(root, fallback, prediction_grad)
+            else:
+                pending: list = []
+                from_logits = LogitsBackward(
+                    GradientsOf.apply(pending, *params),
+                    PendingGrad(),
+                    prediction_grad,
+                    update=(self.full_update, calls, pending),
+                )
+        elif plan is None or plan is Backward.USES:
             needed = self.scorer.needs_output_grads if plan is None else True
             ghost = self.ghost_reader(capture, losses, retain_graph=False) if needed else None
         elif plan is Backward.LOGITS:
             # δ = ∂Σℓ/∂logits once (freeing the loss's own graph); the backward starts at the logits later.
             pending = PendingGrad()
             edge = capture.cut_at(logits)
-            root = BackwardFromLogits.apply(logits, pending)
+            # A mimic layer below the output head: the weighted backward starts at the head's input (`HeadCut`).
+            head = capture.head_cut(logits) if self.needs_ghost and self.uses_backward_possible else None
+            if head is None:
+                root = BackwardFromLogits.apply(logits, pending)
+            else:
+                root = BackwardFromLogits.apply(head.input, pending, *head.params.values())
             if not keep_outputs:
                 outputs = logits = None  # nothing reads them any more: a [B, T, vocab] tensor for a language model
             prediction_grad = torch.autograd.grad(losses.sum(), edge)[0]
-            ghost = capture.ghost_batch(edge, root_grad=prediction_grad) if self.needs_ghost else None
-            from_logits = LogitsBackward(root, pending, prediction_grad)
+            head_input_grad = None
+            if head is not None:
+                ghost, head_input_grad = capture.ghost_and_cut(edge, prediction_grad, head)
+            else:
+                ghost = capture.ghost_batch(edge, root_grad=prediction_grad) if self.needs_ghost else None
+            from_logits = LogitsBackward(root, pending, prediction_grad, head, head_input_grad)
         else:
             ghost = self.ghost_reader(capture, losses) if self.needs_ghost else None
         if plan is Backward.USES and not keep_outputs:
@@ -324,15 +406,18 @@ class MimicStep:
         if self.num_processes > 1 and not nonfinite.all():  # for `nothing_to_train`, later
             self.spare_sample = rows_of(batch.inputs, (~nonfinite).nonzero().flatten()[:1], len(batch))
         if nonfinite.any():  # those rows must not reach the parameters: train on a forward without them
-            scored.ctx = scored.ghost = None
+            # the first forward's graph is not backpropagated: freed before the second forward builds its own
+            scored.ctx = scored.ghost = scored.from_logits = None
+            scored.losses = scored.losses.detach()
+            if not keep_outputs:
+                scored.outputs = None
             loss = self.loss_without(model, batch, nonfinite, coefficients, scored.status, at)
         elif plan is Backward.USES:
             loss = uses_weighted_loss(scored.ghost, coefficients)
-        elif plan is Backward.LOGITS:
+        elif scored.from_logits is not None:  # Backward.LOGITS or SPLIT
             scored.ctx = scored.ghost = None  # the head's δ is prediction_grad, scaled in place next
-            from_logits = scored.from_logits
-            from_logits.pending.grad = scale_per_sample(from_logits.prediction_grad, coefficients)
-            loss = from_logits.root
+            scored.from_logits.set_coefficients(coefficients)
+            loss = scored.from_logits.root
         else:
             loss = self.weighted_loss(scored.losses, coefficients, scored.ghost, scored.status, scored.counts, at)
         return self.reported(loss, scored.losses, scored.status, at, scored.counts), scored.outputs
