@@ -137,8 +137,8 @@ MODELS: dict[str, dict[str, Any]] = {
         # Grad-Mimic's DataComp runs: fc1 of the last layer of both towers.
         "inner": ("vision_model.encoder.layers.{last}.mlp.fc1", "text_model.encoder.layers.{last}.mlp.fc1"),
         # No per-sample-gradient baseline (a coupled loss has no per-sample gradient without a backward per
-        # sample) and no token-overflow hook.
-        "candidates": ("plain", "mimic-head", "mimic-head-norec", "mimic-head-monitor", "mimic-inner", "mimic-select"),
+        # sample), no token-overflow hook, and no select-mode case: GraNd refuses a batch-coupled loss.
+        "candidates": ("plain", "mimic-head", "mimic-head-norec", "mimic-head-monitor", "mimic-inner"),
     },
 }
 
