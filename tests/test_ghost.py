@@ -134,6 +134,37 @@ def test_ghost_rule_matches_per_sample_gradients(case):
         assert oracle["layer.weight"][:, 0].abs().max() == 0
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_weighted_summed_gradient_matches_per_sample_gradients(case):
+    """``summed_gradient(..., sample_scale=c)`` is ``Σ_i c_i g_i`` of the materialised per-sample gradients, laid out
+    as the parameter and contiguous (what the optimizer reads)."""
+    layer, names, oracle, a, delta = _layer_case(case)
+    coefficients = torch.rand(a.shape[0], generator=torch.Generator().manual_seed(5)) * 2
+    params = [n.split(".")[1] for n in names]
+    formed = ghost_rule_for(layer).summed_gradient(layer, a, delta, params, coefficients)
+    for n, own in zip(names, params):
+        expected = torch.einsum("b,b...->...", coefficients, oracle[n])
+        torch.testing.assert_close(formed[own], expected, rtol=1e-5, atol=1e-6)
+        assert formed[own].shape == dict(layer.named_parameters())[own].shape and formed[own].is_contiguous()
+
+
+@pytest.mark.parametrize("width_in, width_out", [(3, 50), (50, 3)])
+def test_linear_weighted_summed_gradient_either_side(width_in, width_out):
+    """The coefficients scale the narrower of ``a`` and ``δ`` (both branches), against an einsum re-derivation."""
+    from hf_gradmimic.ghost import linear_summed_gradient
+
+    generator = torch.Generator().manual_seed(6)
+    a = torch.randn(4, 5, width_in, generator=generator)
+    delta = torch.randn(4, 5, width_out, generator=generator)
+    coefficients = torch.randn(4, generator=generator)
+    formed = linear_summed_gradient(a, delta, sample_scale=coefficients)
+    torch.testing.assert_close(formed["weight"], torch.einsum("b,bto,bti->oi", coefficients, delta, a))
+    torch.testing.assert_close(formed["bias"], torch.einsum("b,bto->o", coefficients, delta))
+    transposed = linear_summed_gradient(a, delta, sample_scale=coefficients, input_major=True)["weight"]
+    torch.testing.assert_close(transposed, formed["weight"].t())
+    assert transposed.is_contiguous()
+
+
 def test_tied_tensor_sums_every_use():
     """GPT-2 with a tied lm_head: the per-sample gradient of the shared tensor is the sum over the head and the
     token embedding; the ghost batch of both uses matches per-sample autograd of the tensor, and the head alone

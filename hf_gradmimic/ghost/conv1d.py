@@ -44,10 +44,17 @@ def _transposed(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _summed_gradient(
-    layer: nn.Module, activations: torch.Tensor, output_grads: torch.Tensor, params: Collection[str]
+    layer: nn.Module,
+    activations: torch.Tensor,
+    output_grads: torch.Tensor,
+    params: Collection[str],
+    sample_scale: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``Σ_i g_i = aᵀ δ`` over every sample and position."""
-    return _transposed(linear_summed_gradient(activations, output_grads, "weight" in params, "bias" in params))
+    """``Σ_i c_i g_i = aᵀ diag(c) δ`` over every sample and position, laid out ``[in, out]`` as the weight (a
+    transposed view would make the optimizer copy it)."""
+    return linear_summed_gradient(
+        activations, output_grads, "weight" in params, "bias" in params, sample_scale, input_major=True
+    )
 
 
 def _per_sample_gradient(

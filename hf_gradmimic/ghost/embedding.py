@@ -47,12 +47,19 @@ def _sq_norm(layer: nn.Module, ids: torch.Tensor, output_grads: torch.Tensor, pa
 
 
 def _summed_gradient(
-    layer: nn.Module, ids: torch.Tensor, output_grads: torch.Tensor, params: Collection[str]
+    layer: nn.Module,
+    ids: torch.Tensor,
+    output_grads: torch.Tensor,
+    params: Collection[str],
+    sample_scale: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``Σ_i g_i``: the output gradients added onto their rows (what a normal backward accumulates)."""
+    """``Σ_i c_i g_i``: the output gradients, times their sample's coefficient (``sample_scale``, or 1), added onto
+    their rows (what a normal backward accumulates)."""
     if "weight" not in params:
         return {}
     ids, delta, _ = _ids_and_grads(layer, ids, output_grads)
+    if sample_scale is not None:
+        delta = delta * sample_scale.detach().float()[:, None, None]
     summed = delta.new_zeros(layer.num_embeddings, delta.shape[-1])
     return {"weight": summed.index_add_(0, ids.reshape(-1), delta.reshape(-1, delta.shape[-1]))}
 

@@ -115,23 +115,52 @@ def _sq_norm(
 
 
 def linear_summed_gradient(
-    activations: torch.Tensor, output_grads: torch.Tensor, with_weight: bool = True, with_bias: bool = True
+    activations: torch.Tensor,
+    output_grads: torch.Tensor,
+    with_weight: bool = True,
+    with_bias: bool = True,
+    sample_scale: torch.Tensor | None = None,
+    *,
+    input_major: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """``Σ_i g_i``: one ``δᵀ a`` ``[out, in]`` over every sample and position (what a normal backward accumulates)."""
+    r"""``Σ_i c_i g_i``: one ``δᵀ diag(c) a`` ``[out, in]`` over every sample and position (``c`` = ``sample_scale``,
+    ``[B]``, or 1: what a normal backward accumulates), and ``Σ_i c_i Σ_t δ_{i,t}`` for the bias.
+
+    .. math:: \sum_i c_i g_i = \sum_{i,t} (c_i \delta_{i,t}) a_{i,t}^\top = \sum_{i,t} \delta_{i,t} (c_i a_{i,t})^\top
+
+    The coefficients scale whichever of ``a`` and ``δ`` is narrower: an ``lm_head``'s ``δ`` is vocabulary-wide, its
+    input a few hundred features, and Grad-Mimic's weighted update (Huang et al., arXiv 2501.06708) needs only
+    the product. ``input_major`` returns the weight's as ``aᵀ δ`` ``[in, out]`` (``Conv1D``'s layout), contiguous.
+    """
+    batch_size = activations.shape[0]
     a = activations.reshape(-1, activations.shape[-1]).float()
     delta = output_grads.reshape(-1, output_grads.shape[-1]).float()
+    row_scale = None
+    if sample_scale is not None:
+        row_scale = sample_scale.detach().float().repeat_interleave(a.shape[0] // batch_size)
     summed = {}
     if with_weight:
-        summed["weight"] = delta.t() @ a
+        if row_scale is None:
+            left, right = a, delta
+        elif a.shape[1] <= delta.shape[1]:
+            left, right = a * row_scale[:, None], delta
+        else:
+            left, right = a, delta * row_scale[:, None]
+        summed["weight"] = left.t() @ right if input_major else right.t() @ left
     if with_bias:
-        summed["bias"] = delta.sum(dim=0)
+        # a matrix-vector product: no second vocabulary-wide tensor for an lm_head's bias
+        summed["bias"] = delta.sum(dim=0) if row_scale is None else row_scale @ delta
     return summed
 
 
 def _summed_gradient(
-    layer: nn.Module, activations: torch.Tensor, output_grads: torch.Tensor, params: Collection[str]
+    layer: nn.Module,
+    activations: torch.Tensor,
+    output_grads: torch.Tensor,
+    params: Collection[str],
+    sample_scale: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    return linear_summed_gradient(activations, output_grads, "weight" in params, "bias" in params)
+    return linear_summed_gradient(activations, output_grads, "weight" in params, "bias" in params, sample_scale)
 
 
 def _per_sample_gradient(

@@ -7,7 +7,9 @@ parameters named in ``params`` (or in ``direction``):
 - ``inner_product(layer, a, δ, direction) -> [B]``: per-sample ``⟨g_i, v⟩`` with a direction over those
   parameters (Grad-Mimic's score, AGRA's cosine numerator);
 - ``sq_norm(layer, a, δ, params) -> [B]``: per-sample ``‖g_i‖²`` (GraNd, AGRA);
-- ``summed_gradient(layer, a, δ, params) -> {name: tensor}``: ``Σ_i g_i`` (AGRA's comparison gradient);
+- ``summed_gradient(layer, a, δ, params, sample_scale=None) -> {name: tensor}``: ``Σ_i c_i g_i`` with ``c`` the
+  ``[B]`` ``sample_scale`` (or 1: AGRA's comparison gradient; Grad-Mimic's weighted update of a layer, formed from
+  one backward's ``a`` and ``δ``, `hf_gradmimic.training.full_update`);
 - ``per_sample_gradient(layer, a, δ, params) -> {name: [B, ...]}``: the per-sample gradients themselves,
   used only for the squared norm of a tensor that several uses share (their cross terms);
 - ``output_along(layer, a, direction) -> dz``: the change of the layer's output when its parameters move

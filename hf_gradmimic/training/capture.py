@@ -63,11 +63,11 @@ class HeadCut:
     input: torch.Tensor
     params: dict[str, nn.Parameter]
 
-    def weighted_grads(self, output_grads: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The head's tensors' gradients for ``output_grads`` at its output (``c_i δ_i``), in ``params`` order, each
-        in its parameter's dtype: what the backward through the head would accumulate."""
+    def weighted_grads(self, output_grads: torch.Tensor, coefficients: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The head's tensors' gradients for ``c_i δ_i`` at its output (``output_grads`` δ, ``coefficients`` c), in
+        ``params`` order, each in its parameter's dtype: what the backward through the head would accumulate."""
         rule = ghost_rule_for(self.module)
-        grads = rule.summed_gradient(self.module, self.input.detach(), output_grads, list(self.params))
+        grads = rule.summed_gradient(self.module, self.input.detach(), output_grads, list(self.params), coefficients)
         return tuple(grads[local].to(param.dtype) for local, param in self.params.items())
 
 

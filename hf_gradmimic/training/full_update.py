@@ -29,15 +29,24 @@ from ..ghost import UnsupportedLayerError, ghost_rule_for
 
 logger = logging.get_logger(__name__)
 
-GradientRule = Callable[[nn.Module, torch.Tensor, torch.Tensor, list[str]], dict[str, torch.Tensor]]
+GradientRule = Callable[
+    [nn.Module, torch.Tensor, torch.Tensor, list[str], torch.Tensor | None], dict[str, torch.Tensor]
+]
 
 
 def layer_norm_summed_gradient(
-    layer: nn.LayerNorm, activations: torch.Tensor, output_grads: torch.Tensor, params: list[str]
+    layer: nn.LayerNorm,
+    activations: torch.Tensor,
+    output_grads: torch.Tensor,
+    params: list[str],
+    sample_scale: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``Σ δ ⊙ x̂`` (weight) and ``Σ δ`` (bias) over every sample and position, ``x̂`` the normalised input."""
+    """``Σ c ⊙ δ ⊙ x̂`` (weight) and ``Σ c ⊙ δ`` (bias) over every sample and position, ``x̂`` the normalised input
+    and ``c`` each sample's coefficient (``sample_scale``, or 1)."""
     shape = layer.normalized_shape
     dims = tuple(range(output_grads.dim() - len(shape)))
+    if sample_scale is not None:
+        output_grads = output_grads.float() * sample_scale.detach().float().view(-1, *([1] * (output_grads.dim() - 1)))
     grads: dict[str, torch.Tensor] = {}
     if "weight" in params:
         normalised = F.layer_norm(activations.float(), shape, None, None, layer.eps)
@@ -106,9 +115,8 @@ class FullUpdate:
             if grads is None:
                 continue
             owner = by_module[id(module)]
-            if scale is not None:
-                grads = grads * scale.detach().to(grads.dtype).view(-1, *([1] * (grads.dim() - 1)))
-            for local, grad in owner.rule(module, activations, grads, list(owner.params)).items():
+            # the rule applies ``scale`` where it costs least (an lm_head's δ is vocabulary-wide, its input is not)
+            for local, grad in owner.rule(module, activations, grads, list(owner.params), scale).items():
                 key = id(owner.params[local])
                 total[key] = grad if key not in total else total[key] + grad
         # A tensor no call reached gets None, as from autograd: the optimizer then leaves it alone, as in `Trainer`.
@@ -148,4 +156,6 @@ class GradientsOf(torch.autograd.Function):
         if not ctx.pending:
             raise RuntimeError("MimicTrainer's loss was backpropagated twice, or before its coefficients were set.")
         grads = ctx.pending.pop()()
+        if upstream.device.type == "cpu" and float(upstream) == 1.0:
+            return None, *grads  # a pass over every tensor's gradient saved (a GPU keeps the product: no sync)
         return None, *(None if grad is None else grad.mul_(upstream) for grad in grads)

@@ -112,13 +112,13 @@ class LogitsBackward:
             full_update, calls, pending = self.update
             pending.append(lambda: full_update.gradients(calls, coefficients))
             return
-        scaled = scale_per_sample(self.prediction_grad, coefficients)
         if self.head is None:
-            self.pending.grad = scaled
+            self.pending.grad = scale_per_sample(self.prediction_grad, coefficients)
             return
-        head = self.head
+        head, prediction_grad = self.head, self.prediction_grad
         self.pending.grad = scale_per_sample(self.head_input_grad, coefficients)
-        self.pending.param_grads = lambda: head.weighted_grads(scaled)
+        # the head's rule scales its narrower side: no pass over a vocabulary-wide δ
+        self.pending.param_grads = lambda: head.weighted_grads(prediction_grad, coefficients)
 
 
 @dataclass
