@@ -15,14 +15,18 @@ spread over a cluster with Ray Data (``pip install "hf-gradmimic[ray]"``):
 
 The result equals the single-machine one (the same sums in the same order; for sample ids too sparse to
 be coded densely, a (sample, window) cell with 8 or more records may be summed pairwise on one side and
-sequentially on the other, a last-bit difference). The driver holds the per-sample result: 8 bytes per
-(sample, window) cell (and 4 per cell and signal) plus 28 per sample.
+sequentially on the other, a last-bit difference). The driver writes each range's result to a spill folder as it
+arrives and then appends the ranges in sample-id order to the memory-mapped output of the other engines
+(`WindowedScoresBuilder`), so its memory is one range's result, not the pool's: the spill folder needs about 8 bytes
+per (sample, window) cell (and 4 per cell and signal) plus 28 per sample, twice.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +73,7 @@ def collect_windows_ray(
     *,
     on_bad_shard: BadShardPolicy = "error",
     n_ranges: int | None = None,
+    spill_dir: str | os.PathLike | None = None,
 ) -> WindowedScores:
     """`collect_windows` on the current Ray cluster: the same `WindowedScores` as on one machine.
 
@@ -79,6 +84,8 @@ def collect_windows_ray(
         on_bad_shard: ``"error"`` or ``"skip"`` (see `hf_gradmimic.filter.shards`).
         n_ranges: how many sample-id ranges the records are shuffled into (default: one per
             `RECORDS_PER_RANGE` records, at least the cluster's CPU count).
+        spill_dir: where the driver's spill folder goes (removed at the end; its output files stay mapped until
+            the result is released); default: the system's temporary folder.
     """
     ray = _ray()
     check_windows(windows)
@@ -142,8 +149,15 @@ def collect_windows_ray(
     reduced = records.groupby("range", num_partitions=n_ranges).map_groups(
         _reduce_range, fn_kwargs=settings, batch_format="numpy"
     )
-    parts = list(reduced.iter_batches(batch_format="numpy", batch_size=None))
-    return completed(_gather(parts, step_map, signals, stats["count"]), warn_list)
+    folder = Path(tempfile.mkdtemp(prefix="gradmimic-ray-", dir=spill_dir))
+    try:
+        spilled = _RangeSpill(folder, lo, width)
+        for part in reduced.iter_batches(batch_format="numpy", batch_size=None):
+            spilled.add(part)
+        capacity = max(1, min(n_codes, stats["count"]))  # the most samples there can be
+        return completed(spilled.gather(step_map, signals, stats["count"], capacity), warn_list)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class RayEngine(Engine):
@@ -158,7 +172,7 @@ class RayEngine(Engine):
         on_bad_shard: BadShardPolicy,
         spill_dir: str | os.PathLike | None,
     ) -> WindowedScores:
-        return collect_windows_ray(scores, windows, on_bad_shard=on_bad_shard)
+        return collect_windows_ray(scores, windows, on_bad_shard=on_bad_shard, spill_dir=spill_dir)
 
 
 def _shard_table(task: dict[str, Any], columns: list[str]) -> pa.Table | None:
@@ -308,52 +322,78 @@ def _reduce_range(
     return out
 
 
-def _gather(
-    parts: list[dict[str, np.ndarray]], step_map: StepWindows, signals: tuple[str, ...], total_records: int
-) -> WindowedScores:
-    """The ranges' results in sample-id order, as one `WindowedScores` of ``total_records`` records."""
-    parts = [p for p in parts if len(p["sample_id"])]
-    ids = np.concatenate([p["sample_id"] for p in parts])
-    order = np.argsort(ids, kind="stable")
-    m = len(step_map.names)
-    per_window = {"values", "scores", *(f"signal.{name}" for name in signals)}
+class _RangeSpill:
+    """The reduce tasks' results, written to ``folder`` range by range as they reach the driver, then appended in
+    sample-id order to a memory-mapped `WindowedScoresBuilder`: the driver holds one batch at a time. A batch may
+    hold several ranges (Ray Data coalesces groups into blocks), so each is split by sample-id range first: the
+    ranges' ids are disjoint intervals, and ordering the ranges, then each range within, orders every id."""
 
-    def column(name: str) -> np.ndarray:
-        return np.concatenate(
-            [
-                np.asarray(p[name]).reshape(-1, m)
-                if name in per_window
-                else np.asarray(p[name]).reshape(len(p["sample_id"]), -1).squeeze(-1)
-                for p in parts
-            ]
-        )[order]
+    def __init__(self, folder: Path, lo: int, width: int) -> None:
+        self.folder, self.lo, self.width = folder, lo, width
+        self.parts: list[tuple[int, int, list[str]]] = []  # (range, index, column names)
 
-    counters = np.concatenate([p["counters"] for p in parts]).sum(axis=0)
-    has_nonfinite = bool(np.concatenate([p["has_nonfinite"] for p in parts]).any())
-    sorted_ids = ids[order]
-    nonfinite_signals = {}
-    for k, name in enumerate(signals):
-        if counters[3 + k]:
-            listed = sorted_ids[column(f"listed.{name}")][:MAX_LISTED_IDS].tolist()
-            nonfinite_signals[name] = (int(counters[3 + k]), listed)
-    output = WindowedScoresBuilder(ids.size, step_map, signals)
-    output.add(
-        WindowedScores(
-            sample_ids=pa.array(sorted_ids),
-            values=column("values"),
-            scores=column("scores"),
-            mean_weight=column("mean_weight"),
-            mean_score=column("mean_score"),
-            n_records=column("n_records"),
-            window_names=step_map.names,
-            window_steps=step_map.ranges,
-            total_records=total_records,
-            n_nan_scores=int(counters[0]),
-            n_without_score=int(counters[1]),
-            n_unlabeled_records=int(counters[2]),
-            n_nonfinite=column("n_nonfinite") if has_nonfinite else None,
-            signals={name: column(f"signal.{name}") for name in signals},
-            nonfinite_signals=nonfinite_signals,
-        )
-    )
-    return output.build()
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        ids = np.asarray(batch["sample_id"])
+        if not ids.size:
+            return
+        ranges = (ids - self.lo) // self.width
+        for range_index in np.unique(ranges):
+            rows = np.flatnonzero(ranges == range_index)
+            index = len(self.parts)
+            for name, values in batch.items():
+                # rows x (windows or 1); per-range counters ride on a range's first row, which stays in its range
+                part = np.asarray(values).reshape(ids.size, -1)[rows]
+                np.save(self.folder / f"part{index:06d}.{name}.npy", part, allow_pickle=False)
+            self.parts.append((int(range_index), index, list(batch)))
+
+    def _load(self, index: int, names: list[str]) -> dict[str, np.ndarray]:
+        loaded = {}
+        for name in names:
+            path = self.folder / f"part{index:06d}.{name}.npy"
+            loaded[name] = np.load(path, allow_pickle=False)
+            path.unlink()  # read once: the spill shrinks as the output grows
+        return loaded
+
+    def gather(
+        self, step_map: StepWindows, signals: tuple[str, ...], total_records: int, capacity: int
+    ) -> WindowedScores:
+        """The ranges' results in sample-id order, as one `WindowedScores` of ``total_records`` records."""
+        m = len(step_map.names)
+        per_window = {"values", "scores", *(f"signal.{name}" for name in signals)}
+        output = WindowedScoresBuilder(capacity, step_map, signals, self.folder)
+        for position, (_, index, names) in enumerate(sorted(self.parts)):
+            part = self._load(index, names)
+            ids = part["sample_id"].ravel()
+            order = np.argsort(ids, kind="stable")
+
+            def column(name: str, part=part, order=order, n=ids.size) -> np.ndarray:
+                values = np.asarray(part[name])
+                return (values.reshape(-1, m) if name in per_window else values.reshape(n, -1).squeeze(-1))[order]
+
+            counters = part["counters"].sum(axis=0)
+            sorted_ids = ids[order]
+            nonfinite_signals = {
+                name: (int(counters[3 + k]), sorted_ids[column(f"listed.{name}")][:MAX_LISTED_IDS].tolist())
+                for k, name in enumerate(signals)
+                if counters[3 + k]
+            }
+            output.add(
+                WindowedScores(
+                    sample_ids=pa.array(sorted_ids),
+                    values=column("values"),
+                    scores=column("scores"),
+                    mean_weight=column("mean_weight"),
+                    mean_score=column("mean_score"),
+                    n_records=column("n_records"),
+                    window_names=step_map.names,
+                    window_steps=step_map.ranges,
+                    total_records=total_records if position == 0 else 0,  # the log's count, added once
+                    n_nan_scores=int(counters[0]),
+                    n_without_score=int(counters[1]),
+                    n_unlabeled_records=int(counters[2]),
+                    n_nonfinite=column("n_nonfinite") if bool(part["has_nonfinite"].any()) else None,
+                    signals={name: column(f"signal.{name}") for name in signals},
+                    nonfinite_signals=nonfinite_signals,
+                )
+            )
+        return output.build()
