@@ -15,14 +15,11 @@ gated samples. A sample without a margin (not a single-label classification log)
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from .rowblocks import row_blocks
-
-__all__ = ["AgreementGate", "agreement_gate", "mean_over_windows"]
+__all__ = ["AgreementGate", "agreement_gate"]
 
 
 @dataclass
@@ -32,19 +29,6 @@ class AgreementGate:
     keep_prob: np.ndarray
     n_gated: int
     n_with_margin: int
-
-
-def mean_over_windows(per_window: np.ndarray) -> np.ndarray:
-    """Each sample's mean over the windows where it has a value (NaN where it has none), read in row blocks (a
-    memory-mapped matrix stays out of memory: `hf_gradmimic.filter.rowblocks`)."""
-    out = np.full(per_window.shape[0], np.nan)
-    if per_window.shape[1] == 0:
-        return out
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a sample without any window's value is NaN: no gate
-        for rows, block in row_blocks(per_window):
-            out[rows] = np.nanmean(block.astype(np.float64), axis=1)
-    return out
 
 
 def agreement_gate(keep_prob: np.ndarray, student_margin: np.ndarray) -> AgreementGate:

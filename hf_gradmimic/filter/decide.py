@@ -17,14 +17,14 @@ import pyarrow as pa
 
 from ..fileio import json_safe
 from .aggregation import ABSTAIN, AGGREGATES, aggregate_votes
-from .agreement import agreement_gate, mean_over_windows
+from .agreement import agreement_gate
 from .identification import METHODS, identify
 from .labeling import LabelingVotes
 from .matrices import list_column
 from .posterior import keep_posterior
 from .reduction import WindowedScores
 from .rowblocks import matrix_column, row_blocks
-from .signals import LabelingScores
+from .signals import LabelingScores, mean_over_windows
 from .warning import warn
 from .windows import WindowsLike
 

@@ -33,7 +33,7 @@ from .context import LabelingContext
 from .rowblocks import row_blocks
 from .warning import warn
 
-__all__ = ["LOSS_FLOOR", "SIGNAL_NAMES", "LabelingScores", "WindowSignal"]
+__all__ = ["LOSS_FLOOR", "SIGNAL_NAMES", "LabelingScores", "WindowSignal", "mean_over_windows"]
 
 LOSS_FLOOR = 1e-4
 """Added to a loss before its log, so that a fitted sample's near-zero loss does not make a far tail of its own."""
@@ -125,12 +125,29 @@ class WindowSignal:
             per_window = -np.log(np.maximum(per_window, 0.0) + LOSS_FLOOR)
         if self.window == "each":
             return per_window
-        present = np.isfinite(per_window)
         if self.window == "last":
+            present = np.isfinite(per_window)
             last = per_window.shape[1] - 1 - np.argmax(present[:, ::-1], axis=1)
             values = np.where(present.any(axis=1), per_window[np.arange(n), last], np.nan)
         else:
-            counts = present.sum(axis=1)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                values = np.where(present, per_window, 0.0).sum(axis=1) / counts  # NaN (abstains) with no window
+            values = _block_mean(per_window)
         return values[:, None]
+
+
+def _block_mean(per_window: np.ndarray) -> np.ndarray:
+    """Each row's mean over its finite values (float64), NaN for a row without one (it abstains)."""
+    present = np.isfinite(per_window)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(present, per_window, 0.0).sum(axis=1) / present.sum(axis=1)
+
+
+def mean_over_windows(per_window: np.ndarray) -> np.ndarray:
+    """Each sample's mean over the windows where it has a value (NaN where it has none), read in row blocks (a
+    memory-mapped matrix stays out of memory: `hf_gradmimic.filter.rowblocks`): the ``"mean"`` summary of
+    `WindowSignal` without a transform, e.g. the student's mean margin that the agreement gate reads."""
+    out = np.full(per_window.shape[0], np.nan)
+    if per_window.shape[1] == 0:
+        return out
+    for rows, block in row_blocks(per_window):
+        out[rows] = _block_mean(np.asarray(block, dtype=np.float64))
+    return out
