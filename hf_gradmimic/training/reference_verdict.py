@@ -16,7 +16,8 @@ argmax ≠ label" signal made continuous, a label-noise detector on its own and 
 
 `ReferenceVerdict` picks one per micro-batch by ``MimicConfig.mimic_log_reference_loss``: ``"auto"`` records it
 only where it is one matmul over ``[B, classes]`` logits (a classification head: measured in ``make bench``),
-``"always"`` everywhere (a language model's head costs an ``lm_head``-sized matmul; other layers a forward),
+``"always"`` everywhere (a language model's head costs an ``lm_head``-sized matmul, shared with the score where
+`SharedHead` applies; other layers a forward),
 ``"never"`` not at all.
 """
 
