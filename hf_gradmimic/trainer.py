@@ -34,7 +34,7 @@ from .contrastive import contrastive_loss_for, is_batch_coupled
 from .fileio import atomic_write
 from .losses import PerSampleLossFn, SampleLoss, loss_fn_from_compute_loss_func
 from .reference.loading import ReferenceSource
-from .scorers import SampleScorer, check_mode, scorer_from_config
+from .scorers import MimicScorer, SampleScorer, check_mode, scorer_from_config
 from .training.audit import FilterAudit
 from .training.batch import Bookkeeping, KeepColumns
 from .training.checks import (
@@ -255,6 +255,7 @@ class MimicTrainerMixin:
                 self.mimic_layers,
                 unwrapped,
                 self.sample_loss,
+                self.scorer.scored_direction if isinstance(self.scorer, MimicScorer) else None,
             )
             if self.scorer.monitors_reference and args.mimic_record_scores
             else None

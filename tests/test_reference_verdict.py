@@ -105,3 +105,26 @@ def test_the_students_margin_is_recorded_from_the_training_forward(tmp_path):
     expected = logits[rows, labels] - others.max(axis=1)
     np.testing.assert_allclose(table.margin.values, expected, rtol=1e-5, atol=1e-6)
     assert "reference_loss" not in table.columns
+
+
+def test_a_language_model_heads_reference_loss_and_score_share_the_reference_logits(tmp_path):
+    """'always' on an untied ``lm_head`` (`reference_verdict.SharedHead`): the reference's loss is the reference head
+    on the student's last hidden states (shifted cross entropy, the mean over each sample's label tokens), and the
+    score is still ``⟨−g_i, θ_ref − θ⟩/‖θ_ref − θ‖`` from per-sample gradients (torch.func)."""
+    from tiny_models import oracle_scores_from_grads, per_sample_lm_grads
+
+    data = lm_dataset(n=16)
+    model = tiny_gpt2(dropout=0.0)
+    before = copy.deepcopy(model)
+    reference = perturbed(model, "lm_head.")
+    table = train_one_step(tmp_path, model, data, ["lm_head"], reference, "always")
+    batch = data[:]
+    ids, labels = batch["input_ids"], batch["labels"]
+    with torch.no_grad():
+        features = before.transformer(input_ids=ids).last_hidden_state
+        logits = features @ reference["lm_head.weight"].T
+        tokens = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
+        expected = tokens.sum(1) / (labels[:, 1:] != -100).sum(1)
+    np.testing.assert_allclose(table.reference_loss.values, expected.numpy(), rtol=1e-5, atol=1e-6)
+    scores = oracle_scores_from_grads(per_sample_lm_grads(before, data, ["lm_head.weight"]), before, reference)
+    np.testing.assert_allclose(table.mimic_score.values, scores, rtol=1e-4, atol=1e-6)

@@ -59,6 +59,8 @@ class GhostBatch:
         uses_per_key = Counter(key for use in self.uses for key in use.tensor_keys.values())
         self.tensor_keys = list(uses_per_key)
         self.shared_keys = {key for key, count in uses_per_key.items() if count > 1}
+        # use index -> (the direction's tensors, by the use's own names; ⟨g_i^use, v⟩), formed outside (`remember`)
+        self._known: dict[int, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
 
     @classmethod
     def from_layers(
@@ -79,14 +81,31 @@ class GhostBatch:
     def batch_size(self) -> int:
         return int(self.uses[0].activations.shape[0])
 
+    def remember_inner_product(self, use: int, direction: Mapping[str, torch.Tensor], value: torch.Tensor) -> None:
+        r"""Take ``value`` (float32 ``[B]``) as ``⟨g^{use}_i, v⟩`` for use number ``use`` and exactly these tensors of
+        ``direction`` (keyed by mimic tensor), formed by the caller: `inner_product` with the same tensor objects
+        then reads it instead of forming it again. The reference's verdict on a head (Grad-Mimic, arXiv 2501.06708)
+        forms the head's output change along ``v`` anyway (`hf_gradmimic.training.reference_verdict`)."""
+        keys = self.uses[use].tensor_keys
+        self._known[use] = ({own: direction[key] for own, key in keys.items() if key in direction}, value)
+
+    def _remembered(self, use: int, local: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """The remembered ``⟨g^{use}_i, v⟩`` when it was formed with the very tensors of ``local``, else None."""
+        known = self._known.get(use)
+        if known is None or known[0].keys() != local.keys():
+            return None
+        return known[1] if all(known[0][own] is tensor for own, tensor in local.items()) else None
+
     def inner_product(self, direction: Mapping[str, torch.Tensor]) -> torch.Tensor:
         r"""Per-sample ``⟨g_i, v⟩ = Σ_uses Σ_tensors ⟨g^{use}_i, v⟩`` (ghost inner products; no per-sample gradient)."""
         total = None
-        for use, rule in zip(self.uses, self.rules):
+        for index, (use, rule) in enumerate(zip(self.uses, self.rules)):
             local = {own: direction[key] for own, key in use.tensor_keys.items() if key in direction}
             if not local:
                 continue
-            term = rule.inner_product(use.module, use.activations, use.output_grads, local)
+            term = self._remembered(index, local)
+            if term is None:
+                term = rule.inner_product(use.module, use.activations, use.output_grads, local)
             total = term if total is None else total + term
         if total is None:
             return self.uses[0].output_grads.new_zeros(self.batch_size, dtype=torch.float32)

@@ -138,6 +138,16 @@ class MimicScorer(SampleScorer):
             self._direction = (step, direction, (norm / scale).float(), scale)
         return self._direction[1], self._direction[2]
 
+    def scored_direction(self, step: int) -> dict[str, torch.Tensor] | None:
+        """``v = θ_ref − θ_t`` exactly as `score` takes ``⟨g_i, v⟩`` at ``step`` (the very tensors), for a caller that
+        forms part of that inner product itself and hands it to the ghost (`GhostBatch.remember_inner_product`: the
+        reference's verdict on a head). None where the score reads another direction: ``score_terms="reference"``,
+        or ``v`` rescaled for float32 (then ``θ_ref ≠ θ_t + v``)."""
+        if self.score_terms_mode != "full":
+            return None
+        direction, _ = self.direction(step)
+        return direction if self._direction[3] == 1.0 else None
+
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         ghost = self.require_ghost(ctx)
         if ctx.direction is not None:

@@ -6,27 +6,43 @@ argmax ≠ label" signal made continuous, a label-noise detector on its own and 
 (``reference_loss`` in the score log). Two ways to get it:
 
 - a single mimic layer whose output *is* the logits (a head): the reference's layer applied to the features the
-  training forward captured, one matmul (`reference_head_losses`); train mode, as the student's own loss;
+  training forward captured, one matmul (`reference_head_losses`); train mode, as the student's own loss. When
+  the head is an ``nn.Linear`` scored along ``v = θ_ref − θ`` (`MimicScorer.scored_direction`), that matmul is
+  shared with the score (`SharedHead`): the reference's logits are the student's plus the head's output change
+  along ``v``, ``z + dz`` with ``dz = a Vᵀ + v_b``, and the head's ghost inner product is
+  ``⟨g_i, v⟩ = Σ_t δ_t · dz_t``, so the score needs no ``[B·T, vocab] × [vocab, H]`` matmul of its own;
 - any other mimic layers: a no-grad forward of the student with its mimic tensors swapped for the reference's
   (`swapped_losses`), eval mode; it costs a forward.
 
 `ReferenceVerdict` picks one per micro-batch by ``MimicConfig.mimic_log_reference_loss``: ``"auto"`` records it
 only where it is one matmul over ``[B, classes]`` logits (a classification head: measured in ``make bench``),
-``"always"`` everywhere (a language model's head costs an ``lm_head``-sized matmul; other layers a forward),
+``"always"`` everywhere (a language model's head costs an ``lm_head``-sized matmul, shared with the score where
+`SharedHead` applies; other layers a forward),
 ``"never"`` not at all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
+from ..ghost import GhostBatch, UnsupportedLayerError, ghost_rule_for
+from ..ghost.linear import LINEAR_RULE, linear_output_along
 from ..losses import SampleLoss
 from .capture import Capture
 
-__all__ = ["LOG_REFERENCE_LOSS_CHOICES", "ReferenceVerdict", "reference_head_losses", "swapped_losses"]
+__all__ = [
+    "LOG_REFERENCE_LOSS_CHOICES",
+    "ReferenceVerdict",
+    "SharedHead",
+    "reference_head_losses",
+    "shared_head_pass",
+    "swapped_losses",
+]
 
 LOG_REFERENCE_LOSS_CHOICES = ("auto", "always", "never")
 
@@ -59,6 +75,85 @@ def reference_head_losses(
         )
 
 
+def shared_head_pass(
+    features: torch.Tensor,
+    logits: torch.Tensor,
+    output_grads: torch.Tensor | None,
+    direction: Mapping[str, torch.Tensor],
+    labels: Any,
+    sample_loss: SampleLoss,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""The reference's per-sample losses and the head's ``⟨g_i, v⟩``, from one ``[B·T, in] × [in, out]`` matmul.
+
+    For a linear head ``z = a Wᵀ + b`` and ``v = (V, v_b) = θ_ref − θ``, the reference's logits on the same features
+    are ``z + dz`` with ``dz = a Vᵀ + v_b`` (`linear_output_along`), and by the chain rule (Grad-Mimic, arXiv
+    2501.06708, the score's inner product at the head)
+
+    .. math:: \langle g_i, v\rangle = \sum_t \delta_{i,t}^\top (V a_{i,t} + v_b) = \sum_t \delta_{i,t} \cdot dz_{i,t}.
+
+    ``dz`` is formed from ``v`` itself, with float32 operands as `hf_gradmimic.ghost.linear_inner_product` forms
+    ``⟨g_i, v⟩`` (not as the difference of two logits, which would cancel where ``v`` is small), a few samples at a
+    time so that at most `MONITOR_CHUNK_LOGITS` of it are alive. Without gradients.
+
+    Args:
+        features: the head's input ``a``, ``[B, ..., in]``.
+        logits: its output ``z``, ``[B, ..., out]``.
+        output_grads: ``δ = ∂Σℓ/∂z``, shaped as ``logits``; None: the losses only.
+        direction: ``{"weight": V, "bias": v_b}`` (a missing part counts as zero).
+        labels: the batch's labels.
+        sample_loss: the per-sample losses of the logits.
+
+    Returns:
+        The reference's losses, float32 ``[B]``, and ``⟨g_i, v⟩`` float32 ``[B]`` (None without ``output_grads``).
+    """
+    batch = len(features)
+    chunk = max(1, MONITOR_CHUNK_LOGITS // max(1, logits[:1].numel()))
+    losses, inner = [], []
+    with torch.no_grad():
+        for start in range(0, batch, chunk):
+            rows = slice(start, start + chunk)
+            change = linear_output_along(features[rows], direction.get("weight"), direction.get("bias"))
+            if output_grads is not None:
+                inner.append(torch.linalg.vecdot(change.flatten(1), output_grads[rows].flatten(1).to(change.dtype)))
+            reference_logits = change.add_(logits[rows].detach())  # in place: the chunk's only logits-sized tensor
+            losses.append(sample_loss.per_sample_losses({"logits": reference_logits}, {"labels": labels[rows]}))
+    return torch.cat(losses).float(), (torch.cat(inner).float() if inner else None)
+
+
+@dataclass
+class SharedHead:
+    """The reference's verdict on a linear head whose score direction is ``θ_ref − θ``, put off until δ at the head
+    is known (`finish`): then one matmul gives both (`shared_head_pass`). It holds the student's logits until then,
+    in `Backward.LOGITS` through the backward that gives δ (one ``[B, T, vocab]`` tensor in the logits' dtype, the
+    price of leaving out an ``lm_head``-sized matmul)."""
+
+    name: str
+    layer: nn.Module
+    features: torch.Tensor
+    logits: torch.Tensor
+    labels: Any
+    direction: Mapping[str, torch.Tensor]
+    sample_loss: SampleLoss
+
+    def finish(self, ghost: Any) -> torch.Tensor:
+        """The reference's per-sample losses (float32, detached); the head's ``⟨g_i, v⟩`` handed to ``ghost``
+        (`GhostBatch.remember_inner_product`) when the head is its only use. Frees the logits."""
+        head_use = isinstance(ghost, GhostBatch) and len(ghost.uses) == 1 and ghost.uses[0].module is self.layer
+        # the head's tensors as the ghost keys them, so that the scorer's lookup finds exactly these
+        keys = (
+            ghost.uses[0].tensor_keys
+            if head_use
+            else {own: f"{self.name}.{own}" for own, _ in self.layer.named_parameters(recurse=False)}
+        )
+        local = {own: self.direction[key] for own, key in keys.items() if key in self.direction}
+        grads = ghost.uses[0].output_grads if head_use else None
+        losses, inner = shared_head_pass(self.features, self.logits, grads, local, self.labels, self.sample_loss)
+        if inner is not None:
+            ghost.remember_inner_product(0, self.direction, inner)
+        self.logits = self.features = None
+        return losses
+
+
 def swapped_losses(
     model: torch.nn.Module,
     layers: Any,
@@ -86,6 +181,14 @@ def swapped_losses(
     return own, with_reference
 
 
+def _is_linear(layer: nn.Module) -> bool:
+    """Whether the ghost maths reads ``layer`` as an ``nn.Linear`` (a subclass keeping its ``forward``)."""
+    try:
+        return ghost_rule_for(layer) is LINEAR_RULE
+    except UnsupportedLayerError:
+        return False
+
+
 class ReferenceVerdict:
     """The reference's per-sample loss of each training micro-batch, for the score log's ``reference_loss``.
 
@@ -95,6 +198,9 @@ class ReferenceVerdict:
         layers: the student's `MimicLayers`.
         model: the unwrapped student.
         sample_loss: the trainer's per-sample losses (`hf_gradmimic.losses.SampleLoss`).
+        scored_direction: ``step -> v`` keyed by mimic tensor when the scorer's inner product is along
+            ``v = θ_ref − θ`` (`MimicScorer.scored_direction`), else None: then a head's verdict shares its matmul
+            with the score (`shared_head`).
     """
 
     def __init__(
@@ -104,6 +210,7 @@ class ReferenceVerdict:
         layers: Any,
         model: torch.nn.Module,
         sample_loss: SampleLoss,
+        scored_direction: Callable[[int], Mapping[str, torch.Tensor] | None] | None = None,
     ) -> None:
         if setting not in LOG_REFERENCE_LOSS_CHOICES:
             raise ValueError(
@@ -114,6 +221,28 @@ class ReferenceVerdict:
         self.layers = layers
         self.model = model
         self.sample_loss = sample_loss
+        self.scored_direction = scored_direction
+
+    def on_head(self, capture: Capture, logits: torch.Tensor | None, labels: Any) -> bool:
+        """Whether the verdict is recorded for this micro-batch as the reference's head on the captured features."""
+        if self.setting == "never" or labels is None:
+            return False
+        head = logits is not None and capture.only_output() is logits
+        return head and (self.setting == "always" or logits.dim() == 2)
+
+    def shared_head(self, capture: Capture, logits: torch.Tensor | None, labels: Any, step: int) -> SharedHead | None:
+        """The verdict put off until δ is known, to share its matmul with the score (`SharedHead`), when it is one on
+        a linear head scored along ``θ_ref − θ``; None otherwise (then `losses`, right away)."""
+        if self.scored_direction is None or not self.on_head(capture, logits, labels):
+            return None
+        ((name, layer),) = self.layers.layers.items()
+        if not _is_linear(layer):  # ref = z + dz needs a layer affine in its parameters, as nn.Linear
+            return None
+        direction = self.scored_direction(step)
+        if direction is None:
+            return None
+        features = capture.activations()[name]
+        return SharedHead(name, layer, features, logits.detach(), labels, direction, self.sample_loss)
 
     def losses(
         self,
@@ -128,8 +257,7 @@ class ReferenceVerdict:
         Call right after the training forward, while the captured features are alive."""
         if self.setting == "never" or labels is None:
             return None
-        head = logits is not None and capture.only_output() is logits
-        if head and (self.setting == "always" or logits.dim() == 2):
+        if self.on_head(capture, logits, labels):
             return reference_head_losses(self.layers, self.reference(), capture, labels, self.sample_loss).float()
         if self.setting == "always":
             _, with_reference = swapped_losses(

@@ -38,7 +38,7 @@ from .diagnostics import ReferenceDiagnostics
 from .full_update import FullUpdate, GradientsOf
 from .guards import row_status
 from .mimic_layers import MimicLayers
-from .reference_verdict import ReferenceVerdict
+from .reference_verdict import ReferenceVerdict, SharedHead
 from .selection import Candidates, Selection
 from .step_softmax import StepSoftmax
 from .token_weighting import log_token_counts, plain_mean_weights
@@ -264,13 +264,14 @@ class MimicStep:
         outputs, losses, capture = self.forward(model, inputs, plan=plan)
         counts = self.sample_loss.supervised_counts(outputs, labels)
         recorded: dict[str, torch.Tensor | None] = {}
+        shared = None  # the reference's verdict on the head, formed with the score once δ is known
         if plan is None:  # a candidate: the logits only if the scorer reads them
             logits = logits_of(outputs) if "logits" in self.scorer.requires else None
         else:
             logits = logits_of(outputs) if self.sample_loss.reads_logits else None
             if diagnostics is not None:
                 diagnostics.after_forward(capture, logits, losses, inputs, labels, model_inputs)
-            recorded = self._recorded(capture, logits, batch, model_inputs)
+            recorded, shared = self._recorded(capture, logits, batch, model_inputs, global_step)
         scored_logits = logits.detach() if logits is not None and "logits" in self.scorer.requires else None
         from_logits = None
         if plan is Backward.SPLIT and all(call.output is logits for call in capture.calls):
@@ -334,6 +335,9 @@ class MimicStep:
             ghost = self.ghost_reader(capture, losses) if self.needs_ghost else None
         if plan is Backward.USES and not keep_outputs:
             outputs = None
+        if shared is not None:  # before the scores: the head's ⟨g_i, v⟩ is handed to the ghost here
+            recorded["reference_loss"] = shared.finish(ghost)
+            shared = None
         ctx = self._context(capture, ghost, losses, scored_logits, batch, model_inputs, global_step)
         scores = self.scorer.score(ctx).detach().float()
         status = row_status(losses.detach(), scores, counts)
@@ -342,17 +346,23 @@ class MimicStep:
         return ScoredBatch(batch, outputs, losses, counts, scores, status, ctx, ghost, recorded, from_logits)
 
     def _recorded(
-        self, capture: Capture, logits: torch.Tensor | None, batch: MicroBatch, model_inputs: dict[str, Any]
-    ) -> dict[str, torch.Tensor | None]:
+        self,
+        capture: Capture,
+        logits: torch.Tensor | None,
+        batch: MicroBatch,
+        model_inputs: dict[str, Any],
+        global_step: int,
+    ) -> tuple[dict[str, torch.Tensor | None], SharedHead | None]:
         """The per-sample columns that only travel to the score log: the margin, and the reference's loss (read
-        while the captured features are alive)."""
+        while the captured features are alive), or, on a linear head scored along θ_ref − θ, the verdict put off
+        until δ is known, to share its matmul with the score (`reference_verdict.SharedHead`)."""
         verdict, labels = self.reference_verdict, batch.labels
-        return {
-            "margin": classification_margins(logits, labels) if self.args.mimic_record_scores else None,
-            "reference_loss": None
-            if verdict is None
-            else verdict.losses(capture, logits, labels, model_inputs, batch.inputs),
-        }
+        shared = None if verdict is None else verdict.shared_head(capture, logits, labels, global_step)
+        reference_loss = None
+        if verdict is not None and shared is None:
+            reference_loss = verdict.losses(capture, logits, labels, model_inputs, batch.inputs)
+        margin = classification_margins(logits, labels) if self.args.mimic_record_scores else None
+        return {"margin": margin, "reference_loss": reference_loss}, shared
 
     def _context(
         self,
