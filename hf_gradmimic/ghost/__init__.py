@@ -15,6 +15,7 @@ from .registry import (
     UnsupportedLayerError,
     ghost_rule_for,
     register_ghost_rule,
+    scaled_per_sample,
     supported_layer_types,
 )
 
@@ -31,5 +32,6 @@ __all__ = [
     "linear_summed_gradient",
     "own_tensor_keys",
     "register_ghost_rule",
+    "scaled_per_sample",
     "supported_layer_types",
 ]

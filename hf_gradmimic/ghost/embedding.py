@@ -17,7 +17,7 @@ from collections.abc import Collection, Mapping
 import torch
 from torch import nn
 
-from .registry import GhostRule, UnsupportedLayerError, register_ghost_rule
+from .registry import GhostRule, UnsupportedLayerError, register_ghost_rule, scaled_per_sample
 
 
 def _ids_and_grads(layer: nn.Embedding, ids: torch.Tensor, output_grads: torch.Tensor):
@@ -58,8 +58,7 @@ def _summed_gradient(
     if "weight" not in params:
         return {}
     ids, delta, _ = _ids_and_grads(layer, ids, output_grads)
-    if sample_scale is not None:
-        delta = delta * sample_scale.detach().float()[:, None, None]
+    delta = scaled_per_sample(delta, sample_scale)
     summed = delta.new_zeros(layer.num_embeddings, delta.shape[-1])
     return {"weight": summed.index_add_(0, ids.reshape(-1), delta.reshape(-1, delta.shape[-1]))}
 

@@ -22,7 +22,7 @@ from collections.abc import Collection, Mapping
 import torch
 from torch import nn
 
-from .registry import GhostRule, per_sample_positions, register_ghost_rule
+from .registry import GhostRule, per_sample_positions, register_ghost_rule, scaled_per_sample
 
 
 def linear_inner_product(
@@ -132,24 +132,18 @@ def linear_summed_gradient(
     input a few hundred features, and Grad-Mimic's weighted update (Huang et al., arXiv 2501.06708) needs only
     the product. ``input_major`` returns the weight's as ``aᵀ δ`` ``[in, out]`` (``Conv1D``'s layout), contiguous.
     """
-    batch_size = activations.shape[0]
-    a = activations.reshape(-1, activations.shape[-1]).float()
-    delta = output_grads.reshape(-1, output_grads.shape[-1]).float()
-    row_scale = None
-    if sample_scale is not None:
-        row_scale = sample_scale.detach().float().repeat_interleave(a.shape[0] // batch_size)
+    scale_input = sample_scale is not None and activations.shape[-1] <= output_grads.shape[-1]
+    a = scaled_per_sample(activations, sample_scale if scale_input else None)
+    a = a.reshape(-1, a.shape[-1])
     summed = {}
     if with_weight:
-        if row_scale is None:
-            left, right = a, delta
-        elif a.shape[1] <= delta.shape[1]:
-            left, right = a * row_scale[:, None], delta
-        else:
-            left, right = a, delta * row_scale[:, None]
-        summed["weight"] = left.t() @ right if input_major else right.t() @ left
+        delta = scaled_per_sample(output_grads, None if scale_input else sample_scale)
+        delta = delta.reshape(-1, delta.shape[-1])
+        summed["weight"] = a.t() @ delta if input_major else delta.t() @ a
     if with_bias:
-        # a matrix-vector product: no second vocabulary-wide tensor for an lm_head's bias
-        summed["bias"] = delta.sum(dim=0) if row_scale is None else row_scale @ delta
+        # per sample first, then the coefficients: no second vocabulary-wide tensor for an lm_head's bias
+        per_sample = per_sample_positions(output_grads, activations.shape[0]).sum(dim=1)
+        summed["bias"] = scaled_per_sample(per_sample, sample_scale).sum(dim=0)
     return summed
 
 

@@ -97,6 +97,15 @@ def ghost_rule_for(layer: nn.Module, name: str = "") -> GhostRule:
     return rule
 
 
+def scaled_per_sample(tensor: torch.Tensor, sample_scale: torch.Tensor | None) -> torch.Tensor:
+    """``tensor[i] * c_i`` in float32 for the ``[B]`` coefficients ``c`` = ``sample_scale`` (``tensor`` in float32
+    when None): a new tensor, since the recorded activations and output gradients it scales are read again."""
+    tensor = tensor.float()
+    if sample_scale is None:
+        return tensor
+    return tensor * sample_scale.detach().float().view(-1, *([1] * (tensor.dim() - 1)))
+
+
 def per_sample_positions(tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
     """View ``[B, ..., features]`` as ``[B, T, features]`` in float32 (``T = 1`` for 2-D inputs)."""
     return tensor.reshape(batch_size, -1, tensor.shape[-1]).float()

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
 
-from ..ghost import UnsupportedLayerError, ghost_rule_for
+from ..ghost import UnsupportedLayerError, ghost_rule_for, scaled_per_sample
 
 logger = logging.get_logger(__name__)
 
@@ -45,14 +45,13 @@ def layer_norm_summed_gradient(
     and ``c`` each sample's coefficient (``sample_scale``, or 1)."""
     shape = layer.normalized_shape
     dims = tuple(range(output_grads.dim() - len(shape)))
-    if sample_scale is not None:
-        output_grads = output_grads.float() * sample_scale.detach().float().view(-1, *([1] * (output_grads.dim() - 1)))
+    output_grads = scaled_per_sample(output_grads, sample_scale)
     grads: dict[str, torch.Tensor] = {}
     if "weight" in params:
         normalised = F.layer_norm(activations.float(), shape, None, None, layer.eps)
-        grads["weight"] = (output_grads.float() * normalised).sum(dims)
+        grads["weight"] = (output_grads * normalised).sum(dims)
     if "bias" in params:
-        grads["bias"] = output_grads.float().sum(dims)
+        grads["bias"] = output_grads.sum(dims)
     return grads
 
 
