@@ -374,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
         BAD_SHARD_POLICIES,
         DEFAULT_AGGREGATE,
         DEFAULT_LABELING_FUNCTIONS,
+        DEFAULT_LABELING_FUNCTIONS_WITHOUT_MARGIN,
         DEFAULT_METHOD,
         ENGINES,
         METHODS,
@@ -411,10 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
     flt.add_argument(
         "--labeling-functions",
         nargs="+",
-        default=list(DEFAULT_LABELING_FUNCTIONS),
+        default=None,
         choices=["mimic", "loss", *SIGNAL_NAMES],
         help="The sources of evidence: continuous ones from the score log (mean_loss, mean_margin, last_loss, "
         "window_loss, reference_loss) and votes (mimic: the paper's windows; loss: per-window small-loss votes). "
+        f"Default: {' '.join(DEFAULT_LABELING_FUNCTIONS)} for a log with the student's margin (classification), "
+        f"{' '.join(DEFAULT_LABELING_FUNCTIONS_WITHOUT_MARGIN)} otherwise. "
         "A reference's or zero-shot model's agreement: build_filter(labeling_functions=[...]) in Python.",
     )
     flt.add_argument(

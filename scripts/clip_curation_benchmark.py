@@ -303,10 +303,10 @@ def observations(records: list[dict[str, Any]]) -> list[str]:
 
 
 def _defaults() -> str:
-    """The library's Stage-2 defaults, as the tables name them."""
-    from hf_gradmimic.filter import DEFAULT_AGGREGATE, DEFAULT_LABELING_FUNCTIONS
+    """The library's Stage-2 defaults for this log (a contrastive one: no margin), as the tables name them."""
+    from hf_gradmimic.filter import DEFAULT_AGGREGATE, DEFAULT_LABELING_FUNCTIONS_WITHOUT_MARGIN
 
-    return f"{' + '.join(DEFAULT_LABELING_FUNCTIONS)}, aggregate {DEFAULT_AGGREGATE!r}"
+    return f"{' + '.join(DEFAULT_LABELING_FUNCTIONS_WITHOUT_MARGIN)}, aggregate {DEFAULT_AGGREGATE!r}"
 
 
 def render(records: list[dict[str, Any]], settings: Settings, command: str, elapsed: float) -> str:
@@ -339,14 +339,16 @@ def render(records: list[dict[str, Any]], settings: Settings, command: str, elap
         ),
         f"- **Grad-Mimic**: mimic layers = the last MLP layer `fc1` of both towers, τ = {settings.temperature}, scores "
         "by directional derivatives of each pair's CLIP term (the whole batch in the forward); Stage 2 = "
-        f"`build_filter(windows={settings.windows})` with its defaults ({_defaults()}; a contrastive log has no margin "
-        "and no reference_loss column, so the student's loss decides). "
+        f"`build_filter(windows={settings.windows})` with its defaults for a log without the student's margin "
+        f"({_defaults()}: the loss of each pair's last window; a contrastive log has no margin and no reference_loss "
+        "column, so the student's loss decides). "
         "**CLIP score**: the reference's image–caption cosine over the pool (`hf_gradmimic.clip_filter`), cut where a "
         "2-component Gaussian mixture on the scores crosses (a data-driven rule, as the Grad-Mimic filter's, so neither "
         "uses the "
         "true mismatch rate).",
         f"- Seeds: {', '.join(map(str, settings.seeds))}; mean ± std over seeds. The settings above (mimic layers, τ, "
-        "epochs, the reference's epochs) were chosen by looking at seed 0 only, which is why it is not reported. "
+        "epochs, the reference's epochs) were chosen by looking at seed 0 only, and Stage 2's default for a log "
+        "without margins on seeds 0 and 4–8, which is why they are not reported. "
         f'Zero-shot accuracy: the prompt "{PROMPT}" for each digit, on the {settings.test} test images.',
         "",
         "## Mismatched-pair detection",

@@ -4,12 +4,14 @@ and the posterior built without the gate."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pyarrow as pa
 import pytest
 from test_labeling import make_log
 
-from hf_gradmimic.filter import build_filter
+from hf_gradmimic.filter import FilterWarning, build_filter
 from hf_gradmimic.filter.agreement import agreement_gate
 
 
@@ -62,7 +64,8 @@ def test_rebuild_gives_the_gated_filter_and_can_turn_the_gate_off(log):
 
 def test_a_log_without_margins_and_vote_aggregates_are_not_gated():
     table, _ = make_log(n=300)
-    with pytest.warns(Warning):  # the margin signal abstains (not in the log), with its warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FilterWarning)  # the default for a log without margins: nothing abstains
         mimic_filter = build_filter(table)
     assert mimic_filter.summary["agreement_gate"] is None
     assert "student_margin" not in mimic_filter.table.column_names

@@ -71,10 +71,9 @@ def test_filter_choices_are_the_library_lists():
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     options = {action.dest: action for action in commands.choices["filter"]._actions}
     assert options["method"].choices is METHODS and options["aggregate"].choices is AGGREGATES
-    # --labeling-functions defaults to the library's default list (issue #16), so the CLI filter equals build_filter's.
-    from hf_gradmimic.filter import DEFAULT_LABELING_FUNCTIONS
-
-    assert options["labeling_functions"].default == list(DEFAULT_LABELING_FUNCTIONS)
+    # --labeling-functions defaults to None, which build_filter resolves by what the log records (a log with the
+    # student's margin or not), so the CLI filter equals build_filter's on either kind of log.
+    assert options["labeling_functions"].default is None
     from hf_gradmimic.filter import SIGNAL_NAMES
 
     assert set(options["labeling_functions"].choices) == {"mimic", "loss", *SIGNAL_NAMES}

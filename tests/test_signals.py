@@ -3,12 +3,14 @@ against a pandas re-derivation from the log, the keep posterior on them, and wha
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pyarrow as pa
 import pytest
-from test_labeling import make_log
+from test_labeling import discard_f1, make_log
 
-from hf_gradmimic.filter import FilterWarning, build_filter, keep_posterior
+from hf_gradmimic.filter import DEFAULT_LABELING_FUNCTIONS, FilterWarning, build_filter, keep_posterior
 from hf_gradmimic.filter.signals import LOSS_FLOOR
 
 SIGNALS = ["mean_loss", "last_loss", "reference_loss"]
@@ -122,3 +124,43 @@ def test_the_mixture_is_the_same_on_every_engine(tmp_path):
     streamed = build_filter(table, labeling_functions=SIGNALS, aggregate="mixture", spill_dir=tmp_path)
     in_memory = build_filter(table, labeling_functions=SIGNALS, aggregate="mixture", engine="memory")
     assert streamed.table.equals(in_memory.table)
+
+
+def untrained_first_epochs(table, epochs=2, seed=3):
+    """The log with the loss of its first ``epochs`` epochs drawn whatever the sample: a student that has not yet
+    learnt anything (a contrastive model from its initialisation)."""
+    rng = np.random.default_rng(seed)
+    loss = table.column("loss").to_numpy().copy()
+    early = table.column("epoch").to_numpy() <= epochs
+    loss[early] = np.abs(rng.normal(1.0, 0.6, early.sum()))
+    return table.set_column(table.column_names.index("loss"), "loss", pa.array(loss, pa.float32()))
+
+
+def test_a_log_without_the_margin_defaults_to_the_last_window_loss():
+    table, clean = make_log(n=600, epochs=4, loss_sep=1.0)  # no margin column: a contrastive or LM-like log
+    table = untrained_first_epochs(table)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FilterWarning)  # no warning about a margin this log was never meant to have
+        default = build_filter(table)
+    assert default.summary["settings"]["labeling_functions"] == ["last_loss_linear"]
+    frame = table.to_pandas()
+    frame["window"] = np.ceil(frame["epoch"] - 1e-9).astype(int) - 1
+    last = -frame.groupby(["sample_id", "window"])["loss"].mean().unstack().sort_index().iloc[:, [-1]].to_numpy()
+    np.testing.assert_allclose(np.asarray(default.table.column("lf_scores").to_pylist()), last, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(default.keep_prob, keep_posterior(last, None, seed=0).keep_prob, rtol=1e-4, atol=1e-6)
+    # Against the truth the log was drawn from: the last window finds the noisy samples that the mean over windows,
+    # diluted by the untrained ones, finds less well.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FilterWarning)  # its EM may stop at its iteration cap: only its cut matters
+        mean = build_filter(table, labeling_functions=["mean_loss"])
+    assert discard_f1(default.keep, clean) > 0.95
+    assert discard_f1(default.keep, clean) > discard_f1(mean.keep, clean) + 0.02
+
+
+def test_a_log_with_the_margin_keeps_the_classification_default():
+    table, _ = make_log(n=300)
+    margin = np.random.default_rng(0).normal(1.0, 1.0, table.num_rows).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FilterWarning)
+        default = build_filter(table.append_column("margin", pa.array(margin)))
+    assert default.summary["settings"]["labeling_functions"] == list(DEFAULT_LABELING_FUNCTIONS)

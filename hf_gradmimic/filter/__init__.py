@@ -82,6 +82,7 @@ from .identification import (
 from .inputs import ScoresLike
 from .labeling import (
     DEFAULT_LABELING_FUNCTIONS,
+    DEFAULT_LABELING_FUNCTIONS_WITHOUT_MARGIN,
     LabelingContext,
     LabelingFunction,
     LabelingVotes,
@@ -105,6 +106,7 @@ __all__ = [
     "BAD_SHARD_POLICIES",
     "DEFAULT_AGGREGATE",
     "DEFAULT_LABELING_FUNCTIONS",
+    "DEFAULT_LABELING_FUNCTIONS_WITHOUT_MARGIN",
     "DEFAULT_METHOD",
     "DISCARD",
     "ENGINES",

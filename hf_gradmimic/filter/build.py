@@ -14,7 +14,14 @@ from .decide import check_settings, decide
 from .engines import ENGINES, get_engine
 from .identification import DEFAULT_METHOD
 from .inputs import ScoresLike
-from .labeling import LabelingContext, LabelingFunctionLike, labeling_scores, labeling_votes, resolve_labeling_functions
+from .labeling import (
+    LabelingContext,
+    LabelingFunctionLike,
+    default_labeling_functions,
+    labeling_scores,
+    labeling_votes,
+    resolve_labeling_functions,
+)
 from .result import MimicFilter
 from .shards import BAD_SHARD_POLICIES, BadShardPolicy
 from .warning import FilterWarning
@@ -67,13 +74,15 @@ def build_filter(
         labeling_functions: the sources of evidence (Snorkel's labeling functions, Ratner et al. 2017), by name or
             object. Continuous ones give each sample a value (`hf_gradmimic.filter.signals`): ``"mean_loss"`` (the
             reweighted student's mean log-loss over the windows), ``"mean_margin"`` (its mean margin: the area
-            under the margin, Pleiss et al. 2020), ``"last_loss"``, ``"window_loss"``, ``"reference_loss"`` (the
-            reference's loss on the student's features, from the log). Voting ones: ``"mimic"`` (the windows'
+            under the margin, Pleiss et al. 2020), ``"last_loss"``, ``"last_loss_linear"``, ``"window_loss"``,
+            ``"reference_loss"`` (the reference's loss on the student's features, from the log). Voting ones:
+            ``"mimic"`` (the windows'
             ``b * w`` votes of the paper), ``"loss"`` (per-window small-loss votes) and objects such as
-            ``PredictorAgreement(reference_logits, labels)``. Default `DEFAULT_LABELING_FUNCTIONS`, ``["mean_loss",
-            "mean_margin"]``: chosen on the realistic suite's runs against the best of five baselines per setting
-            (docs/results.md, `scripts/stage2_search.py`); a log without the margin (not a classification task)
-            uses the loss alone, with one warning.
+            ``PredictorAgreement(reference_logits, labels)``. Default (None): `DEFAULT_LABELING_FUNCTIONS`,
+            ``["mean_loss", "mean_margin"]``, chosen on the realistic suite's runs against the best of five
+            baselines per setting (docs/results.md, `scripts/stage2_search.py`); for a log without the margin (a
+            contrastive or language-model run) `DEFAULT_LABELING_FUNCTIONS_WITHOUT_MARGIN`,
+            ``["last_loss_linear"]``, the student's loss in its last window (docs/clip_curation.md).
         aggregate: how the labeling functions combine: ``"mixture"`` (default, `DEFAULT_AGGREGATE`: the keep
             posterior of `hf_gradmimic.filter.posterior` over the continuous values and the votes), or a vote rule
             (``"snorkel"``, ``"majority"``, ``"all"``, ``"any"``; a continuous function then votes by a GMM cut).
@@ -103,7 +112,7 @@ def build_filter(
             FilterWarning,
             stacklevel=2,
         )
-    functions, mimic_votes = resolve_labeling_functions(labeling_functions)
+    functions, mimic_votes = resolve_labeling_functions(labeling_functions)  # a named one is checked before the read
     if on_bad_shard not in BAD_SHARD_POLICIES:
         raise ValueError(f"on_bad_shard must be one of {BAD_SHARD_POLICIES}, got {on_bad_shard!r}.")
     if spill_dir is not None and not os.path.isdir(spill_dir):
@@ -111,6 +120,8 @@ def build_filter(
             f"spill_dir={str(spill_dir)!r} is not an existing directory; create it, or pass None for the system's temporary folder."
         )
     windowed = get_engine(engine).collect(scores, windows, on_bad_shard=on_bad_shard, spill_dir=spill_dir)
+    if labeling_functions is None:  # the default depends on whether the log records the student's margin
+        functions, mimic_votes = resolve_labeling_functions(default_labeling_functions("margin" in windowed.signals))
     context = LabelingContext(scores, windowed, windows, method, threshold, topk, on_bad_shard=on_bad_shard)
     table, summary = decide(
         windowed,

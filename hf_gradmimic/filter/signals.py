@@ -12,6 +12,9 @@ and summarises a sample's windows:
   co-teaching, Han et al. 2018, and DivideMix, Li et al. 2020, on a student that does not memorise them). The mean
   of logs (a geometric mean) keeps the first windows' large losses from drowning the rest;
 - ``"last_loss"`` / ``WindowSignal("loss", window="last")``: the same in the sample's last window only;
+- ``"last_loss_linear"`` / ``WindowSignal("loss", window="last", transform="neg")``: minus the loss itself in the
+  last window, for a loss that does not span orders of magnitude (a contrastive term is at least ~1 nat where a
+  fitted classification sample's falls towards 0), where the log would skew the classes' distributions;
 - ``"window_loss"`` / ``WindowSignal("loss", window="each")``: one column per window, the whole trajectory;
 - ``"mean_margin"`` / ``WindowSignal("margin", transform="identity")``: the student's mean margin over the run (its
   given label's logit minus the largest other; the area under the margin of Pleiss et al., NeurIPS 2020, of the
@@ -41,6 +44,7 @@ LOSS_FLOOR = 1e-4
 SIGNAL_NAMES: dict[str, tuple[str, str, str]] = {
     "mean_loss": ("loss", "mean", "neg_log"),
     "last_loss": ("loss", "last", "neg_log"),
+    "last_loss_linear": ("loss", "last", "neg"),
     "window_loss": ("loss", "each", "neg_log"),
     "mean_margin": ("margin", "mean", "identity"),
     "reference_loss": ("reference_loss", "mean", "neg_log"),
@@ -48,7 +52,7 @@ SIGNAL_NAMES: dict[str, tuple[str, str, str]] = {
 """The continuous labeling functions named by a string in ``build_filter(labeling_functions=...)``:
 name -> (score-log column, window summary, transform)."""
 
-_TRANSFORMS = ("neg_log", "identity")
+_TRANSFORMS = ("neg_log", "neg", "identity")
 _WHY_MISSING = {
     "margin": "the margin is recorded for single-label classification logits only",
     "reference_loss": "see MimicConfig.mimic_log_reference_loss",
@@ -80,8 +84,9 @@ class WindowSignal:
         column: the score-log column: ``"loss"`` (the student's), ``"reference_loss"``, ``"margin"``, ...
         window: ``"mean"`` (the mean over the sample's windows), ``"last"`` (its last window with a value) or
             ``"each"`` (one column per window).
-        transform: ``"neg_log"`` (``-log(value + LOSS_FLOOR)`` of each window mean: a loss) or ``"identity"`` (a
-            margin or any score already oriented so that higher means keep).
+        transform: ``"neg_log"`` (``-log(value + LOSS_FLOOR)`` of each window mean: a loss), ``"neg"`` (``-value``:
+            a loss on a linear scale) or ``"identity"`` (a margin or any score already oriented so that higher
+            means keep).
         name: the labeling function's name (default: ``"<window>_<column>"``).
     """
 
@@ -123,6 +128,8 @@ class WindowSignal:
         n = per_window.shape[0]
         if self.transform == "neg_log":
             per_window = -np.log(np.maximum(per_window, 0.0) + LOSS_FLOOR)
+        elif self.transform == "neg":
+            per_window = -per_window
         if self.window == "each":
             return per_window
         if self.window == "last":
