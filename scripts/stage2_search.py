@@ -31,6 +31,8 @@ CANDIDATES: dict[str, dict] = {
         "margin": ["mean_margin"],
         "mean+margin": ["mean_loss", "mean_margin"],
         "mean+last": ["mean_loss", "last_loss"],
+        "last+margin": ["last_loss", "mean_margin"],
+        "mean+last+margin": ["mean_loss", "last_loss", "mean_margin"],
         "window": ["window_loss"],
         "mean+ref": ["mean_loss", "reference_loss"],
         "margin+ref": ["mean_margin", "reference_loss"],
@@ -89,7 +91,7 @@ def main() -> None:
             aurocs.append(runs[:, 1].mean())
         gaps = np.asarray(gaps)
         print(
-            f"{name:18s} wins {int((gaps >= 0).sum()):2d}/{len(gaps)}  within 1 point {int((gaps >= -1).sum()):2d}  "
+            f"{name:24s} wins {int((gaps >= 0).sum()):2d}/{len(gaps)}  within 1 point {int((gaps >= -1).sum()):2d}  "
             f"mean gap {gaps.mean():+.2f}  worst {gaps.min():+.2f}  mean AUROC {np.mean(aurocs):.2f}  "
             f"min AUROC {np.min(aurocs):.2f}"
         )
