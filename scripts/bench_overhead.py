@@ -1139,12 +1139,21 @@ def render(
                 f"`vision_model.encoder.layers.{size['layers'] - 1}.mlp.fc1` (Grad-Mimic's DataComp choice). No "
                 "per-sample-gradient baseline: per-sample gradients of a coupled loss need one backward per sample."
             )
-        else:
+        elif model_name == "gpt2":
             add(
                 f"- **gpt2**: `GPT2LMHeadModel` from a config (random init): n_embd {size['hidden']}, {size['layers']} layers, "
                 f"{size['heads']} heads, vocabulary {size['vocab']}, `tie_word_embeddings=False`; sequence {size['seq']}, "
-                f"batch {size['batch']}. Head = `lm_head` (untied, see below). No inner layer: GPT-2's block projections "
-                "are `Conv1D`, which the ghost maths does not cover."
+                f"batch {size['batch']}. Head = `lm_head` (untied, see below), inner layer = "
+                f"`transformer.h.{size['layers'] - 1}.mlp.c_fc`, a transformers `Conv1D` (its own gradient rule, "
+                "`hf_gradmimic.ghost`)."
+            )
+        else:
+            add(
+                f"- **llama-lora**: `LlamaForCausalLM` from a config (random init): hidden {size['hidden']}, "
+                f"{size['layers']} layers, {size['heads']} heads, intermediate {size['intermediate']}, vocabulary "
+                f"{size['vocab']}; LoRA rank {size['rank']} on the attention projections; sequence {size['seq']}, batch "
+                f"{size['batch']}, prompt-completion rows (the loss on the completion). `plain` is trl's `SFTTrainer`, "
+                "`mimic-lora` is `MimicSFTTrainer` with `mimic_layers=['lora']` (every LoRA matrix)."
             )
     add(
         f"- Full fine-tuning (every parameter trainable), the Trainer's default optimizer (AdamW, fused), lr 1e-4, "
