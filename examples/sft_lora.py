@@ -270,7 +270,7 @@ def main() -> None:
         results[name] = {"eval_loss": trainer.evaluate()["eval_loss"], "train_seconds": time.time() - tic}
 
     log("[5/5] Stage 2: the filter from the score log, audited against the swap flags")
-    mimic_filter = build_filter(output / "mimic", method="gmm", aggregate="snorkel")
+    mimic_filter = build_filter(output / "mimic")  # the library default: for an LM log, the last window's loss
     audit = mimic_filter.evaluate(clean[np.sort(mimic_filter.table["sample_id"].to_numpy().astype(int))])
     results["filter"] = {k: float(v) for k, v in audit.items()}
     results["setup"] = {k: v for k, v in vars(args).items()}
