@@ -204,7 +204,8 @@ class MimicArguments:
         metadata={
             "help": "Every this many optimizer steps, log the two terms of the score and the loss of the reference "
             "head on the student's current features (`mimic/monitor_*`), and warn when the self term dominates. "
-            "0: at every logging step (`logging_steps`)."
+            "0: at every logging step (`logging_steps`); for a mimic layer that is not the head making the logits "
+            "(LoRA matrices, an inner layer), whose monitor runs two no-grad forwards, at most every 50 steps."
         },
     )
     mimic_clean_column: Optional[str] = field(

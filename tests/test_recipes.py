@@ -294,6 +294,41 @@ def test_monitor_losses_match_the_swapped_model(tmp_path, monkeypatch, case):
         assert entry[f"mimic/monitor_{key}"] == pytest.approx(float(value), rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.parametrize(
+    ("layer", "monitor_steps", "monitored_steps"),
+    [
+        ("head", 0, 6),  # a head's monitor reads the training forward: every logging step
+        ("hidden", 0, 1),  # two forwards each: at most every 50 steps by default, so step 0 only of 6
+        ("hidden", 2, 3),  # asked for explicitly: every 2 steps, forwards or not
+    ],
+)
+def test_the_default_monitor_of_a_layer_that_needs_forwards_runs_at_most_every_50_steps(
+    tmp_path, layer, monitor_steps, monitored_steps
+):
+    from tiny_models import TinyMLP, mlp_dataset
+
+    model, data = TinyMLP(), mlp_dataset(n=16)
+    params = dict(model.named_parameters())
+    reference = {n: p.detach() + 0.1 for n, p in params.items() if n.startswith(f"{layer}.")}
+    args = MimicConfig(
+        output_dir=str(tmp_path),
+        mimic_layers=[layer],
+        mimic_monitor_steps=monitor_steps,
+        max_steps=6,
+        per_device_train_batch_size=8,
+        logging_steps=1,  # trl's default is 10: every logged step would pay the forwards
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        mimic_alignment_check=False,
+    )
+    trainer = MimicTrainer(model=model, args=args, train_dataset=data, reference=reference)
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "mimic/monitor_reference_loss" in e]
+    assert len(logged) == monitored_steps
+
+
 def test_a_config_object_builds_what_the_keywords_build(tmp_path, digits):
     """`build_reference(model, data, config=ReferenceRecipeConfig(...))` is the keyword call; a keyword given beside
     the config wins; a keyword that is no setting is refused by name."""

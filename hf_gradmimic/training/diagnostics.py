@@ -33,13 +33,21 @@ SELF_TERM_PATIENCE = 3
 """Monitored steps in a row with the self term dominating before the monitor warns."""
 
 
-def monitor_interval(args: Any) -> int:
+FORWARD_MONITOR_MIN_STEPS = 50
+"""The least interval of the default monitor (``mimic_monitor_steps=0``) where it needs two no-grad forwards (a mimic
+layer that is not the head making the logits: LoRA matrices, an inner layer). At trl's ``logging_steps=10`` those
+forwards would cost about a twentieth of training; a head's monitor reads the training forward and follows the
+logging interval."""
+
+
+def monitor_interval(args: Any, needs_forwards: bool = False) -> int:
     """The running monitor's interval in optimizer steps: ``mimic_monitor_steps``, else the logging interval (50
-    when logging is not by steps)."""
+    when logging is not by steps), at least `FORWARD_MONITOR_MIN_STEPS` when the monitor needs its own forwards."""
     if args.mimic_monitor_steps:
         return args.mimic_monitor_steps
     steps = args.logging_steps
-    return int(steps) if args.logging_strategy == "steps" and steps >= 1 else 50
+    interval = int(steps) if args.logging_strategy == "steps" and steps >= 1 else 50
+    return max(interval, FORWARD_MONITOR_MIN_STEPS) if needs_forwards else interval
 
 
 def check_reference_setup(
@@ -128,7 +136,8 @@ class ReferenceDiagnostics:
     ) -> None:
         """Runs the no-grad forwards the check and the monitor need, before the training forward: no graph is
         alive then, so they add nothing to the step's peak memory. The monitor of a head needs none."""
-        self._monitored = micro_batch == 0 and global_step % monitor_interval(self.args) == 0
+        interval = monitor_interval(self.args, needs_forwards=not self.head_outputs_logits)
+        self._monitored = micro_batch == 0 and global_step % interval == 0
         # Once, at the run's first step: not again after a resume (its step is not 0), nor at a later train() call.
         check_alignment, self.alignment_pending = self.alignment_pending and global_step == 0, False
         needs_forwards = check_alignment or (self._monitored and not self.head_outputs_logits)
