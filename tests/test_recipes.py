@@ -234,6 +234,25 @@ def test_monitor_warns_when_the_self_term_dominates(tmp_path, digits):
         _monitored_run(tmp_path, data["train"], reference, learning_rate=0.5)
 
 
+def monitor_logs(tmp_path, model, data, reference, layer, **settings):
+    """The log entries that hold the monitor's metrics, of a MimicTrainer run logging every step on ``layer``."""
+    args = MimicConfig(
+        output_dir=str(tmp_path),
+        mimic_layers=[layer],
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        mimic_alignment_check=False,
+        **settings,
+    )
+    trainer = MimicTrainer(model=model, args=args, train_dataset=data, reference=reference)
+    trainer.train()
+    assert trainer.mimic_diagnostics.head_outputs_logits is (layer != "hidden")
+    return [e for e in trainer.state.log_history if "mimic/monitor_reference_loss" in e]
+
+
 @pytest.mark.parametrize("case", ["mlp-head", "gpt2-lm-head-chunked", "mlp-inner"])
 def test_monitor_losses_match_the_swapped_model(tmp_path, monkeypatch, case):
     """The monitor's reference loss is the student with its mimic layer swapped for the reference, on this
@@ -271,25 +290,10 @@ def test_monitor_losses_match_the_swapped_model(tmp_path, monkeypatch, case):
             "reference_term": -sum((grads[n] * reference[n]).flatten(1).sum(1) for n in names).mean() / norm,
             "self_term": sum((grads[n] * params[n].detach()).flatten(1).sum(1) for n in names).mean() / norm,
         }
-    args = MimicConfig(
-        output_dir=str(tmp_path),
-        mimic_layers=[layer],
-        max_steps=1,
-        per_device_train_batch_size=16,
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        mimic_alignment_check=False,
-    )
-    trainer = MimicTrainer(model=model, args=args, train_dataset=data, reference=reference)
-    trainer.train()
-    (entry,) = [e for e in trainer.state.log_history if "mimic/monitor_reference_loss" in e]
+    (entry,) = monitor_logs(tmp_path, model, data, reference, layer, max_steps=1, per_device_train_batch_size=16)
     assert entry["mimic/monitor_reference_loss"] == pytest.approx(float(expected), rel=1e-5)
     assert entry["mimic/monitor_student_loss"] == pytest.approx(float(own), rel=1e-5)
     assert abs(float(expected) - float(own)) > 1e-3  # the swap changed the loss: the test can tell them apart
-    assert trainer.mimic_diagnostics.head_outputs_logits is (layer != "hidden")
     for key, value in (terms or {}).items():
         assert entry[f"mimic/monitor_{key}"] == pytest.approx(float(value), rel=1e-4, abs=1e-6), key
 
@@ -310,22 +314,17 @@ def test_the_default_monitor_of_a_layer_that_needs_forwards_runs_at_most_every_5
     model, data = TinyMLP(), mlp_dataset(n=16)
     params = dict(model.named_parameters())
     reference = {n: p.detach() + 0.1 for n, p in params.items() if n.startswith(f"{layer}.")}
-    args = MimicConfig(
-        output_dir=str(tmp_path),
-        mimic_layers=[layer],
+    # logging_steps=1 (trl's default is 10): every logged step would pay a layer's forwards without the floor.
+    logged = monitor_logs(
+        tmp_path,
+        model,
+        data,
+        reference,
+        layer,
         mimic_monitor_steps=monitor_steps,
         max_steps=6,
         per_device_train_batch_size=8,
-        logging_steps=1,  # trl's default is 10: every logged step would pay the forwards
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        mimic_alignment_check=False,
     )
-    trainer = MimicTrainer(model=model, args=args, train_dataset=data, reference=reference)
-    trainer.train()
-    logged = [e for e in trainer.state.log_history if "mimic/monitor_reference_loss" in e]
     assert len(logged) == monitored_steps
 
 
