@@ -199,6 +199,7 @@ ANALYSIS_MARKER = (
 )
 QUIET_CPU = 0.75 * THREADS  # a round is quiet when every step in it got this many CPU seconds per wall second
 LIVE_MEMORY_STEPS = 4  # timed-loop steps of a --live-memory run (after the warm-up); the peak recurs every step
+LIVE_MEMORY_WARMUP = 1  # its warm-up: the sampling covers the warm-up too, so one step (AdamW's state) suffices
 LIVE_MEMORY_REPEAT = -2  # the repeat label of those runs: kept out of the step-time ratios, like the profile's (−1)
 MIN_QUIET_ROUNDS = 10  # fewer quiet rounds than this: the targets are judged on all rounds
 
@@ -1207,7 +1208,7 @@ def render(
     if getattr(args, "live_memory", False):
         add(
             f"- Live heap: peak RSS also counts pages that malloc keeps after a free, so it moves by tens of MiB with "
-            f"heap fragmentation. One more run per candidate ({args.warmup} warm-up + {LIVE_MEMORY_STEPS} steps, not "
+            f"heap fragmentation. One more run per candidate ({min(args.warmup, LIVE_MEMORY_WARMUP)} warm-up + {LIVE_MEMORY_STEPS} steps, not "
             "timed) samples glibc's `mallinfo2()` (bytes in use in the main arena + every mmapped chunk) every ~0.2 ms "
             "on a thread; **peak live heap growth** = its maximum during training − its value at `on_train_begin`."
         )
@@ -1371,7 +1372,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps per run (default 20; quick 3)")
+    parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps per run (default 16; quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps per run (default 3; quick 1)")
     parser.add_argument(
         "--repeats", type=int, default=None, help="round-robin repeats per candidate (default 3; quick 1)"
@@ -1420,7 +1421,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not value.isdigit():
             parser.error(f"--set takes KEY=INTEGER (a size such as batch=4); got {item!r}")
         args.size_overrides[key] = int(value)
-    args.steps = args.steps if args.steps is not None else (3 if args.quick else 20)
+    args.steps = args.steps if args.steps is not None else (3 if args.quick else 16)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     args.repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
     args.live_memory = (not args.quick) if args.live_memory is None else args.live_memory
@@ -1527,7 +1528,7 @@ def run_all(
                     candidate=c,
                     size=sizes[model_name],
                     steps=LIVE_MEMORY_STEPS,
-                    warmup=args.warmup,
+                    warmup=min(args.warmup, LIVE_MEMORY_WARMUP),
                     profile=False,
                     live_memory=True,
                 )
