@@ -76,9 +76,8 @@ def build_filter(
             reweighted student's mean log-loss over the windows), ``"mean_margin"`` (its mean margin: the area
             under the margin, Pleiss et al. 2020), ``"last_loss"``, ``"last_loss_linear"``, ``"window_loss"``,
             ``"reference_loss"`` (the reference's loss on the student's features, from the log). Voting ones:
-            ``"mimic"`` (the windows'
-            ``b * w`` votes of the paper), ``"loss"`` (per-window small-loss votes) and objects such as
-            ``PredictorAgreement(reference_logits, labels)``. Default (None): `DEFAULT_LABELING_FUNCTIONS`,
+            ``"mimic"`` (the windows' ``b * w`` votes of the paper), ``"loss"`` (per-window small-loss votes) and
+            objects such as ``PredictorAgreement(reference_logits, labels)``. Default (None): `DEFAULT_LABELING_FUNCTIONS`,
             ``["mean_loss", "mean_margin"]``, chosen on the realistic suite's runs against the best of five
             baselines per setting (docs/results.md, `scripts/stage2_search.py`); for a log without the margin (a
             contrastive or language-model run) `DEFAULT_LABELING_FUNCTIONS_WITHOUT_MARGIN`,

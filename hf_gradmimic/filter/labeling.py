@@ -48,9 +48,9 @@ __all__ = [
     "LossWindows",
     "PredictorAgreement",
     "ScoringFunction",
+    "default_labeling_functions",
     "labeling_scores",
     "labeling_votes",
-    "default_labeling_functions",
     "resolve_labeling_functions",
 ]
 

@@ -35,9 +35,9 @@ SELF_TERM_PATIENCE = 3
 
 FORWARD_MONITOR_MIN_STEPS = 50
 """The least interval of the default monitor (``mimic_monitor_steps=0``) where it needs two no-grad forwards (a mimic
-layer that is not the head making the logits: LoRA matrices, an inner layer). At trl's ``logging_steps=10`` those
-forwards would cost about a twentieth of training; a head's monitor reads the training forward and follows the
-logging interval."""
+layer that is not the head making the logits: LoRA matrices, an inner layer). They cost about 0.8 of a step on a
+small Llama with LoRA, so at trl's ``logging_steps=10`` about 8% of training; a head's monitor reads the training
+forward and follows the logging interval."""
 
 
 def monitor_interval(args: Any, needs_forwards: bool = False) -> int:
