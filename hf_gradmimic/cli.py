@@ -415,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=["mimic", "loss", *SIGNAL_NAMES],
         help="The sources of evidence: continuous ones from the score log (mean_loss, mean_margin, last_loss, "
-        "window_loss, reference_loss) and votes (mimic: the paper's windows; loss: per-window small-loss votes). "
+        "last_loss_linear, window_loss, reference_loss, reference_margin) and votes (mimic: the paper's windows; "
+        "loss: per-window small-loss votes). "
         f"Default: {' '.join(DEFAULT_LABELING_FUNCTIONS)} for a log with the student's margin (classification), "
         f"{' '.join(DEFAULT_LABELING_FUNCTIONS_WITHOUT_MARGIN)} otherwise. "
         "A reference's or zero-shot model's agreement: build_filter(labeling_functions=[...]) in Python.",

@@ -192,7 +192,8 @@ class MimicArguments:
         default="auto",
         metadata={
             "help": "Record the reference's per-sample loss on the student's current features in the score log "
-            "(`reference_loss`, a Stage-2 signal). 'auto': where it costs one matmul over [batch, classes] logits (a "
+            "(`reference_loss`, a Stage-2 signal; with it, for a head making classification logits, the reference's "
+            "margin, `reference_margin`). 'auto': where it costs one matmul over [batch, classes] logits (a "
             "classification head that makes the logits); 'always': also for a language model's head (an lm_head-sized "
             "matmul, which the 'mimic' scorer's inner product at that head then shares) and other mimic layers (a "
             "no-grad forward with the reference's tensors); 'never'.",

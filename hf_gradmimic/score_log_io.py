@@ -29,6 +29,9 @@ Optional columns (`OPTIONAL_SCORE_COLUMNS`), present in a shard when the run rec
 
 - ``reference_loss``: the reference's loss on the sample, read on the student's current features
   (`hf_gradmimic.training.reference_verdict`; ``MimicConfig.mimic_log_reference_loss``);
+- ``reference_margin``: beside it where the reference is a head making single-label classification logits, the
+  reference's margin on the sample (its given label's logit minus the largest other: negative where "reference
+  argmax ≠ label");
 - ``margin``: the student's margin on the sample at that step, its given label's logit minus the largest other
   (classification logits only; Pleiss et al., NeurIPS 2020, average it over training: the area under the margin).
 
@@ -76,7 +79,7 @@ SCORE_COLUMNS: tuple[str, ...] = (
     "status",
 )
 
-OPTIONAL_SCORE_COLUMNS: tuple[str, ...] = ("reference_loss", "margin")
+OPTIONAL_SCORE_COLUMNS: tuple[str, ...] = ("reference_loss", "reference_margin", "margin")
 
 STATUS_SCORED, STATUS_NONFINITE, STATUS_UNLABELED = 0, 1, 2
 """Values of the ``status`` column: a scored sample; a non-finite loss or score; no supervised label."""
@@ -93,6 +96,7 @@ SCORE_TYPES = {
     "repeated": pa.bool_(),
     "status": pa.int8(),
     "reference_loss": pa.float32(),
+    "reference_margin": pa.float32(),
     "margin": pa.float32(),
 }
 

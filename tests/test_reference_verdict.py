@@ -15,7 +15,7 @@ from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
 from tiny_models import TinyMLP, lm_dataset, mlp_dataset, tiny_gpt2
 
 
-def train_one_step(tmp_path, model, data, layers, reference, setting):
+def train_one_step(tmp_path, model, data, layers, reference, setting, **settings):
     args = MimicConfig(
         output_dir=str(tmp_path),
         mimic_layers=layers,
@@ -30,6 +30,7 @@ def train_one_step(tmp_path, model, data, layers, reference, setting):
         seed=0,
         mimic_alignment_check=False,
         mimic_log_reference_loss=setting,
+        **settings,
     )
     MimicTrainer(model=model, args=args, train_dataset=data, reference=reference).train()
     return load_scores(tmp_path).to_pandas().sort_values("sample_id")
@@ -128,3 +129,40 @@ def test_a_language_model_heads_reference_loss_and_score_share_the_reference_log
     np.testing.assert_allclose(table.reference_loss.values, expected.numpy(), rtol=1e-5, atol=1e-6)
     scores = oracle_scores_from_grads(per_sample_lm_grads(before, data, ["lm_head.weight"]), before, reference)
     np.testing.assert_allclose(table.mimic_score.values, scores, rtol=1e-4, atol=1e-6)
+
+
+def margins_of(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """The given label's logit minus the largest other, in NumPy."""
+    rows = np.arange(len(labels))
+    others = logits.copy()
+    others[rows, labels] = -np.inf
+    return logits[rows, labels] - others.max(axis=1)
+
+
+@pytest.mark.parametrize("score_terms", ["full", "reference"])  # shared with the score's matmul, or on its own
+def test_a_classification_heads_reference_margin_is_recorded_beside_its_loss(tmp_path, score_terms):
+    model, data = TinyMLP(), mlp_dataset(n=16)
+    before = copy.deepcopy(model)
+    reference = perturbed(model, "head.")
+    table = train_one_step(tmp_path, model, data, ["head"], reference, "auto", mimic_score_terms=score_terms)
+    batch = data[:]
+    with torch.no_grad():
+        features = torch.tanh(before.hidden(batch["x"]))
+        reference_logits = (features @ reference["head.weight"].T + reference["head.bias"]).numpy()
+    expected = margins_of(reference_logits, batch["labels"].numpy())
+    np.testing.assert_allclose(table.reference_margin.values, expected, rtol=1e-5, atol=1e-5)
+    assert (expected < 0).any() and (expected > 0).any()  # the reference disagrees with some labels, not all
+    assert not np.allclose(table.reference_margin.values, table.margin.values)  # not the student's own margin
+
+
+def test_no_reference_margin_where_the_verdict_is_no_classification_head(tmp_path):
+    """An inner layer's verdict is a forward with the reference's tensors (its loss only); a language model's head
+    has no single-label classification margin."""
+    inner = perturbed(TinyMLP(), "hidden.")
+    table = train_one_step(tmp_path / "inner", TinyMLP(), mlp_dataset(n=16), ["hidden"], inner, "always")
+    assert "reference_loss" in table.columns and "reference_margin" not in table.columns
+    model = tiny_gpt2(dropout=0.0)
+    table = train_one_step(
+        tmp_path / "lm", model, lm_dataset(n=16), ["lm_head"], perturbed(model, "lm_head."), "always"
+    )
+    assert "reference_loss" in table.columns and "reference_margin" not in table.columns

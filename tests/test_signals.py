@@ -164,3 +164,20 @@ def test_a_log_with_the_margin_keeps_the_classification_default():
         warnings.simplefilter("ignore", FilterWarning)
         default = build_filter(table.append_column("margin", pa.array(margin)))
     assert default.summary["settings"]["labeling_functions"] == list(DEFAULT_LABELING_FUNCTIONS)
+
+
+def test_the_reference_margin_signal_is_the_mean_over_windows_of_its_window_means():
+    table, clean = make_log(n=300)
+    rng = np.random.default_rng(4)
+    ids = table.column("sample_id").to_numpy()
+    margin = np.where(
+        np.isin(ids, np.flatnonzero(clean)), rng.normal(2.0, 1.0, len(ids)), rng.normal(-1.5, 1.0, len(ids))
+    )
+    table = table.append_column("reference_margin", pa.array(margin.astype(np.float32)))
+    mimic_filter = build_filter(table, labeling_functions=["reference_margin"], aggregate="mixture")
+    frame = table.to_pandas()
+    frame["window"] = np.ceil(frame["epoch"] - 1e-9).astype(int) - 1
+    expected = frame.groupby(["sample_id", "window"])["reference_margin"].mean().unstack().sort_index().mean(axis=1)
+    stored = np.asarray(mimic_filter.table.column("lf_scores").to_pylist())[:, 0]
+    np.testing.assert_allclose(stored, expected.to_numpy(), rtol=1e-5, atol=1e-6)
+    assert discard_f1(mimic_filter.keep, clean) > 0.9

@@ -20,7 +20,10 @@ and summarises a sample's windows:
   given label's logit minus the largest other; the area under the margin of Pleiss et al., NeurIPS 2020, of the
   reweighted student);
 - ``"reference_loss"`` / ``WindowSignal("reference_loss")``: the same summary of the reference's loss on the
-  student's features (`hf_gradmimic.training.reference_verdict`), "reference argmax ≠ label" made continuous.
+  student's features (`hf_gradmimic.training.reference_verdict`), "reference argmax ≠ label" made continuous;
+- ``"reference_margin"`` / ``WindowSignal("reference_margin", transform="identity")``: the reference's mean margin
+  there (its given label's logit minus the largest other; negative where the reference's argmax is another class),
+  recorded beside ``reference_loss`` for a head making single-label classification logits.
 
 A log without the column (written before it existed, or by a run that did not record it) abstains, with one
 warning; a sample without a finite value abstains.
@@ -48,6 +51,7 @@ SIGNAL_NAMES: dict[str, tuple[str, str, str]] = {
     "window_loss": ("loss", "each", "neg_log"),
     "mean_margin": ("margin", "mean", "identity"),
     "reference_loss": ("reference_loss", "mean", "neg_log"),
+    "reference_margin": ("reference_margin", "mean", "identity"),
 }
 """The continuous labeling functions named by a string in ``build_filter(labeling_functions=...)``:
 name -> (score-log column, window summary, transform)."""
@@ -56,6 +60,7 @@ _TRANSFORMS = ("neg_log", "neg", "identity")
 _WHY_MISSING = {
     "margin": "the margin is recorded for single-label classification logits only",
     "reference_loss": "see MimicConfig.mimic_log_reference_loss",
+    "reference_margin": "recorded with reference_loss where the reference is a classification head",
 }
 _WINDOWS = ("mean", "last", "each")
 

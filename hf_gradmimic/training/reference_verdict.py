@@ -23,7 +23,7 @@ only where it is one matmul over ``[B, classes]`` logits (a classification head:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,13 +32,15 @@ from torch import nn
 
 from ..ghost import GhostBatch, UnsupportedLayerError, ghost_rule_for
 from ..ghost.linear import LINEAR_RULE, linear_output_along
-from ..losses import SampleLoss
+from ..losses import SampleLoss, classification_margins
 from .capture import Capture
 
 __all__ = [
     "LOG_REFERENCE_LOSS_CHOICES",
+    "VERDICT_COLUMNS",
     "ReferenceVerdict",
     "SharedHead",
+    "reference_head_columns",
     "reference_head_losses",
     "shared_head_pass",
     "swapped_losses",
@@ -46,16 +48,19 @@ __all__ = [
 
 LOG_REFERENCE_LOSS_CHOICES = ("auto", "always", "never")
 
+VERDICT_COLUMNS = ("reference_loss", "reference_margin")
+"""The score-log columns of the reference's verdict (`hf_gradmimic.score_log_io.OPTIONAL_SCORE_COLUMNS`)."""
+
 MONITOR_CHUNK_LOGITS = 1 << 22
 """At most this many reference logits are alive at once when a head is applied to captured features."""
 
 
-def reference_head_losses(
-    layers: Any, reference: dict[str, torch.Tensor], capture: Capture, labels: Any, sample_loss: SampleLoss
-) -> torch.Tensor:
-    """Per-sample losses of the reference's head on the features the training forward just captured, without
-    gradients. A few samples at a time, so that at most `MONITOR_CHUNK_LOGITS` logits are alive (a language
-    model's are vocabulary-sized)."""
+def _reference_head_logits(
+    layers: Any, reference: dict[str, torch.Tensor], capture: Capture, labels: Any
+) -> Iterator[tuple[torch.Tensor, Any]]:
+    """The reference's head on the features the training forward just captured, without gradients: ``(logits,
+    labels)`` a few samples at a time, so that at most `MONITOR_CHUNK_LOGITS` logits are alive (a language model's
+    are vocabulary-sized)."""
     ((name, layer),) = layers.layers.items()
     features = capture.activations()[name]
     params = {
@@ -64,15 +69,36 @@ def reference_head_losses(
     with torch.no_grad():
         one = torch.func.functional_call(layer, params, (features[:1],))
         chunk = max(1, MONITOR_CHUNK_LOGITS // max(1, one.numel()))
-        return torch.cat(
-            [
-                sample_loss.per_sample_losses(
-                    {"logits": torch.func.functional_call(layer, params, (features[start : start + chunk],))},
-                    {"labels": labels[start : start + chunk]},
-                )
-                for start in range(0, len(features), chunk)
-            ]
-        )
+        for start in range(0, len(features), chunk):
+            rows = slice(start, start + chunk)
+            yield torch.func.functional_call(layer, params, (features[rows],)), labels[rows]
+
+
+def reference_head_losses(
+    layers: Any, reference: dict[str, torch.Tensor], capture: Capture, labels: Any, sample_loss: SampleLoss
+) -> torch.Tensor:
+    """Per-sample losses (float32) of the reference's head on the features the training forward just captured,
+    without gradients, in chunks (`_reference_head_logits`)."""
+    return reference_head_columns(layers, reference, capture, labels, sample_loss)["reference_loss"]
+
+
+def reference_head_columns(
+    layers: Any, reference: dict[str, torch.Tensor], capture: Capture, labels: Any, sample_loss: SampleLoss
+) -> dict[str, torch.Tensor | None]:
+    """The score log's ``reference_loss`` and ``reference_margin`` of the reference's head on the captured features:
+    its per-sample loss, and for single-label classification logits its margin (the given label's logit minus the
+    largest other: "reference argmax ≠ label" where it is negative; None for other logits)."""
+    losses, margins = [], []
+    for logits, rows in _reference_head_logits(layers, reference, capture, labels):
+        losses.append(sample_loss.per_sample_losses({"logits": logits}, {"labels": rows}))
+        margins.append(classification_margins(logits, rows))
+    return _columns(torch.cat(losses), margins)
+
+
+def _columns(losses: torch.Tensor, margins: list[torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+    """``{"reference_loss": losses, "reference_margin": margins or None}``, float32, from a verdict's chunks."""
+    margin = torch.cat(margins).float() if margins and all(m is not None for m in margins) else None
+    return {"reference_loss": losses.float(), "reference_margin": margin}
 
 
 def shared_head_pass(
@@ -82,8 +108,9 @@ def shared_head_pass(
     direction: Mapping[str, torch.Tensor],
     labels: Any,
     sample_loss: SampleLoss,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    r"""The reference's per-sample losses and the head's ``⟨g_i, v⟩``, from one ``[B·T, in] × [in, out]`` matmul.
+) -> tuple[dict[str, torch.Tensor | None], torch.Tensor | None]:
+    r"""The reference's per-sample losses (and margins) and the head's ``⟨g_i, v⟩``, from one ``[B·T, in] × [in, out]``
+    matmul.
 
     For a linear head ``z = a Wᵀ + b`` and ``v = (V, v_b) = θ_ref − θ``, the reference's logits on the same features
     are ``z + dz`` with ``dz = a Vᵀ + v_b`` (`linear_output_along`), and by the chain rule (Grad-Mimic, arXiv
@@ -104,11 +131,12 @@ def shared_head_pass(
         sample_loss: the per-sample losses of the logits.
 
     Returns:
-        The reference's losses, float32 ``[B]``, and ``⟨g_i, v⟩`` float32 ``[B]`` (None without ``output_grads``).
+        The score log's columns of the reference (`reference_head_columns`), and ``⟨g_i, v⟩`` float32 ``[B]`` (None
+        without ``output_grads``).
     """
     batch = len(features)
     chunk = max(1, MONITOR_CHUNK_LOGITS // max(1, logits[:1].numel()))
-    losses, inner = [], []
+    losses, inner, margins = [], [], []
     with torch.no_grad():
         for start in range(0, batch, chunk):
             rows = slice(start, start + chunk)
@@ -117,7 +145,8 @@ def shared_head_pass(
                 inner.append(torch.linalg.vecdot(change.flatten(1), output_grads[rows].flatten(1).to(change.dtype)))
             reference_logits = change.add_(logits[rows].detach())  # in place: the chunk's only logits-sized tensor
             losses.append(sample_loss.per_sample_losses({"logits": reference_logits}, {"labels": labels[rows]}))
-    return torch.cat(losses).float(), (torch.cat(inner).float() if inner else None)
+            margins.append(classification_margins(reference_logits, labels[rows]))
+    return _columns(torch.cat(losses), margins), (torch.cat(inner).float() if inner else None)
 
 
 @dataclass
@@ -135,9 +164,10 @@ class SharedHead:
     direction: Mapping[str, torch.Tensor]
     sample_loss: SampleLoss
 
-    def finish(self, ghost: Any) -> torch.Tensor:
-        """The reference's per-sample losses (float32, detached); the head's ``⟨g_i, v⟩`` handed to ``ghost``
-        (`GhostBatch.remember_inner_product`) when the head is its only use. Frees the logits."""
+    def finish(self, ghost: Any) -> dict[str, torch.Tensor | None]:
+        """The reference's columns of the score log (`reference_head_columns`; float32, detached); the head's
+        ``⟨g_i, v⟩`` handed to ``ghost`` (`GhostBatch.remember_inner_product`) when the head is its only use. Frees
+        the logits."""
         head_use = isinstance(ghost, GhostBatch) and len(ghost.uses) == 1 and ghost.uses[0].module is self.layer
         # the head's tensors as the ghost keys them, so that the scorer's lookup finds exactly these
         keys = (
@@ -147,11 +177,11 @@ class SharedHead:
         )
         local = {own: self.direction[key] for own, key in keys.items() if key in self.direction}
         grads = ghost.uses[0].output_grads if head_use else None
-        losses, inner = shared_head_pass(self.features, self.logits, grads, local, self.labels, self.sample_loss)
+        columns, inner = shared_head_pass(self.features, self.logits, grads, local, self.labels, self.sample_loss)
         if inner is not None:
             ghost.remember_inner_product(0, self.direction, inner)
         self.logits = self.features = None
-        return losses
+        return columns
 
 
 def swapped_losses(
@@ -244,24 +274,25 @@ class ReferenceVerdict:
         features = capture.activations()[name]
         return SharedHead(name, layer, features, logits.detach(), labels, direction, self.sample_loss)
 
-    def losses(
+    def columns(
         self,
         capture: Capture,
         logits: torch.Tensor | None,
         labels: Any,
         model_inputs: dict[str, Any],
         inputs: dict[str, Any],
-    ) -> torch.Tensor | None:
-        """The reference's per-sample losses (float32, detached), or None where the setting leaves them out.
+    ) -> dict[str, torch.Tensor | None]:
+        """The score log's ``reference_loss`` and ``reference_margin`` (float32, detached; None where the setting
+        leaves them out, and the margin where the verdict is not a head's single-label classification logits).
 
         Call right after the training forward, while the captured features are alive."""
         if self.setting == "never" or labels is None:
-            return None
+            return dict.fromkeys(VERDICT_COLUMNS)
         if self.on_head(capture, logits, labels):
-            return reference_head_losses(self.layers, self.reference(), capture, labels, self.sample_loss).float()
-        if self.setting == "always":
+            return reference_head_columns(self.layers, self.reference(), capture, labels, self.sample_loss)
+        if self.setting == "always":  # a forward with the reference's tensors; its margin is not recorded
             _, with_reference = swapped_losses(
                 self.model, self.layers, self.reference(), model_inputs, inputs, self.sample_loss, with_own=False
             )
-            return with_reference.float()
-        return None
+            return {"reference_loss": with_reference.float(), "reference_margin": None}
+        return dict.fromkeys(VERDICT_COLUMNS)

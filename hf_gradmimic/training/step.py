@@ -38,7 +38,7 @@ from .diagnostics import ReferenceDiagnostics
 from .full_update import FullUpdate, GradientsOf
 from .guards import row_status
 from .mimic_layers import MimicLayers
-from .reference_verdict import ReferenceVerdict, SharedHead
+from .reference_verdict import VERDICT_COLUMNS, ReferenceVerdict, SharedHead
 from .selection import Candidates, Selection
 from .step_softmax import StepSoftmax
 from .token_weighting import log_token_counts, plain_mean_weights
@@ -336,7 +336,7 @@ class MimicStep:
         if plan is Backward.USES and not keep_outputs:
             outputs = None
         if shared is not None:  # before the scores: the head's ⟨g_i, v⟩ is handed to the ghost here
-            recorded["reference_loss"] = shared.finish(ghost)
+            recorded.update(shared.finish(ghost))
             shared = None
         ctx = self._context(capture, ghost, losses, scored_logits, batch, model_inputs, global_step)
         scores = self.scorer.score(ctx).detach().float()
@@ -353,16 +353,16 @@ class MimicStep:
         model_inputs: dict[str, Any],
         global_step: int,
     ) -> tuple[dict[str, torch.Tensor | None], SharedHead | None]:
-        """The per-sample columns that only travel to the score log: the margin, and the reference's loss (read
-        while the captured features are alive), or, on a linear head scored along θ_ref − θ, the verdict put off
-        until δ is known, to share its matmul with the score (`reference_verdict.SharedHead`)."""
+        """The per-sample columns that only travel to the score log: the margin, and the reference's loss and margin
+        (read while the captured features are alive), or, on a linear head scored along θ_ref − θ, the verdict put
+        off until δ is known, to share its matmul with the score (`reference_verdict.SharedHead`)."""
         verdict, labels = self.reference_verdict, batch.labels
         shared = None if verdict is None else verdict.shared_head(capture, logits, labels, global_step)
-        reference_loss = None
+        reference: dict[str, torch.Tensor | None] = dict.fromkeys(VERDICT_COLUMNS)
         if verdict is not None and shared is None:
-            reference_loss = verdict.losses(capture, logits, labels, model_inputs, batch.inputs)
+            reference = verdict.columns(capture, logits, labels, model_inputs, batch.inputs)
         margin = classification_margins(logits, labels) if self.args.mimic_record_scores else None
-        return {"margin": margin, "reference_loss": reference_loss}, shared
+        return {"margin": margin, **reference}, shared
 
     def _context(
         self,
