@@ -1,12 +1,13 @@
-"""The reference's verdict on each training sample: its per-sample loss on the student's current features.
+"""The reference's verdict on each training sample: its per-sample loss (and margin) on the student's current features.
 
 Grad-Mimic's reference (Huang et al., arXiv 2501.06708) is a model whose mimic layers read the student's own
 features (a head probed on them, `hf_gradmimic.build_reference`). Its loss on a sample is the "reference
 argmax ≠ label" signal made continuous, a label-noise detector on its own and one of Stage 2's signals
-(``reference_loss`` in the score log). Two ways to get it:
+(``reference_loss`` in the score log); for a head making single-label classification logits its margin is
+recorded beside it (``reference_margin``: negative where its argmax is another class). Two ways to get them:
 
 - a single mimic layer whose output *is* the logits (a head): the reference's layer applied to the features the
-  training forward captured, one matmul (`reference_head_losses`); train mode, as the student's own loss. When
+  training forward captured, one matmul (`reference_head_columns`); train mode, as the student's own loss. When
   the head is an ``nn.Linear`` scored along ``v = θ_ref − θ`` (`MimicScorer.scored_direction`), that matmul is
   shared with the score (`SharedHead`): the reference's logits are the student's plus the head's output change
   along ``v``, ``z + dz`` with ``dz = a Vᵀ + v_b``, and the head's ghost inner product is
