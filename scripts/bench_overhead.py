@@ -73,6 +73,7 @@ import random
 import re
 import resource
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -809,6 +810,8 @@ def run_candidate(
         if baton is not None:
             baton.retire(index, timer.holding)
             timer.holding = False
+        # The run's scratch directory (its score log, nothing else): made by `build_trainer` for this run alone.
+        shutil.rmtree(trainer.args.output_dir, ignore_errors=True)
     peak_kib = _proc_status()["VmHWM"] if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     wall, cpu = timer.wall[warmup:], timer.cpu[warmup:]
     result = {
