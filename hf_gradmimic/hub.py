@@ -52,6 +52,7 @@ MIMIC_COLUMNS: dict[str, tuple[str, pa.DataType]] = {
     "mimic_score": ("mean_mimic_score", pa.float32()),
     "mimic_weight": ("mean_weight", pa.float32()),
     "mimic_keep_prob": ("keep_prob", pa.float32()),
+    "mimic_keep_log_odds": ("keep_log_odds", pa.float32()),
     "mimic_keep": ("keep", pa.bool_()),
     "mimic_votes": ("votes", pa.list_(pa.int8())),
 }
@@ -162,7 +163,7 @@ def save_scored_dataset(
 ) -> Path:
     """Add a filter's per-sample results to ``dataset`` and save it with ``save_to_disk`` at ``local_dir``.
 
-    The local half of `push_scored_dataset`: the rows get the five `MIMIC_COLUMNS`, joined by sample
+    The local half of `push_scored_dataset`: the rows get the `MIMIC_COLUMNS`, joined by sample
     id (the row index, or ``id_column``), and the folder is written atomically (a temporary sibling
     renamed into place), so an older copy there is replaced only once the new one is complete.
     Reload it with ``datasets.load_from_disk(local_dir)``.
@@ -272,10 +273,11 @@ def push_scored_dataset(
 ) -> ScoredPushResult:
     """Add a filter's per-sample results to ``dataset`` and push it, with a card, to a Hub dataset repo.
 
-    The rows get five columns, joined by sample id (the row index, or ``id_column``): ``mimic_score``
+    The rows get six columns, joined by sample id (the row index, or ``id_column``): ``mimic_score``
     (float32, the sample's mean mimic score), ``mimic_weight`` (float32, its mean ``b·w``; 1 means a
-    uniform weight), ``mimic_keep_prob`` (float32), ``mimic_keep`` (bool) and ``mimic_votes`` (list of
-    int8, one per window: 1 keep, 0 discard, -1 abstain). The original columns are left as they are.
+    uniform weight), ``mimic_keep_prob`` (float32), ``mimic_keep_log_odds`` (float32, the ranking, which does not
+    round to 1 where ``mimic_keep_prob`` does), ``mimic_keep`` (bool) and ``mimic_votes`` (list of int8, one per
+    window: 1 keep, 0 discard, -1 abstain). The original columns are left as they are.
 
     Steps, in this order:
 

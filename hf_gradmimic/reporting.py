@@ -260,7 +260,7 @@ def write_html_report(
     environment = jinja2.Environment(
         loader=jinja2.PackageLoader("hf_gradmimic", "templates"), autoescape=True, undefined=jinja2.StrictUndefined
     )
-    order = np.argsort(mimic_filter.keep_prob, kind="stable")[:lowest]
+    order = np.argsort(mimic_filter.keep_log_odds, kind="stable")[:lowest]
     content_columns, content = _sample_content(mimic_filter, order, dataset, id_column)
     page = environment.get_template(HTML_TEMPLATE).render(
         title=f"Grad-Mimic filter report: {summary['retained_fraction']:.1%} of {summary['n_samples']:,} samples kept",

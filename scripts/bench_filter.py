@@ -138,10 +138,10 @@ if {save_values!r}:
     np.save({save_values!r}, f.window_values())
 clean = np.load({clean!r})
 from hf_gradmimic.metrics import compute_filter_metrics
-m = compute_filter_metrics(f.keep, clean[f.sample_ids], keep_prob=f.keep_prob)
+m = compute_filter_metrics(f.keep, clean[f.sample_ids], keep_score=f.keep_log_odds)
 out.update(discard_f1=m["discard_f1"])
 import hashlib
-out.update(digest=hashlib.sha256(np.ascontiguousarray(f.keep).tobytes() + np.ascontiguousarray(f.keep_prob).tobytes()).hexdigest())
+out.update(digest=hashlib.sha256(b"".join(np.ascontiguousarray(c).tobytes() for c in (f.keep, f.keep_prob, f.keep_log_odds))).hexdigest())
 print("RESULT " + json.dumps(out))
 """
 
@@ -336,8 +336,8 @@ def _targets(rows: list[dict]) -> str:
         if "streaming" in engines and len(engines) > 1:
             same = all(r["digest"] == engines["streaming"]["digest"] for r in engines.values())
             lines.append(
-                f"- {n:,} x {EPOCHS} ({method}): keep and keep_prob identical on {', '.join(engines)}: "
-                f"**{'yes' if same else 'NO'}** (SHA-256 of both columns' bytes)."
+                f"- {n:,} x {EPOCHS} ({method}): keep, keep_prob and keep_log_odds identical on {', '.join(engines)}: "
+                f"**{'yes' if same else 'NO'}** (SHA-256 of the three columns' bytes)."
             )
         if "ray" in engines and "streaming" in engines:
             ratio = engines["ray"]["wall"] / engines["streaming"]["wall"]
@@ -426,7 +426,8 @@ for its k-means split (scanned in blocks), and the signals' per-window means for
 keep one float64 per sample and function. The keep posterior is fit on at most 500,000 sampled rows and applied
 in chunks. The filter's table wraps the mapped outputs without a copy; its list columns of one width share one
 offsets buffer. What grows with the pool in the process's own memory is then the decision's per-sample output:
-the vote matrix (1 byte per window), the labeling functions' values (8 bytes each), keep_prob (8) and keep.
+the vote matrix (1 byte per window), the labeling functions' values (8 bytes each), keep_prob and keep_log_odds (8
+each) and keep.
 """
     write_report(Path(args.doc), doc)
     print(f"wrote {args.doc}")

@@ -80,7 +80,7 @@ STUDENTS = {
     "oracle": "plain on the matched pairs only (oracle: uses the true flags)",
 }
 DETECTORS = {
-    "mimic_filter": "Grad-Mimic filter (`build_filter` defaults: {defaults}; AUROC of `keep_prob`)",
+    "mimic_filter": "Grad-Mimic filter (`build_filter` defaults: {defaults}; AUROC of `keep_log_odds`, the ranking)",
     "mimic_score": "Grad-Mimic mean score (AUROC of the mean mimic score; cut: the filter's)",
     "clip_score": "CLIP score of the reference (cut: 2-component GMM on the scores)",
 }
@@ -236,7 +236,7 @@ def run_seed(seed: int, settings: Settings, work_dir: Path) -> dict[str, Any]:
     digits = np.array([uid_to_digit[uid] for uid in mimic_filter.sample_ids])
     table = mimic_filter.table.to_pandas()
     detectors = {
-        "mimic_filter": detection(mimic_filter.keep, matched, mimic_filter.keep_prob, digits),
+        "mimic_filter": detection(mimic_filter.keep, matched, mimic_filter.keep_log_odds, digits),
         "mimic_score": detection(mimic_filter.keep, matched, table.mean_mimic_score.to_numpy(), digits),
     }
     scores = clip_scores(reference, pool, id_column="uid")

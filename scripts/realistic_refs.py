@@ -380,7 +380,7 @@ def stage2_detections(out_dir: Path, agreement: list, n_pool: int) -> tuple[dict
             ids = mimic_filter.sample_ids  # every pool row over full epochs; a sample never drawn stays kept
             detections[name] = (
                 ~_on_pool(ids, mimic_filter.keep, True, n_pool),
-                _on_pool(ids, mimic_filter.keep_prob, 1.0, n_pool),
+                _on_pool(ids, mimic_filter.keep_log_odds, np.inf, n_pool),  # the ranking: no ties where P(keep) is 1.0
             )
             if name == "paper":
                 table = mimic_filter.table
@@ -736,7 +736,7 @@ def render(records: list[dict], grid: Grid) -> list[str]:
                     out.append(f"| {label} | " + " | ".join(cells) + " |")
                 out += [
                     "",
-                    "AUROC / AP (%) of each continuous score for the clean flag (keep_prob for the filters):",
+                    "AUROC / AP (%) of each continuous score for the clean flag (`keep_log_odds`, the ranking, for the filters):",
                     "",
                 ]
                 out += [header.format("score"), rule]

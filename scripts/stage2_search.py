@@ -2,7 +2,7 @@
 
 Reads the cells that ``scripts/compare_methods.py --suite realistic --work-dir DIR`` recorded (their score logs and
 ``cell_inputs.npz``), builds each candidate filter with the library's own `build_filter`, and prints, per candidate,
-its discard F1 and keep_prob AUROC beside the strongest baseline of the same cell (cleanlab with CV or with the
+its discard F1 and AUROC (of ``keep_log_odds``, the ranking) beside the strongest baseline of the same cell (cleanlab with CV or with the
 reference's probabilities, reference argmax ≠ label, the small-loss GMM on the plain model's log-loss, AUM), over
 the tasks given (``--tasks``; the held-out task is left out of the choice). Nothing here is written to docs/.
 
@@ -44,10 +44,10 @@ CANDIDATES: dict[str, dict] = {
 CANDIDATES["previous default"] = {"labeling_functions": ["mimic", "loss"], "method": "kmeans", "aggregate": "snorkel"}
 
 
-def metrics(keep: np.ndarray, keep_prob: np.ndarray, is_clean: np.ndarray) -> tuple[float, float]:
+def metrics(keep: np.ndarray, keep_log_odds: np.ndarray, is_clean: np.ndarray) -> tuple[float, float]:
     from sklearn.metrics import f1_score, roc_auc_score
 
-    return 100 * f1_score(~is_clean, ~keep), 100 * roc_auc_score(is_clean, keep_prob)
+    return 100 * f1_score(~is_clean, ~keep), 100 * roc_auc_score(is_clean, keep_log_odds)
 
 
 def main() -> None:
@@ -78,10 +78,10 @@ def main() -> None:
                     warnings.simplefilter("ignore")
                     mimic_filter = build_filter(cell / "mimic", **CANDIDATES[name])
                 keep = np.ones(len(is_clean), dtype=bool)
-                keep_prob = np.ones(len(is_clean))
+                keep_log_odds = np.full(len(is_clean), np.inf)  # a sample never drawn stays kept
                 keep[mimic_filter.sample_ids] = mimic_filter.keep
-                keep_prob[mimic_filter.sample_ids] = mimic_filter.keep_prob
-                results[setting][name].append((*metrics(keep, keep_prob, is_clean), best))
+                keep_log_odds[mimic_filter.sample_ids] = mimic_filter.keep_log_odds
+                results[setting][name].append((*metrics(keep, keep_log_odds, is_clean), best))
     print(f"{len(results)} settings (mean over seeds); 'wins' = at or above the best baseline's mean F1")
     for name in ns.candidates:
         gaps, aurocs = [], []

@@ -49,6 +49,12 @@ def test_the_gate_keeps_exactly_the_samples_the_student_predicts(log):
     assert rescued.sum() > 5 and ((posterior < 0.5) & (margin < 0)).sum() > 5
     np.testing.assert_array_equal(gated.keep, (posterior >= 0.5) | (margin >= 0))
     np.testing.assert_allclose(gated.keep_prob, np.where(margin >= 0, 0.5 + 0.5 * posterior, posterior), rtol=1e-6)
+    # the ranking column is the log-odds of keep_prob wherever keep_prob has not rounded to 0 or 1
+    inside = (gated.keep_prob > 1e-12) & (gated.keep_prob < 1 - 1e-9)
+    assert inside.sum() > 100
+    np.testing.assert_allclose(
+        gated.keep_log_odds[inside], np.log(gated.keep_prob / (1 - gated.keep_prob))[inside], rtol=1e-6, atol=1e-6
+    )
     assert gated.summary["agreement_gate"] == {"n_gated": int(rescued.sum()), "n_with_margin": len(margin)}
     np.testing.assert_allclose(gated.table.column("student_margin").to_numpy(), margin, rtol=1e-5, atol=1e-6)
 
@@ -77,8 +83,26 @@ def test_a_log_without_margins_and_vote_aggregates_are_not_gated():
 def test_the_gate_function_on_its_own():
     posterior = np.array([0.1, 0.9, 0.2, 0.6, 0.3])
     margin = np.array([0.5, -1.0, -0.1, np.nan, 0.0])
-    gate = agreement_gate(posterior, margin)
-    np.testing.assert_allclose(gate.keep_prob, [0.55, 0.9, 0.2, 0.6, 0.65])
+    log_odds = np.log(posterior / (1 - posterior))
+    gate = agreement_gate(posterior.copy(), log_odds.copy(), margin)
+    expected = [0.55, 0.9, 0.2, 0.6, 0.65]
+    np.testing.assert_allclose(gate.keep_prob, expected)
+    np.testing.assert_allclose(gate.keep_log_odds, np.log(np.divide(expected, np.subtract(1, expected))), rtol=1e-12)
     assert (gate.n_gated, gate.n_with_margin) == (2, 4)
     with pytest.raises(ValueError, match="student margins"):
-        agreement_gate(posterior, margin[:3])
+        agreement_gate(posterior, log_odds, margin[:3])
+
+
+def test_the_gate_keeps_ranking_where_keep_prob_rounds_to_one():
+    # log-odds 40 and 60: P(keep) is 1.0 in float64 for both, yet the gated log-odds stay apart and exact.
+    log_odds = np.array([40.0, 60.0, -50.0])
+    keep_prob = 1 / (1 + np.exp(-log_odds))
+    assert keep_prob[0] == keep_prob[1] == 1.0
+    gate = agreement_gate(keep_prob, log_odds, np.array([1.0, 1.0, 2.0]))
+    # (1 + p) / (1 - p) with 1 - p = e^-z / (1 + e^-z), 1 + p = 2 - e^-z / (1 + e^-z), by hand
+    tail = np.exp(-np.array([40.0, 60.0]))
+    by_hand = np.log(2 - tail / (1 + tail)) + np.array([40.0, 60.0]) + np.log1p(tail)
+    np.testing.assert_allclose(gate.keep_log_odds[:2], by_hand, rtol=1e-15)
+    # p = e^-50 / (1 + e^-50): gated to (1 + p) / 2, log-odds log((1 + p) / (1 - p)) ≈ 2p
+    p = np.exp(-50.0) / (1 + np.exp(-50.0))
+    np.testing.assert_allclose(gate.keep_log_odds[2], np.log1p(p) - np.log1p(-p), rtol=1e-9)

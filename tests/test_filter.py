@@ -432,6 +432,20 @@ def test_save_load_round_trip(tmp_path, small_filter):
         MimicFilter.load(tmp_path / "nothing")
 
 
+def test_a_filter_saved_before_keep_log_odds_loads_with_them(tmp_path, small_filter):
+    import pyarrow.parquet as pq
+
+    mimic_filter, _ = small_filter
+    mimic_filter.save(tmp_path / "old")
+    old_table = mimic_filter.table.drop_columns(["keep_log_odds"])
+    pq.write_table(old_table, tmp_path / "old" / "filter.parquet")
+    loaded = MimicFilter.load(tmp_path / "old")
+    assert loaded.table.column_names == mimic_filter.table.column_names
+    keep_prob = mimic_filter.keep_prob
+    with np.errstate(divide="ignore"):
+        np.testing.assert_allclose(loaded.keep_log_odds, np.log(keep_prob) - np.log1p(-keep_prob), rtol=1e-9)
+
+
 def test_rebuild_equals_build(log):
     from hf_gradmimic.filter import LossWindows
 
@@ -485,11 +499,17 @@ def test_id_mismatches_are_errors(small_filter):
 
 def test_evaluate_uses_compute_filter_metrics(small_filter):
     import datasets
+    from sklearn.metrics import average_precision_score, roc_auc_score
 
     from hf_gradmimic.metrics import compute_filter_metrics
 
     mimic_filter, clean = small_filter
-    expected = compute_filter_metrics(mimic_filter.keep, clean, keep_prob=mimic_filter.keep_prob)
+    expected = compute_filter_metrics(mimic_filter.keep, clean)
+    # the rank metrics are the ranking's, keep_log_odds (in float64), as scikit-learn computes them
+    expected["keep_roc_auc"] = pytest.approx(roc_auc_score(clean, mimic_filter.keep_log_odds), abs=1e-12)
+    expected["keep_average_precision"] = pytest.approx(
+        average_precision_score(clean, mimic_filter.keep_log_odds), abs=1e-12
+    )
     assert mimic_filter.evaluate(clean) == expected
     dataset = datasets.Dataset.from_dict({"is_clean": clean.astype(int).tolist()})
     assert mimic_filter.evaluate("is_clean", dataset=dataset) == expected

@@ -161,5 +161,6 @@ def test_the_default_filter_is_identical_on_every_engine(ray_cluster, tmp_path, 
     assert built["memory"].summary["aggregate_used"] == "mixture"
     for engine in ("streaming", "ray"):
         np.testing.assert_array_equal(built[engine].keep_prob, built["memory"].keep_prob, err_msg=engine)
+        np.testing.assert_array_equal(built[engine].keep_log_odds, built["memory"].keep_log_odds, err_msg=engine)
         np.testing.assert_array_equal(built[engine].keep, built["memory"].keep, err_msg=engine)
         assert_same_table(built[engine].table, built["memory"].table)

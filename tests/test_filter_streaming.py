@@ -356,6 +356,7 @@ def test_the_default_filter_is_identical_when_the_streaming_engine_spills(tmp_pa
     assert streamed.summary["settings"]["labeling_functions"] == ["mean_loss", "mean_margin"]
     assert streamed.summary["aggregate_used"] == "mixture"
     np.testing.assert_array_equal(streamed.keep_prob, memory.keep_prob)
+    np.testing.assert_array_equal(streamed.keep_log_odds, memory.keep_log_odds)
     np.testing.assert_array_equal(streamed.keep, memory.keep)
     assert_same_table(streamed.table, memory.table)
     assert streamed.summary["mean_mimic_score"] == memory.summary["mean_mimic_score"]

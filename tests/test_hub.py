@@ -148,7 +148,7 @@ def test_scored_dataset_round_trip_card_and_repush(hub_server: HubServer, digits
     assert list(result.commit_shas) == ["default", "filtered", "card"]
     assert len(set(result.commit_shas.values())) == 3
 
-    # The local copy: original columns untouched, the five score columns joined by row index.
+    # The local copy: original columns untouched, the score columns joined by row index.
     local = _plain(load_from_disk(str(result.local_path)))
     assert local.column_names == train.column_names + list(MIMIC_COLUMNS)
     assert local.select_columns(train.column_names).to_dict() == train.to_dict()
@@ -159,6 +159,7 @@ def test_scored_dataset_round_trip_card_and_repush(hub_server: HubServer, digits
     np.testing.assert_array_equal(local["mimic_score"], table["mean_mimic_score"].to_numpy().astype(np.float32))
     np.testing.assert_array_equal(local["mimic_weight"], table["mean_weight"].to_numpy().astype(np.float32))
     np.testing.assert_array_equal(local["mimic_keep_prob"], table["keep_prob"].to_numpy().astype(np.float32))
+    np.testing.assert_array_equal(local["mimic_keep_log_odds"], table["keep_log_odds"].to_numpy().astype(np.float32))
     assert local["mimic_votes"] == table["votes"].to_pylist()
     assert result.num_rows == len(train) and result.num_kept == int(mimic_filter.keep.sum())
 

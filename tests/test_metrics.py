@@ -240,5 +240,15 @@ def test_compute_filter_metrics():
     assert with_prob["keep_roc_auc"] == pytest.approx(roc_auc_score(clean, prob), abs=1e-12)
     assert with_prob["keep_average_precision"] == pytest.approx(average_precision_score(clean, prob), abs=1e-12)
 
+    # a ranking on any scale (log-odds), whose top values float32 probabilities would all round to 1.0
+    log_odds = np.where(clean == 1, 40.0, 20.0) + rng.normal(0, 8.0, clean.size)
+    assert (np.float32(1 / (1 + np.exp(-log_odds))) == 1.0).mean() > 0.5
+    with_score = hm.compute_filter_metrics(keep, clean.astype(bool), keep_prob=prob, keep_score=log_odds)
+    assert {k: with_score[k] for k in FLAG_KEYS} == out
+    assert with_score["keep_roc_auc"] == pytest.approx(roc_auc_score(clean, log_odds), abs=1e-12)
+    assert with_score["keep_average_precision"] == pytest.approx(average_precision_score(clean, log_odds), abs=1e-12)
+    with pytest.raises(ValueError, match="keep_score holds NaN"):
+        hm.compute_filter_metrics(keep, clean.astype(bool), keep_score=np.where(clean == 1, np.nan, 0.0))
+
     with pytest.raises(ValueError, match="entries"):
         hm.compute_filter_metrics([True, False], [True])

@@ -52,6 +52,27 @@ def test_a_missing_signal_is_marginalised():
     prior = np.array([fit.keep_fraction, 1 - fit.keep_fraction])
     expected = prior[0] * density[0] / (prior[0] * density[0] + prior[1] * density[1])
     np.testing.assert_allclose(fit.keep_prob[rows], expected, rtol=1e-9, atol=1e-12)
+    log_odds = np.log(prior[0] / prior[1]) + np.log(density[0]) - np.log(density[1])
+    np.testing.assert_allclose(fit.keep_log_odds[rows], log_odds, rtol=1e-9, atol=1e-9)
+
+
+def test_the_log_odds_rank_where_keep_prob_rounds_to_one():
+    """Far inside the keep group P(keep) is 1.0 in float64; the log-odds, the fitted model's Bayes rule written out
+    here, still order those samples."""
+    signals, _ = two_groups(seed=3)
+    far = np.array([[6.0, 6.0], [7.0, 7.0], [8.0, 8.0]])
+    fit = keep_posterior(np.vstack([signals, far]), None, seed=0)
+    assert (fit.keep_prob[-3:] == 1.0).all()
+
+    def log_density(x, c):
+        mean, cov = fit.means[c], fit.covariances[c]
+        z = np.linalg.solve(cov, (x - mean).T).T
+        return -0.5 * ((x - mean) * z).sum(axis=1) - 0.5 * np.log(np.linalg.det(cov))
+
+    prior = np.log(fit.keep_fraction) - np.log(1 - fit.keep_fraction)
+    expected = prior + log_density(far, 0) - log_density(far, 1)
+    np.testing.assert_allclose(fit.keep_log_odds[-3:], expected, rtol=1e-9)
+    assert len(np.unique(fit.keep_log_odds[-3:])) == 3
 
 
 def test_votes_alone_recover_the_sources_and_the_bayes_posterior():

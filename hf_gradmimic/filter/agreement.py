@@ -10,7 +10,9 @@ negative mean margin of the student on the given label (its predicted class is a
 role and the student of Grad-Mimic's reweighted run (Huang et al., arXiv 2501.06708) in the second.
 
 A gated sample's ``keep_prob`` becomes ``0.5 + 0.5 * P(keep)``: kept, and still ordered by the posterior among the
-gated samples. A sample without a margin (not a single-label classification log) is not gated.
+gated samples. Its ``keep_log_odds`` ``z`` becomes that probability's log-odds, ``log(1 + p) - log(1 - p)``, formed as
+``log1p(p) + log(1 + e^z)`` (``1 - p = σ(-z)``) so that it keeps ranking where ``p`` rounds to 1. A sample without a
+margin (not a single-label classification log) is not gated.
 """
 
 from __future__ import annotations
@@ -22,26 +24,42 @@ import numpy as np
 __all__ = ["AgreementGate", "agreement_gate"]
 
 
+_CHUNK = 1 << 20  # samples per block of the log-odds update: its temporaries stay small at any pool size
+
+
 @dataclass
 class AgreementGate:
-    """``keep_prob`` after the gate, and how many samples the gate kept that the posterior alone would discard."""
+    """``keep_prob`` and ``keep_log_odds`` after the gate, and how many samples the gate kept that the posterior
+    alone would discard."""
 
     keep_prob: np.ndarray
+    keep_log_odds: np.ndarray
     n_gated: int
     n_with_margin: int
 
 
-def agreement_gate(keep_prob: np.ndarray, student_margin: np.ndarray) -> AgreementGate:
+def agreement_gate(keep_prob: np.ndarray, keep_log_odds: np.ndarray, student_margin: np.ndarray) -> AgreementGate:
     """Keep every sample whose ``student_margin`` (its given label's logit minus the largest other, averaged over
-    the run) is at least 0: ``keep_prob`` of such a sample becomes ``0.5 + 0.5 * keep_prob``; the others' is
-    unchanged. NaN margins are not gated. A float64 ``keep_prob`` is updated in place (no copy of a pool-sized
-    array: the filter runs on hundreds of millions of samples) and returned in the result."""
+    the run) is at least 0: ``keep_prob`` of such a sample becomes ``0.5 + 0.5 * keep_prob`` and ``keep_log_odds``
+    that probability's log-odds; the others' are unchanged. NaN margins are not gated. Float64 arrays are updated in
+    place (no copy of a pool-sized array: the filter runs on hundreds of millions of samples) and returned in the
+    result."""
     keep_prob = np.asarray(keep_prob, dtype=np.float64)
+    keep_log_odds = np.asarray(keep_log_odds, dtype=np.float64)
     student_margin = np.asarray(student_margin, dtype=np.float64)
-    if student_margin.shape != keep_prob.shape:
-        raise ValueError(f"{student_margin.shape} student margins for {keep_prob.shape} keep probabilities.")
+    if student_margin.shape != keep_prob.shape or keep_log_odds.shape != keep_prob.shape:
+        raise ValueError(
+            f"{student_margin.shape} student margins and {keep_log_odds.shape} log-odds for {keep_prob.shape} keep "
+            "probabilities."
+        )
     agrees = student_margin >= 0  # False for NaN
     n_gated = int(np.count_nonzero(agrees & (keep_prob < 0.5)))
+    for start in range(0, keep_prob.size, _CHUNK):
+        part = slice(start, start + _CHUNK)
+        gated, log_odds = agrees[part], keep_log_odds[part]
+        # log((1 + p) / (1 - p)) with 1 - p = σ(-z): log1p(p) + softplus(z), exact where p has rounded to 1.
+        np.logaddexp(0.0, log_odds, out=log_odds, where=gated)
+        np.add(log_odds, np.log1p(keep_prob[part]), out=log_odds, where=gated)
     np.multiply(keep_prob, 0.5, out=keep_prob, where=agrees)
     np.add(keep_prob, 0.5, out=keep_prob, where=agrees)
-    return AgreementGate(keep_prob, n_gated, int(np.count_nonzero(np.isfinite(student_margin))))
+    return AgreementGate(keep_prob, keep_log_odds, n_gated, int(np.count_nonzero(np.isfinite(student_margin))))

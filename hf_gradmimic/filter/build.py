@@ -93,7 +93,8 @@ def build_filter(
 
     Returns:
         A `MimicFilter`: ``table`` has one row per sample (sorted by ``sample_id``) with its mean
-        mimic score, mean ``b * w``, per-window votes / values / scores, ``keep_prob`` and ``keep``;
+        mimic score, mean ``b * w``, per-window votes / values / scores, ``keep_prob``, ``keep_log_odds`` (the
+        ranking: its log-odds, which do not round to 1.0 where ``keep_prob`` does) and ``keep``;
         ``summary`` has the retained fraction, per-window thresholds and estimated accuracies,
         degenerate windows, the settings used, and the score log's ``provenance`` (the reference, the
         scorer and its settings, the student, what the sample ids index): from the log's folder, or from the

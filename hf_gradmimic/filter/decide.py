@@ -28,7 +28,7 @@ from .signals import LabelingScores, mean_over_windows
 from .warning import warn
 from .windows import WindowsLike
 
-__all__ = ["check_settings", "decide"]
+__all__ = ["check_settings", "decide", "log_odds"]
 
 
 def check_settings(method: str, aggregate: str, threshold: float | None, topk: float) -> None:
@@ -103,7 +103,7 @@ def decide(
         voting.append(score_votes)
     all_votes = np.hstack(voting) if voting else np.zeros((votes.shape[0], 0), dtype=np.int8)
     student_margin = _student_margin(windowed)  # the agreement gate's input, and a column of the table
-    keep_prob, keep, info, status_counts = _aggregate_with_status(
+    keep_prob, keep_log_odds, keep, info, status_counts = _aggregate_with_status(
         windowed,
         all_votes,
         lf_scores if aggregate == "mixture" else None,
@@ -126,7 +126,7 @@ def decide(
             "and try method='gmm' or 'threshold', or fewer windows.",
             warn_list,
         )
-    table = _filter_table(windowed, votes, keep_prob, keep)
+    table = _filter_table(windowed, votes, keep_prob, keep_log_odds, keep)
     if student_margin is not None:  # what the agreement gate read, for `MimicFilter.rebuild`
         table = table.append_column("student_margin", _float_column(student_margin))
     if lf_votes is not None:
@@ -184,15 +184,16 @@ def _aggregate_with_status(
     warn_list: list[str],
     sources: list[str],
     student_margin: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any], dict[str, int]]:
-    """``(keep_prob, keep, aggregation info, status counts for the summary)``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any], dict[str, int]]:
+    """``(keep_prob, keep_log_odds, keep, aggregation info, status counts for the summary)``.
 
     ``scores`` (``n x k`` continuous values, NaN abstaining) are read by ``aggregate="mixture"`` only. With a
     ``student_margin`` per sample, the agreement gate (`hf_gradmimic.filter.agreement`) follows the aggregation.
 
     The score log's ``status`` (`hf_gradmimic.score_log_io`) decides two cases before the votes do:
 
-    - a sample with a non-finite record (status 1) is discarded: ``keep = False``, ``keep_prob = 0``.
+    - a sample with a non-finite record (status 1) is discarded: ``keep = False``, ``keep_prob = 0`` (log-odds
+      ``-inf``).
       Its loss or score was NaN or inf once, so its data is suspect (issue: one such row used to
       poison training);
     - a sample with no scored record at all (only status-2 records: no supervised label) has no
@@ -212,25 +213,25 @@ def _aggregate_with_status(
             "the filter's warnings say which columns are missing). Nothing to filter on."
         )
     if n_unscored:
-        keep_prob = np.empty(n, dtype=np.float64)
-        keep_prob[voted], info = _keep_prob(
+        keep_prob, keep_log_odds = np.empty(n, dtype=np.float64), np.empty(n, dtype=np.float64)
+        keep_prob[voted], keep_log_odds[voted], info = _keep_prob(
             votes[voted], None if scores is None else scores[voted], aggregate, seed, warn_list
         )
     else:  # every sample voted: no copy of the votes and signals
-        keep_prob, info = _keep_prob(votes, scores, aggregate, seed, warn_list)
-        keep_prob = np.asarray(keep_prob, dtype=np.float64)
+        keep_prob, keep_log_odds, info = _keep_prob(votes, scores, aggregate, seed, warn_list)
     info["agreement_gate"] = None
     if student_margin is not None:
         if n_unscored:
-            gate = agreement_gate(keep_prob[voted], student_margin[voted])
-            keep_prob[voted] = gate.keep_prob
+            gate = agreement_gate(keep_prob[voted], keep_log_odds[voted], student_margin[voted])
+            keep_prob[voted], keep_log_odds[voted] = gate.keep_prob, gate.keep_log_odds
         else:  # every sample voted: in place
-            gate = agreement_gate(keep_prob, student_margin)
+            gate = agreement_gate(keep_prob, keep_log_odds, student_margin)
         info["agreement_gate"] = {"n_gated": gate.n_gated, "n_with_margin": gate.n_with_margin}
     nonfinite = np.zeros(n, dtype=bool) if windowed.n_nonfinite is None else windowed.n_nonfinite > 0
     n_nonfinite = int(nonfinite.sum())
     if n_nonfinite:
         keep_prob[nonfinite] = 0.0
+        keep_log_odds[nonfinite] = -np.inf
         warn(
             f"{n_nonfinite} sample(s) had a non-finite loss or score (status 1) in the score log; the filter "
             "discards them.",
@@ -239,6 +240,7 @@ def _aggregate_with_status(
     if n_unscored:
         prior = float((keep_prob[voted] >= 0.5).mean())
         keep_prob[~voted & ~nonfinite] = prior
+        keep_log_odds[~voted & ~nonfinite] = log_odds(np.array([prior]))[0]
         warn(
             f"{n_unscored} sample(s) have no scored record (only unlabeled records, status 2): they abstain in "
             f"every window and get the prior keep_prob={prior:.3f}, the share of the voted samples kept.",
@@ -250,7 +252,7 @@ def _aggregate_with_status(
         "n_unscored_samples": n_unscored,
         "n_unlabeled_records": int(windowed.n_unlabeled_records),
     }
-    return keep_prob, keep, info, counts
+    return keep_prob, keep_log_odds, keep, info, counts
 
 
 def _float_column(values: np.ndarray) -> pa.Array:
@@ -265,12 +267,23 @@ def _student_margin(windowed: WindowedScores) -> np.ndarray | None:
     return None if per_window is None else mean_over_windows(per_window)
 
 
+def log_odds(keep_prob: np.ndarray) -> np.ndarray:
+    """``log(p / (1 - p))`` (``±inf`` at 0 and 1): the ranking of a ``P(keep)`` that has no finer one (a vote
+    aggregate's, or a saved filter's from before ``keep_log_odds`` was stored)."""
+    from scipy.special import logit
+
+    return logit(np.asarray(keep_prob, dtype=np.float64))
+
+
 def _keep_prob(
     votes: np.ndarray, scores: np.ndarray | None, aggregate: str, seed: int, warn_list: list[str]
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """``P(keep)`` of samples that each have some evidence: the mixture posterior, or a vote aggregate."""
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """``P(keep)`` and its log-odds, of samples that each have some evidence: the mixture posterior (whose
+    log-odds do not round to ``±inf`` where ``P(keep)`` rounds to 1), or a vote aggregate."""
     if aggregate != "mixture":
-        return aggregate_votes(votes, aggregate, seed=seed, collected_warnings=warn_list)
+        keep_prob, info = aggregate_votes(votes, aggregate, seed=seed, collected_warnings=warn_list)
+        keep_prob = np.asarray(keep_prob, dtype=np.float64)
+        return keep_prob, log_odds(keep_prob), info
     fit = keep_posterior(scores, votes, seed=seed)
     summary = fit.summary()
     if not fit.converged:
@@ -279,11 +292,15 @@ def _keep_prob(
             "estimate.",
             warn_list,
         )
-    return fit.keep_prob, {
-        "aggregate_used": "mixture",
-        "estimated_accuracies": summary["vote_accuracies"],
-        "mixture": summary,
-    }
+    return (
+        fit.keep_prob,
+        fit.keep_log_odds,
+        {
+            "aggregate_used": "mixture",
+            "estimated_accuracies": summary["vote_accuracies"],
+            "mixture": summary,
+        },
+    )
 
 
 def _nan_mean(values: np.ndarray) -> float:
@@ -382,7 +399,9 @@ def _vote_per_window(
     return votes, window_info
 
 
-def _filter_table(windowed: WindowedScores, votes: np.ndarray, keep_prob: np.ndarray, keep: np.ndarray) -> pa.Table:
+def _filter_table(
+    windowed: WindowedScores, votes: np.ndarray, keep_prob: np.ndarray, keep_log_odds: np.ndarray, keep: np.ndarray
+) -> pa.Table:
     """The per-sample table of a `MimicFilter`, one row per sample in ``windowed`` order."""
     return pa.table(
         {
@@ -394,6 +413,7 @@ def _filter_table(windowed: WindowedScores, votes: np.ndarray, keep_prob: np.nda
             "window_values": list_column(windowed.values, pa.float32()),
             "window_scores": list_column(windowed.scores, pa.float32()),
             "keep_prob": pa.array(np.asarray(keep_prob, dtype=np.float64)),
+            "keep_log_odds": _float_column(keep_log_odds),
             "keep": pa.array(keep),
             **(
                 {} if windowed.n_nonfinite is None else {"n_nonfinite": pa.array(windowed.n_nonfinite, type=pa.int32())}

@@ -8,8 +8,10 @@ column: the mimic windows of Huang et al., arXiv 2501.06708, a reference's agree
 probability ``a_jc``, independently of the signals, abstaining at random. It is the latent-class model of Dawid
 and Skene (1979) with Gaussian features beside the votes; with votes only it is the model Snorkel's LabelModel
 (Ratner et al. 2017) approximates, and with one signal it is DivideMix's 2-component GMM on the loss (Li et al.,
-ICLR 2020). EM (Dempster et al. 1977) fits it; ``P(keep | signals, votes)`` is the filter's ``keep_prob``, a
-ranking that ties only where the evidence ties, and a sample is kept when it is at least 0.5.
+ICLR 2020). EM (Dempster et al. 1977) fits it; ``P(keep | signals, votes)`` is the filter's ``keep_prob``, and a
+sample is kept when it is at least 0.5. The ranking is its log-odds, ``keep_log_odds``: it ties only where the
+evidence ties, whereas ``keep_prob`` rounds to exactly 1.0 in float64 beyond log-odds of about 37, which the
+clearest samples of a well-separated pool reach.
 
 Missing values are marginalised: a sample's likelihood uses the signals and votes it has. The keep class is the
 component with the higher mean on the first signal (or, without signals, the higher keep-vote rate). At scale
@@ -43,13 +45,15 @@ _TOL = 1e-8  # on the mean log-likelihood per sample
 class MixtureFit:
     """The fitted mixture and the posterior it gives.
 
-    ``keep_prob``: ``P(keep)`` per sample. ``keep_fraction``: the prior of the keep class. ``means`` and
+    ``keep_prob``: ``P(keep)`` per sample, the logistic of ``keep_log_odds``, ``log P(keep) - log P(discard)`` (the
+    ranking: no rounding to 1.0 where the evidence grows). ``keep_fraction``: the prior of the keep class. ``means`` and
     ``covariances``: per class (keep first) over the signals. ``vote_keep_rates``: ``P(vote = keep | class)`` per
     vote column (``columns x 2``, keep first); a source's accuracy is ``rate_keep * prior + (1 - rate_discard) *
     (1 - prior)``. ``iterations``, ``converged`` and ``log_likelihood`` (mean per fitted sample) describe EM.
     """
 
     keep_prob: np.ndarray
+    keep_log_odds: np.ndarray
     keep_fraction: float
     means: np.ndarray
     covariances: np.ndarray
@@ -107,14 +111,20 @@ def keep_posterior(
     rng = np.random.default_rng(seed)
     fit = np.sort(rng.choice(n, size=fit_rows, replace=False)) if n > fit_rows else slice(None)
     params, iterations, converged, log_likelihood = _em(signals[fit], votes[fit], seed)
+    from scipy.special import expit
+
+    keep_log_odds = np.empty(n, dtype=np.float64)
     keep_prob = np.empty(n, dtype=np.float64)
     for start in progress_bar(range(0, n, _CHUNK), desc="Keep posterior", unit="chunk"):
         part = slice(start, min(n, start + _CHUNK))
-        keep_prob[part] = _responsibilities(params, signals[part], votes[part])[0][:, 0]
+        log_joint = _log_joint(params, signals[part], votes[part])
+        np.subtract(log_joint[:, 0], log_joint[:, 1], out=keep_log_odds[part])
+        expit(keep_log_odds[part], out=keep_prob[part])
     rates = np.full((voting.size, 2), np.nan)
     rates[voting] = params.rates
     return MixtureFit(
         keep_prob,
+        keep_log_odds,
         float(params.prior[0]),
         params.means,
         params.covariances,
@@ -210,10 +220,15 @@ def _m_step(signals: np.ndarray, votes: np.ndarray, responsibility: np.ndarray) 
     return _Params(prior, means, covariances, rates)
 
 
+def _log_joint(params: _Params, signals: np.ndarray, votes: np.ndarray) -> np.ndarray:
+    """``log P(class, evidence)`` per sample, ``n x 2`` (keep first)."""
+    log_joint = np.log(np.maximum(params.prior, 1e-300))[None, :] + _signal_log_likelihood(params, signals)
+    return log_joint + _vote_log_likelihood(params, votes)
+
+
 def _responsibilities(params: _Params, signals: np.ndarray, votes: np.ndarray) -> tuple[np.ndarray, float]:
     """``P(class | evidence)`` per sample (keep first) and the mean log-likelihood."""
-    log_joint = np.log(np.maximum(params.prior, 1e-300))[None, :] + _signal_log_likelihood(params, signals)
-    log_joint = log_joint + _vote_log_likelihood(params, votes)
+    log_joint = _log_joint(params, signals, votes)
     top = log_joint.max(axis=1, keepdims=True)
     log_norm = top + np.log(np.exp(log_joint - top).sum(axis=1, keepdims=True))
     return np.exp(log_joint - log_norm), float(log_norm.mean())

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from ..fileio import atomic_write, write_json
 from ..tables import as_rows
-from .decide import check_settings, decide
+from .decide import check_settings, decide, log_odds
 from .labeling import LabelingVotes
 from .matching import check_row_index_dataset, row_positions
 from .matrices import matrix
@@ -42,7 +42,8 @@ class MimicFilter:
             ``sample_id``, ``mean_mimic_score`` (NaN scores left out), ``mean_weight`` (mean ``b * w``),
             ``n_records``, ``votes`` (list<int8>, one entry per window: -1 abstain, 0 discard, 1 keep),
             ``window_values`` / ``window_scores`` (list<float32>: the sample's mean ``b * w`` / mimic
-            score in each window, NaN where it abstains), ``keep_prob`` and ``keep``.
+            score in each window, NaN where it abstains), ``keep_prob``, ``keep_log_odds`` (its log-odds: the
+            ranking, which does not round to 1.0 where ``keep_prob`` does) and ``keep``.
         summary: a JSON-able dict (see `build_filter`).
     """
 
@@ -62,6 +63,12 @@ class MimicFilter:
     @property
     def keep_prob(self) -> np.ndarray:
         return self.table.column("keep_prob").to_numpy()
+
+    @property
+    def keep_log_odds(self) -> np.ndarray:
+        """``log P(keep) - log P(discard)`` per sample: the filter's ranking (sort by it to keep the best ``k``).
+        A filter saved before the column existed gets the log-odds of its ``keep_prob`` at `load`."""
+        return self.table.column("keep_log_odds").to_numpy()
 
     @property
     def kept_ids(self) -> np.ndarray:
@@ -225,6 +232,12 @@ class MimicFilter:
             raise ValueError(
                 f"The filter table {table_path} cannot be read ({error}); it is corrupt or was cut short."
             ) from error
+        if "keep_log_odds" not in table.column_names and "keep_prob" in table.column_names:
+            # Saved before the column existed: the log-odds of its keep_prob (rounded where keep_prob is 0 or 1).
+            position = table.column_names.index("keep_prob") + 1
+            table = table.add_column(
+                position, "keep_log_odds", pa.array(log_odds(table.column("keep_prob").to_numpy()))
+            )
         return cls(table=table, summary=summary)
 
     def to_dataset(self) -> datasets.Dataset:  # noqa: F821
@@ -304,12 +317,12 @@ class MimicFilter:
 
         Returns:
             ``discard_precision``, ``discard_recall``, ``discard_f1``, ``retained_fraction``,
-            ``keep_roc_auc`` and ``keep_average_precision``.
+            ``keep_roc_auc`` and ``keep_average_precision`` (of the ranking, `keep_log_odds`).
         """
         from ..metrics import compute_filter_metrics
 
         clean = self._clean_flags(clean_flags, id_column, dataset)
-        return compute_filter_metrics(self.keep, clean, keep_prob=self.keep_prob)
+        return compute_filter_metrics(self.keep, clean, keep_score=self.keep_log_odds)
 
     def _clean_flags(self, clean_flags: Any, id_column: str | None, dataset: Any) -> np.ndarray:
         """The clean flag of every sample of the filter, in table order (see `evaluate`)."""

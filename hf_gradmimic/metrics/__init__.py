@@ -184,6 +184,7 @@ def compute_filter_metrics(
     clean: Sequence[bool] | np.ndarray,
     keep_prob: Sequence[float] | np.ndarray | None = None,
     threshold: float = 0.5,
+    keep_score: Sequence[float] | np.ndarray | None = None,
 ) -> dict[str, float]:
     """Filter audit without the `evaluate` boilerplate.
 
@@ -195,6 +196,9 @@ def compute_filter_metrics(
             to be 0/1), while the discard precision/recall/F1 and `retained_fraction` come from the
             `keep` decisions, which may differ from `keep_prob >= threshold` (e.g. sampled keeps).
         threshold: discard threshold applied to `keep` (irrelevant for boolean flags).
+        keep_score: optional per-sample ranking on any real scale, higher = keep (a filter's `keep_log_odds`, which
+            does not round to 1.0 where `keep_prob` does). When given, `keep_roc_auc` and `keep_average_precision`
+            are computed from it in float64 instead of from `keep_prob`.
 
     Returns:
         The `gradmimic_filter` result dict: `discard_precision`, `discard_recall`, `discard_f1`,
@@ -217,6 +221,16 @@ def compute_filter_metrics(
         )
         results["keep_roc_auc"] = ranked["keep_roc_auc"]
         results["keep_average_precision"] = ranked["keep_average_precision"]
+    if keep_score is not None:
+        from .gradmimic_filter import _average_precision, _roc_auc
+
+        score = np.asarray(keep_score, dtype=np.float64).reshape(-1)
+        if score.shape != clean_arr.shape:
+            raise ValueError(f"keep_score has {score.size} entries but clean has {clean_arr.size}.")
+        if np.isnan(score).any():
+            raise ValueError(f"keep_score holds NaN at positions {np.flatnonzero(np.isnan(score))[:5].tolist()}.")
+        results["keep_roc_auc"] = _roc_auc(clean_arr == 1, score)
+        results["keep_average_precision"] = _average_precision(clean_arr == 1, score)
     return results
 
 
