@@ -182,6 +182,7 @@ def zero_shot_accuracy(model: torch.nn.Module, data: dict[str, Any]) -> float:
 def detection(keep: np.ndarray, matched: np.ndarray, score: np.ndarray, digit: np.ndarray) -> dict[str, float]:
     """Discard precision / recall / F1 (a mismatched pair is the positive), retained fraction, the AUROC of ``score``
     for "matched", and the smallest share of one digit's matched pairs kept (a cut can empty a whole class)."""
+    from scipy.stats import rankdata
     from sklearn.metrics import roc_auc_score
 
     discard, mismatched = ~keep, matched == 0
@@ -195,7 +196,7 @@ def detection(keep: np.ndarray, matched: np.ndarray, score: np.ndarray, digit: n
         "recall": recall,
         "f1": f1,
         "retained": float(keep.mean()),
-        "auroc": float(roc_auc_score(matched, score)),
+        "auroc": float(roc_auc_score(matched, rankdata(score))),  # by rank: a ranking may hold ±inf (log-odds)
         "min_digit_kept": float(min(per_digit)),
     }
 

@@ -319,8 +319,12 @@ def _detection_metrics(issues: np.ndarray, clean_score: np.ndarray | None, is_cl
     precision, recall, f1, _ = precision_recall_fscore_support(~is_clean, issues, average="binary", zero_division=0)
     out = {"precision": float(precision), "recall": float(recall), "f1": float(f1), "discarded": float(np.mean(issues))}
     if clean_score is not None:
-        out["auroc"] = float(roc_auc_score(is_clean, clean_score))
-        out["ap"] = float(average_precision_score(is_clean, clean_score))
+        # By rank (ties kept): both metrics depend on the order alone, and a ranking may hold ±inf (log-odds).
+        from scipy.stats import rankdata
+
+        clean_rank = rankdata(clean_score)
+        out["auroc"] = float(roc_auc_score(is_clean, clean_rank))
+        out["ap"] = float(average_precision_score(is_clean, clean_rank))
     return out
 
 

@@ -45,9 +45,11 @@ CANDIDATES["previous default"] = {"labeling_functions": ["mimic", "loss"], "meth
 
 
 def metrics(keep: np.ndarray, keep_log_odds: np.ndarray, is_clean: np.ndarray) -> tuple[float, float]:
+    from scipy.stats import rankdata
     from sklearn.metrics import f1_score, roc_auc_score
 
-    return 100 * f1_score(~is_clean, ~keep), 100 * roc_auc_score(is_clean, keep_log_odds)
+    # by rank: the log-odds hold +inf for samples never drawn (and a vote aggregate's ±inf)
+    return 100 * f1_score(~is_clean, ~keep), 100 * roc_auc_score(is_clean, rankdata(keep_log_odds))
 
 
 def main() -> None:
