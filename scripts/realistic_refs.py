@@ -663,7 +663,7 @@ def targets(records: list[dict]) -> list[str]:
             issue_gaps.append(gap)
         aurocs.setdefault(task, []).append(auroc)
         if task in ISSUE_TASKS and auroc < AUROC_TARGET:
-            below_auroc.append(f"{task} {regime} {reference} {int(round(100 * noise))}% ({auroc:.3f})")
+            below_auroc.append(f"{task} {regime} {reference} {int(round(100 * noise))}% ({auroc:.4f})")
         stage1.append(accuracy_gap)
         rows.append(
             f"| {task} | {regime} | {reference} | {int(round(100 * noise))}% | {default:.1f} | {means[best]:.1f} "
