@@ -240,6 +240,15 @@ def test_compute_filter_metrics():
     assert with_prob["keep_roc_auc"] == pytest.approx(roc_auc_score(clean, prob), abs=1e-12)
     assert with_prob["keep_average_precision"] == pytest.approx(average_precision_score(clean, prob), abs=1e-12)
 
+    # probabilities within 6e-8 of 1, which float32 (the `evaluate` metric's features) would tie, rank in float64
+    near_one = 1 - np.where(clean == 1, 1e-9, 1e-8) * rng.random(clean.size)
+    assert len(np.unique(near_one.astype(np.float32))) < 3
+    with_near_one = hm.compute_filter_metrics(keep, clean.astype(bool), keep_prob=near_one)
+    assert with_near_one["keep_roc_auc"] == pytest.approx(roc_auc_score(clean, near_one), abs=1e-12)
+    assert with_near_one["keep_average_precision"] == pytest.approx(average_precision_score(clean, near_one), abs=1e-12)
+    with pytest.raises(ValueError, match="keep probabilities in"):
+        hm.compute_filter_metrics(keep, clean.astype(bool), keep_prob=near_one + 1)
+
     # a ranking on any scale (log-odds), whose top values float32 probabilities would all round to 1.0
     log_odds = np.where(clean == 1, 40.0, 20.0) + rng.normal(0, 8.0, clean.size)
     assert (np.float32(1 / (1 + np.exp(-log_odds))) == 1.0).mean() > 0.5

@@ -192,13 +192,13 @@ def compute_filter_metrics(
         keep: per-sample keep decisions (True = keep).
         clean: per-sample ground truth (True = correctly labelled).
         keep_prob: optional per-sample keep probabilities in [0, 1]. When given, `keep_roc_auc` and
-            `keep_average_precision` are added (computed from `keep_prob`, always, even if it happens
-            to be 0/1), while the discard precision/recall/F1 and `retained_fraction` come from the
+            `keep_average_precision` are added (computed from `keep_prob` in float64, always, even if it
+            happens to be 0/1), while the discard precision/recall/F1 and `retained_fraction` come from the
             `keep` decisions, which may differ from `keep_prob >= threshold` (e.g. sampled keeps).
         threshold: discard threshold applied to `keep` (irrelevant for boolean flags).
         keep_score: optional per-sample ranking on any real scale, higher = keep (a filter's `keep_log_odds`, which
             does not round to 1.0 where `keep_prob` does). When given, `keep_roc_auc` and `keep_average_precision`
-            are computed from it in float64 instead of from `keep_prob`.
+            are computed from it, and `keep_prob` is not read.
 
     Returns:
         The `gradmimic_filter` result dict: `discard_precision`, `discard_recall`, `discard_f1`,
@@ -212,26 +212,30 @@ def compute_filter_metrics(
     results = _compute_local(
         "gradmimic_filter", predictions=keep_arr, references=clean_arr, threshold=threshold, rank_metrics=False
     )
-    if keep_prob is not None:
-        prob_arr = np.asarray(keep_prob, dtype=np.float32).reshape(-1)
-        if prob_arr.shape != clean_arr.shape:
-            raise ValueError(f"keep_prob has {prob_arr.size} entries but clean has {clean_arr.size}.")
-        ranked = _compute_local(
-            "gradmimic_filter", predictions=prob_arr, references=clean_arr, threshold=threshold, rank_metrics=True
-        )
-        results["keep_roc_auc"] = ranked["keep_roc_auc"]
-        results["keep_average_precision"] = ranked["keep_average_precision"]
+    # The rank metrics in float64 (the `evaluate` metric's features are float32, where probabilities within 6e-8 of
+    # 1 tie): keep_score, else keep_prob, by the metric script's own rank formulas.
     if keep_score is not None:
-        from .gradmimic_filter import _average_precision, _roc_auc
-
-        score = np.asarray(keep_score, dtype=np.float64).reshape(-1)
-        if score.shape != clean_arr.shape:
-            raise ValueError(f"keep_score has {score.size} entries but clean has {clean_arr.size}.")
-        if np.isnan(score).any():
-            raise ValueError(f"keep_score holds NaN at positions {np.flatnonzero(np.isnan(score))[:5].tolist()}.")
-        results["keep_roc_auc"] = _roc_auc(clean_arr == 1, score)
-        results["keep_average_precision"] = _average_precision(clean_arr == 1, score)
+        results.update(_rank_metrics(clean_arr, keep_score, "keep_score"))
+    elif keep_prob is not None:
+        results.update(_rank_metrics(clean_arr, keep_prob, "keep_prob", probabilities=True))
     return results
+
+
+def _rank_metrics(clean: np.ndarray, values: Any, name: str, probabilities: bool = False) -> dict[str, float]:
+    """``keep_roc_auc`` and ``keep_average_precision`` of ``values`` (higher = keep) for the clean flags, in float64."""
+    from .gradmimic_filter import _average_precision, _roc_auc
+
+    score = np.asarray(values, dtype=np.float64).reshape(-1)
+    if score.shape != clean.shape:
+        raise ValueError(f"{name} has {score.size} entries but clean has {clean.size}.")
+    if np.isnan(score).any():
+        raise ValueError(f"{name} holds NaN at positions {np.flatnonzero(np.isnan(score))[:5].tolist()}.")
+    if probabilities and (not np.isfinite(score).all() or score.min() < 0.0 or score.max() > 1.0):
+        raise ValueError(f"{name} must hold keep probabilities in [0, 1].")
+    return {
+        "keep_roc_auc": _roc_auc(clean == 1, score),
+        "keep_average_precision": _average_precision(clean == 1, score),
+    }
 
 
 def accuracy_compute_metrics(eval_pred: Any) -> dict[str, float]:
