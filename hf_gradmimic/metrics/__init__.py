@@ -223,7 +223,7 @@ def compute_filter_metrics(
 
 def _rank_metrics(clean: np.ndarray, values: Any, name: str, probabilities: bool = False) -> dict[str, float]:
     """``keep_roc_auc`` and ``keep_average_precision`` of ``values`` (higher = keep) for the clean flags, in float64."""
-    from .gradmimic_filter import _average_precision, _roc_auc
+    from .gradmimic_filter import average_precision, roc_auc
 
     score = np.asarray(values, dtype=np.float64).reshape(-1)
     if score.shape != clean.shape:
@@ -233,8 +233,8 @@ def _rank_metrics(clean: np.ndarray, values: Any, name: str, probabilities: bool
     if probabilities and (not np.isfinite(score).all() or score.min() < 0.0 or score.max() > 1.0):
         raise ValueError(f"{name} must hold keep probabilities in [0, 1].")
     return {
-        "keep_roc_auc": _roc_auc(clean == 1, score),
-        "keep_average_precision": _average_precision(clean == 1, score),
+        "keep_roc_auc": roc_auc(clean == 1, score),
+        "keep_average_precision": average_precision(clean == 1, score),
     }
 
 

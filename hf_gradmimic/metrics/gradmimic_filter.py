@@ -101,7 +101,7 @@ def _safe_div(num: float, den: float) -> float:
     return float(num) / float(den) if den > 0 else 0.0
 
 
-def _roc_auc(clean: np.ndarray, score: np.ndarray) -> float:
+def roc_auc(clean: np.ndarray, score: np.ndarray) -> float:
     """ROC AUC via the rank-sum (Mann-Whitney U) statistic, with tied scores sharing their average rank.
 
     With average ranks for ties this is exactly the trapezoidal area under the ROC curve, i.e. what
@@ -123,7 +123,7 @@ def _roc_auc(clean: np.ndarray, score: np.ndarray) -> float:
     return float(u / (n_pos * n_neg))
 
 
-def _average_precision(clean: np.ndarray, score: np.ndarray) -> float:
+def average_precision(clean: np.ndarray, score: np.ndarray) -> float:
     """Step-wise average precision sum_n (R_n - R_{n-1}) P_n with `clean` as the positive class.
 
     Thresholds are the distinct scores from high to low; tied samples enter together (as in
@@ -205,6 +205,6 @@ class GradmimicFilter(evaluate.Metric):
             # restate precision/recall; report them for probabilities only.
             rank_metrics = not np.isin(score, (0.0, 1.0)).all()
         if rank_metrics:
-            results["keep_roc_auc"] = _roc_auc(clean, score)
-            results["keep_average_precision"] = _average_precision(clean, score)
+            results["keep_roc_auc"] = roc_auc(clean, score)
+            results["keep_average_precision"] = average_precision(clean, score)
         return results
