@@ -417,9 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="The sources of evidence: continuous ones from the score log (mean_loss, mean_margin, last_loss, "
         "last_loss_linear, window_loss, reference_loss, reference_margin) and votes (mimic: the paper's windows; "
         "loss: per-window small-loss votes). "
-        f"Default: {' '.join(DEFAULT_LABELING_FUNCTIONS)} for a log with the student's margin (classification), "
+        f"Default: {' '.join(DEFAULT_LABELING_FUNCTIONS)} for a log with the student's margin (classification; "
+        "without reference_margin when the log lacks it), "
         f"{' '.join(DEFAULT_LABELING_FUNCTIONS_WITHOUT_MARGIN)} otherwise. "
-        "A reference's or zero-shot model's agreement: build_filter(labeling_functions=[...]) in Python.",
+        "A reference's own logits (PredictorMargin, PredictorAgreement) or a zero-shot model's: "
+        "build_filter(labeling_functions=[...]) in Python.",
     )
     flt.add_argument(
         "--output", default="mimic_filter", help="Directory for the filter (Parquet table + JSON summary)."

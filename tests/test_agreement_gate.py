@@ -1,6 +1,6 @@
 """The agreement gate of Stage 2 (`hf_gradmimic.filter.agreement`) through `build_filter`: a sample whose student
-predicts its given label is kept, checked against a pandas re-derivation of the student's mean margin from the log
-and the posterior built without the gate."""
+predicts its given label (and no reference disputes it) is kept, checked against a pandas re-derivation of the
+student's and the reference's mean margins from the log and the posterior built without the gate."""
 
 from __future__ import annotations
 
@@ -55,7 +55,12 @@ def test_the_gate_keeps_exactly_the_samples_the_student_predicts(log):
     np.testing.assert_allclose(
         gated.keep_log_odds[inside], np.log(gated.keep_prob / (1 - gated.keep_prob))[inside], rtol=1e-6, atol=1e-6
     )
-    assert gated.summary["agreement_gate"] == {"n_gated": int(rescued.sum()), "n_with_margin": len(margin)}
+    assert gated.summary["agreement_gate"] == {
+        "n_gated": int(rescued.sum()),
+        "n_with_margin": len(margin),
+        "reference_margins": [],
+        "n_reference_disagrees": 0,
+    }
     np.testing.assert_allclose(gated.table.column("student_margin").to_numpy(), margin, rtol=1e-5, atol=1e-6)
 
 
@@ -80,6 +85,39 @@ def test_a_log_without_margins_and_vote_aggregates_are_not_gated():
     assert paper.summary["agreement_gate"] is None
 
 
+def test_a_sample_the_reference_disputes_is_not_protected(log):
+    """With the reference's margin among the labeling functions, the gate keeps a sample only when the student
+    predicts its label and the reference does not predict another: re-derived with pandas from the log."""
+    table, clean = log
+    rng = np.random.default_rng(5)
+    ids = table.column("sample_id").to_numpy()
+    reference = np.where(
+        np.isin(ids, np.flatnonzero(clean)), rng.normal(1.5, 1.0, len(ids)), rng.normal(-1.5, 1.0, len(ids))
+    )
+    reference[ids == 3] = np.nan  # sample 3: no reference verdict, so no objection
+    table = table.append_column("reference_margin", pa.array(reference.astype(np.float32)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FilterWarning)  # sample 3's missing value is warned about
+        ungated = build_filter(table, discard_requires_disagreement=False)
+        gated = build_filter(table)
+    margin = pandas_mean_margin(table)
+    frame = table.to_pandas()
+    frame["window"] = np.ceil(frame["epoch"] - 1e-9).astype(int) - 1
+    reference_mean = frame.groupby(["sample_id", "window"])["reference_margin"].mean().unstack().sort_index()
+    reference_mean = reference_mean.mean(axis=1).to_numpy()
+    protected = (margin >= 0) & ~(reference_mean < 0)
+    disputed = (margin >= 0) & (reference_mean < 0)
+    assert disputed.sum() > 5 and np.isnan(reference_mean[3])
+    posterior = ungated.keep_prob
+    np.testing.assert_array_equal(gated.keep, (posterior >= 0.5) | protected)
+    np.testing.assert_allclose(gated.keep_prob, np.where(protected, 0.5 + 0.5 * posterior, posterior), rtol=1e-6)
+    summary = gated.summary["agreement_gate"]
+    assert summary["reference_margins"] == ["reference_margin"]
+    assert summary["n_reference_disagrees"] == int(disputed.sum())
+    assert summary["n_gated"] == int(((posterior < 0.5) & protected).sum())
+    np.testing.assert_array_equal(gated.rebuild().keep, gated.keep)
+
+
 def test_the_gate_function_on_its_own():
     posterior = np.array([0.1, 0.9, 0.2, 0.6, 0.3])
     margin = np.array([0.5, -1.0, -0.1, np.nan, 0.0])
@@ -91,6 +129,13 @@ def test_the_gate_function_on_its_own():
     assert (gate.n_gated, gate.n_with_margin) == (2, 4)
     with pytest.raises(ValueError, match="student margins"):
         agreement_gate(posterior, log_odds, margin[:3])
+    # a reference's margin: sample 0 disputed (no longer kept), sample 4 left alone by a NaN
+    reference = np.array([-0.2, 1.0, 1.0, 1.0, np.nan])
+    gate = agreement_gate(posterior.copy(), log_odds.copy(), margin, [reference])
+    np.testing.assert_allclose(gate.keep_prob, [0.1, 0.9, 0.2, 0.6, 0.65])
+    assert (gate.n_gated, gate.n_reference_disagrees) == (1, 1)
+    with pytest.raises(ValueError, match="reference margins of shapes"):
+        agreement_gate(posterior, log_odds, margin, [reference[:2]])
 
 
 def test_the_gate_keeps_ranking_where_keep_prob_rounds_to_one():

@@ -333,7 +333,8 @@ def test_shards_without_the_newer_columns_read_as_missing_signals_and_scored(tmp
 
 
 def default_filter_log(seed: int, folder) -> pa.Table:
-    """A random log on disk with the columns the default filter reads (the student's loss and margin), NaN, inf
+    """A random log on disk with the columns the default filter reads (the student's loss and margin, the reference's
+    margin), NaN, inf
     and missing values among them, status 1/2 records and repeated rows; returns the table written."""
     table = random_log(seed, signals=True)
     margin = signal_columns(np.random.default_rng(seed + 20_000), table.num_rows)["reference_margin"]
@@ -353,7 +354,8 @@ def test_the_default_filter_is_identical_when_the_streaming_engine_spills(tmp_pa
         streamed = build_filter(tmp_path, windows=5, engine="streaming")
         memory = build_filter(tmp_path, windows=5, engine="memory")
     assert isinstance(windowed.values, np.memmap) and isinstance(windowed.signals["margin"], np.memmap)
-    assert streamed.summary["settings"]["labeling_functions"] == ["mean_loss", "mean_margin"]
+    assert streamed.summary["settings"]["labeling_functions"] == ["mean_loss", "mean_margin", "reference_margin"]
+    assert streamed.summary["agreement_gate"]["reference_margins"] == ["reference_margin"]
     assert streamed.summary["aggregate_used"] == "mixture"
     np.testing.assert_array_equal(streamed.keep_prob, memory.keep_prob)
     np.testing.assert_array_equal(streamed.keep_log_odds, memory.keep_log_odds)

@@ -8,7 +8,14 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from hf_gradmimic.filter import FilterWarning, LossWindows, MimicFilter, PredictorAgreement, build_filter
+from hf_gradmimic.filter import (
+    FilterWarning,
+    LossWindows,
+    MimicFilter,
+    PredictorAgreement,
+    PredictorMargin,
+    build_filter,
+)
 from hf_gradmimic.filter.labeling import resolve_labeling_functions
 from hf_gradmimic.score_log_io import SCORE_COLUMNS, SCORE_TYPES, SCORES_DIRNAME
 
@@ -212,3 +219,42 @@ def test_the_loss_windows_come_from_the_one_read_of_the_log(tmp_path, monkeypatc
     mimic_filter = build_filter(tmp_path, engine=engine, labeling_functions=["mimic", "loss", "mean_loss"])
     assert sorted(reads) == sorted(folder.iterdir())
     assert mimic_filter.summary["settings"]["labeling_functions"] == ["mimic", "loss", "mean_loss"]
+
+
+def test_predictor_margin_is_the_given_labels_logit_minus_the_largest_other_matched_by_id():
+    table, clean = make_log()
+    n = clean.size
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 1, (n, 4))
+    labels = rng.integers(0, 4, n)
+    ids = np.arange(n)[::-1]  # rows given in reverse order, matched by id; the last id missing
+    lf = PredictorMargin(logits[ids][:-1], labels[ids][:-1], sample_ids=ids[:-1], name="reference")
+    mimic_filter = build_filter(table, labeling_functions=["mean_loss", lf])
+    column = np.asarray(mimic_filter.table.column("lf_scores").to_pylist(), dtype=float)[:, -1]
+    expected = np.array([logits[i, labels[i]] - np.delete(logits[i], labels[i]).max() for i in range(n)])
+    assert np.isnan(column[0])  # id 0 was the missing row: it abstains
+    np.testing.assert_allclose(column[1:], expected[1:], rtol=0, atol=1e-12)
+    entry = mimic_filter.summary["labeling_functions"][-1]
+    assert entry["labeling_function"] == "reference" and entry["reference_margin"] is True
+
+
+def test_a_predictor_margin_survives_save_and_rebuild(tmp_path):
+    table, clean = make_log()
+    margin_logits = np.stack([np.where(clean, 2.0, -1.0), np.zeros(clean.size)], axis=1)
+    built = build_filter(table, labeling_functions=["mean_loss", PredictorMargin(margin_logits, np.zeros(clean.size))])
+    built.save(tmp_path)
+    assert MimicFilter.load(tmp_path).rebuild().table.equals(built.table)
+
+
+@pytest.mark.parametrize(
+    "logits, labels, match",
+    [
+        (np.zeros((3, 1)), [0, 0, 0], "at least 2 classes"),
+        (np.zeros((3, 2)), [0, 1], "shape"),
+        (np.zeros((3, 2)), [0, 2, 1], "index the 2 classes"),
+        (np.array([[0.0, 1.0], [np.nan, 0.0], [0.0, 0.0]]), [0, 1, 0], r"row\(s\) \[1\]"),
+    ],
+)
+def test_bad_predictor_margin_input_is_named(logits, labels, match):
+    with pytest.raises(ValueError, match=match):
+        PredictorMargin(logits, labels, name="reference")

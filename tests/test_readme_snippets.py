@@ -115,7 +115,7 @@ def mixin_fixtures(tmp_path: Path) -> dict:
 FIXTURES = {
     "from datasets import load_dataset": clip_fixtures,
     "from hf_gradmimic import MimicConfig, MimicTrainer, build_filter, load_scores": api_fixtures,
-    "from hf_gradmimic.filter import DEFAULT_LABELING_FUNCTIONS, PredictorAgreement": None,  # the previous block's run and fixtures
+    "from hf_gradmimic.filter import PredictorMargin": None,  # the previous block's run and fixtures
     "from peft import LoraConfig, get_peft_model": sft_fixtures,
     "from dataclasses import dataclass": mixin_fixtures,
 }
@@ -155,10 +155,11 @@ def check_block(first: str, namespace: dict, tmp_path: Path) -> None:
         assert len(load_scores("out")) > 0
         kept = namespace["mimic_filter"].apply(namespace["train"])
         assert len(namespace["clean_train"]) == len(kept) == int(namespace["mimic_filter"].keep.sum())
-    elif first == "from hf_gradmimic.filter import DEFAULT_LABELING_FUNCTIONS, PredictorAgreement":
+    elif first == "from hf_gradmimic.filter import PredictorMargin":
         summary = namespace["mimic_filter"].summary
         sources = {entry["labeling_function"] for entry in summary["labeling_functions"]}
         assert sources == {"mean_loss", "mean_margin", "reference"} and summary["aggregate_used"] == "mixture"
+        assert summary["agreement_gate"]["reference_margins"] == ["reference"]
     elif first == "from peft import LoraConfig, get_peft_model":  # a PEFT adapter as reference, the SFT run's scores
         assert (tmp_path / "lora-ref" / "adapter_config.json").is_file()
         scores = load_scores("out").to_pandas()

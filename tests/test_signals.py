@@ -157,13 +157,21 @@ def test_a_log_without_the_margin_defaults_to_the_last_window_loss():
     assert discard_f1(default.keep, clean) > discard_f1(mean.keep, clean) + 0.02
 
 
-def test_a_log_with_the_margin_keeps_the_classification_default():
+def test_the_default_follows_the_margins_the_log_records():
+    """The student's margin and the reference's: the classification default; the student's alone: the default
+    without the reference's margin, and no warning about it (the log was never going to have it)."""
     table, _ = make_log(n=300)
-    margin = np.random.default_rng(0).normal(1.0, 1.0, table.num_rows).astype(np.float32)
+    rng = np.random.default_rng(0)
+    table = table.append_column("margin", pa.array(rng.normal(1.0, 1.0, table.num_rows).astype(np.float32)))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FilterWarning)
-        default = build_filter(table.append_column("margin", pa.array(margin)))
+        warnings.simplefilter("error", FilterWarning)
+        student_only = build_filter(table)
+    assert student_only.summary["settings"]["labeling_functions"] == ["mean_loss", "mean_margin"]
+    assert student_only.summary["agreement_gate"]["reference_margins"] == []
+    reference = rng.normal(1.0, 1.0, table.num_rows).astype(np.float32)
+    default = build_filter(table.append_column("reference_margin", pa.array(reference)))
     assert default.summary["settings"]["labeling_functions"] == list(DEFAULT_LABELING_FUNCTIONS)
+    assert default.summary["agreement_gate"]["reference_margins"] == ["reference_margin"]
 
 
 def test_the_reference_margin_signal_is_the_mean_over_windows_of_its_window_means():

@@ -88,6 +88,7 @@ from .labeling import (
     LabelingVotes,
     LossWindows,
     PredictorAgreement,
+    PredictorMargin,
     ScoringFunction,
 )
 from .posterior import MixtureFit, keep_posterior
@@ -134,6 +135,7 @@ __all__ = [
     "MimicFilter",
     "MixtureFit",
     "PredictorAgreement",
+    "PredictorMargin",
     "ScoringFunction",
     "ScoresLike",
     "WindowSignal",

@@ -1,4 +1,4 @@
-"""The agreement gate of Stage 2: a sample the reweighted student predicts as its given label is not discarded.
+"""The agreement gate of Stage 2: a sample that every classifier predicts as its given label is not discarded.
 
 The keep posterior (`hf_gradmimic.filter.posterior`) ranks well but can place its cut badly where its Gaussians fit
 badly: on small pools and with two classes, the clean samples' log-losses spread far (a well-fitted sample's loss
@@ -7,7 +7,10 @@ only suspect when the model disagrees with it, so a discard needs both: the post
 negative mean margin of the student on the given label (its predicted class is another one). It is cleanlab's
 ``filter_by="both"``, which flags a sample only when it is both among the ``prune_by_noise_rate`` issues and
 ``predicted_neq_given`` (Northcutt, Jiang and Chuang, "Confident Learning", JAIR 2021), with the posterior in the first
-role and the student of Grad-Mimic's reweighted run (Huang et al., arXiv 2501.06708) in the second.
+role and the student of Grad-Mimic's reweighted run (Huang et al., arXiv 2501.06708) in the second. Where a reference's
+margin is among the labeling functions (the log's ``reference_margin``, `PredictorMargin`), a sample is protected only
+when the reference predicts its label too: the reference reads trusted labels, and its disagreement is evidence the
+student (which fits the pool) may lack. A NaN margin does not object.
 
 A gated sample's ``keep_prob`` becomes ``0.5 + 0.5 * P(keep)``: kept, and still ordered by the posterior among the
 gated samples. Its ``keep_log_odds`` ``z`` becomes that probability's log-odds, ``log(1 + p) - log(1 - p)``, formed as
@@ -17,6 +20,7 @@ margin (not a single-label classification log) is not gated.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,23 +40,36 @@ class AgreementGate:
     keep_log_odds: np.ndarray
     n_gated: int
     n_with_margin: int
+    n_reference_disagrees: int = 0
 
 
-def agreement_gate(keep_prob: np.ndarray, keep_log_odds: np.ndarray, student_margin: np.ndarray) -> AgreementGate:
+def agreement_gate(
+    keep_prob: np.ndarray,
+    keep_log_odds: np.ndarray,
+    student_margin: np.ndarray,
+    reference_margins: Sequence[np.ndarray] = (),
+) -> AgreementGate:
     """Keep every sample whose ``student_margin`` (its given label's logit minus the largest other, averaged over
-    the run) is at least 0: ``keep_prob`` of such a sample becomes ``0.5 + 0.5 * keep_prob`` and ``keep_log_odds``
-    that probability's log-odds; the others' are unchanged. NaN margins are not gated. Float64 arrays are updated in
-    place (no copy of a pool-sized array: the filter runs on hundreds of millions of samples) and returned in the
-    result."""
+    the run) is at least 0 and whose ``reference_margins`` (each a reference's margin on the given label) are not
+    negative: ``keep_prob`` of such a sample becomes ``0.5 + 0.5 * keep_prob`` and ``keep_log_odds`` that
+    probability's log-odds; the others' are unchanged. A NaN student margin is not gated; a NaN reference margin does
+    not object. Float64 arrays are updated in place (no copy of a pool-sized array: the filter runs on hundreds of
+    millions of samples) and returned in the result, with how many samples the gate kept that the posterior alone
+    would discard (``n_gated``) and how many the student agrees with but a reference does not
+    (``n_reference_disagrees``)."""
     keep_prob = np.asarray(keep_prob, dtype=np.float64)
     keep_log_odds = np.asarray(keep_log_odds, dtype=np.float64)
     student_margin = np.asarray(student_margin, dtype=np.float64)
-    if student_margin.shape != keep_prob.shape or keep_log_odds.shape != keep_prob.shape:
+    shapes = [np.shape(margin) for margin in reference_margins]
+    if any(shape != keep_prob.shape for shape in [student_margin.shape, keep_log_odds.shape, *shapes]):
         raise ValueError(
-            f"{student_margin.shape} student margins and {keep_log_odds.shape} log-odds for {keep_prob.shape} keep "
-            "probabilities."
+            f"{student_margin.shape} student margins, reference margins of shapes {shapes} and "
+            f"{keep_log_odds.shape} log-odds for {keep_prob.shape} keep probabilities."
         )
     agrees = student_margin >= 0  # False for NaN
+    student_agrees = int(np.count_nonzero(agrees))
+    for margin in reference_margins:
+        agrees &= ~(np.asarray(margin) < 0)  # NaN does not object
     n_gated = int(np.count_nonzero(agrees & (keep_prob < 0.5)))
     for start in range(0, keep_prob.size, _CHUNK):
         part = slice(start, start + _CHUNK)
@@ -62,4 +79,10 @@ def agreement_gate(keep_prob: np.ndarray, keep_log_odds: np.ndarray, student_mar
         np.add(log_odds, np.log1p(keep_prob[part]), out=log_odds, where=gated)
     np.multiply(keep_prob, 0.5, out=keep_prob, where=agrees)
     np.add(keep_prob, 0.5, out=keep_prob, where=agrees)
-    return AgreementGate(keep_prob, keep_log_odds, n_gated, int(np.count_nonzero(np.isfinite(student_margin))))
+    return AgreementGate(
+        keep_prob,
+        keep_log_odds,
+        n_gated,
+        int(np.count_nonzero(np.isfinite(student_margin))),
+        student_agrees - int(np.count_nonzero(agrees)),
+    )

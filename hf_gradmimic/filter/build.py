@@ -75,21 +75,26 @@ def build_filter(
             object. Continuous ones give each sample a value (`hf_gradmimic.filter.signals`): ``"mean_loss"`` (the
             reweighted student's mean log-loss over the windows), ``"mean_margin"`` (its mean margin: the area
             under the margin, Pleiss et al. 2020), ``"last_loss"``, ``"last_loss_linear"``, ``"window_loss"``,
-            ``"reference_loss"`` (the reference's loss on the student's features, from the log). Voting ones:
-            ``"mimic"`` (the windows' ``b * w`` votes of the paper), ``"loss"`` (per-window small-loss votes) and
-            objects such as ``PredictorAgreement(reference_logits, labels)``. Default (None): `DEFAULT_LABELING_FUNCTIONS`,
-            ``["mean_loss", "mean_margin"]``, chosen on the realistic suite's runs against the best of five
-            baselines per setting (docs/results.md, `scripts/stage2_search.py`); for a log without the margin (a
-            contrastive or language-model run) `DEFAULT_LABELING_FUNCTIONS_WITHOUT_MARGIN`,
-            ``["last_loss_linear"]``, the student's loss in its last window (docs/clip_curation.md).
+            ``"reference_loss"`` and ``"reference_margin"`` (the reference's loss and margin on the student's
+            features, from the log), and objects such as ``PredictorMargin(reference_logits, labels)`` (the
+            reference's margin from its own logits). Voting ones: ``"mimic"`` (the windows' ``b * w`` votes of the
+            paper), ``"loss"`` (per-window small-loss votes) and objects such as
+            ``PredictorAgreement(reference_logits, labels)``. Default (None): `DEFAULT_LABELING_FUNCTIONS`,
+            ``["mean_loss", "mean_margin", "reference_margin"]``, chosen on the realistic suite's runs against the
+            best of five baselines per setting (docs/results.md, `scripts/stage2_search.py`); without
+            ``"reference_margin"`` for a log that lacks it (a reference that is not a classification head); for a log
+            without the student's margin (a contrastive or language-model run)
+            `DEFAULT_LABELING_FUNCTIONS_WITHOUT_MARGIN`, ``["last_loss_linear"]``, the student's loss in its last
+            window (docs/clip_curation.md).
         aggregate: how the labeling functions combine: ``"mixture"`` (default, `DEFAULT_AGGREGATE`: the keep
             posterior of `hf_gradmimic.filter.posterior` over the continuous values and the votes), or a vote rule
             (``"snorkel"``, ``"majority"``, ``"all"``, ``"any"``; a continuous function then votes by a GMM cut).
             The paper's filter is ``labeling_functions=["mimic"], method="gmm", aggregate="snorkel"``.
         discard_requires_disagreement: with ``aggregate="mixture"``, discard a sample only when the posterior says so
-            *and* the reweighted student predicts another class than its given label (a negative mean margin):
-            cleanlab's ``filter_by="both"`` (`hf_gradmimic.filter.agreement`). No effect on a log without the
-            margin (not a single-label classification run) or with a vote aggregate.
+            *and* a classifier predicts another class than its given label (a negative mean margin): the reweighted
+            student, or a reference whose margin is among the labeling functions (``"reference_margin"``,
+            `PredictorMargin`); cleanlab's ``filter_by="both"`` (`hf_gradmimic.filter.agreement`). No effect on a log
+            without the margin (not a single-label classification run) or with a vote aggregate.
 
     Returns:
         A `MimicFilter`: ``table`` has one row per sample (sorted by ``sample_id``) with its mean
@@ -120,8 +125,12 @@ def build_filter(
             f"spill_dir={str(spill_dir)!r} is not an existing directory; create it, or pass None for the system's temporary folder."
         )
     windowed = get_engine(engine).collect(scores, windows, on_bad_shard=on_bad_shard, spill_dir=spill_dir)
-    if labeling_functions is None:  # the default depends on whether the log records the student's margin
-        functions, mimic_votes = resolve_labeling_functions(default_labeling_functions("margin" in windowed.signals))
+    if (
+        labeling_functions is None
+    ):  # the default depends on whether the log records the student's and the reference's margins
+        functions, mimic_votes = resolve_labeling_functions(
+            default_labeling_functions("margin" in windowed.signals, "reference_margin" in windowed.signals)
+        )
     context = LabelingContext(scores, windowed, windows, method, threshold, topk, on_bad_shard=on_bad_shard)
     table, summary = decide(
         windowed,

@@ -103,6 +103,7 @@ def decide(
         voting.append(score_votes)
     all_votes = np.hstack(voting) if voting else np.zeros((votes.shape[0], 0), dtype=np.int8)
     student_margin = _student_margin(windowed)  # the agreement gate's input, and a column of the table
+    gate_margins = _reference_margins(extra_scores)
     keep_prob, keep_log_odds, keep, info, status_counts = _aggregate_with_status(
         windowed,
         all_votes,
@@ -112,6 +113,7 @@ def decide(
         warn_list,
         [lf.name for lf in extra_votes] + [lf.name for lf in extra_scores] + ["mimic"] * mimic_votes,
         student_margin if aggregate == "mixture" and discard_requires_disagreement else None,
+        gate_margins,
     )
     all_accuracies = info["estimated_accuracies"]
     offset = votes.shape[1] if mimic_votes else 0
@@ -184,11 +186,13 @@ def _aggregate_with_status(
     warn_list: list[str],
     sources: list[str],
     student_margin: np.ndarray | None = None,
+    reference_margins: dict[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any], dict[str, int]]:
     """``(keep_prob, keep_log_odds, keep, aggregation info, status counts for the summary)``.
 
     ``scores`` (``n x k`` continuous values, NaN abstaining) are read by ``aggregate="mixture"`` only. With a
-    ``student_margin`` per sample, the agreement gate (`hf_gradmimic.filter.agreement`) follows the aggregation.
+    ``student_margin`` per sample, the agreement gate (`hf_gradmimic.filter.agreement`) follows the aggregation,
+    reading the ``reference_margins`` (by column name) too.
 
     The score log's ``status`` (`hf_gradmimic.score_log_io`) decides two cases before the votes do:
 
@@ -221,12 +225,20 @@ def _aggregate_with_status(
         keep_prob, keep_log_odds, info = _keep_prob(votes, scores, aggregate, seed, warn_list)
     info["agreement_gate"] = None
     if student_margin is not None:
+        margins = list((reference_margins or {}).values())
         if n_unscored:
-            gate = agreement_gate(keep_prob[voted], keep_log_odds[voted], student_margin[voted])
+            gate = agreement_gate(
+                keep_prob[voted], keep_log_odds[voted], student_margin[voted], [m[voted] for m in margins]
+            )
             keep_prob[voted], keep_log_odds[voted] = gate.keep_prob, gate.keep_log_odds
         else:  # every sample voted: in place
-            gate = agreement_gate(keep_prob, keep_log_odds, student_margin)
-        info["agreement_gate"] = {"n_gated": gate.n_gated, "n_with_margin": gate.n_with_margin}
+            gate = agreement_gate(keep_prob, keep_log_odds, student_margin, margins)
+        info["agreement_gate"] = {
+            "n_gated": gate.n_gated,
+            "n_with_margin": gate.n_with_margin,
+            "reference_margins": list(reference_margins or {}),
+            "n_reference_disagrees": gate.n_reference_disagrees,
+        }
     nonfinite = np.zeros(n, dtype=bool) if windowed.n_nonfinite is None else windowed.n_nonfinite > 0
     n_nonfinite = int(nonfinite.sum())
     if n_nonfinite:
@@ -265,6 +277,14 @@ def _student_margin(windowed: WindowedScores) -> np.ndarray | None:
     """The student's mean margin on each sample's given label over its windows; None when the log has no margin."""
     per_window = windowed.signals.get("margin")
     return None if per_window is None else mean_over_windows(per_window)
+
+
+def _reference_margins(extra_scores: Sequence[LabelingScores]) -> dict[str, np.ndarray]:
+    """The references' margins among the continuous labeling functions, by column name: what the agreement gate
+    reads beside the student's margin. Views, not copies."""
+    return {
+        column: lf.values[:, j] for lf in extra_scores if lf.reference_margin for j, column in enumerate(lf.columns)
+    }
 
 
 def log_odds(keep_prob: np.ndarray) -> np.ndarray:
@@ -337,6 +357,7 @@ def _scores_summary(
                     "labeling_function": lf.name,
                     "name": name,
                     "kind": "score",
+                    "reference_margin": lf.reference_margin,
                     "n_samples": int(present.sum()),
                     "mean": float(np.mean(values[:, column], where=present)) if present.any() else float("nan"),
                     "estimated_accuracy": None

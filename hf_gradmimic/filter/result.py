@@ -167,7 +167,13 @@ class MimicFilter:
             return []
         stacked = matrix(self.table.column("lf_scores"), len(entries), np.float64)
         return [
-            LabelingScores(name, [entries[j]["name"] for j in cols], stacked[:, cols])
+            LabelingScores(
+                name,
+                [entries[j]["name"] for j in cols],
+                stacked[:, cols],
+                # a filter saved before the gate read references' margins was built without: so it rebuilds
+                reference_margin=bool(entries[cols[0]].get("reference_margin", False)),
+            )
             for name, cols in _columns_by_function(entries).items()
         ]
 

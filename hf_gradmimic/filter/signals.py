@@ -68,11 +68,14 @@ _WINDOWS = ("mean", "last", "each")
 @dataclass
 class LabelingScores:
     """What a continuous labeling function says: ``values`` (``n x k`` float64, NaN abstains, higher means keep)
-    in the filter's sample order, with a name per column."""
+    in the filter's sample order, with a name per column. ``reference_margin``: the values are a reference
+    classifier's margin on the given label (negative where it predicts another class), which the agreement gate reads
+    beside the student's (`hf_gradmimic.filter.agreement`)."""
 
     name: str
     columns: list[str]
     values: np.ndarray
+    reference_margin: bool = False
 
     def __post_init__(self) -> None:
         self.values = np.asarray(self.values, dtype=np.float64)
@@ -104,6 +107,8 @@ class WindowSignal:
             raise ValueError(f"transform must be one of {_TRANSFORMS}, got {transform!r}.")
         self.column, self.window, self.transform = column, window, transform
         self.name = name or f"{window}_{column}"
+        # the reference's margin as it is (not transformed): its sign is the reference's verdict, for the gate
+        self.reference_margin = column == "reference_margin" and transform == "identity"
 
     def __repr__(self) -> str:
         return f"WindowSignal(column={self.column!r}, window={self.window!r}, transform={self.transform!r})"
@@ -119,13 +124,13 @@ class WindowSignal:
                 f"{self.name!r} labeling function abstains.",
                 context.windowed.warnings,
             )
-            return LabelingScores(self.name, [self.name], np.full((n, 1), np.nan))
+            return LabelingScores(self.name, [self.name], np.full((n, 1), np.nan), self.reference_margin)
         # Row block by row block (`row_blocks`): a mapped per-window matrix is never read into memory whole.
         names = [f"{self.name}/{window}" for window in windowed.window_names] if self.window == "each" else [self.name]
         values = np.empty((n, len(names)))
         for rows, block in row_blocks(per_window):
             values[rows] = self._summary(block)
-        return LabelingScores(self.name, names, values)
+        return LabelingScores(self.name, names, values, self.reference_margin)
 
     def _summary(self, per_window: np.ndarray) -> np.ndarray:
         """The values of a block of samples (``rows x windows`` means) -> ``rows x columns``."""
