@@ -53,7 +53,7 @@ REFERENCES: dict[str, tuple[str, int | None]] = {
 # name: (label, has a continuous score)
 DETECTORS: dict[str, str] = {
     "stage2": "Stage 2, `build_filter` defaults ({defaults})",
-    "stage2_reference": "Stage 2 defaults + reference agreement (+ zero-shot on text) as labeling functions",
+    "stage2_reference": "Stage 2 defaults with the reference's own margin (`PredictorMargin` over its logits) in place of the log's",
     "previous_default": "the previous default: mimic + loss windows, k-means, Snorkel",
     "loss_reference": "loss windows + reference agreement (+ zero-shot on text), k-means, Snorkel",
     "paper": "Stage 2 as in the paper (mimic windows only, gmm, Snorkel)",
@@ -65,15 +65,17 @@ DETECTORS: dict[str, str] = {
 }
 
 
-def stage2_detectors(agreement: list) -> list[tuple[str, list | None, dict[str, Any]]]:
+def stage2_detectors(agreement: list, reference_margin: Any) -> list[tuple[str, list | None, dict[str, Any]]]:
     """``(detector, labeling_functions, build_filter settings)`` of the Stage-2 filters measured on each cell (None and
-    ``{}``: the library's defaults)."""
+    ``{}``: the library's defaults). ``agreement``: the reference's (and on text the zero-shot model's) votes;
+    ``reference_margin``: the reference's own margin (`PredictorMargin`), in place of the log's."""
     from hf_gradmimic.filter import DEFAULT_LABELING_FUNCTIONS
 
     previous = {"method": "kmeans", "aggregate": "snorkel"}
+    own_margin = [*(name for name in DEFAULT_LABELING_FUNCTIONS if name != "reference_margin"), reference_margin]
     return [
         ("stage2", None, {}),
-        ("stage2_reference", [*DEFAULT_LABELING_FUNCTIONS, *agreement], {}),
+        ("stage2_reference", own_margin, {}),
         ("previous_default", ["mimic", "loss"], previous),
         ("loss_reference", ["loss", *agreement], previous),
         ("paper", ["mimic"], {"method": "gmm", "aggregate": "snorkel"}),
@@ -371,7 +373,9 @@ def cell_data(task: Task, reference: str, noise: float, seed: int, epochs: float
     )
 
 
-def stage2_detections(out_dir: Path, agreement: list, n_pool: int) -> tuple[dict[str, tuple], dict[str, np.ndarray]]:
+def stage2_detections(
+    out_dir: Path, agreement: list, reference_margin: Any, n_pool: int
+) -> tuple[dict[str, tuple], dict[str, np.ndarray]]:
     """The Stage-2 detectors of `stage2_detectors` on the cell's score log, and the continuous scores beside them."""
     from hf_gradmimic import build_filter
 
@@ -379,7 +383,7 @@ def stage2_detections(out_dir: Path, agreement: list, n_pool: int) -> tuple[dict
     scores: dict[str, np.ndarray] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name, functions, settings in stage2_detectors(agreement):
+        for name, functions, settings in stage2_detectors(agreement, reference_margin):
             mimic_filter = build_filter(out_dir / "mimic", labeling_functions=functions, **settings)
             ids = mimic_filter.sample_ids  # every pool row over full epochs; a sample never drawn stays kept
             detections[name] = (
@@ -411,6 +415,13 @@ def _agreement(task: Task, data: CellData, ref_logits: np.ndarray, record: dict 
                 (zero_shot_logits.argmax(1) == np.asarray(pool_full["clean_label"])).mean()
             )
     return agreement
+
+
+def _reference_margin(data: CellData, ref_logits: np.ndarray) -> Any:
+    """The reference's own margin on the pool's given labels, a continuous labeling function."""
+    from hf_gradmimic.filter import PredictorMargin
+
+    return PredictorMargin(ref_logits, data.given, name="reference")
 
 
 def _retrained_accuracy(task: Task, regime: str, seed: int, data: CellData, issues: np.ndarray, out_dir: Path) -> float:
@@ -482,7 +493,9 @@ def run_cell(
     rho = _train(task, regime, seed, pool_ds, steps, out_dir / "rho_loss", scorer="rho_loss", reference=ref_model)
     record["accuracy"]["rho_loss"] = _accuracy(rho, test, task.input_column)
 
-    detections, scores = stage2_detections(out_dir, _agreement(task, data, ref_logits, record), len(pool_ds))
+    detections, scores = stage2_detections(
+        out_dir, _agreement(task, data, ref_logits, record), _reference_margin(data, ref_logits), len(pool_ds)
+    )
     cl = confident_learning(_frozen_features(task, task.model(seed, True), pool_ds), given, seed=seed)
     detections["cleanlab"] = (cl.issues, cl.clean_score)
     probs = np.exp(ref_logits - ref_logits.max(axis=1, keepdims=True))
@@ -517,7 +530,10 @@ def refilter_cell(
     data = cell_data(task, record["reference"], record["noise"], record["seed"], epochs)
     saved = np.load(out_dir / "cell_inputs.npz")
     detections, scores = stage2_detections(
-        out_dir, _agreement(task, data, saved["reference_logits"]), len(data.pool_ds)
+        out_dir,
+        _agreement(task, data, saved["reference_logits"]),
+        _reference_margin(data, saved["reference_logits"]),
+        len(data.pool_ds),
     )
     record = json.loads(json.dumps(record))
     stage2 = {name: _detection_metrics(issues, score, data.is_clean) for name, (issues, score) in detections.items()}

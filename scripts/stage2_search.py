@@ -43,6 +43,22 @@ CANDIDATES: dict[str, dict] = {
 }
 CANDIDATES["previous default"] = {"labeling_functions": ["mimic", "loss"], "method": "kmeans", "aggregate": "snorkel"}
 
+REFERENCE_LOGITS = "<the reference's own logits>"
+"""In a candidate's labeling functions: `PredictorMargin` over the cell's reference logits (``cell_inputs.npz``)."""
+
+CANDIDATES.update(
+    {
+        f"mean+margin+{name} +gate": {
+            "labeling_functions": ["mean_loss", "mean_margin", source],
+            "aggregate": "mixture",
+        }
+        for name, source in (
+            ("ref margin (log)", "reference_margin"),  # the reference's head on the student's current features
+            ("ref margin (own logits)", REFERENCE_LOGITS),  # the reference model's own verdict
+        )
+    }
+)
+
 
 def metrics(keep: np.ndarray, keep_log_odds: np.ndarray, is_clean: np.ndarray) -> tuple[float, float]:
     from scipy.stats import rankdata
@@ -54,12 +70,15 @@ def metrics(keep: np.ndarray, keep_log_odds: np.ndarray, is_clean: np.ndarray) -
 
 def main() -> None:
     from hf_gradmimic import build_filter
+    from hf_gradmimic.filter import PredictorMargin
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work-dirs", nargs="+", required=True)
     parser.add_argument("--tasks", nargs="+", default=["digits", "bbc", "breast_cancer"])
-    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES))
+    parser.add_argument("--candidates", nargs="+", default=None, help="default: every candidate")
+    parser.add_argument("--per-setting", action="store_true", help="also print each setting's gaps")
     ns = parser.parse_args()
+    ns.candidates = ns.candidates or list(CANDIDATES)
     # setting -> candidate -> [(f1, auroc, best baseline f1)] over seeds
     results: dict[tuple, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for work in map(Path, ns.work_dirs):
@@ -75,16 +94,26 @@ def main() -> None:
             is_clean = inputs["is_clean"]
             best = max(record["detectors"][b]["f1"] * 100 for b in BASELINES if b in record["detectors"])
             setting = (record["task"], record["regime"], record["reference"], record["noise"])
+            own_margin = PredictorMargin(inputs["reference_logits"], inputs["given"], name="reference_own_margin")
             for name in ns.candidates:
+                settings = dict(CANDIDATES[name])
+                settings["labeling_functions"] = [
+                    own_margin if lf is REFERENCE_LOGITS else lf for lf in settings["labeling_functions"]
+                ]
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    mimic_filter = build_filter(cell / "mimic", **CANDIDATES[name])
+                    mimic_filter = build_filter(cell / "mimic", **settings)
                 keep = np.ones(len(is_clean), dtype=bool)
                 keep_log_odds = np.full(len(is_clean), np.inf)  # a sample never drawn stays kept
                 keep[mimic_filter.sample_ids] = mimic_filter.keep
                 keep_log_odds[mimic_filter.sample_ids] = mimic_filter.keep_log_odds
                 results[setting][name].append((*metrics(keep, keep_log_odds, is_clean), best))
     print(f"{len(results)} settings (mean over seeds); 'wins' = at or above the best baseline's mean F1")
+    if ns.per_setting:
+        for setting, by_candidate in sorted(results.items()):
+            best = np.mean(np.asarray(by_candidate[ns.candidates[0]])[:, 2])
+            gaps = [np.mean(np.asarray(by_candidate[name])[:, 0]) - best for name in ns.candidates]
+            print(" ".join(map(str, setting)).ljust(34), f"best {best:5.1f}", " ".join(f"{g:+5.1f}" for g in gaps))
     for name in ns.candidates:
         gaps, aurocs = [], []
         for by_candidate in results.values():
