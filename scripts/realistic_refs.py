@@ -97,7 +97,7 @@ def _defaults_label() -> str:
 
     gate = inspect.signature(build_filter).parameters["discard_requires_disagreement"].default
     return f"{' + '.join(DEFAULT_LABELING_FUNCTIONS)}, aggregate {DEFAULT_AGGREGATE!r}" + (
-        ", discarding only where the student disagrees with the label" if gate else ""
+        ", discarding only where the student or the reference disagrees with the label" if gate else ""
     )
 
 
