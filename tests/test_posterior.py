@@ -122,3 +122,15 @@ def test_large_inputs_fit_on_a_subset_and_score_every_row():
     subset = keep_posterior(signals, None, seed=0, fit_rows=2000)
     assert subset.keep_prob.shape == (5000,)
     assert ((subset.keep_prob >= 0.5) == (whole.keep_prob >= 0.5)).mean() > 0.99
+
+
+def test_float32_signals_give_the_posterior_of_their_float64_values():
+    """Labeling-function values are kept in float32 (`hf_gradmimic.filter.signals.VALUE_DTYPE`); the posterior widens
+    them chunk by chunk, so it equals, bit for bit, the posterior of the same values given as float64."""
+    signals, _ = two_groups(n=2000, seed=12)
+    narrow = signals.astype(np.float32)
+    narrow[::11, 1] = np.nan
+    from_narrow = keep_posterior(narrow, None, seed=0)
+    from_wide = keep_posterior(narrow.astype(np.float64), None, seed=0)
+    np.testing.assert_array_equal(from_narrow.keep_log_odds, from_wide.keep_log_odds)
+    np.testing.assert_array_equal(from_narrow.means, from_wide.means)

@@ -24,7 +24,7 @@ from .matrices import list_column
 from .posterior import keep_posterior
 from .reduction import WindowedScores
 from .rowblocks import matrix_column, row_blocks
-from .signals import LabelingScores, mean_over_windows
+from .signals import VALUE_DTYPE, LabelingScores, mean_over_windows
 from .warning import warn
 from .windows import WindowsLike
 
@@ -134,7 +134,9 @@ def decide(
     if lf_votes is not None:
         table = table.append_column("lf_votes", list_column(lf_votes, pa.int8()))
     if lf_scores is not None:
-        table = table.append_column("lf_scores", list_column(lf_scores, pa.float64(), nan_as_null=True))
+        table = table.append_column(
+            "lf_scores", list_column(lf_scores, pa.from_numpy_dtype(VALUE_DTYPE), nan_as_null=True)
+        )
     mean_mimic_score = _nan_mean(windowed.mean_score)
     summary = {
         "n_samples": int(votes.shape[0]),
@@ -359,7 +361,9 @@ def _scores_summary(
                     "kind": "score",
                     "reference_margin": lf.reference_margin,
                     "n_samples": int(present.sum()),
-                    "mean": float(np.mean(values[:, column], where=present)) if present.any() else float("nan"),
+                    "mean": float(np.mean(values[:, column], where=present, dtype=np.float64))
+                    if present.any()
+                    else float("nan"),
                     "estimated_accuracy": None
                     if accuracies is None or offset + column >= len(accuracies)
                     else accuracies[offset + column],

@@ -81,7 +81,7 @@ class MixtureFit:
 def keep_posterior(
     signals: np.ndarray | None, votes: np.ndarray | None, *, seed: int = 0, fit_rows: int = FIT_ROWS
 ) -> MixtureFit:
-    """Fit the two-class mixture to ``signals`` (``n x d`` floats, NaN missing, higher = keep) and ``votes``
+    """Fit the two-class mixture to ``signals`` (``n x d`` float32 or float64, NaN missing, higher = keep) and ``votes``
     (``n x k`` int8: -1 abstain, 0 discard, 1 keep) and return ``P(keep)`` per sample.
 
     Either may be None (or have no column). Every sample needs at least one finite signal or one vote. A signal
@@ -89,7 +89,7 @@ def keep_posterior(
     only abstain; ``means`` and ``covariances`` describe the signal columns kept, and ``vote_keep_rates`` is NaN
     for a vote column left out.
     """
-    signals = np.zeros((_rows(signals, votes), 0)) if signals is None else np.asarray(signals, dtype=np.float64)
+    signals = np.zeros((_rows(signals, votes), 0)) if signals is None else _floating(signals)
     usable = np.isfinite(signals).any(axis=0)
     if not usable.all():  # a copy only when a column is left out
         signals = signals[:, usable]
@@ -110,14 +110,14 @@ def keep_posterior(
         )
     rng = np.random.default_rng(seed)
     fit = np.sort(rng.choice(n, size=fit_rows, replace=False)) if n > fit_rows else slice(None)
-    params, iterations, converged, log_likelihood = _em(signals[fit], votes[fit], seed)
+    params, iterations, converged, log_likelihood = _em(signals[fit].astype(np.float64), votes[fit], seed)
     from scipy.special import expit
 
     keep_log_odds = np.empty(n, dtype=np.float64)
     keep_prob = np.empty(n, dtype=np.float64)
     for start in progress_bar(range(0, n, _CHUNK), desc="Keep posterior", unit="chunk"):
         part = slice(start, min(n, start + _CHUNK))
-        log_joint = _log_joint(params, signals[part], votes[part])
+        log_joint = _log_joint(params, signals[part].astype(np.float64), votes[part])
         np.subtract(log_joint[:, 0], log_joint[:, 1], out=keep_log_odds[part])
         expit(keep_log_odds[part], out=keep_prob[part])
     rates = np.full((voting.size, 2), np.nan)
@@ -144,6 +144,13 @@ class _Params:
     means: np.ndarray  # [2, d]
     covariances: np.ndarray  # [2, d, d]
     rates: np.ndarray  # [k, 2]: P(vote = keep | class)
+
+
+def _floating(signals: Any) -> np.ndarray:
+    """``signals`` as a float array without a copy when it is one already (float32 labeling-function values are
+    widened to float64 a chunk at a time, not whole); float64 otherwise."""
+    signals = np.asarray(signals)
+    return signals if signals.dtype in (np.float32, np.float64) else signals.astype(np.float64)
 
 
 def _rows(signals: Any, votes: Any) -> int:

@@ -20,7 +20,7 @@ from .labeling import LabelingVotes
 from .matching import check_row_index_dataset, row_positions
 from .matrices import matrix
 from .reduction import WindowedScores
-from .signals import LabelingScores
+from .signals import VALUE_DTYPE, LabelingScores
 from .stream import filter_iterable
 
 __all__ = ["SUMMARY_FILENAME", "TABLE_FILENAME", "MimicFilter"]
@@ -165,7 +165,7 @@ class MimicFilter:
         entries = [e for e in self.summary.get("labeling_functions") or [] if e.get("kind") == "score"]
         if not entries or "lf_scores" not in self.table.column_names:
             return []
-        stacked = matrix(self.table.column("lf_scores"), len(entries), np.float64)
+        stacked = matrix(self.table.column("lf_scores"), len(entries), VALUE_DTYPE)
         return [
             LabelingScores(
                 name,

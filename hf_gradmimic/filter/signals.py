@@ -39,7 +39,7 @@ from .context import LabelingContext
 from .rowblocks import row_blocks
 from .warning import warn
 
-__all__ = ["LOSS_FLOOR", "SIGNAL_NAMES", "LabelingScores", "WindowSignal", "mean_over_windows"]
+__all__ = ["LOSS_FLOOR", "SIGNAL_NAMES", "VALUE_DTYPE", "LabelingScores", "WindowSignal", "mean_over_windows"]
 
 LOSS_FLOOR = 1e-4
 """Added to a loss before its log, so that a fitted sample's near-zero loss does not make a far tail of its own."""
@@ -56,6 +56,9 @@ SIGNAL_NAMES: dict[str, tuple[str, str, str]] = {
 """The continuous labeling functions named by a string in ``build_filter(labeling_functions=...)``:
 name -> (score-log column, window summary, transform)."""
 
+VALUE_DTYPE = np.float32
+"""The dtype of the continuous labeling functions' values (`LabelingScores`), in memory and in the table."""
+
 _TRANSFORMS = ("neg_log", "neg", "identity")
 _WHY_MISSING = {
     "margin": "the margin is recorded for single-label classification logits only",
@@ -67,10 +70,11 @@ _WINDOWS = ("mean", "last", "each")
 
 @dataclass
 class LabelingScores:
-    """What a continuous labeling function says: ``values`` (``n x k`` float64, NaN abstains, higher means keep)
-    in the filter's sample order, with a name per column. ``reference_margin``: the values are a reference
-    classifier's margin on the given label (negative where it predicts another class), which the agreement gate reads
-    beside the student's (`hf_gradmimic.filter.agreement`)."""
+    """What a continuous labeling function says: ``values`` (``n x k``, NaN abstains, higher means keep) in the
+    filter's sample order, with a name per column. The values are stored as `VALUE_DTYPE` (float32: the precision of
+    the score log's own columns; at hundreds of millions of samples they are the filter's largest per-sample arrays).
+    ``reference_margin``: the values are a reference classifier's margin on the given label (negative where it
+    predicts another class), which the agreement gate reads beside the student's (`hf_gradmimic.filter.agreement`)."""
 
     name: str
     columns: list[str]
@@ -78,7 +82,7 @@ class LabelingScores:
     reference_margin: bool = False
 
     def __post_init__(self) -> None:
-        self.values = np.asarray(self.values, dtype=np.float64)
+        self.values = np.asarray(self.values, dtype=VALUE_DTYPE)
         if self.values.ndim != 2 or self.values.shape[1] != len(self.columns):
             raise ValueError(
                 f"Labeling function {self.name!r}: values of shape {self.values.shape} for {len(self.columns)} column(s)."
@@ -127,7 +131,7 @@ class WindowSignal:
             return LabelingScores(self.name, [self.name], np.full((n, 1), np.nan), self.reference_margin)
         # Row block by row block (`row_blocks`): a mapped per-window matrix is never read into memory whole.
         names = [f"{self.name}/{window}" for window in windowed.window_names] if self.window == "each" else [self.name]
-        values = np.empty((n, len(names)))
+        values = np.empty((n, len(names)), dtype=VALUE_DTYPE)
         for rows, block in row_blocks(per_window):
             values[rows] = self._summary(block)
         return LabelingScores(self.name, names, values, self.reference_margin)
