@@ -6,7 +6,7 @@ batches of 256, 70 % "clean" samples whose b*w is drawn around 1.3 and 30 % "noi
 0.7, sd 0.25; loss around 0.5 and 1.5, sd 0.5), written as Parquet shards in the score-log schema of `hf_gradmimic.score_log_io`, then
 times ``build_filter(path, windows=5, engine=..., **FILTERS[name])`` in a fresh subprocess per (size, engine,
 filter), so that peak RSS values do not mix: ``default`` is the library's default filter (the keep posterior over
-the student's mean loss and margin), ``paper`` the paper's (the mimic windows' votes, GMM split, Snorkel). The
+the student's mean loss and margin and the reference's margin), ``paper`` the paper's (the mimic windows' votes, GMM split, Snorkel). The
 child reports the wall time of the `build_filter` call (which includes lazy imports: scikit-learn, snorkel/torch)
 and its process peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, which includes the interpreter, numpy,
 pyarrow and those imports, and the pages of memory-mapped files the process has read).
@@ -56,7 +56,9 @@ EPOCHS = 5
 BATCH = 256
 SHARD_ROWS = 2_000_000
 CLEAN_FRACTION = 0.7
-LOG_VERSION = 2  # of the synthetic log (2: with the margin column); a cached log of another version is not reused
+LOG_VERSION = (
+    3  # of the synthetic log (2: the margin column; 3: the reference's); a cached log of another version is not reused
+)
 
 
 def generate(n: int, folder: Path, seed: int = 0) -> Path:
@@ -100,6 +102,8 @@ def generate(n: int, folder: Path, seed: int = 0) -> Path:
                 "loss": np.abs(np.where(is_clean, 0.5, 1.5) + rng.normal(0.0, 0.5, rows)).astype(np.float32),
                 # And the margin (its "mean_margin" labeling function): higher for clean samples.
                 "margin": (np.where(is_clean, 1.0, -0.5) + rng.normal(0.0, 1.0, rows)).astype(np.float32),
+                # And the reference's margin (its "reference_margin"), drawn apart from the student's.
+                "reference_margin": (np.where(is_clean, 1.0, -0.5) + rng.normal(0.0, 1.0, rows)).astype(np.float32),
                 "batch_size": batch_size,
                 "rank": np.zeros(rows, dtype=np.int32),
                 "repeated": np.zeros(rows, dtype=bool),
@@ -391,15 +395,16 @@ start of each measurement in the table: wall times include waiting for a core). 
 
 Synthetic score logs: N samples x {EPOCHS} epochs, one record per sample per epoch (batches of {BATCH}),
 {int(CLEAN_FRACTION * 100)} % "clean" samples with b*w ~ N(1.3, 0.25) and the rest ~ N(0.7, 0.25), loss |N(0.5, 0.5)|
-and |N(1.5, 0.5)|, margin N(1, 1) and N(-0.5, 1), written as Parquet shards of about {SHARD_ROWS:,} rows in the
+and |N(1.5, 0.5)|, the student's and the reference's margins each N(1, 1) and N(-0.5, 1), written as Parquet shards of about {SHARD_ROWS:,} rows in the
 score-log schema (*log on disk* is their total size). Each row is one fresh subprocess running
 `build_filter(path, windows=5, engine=<engine>, **settings)`, *filter* naming the settings:
 
 - `default`: none, the library's default: the keep posterior (`aggregate="mixture"`) over the student's mean
-  log-loss and mean margin (`labeling_functions=["mean_loss", "mean_margin"]`), then the agreement gate (a sample
-  with a mean margin of at least 0 is kept: `discard_requires_disagreement=True`); the mimic windows' k-means votes
-  are computed and stored but do not vote. The synthetic margins are drawn apart from the losses, so the gate keeps
-  the "noisy" samples whose margin is at least 0 (about 31 % of them), which lowers *discard F1* here;
+  log-loss and mean margin and the reference's mean margin (`labeling_functions=["mean_loss", "mean_margin",
+  "reference_margin"]`), then the agreement gate (a sample whose two mean margins are at least 0 is kept:
+  `discard_requires_disagreement=True`); the mimic windows' k-means votes are computed and stored but do not vote.
+  The synthetic margins are drawn apart from the losses and from each other, so the gate keeps the "noisy" samples
+  whose two margins are at least 0, which lowers *discard F1* here;
 - `paper`: `labeling_functions=["mimic"], method="gmm", aggregate="snorkel"` (Huang et al., Section 4.2), run on
   the sizes where the engines are compared.
 
@@ -416,7 +421,7 @@ Targets (issue 26), checked by this script:
 {_targets(rows)}{_engine_table(engine_rows)}
 {notes_text}
 How memory is bounded (the streaming engine, `hf_gradmimic.filter.engines.outofcore`): the shards are read once,
-one at a time, and each record's step, sample id, b*w, score, status and signal values (loss, margin) are appended
+one at a time, and each record's step, sample id, b*w, score, status and signal values (loss, the two margins) are appended
 to the spill files of its sample-id range; each range is then reduced alone by the in-memory engine's own
 functions, so the result is bit-identical to it. Every per-sample output of the reduction (window values and
 scores, the signals' window means, ids, means, counts) goes to a file of the spill folder that is memory-mapped
