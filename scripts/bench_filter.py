@@ -428,10 +428,10 @@ scores, the signals' window means, ids, means, counts) goes to a file of the spi
 at the end, not into the process's memory. The decision reads what it needs from them in row blocks
 (`hf_gradmimic.filter.rowblocks`), releasing the mapping's pages after each block: one window column at a time
 for its k-means split (scanned in blocks), and the signals' per-window means for the labeling functions, which
-keep one float64 per sample and function. The keep posterior is fit on at most 500,000 sampled rows and applied
+keep one float32 per sample and function. The keep posterior is fit on at most 500,000 sampled rows and applied
 in chunks. The filter's table wraps the mapped outputs without a copy; its list columns of one width share one
 offsets buffer. What grows with the pool in the process's own memory is then the decision's per-sample output:
-the vote matrix (1 byte per window), the labeling functions' values (8 bytes each), keep_prob and keep_log_odds (8
+the vote matrix (1 byte per window), the labeling functions' values (4 bytes each), keep_prob and keep_log_odds (8
 each) and keep.
 """
     write_report(Path(args.doc), doc)
