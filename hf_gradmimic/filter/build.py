@@ -125,9 +125,8 @@ def build_filter(
             f"spill_dir={str(spill_dir)!r} is not an existing directory; create it, or pass None for the system's temporary folder."
         )
     windowed = get_engine(engine).collect(scores, windows, on_bad_shard=on_bad_shard, spill_dir=spill_dir)
-    if (
-        labeling_functions is None
-    ):  # the default depends on whether the log records the student's and the reference's margins
+    # The default depends on whether the log records the student's and the reference's margins.
+    if labeling_functions is None:
         functions, mimic_votes = resolve_labeling_functions(
             default_labeling_functions("margin" in windowed.signals, "reference_margin" in windowed.signals)
         )

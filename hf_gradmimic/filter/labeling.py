@@ -237,7 +237,7 @@ class PredictorMargin:
     def __init__(self, logits: Any, labels: Any, sample_ids: Any = None, name: str = "reference") -> None:
         logits = np.asarray(logits, dtype=np.float64)
         labels = np.asarray(labels).astype(np.int64)
-        if logits.ndim != 2 or logits.shape[1] < 2 or logits.shape[0] != labels.shape[0] or labels.ndim != 1:
+        if labels.ndim != 1 or logits.ndim != 2 or logits.shape[1] < 2 or logits.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"PredictorMargin {name!r}: expected n x classes logits (at least 2 classes) and n labels, got logits "
                 f"of shape {logits.shape} and labels of shape {labels.shape}."
