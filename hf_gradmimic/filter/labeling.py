@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..baselines import margins
 from .aggregation import ABSTAIN
 from .context import LabelingContext
 from .identification import METHODS, identify
@@ -102,7 +103,8 @@ LabelingFunctionLike = str | LabelingFunction | ScoringFunction
 # digits probing and fine-tuning, BBC, 3 seeds): the reweighted student's mean log-loss and mean margin and the
 # reference's mean margin from the log, fit jointly by the keep posterior, with the agreement gate reading both
 # margins: at or above the best of five baselines in 23 of 27 settings, against 17 without the reference's margin
-# and 20 with it but the student's margin alone in the gate (docs/results.md has the rendered run). The reference's
+# (docs/results.md has the rendered run); with the reference's margin but the student's alone in the gate, 20 (a
+# NumPy re-analysis of the same runs' signals, not a stage2_search candidate). The reference's
 # loss in place of its margin did worse (12 of 27, measured before the gate existed), and so did the paper's
 # mimic-window votes. A log without the reference's margin (a reference that is not a classification head) gets
 # the student's two signals.
@@ -253,11 +255,7 @@ class PredictorMargin:
                 f"PredictorMargin {name!r}: {int(bad.sum())} row(s) of logits are not finite, e.g. row(s) "
                 f"{np.flatnonzero(bad)[:5].tolist()}."
             )
-        rows = np.arange(labels.size)
-        given = logits[rows, labels]
-        others = logits.copy()
-        others[rows, labels] = -np.inf
-        self.margin = given - others.max(axis=1)
+        self.margin = margins(logits, labels)
         self.sample_ids = None if sample_ids is None else pa.array(np.asarray(sample_ids))
         self.name = name
 
