@@ -196,7 +196,11 @@ class MimicArguments:
             "margin, `reference_margin`). 'auto': where it costs one matmul over [batch, classes] logits (a "
             "classification head that makes the logits); 'always': also for a language model's head (an lm_head-sized "
             "matmul, which the 'mimic' scorer's inner product at that head then shares) and other mimic layers (a "
-            "no-grad forward with the reference's tensors); 'never'.",
+            "no-grad forward with the reference's tensors); 'reference_model': the reference model's own verdict "
+            "instead, on the features it was trained on: a no-grad forward of the student's weights as training "
+            "found them with the reference's tensors (for full fine-tuning, where the layers below a probed head "
+            "move and its verdict on the student's current features drifts; costs a forward per micro-batch and a "
+            "copy of the trainable weights outside the mimic layers, saved in each checkpoint); 'never'.",
             "choices": list(LOG_REFERENCE_LOSS_CHOICES),
         },
     )

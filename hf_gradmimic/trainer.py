@@ -58,6 +58,7 @@ from .training.resume_guard import check_resume, write_run_record
 from .training.score_log import ScoreLog, run_provenance
 from .training.scorer_state import load_scorer_state, save_scorer_state
 from .training.selection import observe_step, select_over_step
+from .training.starting_weights import StartingWeights
 from .training.step import MicroBatch, MimicStep, StepCounts
 from .training.step_softmax import StepSoftmax, gather_across_ranks
 from .training.stream_ids import StreamIds, is_stream, stream_position
@@ -361,6 +362,9 @@ class MimicTrainerMixin:
         position = super()._init_training_state(
             max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
         )
+        starting = self._starting_weights()
+        if starting is not None:  # before the first optimizer step: these are the weights training found
+            starting.load(resume_from_checkpoint) if resume_from_checkpoint is not None else starting.snapshot()
         if resume_from_checkpoint is not None and is_stream(self.train_dataset) and not self.args.ignore_data_skip:
             return stream_position(self.state.epoch or 0.0, max_steps * self.args.gradient_accumulation_steps)
         return position
@@ -377,7 +381,15 @@ class MimicTrainerMixin:
             write_run_record(folder, self.score_log.provenance)  # what a resume from it may not change
         if state and self.args.should_save:
             save_scorer_state(folder, state)
+        starting = self._starting_weights()
+        if starting is not None and self.args.should_save:
+            starting.save(folder)
         super()._save_checkpoint(model, trial)
+
+    def _starting_weights(self) -> StartingWeights | None:
+        """The weights the reference model's verdict is made of (``mimic_log_reference_loss='reference_model'``)."""
+        verdict = getattr(self, "reference_verdict", None)
+        return None if verdict is None else verdict.starting
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """Takes the sample rows (and the scorer's columns) off the batch, then runs the base `training_step`."""

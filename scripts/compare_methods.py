@@ -460,7 +460,9 @@ def render_realistic(realistic: list[dict], settings: Settings) -> list[str]:
                     "digits",
                     "scikit-learn's digits (1,797 images, 10 classes), 30% stratified clean test split, symmetric "
                     "noise on the training split, the frozen random-ReLU backbone + linear head of `hf_gradmimic.testing.digits`; "
-                    "probing trains the head, fine-tuning the backbone too",
+                    "probing trains the head, fine-tuning the backbone too (and records the reference model's own "
+                    "verdict in the score log, `mimic_log_reference_loss='reference_model'`: a forward of the starting "
+                    "backbone with the reference's head)",
                 ),
                 (
                     "bbc",

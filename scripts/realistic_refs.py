@@ -101,6 +101,10 @@ def _defaults_label() -> str:
     )
 
 
+REFERENCE_VERDICT: dict[str, str] = {"probe": "auto", "finetune": "reference_model"}
+"""`MimicConfig.mimic_log_reference_loss` per regime: probing keeps the features the reference's head was trained on,
+so its head on them is the reference model's verdict (one matmul); fine-tuning moves them."""
+
 SCORES: dict[str, str] = {  # continuous scores without a detector of their own
     "mean_bw": "mean b·w over the run (Stage 1's weights)",
     "mean_mimic_score": "mean mimic score over the run",
@@ -281,6 +285,9 @@ def _train(
             mimic_scorer=scorer,
             mimic_alignment_check=False,
             mimic_record_scores=scorer == "mimic",
+            # Fine-tuning moves the backbone the reference's head was probed on: record the reference model's own
+            # verdict (a forward of the starting backbone with the reference's head), not its head on moved features.
+            mimic_log_reference_loss=REFERENCE_VERDICT[regime],
             **extra,
         )
         trainer = MimicTrainer(model=model, args=args, train_dataset=dataset, reference=reference)

@@ -15,10 +15,8 @@ from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
 from tiny_models import TinyMLP, lm_dataset, mlp_dataset, tiny_gpt2
 
 
-def train_one_step(tmp_path, model, data, layers, reference, setting, **settings):
-    args = MimicConfig(
-        output_dir=str(tmp_path),
-        mimic_layers=layers,
+def verdict_args(output_dir, layers, setting, **settings) -> MimicConfig:
+    defaults = dict(
         per_device_train_batch_size=16,
         max_steps=1,
         learning_rate=0.1,
@@ -29,9 +27,14 @@ def train_one_step(tmp_path, model, data, layers, reference, setting, **settings
         disable_tqdm=True,
         seed=0,
         mimic_alignment_check=False,
-        mimic_log_reference_loss=setting,
-        **settings,
     )
+    return MimicConfig(
+        output_dir=str(output_dir), mimic_layers=layers, mimic_log_reference_loss=setting, **(defaults | settings)
+    )
+
+
+def train_one_step(tmp_path, model, data, layers, reference, setting, **settings):
+    args = verdict_args(tmp_path, layers, setting, **settings)
     MimicTrainer(model=model, args=args, train_dataset=data, reference=reference).train()
     return load_scores(tmp_path).to_pandas().sort_values("sample_id")
 
@@ -166,3 +169,64 @@ def test_no_reference_margin_where_the_verdict_is_no_classification_head(tmp_pat
         tmp_path / "lm", model, lm_dataset(n=16), ["lm_head"], perturbed(model, "lm_head."), "always"
     )
     assert "reference_loss" in table.columns and "reference_margin" not in table.columns
+
+
+def reference_model_verdict(model, reference, data) -> tuple[np.ndarray, np.ndarray]:
+    """The reference model's own loss and margin on ``data``: ``model`` (the student as training found it) with the
+    reference's tensors, written out with torch.func, in eval mode."""
+    weights = {name: p.detach() for name, p in model.named_parameters()} | reference
+    batch = data[:]
+    with torch.no_grad():
+        logits = torch.func.functional_call(model.eval(), weights, args=(batch["x"],)).logits
+        losses = F.cross_entropy(logits, batch["labels"], reduction="none")
+    return losses.numpy(), margins_of(logits.numpy(), batch["labels"].numpy())
+
+
+def test_reference_model_records_the_verdict_of_the_starting_weights_with_the_references_head(tmp_path):
+    """Full fine-tuning moves the layer below the head: 'reference_model' keeps recording the model the reference
+    was trained as (the starting ``hidden`` with the reference's head), where 'auto' reads the moved features."""
+    data = mlp_dataset(n=64)
+    model = TinyMLP()
+    before = copy.deepcopy(model)
+    reference = perturbed(model, "head.")
+    settings = dict(max_steps=8, learning_rate=0.5)  # two epochs of 4 steps: the second reads moved features
+    table = train_one_step(tmp_path / "model", model, data, ["head"], reference, "reference_model", **settings)
+    expected_loss, expected_margin = reference_model_verdict(before, reference, data)
+    for epoch in (0, 1):
+        rows = table[(table.global_step - 1) // 4 == epoch].sort_values("sample_id")  # steps 1-4, then 5-8
+        assert len(rows) == 64
+        np.testing.assert_allclose(rows.reference_loss.values, expected_loss, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(rows.reference_margin.values, expected_margin, rtol=1e-5, atol=1e-5)
+    drifted = train_one_step(tmp_path / "auto", copy.deepcopy(before), data, ["head"], reference, "auto", **settings)
+    second = drifted[drifted.global_step > 4].sort_values("sample_id")
+    assert np.abs(second.reference_margin.values - expected_margin).max() > 0.05  # the head on moved features
+
+
+def test_reference_model_verdict_survives_a_resume_and_refuses_a_checkpoint_without_it(tmp_path):
+    """The starting weights go into each checkpoint: a run resumed after the layer below the head moved records the
+    same reference model; a checkpoint written with another setting is refused, naming the file."""
+    data = mlp_dataset(n=64)
+    model = TinyMLP()
+    before = copy.deepcopy(model)
+    reference = perturbed(model, "head.")
+
+    def trainer(output, setting, net):
+        args = verdict_args(
+            output, ["head"], setting, max_steps=8, learning_rate=0.5, save_strategy="steps", save_steps=4
+        )
+        return MimicTrainer(model=net, args=args, train_dataset=data, reference=reference)
+
+    trainer(tmp_path / "run", "reference_model", copy.deepcopy(before)).train()
+    resumed = trainer(tmp_path / "run", "reference_model", copy.deepcopy(before))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
+    table = load_scores(tmp_path / "run").to_pandas()
+    second = table[table.global_step > 4].sort_values("sample_id")
+    expected_loss, expected_margin = reference_model_verdict(before, reference, data)
+    np.testing.assert_allclose(second.reference_margin.values, expected_margin, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(second.reference_loss.values, expected_loss, rtol=1e-5, atol=1e-6)
+
+    trainer(tmp_path / "other", "auto", copy.deepcopy(before)).train()
+    with pytest.raises(FileNotFoundError, match="mimic_starting_weights.safetensors"):
+        trainer(tmp_path / "other", "reference_model", copy.deepcopy(before)).train(
+            resume_from_checkpoint=str(tmp_path / "other" / "checkpoint-4")
+        )

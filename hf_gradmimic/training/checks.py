@@ -56,6 +56,12 @@ def check_supported_setup(accelerator: Any, args: Any, model: nn.Module) -> None
                 "`mimic_reweight_scope='layer'` is not supported under FSDP: its correction term re-applies the mimic "
                 "layers outside forward, where FSDP2 keeps their weights sharded. Use `mimic_reweight_scope='all'`."
             )
+        if args.mimic_log_reference_loss == "reference_model":
+            raise ValueError(
+                "`mimic_log_reference_loss='reference_model'` is not supported under FSDP: its forward swaps in the "
+                "student's starting weights whole, where FSDP2 keeps each rank's shard only. Use 'auto' or 'always' "
+                "(the reference's verdict on the student's current features), or DDP."
+            )
 
 
 def check_one_reference(config_reference: Any, reference: Any) -> None:

@@ -15,10 +15,16 @@ recorded beside it (``reference_margin``: negative where its argmax is another c
 - any other mimic layers: a no-grad forward of the student with its mimic tensors swapped for the reference's
   (`swapped_losses`), eval mode; it costs a forward.
 
+Both read the student's *current* features. A third way reads the features the reference was trained on: the
+reference model's own verdict, a no-grad forward (eval mode) of the student's weights as training found them
+(`hf_gradmimic.training.starting_weights`) with the reference's mimic tensors (`reference_model_columns`). It is
+for full fine-tuning, where the layers below a head move and the reference's head on them drifts from the model
+the reference was trained as; it costs a forward and a copy of the trainable weights outside the mimic layers.
+
 `ReferenceVerdict` picks one per micro-batch by ``MimicConfig.mimic_log_reference_loss``: ``"auto"`` records it
 only where it is one matmul over ``[B, classes]`` logits (a classification head: measured in ``make bench``),
 ``"always"`` everywhere (a language model's head costs an ``lm_head``-sized matmul, shared with the score where
-`SharedHead` applies; other layers a forward),
+`SharedHead` applies; other layers a forward), ``"reference_model"`` the reference model's own verdict everywhere,
 ``"never"`` not at all.
 """
 
@@ -33,8 +39,9 @@ from torch import nn
 
 from ..ghost import GhostBatch, UnsupportedLayerError, ghost_rule_for
 from ..ghost.linear import LINEAR_RULE, linear_output_along
-from ..losses import SampleLoss, classification_margins
+from ..losses import SampleLoss, classification_margins, logits_of
 from .capture import Capture
+from .starting_weights import StartingWeights
 
 __all__ = [
     "LOG_REFERENCE_LOSS_CHOICES",
@@ -43,11 +50,12 @@ __all__ = [
     "SharedHead",
     "reference_head_columns",
     "reference_head_losses",
+    "reference_model_columns",
     "shared_head_pass",
     "swapped_losses",
 ]
 
-LOG_REFERENCE_LOSS_CHOICES = ("auto", "always", "never")
+LOG_REFERENCE_LOSS_CHOICES = ("auto", "always", "reference_model", "never")
 
 VERDICT_COLUMNS = ("reference_loss", "reference_margin")
 """The score-log columns of the reference's verdict (`hf_gradmimic.score_log_io.OPTIONAL_SCORE_COLUMNS`)."""
@@ -198,18 +206,52 @@ def swapped_losses(
     """Per-sample losses of the student (unless ``with_own`` is False: None), and of the student with its mimic
     tensors swapped for the reference's (so the reference reads the student's current features), both in eval
     mode and without gradients."""
-    # Mimic tensors are keyed by their parameter name on the unwrapped model; tied uses follow (tie_weights).
-    swapped = {key: reference[key].to(param.dtype) for key, param in layers.tensors.items()}
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             own = sample_loss.per_sample_losses(model(**model_inputs), inputs) if with_own else None
-            outputs = torch.func.functional_call(model, swapped, args=(), kwargs=model_inputs, strict=False)
+            outputs = _swapped_forward(model, _mimic_tensors(layers, reference), model_inputs)
             with_reference = sample_loss.per_sample_losses(outputs, inputs)
     finally:
         model.train(was_training)
     return own, with_reference
+
+
+def reference_model_columns(
+    model: torch.nn.Module,
+    layers: Any,
+    reference: dict[str, torch.Tensor],
+    starting: Mapping[str, torch.Tensor],
+    model_inputs: dict[str, Any],
+    inputs: dict[str, Any],
+    labels: Any,
+    sample_loss: SampleLoss,
+) -> dict[str, torch.Tensor | None]:
+    """The score log's ``reference_loss`` and ``reference_margin`` of the reference model itself: the student's
+    ``starting`` weights (`hf_gradmimic.training.starting_weights`) with the reference's mimic tensors, in eval mode
+    and without gradients. For a linear-probe reference that is the model its head was trained on (the frozen
+    starting features), whatever training has done to the layers below it since."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            outputs = _swapped_forward(model, {**starting, **_mimic_tensors(layers, reference)}, model_inputs)
+            losses = sample_loss.per_sample_losses(outputs, inputs)
+            margins = classification_margins(logits_of(outputs), labels)
+    finally:
+        model.train(was_training)
+    return _columns(losses, [margins])
+
+
+def _mimic_tensors(layers: Any, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The reference's mimic tensors in the student's dtypes, keyed by parameter name on the unwrapped model."""
+    return {key: reference[key].to(param.dtype) for key, param in layers.tensors.items()}
+
+
+def _swapped_forward(model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], model_inputs: dict[str, Any]) -> Any:
+    """The model's forward with ``tensors`` in place of its own (tied uses follow: tie_weights)."""
+    return torch.func.functional_call(model, dict(tensors), args=(), kwargs=model_inputs, strict=False)
 
 
 def _is_linear(layer: nn.Module) -> bool:
@@ -224,7 +266,8 @@ class ReferenceVerdict:
     """The reference's per-sample loss of each training micro-batch, for the score log's ``reference_loss``.
 
     Args:
-        setting: ``"auto"``, ``"always"`` or ``"never"`` (`MimicConfig.mimic_log_reference_loss`).
+        setting: ``"auto"``, ``"always"``, ``"reference_model"`` or ``"never"``
+            (`MimicConfig.mimic_log_reference_loss`).
         reference: returns the reference's mimic tensors on the training device (the scorer's).
         layers: the student's `MimicLayers`.
         model: the unwrapped student.
@@ -253,10 +296,12 @@ class ReferenceVerdict:
         self.model = model
         self.sample_loss = sample_loss
         self.scored_direction = scored_direction
+        # the weights the reference model is made of besides its own tensors: taken or loaded when training starts
+        self.starting = StartingWeights(model, layers) if setting == "reference_model" else None
 
     def on_head(self, capture: Capture, logits: torch.Tensor | None, labels: Any) -> bool:
         """Whether the verdict is recorded for this micro-batch as the reference's head on the captured features."""
-        if self.setting == "never" or labels is None:
+        if self.setting in ("never", "reference_model") or labels is None:
             return False
         head = logits is not None and capture.only_output() is logits
         return head and (self.setting == "always" or logits.dim() == 2)
@@ -289,6 +334,17 @@ class ReferenceVerdict:
         Call right after the training forward, while the captured features are alive."""
         if self.setting == "never" or labels is None:
             return dict.fromkeys(VERDICT_COLUMNS)
+        if self.starting is not None:
+            return reference_model_columns(
+                self.model,
+                self.layers,
+                self.reference(),
+                self.starting.tensors,
+                model_inputs,
+                inputs,
+                labels,
+                self.sample_loss,
+            )
         if self.on_head(capture, logits, labels):
             return reference_head_columns(self.layers, self.reference(), capture, labels, self.sample_loss)
         if self.setting == "always":  # a forward with the reference's tensors; its margin is not recorded
