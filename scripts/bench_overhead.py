@@ -18,6 +18,10 @@ same synthetic data, batch, optimizer (the Trainer's default AdamW) and seed:
 - ``mimic-head-verdict`` GPT-2 only: the head with ``mimic_log_reference_loss="always"``, the cost of recording
                          the reference's per-sample loss (an ``lm_head``-sized matmul; BERT's ``mimic-head`` already
                          records it, its default ``"auto"`` covers a classification head);
+- ``mimic-head-refmodel`` BERT only: the head with ``mimic_log_reference_loss="reference_model"``, the cost of
+                         recording the reference model's own verdict for full fine-tuning (a no-grad forward of the
+                         starting weights with the reference's head; opt-in, so no target: reported against
+                         ``mimic-head``, whose default records the head's verdict on the current features);
 - ``mimic-select``       a select-mode scorer: GraNd (``mimic_scorer="grand"``, ghost gradient norms at the head),
                          keeping ``mimic_select_ratio`` = 0.5 of each batch (a candidate forward with the ghost
                          backward, then a forward and backward of the selected half);
@@ -156,6 +160,7 @@ CANDIDATES = (
     "vmap-inner",
     "mimic-lora",
     "mimic-head-verdict",
+    "mimic-head-refmodel",
     "mimic-select",
 )
 # candidates that exist for some models only
@@ -163,6 +168,7 @@ ONLY_FOR = {
     "mimic-head-tied": ("gpt2",),
     "mimic-lora": ("llama-lora",),
     "mimic-head-verdict": ("gpt2",),
+    "mimic-head-refmodel": ("bert",),
 }  # candidates that exist for some models only
 DESCRIPTIONS = {
     "plain": "transformers.Trainer",
@@ -176,6 +182,8 @@ DESCRIPTIONS = {
     "vmap-layer": "per-sample grads of the mimic layer only (torch.func.vmap) + one weighted backward, like-for-like",
     "vmap-inner": "per-sample grads of the inner layer only (torch.func.vmap) + one weighted backward, like-for-like",
     "mimic-head-verdict": "MimicTrainer, head layer, mimic_log_reference_loss='always' (the reference's verdict)",
+    "mimic-head-refmodel": "MimicTrainer, head layer, mimic_log_reference_loss='reference_model' (the reference "
+    "model's own verdict: a forward of the starting weights)",
     "mimic-select": "MimicTrainer, select mode: GraNd at the head, half of each batch kept",
     "mimic-lora": "MimicSFTTrainer, every LoRA matrix (mimic_layers=['lora']); its plain is trl's SFTTrainer",
 }
@@ -318,6 +326,7 @@ def layer_names(model_name: str, candidate: str, size: dict[str, int]) -> list[s
         "mimic-head-tied",
         "mimic-head-nonfinite",
         "mimic-head-verdict",
+        "mimic-head-refmodel",
         "mimic-select",
         "vmap",
         "vmap-layer",
@@ -754,6 +763,8 @@ def build_trainer(model_name: str, candidate: str, size: dict[str, int], total_s
         extra: dict[str, Any] = {}
         if candidate == "mimic-head-verdict":
             extra["mimic_log_reference_loss"] = "always"
+        if candidate == "mimic-head-refmodel":
+            extra["mimic_log_reference_loss"] = "reference_model"
         if candidate == "mimic-select":
             extra.update(mimic_scorer="grand", mimic_mode="select", mimic_select_ratio=SELECT_RATIO)
         args = MimicConfig(

@@ -456,6 +456,12 @@ def fsdp(version: int) -> SimpleNamespace:
         ),
         (fsdp(1), {}, "needs FSDP2", None),
         (fsdp(2), {"mimic_reweight_scope": "layer"}, "not supported under FSDP", {"gradient_accumulation_steps": 4}),
+        (
+            fsdp(2),
+            {"mimic_log_reference_loss": "reference_model"},
+            "reference_model.*not supported under FSDP",
+            {"mimic_log_reference_loss": "always"},
+        ),
         (SimpleNamespace(distributed_type=DistributedType.MULTI_CPU), {"torch_compile": True}, "torch.compile", {}),
     ],
 )
