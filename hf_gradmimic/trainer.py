@@ -257,6 +257,7 @@ class MimicTrainerMixin:
                 unwrapped,
                 self.sample_loss,
                 self.scorer.scored_direction if isinstance(self.scorer, MimicScorer) else None,
+                dataset_size,
             )
             if self.scorer.monitors_reference and args.mimic_record_scores
             else None

@@ -20,7 +20,8 @@ same synthetic data, batch, optimizer (the Trainer's default AdamW) and seed:
                          records it, its default ``"auto"`` covers a classification head);
 - ``mimic-head-refmodel`` BERT only: the head with ``mimic_log_reference_loss="reference_model"``, the cost of
                          recording the reference model's own verdict for full fine-tuning (a no-grad forward of the
-                         starting weights with the reference's head; opt-in, so no target: reported against
+                         starting weights with the reference's head, once per row: the benchmark's data are one
+                         epoch, every row new, the option's worst case; opt-in, so no target: reported against
                          ``mimic-head``, whose default records the head's verdict on the current features);
 - ``mimic-select``       a select-mode scorer: GraNd (``mimic_scorer="grand"``, ghost gradient norms at the head),
                          keeping ``mimic_select_ratio`` = 0.5 of each batch (a candidate forward with the ghost

@@ -230,3 +230,30 @@ def test_reference_model_verdict_survives_a_resume_and_refuses_a_checkpoint_with
         trainer(tmp_path / "other", "reference_model", copy.deepcopy(before)).train(
             resume_from_checkpoint=str(tmp_path / "other" / "checkpoint-4")
         )
+
+
+def test_reference_model_judges_each_sample_once_also_in_micro_batches_mixing_judged_and_new_rows(tmp_path):
+    """56 samples in batches of 16 with the last partial batch dropped: each epoch leaves 8 samples out, so later
+    micro-batches mix judged rows with rows seen for the first time. Every record holds the reference model's
+    verdict, and its forward (the only one that swaps in a copy of ``hidden``) ran once per distinct sample."""
+    data = mlp_dataset(n=56)
+    model = TinyMLP()
+    before = copy.deepcopy(model)
+    reference = perturbed(model, "head.")
+    forwarded, live = [], model.hidden.weight
+
+    def count_reference_model_rows(module, args, out):
+        if module.weight is not live:  # torch.func.functional_call swapped the starting copy in
+            forwarded.append(len(out))
+
+    model.hidden.register_forward_hook(count_reference_model_rows)
+    table = train_one_step(
+        tmp_path, model, data, ["head"], reference, "reference_model", max_steps=9, dataloader_drop_last=True
+    )
+    expected_loss, expected_margin = reference_model_verdict(before, reference, data)
+    ids = table.sample_id.values
+    np.testing.assert_allclose(table.reference_margin.values, expected_margin[ids], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(table.reference_loss.values, expected_loss[ids], rtol=1e-5, atol=1e-6)
+    first_visits = table.sort_values("global_step").drop_duplicates("sample_id").groupby("global_step").size()
+    assert (first_visits.reindex(range(1, 10), fill_value=0) % 16 != 0).any()  # some steps mix judged and new rows
+    assert sum(forwarded) == table.sample_id.nunique() < len(table)

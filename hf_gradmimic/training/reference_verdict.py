@@ -19,7 +19,11 @@ Both read the student's *current* features. A third way reads the features the r
 reference model's own verdict, a no-grad forward (eval mode) of the student's weights as training found them
 (`hf_gradmimic.training.starting_weights`) with the reference's mimic tensors (`reference_model_columns`). It is
 for full fine-tuning, where the layers below a head move and the reference's head on them drifts from the model
-the reference was trained as; it costs a forward and a copy of the trainable weights outside the mimic layers.
+the reference was trained as. That model does not change, so its verdict on a sample is the same at every visit
+(unless the data are augmented at random): for a dataset of known size it is computed the first time a process
+sees each row and kept (two float32 per row), and the later visits record the kept values. It costs a forward of
+the first epoch's rows (every visit's, for a stream), those values, and a copy of the trainable weights outside
+the mimic layers.
 
 `ReferenceVerdict` picks one per micro-batch by ``MimicConfig.mimic_log_reference_loss``: ``"auto"`` records it
 only where it is one matmul over ``[B, classes]`` logits (a classification head: measured in ``make bench``),
@@ -34,12 +38,14 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..ghost import GhostBatch, UnsupportedLayerError, ghost_rule_for
 from ..ghost.linear import LINEAR_RULE, linear_output_along
 from ..losses import SampleLoss, classification_margins, logits_of
+from .batch import rows_of
 from .capture import Capture
 from .starting_weights import StartingWeights
 
@@ -275,6 +281,8 @@ class ReferenceVerdict:
         scored_direction: ``step -> v`` keyed by mimic tensor when the scorer's inner product is along
             ``v = θ_ref − θ`` (`MimicScorer.scored_direction`), else None: then a head's verdict shares its matmul
             with the score (`shared_head`).
+        dataset_size: the training set's rows (None for a stream): ``"reference_model"`` computes its verdict once
+            per row and process, and keeps it for the row's later visits.
     """
 
     def __init__(
@@ -285,6 +293,7 @@ class ReferenceVerdict:
         model: torch.nn.Module,
         sample_loss: SampleLoss,
         scored_direction: Callable[[int], Mapping[str, torch.Tensor] | None] | None = None,
+        dataset_size: int | None = None,
     ) -> None:
         if setting not in LOG_REFERENCE_LOSS_CHOICES:
             raise ValueError(
@@ -298,6 +307,9 @@ class ReferenceVerdict:
         self.scored_direction = scored_direction
         # the weights the reference model is made of besides its own tensors: taken or loaded when training starts
         self.starting = StartingWeights(model, layers) if setting == "reference_model" else None
+        # the reference model's verdict on each row this process has judged (it does not change between visits)
+        self._judged = np.zeros(dataset_size, dtype=bool) if self.starting is not None and dataset_size else None
+        self._kept: dict[str, np.ndarray | None] = dict.fromkeys(VERDICT_COLUMNS)
 
     def on_head(self, capture: Capture, logits: torch.Tensor | None, labels: Any) -> bool:
         """Whether the verdict is recorded for this micro-batch as the reference's head on the captured features."""
@@ -327,24 +339,17 @@ class ReferenceVerdict:
         labels: Any,
         model_inputs: dict[str, Any],
         inputs: dict[str, Any],
+        rows: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
         """The score log's ``reference_loss`` and ``reference_margin`` (float32, detached; None where the setting
         leaves them out, and the margin where the verdict is not a head's single-label classification logits).
+        ``rows``: the micro-batch's dataset rows (``"reference_model"`` leaves NaN where it judged a row before).
 
         Call right after the training forward, while the captured features are alive."""
         if self.setting == "never" or labels is None:
             return dict.fromkeys(VERDICT_COLUMNS)
         if self.starting is not None:
-            return reference_model_columns(
-                self.model,
-                self.layers,
-                self.reference(),
-                self.starting.tensors,
-                model_inputs,
-                inputs,
-                labels,
-                self.sample_loss,
-            )
+            return self._reference_model_columns(model_inputs, inputs, labels, rows)
         if self.on_head(capture, logits, labels):
             return reference_head_columns(self.layers, self.reference(), capture, labels, self.sample_loss)
         if self.setting == "always":  # a forward with the reference's tensors; its margin is not recorded
@@ -353,3 +358,50 @@ class ReferenceVerdict:
             )
             return {"reference_loss": with_reference.float(), "reference_margin": None}
         return dict.fromkeys(VERDICT_COLUMNS)
+
+    def _reference_model_columns(
+        self, model_inputs: dict[str, Any], inputs: dict[str, Any], labels: Any, rows: torch.Tensor | None
+    ) -> dict[str, torch.Tensor | None]:
+        """`reference_model_columns` of the micro-batch: computed for the rows not judged before (all of them for a
+        stream), kept, and read back for every row."""
+        if self._judged is None or rows is None:
+            return self._reference_model(model_inputs, inputs, labels)
+        rows = np.asarray(rows)
+        fresh = ~self._judged[rows]
+        if fresh.any():
+            batch = len(labels)
+            positions = torch.from_numpy(np.flatnonzero(fresh))
+            judged = (
+                self._reference_model(model_inputs, inputs, labels)
+                if fresh.all()
+                else self._reference_model(
+                    rows_of(model_inputs, positions, batch),
+                    rows_of(inputs, positions, batch),
+                    labels[positions.to(labels.device)],
+                )
+            )
+            for name, values in judged.items():
+                if values is None:
+                    continue
+                if self._kept[name] is None:
+                    self._kept[name] = np.full(len(self._judged), np.nan, dtype=np.float32)
+                self._kept[name][rows[fresh]] = values.cpu().numpy()
+            self._judged[rows[fresh]] = True
+        device = labels.device
+        return {
+            name: None if kept is None else torch.from_numpy(kept[rows]).to(device) for name, kept in self._kept.items()
+        }
+
+    def _reference_model(
+        self, model_inputs: dict[str, Any], inputs: dict[str, Any], labels: Any
+    ) -> dict[str, torch.Tensor | None]:
+        return reference_model_columns(
+            self.model,
+            self.layers,
+            self.reference(),
+            self.starting.tensors,
+            model_inputs,
+            inputs,
+            labels,
+            self.sample_loss,
+        )

@@ -360,7 +360,7 @@ class MimicStep:
         shared = None if verdict is None else verdict.shared_head(capture, logits, labels, global_step)
         reference: dict[str, torch.Tensor | None] = dict.fromkeys(VERDICT_COLUMNS)
         if verdict is not None and shared is None:
-            reference = verdict.columns(capture, logits, labels, model_inputs, batch.inputs)
+            reference = verdict.columns(capture, logits, labels, model_inputs, batch.inputs, batch.rows)
         margin = classification_margins(logits, labels) if self.args.mimic_record_scores else None
         return {"margin": margin, **reference}, shared
 
