@@ -164,6 +164,13 @@ def assert_two_ranks(output_dir: Path, per_rank: int) -> None:
 # ---------------------------------------------------------------- DDP
 
 
+REFERENCE_MODEL_VERDICT = {
+    "per_device_train_batch_size": 16,
+    "max_steps": 5,
+    "mimic_log_reference_loss": "reference_model",
+}
+
+
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory) -> Path:
     """One `accelerate launch` with the example config: the 2-process runs the DDP tests compare."""
@@ -194,6 +201,7 @@ def ddp_runs(tmp_path_factory) -> Path:
                 args={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "max_steps": 5},
             ),
             spec(folder / "bayes-2x16", mimic_layers=["head"], args={**BAYESIAN, "per_device_train_batch_size": 16}),
+            spec(folder / "refmodel-2x16", mimic_layers=["head"], args=REFERENCE_MODEL_VERDICT),
             spec(
                 folder / "bayes-2x2x8",
                 mimic_layers=["head"],
@@ -232,6 +240,26 @@ def test_two_processes_match_one_process_batch(ddp_runs, single_process_mlp, tmp
         assert json.loads((ddp_runs / name / "run_info.json").read_text())["num_processes"] == 2
     assert_same_run(tmp_path / "1x2x16", single_process_mlp / "1x32")
     assert (records(ddp_runs / "2x2x8").batch_size == 32).all()
+
+
+def test_reference_model_verdict_two_processes_match_one_process(ddp_runs, tmp_path):
+    """Each rank keeps its own copy of the starting weights and judges its own rows: the reference model's verdict
+    in the 2-rank log equals a single process's, record for record."""
+    run(
+        spec(
+            tmp_path / "1x32",
+            mimic_layers=["head"],
+            args={**REFERENCE_MODEL_VERDICT, "per_device_train_batch_size": 32},
+        )
+    )
+    got, expected = records(ddp_runs / "refmodel-2x16"), records(tmp_path / "1x32")
+    np.testing.assert_array_equal(
+        got[["global_step", "sample_id"]].values, expected[["global_step", "sample_id"]].values
+    )
+    assert np.isfinite(expected.reference_margin.values).all()
+    for column in ("reference_loss", "reference_margin"):
+        np.testing.assert_allclose(got[column].values, expected[column].values, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(expected.reference_margin.values, expected.margin.values)  # not the student's own
 
 
 STEP_METRICS = ("score_mean", "score_std", "frac_positive", "weighted_loss", "ess_fraction")
