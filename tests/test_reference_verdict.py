@@ -204,7 +204,7 @@ def test_reference_model_records_the_verdict_of_the_starting_weights_with_the_re
 
 def test_reference_model_verdict_survives_a_resume_and_refuses_a_checkpoint_without_it(tmp_path):
     """The starting weights go into each checkpoint: a run resumed after the layer below the head moved records the
-    same reference model; a checkpoint written with another setting is refused, naming the file."""
+    same reference model; a resume with another setting, or from a checkpoint without the file, is refused."""
     data = mlp_dataset(n=64)
     model = TinyMLP()
     before = copy.deepcopy(model)
@@ -225,10 +225,15 @@ def test_reference_model_verdict_survives_a_resume_and_refuses_a_checkpoint_with
     np.testing.assert_allclose(second.reference_margin.values, expected_margin, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(second.reference_loss.values, expected_loss, rtol=1e-5, atol=1e-6)
 
-    trainer(tmp_path / "other", "auto", copy.deepcopy(before)).train()
+    # a resume may not change what the log's verdict columns mean
+    with pytest.raises(ValueError, match=r'mimic_log_reference_loss\): was "reference_model", now "auto"'):
+        trainer(tmp_path / "run", "auto", copy.deepcopy(before)).train(
+            resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4")
+        )
+    (tmp_path / "run" / "checkpoint-4" / "mimic_starting_weights.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="mimic_starting_weights.safetensors"):
-        trainer(tmp_path / "other", "reference_model", copy.deepcopy(before)).train(
-            resume_from_checkpoint=str(tmp_path / "other" / "checkpoint-4")
+        trainer(tmp_path / "run", "reference_model", copy.deepcopy(before)).train(
+            resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4")
         )
 
 

@@ -37,6 +37,7 @@ def log_identity(provenance: dict[str, Any]) -> dict[str, Any]:
         "reference (hash of its tensors)": reference.get("tensors_sha256"),
         "scorer and mode": scorer or None,  # the reference's source and revision may change; its tensors may not
         "mimic layers": provenance.get("mimic_layers"),
+        "reference's verdict (mimic_log_reference_loss)": provenance.get("reference_verdict"),
         "id column": sample_ids.get("column") or "(row index)",
         "id column type": sample_ids.get("id_type"),
         "training set rows": sample_ids.get("train_rows"),
