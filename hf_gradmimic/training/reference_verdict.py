@@ -343,7 +343,7 @@ class ReferenceVerdict:
     ) -> dict[str, torch.Tensor | None]:
         """The score log's ``reference_loss`` and ``reference_margin`` (float32, detached; None where the setting
         leaves them out, and the margin where the verdict is not a head's single-label classification logits).
-        ``rows``: the micro-batch's dataset rows (``"reference_model"`` leaves NaN where it judged a row before).
+        ``rows``: the micro-batch's dataset rows (``"reference_model"`` judges each row once and reads it back).
 
         Call right after the training forward, while the captured features are alive."""
         if self.setting == "never" or labels is None:
