@@ -364,8 +364,10 @@ class MimicTrainerMixin:
             max_steps, num_update_steps_per_epoch, num_train_epochs, resume_from_checkpoint, trial
         )
         starting = self._starting_weights()
-        if starting is not None:  # before the first optimizer step: these are the weights training found
-            starting.load(resume_from_checkpoint) if resume_from_checkpoint is not None else starting.snapshot()
+        if starting is not None and resume_from_checkpoint is not None:
+            starting.load(resume_from_checkpoint)
+        elif starting is not None:  # before the first optimizer step: these are the weights training found
+            starting.snapshot()
         if resume_from_checkpoint is not None and is_stream(self.train_dataset) and not self.args.ignore_data_skip:
             return stream_position(self.state.epoch or 0.0, max_steps * self.args.gradient_accumulation_steps)
         return position

@@ -262,3 +262,19 @@ def test_reference_model_judges_each_sample_once_also_in_micro_batches_mixing_ju
     first_visits = table.sort_values("global_step").drop_duplicates("sample_id").groupby("global_step").size()
     assert (first_visits.reindex(range(1, 10), fill_value=0) % 16 != 0).any()  # some steps mix judged and new rows
     assert sum(forwarded) == table.sample_id.nunique() < len(table)
+
+
+def test_the_provenance_names_the_verdict_only_for_a_scorer_with_a_reference(tmp_path):
+    """The log's provenance says what its reference columns hold; GraNd scores without a reference, records neither
+    column, and its provenance names no verdict (so that a resume may change the unused setting)."""
+    import json
+
+    data = mlp_dataset(n=16)
+    model = TinyMLP()
+    train_one_step(tmp_path / "mimic", model, data, ["head"], perturbed(model, "head."), "reference_model")
+    train_one_step(tmp_path / "grand", TinyMLP(), data, ["head"], None, "reference_model", mimic_scorer="grand")
+    verdicts = {
+        run: json.loads((tmp_path / run / "mimic_scores" / "provenance.json").read_text())["reference_verdict"]
+        for run in ("mimic", "grand")
+    }
+    assert verdicts == {"mimic": "reference_model", "grand": None}

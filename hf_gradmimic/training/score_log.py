@@ -121,7 +121,8 @@ def run_provenance(args: Any, scorer: Any, mode: str, model: Any, train_dataset:
         "normalize": args.mimic_normalize,
         "reweight_scope": args.mimic_reweight_scope,
         "warmup_steps": args.mimic_warmup_steps,
-        "reference_verdict": args.mimic_log_reference_loss,  # the reference_loss / reference_margin columns' meaning
+        # what the reference_loss / reference_margin columns mean (None: a scorer without a reference records neither)
+        "reference_verdict": args.mimic_log_reference_loss if getattr(scorer, "monitors_reference", False) else None,
         "student": {
             "class": type(model).__name__,
             "base_model": getattr(config, "_name_or_path", None) or None,
