@@ -201,8 +201,8 @@ class MimicArguments:
             "found them with the reference's tensors (for full fine-tuning, where the layers below a probed head "
             "move and its verdict on the student's current features drifts; each row is judged once, when first "
             "seen, and its later records repeat it: a forward of the first epoch's rows (of every batch, for a "
-            "stream), two float32 per row, and a copy of the trainable weights outside the mimic layers, saved in "
-            "each checkpoint); 'never'.",
+            "stream), two float32 per row, and a copy of the trainable weights outside the mimic layers and of the "
+            "buffers, saved in each checkpoint); 'never'.",
             "choices": list(LOG_REFERENCE_LOSS_CHOICES),
         },
     )

@@ -278,3 +278,34 @@ def test_the_provenance_names_the_verdict_only_for_a_scorer_with_a_reference(tmp
         for run in ("mimic", "grand")
     }
     assert verdicts == {"mimic": "reference_model", "grand": None}
+
+
+class NormedMLP(torch.nn.Module):
+    """``head(tanh(norm(hidden(x))))``: a batch norm whose running statistics training updates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.hidden, self.norm, self.head = torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 4)
+
+    def forward(self, x, labels=None):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        logits = self.head(torch.tanh(self.norm(self.hidden(x))))
+        return SequenceClassifierOutput(loss=None if labels is None else F.cross_entropy(logits, labels), logits=logits)
+
+
+def test_reference_model_reads_the_starting_buffers(tmp_path):
+    """Eval mode reads a batch norm's running statistics, which training updates: the reference model keeps the
+    starting ones (the oracle: the model before training, in eval mode, with the reference's head)."""
+    data = mlp_dataset(n=64)
+    model = NormedMLP()
+    model.norm.running_mean += 0.3  # statistics the first training steps move away from
+    before = copy.deepcopy(model)
+    reference = perturbed(model, "head.")
+    table = train_one_step(tmp_path, model, data, ["head"], reference, "reference_model", max_steps=8)
+    assert not torch.allclose(model.norm.running_mean, before.norm.running_mean)
+    expected_loss, expected_margin = reference_model_verdict(before, reference, data)
+    ids = table.sample_id.values
+    np.testing.assert_allclose(table.reference_margin.values, expected_margin[ids], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(table.reference_loss.values, expected_loss[ids], rtol=1e-5, atol=1e-6)

@@ -23,7 +23,7 @@ the reference was trained as. That model does not change, so its verdict on a sa
 (unless the data are augmented at random): for a dataset of known size it is computed the first time a process
 sees each row and kept (two float32 per row), and the later visits record the kept values. It costs a forward of
 the first epoch's rows (every visit's, for a stream), those values, and a copy of the trainable weights outside
-the mimic layers.
+the mimic layers and of the buffers (`hf_gradmimic.training.starting_weights`).
 
 `ReferenceVerdict` picks one per micro-batch by ``MimicConfig.mimic_log_reference_loss``: ``"auto"`` records it
 only where it is one matmul over ``[B, classes]`` logits (a classification head: measured in ``make bench``),
