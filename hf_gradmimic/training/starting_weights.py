@@ -47,6 +47,7 @@ class StartingWeights:
 
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
+        """The copy by name, on the devices of the model's own tensors (moved if the model moved since)."""
         if self._tensors is None:
             raise RuntimeError("The starting weights are read before training started (`snapshot` or `load` first).")
         live = moving_tensors(self.model, self.layers)
