@@ -309,3 +309,31 @@ def test_reference_model_reads_the_starting_buffers(tmp_path):
     ids = table.sample_id.values
     np.testing.assert_allclose(table.reference_margin.values, expected_margin[ids], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(table.reference_loss.values, expected_loss[ids], rtol=1e-5, atol=1e-6)
+
+
+def test_reference_model_on_a_stream_judges_every_visit(tmp_path):
+    """A stream has no row count to keep verdicts by: each visit is judged, and every record (two passes over 32
+    samples) holds the reference model's verdict on its sample."""
+    from stream_data import int_id, mlp_stream
+
+    data = mlp_dataset(n=32)
+    model = TinyMLP()
+    before = copy.deepcopy(model)
+    reference = perturbed(model, "head.")
+    table = train_one_step(
+        tmp_path,
+        model,
+        mlp_stream(32, "int"),
+        ["head"],
+        reference,
+        "reference_model",
+        max_steps=4,
+        learning_rate=0.5,
+        mimic_id_column="id",
+    )
+    assert len(table) == 64 and table.sample_id.nunique() == 32
+    expected_loss, expected_margin = reference_model_verdict(before, reference, data)
+    row_of = {int_id(i): i for i in range(32)}
+    rows = np.array([row_of[sample_id] for sample_id in table.sample_id])
+    np.testing.assert_allclose(table.reference_margin.values, expected_margin[rows], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(table.reference_loss.values, expected_loss[rows], rtol=1e-5, atol=1e-6)
