@@ -18,7 +18,9 @@
 - `score_log`: the score-log callback and the repeated-row flags (by row, or by key for a stream);
 - `log_lock`: one writer per score log (a lock file naming the run's pid and host);
 - `resume_guard`: what a checkpoint's score log means, and the resumes that would change it, refused;
-- `reference_verdict`: the reference's per-sample loss on the student's current features;
+- `reference_verdict`: the reference's per-sample loss and margin, on the student's current features or as the
+  reference model's own;
+- `starting_weights`: the weights training found, kept for the reference model's own verdict;
 - `diagnostics`: the base-checkpoint check, the alignment check and the running monitor;
 - `audit`: the running filter audit against known clean flags;
 - `metrics_buffer`: metrics gathered per step, averaged into the logs;
