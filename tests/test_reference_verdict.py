@@ -337,3 +337,22 @@ def test_reference_model_on_a_stream_judges_every_visit(tmp_path):
     rows = np.array([row_of[sample_id] for sample_id in table.sample_id])
     np.testing.assert_allclose(table.reference_margin.values, expected_margin[rows], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(table.reference_loss.values, expected_loss[rows], rtol=1e-5, atol=1e-6)
+
+
+def test_reference_model_of_a_peft_student_keeps_its_starting_adapter(tmp_path):
+    """A PEFT student: LoRA on ``hidden`` trains, the head is a `modules_to_save` copy scored as the mimic layer. The
+    reference model is the starting adapter with the reference's head (written out on the PeftModel before training)."""
+    peft = pytest.importorskip("peft")
+    data = mlp_dataset(n=64)
+    config = peft.LoraConfig(r=4, target_modules=["hidden"], modules_to_save=["head"], init_lora_weights=False)
+    model = peft.get_peft_model(TinyMLP(), config)
+    before = copy.deepcopy(model)
+    head = "base_model.model.head.modules_to_save.default"
+    reference = perturbed(model, head + ".")
+    table = train_one_step(tmp_path, model, data, [head], reference, "reference_model", max_steps=8, learning_rate=0.5)
+    lora_b = "base_model.model.hidden.lora_B.default.weight"
+    assert not torch.allclose(dict(model.named_parameters())[lora_b], dict(before.named_parameters())[lora_b])
+    expected_loss, expected_margin = reference_model_verdict(before, reference, data)
+    ids = table.sample_id.values
+    np.testing.assert_allclose(table.reference_margin.values, expected_margin[ids], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(table.reference_loss.values, expected_loss[ids], rtol=1e-5, atol=1e-6)
