@@ -75,8 +75,9 @@ def build_filter(
             object. Continuous ones give each sample a value (`hf_gradmimic.filter.signals`): ``"mean_loss"`` (the
             reweighted student's mean log-loss over the windows), ``"mean_margin"`` (its mean margin: the area
             under the margin, Pleiss et al. 2020), ``"last_loss"``, ``"last_loss_linear"``, ``"window_loss"``,
-            ``"reference_loss"`` and ``"reference_margin"`` (the reference's loss and margin on the student's
-            features, from the log), and objects such as ``PredictorMargin(reference_logits, labels)`` (the
+            ``"reference_loss"`` and ``"reference_margin"`` (the reference's loss and margin from the log: its head on
+            the student's features, or the reference model's own under ``mimic_log_reference_loss="reference_model"``),
+            and objects such as ``PredictorMargin(reference_logits, labels)`` (the
             reference's margin from its own logits). Voting ones: ``"mimic"`` (the windows' ``b * w`` votes of the
             paper), ``"loss"`` (per-window small-loss votes) and objects such as
             ``PredictorAgreement(reference_logits, labels)``. Default (None): `DEFAULT_LABELING_FUNCTIONS`,

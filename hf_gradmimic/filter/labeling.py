@@ -103,7 +103,9 @@ LabelingFunctionLike = str | LabelingFunction | ScoringFunction
 # digits probing and fine-tuning, BBC, 3 seeds): the reweighted student's mean log-loss and mean margin and the
 # reference's mean margin from the log, fit jointly by the keep posterior, with the agreement gate reading both
 # margins: at or above the best of five baselines in 23 of 27 settings, against 17 without the reference's margin
-# (docs/results.md has the rendered run); with the reference's margin but the student's alone in the gate, 20 (a
+# (the 1a13b99 runs, whose fine-tuning logs hold the head's verdict on the moving features; docs/results.md renders
+# the current runs, whose fine-tuning logs hold the reference model's, `mimic_log_reference_loss="reference_model"`);
+# with the reference's margin but the student's alone in the gate, 20 (a
 # NumPy re-analysis of the same runs' signals, not a stage2_search candidate). The reference's
 # loss in place of its margin did worse (12 of 27, measured before the gate existed), and so did the paper's
 # mimic-window votes. A log without the reference's margin (a reference that is not a classification head) gets
@@ -226,7 +228,8 @@ class PredictorMargin:
     made continuous; the keep posterior weighs it beside the student's signals, and the agreement gate reads its sign
     (`hf_gradmimic.filter.agreement`). Use it in place of the score log's ``"reference_margin"`` (the reference's head
     on the student's *current* features) where that drifts from the reference's own verdict: a student whose
-    features move under fine-tuning.
+    features move under fine-tuning. Without the logits at hand, ``MimicConfig(mimic_log_reference_loss=
+    "reference_model")`` records the reference model's verdict in the log instead.
 
     Args:
         logits: ``n x classes`` logits of the classifier on the training samples.
