@@ -35,6 +35,7 @@ only where it is one matmul over ``[B, classes]`` logits (a classification head:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -212,15 +213,10 @@ def swapped_losses(
     """Per-sample losses of the student (unless ``with_own`` is False: None), and of the student with its mimic
     tensors swapped for the reference's (so the reference reads the student's current features), both in eval
     mode and without gradients."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            own = sample_loss.per_sample_losses(model(**model_inputs), inputs) if with_own else None
-            outputs = _swapped_forward(model, _mimic_tensors(layers, reference), model_inputs)
-            with_reference = sample_loss.per_sample_losses(outputs, inputs)
-    finally:
-        model.train(was_training)
+    with _evaluating(model):
+        own = sample_loss.per_sample_losses(model(**model_inputs), inputs) if with_own else None
+        outputs = _swapped_forward(model, _mimic_tensors(layers, reference), model_inputs)
+        with_reference = sample_loss.per_sample_losses(outputs, inputs)
     return own, with_reference
 
 
@@ -238,16 +234,23 @@ def reference_model_columns(
     ``starting`` weights (`hf_gradmimic.training.starting_weights`) with the reference's mimic tensors, in eval mode
     and without gradients. For a linear-probe reference that is the model its head was trained on (the frozen
     starting features), whatever training has done to the layers below it since."""
+    with _evaluating(model):
+        outputs = _swapped_forward(model, {**starting, **_mimic_tensors(layers, reference)}, model_inputs)
+        losses = sample_loss.per_sample_losses(outputs, inputs)
+        margins = classification_margins(logits_of(outputs), labels)
+    return _columns(losses, [margins])
+
+
+@contextmanager
+def _evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no gradients inside; the model's own mode restored after."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            outputs = _swapped_forward(model, {**starting, **_mimic_tensors(layers, reference)}, model_inputs)
-            losses = sample_loss.per_sample_losses(outputs, inputs)
-            margins = classification_margins(logits_of(outputs), labels)
+            yield
     finally:
         model.train(was_training)
-    return _columns(losses, [margins])
 
 
 def _mimic_tensors(layers: Any, reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
