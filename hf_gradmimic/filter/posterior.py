@@ -2,16 +2,22 @@
 
 Each sample is clean ("keep") or not, a latent class ``c``. Given it, the sample's continuous signals (oriented
 so that higher means keep: e.g. minus the log of the reweighted student's mean loss, minus the log of the
-reference's loss) follow a Gaussian with a full covariance of their own (the signals are correlated, and a
-naive product would count the same evidence twice), and each vote source (a labeling function's keep/discard
-column: the mimic windows of Huang et al., arXiv 2501.06708, a reference's agreement) votes keep with its own
-probability ``a_jc``, independently of the signals, abstaining at random. It is the latent-class model of Dawid
-and Skene (1979) with Gaussian features beside the votes; with votes only it is the model Snorkel's LabelModel
-(Ratner et al. 2017) approximates, and with one signal it is DivideMix's 2-component GMM on the loss (Li et al.,
-ICLR 2020). EM (Dempster et al. 1977) fits it; ``P(keep | signals, votes)`` is the filter's ``keep_prob``, and a
-sample is kept when it is at least 0.5. The ranking is its log-odds, ``keep_log_odds``: it ties only where the
-evidence ties, whereas ``keep_prob`` rounds to exactly 1.0 in float64 beyond log-odds of about 37, which the
-clearest samples of a well-separated pool reach.
+reference's loss) follow a multivariate Student t with a full scale matrix of their own (the signals are
+correlated, and a naive product would count the same evidence twice) and `DEGREES_OF_FREEDOM` degrees of freedom:
+the robust mixture of Peel and McLachlan (Statistics and Computing, 2000). Margins in logits are heavy-tailed (a
+flipped sample of a well-separated class sits far below zero), and Gaussian classes let that tail drag the
+discard class's mean away from the boundary, or turn the discard class into a wide one that also claims the
+clearest samples; in a t each sample's weight in the fit falls as its distance grows. Each vote source (a
+labeling function's keep/discard column: the mimic windows of Huang et al., arXiv 2501.06708, a reference's
+agreement) votes keep with its own probability ``a_jc``, independently of the signals, abstaining at random. It
+is the latent-class model of Dawid and Skene (1979) with continuous features beside the votes; with votes only it
+is the model Snorkel's LabelModel (Ratner et al. 2017) approximates, and with one signal and
+``degrees_of_freedom=math.inf`` it is DivideMix's 2-component GMM on the loss (Li et al., ICLR 2020). EM
+(Dempster et al. 1977) fits it, the t through its scale-mixture form (each sample weighted by ``(nu + p) / (nu +
+distance)``); ``P(keep | signals, votes)`` is the filter's ``keep_prob``, and a sample is kept when it is at least
+0.5. The ranking is its log-odds, ``keep_log_odds``: it ties only where the evidence ties, whereas ``keep_prob``
+rounds to exactly 1.0 in float64 beyond log-odds of about 37, which the clearest samples of a well-separated pool
+reach.
 
 Missing values are marginalised: a sample's likelihood uses the signals and votes it has. The keep class is the
 component with the higher mean on the first signal (or, without signals, the higher keep-vote rate). At scale
@@ -30,7 +36,14 @@ import numpy as np
 from ..progress import progress_bar
 from .aggregation import ABSTAIN, KEEP
 
-__all__ = ["FIT_ROWS", "MixtureFit", "keep_posterior"]
+__all__ = ["DEGREES_OF_FREEDOM", "FIT_ROWS", "MixtureFit", "keep_posterior"]
+
+# Chosen on the realistic suite's logs (scripts/compare_methods.py; digits, BBC, breast cancer, penguins; the default
+# signals), from 3, 4, 5, 7, 10, 30 and the Gaussian: 3 to 7 score alike on digits and BBC, the small breast-cancer
+# pools gain the most at 3 to 5, the penguins pools lose a little at every finite value; docs/results.md has the
+# figures of this default.
+DEGREES_OF_FREEDOM = 4.0
+"""The Student t's degrees of freedom of each class's signals in the keep posterior (``math.inf``: Gaussian)."""
 
 FIT_ROWS = 500_000
 """Samples the mixture's parameters are fit on (a seeded random subset beyond that); the posterior covers all."""
@@ -46,21 +59,33 @@ class MixtureFit:
     """The fitted mixture and the posterior it gives.
 
     ``keep_prob``: ``P(keep)`` per sample, the logistic of ``keep_log_odds``, ``log P(keep) - log P(discard)`` (the
-    ranking: no rounding to 1.0 where the evidence grows). ``keep_fraction``: the prior of the keep class. ``means`` and
-    ``covariances``: per class (keep first) over the signals. ``vote_keep_rates``: ``P(vote = keep | class)`` per
-    vote column (``columns x 2``, keep first); a source's accuracy is ``rate_keep * prior + (1 - rate_discard) *
-    (1 - prior)``. ``iterations``, ``converged`` and ``log_likelihood`` (mean per fitted sample) describe EM.
+    ranking: no rounding to 1.0 where the evidence grows). ``keep_fraction``: the prior of the keep class. ``means``
+    and ``scales``: each class's location and scale matrix (keep first) over the signals, of a t with
+    ``degrees_of_freedom`` (`covariances`: the covariances they imply). ``vote_keep_rates``: ``P(vote = keep |
+    class)`` per vote column (``columns x 2``, keep first); a source's accuracy is ``rate_keep * prior + (1 -
+    rate_discard) * (1 - prior)``. ``iterations``, ``converged`` and ``log_likelihood`` (mean per fitted sample)
+    describe EM.
     """
 
     keep_prob: np.ndarray
     keep_log_odds: np.ndarray
     keep_fraction: float
     means: np.ndarray
-    covariances: np.ndarray
+    scales: np.ndarray
+    degrees_of_freedom: float
     vote_keep_rates: np.ndarray
     iterations: int
     converged: bool
     log_likelihood: float
+
+    @property
+    def covariances(self) -> np.ndarray:
+        """Each class's covariance over the signals (keep first): ``scales * nu / (nu - 2)``, the scales themselves
+        for Gaussians (``nu = inf``), infinite for ``nu <= 2``."""
+        nu = self.degrees_of_freedom
+        if math.isinf(nu):
+            return self.scales
+        return self.scales * (nu / (nu - 2) if nu > 2 else math.inf)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready parameters for the filter's summary."""
@@ -70,6 +95,8 @@ class MixtureFit:
             "keep_fraction": prior,
             "signal_means": self.means.tolist(),
             "signal_std": np.sqrt(np.diagonal(self.covariances, axis1=1, axis2=2)).tolist(),
+            "signal_scale": np.sqrt(np.diagonal(self.scales, axis1=1, axis2=2)).tolist(),
+            "degrees_of_freedom": self.degrees_of_freedom,
             "vote_keep_rates": self.vote_keep_rates.tolist(),
             "vote_accuracies": accuracy.tolist(),
             "iterations": self.iterations,
@@ -79,16 +106,23 @@ class MixtureFit:
 
 
 def keep_posterior(
-    signals: np.ndarray | None, votes: np.ndarray | None, *, seed: int = 0, fit_rows: int = FIT_ROWS
+    signals: np.ndarray | None,
+    votes: np.ndarray | None,
+    *,
+    seed: int = 0,
+    fit_rows: int = FIT_ROWS,
+    degrees_of_freedom: float = DEGREES_OF_FREEDOM,
 ) -> MixtureFit:
     """Fit the two-class mixture to ``signals`` (``n x d`` float32 or float64, NaN missing, higher = keep) and ``votes``
     (``n x k`` int8: -1 abstain, 0 discard, 1 keep) and return ``P(keep)`` per sample.
 
     Either may be None (or have no column). Every sample needs at least one finite signal or one vote. A signal
     column without any finite value (a source that abstains everywhere) is left out, as are vote columns that
-    only abstain; ``means`` and ``covariances`` describe the signal columns kept, and ``vote_keep_rates`` is NaN
-    for a vote column left out.
+    only abstain; ``means`` and ``scales`` describe the signal columns kept, and ``vote_keep_rates`` is NaN
+    for a vote column left out. ``degrees_of_freedom``: of each class's Student t (``math.inf``: Gaussian classes).
     """
+    if not degrees_of_freedom > 0:
+        raise ValueError(f"degrees_of_freedom must be positive (math.inf: Gaussian); got {degrees_of_freedom!r}.")
     signals = np.zeros((_rows(signals, votes), 0)) if signals is None else _floating(signals)
     usable = np.isfinite(signals).any(axis=0)
     if not usable.all():  # a copy only when a column is left out
@@ -110,14 +144,16 @@ def keep_posterior(
         )
     rng = np.random.default_rng(seed)
     fit = np.sort(rng.choice(n, size=fit_rows, replace=False)) if n > fit_rows else slice(None)
-    params, iterations, converged, log_likelihood = _em(signals[fit].astype(np.float64), votes[fit], seed)
+    params, iterations, converged, log_likelihood = _em(
+        signals[fit].astype(np.float64), votes[fit], seed, float(degrees_of_freedom)
+    )
     from scipy.special import expit
 
     keep_log_odds = np.empty(n, dtype=np.float64)
     keep_prob = np.empty(n, dtype=np.float64)
     for start in progress_bar(range(0, n, _CHUNK), desc="Keep posterior", unit="chunk"):
         part = slice(start, min(n, start + _CHUNK))
-        log_joint = _log_joint(params, signals[part].astype(np.float64), votes[part])
+        log_joint, _ = _log_joint(params, signals[part].astype(np.float64), votes[part])
         np.subtract(log_joint[:, 0], log_joint[:, 1], out=keep_log_odds[part])
         expit(keep_log_odds[part], out=keep_prob[part])
     rates = np.full((voting.size, 2), np.nan)
@@ -127,7 +163,8 @@ def keep_posterior(
         keep_log_odds,
         float(params.prior[0]),
         params.means,
-        params.covariances,
+        params.scales,
+        params.degrees_of_freedom,
         rates,
         iterations,
         converged,
@@ -142,8 +179,9 @@ def keep_posterior(
 class _Params:
     prior: np.ndarray  # [2]: keep, discard
     means: np.ndarray  # [2, d]
-    covariances: np.ndarray  # [2, d, d]
+    scales: np.ndarray  # [2, d, d]
     rates: np.ndarray  # [k, 2]: P(vote = keep | class)
+    degrees_of_freedom: float
 
 
 def _floating(signals: Any) -> np.ndarray:
@@ -159,15 +197,18 @@ def _rows(signals: Any, votes: Any) -> int:
     return np.asarray(votes).shape[0]
 
 
-def _em(signals: np.ndarray, votes: np.ndarray, seed: int) -> tuple[_Params, int, bool, float]:
+def _em(
+    signals: np.ndarray, votes: np.ndarray, seed: int, degrees_of_freedom: float
+) -> tuple[_Params, int, bool, float]:
     responsibility = _initial_responsibilities(signals, votes, seed)
+    sample_weight = np.ones_like(responsibility)  # the first M-step fits Gaussians to the initial split
     previous = -math.inf
     log_likelihood = -math.inf
     converged = False
     iterations = 0
     for iterations in range(1, _MAX_ITER + 1):  # noqa: B007 (returned: the iterations run)
-        params = _m_step(signals, votes, responsibility)
-        responsibility, log_likelihood = _responsibilities(params, signals, votes)
+        params = _m_step(signals, votes, responsibility, sample_weight, degrees_of_freedom)
+        responsibility, sample_weight, log_likelihood = _e_step(params, signals, votes)
         if abs(log_likelihood - previous) < _TOL * max(1.0, abs(log_likelihood)):
             converged = True
             break
@@ -198,24 +239,31 @@ def _initial_responsibilities(signals: np.ndarray, votes: np.ndarray, seed: int)
     return np.stack([keep, 1 - keep], axis=1)
 
 
-def _m_step(signals: np.ndarray, votes: np.ndarray, responsibility: np.ndarray) -> _Params:
-    """Weighted maximum-likelihood parameters. The Gaussians are fit on the samples with every signal (the
-    covariance needs them jointly); the vote rates on each column's non-abstaining votes (Laplace-smoothed)."""
+def _m_step(
+    signals: np.ndarray,
+    votes: np.ndarray,
+    responsibility: np.ndarray,
+    sample_weight: np.ndarray,
+    degrees_of_freedom: float,
+) -> _Params:
+    """Weighted maximum-likelihood parameters. Each class's location and scale are fit on the samples with every
+    signal (the scale matrix needs them jointly), each sample counted by its responsibility times its t weight
+    ``sample_weight`` in both, and by its responsibility alone in the scale's normaliser (Peel and McLachlan 2000;
+    every t weight is 1 for Gaussians); the vote rates on each column's non-abstaining votes (Laplace-smoothed)."""
     prior = responsibility.mean(axis=0)
     d = signals.shape[1]
     complete = np.isfinite(signals).all(axis=1)
     means = np.zeros((2, d))
-    covariances = np.zeros((2, d, d))
+    scales = np.zeros((2, d, d))
     if d:
         x = signals[complete]
         variance = np.var(x, axis=0) if len(x) > 1 else np.ones(d)
         ridge = _REG * np.diag(np.where(variance > 0, variance, 1.0)) + 1e-12 * np.eye(d)
         for c in range(2):
-            w = responsibility[complete, c]
-            total = max(w.sum(), 1e-12)
-            means[c] = w @ x / total
+            weight = responsibility[complete, c] * sample_weight[complete, c]
+            means[c] = weight @ x / max(weight.sum(), 1e-12)
             centred = x - means[c]
-            covariances[c] = (centred * w[:, None]).T @ centred / total + ridge
+            scales[c] = (centred * weight[:, None]).T @ centred / max(responsibility[complete, c].sum(), 1e-12) + ridge
     k = votes.shape[1]
     rates = np.zeros((k, 2))
     for j in range(k):
@@ -224,29 +272,36 @@ def _m_step(signals: np.ndarray, votes: np.ndarray, responsibility: np.ndarray) 
         for c in range(2):
             w = responsibility[voted, c]
             rates[j, c] = (w @ kept + 1.0) / (w.sum() + 2.0)
-    return _Params(prior, means, covariances, rates)
+    return _Params(prior, means, scales, rates, degrees_of_freedom)
 
 
-def _log_joint(params: _Params, signals: np.ndarray, votes: np.ndarray) -> np.ndarray:
-    """``log P(class, evidence)`` per sample, ``n x 2`` (keep first)."""
-    log_joint = np.log(np.maximum(params.prior, 1e-300))[None, :] + _signal_log_likelihood(params, signals)
-    return log_joint + _vote_log_likelihood(params, votes)
+def _log_joint(params: _Params, signals: np.ndarray, votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``log P(class, evidence)`` per sample, ``n x 2`` (keep first), and each sample's t weight per class."""
+    signal_log_likelihood, sample_weight = _signal_log_likelihood(params, signals)
+    log_joint = np.log(np.maximum(params.prior, 1e-300))[None, :] + signal_log_likelihood
+    return log_joint + _vote_log_likelihood(params, votes), sample_weight
 
 
-def _responsibilities(params: _Params, signals: np.ndarray, votes: np.ndarray) -> tuple[np.ndarray, float]:
-    """``P(class | evidence)`` per sample (keep first) and the mean log-likelihood."""
-    log_joint = _log_joint(params, signals, votes)
+def _e_step(params: _Params, signals: np.ndarray, votes: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """``P(class | evidence)`` per sample (keep first), each sample's t weight per class, and the mean
+    log-likelihood."""
+    log_joint, sample_weight = _log_joint(params, signals, votes)
     top = log_joint.max(axis=1, keepdims=True)
     log_norm = top + np.log(np.exp(log_joint - top).sum(axis=1, keepdims=True))
-    return np.exp(log_joint - log_norm), float(log_norm.mean())
+    return np.exp(log_joint - log_norm), sample_weight, float(log_norm.mean())
 
 
-def _signal_log_likelihood(params: _Params, signals: np.ndarray) -> np.ndarray:
-    """``log p(observed signals | class)``, ``n x 2``; each pattern of missing signals uses its marginal Gaussian."""
+def _signal_log_likelihood(params: _Params, signals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``log p(observed signals | class)``, ``n x 2``, and each sample's t weight per class, ``(nu + p) / (nu +
+    distance)`` (1 for Gaussians), where ``distance`` is its squared Mahalanobis distance over its ``p`` observed
+    signals. Each pattern of missing signals uses its marginal: a t with the same degrees of freedom and the
+    observed signals' block of the scale matrix."""
     n, d = signals.shape
     out = np.zeros((n, 2))
+    sample_weight = np.ones((n, 2))
     if d == 0:
-        return out
+        return out, sample_weight
+    nu = params.degrees_of_freedom
     observed = np.isfinite(signals)
     patterns, inverse = np.unique(observed, axis=0, return_inverse=True)
     for p, pattern in enumerate(patterns):
@@ -254,14 +309,22 @@ def _signal_log_likelihood(params: _Params, signals: np.ndarray) -> np.ndarray:
             continue
         rows = np.flatnonzero(inverse.ravel() == p)
         x = signals[np.ix_(rows, np.flatnonzero(pattern))]
+        observed_count = int(pattern.sum())
         for c in range(2):
-            mean = params.means[c, pattern]
-            cov = params.covariances[c][np.ix_(pattern, pattern)]
-            chol = np.linalg.cholesky(cov)
-            z = np.linalg.solve(chol, (x - mean).T)
+            chol = np.linalg.cholesky(params.scales[c][np.ix_(pattern, pattern)])
+            distance = np.square(np.linalg.solve(chol, (x - params.means[c, pattern]).T)).sum(axis=0)
             log_det = 2 * np.log(np.diagonal(chol)).sum()
-            out[rows, c] = -0.5 * (np.square(z).sum(axis=0) + log_det + pattern.sum() * math.log(2 * math.pi))
-    return out
+            if math.isinf(nu):
+                out[rows, c] = -0.5 * (distance + log_det + observed_count * math.log(2 * math.pi))
+                continue
+            out[rows, c] = (
+                math.lgamma((nu + observed_count) / 2)
+                - math.lgamma(nu / 2)
+                - 0.5 * (observed_count * math.log(nu * math.pi) + log_det)
+                - 0.5 * (nu + observed_count) * np.log1p(distance / nu)
+            )
+            sample_weight[rows, c] = (nu + observed_count) / (nu + distance)
+    return out, sample_weight
 
 
 def _vote_log_likelihood(params: _Params, votes: np.ndarray) -> np.ndarray:
@@ -286,6 +349,7 @@ def _oriented(params: _Params, signals: np.ndarray, votes: np.ndarray) -> _Param
     return _Params(
         params.prior[::-1].copy(),
         params.means[::-1].copy(),
-        params.covariances[::-1].copy(),
+        params.scales[::-1].copy(),
         params.rates[:, ::-1].copy(),
+        params.degrees_of_freedom,
     )
