@@ -133,6 +133,25 @@ def test_a_missing_signal_is_marginalised():
     np.testing.assert_allclose(fit.keep_log_odds[rows], log_odds, rtol=1e-9, atol=1e-9)
 
 
+def test_every_pattern_of_missing_signals_gets_its_marginal_t():
+    """Three signals, each missing at random: every row's log-odds is Bayes rule with SciPy's t density of the
+    signals it has (the fitted locations and the observed block of the fitted scales), whatever its pattern."""
+    signals, _, _ = heavy_tailed_groups(3000, seed=4)
+    signals = np.column_stack([signals, signals.sum(axis=1) + np.random.default_rng(5).normal(0, 1, 3000)])
+    signals[np.random.default_rng(6).random(signals.shape) < 0.3] = np.nan
+    signals = signals[np.isfinite(signals).any(axis=1)]
+    fit = keep_posterior(signals, None, seed=0)
+    expected = np.full(len(signals), np.log(fit.keep_fraction / (1 - fit.keep_fraction)))
+    for row, values in enumerate(signals):
+        seen = np.isfinite(values)
+        for c, sign in ((0, 1), (1, -1)):
+            block = fit.scales[c][np.ix_(seen, seen)]
+            density = multivariate_t(fit.means[c, seen], block, df=fit.degrees_of_freedom)
+            expected[row] += sign * density.logpdf(values[seen])
+    assert len({tuple(np.isfinite(v)) for v in signals}) == 7
+    np.testing.assert_allclose(fit.keep_log_odds, expected, rtol=1e-9, atol=1e-9)
+
+
 def test_the_log_odds_rank_where_keep_prob_rounds_to_one():
     """Far inside the keep group P(keep) is 1.0 in float64; the log-odds, the fitted model's Bayes rule written out
     here, still order those samples."""

@@ -153,7 +153,8 @@ def keep_posterior(
     keep_prob = np.empty(n, dtype=np.float64)
     for start in progress_bar(range(0, n, _CHUNK), desc="Keep posterior", unit="chunk"):
         part = slice(start, min(n, start + _CHUNK))
-        log_joint, _ = _log_joint(params, signals[part].astype(np.float64), votes[part])
+        chunk = signals[part].astype(np.float64)
+        log_joint, _ = _log_joint(params, chunk, votes[part], _missing_patterns(chunk))
         np.subtract(log_joint[:, 0], log_joint[:, 1], out=keep_log_odds[part])
         expit(keep_log_odds[part], out=keep_prob[part])
     rates = np.full((voting.size, 2), np.nan)
@@ -202,13 +203,14 @@ def _em(
 ) -> tuple[_Params, int, bool, float]:
     responsibility = _initial_responsibilities(signals, votes, seed)
     sample_weight = np.ones_like(responsibility)  # the first M-step fits Gaussians to the initial split
+    patterns = _missing_patterns(signals)  # once: grouping the rows is most of an E-step's cost
     previous = -math.inf
     log_likelihood = -math.inf
     converged = False
     iterations = 0
     for iterations in range(1, _MAX_ITER + 1):  # noqa: B007 (returned: the iterations run)
         params = _m_step(signals, votes, responsibility, sample_weight, degrees_of_freedom)
-        responsibility, sample_weight, log_likelihood = _e_step(params, signals, votes)
+        responsibility, sample_weight, log_likelihood = _e_step(params, signals, votes, patterns)
         if abs(log_likelihood - previous) < _TOL * max(1.0, abs(log_likelihood)):
             converged = True
             break
@@ -275,39 +277,51 @@ def _m_step(
     return _Params(prior, means, scales, rates, degrees_of_freedom)
 
 
-def _log_joint(params: _Params, signals: np.ndarray, votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``log P(class, evidence)`` per sample, ``n x 2`` (keep first), and each sample's t weight per class."""
-    signal_log_likelihood, sample_weight = _signal_log_likelihood(params, signals)
+def _missing_patterns(signals: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The rows of ``signals`` grouped by which signals they have: ``(observed mask, rows)`` per pattern that has
+    at least one signal."""
+    n, d = signals.shape
+    if n == 0 or d == 0:
+        return []
+    observed = np.isfinite(signals)
+    order = np.lexsort(observed.T)  # rows sorted by pattern; far faster than a unique over rows
+    starts = np.flatnonzero(np.r_[True, (observed[order[1:]] != observed[order[:-1]]).any(axis=1)])
+    return [(observed[rows[0]], rows) for rows in np.split(order, starts[1:]) if observed[rows[0]].any()]
+
+
+def _log_joint(
+    params: _Params, signals: np.ndarray, votes: np.ndarray, patterns: list[tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """``log P(class, evidence)`` per sample, ``n x 2`` (keep first), and each sample's t weight per class;
+    ``patterns``: `_missing_patterns` of ``signals``."""
+    signal_log_likelihood, sample_weight = _signal_log_likelihood(params, signals, patterns)
     log_joint = np.log(np.maximum(params.prior, 1e-300))[None, :] + signal_log_likelihood
     return log_joint + _vote_log_likelihood(params, votes), sample_weight
 
 
-def _e_step(params: _Params, signals: np.ndarray, votes: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+def _e_step(
+    params: _Params, signals: np.ndarray, votes: np.ndarray, patterns: list[tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray, float]:
     """``P(class | evidence)`` per sample (keep first), each sample's t weight per class, and the mean
     log-likelihood."""
-    log_joint, sample_weight = _log_joint(params, signals, votes)
+    log_joint, sample_weight = _log_joint(params, signals, votes, patterns)
     top = log_joint.max(axis=1, keepdims=True)
     log_norm = top + np.log(np.exp(log_joint - top).sum(axis=1, keepdims=True))
     return np.exp(log_joint - log_norm), sample_weight, float(log_norm.mean())
 
 
-def _signal_log_likelihood(params: _Params, signals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _signal_log_likelihood(
+    params: _Params, signals: np.ndarray, patterns: list[tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
     """``log p(observed signals | class)``, ``n x 2``, and each sample's t weight per class, ``(nu + p) / (nu +
     distance)`` (1 for Gaussians), where ``distance`` is its squared Mahalanobis distance over its ``p`` observed
     signals. Each pattern of missing signals uses its marginal: a t with the same degrees of freedom and the
     observed signals' block of the scale matrix."""
-    n, d = signals.shape
+    n = signals.shape[0]
     out = np.zeros((n, 2))
     sample_weight = np.ones((n, 2))
-    if d == 0:
-        return out, sample_weight
     nu = params.degrees_of_freedom
-    observed = np.isfinite(signals)
-    patterns, inverse = np.unique(observed, axis=0, return_inverse=True)
-    for p, pattern in enumerate(patterns):
-        if not pattern.any():
-            continue
-        rows = np.flatnonzero(inverse.ravel() == p)
+    for pattern, rows in patterns:
         x = signals[np.ix_(rows, np.flatnonzero(pattern))]
         observed_count = int(pattern.sum())
         for c in range(2):
