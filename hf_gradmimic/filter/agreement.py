@@ -1,6 +1,6 @@
 """The agreement gate of Stage 2: a sample that every classifier predicts as its given label is not discarded.
 
-The keep posterior (`hf_gradmimic.filter.posterior`) ranks well but can place its cut badly where its Gaussians fit
+The keep posterior (`hf_gradmimic.filter.posterior`) ranks well but can place its cut badly where its classes fit
 badly: on small pools and with two classes, the clean samples' log-losses spread far (a well-fitted sample's loss
 goes to zero) and the mixture splits them, discarding clean samples the student classifies correctly. A label is
 only suspect when the model disagrees with it, so a discard needs both: the posterior's ``P(keep) < 0.5`` and a
