@@ -72,6 +72,11 @@ def test_t_classes_are_the_bayes_rule_of_their_fitted_t_densities():
         - t_log_density(fit, signals, 1)
     )
     np.testing.assert_allclose(fit.keep_log_odds, expected, rtol=1e-9, atol=1e-9)
+    # the summary's standard deviations are the fitted t's (SciPy's variance of each signal's 1-D marginal)
+    spread = np.sqrt(np.diagonal(fit.scales, axis1=1, axis2=2))
+    np.testing.assert_allclose(
+        fit.summary()["signal_std"], np.sqrt(student_t.var(fit.degrees_of_freedom, scale=spread)), rtol=1e-12
+    )
 
 
 def test_t_classes_are_a_fixed_point_of_the_t_mixtures_em():

@@ -85,7 +85,9 @@ class MixtureFit:
         nu = self.degrees_of_freedom
         if math.isinf(nu):
             return self.scales
-        return self.scales * (nu / (nu - 2) if nu > 2 else math.inf)
+        if nu <= 2:
+            return np.full_like(self.scales, math.inf)
+        return self.scales * (nu / (nu - 2))
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready parameters for the filter's summary."""
