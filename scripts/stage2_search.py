@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -42,6 +43,18 @@ CANDIDATES: dict[str, dict] = {
     for gate in (False, True)
 }
 CANDIDATES["previous default"] = {"labeling_functions": ["mimic", "loss"], "method": "kmeans", "aggregate": "snorkel"}
+
+# The default's labeling functions with each class a Student t of other degrees of freedom (inf: Gaussian classes).
+CANDIDATES.update(
+    {
+        f"default, t {dof:g} dof": {
+            "labeling_functions": ["mean_loss", "mean_margin", "reference_margin"],
+            "aggregate": "mixture",
+            "mixture_degrees_of_freedom": dof,
+        }
+        for dof in (3.0, 4.0, 5.0, 7.0, 10.0, 30.0, math.inf)
+    }
+)
 
 REFERENCE_LOGITS = "<the reference's own logits>"
 """In a candidate's labeling functions: `PredictorMargin` over the cell's reference logits (``cell_inputs.npz``)."""

@@ -12,7 +12,7 @@ from scipy.stats import multivariate_t
 from scipy.stats import t as student_t
 from sklearn.mixture import GaussianMixture
 
-from hf_gradmimic.filter.posterior import DEGREES_OF_FREEDOM, keep_posterior
+from hf_gradmimic.filter.posterior import DEFAULT_DEGREES_OF_FREEDOM, keep_posterior
 
 
 def two_groups(n=3000, keep_fraction=0.6, seed=0):
@@ -65,7 +65,7 @@ def test_t_classes_are_the_bayes_rule_of_their_fitted_t_densities():
     """``keep_log_odds`` is the log prior ratio plus SciPy's multivariate t log-densities at the fitted parameters."""
     signals, _, _ = heavy_tailed_groups(2000, seed=1)
     fit = keep_posterior(signals, None, seed=0)
-    assert fit.degrees_of_freedom == DEGREES_OF_FREEDOM
+    assert fit.degrees_of_freedom == DEFAULT_DEGREES_OF_FREEDOM
     expected = (
         np.log(fit.keep_fraction / (1 - fit.keep_fraction))
         + t_log_density(fit, signals, 0)

@@ -3,6 +3,7 @@ against a pandas re-derivation from the log, the keep posterior on them, and wha
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -51,6 +52,36 @@ def test_the_mixture_reads_the_signals_as_pandas_computes_them():
     assert (mimic_filter.keep == (expected >= 0.5)).all()
     assert mimic_filter.summary["mixture"]["converged"]
     assert np.mean(mimic_filter.keep == clean) > 0.95
+
+
+def test_gaussian_classes_on_request_and_rebuild_keeps_the_filters_own():
+    """``mixture_degrees_of_freedom=math.inf`` gives the Gaussian mixture on the pandas signals; `rebuild` keeps
+    what the filter was built with, also for a summary saved before the setting was recorded (Gaussian then, the
+    fit's own value in between), and takes another on request."""
+    table, _ = logs()
+    signals = pandas_signals(table)
+    gaussian = build_filter(table, labeling_functions=SIGNALS, mixture_degrees_of_freedom=math.inf)
+    expected = keep_posterior(signals, None, seed=0, degrees_of_freedom=math.inf).keep_prob
+    np.testing.assert_allclose(gaussian.keep_prob, expected, rtol=1e-4, atol=1e-6)
+    default_t = keep_posterior(signals, None, seed=0).keep_prob
+    assert np.abs(default_t - expected).max() > 1e-2  # the two models differ on these signals
+    np.testing.assert_allclose(gaussian.rebuild().keep_prob, gaussian.keep_prob)
+    np.testing.assert_allclose(
+        gaussian.rebuild(mixture_degrees_of_freedom=4.0).keep_prob, default_t, rtol=1e-4, atol=1e-6
+    )
+    del gaussian.summary["settings"]["mixture_degrees_of_freedom"]
+    np.testing.assert_allclose(gaussian.rebuild().keep_prob, gaussian.keep_prob)  # its mixture summary says None
+    del gaussian.summary["mixture"]["degrees_of_freedom"]
+    np.testing.assert_allclose(gaussian.rebuild().keep_prob, gaussian.keep_prob)  # older still: Gaussian
+    t_filter = build_filter(table, labeling_functions=SIGNALS)
+    del t_filter.summary["settings"]["mixture_degrees_of_freedom"]
+    np.testing.assert_allclose(t_filter.rebuild().keep_prob, default_t, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [0, -2.0, math.nan, "4", True])
+def test_degrees_of_freedom_that_are_not_a_positive_number_are_refused_before_the_log_is_read(value):
+    with pytest.raises(ValueError, match="mixture_degrees_of_freedom must be"):
+        build_filter("/nonexistent/score/log", mixture_degrees_of_freedom=value)
 
 
 def test_votes_and_signals_combine_and_rebuild_reuses_both():

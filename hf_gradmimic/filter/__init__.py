@@ -91,7 +91,7 @@ from .labeling import (
     PredictorMargin,
     ScoringFunction,
 )
-from .posterior import MixtureFit, keep_posterior
+from .posterior import DEFAULT_DEGREES_OF_FREEDOM, MixtureFit, keep_posterior
 from .records import SIGNAL_COLUMNS
 from .reduction import WindowedScores
 from .result import SUMMARY_FILENAME, TABLE_FILENAME, MimicFilter
@@ -106,6 +106,7 @@ __all__ = [
     "AGGREGATES",
     "BAD_SHARD_POLICIES",
     "DEFAULT_AGGREGATE",
+    "DEFAULT_DEGREES_OF_FREEDOM",
     "DEFAULT_LABELING_FUNCTIONS",
     "DEFAULT_LABELING_FUNCTIONS_WITHOUT_MARGIN",
     "DEFAULT_METHOD",

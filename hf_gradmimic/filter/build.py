@@ -22,6 +22,7 @@ from .labeling import (
     labeling_votes,
     resolve_labeling_functions,
 )
+from .posterior import DEFAULT_DEGREES_OF_FREEDOM
 from .result import MimicFilter
 from .shards import BAD_SHARD_POLICIES, BadShardPolicy
 from .warning import FilterWarning
@@ -44,6 +45,7 @@ def build_filter(
     spill_dir: str | os.PathLike | None = None,
     labeling_functions: Sequence[LabelingFunctionLike] | None = None,
     discard_requires_disagreement: bool = True,
+    mixture_degrees_of_freedom: float = DEFAULT_DEGREES_OF_FREEDOM,
 ) -> MimicFilter:
     """Build Grad-Mimic's Stage-2 ensemble filter from a score log.
 
@@ -96,6 +98,10 @@ def build_filter(
             student, or a reference whose margin is among the labeling functions (``"reference_margin"``,
             `PredictorMargin`); cleanlab's ``filter_by="both"`` (`hf_gradmimic.filter.agreement`). No effect on a log
             without the margin (not a single-label classification run) or with a vote aggregate.
+        mixture_degrees_of_freedom: with ``aggregate="mixture"``, the degrees of freedom of each class's Student t
+            over the continuous signals (default `DEFAULT_DEGREES_OF_FREEDOM`, 4, chosen on the realistic suite: heavy
+            tails keep the far flipped samples from dragging the classes); ``math.inf`` gives Gaussian classes,
+            the filter of versions before the t.
 
     Returns:
         A `MimicFilter`: ``table`` has one row per sample (sorted by ``sample_id``) with its mean
@@ -110,7 +116,7 @@ def build_filter(
         >>> mimic_filter = build_filter("outputs/run1")  # the student's mean log-loss and margin, keep posterior
         >>> clean_train = mimic_filter.apply(train_dataset)
     """
-    check_settings(method, aggregate, threshold, topk)
+    check_settings(method, aggregate, threshold, topk, mixture_degrees_of_freedom)
     check_windows(windows)
     if threshold is not None and method != "threshold":
         warnings.warn(
@@ -144,6 +150,7 @@ def build_filter(
         mimic_votes=mimic_votes,
         extra_scores=labeling_scores(functions, context),
         discard_requires_disagreement=discard_requires_disagreement,
+        mixture_degrees_of_freedom=mixture_degrees_of_freedom,
     )
     # What produced the log (and what its sample ids index) travels with the filter, to its cards and checks.
     summary["provenance"] = scores_provenance(scores)

@@ -8,8 +8,9 @@ and the votes together (`hf_gradmimic.filter.posterior`); a sample is kept when 
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from .agreement import agreement_gate
 from .identification import METHODS, identify
 from .labeling import LabelingVotes
 from .matrices import list_column
-from .posterior import keep_posterior
+from .posterior import DEFAULT_DEGREES_OF_FREEDOM, check_degrees_of_freedom, keep_posterior
 from .reduction import WindowedScores
 from .rowblocks import matrix_column, row_blocks
 from .signals import VALUE_DTYPE, LabelingScores, mean_over_windows
@@ -31,8 +32,16 @@ from .windows import WindowsLike
 __all__ = ["check_settings", "decide", "log_odds"]
 
 
-def check_settings(method: str, aggregate: str, threshold: float | None, topk: float) -> None:
-    """Refuse an unknown method or aggregate, a non-finite threshold or a topk outside (0, 100]."""
+def check_settings(
+    method: str,
+    aggregate: str,
+    threshold: float | None,
+    topk: float,
+    mixture_degrees_of_freedom: float = DEFAULT_DEGREES_OF_FREEDOM,
+) -> None:
+    """Refuse an unknown method or aggregate, a non-finite threshold, a topk outside (0, 100] or degrees of freedom
+    of the mixture's classes that are not positive."""
+    check_degrees_of_freedom(mixture_degrees_of_freedom, "mixture_degrees_of_freedom")
     if method not in METHODS:
         raise ValueError(f"Unknown identification method {method!r}; expected one of {METHODS}.")
     if aggregate not in AGGREGATES:
@@ -56,6 +65,7 @@ def decide(
     mimic_votes: bool = True,
     extra_scores: Sequence[LabelingScores] = (),
     discard_requires_disagreement: bool = True,
+    mixture_degrees_of_freedom: float = DEFAULT_DEGREES_OF_FREEDOM,
 ) -> tuple[pa.Table, dict[str, Any]]:
     """Identification per window + aggregation, from the per-window values.
 
@@ -68,6 +78,7 @@ def decide(
 
     With ``aggregate="mixture"`` and ``discard_requires_disagreement``, a sample whose student predicts its given
     label (a mean margin of at least 0, when the log records the margin) is kept (`hf_gradmimic.filter.agreement`).
+    ``mixture_degrees_of_freedom``: of the mixture's Student t classes (`hf_gradmimic.filter.posterior`).
 
     Returns ``(table, summary)``, the two halves of a `MimicFilter` (see its docstring).
     """
@@ -108,8 +119,13 @@ def decide(
         windowed,
         all_votes,
         lf_scores if aggregate == "mixture" else None,
-        aggregate,
-        seed,
+        functools.partial(
+            _keep_prob,
+            aggregate=aggregate,
+            seed=seed,
+            degrees_of_freedom=mixture_degrees_of_freedom,
+            warn_list=warn_list,
+        ),
         warn_list,
         [lf.name for lf in extra_votes] + [lf.name for lf in extra_scores] + ["mimic"] * mimic_votes,
         student_margin if aggregate == "mixture" and discard_requires_disagreement else None,
@@ -173,6 +189,8 @@ def decide(
             + [lf.name for lf in extra_votes]
             + [lf.name for lf in extra_scores],
             "discard_requires_disagreement": bool(discard_requires_disagreement),
+            # json_safe writes an infinite value (Gaussian classes) as None
+            "mixture_degrees_of_freedom": float(mixture_degrees_of_freedom),
         },
         "warnings": warn_list,
     }
@@ -183,8 +201,7 @@ def _aggregate_with_status(
     windowed: WindowedScores,
     votes: np.ndarray,
     scores: np.ndarray | None,
-    aggregate: str,
-    seed: int,
+    keep_prob_of: Callable[[np.ndarray, np.ndarray | None], tuple[np.ndarray, np.ndarray, dict[str, Any]]],
     warn_list: list[str],
     sources: list[str],
     student_margin: np.ndarray | None = None,
@@ -192,7 +209,8 @@ def _aggregate_with_status(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any], dict[str, int]]:
     """``(keep_prob, keep_log_odds, keep, aggregation info, status counts for the summary)``.
 
-    ``scores`` (``n x k`` continuous values, NaN abstaining) are read by ``aggregate="mixture"`` only. With a
+    ``keep_prob_of(votes, scores)`` aggregates the samples that have some evidence (`_keep_prob` with the filter's
+    settings). ``scores`` (``n x k`` continuous values, NaN abstaining) are read by ``aggregate="mixture"`` only. With a
     ``student_margin`` per sample, the agreement gate (`hf_gradmimic.filter.agreement`) follows the aggregation,
     reading the ``reference_margins`` (by column name) too.
 
@@ -220,11 +238,11 @@ def _aggregate_with_status(
         )
     if n_unscored:
         keep_prob, keep_log_odds = np.empty(n, dtype=np.float64), np.empty(n, dtype=np.float64)
-        keep_prob[voted], keep_log_odds[voted], info = _keep_prob(
-            votes[voted], None if scores is None else scores[voted], aggregate, seed, warn_list
+        keep_prob[voted], keep_log_odds[voted], info = keep_prob_of(
+            votes[voted], None if scores is None else scores[voted]
         )
     else:  # every sample voted: no copy of the votes and signals
-        keep_prob, keep_log_odds, info = _keep_prob(votes, scores, aggregate, seed, warn_list)
+        keep_prob, keep_log_odds, info = keep_prob_of(votes, scores)
     info["agreement_gate"] = None
     if student_margin is not None:
         margins = list((reference_margins or {}).values())
@@ -298,7 +316,13 @@ def log_odds(keep_prob: np.ndarray) -> np.ndarray:
 
 
 def _keep_prob(
-    votes: np.ndarray, scores: np.ndarray | None, aggregate: str, seed: int, warn_list: list[str]
+    votes: np.ndarray,
+    scores: np.ndarray | None,
+    *,
+    aggregate: str,
+    seed: int,
+    degrees_of_freedom: float,
+    warn_list: list[str],
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """``P(keep)`` and its log-odds, of samples that each have some evidence: the mixture posterior (whose
     log-odds do not round to ``±inf`` where ``P(keep)`` rounds to 1), or a vote aggregate."""
@@ -306,7 +330,7 @@ def _keep_prob(
         keep_prob, info = aggregate_votes(votes, aggregate, seed=seed, collected_warnings=warn_list)
         keep_prob = np.asarray(keep_prob, dtype=np.float64)
         return keep_prob, log_odds(keep_prob), info
-    fit = keep_posterior(scores, votes, seed=seed)
+    fit = keep_posterior(scores, votes, seed=seed, degrees_of_freedom=degrees_of_freedom)
     summary = fit.summary()
     if not fit.converged:
         warn(

@@ -3,7 +3,7 @@
 Each sample is clean ("keep") or not, a latent class ``c``. Given it, the sample's continuous signals (oriented
 so that higher means keep: e.g. minus the log of the reweighted student's mean loss, minus the log of the
 reference's loss) follow a multivariate Student t with a full scale matrix of their own (the signals are
-correlated, and a naive product would count the same evidence twice) and `DEGREES_OF_FREEDOM` degrees of freedom:
+correlated, and a naive product would count the same evidence twice) and `DEFAULT_DEGREES_OF_FREEDOM` degrees of freedom:
 the robust mixture of Peel and McLachlan (Statistics and Computing, 2000). Margins in logits are heavy-tailed (a
 flipped sample of a well-separated class sits far below zero), and Gaussian classes let that tail drag the
 discard class's mean away from the boundary, or turn the discard class into a wide one that also claims the
@@ -36,13 +36,13 @@ import numpy as np
 from ..progress import progress_bar
 from .aggregation import ABSTAIN, KEEP
 
-__all__ = ["DEGREES_OF_FREEDOM", "FIT_ROWS", "MixtureFit", "keep_posterior"]
+__all__ = ["DEFAULT_DEGREES_OF_FREEDOM", "FIT_ROWS", "MixtureFit", "check_degrees_of_freedom", "keep_posterior"]
 
-# Chosen on the realistic suite's logs (scripts/compare_methods.py; digits, BBC, breast cancer, penguins; the default
-# signals), from 3, 4, 5, 7, 10, 30 and the Gaussian: 3 to 7 score alike on digits and BBC, the small breast-cancer
-# pools gain the most at 3 to 5, the penguins pools lose a little at every finite value; docs/results.md has the
-# figures of this default.
-DEGREES_OF_FREEDOM = 4.0
+# Chosen on the realistic suite's saved runs with the default signals, from 3, 4, 5, 7, 10, 30 and the Gaussian
+# (`scripts/stage2_search.py`, its "default, t ... dof" candidates): 3 to 7 score alike on digits and BBC, the small
+# breast-cancer pools gain the most at 3 to 5, the held-out penguins lose a little at every finite value;
+# docs/results.md has the figures of this default.
+DEFAULT_DEGREES_OF_FREEDOM = 4.0
 """The Student t's degrees of freedom of each class's signals in the keep posterior (``math.inf``: Gaussian)."""
 
 FIT_ROWS = 500_000
@@ -52,6 +52,16 @@ _CHUNK = 1 << 20
 _REG = 1e-6  # covariance ridge, relative to each signal's variance
 _MAX_ITER = 300
 _TOL = 1e-8  # on the mean log-likelihood per sample
+
+
+def check_degrees_of_freedom(degrees_of_freedom: float, name: str = "degrees_of_freedom") -> None:
+    """Refuse degrees of freedom that are not a positive number (``math.inf`` is allowed: Gaussian classes)."""
+    if isinstance(degrees_of_freedom, bool) or not isinstance(
+        degrees_of_freedom, (int, float, np.integer, np.floating)
+    ):
+        raise ValueError(f"{name} must be a positive number (math.inf: Gaussian classes); got {degrees_of_freedom!r}.")
+    if not degrees_of_freedom > 0:  # NaN fails too
+        raise ValueError(f"{name} must be positive (math.inf: Gaussian classes); got {degrees_of_freedom!r}.")
 
 
 @dataclass
@@ -113,7 +123,7 @@ def keep_posterior(
     *,
     seed: int = 0,
     fit_rows: int = FIT_ROWS,
-    degrees_of_freedom: float = DEGREES_OF_FREEDOM,
+    degrees_of_freedom: float = DEFAULT_DEGREES_OF_FREEDOM,
 ) -> MixtureFit:
     """Fit the two-class mixture to ``signals`` (``n x d`` float32 or float64, NaN missing, higher = keep) and ``votes``
     (``n x k`` int8: -1 abstain, 0 discard, 1 keep) and return ``P(keep)`` per sample.
@@ -123,8 +133,7 @@ def keep_posterior(
     only abstain; ``means`` and ``scales`` describe the signal columns kept, and ``vote_keep_rates`` is NaN
     for a vote column left out. ``degrees_of_freedom``: of each class's Student t (``math.inf``: Gaussian classes).
     """
-    if not degrees_of_freedom > 0:
-        raise ValueError(f"degrees_of_freedom must be positive (math.inf: Gaussian); got {degrees_of_freedom!r}.")
+    check_degrees_of_freedom(degrees_of_freedom)
     signals = np.zeros((_rows(signals, votes), 0)) if signals is None else _floating(signals)
     usable = np.isfinite(signals).any(axis=0)
     if not usable.all():  # a copy only when a column is left out

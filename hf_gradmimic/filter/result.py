@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,13 +111,15 @@ class MimicFilter:
         topk: float | None = None,
         seed: int | None = None,
         discard_requires_disagreement: bool | None = None,
+        mixture_degrees_of_freedom: float | None = None,
     ) -> MimicFilter:
         """A new filter from the same per-window values with other settings (the log is not re-read).
 
         Gives the same result as `build_filter` on the original scores with those settings,
         because identification only uses the per-window means stored in ``table``. The other labeling
         functions' votes (``lf_votes``) are reused as they were: a new ``method`` re-splits the mimic
-        windows only.
+        windows only. ``mixture_degrees_of_freedom`` defaults to the filter's own (Gaussian classes, ``math.inf``,
+        for a filter saved before the mixture's classes were Student t's).
         """
         settings = self.summary["settings"]
         method = settings["method"] if method is None else method
@@ -125,7 +128,9 @@ class MimicFilter:
         seed = settings["seed"] if seed is None else seed
         if threshold is None and method == settings["method"]:
             threshold = settings["threshold"]
-        check_settings(method, aggregate, threshold, topk)
+        if mixture_degrees_of_freedom is None:
+            mixture_degrees_of_freedom = self._mixture_degrees_of_freedom()
+        check_settings(method, aggregate, threshold, topk, mixture_degrees_of_freedom)
         table, summary = decide(
             self._windowed(),
             method=method,
@@ -140,9 +145,22 @@ class MimicFilter:
             discard_requires_disagreement=settings.get("discard_requires_disagreement", False)
             if discard_requires_disagreement is None
             else discard_requires_disagreement,
+            mixture_degrees_of_freedom=mixture_degrees_of_freedom,
         )
         summary["provenance"] = self.summary.get("provenance")  # the same log, the same run
         return MimicFilter(table, summary)
+
+    def _mixture_degrees_of_freedom(self) -> float:
+        """The degrees of freedom this filter's mixture was built with: its settings' (None, as JSON writes
+        infinity, is Gaussian); before they recorded it, its mixture summary's; before that, Gaussian."""
+        recorded = (
+            (self.summary["settings"], "mixture_degrees_of_freedom"),
+            (self.summary.get("mixture") or {}, "degrees_of_freedom"),
+        )
+        for where, key in recorded:
+            if key in where:
+                return math.inf if where[key] is None else float(where[key])
+        return math.inf
 
     def _labeling_votes(self) -> list[LabelingVotes]:
         """The other labeling functions' votes stored in ``lf_votes``, grouped as they were given."""
