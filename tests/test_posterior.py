@@ -211,6 +211,15 @@ def test_signals_and_votes_together_beat_either_alone():
     assert error["both"] < min(error["signals"], error["votes"])
 
 
+@pytest.mark.parametrize("degrees_of_freedom", [DEFAULT_DEGREES_OF_FREEDOM, math.inf])
+def test_evidence_that_does_not_separate_the_samples_keeps_them(degrees_of_freedom):
+    """A constant signal, or votes that are all the same, cannot tell two classes apart: every sample is kept
+    (rounding in EM used to decide which of two identical classes was called keep)."""
+    for signals, votes in ((np.full((100, 2), 3.0), None), (None, np.ones((100, 3), dtype=np.int8))):
+        fit = keep_posterior(signals, votes, seed=0, degrees_of_freedom=degrees_of_freedom)
+        assert (fit.keep_prob >= 0.5).all()
+
+
 @pytest.mark.parametrize("degrees_of_freedom", [0.0, -1.0, math.nan])
 def test_degrees_of_freedom_that_are_not_positive_are_refused(degrees_of_freedom):
     with pytest.raises(ValueError, match="degrees_of_freedom must be positive"):

@@ -364,11 +364,17 @@ def _vote_log_likelihood(params: _Params, votes: np.ndarray) -> np.ndarray:
 
 
 def _oriented(params: _Params, signals: np.ndarray, votes: np.ndarray) -> _Params:
-    """The keep class first: the higher mean on the first signal that has a value, else the higher keep-vote rate."""
+    """The keep class first: the higher mean on the first signal that has a value, else the higher keep-vote rate.
+    Where the two are equal up to rounding (evidence that does not separate the samples, such as a constant
+    signal), the larger class is the keep class: a filter that cannot tell the samples apart keeps them."""
     if signals.shape[1]:
-        swap = params.means[0, 0] < params.means[1, 0]
+        first, second = params.means[0, 0], params.means[1, 0]
+        spread = math.sqrt(max(params.scales[0, 0, 0], params.scales[1, 0, 0]))
     else:
-        swap = params.rates[:, 0].mean() < params.rates[:, 1].mean()
+        first, second = params.rates[:, 0].mean(), params.rates[:, 1].mean()
+        spread = 1.0
+    tied = abs(first - second) <= 1e-9 * max(spread, abs(first), abs(second))
+    swap = params.prior[0] < params.prior[1] if tied else first < second
     if not swap:
         return params
     return _Params(
