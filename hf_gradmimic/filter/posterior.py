@@ -3,8 +3,8 @@
 Each sample is clean ("keep") or not, a latent class ``c``. Given it, the sample's continuous signals (oriented
 so that higher means keep: e.g. minus the log of the reweighted student's mean loss, minus the log of the
 reference's loss) follow a multivariate Student t with a full scale matrix of their own (the signals are
-correlated, and a naive product would count the same evidence twice) and `DEFAULT_DEGREES_OF_FREEDOM` degrees of freedom:
-the robust mixture of Peel and McLachlan (Statistics and Computing, 2000). Margins in logits are heavy-tailed (a
+correlated, and a naive product would count the same evidence twice) and `DEFAULT_DEGREES_OF_FREEDOM` degrees of
+freedom: the robust mixture of Peel and McLachlan (Statistics and Computing, 2000). Margins in logits are heavy-tailed (a
 flipped sample of a well-separated class sits far below zero), and Gaussian classes let that tail drag the
 discard class's mean away from the boundary, or turn the discard class into a wide one that also claims the
 clearest samples; in a t each sample's weight in the fit falls as its distance grows. Each vote source (a
