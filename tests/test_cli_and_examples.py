@@ -186,6 +186,28 @@ def test_hub_command_serves_until_terminated(tmp_path):
     assert process.returncode == 0 and "Stopping." in output
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_hub_command_stops_cleanly_on_a_signal_right_after_it_starts(tmp_path, signal_name):
+    """A signal sent as soon as the "listening" line is out still ends in a clean stop, exit 0 (CI once saw -2)."""
+    import signal
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hf_gradmimic", "hub", "--port", "0", "--quiet", "--data-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert "listening on http://127.0.0.1:" in process.stdout.readline()
+    finally:
+        process.send_signal(getattr(signal, signal_name))
+        output, errors = process.communicate(timeout=30)
+    assert process.returncode == 0 and "Stopping." in output, errors[-2000:]
+
+
 DIGITS_TRAIN_ROWS = 1257  # load_noisy_digits' training split
 
 

@@ -873,10 +873,6 @@ class _Handler(BaseHTTPRequestHandler):
                 remaining -= len(chunk)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     """Serve until interrupted (Ctrl-C or SIGTERM); ``prog`` names the command in ``--help``."""
     parser = argparse.ArgumentParser(
@@ -888,17 +884,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     parser.add_argument("--user", default=DEFAULT_USER, help=f"its user name (default: {DEFAULT_USER})")
     parser.add_argument("--quiet", action="store_true", help="do not log requests")
     args = parser.parse_args(argv)
-    server = HubServer(args.data_dir, port=args.port, tokens={args.token: args.user}, verbose=not args.quiet)
-    # Stop cleanly on `kill` too, not only on Ctrl-C.
-    signal.signal(signal.SIGTERM, _interrupt)
-    with server:
+    # Ctrl-C and `kill` both set a flag rather than raise: an exception raised wherever the signal lands could
+    # escape between the "listening" line and the wait (CI saw exit -2 from a SIGTERM sent just after that line).
+    stop_requested = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop_requested.set())
+    with HubServer(args.data_dir, port=args.port, tokens={args.token: args.user}, verbose=not args.quiet) as server:
         print(f"Hub test server listening on {server.url} (storage: {server.storage_dir})", flush=True)
         print(f"  export HF_ENDPOINT={server.url} HF_TOKEN={args.token} HF_HUB_DISABLE_XET=1", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            print("Stopping.", flush=True)
+        # A timed wait, so the main thread wakes to run the signal handler.
+        while not stop_requested.wait(0.5):
+            pass
+        print("Stopping.", flush=True)
 
 
 if __name__ == "__main__":
