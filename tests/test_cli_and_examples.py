@@ -211,6 +211,13 @@ def test_hub_command_stops_cleanly_on_a_signal_right_after_it_starts(tmp_path, s
 DIGITS_TRAIN_ROWS = 1257  # load_noisy_digits' training split
 
 
+def demo_pool_rows() -> int:
+    """The demo's pool: the training split without the trusted samples its reference is probed on."""
+    from hf_gradmimic.demo import DemoSettings
+
+    return DIGITS_TRAIN_ROWS - DemoSettings().trusted_samples
+
+
 def check_demo_outputs(output_dir: Path, stdout: str) -> dict:
     """What both demo paths write: the reference, the filter, the report and the scored local copy."""
     import json
@@ -221,9 +228,16 @@ def check_demo_outputs(output_dir: Path, stdout: str) -> dict:
     from hf_gradmimic.hub import MIMIC_COLUMNS
 
     results = json.loads((output_dir / "results.json").read_text())
-    # The printed table shows the figures the run produced.
+    # The printed tables show the figures the run produced: the default filter's beside the paper's and two baselines.
     assert f"{results['mimic_test_accuracy']:.3f}" in stdout
     assert f"{results['discard_f1']:.3f}" in stdout
+    assert len(results["detectors"]) == 4
+    assert results["detectors"]["build_filter default"]["discard_f1"] == results["discard_f1"]
+    for name, figures in results["detectors"].items():
+        assert (
+            f"{figures['discard_precision']:9.3f}  {figures['discard_recall']:6.3f}  {figures['discard_f1']:5.3f}"
+            in stdout
+        ), name
     for name in (
         "reference/reference.safetensors",
         "reference/README.md",
@@ -236,11 +250,14 @@ def check_demo_outputs(output_dir: Path, stdout: str) -> dict:
     ):
         assert (output_dir / name).is_file(), name
     mimic_filter = MimicFilter.load(output_dir / "filter")
-    assert mimic_filter.summary["n_samples"] == DIGITS_TRAIN_ROWS
+    assert mimic_filter.summary["n_samples"] == demo_pool_rows() == results["n_pool"]
+    # the default filter: the mixture over the student's signals and the reference's margin, which the log holds
+    assert mimic_filter.summary["settings"]["aggregate"] == "mixture"
+    assert "reference_margin" in mimic_filter.summary["settings"]["labeling_functions"]
     scored = datasets.load_from_disk(results["local_copy"])
     assert Path(results["local_copy"]) == (output_dir / "scored_dataset").absolute()
-    assert scored.num_rows == DIGITS_TRAIN_ROWS and set(MIMIC_COLUMNS) <= set(scored.column_names)
-    assert sum(scored["mimic_keep"]) == round(results["retained_fraction"] * DIGITS_TRAIN_ROWS)
+    assert scored.num_rows == demo_pool_rows() and set(MIMIC_COLUMNS) <= set(scored.column_names)
+    assert sum(scored["mimic_keep"]) == round(results["retained_fraction"] * demo_pool_rows())
     return results
 
 
@@ -250,8 +267,8 @@ def test_demo_pipeline_end_to_end(tmp_path):
     result = run("-m", "hf_gradmimic", "demo", "--quick", "--quiet", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     results = check_demo_outputs(tmp_path, result.stdout)
-    assert results["hub_rows"] == DIGITS_TRAIN_ROWS and 0 < results["hub_filtered_rows"] < DIGITS_TRAIN_ROWS
-    assert results["hub_filtered_rows"] == round(results["retained_fraction"] * DIGITS_TRAIN_ROWS)
+    assert results["hub_rows"] == demo_pool_rows() and 0 < results["hub_filtered_rows"] < demo_pool_rows()
+    assert results["hub_filtered_rows"] == round(results["retained_fraction"] * demo_pool_rows())
     assert "Grad-Mimic" in result.stdout  # the dataset card's body was printed
     # --quiet: no progress bar of Trainer, transformers (weights), datasets (map, uploads) or huggingface_hub
     assert "it/s]" not in result.stdout + result.stderr and "%|" not in result.stdout + result.stderr
