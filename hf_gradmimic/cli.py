@@ -8,6 +8,7 @@ Errors a user can fix (a wrong path, a missing column, a bad option) print one l
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -233,11 +234,27 @@ def run_filter(args: argparse.Namespace) -> int:
         on_bad_shard=args.on_bad_shard,
         engine=args.engine,
         labeling_functions=args.labeling_functions,
+        discard_requires_disagreement=args.discard_requires_disagreement,
+        mixture_degrees_of_freedom=args.mixture_degrees_of_freedom,
     )
     path = mimic_filter.save(args.output)
     summary = mimic_filter.summary
     print(f"Filter saved to {path}: keeps {summary['retained_fraction']:.1%} of {summary['n_samples']} samples.")
     return 0
+
+
+def _degrees_of_freedom(value: str) -> float:
+    """``--mixture-degrees-of-freedom``: a positive number or ``inf``. A UserError passes through argparse (which
+    turns only ValueError and TypeError into its usage message), so the mistake is reported in one line."""
+    try:
+        degrees_of_freedom = float(value)
+    except ValueError:
+        degrees_of_freedom = math.nan
+    if not degrees_of_freedom > 0:  # NaN fails too
+        raise UserError(
+            f"--mixture-degrees-of-freedom must be a positive number or 'inf' (Gaussian classes), not {value!r}."
+        )
+    return degrees_of_freedom
 
 
 def _windows(value: str) -> Any:
@@ -373,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
         AGGREGATES,
         BAD_SHARD_POLICIES,
         DEFAULT_AGGREGATE,
+        DEFAULT_DEGREES_OF_FREEDOM,
         DEFAULT_LABELING_FUNCTIONS,
         DEFAULT_LABELING_FUNCTIONS_WITHOUT_MARGIN,
         DEFAULT_METHOD,
@@ -422,6 +440,20 @@ def build_parser() -> argparse.ArgumentParser:
         f"{' '.join(DEFAULT_LABELING_FUNCTIONS_WITHOUT_MARGIN)} otherwise. "
         "A reference's own logits (PredictorMargin, PredictorAgreement) or a zero-shot model's: "
         "build_filter(labeling_functions=[...]) in Python.",
+    )
+    flt.add_argument(
+        "--discard-requires-disagreement",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="With --aggregate mixture: discard a sample only where the student (and the reference, when its margin "
+        "is a labeling function) does not predict its given label (the agreement gate).",
+    )
+    flt.add_argument(
+        "--mixture-degrees-of-freedom",
+        type=_degrees_of_freedom,
+        default=DEFAULT_DEGREES_OF_FREEDOM,
+        help="With --aggregate mixture: the Student t degrees of freedom of each class's signals ('inf': Gaussian "
+        "classes).",
     )
     flt.add_argument(
         "--output", default="mimic_filter", help="Directory for the filter (Parquet table + JSON summary)."

@@ -47,6 +47,8 @@ def test_help_for_the_command_and_every_subcommand():
     [
         (["filter", "/nonexistent/run"], "No score log at /nonexistent/run"),
         (["filter", ".", "--windows", "sometimes"], "--windows must be"),
+        (["filter", ".", "--mixture-degrees-of-freedom", "0"], "--mixture-degrees-of-freedom must be a positive"),
+        (["filter", ".", "--mixture-degrees-of-freedom", "many"], "not 'many'"),
         (["train", "--model", "x", "--dataset", "./missing_data.csv", "--text_column", "text"], "does not exist"),
         (
             ["train", "--model", "x", "--dataset", "d", "--text_column", "t", "--mimic_temperature", "-1"],
@@ -372,3 +374,34 @@ def test_cli_train_under_accelerate_launch_two_processes(tmp_path):
     assert sorted(records["rank"].unique()) == [0, 1], (records, output[-3000:])
     assert (records.groupby("global_step").size() == 8).all()  # 2 ranks x 4 samples, one softmax per step
     assert (records.batch_size == 8).all()
+
+
+def test_filter_passes_the_mixture_options_to_build_filter(tmp_path):
+    """`gradmimic filter --mixture-degrees-of-freedom inf --no-discard-requires-disagreement` builds the filter that
+    `build_filter` builds with those arguments, and the saved summary records them."""
+    import math
+
+    import numpy as np
+    from test_labeling import make_log
+    from test_score_log_reading import write_log
+
+    from hf_gradmimic.cli import main
+    from hf_gradmimic.filter import MimicFilter, build_filter
+
+    table, _ = make_log(n=300, loss_sep=1.0)
+    write_log(table, tmp_path / "run")
+    options = ["--labeling-functions", "mean_loss", "last_loss", "--output", str(tmp_path / "filter")]
+    options += ["--mixture-degrees-of-freedom", "inf", "--no-discard-requires-disagreement"]
+    assert main(["filter", str(tmp_path / "run"), *options]) == 0
+    saved = MimicFilter.load(tmp_path / "filter")
+    expected = build_filter(
+        tmp_path / "run",
+        labeling_functions=["mean_loss", "last_loss"],
+        mixture_degrees_of_freedom=math.inf,
+        discard_requires_disagreement=False,
+    )
+    np.testing.assert_array_equal(saved.keep_prob, expected.keep_prob)
+    assert saved.summary["settings"]["mixture_degrees_of_freedom"] is None  # JSON's infinity
+    assert saved.summary["settings"]["discard_requires_disagreement"] is False
+    default_t = build_filter(tmp_path / "run", labeling_functions=["mean_loss", "last_loss"])
+    assert np.abs(default_t.keep_prob - saved.keep_prob).max() > 1e-3  # the option changed the model
