@@ -445,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--discard-requires-disagreement",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="With --aggregate mixture: discard a sample only where the student (and the reference, when its margin "
+        help="With --aggregate mixture: discard a sample only where the student (or the reference, when its margin "
         "is a labeling function) does not predict its given label (the agreement gate).",
     )
     flt.add_argument(
