@@ -165,7 +165,7 @@ def breast_cancer_task() -> Task:
 
 
 def penguins_task() -> Task:
-    """The held-out task: chosen on 2026-12-06 before that session's Stage-2 tuning, never tuned on. 239 training
+    """A held-out task: chosen on 2026-12-06 before that session's Stage-2 tuning, never tuned on. 239 training
     penguins, so only the 50- and 100-sample trusted draws leave a pool."""
     from hf_gradmimic.testing.penguins import load_noisy_penguins, penguins_model
 

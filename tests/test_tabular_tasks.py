@@ -52,7 +52,7 @@ def test_the_noisy_split_flips_the_given_fraction_and_standardises_by_the_traini
 
 @pytest.mark.parametrize("load", [load_noisy_anes96, load_noisy_breast_cancer])
 def test_two_class_tasks_refuse_half_or_more_noise(load):
-    with pytest.raises(ValueError, match=r"Two classes: noise_rate must be in \[0, 0.5\)"):
+    with pytest.raises(ValueError, match=r"2 classes: noise_rate must be in \[0, 0.5\)"):
         load(noise_rate=0.5)
 
 

@@ -43,8 +43,6 @@ def load_noisy_anes96(noise_rate: float = 0.2, seed: int = 0, test_size: float =
     """A `datasets.DatasetDict`: ``train`` (noisy ``label``, ``clean_label``, ``is_clean``, standardised
     ``pixel_values`` so that the digits model reads it) and ``test``. Two classes: symmetric noise swaps a
     ``noise_rate`` fraction of the votes; at 0.5 or more the labels carry no (or inverted) information."""
-    if not 0 <= noise_rate < 0.5:
-        raise ValueError(f"Two classes: noise_rate must be in [0, 0.5), got {noise_rate}.")
     features, vote = anes96_survey()
     return noisy_tabular_split(features, vote, len(ANES96_VOTES), noise_rate, seed, test_size)
 

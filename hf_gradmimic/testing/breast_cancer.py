@@ -20,8 +20,6 @@ def load_noisy_breast_cancer(noise_rate: float = 0.2, seed: int = 0, test_size: 
     ``noise_rate`` fraction of the labels; at 0.5 or more the labels carry no (or inverted) information."""
     from sklearn.datasets import load_breast_cancer
 
-    if not 0 <= noise_rate < 0.5:
-        raise ValueError(f"Two classes: noise_rate must be in [0, 0.5), got {noise_rate}.")
     data = load_breast_cancer()
     return noisy_tabular_split(data.data, data.target, 2, noise_rate, seed, test_size)
 

@@ -39,9 +39,15 @@ def noisy_tabular_split(
 ) -> Any:
     """A `datasets.DatasetDict`: ``train`` (noisy ``label``, ``clean_label``, ``is_clean``, ``pixel_values``
     standardised by the training split's statistics, so that the digits model reads it) and ``test``; the split is
-    stratified and fixed by ``seed``, and a ``noise_rate`` fraction of the training labels moves to another class."""
+    stratified and fixed by ``seed``, and a ``noise_rate`` fraction of the training labels moves to another class,
+    below ``(num_classes - 1) / num_classes``, where a wrong label would be as common as the right one (two classes:
+    0.5)."""
     import datasets
     from sklearn.model_selection import train_test_split
+
+    limit = (num_classes - 1) / num_classes
+    if not 0 <= noise_rate < limit:
+        raise ValueError(f"{num_classes} classes: noise_rate must be in [0, {limit:.3g}), got {noise_rate}.")
 
     x_train, x_test, y_train, y_test = train_test_split(
         features, labels, test_size=test_size, random_state=seed, stratify=labels
