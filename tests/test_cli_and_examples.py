@@ -47,8 +47,6 @@ def test_help_for_the_command_and_every_subcommand():
     [
         (["filter", "/nonexistent/run"], "No score log at /nonexistent/run"),
         (["filter", ".", "--windows", "sometimes"], "--windows must be"),
-        (["filter", ".", "--mixture-degrees-of-freedom", "0"], "--mixture-degrees-of-freedom must be a positive"),
-        (["filter", ".", "--mixture-degrees-of-freedom", "many"], "not 'many'"),
         (["train", "--model", "x", "--dataset", "./missing_data.csv", "--text_column", "text"], "does not exist"),
         (
             ["train", "--model", "x", "--dataset", "d", "--text_column", "t", "--mimic_temperature", "-1"],
@@ -61,6 +59,21 @@ def test_user_errors_are_one_line(args, message):
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gradmimic: error:") and message in lines[0], result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("value, message", [("0", "must be a positive number or 'inf'"), ("many", "not 'many'")])
+def test_a_bad_degrees_of_freedom_is_one_line_naming_the_option(value, message, capsys):
+    """In-process (`main`, as the console script calls it): the refusal comes from the option's type, before any
+    score log is read."""
+    from hf_gradmimic.cli import main
+
+    assert main(["filter", "/nonexistent/run", "--mixture-degrees-of-freedom", value]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(lines) == 1
+        and lines[0].startswith("gradmimic: error: --mixture-degrees-of-freedom")
+        and message in lines[0]
+    )
 
 
 def test_filter_choices_are_the_library_lists():
