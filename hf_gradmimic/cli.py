@@ -8,7 +8,6 @@ Errors a user can fix (a wrong path, a missing column, a bad option) print one l
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -244,16 +243,18 @@ def run_filter(args: argparse.Namespace) -> int:
 
 
 def _degrees_of_freedom(value: str) -> float:
-    """``--mixture-degrees-of-freedom``: a positive number or ``inf``. A UserError passes through argparse (which
-    turns only ValueError and TypeError into its usage message), so the mistake is reported in one line."""
+    """``--mixture-degrees-of-freedom``: a number that the library's own check accepts (positive, or ``inf``). A
+    UserError passes through argparse (which turns only ValueError and TypeError into its usage message), so the
+    mistake is reported in one line."""
+    from .filter.posterior import check_degrees_of_freedom
+
     try:
         degrees_of_freedom = float(value)
-    except ValueError:
-        degrees_of_freedom = math.nan
-    if not degrees_of_freedom > 0:  # NaN fails too
+        check_degrees_of_freedom(degrees_of_freedom, "--mixture-degrees-of-freedom")
+    except ValueError as error:
         raise UserError(
             f"--mixture-degrees-of-freedom must be a positive number or 'inf' (Gaussian classes), not {value!r}."
-        )
+        ) from error
     return degrees_of_freedom
 
 
