@@ -36,14 +36,22 @@ $(VENV)/.installed-lint: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[lint]"
 	touch $@
 
-.PHONY: install test lint demo demo-sft bench bench-filter compare docs
+.PHONY: install test lint demo demo-sft bench bench-filter compare docs chromium
 install: $(VENV)/.installed
 
+# tests/test_docs_site.py opens the built site and a report page in headless Chromium, Debian's `chromium` package:
+# installed here when missing (as root, or through sudo), so that `make test` alone sets up a fresh machine.
+chromium:
+	@command -v chromium >/dev/null || test -x /usr/bin/chromium || { \
+	  command -v apt-get >/dev/null || { echo "make test needs Chromium (tests/test_docs_site.py): install it, e.g. Debian's chromium package." >&2; exit 1; }; \
+	  sudo=""; [ "$$(id -u)" -eq 0 ] || sudo=sudo; \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium; }
+
 # Two workers, each taking whole test files (module fixtures such as the Ray cluster start once per file).
-# tests/test_docs_site.py builds the site (the docs extra) and opens it in Chromium (.ci/run installs it);
+# tests/test_docs_site.py builds the site (the docs extra) and opens it in Chromium (the `chromium` target);
 # GRADMIMIC_REQUIRE_DOCS=1 makes it fail, not skip, when either is missing.
 # The lint checks run first (CI runs `make test`): the tree stays in one style.
-test: $(VENV)/.installed $(VENV)/.installed-ray $(VENV)/.installed-docs $(VENV)/.installed-lint
+test: $(VENV)/.installed $(VENV)/.installed-ray $(VENV)/.installed-docs $(VENV)/.installed-lint chromium
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	GRADMIMIC_REQUIRE_RAY=1 GRADMIMIC_REQUIRE_DOCS=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile tests
