@@ -150,12 +150,67 @@ def test_a_non_finite_sample_gets_weight_zero_and_the_rest_their_softmax(tmp_pat
 
 
 def test_select_candidates_are_scored_without_a_graph_left_behind(tmp_path):
+    """A candidate is scored from a graph that starts at the mimic layer: the trainable layer below it runs without
+    one (its output does not require grad), and the scores are the oracle's."""
     model, reference, step, inputs = setup(tmp_path, mode="select")
     rows = torch.arange(BATCH)
     _, _, scores, _ = oracle(model, reference, inputs, rows)
+    below = []
+    handle = model.hidden.register_forward_hook(lambda module, args, output: below.append(output.requires_grad))
     candidates = step.candidates(model, MicroBatch(dict(inputs), rows), 0)
+    handle.remove()
+    assert below == [False] and torch.is_grad_enabled()
     torch.testing.assert_close(candidates.scores, scores, rtol=1e-4, atol=1e-6)
     assert not candidates.losses.requires_grad and not candidates.scores.requires_grad
+    assert all(param.grad is None for param in model.parameters())
+
+
+@pytest.mark.parametrize("layer", ["transformer.h.1.mlp.c_fc", "transformer.wte"])
+def test_select_candidates_of_an_inner_layer_match_per_sample_gradient_norms(tmp_path, layer):
+    """GraNd in select mode on GPT-2's inner ``Conv1D`` (its graph starts there: the blocks below run without one)
+    and on the token embedding (the first module: a graph over the whole network), against the norms of per-sample
+    gradients from torch.func (Paul et al., NeurIPS 2021)."""
+    from hf_gradmimic.scorers.grand import GrandScorer
+
+    from tiny_models import lm_dataset, tiny_gpt2
+
+    model = tiny_gpt2(dropout=0.0)
+    args = MimicConfig(
+        output_dir=str(tmp_path), mimic_layers=[layer], mimic_token_weighting="sample", report_to=[], use_cpu=True
+    )
+    layers = MimicLayers(model, args.mimic_layer_map)
+    step = MimicStep(
+        SampleLoss(model, None),
+        layers,
+        GrandScorer(),
+        "select",
+        args,
+        StepSoftmax("step", 1, lambda packed: packed, lambda: []),
+        GhostReader(batch_coupled=False, check_user_loss=False),
+        model,
+        num_processes=1,
+        uses_backward_possible=True,
+    )
+    data = lm_dataset(n=6)
+    ids, labels = data[:]["input_ids"], data[:]["labels"]
+    named = {name: param.detach() for name, param in model.named_parameters()}
+    scored = [f"{layer}.{local}" for local, _ in model.get_submodule(layer).named_parameters()]
+
+    def loss_of(params, sample_ids, sample_labels):
+        logits = functional_call(model, {**named, **params}, (), {"input_ids": sample_ids[None]}).logits
+        return F.cross_entropy(logits[0, :-1], sample_labels[1:], ignore_index=-100)
+
+    per_sample = vmap(grad(loss_of), in_dims=(None, 0, 0))({name: named[name] for name in scored}, ids, labels)
+    norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in per_sample.values()))
+
+    first_block = []
+    handle = model.transformer.h[0].register_forward_hook(
+        lambda module, args, output: first_block.append(output[0].requires_grad)
+    )
+    candidates = step.candidates(model, MicroBatch({"input_ids": ids, "labels": labels}, torch.arange(6)), 0)
+    handle.remove()
+    assert first_block == [layer == "transformer.wte"]
+    torch.testing.assert_close(candidates.scores, norms, rtol=1e-4, atol=1e-6)
     assert all(param.grad is None for param in model.parameters())
 
 

@@ -78,6 +78,10 @@ class Capture:
         hooked: ``(name, module, tensor_keys)`` for every module holding a mimic tensor.
         layer_names: the named mimic layers (each must run in the forward).
         head: the model's output head (`output_head`), whose calls are recorded apart for `head_cut`, or None.
+        grad_from_first_call: for a forward run under ``torch.no_grad``: autograd turns on when the first hooked
+            module is called, so that the graph holds the mimic layers and what lies above them, and nothing below
+            (δ at a mimic layer's output does not depend on what came before it). Grad mode is the caller's again
+            when its ``torch.no_grad`` block ends.
     """
 
     def __init__(
@@ -86,8 +90,10 @@ class Capture:
         layer_names: list[str],
         head: nn.Module | None = None,
         update_modules: list[nn.Module] | None = None,
+        grad_from_first_call: bool = False,
     ) -> None:
         self.hooked = hooked
+        self.grad_from_first_call = grad_from_first_call
         self.layer_names = layer_names
         self.head = head
         self.update_modules = update_modules or []
@@ -99,6 +105,8 @@ class Capture:
 
     def __enter__(self) -> Capture:
         for name, module, keys in self.hooked:
+            if self.grad_from_first_call:
+                self._handles.append(module.register_forward_pre_hook(_grad_on))
             self._handles.append(module.register_forward_hook(self._hook(name, keys), with_kwargs=True))
         if self.head is not None:
             self._handles.append(self.head.register_forward_hook(self._head_hook, with_kwargs=True))
@@ -283,6 +291,11 @@ class Capture:
             ]
         )
         return ghost, extra_grad
+
+
+def _grad_on(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook: autograd on from here to the end of the caller's ``torch.no_grad`` block."""
+    torch.set_grad_enabled(True)  # called as a function, it sets the mode (returns a context manager, dropped here)
 
 
 class PendingGrad:

@@ -106,10 +106,11 @@ class MimicLayers:
                 users.setdefault(key, []).append(name)
         return {key: names for key, names in users.items() if len(names) > 1}
 
-    def capture(self, update_modules: list[nn.Module] | None = None) -> Capture:
+    def capture(self, update_modules: list[nn.Module] | None = None, grad_from_first_call: bool = False) -> Capture:
         """Hooks recording every use of the mimic tensors in one forward (a context manager), and every call of
-        ``update_modules`` (`hf_gradmimic.training.full_update`)."""
-        return Capture(self.hooked, list(self.layers), self.head, update_modules)
+        ``update_modules`` (`hf_gradmimic.training.full_update`); with ``grad_from_first_call``, a forward under
+        ``torch.no_grad`` builds a graph from the first mimic layer up (`Capture`)."""
+        return Capture(self.hooked, list(self.layers), self.head, update_modules, grad_from_first_call)
 
     def current_tensors(self) -> dict[str, torch.Tensor]:
         """``θ_t`` per mimic tensor, whole and detached. Under FSDP2 this all-gathers: call it on every rank."""

@@ -226,16 +226,22 @@ class MimicStep:
         return Backward.LOSS
 
     def forward(
-        self, model: nn.Module, inputs: dict[str, Any], capture: bool = True, plan: Backward | None = None
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        capture: bool = True,
+        plan: Backward | None = None,
+        grad_from_mimic_layers: bool = False,
     ) -> tuple[Any, Any, Capture | None]:
         """``model``'s outputs on ``inputs``, their per-sample losses, and the mimic layers' recorded calls (None
-        without ``capture``; with every trainable module's calls too under `Backward.SPLIT`)."""
+        without ``capture``; with every trainable module's calls too under `Backward.SPLIT`). With
+        ``grad_from_mimic_layers``, under ``torch.no_grad``: a graph from the first mimic layer up only."""
         model_inputs = self.sample_loss.model_inputs(inputs)
         if not capture:
             outputs = model(**model_inputs)
             return outputs, self.sample_loss.per_sample_losses(outputs, inputs), None
         update_modules = self.full_update.modules if plan is Backward.SPLIT else None
-        with self.layers.capture(update_modules) as recorded:
+        with self.layers.capture(update_modules, grad_from_mimic_layers) as recorded:
             if update_modules:
                 recorded.batch_size = len(next(v for v in inputs.values() if isinstance(v, torch.Tensor)))
             outputs = model(**model_inputs)
@@ -248,12 +254,23 @@ class MimicStep:
         scores a select-mode candidate (no backward follows: a graph is built only for the ghost and freed with it;
         no diagnostics, nothing recorded)."""
         if plan is None:
-            with torch.set_grad_enabled(self.scorer.needs_output_grads):
-                return self._score(model, batch, global_step, None, keep_outputs)
+            # δ at the mimic layers' outputs needs the graph above them only: nothing below the first one keeps its
+            # activations, so scoring a candidate costs about a no-grad forward up to it. Not under FSDP or
+            # DeepSpeed, whose hooks read grad mode as a module starts, nor for a batch-coupled loss
+            # (`uses_backward_possible`).
+            partial = self.scorer.needs_output_grads and self.uses_backward_possible
+            with torch.set_grad_enabled(self.scorer.needs_output_grads and not partial):
+                return self._score(model, batch, global_step, None, keep_outputs, grad_from_mimic_layers=partial)
         return self._score(model, batch, global_step, plan, keep_outputs)
 
     def _score(
-        self, model: nn.Module, batch: MicroBatch, global_step: int, plan: Backward | None, keep_outputs: bool
+        self,
+        model: nn.Module,
+        batch: MicroBatch,
+        global_step: int,
+        plan: Backward | None,
+        keep_outputs: bool,
+        grad_from_mimic_layers: bool = False,
     ) -> ScoredBatch:
         inputs, labels = batch.inputs, batch.labels
         model_inputs = self.sample_loss.model_inputs(inputs)
@@ -261,7 +278,7 @@ class MimicStep:
         if diagnostics is not None:
             micro_batch = self.step_softmax.micro_batches_in(global_step)
             diagnostics.before_forward(global_step, micro_batch, model_inputs, inputs)
-        outputs, losses, capture = self.forward(model, inputs, plan=plan)
+        outputs, losses, capture = self.forward(model, inputs, plan=plan, grad_from_mimic_layers=grad_from_mimic_layers)
         counts = self.sample_loss.supervised_counts(outputs, labels)
         recorded: dict[str, torch.Tensor | None] = {}
         shared = None  # the reference's verdict on the head, formed with the score once δ is known
