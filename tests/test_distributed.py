@@ -171,6 +171,10 @@ REFERENCE_MODEL_VERDICT = {
 }
 
 
+# Select mode with a ghost score at the head: the candidates' graph starts there, the hidden layer runs without one.
+GRAND_SELECT = {"mimic_scorer": "grand", "mimic_mode": "select", "mimic_select_ratio": 0.25, "max_steps": 5}
+
+
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory) -> Path:
     """One `accelerate launch` with the example config: the 2-process runs the DDP tests compare."""
@@ -201,6 +205,9 @@ def ddp_runs(tmp_path_factory) -> Path:
                 args={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "max_steps": 5},
             ),
             spec(folder / "bayes-2x16", mimic_layers=["head"], args={**BAYESIAN, "per_device_train_batch_size": 16}),
+            spec(
+                folder / "grand-2x16", mimic_layers=["head"], args={**GRAND_SELECT, "per_device_train_batch_size": 16}
+            ),
             spec(folder / "refmodel-2x16", mimic_layers=["head"], args=REFERENCE_MODEL_VERDICT),
             spec(
                 folder / "bayes-2x2x8",
@@ -298,6 +305,16 @@ BAYESIAN = {
     "mimic_bayesian_num_samples": 32,
     "max_steps": 5,
 }
+
+
+@pytest.mark.timeout(300)
+def test_ghost_selection_under_ddp_equals_one_process(ddp_runs, tmp_path):
+    """GraNd select at the head on 2 ranks × 16 against one process with a batch of 32: the candidates are scored from
+    a graph that starts at the head under DDP too, and scores, selections and parameters equal the single process's."""
+    run(spec(tmp_path / "1x32", mimic_layers=["head"], args={**GRAND_SELECT, "per_device_train_batch_size": 32}))
+    single = records(tmp_path / "1x32")
+    assert (single.groupby("global_step").weight.apply(lambda w: int((w > 0).sum())) == 8).all()
+    assert_same_run(ddp_runs / "grand-2x16", tmp_path / "1x32")
 
 
 @pytest.mark.timeout(300)
@@ -579,6 +596,25 @@ def test_non_reentrant_gradient_checkpointing_gives_the_same_scores(tmp_path):
     )
     # The layer re-ran during backward (recomputation); those calls were not captured as a second forward.
     assert plain_calls == 3 and checkpointed_calls > plain_calls
+    assert_same_run(tmp_path / "checkpointed", tmp_path / "plain", atol=1e-6)
+
+
+@pytest.mark.timeout(300)
+def test_select_mode_under_non_reentrant_checkpointing_gives_the_same_scores(tmp_path):
+    """GraNd select with BERT's inner layer first among the mimic layers: its candidates' graph starts inside a
+    checkpointed block (the blocks below run without one) and the run equals the one without checkpointing."""
+    select = {"mimic_scorer": "grand", "mimic_mode": "select", "mimic_select_ratio": 0.5}
+    run(bert_spec(tmp_path / "plain", per_device_train_batch_size=16, max_steps=3, **select))
+    run(
+        bert_spec(
+            tmp_path / "checkpointed",
+            per_device_train_batch_size=16,
+            max_steps=3,
+            activation_checkpointing=True,
+            activation_checkpointing_kwargs={"use_reentrant": False},
+            **select,
+        )
+    )
     assert_same_run(tmp_path / "checkpointed", tmp_path / "plain", atol=1e-6)
 
 
