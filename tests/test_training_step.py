@@ -165,6 +165,38 @@ def test_select_candidates_are_scored_without_a_graph_left_behind(tmp_path):
     assert all(param.grad is None for param in model.parameters())
 
 
+def test_agra_comparison_gradient_is_the_mean_gradient_from_a_graph_that_starts_at_the_head(tmp_path):
+    """AGRA's comparison batch (Sedova et al. 2023) is forwarded while the scored batch's graph is alive: its graph
+    starts at the mimic layer (the hidden layer's output needs no grad), and its gradient is the mean of the batch's
+    per-sample gradients of the head, from torch.func."""
+    from hf_gradmimic.scorers.agra import AgraScorer
+
+    model, reference, mimic_step, inputs = setup(tmp_path)
+    step = MimicStep(
+        SampleLoss(model, None),
+        mimic_step.layers,
+        AgraScorer(),
+        "reweight",
+        mimic_step.args,
+        StepSoftmax("step", 1, lambda packed: packed, lambda: []),
+        GhostReader(batch_coupled=False, check_user_loss=False),
+        model,
+        num_processes=1,
+        uses_backward_possible=True,
+        comparison_batch=lambda global_step: dict(inputs),
+    )
+    _, per_sample, _, _ = oracle(model, reference, inputs, torch.arange(BATCH))
+    below = []
+    handle = model.hidden.register_forward_hook(lambda module, args, output: below.append(output.requires_grad))
+    comparison = step.comparison_gradient(0)
+    handle.remove()
+    assert below == [False] and torch.is_grad_enabled()
+    assert set(comparison) == {"head.weight", "head.bias"}
+    for key, gradient in comparison.items():
+        torch.testing.assert_close(gradient, per_sample[key].mean(0), rtol=1e-4, atol=1e-6, msg=key)
+    assert all(param.grad is None for param in model.parameters())
+
+
 @pytest.mark.parametrize("layer", ["transformer.h.1.mlp.c_fc", "transformer.wte"])
 def test_select_candidates_of_an_inner_layer_match_per_sample_gradient_norms(tmp_path, layer):
     """GraNd in select mode on GPT-2's inner ``Conv1D`` (its graph starts there: the blocks below run without one)

@@ -254,14 +254,19 @@ class MimicStep:
         scores a select-mode candidate (no backward follows: a graph is built only for the ghost and freed with it;
         no diagnostics, nothing recorded)."""
         if plan is None:
-            # δ at the mimic layers' outputs needs the graph above them only: nothing below the first one keeps its
-            # activations, so scoring a candidate costs about a no-grad forward up to it. Not under FSDP or
-            # DeepSpeed, whose hooks read grad mode as a module starts, nor for a batch-coupled loss
-            # (`uses_backward_possible`).
-            partial = self.scorer.needs_output_grads and self.uses_backward_possible
+            partial = self.scorer.needs_output_grads and self.graph_from_mimic_layers
             with torch.set_grad_enabled(self.scorer.needs_output_grads and not partial):
                 return self._score(model, batch, global_step, None, keep_outputs, grad_from_mimic_layers=partial)
         return self._score(model, batch, global_step, plan, keep_outputs)
+
+    @property
+    def graph_from_mimic_layers(self) -> bool:
+        """Whether a forward that only scores (a select-mode candidate, AGRA's comparison batch) builds its graph from
+        the first mimic layer up. δ at the mimic layers' outputs needs the graph above them only, so nothing below
+        the first one keeps its activations: such a forward costs about a no-grad forward up to there. Not under FSDP
+        or DeepSpeed, whose hooks read grad mode as a module starts, nor for a batch-coupled loss
+        (`uses_backward_possible`)."""
+        return self.uses_backward_possible
 
     def _score(
         self,
@@ -534,7 +539,12 @@ class MimicStep:
         """AGRA's comparison: the mean gradient (mimic tensors) of a batch drawn at random from the training set."""
         if self.comparison_batch is None:
             raise ValueError("This set-up has no training set to draw AGRA's comparison batch from.")
-        _, losses, capture = self.forward(self.model, self.comparison_batch(global_step))
+        # Drawn while the scored micro-batch's graph is alive: without a graph below the mimic layers it adds little.
+        partial = self.graph_from_mimic_layers
+        with torch.set_grad_enabled(not partial):
+            _, losses, capture = self.forward(
+                self.model, self.comparison_batch(global_step), grad_from_mimic_layers=partial
+            )
         return comparison_gradient(capture.ghost_batch(losses.sum(), retain_graph=False))
 
     # ------------------------------------------------------------------ weights and losses
