@@ -251,8 +251,8 @@ class MimicStep:
         self, model: nn.Module, batch: MicroBatch, global_step: int, plan: Backward | None, keep_outputs: bool = False
     ) -> ScoredBatch:
         """``batch`` forwarded with the mimic layers captured, then scored. ``plan`` is the step's `Backward`; None
-        scores a select-mode candidate (no backward follows: a graph is built only for the ghost and freed with it;
-        no diagnostics, nothing recorded)."""
+        scores a select-mode candidate (no backward follows: a graph is built only for the ghost, from the first mimic
+        layer up where `graph_from_mimic_layers` allows, and freed with it; no diagnostics, nothing recorded)."""
         if plan is None:
             partial = self.scorer.needs_output_grads and self.graph_from_mimic_layers
             with torch.set_grad_enabled(self.scorer.needs_output_grads and not partial):
@@ -539,7 +539,7 @@ class MimicStep:
         """AGRA's comparison: the mean gradient (mimic tensors) of a batch drawn at random from the training set."""
         if self.comparison_batch is None:
             raise ValueError("This set-up has no training set to draw AGRA's comparison batch from.")
-        # Drawn while the scored micro-batch's graph is alive: without a graph below the mimic layers it adds little.
+        # Forwarded while the scored micro-batch's graph is alive, so it keeps no graph below the mimic layers.
         partial = self.graph_from_mimic_layers
         with torch.set_grad_enabled(not partial):
             _, losses, capture = self.forward(
