@@ -32,6 +32,23 @@ def user_loss(outputs, inputs):
     return F.cross_entropy(outputs.logits, inputs["labels"], reduction="none")
 
 
+def single_process_step(model, layers, scorer, mode, args, loss_fn=None, **options) -> MimicStep:
+    """A `MimicStep` on one process, with a step softmax that gathers nothing (``options``: e.g. a comparison batch)."""
+    return MimicStep(
+        SampleLoss(model, loss_fn),
+        layers,
+        scorer,
+        mode,
+        args,
+        StepSoftmax("step", 1, lambda packed: packed, lambda: []),
+        GhostReader(batch_coupled=False, check_user_loss=loss_fn is not None),
+        model,
+        num_processes=1,
+        uses_backward_possible=True,
+        **options,
+    )
+
+
 def setup(tmp_path, *, scope="all", frozen_backbone=False, loss_fn=None, mode="reweight", two_pass=False):
     model = TinyMLP(seed=1)
     if frozen_backbone:
@@ -52,18 +69,7 @@ def setup(tmp_path, *, scope="all", frozen_backbone=False, loss_fn=None, mode="r
     )
     layers = MimicLayers(model, args.mimic_layer_map)
     scorer = MimicScorer(reference, layers.current_tensors)
-    step = MimicStep(
-        SampleLoss(model, loss_fn),
-        layers,
-        scorer,
-        mode,
-        args,
-        StepSoftmax("step", 1, lambda packed: packed, lambda: []),
-        GhostReader(batch_coupled=False, check_user_loss=loss_fn is not None),
-        model,
-        num_processes=1,
-        uses_backward_possible=True,
-    )
+    step = single_process_step(model, layers, scorer, mode, args, loss_fn)
     if not two_pass:
         step.one_backward = True  # `Backward.SPLIT` for the head too (by default only with an embedding's use)
     generator = torch.Generator().manual_seed(7)
@@ -172,17 +178,12 @@ def test_agra_comparison_gradient_is_the_mean_gradient_from_a_graph_that_starts_
     from hf_gradmimic.scorers.agra import AgraScorer
 
     model, reference, mimic_step, inputs = setup(tmp_path)
-    step = MimicStep(
-        SampleLoss(model, None),
+    step = single_process_step(
+        model,
         mimic_step.layers,
         AgraScorer(),
         "reweight",
         mimic_step.args,
-        StepSoftmax("step", 1, lambda packed: packed, lambda: []),
-        GhostReader(batch_coupled=False, check_user_loss=False),
-        model,
-        num_processes=1,
-        uses_backward_possible=True,
         comparison_batch=lambda global_step: dict(inputs),
     )
     _, per_sample, _, _ = oracle(model, reference, inputs, torch.arange(BATCH))
@@ -211,18 +212,7 @@ def test_select_candidates_of_an_inner_layer_match_per_sample_gradient_norms(tmp
         output_dir=str(tmp_path), mimic_layers=[layer], mimic_token_weighting="sample", report_to=[], use_cpu=True
     )
     layers = MimicLayers(model, args.mimic_layer_map)
-    step = MimicStep(
-        SampleLoss(model, None),
-        layers,
-        GrandScorer(),
-        "select",
-        args,
-        StepSoftmax("step", 1, lambda packed: packed, lambda: []),
-        GhostReader(batch_coupled=False, check_user_loss=False),
-        model,
-        num_processes=1,
-        uses_backward_possible=True,
-    )
+    step = single_process_step(model, layers, GrandScorer(), "select", args)
     data = lm_dataset(n=6)
     ids, labels = data[:]["input_ids"], data[:]["labels"]
     named = {name: param.detach() for name, param in model.named_parameters()}
