@@ -301,6 +301,11 @@ class MimicTrainerMixin:
             self.mimic_diagnostics,
             self.reference_verdict,
             self._comparison_batch,
+            # FSDP2 gathers a unit's shards in its pre-forward hook in any grad mode, and the unit holding the first
+            # mimic layer ends its forward with grad on, so its pre-backward hook gathers them for the ghost backward
+            # (tests/test_distributed.py runs select mode and AGRA under FSDP2)
+            graph_from_mimic_layers=accelerator.distributed_type != DistributedType.DEEPSPEED
+            and not self.batch_coupled,
         )
         self.nonfinite_guard = NonFiniteStepGuard(
             self.step_softmax.finite_samples,

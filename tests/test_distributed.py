@@ -448,23 +448,40 @@ def test_resume_refuses_a_half_written_checkpoint(tmp_path):
 # ---------------------------------------------------------------- FSDP2
 
 
+# Each FSDP2 run (2 ranks) and the single-process run it equals: BERT's inner layer is first among the mimic layers,
+# so BertLayer 0 runs below it. AGRA's comparison batch is per_device_train_batch_size rows drawn by the step's seed,
+# the same on both ranks, so its single process accumulates 2 × 16.
+BERT_SELECT = {"mimic_scorer": "grand", "mimic_mode": "select", "mimic_select_ratio": 0.25}
+FSDP2_RUNS = {
+    "2x16": ({"per_device_train_batch_size": 16}, {}),
+    "2x4x4": ({"per_device_train_batch_size": 4, "gradient_accumulation_steps": 4}, {}),
+    "select-2x16": ({"per_device_train_batch_size": 16, **BERT_SELECT}, BERT_SELECT),
+    "agra-2x16": (
+        {"per_device_train_batch_size": 16, "mimic_scorer": "agra"},
+        {"per_device_train_batch_size": 16, "gradient_accumulation_steps": 2, "mimic_scorer": "agra"},
+    ),
+}
+
+
 @pytest.mark.timeout(300)
 def test_fsdp2_matches_one_process(tmp_path):
-    """FSDP2 (fully_shard per BertLayer, gloo) on 2 ranks × 16 and 2 × 4 accumulation × 4, against
-    one process with a batch of 32. accelerate 1.15 drops the FSDP plugin on CPU, so the worker sets
-    the state accelerate sets on GPUs (see `forced_fsdp`); the run info proves the weights were sharded."""
+    """FSDP2 (fully_shard per BertLayer, gloo) on 2 ranks × 16 and 2 × 4 accumulation × 4, GraNd select and AGRA on 2
+    × 16, each against one process (`FSDP2_RUNS`). accelerate 1.15 drops the FSDP plugin on CPU, so the worker sets
+    the state accelerate sets on GPUs (see `forced_fsdp`); the run info proves the weights were sharded. Select mode's
+    candidates and AGRA's comparison batch are forwarded with a graph from the first mimic layer up under FSDP2 too."""
     launch(
         [
-            {**bert_spec(tmp_path / "2x16", per_device_train_batch_size=16, **FSDP2), "force_fsdp": True},
             {
-                **bert_spec(tmp_path / "2x4x4", per_device_train_batch_size=4, gradient_accumulation_steps=4, **FSDP2),
+                **bert_spec(tmp_path / name, **fsdp_args, **FSDP2),
                 "force_fsdp": True,
-            },
+                "record_graph_at": "bert.encoder.layer.0",
+            }
+            for name, (fsdp_args, _) in FSDP2_RUNS.items()
         ],
         tmp_path,
     )
-    run(bert_spec(tmp_path / "1x32"))
-    for name in ("2x16", "2x4x4"):
+    for name, (_, single_args) in FSDP2_RUNS.items():
+        run(bert_spec(tmp_path / f"{name}-single", **single_args))
         info = json.loads((tmp_path / name / "run_info.json").read_text())
         assert {key: info[key] for key in ("distributed_type", "num_processes", "mimic_weight_type")} == {
             "distributed_type": str(DistributedType.FSDP),
@@ -472,8 +489,17 @@ def test_fsdp2_matches_one_process(tmp_path):
             "mimic_weight_type": "DTensor",
         }
         assert_two_ranks(tmp_path / name, per_rank=16)
-        assert_same_run(tmp_path / name, tmp_path / "1x32")
-        assert_same_metrics(tmp_path / name, tmp_path / "1x32", atol=1e-5)
+        assert_same_run(tmp_path / name, tmp_path / f"{name}-single")
+        assert_same_metrics(tmp_path / name, tmp_path / f"{name}-single", atol=1e-5)
+    # Per rank and step, (rows, graph) of BertLayer 0's output; the first step also checks the model's own loss (16
+    # rows, no graph). Select mode forwards the 16 candidates without a graph there, then trains the rank's share of
+    # the step's 8 selected (fewer than 16 rows) with one; AGRA forwards the scored 16 with one, then its 16
+    # comparison rows without.
+    select = json.loads((tmp_path / "select-2x16" / "run_info.json").read_text())["graph_at"]
+    assert [graph for rows, graph in select if rows == 16] == [False] * 5
+    assert [graph for rows, graph in select if rows < 16] == [True] * 4
+    agra = json.loads((tmp_path / "agra-2x16" / "run_info.json").read_text())["graph_at"]
+    assert agra == [[16, False]] + [[16, True], [16, False]] * 4
 
 
 def deepspeed(stage: int) -> SimpleNamespace:

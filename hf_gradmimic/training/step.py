@@ -161,6 +161,11 @@ class MimicStep:
         num_processes: the processes of the run.
         uses_backward_possible: whether the set-up allows `Backward.USES` (not under FSDP, DeepSpeed, or a
             batch-coupled loss).
+        graph_from_mimic_layers: whether a forward that only scores (a select-mode candidate, AGRA's comparison
+            batch) builds its graph from the first mimic layer up. δ at the mimic layers' outputs needs the graph
+            above them only, so nothing below the first one keeps its activations: such a forward costs about a
+            no-grad forward up to there. Not under DeepSpeed (untested: no DeepSpeed here), nor for a batch-coupled
+            loss (its double backward is untested from a partial graph).
         sample_ids: the score log's sample ids, to name samples in errors.
         diagnostics: the reference diagnostics, or None.
         reference_verdict: the reference's per-sample loss for the score log, or None.
@@ -184,6 +189,7 @@ class MimicStep:
         diagnostics: ReferenceDiagnostics | None = None,
         reference_verdict: ReferenceVerdict | None = None,
         comparison_batch: Callable[[int], dict[str, Any]] | None = None,
+        graph_from_mimic_layers: bool = True,
     ) -> None:
         self.sample_loss = sample_loss
         self.layers = layers
@@ -199,6 +205,7 @@ class MimicStep:
         self.diagnostics = diagnostics
         self.reference_verdict = reference_verdict
         self.comparison_batch = comparison_batch
+        self.graph_from_mimic_layers = graph_from_mimic_layers
         # scope 'layer' corrects the plain loss through the recorded uses, so it reads the ghost too
         self.needs_ghost = scorer.needs_output_grads or args.mimic_reweight_scope == "layer"
         self.spare_sample: dict[str, Any] | None = None  # one finite sample's inputs, for `nothing_to_train`
@@ -258,15 +265,6 @@ class MimicStep:
             with torch.set_grad_enabled(self.scorer.needs_output_grads and not partial):
                 return self._score(model, batch, global_step, None, keep_outputs, grad_from_mimic_layers=partial)
         return self._score(model, batch, global_step, plan, keep_outputs)
-
-    @property
-    def graph_from_mimic_layers(self) -> bool:
-        """Whether a forward that only scores (a select-mode candidate, AGRA's comparison batch) builds its graph from
-        the first mimic layer up. δ at the mimic layers' outputs needs the graph above them only, so nothing below
-        the first one keeps its activations: such a forward costs about a no-grad forward up to there. Not under FSDP
-        or DeepSpeed, whose hooks read grad mode as a module starts, nor for a batch-coupled loss
-        (`uses_backward_possible`)."""
-        return self.uses_backward_possible
 
     def _score(
         self,

@@ -141,7 +141,8 @@ def stall_checkpoint(trainer, step: int) -> None:
 def run(spec: dict[str, Any], before_train: Callable[[Any], None] | None = None) -> Any:
     """Trains one spec and returns the trainer. Keys: ``output_dir``, ``mimic_layers``; optional
     ``model`` ("mlp", default, or "bert"), ``frozen`` (modules left untrained), ``n`` (dataset size), ``args`` (`MimicConfig` fields over
-    `COMMON`), ``force_fsdp``, ``stall_checkpoint_at`` (a step) and ``resume`` (as `train` takes it).
+    `COMMON`), ``force_fsdp``, ``stall_checkpoint_at`` (a step), ``resume`` (as `train` takes it) and ``record_graph_at`` (a
+    module whose outputs' rows and ``requires_grad`` run_info.json lists, one pair per forward).
     ``before_train(trainer)`` lets an in-process caller instrument the trainer."""
     from hf_gradmimic import MimicConfig, MimicTrainer
 
@@ -155,6 +156,14 @@ def run(spec: dict[str, Any], before_train: Callable[[Any], None] | None = None)
         stall_checkpoint(trainer, spec["stall_checkpoint_at"])
     if before_train is not None:
         before_train(trainer)
+    graph_at = []  # per forward of the module ``record_graph_at`` names: its output's rows and ``requires_grad``
+
+    def record_graph(module, args, output):
+        output = output[0] if isinstance(output, tuple) else output
+        graph_at.append([len(output), output.requires_grad])
+
+    if spec.get("record_graph_at"):
+        trainer.model.get_submodule(spec["record_graph_at"]).register_forward_hook(record_graph)
     trainer.train(resume_from_checkpoint=spec.get("resume"))
     layer = next(iter(trainer.mimic_layers.layers.values()))
     info = {
@@ -162,6 +171,7 @@ def run(spec: dict[str, Any], before_train: Callable[[Any], None] | None = None)
         "num_processes": trainer.accelerator.num_processes,
         "mimic_weight_type": type(layer.weight).__name__,  # DTensor when FSDP2 shards it
         "metrics": [entry for entry in trainer.state.log_history if "mimic/score_mean" in entry],
+        "graph_at": graph_at,
     }
     # Under FSDP2 the parameters are DTensor shards: full_tensor() all-gathers them, on every rank.
     params = {
