@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps "statsmodels==0.15.0"
 	touch $@
 
-# Optional extras that the test suite exercises: Ray Data for Stage 2 on a cluster (engine="ray").
+# Optional extras that the test suite exercises: Ray for Stage 2 on a cluster (engine="ray").
 # GRADMIMIC_REQUIRE_RAY=1 makes its tests fail, not skip, when Ray is missing.
 $(VENV)/.installed-ray: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[ray]"

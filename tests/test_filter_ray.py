@@ -146,6 +146,8 @@ def test_ray_names_a_bad_shard_and_skips_it_on_request(ray_cluster, tmp_path):
     data = bytearray(corrupt.read_bytes())
     data[4:40] = b"\xff" * 36
     corrupt.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"{corrupt.name} cannot be read"):  # raised in the Ray task that reads it
+        build_filter(log_dir, method="threshold", engine="ray")
     with pytest.warns(FilterWarning, match=rf"Skipped 1 unreadable score-log shard.*{corrupt.name}"):
         skipped = build_filter(log_dir, method="threshold", engine="ray", on_bad_shard="skip")
     local = build_filter(log_dir, method="threshold", engine="memory", on_bad_shard="skip")

@@ -1,15 +1,15 @@
-"""The Ray engine (``engine="ray"``): the score log's shards read and reduced per (sample, window) by Ray Data.
+"""The Ray engine (``engine="ray"``): the score log's shards read and reduced per (sample, window) by Ray tasks.
 
 For logs beyond one machine. The same reduction as the out-of-core engine (`hf_gradmimic.filter.engines.outofcore`),
-spread over a cluster with Ray Data (``pip install "hf-gradmimic[ray]"``):
+spread over a cluster with Ray's tasks and object store (``pip install "hf-gradmimic[ray]"``), as a map-reduce
+shuffle (Ray's "simple shuffle" pattern):
 
-1. one task per shard reads it (the shard checks of `hf_gradmimic.filter.shards` hold: unreadable
-   shards named or skipped, duplicated records dropped) and returns its distinct steps and id range;
-   the driver makes the step -> window map (Huang et al., arXiv 2501.06708, Section 4.2);
-2. one task per shard turns its records into (sample-id range, log position, step, id, ``b * w``,
-   score, status, signals) rows;
-3. Ray Data shuffles them by sample-id range (``groupby(...).map_groups``); each range is put back in
-   log order and reduced by the same `reduce_records` as the other engines;
+1. one task per shard reads it once (the shard checks of `hf_gradmimic.filter.shards` hold: unreadable
+   shards named or skipped, duplicated records dropped) and returns its distinct steps and id range, and its
+   records split by sample-id range (step, id, ``b * w``, score, status, signals), each range one object;
+2. the driver makes the step -> window map from the steps (Huang et al., arXiv 2501.06708, Section 4.2);
+3. one task per sample-id range takes that range's object of every shard, in shard order (the log order, so the
+   sums are made in it), and reduces them with the same `reduce_records` as the other engines;
 4. the driver gathers the per-sample window means, which `build_filter` then decides on
    (`hf_gradmimic.filter.decide`): identification per window and Snorkel's LabelModel.
 
@@ -18,7 +18,8 @@ be coded densely, a (sample, window) cell with 8 or more records may be summed p
 sequentially on the other, a last-bit difference). The driver writes each range's result to a spill folder as it
 arrives and then appends the ranges in sample-id order to the memory-mapped output of the other engines
 (`WindowedScoresBuilder`), so its memory is one range's result, not the pool's: the spill folder needs about 8 bytes
-per (sample, window) cell (and 4 per cell and signal) plus 28 per sample, twice.
+per (sample, window) cell (and 4 per cell and signal) plus 28 per sample, twice. The shards' split records live
+in Ray's object store (which spills to disk when full) until the range tasks have read them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from ...progress import progress_bar
 from ..inputs import ScoresLike, ScoreSource
 from ..records import OPTIONAL_COLUMNS, Records, column_range, columns_to_read, open_source, record_chunk, signals_of
 from ..reduction import (
@@ -58,11 +61,10 @@ RECORDS_PER_RANGE = 8_000_000
 def _ray():
     try:
         import ray
-        import ray.data  # noqa: F401
     except ImportError as error:  # pragma: no cover - the message is the point
         raise ImportError(
-            'engine="ray" needs Ray Data: pip install "hf-gradmimic[ray]" (or "ray[data]"), then connect to your '
-            "cluster with ray.init(address=...) before build_filter (without it, a local Ray instance is started)."
+            'engine="ray" needs Ray: pip install "hf-gradmimic[ray]" (or "ray"), then connect to your cluster with '
+            "ray.init(address=...) before build_filter (without it, a local Ray instance is started)."
         ) from error
     return ray
 
@@ -102,32 +104,37 @@ def collect_windows_ray(
         warn(message)
     columns = columns_to_read(source, windows)
     signals = signals_of(columns)
-    tasks = [
-        {
-            "index": i,
-            "path": str(path),
-            "drop": source.plan.drop_rows.get(path, np.zeros(0, np.int64)).tolist(),
-            "on_bad_shard": source.on_bad_shard,
-        }
-        for i, path in enumerate(source.shards)
+    lo, hi = column_range(source, "sample_id")
+    lo, hi = int(lo), int(hi)
+    if n_ranges is None:
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        n_ranges = max(cpus, math.ceil(_footer_rows(source) / RECORDS_PER_RANGE))
+    width = -(-(hi - lo + 1) // n_ranges)
+    split = ray.remote(_split_shard).options(num_returns=n_ranges + 1)
+    # Each shard's [summary, range 0, ..., range n_ranges - 1], in shard (log) order.
+    shard_refs = [
+        split.remote(
+            {
+                "path": str(path),
+                "drop": source.plan.drop_rows.get(path, np.zeros(0, np.int64)),
+                "on_bad_shard": source.on_bad_shard,
+            },
+            columns,
+            windows,
+            signals,
+            lo,
+            width,
+            n_ranges,
+        )
+        for path in source.shards
     ]
-    shard_info = (
-        ray.data.from_items(tasks)
-        .map_batches(_shard_summary, fn_kwargs={"columns": columns, "windows": windows}, batch_size=1)
-        .take_all()
-    )
-    unreadable = [source.shards[int(row["index"])] for row in shard_info if row["unreadable"]]
+    shard_info = ray.get([refs[0] for refs in shard_refs])
+    unreadable = [path for path, row in zip(source.shards, shard_info) if row["unreadable"]]
     if unreadable:
         message = skipped_message([(path, "its data cannot be read") for path in unreadable])
         warn_list.append(message)
         warn(message)
     step_map, stats = _step_map(shard_info, windows, warn_list, source.description)
-    lo, hi = column_range(source, "sample_id")
-    lo, hi = int(lo), int(hi)
-    if n_ranges is None:
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        n_ranges = max(cpus, math.ceil(stats["count"] / RECORDS_PER_RANGE))
-    width = -(-(hi - lo + 1) // n_ranges)
     m = len(step_map.names)
     dense = dense_ids(stats["id_min"], stats["id_max"], stats["count"])
     n_codes = (
@@ -137,23 +144,25 @@ def collect_windows_ray(
         "step_map": step_map,
         "dense": dense,
         "bincount": bincount_cells(n_codes * m, stats["count"]),
-        "has_status": "status" in columns,
         "signals": signals,
     }
-    records = ray.data.from_items(tasks).map_batches(
-        _shard_records,
-        fn_kwargs={"columns": columns, "windows": windows, "lo": lo, "width": width, "signals": signals},
-        batch_size=1,
-    )
-    # One shuffle partition per range (Ray's default of 200 would make mostly empty reduce tasks).
-    reduced = records.groupby("range", num_partitions=n_ranges).map_groups(
-        _reduce_range, fn_kwargs=settings, batch_format="numpy"
-    )
+    range_counts = np.sum([row["range_counts"] for row in shard_info], axis=0)
+    reduce = ray.remote(_reduce_range)
+    pending = [
+        reduce.remote(
+            settings, *[refs[1 + index] for refs, row in zip(shard_refs, shard_info) if row["range_counts"][index]]
+        )
+        for index in np.flatnonzero(range_counts)
+    ]
+    del shard_refs  # each shard's split records are freed once the range tasks that read them are done
     folder = Path(tempfile.mkdtemp(prefix="gradmimic-ray-", dir=spill_dir))
     try:
         spilled = _RangeSpill(folder, lo, width)
-        for part in reduced.iter_batches(batch_format="numpy", batch_size=None):
-            spilled.add(part)
+        with progress_bar(desc="Reducing sample-id ranges", total=len(pending), unit="range") as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                spilled.add(ray.get(done[0]))
+                bar.update(1)
         capacity = max(1, min(n_codes, stats["count"]))  # the most samples there can be
         return completed(spilled.gather(step_map, signals, stats["count"], capacity), warn_list)
     finally:
@@ -175,6 +184,11 @@ class RayEngine(Engine):
         return collect_windows_ray(scores, windows, on_bad_shard=on_bad_shard, spill_dir=spill_dir)
 
 
+def _footer_rows(source: ScoreSource) -> int:
+    """The shards' record count from their footers (no data read): it only sizes the ranges."""
+    return sum(pq.ParquetFile(path).metadata.num_rows for path in source.shards)
+
+
 def _shard_table(task: dict[str, Any], columns: list[str]) -> pa.Table | None:
     """The shard's records (duplicated ones dropped); None when it is unreadable and skipped."""
     path = Path(task["path"])
@@ -188,39 +202,53 @@ def _shard_table(task: dict[str, Any], columns: list[str]) -> pa.Table | None:
     return without_rows(table, np.asarray(task["drop"], dtype=np.int64))
 
 
-def _shard_summary(batch: dict[str, np.ndarray], columns: list[str], windows: WindowsLike) -> dict[str, np.ndarray]:
-    """A Ray task: one shard's distinct steps (and epochs), record count and id range."""
-    task = {name: batch[name][0] for name in _TASK_FIELDS}
+def _split_shard(
+    task: dict[str, Any],
+    columns: list[str],
+    windows: WindowsLike,
+    signals: tuple[str, ...],
+    lo: int,
+    width: int,
+    n_ranges: int,
+) -> list[dict[str, Any]]:
+    """A Ray task: one shard read once, as its summary (distinct steps and epochs, record count, id range, records per
+    range) followed by its records split by sample-id range, each in the shard's order."""
     table = _shard_table(task, columns)
-    chunk = None if table is None else record_chunk(table, windows, signals_of(columns))
+    chunk = None if table is None else record_chunk(table, windows, signals)
     if chunk is None or chunk.size == 0:
-        return {
-            "index": np.array([task["index"]]),
-            "count": np.array([0]),
-            "id_min": np.array([0]),
-            "id_max": np.array([0]),
-            "steps": np.array([np.zeros(0, np.int64)], dtype=object),
-            "epochs": np.array([np.zeros(0)], dtype=object),
-            "unreadable": np.array([table is None]),
-        }
+        summary = {"count": 0, "unreadable": table is None, "range_counts": np.zeros(n_ranges, np.int64)}
+        return [summary] + [{}] * n_ranges
     steps, epochs = chunk.step_epochs
     ids = chunk.int_ids()
-    return {
-        "index": np.array([task["index"]]),
-        "count": np.array([chunk.size]),
-        "id_min": np.array([int(ids.min())]),
-        "id_max": np.array([int(ids.max())]),
-        "steps": np.array([steps], dtype=object),
-        "epochs": np.array([np.zeros(0) if epochs is None else epochs], dtype=object),
-        "unreadable": np.array([False]),
+    ranges = (ids - lo) // width
+    order = np.argsort(ranges, kind="stable")  # within a range, the shard's order
+    counts = np.bincount(ranges, minlength=n_ranges)
+    summary = {
+        "count": chunk.size,
+        "id_min": int(ids.min()),
+        "id_max": int(ids.max()),
+        "steps": steps,
+        "epochs": np.zeros(0) if epochs is None else epochs,
+        "unreadable": False,
+        "range_counts": counts,
     }
+    columns_of = {"step": chunk.steps, "id": ids, "bw": chunk.bw, "score": chunk.scores}
+    if chunk.status is not None:
+        columns_of["status"] = chunk.status
+    columns_of |= {f"signal.{name}": values for name, values in chunk.signals.items()}
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    parts = [
+        {name: values[order[start:stop]] for name, values in columns_of.items()} if stop > start else {}
+        for start, stop in zip(bounds[:-1], bounds[1:])
+    ]
+    return [summary, *parts]
 
 
 def _step_map(
     shard_info: list[dict[str, Any]], windows: WindowsLike, warn_list: list[str], description: str
 ) -> tuple[StepWindows, dict[str, int]]:
     """The driver's step -> window map and the record statistics, from every shard's summary (in log order)."""
-    shard_info = sorted((row for row in shard_info if row["count"] > 0), key=lambda row: row["index"])
+    shard_info = [row for row in shard_info if row["count"] > 0]
     if not shard_info:
         raise ValueError(f"The score log ({description}) is empty once repeated records are dropped.")
     step_epochs = [
@@ -235,68 +263,33 @@ def _step_map(
     return StepWindows.of(step_epochs, windows, warn_list), stats
 
 
-_TASK_FIELDS = ("index", "path", "drop", "on_bad_shard")
-_RECORD_COLUMNS = (
-    ("range", np.int32),
-    ("position", np.int64),
-    ("step", np.int64),
-    ("id", np.int64),
-    ("bw", np.float32),
-    ("score", np.float32),
-    ("status", np.int8),
-)
-
-
-def _shard_records(
-    batch: dict[str, np.ndarray],
-    columns: list[str],
-    windows: WindowsLike,
-    lo: int,
-    width: int,
-    signals: tuple[str, ...],
-) -> dict[str, np.ndarray]:
-    """A Ray task: one shard's records as rows (sample-id range, log position, step, id, b*w, score, status, signals)."""
-    task = {name: batch[name][0] for name in _TASK_FIELDS}
-    table = _shard_table(task, columns)
-    if table is None:  # skipped (on_bad_shard="skip"); the summary step already warned
-        return {name: np.zeros(0, dtype) for name, dtype in _RECORD_COLUMNS} | {
-            f"signal.{name}": np.zeros(0, np.float32) for name in signals
-        }
-    chunk = record_chunk(table, windows, signals)
-    ids = chunk.int_ids()
-    return {
-        "range": ((ids - lo) // width).astype(np.int32),
-        # Shard index and row: the log order, restored before reducing so the sums are made in it.
-        "position": (np.int64(task["index"]) << 32) + np.arange(ids.size, dtype=np.int64),
-        "step": chunk.steps,
-        "id": ids,
-        "bw": chunk.bw,
-        "score": chunk.scores,
-        "status": np.zeros(ids.size, np.int8) if chunk.status is None else chunk.status,
-    } | {f"signal.{name}": values for name, values in chunk.signals.items()}
-
-
 def _reduce_range(
-    batch: dict[str, np.ndarray],
-    step_map: StepWindows,
-    dense: bool,
-    bincount: bool,
-    has_status: bool,
-    signals: tuple[str, ...],
+    settings: dict[str, Any],
+    *parts: dict[str, np.ndarray],
 ) -> dict[str, np.ndarray]:
-    """A Ray task: one sample-id range's records, in log order, reduced to per-sample window means."""
-    order = np.argsort(batch["position"], kind="stable")
-    status = batch["status"][order] if has_status else None
-    records = Records(
-        count=int(order.size),
-        steps=batch["step"][order],
-        bw=batch["bw"][order],
-        scores=batch["score"][order],
-        int_ids=batch["id"][order].copy(),
-        status=status if status is not None and (status != 0).any() else None,
-        signals={name: batch[f"signal.{name}"][order] for name in signals},
+    """A Ray task: one sample-id range's records, each shard's in log order, reduced to per-sample window means."""
+    signals = settings["signals"]
+
+    def joined(name: str) -> np.ndarray:
+        return np.concatenate([part[name] for part in parts])
+
+    # a shard's status is left out when every record of it is scored (0), and so is the range's
+    with_status = any("status" in part for part in parts)
+    status = (
+        np.concatenate([part.get("status", np.zeros(part["id"].size, np.int8)) for part in parts])
+        if with_status
+        else None
     )
-    part = reduce_records(records, step_map, dense=dense, bincount=bincount)
+    records = Records(
+        count=sum(part["id"].size for part in parts),
+        steps=joined("step"),
+        bw=joined("bw"),
+        scores=joined("score"),
+        int_ids=joined("id"),
+        status=status if status is not None and (status != 0).any() else None,
+        signals={name: joined(f"signal.{name}") for name in signals},
+    )
+    part = reduce_records(records, settings["step_map"], dense=settings["dense"], bincount=settings["bincount"])
     ids = part.sample_ids.to_numpy()
     n = ids.size
     # Per-range counts, carried by the range's first row: NaN scores, samples without a score, unlabeled
@@ -324,9 +317,8 @@ def _reduce_range(
 
 class _RangeSpill:
     """The reduce tasks' results, written to ``folder`` range by range as they reach the driver, then appended in
-    sample-id order to a memory-mapped `WindowedScoresBuilder`: the driver holds one batch at a time. A batch may
-    hold several ranges (Ray Data coalesces groups into blocks), so each is split by sample-id range first: the
-    ranges' ids are disjoint intervals, and ordering the ranges, then each range within, orders every id."""
+    sample-id order to a memory-mapped `WindowedScoresBuilder`: the driver holds one batch at a time. The ranges'
+    ids are disjoint intervals, so ordering the ranges, then each range within, orders every id."""
 
     def __init__(self, folder: Path, lo: int, width: int) -> None:
         self.folder, self.lo, self.width = folder, lo, width
