@@ -316,9 +316,9 @@ def _reduce_range(
 
 
 class _RangeSpill:
-    """The reduce tasks' results, written to ``folder`` range by range as they reach the driver, then appended in
-    sample-id order to a memory-mapped `WindowedScoresBuilder`: the driver holds one batch at a time. The ranges'
-    ids are disjoint intervals, so ordering the ranges, then each range within, orders every id."""
+    """The range tasks' results (one range each), written to ``folder`` as they reach the driver, then appended in
+    sample-id order to a memory-mapped `WindowedScoresBuilder`: the driver holds one range's result at a time. The
+    ranges' ids are disjoint intervals, so ordering the ranges, then each range within, orders every id."""
 
     def __init__(self, folder: Path, lo: int, width: int) -> None:
         self.folder, self.lo, self.width = folder, lo, width
@@ -328,15 +328,10 @@ class _RangeSpill:
         ids = np.asarray(batch["sample_id"])
         if not ids.size:
             return
-        ranges = (ids - self.lo) // self.width
-        for range_index in np.unique(ranges):
-            rows = np.flatnonzero(ranges == range_index)
-            index = len(self.parts)
-            for name, values in batch.items():
-                # rows x (windows or 1); per-range counters ride on a range's first row, which stays in its range
-                part = np.asarray(values).reshape(ids.size, -1)[rows]
-                np.save(self.folder / f"part{index:06d}.{name}.npy", part, allow_pickle=False)
-            self.parts.append((int(range_index), index, list(batch)))
+        index = len(self.parts)
+        for name, values in batch.items():
+            np.save(self.folder / f"part{index:06d}.{name}.npy", np.asarray(values), allow_pickle=False)
+        self.parts.append((int((ids[0] - self.lo) // self.width), index, list(batch)))  # one range per task
 
     def _load(self, index: int, names: list[str]) -> dict[str, np.ndarray]:
         loaded = {}
