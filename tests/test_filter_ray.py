@@ -12,6 +12,7 @@ import os
 import warnings
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from test_filter_streaming import (
     assert_same_signals,
@@ -71,6 +72,22 @@ def test_ray_reduction_equals_the_single_machine_one(ray_cluster, tmp_path):
     assert_same_windows(local, distributed)
     nodes = ray_cluster.nodes()
     assert len(nodes) == 1 and nodes[0]["NodeManagerAddress"] == "127.0.0.1"
+
+
+def test_ray_reduction_with_status_in_one_shard_only(ray_cluster, tmp_path):
+    """Non-scored records (status 1 and 2) in the first shard only: a shard whose records are all scored has no status
+    array, and a range mixes shards with and without one, or holds only scored records."""
+    table = random_log(7)
+    status = table.column("status").to_numpy()
+    first_shard_only = np.where(np.arange(table.num_rows) < 700, status, 0).astype(np.int8)
+    assert (first_shard_only != 0).any() and not (first_shard_only[700:] != 0).any()
+    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(first_shard_only, pa.int8()))
+    log_dir = write_shards(table, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FilterWarning)
+        local = collect_windows(log_dir, 2)
+        distributed = collect_windows_ray(log_dir, 2, n_ranges=8)
+    assert_same_windows(local, distributed)
 
 
 @pytest.mark.parametrize("windows, sparse_ids", [(2, False), ("epoch", True)])
