@@ -8,20 +8,9 @@ import torch
 
 from hf_gradmimic import MimicConfig
 
-COMMON = dict(
-    learning_rate=1.0,
-    optim="sgd",
-    lr_scheduler_type="constant",
-    max_grad_norm=0.0,
-    weight_decay=0.0,
-    report_to=[],
-    save_strategy="no",
-    logging_steps=1,
-    disable_tqdm=True,
-    use_cpu=True,
-    seed=0,
-    mimic_alignment_check=False,
-)
+from sgd_args import SGD_ARGS
+
+COMMON = {**SGD_ARGS, "learning_rate": 1.0, "mimic_alignment_check": False}
 
 
 def config(tmp_path, **overrides) -> MimicConfig:

@@ -15,6 +15,7 @@ from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
 from hf_gradmimic.lora import LoraLayerError
 from hf_gradmimic.training.use_backward import only_mimic_tensors_train
 
+from sgd_args import SGD_ARGS
 from tiny_models import (
     lm_dataset,
     lora_names,
@@ -26,21 +27,7 @@ from tiny_models import (
 
 peft = pytest.importorskip("peft")
 
-TRAIN = dict(
-    learning_rate=0.1,
-    optim="sgd",
-    lr_scheduler_type="constant",
-    max_grad_norm=0.0,
-    weight_decay=0.0,
-    report_to=[],
-    save_strategy="no",
-    logging_steps=1,
-    disable_tqdm=True,
-    use_cpu=True,
-    seed=0,
-    mimic_alignment_check=False,
-    max_steps=1,
-)
+TRAIN = {**SGD_ARGS, "learning_rate": 0.1, "mimic_alignment_check": False, "max_steps": 1}
 PREFIX = "base_model.model.model.layers"
 
 

@@ -12,21 +12,9 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 from hf_gradmimic import MimicConfig, MimicTrainer
 from hf_gradmimic.losses import per_sample_loss
 
-PLAIN = dict(
-    learning_rate=0.1,
-    optim="sgd",
-    lr_scheduler_type="constant",
-    max_grad_norm=0.0,
-    weight_decay=0.0,
-    report_to=[],
-    save_strategy="no",
-    logging_steps=1,
-    disable_tqdm=True,
-    use_cpu=True,
-    seed=0,
-    per_device_train_batch_size=4,
-    max_steps=3,
-)
+from sgd_args import SGD_ARGS
+
+PLAIN = {**SGD_ARGS, "learning_rate": 0.1, "per_device_train_batch_size": 4, "max_steps": 3}
 
 
 def tiny_bert(num_labels: int, problem_type: str | None) -> BertForSequenceClassification:

@@ -14,6 +14,7 @@ from test_trainer import perturbed_reference
 
 from hf_gradmimic import MimicConfig, load_scores
 
+from sgd_args import SGD_ARGS
 from tiny_models import lora_names, oracle_scores_from_grads, tiny_llama
 
 trl = pytest.importorskip("trl")
@@ -21,21 +22,7 @@ peft = pytest.importorskip("peft")
 from hf_gradmimic.sft import MimicSFTConfig, MimicSFTTrainer  # noqa: E402
 
 WORDS = ["<pad>", "</s>", "[UNK]", "user", "assistant", ":"] + [f"w{i}" for i in range(34)]
-SFT = dict(
-    learning_rate=0.1,
-    optim="sgd",
-    lr_scheduler_type="constant",
-    max_grad_norm=0.0,
-    weight_decay=0.0,
-    report_to=[],
-    save_strategy="no",
-    logging_steps=1,
-    disable_tqdm=True,
-    use_cpu=True,
-    seed=0,
-    bf16=False,
-    gradient_checkpointing=False,
-)
+SFT = {**SGD_ARGS, "learning_rate": 0.1, "bf16": False, "gradient_checkpointing": False}
 TRAIN = {**SFT, "mimic_alignment_check": False}
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
 # A chat template whose assistant turns are marked for `return_assistant_tokens_mask` (assistant_only_loss).

@@ -15,6 +15,7 @@ from hf_gradmimic.ghost import UnsupportedLayerError
 from hf_gradmimic.layer_lookup import MimicLayerError
 from hf_gradmimic.reference import ReferenceLoadError
 
+from sgd_args import SGD_ARGS
 from tiny_models import (
     TinyMLP,
     TinySeq,
@@ -28,19 +29,7 @@ from tiny_models import (
     tiny_gpt2,
 )
 
-COMMON = dict(
-    learning_rate=0.1,
-    optim="sgd",
-    lr_scheduler_type="constant",
-    max_grad_norm=0.0,
-    weight_decay=0.0,
-    report_to=[],
-    save_strategy="no",
-    logging_steps=1,
-    disable_tqdm=True,
-    use_cpu=True,
-    seed=0,
-)
+COMMON = {**SGD_ARGS, "learning_rate": 0.1}
 
 
 def mimic_config(tmp_path, **overrides) -> MimicConfig:

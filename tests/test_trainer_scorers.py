@@ -10,27 +10,20 @@ import torch
 
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
 
+from sgd_args import SGD_ARGS
 from tiny_models import TinyMLP, mlp_dataset, per_sample_grads
 
 HEAD = ["head.weight", "head.bias"]
 
 
 def config(tmp_path, **overrides) -> MimicConfig:
-    settings = dict(
-        mimic_layers=["head"],
-        per_device_train_batch_size=16,
-        max_steps=1,
-        learning_rate=1.0,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        weight_decay=0.0,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
+    settings = {
+        **SGD_ARGS,
+        "mimic_layers": ["head"],
+        "per_device_train_batch_size": 16,
+        "max_steps": 1,
+        "learning_rate": 1.0,
+    }
     return MimicConfig(output_dir=str(tmp_path), **{**settings, **overrides})
 
 

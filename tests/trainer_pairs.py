@@ -10,19 +10,9 @@ from transformers import Trainer, TrainingArguments
 
 from hf_gradmimic import MimicConfig, MimicTrainer
 
-PLAIN = dict(
-    learning_rate=0.1,
-    optim="sgd",
-    lr_scheduler_type="constant",
-    max_grad_norm=0.0,
-    weight_decay=0.0,
-    report_to=[],
-    save_strategy="no",
-    logging_steps=1,
-    disable_tqdm=True,
-    use_cpu=True,
-    seed=0,
-)
+from sgd_args import SGD_ARGS
+
+PLAIN = {**SGD_ARGS, "learning_rate": 0.1}
 
 
 def lm_reference(model, scale: float = 0.3) -> dict[str, torch.Tensor]:
