@@ -562,8 +562,9 @@ class MimicTrainerMixin:
         records = self.step_softmax.finish(state.global_step - 1)
         if records is None:
             return
-        self.score_log.write(records, state.global_step, float(state.epoch or 0.0))
+        # Counted (and its left-out samples named by id) before the write: a stream's ids are forgotten once written.
         self.mimic_metrics.update(self.nonfinite_guard.count(records, self.score_log.sample_ids, state.global_step))
+        self.score_log.write(records, state.global_step, float(state.epoch or 0.0))
         self.mimic_metrics.update({**records.metrics, **self.scorer.step_metrics()})
         self.scorer.end_step()
 

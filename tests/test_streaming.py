@@ -15,6 +15,7 @@ import torch
 from test_trainer import COMMON, perturbed_reference
 
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
+from hf_gradmimic.score_log_io import STATUS_NONFINITE, STATUS_SCORED
 
 from stream_data import TorchStream, mlp_rows, mlp_stream, offline_losses, string_id
 from tiny_models import TinyMLP, mlp_dataset
@@ -185,3 +186,22 @@ def test_an_id_seen_again_in_the_same_pass_is_flagged_repeated_by_id_not_row(tmp
     assert len(table) == 32 and len(repeated) == 2
     assert set(repeated.sample_id) == {stream.rows[2]["id"]} and sorted(repeated.global_step) == [2, 4]
     assert len(load_scores(tmp_path)) == 30
+
+
+def test_a_non_finite_sample_of_a_stream_is_named_by_its_id_and_flagged(tmp_path):
+    """A stream whose 6th example has a NaN input: it is left out of the update and named by its id in the warning
+    (its id is looked up before the step's ids are forgotten), flagged non-finite in the log; the others are scored."""
+    model = TinyMLP()
+    stream = TorchStream(16)
+    stream.rows[5]["x"] = stream.rows[5]["x"].clone()
+    stream.rows[5]["x"][0] = float("nan")
+    bad_id = stream.rows[5]["id"]
+    trainer = MimicTrainer(
+        model=model, args=config(tmp_path, max_steps=2), train_dataset=stream, reference=reference_for(model)
+    )
+    with pytest.warns(RuntimeWarning, match=rf"non-finite loss or score.*ids \[{bad_id}\]"):
+        trainer.train()
+    assert all(torch.isfinite(param).all() for param in model.parameters())
+    table = load_scores(tmp_path).to_pandas().set_index("sample_id")
+    assert len(table) == 16 and table.loc[bad_id, "status"] == STATUS_NONFINITE
+    assert (table.drop(index=bad_id).status == STATUS_SCORED).all()
