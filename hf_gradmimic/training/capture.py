@@ -97,7 +97,7 @@ class Capture:
         self.layer_names = layer_names
         self.head = head
         self.update_modules = update_modules or []
-        self.batch_size: int | None = None  # set before a forward that records the update modules
+        self.batch_size: int | None = None  # the batch's samples, set before the forward
         self.update_calls: list[list[Any]] = []  # [module, input, output], for `hf_gradmimic.training.full_update`
         self.calls: list[_Call] = []
         self._head_calls: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -117,9 +117,13 @@ class Capture:
     def _update_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
         layer_input = args[0] if args else next(iter(kwargs.values()))
         batch = self.batch_size
-        if batch and batch > 1 and output.dim() and output.shape[0] == 1 and layer_input.shape[:1] == (1,):
-            # Shared by the batch (position embeddings of [1, T] ids): its output broadcast to every sample, a view
-            # with the same values, so that δ at it is per sample and can be weighted.
+        shared_lookup = isinstance(module, nn.Embedding) and layer_input.shape[:1] == (1,)
+        if batch and batch > 1 and shared_lookup and output.dim() and output.shape[0] == 1:
+            # A lookup shared by the batch (position embeddings of [1, T] ids), whose output the model broadcasts
+            # onto the batch: handed on broadcast to every sample, a view with the same values, so that δ at it is
+            # per sample and can be weighted. Other modules' shared calls are handed on as they are (DeBERTa repeats
+            # its relative embeddings' projections itself); their δ is not per sample and `ghost_and_update`
+            # refuses them, which falls back to two backward passes.
             output = output.expand(batch, *output.shape[1:])
             self.update_calls.append([module, layer_input.detach().expand(batch, *layer_input.shape[1:]), output])
             return output
@@ -219,11 +223,33 @@ class Capture:
         return edge
 
     def check_ran(self) -> None:
-        """Every named mimic layer ran in the forward."""
+        """Every named mimic layer ran in the forward, and every recorded call is on the batch (`check_batch_first`)."""
         ran = {call.name for call in self.calls}
         missing = [name for name in self.layer_names if name not in ran]
         if missing:
             raise RuntimeError(f"Mimic layer(s) {missing} did not run in the forward pass.")
+        self.check_batch_first()
+
+    def check_batch_first(self) -> None:
+        """Every recorded call of a module holding mimic tensors takes one row per sample of the batch.
+
+        The ghost maths reads row ``i`` of a call's input and output gradient as sample ``i``'s. A call on a tensor
+        that the batch shares (DeBERTa's relative position embeddings through its key projection, a position
+        embedding of ``[1, T]`` ids) has no per-sample rows: its ``[1, ...]`` result would be broadcast onto every
+        sample, and the scores would be silently wrong. Refused, naming the layer and the shape."""
+        if self.batch_size is None:
+            return
+        for call in self.calls:
+            rows = call.activations.shape[0] if call.activations.dim() else None
+            if rows != self.batch_size:
+                raise UnsupportedLayerError(
+                    f"Mimic layer {call.name!r} (or a module sharing its tensors) is called in the forward on a tensor "
+                    f"of shape {tuple(call.activations.shape)}, which is not the batch of {self.batch_size} samples "
+                    "(one row per sample first): a tensor the batch shares, such as DeBERTa's relative position "
+                    "embeddings or a position embedding. The rows of that call are not samples, so its per-sample "
+                    "gradient, and the mimic score, are not defined by them. Pick a layer that processes only the "
+                    "batch's samples (a head, an attention output or MLP projection)."
+                )
 
     @staticmethod
     def check_requires_grad(calls: list[_Call]) -> None:

@@ -121,11 +121,24 @@ class FullUpdate:
         # A tensor no call reached gets None, as from autograd: the optimizer then leaves it alone, as in `Trainer`.
         return tuple(total[id(p)].to(p.dtype) if id(p) in total else None for p in self.params)
 
-    def check(self, calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]], expected: tuple) -> bool:
-        """Whether the gradients formed from ``calls`` are autograd's (``expected``, None for an unused tensor): a
-        tensor used outside its module's forward, or a module whose gradient is not its rule's, fails it, and the
-        update is not formed this way again."""
-        formed = self.gradients(calls, None)
+    @staticmethod
+    def check_coefficients(batch_size: int, device: torch.device) -> torch.Tensor:
+        """Per-sample coefficients for `check`, each sample's its own (``1 + i / B``): with equal ones, a call whose
+        rows are not the samples (MPNet's relative position bias, called on ``[T, T]`` bucket ids, when ``T`` equals
+        the batch size) sums to autograd's gradient all the same, and only the weighted update would be wrong."""
+        return 1.0 + torch.arange(batch_size, device=device, dtype=torch.float32) / batch_size
+
+    def check(
+        self,
+        calls: list[tuple[nn.Module, torch.Tensor, torch.Tensor | None]],
+        expected: tuple,
+        coefficients: torch.Tensor,
+    ) -> bool:
+        """Whether the gradients formed from ``calls`` with ``coefficients`` (`check_coefficients`) are autograd's
+        (``expected``: of ``Σ_i c_i ℓ_i``, None for an unused tensor): a tensor used outside its module's forward, a
+        module whose gradient is not its rule's, or a call whose rows are not the samples fails it, and the update
+        is not formed this way again."""
+        formed = self.gradients(calls, coefficients)
         for param, mine, theirs in zip(self.params, formed, expected):
             theirs = torch.zeros_like(param) if theirs is None else theirs
             mine = torch.zeros_like(param) if mine is None else mine

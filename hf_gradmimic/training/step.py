@@ -249,8 +249,9 @@ class MimicStep:
             return outputs, self.sample_loss.per_sample_losses(outputs, inputs), None
         update_modules = self.full_update.modules if plan is Backward.SPLIT else None
         with self.layers.capture(update_modules, grad_from_mimic_layers) as recorded:
-            if update_modules:
-                recorded.batch_size = len(next(v for v in inputs.values() if isinstance(v, torch.Tensor)))
+            recorded.batch_size = next(
+                (len(v) for v in inputs.values() if isinstance(v, torch.Tensor) and v.dim()), None
+            )
             outputs = model(**model_inputs)
         return outputs, self.sample_loss.per_sample_losses(outputs, inputs), recorded
 
@@ -308,9 +309,12 @@ class MimicStep:
             prediction_grad = torch.autograd.grad(losses.sum(), edge)[0]
             params = self.full_update.params
             if checking:
+                probe = self.full_update.check_coefficients(prediction_grad.shape[0], prediction_grad.device)
+                weighted_grad = scale_per_sample(prediction_grad.clone(), probe)
                 expected = torch.autograd.grad(
-                    edge, params, grad_outputs=prediction_grad, retain_graph=True, allow_unused=True
+                    edge, params, grad_outputs=weighted_grad, retain_graph=True, allow_unused=True
                 )
+                del weighted_grad
             try:
                 ghost, calls = capture.ghost_and_update(edge, prediction_grad, retain_graph=checking)
             except UnsupportedLayerError:
@@ -319,7 +323,7 @@ class MimicStep:
                 self.full_update.usable = False
                 ghost = capture.ghost_batch(edge, root_grad=prediction_grad)
                 calls = None
-            if checking and (calls is None or not self.full_update.check(calls, expected)):
+            if checking and (calls is None or not self.full_update.check(calls, expected, probe)):
                 from_logits = LogitsBackward(root, fallback, prediction_grad)
             else:
                 pending: list = []
