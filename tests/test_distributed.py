@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from dist_scripts.mimic_worker import build, run
 
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
 from hf_gradmimic.training.checks import check_supported_setup, last_complete_checkpoint
+from hf_gradmimic.training.log_lock import LOCK_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_scripts" / "mimic_worker.py"
@@ -431,6 +433,33 @@ def test_resume_after_sigkill_matches_uninterrupted_run(ddp_runs, tmp_path):
     expected = torch.load(ddp_runs / "uneven" / "params.pt")
     for name, value in torch.load(output_dir / "params.pt").items():
         torch.testing.assert_close(value, expected[name], atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.timeout(300)
+def test_a_resume_into_a_log_that_a_live_run_writes_is_refused_before_any_rank_truncates_it(ddp_runs, tmp_path):
+    """A 2-process run resumed from checkpoint-4 of a log whose lock a live run holds (this test's process): both
+    ranks are refused before either truncates its shards, so the records after step 4 (the live run's) stay. Only
+    rank 0 takes the lock; rank 1 used to truncate its shards before rank 0 was refused."""
+    output_dir = tmp_path / "run"
+    shutil.copytree(ddp_runs / "uneven", output_dir)
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": "2026-12-08T00:00:00+0000"}
+    (output_dir / "mimic_scores" / LOCK_NAME).write_text(json.dumps(holder))
+    before = records(output_dir, drop_repeated=False)
+    assert before.global_step.max() > 4 and set(before["rank"]) == {0, 1}
+
+    process, log = start([spec(output_dir, resume=str(output_dir / "checkpoint-4"), **UNEVEN)], tmp_path / "second")
+    try:
+        code = process.wait(timeout=LAUNCH_TIMEOUT)
+    finally:
+        if process.poll() is None:
+            kill(process)
+    output = log.read_text()
+    assert code != 0 and "ScoreLogLockedError" in output and f"pid {os.getpid()}" in output, output[-4000:]
+    assert "Removed" not in output, output[-4000:]
+    after = records(output_dir, drop_repeated=False)
+    np.testing.assert_array_equal(
+        after[["global_step", "sample_id", "rank"]].values, before[["global_step", "sample_id", "rank"]].values
+    )
 
 
 def test_resume_refuses_a_half_written_checkpoint(tmp_path):

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from accelerate.utils import broadcast_object_list
 from transformers import TrainerCallback
 from transformers.utils import logging
 
@@ -28,7 +29,7 @@ from ..score_log_io import ScoreWriter, read_score_table, score_shard_paths, wri
 from ..tables import dataset_signature, id_kind
 from ..version import __version__
 from .batch import ROW_INDEX_KEY
-from .log_lock import LOCK_NAME, ScoreLogLock
+from .log_lock import LOCK_NAME, ScoreLogLock, ScoreLogLockedError
 from .step_softmax import StepRecords
 from .stream_ids import is_stream
 
@@ -200,9 +201,7 @@ class ScoreLog(TrainerCallback):
             return
         if self.writer is None:
             self.writer = ScoreWriter(self.output_dir, rank=self.rank)
-        if self.rank == 0:  # one run per log: refused before anything of the log is moved or truncated
-            self.lock = ScoreLogLock(self.writer.folder)
-            self.lock.acquire()
+        self._take_lock()
         if state.global_step == 0 and self.rank == 0:
             self._keep_earlier_log(self.writer.folder, self.lock)
         if self.rank == 0 and self.provenance is not None:
@@ -218,6 +217,24 @@ class ScoreLog(TrainerCallback):
         if state.global_step:
             self.wait_for_everyone()  # every rank's shards are truncated before any rank reads them
             self._restore_seen_rows(state)
+
+    def _take_lock(self) -> None:
+        """One run per log: rank 0 takes the log's lock, and every rank learns whether it could before any rank moves
+        or truncates a shard. A run refused by the lock raises `ScoreLogLockedError` on every rank, and the live
+        run's log is left as it is (on a resume, the other ranks would otherwise truncate their shards first)."""
+        refusal: tuple[str, dict[str, Any]] | None = None
+        if self.rank == 0:
+            self.lock = ScoreLogLock(self.writer.folder)
+            try:
+                self.lock.acquire()
+            except ScoreLogLockedError as error:
+                if self.world == 1:
+                    raise
+                refusal = (str(error), error.holder)
+        if self.world > 1:
+            refusal = broadcast_object_list([refusal], from_process=0)[0]
+        if refusal is not None:
+            raise ScoreLogLockedError(*refusal)
 
     @staticmethod
     def _keep_earlier_log(folder: Path, lock: ScoreLogLock) -> Path | None:
