@@ -292,12 +292,14 @@ class ScoreWriter:
             f"({error.strerror or error}). {kept}."
         )
 
-    def truncate_after(self, global_step: int) -> int:
-        """Drop this rank's records of steps after ``global_step``; returns how many rows went.
+    def truncate_after(self, global_step: int, world: int | None = None) -> int:
+        """Drop this rank's records of steps after ``global_step`` and, given ``world`` (the resumed run's number of
+        processes), those of every rank at or beyond it; returns how many rows went.
 
         Called when training starts: from scratch (``global_step == 0``) it clears an old log in
         the same ``output_dir``; when resuming from ``checkpoint-N`` it removes what a crashed run
-        wrote after step N, so that the resumed run neither loses nor duplicates a step.
+        wrote after step N, so that the resumed run neither loses nor duplicates a step. A run resumed on fewer
+        processes has no rank to clear the shards of the ranks it lacks: rank 0 passes ``world`` for them.
         """
         self.flush(wait=True)
         if not self.folder.is_dir():
@@ -305,7 +307,10 @@ class ScoreWriter:
         removed = 0
         for entry in list(self.folder.iterdir()):
             match = _SHARD_PATTERN.match(entry.name)
-            if match is None or int(match["rank"]) != self.rank or int(match["last"]) <= global_step:
+            if match is None or int(match["last"]) <= global_step:
+                continue
+            rank = int(match["rank"])
+            if rank != self.rank and (world is None or rank < world):
                 continue
             table = pq.read_table(entry)
             if int(match["first"]) > global_step:
@@ -316,7 +321,7 @@ class ScoreWriter:
             kept = table.filter(keep)
             removed += table.num_rows - kept.num_rows
             last_kept = int(pa.compute.max(kept["global_step"]).as_py())
-            rewritten = entry.with_name(f"rank{self.rank:05d}-steps{int(match['first']):09d}-{last_kept:09d}.parquet")
+            rewritten = entry.with_name(f"rank{rank:05d}-steps{int(match['first']):09d}-{last_kept:09d}.parquet")
             atomic_write(rewritten, functools.partial(pq.write_table, kept))
             entry.unlink()
         return removed

@@ -462,6 +462,20 @@ def test_a_resume_into_a_log_that_a_live_run_writes_is_refused_before_any_rank_t
     )
 
 
+def test_a_two_process_log_resumed_on_one_process_holds_each_later_step_once(ddp_runs, tmp_path):
+    """The 2 × 8 run's log resumed from checkpoint-4 on one process × 16: no rank of the resumed run owns rank 1's
+    shards, so rank 0 clears their steps after 4 too; every (step, sample) is recorded once, rank 1's only up to 4."""
+    output_dir = tmp_path / "run"
+    shutil.copytree(ddp_runs / "uneven", output_dir)
+    assert (records(output_dir, drop_repeated=False).query("global_step > 4")["rank"] == 1).any()
+    one_process = {**UNEVEN, "args": {**UNEVEN["args"], "per_device_train_batch_size": 16}}
+    run(spec(output_dir, resume=str(output_dir / "checkpoint-4"), **one_process))
+    table = records(output_dir, drop_repeated=False)
+    assert not table.duplicated(["global_step", "sample_id"]).any()
+    assert table.global_step.max() == UNEVEN["args"]["max_steps"]
+    assert table.query("global_step > 4")["rank"].eq(0).all()
+
+
 def test_resume_refuses_a_half_written_checkpoint(tmp_path):
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")

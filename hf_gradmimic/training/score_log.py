@@ -208,7 +208,8 @@ class ScoreLog(TrainerCallback):
             write_provenance(self.writer.folder, self.provenance)
         if state.global_step == 0:
             self.wait_for_everyone()  # no rank writes before an earlier log is out of the way
-        removed = self.writer.truncate_after(state.global_step)
+        # Rank 0 also clears the shards of ranks a run resumed on fewer processes lacks (their steps would repeat).
+        removed = self.writer.truncate_after(state.global_step, self.world if self.rank == 0 else None)
         if removed:
             logger.warning(
                 f"Removed {removed} score records after step {state.global_step} from {self.writer.folder} "
