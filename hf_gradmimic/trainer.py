@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .cards import render_model_card
@@ -374,7 +375,10 @@ class MimicTrainerMixin:
         elif starting is not None:  # before the first optimizer step: these are the weights training found
             starting.snapshot()
         if resume_from_checkpoint is not None and is_stream(self.train_dataset) and not self.args.ignore_data_skip:
-            return stream_position(self.state.epoch or 0.0, max_steps * self.args.gradient_accumulation_steps)
+            # The checkpoint's epoch counts batches against the max_steps of the run that wrote it (a resume may raise
+            # it to train longer): `self.state.max_steps` is already this run's.
+            saved = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, TRAINER_STATE_NAME))
+            return stream_position(self.state.epoch or 0.0, saved.max_steps * self.args.gradient_accumulation_steps)
         return position
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:

@@ -205,3 +205,26 @@ def test_a_non_finite_sample_of_a_stream_is_named_by_its_id_and_flagged(tmp_path
     table = load_scores(tmp_path).to_pandas().set_index("sample_id")
     assert len(table) == 16 and table.loc[bad_id, "status"] == STATUS_NONFINITE
     assert (table.drop(index=bad_id).status == STATUS_SCORED).all()
+
+
+@pytest.mark.parametrize("checkpoint", [4, 2])
+def test_a_stream_resumed_to_train_longer_reads_on_where_it_stopped(tmp_path, checkpoint):
+    """A 64-example stream (8 batches a pass) trained for 4 steps, then resumed from ``checkpoint-<checkpoint>`` with
+    ``max_steps=8``: each step reads the ids an uninterrupted 8-step run reads (steps 5-8: examples 32-63). The
+    checkpoint's epoch counts batches against its own run's max_steps, not the resumed run's."""
+    settings = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    model = TinyMLP()
+    reference = reference_for(model)
+    MimicTrainer(
+        model=model, args=config(tmp_path / "run", **settings), train_dataset=mlp_stream(64), reference=reference
+    ).train()
+    longer = config(tmp_path / "run", **{**settings, "max_steps": 8})
+    MimicTrainer(model=model, args=longer, train_dataset=mlp_stream(64), reference=reference).train(
+        resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{checkpoint}")
+    )
+    got = records(tmp_path / "run")
+    stream_ids = [row["id"] for row in mlp_rows(64, "int")]
+    expected = [
+        (step, sample_id) for step in range(1, 9) for sample_id in sorted(stream_ids[8 * (step - 1) : 8 * step])
+    ]
+    assert got[["global_step", "sample_id"]].values.tolist() == [list(pair) for pair in expected]

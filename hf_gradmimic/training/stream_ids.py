@@ -176,11 +176,17 @@ class StreamIds:
 
 def stream_position(epoch: float, batches_per_pass: int) -> tuple[int, int]:
     """Where a stream resumes: ``(pass over the stream, batches already read in it)`` from the checkpoint's
-    ``state.epoch``.
+    ``state.epoch`` and the ``batches_per_pass`` of the run that wrote it.
 
-    `Trainer` cannot measure a stream, so it counts ``max_steps × gradient_accumulation_steps`` batches per "epoch"
-    and records ``state.epoch = e + b / that`` after ``b`` batches of pass ``e``; but on resume it skips
+    `Trainer` cannot measure a stream, so it counts ``S = max_steps × gradient_accumulation_steps`` batches per
+    "epoch" and records ``state.epoch = e + b / S`` after ``b`` batches of pass ``e``; but on resume it skips
     ``global_step × accumulation`` batches of the *first* pass, which is wrong once the stream has been read
-    through once. The pass and the batches read in it are recovered from ``state.epoch`` instead."""
+    through once. The pass and the batches read in it are recovered from ``state.epoch`` instead, with the ``S``
+    of the run that recorded it (a resume may raise ``max_steps``). An exact integer ``e + 1`` is pass ``e`` read for
+    ``S`` batches (that run's ``max_steps`` reached): a pass that ends after ``L`` batches records ``e + L / S``,
+    below ``e + 1`` unless ``L = S``, where both positions are the same place in the stream."""
     passes = int(math.floor(epoch + 1e-9))
-    return passes, int(round((epoch - passes) * batches_per_pass))
+    batches = int(round((epoch - passes) * batches_per_pass))
+    if passes and not batches:
+        return passes - 1, batches_per_pass
+    return passes, batches
