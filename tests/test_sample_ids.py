@@ -61,3 +61,31 @@ def test_an_empty_train_dataset_is_refused_in_our_words(tmp_path):
             train_dataset=mlp_dataset(n=16).select([]),
             reference=head_reference(model),
         )
+
+
+def test_an_earlier_trainers_row_index_column_is_kept_only_while_it_holds_the_row_positions(tmp_path):
+    """An earlier MimicTrainer's ``train_dataset`` (with its ``mimic_row_index`` column) trains as it is, recorded by
+    row; shuffled, its column no longer names rows, and it is refused at construction naming the column."""
+    model = TinyMLP()
+    first = MimicTrainer(
+        model=model,
+        args=config(tmp_path / "a", mimic_layers=["head"]),
+        train_dataset=mlp_dataset(n=16),
+        reference=head_reference(model),
+    )
+    wrapped = first.train_dataset
+    assert "mimic_row_index" in wrapped.column_names
+    MimicTrainer(
+        model=model,
+        args=config(tmp_path / "b", mimic_layers=["head"]),
+        train_dataset=wrapped,
+        reference=head_reference(model),
+    ).train()
+    assert sorted(load_scores(tmp_path / "b").to_pandas().sample_id) == list(range(16))
+    with pytest.raises(ValueError, match=r"'mimic_row_index' column whose values are not its row positions 0\.\.15"):
+        MimicTrainer(
+            model=model,
+            args=config(tmp_path / "c", mimic_layers=["head"]),
+            train_dataset=wrapped.shuffle(seed=0),
+            reference=head_reference(model),
+        )

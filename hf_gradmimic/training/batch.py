@@ -46,6 +46,7 @@ def with_row_index(dataset: Any) -> Any:
         return None
     if isinstance(dataset, datasets.Dataset):
         if ROW_INDEX_KEY in dataset.column_names:
+            _check_row_index_column(dataset)
             return dataset
         return dataset.add_column(ROW_INDEX_KEY, np.arange(len(dataset), dtype=np.int64))
     if isinstance(dataset, (datasets.IterableDataset, torch.utils.data.IterableDataset)):
@@ -54,6 +55,21 @@ def with_row_index(dataset: Any) -> Any:
             "(hf_gradmimic.training.stream_ids.keyed_stream)."
         )
     return _RowIndexedDataset(dataset)
+
+
+def _check_row_index_column(dataset: Any) -> None:
+    """A map-style dataset that already has a ``mimic_row_index`` column (an earlier MimicTrainer's
+    ``train_dataset``) is used as it is only when the column still holds its row positions; otherwise the log would
+    name samples by stale positions while the filter reads them as rows."""
+    values = np.asarray(dataset.with_format(None)[ROW_INDEX_KEY])
+    if not np.array_equal(values, np.arange(len(dataset))):
+        raise ValueError(
+            f"train_dataset has a {ROW_INDEX_KEY!r} column whose values are not its row positions 0..{len(dataset) - 1} "
+            f"(first values: {values[:5].tolist()}): a dataset shuffled or selected after an earlier MimicTrainer added "
+            f"the column, or ids put there for a stream. MimicTrainer names the samples of a map-style dataset by row "
+            f"position in that column. Drop it (`dataset.remove_columns({ROW_INDEX_KEY!r})`) to name samples by row, "
+            "or rename it and pass the new name as `mimic_id_column` to name them by its values."
+        )
 
 
 def read_column(dataset: Any, column: str) -> np.ndarray:
