@@ -11,7 +11,7 @@ import torch
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
 
 from sgd_args import SGD_ARGS
-from tiny_models import TinyMLP, mlp_dataset, per_sample_grads
+from tiny_models import TinyMLP, lm_dataset, mlp_dataset, per_sample_grads, tiny_gpt2
 
 HEAD = ["head.weight", "head.bias"]
 
@@ -70,6 +70,33 @@ def test_rho_loss_select_uses_the_irreducible_column(tmp_path):
     kept = table.weight.values > 0
     assert kept.sum() == 8
     assert table.mimic_score.values[kept].min() >= table.mimic_score.values[~kept].max()
+
+
+def test_rho_loss_of_a_causal_lm_shifts_the_irreducible_models_labels_like_the_students(tmp_path):
+    """GPT-2 with a second GPT-2 as the irreducible-loss model: both losses predict token t + 1 from position t (mean
+    over the label tokens, -100 ignored), recomputed here with torch's cross entropy from each model's logits."""
+    data = lm_dataset(n=16)
+    student = tiny_gpt2(dropout=0.0)
+    torch.manual_seed(123)
+    irreducible_model = tiny_gpt2(dropout=0.0).eval()
+    torch.nn.init.normal_(irreducible_model.lm_head.weight, std=0.5)  # another model than the student
+    ids, labels = (torch.as_tensor(np.asarray(data[column])) for column in ("input_ids", "labels"))
+
+    def next_token_losses(model) -> np.ndarray:
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[:, :-1]
+        targets = labels[:, 1:]
+        tokens = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+        return (tokens.sum(1) / (targets != -100).sum(1)).numpy()
+
+    expected = next_token_losses(student) - next_token_losses(irreducible_model)
+    args = config(
+        tmp_path, mimic_layers=["lm_head"], mimic_scorer="rho_loss", mimic_mode="select", mimic_select_ratio=0.25
+    )
+    MimicTrainer(model=student, args=args, train_dataset=data, reference=irreducible_model).train()
+    table = load_scores(tmp_path).to_pandas().sort_values("sample_id")
+    np.testing.assert_allclose(table.mimic_score.values, expected, rtol=1e-5, atol=1e-6)
+    assert set(np.flatnonzero(table.weight.values > 0)) == set(np.argsort(-expected)[:4])
 
 
 def test_agra_excludes_samples_against_the_comparison_gradient(tmp_path):

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..losses import logits_of, sequence_classification_loss, token_loss
+from ..losses import is_causal_lm, logits_of, sequence_classification_loss, token_loss
 from .base import SampleScorer, ScoreContext
 
 
@@ -67,15 +67,23 @@ class RhoLossScorer(SampleScorer):
         self.extra_columns = (irreducible_loss_column,) if irreducible_loss_column else ()
 
     @classmethod
-    def from_config(cls, args: Any, *, reference: Any = None, **runtime: Any) -> RhoLossScorer:
+    def from_config(
+        cls, args: Any, *, reference: Any = None, model: nn.Module | None = None, **runtime: Any
+    ) -> RhoLossScorer:
         column = args.mimic_irreducible_loss_column
-        model = reference if isinstance(reference, nn.Module) else None
-        if column is None and model is None:
+        irreducible_model = reference if isinstance(reference, nn.Module) else None
+        if column is None and irreducible_model is None:
             raise ValueError(
                 "mimic_scorer='rho_loss' needs the irreducible loss: pass the irreducible-loss model as "
                 "`reference=` (a model trained on holdout data), or set `mimic_irreducible_loss_column`."
             )
-        return cls(reference=model, label_smoothing=args.label_smoothing_factor, irreducible_loss_column=column)
+        return cls(
+            reference=irreducible_model,
+            label_smoothing=args.label_smoothing_factor,
+            # the student's loss convention (`hf_gradmimic.losses`): a causal LM's position t predicts token t + 1
+            shift_labels=model is not None and is_causal_lm(model),
+            irreducible_loss_column=column,
+        )
 
     def irreducible_losses(self, ctx: ScoreContext) -> torch.Tensor:
         if self.irreducible_loss_column in ctx.extras:
