@@ -154,6 +154,30 @@ def test_combinations_that_make_no_sense_are_refused(tmp_path, overrides, messag
 
 
 @pytest.mark.timeout(300)
+def test_bayesian_selection_reads_the_heads_input_whatever_mimic_layer_runs_first(tmp_path):
+    """Bayesian selection with ``mimic_layers=["hidden", "head"]`` under 2 accumulation steps: its feature factor is
+    built from the head's input φ = tanh(hidden(x)) of the step's selected samples (16 × 16), not from the first mimic
+    layer's input x (8 × 8). Without the head among the mimic layers, the first step is refused, saying so."""
+    rng = np.random.default_rng(0)
+    data = mlp_dataset(n=32).add_column("zero_shot", rng.normal(size=(32, 4)).astype(np.float32).tolist())
+    settings = dict(
+        mimic_scorer="bayesian",
+        mimic_zero_shot_column="zero_shot",
+        per_device_train_batch_size=16,
+        gradient_accumulation_steps=2,
+        mimic_select_ratio=0.25,
+    )
+    before, _, trainer, table = one_step(tmp_path / "both", data, mimic_layers=["hidden", "head"], **settings)
+    kept = np.flatnonzero(table.sort_values("sample_id").weight.values > 0)
+    assert len(kept) == 8
+    with torch.no_grad():
+        features = torch.tanh(before.hidden(torch.as_tensor(np.asarray(data["x"])))).double()[kept]
+    expected = (features.T @ features / len(kept)).numpy()  # the first update's factor: the selected rows' φᵀφ / n
+    np.testing.assert_allclose(trainer.scorer.state_dict()["feature_factor"].numpy(), expected, rtol=1e-6, atol=1e-9)
+    with pytest.raises(ValueError, match=r"head's input features.*`mimic_layers`"):
+        one_step(tmp_path / "hidden", data, mimic_layers=["hidden"], **settings)
+
+
 def test_bayesian_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path):
     """SIGKILL at the end of step 5 of a 7-step Bayesian-selection run, resumed from checkpoint-4: the Laplace
     factors and the noise generator come back from the checkpoint, so scores, selections and parameters equal an

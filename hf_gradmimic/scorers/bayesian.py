@@ -257,8 +257,9 @@ class BayesianScorer(SampleScorer):
             features = ctx.activations[self.head]
         else:
             raise ValueError(
-                "The 'bayesian' scorer needs the head's input features: set `ScoreContext.features` [B, d], or "
-                "pass `head=` (a layer name present in `ScoreContext.activations`)."
+                "The 'bayesian' scorer needs the classification head's input features φ: in MimicTrainer, name the "
+                "head (the layer whose output is the logits) in `mimic_layers`; elsewhere set `ScoreContext.features` "
+                "[B, d], or pass `head=` (a layer name present in `ScoreContext.activations`)."
             )
         if features.dim() != 2:
             raise ValueError(f"The 'bayesian' scorer needs 2-D head features [B, d]; got {tuple(features.shape)}.")
@@ -296,6 +297,7 @@ class BayesianScorer(SampleScorer):
         return torch.stack(draws)
 
     def score(self, ctx: ScoreContext, noise: torch.Tensor | None = None) -> torch.Tensor:
+        self._features(ctx)  # checked at the first step too, before any factor reads them
         samples = self.logit_samples(ctx, noise)
         return bayesian_selection_score(
             samples, ctx.require("labels", self.name), self.zero_shot_log_probs(ctx), self.alpha

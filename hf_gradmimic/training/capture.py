@@ -201,6 +201,13 @@ class Capture:
                 first.setdefault(call.name, call.activations)
         return first
 
+    def input_of(self, logits: torch.Tensor | None) -> torch.Tensor | None:
+        """The input of the recorded call whose output *is* ``logits`` (a classification head's features ``φ``), or
+        None when no mimic layer makes the logits (or they are not known)."""
+        if logits is None:
+            return None
+        return next((call.activations for call in self.calls if call.output is logits), None)
+
     def only_output(self) -> torch.Tensor | GradientEdge | None:
         """The output of the single recorded call, when exactly one call was recorded (a head), else None."""
         return self.calls[0].output if len(self.calls) == 1 else None

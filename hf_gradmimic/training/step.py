@@ -294,6 +294,7 @@ class MimicStep:
                 diagnostics.after_forward(capture, logits, losses, inputs, labels, model_inputs)
             recorded, shared = self._recorded(capture, logits, batch, model_inputs, global_step)
         scored_logits = logits.detach() if logits is not None and "logits" in self.scorer.requires else None
+        head_features = capture.input_of(logits)  # before `cut_at` names the logits by their edge
         from_logits = None
         if plan is Backward.SPLIT and all(call.output is logits for call in capture.calls):
             plan = Backward.LOGITS  # only the head's output is scored: δ at the logits is all the scores need
@@ -362,7 +363,7 @@ class MimicStep:
         if shared is not None:  # before the scores: the head's ⟨g_i, v⟩ is handed to the ghost here
             recorded.update(shared.finish(ghost))
             shared = None
-        ctx = self._context(capture, ghost, losses, scored_logits, batch, model_inputs, global_step)
+        ctx = self._context(capture, ghost, losses, scored_logits, head_features, batch, model_inputs, global_step)
         scores = self.scorer.score(ctx).detach().float()
         status = row_status(losses.detach(), scores, counts)
         if diagnostics is not None:
@@ -394,6 +395,7 @@ class MimicStep:
         ghost: Any,
         losses: torch.Tensor,
         logits: torch.Tensor | None,
+        head_features: torch.Tensor | None,
         batch: MicroBatch,
         model_inputs: dict[str, Any],
         global_step: int,
@@ -406,7 +408,7 @@ class MimicStep:
             labels=batch.labels,
             ghost=ghost,
             activations=activations,
-            features=next(iter(activations.values()), None),  # the first mimic layer's input: a head's features
+            features=head_features,
             comparison_grad=functools.partial(self.comparison_gradient, global_step),
             inputs=model_inputs,
             extras=batch.extras,
