@@ -215,6 +215,14 @@ class MimicTrainerMixin:
             raise ValueError(
                 "`mimic_reweight_scope='layer'` reweights a full batch; `select` mode trains on the selected samples only."
             )
+        if self.mode == "select" and args.mimic_normalize == "micro" and args.gradient_accumulation_steps > 1:
+            # The selection is made over the whole step; normalising per micro-batch would weight a selected sample
+            # by its micro-batch's count (a lone one 1/2, three together 1/6 each), not 1/k, and log other weights.
+            raise ValueError(
+                "`mimic_normalize='micro'` cannot be combined with `select` mode and gradient accumulation: the k "
+                "samples are selected over the whole optimizer step, and each trains with weight 1/k, which "
+                "per-micro-batch normalisation would change. Use `mimic_normalize='step'` (the default)."
+            )
         stream_ids = StreamIds() if streaming else None  # a stream's samples are named by their ids' keys
         self.mimic_bookkeeping = Bookkeeping(
             args.mimic_clean_column, self.scorer.extra_columns, args.mimic_id_column, stream_ids

@@ -145,6 +145,10 @@ def test_bayesian_select_with_precomputed_zero_shot_logits(tmp_path):
         (dict(mimic_scorer="bayesian", mimic_mode="reweight", mimic_zero_shot_column="z"), "bayesian"),
         (dict(mimic_scorer="rho_loss"), "irreducible loss"),
         (dict(mimic_scorer="bayesian"), "zero-shot"),
+        (
+            dict(mimic_scorer="grand", mimic_mode="select", mimic_normalize="micro", gradient_accumulation_steps=2),
+            "`mimic_normalize='micro'` cannot be combined with `select` mode and gradient accumulation",
+        ),
     ],
 )
 def test_combinations_that_make_no_sense_are_refused(tmp_path, overrides, message):
