@@ -75,6 +75,26 @@ class _StepEnd(TrainerCallback):
         self.end_step(state)
 
 
+def check_no_compute_loss_override(trainer_class: type) -> None:
+    """Refuse a subclass of a Grad-Mimic trainer that overrides ``compute_loss``.
+
+    The mixin's ``compute_loss`` returns the loss whose gradient is ``Σ_i w_i ∇ℓ_i``, already normalised over the
+    optimizer step (``loss_is_scaled_for_ga``). An override replaces or adds to it: without ``super()`` nothing is
+    scored, and a term added to it is neither reweighted nor divided by the accumulation steps, so training would
+    silently differ from `Trainer`'s."""
+    classes = trainer_class.__mro__[: trainer_class.__mro__.index(MimicTrainerMixin)]
+    ours = __name__.split(".")[0]  # this package's trainers (MimicSFTTrainer's override logs and calls super())
+    overriding = [cls for cls in classes if "compute_loss" in vars(cls) and cls.__module__.split(".")[0] != ours]
+    if overriding:
+        raise TypeError(
+            f"{overriding[0].__qualname__} overrides `compute_loss`, where a Grad-Mimic trainer builds its reweighted "
+            "loss (Σ_i w_i ∇ℓ_i, normalised over the optimizer step): a loss computed there would not be scored, "
+            "reweighted or scaled for gradient accumulation as the rest is, and training would silently differ. Give "
+            "the per-sample loss as `per_sample_loss_fn=` (or `compute_loss_func=`) instead, and log extra metrics "
+            "from a callback."
+        )
+
+
 class MimicTrainerMixin:
     """Grad-Mimic reweighting for any `transformers.Trainer` subclass: put it first among the bases.
 
@@ -142,6 +162,7 @@ class MimicTrainerMixin:
                 f"{type(self).__name__} needs `args` to be a {self.mimic_config_class.__name__}, got "
                 f"{type(config).__name__}."
             )
+        check_no_compute_loss_override(type(self))
         per_sample_loss_fn = loss_fn_from_compute_loss_func(
             bound.arguments.get("compute_loss_func"), per_sample_loss_fn, type(self).__name__
         )
@@ -152,6 +173,7 @@ class MimicTrainerMixin:
         super().__init__(*bound.args, **bound.kwargs)
         self._mimic_inputs = (reference, per_sample_loss_fn, scorer, zero_shot)
         self._mimic_model: nn.Module | None = None  # the model the set-up was built for
+        self._mimic_train_dataset: Any = None  # and the train_dataset
         self._mimic_data: TrainingData | None = None
         self._mimic_resuming = False
         self.mimic_bookkeeping = Bookkeeping(None, (), None, None)  # until then, evaluation pops only the row index
@@ -167,7 +189,8 @@ class MimicTrainerMixin:
         super()._hp_search_setup(trial)
         if self.train_dataset is None:
             return  # Trainer's own "training requires a train_dataset" error follows
-        if self._mimic_model is self.model and trial is None:
+        # A train_dataset replaced after the set-up (a second phase) gets its row index and sample ids as at construction.
+        if self._mimic_model is self.model and trial is None and self.train_dataset is self._mimic_train_dataset:
             return
         data = self._mimic_data
         if data is None or data.dataset is not self.train_dataset:
@@ -185,6 +208,7 @@ class MimicTrainerMixin:
         args, accelerator = self.args, self.accelerator
         check_one_reference(args.mimic_reference, reference)
         self._mimic_model, self._mimic_data = self.model, data
+        self._mimic_train_dataset = self.train_dataset  # as the base trainer holds it (SFTTrainer's is tokenized)
         check_supported_setup(accelerator, args, self.model)
         check_launch(accelerator)
         unwrapped = accelerator.unwrap_model(self.model)

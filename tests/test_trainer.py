@@ -293,6 +293,49 @@ def test_construction_errors_name_the_problem(tmp_path):
         MimicTrainer(model=model, args=mimic_config(tmp_path, mimic_layers=["head"]), train_dataset=data)
 
 
+def test_a_subclass_overriding_compute_loss_is_refused_at_construction(tmp_path):
+    """A loss computed in a subclass's ``compute_loss`` would not be scored, reweighted or scaled for accumulation."""
+
+    class WithOwnLoss(MimicTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch) + 0.0
+
+    model = TinyMLP()
+    with pytest.raises(TypeError, match=r"WithOwnLoss overrides `compute_loss`.*per_sample_loss_fn"):
+        WithOwnLoss(
+            model=model,
+            args=mimic_config(tmp_path, mimic_layers=["head"]),
+            train_dataset=mlp_dataset(n=8),
+            reference=perturbed_reference(model, layer_params(["head"])),
+        )
+
+
+def test_a_train_dataset_replaced_after_construction_is_the_one_trained_and_recorded(tmp_path):
+    """`Trainer` lets ``trainer.train_dataset`` be replaced before ``train()`` (a second phase, a curriculum): the run
+    then equals one constructed with that dataset (records by its rows, the same parameters)."""
+    replaced, direct = TinyMLP(), TinyMLP()
+    reference = perturbed_reference(replaced, layer_params(["head"]))
+    second = mlp_dataset(n=24, seed=3)
+    settings = dict(mimic_layers=["head"], per_device_train_batch_size=8, max_steps=3)
+    trainer = MimicTrainer(
+        model=replaced,
+        args=mimic_config(tmp_path / "a", **settings),
+        train_dataset=mlp_dataset(n=8),
+        reference=reference,
+    )
+    trainer.train_dataset = second
+    trainer.train()
+    MimicTrainer(
+        model=direct, args=mimic_config(tmp_path / "b", **settings), train_dataset=second, reference=reference
+    ).train()
+    got, expected = (load_scores(tmp_path / name).to_pandas() for name in ("a", "b"))
+    assert sorted(got.sample_id) == list(range(24))
+    np.testing.assert_array_equal(got.sample_id, expected.sample_id)
+    np.testing.assert_allclose(got.mimic_score, expected.mimic_score, rtol=1e-6)
+    for (name, param), other in zip(replaced.named_parameters(), direct.parameters()):
+        torch.testing.assert_close(param, other, msg=name)
+
+
 def test_renamed_reference_layer(tmp_path):
     model, data = TinyMLP(), mlp_dataset(n=16)
     reference = perturbed_reference(model, layer_params(["head"]))
