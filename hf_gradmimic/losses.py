@@ -159,6 +159,20 @@ def token_loss(
     return token_losses.sum(dim=1) / label_counts
 
 
+def decodes_from_labels(model: nn.Module, inputs: dict[str, Any]) -> bool:
+    """Whether ``model`` is an encoder-decoder (T5, BART) that would build its decoder's input from the ``labels`` of
+    ``inputs``: it has no ``decoder_input_ids`` (or embeddings) of its own, and the model can make them."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return (
+        bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        and inputs.get("labels") is not None
+        and "decoder_input_ids" not in inputs
+        and "decoder_inputs_embeds" not in inputs
+        and callable(getattr(model, "prepare_decoder_input_ids_from_labels", None))
+    )
+
+
 def is_causal_lm(model: nn.Module) -> bool:
     """Whether ``model`` predicts the next token (its labels are shifted), looking through a PEFT wrapper: a
     ``PeftModel`` made without ``task_type="CAUSAL_LM"`` is named neither like a causal LM nor like anything else."""
@@ -280,7 +294,11 @@ class SampleLoss:
         them too). Row ``i`` of the result depends on row ``i`` of ``inputs`` alone."""
         if self.loss_fn is not None and getattr(self.loss_fn, "model_gets_labels", True):
             return inputs
-        return {key: value for key, value in inputs.items() if key != "labels"}
+        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        if decodes_from_labels(self.model, inputs):
+            # What an encoder-decoder does with the labels it is given: its decoder reads them shifted right.
+            model_inputs["decoder_input_ids"] = self.model.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
+        return model_inputs
 
     def per_sample_losses(self, outputs: Any, inputs: dict[str, Any]) -> torch.Tensor:
         """``ℓ_i``, float32 ``[B]``, from the forward's ``outputs`` and the batch (its ``labels`` included)."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
-from hf_gradmimic import MimicConfig, MimicTrainer
+from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
 from hf_gradmimic.losses import per_sample_loss
 
 from sgd_args import SGD_ARGS
@@ -164,3 +164,85 @@ def test_float_token_labels_are_refused_as_the_models_token_loss_refuses_them():
         model(input_ids=ids, labels=labels)
     with pytest.raises(ValueError, match=r"Token `labels` must be integer.*torch.long.*float32"):
         per_sample_loss(model, model(input_ids=ids), labels)
+
+
+def tiny_seq2seq(kind: str):
+    """A T5 or BART built from a config; its decoder reads the labels shifted right when it is given them."""
+    from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    if kind == "t5":
+        config = T5Config(
+            vocab_size=40,
+            d_model=16,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            tie_word_embeddings=False,
+            dropout_rate=0.0,
+        )
+        return T5ForConditionalGeneration(config)
+    config = BartConfig(
+        vocab_size=40,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=32,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        tie_word_embeddings=False,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+    )
+    return BartForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_an_encoder_decoder_decodes_from_its_labels_as_under_trainer(tmp_path, kind):
+    """T5 and BART (source 7 tokens, targets 6 with -100 padding): each sample's score is the per-sample oracle's
+    from the model's own loss on that sample alone (its decoder fed the labels shifted right, as the model does), and
+    with uniform weights (τ = 1e6) training equals plain `Trainer`'s."""
+    rng = np.random.default_rng(0)
+    source, target = rng.integers(3, 40, (8, 7)), rng.integers(3, 40, (8, 6))
+    for row in range(8):
+        target[row, 1 + row % 5 :] = -100
+    data = datasets.Dataset.from_dict({"input_ids": source, "labels": target}).with_format("torch")
+    student = tiny_seq2seq(kind)
+    head = student.lm_head.weight
+    generator = torch.Generator().manual_seed(1)
+    reference = {"lm_head.weight": head.detach() + 0.5 * torch.randn(head.shape, generator=generator)}
+    direction = reference["lm_head.weight"] - head.detach()
+    oracle = []
+    for row in data:
+        student.zero_grad()
+        student(input_ids=row["input_ids"][None], labels=row["labels"][None]).loss.backward()
+        oracle.append(float(-(head.grad * direction).sum() / direction.norm()))
+    student.zero_grad(set_to_none=True)
+
+    settings = {**PLAIN, "per_device_train_batch_size": 8, "max_steps": 2}
+    plain = tiny_seq2seq(kind)
+    Trainer(
+        model=plain, args=TrainingArguments(output_dir=str(tmp_path / "plain"), **settings), train_dataset=data
+    ).train()
+    args = MimicConfig(
+        output_dir=str(tmp_path / "mimic"),
+        mimic_layers=["lm_head"],
+        mimic_temperature=1e6,
+        mimic_alignment_check=False,
+        **settings,
+    )
+    MimicTrainer(model=student, args=args, train_dataset=data, reference=reference).train()
+    first = load_scores(tmp_path / "mimic").to_pandas().query("global_step == 1").sort_values("sample_id")
+    np.testing.assert_allclose(first.mimic_score, oracle, rtol=1e-4, atol=1e-6)
+    for (name, param), other in zip(student.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(param, other, rtol=1e-4, atol=1e-5, msg=name)
