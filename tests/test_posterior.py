@@ -157,6 +157,42 @@ def test_every_pattern_of_missing_signals_gets_its_marginal_t():
     np.testing.assert_allclose(fit.keep_log_odds, expected, rtol=1e-9, atol=1e-9)
 
 
+def test_signals_that_no_sample_has_together_are_fit_from_the_samples_that_have_each():
+    """Three Gaussian signals, the second on even rows only and the third on odd rows only, so no sample has all
+    three (a log resumed on a newer version): the fitted means are the generating ones, and the samples are told
+    apart as well as Bayes rule does with the true parameters on the signals each has (SciPy's densities). Fit on
+    the complete rows alone (there are none), the classes collapsed and every sample was kept."""
+    from scipy.stats import multivariate_normal
+
+    rng = np.random.default_rng(3)
+    n, keep_fraction = 4000, 0.7
+    true_means = np.array([[1.0, 1.0, 0.5], [-1.5, -1.0, -1.0]])
+    true_covariances = np.array(
+        [[[0.5, 0.2, 0.1], [0.2, 0.6, 0.1], [0.1, 0.1, 0.5]], [[0.7, -0.1, 0.1], [-0.1, 0.6, 0.0], [0.1, 0.0, 0.8]]]
+    )
+    keep = rng.random(n) < keep_fraction
+    signals = np.where(
+        keep[:, None],
+        rng.multivariate_normal(true_means[0], true_covariances[0], n),
+        rng.multivariate_normal(true_means[1], true_covariances[1], n),
+    )
+    signals[1::2, 1] = np.nan
+    signals[0::2, 2] = np.nan
+    fit = keep_posterior(signals, None, seed=0, degrees_of_freedom=math.inf)
+    np.testing.assert_allclose(fit.means, true_means, atol=0.1)
+    bayes = np.empty(n, dtype=bool)
+    for rows, seen in ((slice(0, None, 2), [0, 1]), (slice(1, None, 2), [0, 2])):
+        log_density = [
+            multivariate_normal(true_means[c, seen], true_covariances[c][np.ix_(seen, seen)]).logpdf(
+                signals[rows][:, seen]
+            )
+            for c in range(2)
+        ]
+        bayes[rows] = np.log(keep_fraction / (1 - keep_fraction)) + log_density[0] - log_density[1] > 0
+    accuracy, bayes_accuracy = ((fit.keep_prob >= 0.5) == keep).mean(), (bayes == keep).mean()
+    assert bayes_accuracy > 0.95 and accuracy >= bayes_accuracy - 0.005
+
+
 def test_the_log_odds_rank_where_keep_prob_rounds_to_one():
     """Far inside the keep group P(keep) is 1.0 in float64; the log-odds, the fitted model's Bayes rule written out
     here, still order those samples."""

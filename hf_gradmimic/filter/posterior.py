@@ -219,8 +219,9 @@ def _em(
     log_likelihood = -math.inf
     converged = False
     iterations = 0
+    params = None
     for iterations in range(1, _MAX_ITER + 1):  # noqa: B007 (returned: the iterations run)
-        params = _m_step(signals, votes, responsibility, sample_weight, degrees_of_freedom)
+        params = _m_step(signals, votes, responsibility, sample_weight, degrees_of_freedom, params, patterns)
         responsibility, sample_weight, log_likelihood = _e_step(params, signals, votes, patterns)
         if abs(log_likelihood - previous) < _TOL * max(1.0, abs(log_likelihood)):
             converged = True
@@ -258,25 +259,47 @@ def _m_step(
     responsibility: np.ndarray,
     sample_weight: np.ndarray,
     degrees_of_freedom: float,
+    previous: _Params | None = None,
+    patterns: list[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> _Params:
-    """Weighted maximum-likelihood parameters. Each class's location and scale are fit on the samples with every
-    signal (the scale matrix needs them jointly), each sample counted by its responsibility times its t weight
-    ``sample_weight`` in both, and by its responsibility alone in the scale's normaliser (Peel and McLachlan 2000;
-    every t weight is 1 for Gaussians); the vote rates on each column's non-abstaining votes (Laplace-smoothed)."""
+    """Weighted maximum-likelihood parameters. Each class's location and scale: each sample counted by its
+    responsibility times its t weight ``sample_weight`` in both, and by its responsibility alone in the scale's
+    normaliser (Peel and McLachlan 2000; every t weight is 1 for Gaussians). A sample missing some signals takes part
+    through their expectation given the signals it has under the ``previous`` parameters, and that expectation's
+    covariance (the EM of Little and Rubin for missing values: `_expected_moments`); the first M-step of a log with
+    missing values, without ``previous``, fits each signal alone on the samples that have it. The vote rates on each
+    column's non-abstaining votes (Laplace-smoothed)."""
     prior = responsibility.mean(axis=0)
     d = signals.shape[1]
-    complete = np.isfinite(signals).all(axis=1)
+    observed = np.isfinite(signals)
     means = np.zeros((2, d))
     scales = np.zeros((2, d, d))
     if d:
-        x = signals[complete]
-        variance = np.var(x, axis=0) if len(x) > 1 else np.ones(d)
-        ridge = _REG * np.diag(np.where(variance > 0, variance, 1.0)) + 1e-12 * np.eye(d)
-        for c in range(2):
-            weight = responsibility[complete, c] * sample_weight[complete, c]
-            means[c] = weight @ x / max(weight.sum(), 1e-12)
-            centred = x - means[c]
-            scales[c] = (centred * weight[:, None]).T @ centred / max(responsibility[complete, c].sum(), 1e-12) + ridge
+        x = np.where(observed, signals, np.nan)
+        variance = np.nanvar(x, axis=0) if len(x) > 1 else np.ones(d)
+        variance = np.where(np.isfinite(variance) & (variance > 0), variance, 1.0)
+        ridge = _REG * np.diag(variance) + 1e-12 * np.eye(d)
+        if observed.all():
+            for c in range(2):
+                weight = responsibility[:, c] * sample_weight[:, c]
+                means[c] = weight @ signals / max(weight.sum(), 1e-12)
+                centred = signals - means[c]
+                scales[c] = (centred * weight[:, None]).T @ centred / max(responsibility[:, c].sum(), 1e-12)
+        elif previous is None:
+            for c in range(2):
+                weight = np.where(observed, (responsibility[:, c] * sample_weight[:, c])[:, None], 0.0)
+                means[c] = np.nansum(weight * x, axis=0) / np.maximum(weight.sum(axis=0), 1e-12)
+                spread = np.where(observed, np.square(x - means[c]), 0.0)
+                counts = np.where(observed, responsibility[:, [c]], 0.0).sum(axis=0)
+                scales[c] = np.diag((weight * spread).sum(axis=0) / np.maximum(counts, 1e-12))
+        else:
+            if patterns is None:
+                patterns = _missing_patterns(signals)
+            for c in range(2):
+                means[c], scales[c] = _expected_moments(
+                    signals, patterns, responsibility[:, c], sample_weight[:, c], previous.means[c], previous.scales[c]
+                )
+        scales += ridge
     k = votes.shape[1]
     rates = np.zeros((k, 2))
     for j in range(k):
@@ -286,6 +309,43 @@ def _m_step(
             w = responsibility[voted, c]
             rates[j, c] = (w @ kept + 1.0) / (w.sum() + 2.0)
     return _Params(prior, means, scales, rates, degrees_of_freedom)
+
+
+def _expected_moments(
+    signals: np.ndarray,
+    patterns: list[tuple[np.ndarray, np.ndarray]],
+    responsibility: np.ndarray,
+    sample_weight: np.ndarray,
+    mean: np.ndarray,
+    scale: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One class's location and scale from samples with missing signals (Little and Rubin, "Statistical Analysis
+    with Missing Data", ch. 11; for the t, Liu and Rubin 1995): a sample's missing block is replaced by its
+    conditional mean ``μ_m + Σ_mo Σ_oo⁻¹ (x_o − μ_o)`` under ``mean`` and ``scale``, and the scale also takes the
+    conditional covariance ``Σ_mm − Σ_mo Σ_oo⁻¹ Σ_om``, counted by the responsibility alone (the t weight cancels
+    in it). Samples with no signal (only votes) take no part."""
+    d = signals.shape[1]
+    filled = np.zeros((0, d))
+    parts, weights, counts = [], [], []
+    conditional = np.zeros((d, d))
+    for pattern, rows in patterns:
+        known, missing = np.flatnonzero(pattern), np.flatnonzero(~pattern)
+        x = np.empty((len(rows), d))
+        x[:, known] = signals[np.ix_(rows, known)]
+        if missing.size:
+            gain = np.linalg.solve(scale[np.ix_(known, known)], scale[np.ix_(known, missing)]).T  # Σ_mo Σ_oo⁻¹
+            x[:, missing] = mean[missing] + (x[:, known] - mean[known]) @ gain.T
+            block = scale[np.ix_(missing, missing)] - gain @ scale[np.ix_(known, missing)]
+            conditional[np.ix_(missing, missing)] += responsibility[rows].sum() * block
+        parts.append(x)
+        weights.append(responsibility[rows] * sample_weight[rows])
+        counts.append(responsibility[rows])
+    filled = np.concatenate(parts) if parts else filled
+    weight, count = np.concatenate(weights), np.concatenate(counts)
+    location = weight @ filled / max(weight.sum(), 1e-12)
+    centred = filled - location
+    spread = (centred * weight[:, None]).T @ centred + conditional
+    return location, spread / max(count.sum(), 1e-12)
 
 
 def _missing_patterns(signals: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
