@@ -3,6 +3,7 @@ construction naming the column and the rows; an id column never reaches the mode
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from hf_gradmimic import MimicTrainer, load_scores
@@ -87,5 +88,59 @@ def test_an_earlier_trainers_row_index_column_is_kept_only_while_it_holds_the_ro
             model=model,
             args=config(tmp_path / "c", mimic_layers=["head"]),
             train_dataset=wrapped.shuffle(seed=0),
+            reference=head_reference(model),
+        )
+
+
+def test_examples_from_a_transform_or_as_batch_encodings_keep_their_row_and_tuples_are_refused_early(tmp_path):
+    """A `with_transform` dataset (only what the transform returns reaches the batch) and a torch dataset of
+    `BatchEncoding` examples (a mapping, not a dict) train like the plain dataset of the same rows: same records by
+    row, same parameters. Examples that are not mappings are refused at construction."""
+    import torch
+    from transformers import BatchEncoding
+
+    plain = mlp_dataset(n=16)
+    raw = plain.with_format(None).rename_columns({"x": "raw_x", "labels": "raw_labels"})
+    transformed = raw.with_transform(
+        lambda batch: {"x": torch.tensor(batch["raw_x"]), "labels": torch.tensor(batch["raw_labels"])}
+    )
+
+    class Encodings(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(plain)
+
+        def __getitem__(self, index):
+            return BatchEncoding(dict(plain[index]))
+
+    def train(name, data, **settings):
+        model = TinyMLP()
+        args = config(tmp_path / name, mimic_layers=["head"], per_device_train_batch_size=8, max_steps=2, **settings)
+        MimicTrainer(model=model, args=args, train_dataset=data, reference=head_reference(model)).train()
+        return load_scores(tmp_path / name).to_pandas().sort_values(["global_step", "sample_id"]), model
+
+    expected, expected_model = train("plain", plain)
+    for name, data, settings in (
+        ("transform", transformed, {"remove_unused_columns": False}),
+        ("encodings", Encodings(), {}),
+    ):
+        got, model = train(name, data, **settings)
+        np.testing.assert_array_equal(got.sample_id, expected.sample_id)
+        np.testing.assert_allclose(got.loss, expected.loss, rtol=1e-6)
+        for param, other in zip(model.parameters(), expected_model.parameters()):
+            torch.testing.assert_close(param, other)
+
+    class Tuples(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return plain[index]["x"], plain[index]["labels"]
+
+    model = TinyMLP()
+    with pytest.raises(TypeError, match="examples that are mappings.*got tuple at row 0"):
+        MimicTrainer(
+            model=model,
+            args=config(tmp_path / "t", mimic_layers=["head"]),
+            train_dataset=Tuples(),
             reference=head_reference(model),
         )

@@ -8,6 +8,7 @@ the scorer's columns) are popped from each batch before the forward, so they nev
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -31,9 +32,11 @@ class _RowIndexedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         example = self.dataset[index]
-        if not isinstance(example, dict):
+        if not isinstance(example, Mapping):
             raise TypeError(
-                f"MimicTrainer needs dataset examples that are dicts, got {type(example).__name__} at row {index}."
+                f"MimicTrainer needs dataset examples that are mappings of column to value (a dict, a tokenizer's "
+                f"BatchEncoding), got {type(example).__name__} at row {index}: each example carries its row index "
+                "under a key of its own. Return a dict from the dataset, and let the collator make the batch."
             )
         return {**example, ROW_INDEX_KEY: index}
 
@@ -44,7 +47,7 @@ def with_row_index(dataset: Any) -> Any:
 
     if dataset is None:
         return None
-    if isinstance(dataset, datasets.Dataset):
+    if isinstance(dataset, datasets.Dataset) and dataset.format.get("type") != "custom":
         if ROW_INDEX_KEY in dataset.column_names:
             _check_row_index_column(dataset)
             return dataset
@@ -54,7 +57,12 @@ def with_row_index(dataset: Any) -> Any:
             f"with_row_index takes a map-style dataset; a stream ({type(dataset).__name__}) carries its ids instead "
             "(hf_gradmimic.training.stream_ids.keyed_stream)."
         )
-    return _RowIndexedDataset(dataset)
+    # A dataset with an on-the-fly transform (`with_transform`) returns only what the transform makes, so a column
+    # added underneath would not reach the batch: the index is added to each transformed example instead.
+    indexed = _RowIndexedDataset(dataset)
+    if len(indexed):
+        indexed[0]  # a dataset whose examples are not mappings is refused now, not at the first training step
+    return indexed
 
 
 def _check_row_index_column(dataset: Any) -> None:
