@@ -297,7 +297,9 @@ class SampleLoss:
         model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
         if decodes_from_labels(self.model, inputs):
             # What an encoder-decoder does with the labels it is given: its decoder reads them shifted right.
-            model_inputs["decoder_input_ids"] = self.model.prepare_decoder_input_ids_from_labels(labels=inputs["labels"])
+            model_inputs["decoder_input_ids"] = self.model.prepare_decoder_input_ids_from_labels(
+                labels=inputs["labels"]
+            )
         return model_inputs
 
     def per_sample_losses(self, outputs: Any, inputs: dict[str, Any]) -> torch.Tensor:

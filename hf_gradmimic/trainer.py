@@ -41,6 +41,7 @@ from .training.batch import Bookkeeping, KeepColumns
 from .training.checks import (
     ActivationCheckpointingCheck,
     adapt_to_fsdp,
+    check_batch_rows,
     check_launch,
     check_one_reference,
     check_supported_setup,
@@ -217,6 +218,7 @@ class MimicTrainerMixin:
         # An image–text dual encoder gets its contrastive per-sample loss (hf_gradmimic.contrastive) by itself.
         loss_fn = per_sample_loss_fn if per_sample_loss_fn is not None else contrastive_loss_for(unwrapped)
         self.sample_loss = self.create_sample_loss(loss_fn)
+        check_batch_rows(self.data_collator, self.label_names, self.sample_loss.loss_fn)
         self.batch_coupled = is_batch_coupled(self.sample_loss.loss_fn)
         self.mimic_layers = MimicLayers(unwrapped, args.mimic_layer_map)
         self.scorer = (

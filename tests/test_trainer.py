@@ -310,6 +310,30 @@ def test_a_subclass_overriding_compute_loss_is_refused_at_construction(tmp_path)
         )
 
 
+def test_batches_without_one_row_or_one_label_column_per_sample_are_refused_at_construction(tmp_path):
+    """A padding-free collator (one row for the whole batch) and a question-answering model's labels (start and end
+    positions, not ``labels``) under the built-in losses: refused when the trainer is built, naming the cause."""
+    from transformers import BertConfig, BertForQuestionAnswering, DataCollatorWithFlattening
+
+    model = TinyMLP()
+    settings = dict(args=mimic_config(tmp_path, mimic_layers=["head"]), train_dataset=mlp_dataset(n=8))
+    reference = perturbed_reference(model, layer_params(["head"]))
+    with pytest.raises(ValueError, match="DataCollatorWithFlattening packs a batch's examples into one row"):
+        MimicTrainer(model=model, data_collator=DataCollatorWithFlattening(), reference=reference, **settings)
+    torch.manual_seed(0)
+    reader = BertForQuestionAnswering(
+        BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20, vocab_size=30)
+    )
+    head = {f"qa_outputs.{name}": param.detach() for name, param in reader.qa_outputs.named_parameters()}
+    with pytest.raises(ValueError, match=r"labels are \['start_positions', 'end_positions'\].*per_sample_loss_fn"):
+        MimicTrainer(
+            model=reader,
+            args=mimic_config(tmp_path, mimic_layers=["qa_outputs"]),
+            train_dataset=mlp_dataset(n=8),
+            reference=head,
+        )
+
+
 def test_a_train_dataset_replaced_after_construction_is_the_one_trained_and_recorded(tmp_path):
     """`Trainer` lets ``trainer.train_dataset`` be replaced before ``train()`` (a second phase, a curriculum): the run
     then equals one constructed with that dataset (records by its rows, the same parameters)."""

@@ -253,9 +253,10 @@ class Capture:
                     f"Mimic layer {call.name!r} (or a module sharing its tensors) is called in the forward on a tensor "
                     f"of shape {tuple(call.activations.shape)}, which is not the batch of {self.batch_size} samples "
                     "(one row per sample first): a tensor the batch shares, such as DeBERTa's relative position "
-                    "embeddings or a position embedding. The rows of that call are not samples, so its per-sample "
-                    "gradient, and the mimic score, are not defined by them. Pick a layer that processes only the "
-                    "batch's samples (a head, an attention output or MLP projection)."
+                    "embeddings or a position embedding, or the samples spread over several rows each (a multiple-"
+                    "choice model's choices). The rows of that call are not samples, so its per-sample gradient, and "
+                    "the mimic score, are not defined by them. Pick a layer that processes one row per sample (a "
+                    "head, an attention output or MLP projection); a multiple-choice model has none."
                 )
 
     @staticmethod

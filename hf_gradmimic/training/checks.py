@@ -171,3 +171,24 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_
             "while saving it?). Resume from an earlier checkpoint, or pass `resume_from_checkpoint=True`."
         )
     return resume_from_checkpoint
+
+
+def check_batch_rows(data_collator: Any, label_names: list[str] | None, loss_fn: Any) -> None:
+    """Refuse, at construction, batches the per-sample scores cannot read: a collator that packs the examples into
+    one row (padding-free, `DataCollatorWithFlattening`: a row is no longer a sample), and, for the built-in
+    per-sample losses (no ``per_sample_loss_fn``), a model whose labels are not in ``labels`` (question answering's
+    ``start_positions`` and ``end_positions``, or ``label_names`` set otherwise)."""
+    from transformers import DataCollatorWithFlattening
+
+    if isinstance(data_collator, DataCollatorWithFlattening):
+        raise ValueError(
+            "DataCollatorWithFlattening packs a batch's examples into one row (padding-free), so a row of the batch "
+            "is no longer a sample, and per-sample scores cannot be read from it. Use a padding collator "
+            "(DataCollatorWithPadding, DataCollatorForSeq2Seq, DataCollatorForLanguageModeling)."
+        )
+    if loss_fn is None and label_names and "labels" not in label_names:
+        raise ValueError(
+            f"The model's labels are {list(label_names)} (`label_names`), but the built-in per-sample losses read a "
+            "`labels` column. Give the per-sample loss of this task as `per_sample_loss_fn=` (for question answering, "
+            "e.g. the start and end positions' cross entropies per sample)."
+        )
