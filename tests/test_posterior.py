@@ -268,6 +268,11 @@ def test_a_sample_without_evidence_is_refused_by_row():
         keep_posterior(signals, np.full((4, 1), -1, dtype=np.int8))
 
 
+def test_a_single_sample_is_refused_in_our_words():
+    with pytest.raises(ValueError, match="needs at least 2 samples with a signal or a vote; 1 of the log's samples has one"):
+        keep_posterior(np.array([[0.5, 1.0]]), None)
+
+
 def test_large_inputs_fit_on_a_subset_and_score_every_row():
     signals, keep = two_groups(n=5000, seed=6)
     whole = keep_posterior(signals, None, seed=0)

@@ -252,7 +252,7 @@ def test_status_decides_nonfinite_and_unlabeled_samples(log, engine):
         result = build_filter(table, method="threshold", aggregate="majority", engine=engine)
     messages = " ".join(str(w.message) for w in caught)
     assert "3 sample(s) had a non-finite loss or score" in messages
-    assert "3 sample(s) have no scored record" in messages
+    assert "3 sample(s) have no vote and no finite signal value" in messages
     summary = result.summary
     assert summary["n_nonfinite_samples"] == 3 and summary["n_unscored_samples"] == 3
     assert summary["n_unlabeled_records"] == 3 * 3 + 1

@@ -274,8 +274,9 @@ def _aggregate_with_status(
         keep_prob[~voted & ~nonfinite] = prior
         keep_log_odds[~voted & ~nonfinite] = log_odds(np.array([prior]))[0]
         warn(
-            f"{n_unscored} sample(s) have no scored record (only unlabeled records, status 2): they abstain in "
-            f"every window and get the prior keep_prob={prior:.3f}, the share of the voted samples kept.",
+            f"{n_unscored} sample(s) have no vote and no finite signal value from any labeling function (no scored "
+            "record, only unlabeled ones with status 2, or scored records whose signal values are all missing or "
+            f"non-finite): they abstain and get the prior keep_prob={prior:.3f}, the share of the other samples kept.",
             warn_list,
         )
     keep = keep_prob >= 0.5

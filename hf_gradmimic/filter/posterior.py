@@ -153,6 +153,13 @@ def keep_posterior(
             f"{int((~evidence).sum())} sample(s) have neither a finite signal nor a vote (first rows: "
             f"{np.flatnonzero(~evidence)[:5].tolist()}); every sample needs some evidence."
         )
+    if n < 2:
+        raise ValueError(
+            f"The keep posterior tells two classes of samples apart and needs at least 2 samples with a signal or a "
+            f"vote; {n} of the log's samples has one. Nothing can be filtered on one sample: keep it, or build the "
+            "paper's filter "
+            "(`labeling_functions=['mimic'], method='gmm', aggregate='snorkel'`), which keeps it."
+        )
     rng = np.random.default_rng(seed)
     fit = np.sort(rng.choice(n, size=fit_rows, replace=False)) if n > fit_rows else slice(None)
     params, iterations, converged, log_likelihood = _em(
