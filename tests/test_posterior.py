@@ -269,7 +269,9 @@ def test_a_sample_without_evidence_is_refused_by_row():
 
 
 def test_a_single_sample_is_refused_in_our_words():
-    with pytest.raises(ValueError, match="needs at least 2 samples with a signal or a vote; 1 of the log's samples has one"):
+    with pytest.raises(
+        ValueError, match="needs at least 2 samples with a signal or a vote; 1 of the log's samples has one"
+    ):
         keep_posterior(np.array([[0.5, 1.0]]), None)
 
 
