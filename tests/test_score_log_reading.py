@@ -119,6 +119,28 @@ def test_on_bad_shard_skip_leaves_the_shards_out_and_lists_them(tmp_path, log, e
 
 
 @pytest.mark.parametrize("engine", ["streaming", "memory"])
+def test_a_skipped_shard_does_not_take_the_copies_another_shard_holds_of_its_steps(tmp_path, log, engine):
+    """Two overlapping shards of rank 0, A (steps 1-2) and B (steps 2-3): step 2 is in both, and B's copies are dropped
+    as duplicates of A's. With a corrupt page in A's ``weight`` column (its steps and ids read), A is skipped: step 2 is
+    then read from B, so only A's step 1 is missing (the oracle: the log without step 1's rows)."""
+    steps = log.column("global_step").to_numpy()
+    folder = tmp_path / SCORES_DIRNAME
+    folder.mkdir()
+    first = folder / "rank00000-steps000000001-000000002.parquet"
+    second = folder / "rank00000-steps000000002-000000003.parquet"
+    pq.write_table(log.filter(pa.array(steps <= 2)), first, compression="none")
+    pq.write_table(log.filter(pa.array((steps >= 2) & (steps <= 3))), second)
+    column = pq.ParquetFile(first).metadata.schema.to_arrow_schema().get_field_index("weight")
+    offset = pq.ParquetFile(first).metadata.row_group(0).column(column).data_page_offset
+    data = bytearray(first.read_bytes())
+    data[offset : offset + 64] = b"\xff" * 64
+    first.write_bytes(bytes(data))
+    with pytest.warns(FilterWarning, match=r"Skipped 1 unreadable score-log shard"):
+        skipped = build_filter(tmp_path, method="threshold", aggregate="majority", engine=engine, on_bad_shard="skip")
+    assert skipped.summary["n_records"] == int(((steps >= 2) & (steps <= 3)).sum())
+
+
+@pytest.mark.parametrize("engine", ["streaming", "memory"])
 def test_a_corrupt_page_under_an_intact_footer_is_named_or_skipped(tmp_path, log, engine):
     paths = write_log(log, tmp_path)
     data = bytearray(paths[2].read_bytes())

@@ -214,6 +214,10 @@ def _drop_duplicates(
     duplicate = np.isin(keys[: len(ids)], keys[len(ids) :])
     if not duplicate.any():
         return  # a shared boundary step holding other samples: a mid-step flush, nothing duplicated
+    for _, _, earlier_path in overlapping:
+        # The copies here are dropped for the earlier shard's: read it whole first, so that a corrupt page in a
+        # column not read above is found now (and the shard skipped, keeping these copies) rather than at reading.
+        read_shard(earlier_path)
     _add_drops(plan, path, rows[duplicate])
     names = ", ".join(p.name for _, _, p in overlapping)
     plan.warnings.append(
