@@ -553,7 +553,10 @@ class MimicTrainerMixin:
                 inputs = self._prepare_inputs(dict(batch))
                 rows, extras = self.mimic_bookkeeping.pop(inputs)
                 batch = MicroBatch(inputs, torch.as_tensor(rows).cpu(), extras)
-                candidates.append(self.mimic_step.candidates(self.model_wrapped, batch, self.state.global_step))
+                # The model itself, not its DDP wrapper: a candidate's forward is never backpropagated into the
+                # parameters, and DDP (finding unused parameters) would mark them ready at each one, then again in the
+                # step's backward. FSDP2 shards the model in place, so its unit hooks still gather the weights.
+                candidates.append(self.mimic_step.candidates(self.model, batch, self.state.global_step))
             accelerator = self.accelerator
             self._selections = deque(
                 select_over_step(

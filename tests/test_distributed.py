@@ -210,6 +210,11 @@ def ddp_runs(tmp_path_factory) -> Path:
             spec(
                 folder / "grand-2x16", mimic_layers=["head"], args={**GRAND_SELECT, "per_device_train_batch_size": 16}
             ),
+            spec(
+                folder / "grand-2x2x4",
+                mimic_layers=["head"],
+                args={**GRAND_SELECT, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2},
+            ),
             spec(folder / "refmodel-2x16", mimic_layers=["head"], args=REFERENCE_MODEL_VERDICT),
             spec(
                 folder / "bayes-2x2x8",
@@ -317,6 +322,15 @@ def test_ghost_selection_under_ddp_equals_one_process(ddp_runs, tmp_path):
     single = records(tmp_path / "1x32")
     assert (single.groupby("global_step").weight.apply(lambda w: int((w > 0).sum())) == 8).all()
     assert_same_run(ddp_runs / "grand-2x16", tmp_path / "1x32")
+
+
+@pytest.mark.timeout(300)
+def test_ghost_selection_with_accumulation_under_ddp_equals_one_process(ddp_runs, tmp_path):
+    """GraNd select on 2 ranks × 2 accumulation × 4 (DDP finding unused parameters, `Trainer`'s default for a model
+    that is not a `PreTrainedModel`) against one process with a batch of 16. The candidates' forwards went through
+    the DDP wrapper, which then found a parameter ready twice in the step's backward, and training failed."""
+    run(spec(tmp_path / "1x16", mimic_layers=["head"], args={**GRAND_SELECT, "per_device_train_batch_size": 16}))
+    assert_same_run(ddp_runs / "grand-2x2x4", tmp_path / "1x16")
 
 
 @pytest.mark.timeout(300)
