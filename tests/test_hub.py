@@ -466,6 +466,42 @@ def _check_mimic_settings(text: str, args: MimicConfig) -> None:
         assert needle in text, needle
 
 
+def test_a_reference_file_beside_the_students_weights_is_the_one_read(hub_server: HubServer, tmp_path: Path) -> None:
+    """A folder or Hub repo holding both a checkpoint's model.safetensors (the student's weights) and the
+    reference.safetensors that `build_reference` writes gives the reference's tensors (read back here with
+    safetensors itself); a repo with only a pytorch_model.bin is refused, naming the files looked for."""
+    from safetensors.torch import load_file, save_file
+
+    from hf_gradmimic.reference import ReferenceLoadError
+
+    names = ["head.weight", "head.bias"]
+    folder = tmp_path / "both"
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    student = {
+        name: torch.randn(4, 16 if name.endswith("weight") else 1, generator=generator).squeeze(-1) for name in names
+    }
+    reference = {name: tensor + 1.0 for name, tensor in student.items()}
+    save_file(student, str(folder / "model.safetensors"))
+    save_file(reference, str(folder / "reference.safetensors"))
+    expected = load_file(str(folder / "reference.safetensors"))
+    api = HfApi()
+    repo_id = api.create_repo("student-and-reference").repo_id
+    api.upload_folder(folder_path=folder, repo_id=repo_id)
+    for source in (str(folder), repo_id):
+        loaded = load_reference_tensors(source, names)
+        for name in names:
+            assert torch.equal(loaded[name], expected[name]), (source, name)
+
+    torch.save(student, tmp_path / "pytorch_model.bin")
+    only_bin = api.create_repo("only-a-bin").repo_id
+    api.upload_file(path_or_fileobj=tmp_path / "pytorch_model.bin", path_in_repo="pytorch_model.bin", repo_id=only_bin)
+    with pytest.raises(
+        ReferenceLoadError, match=r"No safetensors weights in the Hub repo .*only-a-bin.*reference.safetensors"
+    ):
+        load_reference_tensors(only_bin, names)
+
+
 def test_render_model_card(digits_run) -> None:
     _, _, trainer = digits_run
     card = render_model_card(trainer, dataset_name="test-user/noisy-digits", tags=["digits"])

@@ -162,6 +162,10 @@ def _from_directory(directory: Path, wanted: list[str]) -> dict[str, torch.Tenso
     adapter = local_adapter(directory)
     if adapter is not None:
         return _from_single_file(adapter[1], wanted)
+    if (directory / REFERENCE_WEIGHTS_NAME).is_file():
+        # What `build_reference` wrote, whose metadata `read_reference_metadata` reports: first, also beside a
+        # checkpoint's own model.safetensors (the student's weights, which would make θ_ref − θ zero).
+        return _from_single_file(directory / REFERENCE_WEIGHTS_NAME, wanted)
     index_path = directory / SAFE_WEIGHTS_INDEX_NAME
     if index_path.is_file():
         weight_map = _weight_map(index_path)
@@ -171,9 +175,8 @@ def _from_directory(directory: Path, wanted: list[str]) -> dict[str, torch.Tenso
             files.setdefault(directory / weight_map[key], []).append(key)
         by_key = _read_safetensors(files)
         return {name: by_key[key] for name, key in matched.items()}
-    for name in (SAFE_WEIGHTS_NAME, REFERENCE_WEIGHTS_NAME):
-        if (directory / name).is_file():
-            return _from_single_file(directory / name, wanted)
+    if (directory / SAFE_WEIGHTS_NAME).is_file():
+        return _from_single_file(directory / SAFE_WEIGHTS_NAME, wanted)
     candidates = sorted(p.name for p in directory.glob("*.safetensors"))
     if len(candidates) == 1:
         return _from_single_file(directory / candidates[0], wanted)
@@ -192,15 +195,25 @@ def _from_hub(
     adapter = hub_adapter(repo_id, revision, token)  # a PEFT adapter: its two files, nothing else
     if adapter is not None:
         return _from_single_file(adapter[1], wanted)
-    try:
-        index_file = Path(hf_hub_download(repo_id, SAFE_WEIGHTS_INDEX_NAME, revision=revision, token=token))
-    except EntryNotFoundError:
-        index_file = None
-    if index_file is None:
+    def download(name: str) -> Path | None:
         try:
-            single = Path(hf_hub_download(repo_id, SAFE_WEIGHTS_NAME, revision=revision, token=token))
+            return Path(hf_hub_download(repo_id, name, revision=revision, token=token))
         except EntryNotFoundError:
-            single = Path(hf_hub_download(repo_id, REFERENCE_WEIGHTS_NAME, revision=revision, token=token))
+            return None
+
+    # `build_reference`'s file first, as in a local folder (a model repo may hold both it and the student's weights).
+    single = download(REFERENCE_WEIGHTS_NAME)
+    index_file = None if single is not None else download(SAFE_WEIGHTS_INDEX_NAME)
+    if single is None and index_file is None:
+        single = download(SAFE_WEIGHTS_NAME)
+        if single is None:
+            at = "" if revision is None else f" at revision {revision!r}"
+            raise ReferenceLoadError(
+                f"No safetensors weights in the Hub repo {repo_id!r}{at}: expected {REFERENCE_WEIGHTS_NAME}, "
+                f"{SAFE_WEIGHTS_INDEX_NAME} or {SAFE_WEIGHTS_NAME} (a pytorch_model.bin is not read: save the "
+                "reference with `save_pretrained`, whose default is safetensors)."
+            )
+    if single is not None:
         return _from_single_file(single, wanted)
     weight_map = _weight_map(index_file, f"{repo_id}/{SAFE_WEIGHTS_INDEX_NAME}")
     matched = _match_all(wanted, list(weight_map), f"{repo_id}/{SAFE_WEIGHTS_INDEX_NAME}")
