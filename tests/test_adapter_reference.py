@@ -114,6 +114,24 @@ def test_base_checkpoint_check_reads_the_adapter_config(tmp_path):
         train(student, tmp_path / "run", str(tmp_path / "adapter"))
 
 
+@pytest.mark.parametrize(
+    "setting, value, named",
+    [("lora_alpha", 32, "lora_alpha: reference 32, student 8"), ("use_rslora", True, "use_rslora: reference True")],
+)
+def test_an_adapter_scaled_otherwise_than_the_students_is_refused(tmp_path, setting, value, named):
+    """The reference adapter's config says another scaling (alpha / r = 8, or rsLoRA's alpha / √r, where the student
+    has 2): PEFT would apply its A and B as another weight change, so it is refused at construction, naming it."""
+    student, _ = student_and_reference_adapter(tmp_path / "ref")
+    config_path = tmp_path / "ref" / "adapter_config.json"
+    saved = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**saved, setting: value}))
+    args = MimicConfig(
+        output_dir=str(tmp_path / "run"), mimic_layers=["lora"], mimic_reference=str(tmp_path / "ref"), **TRAIN
+    )
+    with pytest.raises(ValueError, match=rf"scales its adapter otherwise than the student \({named}"):
+        MimicTrainer(model=student, args=args, train_dataset=lm_dataset(n=16))
+
+
 def test_an_adapter_without_safetensors_weights_is_refused(tmp_path):
     student, _ = student_and_reference_adapter(tmp_path / "adapter")
     (tmp_path / "adapter" / "adapter_model.safetensors").unlink()

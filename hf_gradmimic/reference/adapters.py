@@ -10,6 +10,7 @@ Only those two files are read. PEFT saves the matrices without the adapter's nam
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -75,4 +76,18 @@ def adapter_metadata(config: Path, weights: Path) -> dict[str, str]:
     settings = read_json_object(config, "The adapter config", "save the adapter again with `save_pretrained`.")
     metadata["base_model"] = str(settings.get("base_model_name_or_path") or "")
     metadata["base_revision"] = str(settings.get("revision") or "")
+    metadata["lora_scaling"] = json.dumps(lora_scaling(settings), sort_keys=True)
     return metadata
+
+
+LORA_SCALING_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
+"""The LoRA settings that set an adapter's scaling (``lora_alpha / r``, or ``/ √r`` with rsLoRA, per module with the
+patterns): a reference's A and B matrices are in the student's coordinates only when these are the student's."""
+
+
+def lora_scaling(settings: dict) -> dict:
+    """The `LORA_SCALING_FIELDS` of a LoRA config (its JSON dict, or a `peft.LoraConfig`'s ``to_dict()``)."""
+    return {
+        field: (settings.get(field) or {}) if field.endswith("_pattern") else settings.get(field)
+        for field in LORA_SCALING_FIELDS
+    }

@@ -195,6 +195,7 @@ def _from_hub(
     adapter = hub_adapter(repo_id, revision, token)  # a PEFT adapter: its two files, nothing else
     if adapter is not None:
         return _from_single_file(adapter[1], wanted)
+
     def download(name: str) -> Path | None:
         try:
             return Path(hf_hub_download(repo_id, name, revision=revision, token=token))
