@@ -350,3 +350,38 @@ def test_a_config_object_builds_what_the_keywords_build(tmp_path, digits):
         build_reference(digits_model(), clean, epoch=3)
     with pytest.raises(TypeError, match="`config` is a ReferenceRecipeConfig; got a dict"):
         build_reference(digits_model(), clean, {"epochs": 3})
+
+
+def test_the_feature_cache_tells_apart_two_checkpoints_of_one_name(tmp_path):
+    """Two BERT classifiers of one name with the same embeddings (the first tensors) but another encoder, as two
+    revisions of a model fine-tuned with frozen embeddings: each gets its own features from the shared cache folder
+    (the classifier's input, the pooled output, recomputed here from the model itself)."""
+    import copy
+
+    import datasets
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=20, num_labels=2
+    )
+    first = BertForSequenceClassification(config).eval()
+    first.config._name_or_path = "org/bert-classifier"
+    second = copy.deepcopy(first)
+    with torch.no_grad():
+        for name, param in second.named_parameters():
+            if ".encoder." in name:
+                param.add_(0.5 * torch.randn_like(param))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 50, size=(32, 8))
+    data = datasets.Dataset.from_dict(
+        {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": rng.integers(0, 2, 32)}
+    )
+    layer_inputs(first, data, "classifier", cache_dir=tmp_path)
+    got = layer_inputs(second, data, "classifier", cache_dir=tmp_path)
+    with torch.no_grad():
+        expected = second.bert(
+            input_ids=torch.as_tensor(ids), attention_mask=torch.ones(32, 8, dtype=torch.long)
+        ).pooler_output
+    torch.testing.assert_close(got, expected)
+    assert len(list(tmp_path.glob("features-*.safetensors"))) == 2

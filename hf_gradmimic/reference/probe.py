@@ -45,13 +45,15 @@ def _labels_of(dataset: Any) -> torch.Tensor:
 
 
 def _fingerprint(model: nn.Module, dataset: Any, layer: str) -> str:
-    parts = [
-        getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__),
-        layer,
-        getattr(dataset, "_fingerprint", str(len(dataset))),
-    ]
-    parts += [f"{p.sum().item():.6e}" for p in list(model.parameters())[:4]]  # same weights, same features
-    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:16]
+    """The feature cache's key: the layer, the dataset, and the bytes of every weight and buffer of the model (two
+    checkpoints of one name, or with equal first tensors, are told apart; hashing costs far less than the forward)."""
+    digest = hashlib.sha256()
+    for part in (type(model).__name__, layer, getattr(dataset, "_fingerprint", str(len(dataset)))):
+        digest.update(f"{part}|".encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 @torch.no_grad()
