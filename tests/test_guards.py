@@ -189,3 +189,40 @@ def test_rows_without_a_supervised_label_get_weight_zero(tmp_path):
     assert list(table.loc[[2, 5], "weight"]) == [0.0, 0.0]
     np.testing.assert_allclose(table.loc[labelled, "weight"].values, expected, rtol=1e-4)
     assert trainer.nonfinite_guard.unlabeled_samples == 2
+
+
+def test_a_non_finite_sample_is_left_out_of_the_alignment_check_and_the_monitor(tmp_path):
+    """One NaN input among 16: the alignment check and the monitor's losses are the 15 finite samples' (the student's
+    and the head-swapped student's cross entropies, recomputed here with `torch.func.functional_call`), not NaN, and
+    the check does not warn when the reference's median is the lower."""
+    import warnings
+
+    clean = mlp_dataset(n=16)
+    data = with_nan_rows(clean, [3])
+    model = TinyMLP()
+    reference = head_reference(model)
+    inputs, labels = torch.as_tensor(np.asarray(data["x"])), torch.as_tensor(np.asarray(data["labels"]))
+    with torch.no_grad():
+        own = torch.nn.functional.cross_entropy(model(inputs).logits, labels, reduction="none")
+        params = {**dict(model.named_parameters()), **reference}
+        swapped = torch.func.functional_call(model, params, (inputs,)).logits
+        with_reference = torch.nn.functional.cross_entropy(swapped, labels, reduction="none")
+    finite = torch.isfinite(own)
+    args = config(tmp_path, mimic_layers=["head"], mimic_alignment_check=True)
+    trainer = MimicTrainer(model=model, args=args, train_dataset=data, reference=reference)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    logged = next(entry for entry in trainer.state.log_history if "mimic/alignment_student_loss" in entry)
+    expected = {
+        "mimic/alignment_student_loss": own[finite].mean(),
+        "mimic/alignment_reference_loss": with_reference[finite].mean(),
+        "mimic/alignment_student_loss_median": own[finite].median(),
+        "mimic/alignment_reference_loss_median": with_reference[finite].median(),
+        "mimic/monitor_student_loss": own[finite].mean(),
+        "mimic/monitor_reference_loss": with_reference[finite].mean(),
+    }
+    for key, value in expected.items():
+        assert logged[key] == pytest.approx(float(value), rel=1e-5), key
+    warned = any("Alignment check" in str(warning.message) for warning in caught)
+    assert warned == (not with_reference[finite].median() < own[finite].median())

@@ -122,6 +122,13 @@ def check_reference_base(
         )
 
 
+def _finite_pairs(own: torch.Tensor, with_reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples whose loss is finite both under the student's layers and under the reference's: a non-finite sample
+    (left out of the update by the guard) would make every mean and median NaN."""
+    finite = torch.isfinite(own) & torch.isfinite(with_reference)
+    return own[finite], with_reference[finite]
+
+
 class ReferenceDiagnostics:
     """The alignment check (first step) and the running monitor (every ``interval()`` steps) of one training run.
 
@@ -218,6 +225,9 @@ class ReferenceDiagnostics:
 
     def _check_alignment(self, own: torch.Tensor, with_reference: torch.Tensor) -> None:
         """Loss of the student with its mimic layers swapped for the reference, next to its own (first step)."""
+        own, with_reference = _finite_pairs(own, with_reference)
+        if not len(own):
+            return  # no sample with finite losses: nothing to compare (the guard names them)
         own_loss, reference_loss = float(own.mean()), float(with_reference.mean())
         self.metrics.add("mimic/alignment_student_loss", own_loss)
         self.metrics.add("mimic/alignment_reference_loss", reference_loss)
@@ -251,6 +261,7 @@ class ReferenceDiagnostics:
         if not finite.any():  # ‖v‖ = 0: no direction, no terms (the step falls back to uniform weights)
             return
         reference_term, self_term = reference_term[finite], self_term[finite]
+        own, with_reference = _finite_pairs(own, with_reference)
         for key, value in (
             ("reference_term", reference_term.mean()),
             ("self_term", self_term.mean()),
