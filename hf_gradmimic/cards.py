@@ -141,12 +141,19 @@ def _training_settings(
     if training_config is None and provenance:
         training_config = _provenance_settings(provenance)
     trainer_reference = None
+    used: dict[str, Any] = {}  # what a trainer ran with, where a `scorer=` object overrides its config
     if (
         training_config is not None
         and not isinstance(training_config, Mapping)
         and hasattr(training_config, "reference_name")
     ):
         trainer_reference = training_config.reference_name  # a MimicTrainer: its config is .args
+        scorer = getattr(training_config, "scorer", None)
+        used = {
+            "mimic_scorer": getattr(scorer, "name", None),
+            "mimic_mode": getattr(training_config, "mode", None),
+            "mimic_score_terms": getattr(scorer, "score_terms_mode", None),
+        }
         if trainer_reference and not getattr(training_config, "reference_in_memory", True):
             reference = reference or trainer_reference  # the path or repo id given as `reference=`: the one used
         training_config = training_config.args
@@ -156,6 +163,7 @@ def _training_settings(
         raw = training_config
     else:
         raw = {name: getattr(training_config, name) for name in dir(training_config) if name.startswith("mimic_")}
+    raw = {**raw, **{name: value for name, value in used.items() if value is not None}}
     layer_map = parse_layer_map(raw.get("mimic_layers")) if raw.get("mimic_layers") is not None else {}
     reference = (
         reference
@@ -421,7 +429,7 @@ def render_model_card(
         dataset_name=card_text(dataset_name),
         dataset_url=_hub_url(dataset_name, "datasets/"),
         training=_training_settings(trainer, None),
-        alignment_check=bool(getattr(args, "mimic_alignment_check", False)),
+        alignment_check=bool(getattr(getattr(trainer, "mimic_diagnostics", None), "checks_alignment", False)),
         record_scores=bool(getattr(args, "mimic_record_scores", False)),
         run={
             "global_step": state.global_step,

@@ -218,3 +218,23 @@ def test_bayesian_run_killed_and_resumed_equals_an_uninterrupted_one(tmp_path):
     assert state["num_updates"] == expected_state["num_updates"] == 7
     torch.testing.assert_close(state["feature_factor"], expected_state["feature_factor"])
     assert torch.equal(state["generator_state"], expected_state["generator_state"])
+
+
+def test_the_model_card_names_the_scorer_the_trainer_ran_and_no_check_it_did_not(tmp_path):
+    """A `scorer=` object overrides the config's `mimic_scorer` (GraNd, in its default select mode), and a run without
+    a reference runs no alignment check: the card says both, as the trainer's scorer and diagnostics are."""
+    from hf_gradmimic.cards import render_model_card
+    from hf_gradmimic.scorers import GrandScorer
+
+    model = TinyMLP()
+    trainer = MimicTrainer(
+        model=model,
+        args=config(tmp_path, mimic_alignment_check=True),
+        train_dataset=mlp_dataset(n=16),
+        scorer=GrandScorer(),
+    )
+    trainer.train()
+    assert trainer.scorer.name == "grand" and trainer.mode == "select" and trainer.mimic_diagnostics is None
+    text = render_model_card(trainer).text
+    assert "| sample scorer | `grand` (select) |" in text
+    assert "| alignment check | off |" in text

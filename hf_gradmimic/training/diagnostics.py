@@ -157,6 +157,7 @@ class ReferenceDiagnostics:
         self.model = model
         self.sample_loss = sample_loss
         self.metrics = metrics
+        self.checks_alignment = check_alignment  # what the run does (the model card says it)
         self.alignment_pending = check_alignment
         self.args = args
         self.head_outputs_logits = False  # learnt at each training forward; picks the monitor's cheap path
