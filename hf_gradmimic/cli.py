@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -89,6 +89,19 @@ def _refuse_file_as_output_dir(output: str, option: str) -> None:
         )
 
 
+def _label_ids(train: Any, label_column: str) -> tuple[list[str], Callable[[list], list[int]]]:
+    """The class names (``id2label`` order) and the map from the column's values to class ids: a `ClassLabel`'s own
+    names and ids; otherwise the distinct values in order (numbers by value, not as text: 10 after 9), each value's
+    id its position, so that the ids trained on and the names in the model's config agree."""
+    feature = train.features[label_column]
+    names = getattr(feature, "names", None)
+    if names:
+        return list(names), list
+    values = sorted(set(train[label_column]), key=lambda value: (isinstance(value, str), value))
+    position = {value: index for index, value in enumerate(values)}
+    return [str(value) for value in values], lambda batch: [position[value] for value in batch]
+
+
 def run_train(argv: Sequence[str]) -> int:
     from transformers import HfArgumentParser
 
@@ -112,8 +125,7 @@ def run_train(argv: Sequence[str]) -> int:
 
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
-    label_feature = train.features[data_args.label_column]
-    names = getattr(label_feature, "names", None) or sorted({str(v) for v in train[data_args.label_column]})
+    names, label_ids = _label_ids(train, data_args.label_column)
     label_kwargs = {
         "num_labels": len(names),
         "id2label": dict(enumerate(names)),
@@ -123,12 +135,14 @@ def run_train(argv: Sequence[str]) -> int:
         from transformers import AutoTokenizer, DataCollatorWithPadding
 
         processor = AutoTokenizer.from_pretrained(data_args.model)
-        model = AutoModelForSequenceClassification.from_pretrained(data_args.model, **label_kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            data_args.model, ignore_mismatched_sizes=True, **label_kwargs
+        )
         columns = [data_args.text_column] + ([data_args.text_pair_column] if data_args.text_pair_column else [])
 
         def encode(batch):
             encoded = processor(*[batch[c] for c in columns], truncation=True, max_length=data_args.max_length)
-            encoded["labels"] = batch[data_args.label_column]
+            encoded["labels"] = label_ids(batch[data_args.label_column])
             return encoded
 
         collator = DataCollatorWithPadding(processor)
@@ -142,7 +156,7 @@ def run_train(argv: Sequence[str]) -> int:
 
         def encode(batch):
             encoded = processor([image.convert("RGB") for image in batch[data_args.image_column]])
-            encoded["labels"] = batch[data_args.label_column]
+            encoded["labels"] = label_ids(batch[data_args.label_column])
             return encoded
 
         collator = DefaultDataCollator()
