@@ -100,3 +100,29 @@ def test_a_dict_of_numpy_arrays_is_a_reference(tmp_path):
             train_dataset=mlp_dataset(n=16),
             reference={"head.weight": [[0.0]], "head.bias": [0.0]},
         )
+
+
+def test_a_tied_head_is_read_under_the_name_its_checkpoint_saved_it(tmp_path):
+    """A tied GPT-2's `save_pretrained` keeps its head once, as ``transformer.wte.weight``: a tied student scoring
+    ``lm_head`` reads that tensor (safetensors' own reading of the file is the oracle), from the folder and from the
+    in-memory model."""
+    from safetensors.torch import load_file
+
+    from hf_gradmimic import MimicConfig
+
+    from tiny_models import lm_dataset, tiny_gpt2
+
+    reference = tiny_gpt2(dropout=0.0, tied=True)
+    with torch.no_grad():
+        reference.transformer.wte.weight.add_(1.0)
+    reference.save_pretrained(tmp_path / "ref")
+    saved = load_file(str(tmp_path / "ref" / "model.safetensors"))
+    assert "lm_head.weight" not in saved
+    for source in (str(tmp_path / "ref"), reference):
+        args = MimicConfig(
+            output_dir=str(tmp_path / "run"), mimic_layers=["lm_head"], report_to=[], use_cpu=True, max_steps=1
+        )
+        trainer = MimicTrainer(
+            model=tiny_gpt2(dropout=0.0, tied=True), args=args, train_dataset=lm_dataset(n=8), reference=source
+        )
+        assert torch.equal(trainer.scorer.reference["lm_head.weight"], saved["transformer.wte.weight"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -53,11 +53,20 @@ def _match_key(wanted: str, available: list[str]) -> str | None:
     return None
 
 
+class MissingReferenceTensor(ReferenceLoadError):
+    """A tensor the reference does not hold under that name (``name``)."""
+
+    def __init__(self, message: str, name: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
 def _missing_error(wanted: str, available: list[str], where: str) -> ReferenceLoadError:
     close = difflib.get_close_matches(wanted, available, n=5, cutoff=0.3)
-    return ReferenceLoadError(
+    return MissingReferenceTensor(
         f"Reference tensor {wanted!r} is missing from {where} ({len(available)} tensors). Close names: {close}. "
-        "Name the reference layer with `mimic_layers=['student=reference']` if the head was renamed."
+        "Name the reference layer with `mimic_layers=['student=reference']` if the head was renamed.",
+        wanted,
     )
 
 
@@ -233,6 +242,7 @@ def load_reference_tensors(
     *,
     revision: str | None = None,
     token: str | bool | None = None,
+    aliases: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read only ``tensor_names`` from a reference, as float32 CPU tensors keyed by those names.
 
@@ -247,6 +257,8 @@ def load_reference_tensors(
             them, e.g. ``["classifier.weight", "classifier.bias"]`` for ``mimic_layers=["classifier"]``.
         revision: the Hub revision of ``source``.
         token: the Hub token (default: the logged-in one).
+        aliases: other names of a tensor, tried in turn when the reference lacks it under its own: a tied
+            tensor (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``) is saved under one of its names.
 
     Returns:
         ``{name: tensor}`` for every name in ``tensor_names``.
@@ -255,7 +267,7 @@ def load_reference_tensors(
         ReferenceLoadError: a name is not in the reference (the error lists the closest names it holds), or a
             tensor holds NaN or inf.
     """
-    tensors = _load(source, tensor_names, revision, token)
+    tensors = _load_with_aliases(source, list(tensor_names), revision, token, aliases or {})
     for name, tensor in tensors.items():
         bad = int((~torch.isfinite(tensor)).sum())
         if bad:
@@ -299,13 +311,38 @@ def checkpoint_name(name: str) -> str:
     return str(path.resolve()) if path.exists() else text
 
 
+def _load_with_aliases(
+    source: ReferenceSource,
+    tensor_names: list[str],
+    revision: str | None,
+    token: str | bool | None,
+    aliases: Mapping[str, Sequence[str]],
+) -> dict[str, torch.Tensor]:
+    """`_load`, a missing name tried again under each of its ``aliases`` (a tied tensor is saved under one name)."""
+    asked = list(tensor_names)  # what is asked for now, in the order of tensor_names
+    left = {name: list(aliases.get(name, ())) for name in tensor_names}
+    while True:
+        try:
+            found = _load(source, asked, revision, token)
+        except MissingReferenceTensor as error:
+            position = asked.index(error.name) if error.name in asked else None
+            if position is None or not left[tensor_names[position]]:
+                raise
+            asked[position] = left[tensor_names[position]].pop(0)
+            continue
+        return {name: found[alias] for name, alias in zip(tensor_names, asked)}
+
+
 def _load(
     source: ReferenceSource, tensor_names: list[str], revision: str | None, token: str | bool | None
 ) -> dict[str, torch.Tensor]:
     if isinstance(source, (nn.Module, Mapping)):
         available = source
-        if isinstance(source, nn.Module):
-            available = {**dict(source.named_parameters()), **dict(source.named_buffers())}
+        if isinstance(source, nn.Module):  # every name of a tied tensor, as the student's own are
+            available = {
+                **dict(source.named_parameters(remove_duplicate=False)),
+                **dict(source.named_buffers(remove_duplicate=False)),
+            }
         return _select(available, tensor_names, _describe(source))
     if not isinstance(source, (str, os.PathLike)):
         raise ReferenceLoadError(

@@ -41,6 +41,7 @@ class MimicLayers:
     """
 
     def __init__(self, model: nn.Module, layer_map: Mapping[str, str]) -> None:
+        self._model = model
         self.layer_map = expand_lora_layers(model, layer_map)
         self.layers = resolve_mimic_layers(model, list(self.layer_map))
         # Where each tensor lives, not the Parameter itself: FSDP2 replaces a module's parameters when it shards them.
@@ -106,6 +107,19 @@ class MimicLayers:
                 users.setdefault(key, []).append(name)
         return {key: names for key, names in users.items() if len(names) > 1}
 
+    @property
+    def tied_names(self) -> dict[str, list[str]]:
+        """For a mimic tensor read under its own name, the other names the student gives the same tensor (a tied
+        ``lm_head.weight`` is also ``transformer.wte.weight``): where a checkpoint saved it, when it saved one."""
+        names_of: dict[int, list[str]] = {}
+        for name, param in self._model.named_parameters(remove_duplicate=False):
+            names_of.setdefault(id(param), []).append(name)
+        tied = {}
+        for key, param in self.tensors.items():
+            if self.reference_names[key] == key:
+                tied[key] = [name for name in names_of.get(id(param), []) if name != key]
+        return {key: names for key, names in tied.items() if names}
+
     def capture(self, update_modules: list[nn.Module] | None = None, grad_from_first_call: bool = False) -> Capture:
         """Hooks recording every use of the mimic tensors in one forward (a context manager), and every call of
         ``update_modules`` (`hf_gradmimic.training.full_update`); with ``grad_from_first_call``, a forward under
@@ -125,7 +139,9 @@ class MimicLayers:
                 "MimicTrainer needs a reference: set `mimic_reference` (Hub repo id, directory or .safetensors "
                 "file) in MimicConfig, or pass `reference=` (a model or a {name: tensor} dict)."
             )
-        by_name = load_reference_tensors(source, list(self.reference_names.values()), revision=revision, token=token)
+        by_name = load_reference_tensors(
+            source, list(self.reference_names.values()), revision=revision, token=token, aliases=self.tied_names
+        )
         reference = {key: by_name[name] for key, name in self.reference_names.items()}
         for key, param in self.tensors.items():
             if tuple(reference[key].shape) != tuple(param.shape):
