@@ -80,6 +80,20 @@ def _require_existing_if_local(source: str, option: str) -> None:
         )
 
 
+def _require_class_ids(dataset: Any, label_column: str, num_labels: int) -> None:
+    """The probe's labels are class ids 0 .. num_labels − 1 (a `ClassLabel`, or integers)."""
+    values = set(dataset[label_column])
+    bad = sorted(
+        (v for v in values if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < num_labels), key=str
+    )
+    if bad:
+        raise UserError(
+            f"Column {label_column!r} must hold class ids 0..{num_labels - 1} (--num-labels {num_labels}); it holds "
+            f"{bad[:5]}. Map text labels to ids first (e.g. `dataset.class_encode_column({label_column!r})`), or "
+            "raise --num-labels."
+        )
+
+
 def _refuse_file_as_output_dir(output: str, option: str) -> None:
     """Before any work: the output is a folder; an existing file there would only fail at the end."""
     if Path(output).exists() and not Path(output).is_dir():
@@ -200,9 +214,15 @@ def run_make_reference(args: argparse.Namespace) -> int:
 
     from .reference import build_reference
 
+    # Every input checked before the model is loaded and the probe trained.
+    _require_existing_if_local(args.model, "--model")
+    _refuse_file_as_output_dir(args.output_dir, "--output-dir")
+    if args.push_to_hub and not args.repo_id:
+        raise UserError("--push-to-hub needs --repo-id: the Hub repo to push the reference to.")
     dataset_dict = _load_dataset(args.dataset)
     train = _split(dataset_dict, args.split)
     _require_columns(train, [args.text_column, args.label_column])
+    _require_class_ids(train, args.label_column, args.num_labels)
     tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
     model = AutoModelForSequenceClassification.from_pretrained(
         args.model, revision=args.revision, num_labels=args.num_labels
@@ -293,7 +313,7 @@ def run_report(args: argparse.Namespace) -> int:
     clean = None
     if args.clean_dataset:
         dataset = _load_dataset(args.clean_dataset)
-        dataset = dataset[args.split] if hasattr(dataset, "keys") else dataset
+        dataset = _split(dataset, args.split) if hasattr(dataset, "keys") else dataset
         _require_columns(dataset, [args.clean_column, *([args.id_column] if args.id_column else [])])
         # Matched by id (or by row index, checked against the training set the log recorded); a sample or row
         # that cannot be matched is an error, never a silent misalignment.
@@ -303,7 +323,7 @@ def run_report(args: argparse.Namespace) -> int:
     dataset = None
     if args.dataset:  # the training data, whose lowest-P(keep) rows report.html shows
         dataset = _load_dataset(args.dataset)
-        dataset = dataset[args.split] if hasattr(dataset, "keys") else dataset
+        dataset = _split(dataset, args.split) if hasattr(dataset, "keys") else dataset
     paths = report(
         mimic_filter, args.output, scores=args.scores, clean=clean, dataset=dataset, id_column=args.id_column
     )
@@ -317,7 +337,7 @@ def run_push(args: argparse.Namespace) -> int:
     from .hub import push_scored_dataset
 
     dataset = _load_dataset(args.dataset)
-    dataset = dataset[args.split] if hasattr(dataset, "keys") else dataset
+    dataset = _split(dataset, args.split) if hasattr(dataset, "keys") else dataset
     result = push_scored_dataset(
         dataset,
         MimicFilter.load(args.filter),

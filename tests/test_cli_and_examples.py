@@ -418,3 +418,34 @@ def test_filter_passes_the_mixture_options_to_build_filter(tmp_path):
     assert saved.summary["settings"]["discard_requires_disagreement"] is False
     default_t = build_filter(tmp_path / "run", labeling_functions=["mean_loss", "last_loss"])
     assert np.abs(default_t.keep_prob - saved.keep_prob).max() > 1e-3  # the option changed the model
+
+
+def test_make_reference_refuses_bad_input_before_loading_the_model(tmp_path, capsys):
+    """`make-reference` (in-process `main`): each bad input is one line naming it, exit 2, before any model is loaded
+    (the model path ``x`` is never read): text labels, ids beyond --num-labels, --push-to-hub without --repo-id, a
+    model folder that does not exist, an output folder that is a file, a split the dataset lacks."""
+    from hf_gradmimic.cli import main
+
+    (tmp_path / "words.csv").write_text("text,label\na b,pos\nc d,neg\n")
+    (tmp_path / "ids.csv").write_text("text,label\na b,0\nc d,3\n")
+    (tmp_path / "a-file").write_text("")
+    common = ["--model", "x", "--num-labels", "2", "--output-dir", str(tmp_path / "ref")]
+    cases = [
+        (
+            ["--dataset", str(tmp_path / "words.csv")],
+            "must hold class ids 0..1 (--num-labels 2); it holds ['neg', 'pos']",
+        ),
+        (["--dataset", str(tmp_path / "ids.csv")], "it holds [3]"),
+        (["--dataset", str(tmp_path / "ids.csv"), "--push-to-hub"], "--push-to-hub needs --repo-id"),
+        (
+            ["--dataset", str(tmp_path / "ids.csv"), "--model", "./no-such-model"],
+            "--model ./no-such-model: the path does not exist",
+        ),
+        (["--dataset", str(tmp_path / "ids.csv"), "--output-dir", str(tmp_path / "a-file")], "is an existing file"),
+        (["--dataset", str(tmp_path / "ids.csv"), "--split", "test"], "Split 'test' not in the dataset"),
+    ]
+    for extra, message in cases:
+        assert main(["make-reference", *common, *extra]) == 2, extra
+        # (datasets' own progress lines for reading the csv come first)
+        errors = [line for line in capsys.readouterr().err.strip().splitlines() if "examples" not in line]
+        assert len(errors) == 1 and errors[0].startswith("gradmimic: error:") and message in errors[0], (extra, errors)
