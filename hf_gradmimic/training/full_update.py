@@ -123,10 +123,11 @@ class FullUpdate:
 
     @staticmethod
     def check_coefficients(batch_size: int, device: torch.device) -> torch.Tensor:
-        """Per-sample coefficients for `check`, each sample's its own (``1 + i / B``): with equal ones, a call whose
-        rows are not the samples (MPNet's relative position bias, called on ``[T, T]`` bucket ids, when ``T`` equals
-        the batch size) sums to autograd's gradient all the same, and only the weighted update would be wrong."""
-        return 1.0 + torch.arange(batch_size, device=device, dtype=torch.float32) / batch_size
+        """Per-sample coefficients for `check`, unequal (``2 ** (i mod 4)``): with equal ones, a call whose rows are
+        not the samples (MPNet's relative position bias, called on ``[T, T]`` bucket ids, when ``T`` equals the batch
+        size) sums to autograd's gradient all the same, and only the weighted update would be wrong. Powers of two,
+        so that a gradient scaled by them in place and back is exactly itself again (no vocabulary-sized copy)."""
+        return torch.exp2(torch.arange(batch_size, device=device, dtype=torch.float32) % 4)
 
     def check(
         self,

@@ -311,10 +311,12 @@ class MimicStep:
             params = self.full_update.params
             if checking:
                 probe = self.full_update.check_coefficients(prediction_grad.shape[0], prediction_grad.device)
-                weighted_grad = scale_per_sample(prediction_grad.clone(), probe)
+                weighted_grad = scale_per_sample(prediction_grad, probe)  # in place where it can be
                 expected = torch.autograd.grad(
                     edge, params, grad_outputs=weighted_grad, retain_graph=True, allow_unused=True
                 )
+                if weighted_grad is prediction_grad:  # back, exactly: the coefficients are powers of two
+                    scale_per_sample(prediction_grad, 1.0 / probe)
                 del weighted_grad
             try:
                 ghost, calls = capture.ghost_and_update(edge, prediction_grad, retain_graph=checking)
