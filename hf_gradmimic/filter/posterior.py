@@ -157,8 +157,7 @@ def keep_posterior(
         raise ValueError(
             f"The keep posterior tells two classes of samples apart and needs at least 2 samples with a signal or a "
             f"vote; {n} of the log's samples has one. Nothing can be filtered on one sample: keep it, or build the "
-            "paper's filter "
-            "(`labeling_functions=['mimic'], method='gmm', aggregate='snorkel'`), which keeps it."
+            "paper's filter (`labeling_functions=['mimic'], method='gmm', aggregate='snorkel'`), which keeps it."
         )
     rng = np.random.default_rng(seed)
     fit = np.sort(rng.choice(n, size=fit_rows, replace=False)) if n > fit_rows else slice(None)
@@ -332,7 +331,6 @@ def _expected_moments(
     conditional covariance ``Σ_mm − Σ_mo Σ_oo⁻¹ Σ_om``, counted by the responsibility alone (the t weight cancels
     in it). Samples with no signal (only votes) take no part."""
     d = signals.shape[1]
-    filled = np.zeros((0, d))
     parts, weights, counts = [], [], []
     conditional = np.zeros((d, d))
     for pattern, rows in patterns:
@@ -347,8 +345,9 @@ def _expected_moments(
         parts.append(x)
         weights.append(responsibility[rows] * sample_weight[rows])
         counts.append(responsibility[rows])
-    filled = np.concatenate(parts) if parts else filled
-    weight, count = np.concatenate(weights), np.concatenate(counts)
+    if not parts:  # no sample has a signal (votes only): nothing to fit, keep the class's parameters
+        return mean, scale
+    filled, weight, count = np.concatenate(parts), np.concatenate(weights), np.concatenate(counts)
     location = weight @ filled / max(weight.sum(), 1e-12)
     centred = filled - location
     spread = (centred * weight[:, None]).T @ centred + conditional
