@@ -13,6 +13,7 @@ from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
 from hf_gradmimic.losses import per_sample_loss
 
 from sgd_args import SGD_ARGS
+from trainer_pairs import assert_same_parameters
 
 PLAIN = {**SGD_ARGS, "learning_rate": 0.1, "per_device_train_batch_size": 4, "max_steps": 3}
 
@@ -244,5 +245,4 @@ def test_an_encoder_decoder_decodes_from_its_labels_as_under_trainer(tmp_path, k
     MimicTrainer(model=student, args=args, train_dataset=data, reference=reference).train()
     first = load_scores(tmp_path / "mimic").to_pandas().query("global_step == 1").sort_values("sample_id")
     np.testing.assert_allclose(first.mimic_score, oracle, rtol=1e-4, atol=1e-6)
-    for (name, param), other in zip(student.named_parameters(), plain.parameters()):
-        torch.testing.assert_close(param, other, rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_parameters(plain, student, atol=1e-5)

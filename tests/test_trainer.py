@@ -335,11 +335,15 @@ def test_batches_without_one_row_or_one_label_column_per_sample_are_refused_at_c
 
 
 def test_a_train_dataset_replaced_after_construction_is_the_one_trained_and_recorded(tmp_path):
-    """`Trainer` lets ``trainer.train_dataset`` be replaced before ``train()`` (a second phase, a curriculum): the run
-    then equals one constructed with that dataset (records by its rows, the same parameters)."""
+    """`Trainer` lets ``trainer.train_dataset`` be replaced before ``train()`` (a second phase, a curriculum): its rows
+    are recorded by their own index, the first step's losses are theirs (cross entropy of the untrained model, here),
+    and the run equals one constructed with that dataset (the same scores and parameters)."""
     replaced, direct = TinyMLP(), TinyMLP()
     reference = perturbed_reference(replaced, layer_params(["head"]))
     second = mlp_dataset(n=24, seed=3)
+    with torch.no_grad():
+        inputs, labels = (torch.as_tensor(np.asarray(second[column])) for column in ("x", "labels"))
+        untrained = torch.nn.functional.cross_entropy(replaced(inputs).logits, labels, reduction="none").numpy()
     settings = dict(mimic_layers=["head"], per_device_train_batch_size=8, max_steps=3)
     trainer = MimicTrainer(
         model=replaced,
@@ -354,6 +358,8 @@ def test_a_train_dataset_replaced_after_construction_is_the_one_trained_and_reco
     ).train()
     got, expected = (load_scores(tmp_path / name).to_pandas() for name in ("a", "b"))
     assert sorted(got.sample_id) == list(range(24))
+    first = got[got.global_step == 1]
+    np.testing.assert_allclose(first.loss, untrained[first.sample_id.to_numpy()], rtol=1e-5)
     np.testing.assert_array_equal(got.sample_id, expected.sample_id)
     np.testing.assert_allclose(got.mimic_score, expected.mimic_score, rtol=1e-6)
     for (name, param), other in zip(replaced.named_parameters(), direct.parameters()):
