@@ -24,7 +24,7 @@ from torch import nn
 from ..fileio import atomic_write
 from ..lora import lora_layers
 from ..losses import IGNORE_INDEX, per_sample_loss
-from .adapters import ADAPTER_WEIGHTS_NAME, without_adapter_name
+from .adapters import ADAPTER_WEIGHTS_NAME, lora_scaling, without_adapter_name
 from .loading import checkpoint_name
 
 
@@ -35,6 +35,32 @@ def adapter_init(tensors: Mapping[str, torch.Tensor]) -> str:
         digest.update(without_adapter_name(key).encode())
         digest.update(tensors[key].detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def check_adapter_scaling(metadata: dict[str, str], model: Any, reference_name: str) -> None:
+    """Refuse a LoRA reference whose adapter scales its update otherwise than the student's (``lora_alpha``, ``r``,
+    rsLoRA, the rank and alpha patterns): the same A and B matrices would then be another weight change, and
+    ``θ_ref − θ`` over them would not point to the reference's weights."""
+    saved = metadata.get("lora_scaling")
+    configs = getattr(model, "peft_config", None)
+    if not saved or not isinstance(configs, dict):
+        return
+    active = getattr(model, "active_adapter", None)
+    config = configs.get(active if isinstance(active, str) else next(iter(configs), None))
+    if config is None:
+        return
+    reference, student = json.loads(saved), lora_scaling(config.to_dict())
+    differing = {field: (reference[field], student[field]) for field in reference if reference[field] != student[field]}
+    if differing:
+        listed = ", ".join(
+            f"{field}: reference {theirs!r}, student {ours!r}" for field, (theirs, ours) in differing.items()
+        )
+        raise ValueError(
+            f"The LoRA reference {reference_name} scales its adapter otherwise than the student ({listed}): its A and B "
+            "matrices would be another weight change in the student's adapter, and the mimic direction would not point "
+            "to the reference. Train the reference with the student's LoraConfig (hf_gradmimic.build_reference(..., "
+            "method='lora') does), or give the student the reference's."
+        )
 
 
 def check_adapter_init(

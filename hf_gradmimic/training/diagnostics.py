@@ -13,7 +13,6 @@ student's features minus the student's own margin. These checks say when that fa
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Callable
@@ -24,9 +23,8 @@ import torch
 from ..ghost import GhostBatch
 from ..lora import lora_layers
 from ..losses import SampleLoss
-from ..reference.adapters import lora_scaling
 from ..reference.loading import checkpoint_name, read_reference_metadata
-from ..reference.lora import check_adapter_init
+from ..reference.lora import check_adapter_init, check_adapter_scaling
 from .capture import Capture
 from .metrics_buffer import MetricsBuffer
 from .reference_verdict import reference_head_losses, swapped_losses
@@ -70,32 +68,6 @@ def check_reference_setup(
         metadata = read_reference_metadata(source, revision=revision, token=token)
         check_adapter_scaling(metadata, model, reference_name)
         check_adapter_init(metadata, current_tensors(), reference_name)
-
-
-def check_adapter_scaling(metadata: dict[str, str], model: Any, reference_name: str) -> None:
-    """Refuse a LoRA reference whose adapter scales its update otherwise than the student's (``lora_alpha``, ``r``,
-    rsLoRA, the rank and alpha patterns): the same A and B matrices would then be another weight change, and
-    ``θ_ref − θ`` over them would not point to the reference's weights."""
-    saved = metadata.get("lora_scaling")
-    configs = getattr(model, "peft_config", None)
-    if not saved or not isinstance(configs, dict):
-        return
-    active = getattr(model, "active_adapter", None)
-    config = configs.get(active if isinstance(active, str) else next(iter(configs), None))
-    if config is None:
-        return
-    reference, student = json.loads(saved), lora_scaling(config.to_dict())
-    differing = {field: (reference[field], student[field]) for field in reference if reference[field] != student[field]}
-    if differing:
-        listed = ", ".join(
-            f"{field}: reference {theirs!r}, student {ours!r}" for field, (theirs, ours) in differing.items()
-        )
-        raise ValueError(
-            f"The LoRA reference {reference_name} scales its adapter otherwise than the student ({listed}): its A and B "
-            "matrices would be another weight change in the student's adapter, and the mimic direction would not point "
-            "to the reference. Train the reference with the student's LoraConfig (hf_gradmimic.build_reference(..., "
-            "method='lora') does), or give the student the reference's."
-        )
 
 
 def check_reference_base(
