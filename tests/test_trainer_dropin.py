@@ -85,21 +85,44 @@ def test_token_weighting_reproduces_trainer_for_a_causal_lm_under_gradient_accum
     np.testing.assert_allclose(logged[1], logged[0], rtol=1e-5)  # the logged loss is Trainer's token mean too
 
 
-def test_select_mode_keeping_every_sample_trains_as_trainer_over_tokens(tmp_path, plain_trainer_llama):
-    """``select`` mode (GraNd) with a ratio of 1 trains every candidate: over their tokens, as Trainer does."""
-    mimic_model = tiny_llama()
-    args = MimicConfig(
+def grand_select(tmp_path, ratio: float, **overrides) -> MimicConfig:
+    """`TOKEN_RUN` in ``select`` mode with GraNd at the head, keeping ``ratio`` of each step's candidates."""
+    return MimicConfig(
         output_dir=str(tmp_path),
         mimic_layers=["lm_head"],
         mimic_scorer="grand",
         mimic_mode="select",
-        mimic_select_ratio=1.0,
+        mimic_select_ratio=ratio,
         mimic_alignment_check=False,
-        **TOKEN_RUN,
+        **{**TOKEN_RUN, **overrides},
     )
-    trainer = MimicTrainer(model=mimic_model, args=args, train_dataset=uneven_lm_dataset())
+
+
+def test_select_mode_keeping_every_sample_trains_as_trainer_over_tokens(tmp_path, plain_trainer_llama):
+    """``select`` mode (GraNd) with a ratio of 1 trains every candidate: over their tokens, as Trainer does."""
+    mimic_model = tiny_llama()
+    trainer = MimicTrainer(model=mimic_model, args=grand_select(tmp_path, 1.0), train_dataset=uneven_lm_dataset())
     trainer.train()
     assert_same_parameters(plain_trainer_llama.model, mimic_model)
+
+
+def test_select_mode_logs_the_token_mean_of_the_selected_samples(tmp_path):
+    """``select`` mode trains on the selected samples' tokens, so the logged loss is their token mean, as `Trainer`
+    trained on those samples alone logs it: recomputed by hand, with the untrained model, from the rows the score
+    log marks as selected (weight > 0) at the one step."""
+    data = uneven_lm_dataset()
+    trainer = MimicTrainer(model=tiny_llama(), args=grand_select(tmp_path, 0.5, max_steps=1), train_dataset=data)
+    trainer.train()
+    scores = load_scores(tmp_path).to_pandas()
+    selected = scores.sample_id[scores.weight > 0].to_numpy()
+    assert len(selected) == 4  # half of the step's 2 × 4 candidates
+    rows = data[selected]
+    logits = tiny_llama()(input_ids=rows["input_ids"]).logits[:, :-1]
+    targets = rows["labels"][:, 1:]
+    token_losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="sum")
+    expected = (token_losses / (targets != -100).sum()).item()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    np.testing.assert_allclose(logged, [expected], rtol=1e-4)
 
 
 def test_sample_weighting_is_the_per_sample_mean(tmp_path):

@@ -71,7 +71,8 @@ def build_filter(
             ranges to ``spill_dir`` when it does not fit (`hf_gradmimic.filter.engines.outofcore`);
             ``"memory"`` holds every record (24 bytes each). Both give the same filter, bit for bit.
             ``"ray"`` reduces the shards on the current Ray cluster (`hf_gradmimic.filter.engines.ray`,
-            ``pip install "hf-gradmimic[ray]"``), with the same result.
+            ``pip install "hf-gradmimic[ray]"``), with the same result; it needs integer sample ids
+            (row indices, or an integer ``mimic_id_column``) and refuses other id types, naming the streaming one.
         spill_dir: where the streaming engine spills (default: the system's temporary folder).
         labeling_functions: the sources of evidence (Snorkel's labeling functions, Ratner et al. 2017), by name or
             object. Continuous ones give each sample a value (`hf_gradmimic.filter.signals`): ``"mean_loss"`` (the

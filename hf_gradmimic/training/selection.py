@@ -75,6 +75,17 @@ def select_over_step(
     return selections
 
 
+def selected_items(selections: list[Selection]) -> torch.Tensor | None:
+    """The supervised targets of this process's selected samples over the step: `Trainer`'s ``num_items_in_batch``
+    for the samples that are trained on (None when a sample's targets are not counted: a user loss function)."""
+    if any(selection.candidates.counts is None for selection in selections):
+        return None
+    return sum(
+        selection.candidates.counts[selection.selected.to(selection.candidates.counts.device)].sum()
+        for selection in selections
+    )
+
+
 def observe_step(
     scorer: SampleScorer, selections: list[Selection], gather_rows: Callable[[torch.Tensor], torch.Tensor]
 ) -> None:
