@@ -84,6 +84,38 @@ def test_apply_on_a_stream_names_an_unscored_row(scored, tmp_path):
         list(mimic_filter.apply(streamed(parquet_shards(extra, tmp_path / "by_index"))))
 
 
+def test_a_stream_read_in_parts_is_matched_by_id_column_or_refused(scored, tmp_path):
+    """Each DataLoader worker of several, and each node of `split_dataset_by_node`, counts its own shards' rows from 0:
+    matched by row index they would get other rows' decisions (a 4-shard stream read by 2 workers kept 1200 rows,
+    hundreds of them the wrong ones). By index they are refused; by ``id_column`` they keep the filter's rows."""
+    from datasets.distributed import split_dataset_by_node
+    from torch.utils.data import DataLoader
+
+    mimic_filter, data = scored
+    stream = streamed(parquet_shards(data, tmp_path / "shards"))  # 5 shards of 250 rows
+    expected = sorted(mimic_filter.kept_ids.tolist())
+    with pytest.raises(ValueError, match="several DataLoader workers.*Pass id_column="):
+        list(DataLoader(mimic_filter.apply(stream), batch_size=None, num_workers=2))
+    with pytest.raises(ValueError, match=r"split by node \(split_dataset_by_node\).*Pass id_column="):
+        mimic_filter.apply(split_dataset_by_node(stream, rank=0, world_size=2))
+    by_workers = DataLoader(mimic_filter.apply(stream, id_column="uid"), batch_size=None, num_workers=2)
+    assert sorted(int(row["uid"]) for row in by_workers) == expected
+    by_nodes = [split_dataset_by_node(stream, rank=rank, world_size=5) for rank in range(5)]
+    assert sorted(row["uid"] for node in by_nodes for row in mimic_filter.apply(node, id_column="uid")) == expected
+
+
+def test_a_stream_matched_by_id_column_refuses_ids_of_another_kind_and_reads_tensor_ids(scored, tmp_path):
+    """As on a `datasets.Dataset`: the text id '00040' never matches the score log's integer 40; ids formatted as
+    tensors (``with_format("torch")``) are read as their values."""
+    mimic_filter, data = scored
+    as_text = data.remove_columns("uid").add_column("uid", [f"{uid:05d}" for uid in data["uid"]])
+    with pytest.raises(ValueError, match="'uid' holds string ids, the score log's sample_id int64"):
+        list(mimic_filter.apply(as_text.to_iterable_dataset(), id_column="uid"))
+    as_tensors = data.with_format("torch").to_iterable_dataset(num_shards=3)
+    kept = [int(row["uid"]) for row in mimic_filter.apply(as_tensors, id_column="uid")]
+    assert kept == sorted(mimic_filter.kept_ids.tolist())
+
+
 def test_push_streams_sharded_parquet_and_uploads_shard_by_shard(hub_server, scored, tmp_path, monkeypatch):
     import datasets
     from huggingface_hub import HfApi

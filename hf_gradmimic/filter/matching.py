@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from ..tables import Rows, dataset_signature, id_kind, row_signature
 
-__all__ = ["check_row_index_dataset", "row_positions"]
+__all__ = ["check_row_index_dataset", "comparable_ids", "row_positions"]
 
 
 def check_row_index_dataset(recorded: Mapping[str, Any] | None, dataset: Any) -> None:
@@ -90,23 +90,29 @@ def _positions_by_row_index(ids: pa.Array, n_rows: int, allow_unscored: bool = F
     return positions
 
 
-def _positions_by_id_column(
-    ids: pa.Array, dataset_ids: pa.Array, id_column: str, allow_unscored: bool = False
-) -> np.ndarray:
+def comparable_ids(dataset_ids: pa.Array, id_type: pa.DataType, id_column: str) -> pa.Array:
+    """The dataset's ``id_column`` values cast to the score log's ``sample_id`` type, or a ValueError: null ids, or
+    ids of another kind (integers against text), which a cast would match wrongly."""
     if dataset_ids.null_count:
         raise ValueError(f"Column {id_column!r} of the dataset holds null ids.")
-    if id_kind(dataset_ids.type) != id_kind(ids.type):
+    if id_kind(dataset_ids.type) != id_kind(id_type):
         raise ValueError(
-            f"Column {id_column!r} holds {dataset_ids.type} ids, the score log's sample_id {ids.type}: matching them "
+            f"Column {id_column!r} holds {dataset_ids.type} ids, the score log's sample_id {id_type}: matching them "
             "would convert one into the other, so that e.g. the string '00100' would match the integer 100. Give the "
             f"dataset's {id_column!r} column the type the trainer saw (the one in the score log)."
         )
     try:
-        dataset_ids = dataset_ids.cast(ids.type)
+        return dataset_ids.cast(id_type)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
         raise ValueError(
-            f"Column {id_column!r} ({dataset_ids.type}) cannot be matched with the score log's sample_id ({ids.type})."
+            f"Column {id_column!r} ({dataset_ids.type}) cannot be matched with the score log's sample_id ({id_type})."
         ) from error
+
+
+def _positions_by_id_column(
+    ids: pa.Array, dataset_ids: pa.Array, id_column: str, allow_unscored: bool = False
+) -> np.ndarray:
+    dataset_ids = comparable_ids(dataset_ids, ids.type, id_column)
     if pc.count_distinct(dataset_ids).as_py() != len(dataset_ids):
         raise ValueError(f"Column {id_column!r} of the dataset holds duplicate ids.")
     positions = pc.index_in(ids, value_set=dataset_ids)

@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .matching import comparable_ids
+
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
 
@@ -50,13 +52,12 @@ class KeepLookup:
         else:
             if self.id_column not in (batch.column_names if isinstance(batch, pa.Table) else batch):
                 raise KeyError(f"The streamed dataset has no column {self.id_column!r} (id_column).")
-            values = batch.column(self.id_column) if isinstance(batch, pa.Table) else pa.array(batch[self.id_column])
-            try:
-                values = values.cast(self.ids.type)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
-                raise ValueError(
-                    f"Column {self.id_column!r} ({values.type}) cannot be matched with the score log's sample_id ({self.ids.type})."
-                ) from error
+            if isinstance(batch, pa.Table):
+                values = batch.column(self.id_column).combine_chunks()
+            else:  # a formatted stream's batch: a list, or one tensor or array of ids (``with_format("torch")``)
+                column = batch[self.id_column]
+                values = pa.array(column if isinstance(column, list) else np.asarray(column))
+            values = comparable_ids(values, self.ids.type, self.id_column)
             found = pc.index_in(values, value_set=self.ids)
             rows = found.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
             missing = np.asarray(values.filter(pc.is_null(found)).to_pylist())
@@ -79,17 +80,47 @@ def filter_iterable(
     Rows are matched batch by batch as they are read; a row that the filter has no score for raises a
     ValueError naming it when it is reached. (A scored sample absent from the stream cannot be noticed
     before the stream ends, so, unlike `MimicFilter.apply` on a `datasets.Dataset`, that is not checked.)
+
+    Without ``id_column`` a row's index is its position in the whole stream, so the stream must be read by one
+    reader: a stream split by `datasets.distributed.split_dataset_by_node`, or a DataLoader worker of several
+    reading some of its shards, counts its own rows from 0, and is refused. (A stream split by node after this
+    filter cannot be told from a whole one: split it before, with ``id_column``.)
     """
     lookup = KeepLookup(filter_table, id_column)
     keep = filter_table.column("keep").to_numpy()
+    if id_column is None:
+        _check_one_reader(dataset)
 
     def keep_rows(batch: dict[str, list], indices: list[int]) -> list[bool]:
         if not indices:
             return []
+        if id_column is None:
+            _check_one_reader()
         rows = lookup.rows(batch, indices[0], len(indices))
         return keep[rows].tolist()
 
     return dataset.filter(keep_rows, with_indices=True, batched=True, batch_size=batch_size)
+
+
+def _check_one_reader(dataset: Any = None) -> None:
+    """Refuse to match rows by index in a stream read in parts, whose parts count their rows from 0: ``dataset``
+    (by default the one this DataLoader worker reads) split by node, or read by several workers."""
+    import torch.utils.data
+
+    worker = torch.utils.data.get_worker_info()
+    if dataset is None and worker is not None:
+        dataset = worker.dataset
+    if getattr(dataset, "_distributed", None) is not None:  # `split_dataset_by_node` sets it
+        raise ValueError(
+            "This stream is split by node (split_dataset_by_node): each node counts its rows from 0, so they cannot "
+            "be matched with the score log's row indices. Pass id_column= (a column holding each row's sample id)."
+        )
+    if worker is not None and worker.num_workers > 1 and getattr(dataset, "num_shards", 1) > 1:
+        raise ValueError(
+            "This stream is read by several DataLoader workers, each counting its shards' rows from 0, so they "
+            "cannot be matched with the score log's row indices. Pass id_column= (a column holding each row's "
+            "sample id), or read it with num_workers=0."
+        )
 
 
 def scored_batches(
