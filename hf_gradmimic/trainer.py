@@ -59,7 +59,7 @@ from .training.reference_verdict import ReferenceVerdict
 from .training.resume_guard import check_resume, write_run_record
 from .training.score_log import ScoreLog, run_provenance
 from .training.scorer_state import load_scorer_state, save_scorer_state
-from .training.selection import observe_step, select_over_step, selected_items
+from .training.selection import observe_step, select_over_step
 from .training.starting_weights import StartingWeights
 from .training.step import MicroBatch, MimicStep, StepCounts
 from .training.step_softmax import StepSoftmax, gather_across_ranks
@@ -566,24 +566,13 @@ class MimicTrainerMixin:
                     self.step_softmax.gather,
                     accelerator.process_index,
                     accelerator.num_processes,
+                    warmup=self.state.global_step < self.args.mimic_warmup_steps,
+                    token_weighting=self.args.mimic_token_weighting == "token",
                 )
             )
             if self.scorer.observes:
                 observe_step(self.scorer, list(self._selections), self.step_softmax.gather)
-            if num_items_in_batch is not None:
-                num_items_in_batch = self._selected_items(num_items_in_batch)
         return batch_samples, num_items_in_batch
-
-    def _selected_items(self, num_items_in_batch: Any) -> Any:
-        """Select mode trains on the selected samples only, so the step's token count (the logged loss's divisor) is
-        theirs, counted as `Trainer._get_num_items_in_batch` counts the whole step's."""
-        selected = selected_items(list(self._selections))
-        if selected is None:
-            return num_items_in_batch
-        selected = torch.as_tensor(selected, device=self.args.device)
-        if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            selected = self.accelerator.gather(selected).sum()
-        return selected
 
     def _comparison_batch(self, global_step: int) -> dict[str, Any]:
         """AGRA's comparison batch: ``per_device_train_batch_size`` samples drawn at random from the training set,

@@ -331,6 +331,12 @@ def test_ghost_selection_with_accumulation_under_ddp_equals_one_process(ddp_runs
     the DDP wrapper, which then found a parameter ready twice in the step's backward, and training failed."""
     run(spec(tmp_path / "1x16", mimic_layers=["head"], args={**GRAND_SELECT, "per_device_train_batch_size": 16}))
     assert_same_run(ddp_runs / "grand-2x2x4", tmp_path / "1x16")
+    # The logged loss is the selected samples' mean: each process's share of it, whatever micro-batch holds them.
+    logged = [
+        [entry["loss"] for entry in json.loads((folder / "run_info.json").read_text())["metrics"]]
+        for folder in (ddp_runs / "grand-2x2x4", tmp_path / "1x16")
+    ]
+    np.testing.assert_allclose(logged[0], logged[1], rtol=1e-5)
 
 
 @pytest.mark.timeout(300)

@@ -98,24 +98,29 @@ def grand_select(tmp_path, ratio: float, **overrides) -> MimicConfig:
     )
 
 
-def test_select_mode_keeping_every_sample_trains_as_trainer_over_tokens(tmp_path, plain_trainer_llama):
-    """``select`` mode (GraNd) with a ratio of 1 trains every candidate: over their tokens, as Trainer does."""
+@pytest.mark.parametrize("ratio, warmup", [(1.0, 0), (0.25, 2)])
+def test_select_mode_keeping_every_sample_trains_as_trainer_over_tokens(tmp_path, plain_trainer_llama, ratio, warmup):
+    """``select`` mode (GraNd) with a ratio of 1, or in its warmup steps (uniform weights: every candidate), trains
+    every candidate: over their tokens, as Trainer does."""
     mimic_model = tiny_llama()
-    trainer = MimicTrainer(model=mimic_model, args=grand_select(tmp_path, 1.0), train_dataset=uneven_lm_dataset())
+    args = grand_select(tmp_path, ratio, mimic_warmup_steps=warmup)
+    trainer = MimicTrainer(model=mimic_model, args=args, train_dataset=uneven_lm_dataset())
     trainer.train()
     assert_same_parameters(plain_trainer_llama.model, mimic_model)
 
 
-def test_select_mode_logs_the_token_mean_of_the_selected_samples(tmp_path):
+@pytest.mark.parametrize("ratio", [0.5, 0.125])
+def test_select_mode_logs_the_token_mean_of_the_selected_samples(tmp_path, ratio):
     """``select`` mode trains on the selected samples' tokens, so the logged loss is their token mean, as `Trainer`
     trained on those samples alone logs it: recomputed by hand, with the untrained model, from the rows the score
-    log marks as selected (weight > 0) at the one step."""
+    log marks as selected (weight > 0) at the one step. With one sample selected of the step's 2 × 4, a micro-batch
+    has none, and adds nothing to the logged loss."""
     data = uneven_lm_dataset()
-    trainer = MimicTrainer(model=tiny_llama(), args=grand_select(tmp_path, 0.5, max_steps=1), train_dataset=data)
+    trainer = MimicTrainer(model=tiny_llama(), args=grand_select(tmp_path, ratio, max_steps=1), train_dataset=data)
     trainer.train()
     scores = load_scores(tmp_path).to_pandas()
     selected = scores.sample_id[scores.weight > 0].to_numpy()
-    assert len(selected) == 4  # half of the step's 2 × 4 candidates
+    assert len(selected) == int(ratio * 8)
     rows = data[selected]
     logits = tiny_llama()(input_ids=rows["input_ids"]).logits[:, :-1]
     targets = rows["labels"][:, 1:]

@@ -35,10 +35,14 @@ class Candidates:
 
 @dataclass
 class Selection:
-    """A micro-batch's candidates and their softmax logits: 0 where selected, −inf elsewhere."""
+    """A micro-batch's candidates and their softmax logits: 0 where selected, −inf elsewhere. ``shares``: each
+    candidate's share of the step's loss when selected (its supervised targets with token weighting, else 1), and
+    ``step_total`` theirs summed over the step's selected samples, every micro-batch and process."""
 
     candidates: Candidates
     logits: torch.Tensor
+    shares: torch.Tensor
+    step_total: float
 
     @property
     def selected(self) -> torch.Tensor:
@@ -52,38 +56,37 @@ def select_over_step(
     gather: Callable[[torch.Tensor], torch.Tensor],
     rank: int,
     num_processes: int,
+    *,
+    warmup: bool = False,
+    token_weighting: bool = True,
 ) -> list[Selection]:
     """The scorer's selection (`SampleScorer.softmax_logits` in select mode: the top ``max(1, ⌊ratio · n⌋)``) over the
     ``n`` candidates of the whole step, every micro-batch of every process, in (micro-batch, process, position)
     order: the order of one process with the whole batch. A sample that was not scored (non-finite, unlabeled)
-    ranks last and is never selected."""
-    gathered = []
+    ranks last and is never selected. In ``warmup`` (``mimic_warmup_steps``) every scored sample is selected."""
+    gathered, shares = [], []
     for batch in candidates:
         ranked = torch.where(batch.status == STATUS_SCORED, batch.scores, torch.nan).to(torch.float64)
-        gathered.append(gather(torch.stack([ranked, batch.rows.to(ranked.device, torch.float64)], dim=1)))
+        counted = token_weighting and batch.counts is not None
+        share = batch.counts.to(ranked.device, torch.float64) if counted else torch.ones_like(ranked)
+        shares.append(share)
+        gathered.append(gather(torch.stack([ranked, batch.rows.to(ranked.device, torch.float64), share], dim=1)))
     every = torch.cat(gathered)  # padding rows (uneven processes) have row −inf
     real = torch.isfinite(every[:, 1])
     logits = torch.full((len(every),), -math.inf, dtype=torch.float64, device=every.device)
-    logits[real] = scorer.softmax_logits(every[real, 0], "select", ratio=ratio).to(torch.float64)
+    if warmup:
+        logits[real] = 0.0
+    else:
+        logits[real] = scorer.softmax_logits(every[real, 0], "select", ratio=ratio).to(torch.float64)
     logits[torch.isnan(every[:, 0])] = -math.inf  # fewer scored samples than k: select only those
+    step_total = float(every[torch.isfinite(logits), 2].sum())
     selections, offset = [], 0
-    for batch, block in zip(candidates, gathered):
+    for batch, block, share in zip(candidates, gathered, shares):
         start = offset + rank * (len(block) // num_processes)
         mine = logits[start : start + len(batch.rows)].to(batch.scores.device, batch.scores.dtype)
-        selections.append(Selection(batch, mine))
+        selections.append(Selection(batch, mine, share.to(batch.scores.device), step_total))
         offset += len(block)
     return selections
-
-
-def selected_items(selections: list[Selection]) -> torch.Tensor | None:
-    """The supervised targets of this process's selected samples over the step: `Trainer`'s ``num_items_in_batch``
-    for the samples that are trained on (None when a sample's targets are not counted: a user loss function)."""
-    if any(selection.candidates.counts is None for selection in selections):
-        return None
-    return sum(
-        selection.candidates.counts[selection.selected.to(selection.candidates.counts.device)].sum()
-        for selection in selections
-    )
 
 
 def observe_step(

@@ -487,13 +487,15 @@ class MimicStep:
         selected = selection.selected
         if len(selected) == 0:  # nothing to train on here; the other processes, or micro-batches, have the selection
             excluded = torch.ones_like(candidates.status, dtype=torch.bool)
-            loss = self.loss_without(model, batch, excluded, coefficients, candidates.status, at)
-            return self.reported(loss, candidates.losses, candidates.status, at), None
+            return self.loss_without(model, batch, excluded, coefficients, candidates.status, at), None  # zero
         chosen = rows_of(batch.inputs, selected, len(batch))
         outputs, losses, _ = self.forward(model, chosen, capture=False)
         loss = (coefficients[selected].detach() * losses).sum()
-        counts = None if candidates.counts is None else candidates.counts[selected.to(candidates.counts.device)]
-        return self.reported(loss, losses, candidates.status[selected], at, counts), outputs
+        # Logged: the selected samples' mean loss over the step (over their tokens with token weighting), as Trainer
+        # trained on them alone logs it. Times the processes: Trainer logs the mean of the processes' losses.
+        shares = selection.shares[selected.to(selection.shares.device)].to(losses.dtype)
+        reported = (shares * losses.detach()).sum() * self.num_processes / selection.step_total
+        return loss - loss.detach() + reported, outputs
 
     def loss_without(
         self,
