@@ -125,6 +125,19 @@ def score_shard_paths(path: str | os.PathLike) -> list[Path]:
     return [entry for _, _, entry in sorted(shards)]
 
 
+def write_shard(table: pa.Table, path: str | os.PathLike) -> None:
+    """Write a score-log shard with page checksums (CRC-32 per data page), which `read_shard_table` verifies: a shard
+    whose bytes changed on disk then fails to read, instead of giving other numbers (Parquet has no check by
+    default, and a flipped page reads as valid values)."""
+    pq.write_table(table, path, write_page_checksum=True)
+
+
+def read_shard_table(path: str | os.PathLike, columns: Sequence[str] | None = None) -> pa.Table:
+    """Read a score-log shard, verifying its page checksums when it has them (shards written before they existed
+    have none, and read as before)."""
+    return pq.read_table(path, columns=None if columns is None else list(columns), page_checksum_verification=True)
+
+
 def read_score_table(
     path: str | os.PathLike, *, drop_repeated: bool = True, columns: Sequence[str] | None = None
 ) -> pa.Table:
@@ -135,9 +148,7 @@ def read_score_table(
     read_columns = (
         None if columns is None else list(dict.fromkeys([*columns, *(["repeated"] if drop_repeated else [])]))
     )
-    table = pa.concat_tables(
-        [pq.read_table(shard, columns=read_columns) for shard in shards], promote_options="default"
-    )
+    table = pa.concat_tables([read_shard_table(shard, read_columns) for shard in shards], promote_options="default")
     if drop_repeated:
         table = table.filter(pa.compute.invert(table["repeated"]))
         if columns is not None and "repeated" not in columns:
@@ -260,10 +271,10 @@ class ScoreWriter:
             destination = self.folder / name
             if destination.exists():
                 # Two flushes inside one step (a full buffer, then a checkpoint): keep both.
-                existing = pq.read_table(destination)
+                existing = read_shard_table(destination)
                 table = pa.concat_tables([existing, table], promote_options="default")
             try:
-                atomic_write(destination, lambda tmp: pq.write_table(table, tmp))
+                atomic_write(destination, lambda tmp: write_shard(table, tmp))
             except OSError as error:
                 raise OSError(error.errno, self._kept_elsewhere(table, destination, error)) from error
 
@@ -275,7 +286,7 @@ class ScoreWriter:
         steps = f"steps {pa.compute.min(table['global_step']).as_py()}..{pa.compute.max(table['global_step']).as_py()}"
         spare = Path(tempfile.gettempdir()) / f"hf_gradmimic-unsaved-{os.getpid()}-{destination.name}"
         try:
-            atomic_write(spare, lambda tmp: pq.write_table(table, tmp))
+            atomic_write(spare, lambda tmp: write_shard(table, tmp))
             kept = (
                 f"Its {table.num_rows} records ({steps}) were saved to {spare} instead: free space, then move that "
                 f"file into {self.folder} under the name {destination.name}"
@@ -312,7 +323,7 @@ class ScoreWriter:
             rank = int(match["rank"])
             if rank != self.rank and (world is None or rank < world):
                 continue
-            table = pq.read_table(entry)
+            table = read_shard_table(entry)
             if int(match["first"]) > global_step:
                 removed += table.num_rows
                 entry.unlink()
@@ -322,7 +333,7 @@ class ScoreWriter:
             removed += table.num_rows - kept.num_rows
             last_kept = int(pa.compute.max(kept["global_step"]).as_py())
             rewritten = entry.with_name(f"rank{rank:05d}-steps{int(match['first']):09d}-{last_kept:09d}.parquet")
-            atomic_write(rewritten, functools.partial(pq.write_table, kept))
+            atomic_write(rewritten, functools.partial(write_shard, kept))
             entry.unlink()
         return removed
 

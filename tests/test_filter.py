@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from hf_gradmimic.filter import (
     METHODS,
+    BadShardError,
     FilterWarning,
     MimicFilter,
     aggregate_votes,
@@ -339,6 +342,21 @@ def test_path_dataset_dataframe_and_table_inputs_agree(tmp_path, log):
     for source in (tmp_path, tmp_path / "mimic_scores", load_scores(tmp_path), table.to_pandas()):
         other = build_filter(source, method="kmeans")
         assert other.table.equals(reference.table)
+    # The writer's shards carry page checksums: values changed on disk are an error naming the shard, not other values.
+    shard = sorted((tmp_path / "mimic_scores").iterdir())[0]
+    corrupt_column_values(shard, "loss")
+    with pytest.raises(BadShardError, match=rf"{shard.name} cannot be read.*CRC checksum"):
+        build_filter(tmp_path, method="kmeans")
+
+
+def corrupt_column_values(path: Path, column: str) -> None:
+    """Flip the last 8 bytes of ``column``'s data in a Parquet file: values, past every page header."""
+    chunk = pq.ParquetFile(path).metadata.row_group(0).column(pq.read_schema(path).names.index(column))
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    end = start + chunk.total_compressed_size
+    data = bytearray(path.read_bytes())
+    data[end - 8 : end] = bytes(byte ^ 0xFF for byte in data[end - 8 : end])
+    path.write_bytes(bytes(data))
 
 
 def test_repeated_records_are_dropped():

@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import pyarrow as pa
 import pytest
+from test_filter import corrupt_column_values
 from test_filter_streaming import (
     assert_same_signals,
     assert_same_table,
@@ -27,6 +28,7 @@ from test_filter_streaming import (
 from hf_gradmimic.filter import (
     AGGREGATES,
     METHODS,
+    BadShardError,
     FilterWarning,
     LossWindows,
     build_filter,
@@ -157,14 +159,15 @@ def test_ray_names_a_bad_shard_and_skips_it_on_request(ray_cluster, tmp_path):
         skipped = build_filter(log_dir, method="threshold", engine="ray", on_bad_shard="skip")
     local = build_filter(log_dir, method="threshold", engine="memory", on_bad_shard="skip")
     np.testing.assert_array_equal(skipped.keep, local.keep)
-    # A corrupt page under an intact footer is found by the Ray task that reads it.
+    # A corrupt page under an intact footer is found by the Ray task that reads it, by the page's checksum (without
+    # it, bytes changed mid-file read as other values, with no error), and comes back through pickling whole.
     bad.unlink()
     corrupt = sorted((log_dir / SCORES_DIRNAME).iterdir())[2]
-    data = bytearray(corrupt.read_bytes())
-    data[4:40] = b"\xff" * 36
-    corrupt.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=rf"{corrupt.name} cannot be read"):  # raised in the Ray task that reads it
-        build_filter(log_dir, method="threshold", engine="ray")
+    corrupt_column_values(corrupt, "loss")
+    for engine in ("ray", "memory", "streaming"):
+        with pytest.raises(BadShardError, match=rf"{corrupt.name} cannot be read.*CRC checksum") as raised:
+            build_filter(log_dir, method="threshold", engine=engine)
+        assert raised.value.path == corrupt
     with pytest.warns(FilterWarning, match=rf"Skipped 1 unreadable score-log shard.*{corrupt.name}"):
         skipped = build_filter(log_dir, method="threshold", engine="ray", on_bad_shard="skip")
     local = build_filter(log_dir, method="threshold", engine="memory", on_bad_shard="skip")

@@ -22,7 +22,7 @@ from hf_gradmimic.filter import (
     collect_windows_streaming,
 )
 from hf_gradmimic.filter.decide import decide
-from hf_gradmimic.score_log_io import SCORES_DIRNAME
+from hf_gradmimic.score_log_io import SCORES_DIRNAME, write_shard
 
 FIELDS = ("values", "scores", "mean_weight", "mean_score", "n_records", "n_nonfinite")
 
@@ -181,13 +181,14 @@ def test_streaming_matches_a_pandas_groupby(windows):
 
 
 def write_shards(table: pa.Table, output_dir, rows: int = 700):
-    """``table`` as the trainer's shards of ``rows`` records under ``output_dir/mimic_scores/``."""
+    """``table`` as the trainer's shards of ``rows`` records under ``output_dir/mimic_scores/`` (with their page
+    checksums)."""
     folder = output_dir / SCORES_DIRNAME
     folder.mkdir(parents=True)
     for start in range(0, table.num_rows, rows):
         part = table.slice(start, rows)
         steps = part.column("global_step").to_numpy()
-        pq.write_table(part, folder / f"rank00000-steps{steps.min():09d}-{steps.max():09d}.parquet")
+        write_shard(part, folder / f"rank00000-steps{steps.min():09d}-{steps.max():09d}.parquet")
     return output_dir
 
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ..score_log_io import STATUS_SCORED, STATUS_UNLABELED
+from ..score_log_io import STATUS_SCORED, STATUS_UNLABELED, read_shard_table
 from .inputs import ScoresLike, ScoreSource, score_source
 from .shards import BadShardPolicy
 from .windows import WindowsLike, distinct_steps
@@ -261,7 +261,7 @@ def column_range(source: ScoreSource, name: str) -> tuple[float, float] | None:
             if metadata.row_group(group).num_rows == 0:
                 continue
             if stats is None or not stats.has_min_max:
-                column = pq.read_table(shard, columns=[name]).column(name)
+                column = read_shard_table(shard, [name]).column(name)
                 result = pc.min_max(column).as_py()
                 lows.append(result["min"])
                 highs.append(result["max"])

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..progress import progress_bar
+from ..score_log_io import read_shard_table
 
 __all__ = ["BAD_SHARD_POLICIES", "BadShardError", "ShardPlan", "plan_shards", "read_shard"]
 
@@ -44,6 +45,10 @@ class BadShardError(ValueError):
     def __init__(self, message: str, path: Path) -> None:
         super().__init__(message)
         self.path = path
+
+    def __reduce__(self) -> tuple[type, tuple[str, Path]]:
+        # Pickled by a Ray task that raises it: the default rebuilds it from ``args`` (the message) alone.
+        return type(self), (str(self), self.path)
 
 
 @dataclass
@@ -84,7 +89,7 @@ def read_shard(path: Path, columns: Sequence[str] | None = None, optional: Seque
         if columns is not None and optional:
             names = pq.read_schema(path).names
             columns = [c for c in columns if c in names or c not in optional]
-        return pq.read_table(path, columns=None if columns is None else list(columns))
+        return read_shard_table(path, columns)
     except (OSError, pa.ArrowException, ValueError) as error:
         raise _bad(path, error) from error
 
