@@ -111,6 +111,35 @@ def test_agra_excludes_samples_against_the_comparison_gradient(tmp_path):
     assert_update(before, after, grads, torch.tensor(table.weight.values, dtype=torch.float32))
 
 
+def test_agra_compares_with_the_finite_rows_of_its_comparison_batch(tmp_path):
+    """A non-finite sample drawn into AGRA's comparison batch made its mean gradient G NaN, so every cosine was NaN and
+    the step fell back to uniform weights. G is the mean gradient of the comparison batch's finite rows: each
+    cosine, and the kept set, against per-sample gradients (vmap of grad)."""
+    import datasets
+
+    rows = mlp_dataset(n=16).with_format(None)[:]
+    rows["x"][3] = [float("nan")] * len(rows["x"][3])
+    data = datasets.Dataset.from_dict(rows).with_format("torch")
+    seed = 3  # AGRA's comparison batch at step 0: rows randperm(16, seed + step)[:8], which holds row 3
+    comparison = torch.randperm(16, generator=torch.Generator().manual_seed(seed))[:8].tolist()
+    assert 3 in comparison
+    before, _, _, table = one_step(
+        tmp_path,
+        data,
+        mimic_scorer="agra",
+        per_device_train_batch_size=8,
+        train_sampling_strategy="sequential",
+        seed=seed,
+    )
+    grads = per_sample_grads(copy.deepcopy(before), data, HEAD)
+    flat = torch.cat([grads[name].flatten(1) for name in HEAD], dim=1).double()
+    mean_gradient = flat[[row for row in comparison if row != 3]].mean(0)
+    cosines = (flat[:8] @ mean_gradient) / (flat[:8].norm(dim=1) * mean_gradient.norm())
+    finite = table.sample_id.values != 3
+    np.testing.assert_allclose(table.mimic_score.values[finite], cosines.numpy()[finite], rtol=1e-4, atol=1e-6)
+    assert (table.weight.values > 0).tolist() == (finite & (cosines.numpy() > 0)).tolist()
+
+
 def test_bayesian_select_with_precomputed_zero_shot_logits(tmp_path):
     rng = np.random.default_rng(0)
     data = mlp_dataset(n=32).add_column("zero_shot", rng.normal(size=(32, 4)).astype(np.float32).tolist())

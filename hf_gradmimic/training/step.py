@@ -549,10 +549,16 @@ class MimicStep:
             raise ValueError("This set-up has no training set to draw AGRA's comparison batch from.")
         # Forwarded while the scored micro-batch's graph is alive, so it keeps no graph below the mimic layers.
         partial = self.graph_from_mimic_layers
-        with torch.set_grad_enabled(not partial):
-            _, losses, capture = self.forward(
-                self.model, self.comparison_batch(global_step), grad_from_mimic_layers=partial
-            )
+        batch = self.comparison_batch(global_step)
+        for _ in range(2):
+            with torch.set_grad_enabled(not partial):
+                _, losses, capture = self.forward(self.model, batch, grad_from_mimic_layers=partial)
+            finite = torch.isfinite(losses)
+            if finite.all() or not finite.any():
+                break
+            # A non-finite row would make G NaN, and every cosine with it (0·NaN in the layer's matmul): G is the
+            # mean gradient of the batch's finite rows, from a forward of those only.
+            batch = rows_of(batch, finite.nonzero().flatten(), len(losses))
         return comparison_gradient(capture.ghost_batch(losses.sum(), retain_graph=False))
 
     # ------------------------------------------------------------------ weights and losses
