@@ -347,6 +347,7 @@ class MimicTrainerMixin:
             lambda: self.model.parameters(),
             args.mimic_max_nonfinite_steps,
             self.step_softmax.supervised_samples,
+            self.step_softmax.weighted_samples,
         )
         # Run at every event, after the user's callbacks, but not listed among them (`training.internal_callbacks`).
         self.callback_handler = hide_internal_callbacks(

@@ -140,6 +140,28 @@ def test_agra_compares_with_the_finite_rows_of_its_comparison_batch(tmp_path):
     assert (table.weight.values > 0).tolist() == (finite & (cosines.numpy() > 0)).tolist()
 
 
+def test_agra_excluding_every_sample_skips_the_update(tmp_path):
+    """AGRA skips a batch with no sample above its threshold. The optimizer stepped anyway: AdamW's decoupled weight
+    decay moved every parameter. Now the parameters and the optimizer's state stay as they were."""
+    data = mlp_dataset(n=16)
+    with pytest.warns(RuntimeWarning, match="the scorer excluded every sample of the step"):
+        before, after, trainer, table = one_step(
+            tmp_path,
+            data,
+            mimic_scorer="agra",
+            mimic_agra_threshold=0.999,
+            per_device_train_batch_size=8,
+            max_steps=2,
+            optim="adamw_torch",
+            learning_rate=0.1,
+            weight_decay=0.1,
+        )
+    assert (table.weight.values == 0).all() and len(table) == 16
+    for (name, param), original in zip(after.named_parameters(), before.parameters()):
+        torch.testing.assert_close(param.detach(), original.detach(), rtol=0, atol=0, msg=name)
+    assert not trainer.optimizer.state  # no moment, no step count
+
+
 def test_bayesian_select_with_precomputed_zero_shot_logits(tmp_path):
     rng = np.random.default_rng(0)
     data = mlp_dataset(n=32).add_column("zero_shot", rng.normal(size=(32, 4)).astype(np.float32).tolist())

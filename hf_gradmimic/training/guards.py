@@ -65,9 +65,11 @@ class NonFiniteStepGuard(TrainerCallback):
         parameters: Callable[[], Any],
         max_steps: int | None,
         supervised_samples: Callable[[], int | None] | None = None,
+        weighted_samples: Callable[[], int | None] | None = None,
     ) -> None:
         self.finite_samples = finite_samples
         self.supervised_samples = supervised_samples
+        self.weighted_samples = weighted_samples
         self.first_step_checked = False
         self.parameters = parameters
         self.max_steps = max_steps
@@ -89,6 +91,11 @@ class NonFiniteStepGuard(TrainerCallback):
                 "Check the labels: a collator or `completion_only_loss` masking every token, a prompt-only dataset, "
                 "or labels cut off by truncation. If only the first batches are unlabeled, shuffle the dataset."
             )
+
+    def _skip_update(self) -> None:
+        # A gradient of None makes torch's optimizers skip the parameter: no update, no weight decay, no moment change.
+        for param in self.parameters():
+            param.grad = None
 
     def state(self) -> dict[str, int]:
         """The running counts, for the checkpoint's ``trainer_state.json``."""
@@ -133,10 +140,18 @@ class NonFiniteStepGuard(TrainerCallback):
         finite = self.finite_samples()
         if finite is None or finite > 0:
             self.in_a_row = 0
+            if self.weighted_samples is not None and self.supervised_samples is not None:
+                if self.weighted_samples() == 0 and self.supervised_samples():
+                    # A filter (AGRA) that excluded every scored sample: the batch is skipped, as AGRA skips it.
+                    self._skip_update()
+                    warnings.warn(
+                        f"Step {state.global_step + 1}: the scorer excluded every sample of the step (weight 0 each); "
+                        "the update was skipped (parameters and optimizer state unchanged).",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
             return
-        # A gradient of None makes torch's optimizers skip the parameter: no update, no weight decay, no moment change.
-        for param in self.parameters():
-            param.grad = None
+        self._skip_update()
         self.in_a_row += 1
         self.skipped += 1
         if self.max_steps is not None and self.in_a_row >= self.max_steps:

@@ -127,6 +127,12 @@ class StepSoftmax:
             )
         )
 
+    def weighted_samples(self) -> int | None:
+        """Samples of the step being accumulated, over every process, with a weight above 0 (None: no step)."""
+        if not self.micro_batches:
+            return None
+        return int(sum(int(torch.isfinite(m.all_logits).sum()) for m in self.micro_batches))
+
     def supervised_samples(self) -> int | None:
         """Samples of the step being accumulated, over every process, that were scored: finite, with a supervised
         label (None: no step)."""
