@@ -17,7 +17,7 @@ from hf_gradmimic.filter import (
     build_filter,
 )
 from hf_gradmimic.filter.labeling import resolve_labeling_functions
-from hf_gradmimic.score_log_io import SCORE_COLUMNS, SCORE_TYPES, SCORES_DIRNAME
+from hf_gradmimic.score_log_io import SCORE_COLUMNS, SCORE_TYPES, SCORES_DIRNAME, write_provenance, write_shard
 
 TYPES = {name: SCORE_TYPES.get(name, pa.int64()) for name in SCORE_COLUMNS}
 # The default before issue 22 (mimic and loss windows' votes, k-means, Snorkel): the vote machinery these tests check.
@@ -131,6 +131,26 @@ def test_predictor_agreement_is_matched_by_sample_id():
     assert column[0] == -1  # id 0 was the missing row
     assert np.array_equal(column[1:] == 1, clean[1:])
     assert mimic_filter.summary["labeling_functions"][-1]["labeling_function"] == "reference"
+
+
+@pytest.mark.parametrize("predictor", [PredictorAgreement, PredictorMargin])
+def test_a_predictor_without_sample_ids_is_refused_on_a_log_keyed_by_an_id_column(tmp_path, predictor):
+    """A log whose ids are the values of ``mimic_id_column``: read as row indices, a predictor's rows would be other
+    samples', or (ids beyond its rows, as here) none, and the function was dropped without a word. Refused, naming
+    the column; ids matching none of its ``sample_ids`` are refused too."""
+    table, clean = make_log()
+    table = table.set_column(
+        table.column_names.index("sample_id"), "sample_id", pa.compute.add(table.column("sample_id"), 1000)
+    )
+    (tmp_path / SCORES_DIRNAME).mkdir()
+    write_shard(table, tmp_path / SCORES_DIRNAME / "rank00000-steps000000001-999999999.parquet")
+    write_provenance(tmp_path, {"sample_ids": {"column": "uid"}})
+    labels = np.arange(clean.size) % 3
+    with pytest.raises(ValueError, match=r"values of the column 'uid' \(mimic_id_column\).*pass sample_ids="):
+        build_filter(tmp_path, labeling_functions=["mean_loss", predictor(np.eye(3)[labels], labels)])
+    elsewhere = predictor(np.eye(3)[labels], labels, sample_ids=np.arange(clean.size))  # 0..n-1, not the log's ids
+    with pytest.raises(ValueError, match=r"none of the score log's sample ids \(e.g. \[10"):
+        build_filter(tmp_path, labeling_functions=["mean_loss", elsewhere])
 
 
 def test_rebuild_reuses_the_labeling_votes_and_equals_build(tmp_path):

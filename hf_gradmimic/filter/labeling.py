@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..baselines import margins
+from ..score_log_io import scores_provenance
 from .aggregation import ABSTAIN
 from .context import LabelingContext
 from .identification import METHODS, identify
@@ -282,11 +283,23 @@ def _predictor_rows(
     if sample_ids is None:
         if not pa.types.is_integer(ids.type):
             raise ValueError(f"{who}: the sample ids are not row indices; pass sample_ids=.")
+        id_column = ((scores_provenance(context.scores) or {}).get("sample_ids") or {}).get("column")
+        if id_column:  # integer ids of a column: read as row indices they would pick other rows, or none
+            raise ValueError(
+                f"{who}: the score log's sample ids are the values of the column {id_column!r} (mimic_id_column), "
+                f"not row indices; pass sample_ids= (the {id_column!r} value of each of the predictor's rows)."
+            )
         rows = pc.cast(ids, pa.int64()).to_numpy()
     else:
         rows = pc.index_in(ids, value_set=sample_ids).to_numpy(zero_copy_only=False)
         rows = np.where(np.isnan(rows.astype(np.float64)), -1, rows).astype(np.int64)
-    return rows, (rows >= 0) & (rows < n_rows)
+    has_row = (rows >= 0) & (rows < n_rows)
+    if len(rows) and not has_row.any():  # it would abstain on every sample, and be dropped
+        raise ValueError(
+            f"{who}: none of the score log's sample ids (e.g. {ids[:3].to_pylist()}) has a row among its "
+            f"{n_rows} rows{'' if sample_ids is None else ' (sample_ids=)'}: is it for this dataset?"
+        )
+    return rows, has_row
 
 
 def resolve_labeling_functions(
