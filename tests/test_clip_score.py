@@ -54,6 +54,10 @@ def test_the_scorer_filters_each_batch_by_the_references_cosine(tmp_path):
     for _, step in records.groupby("global_step"):
         kept = step[step.weight > 0]
         assert len(kept) == 4 and kept.mimic_score.min() >= step[step.weight == 0].mimic_score.max()
+    # The student as its own reference was frozen with it, and failed at the first backward: refused, unfrozen.
+    with pytest.raises(ValueError, match="got the student itself as `reference=`"):
+        MimicTrainer(model=student, args=args, train_dataset=data, reference=student)
+    assert all(param.requires_grad for param in student.parameters())
 
 
 def test_scores_of_a_stream_by_id_saved_next_to_the_score_log_and_cut(tmp_path):

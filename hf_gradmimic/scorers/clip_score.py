@@ -86,8 +86,13 @@ class ClipScoreScorer(SampleScorer):
         self.reference_name = reference_name or type(reference).__name__
 
     @classmethod
-    def from_config(cls, args: Any, *, reference: Any = None, **runtime: Any) -> ClipScoreScorer:
+    def from_config(cls, args: Any, *, reference: Any = None, model: Any = None, **runtime: Any) -> ClipScoreScorer:
         source = reference if reference is not None else args.mimic_reference
+        if model is not None and source is model:  # frozen here, the student would then train nothing
+            raise ValueError(
+                "mimic_scorer='clip_score' got the student itself as `reference=`: the reference is frozen, so the "
+                "student could not train. Pass a separate model (e.g. a copy: copy.deepcopy(model))."
+            )
         return cls(load_dual_encoder(source), None if isinstance(source, nn.Module) else str(source))
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
