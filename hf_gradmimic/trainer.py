@@ -33,7 +33,7 @@ from .cards import render_model_card
 from .config import MimicConfig
 from .contrastive import contrastive_loss_for, is_batch_coupled
 from .fileio import atomic_write
-from .losses import PerSampleLossFn, SampleLoss, loss_fn_from_compute_loss_func
+from .losses import PerSampleLossFn, SampleLoss, is_causal_lm, loss_fn_from_compute_loss_func
 from .reference.loading import ReferenceSource
 from .scorers import MimicScorer, SampleScorer, check_mode, scorer_from_config
 from .training.audit import FilterAudit
@@ -64,6 +64,7 @@ from .training.starting_weights import StartingWeights
 from .training.step import MicroBatch, MimicStep, StepCounts
 from .training.step_softmax import StepSoftmax, gather_across_ranks
 from .training.stream_ids import StreamIds, is_stream, stream_position
+from .training.token_weighting import supervised_items
 
 
 class _StepEnd(TrainerCallback):
@@ -256,6 +257,7 @@ class MimicTrainerMixin:
         self.mimic_metrics = MetricsBuffer()
         self._mimic_batch: tuple[torch.Tensor, dict[str, Any]] | None = None
         self._num_items_in_batch: Any = None
+        self._plain_share = 1.0  # scope "layer": Σ_i u_i over the step (`_plain_share_of_step`)
         self._selections: deque = deque()  # select mode: the step's selection, one entry per micro-batch
         self._model_loss_checked = False  # `_check_model_loss`, once, at the first training batch
         self._comparison_collator = None
@@ -467,7 +469,12 @@ class MimicTrainerMixin:
         self._check_model_loss(model, inputs)
         rows, extras = self._mimic_batch
         batch = MicroBatch(inputs, rows, extras)
-        at = StepCounts(self.state.global_step, self.current_gradient_accumulation_steps, self._num_items_in_batch)
+        at = StepCounts(
+            self.state.global_step,
+            self.current_gradient_accumulation_steps,
+            self._num_items_in_batch,
+            self._plain_share,
+        )
         if self.mode == "select":
             loss, outputs = self.mimic_step.train_selected(model, batch, self._selections.popleft(), at)
         else:
@@ -548,6 +555,7 @@ class MimicTrainerMixin:
         """The base `get_batch_samples` (every micro-batch of the next optimizer step); in ``select`` mode they are
         also scored and selected together here, before any is trained (`training.selection`)."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._plain_share = self._plain_share_of_step(batch_samples, num_items_in_batch)
         if self.mode == "select" and batch_samples:
             candidates = []
             for batch in batch_samples:
@@ -574,6 +582,24 @@ class MimicTrainerMixin:
             if self.scorer.observes:
                 observe_step(self.scorer, list(self._selections), self.step_softmax.gather)
         return batch_samples, num_items_in_batch
+
+    def _plain_share_of_step(self, batch_samples: list, num_items_in_batch: Any) -> float:
+        """Scope ``layer``: U = Σ_i u_i, the total weight of `Trainer`'s plain loss over the step
+        (`token_weighting.supervised_items`); 1 wherever `Trainer` does not count the step's tokens."""
+        args = self.args
+        if (
+            num_items_in_batch is None
+            or args.mimic_reweight_scope != "layer"
+            or args.mimic_token_weighting != "token"
+            or self.sample_loss.loss_fn is not None
+            or not all("labels" in batch for batch in batch_samples)
+        ):
+            return 1.0
+        shifted = is_causal_lm(self.accelerator.unwrap_model(self.model))
+        items = supervised_items([batch["labels"] for batch in batch_samples], shifted)
+        if args.average_tokens_across_devices and args.world_size > 1:  # as Trainer counts num_items_in_batch
+            items = self.accelerator.gather(torch.as_tensor(items, device=args.device)).sum()
+        return float(items) / float(num_items_in_batch)
 
     def _comparison_batch(self, global_step: int) -> dict[str, Any]:
         """AGRA's comparison batch: ``per_device_train_batch_size`` samples drawn at random from the training set,

@@ -85,6 +85,34 @@ def test_token_weighting_reproduces_trainer_for_a_causal_lm_under_gradient_accum
     np.testing.assert_allclose(logged[1], logged[0], rtol=1e-5)  # the logged loss is Trainer's token mean too
 
 
+def test_layer_scope_on_gpt2_reproduces_trainer_in_every_tensor(tmp_path):
+    """GPT-2 has no ``loss_type``, so transformers 5.25's `Trainer` divides by the unshifted label count. Scope ``layer``
+    keeps `Trainer`'s loss outside the mimic layer; inside it, the step softmax's coefficients (summing to 1) were
+    taken against plain weights summing to 31/37 here, and the mimic layer stepped 1.19 times as far as the rest of
+    the model at uniform weights. Now every tensor equals plain `Trainer`'s (τ = 1e6)."""
+    data = uneven_lm_dataset()
+    plain = Trainer(
+        model=tiny_gpt2(dropout=0.0),
+        args=TrainingArguments(output_dir=str(tmp_path / "plain"), **TOKEN_RUN),
+        train_dataset=data,
+    )
+    plain.train()
+    model, layer = tiny_gpt2(dropout=0.0), "transformer.h.0.mlp.c_fc"
+    reference = {
+        f"{layer}.{name}": param.detach() + 0.3 for name, param in model.get_submodule(layer).named_parameters()
+    }
+    args = MimicConfig(
+        output_dir=str(tmp_path / "mimic"),
+        mimic_layers=[layer],
+        mimic_temperature=1e6,
+        mimic_reweight_scope="layer",
+        mimic_alignment_check=False,
+        **TOKEN_RUN,
+    )
+    MimicTrainer(model=model, args=args, train_dataset=data, reference=reference).train()
+    assert_same_parameters(plain.model, model)
+
+
 def grand_select(tmp_path, ratio: float, **overrides) -> MimicConfig:
     """`TOKEN_RUN` in ``select`` mode with GraNd at the head, keeping ``ratio`` of each step's candidates."""
     return MimicConfig(

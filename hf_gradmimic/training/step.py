@@ -90,6 +90,7 @@ class StepCounts:
     global_step: int
     accumulation_steps: int
     num_items_in_batch: Any = None
+    plain_share: float = 1.0  # Σ_i u_i over the step (`token_weighting.plain_share`)
 
 
 @dataclass
@@ -589,13 +590,15 @@ class MimicStep:
         at: StepCounts,
     ) -> torch.Tensor:
         """The loss of the `Backward.LOSS` plan: Σ_i c_i ℓ_i (scope ``all``), or for scope ``layer`` the plain loss of
-        `Trainer` over the scored samples plus a correction whose gradient is Σ_i (c_i − u_i) g_i on the mimic tensors
-        only (u_i the plain loss's weight, `token_weighting.plain_mean_weights`)."""
+        `Trainer` over the scored samples plus a correction whose gradient is Σ_i (c_i U − u_i) g_i on the mimic tensors
+        only (u_i the plain loss's weight, `token_weighting.plain_mean_weights`, and U = Σ u_i over the step)."""
         if self.args.mimic_reweight_scope == "all":
             return (coefficients.detach() * losses).sum()
         uniform = self.plain_mean_weights(status == STATUS_SCORED, counts, at)
         plain = (uniform * losses).sum()
-        return plain + uses_weighted_loss(ghost, coefficients - uniform)
+        # The coefficients sum to 1 over the step, the plain weights to ``plain_share``: scaled alike, the correction
+        # vanishes at uniform weights and the mimic tensors' step is the rest of the model's.
+        return plain + uses_weighted_loss(ghost, coefficients * at.plain_share - uniform)
 
     def reported(
         self,

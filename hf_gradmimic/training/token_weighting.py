@@ -45,3 +45,11 @@ def plain_mean_weights(
             return tokens * loss_scale / torch.as_tensor(num_items_in_batch, device=scored.device).float()
         return tokens / (tokens.sum().clamp_min(1) * accumulation_steps)
     return scored / (scored.sum().clamp_min(1) * accumulation_steps)
+
+
+def supervised_items(labels: list[torch.Tensor], shifted: bool) -> torch.Tensor:
+    """The supervised tokens of a step's micro-batches (their ``labels``) as the per-sample losses count them: a
+    causal LM's (``shifted``) from the second position. Divided by `Trainer`'s ``num_items_in_batch``, it is the
+    total weight U = Σ_i u_i of `Trainer`'s plain loss over the step: 1, unless `Trainer` counts other tokens (for a
+    causal LM without ``loss_type``, GPT-2 in transformers 5.25, it counts the unshifted labels)."""
+    return sum((batch[..., 1:] if shifted and batch.dim() == 2 else batch).ne(-100).sum() for batch in labels)
