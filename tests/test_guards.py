@@ -9,6 +9,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_gradmimic import MimicTrainer, load_scores
 from hf_gradmimic.score_log_io import STATUS_NONFINITE, STATUS_SCORED, STATUS_UNLABELED
@@ -74,6 +75,44 @@ def test_a_nan_sample_gets_weight_zero_and_no_gradient(tmp_path, scope, accumula
     logged = [entry for entry in trainer.state.log_history if "mimic/nonfinite_samples" in entry]
     assert logged[-1]["mimic/nonfinite_samples"] == 1
     assert np.isfinite(logged[-1]["loss"])  # the finite samples' mean, not 0 and not NaN
+
+
+class TokenAndFeatures(torch.nn.Module):
+    """``head(tanh(hidden(x + emb(tok))))``: an embedding whose gradient MimicTrainer forms in its one backward."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.hidden, self.head = torch.nn.Embedding(10, 8), torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x, tok, labels=None):
+        return SequenceClassifierOutput(logits=self.head(torch.tanh(self.hidden(x + self.emb(tok)))))
+
+
+def test_a_nan_sample_in_the_first_batch_of_an_embedding_mimic_layer(tmp_path):
+    """The one-backward update of an embedding is checked against autograd at the first batch: with a NaN row in it,
+    that check failed (``atol must be greater than or equal to zero, but got -nan``). It waits for a finite batch;
+    the update is the uniform mean over the 15 finite samples (τ = 1e6), from per-sample autograd."""
+    import datasets
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 8)).astype(np.float32)
+    x[3, 0] = np.nan
+    tokens, labels = rng.integers(0, 10, 16), rng.integers(0, 4, 16)
+    data = datasets.Dataset.from_dict({"x": x, "tok": tokens, "labels": labels}).with_format("torch")
+    model = TokenAndFeatures()
+    before = copy.deepcopy(model)
+    reference = {"emb.weight": model.emb.weight.detach() + 0.5}
+    args = config(tmp_path, mimic_layers=["emb"], per_device_train_batch_size=16, mimic_temperature=1e6)
+    with pytest.warns(RuntimeWarning, match=r"non-finite loss or score.*ids \[3\]"):
+        MimicTrainer(model=model, args=args, train_dataset=data, reference=reference).train()
+    good = torch.tensor([i for i in range(16) if i != 3])
+    loss = torch.nn.functional.cross_entropy(
+        before(torch.as_tensor(x)[good], torch.as_tensor(tokens)[good]).logits, torch.as_tensor(labels)[good]
+    )
+    loss.backward()
+    for (name, param), original in zip(model.named_parameters(), before.parameters()):
+        torch.testing.assert_close(param.detach(), original.detach() - original.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 class OverflowOnToken(torch.nn.Module):

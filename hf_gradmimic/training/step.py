@@ -303,8 +303,9 @@ class MimicStep:
         if plan is Backward.SPLIT:
             edge = capture.cut_at(logits)
             fallback = PendingGrad()
-            checking = not self.full_update.verified
-            # at the first batch, a way back to `Backward.LOGITS` should the formed update differ from autograd's
+            # At the first batch, a way back to `Backward.LOGITS` should the formed update differ from autograd's. Not at
+            # a batch with a non-finite row: its gradients are NaN, and the batch trains from a forward without it.
+            checking = not self.full_update.verified and bool(torch.isfinite(losses).all())
             root = BackwardFromLogits.apply(logits, fallback) if checking else None
             if not keep_outputs:
                 outputs = logits = None
