@@ -3,6 +3,7 @@ results (τ = 1e6, a reference for the model's last Linear layer), or a clear re
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import inspect
 import re
@@ -111,6 +112,58 @@ def test_layer_scope_on_gpt2_reproduces_trainer_in_every_tensor(tmp_path):
     )
     MimicTrainer(model=model, args=args, train_dataset=data, reference=reference).train()
     assert_same_parameters(plain.model, model)
+
+
+def test_a_masked_lm_decoder_whose_bias_its_parent_ties_is_scored_and_trains_as_trainer(tmp_path):
+    """BERT's ``cls.predictions.decoder.bias`` is ``cls.predictions.bias`` (tied for resizing): the parent was taken for
+    a second user of the tensor and refused ("BertLMPredictionHead, which the ghost maths does not support"). The
+    scores are per-sample autograd's, and τ = 1e6 trains as plain `Trainer`."""
+    import datasets
+    from transformers import BertConfig, BertForMaskedLM
+
+    def bert():
+        torch.manual_seed(0)
+        config = BertConfig(
+            vocab_size=30,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        return BertForMaskedLM(config)
+
+    ids = np.random.default_rng(0).integers(0, 30, size=(8, 6))
+    labels = np.where(np.random.default_rng(1).random((8, 6)) < 0.5, ids, -100)
+    labels[:, 0] = ids[:, 0]  # a label in every sample
+    data = datasets.Dataset.from_dict({"input_ids": ids, "labels": labels}).with_format("torch")
+    run = {**PLAIN, "per_device_train_batch_size": 8, "max_steps": 1}
+    plain = Trainer(model=bert(), args=TrainingArguments(output_dir=str(tmp_path / "plain"), **run), train_dataset=data)
+    plain.train()
+    model, layer = bert(), "cls.predictions.decoder"
+    before = copy.deepcopy(model)
+    reference = {f"{layer}.{name}": p.detach() + 0.1 for name, p in model.get_submodule(layer).named_parameters()}
+    args = MimicConfig(
+        output_dir=str(tmp_path / "mimic"),
+        mimic_layers=[layer],
+        mimic_temperature=1e6,
+        mimic_alignment_check=False,
+        **run,
+    )
+    MimicTrainer(model=model, args=args, train_dataset=data, reference=reference).train()
+    assert_same_parameters(plain.model, model)
+    # (named_parameters names the tied tensors after their first holders: the word embeddings, cls.predictions.bias)
+    direction = {name: target - before.get_parameter(name).detach() for name, target in reference.items()}
+    norm = torch.sqrt(sum(v.square().sum() for v in direction.values()))
+    expected = []
+    for row in range(8):
+        logits = before(input_ids=torch.as_tensor(ids[row : row + 1])).logits[0]
+        loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(labels[row]), ignore_index=-100)
+        grads = torch.autograd.grad(loss, [before.get_parameter(name) for name in direction])
+        expected.append(-sum((g * v).sum() for g, v in zip(grads, direction.values())) / norm)
+    scores = load_scores(tmp_path / "mimic").to_pandas().sort_values("sample_id").mimic_score.to_numpy()
+    np.testing.assert_allclose(scores, torch.stack(expected).detach().numpy(), rtol=1e-3, atol=1e-6)
 
 
 def grand_select(tmp_path, ratio: float, **overrides) -> MimicConfig:

@@ -87,7 +87,16 @@ class MimicLayers:
         for name, module in model.named_modules():
             if id(module) in seen:
                 continue
-            keys = {local: key_of[id(p)] for local, p in module.named_parameters(recurse=False) if id(p) in key_of}
+            # A tensor that a submodule holds too is that submodule's (BERT's `cls.predictions.bias` is its
+            # `decoder.bias`, tied for resizing): the parent's forward reaches it through the child.
+            below = {
+                id(p) for child in module.modules() if child is not module for p in child.parameters(recurse=False)
+            }
+            keys = {
+                local: key_of[id(p)]
+                for local, p in module.named_parameters(recurse=False)
+                if id(p) in key_of and id(p) not in below
+            }
             if keys:
                 hooked.append((name, module, keys))
                 seen.add(id(module))
