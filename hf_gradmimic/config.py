@@ -19,6 +19,7 @@ from .training.reference_verdict import LOG_REFERENCE_LOSS_CHOICES
 from .training.token_weighting import TOKEN_WEIGHTING_CHOICES
 
 NORMALIZE_CHOICES = ("step", "micro")
+MIN_TEMPERATURE = 1e-30
 REWEIGHT_SCOPE_CHOICES = ("all", "layer")
 SCORER_CHOICES = tuple(SCORERS)
 
@@ -316,9 +317,11 @@ class MimicArguments:
             # A None where None is the default is allowed, whatever HfArgumentParser made of the Optional[...].
             if name.startswith("mimic_") and not (getattr(self, name) is None and spec.default is None):
                 setattr(self, name, coerce_field(name, getattr(self, name), annotation_name(spec.type)))
-        if not self.mimic_temperature > 0:
+        if not self.mimic_temperature >= MIN_TEMPERATURE:
+            # Below, m/τ overflows float32 for scores of order 1, and the softmax of ±inf is NaN.
             raise ValueError(
-                f"`mimic_temperature` must be > 0 (the softmax temperature τ); got {self.mimic_temperature}."
+                f"`mimic_temperature` must be at least {MIN_TEMPERATURE} (the softmax temperature τ: m/τ must stay "
+                f"finite in float32); got {self.mimic_temperature}."
             )
         if self.mimic_warmup_steps < 0:
             raise ValueError(f"`mimic_warmup_steps` must be >= 0; got {self.mimic_warmup_steps}.")

@@ -20,6 +20,9 @@ def test_config_values_from_a_json_config_are_coerced_or_named(tmp_path):
     assert args.mimic_bayesian_num_effective_data == 1000.0 and isinstance(args.mimic_temperature, float)
     with pytest.raises(TypeError, match=r"`mimic_temperature` must be a float; got 'hot' \(str\)"):
         config(tmp_path, mimic_temperature="hot")
+    # Below 1e-30, m/τ overflowed float32: NaN weights, and the step skipped as if every sample were excluded.
+    with pytest.raises(ValueError, match=r"`mimic_temperature` must be at least 1e-30.*got 1e-40"):
+        config(tmp_path, mimic_temperature=1e-40)
     with pytest.raises(TypeError, match=r"`mimic_warmup_steps` must be an int; got 2.5 \(float\)"):
         config(tmp_path, mimic_warmup_steps=2.5)
     with pytest.raises(TypeError, match=r"`mimic_select_ratio` must be a float; got \[0.1\] \(list\)"):
