@@ -29,7 +29,7 @@ logger = logging.get_logger(__name__)
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
-    from huggingface_hub import CommitInfo, DatasetCard
+    from huggingface_hub import CommitInfo, DatasetCard, DatasetCardData
     from transformers import Trainer
 
     from .config import MimicConfig
@@ -500,7 +500,8 @@ def _push_scored_stream(
     is still completed, and the `ScoredPushError` names it.
     """
     import pyarrow.parquet as pq
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from datasets.table import embed_table_storage
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, DatasetCard, HfApi
 
     from .filter.stream import scored_batches
 
@@ -536,6 +537,8 @@ def _push_scored_stream(
         # The stream's length is unknown: the bar counts the rows written and uploaded.
         with progress_bar(desc=f"Pushing the scored stream to {repo_id}", unit=" rows", unit_scale=True) as bar:
             for index, table in enumerate(batches):
+                # Images and audio given as local paths travel as their bytes, as `datasets` pushes them.
+                table = embed_table_storage(table, token_per_repo_id={repo_id: token})
                 keep = table.column("mimic_keep").to_numpy(zero_copy_only=False)
                 parts = {"default": table, FILTERED_CONFIG: table.filter(pa.array(keep))}
                 result.num_rows += table.num_rows
@@ -568,9 +571,12 @@ def _push_scored_stream(
             for path in existing
             if any(path.startswith(f"{config}/{split}/") for config in configs) and path not in written
         ]
-        readme = _stream_configs_yaml(configs, split)
+        # The card over the README at the head the commit is made on (parent_commit): its other configs and splits,
+        # and any prose written by hand, stay.
+        head = api.repo_info(repo_id, repo_type="dataset", revision=revision).sha
+        existing_readme = _read_readme(repo_id, head, token)
         card = render_dataset_card(
-            dataset_card_data(readme, repo_id),
+            _stream_card_data(existing_readme, configs, split, repo_id),
             repo_id=repo_id,
             has_filtered=push_filtered,
             filtered_config=FILTERED_CONFIG,
@@ -582,6 +588,7 @@ def _push_scored_stream(
             training_config=training_config,
             source_name=getattr(dataset.info, "dataset_name", None),
         )
+        card.text = merge_card_text(DatasetCard(existing_readme).text if existing_readme else None, card.text)
         card_add = CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8"))
         base_message = commit_message or "Grad-Mimic scored dataset"
         info = api.create_commit(
@@ -589,6 +596,7 @@ def _push_scored_stream(
             operations=[*additions, *stale, card_add],
             repo_type="dataset",
             revision=revision,
+            parent_commit=head,
             commit_message=f"{base_message} (streamed: {len(additions)} shard(s) and the dataset card)",
         )
     except Exception as error:
@@ -599,14 +607,28 @@ def _push_scored_stream(
     return result
 
 
-def _stream_configs_yaml(configs: list[str], split: str) -> str:
-    """A README holding only the ``configs`` YAML that points `load_dataset` at the streamed shards."""
-    lines = ["---", "configs:"]
+def _stream_card_data(readme: str | None, configs: list[str], split: str, repo_id: str) -> DatasetCardData:
+    """The YAML of the repo's README with each of ``configs``' ``split`` pointed at its streamed shards
+    (``<config>/<split>/*.parquet``), their other splits and the other configs as they were. Those configs'
+    ``dataset_info`` goes: it lists split sizes `datasets` would check, and the stream's are not known until read."""
+    data = dataset_card_data(readme, repo_id)
+    entries = [dict(entry) for entry in (getattr(data, "configs", None) or []) if isinstance(entry, Mapping)]
     for config in configs:
-        lines += [
-            f"- config_name: {config}",
-            "  data_files:",
-            f"  - split: {split}",
-            f"    path: {config}/{split}/*.parquet",
-        ]
-    return "\n".join(lines + ["---", ""])
+        entry = next((entry for entry in entries if entry.get("config_name") == config), None)
+        if entry is None:
+            entry = {"config_name": config}
+            entries.append(entry)
+        files = entry.get("data_files") or []
+        if isinstance(files, (str, Mapping)):  # a bare path (the train split) or one mapping
+            files = [files if isinstance(files, Mapping) else {"split": "train", "path": files}]
+        kept = [item for item in files if not (isinstance(item, Mapping) and item.get("split") == split)]
+        entry["data_files"] = [*kept, {"split": split, "path": f"{config}/{split}/*.parquet"}]
+    data.configs = entries
+    info = getattr(data, "dataset_info", None)
+    if isinstance(info, list):
+        data.dataset_info = [
+            item for item in info if not (isinstance(item, Mapping) and item.get("config_name") in configs)
+        ] or None
+    elif isinstance(info, Mapping) and info.get("config_name", "default") in configs:
+        data.dataset_info = None
+    return data

@@ -149,3 +149,47 @@ def test_push_streams_sharded_parquet_and_uploads_shard_by_shard(hub_server, sco
     # The local copy holds the same shards.
     local = pq.read_table(tmp_path / "local" / "default" / "train")
     assert local.num_rows == 1200
+
+
+def test_a_streamed_split_joins_the_repos_other_splits_and_card_and_embeds_its_images(hub_server, scored, tmp_path):
+    """A repo holding a ``train`` split (pushed in memory) and prose written by hand gets a ``validation`` split by
+    streaming: `load_dataset` reads both splits of both configs and the prose stays (before, the card named the
+    streamed split alone, and the prose was gone). Images given as local files travel as their bytes, as `datasets`
+    pushes them: they read back after the files are removed (before, their paths were pushed)."""
+    import shutil
+
+    import datasets
+    from huggingface_hub import HfApi
+    from PIL import Image
+
+    mimic_filter, data = scored
+    folder = tmp_path / "images"
+    folder.mkdir()
+    paths = []
+    for row in range(len(data)):
+        paths.append(str(folder / f"{row}.png"))
+        Image.fromarray(np.full((2, 2, 3), row % 250, np.uint8)).save(paths[-1])
+    data = data.add_column("image", paths).cast_column("image", datasets.Image())
+    push_scored_dataset(data, mimic_filter, "user/splits", id_column="uid", local_dir=tmp_path / "train")
+    api = HfApi()
+    readme = Path(api.hf_hub_download("user/splits", "README.md", repo_type="dataset")).read_text()
+    api.upload_file(
+        path_or_fileobj=(readme + "\nHand-written notes that must stay.\n").encode(),
+        path_in_repo="README.md",
+        repo_id="user/splits",
+        repo_type="dataset",
+    )
+    stream = data.to_iterable_dataset(num_shards=3)
+    push_scored_dataset(
+        stream, mimic_filter, "user/splits", id_column="uid", split="validation", local_dir=tmp_path / "validation"
+    )
+    shutil.rmtree(folder)
+    for config, rows in (("default", len(data)), ("filtered", int(mimic_filter.keep.sum()))):
+        loaded = datasets.load_dataset("user/splits", config)
+        assert {name: split.num_rows for name, split in loaded.items()} == {"train": rows, "validation": rows}
+        validation = loaded["validation"]
+        assert validation["uid"] == loaded["train"]["uid"]
+        pixels = [int(np.asarray(image)[0, 0, 0]) for image in validation["image"][:5]]
+        assert pixels == [uid % 250 for uid in validation["uid"][:5]]
+    readme = Path(api.hf_hub_download("user/splits", "README.md", repo_type="dataset")).read_text()
+    assert "Hand-written notes that must stay." in readme
