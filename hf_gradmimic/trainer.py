@@ -385,6 +385,9 @@ class MimicTrainerMixin:
         the scorer's state comes back from it."""
         resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         self._mimic_resuming = bool(resume_from_checkpoint)
+        if self._mimic_model is not None:  # an earlier train() of this trainer may have stopped inside a step
+            self.step_softmax.reset()
+            self._selections.clear()
         if resume_from_checkpoint and self._mimic_model is not None:
             self.score_log.provenance = check_resume(resume_from_checkpoint, self.score_log.provenance)
             # A scorer without state reads nothing from the checkpoint; no file is ever unpickled.

@@ -105,6 +105,13 @@ class StepSoftmax:
         self.running_max = self.running_sum = None
         self.micro_batches: list[_MicroBatch] = []
 
+    def reset(self) -> None:
+        """Forget a step that was never finished (training stopped inside it): a run resumed at that step index on
+        the same trainer would otherwise add its micro-batches to the stale ones."""
+        self.global_step = None
+        self.running_max = self.running_sum = None
+        self.micro_batches = []
+
     def _begin(self, global_step: int, device: torch.device) -> None:
         if self.global_step != global_step:
             self.global_step = global_step
