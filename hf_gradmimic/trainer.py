@@ -259,6 +259,7 @@ class MimicTrainerMixin:
         self._num_items_in_batch: Any = None
         self._plain_share = 1.0  # scope "layer": Σ_i u_i over the step (`_plain_share_of_step`)
         self._selections: deque = deque()  # select mode: the step's selection, one entry per micro-batch
+        self._step_candidates: list[MicroBatch] | None = None  # select mode: the step's micro-batches, to score
         self._model_loss_checked = False  # `_check_model_loss`, once, at the first training batch
         self._comparison_collator = None
         alignment_possible = adapt_to_fsdp(accelerator, args)
@@ -388,6 +389,7 @@ class MimicTrainerMixin:
         if self._mimic_model is not None:  # an earlier train() of this trainer may have stopped inside a step
             self.step_softmax.reset()
             self._selections.clear()
+            self._step_candidates = None
         if resume_from_checkpoint and self._mimic_model is not None:
             self.score_log.provenance = check_resume(resume_from_checkpoint, self.score_log.provenance)
             # A scorer without state reads nothing from the checkpoint; no file is ever unpickled.
@@ -479,6 +481,8 @@ class MimicTrainerMixin:
             self._plain_share,
         )
         if self.mode == "select":
+            if self._step_candidates is not None:  # the step's first micro-batch
+                self._select_over_step()
             loss, outputs = self.mimic_step.train_selected(model, batch, self._selections.popleft(), at)
         else:
             loss, outputs = self.mimic_step.reweight(model, batch, at, keep_outputs=return_outputs)
@@ -556,35 +560,46 @@ class MimicTrainerMixin:
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
         """The base `get_batch_samples` (every micro-batch of the next optimizer step); in ``select`` mode they are
-        also scored and selected together here, before any is trained (`training.selection`)."""
+        kept as the step's candidates, to be scored and selected together before any is trained
+        (`_select_over_step`)."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         self._plain_share = self._plain_share_of_step(batch_samples, num_items_in_batch)
         if self.mode == "select" and batch_samples:
-            candidates = []
+            self._selections.clear()
+            self._step_candidates = []
             for batch in batch_samples:
                 inputs = self._prepare_inputs(dict(batch))
                 rows, extras = self.mimic_bookkeeping.pop(inputs)
-                batch = MicroBatch(inputs, torch.as_tensor(rows).cpu(), extras)
-                # The model itself, not its DDP wrapper: a candidate's forward is never backpropagated into the
-                # parameters, and DDP (finding unused parameters) would mark them ready at each one, then again in the
-                # step's backward. FSDP2 shards the model in place, so its unit hooks still gather the weights.
-                candidates.append(self.mimic_step.candidates(self.model, batch, self.state.global_step))
-            accelerator = self.accelerator
-            self._selections = deque(
-                select_over_step(
-                    self.scorer,
-                    candidates,
-                    self.args.mimic_select_ratio,
-                    self.step_softmax.gather,
-                    accelerator.process_index,
-                    accelerator.num_processes,
-                    warmup=self.state.global_step < self.args.mimic_warmup_steps,
-                    token_weighting=self.args.mimic_token_weighting == "token",
-                )
-            )
-            if self.scorer.observes:
-                observe_step(self.scorer, list(self._selections), self.step_softmax.gather)
+                self._step_candidates.append(MicroBatch(inputs, torch.as_tensor(rows).cpu(), extras))
         return batch_samples, num_items_in_batch
+
+    def _select_over_step(self) -> None:
+        """Select mode: scores the step's candidates and selects over all of them (`training.selection`). Run at the
+        step's first micro-batch, in `Trainer`'s training context (train mode, autocast) and after it restores a
+        resumed run's random state (after `get_batch_samples`): the candidates draw the dropout masks an
+        uninterrupted run draws."""
+        # The model itself, not its DDP wrapper: a candidate's forward is never backpropagated into the parameters,
+        # and DDP (finding unused parameters) would mark them ready at each one, then again in the step's backward.
+        # FSDP2 shards the model in place, so its unit hooks still gather the weights.
+        candidates = [
+            self.mimic_step.candidates(self.model, batch, self.state.global_step) for batch in self._step_candidates
+        ]
+        self._step_candidates = None
+        accelerator = self.accelerator
+        self._selections = deque(
+            select_over_step(
+                self.scorer,
+                candidates,
+                self.args.mimic_select_ratio,
+                self.step_softmax.gather,
+                accelerator.process_index,
+                accelerator.num_processes,
+                warmup=self.state.global_step < self.args.mimic_warmup_steps,
+                token_weighting=self.args.mimic_token_weighting == "token",
+            )
+        )
+        if self.scorer.observes:
+            observe_step(self.scorer, list(self._selections), self.step_softmax.gather)
 
     def _plain_share_of_step(self, batch_samples: list, num_items_in_batch: Any) -> float:
         """Scope ``layer``: U = Σ_i u_i, the total weight of `Trainer`'s plain loss over the step
