@@ -132,6 +132,15 @@ def test_a_stream_resumed_with_ids_of_another_type_is_refused_before_writing(tmp
     np.testing.assert_array_equal(after.sample_id.values, before.sample_id.values)
 
 
+def assert_same_run(resumed: MimicTrainer, whole: MimicTrainer) -> None:
+    """The resumed run's parameters and score log (samples, steps, scores) are the uninterrupted run's."""
+    for (name, param), expected in zip(resumed.model.named_parameters(), whole.model.parameters()):
+        torch.testing.assert_close(param, expected, rtol=0, atol=1e-7, msg=name)
+    records = [load_scores(trainer.args.output_dir).to_pandas() for trainer in (resumed, whole)]
+    assert records[0][["global_step", "sample_id"]].equals(records[1][["global_step", "sample_id"]])
+    np.testing.assert_allclose(records[0].mimic_score, records[1].mimic_score, rtol=1e-6)
+
+
 class StopInsideStep(TrainerCallback):
     """Raises once, after the first micro-batch of optimizer step ``step`` (a Ctrl-C in a notebook)."""
 
@@ -163,11 +172,7 @@ def test_the_same_trainer_resumed_after_stopping_inside_a_step_equals_an_uninter
     with pytest.raises(KeyboardInterrupt):
         stopped.train()
     stopped.train(resume_from_checkpoint=True)
-    for (name, param), expected in zip(stopped.model.named_parameters(), whole.model.parameters()):
-        torch.testing.assert_close(param, expected, rtol=0, atol=1e-7, msg=name)
-    records = [load_scores(tmp_path / folder).to_pandas() for folder in ("whole", "stopped")]
-    assert records[1][["global_step", "sample_id"]].equals(records[0][["global_step", "sample_id"]])
-    np.testing.assert_allclose(records[1].mimic_score, records[0].mimic_score, rtol=1e-6)
+    assert_same_run(stopped, whole)
 
 
 class DropoutMLP(TinyMLP):
@@ -213,8 +218,4 @@ def test_select_mode_with_dropout_resumed_inside_an_epoch_equals_an_uninterrupte
         trainer("run", [StopAfterStep(4)]).train()
     resumed = trainer("run")
     resumed.train(resume_from_checkpoint=True)
-    for (name, param), expected in zip(resumed.model.named_parameters(), whole.model.parameters()):
-        torch.testing.assert_close(param, expected, rtol=0, atol=1e-7, msg=name)
-    records = [load_scores(tmp_path / folder).to_pandas() for folder in ("whole", "run")]
-    assert records[1][["global_step", "sample_id"]].equals(records[0][["global_step", "sample_id"]])
-    np.testing.assert_allclose(records[1].mimic_score, records[0].mimic_score, rtol=1e-6)
+    assert_same_run(resumed, whole)
