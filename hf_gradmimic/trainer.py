@@ -581,9 +581,11 @@ class MimicTrainerMixin:
         # The model itself, not its DDP wrapper: a candidate's forward is never backpropagated into the parameters,
         # and DDP (finding unused parameters) would mark them ready at each one, then again in the step's backward.
         # FSDP2 shards the model in place, so its unit hooks still gather the weights.
-        candidates = [
-            self.mimic_step.candidates(self.model, batch, self.state.global_step) for batch in self._step_candidates
-        ]
+        # On a forked random state: the training forwards then draw the dropout masks `Trainer`'s would.
+        with torch.random.fork_rng(devices=[]):
+            candidates = [
+                self.mimic_step.candidates(self.model, batch, self.state.global_step) for batch in self._step_candidates
+            ]
         self._step_candidates = None
         accelerator = self.accelerator
         self._selections = deque(

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from transformers import TrainerCallback
-from transformers.modeling_outputs import SequenceClassifierOutput
 
 from hf_gradmimic import MimicConfig, MimicTrainer, load_scores
 
@@ -175,15 +174,6 @@ def test_the_same_trainer_resumed_after_stopping_inside_a_step_equals_an_uninter
     assert_same_run(stopped, whole)
 
 
-class DropoutMLP(TinyMLP):
-    """`TinyMLP` with dropout before its head: a forward draws from the random state."""
-
-    def forward(self, x, labels=None):
-        logits = self.head(torch.nn.functional.dropout(torch.tanh(self.hidden(x)), 0.3, self.training))
-        loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
-        return SequenceClassifierOutput(loss=loss, logits=logits)
-
-
 class StopAfterStep(TrainerCallback):
     def __init__(self, step: int) -> None:
         self.step = step
@@ -199,7 +189,7 @@ def test_select_mode_with_dropout_resumed_inside_an_epoch_equals_an_uninterrupte
     by up to 1.03, parameters by 6e-2). They are scored at the step's first micro-batch now: the same masks."""
 
     def trainer(folder, callbacks=None):
-        model = DropoutMLP()
+        model = TinyMLP(dropout=0.3)
         settings = {**COMMON, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "save_steps": 3}
         args = MimicConfig(
             output_dir=str(tmp_path / folder),

@@ -10,16 +10,25 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 
 class TinyMLP(nn.Module):
-    """2-D inputs: ``head(tanh(hidden(x)))``."""
+    """2-D inputs: ``head(dropout(tanh(hidden(x))))``, dropout 0 unless given."""
 
-    def __init__(self, in_dim: int = 8, hidden: int = 16, classes: int = 4, bias: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        in_dim: int = 8,
+        hidden: int = 16,
+        classes: int = 4,
+        bias: bool = True,
+        seed: int = 0,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         torch.manual_seed(seed)
         self.hidden = nn.Linear(in_dim, hidden, bias=bias)
         self.head = nn.Linear(hidden, classes, bias=bias)
+        self.dropout = dropout
 
     def forward(self, x, labels=None):
-        logits = self.head(torch.tanh(self.hidden(x)))
+        logits = self.head(F.dropout(torch.tanh(self.hidden(x)), self.dropout, self.training))
         loss = None if labels is None else F.cross_entropy(logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
