@@ -62,12 +62,16 @@ def atomic_write(destination: str | os.PathLike, write: Callable[[str], Any]) ->
     return destination
 
 
-def atomic_write_dir(destination: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+def atomic_write_dir(
+    destination: str | os.PathLike, write: Callable[[str], Any], replaces: Callable[[Path], bool] | None = None
+) -> Path:
     """Write the folder ``destination`` atomically: ``write(tmp)`` fills a temporary sibling folder.
 
     Args:
         destination: the folder to create or replace, e.g. for ``datasets.Dataset.save_to_disk``.
         write: called with the temporary folder's path (a ``str``); it must create that folder.
+        replaces: whether an existing folder at ``destination`` is one this write may replace (an earlier copy of
+            the same kind); None: any folder. Anything else there is refused before writing: it is not deleted.
 
     Returns:
         ``destination`` as an absolute `Path`.
@@ -77,6 +81,14 @@ def atomic_write_dir(destination: str | os.PathLike, write: Callable[[str], Any]
     sibling), never a half-written one. (Two renames: POSIX cannot replace a non-empty folder in one.)
     """
     destination = Path(destination).absolute()
+    if destination.exists() and not destination.is_dir():
+        raise FileExistsError(f"{destination} is a file, not a folder: give another path (nothing was written).")
+    if destination.is_dir() and any(destination.iterdir()) and replaces is not None and not replaces(destination):
+        held = sorted(entry.name for entry in destination.iterdir())
+        raise FileExistsError(
+            f"{destination} holds files this would delete ({', '.join(held[:5])}{', ...' if len(held) > 5 else ''}) "
+            "and is not an earlier copy of what is written there: give an empty or new folder (nothing was written)."
+        )
     destination.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(destination, "tmp")
     try:

@@ -153,6 +153,17 @@ def _require_split(dataset: Any, caller: str) -> None:
         )
 
 
+def is_scored_copy(folder: Path) -> bool:
+    """Whether ``folder`` is a local copy that `save_scored_dataset` or a streamed push wrote, which a new copy may
+    replace: a ``save_to_disk`` folder, or config folders of Parquet shards (``default/<split>/NNNNN.parquet``)."""
+    names = {entry.name for entry in folder.iterdir()}
+    if {"dataset_info.json", "state.json"} <= names:
+        return all(name in ("dataset_info.json", "state.json") or name.endswith(".arrow") for name in names)
+    return names <= {"default", FILTERED_CONFIG} and all(
+        path.is_dir() or path.suffix == ".parquet" for config in names for path in (folder / config).rglob("*")
+    )
+
+
 def save_scored_dataset(
     dataset: datasets.Dataset,
     mimic_filter: MimicFilter,
@@ -187,7 +198,7 @@ def save_scored_dataset(
     """
     _require_split(dataset, "save_scored_dataset")
     scored = _add_mimic_columns(dataset, mimic_filter, id_column, check_dataset)
-    return atomic_write_dir(local_dir, scored.save_to_disk)
+    return atomic_write_dir(local_dir, scored.save_to_disk, replaces=is_scored_copy)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -553,7 +564,7 @@ def _push_scored_stream(
 
     # An uploaded LFS file is committed by its hash and size alone, so the shards may move from the
     # temporary folder to local_path (atomic_write_dir) between their upload and the commit.
-    atomic_write_dir(local_path, write)
+    atomic_write_dir(local_path, write, replaces=is_scored_copy)
     if push_filtered and result.num_kept == 0:
         raise ValueError(
             f"The filter keeps none of the {result.num_rows} streamed rows, so there is no 'filtered' config to push; "

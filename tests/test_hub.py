@@ -295,6 +295,18 @@ def test_save_scored_dataset_writes_the_local_copy_alone(tmp_path: Path) -> None
             datasets.concatenate_datasets([dataset, extra]), mimic_filter, tmp_path / "never", id_column="uid"
         )
     assert not (tmp_path / "never").exists()
+    # A folder of the user's own, or a file, is never replaced: it was deleted (the file left hidden beside a folder).
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"holds files this would delete \(notes.txt\)"):
+        save_scored_dataset(dataset, mimic_filter, project, id_column="uid")
+    results = tmp_path / "results.csv"
+    results.write_text("a,b\n")
+    with pytest.raises(FileExistsError, match="is a file, not a folder"):
+        save_scored_dataset(dataset, mimic_filter, results, id_column="uid")
+    assert (project / "notes.txt").read_text() == "keep me" and results.read_text() == "a,b\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project", "results.csv", "scored"]
 
 
 def test_card_templates_ship_as_package_data() -> None:
