@@ -343,6 +343,22 @@ class MimicArguments:
             raise ValueError(f"`mimic_max_nonfinite_steps` must be >= 1 or None; got {self.mimic_max_nonfinite_steps}.")
         if self.mimic_monitor_steps < 0:
             raise ValueError(f"`mimic_monitor_steps` must be >= 0; got {self.mimic_monitor_steps}.")
+        # The scorers' own settings, refused here by their field names (the scorers check their arguments too).
+        for name, valid, expected in (
+            # a cosine is at most 1: a threshold there or above excludes every sample, and NaN compares false
+            ("mimic_agra_threshold", self.mimic_agra_threshold < 1, "a cosine threshold below 1"),
+            ("mimic_bayesian_alpha", 0 <= self.mimic_bayesian_alpha <= 1, "in [0, 1]"),
+            ("mimic_bayesian_prior_precision", self.mimic_bayesian_prior_precision > 0, "> 0"),
+            ("mimic_bayesian_momentum", 0 <= self.mimic_bayesian_momentum < 1, "in [0, 1)"),
+            ("mimic_bayesian_num_samples", self.mimic_bayesian_num_samples >= 1, ">= 1"),
+            (
+                "mimic_bayesian_num_effective_data",
+                self.mimic_bayesian_num_effective_data is None or self.mimic_bayesian_num_effective_data > 0,
+                "> 0 or None",
+            ),
+        ):
+            if not valid:
+                raise ValueError(f"`{name}` must be {expected}; got {getattr(self, name)}.")
         if not parse_layer_map(self.mimic_layers):
             raise ValueError("`mimic_layers` is empty: name at least one module of the student, e.g. ['classifier'].")
 

@@ -44,6 +44,7 @@ from .training.checks import (
     check_batch_rows,
     check_launch,
     check_one_reference,
+    check_scorer_columns,
     check_supported_setup,
     resolve_resume_checkpoint,
 )
@@ -234,6 +235,7 @@ class MimicTrainerMixin:
                 model=unwrapped,
             )
         )
+        check_scorer_columns(self.scorer, self.train_dataset, args)
         self.mode = args.mimic_mode or self.scorer.default_mode
         if self.batch_coupled:
             check_coupled_setup(self.scorer, args, accelerator)

@@ -23,6 +23,16 @@ def test_config_values_from_a_json_config_are_coerced_or_named(tmp_path):
     # Below 1e-30, m/τ overflowed float32: NaN weights, and the step skipped as if every sample were excluded.
     with pytest.raises(ValueError, match=r"`mimic_temperature` must be at least 1e-30.*got 1e-40"):
         config(tmp_path, mimic_temperature=1e-40)
+    # The scorers' settings by their field names: a threshold of 1 excluded every sample, and trained nothing.
+    for field, value, expected in (
+        ("mimic_agra_threshold", 1.0, "a cosine threshold below 1"),
+        ("mimic_agra_threshold", float("nan"), "a cosine threshold below 1"),
+        ("mimic_bayesian_alpha", 2.0, r"in \[0, 1\]"),
+        ("mimic_bayesian_momentum", 1.0, r"in \[0, 1\)"),
+        ("mimic_bayesian_num_samples", 0, ">= 1"),
+    ):
+        with pytest.raises(ValueError, match=rf"`{field}` must be {expected}; got"):
+            config(tmp_path, **{field: value})
     with pytest.raises(TypeError, match=r"`mimic_warmup_steps` must be an int; got 2.5 \(float\)"):
         config(tmp_path, mimic_warmup_steps=2.5)
     with pytest.raises(TypeError, match=r"`mimic_select_ratio` must be a float; got \[0.1\] \(list\)"):

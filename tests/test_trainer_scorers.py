@@ -234,6 +234,22 @@ def test_combinations_that_make_no_sense_are_refused(tmp_path, overrides, messag
         MimicTrainer(model=TinyMLP(), args=config(tmp_path, **overrides), train_dataset=data)
 
 
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(mimic_scorer="rho_loss", mimic_irreducible_loss_column="irreducible_los"), "irreducible_loss"),
+        (dict(mimic_scorer="bayesian", mimic_zero_shot_column="zero_shoot"), "zero_shot"),
+    ],
+)
+def test_a_scorer_column_the_dataset_lacks_is_refused_naming_its_field(tmp_path, overrides, field):
+    """A misspelt RHO-LOSS column with a reference model given fell through to the model's losses, silently; a
+    misspelt zero-shot column failed at the first step, naming `ScoreContext.zero_shot_log_probs`."""
+    data = mlp_dataset(n=8).add_column("irreducible_loss", [0.5] * 8).add_column("zero_shot", [[0.0] * 4] * 8)
+    column = overrides[f"mimic_{field}_column"]
+    with pytest.raises(ValueError, match=rf"reads the column '{column}' \(`mimic_{field}_column`\), which train_"):
+        MimicTrainer(model=TinyMLP(), args=config(tmp_path, **overrides), train_dataset=data, reference=TinyMLP(seed=1))
+
+
 def test_a_text_zero_shot_predictor_is_refused_at_construction_with_the_column_recipe(tmp_path):
     """The ``zero_shot`` predictor is called on the model's inputs, which never hold the texts: it failed at the first
     step with ``KeyError: 'text'``. Refused at construction, naming `mimic_zero_shot_column`."""

@@ -16,6 +16,8 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from .batch import ROW_INDEX_KEY
+
 logger = logging.get_logger(__name__)
 
 _CHECKPOINT_NAME = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
@@ -192,3 +194,21 @@ def check_batch_rows(data_collator: Any, label_names: list[str] | None, loss_fn:
             "`labels` column. Give the per-sample loss of this task as `per_sample_loss_fn=` (for question answering, "
             "e.g. the start and end positions' cross entropies per sample)."
         )
+
+
+def check_scorer_columns(scorer: Any, dataset: Any, args: Any) -> None:
+    """Refuse a column the scorer reads (``extra_columns``: RHO-LOSS's irreducible losses, Bayesian selection's
+    zero-shot logits) that the training set lacks, naming the ``mimic_*_column`` field: a misspelt name fell through
+    to another source (the reference model's losses) or failed at the first step in the scorer's terms."""
+    names = getattr(dataset, "column_names", None)
+    if not isinstance(names, list):  # a stream whose features are unknown: its columns arrive with its examples
+        return
+    names = [name for name in names if name != ROW_INDEX_KEY]  # ours, added to name the samples
+    for column in getattr(scorer, "extra_columns", ()):
+        if column not in names:
+            fields = [name for name, value in vars(args).items() if name.startswith("mimic_") and value == column]
+            field = f" (`{fields[0]}`)" if fields else ""
+            raise ValueError(
+                f"The scorer {scorer.name!r} reads the column {column!r}{field}, which train_dataset lacks; its "
+                f"columns: {names}."
+            )
