@@ -116,7 +116,12 @@ def test_base_checkpoint_check_reads_the_adapter_config(tmp_path):
 
 @pytest.mark.parametrize(
     "setting, value, named",
-    [("lora_alpha", 32, "lora_alpha: reference 32, student 8"), ("use_rslora", True, "use_rslora: reference True")],
+    [
+        ("lora_alpha", 32, "lora_alpha: reference 32, student 8"),
+        ("use_rslora", True, "use_rslora: reference True"),
+        ("use_dora", True, "use_dora: reference True, student False"),  # DoRA's change differed from s·BA by 32%
+        ("lora_bias", True, "lora_bias: reference True, student False"),
+    ],
 )
 def test_an_adapter_scaled_otherwise_than_the_students_is_refused(tmp_path, setting, value, named):
     """The reference adapter's config says another scaling (alpha / r = 8, or rsLoRA's alpha / √r, where the student
@@ -130,6 +135,23 @@ def test_an_adapter_scaled_otherwise_than_the_students_is_refused(tmp_path, sett
     )
     with pytest.raises(ValueError, match=rf"scales its adapter otherwise than the student \({named}"):
         MimicTrainer(model=student, args=args, train_dataset=lm_dataset(n=16))
+
+
+def test_an_adapter_given_in_memory_is_checked_as_a_saved_one(tmp_path):
+    """A `PeftModel` given as ``reference=`` with another ``lora_alpha`` was accepted, where the same adapter saved to a
+    folder is refused; one with the student's LoraConfig is accepted."""
+    from peft import LoraConfig, get_peft_model
+
+    from tiny_models import tiny_llama
+
+    student = lora_student()
+    args = MimicConfig(output_dir=str(tmp_path / "run"), mimic_layers=["lora"], **TRAIN)
+    scaled = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    with pytest.raises(ValueError, match=r"scales its adapter otherwise than the student \(lora_alpha: reference 16"):
+        MimicTrainer(
+            model=student, args=args, train_dataset=lm_dataset(n=16), reference=get_peft_model(tiny_llama(), scaled)
+        )
+    MimicTrainer(model=student, args=args, train_dataset=lm_dataset(n=16), reference=lora_student(random_b=True))
 
 
 def test_an_adapter_without_safetensors_weights_is_refused(tmp_path):

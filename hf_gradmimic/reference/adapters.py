@@ -80,14 +80,20 @@ def adapter_metadata(config: Path, weights: Path) -> dict[str, str]:
     return metadata
 
 
-LORA_SCALING_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
-"""The LoRA settings that set an adapter's scaling (``lora_alpha / r``, or ``/ √r`` with rsLoRA, per module with the
-patterns): a reference's A and B matrices are in the student's coordinates only when these are the student's."""
+LORA_SCALING_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "use_dora", "lora_bias")
+"""The LoRA settings that make an adapter's weight change from its matrices (``lora_alpha / r``, or ``/ √r`` with
+rsLoRA, per module with the patterns; DoRA's magnitude; a bias on B): a reference's A and B matrices are in the
+student's coordinates only when these are the student's."""
 
 
 def lora_scaling(settings: dict) -> dict:
-    """The `LORA_SCALING_FIELDS` of a LoRA config (its JSON dict, or a `peft.LoraConfig`'s ``to_dict()``)."""
+    """The `LORA_SCALING_FIELDS` of a LoRA config (its JSON dict, or a `peft.LoraConfig`'s ``to_dict()``); a switch
+    an older PEFT did not write is off."""
     return {
-        field: (settings.get(field) or {}) if field.endswith("_pattern") else settings.get(field)
+        field: (settings.get(field) or {})
+        if field.endswith("_pattern")
+        else bool(settings.get(field))
+        if field.startswith(("use_", "lora_bias"))
+        else settings.get(field)
         for field in LORA_SCALING_FIELDS
     }

@@ -37,20 +37,35 @@ def adapter_init(tensors: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()[:16]
 
 
+def active_lora_config(model: Any) -> Any:
+    """The `peft.LoraConfig` of ``model``'s active adapter (None without one)."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        return None
+    active = getattr(model, "active_adapter", None)
+    return configs.get(active if isinstance(active, str) else next(iter(configs), None))
+
+
+def module_adapter_metadata(model: Any) -> dict[str, str]:
+    """What `check_adapter_scaling` reads of a reference given as a `PeftModel` in memory: its adapter's scaling."""
+    config = active_lora_config(model)
+    return {} if config is None else {"lora_scaling": json.dumps(lora_scaling(config.to_dict()), sort_keys=True)}
+
+
 def check_adapter_scaling(metadata: dict[str, str], model: Any, reference_name: str) -> None:
     """Refuse a LoRA reference whose adapter scales its update otherwise than the student's (``lora_alpha``, ``r``,
     rsLoRA, the rank and alpha patterns): the same A and B matrices would then be another weight change, and
     ``θ_ref − θ`` over them would not point to the reference's weights."""
     saved = metadata.get("lora_scaling")
-    configs = getattr(model, "peft_config", None)
-    if not saved or not isinstance(configs, dict):
-        return
-    active = getattr(model, "active_adapter", None)
-    config = configs.get(active if isinstance(active, str) else next(iter(configs), None))
-    if config is None:
+    config = active_lora_config(model)
+    if not saved or config is None:
         return
     reference, student = json.loads(saved), lora_scaling(config.to_dict())
-    differing = {field: (reference[field], student[field]) for field in reference if reference[field] != student[field]}
+    differing = {
+        field: (reference[field], student[field])
+        for field in reference
+        if field in student and reference[field] != student[field]
+    }
     if differing:
         listed = ", ".join(
             f"{field}: reference {theirs!r}, student {ours!r}" for field, (theirs, ours) in differing.items()

@@ -24,7 +24,7 @@ from ..ghost import GhostBatch
 from ..lora import lora_layers
 from ..losses import SampleLoss
 from ..reference.loading import checkpoint_name, read_reference_metadata
-from ..reference.lora import check_adapter_init, check_adapter_scaling
+from ..reference.lora import check_adapter_init, check_adapter_scaling, module_adapter_metadata
 from .capture import Capture
 from .metrics_buffer import MetricsBuffer
 from .reference_verdict import reference_head_losses, swapped_losses
@@ -64,10 +64,14 @@ def check_reference_setup(
     check_reference_base(
         source, getattr(model, "config", None), revision=revision, token=token, reference_name=reference_name
     )
-    if isinstance(source, (str, os.PathLike)) and any(True for _ in lora_layers(model)):
+    if not any(True for _ in lora_layers(model)):
+        return
+    if isinstance(source, (str, os.PathLike)):
         metadata = read_reference_metadata(source, revision=revision, token=token)
         check_adapter_scaling(metadata, model, reference_name)
         check_adapter_init(metadata, current_tensors(), reference_name)
+    elif isinstance(getattr(source, "peft_config", None), dict):  # a PeftModel given in memory
+        check_adapter_scaling(module_adapter_metadata(source), model, reference_name)
 
 
 def check_reference_base(
