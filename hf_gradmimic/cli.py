@@ -577,6 +577,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        from .hub import ScoredPushError
+
+        if not isinstance(error, ScoredPushError):
+            raise
+        # A refused token or a failed upload: the message names the repo, the cause and the saved local copy.
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -220,10 +220,17 @@ def _http_status(error: BaseException) -> int | None:
     return None
 
 
-def _push_failed(error: Exception, stage: str, repo_id: str, local_path: Path) -> ScoredPushError:
-    """A clear error for a failed push step, naming the local copy (chained to the client's error)."""
+def _push_failed(
+    error: Exception, stage: str, repo_id: str, local_path: Path, split: str | None = None
+) -> ScoredPushError:
+    """A clear error for a failed push step, naming the local copy (chained to the client's error) and how to read it
+    back: ``split`` for a streamed push's Parquet shards, None for a ``save_to_disk`` folder."""
     status = _http_status(error)
-    reload = f"datasets.load_from_disk({str(local_path)!r})"
+    reload = (
+        f"datasets.load_from_disk({str(local_path)!r})"
+        if split is None
+        else f"datasets.load_dataset('parquet', data_files={str(local_path / 'default' / split / '*.parquet')!r})"
+    )
     if status in (401, 403):
         problem = (
             "refused the token (HTTP 401: invalid or expired)"
@@ -231,14 +238,14 @@ def _push_failed(error: Exception, stage: str, repo_id: str, local_path: Path) -
             else ("refused the push (HTTP 403: the token has no write access to this repo)")
         )
         return HubAuthenticationError(
-            f"The Hub {problem} while pushing {stage} of {repo_id!r}. Pass a valid write token with "
+            f"The Hub {problem} while pushing {repo_id!r} ({stage}). Pass a valid write token with "
             f"token=..., set HF_TOKEN, or run `hf auth login`. Nothing is lost: the scored dataset is saved at "
             f"{local_path} ({reload}). Hub answer: {error}",
             local_path,
             stage,
         )
     return ScoredPushError(
-        f"Pushing {stage} of {repo_id!r} to the Hub failed ({type(error).__name__}: {error}). Nothing is lost: "
+        f"Pushing {repo_id!r} to the Hub failed at {stage} ({type(error).__name__}: {error}). Nothing is lost: "
         f"the scored dataset is saved at {local_path}; reload it with {reload} and push again, or call "
         "push_scored_dataset again.",
         local_path,
@@ -572,7 +579,7 @@ def _push_scored_stream(
         )
     if upload_error:
         stage, error = upload_error[0]
-        raise _push_failed(error, stage, repo_id, local_path) from error
+        raise _push_failed(error, stage, repo_id, local_path, split) from error
     stage = "the shards and the dataset card"
     try:
         existing = api.list_repo_files(repo_id, repo_type="dataset", revision=revision)
@@ -611,7 +618,7 @@ def _push_scored_stream(
             commit_message=f"{base_message} (streamed: {len(additions)} shard(s) and the dataset card)",
         )
     except Exception as error:
-        raise _push_failed(error, stage, repo_id, local_path) from error
+        raise _push_failed(error, stage, repo_id, local_path, split) from error
     result.commit_shas["stream"] = info.oid
     result.commit_urls["stream"] = info.commit_url
     result.card = card

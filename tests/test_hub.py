@@ -373,6 +373,36 @@ def test_wrong_token_gives_an_auth_error(hub_server: HubServer, tmp_path: Path, 
     assert (tmp_path / "kept" / "state.json").is_file()
 
 
+@pytest.mark.timeout(120)
+def test_a_refused_push_is_one_line_from_the_cli_and_a_failed_stream_says_how_to_read_its_copy(
+    hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """`gradmimic push` with a token the Hub refuses printed a 55-line traceback; it prints the error's one line. A
+    failed streamed push named `load_from_disk` for a copy of Parquet shards, which it cannot read; the reading it
+    names gives back every row."""
+    import datasets
+
+    from hf_gradmimic.cli import main
+
+    dataset, mimic_filter = synthetic_run([f"id-{i:03d}" for i in range(40)])
+    dataset.save_to_disk(str(tmp_path / "data"))
+    mimic_filter.save(tmp_path / "filter")
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    argv = ["push", "--dataset", str(tmp_path / "data"), "--filter", str(tmp_path / "filter"), "--repo-id", "u/x"]
+    assert main([*argv, "--id-column", "uid"]) == 1
+    printed = capsys.readouterr().err  # beside the progress bars of the local copy
+    errors = [line for line in printed.splitlines() if line.startswith("gradmimic:")]
+    assert "Traceback" not in printed and len(errors) == 1
+    assert errors[0].startswith("gradmimic: error: The Hub refused the token (HTTP 401")
+    with pytest.raises(HubAuthenticationError) as excinfo:
+        push_scored_dataset(
+            dataset.to_iterable_dataset(), mimic_filter, "u/x", id_column="uid", local_dir=tmp_path / "s"
+        )
+    data_files = str(tmp_path / "s" / "default" / "train" / "*.parquet")
+    assert f"datasets.load_dataset('parquet', data_files={data_files!r})" in str(excinfo.value)
+    assert datasets.load_dataset("parquet", data_files=data_files, split="train")["uid"] == dataset["uid"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Reference tensors from the Hub
 # ----------------------------------------------------------------------------------------------
