@@ -378,8 +378,13 @@ def _reference_card_values(metadata: Mapping[str, str]) -> dict[str, Any]:
 def render_model_card(
     trainer: Trainer,
     model_name: str | None = None,
-    dataset_name: str | None = None,
+    dataset_name: str | list[str] | None = None,
     tags: str | list[str] | None = None,
+    *,
+    language: str | list[str] | None = None,
+    license: str | None = None,
+    finetuned_from: str | None = None,
+    tasks: str | list[str] | None = None,
 ) -> ModelCard:
     """Render ``templates/model_card.md`` for a `MimicTrainer` (trl-style).
 
@@ -392,8 +397,11 @@ def render_model_card(
         trainer: the `MimicTrainer` (trained or not); any `transformers.Trainer` works, the Grad-Mimic
             settings it does not have then read "not recorded".
         model_name: the model's name (default: the Hub repo name, else the output folder's name).
-        dataset_name: the training dataset's Hub id, for the metadata.
+        dataset_name: the training dataset's Hub id (or ids), for the metadata.
         tags: more tags, added to ``grad-mimic``, ``data-filtering``, ``hf-gradmimic`` and the model's own.
+        language / license: the card's metadata, as `Trainer.create_model_card` takes them.
+        finetuned_from: the base model (default: the one the model was loaded from).
+        tasks: the task, as a pipeline tag (``"text-classification"``); with several, the first.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -407,14 +415,20 @@ def render_model_card(
     for tag in [*getattr(trainer, "_tag_names", []), *(getattr(model, "model_tags", None) or []), *extra]:
         if tag not in all_tags:
             all_tags.append(tag)
-    base_model = _base_model(model)
+    base_model = finetuned_from or _base_model(model)
+    datasets = [dataset_name] if isinstance(dataset_name, str) else list(dataset_name or [])
+    task = tasks if isinstance(tasks, str) or tasks is None else next(iter(tasks), None)
     card_data = ModelCardData(
         base_model=base_model,
-        datasets=[dataset_name] if dataset_name else None,
+        datasets=datasets or None,
+        language=[language] if isinstance(language, str) else language,  # a list, as `Trainer`'s card has it
+        license=license,
         library_name="transformers",
         model_name=model_name,
+        pipeline_tag=task,
         tags=all_tags,
     )
+    dataset_name = datasets[0] if datasets else None
     state = trainer.state
     model_class = type(trainer.accelerator.unwrap_model(model))
     return ModelCard.from_template(

@@ -547,15 +547,32 @@ class MimicTrainerMixin:
 
     def create_model_card(
         self,
-        model_name: str | None = None,
-        dataset_name: str | None = None,
+        language: str | list[str] | None = None,
+        license: str | None = None,
         tags: str | list[str] | None = None,
-        **kwargs: Any,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+        dataset_name: str | list[str] | None = None,
     ) -> None:
-        """Write the Grad-Mimic model card (template ``model_card.md``) to ``<output_dir>/README.md``."""
+        """Write the Grad-Mimic model card (template ``model_card.md``) to ``<output_dir>/README.md``, with
+        `Trainer.create_model_card`'s arguments (``Trainer.push_to_hub(**kwargs)`` passes them) and trl's
+        ``dataset_name``; ``dataset_args`` (a dataset's config) has no place in the card's metadata."""
         if not self.is_world_process_zero():
             return
-        card = render_model_card(self, model_name=model_name, dataset_name=dataset_name, tags=tags)
+        card = render_model_card(
+            self,
+            model_name=model_name,
+            dataset_name=dataset_name or dataset or dataset_tags,
+            tags=tags,
+            language=language,
+            license=license,
+            finetuned_from=finetuned_from,
+            tasks=tasks,
+        )
         atomic_write(os.path.join(self.args.output_dir, "README.md"), card.save)  # never a half-written card
 
     # ------------------------------------------------------------------ the step (`training.step`)

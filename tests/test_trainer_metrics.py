@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 from huggingface_hub import ModelCard
+from transformers import Trainer, TrainingArguments
 
 from hf_gradmimic import MimicConfig, MimicTrainer, build_filter
 from hf_gradmimic.metrics import accuracy_compute_metrics, compute_filter_metrics
@@ -119,3 +120,13 @@ def test_model_card_shows_the_mimic_settings(tmp_path):
     assert rows["temperature τ"] == "0.25", rows
     assert rows["softmax normalisation"] == "micro", rows
     assert rows["reference model"] == "`in-memory reference (dict)`", rows
+    # Trainer.create_model_card's arguments (Trainer.push_to_hub passes them) reach the metadata as plain Trainer's
+    # card has them; they were dropped.
+    card_args = dict(license="mit", language="en", finetuned_from="org/base-model", dataset="org/data")
+    trainer.create_model_card(**card_args)
+    plain = Trainer(model=TinyMLP(), args=TrainingArguments(output_dir=str(tmp_path / "plain"), report_to=[]))
+    plain.create_model_card(**card_args)
+    ours, theirs = (ModelCard.load(folder / "README.md").data for folder in (tmp_path, tmp_path / "plain"))
+    for field in ("license", "language", "base_model"):
+        assert getattr(ours, field) == getattr(theirs, field), field
+    assert ours.datasets == ["org/data"]  # Trainer puts it in the model index only
