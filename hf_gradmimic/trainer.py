@@ -313,7 +313,7 @@ class MimicTrainerMixin:
             stream_ids if streaming else sample_ids,
             args.mimic_record_scores,
             accelerator.wait_for_everyone,
-            run_provenance(args, self.scorer, self.mode, unwrapped, data.given),
+            run_provenance(args, self.scorer, self.mode, unwrapped, data.given, accelerator.num_processes),
         )
         self.mimic_audit = (
             FilterAudit(clean_flags, sample_ids, args.mimic_filter_method, args.seed)

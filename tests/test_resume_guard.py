@@ -209,3 +209,31 @@ def test_select_mode_with_dropout_resumed_inside_an_epoch_equals_an_uninterrupte
     resumed = trainer("run")
     resumed.train(resume_from_checkpoint=True)
     assert_same_run(resumed, whole)
+
+
+def test_a_stream_read_shard_by_shard_is_resumed_only_with_as_many_readers(tmp_path):
+    """Each process reading its own part of a stream (``dispatch_batches=False``) skips its part's batches on resume:
+    2 such processes resumed on 1 trained 8 samples of the pass twice and never saw 8 others (a 2-process run,
+    /tmp/audit/D/r11). Refused now, naming it; dispatched streams (one reader) resume on any number of processes."""
+    from hf_gradmimic.training.resume_guard import check_resume, write_run_record
+    from hf_gradmimic.training.score_log import run_provenance
+
+    stream = mlp_dataset(n=16).add_column("uid", list(range(16))).to_iterable_dataset(num_shards=2)
+    model = TinyMLP()
+    settings = {**COMMON, "mimic_id_column": "uid"}
+    trainer = MimicTrainer(
+        model=model,
+        args=MimicConfig(output_dir=str(tmp_path / "run"), max_steps=2, mimic_layers=["head"], **settings),
+        train_dataset=stream,
+        reference=reference(model),
+    )
+
+    def provenance(processes, dispatch):
+        trainer.args.accelerator_config.dispatch_batches = dispatch
+        return run_provenance(trainer.args, trainer.scorer, trainer.mode, model, stream, processes)
+
+    write_run_record(tmp_path / "checkpoint-2", provenance(2, False))
+    with pytest.raises(ValueError, match=r"processes reading the stream: was 2, now 1"):
+        check_resume(tmp_path / "checkpoint-2", provenance(1, False))
+    write_run_record(tmp_path / "checkpoint-4", provenance(2, None))
+    check_resume(tmp_path / "checkpoint-4", provenance(1, None))

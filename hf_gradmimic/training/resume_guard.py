@@ -42,6 +42,8 @@ def log_identity(provenance: dict[str, Any]) -> dict[str, Any]:
         "id column type": sample_ids.get("id_type"),
         "training set rows": sample_ids.get("train_rows"),
         "training set content": sample_ids.get("train_content"),
+        # a stream read shard by shard: the batches to skip are counted in each reader's part
+        "processes reading the stream": sample_ids.get("stream_readers"),
     }
 
 

@@ -106,7 +106,9 @@ class SeenKeys(SeenRows):
         return already
 
 
-def run_provenance(args: Any, scorer: Any, mode: str, model: Any, train_dataset: Any) -> dict[str, Any]:
+def run_provenance(
+    args: Any, scorer: Any, mode: str, model: Any, train_dataset: Any, num_processes: int = 1
+) -> dict[str, Any]:
     """What the score log records about its run: the scorer and its settings (for Grad-Mimic, the reference, by
     source, revision and a hash of the tensors used), the mimic layers, the student's base checkpoint, the library
     version, and what ``sample_id`` indexes: a column (and its values' type), or the rows of the training set; with
@@ -136,8 +138,19 @@ def run_provenance(args: Any, scorer: Any, mode: str, model: Any, train_dataset:
             "train_rows": len(train_dataset) if hasattr(train_dataset, "__len__") else None,
             "train_fingerprint": getattr(train_dataset, "_fingerprint", None),
             "train_content": None if is_stream(train_dataset) else dataset_signature(train_dataset),
+            "stream_readers": stream_readers(args, train_dataset, num_processes),
         },
     }
+
+
+def stream_readers(args: Any, train_dataset: Any, num_processes: int) -> int | None:
+    """How many processes read a stream, each its own part (None for a map-style dataset): one when the main process
+    reads it and dispatches the batches (accelerate's default for a stream), else every process. A resume counts the
+    batches to skip in each reader's part, so it must read the stream with as many."""
+    if not is_stream(train_dataset):
+        return None
+    dispatch = getattr(getattr(args, "accelerator_config", None), "dispatch_batches", None)
+    return num_processes if dispatch is False else 1
 
 
 def sample_id_type(train_dataset: Any, column: str | None) -> str | None:
