@@ -138,6 +138,16 @@ def read_shard_table(path: str | os.PathLike, columns: Sequence[str] | None = No
     return pq.read_table(path, columns=None if columns is None else list(columns), page_checksum_verification=True)
 
 
+def last_logged_step(path: str | os.PathLike) -> int:
+    """The last optimizer step any shard under ``path`` holds, from the shards' names (0 when there is none)."""
+    folder = scores_dir(path)
+    if not folder.is_dir():
+        return 0
+    return max(
+        (int(match["last"]) for entry in folder.iterdir() if (match := _SHARD_PATTERN.match(entry.name))), default=0
+    )
+
+
 def read_score_table(
     path: str | os.PathLike, *, drop_repeated: bool = True, columns: Sequence[str] | None = None
 ) -> pa.Table:

@@ -57,7 +57,7 @@ from .training.metrics_buffer import MetricsBuffer
 from .training.mimic_layers import MimicLayers
 from .training.model_loss_check import check_model_loss_is_builtin
 from .training.reference_verdict import ReferenceVerdict
-from .training.resume_guard import check_resume, write_run_record
+from .training.resume_guard import check_log_reaches, check_resume, write_run_record
 from .training.score_log import ScoreLog, run_provenance
 from .training.scorer_state import load_scorer_state, save_scorer_state
 from .training.selection import observe_step, select_over_step
@@ -394,6 +394,8 @@ class MimicTrainerMixin:
             self._step_candidates = None
         if resume_from_checkpoint and self._mimic_model is not None:
             self.score_log.provenance = check_resume(resume_from_checkpoint, self.score_log.provenance)
+            if self.args.mimic_record_scores:
+                check_log_reaches(resume_from_checkpoint, self.args.output_dir)
             # A scorer without state reads nothing from the checkpoint; no file is ever unpickled.
             state = load_scorer_state(resume_from_checkpoint) if self.scorer.state_dict() else None
             if state is not None:

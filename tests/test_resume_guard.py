@@ -41,13 +41,13 @@ def first_run(tmp_path, data=None, **overrides):
     data = mlp_dataset(n=32) if data is None else data
     model = TinyMLP()
     ref = reference(model)
-    args = MimicConfig(output_dir=str(tmp_path), max_steps=2, mimic_layers=["head"], **{**COMMON, **overrides})
+    args = MimicConfig(output_dir=str(tmp_path), mimic_layers=["head"], **{**COMMON, "max_steps": 2, **overrides})
     MimicTrainer(model=model, args=args, train_dataset=data, reference=ref).train()
     return data, ref
 
 
 def resume(tmp_path, data, ref, **overrides):
-    args = MimicConfig(output_dir=str(tmp_path), max_steps=4, **{**COMMON, "mimic_layers": ["head"], **overrides})
+    args = MimicConfig(output_dir=str(tmp_path), **{**COMMON, "max_steps": 4, "mimic_layers": ["head"], **overrides})
     return MimicTrainer(model=TinyMLP(), args=args, train_dataset=data, reference=ref).train(
         resume_from_checkpoint=True
     )
@@ -237,3 +237,14 @@ def test_a_stream_read_shard_by_shard_is_resumed_only_with_as_many_readers(tmp_p
         check_resume(tmp_path / "checkpoint-2", provenance(1, False))
     write_run_record(tmp_path / "checkpoint-4", provenance(2, None))
     check_resume(tmp_path / "checkpoint-4", provenance(1, None))
+
+
+def test_a_checkpoint_the_score_log_does_not_reach_is_refused(tmp_path):
+    """A fresh run in an output_dir moves the old log aside but keeps its checkpoints; stopped before reaching them,
+    `resume_from_checkpoint=True` took the old run's newest one: the log held steps 1-2 and 5-6 of two runs, 3-4
+    missing. A checkpoint flushes the log up to its step, so a log ending before it is another run's: refused."""
+    data, ref = first_run(tmp_path, max_steps=4)  # checkpoint-2, checkpoint-4
+    with pytest.warns(UserWarning, match="held a score log from an earlier run"):
+        first_run(tmp_path, data, max_steps=1, save_strategy="no")  # a fresh run: its log ends at step 1
+    with pytest.raises(ValueError, match=r"ends at step 1, before checkpoint-4 \(step 4\): that checkpoint is of"):
+        resume(tmp_path, data, ref, max_steps=6)

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from ..fileio import read_json_object, write_json
-from ..score_log_io import PROVENANCE_NAME, SCORES_DIRNAME
+from ..score_log_io import PROVENANCE_NAME, SCORES_DIRNAME, last_logged_step
 
-__all__ = ["RUN_RECORD_NAME", "check_resume", "log_identity", "write_run_record"]
+__all__ = ["RUN_RECORD_NAME", "check_log_reaches", "check_resume", "log_identity", "write_run_record"]
 
 RUN_RECORD_NAME = "mimic_run.json"
 """In each checkpoint folder: the provenance of the run the checkpoint belongs to (`write_run_record`)."""
@@ -116,3 +116,24 @@ def check_resume(checkpoint_folder: str | os.PathLike, provenance: dict[str, Any
 def _checkpoint_step(folder: Path) -> int | None:
     suffix = folder.name.rsplit("-", 1)[-1]
     return int(suffix) if suffix.isdigit() else None
+
+
+def check_log_reaches(checkpoint_folder: str | os.PathLike, output_dir: str | os.PathLike) -> None:
+    """Refuse to resume from a checkpoint that the score log in ``output_dir`` does not reach: a checkpoint flushes
+    the log up to its step first, so a log ending before it belongs to another run (a fresh run in the same
+    output_dir moved the old log aside but kept its checkpoints). Resuming would leave the steps between missing
+    and mix two runs in one log."""
+    step = _checkpoint_step(Path(checkpoint_folder))
+    folder = Path(output_dir) / SCORES_DIRNAME
+    # (a checkpoint from elsewhere starts this output_dir's log at its step, which says nothing of its run)
+    if not step or not folder.is_dir() or Path(checkpoint_folder).resolve().parent != Path(output_dir).resolve():
+        return
+    last = last_logged_step(folder)
+    if last < step:
+        aside = sorted(entry.name for entry in Path(output_dir).glob(f"{SCORES_DIRNAME}.previous-*"))
+        raise ValueError(
+            f"The score log in {folder} ends at step {last}, before {Path(checkpoint_folder).name} (step {step}): that "
+            f"checkpoint is of another run{f' (logs moved aside: {aside})' if aside else ''}. Resuming from it would "
+            "leave the steps between out of the log. Resume from a checkpoint of this run (resume_from_checkpoint="
+            "<its path>), or start fresh in another output_dir."
+        )
