@@ -107,6 +107,27 @@ def check_sft_setup(args: Any, compute_loss_func: Any) -> None:
         )
 
 
+def check_fused_head_layers(trainer: Any) -> None:
+    """Refuse a mimic layer at the LM head while TRL's fused head computes the loss: it reads the head's weight
+    without calling the module, whose hooks then never run (the run failed at its first step)."""
+    sample_loss, layers = getattr(trainer, "sample_loss", None), getattr(trainer, "mimic_layers", None)
+    if sample_loss is None or layers is None or not sample_loss.fused_head:
+        return
+    head = trainer.accelerator.unwrap_model(trainer.model).get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    named = [
+        name
+        for name, module in layers.layers.items()
+        if weight is not None and getattr(module, "weight", None) is weight
+    ]
+    if named:
+        raise ValueError(
+            f"Mimic layer(s) {named} are the LM head, which TRL's fused LM head (MimicSFTTrainer's loss) reads by its "
+            "weight without calling it, so it never runs. Name layers below it (e.g. the LoRA adapters, "
+            "mimic_layers=['lora']), or pass per_sample_loss_fn=, whose forward computes the whole logits."
+        )
+
+
 def fused_per_sample_loss(outputs: Any, loss_type: str = "nll") -> torch.Tensor:
     r"""``ℓ_i`` from TRL's fused LM head: the mean over sample ``i``'s supervised tokens of ``−log p`` (``nll``) or
     of ``−p̄ log p`` with ``p̄`` detached (``dft``, Dynamic Fine-Tuning), as `SFTTrainer` weighs each token.
@@ -137,8 +158,9 @@ class SFTSampleLoss(SampleLoss):
         self.sft_loss = loss_fn is None
         super().__init__(model, self.sft_per_sample_losses if loss_fn is None else loss_fn, label_smoothing)
         self.loss_type = loss_type
-        # Label smoothing (``nll`` only) needs the whole logits; else the forward returns the fused head's outputs.
-        self.fused_head = not (label_smoothing and loss_type != "dft")
+        # Label smoothing (``nll`` only) and a user's loss function need the whole logits; else the forward returns
+        # the fused head's outputs.
+        self.fused_head = loss_fn is None and not (label_smoothing and loss_type != "dft")
         self.token_counts: tuple[torch.Tensor, ...] | None = None  # of the last training forward: SFT's metrics
 
     def model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -174,8 +196,10 @@ class MimicSFTTrainer(MimicTrainerMixin, SFTTrainer):
         mimic_filter = hf_gradmimic.build_filter("out")
 
     Every argument is `SFTTrainer`'s (``compute_loss_func`` excepted), plus the keyword arguments of
-    `MimicTrainerMixin` (``reference``, ``per_sample_loss_fn``, ``scorer``, ``zero_shot``). The training logs keep
-    SFT's ``entropy``, ``mean_token_accuracy`` and ``num_tokens`` next to the ``mimic/*`` metrics.
+    `MimicTrainerMixin` (``reference``, ``per_sample_loss_fn``, ``scorer``, ``zero_shot``). With SFT's own loss the
+    training logs keep its ``entropy``, ``mean_token_accuracy`` and ``num_tokens`` next to the ``mimic/*`` metrics
+    (label smoothing and a ``per_sample_loss_fn`` read the whole logits, not the fused head's outputs, and log
+    neither).
     """
 
     mimic_config_class = MimicSFTConfig
@@ -225,6 +249,7 @@ class MimicSFTTrainer(MimicTrainerMixin, SFTTrainer):
             per_sample_loss_fn=per_sample_loss_fn,
             **kwargs,
         )
+        check_fused_head_layers(self)
         if self.aux_loss_enabled:
             raise ValueError(
                 "MimicSFTTrainer scores samples one by one, but this mixture-of-experts model adds the router's "

@@ -378,3 +378,49 @@ def test_hf_gradmimic_imports_without_trl_and_peft():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "pip install 'hf-gradmimic[trl]'" in result.stdout
+
+
+def per_sample_cross_entropy(outputs, inputs) -> torch.Tensor:
+    """A user's per-sample loss: each sample's mean next-token cross entropy over its supervised tokens."""
+    logits, labels = outputs.logits[:, :-1], inputs["labels"][:, 1:]
+    tokens = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+    return tokens.sum(1) / (labels != -100).sum(1).clamp_min(1)
+
+
+def test_a_user_loss_function_gets_the_logits_and_the_lm_head_is_refused_under_the_fused_head(tmp_path):
+    """The fused LM head's outputs have no logits: a ``per_sample_loss_fn`` reading them failed at the first step, and
+    it now gets the model's whole logits (its first logged loss is its mean over the first batch, by hand). Under
+    the fused head (SFT's own loss), the head as mimic layer never ran and failed at the first step: refused at
+    construction, naming it."""
+    import datasets
+
+    data = datasets.Dataset.from_list(pairs(8))
+    args = MimicSFTConfig(
+        output_dir=str(tmp_path / "a"), mimic_temperature=1e6, per_device_train_batch_size=8, max_steps=1, **TRAIN
+    )
+    model = student()
+    reference = perturbed_reference(model, lora_names(model), scale=0.1)
+    before = copy.deepcopy(model)
+    trainer = MimicSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        processing_class=word_tokenizer(),
+        reference=reference,
+        per_sample_loss_fn=per_sample_cross_entropy,
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.train()
+    with torch.no_grad():
+        outputs = before(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    expected = per_sample_cross_entropy(outputs, batch).mean().item()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    np.testing.assert_allclose(logged, [expected], rtol=1e-4)
+
+    full = tiny_llama()
+    head = {"lm_head.weight": full.lm_head.weight.detach() + 0.1}
+    head_args = MimicSFTConfig(output_dir=str(tmp_path / "b"), mimic_layers=["lm_head"], **TRAIN)
+    with pytest.raises(ValueError, match=r"Mimic layer\(s\) \['lm_head'\] are the LM head, which TRL's fused LM head"):
+        MimicSFTTrainer(
+            model=full, args=head_args, train_dataset=data, processing_class=word_tokenizer(), reference=head
+        )
