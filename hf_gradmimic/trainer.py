@@ -259,7 +259,7 @@ class MimicTrainerMixin:
         self.mimic_metrics = MetricsBuffer()
         self._mimic_batch: tuple[torch.Tensor, dict[str, Any]] | None = None
         self._num_items_in_batch: Any = None
-        self._plain_share = 1.0  # scope "layer": Σ_i u_i over the step (`_plain_share_of_step`)
+        self._plain_share: float | torch.Tensor = 1.0  # scope "layer": Σ_i u_i over the step (`_plain_share_of_step`)
         self._selections: deque = deque()  # select mode: the step's selection, one entry per micro-batch
         self._step_candidates: list[MicroBatch] | None = None  # select mode: the step's micro-batches, to score
         self._model_loss_checked = False  # `_check_model_loss`, once, at the first training batch
@@ -603,7 +603,8 @@ class MimicTrainerMixin:
         # and DDP (finding unused parameters) would mark them ready at each one, then again in the step's backward.
         # FSDP2 shards the model in place, so its unit hooks still gather the weights.
         # On a forked random state: the training forwards then draw the dropout masks `Trainer`'s would.
-        with torch.random.fork_rng(devices=[]):
+        device = self.args.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
             candidates = [
                 self.mimic_step.candidates(self.model, batch, self.state.global_step) for batch in self._step_candidates
             ]
@@ -624,7 +625,7 @@ class MimicTrainerMixin:
         if self.scorer.observes:
             observe_step(self.scorer, list(self._selections), self.step_softmax.gather)
 
-    def _plain_share_of_step(self, batch_samples: list, num_items_in_batch: Any) -> float:
+    def _plain_share_of_step(self, batch_samples: list, num_items_in_batch: Any) -> float | torch.Tensor:
         """Scope ``layer``: U = Σ_i u_i, the total weight of `Trainer`'s plain loss over the step
         (`token_weighting.supervised_items`); 1 wherever `Trainer` does not count the step's tokens."""
         args = self.args
@@ -637,10 +638,12 @@ class MimicTrainerMixin:
         ):
             return 1.0
         shifted = is_causal_lm(self.accelerator.unwrap_model(self.model))
-        items = supervised_items([batch["labels"] for batch in batch_samples], shifted)
+        items = torch.as_tensor(
+            supervised_items([batch["labels"] for batch in batch_samples], shifted), device=args.device
+        )
         if args.average_tokens_across_devices and args.world_size > 1:  # as Trainer counts num_items_in_batch
-            items = self.accelerator.gather(torch.as_tensor(items, device=args.device)).sum()
-        return float(items) / float(num_items_in_batch)
+            items = self.accelerator.gather(items).sum()
+        return items.float() / num_items_in_batch  # a tensor on the device: no host sync in the step
 
     def _comparison_batch(self, global_step: int) -> dict[str, Any]:
         """AGRA's comparison batch: ``per_device_train_batch_size`` samples drawn at random from the training set,

@@ -90,7 +90,7 @@ class StepCounts:
     global_step: int
     accumulation_steps: int
     num_items_in_batch: Any = None
-    plain_share: float = 1.0  # Σ_i u_i over the step (`token_weighting.plain_share`)
+    plain_share: Any = 1.0  # Σ_i u_i over the step, a float or a 0-d tensor (`token_weighting.supervised_items`)
 
 
 @dataclass
